@@ -1,0 +1,28 @@
+"""Recipe registry: `get_recipe("v3")` returns the V3 dataclass with its defaults.
+
+A recipe is a frozen dataclass (see `base.Recipe`); a version is a subclass with other defaults
+and a docstring that says why it exists. `dataclasses.replace(V3(), ...)` composes new ones.
+"""
+from __future__ import annotations
+
+from distill.recipes.base import (DEVICE_DEFAULTS, DataConfig, EvalConfig, LossConfig, ModelConfig, Recipe,
+                                  TrainConfig, resolve_for_device)
+from distill.recipes.history import V1, V2, V3, V4
+from distill.registry import Registry
+
+RECIPES: Registry = Registry("recipe")
+for _cls in (V1, V2, V3, V4):
+    RECIPES.register(_cls.name, _cls)
+
+
+def get_recipe(name: str) -> Recipe:
+    return RECIPES.get(name)()
+
+
+def recipe_summary(name: str) -> str:
+    """First docstring line of a recipe, for `--list`."""
+    return (RECIPES.get(name).__doc__ or "").strip().splitlines()[0]
+
+
+__all__ = ["RECIPES", "get_recipe", "recipe_summary", "Recipe", "DataConfig", "ModelConfig", "LossConfig",
+           "TrainConfig", "EvalConfig", "DEVICE_DEFAULTS", "resolve_for_device"]

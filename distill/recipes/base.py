@@ -1,0 +1,110 @@
+"""The recipe schema: a frozen dataclass tree, overridable from the command line with dotted keys.
+
+Fields left at `None` are sized for the device at run time (`resolve_for_device`): small images
+and few epochs on a laptop CPU, real sizes on a GPU. The resolved values are printed and saved.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "synthrooms"          # registry name (distill.data.DATASETS)
+    root: str = ""                       # "" = the cache dir ($DENSEKIT_CACHE or ~/.cache/densekit)
+    height: int | None = None            # None: sized for the device; a multiple of 32
+    width: int | None = None
+    num_train: int | None = None
+    num_val: int | None = None
+    seed: int = 0                        # which scenes SynthRooms renders
+    augment: bool = True                 # flip + photometric jitter on training images
+    workers: int = 0                     # DataLoader worker processes (0 = in the main process)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    student: str = "mobilenetv3_small_100"          # registry name (distill.students.STUDENTS)
+    tasks: tuple[str, ...] = ("depth", "seg")
+    decoder_channels: int = 64
+    depth_activation: Literal["exp", "softplus"] = "exp"
+    pretrained: str = ""                 # "" = from scratch, a local weights file, or "hub" to download
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    depth: str = "berhu"                 # registry name (distill.losses.DEPTH_LOSSES)
+    berhu_threshold: str = "p80"         # "pNN" = NNth percentile of |residual| per batch; "laina" = 0.2 max
+    silog_lambda: float = 0.85
+    silog_per_image: bool = True
+    gradient_weight: float = 0.0         # > 0 adds the edge-aware gradient Huber loss to the depth term
+    gradient_delta: float = 0.05
+    weighting: str = "kendall"           # registry name (distill.losses.WEIGHTINGS): fixed | kendall | dwa
+    depth_weight: float = 1.0            # used by `fixed`
+    seg_weight: float = 1.0
+    dwa_temperature: float = 2.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int | None = None            # None: sized for the device
+    batch_size: int | None = None
+    lr_encoder: float = 1e-3
+    lr_decoder: float = 2e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.05            # linear warm-up over this fraction of all steps, then cosine
+    min_lr_ratio: float = 0.01           # cosine floor as a fraction of the peak learning rate
+    grad_clip: float = 1.0               # max global gradient norm (0 = off)
+    seed: int = 0
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    amp: Literal["auto", "bf16", "off"] = "auto"   # auto = bf16 autocast on CUDA, off on CPU
+    log_every: int = 20                  # steps between TensorBoard scalars
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    min_depth: float = 1e-3              # metres; pixels outside (min, max) are not evaluated
+    max_depth: float = 10.0
+    eigen_crop: bool = False             # NYU Eigen crop, defined at 480x640 only
+    best_metric: str = "abs_rel"         # lower is better; selects best.safetensors
+    preview_images: int = 4
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe. Subclasses are the versions (v1, v2, ...); their docstrings tell why."""
+
+    name: str = "base"
+    teacher: str = "synthetic-metric"    # registry name (distill.teachers.TEACHERS)
+    target: Literal["teacher", "ground_truth"] = "teacher"   # what the depth loss supervises with
+    eval_space: Literal["metric"] = "metric"                 # evaluation is in metres against GT
+    preflight: Literal["strict", "warn"] = "strict"          # warn: report problems, train anyway
+    out_dir: str = "runs"
+    resume: str = ""                     # a run directory to continue from its last checkpoint
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Sizes per device kind, used for the `None` fields. CPU: the demo's budget is 15 minutes on
+# 2 cores including data generation; GPU: a real run at NYU-like aspect ratio.
+DEVICE_DEFAULTS: dict[str, dict[str, dict[str, int]]] = {
+    "cpu": {"data": {"height": 128, "width": 160, "num_train": 2000, "num_val": 200},
+            "train": {"epochs": 20, "batch_size": 16}},
+    "cuda": {"data": {"height": 256, "width": 320, "num_train": 8000, "num_val": 500},
+             "train": {"epochs": 30, "batch_size": 32}},
+}
+
+
+def resolve_for_device(recipe: Recipe, device_type: str) -> tuple[Recipe, dict[str, int]]:
+    """Fill `None` sizes from DEVICE_DEFAULTS; returns the recipe and the dotted keys filled."""
+    table = DEVICE_DEFAULTS["cuda" if device_type == "cuda" else "cpu"]
+    filled: dict[str, int] = {}
+    for section, defaults in table.items():
+        current = getattr(recipe, section)
+        changes = {k: v for k, v in defaults.items() if getattr(current, k) is None}
+        filled.update({f"{section}.{k}": v for k, v in changes.items()})
+        recipe = replace(recipe, **{section: replace(current, **changes)})
+    return recipe, filled

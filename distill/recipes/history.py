@@ -1,0 +1,84 @@
+"""The recipe versions. Each docstring tells why it exists (seed 000 is the story).
+
+On a machine without the real teachers, every recipe runs on the embedded SynthRooms data with
+an embedded teacher in the same output space as the real one it stands for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from distill.recipes.base import LossConfig, ModelConfig, Recipe
+
+
+@dataclass(frozen=True)
+class V1(Recipe):
+    """v1 - the baseline that failed: MobileNetV3-Small, one depth head, relative teacher, MSE.
+
+    Originally distilled from Depth Anything 2 Large, whose output is relative depth normalised
+    to [0, 1]; evaluated in metres on NYU Depth V2 it gave 75.37 m RMSE. The student learned the
+    teacher's ordering perfectly; the ordering had no metric anchor. Here the embedded stand-in
+    is `synthetic-relative` (per-image normalised inverse depth in [0, 1], DA2's space).
+
+    Pre-flight refuses it: the training target's space (relative) differs from the evaluation
+    space (metric). `python -m distill.run v1 preflight=warn` trains anyway and reproduces the
+    failure: the metrics show errors of metres. Real teacher: `depth-anything/Depth-Anything-V2-Large-hf`.
+    """
+
+    name: str = "v1"
+    teacher: str = "synthetic-relative"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        student="mobilenetv3_small_100", tasks=("depth",)))
+    loss: LossConfig = field(default_factory=lambda: LossConfig(depth="mse", weighting="fixed"))
+
+
+@dataclass(frozen=True)
+class V2(V1):
+    """v2 - the diagnostic: v1's setup with a segmentation head under loss-reweighting variants.
+
+    It asks whether balancing the losses could rescue v1. Run it under each weighting,
+    `loss.weighting=fixed|kendall|dwa`: depth stays metres off in every variant, because a
+    weight rescales gradients but cannot give a relative target metric units. Unit-mismatched
+    supervision dominates any signal a reweighting can provide; only after units are fixed (v3)
+    do the loss shape and the balance of tasks matter. It knowingly trains in the wrong space, so
+    pre-flight reports the mismatch as a warning instead of stopping.
+    """
+
+    name: str = "v2"
+    preflight: Literal["strict", "warn"] = "warn"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        student="mobilenetv3_small_100", tasks=("depth", "seg")))
+    loss: LossConfig = field(default_factory=lambda: LossConfig(depth="mse", weighting="kendall"))
+
+
+@dataclass(frozen=True)
+class V3(Recipe):
+    """v3 - the first working recipe: metric teacher, berHu at p80, depth + segmentation, Kendall.
+
+    Three changes from v1, each necessary:
+    1. a metric teacher, so the training target is in metres, the evaluation's space (real:
+       Depth Anything 3 Metric Large, metres = focal_px * output / 300; embedded:
+       `synthetic-metric`, renderer depth through a teacher-error model);
+    2. berHu loss, L1 below and L2 above the 80th percentile of the batch's absolute residuals,
+       bounding the pull of far pixels where the teacher is least certain;
+    3. Kendall uncertainty weighting of depth (regression form) and segmentation
+       (classification form) with learned log-variances, instead of a manual weight sweep.
+    """
+
+    name: str = "v3"
+    teacher: str = "synthetic-metric"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(student="mobilenetv3_small_100"))
+    loss: LossConfig = field(default_factory=lambda: LossConfig(
+        depth="berhu", berhu_threshold="p80", weighting="kendall"))
+
+
+@dataclass(frozen=True)
+class V4(V3):
+    """v4 - v3 with an EfficientViT-B1 encoder (linear attention; ~4.6M encoder parameters).
+
+    MobileNetV3-Small was kept through v3 and replaced here for accuracy per MAC on phones.
+    Note for export: its int8 TFLite needs care with the attention's division (TOOLCHAIN.md).
+    """
+
+    name: str = "v4"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(student="efficientvit_b1"))

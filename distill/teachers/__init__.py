@@ -1,0 +1,22 @@
+"""Teacher registry. Each entry is a factory returning a `Teacher` that declares its space and range.
+
+Embedded: `synthetic-metric` (metres) and `synthetic-relative` ([0, 1] inverse depth, Depth
+Anything 2's space). Real Depth Anything adapters register here too, loading from a local
+directory or a hub id the user names.
+"""
+from __future__ import annotations
+
+from distill.registry import Registry
+from distill.teachers.base import Teacher
+from distill.teachers.synthetic import SyntheticMetricTeacher, SyntheticRelativeTeacher, TeacherErrorModel
+
+TEACHERS: Registry = Registry("teacher")
+TEACHERS.register("synthetic-metric", SyntheticMetricTeacher)
+TEACHERS.register("synthetic-relative", SyntheticRelativeTeacher)
+
+
+def build_teacher(name: str, **options) -> Teacher:
+    return TEACHERS.get(name)(**options)
+
+
+__all__ = ["TEACHERS", "Teacher", "build_teacher", "TeacherErrorModel"]

@@ -1,0 +1,32 @@
+"""The teacher contract: what every teacher (embedded, Depth Anything, cached) declares and does."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from distill.spaces import DepthSpace, ValueRange
+
+
+class Teacher(ABC):
+    """Produces pseudo-label depth for a batch of the project's sample schema.
+
+    Every teacher declares `space` (the units of what it outputs) and `range` (the interval its
+    finite outputs lie in); pre-flight checks both before training. `__call__(batch)` returns
+    (B, 1, H, W) float32 at the batch's image size, 0 where it has no opinion. `needs_ground_truth`
+    says whether it reads `batch["depth"]` (the embedded teachers do; real ones read images only).
+    """
+
+    name: str = "teacher"
+    space: DepthSpace = DepthSpace.METRIC
+    range: ValueRange = ValueRange(0.0, float("inf"))
+    needs_ground_truth: bool = False
+
+    @abstractmethod
+    def __call__(self, batch: dict) -> torch.Tensor: ...
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.space.describe()}, range {self.range}"
+
+    def to(self, device: torch.device) -> "Teacher":
+        return self

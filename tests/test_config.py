@@ -1,0 +1,63 @@
+import dataclasses
+
+import pytest
+
+from distill.config import ConfigError, apply_overrides, from_dict, to_dict
+from distill.recipes import RECIPES, V3, get_recipe, resolve_for_device
+from distill.registry import Registry, UnknownNameError
+
+
+def test_overrides_are_typed_and_nested():
+    r = apply_overrides(get_recipe("v3"), ["train.epochs=3", "train.lr_decoder=5e-4", "model.tasks=depth",
+                                           "data.augment=false", "data.height=none"])
+    assert (r.train.epochs, r.train.lr_decoder, r.model.tasks, r.data.augment, r.data.height) == (3, 5e-4, ("depth",), False, None)
+    assert isinstance(r, V3) and get_recipe("v3").train.epochs is None  # frozen: the original is untouched
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", 'unknown key "train.epoch". Did you mean "train.epochs"?'),
+    ("trian.epochs=3", 'Did you mean "train.epochs"?'),
+    ("amp=bf16", 'Did you mean "train.amp"?'),
+    ("train.epochs=three", "train.epochs='three': expected int"),
+    ("train.amp=bf17", "must be one of 'auto', 'bf16', 'off'. Did you mean \"bf16\"?"),
+    ("data.augment=maybe", "expected a boolean"),
+    ("data=3", '"data" is a section; set one of its keys'),
+    ("epochs", "is not key=value"),
+])
+def test_override_errors_name_the_key_and_suggest(override, message):
+    with pytest.raises(ConfigError, match=None) as err:
+        apply_overrides(get_recipe("v3"), [override])
+    assert message in str(err.value)
+
+
+def test_json_round_trip_of_every_recipe():
+    for name in RECIPES:
+        recipe = get_recipe(name)
+        assert from_dict(type(recipe), to_dict(recipe)) == recipe
+
+
+def test_recipe_history():
+    v1, v3, v4 = get_recipe("v1"), get_recipe("v3"), get_recipe("v4")
+    assert (v1.teacher, v1.loss.depth, v1.model.tasks, v1.model.student) == (
+        "synthetic-relative", "mse", ("depth",), "mobilenetv3_small_100")
+    assert (v3.teacher, v3.loss.depth, v3.loss.berhu_threshold, v3.loss.weighting) == (
+        "synthetic-metric", "berhu", "p80", "kendall")
+    assert to_dict(v4) == to_dict(dataclasses.replace(v3, name="v4", model=dataclasses.replace(v3.model, student="efficientvit_b1")))
+    assert "75.37 m" in type(v1).__doc__
+
+
+def test_device_defaults_fill_only_unset_fields():
+    recipe = apply_overrides(get_recipe("v3"), ["train.epochs=2"])
+    resolved, filled = resolve_for_device(recipe, "cpu")
+    assert resolved.train.epochs == 2 and "train.epochs" not in filled
+    assert resolved.data.height % 32 == 0 and resolved.data.width % 32 == 0 and "data.height" in filled
+
+
+def test_registry_duplicates_and_suggestions():
+    reg = Registry("widget")
+    reg.register("alpha", 1)
+    with pytest.raises(ValueError, match='widget "alpha" is already registered'):
+        reg.register("alpha", 2)
+    with pytest.raises(UnknownNameError) as err:
+        reg.get("alpah")
+    assert str(err.value) == 'Unknown widget "alpah". Valid: alpha. Did you mean "alpha"?'

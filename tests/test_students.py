@@ -1,0 +1,58 @@
+import math
+
+import pytest
+import torch
+
+from distill.students import STUDENTS, build_student, count_macs, count_params
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "efficientvit_b0"])
+def test_tiny_students_shapes(name):
+    model = build_student(name, num_classes=13).eval()
+    out = model(torch.randn(2, 3, 64, 96))
+    assert out["depth"].shape == (2, 1, 64, 96) and out["seg"].shape == (2, 13, 64, 96)
+    assert (out["depth"] > 0).all()
+
+
+def test_registry_has_the_production_students():
+    assert {"mobilenetv3_small_100", "mobilenetv3_large_100", "efficientvit_b1"} <= set(STUDENTS.names())
+
+
+def test_input_not_multiple_of_32_is_refused():
+    model = build_student("mobilenetv3_small_050")
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        model(torch.randn(1, 3, 60, 96))
+
+
+@pytest.mark.parametrize("activation", ["exp", "softplus"])
+def test_depth_head_starts_at_the_median(activation):
+    model = build_student("mobilenetv3_small_050", tasks=("depth",), depth_activation=activation).eval()
+    head = model.heads["depth"]
+    head.init_depth(3.2)
+    with torch.no_grad():
+        # a zero feature map isolates the bias: depth = activation(bias)
+        out = head.up(head.out(torch.zeros(1, head.out.in_channels, 4, 4)))
+        depth = torch.exp(out) if activation == "exp" else torch.nn.functional.softplus(out)
+    assert torch.allclose(depth, torch.full_like(depth, 3.2), rtol=1e-5)
+    assert set(model.heads) == {"depth"}
+
+
+def test_params_and_macs_are_counted():
+    model = build_student("mobilenetv3_small_050")
+    macs = count_macs(model, 64, 96)
+    assert count_params(model) > 1e5 and macs > 1e6
+    assert math.isclose(count_macs(model, 128, 192) / macs, 4.0, rel_tol=0.05)  # MACs scale with pixels
+
+
+def test_local_pretrained_file_loads_and_missing_file_is_explained(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    src = timm.create_model("mobilenetv3_small_050", pretrained=False)
+    with torch.no_grad():
+        src.conv_stem.weight.fill_(0.125)
+    save_file(src.state_dict(), str(tmp_path / "w.safetensors"))
+    model = build_student("mobilenetv3_small_050", pretrained=str(tmp_path / "w.safetensors"))
+    assert torch.all(model.encoder.conv_stem.weight == 0.125)
+    with pytest.raises(FileNotFoundError, match="leave model.pretrained empty to train from scratch"):
+        build_student("mobilenetv3_small_050", pretrained=str(tmp_path / "missing.safetensors"))

@@ -1,0 +1,46 @@
+import pytest
+import torch
+
+from distill.spaces import DepthSpace
+from distill.teachers import TEACHERS, TeacherErrorModel, build_teacher
+
+
+def room_batch(b=2, h=32, w=48):
+    depth = torch.linspace(1.0, 9.0, w).expand(b, 1, h, w).clone()
+    depth[:, :, :, :4] = 0  # an invalid strip
+    return {"depth": depth, "valid": depth > 0, "index": torch.arange(b)}
+
+
+def test_teachers_declare_their_spaces():
+    assert build_teacher("synthetic-metric").space is DepthSpace.METRIC
+    assert build_teacher("synthetic-relative").space is DepthSpace.RELATIVE
+    with pytest.raises(KeyError, match='Did you mean "synthetic-metric"'):
+        TEACHERS.get("synthetic-metrc")
+
+
+def test_metric_teacher_error_model_is_mild_deterministic_and_masked():
+    batch = room_batch()
+    teacher = build_teacher("synthetic-metric")
+    a, b = teacher(batch), teacher(batch)
+    assert torch.equal(a, b)                                       # same image -> same pseudo-label
+    assert torch.all(a[~batch["valid"]] == 0)
+    ratio = a[batch["valid"]] / batch["depth"][batch["valid"]]
+    assert 0.85 < ratio.min() and ratio.max() < 1.15               # a few percent, metres kept
+    assert not torch.allclose(a[batch["valid"]], batch["depth"][batch["valid"]])
+    assert not torch.allclose(a[0], a[1])                          # per-image scale and noise differ
+
+
+def test_far_compression_shrinks_far_depth():
+    errors = TeacherErrorModel(blur_sigma=1e-3, scale_sigma=0.0, noise_sigma=0.0)
+    batch = room_batch(b=1)
+    out = build_teacher("synthetic-metric", errors=errors)(batch)
+    far = batch["depth"] > 8.5
+    assert torch.allclose(out[far], batch["depth"][far] * (1 - 0.05 * (batch["depth"][far] / 10) ** 2), rtol=1e-3)
+
+
+def test_relative_teacher_is_normalised_inverse_depth():
+    batch = room_batch()
+    rel = build_teacher("synthetic-relative")(batch)
+    v = batch["valid"]
+    assert rel[v].min() == 0 and torch.isclose(rel[v].max(), torch.tensor(1.0))
+    assert rel[0, 0, 0, 4] == 1.0 and rel[0, 0, 0, -1] == 0.0     # near = 1, far = 0
