@@ -1,0 +1,347 @@
+"""Depth / segmentation losses and task weightings: hand-computed values and properties."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from distill.losses import (DEPTH_LOSSES, WEIGHTINGS, build_depth_loss, build_weighting,
+                            cross_entropy, modified_huber, quantile)
+from distill.registry import UnknownNameError
+
+
+def row(*values: float) -> torch.Tensor:
+    """A (1, 1, 1, N) depth map."""
+    return torch.tensor(values, dtype=torch.float32).view(1, 1, 1, -1)
+
+
+def mask(*values: bool) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.bool).view(1, 1, 1, -1)
+
+
+def loss_and_grad(name: str, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor,
+                  **options) -> tuple[torch.Tensor, torch.Tensor]:
+    pred = pred.clone().requires_grad_(True)
+    value = build_depth_loss(name, **options)(pred, target, valid)
+    value.backward()
+    return value.detach(), pred.grad
+
+
+# ----------------------------------------------------------------------------- common contract
+
+@pytest.mark.parametrize("name", DEPTH_LOSSES.names())
+def test_every_depth_loss_empty_mask_gives_zero_with_graph(name):
+    pred = torch.rand(2, 1, 5, 6) + 0.5
+    value, grad = loss_and_grad(name, pred, torch.rand(2, 1, 5, 6) + 0.5,
+                                torch.zeros(2, 1, 5, 6, dtype=torch.bool))
+    assert value.item() == 0.0
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("name", DEPTH_LOSSES.names())
+def test_every_depth_loss_ignores_invalid_pixels_even_nan(name):
+    torch.manual_seed(0)
+    pred, target = torch.rand(2, 1, 6, 7) + 0.5, torch.rand(2, 1, 6, 7) + 0.5
+    valid = torch.rand(2, 1, 6, 7) > 0.3
+    value, grad = loss_and_grad(name, pred, target, valid)
+    pred2, target2 = pred.clone(), target.clone()
+    pred2[~valid] = 123.0
+    target2[~valid] = float("nan")  # the sample schema allows NaN holes in depth
+    value2, grad2 = loss_and_grad(name, pred2, target2, valid)
+    assert torch.allclose(value, value2, atol=1e-6)
+    assert torch.isfinite(grad2).all()
+    assert torch.equal(grad2[~valid], torch.zeros_like(grad2[~valid]))
+
+
+@pytest.mark.parametrize("name", DEPTH_LOSSES.names())
+def test_every_depth_loss_bf16_inputs_compute_in_float32(name):
+    pred = (torch.rand(2, 1, 4, 4) + 0.5).bfloat16()
+    target = (torch.rand(2, 1, 4, 4) + 0.5).bfloat16()
+    value = build_depth_loss(name)(pred, target, torch.ones(2, 1, 4, 4, dtype=torch.bool))
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+
+
+def test_depth_loss_errors_name_the_problem():
+    with pytest.raises(UnknownNameError, match='Unknown depth loss "berhoo".*berhu'):
+        build_depth_loss("berhoo")
+    loss = build_depth_loss("mse")
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\).*unsqueeze"):
+        loss(torch.ones(2, 4, 4), torch.ones(2, 4, 4), torch.ones(2, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="bool"):
+        loss(row(1, 2), row(1, 2), row(1, 1))
+    with pytest.raises(ValueError, match="same shape"):
+        loss(row(1, 2), row(1, 2, 3), mask(True, True))
+    with pytest.raises(ValueError, match="berHu threshold 'q80'"):
+        build_depth_loss("berhu", threshold="q80")
+
+
+# ----------------------------------------------------------------------------- mse, berHu
+
+def test_mse_hand_value():
+    value, grad = loss_and_grad("mse", row(1, 2, 3, 4), row(1, 1, 1, 1), mask(1, 1, 1, 0))
+    assert value.item() == pytest.approx(5 / 3)  # residuals 0, 1, 2 -> (0 + 1 + 4) / 3
+    assert torch.allclose(grad, row(0, 2 / 3, 4 / 3, 0))
+
+
+def test_berhu_fixed_threshold_both_sides():
+    # |r| = 0.5 <= c = 1: L1 -> 0.5; |r| = 2 > c: (4 + 1) / 2 = 2.5
+    value, grad = loss_and_grad("berhu", row(1.5, 3), row(1, 1), mask(1, 1), threshold=1.0)
+    assert value.item() == pytest.approx(1.5)
+    assert torch.allclose(grad, row(0.5 * 1, 0.5 * 2 / 1))  # slopes sign(r) and r / c, over n=2
+
+
+def test_berhu_p80_threshold_is_quantile_of_valid_residuals():
+    target = row(0, 0, 0, 0, 0, 0)
+    pred = row(1, 2, 3, 4, 5, 100)  # last pixel invalid: must not move the percentile
+    valid = mask(1, 1, 1, 1, 1, 0)
+    c = torch.quantile(torch.tensor([1.0, 2, 3, 4, 5]), 0.8).item()
+    assert c == pytest.approx(4.2)  # 0.8 * 4 = 3.2 -> 4 + 0.2 * (5 - 4)
+    expected = (1 + 2 + 3 + 4 + (25 + c * c) / (2 * c)) / 5
+    value, grad = loss_and_grad("berhu", pred, target, valid)  # default "p80"
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    # the threshold is detached: d/dr of (r^2 + c^2) / 2c is r / c with c constant
+    assert grad[0, 0, 0, 4].item() == pytest.approx(5 / c / 5, rel=1e-6)
+    assert grad[0, 0, 0, 3].item() == pytest.approx(1 / 5)
+    value90, _ = loss_and_grad("berhu", pred, target, valid, threshold="p90")
+    c90 = torch.quantile(torch.tensor([1.0, 2, 3, 4, 5]), 0.9).item()
+    assert value90.item() == pytest.approx((10 + (25 + c90 ** 2) / (2 * c90)) / 5, rel=1e-6)
+
+
+def test_berhu_laina_threshold_is_fifth_of_max():
+    # c = 0.2 * 5 = 1: 1 -> 1; 2 -> 2.5; 3 -> 5; 4 -> 8.5; 5 -> 13; mean 30 / 5
+    value, _ = loss_and_grad("berhu", row(1, 2, 3, 4, 5), row(0, 0, 0, 0, 0), mask(1, 1, 1, 1, 1),
+                             threshold="laina")
+    assert value.item() == pytest.approx(6.0)
+
+
+def test_berhu_zero_threshold_falls_back_to_l1():
+    pred = row(0, 0, 0, 0, 0, 3)
+    value, grad = loss_and_grad("berhu", pred, torch.zeros_like(pred), torch.ones_like(pred).bool())
+    assert value.item() == pytest.approx(0.5)  # p80 of |r| is 0 -> c = max |r| -> L1: 3 / 6
+    assert torch.isfinite(grad).all()
+    zero, grad = loss_and_grad("berhu", row(1, 2), row(1, 2), mask(1, 1))
+    assert zero.item() == 0.0 and torch.isfinite(grad).all()
+
+
+def test_quantile_matches_torch_quantile():
+    x = torch.rand(1001)
+    for q in (0.0, 0.37, 0.8, 1.0):
+        assert quantile(x, q).item() == pytest.approx(torch.quantile(x, q).item(), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- SILog
+
+def test_silog_two_pixel_hand_value():
+    # g = [1, 0]: mean g^2 = 0.5, mean g = 0.5 -> sqrt(0.5 - 0.85 * 0.25)
+    pred, target, valid = row(math.e, 1.0), row(1.0, 1.0), mask(1, 1)
+    value, _ = loss_and_grad("silog", pred, target, valid)
+    assert value.item() == pytest.approx(math.sqrt(0.2875), rel=1e-6)
+    bts, _ = loss_and_grad("silog", pred, target, valid, scale=10.0)
+    assert bts.item() == pytest.approx(10 * math.sqrt(0.2875), rel=1e-6)
+
+
+def test_silog_scaled_copy_is_free_with_lambda_one():
+    target = torch.rand(2, 1, 4, 5) + 0.5
+    value, grad = loss_and_grad("silog", 3.0 * target, target, torch.ones_like(target).bool(),
+                                lam=1.0)
+    assert value.item() == pytest.approx(0.0, abs=1e-5)
+    assert torch.isfinite(grad).all()  # the guarded sqrt has no inf slope at 0
+
+
+def test_silog_per_image_vs_batch():
+    target = torch.rand(2, 1, 3, 3) + 0.5
+    pred = target.clone()
+    pred[0] *= 2.0  # image 0 off by a factor 2, image 1 exact
+    valid = torch.ones_like(target).bool()
+    per_image, _ = loss_and_grad("silog", pred, target, valid, lam=1.0, per_image=True)
+    batch, _ = loss_and_grad("silog", pred, target, valid, lam=1.0, per_image=False)
+    assert per_image.item() == pytest.approx(0.0, abs=1e-5)
+    # pooled g: ln 2 on half the pixels, 0 on the other half -> std = ln(2) / 2
+    assert batch.item() == pytest.approx(math.log(2) / 2, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- SSI
+
+def test_ssi_hand_value():
+    # p = [0, 1, 2], y = [0, 1, 3]: s = cov / var = 1 / (2/3) = 1.5, t = 4/3 - 1.5 = -1/6
+    # aligned [-1/6, 4/3, 17/6] -> |residuals| 1/6, 1/3, 1/6 -> mean 2/9
+    value, grad = loss_and_grad("ssi", row(0, 1, 2, 50), row(0, 1, 3, 7), mask(1, 1, 1, 0))
+    assert value.item() == pytest.approx(2 / 9, rel=1e-5)
+    assert torch.isfinite(grad).all()
+
+
+def test_ssi_invariant_to_scale_and_shift():
+    torch.manual_seed(1)
+    target = torch.rand(3, 1, 6, 6) + 0.5
+    pred = torch.rand(3, 1, 6, 6)
+    valid = torch.rand(3, 1, 6, 6) > 0.2
+    loss = build_depth_loss("ssi")
+    assert loss(2.5 * target - 0.7, target, valid).item() == pytest.approx(0.0, abs=1e-5)
+    assert loss(0.3 * pred + 4.0, target, valid).item() == pytest.approx(
+        loss(pred, target, valid).item(), rel=1e-4)
+
+
+def test_ssi_constant_prediction_is_degenerate_not_nan():
+    # var(p) = 0 -> s = 0, t = mean(y) = 4/3 -> mean |y - 4/3| = (4/3 + 1/3 + 5/3) / 3
+    value, grad = loss_and_grad("ssi", row(2, 2, 2), row(0, 1, 3), mask(1, 1, 1))
+    assert value.item() == pytest.approx(10 / 9, rel=1e-5)
+    assert torch.isfinite(grad).all()
+
+
+# ----------------------------------------------------------------------------- gradient Huber
+
+def square(a: float, b: float, c: float, d: float) -> torch.Tensor:
+    return torch.tensor([[a, b], [c, d]], dtype=torch.float32).view(1, 1, 2, 2)
+
+
+def test_gradient_huber_hand_value_2x2():
+    # target [[0, 1], [2, 3]], pred 0: differences h 1, 1; v 2, 2; diag 3; anti-diag 2 - 1 = 1
+    # delta = 1: |x| <= 1 -> |x|; else 0.5 x^2 + 0.5 -> 1 + 1 + 2.5 + 2.5 + 5 + 1 = 13 over 6
+    target, pred = square(0, 1, 2, 3), torch.zeros(1, 1, 2, 2)
+    all_valid = torch.ones(1, 1, 2, 2, dtype=torch.bool)
+    value, grad = loss_and_grad("gradient_huber", pred, target, all_valid, delta=1.0)
+    assert value.item() == pytest.approx(13 / 6)
+    assert torch.isfinite(grad).all()
+    # bottom-right invalid: only h-top (1), v-left (2), anti-diagonal (1) remain -> 4.5 / 3
+    partly = all_valid.clone()
+    partly[0, 0, 1, 1] = False
+    value, _ = loss_and_grad("gradient_huber", pred, target, partly, delta=1.0)
+    assert value.item() == pytest.approx(1.5)
+
+
+def test_gradient_huber_zero_for_identical_and_offset_maps():
+    target = torch.rand(2, 1, 5, 5)
+    valid = torch.ones_like(target).bool()
+    loss = build_depth_loss("gradient_huber", delta=0.1)
+    assert loss(target.clone(), target, valid).item() == 0.0
+    assert loss(target + 1.7, target, valid).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_modified_huber_continuous_at_delta():
+    delta, eps = 0.3, 1e-4
+    below, at, above = modified_huber(torch.tensor([delta - eps, delta, delta + eps]), delta)
+    assert at.item() == pytest.approx(delta ** 2)
+    assert below.item() == pytest.approx(delta ** 2, abs=1e-4)
+    assert above.item() == pytest.approx(delta ** 2, abs=1e-4)
+    assert modified_huber(torch.tensor([-2.0]), 1.0).item() == pytest.approx(2.5)
+
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+def test_cross_entropy_hand_value_and_ignore_index():
+    logits = torch.zeros(1, 3, 1, 2)
+    logits[0, 0, 0, 0] = 2.0
+    target = torch.tensor([[[0, 255]]])
+    value = cross_entropy(logits, target)
+    assert value.item() == pytest.approx(-math.log(math.e ** 2 / (math.e ** 2 + 2)), rel=1e-6)
+    logits[0, :, 0, 1] = torch.tensor([9.0, -9.0, 3.0])  # ignored pixel: no effect
+    assert cross_entropy(logits, target).item() == pytest.approx(value.item())
+    uniform = cross_entropy(torch.zeros(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4)))
+    assert uniform.item() == pytest.approx(math.log(3), rel=1e-6)
+
+
+def test_cross_entropy_all_ignored_is_zero_not_nan():
+    logits = torch.randn(2, 13, 4, 4, requires_grad=True)
+    value = cross_entropy(logits, torch.full((2, 4, 4), 255))
+    value.backward()
+    assert value.item() == 0.0
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+def test_cross_entropy_shape_errors():
+    with pytest.raises(ValueError, match="squeeze"):
+        cross_entropy(torch.zeros(1, 3, 4, 4), torch.zeros(1, 1, 4, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer class ids"):
+        cross_entropy(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 4))
+
+
+# ----------------------------------------------------------------------------- weightings
+
+TASKS = {"depth": "regression", "seg": "classification"}
+
+
+def test_weighting_registry_and_errors():
+    assert WEIGHTINGS.names() == ["dwa", "fixed", "kendall"]
+    with pytest.raises(UnknownNameError, match="kendal.*kendall"):
+        build_weighting("kendal", TASKS)
+    with pytest.raises(ValueError, match="'depth' has kind 'regresion'"):
+        build_weighting("fixed", {"depth": "regresion"})
+    weighting = build_weighting("fixed", TASKS)
+    with pytest.raises(ValueError, match=r"missing \['seg'\]"):
+        weighting({"depth": torch.tensor(1.0)})
+    with pytest.raises(ValueError, match="unknown tasks"):
+        build_weighting("fixed", TASKS, weights={"normals": 2.0})
+
+
+def test_fixed_weighting():
+    weighting = build_weighting("fixed", TASKS, weights={"seg": 0.5})
+    total, weights = weighting({"depth": torch.tensor(2.0), "seg": torch.tensor(4.0)})
+    assert total.item() == pytest.approx(4.0) and weights == {"depth": 1.0, "seg": 0.5}
+    assert list(weighting.parameters()) == []
+
+
+def test_kendall_values_and_gradients():
+    weighting = build_weighting("kendall", TASKS)
+    params = list(weighting.parameters())
+    assert len(params) == 1 and params[0].requires_grad and params[0].tolist() == [0.0, 0.0]
+    losses = {"depth": torch.tensor(2.0), "seg": torch.tensor(3.0)}
+    total, weights = weighting(losses)  # s = 0: 0.5 * 2 + 1 * 3
+    assert total.item() == pytest.approx(4.0) and weights == {"depth": 0.5, "seg": 1.0}
+    total.backward()  # d/ds: regression -0.5 e^-s L + 0.5 = -0.5; classification -e^-s L + 0.5
+    assert weighting.log_vars.grad.tolist() == pytest.approx([-0.5, -2.5])
+    with torch.no_grad():
+        weighting.log_vars.copy_(torch.tensor([math.log(2.0), -1.0]))
+    total, weights = weighting(losses)
+    expected = (0.5 * 0.5 * 2 + 0.5 * math.log(2.0)) + (math.e * 3 - 0.5)
+    assert total.item() == pytest.approx(expected, rel=1e-6)
+    assert weights["depth"] == pytest.approx(0.25) and weights["seg"] == pytest.approx(math.e)
+
+
+def test_kendall_regression_form_for_all_tasks():
+    weighting = build_weighting("kendall", {"depth": "regression", "seg": "regression"})
+    total, _ = weighting({"depth": torch.tensor(2.0), "seg": torch.tensor(3.0)})
+    assert total.item() == pytest.approx(2.5)
+
+
+def test_dwa_weights_follow_the_formula():
+    weighting = build_weighting("dwa", TASKS)  # T = 2
+    losses = {"depth": torch.tensor(1.0), "seg": torch.tensor(1.0)}
+    assert weighting(losses)[1] == {"depth": 1.0, "seg": 1.0}  # epoch 1
+    weighting.epoch_end({"depth": 2.0, "seg": 1.0})
+    assert weighting(losses)[1] == {"depth": 1.0, "seg": 1.0}  # epoch 2
+    weighting.epoch_end({"depth": 1.0, "seg": 1.0})  # w = [0.5, 1.0]
+    total, weights = weighting({"depth": torch.tensor(3.0), "seg": torch.tensor(5.0)})
+    norm = math.exp(0.25) + math.exp(0.5)
+    assert weights["depth"] == pytest.approx(2 * math.exp(0.25) / norm, rel=1e-6)
+    assert weights["seg"] == pytest.approx(2 * math.exp(0.5) / norm, rel=1e-6)
+    assert sum(weights.values()) == pytest.approx(2.0)
+    assert total.item() == pytest.approx(3 * weights["depth"] + 5 * weights["seg"], rel=1e-6)
+    with pytest.raises(ValueError, match="non-finite"):
+        weighting.epoch_end({"depth": float("nan"), "seg": 1.0})
+
+
+def test_dwa_state_dict_round_trip_continues_identically():
+    tasks = {"depth": "regression", "seg": "classification", "grad": "regression"}
+    history = [{"depth": 3.0, "seg": 2.0, "grad": 1.0}, {"depth": 2.0, "seg": 1.9, "grad": 1.2},
+               {"depth": 1.5, "seg": 1.8, "grad": 0.7}]
+    original = build_weighting("dwa", tasks, temperature=2.0)
+    for losses in history:
+        original.epoch_end(losses)
+    resumed = build_weighting("dwa", tasks, temperature=2.0)
+    resumed.load_state_dict(original.state_dict())
+    for module in (original, resumed):
+        module.epoch_end({"depth": 1.4, "seg": 1.0, "grad": 0.9})
+    batch = {t: torch.tensor(1.0) for t in tasks}
+    assert original(batch)[1] == resumed(batch)[1]
+    assert sum(original(batch)[1].values()) == pytest.approx(3.0)
+
+
+def test_kendall_state_dict_round_trip():
+    original = build_weighting("kendall", TASKS)
+    with torch.no_grad():
+        original.log_vars.copy_(torch.tensor([0.3, -0.2]))
+    resumed = build_weighting("kendall", TASKS)
+    resumed.load_state_dict(original.state_dict())
+    losses = {"depth": torch.tensor(2.0), "seg": torch.tensor(3.0)}
+    assert original(losses)[0].item() == resumed(losses)[0].item()

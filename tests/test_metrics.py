@@ -1,0 +1,198 @@
+"""Depth and segmentation metrics: hand-computed values on tiny tensors, and properties."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from distill.metrics import (MIOU_AVERAGING, SILOG_VARIANT, DepthMetrics, SegMetrics,
+                             baseline_abs_rel)
+
+
+def image(*values: float, h: int = 2) -> torch.Tensor:
+    """A (1, 1, h, N/h) depth map in metres."""
+    return torch.tensor(values, dtype=torch.float32).view(1, 1, h, -1)
+
+
+def all_valid(x: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(x, dtype=torch.bool)
+
+
+def evaluate(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None,
+             **options) -> dict:
+    metrics = DepthMetrics(**options)
+    metrics.update(pred, gt, all_valid(gt) if valid is None else valid)
+    return metrics.compute()
+
+
+def test_depth_metrics_hand_values_2x2():
+    gt, pred = image(1, 2, 2, 4), image(1, 1, 4, 4)
+    out = evaluate(pred, gt)
+    # diff [0, -1, 2, 0]; |diff| / gt = [0, .5, 1, 0]; diff^2 / gt = [0, .5, 2, 0]
+    assert out["abs_rel"] == pytest.approx(0.375)
+    assert out["sq_rel"] == pytest.approx(0.625)
+    assert out["rmse"] == pytest.approx(math.sqrt(1.25))
+    # ratios max(p/g, g/p) = [1, 2, 2, 1]: only two below 1.25, 1.25^2 and 1.25^3 (= 1.95)
+    assert (out["d1"], out["d2"], out["d3"]) == pytest.approx((0.5, 0.5, 0.5))
+    ln2 = math.log(2)  # log errors g = [0, -ln2, ln2, 0], mean 0
+    assert out["rmse_log"] == pytest.approx(ln2 / math.sqrt(2))
+    assert out["log10"] == pytest.approx(math.log10(2) / 2)
+    assert out["silog"] == pytest.approx(ln2 / math.sqrt(2))
+    # medians: gt 2, pred 2.5 -> s* = 0.8; 0.8 * pred = [.8, .8, 3.2, 3.2] -> rel [.2, .6, .6, .2]
+    assert out["s_star"] == pytest.approx(0.8)
+    assert out["abs_rel_aligned"] == pytest.approx(0.4)
+    assert out["pred_std"] == pytest.approx(1.5)
+    assert out["gt_std"] == pytest.approx(math.sqrt(1.1875))
+    assert (out["pred_min"], out["pred_max"], out["gt_min"], out["gt_max"]) == (1, 4, 1, 4)
+    assert (out["n_images"], out["n_pixels"]) == (1, 4)
+    # per range: gt 1 -> [0, 2) rel 0; gt 2, 2, 4 -> [2, 5) rel .5, 1, 0; nothing in [5, 10]
+    assert out["abs_rel_0_2"] == pytest.approx(0.0)
+    assert out["abs_rel_2_5"] == pytest.approx(0.5)
+    assert out["abs_rel_5_10"] is None
+    json.dumps(out, allow_nan=False)
+
+
+def test_silog_variant_is_named():
+    assert "0.5" in SILOG_VARIANT and "x100" in SILOG_VARIANT
+    gt = image(1, 1, 1, 1)
+    out = evaluate(2 * gt, gt)  # g = ln 2 everywhere: sqrt(ln2^2 - 0.5 ln2^2) = ln2 / sqrt 2
+    assert out["silog"] == pytest.approx(math.log(2) / math.sqrt(2))
+
+
+def test_metrics_are_averaged_over_images_not_pixels():
+    gt = torch.ones(2, 1, 2, 2)
+    pred = gt.clone()
+    pred[1] = 2.0  # image 1: abs_rel 1, but only one valid pixel
+    valid = torch.ones_like(gt, dtype=torch.bool)
+    valid[1] = False
+    valid[1, 0, 0, 0] = True
+    out = evaluate(pred, gt, valid)
+    assert out["abs_rel"] == pytest.approx(0.5)  # (0 + 1) / 2 images; pixel pooling gives 0.2
+    assert out["d1"] == pytest.approx(0.5)
+    assert (out["n_images"], out["n_pixels"]) == (2, 5)
+    split = DepthMetrics()
+    split.update(pred[:1], gt[:1], valid[:1])
+    split.update(pred[1:], gt[1:], valid[1:])
+    assert split.compute() == out
+
+
+def test_scale_diagnostics_for_twice_too_far_prediction():
+    gt = torch.rand(3, 1, 4, 4) * 4 + 0.5  # 2 * gt stays below max_depth (no clamping)
+    out = evaluate(2 * gt, gt)
+    assert out["s_star"] == pytest.approx(0.5)  # < 1: predictions too large
+    assert out["abs_rel_aligned"] == pytest.approx(0.0, abs=1e-6)
+    assert out["abs_rel"] == pytest.approx(1.0)
+    assert out["pred_std"] == pytest.approx(2 * out["gt_std"])
+
+
+def test_per_range_abs_rel_is_pooled_over_pixels():
+    gt = image(1.0, 3.0, 6.0, 10.0, 9.0, 2.0)
+    pred = image(1.5, 3.0, 3.0, 5.0, 9.0, 3.0)
+    out = evaluate(pred, gt, max_depth=10.0)  # gt 10 is outside the open range (1e-3, 10)
+    assert out["abs_rel_0_2"] == pytest.approx(0.5)
+    assert out["abs_rel_2_5"] == pytest.approx((0 + 0.5) / 2)
+    assert out["abs_rel_5_10"] == pytest.approx((0.5 + 0) / 2)
+    assert out["n_pixels"] == 5
+
+
+def test_prediction_is_clamped_and_out_of_range_gt_ignored():
+    gt = image(5.0, 1.0, 0.0, 12.0)
+    pred = image(20.0, -1.0, 3.0, 3.0)
+    out = evaluate(pred, gt)  # evaluated: gt 5 (pred -> 10) and gt 1 (pred -> 1e-3)
+    assert out["n_pixels"] == 2
+    assert out["abs_rel"] == pytest.approx((1.0 + 0.999) / 2)
+    assert (out["pred_min"], out["pred_max"]) == (-1.0, 20.0)  # raw prediction range
+    assert (out["gt_min"], out["gt_max"]) == (1.0, 5.0)
+
+
+def test_nan_gt_holes_are_skipped_and_nan_pred_raises():
+    gt = image(1.0, float("nan"), 2.0, 4.0)
+    out = evaluate(image(1.0, 1.0, 2.0, 4.0), gt)
+    assert out["n_pixels"] == 3 and out["abs_rel"] == 0.0
+    with pytest.raises(ValueError, match="NaN/inf"):
+        evaluate(image(1.0, 1.0, float("nan"), 4.0), gt)
+
+
+def test_eigen_crop_refuses_other_sizes():
+    gt = torch.ones(1, 1, 240, 320)
+    with pytest.raises(ValueError, match=r"480x640 only, got 240x320.*eigen_crop=False"):
+        evaluate(gt, gt, eigen_crop=True)
+
+
+def test_eigen_crop_at_480x640():
+    gt = torch.full((1, 1, 480, 640), 2.0)
+    pred = torch.full_like(gt, 9.0)
+    pred[..., 45:471, 41:601] = 2.0  # exact inside the crop, wrong outside
+    out = evaluate(pred, gt, eigen_crop=True)
+    assert out["abs_rel"] == pytest.approx(0.0)
+    assert out["n_pixels"] == (471 - 45) * (601 - 41)
+    assert evaluate(pred, gt)["abs_rel"] > 0.0
+
+
+def test_constant_predictor_baseline():
+    gt = image(1.0, 2.0, 4.0, 0.0)  # the 0 is outside the evaluated range
+    # constant 2: |2 - 1| / 1, 0, |2 - 4| / 4 -> (1 + 0 + 0.5) / 3
+    assert baseline_abs_rel(2.0, [(gt, all_valid(gt))]) == pytest.approx(0.5)
+    metrics = DepthMetrics()
+    metrics.update(torch.full_like(gt, 2.0), gt, all_valid(gt))
+    out = metrics.compute()
+    assert out["abs_rel"] == pytest.approx(0.5) and out["pred_std"] == 0.0
+    assert out["s_star"] == pytest.approx(1.0)  # median gt 2 / 2
+
+
+def test_depth_metrics_errors():
+    metrics = DepthMetrics()
+    with pytest.raises(ValueError, match="no pixel was evaluated"):
+        metrics.compute()
+    gt = image(1.0, 2.0)
+    with pytest.raises(ValueError, match="bool"):
+        metrics.update(gt, gt, torch.ones_like(gt))
+    with pytest.raises(ValueError, match="min_depth"):
+        DepthMetrics(min_depth=10.0, max_depth=1.0)
+
+
+# ----------------------------------------------------------------------------- segmentation
+
+def test_seg_metrics_nanmean_miou_and_ignore_index():
+    assert "present" in MIOU_AVERAGING
+    names = ("wall", "floor", "window")
+    metrics = SegMetrics(3, class_names=names)
+    target = torch.tensor([[[0, 0, 0, 1, 255]]])
+    pred = torch.tensor([[[0, 0, 1, 1, 2]]])  # the "window" prediction lies on an ignored pixel
+    metrics.update(pred, target)
+    out = metrics.compute()
+    # wall: 2 / (3 + 2 - 2) = 2/3; floor: 1 / (1 + 2 - 1) = 1/2; window absent from both
+    assert out["iou_per_class"]["wall"] == pytest.approx(2 / 3)
+    assert out["iou_per_class"]["floor"] == pytest.approx(0.5)
+    assert out["iou_per_class"]["window"] is None
+    assert out["miou"] == pytest.approx((2 / 3 + 1 / 2) / 2)  # not / 3
+    assert out["pixel_acc"] == pytest.approx(3 / 4)
+    assert out["n_pixels"] == 4
+    json.dumps(out, allow_nan=False)
+
+
+def test_seg_metrics_accumulate_over_dataset_and_accept_logits():
+    target = torch.tensor([[[0, 1], [1, 1]]])
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 1] = 1.0  # predicts class 1 everywhere
+    metrics = SegMetrics(2)
+    metrics.update(logits, target)
+    metrics.update(torch.tensor([[[0, 0], [0, 0]]]), torch.tensor([[[0, 0], [0, 1]]]))
+    # confusion rows gt, cols pred: [[3, 1], [1, 3]] -> IoU 3/5 each
+    out = metrics.compute()
+    assert torch.equal(metrics.confusion, torch.tensor([[3, 1], [1, 3]]))
+    assert out["miou"] == pytest.approx(0.6)
+    assert out["iou_per_class"] == pytest.approx({"0": 0.6, "1": 0.6})
+    assert out["pixel_acc"] == pytest.approx(6 / 8)
+
+
+def test_seg_metrics_errors():
+    metrics = SegMetrics(3)
+    with pytest.raises(ValueError, match="class id 7 outside"):
+        metrics.update(torch.zeros(1, 2, 2, dtype=torch.long), torch.full((1, 2, 2), 7))
+    with pytest.raises(ValueError, match="no labelled pixel"):
+        metrics.compute()
+    with pytest.raises(ValueError, match="class_names"):
+        SegMetrics(3, class_names=["a", "b"])
