@@ -1,0 +1,121 @@
+"""What a finished run shows a person: summary.json, report.md, preview.png and a terminal table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from distill import io
+from distill.data.transforms import denormalize
+from distill.metrics import MIOU_AVERAGING, SILOG_VARIANT
+
+HEADLINE = ["abs_rel", "baseline_abs_rel", "rmse", "d1", "silog", "s_star", "abs_rel_aligned", "miou", "pixel_acc"]
+COLUMNS = ["RGB", "GT depth", "teacher", "student", "AbsRel error", "GT seg", "pred seg"]
+
+# 13 distinct colours, one per NYU13 class (bed, books, ceiling, chair, floor, furniture, objects,
+# picture, sofa, table, tv, wall, window); ignored pixels are black.
+SEG_PALETTE = np.array([[214, 39, 40], [255, 187, 120], [200, 200, 200], [148, 103, 189], [140, 86, 75],
+                        [31, 119, 180], [227, 119, 194], [255, 127, 14], [44, 160, 44], [188, 189, 34],
+                        [23, 190, 207], [127, 127, 127], [174, 199, 232]], dtype=np.uint8)
+# Anchors of a perceptually ordered ramp (dark purple -> blue -> green -> yellow), near = dark.
+RAMP = np.array([[48, 18, 59], [65, 105, 225], [32, 178, 120], [170, 220, 50], [253, 231, 37]], dtype=np.float32)
+
+
+def colorize(values: np.ndarray, lo: float, hi: float, ramp: np.ndarray = RAMP) -> np.ndarray:
+    """(H, W) floats -> (H, W, 3) uint8 along `ramp`; NaN or <= 0 (invalid depth) is black."""
+    t = np.clip((values - lo) / max(hi - lo, 1e-9), 0, 1) * (len(ramp) - 1)
+    i = np.minimum(t.astype(int), len(ramp) - 2)
+    frac = (t - i)[..., None]
+    rgb = ramp[i] * (1 - frac) + ramp[i + 1] * frac
+    rgb[~np.isfinite(values) | (values <= 0)] = 0
+    return rgb.astype(np.uint8)
+
+
+def colorize_seg(labels: np.ndarray) -> np.ndarray:
+    out = np.zeros((*labels.shape, 3), np.uint8)
+    known = labels < len(SEG_PALETTE)
+    out[known] = SEG_PALETTE[labels[known]]
+    return out
+
+
+@torch.no_grad()
+def preview_rows(model, teacher, dataset, device, count: int) -> list[list[np.ndarray]]:
+    """One row of COLUMNS tiles per validation image."""
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]).to(device) for k in items[0]}
+    model.eval()
+    out = model(batch["image"])
+    model.train()
+    teacher_depth = teacher(batch)
+    rows = []
+    for i in range(len(items)):
+        gt = batch["depth"][i, 0].cpu().numpy()
+        valid = gt > 0
+        lo, hi = (gt[valid].min(), gt[valid].max()) if valid.any() else (0.0, 1.0)
+        pred = out["depth"][i, 0].float().cpu().numpy() if "depth" in out else np.zeros_like(gt)
+        err = np.where(valid, np.abs(pred - gt) / np.maximum(gt, 1e-6), np.nan)
+        teacher_np = teacher_depth[i, 0].cpu().numpy()
+        t_lo, t_hi = (lo, hi) if teacher.space.value == "metric" else (0.0, 1.0)
+        rows.append([denormalize(batch["image"][i].cpu()), colorize(gt, lo, hi), colorize(teacher_np, t_lo, t_hi),
+                     colorize(pred, lo, hi), colorize(err, 0.0, 0.5, RAMP[[0, 3, 4]]),
+                     colorize_seg(batch["seg"][i].cpu().numpy()),
+                     colorize_seg(out["seg"][i].argmax(0).cpu().numpy()) if "seg" in out else np.zeros_like(gt, np.uint8)[..., None].repeat(3, -1)])
+    return rows
+
+
+def compose(rows: list[list[np.ndarray]], columns: list[str]) -> Image.Image:
+    h, w = rows[0][0].shape[:2]
+    pad, header = 4, 16
+    sheet = Image.new("RGB", (len(columns) * (w + pad) + pad, header + len(rows) * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, name in enumerate(columns):
+        draw.text((pad + c * (w + pad), 2), name, fill="black")
+    for r, row in enumerate(rows):
+        for c, tile in enumerate(row):
+            sheet.paste(Image.fromarray(tile), (pad + c * (w + pad), header + pad + r * (h + pad)))
+    return sheet
+
+
+def terminal_table(summary: dict) -> str:
+    keys = [k for k in HEADLINE if isinstance(summary.get(k), (int, float))]
+    width = max(len(k) for k in keys)
+    lines = [f"{k:<{width}}  {summary[k]:.4f}" for k in keys]
+    lines.append(f"{'train img/s':<{width}}  {summary['train_images_per_s']:.1f}")
+    lines.append(f"{'wall_s':<{width}}  {summary['wall_s']:.0f}")
+    bar = "-" * (width + 12)
+    return "\n".join([bar, *lines, bar])
+
+
+def markdown_report(run_dir: Path, recipe, summary: dict) -> str:
+    preflight = json.loads((run_dir / "preflight.json").read_text())
+    doc = (type(recipe).__doc__ or "").strip()
+    lines = [f"# Run {run_dir.name}", "", f"Recipe **{recipe.name}**: {doc.splitlines()[0] if doc else ''}", "",
+             f"Student `{recipe.model.student}` ({', '.join(recipe.model.tasks)}), teacher `{recipe.teacher}`, "
+             f"depth loss `{recipe.loss.depth}`, weighting `{recipe.loss.weighting}`, "
+             f"{recipe.data.height}x{recipe.data.width}, {recipe.data.num_train} training images, "
+             f"{recipe.train.epochs} epochs on {summary['device']}.", "", "## Pre-flight", "",
+             "| tensor | space | min | max | mean | median |", "|---|---|---|---|---|---|"]
+    for name, s in preflight["stats"].items():
+        lines.append(f"| {name} | {s['space']} | {s['min']:.4g} | {s['max']:.4g} | {s['mean']:.4g} | {s['median']:.4g} |")
+    lines += [""] + [f"- {'ok' if c['ok'] else '**FAIL**'}: {c['message']}" for c in preflight["checks"]]
+    lines += ["", "## Validation (final epoch)", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in summary.items() if isinstance(v, float)]
+    if summary.get("iou_per_class"):
+        lines += ["", "Per-class IoU: " + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -"
+                                                    for k, v in summary["iou_per_class"].items())]
+    lines += ["", f"- silog: {SILOG_VARIANT}", f"- miou: {MIOU_AVERAGING}",
+              "- baseline_abs_rel: AbsRel of a constant prediction equal to the training set's median depth",
+              f"- best checkpoint: {summary.get('best')}", "", "## Preview", "", "![preview](preview.png)", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(run_dir: Path, recipe, summary: dict, model, teacher, val_ds, device, log=print) -> None:
+    io.write_json(run_dir / "summary.json", summary)
+    rows = preview_rows(model, teacher, val_ds, device, recipe.eval.preview_images)
+    with io.atomic_path(run_dir / "preview.png") as tmp:
+        compose(rows, COLUMNS).save(tmp, format="PNG")
+    io.write_text(run_dir / "report.md", markdown_report(run_dir, recipe, summary))
+    log(f"\n{recipe.name} finished: {run_dir}\n{terminal_table(summary)}")

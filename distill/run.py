@@ -1,0 +1,95 @@
+"""`python -m distill.run RECIPE [key=value ...]` - train a recipe.
+
+    python -m distill.run --list                  recipes and what each is for
+    python -m distill.run v3 --help               the recipe's story and every key with its default
+    python -m distill.run v3 train.epochs=5 data.height=96 data.width=128
+    python -m distill.run v1 preflight=warn       reproduce seed 000's unit failure on purpose
+    python -m distill.run v3 resume=runs/v3-20261121T120000Z
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+from distill.config import ConfigError, apply_overrides, flat_keys, from_dict, to_dict
+from distill.preflight import PreflightError
+from distill.recipes import RECIPES, get_recipe, recipe_summary
+from distill.registry import UnknownNameError
+
+
+def describe_keys(recipe) -> str:
+    def walk(cfg, prefix=""):
+        for f in fields(cfg):
+            value = getattr(cfg, f.name)
+            if is_dataclass(value):
+                yield from walk(value, prefix + f.name + ".")
+            else:
+                yield f"  {prefix + f.name:<26} {value!r:<28} {f.type}"
+    return "\n".join(walk(recipe))
+
+
+def resolve(recipe_name: str, overrides: list[str]):
+    """The recipe with overrides applied; with `resume=DIR`, the saved config of that run."""
+    recipe = apply_overrides(get_recipe(recipe_name), overrides)
+    if not recipe.resume:
+        return recipe
+    saved_path = Path(recipe.resume) / "config.json"
+    if not saved_path.is_file():
+        raise ConfigError(f"resume={recipe.resume}: no config.json there; is it a run directory (runs/<recipe>-<time>)?")
+    saved = json.loads(saved_path.read_text())
+    saved.pop("device", None)
+    saved_recipe = from_dict(type(recipe), {**saved, "resume": recipe.resume})
+    differing = [k for k in overrides if not k.startswith("resume=") and
+                 flat_get(to_dict(saved_recipe), k.split("=")[0]) != flat_get(to_dict(recipe), k.split("=")[0])]
+    if differing:
+        raise ConfigError(f"resume continues the saved config of {recipe.resume}; these overrides differ from it: "
+                          f"{', '.join(differing)}. Drop them, or start a new run.")
+    return saved_recipe
+
+
+def flat_get(d: dict, key: str):
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m distill.run", add_help=False,
+                                     description="Train a distillation recipe.", epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", nargs="?", help=f"one of {', '.join(RECIPES.names())}")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.epochs=3")
+    parser.add_argument("--list", action="store_true", help="list the recipes")
+    parser.add_argument("--help", "-h", action="store_true", help="show help (with a recipe: its keys)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+
+    if args.list:
+        for name in RECIPES.names():
+            print(f"{name:<4} {recipe_summary(name)}")
+        return 0
+    if args.recipe is None:
+        parser.print_help()
+        return 0 if args.help else 2
+    try:
+        if args.help:
+            recipe = get_recipe(args.recipe)
+            print(f"{type(recipe).__doc__.strip()}\n\nKeys (set with key=value):\n{describe_keys(recipe)}")
+            return 0
+        recipe = resolve(args.recipe, args.overrides)
+        from distill.train import train  # heavy imports only once the command line is valid
+        train(recipe, progress=not args.quiet)
+    except (ConfigError, UnknownNameError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PreflightError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

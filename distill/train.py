@@ -1,0 +1,369 @@
+"""Training a student, top to bottom: data -> teacher -> pre-flight -> optimise -> evaluate -> report.
+
+`train(recipe)` creates `runs/<recipe>-<UTC time>/` (or continues `recipe.resume`) and writes
+config.json, preflight.json, metrics.jsonl, tensorboard/, checkpoints/epoch-NNNN/ (safetensors
+weights + optimizer/scheduler state), best.safetensors, summary.json, report.md, preview.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm.auto import tqdm
+
+from distill import config as cfgio
+from distill import io
+from distill.data import build_datasets
+from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
+from distill.losses import build_depth_loss, build_weighting, cross_entropy
+from distill.metrics import DepthMetrics, SegMetrics
+from distill.preflight import enforce, run_preflight
+from distill.recipes import Recipe, resolve_for_device
+from distill.spaces import DepthSpace
+from distill.students import build_student, count_macs, count_params
+from distill.teachers import Teacher, build_teacher
+
+PREFLIGHT_BATCHES = 3
+
+
+# ----------------------------------------------------------------------------- setup
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={spec} but CUDA is not available here; use train.device=cpu or auto")
+    return device
+
+
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = Path(recipe.out_dir) / f"{recipe.name}-{stamp}"
+    for n in range(1, 100):  # two runs started in the same second get distinct directories
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            run_dir = Path(recipe.out_dir) / f"{recipe.name}-{stamp}-{n}"
+    raise FileExistsError(f"could not create a fresh run directory under {recipe.out_dir}")
+
+
+def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers: int) -> DataLoader:
+    # A DistributedSampler with one replica: shuffling is a function of (seed, epoch) only, so a
+    # resumed run sees exactly the batches it would have seen, and torchrun needs no other code.
+    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed) if train else None
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
+                      num_workers=workers, persistent_workers=workers > 0)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def training_median_depth(ds: Dataset, max_images: int = 256) -> float:
+    """Median ground-truth depth (m) of the training set, from up to `max_images` evenly spaced images."""
+    step = max(1, len(ds) // max_images)
+    values = [ds[i]["depth"][ds[i]["valid"]] for i in range(0, len(ds), step)]
+    return torch.cat(values).median().item()
+
+
+def build_optimizer(model, weighting, cfg) -> torch.optim.AdamW:
+    groups = [{"params": model.encoder_parameters(), "lr": cfg.lr_encoder, "name": "encoder"},
+              {"params": model.decoder_parameters(), "lr": cfg.lr_decoder, "name": "decoder"}]
+    extra = [p for p in weighting.parameters() if p.requires_grad]
+    if extra:  # Kendall log-variances: decoder LR, no weight decay (it would pull sigma to 1)
+        groups.append({"params": extra, "lr": cfg.lr_decoder, "weight_decay": 0.0, "name": "weighting"})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+def warmup_cosine(total_steps: int, warmup_frac: float, floor: float):
+    """LR multiplier: linear warm-up, then cosine to `floor` exactly at the run's last step."""
+    warmup = max(1, int(round(warmup_frac * total_steps)))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+# ----------------------------------------------------------------------------- one step
+
+def depth_target(batch: dict, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, valid) of the depth loss: the teacher's pseudo-label or the ground truth."""
+    if recipe.target == "teacher":
+        target = batch["teacher_depth"]
+        return target, batch["valid"] & (target > 0) & torch.isfinite(target)
+    return batch["depth"], batch["valid"]
+
+
+class Objective:
+    """The recipe's losses: depth (+ optional gradient term) and segmentation, then the weighting."""
+
+    def __init__(self, recipe: Recipe):
+        lc = recipe.loss
+        self.recipe = recipe
+        self.depth_loss = build_depth_loss(lc.depth, **depth_loss_options(lc))
+        self.grad_loss = build_depth_loss("gradient_huber", delta=lc.gradient_delta) if lc.gradient_weight > 0 else None
+
+    def __call__(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+        losses = {}
+        if "depth" in out:
+            target, valid = depth_target(batch, self.recipe)
+            pred = out["depth"].float()
+            losses["depth"] = self.depth_loss(pred, target, valid)
+            if self.grad_loss is not None:
+                losses["depth"] = losses["depth"] + self.recipe.loss.gradient_weight * self.grad_loss(pred, target, valid)
+        if "seg" in out:
+            losses["seg"] = cross_entropy(out["seg"].float(), batch["seg"], ignore_index=IGNORE_INDEX)
+        return losses
+
+
+def depth_loss_options(lc) -> dict:
+    return {"berhu": {"threshold": lc.berhu_threshold},
+            "silog": {"lam": lc.silog_lambda, "per_image": lc.silog_per_image},
+            "gradient_huber": {"delta": lc.gradient_delta}}.get(lc.depth, {})
+
+
+def weighting_for(recipe: Recipe):
+    lc = recipe.loss
+    kinds = {"depth": "regression", "seg": "classification"}
+    tasks = {t: kinds[t] for t in recipe.model.tasks}
+    fixed = {"depth": lc.depth_weight, "seg": lc.seg_weight}
+    options = {"fixed": {"weights": {t: fixed[t] for t in tasks}},
+               "dwa": {"temperature": lc.dwa_temperature}}.get(lc.weighting, {})
+    return build_weighting(lc.weighting, tasks, **options)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype | None, recipe: Recipe,
+             baseline_depth: float | None = None) -> dict:
+    """Validation metrics (summary.json keys). With `baseline_depth`, also the AbsRel of the
+    constant predictor that outputs it (`baseline_abs_rel`)."""
+    ec = recipe.eval
+    model.eval()
+    depth_m = DepthMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
+    base_m = DepthMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
+    seg_m = SegMetrics(model.num_classes, ignore_index=IGNORE_INDEX, class_names=list(NYU13_NAMES))
+    for batch in loader:
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(batch["image"])
+        if "depth" in out:
+            depth_m.update(out["depth"].float(), batch["depth"], batch["valid"])
+        if baseline_depth is not None:
+            base_m.update(torch.full_like(batch["depth"], baseline_depth), batch["depth"], batch["valid"])
+        if "seg" in out:
+            seg_m.update(out["seg"].argmax(1), batch["seg"])
+    model.train()
+    metrics = depth_m.compute() if "depth" in model.tasks else {}
+    if "seg" in model.tasks:
+        metrics.update(seg_m.compute())
+    if baseline_depth is not None:
+        metrics["baseline_abs_rel"] = base_m.compute()["abs_rel"]
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
+    """Train `recipe`; returns the run directory. Raises PreflightError before any step if refused."""
+    t_start = time.time()
+    device = pick_device(recipe.train.device)
+    recipe, filled = resolve_for_device(recipe, device.type)
+    if filled:
+        log(f"{device.type.upper()} defaults: " + ", ".join(f"{k}={v}" for k, v in filled.items())
+            + "  (override any with key=value)")
+    amp = autocast_dtype(recipe.train.amp, device)
+    tc, dc = recipe.train, recipe.data
+    seed_everything(tc.seed)
+
+    train_ds, val_ds = build_datasets(dc, progress=progress)
+    train_loader = make_loader(train_ds, tc.batch_size, train=True, seed=tc.seed, workers=dc.workers)
+    val_loader = make_loader(val_ds, tc.batch_size, train=False, seed=tc.seed, workers=dc.workers)
+    if len(train_loader) == 0:
+        raise ValueError(f"data.num_train={len(train_ds)} is smaller than train.batch_size={tc.batch_size}")
+    teacher = build_teacher(recipe.teacher).to(device)
+    model = build_student(recipe.model.student, tasks=recipe.model.tasks, num_classes=len(NYU13_NAMES),
+                          decoder_channels=recipe.model.decoder_channels,
+                          depth_activation=recipe.model.depth_activation, pretrained=recipe.model.pretrained).to(device)
+    log(f"student {recipe.model.student}: {count_params(model) / 1e6:.2f} M params, "
+        f"{count_macs(model, dc.height, dc.width) / 1e6:.0f} M MACs at {dc.height}x{dc.width}")
+
+    run_dir = Path(recipe.resume) if recipe.resume else new_run_dir(recipe)
+    io.write_json(run_dir / "config.json", {**cfgio.to_dict(recipe), "device": str(device)})
+    baseline_depth = training_median_depth(train_ds)
+
+    # Pre-flight on real batches before any step; it also places the depth head's initial output
+    # at the training targets' median (seed 001: a log-depth head starting at 1 m learns far depth slowly).
+    probe = [attach_teacher(to_device(b, device), teacher) for b, _ in zip(train_loader, range(PREFLIGHT_BATCHES))]
+    if "depth" in model.heads:
+        target_median = torch.cat([depth_target(b, recipe)[0][depth_target(b, recipe)[1]] for b in probe]).median().item()
+        model.heads["depth"].init_depth(target_median)
+    with torch.no_grad():
+        model.eval()
+        predictions = [model(b["image"])["depth"] for b in probe] if "depth" in model.heads else []
+        model.train()
+    report = run_preflight(probe, predictions, target=recipe.target,
+                           target_space=teacher.space if recipe.target == "teacher" else DepthSpace.METRIC,
+                           target_range=teacher.range, eval_space=DepthSpace(recipe.eval_space),
+                           teacher_name=teacher.name)
+    io.write_json(run_dir / "preflight.json", report.to_json())
+    log("pre-flight (units and ranges, first %d batches):\n%s" % (len(probe), report.table()))
+    for warning in enforce(report, recipe.preflight):
+        log(f"WARNING (preflight=warn, training anyway): {warning}")
+    del probe, predictions
+
+    weighting = weighting_for(recipe).to(device)
+    optimizer = build_optimizer(model, weighting, tc)
+    total_steps = tc.epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, tc.warmup_frac, tc.min_lr_ratio))
+    objective = Objective(recipe)
+    state = {"epoch": 0, "step": 0, "best": None, "train_time": 0.0, "train_images": 0}
+    if recipe.resume:
+        state = restore(run_dir, model, weighting, optimizer, scheduler, log)
+
+    from distill.tensorboard import summary_writer
+    writer = summary_writer(run_dir / "tensorboard", purge_step=state["step"])
+    for epoch in range(state["epoch"], tc.epochs):
+        train_ds.set_epoch(epoch)
+        train_loader.sampler.set_epoch(epoch)
+        t0 = time.time()
+        means = train_one_epoch(model, train_loader, teacher, objective, weighting, optimizer, scheduler,
+                                device, amp, recipe, epoch, state, writer, progress)
+        epoch_time = time.time() - t0
+        state["train_time"] += epoch_time
+        state["train_images"] += len(train_loader) * tc.batch_size
+        weighting.epoch_end({t: means[f"loss_{t}"] for t in recipe.model.tasks})  # unweighted, per task
+        val = evaluate(model, val_loader, device, amp, recipe, baseline_depth)
+        record = {"epoch": epoch + 1, "step": state["step"], "train": {**means, "images_per_s": len(train_loader) * tc.batch_size / epoch_time},
+                  "val": val}
+        io.append_jsonl(run_dir / "metrics.jsonl", record)
+        log_epoch(writer, record, log)
+        state["epoch"] = epoch + 1
+        score = val.get(recipe.eval.best_metric)
+        if score is not None and (state["best"] is None or score < state["best"]["value"]):
+            state["best"] = {"epoch": epoch + 1, "metric": recipe.eval.best_metric, "value": score}
+            io.save_weights(run_dir / "best.safetensors", model.state_dict(), weight_metadata(recipe, epoch + 1, val))
+        save(run_dir, model, weighting, optimizer, scheduler, state, recipe, val)
+    writer.close()
+
+    from distill.report import write_outputs
+    summary = {**val, "baseline_abs_rel": val.get("baseline_abs_rel"), "best": state["best"],
+               "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
+               "wall_s": time.time() - t_start, "epochs": tc.epochs, "device": str(device)}
+    write_outputs(run_dir, recipe, summary, model, teacher, val_ds, device, log)
+    return run_dir
+
+
+def attach_teacher(batch: dict, teacher: Teacher) -> dict:
+    batch["teacher_depth"] = teacher(batch)
+    return batch
+
+
+def train_one_epoch(model, loader, teacher, objective, weighting, optimizer, scheduler, device, amp,
+                    recipe, epoch, state, writer, progress) -> dict[str, float]:
+    """One pass over the training set; returns epoch-averaged losses and effective weights."""
+    tc = recipe.train
+    sums: dict[str, float] = {}
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, leave=False, dynamic_ncols=True)
+    for batch in bar:
+        batch = to_device(batch, device)
+        if recipe.target == "teacher":
+            attach_teacher(batch, teacher)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(batch["image"])
+        losses = objective(out, batch)
+        total, weights = weighting(losses)
+        if not torch.isfinite(total):
+            raise FloatingPointError(
+                f"non-finite loss at epoch {epoch + 1}, step {state['step']}: "
+                + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+                + ". Lower train.lr_decoder / train.lr_encoder, or check the data with the pre-flight table.")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(weighting.parameters()), tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        state["step"] += 1
+        for k, v in {"loss": total.item(), **{f"loss_{k}": v.item() for k, v in losses.items()},
+                     **{f"weight_{k}": float(v) for k, v in weights.items()}}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{total.item():.4f}")
+        if state["step"] % tc.log_every == 0:
+            writer.add_scalar("train/loss", total.item(), state["step"])
+            for g in optimizer.param_groups:
+                writer.add_scalar(f"lr/{g['name']}", g["lr"], state["step"])
+    return {k: v / len(loader) for k, v in sums.items()}
+
+
+def log_epoch(writer, record: dict, log) -> None:
+    epoch, val = record["epoch"], record["val"]
+    for k, v in val.items():
+        if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
+            writer.add_scalar(f"val/{k}", v, epoch)
+    for k, v in record["train"].items():
+        writer.add_scalar(f"train_epoch/{k}", v, epoch)
+    parts = [f"epoch {epoch}", f"loss {record['train']['loss']:.4f}"]
+    parts += [f"{k} {val[k]:.4f}" for k in ("abs_rel", "rmse", "d1", "miou") if val.get(k) is not None]
+    log("  ".join(parts))
+
+
+def weight_metadata(recipe: Recipe, epoch: int, val: dict) -> dict[str, str]:
+    return {"format": "densekit-student", "config": cfgio.dumps(recipe), "epoch": str(epoch),
+            "val": json.dumps({k: v for k, v in val.items() if not isinstance(v, dict)})}
+
+
+def save(run_dir: Path, model, weighting, optimizer, scheduler, state: dict, recipe: Recipe, val: dict) -> None:
+    full_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                  "weighting": weighting.state_dict(), "progress": dict(state),
+                  # Augmentation and teacher noise are seeded per (seed, epoch, index); torch's
+                  # global generator is the only other source of randomness in a step.
+                  "torch_rng": torch.get_rng_state()}
+    io.save_checkpoint(run_dir / "checkpoints", state["epoch"], model.state_dict(), full_state,
+                       weight_metadata(recipe, state["epoch"], val))
+
+
+def restore(run_dir: Path, model, weighting, optimizer, scheduler, log) -> dict:
+    ckpt = io.latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"resume={run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}; "
+                                f"start a new run instead")
+    model.load_state_dict(io.load_weights(ckpt / "model.safetensors"))
+    full = io.load_state(ckpt / "state.pt")
+    optimizer.load_state_dict(full["optimizer"])
+    scheduler.load_state_dict(full["scheduler"])
+    weighting.load_state_dict(full["weighting"])
+    torch.set_rng_state(full["torch_rng"])
+    state = full["progress"]
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():  # drop epochs logged after the checkpoint we continue from
+        kept = [r for r in io.read_jsonl(metrics) if r["epoch"] <= state["epoch"]]
+        io.write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+    log(f"resumed {run_dir} from {ckpt.name} (epoch {state['epoch']}, step {state['step']})")
+    return state

@@ -1,0 +1,101 @@
+"""End-to-end training on tiny SynthRooms: loss falls, pre-flight refuses v1, resume is exact."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill import io
+from distill.run import main
+
+TINY = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=64", "data.width=96",
+        "data.num_train=48", "data.num_val=8", "train.batch_size=8", "eval.preview_images=2"]
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def run_dirs(out: Path) -> list[Path]:
+    return sorted(p for p in out.iterdir() if p.is_dir())
+
+
+def test_v3_trains_and_writes_the_run_directory(tmp_path):
+    assert main(["v3", *TINY, "train.epochs=4", f"out_dir={tmp_path}", "--quiet"]) == 0
+    (run,) = run_dirs(tmp_path)
+    for name in ("config.json", "preflight.json", "metrics.jsonl", "summary.json", "best.safetensors",
+                 "report.md", "preview.png"):
+        assert (run / name).is_file(), name
+    records = io.read_jsonl(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    first, last = records[0]["train"], records[-1]["train"]
+    assert last["loss_depth"] < first["loss_depth"] and last["loss_seg"] < 0.9 * first["loss_seg"]
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("abs_rel", "rmse", "d1", "s_star", "abs_rel_aligned", "miou", "pixel_acc", "baseline_abs_rel",
+                "train_images_per_s", "wall_s", "iou_per_class"):
+        assert key in summary, key
+    assert json.loads((run / "preflight.json").read_text())["passed"] is True
+    assert list(tb for tb in (run / "tensorboard").iterdir() if tb.name.startswith("events"))
+
+
+def test_v1_is_refused_before_any_step(tmp_path, capsys):
+    assert main(["v1", *TINY, "train.epochs=1", f"out_dir={tmp_path}", "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert "training target space is relative" in err and "evaluation space is metric" in err
+    assert "teacher=synthetic-metric" in err                       # the fix is named
+    (run,) = run_dirs(tmp_path)
+    assert json.loads((run / "preflight.json").read_text())["passed"] is False
+    assert not (run / "checkpoints").exists()
+
+
+def test_v1_with_preflight_warn_shows_errors_of_metres(tmp_path):
+    assert main(["v1", *TINY, "train.epochs=2", "preflight=warn", f"out_dir={tmp_path}", "--quiet"]) == 0
+    (run,) = run_dirs(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rmse"] > 1.0 and summary["pred_max"] <= 1.5    # [0, 1] predictions against metres
+
+
+def test_override_errors_exit_2(capsys):
+    assert main(["v3", "train.epoch=3"]) == 2
+    assert 'Did you mean "train.epochs"?' in capsys.readouterr().err
+
+
+def launch(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "distill.run", *args, "--quiet"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return io.load_weights(io.latest_checkpoint(run / "checkpoints") / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_resume_after_kill_continues_exactly(tmp_path):
+    args = [*TINY, "data.num_train=96", "train.epochs=3", "loss.weighting=dwa"]
+    straight = launch(["v3", *args, f"out_dir={tmp_path / 'a'}"])
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+
+    killed = launch(["v3", *args, f"out_dir={tmp_path / 'b'}"])
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((tmp_path / "b").glob("*/checkpoints/epoch-0001")):
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    (run,) = run_dirs(tmp_path / "b")
+    assert io.latest_checkpoint(run / "checkpoints").name < "epoch-0003", "killed too late to test resume"
+    assert not (run / "summary.json").exists()
+
+    resumed = launch(["v3", f"resume={run}"])
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    (reference,) = run_dirs(tmp_path / "a")
+    a, b = final_weights(reference), final_weights(run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda r: [rec["train"]["loss"] for rec in io.read_jsonl(r / "metrics.jsonl")]  # noqa: E731
+    assert losses(reference) == losses(run)
