@@ -74,7 +74,7 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers
     # resumed run sees exactly the batches it would have seen, and torchrun needs no other code.
     sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed) if train else None
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
-                      num_workers=workers, persistent_workers=workers > 0)
+                      num_workers=workers)  # not persistent: workers must see set_epoch
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

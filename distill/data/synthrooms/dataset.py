@@ -1,0 +1,121 @@
+"""`SynthRoomsDataset`: a generated SynthRooms directory as the project's sample dicts."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from ..transforms import hflip_intrinsics, normalize, photometric_jitter
+from .store import DEPTH_SCALE_M, GENERATOR, VERSION
+
+_HOW_TO = ("create it with `from distill.data.synthrooms import generate; "
+           "generate(root, num_train=1200, num_val=200, height=96, width=128)` and pass the "
+           "returned path")
+
+
+def load_manifest(path: str | os.PathLike) -> dict:
+    """Read and check `path/manifest.json`; raise with the fix when missing or stale."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"SynthRooms directory {path} does not exist; {_HOW_TO}.")
+    mfile = path / "manifest.json"
+    if not mfile.is_file():
+        raise FileNotFoundError(f"{mfile} is missing, so {path} is not a complete SynthRooms "
+                                f"dataset (an interrupted generation?); {_HOW_TO}.")
+    try:
+        manifest = json.loads(mfile.read_text())
+    except ValueError as e:
+        raise ValueError(f"{mfile} is not valid JSON ({e}); delete {path} and {_HOW_TO}.") from e
+    if manifest.get("generator") != GENERATOR or manifest.get("version") != VERSION:
+        raise ValueError(
+            f"{path} was written by generator {manifest.get('generator')!r} version "
+            f"{manifest.get('version')!r}, but this code reads {GENERATOR!r} version {VERSION}; "
+            f"regenerate it ({_HOW_TO}; the new version gets its own directory name).")
+    return manifest
+
+
+class SynthRoomsDataset(Dataset):
+    """Samples of one split of a generated SynthRooms directory.
+
+    Each item is a dict: `image` float32 (3, H, W) ImageNet-normalised; `depth` float32
+    (1, H, W) z-depth in metres, 0 where invalid; `valid` bool (1, H, W) = depth > 0; `seg` int64
+    (H, W) NYU13 ids, IGNORE_INDEX (255) where unlabelled; `intrinsics` float32 (4,) fx, fy, cx,
+    cy in pixels at this size (after any flip); `index` int, the position in the split.
+
+    With `augment=True`: horizontal flip (p = 0.5; depth, labels and cx follow) and photometric
+    jitter, drawn from `np.random.default_rng([seed, epoch, index])`, so a sample depends only on
+    (seed, epoch, index), never on DataLoader workers or resume points. Call `set_epoch(epoch)`
+    before iterating each epoch (with persistent workers, recreate the DataLoader).
+    `cache=True` keeps decoded arrays in memory (per process).
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str, *, augment: bool = False,
+                 seed: int = 0, cache: bool = False):
+        self.path = Path(path)
+        self.manifest: dict[str, Any] = load_manifest(self.path)
+        splits = self.manifest["splits"]
+        if split not in splits:
+            raise ValueError(f"split {split!r} is not in {self.path}; valid splits: "
+                             f"{', '.join(splits)}.")
+        self.split, self.augment, self.seed = split, augment, seed
+        self.files: list[dict[str, Any]] = splits[split]["files"]
+        k = self.manifest["intrinsics"]
+        self.intrinsics = np.array([k["fx"], k["fy"], k["cx"], k["cy"]], np.float32)
+        self.epoch = 0
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = (
+            {} if cache else None)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of `epoch`."""
+        self.epoch = int(epoch)
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Decoded files of item `index`: rgb uint8 (H, W, 3), depth float32 (H, W) metres
+        (0 = invalid), seg uint8 (H, W)."""
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        entry = self.files[index]
+        with Image.open(self.path / entry["rgb"]) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        with Image.open(self.path / entry["depth"]) as im:
+            depth = np.asarray(im).astype(np.float32) * np.float32(DEPTH_SCALE_M)
+        with Image.open(self.path / entry["seg"]) as im:
+            seg = np.asarray(im)
+        if seg.ndim != 2 or seg.dtype != np.uint8:
+            raise ValueError(f"{self.path / entry['seg']} should be an 8-bit single-channel PNG, "
+                             f"got dtype {seg.dtype} and shape {seg.shape}; regenerate the set.")
+        if self._cache is not None:
+            self._cache[index] = (rgb, depth, seg)
+        return rgb, depth, seg
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} items in split {self.split!r}.")
+        index = int(index) % n
+        rgb, depth, seg = self.read(index)
+        intrinsics = self.intrinsics
+        if self.augment:
+            rng = np.random.default_rng([self.seed, self.epoch, index])
+            if rng.random() < 0.5:
+                rgb, depth, seg = rgb[:, ::-1], depth[:, ::-1], seg[:, ::-1]
+                intrinsics = hflip_intrinsics(intrinsics, rgb.shape[1])
+            rgb = photometric_jitter(rgb, rng)
+        depth_t = torch.from_numpy(np.array(depth, np.float32, copy=True))[None]  # not the cache
+        return {
+            "image": normalize(rgb),
+            "depth": depth_t,
+            "valid": depth_t > 0,
+            "seg": torch.from_numpy(seg.astype(np.int64)),
+            "intrinsics": torch.from_numpy(np.array(intrinsics, np.float32)),
+            "index": index,
+        }
