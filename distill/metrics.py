@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from distill.data.classes import IGNORE_INDEX
+from distill.spaces import check_depth_tensors
 
 SILOG_VARIANT = ("da2: sqrt(mean(g^2) - 0.5 * mean(g)^2), g = ln(pred) - ln(gt), per image then "
                  "averaged over images, no x100 (BTS/AdaBins report lambda=1 and x100)")
@@ -29,18 +30,6 @@ DEPTH_RANGES: tuple[tuple[str, float, float], ...] = (
 
 _PER_IMAGE_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "d1", "d2", "d3",
                    "s_star", "abs_rel_aligned", "pred_std", "gt_std")
-
-
-def _check_depth_inputs(pred: Tensor, gt: Tensor, valid: Tensor) -> None:
-    if pred.shape != gt.shape or pred.shape != valid.shape:
-        raise ValueError(f"pred {tuple(pred.shape)}, gt {tuple(gt.shape)} and valid "
-                         f"{tuple(valid.shape)} must have the same shape (B, 1, H, W).")
-    if pred.dim() != 4 or pred.shape[1] != 1:
-        raise ValueError(f"depth tensors must be (B, 1, H, W) in metres, got {tuple(pred.shape)}; "
-                         "add the channel dimension with `.unsqueeze(1)`.")
-    if valid.dtype != torch.bool:
-        raise ValueError(f"valid must be a bool tensor, got dtype {valid.dtype}; "
-                         "pass `valid.bool()`.")
 
 
 def eigen_crop_mask(shape: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
@@ -139,7 +128,7 @@ class DepthMetrics:
     @torch.no_grad()
     def update(self, pred: Tensor, gt: Tensor, valid: Tensor) -> None:
         """Add a batch. pred, gt: (B, 1, H, W) metres; valid: (B, 1, H, W) bool."""
-        _check_depth_inputs(pred, gt, valid)
+        check_depth_tensors(pred, gt, valid, target_name="gt")
         pred, gt = pred.double(), gt.double()
         mask = self.evaluated_mask(gt, valid)
         for b in range(pred.shape[0]):

@@ -32,3 +32,18 @@ class ValueRange:
 
     def __str__(self) -> str:
         return f"[{self.low:g}, {self.high:g}]"
+
+
+def check_depth_tensors(pred, target, valid, target_name: str = "target") -> None:
+    """Raise ValueError unless `pred`, `target` and `valid` are (B, 1, H, W) and `valid` is bool."""
+    import torch
+
+    if pred.shape != target.shape or pred.shape != valid.shape:
+        raise ValueError(f"pred {tuple(pred.shape)}, {target_name} {tuple(target.shape)} and valid "
+                         f"{tuple(valid.shape)} must have the same shape (B, 1, H, W).")
+    if pred.dim() != 4 or pred.shape[1] != 1:
+        raise ValueError(f"depth tensors must be (B, 1, H, W), got {tuple(pred.shape)}; "
+                         "add the channel dimension with `.unsqueeze(1)`.")
+    if valid.dtype != torch.bool:
+        raise ValueError(f"valid must be a bool tensor, got dtype {valid.dtype}; "
+                         "pass `valid.bool()` or build it with a comparison such as `depth > 0`.")

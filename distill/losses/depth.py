@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from distill.registry import Registry
+from distill.spaces import check_depth_tensors
 
 DepthLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
 DEPTH_LOSSES: Registry[Callable[..., DepthLoss]] = Registry("depth loss")
@@ -42,15 +43,7 @@ def _prepare(pred: Tensor, target: Tensor, valid: Tensor) -> tuple[Tensor, Tenso
     Returns (pred, target, valid) with pred/target float32 (B, 1, H, W) and 0 where `~valid`.
     Zeroing with `torch.where` (not a multiply) keeps NaN out of both values and gradients.
     """
-    if pred.shape != target.shape or pred.shape != valid.shape:
-        raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and valid "
-                         f"{tuple(valid.shape)} must have the same shape (B, 1, H, W).")
-    if pred.dim() != 4 or pred.shape[1] != 1:
-        raise ValueError(f"depth tensors must be (B, 1, H, W), got {tuple(pred.shape)}; "
-                         "add the channel dimension with `.unsqueeze(1)`.")
-    if valid.dtype != torch.bool:
-        raise ValueError(f"valid must be a bool tensor, got dtype {valid.dtype}; "
-                         "pass `valid.bool()` or build it with a comparison such as `depth > 0`.")
+    check_depth_tensors(pred, target, valid)
     zero = torch.zeros((), dtype=torch.float32, device=pred.device)
     return torch.where(valid, pred.float(), zero), torch.where(valid, target.float(), zero), valid
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ...io import write_json
 from ..classes import IGNORE_INDEX, NYU13_NAMES
 from .rooms import render_scene
 
@@ -49,21 +50,6 @@ def _check_params(p: dict[str, int]) -> None:
                          f"{p['height']}x{p['width']}.")
     if min(p["seed"], p["num_train"], p["num_val"]) < 0:
         raise ValueError(f"generate(): seed, num_train and num_val must be >= 0, got {p}.")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON via a temporary file in the same directory, fsync, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -236,7 +222,7 @@ def generate(root: str | os.PathLike, *, num_train: int, num_val: int, height: i
             jobs += [(str(tmp), i, split, seed, height, width) for i in range(count)]
         results = _run_jobs(jobs, workers or _default_workers(), progress)
         by_split = {"train": results[:num_train], "val": results[num_train:]}
-        write_json_atomic(tmp / "manifest.json", _manifest(params, by_split))
+        write_json(tmp / "manifest.json", _manifest(params, by_split))
         if hasattr(os, "sync"):
             os.sync()  # every PNG on disk before the directory can look complete
         _move_into_place(tmp, target)
