@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -218,25 +219,7 @@ def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
     io.write_json(run_dir / "config.json", {**cfgio.to_dict(recipe), "device": str(device)})
     baseline_depth = training_median_depth(train_ds)
 
-    # Pre-flight on real batches before any step; it also places the depth head's initial output
-    # at the training targets' median (seed 001: a log-depth head starting at 1 m learns far depth slowly).
-    probe = [attach_teacher(to_device(b, device), teacher) for b, _ in zip(train_loader, range(PREFLIGHT_BATCHES))]
-    if "depth" in model.heads:
-        target_median = torch.cat([depth_target(b, recipe)[0][depth_target(b, recipe)[1]] for b in probe]).median().item()
-        model.heads["depth"].init_depth(target_median)
-    with torch.no_grad():
-        model.eval()
-        predictions = [model(b["image"])["depth"] for b in probe] if "depth" in model.heads else []
-        model.train()
-    report = run_preflight(probe, predictions, target=recipe.target,
-                           target_space=teacher.space if recipe.target == "teacher" else DepthSpace.METRIC,
-                           target_range=teacher.range, eval_space=DepthSpace(recipe.eval_space),
-                           teacher_name=teacher.name)
-    io.write_json(run_dir / "preflight.json", report.to_json())
-    log("pre-flight (units and ranges, first %d batches):\n%s" % (len(probe), report.table()))
-    for warning in enforce(report, recipe.preflight):
-        log(f"WARNING (preflight=warn, training anyway): {warning}")
-    del probe, predictions
+    preflight_stage(model, train_loader, teacher, recipe, device, run_dir, log)
 
     weighting = weighting_for(recipe).to(device)
     optimizer = build_optimizer(model, weighting, tc)
@@ -273,11 +256,38 @@ def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
     writer.close()
 
     from distill.report import write_outputs
-    summary = {**val, "baseline_abs_rel": val.get("baseline_abs_rel"), "best": state["best"],
+    summary = {**val, "best": state["best"],
                "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
                "wall_s": time.time() - t_start, "epochs": tc.epochs, "device": str(device)}
     write_outputs(run_dir, recipe, summary, model, teacher, val_ds, device, log)
     return run_dir
+
+
+def preflight_stage(model, loader: DataLoader, teacher: Teacher, recipe: Recipe, device: torch.device,
+                    run_dir: Path, log) -> None:
+    """Pre-flight on real batches before any step (writes preflight.json, raises when refused).
+
+    It also places the depth head's initial output at the training targets' median (seed 001:
+    a log-depth head starting at 1 m learns far depth slowly), so the table shows the student's
+    true starting point.
+    """
+    probe = [attach_teacher(to_device(b, device), teacher) for b, _ in zip(loader, range(PREFLIGHT_BATCHES))]
+    predictions = []
+    if "depth" in model.heads:
+        targets = [depth_target(b, recipe) for b in probe]
+        model.heads["depth"].init_depth(torch.cat([t[v] for t, v in targets]).median().item())
+        with torch.no_grad():
+            model.eval()
+            predictions = [model(b["image"])["depth"] for b in probe]
+            model.train()
+    report = run_preflight(probe, predictions, target=recipe.target,
+                           target_space=teacher.space if recipe.target == "teacher" else DepthSpace.METRIC,
+                           target_range=teacher.range, eval_space=DepthSpace(recipe.eval_space),
+                           teacher_name=teacher.name)
+    io.write_json(run_dir / "preflight.json", report.to_json())
+    log(f"pre-flight (units and ranges, first {len(probe)} batches):\n{report.table()}")
+    for warning in enforce(report, recipe.preflight):
+        log(f"WARNING (preflight=warn, training anyway): {warning}")
 
 
 def attach_teacher(batch: dict, teacher: Teacher) -> dict:
@@ -290,7 +300,9 @@ def train_one_epoch(model, loader, teacher, objective, weighting, optimizer, sch
     """One pass over the training set; returns epoch-averaged losses and effective weights."""
     tc = recipe.train
     sums: dict[str, float] = {}
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, leave=False, dynamic_ncols=True)
+    # Redraw often on a terminal, rarely in a log file (CI, nohup) so logs stay readable.
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, leave=False,
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     for batch in bar:
         batch = to_device(batch, device)
         if recipe.target == "teacher":

@@ -42,6 +42,7 @@ def test_v3_trains_and_writes_the_run_directory(tmp_path):
         assert key in summary, key
     assert json.loads((run / "preflight.json").read_text())["passed"] is True
     assert list(tb for tb in (run / "tensorboard").iterdir() if tb.name.startswith("events"))
+    assert sys.modules.get("tensorflow") is None  # TensorBoard never pulled TensorFlow into torch's process
 
 
 def test_v1_is_refused_before_any_step(tmp_path, capsys):

@@ -5,7 +5,7 @@ and a docstring that says why it exists. `dataclasses.replace(V3(), ...)` compos
 """
 from __future__ import annotations
 
-from distill.recipes.base import (DEVICE_DEFAULTS, DataConfig, EvalConfig, LossConfig, ModelConfig, Recipe,
+from distill.recipes.base import (DataConfig, EvalConfig, LossConfig, ModelConfig, Recipe,
                                   TrainConfig, resolve_for_device)
 from distill.recipes.history import V1, V2, V3, V4
 from distill.registry import Registry
@@ -25,4 +25,4 @@ def recipe_summary(name: str) -> str:
 
 
 __all__ = ["RECIPES", "get_recipe", "recipe_summary", "Recipe", "DataConfig", "ModelConfig", "LossConfig",
-           "TrainConfig", "EvalConfig", "DEVICE_DEFAULTS", "resolve_for_device"]
+           "TrainConfig", "EvalConfig", "resolve_for_device"]

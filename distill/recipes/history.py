@@ -6,7 +6,7 @@ an embedded teacher in the same output space as the real one it stands for.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from distill.recipes.base import LossConfig, ModelConfig, Recipe
 
@@ -82,3 +82,8 @@ class V4(V3):
 
     name: str = "v4"
     model: ModelConfig = field(default_factory=lambda: ModelConfig(student="efficientvit_b1"))
+    # A training step costs twice v3's on a CPU; half the epochs keep the demo in its budget
+    # (measured on 2 cores: 4000 images x 6 epochs already beats v3's 12 epochs).
+    device_defaults: ClassVar[dict] = {
+        **V3.device_defaults,
+        "cpu": {"data": V3.device_defaults["cpu"]["data"], "train": {"epochs": 6, "batch_size": 16}}}

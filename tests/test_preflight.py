@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from distill.preflight import PreflightError, enforce, run_preflight
+from distill.spaces import DepthSpace, ValueRange
+
+
+def batch(teacher_depth: torch.Tensor) -> dict:
+    depth = torch.full((2, 1, 4, 4), 3.0)
+    return {"image": torch.zeros(2, 3, 4, 4), "depth": depth, "valid": depth > 0, "teacher_depth": teacher_depth}
+
+
+def check(teacher_depth, space=DepthSpace.METRIC, declared=ValueRange(0, 20)):
+    b = batch(teacher_depth)
+    return run_preflight([b], [torch.full_like(b["depth"], 2.5)], target="teacher", target_space=space,
+                         target_range=declared, eval_space=DepthSpace.METRIC, teacher_name="t")
+
+
+def test_clean_batch_passes_and_reports_statistics():
+    report = check(torch.full((2, 1, 4, 4), 2.9))
+    assert not report.failures and enforce(report, "strict") == []
+    stats = report.to_json()["stats"]
+    assert stats["teacher_depth"]["median"] == pytest.approx(2.9) and stats["student_initial"]["space"] == "metric"
+
+
+def test_unit_mismatch_names_both_spaces_and_the_fix():
+    report = check(torch.full((2, 1, 4, 4), 0.5), space=DepthSpace.RELATIVE, declared=ValueRange(0, 1))
+    with pytest.raises(PreflightError) as err:
+        enforce(report, "strict")
+    message = str(err.value)
+    assert "training target space is relative" in message and "evaluation space is metric" in message
+    assert "teacher=synthetic-metric" in message
+    assert enforce(report, "warn") == [c.message for c in report.failures]  # warn: reported, not raised
+
+
+def test_non_finite_teacher_output_is_refused():
+    bad = torch.full((2, 1, 4, 4), 2.9)
+    bad[0, 0, 1, 1] = float("nan")
+    with pytest.raises(PreflightError, match="teacher_depth: 1 non-finite values"):
+        enforce(check(bad), "strict")
+
+
+def test_output_outside_declared_range_is_refused():
+    with pytest.raises(PreflightError, match=r"leaves its declared range \[0, 20\]"):
+        enforce(check(torch.full((2, 1, 4, 4), 2900.0)), "strict")  # millimetres declared as metres
