@@ -106,7 +106,7 @@ def space_check(target: str, train_space: DepthSpace, eval_space: DepthSpace, te
         return Check("units", True, f"training target space ({train_space.value}) matches evaluation "
                                     f"space ({eval_space.value})")
     return Check("units", False,
-                 f"training target space is {train_space.value} ({train_space.describe()}, from teacher "
+                 f"training target space is {train_space.value} ({train_space.describe()}; from teacher "
                  f"{teacher_name}) but the evaluation space is {eval_space.value} ({eval_space.describe()}). "
                  f"A student trained on these targets cannot produce {eval_space.value} depth (seed 000: "
                  f"75 m RMSE). Fix: use a {eval_space.value} teacher (teacher=synthetic-metric, or Depth "

@@ -16,9 +16,9 @@ class DepthSpace(str, Enum):
     DISPARITY = "disparity"    # inverse depth up to scale (1/m times an unknown factor)
 
     def describe(self) -> str:
-        return {"metric": "metric depth in metres",
-                "relative": "relative (affine-invariant, unitless) depth",
-                "disparity": "disparity (inverse depth up to scale)"}[self.value]
+        return {"metric": "metres",
+                "relative": "affine-invariant, unitless",
+                "disparity": "inverse depth up to scale"}[self.value]
 
 
 @dataclass(frozen=True)

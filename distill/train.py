@@ -25,7 +25,7 @@ from distill import io
 from distill.data import build_datasets
 from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
 from distill.losses import build_depth_loss, build_weighting, cross_entropy
-from distill.metrics import DepthMetrics, SegMetrics
+from distill.metrics import DepthMetrics, SegMetrics, baseline_abs_rel
 from distill.preflight import enforce, run_preflight
 from distill.recipes import Recipe, resolve_for_device
 from distill.spaces import DepthSpace
@@ -161,14 +161,11 @@ def weighting_for(recipe: Recipe):
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype | None, recipe: Recipe,
-             baseline_depth: float | None = None) -> dict:
-    """Validation metrics (summary.json keys). With `baseline_depth`, also the AbsRel of the
-    constant predictor that outputs it (`baseline_abs_rel`)."""
+def evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype | None, recipe: Recipe) -> dict:
+    """Validation metrics with the keys of summary.json."""
     ec = recipe.eval
     model.eval()
     depth_m = DepthMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
-    base_m = DepthMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
     seg_m = SegMetrics(model.num_classes, ignore_index=IGNORE_INDEX, class_names=list(NYU13_NAMES))
     for batch in loader:
         batch = to_device(batch, device)
@@ -176,16 +173,12 @@ def evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype |
             out = model(batch["image"])
         if "depth" in out:
             depth_m.update(out["depth"].float(), batch["depth"], batch["valid"])
-        if baseline_depth is not None:
-            base_m.update(torch.full_like(batch["depth"], baseline_depth), batch["depth"], batch["valid"])
         if "seg" in out:
             seg_m.update(out["seg"].argmax(1), batch["seg"])
     model.train()
     metrics = depth_m.compute() if "depth" in model.tasks else {}
     if "seg" in model.tasks:
         metrics.update(seg_m.compute())
-    if baseline_depth is not None:
-        metrics["baseline_abs_rel"] = base_m.compute()["abs_rel"]
     return metrics
 
 
@@ -217,7 +210,9 @@ def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
 
     run_dir = Path(recipe.resume) if recipe.resume else new_run_dir(recipe)
     io.write_json(run_dir / "config.json", {**cfgio.to_dict(recipe), "device": str(device)})
-    baseline_depth = training_median_depth(train_ds)
+    ec = recipe.eval  # the constant predictor at the training set's median depth: the number to beat
+    baseline = baseline_abs_rel(training_median_depth(train_ds), ((b["depth"], b["valid"]) for b in val_loader),
+                                min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
 
     preflight_stage(model, train_loader, teacher, recipe, device, run_dir, log)
 
@@ -242,7 +237,7 @@ def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
         state["train_time"] += epoch_time
         state["train_images"] += len(train_loader) * tc.batch_size
         weighting.epoch_end({t: means[f"loss_{t}"] for t in recipe.model.tasks})  # unweighted, per task
-        val = evaluate(model, val_loader, device, amp, recipe, baseline_depth)
+        val = {**evaluate(model, val_loader, device, amp, recipe), "baseline_abs_rel": baseline}
         record = {"epoch": epoch + 1, "step": state["step"], "train": {**means, "images_per_s": len(train_loader) * tc.batch_size / epoch_time},
                   "val": val}
         io.append_jsonl(run_dir / "metrics.jsonl", record)

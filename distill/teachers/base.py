@@ -26,7 +26,7 @@ class Teacher(ABC):
     def __call__(self, batch: dict) -> torch.Tensor: ...
 
     def describe(self) -> str:
-        return f"{self.name}: {self.space.describe()}, range {self.range}"
+        return f"{self.name}: {self.space.value} ({self.space.describe()}), range {self.range}"
 
     def to(self, device: torch.device) -> "Teacher":
         return self
