@@ -100,3 +100,11 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda r: [rec["train"]["loss"] for rec in io.read_jsonl(r / "metrics.jsonl")]  # noqa: E731
     assert losses(reference) == losses(run)
+
+
+def test_bf16_autocast_path_trains(tmp_path):
+    # The GPU path (bf16 autocast, float32 losses) exercised on the CPU's autocast.
+    assert main(["v3", *TINY, "train.epochs=1", "train.amp=bf16", f"out_dir={tmp_path}", "--quiet"]) == 0
+    (run,) = run_dirs(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0 < summary["abs_rel"] < 1 and json.loads((run / "config.json").read_text())["train"]["amp"] == "bf16"
