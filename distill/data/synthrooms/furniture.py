@@ -113,6 +113,14 @@ def bed(rng: np.random.Generator) -> Group:
     return g
 
 
+def sample_size(rng: np.random.Generator, dims: dict, kind: str, what: str) -> tuple[float, float, float]:
+    """(width, depth, height) in metres drawn uniformly from `dims[kind]`'s three (low, high) ranges."""
+    if kind not in dims:
+        raise ValueError(f"{what} kind {kind!r} is unknown; valid: {', '.join(dims)}.")
+    (w0, w1), (d0, d1), (h0, h1) = dims[kind]
+    return rng.uniform(w0, w1), rng.uniform(d0, d1), rng.uniform(h0, h1)
+
+
 def cabinet(rng: np.random.Generator, kind: str = "dresser") -> Group:
     """Dresser, sideboard, TV stand, nightstand or wardrobe (furniture) with drawer/door fronts."""
     dims = {"dresser": ((0.8, 1.6), (0.4, 0.55), (0.7, 1.1)),
@@ -120,10 +128,7 @@ def cabinet(rng: np.random.Generator, kind: str = "dresser") -> Group:
             "tv_stand": ((1.0, 2.0), (0.35, 0.5), (0.4, 0.6)),
             "nightstand": ((0.4, 0.55), (0.35, 0.45), (0.45, 0.65)),
             "wardrobe": ((0.8, 1.8), (0.55, 0.65), (1.8, 2.3))}
-    if kind not in dims:
-        raise ValueError(f"cabinet kind {kind!r} is unknown; valid: {', '.join(dims)}.")
-    (w0, w1), (d0, d1), (h0, h1) = dims[kind]
-    w, d, h = rng.uniform(w0, w1), rng.uniform(d0, d1), rng.uniform(h0, h1)
+    w, d, h = sample_size(rng, dims, kind, "cabinet")
     g = Group(w, d + 0.03, h)
     body = mat.wood(rng)
     leg_h = rng.uniform(0.05, 0.15) if rng.random() < 0.4 else 0.0
@@ -185,10 +190,7 @@ def table(rng: np.random.Generator, kind: str = "dining") -> Group:
             "coffee": ((0.8, 1.3), (0.5, 0.8), (0.35, 0.48)),
             "desk": ((1.0, 1.6), (0.55, 0.8), (0.72, 0.76)),
             "side": ((0.4, 0.6), (0.4, 0.6), (0.5, 0.65))}
-    if kind not in dims:
-        raise ValueError(f"table kind {kind!r} is unknown; valid: {', '.join(dims)}.")
-    (w0, w1), (d0, d1), (h0, h1) = dims[kind]
-    w, d, h = rng.uniform(w0, w1), rng.uniform(d0, d1), rng.uniform(h0, h1)
+    w, d, h = sample_size(rng, dims, kind, "table")
     top_t = rng.uniform(0.025, 0.05)
     g = Group(w, d, h)
     m = mat.wood(rng)
