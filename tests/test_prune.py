@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from distill.students import build_student, count_macs
+from quant.prune import PruneTarget, prune_student
+
+SIZE = (64, 96)
+FORMS = r'"macs=0\.5x"'   # every parse error lists the accepted forms
+
+
+def tiny(name: str = "mobilenetv3_small_050") -> nn.Module:
+    torch.manual_seed(0)
+    return build_student(name, decoder_channels=16, num_classes=13)
+
+
+def conv_out_channels(model: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def assert_output_shapes(model: nn.Module) -> None:
+    with torch.no_grad():
+        out = model.eval()(torch.rand(1, 3, *SIZE))
+    assert out["depth"].shape == (1, 1, *SIZE) and out["seg"].shape == (1, 13, *SIZE)
+
+
+class Outputs(nn.Module):
+    """The export wrapper: a tuple instead of a dict."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        out = self.model(x)
+        return out["depth"], out["seg"]
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    model = tiny().train()
+    before = conv_out_channels(model)
+    report = prune_student(model, PruneTarget(ratio=0.3), SIZE, log=lambda _: None)
+    return model, before, report
+
+
+def test_ratio_pruning_shrinks_encoder_and_decoder_and_keeps_outputs(pruned):
+    model, before, report = pruned
+    assert model.training, "the caller's train/eval mode is restored"
+    assert report["macs_after"] < report["macs_before"] and report["params_after"] < report["params_before"]
+    assert report["macs_after"] == count_macs(model, *SIZE) and report["ratio"] == 0.3
+    assert report["ignored"] == ["heads.depth.out", "heads.seg.out"]
+    assert (model.heads["depth"].out.weight.shape[0], model.heads["seg"].out.weight.shape[0]) == (1, 13)
+    after = conv_out_channels(model)
+    changed = [name for name in before if after[name] != before[name]]
+    assert any(n.startswith("encoder.") for n in changed) and any(n.startswith("decoder.") for n in changed)
+    # Exactly: every Conv2d whose out_channels changed (pointwise, depthwise and SE convs alike) now
+    # has a multiple of round_to=8 of them; the protected head outputs are not among the changed.
+    assert all(after[n] % 8 == 0 for n in changed), {n: after[n] for n in changed if after[n] % 8}
+    assert not {"heads.depth.out", "heads.seg.out"} & set(changed)
+    assert_output_shapes(model)
+
+
+def test_mac_fraction_target_is_reached_step_by_step():
+    model, lines = tiny(), []
+    report = prune_student(model, PruneTarget.parse("macs=0.6x"), SIZE, log=lines.append)
+    assert report["macs_after"] <= 0.6 * report["macs_before"]
+    assert report["macs_after"] == count_macs(model, *SIZE) and 0 < report["ratio"] < 1
+    assert lines[0].startswith("prune step 1/")
+    assert_output_shapes(model)
+
+
+def test_efficientvit_prunes_around_the_linear_attention_and_runs():
+    model = tiny("efficientvit_b0")
+    before = conv_out_channels(model)
+    report = prune_student(model, PruneTarget(ratio=0.3), SIZE, log=lambda _: None)
+    assert report["macs_after"] < report["macs_before"]
+    attention = [n for n in report["ignored"] if n.endswith((".qkv", ".aggreg"))]
+    assert attention, report["ignored"]
+    after = conv_out_channels(model)
+    # LiteMLA's head layout is untouched; the residual stream around it (proj's outputs) is pruned.
+    assert all(after[n] == before[n] for n in after if n.startswith(tuple(attention)))
+    assert any(after[n] < before[n] for n in after if n.endswith("context_module.main.proj.conv"))
+    assert_output_shapes(model)
+
+
+def test_pruned_model_exports_and_onnxruntime_matches_torch(pruned, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    wrapper = Outputs(pruned[0]).eval()
+    x = torch.rand(1, 3, *SIZE)
+    path = str(tmp_path / "pruned.onnx")
+    torch.onnx.export(wrapper, (x,), path, opset_version=17, dynamo=False)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = [t.numpy() for t in wrapper(x)]
+    for w, g in zip(want, got):
+        assert g.shape == w.shape and np.abs(g - w).max() <= 1e-4 * np.abs(w).max()
+    torch.export.export(wrapper, (x,))
+
+
+@pytest.mark.parametrize("text, ratio, macs", [
+    ("0.3", 0.3, None), (" 0.25 ", 0.25, None), ("macs=80M", None, 80e6), ("80M", None, 80e6),
+    ("macs=0.5x", None, 0.5), ("2.5G", None, 2.5e9), ("macs=500k", None, 5e5), ("macs=80e6", None, 80e6),
+])
+def test_parse_accepts_ratios_and_mac_budgets(text, ratio, macs):
+    assert PruneTarget.parse(text) == PruneTarget(ratio=ratio, macs=macs)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1.5", "0", "-0.3", "macs=", "macs=0", "macs=1.5x", "80T", "ratio=0.3"])
+def test_parse_rejects_bad_text_naming_the_forms(text):
+    with pytest.raises(ValueError, match=FORMS):
+        PruneTarget.parse(text)
+
+
+def test_target_needs_exactly_one_goal():
+    with pytest.raises(ValueError, match="exactly one"):
+        PruneTarget()
+    with pytest.raises(ValueError, match="exactly one"):
+        PruneTarget(ratio=0.3, macs=1e6)
+
+
+def test_unreachable_budget_says_the_smallest_reached_and_leaves_the_model_alone():
+    model = tiny()
+    before = conv_out_channels(model)
+    with pytest.raises(ValueError, match=r"MAC budget 1\.00M is unreachable: the smallest reached is \d"):
+        prune_student(model, PruneTarget.parse("macs=1M"), SIZE, log=lambda _: None)
+    assert conv_out_channels(model) == before
