@@ -1,0 +1,133 @@
+"""The contract between `quant.export` (the parent, which owns torch) and each converter process.
+
+A converter is `python -m targets.<format> JOB.json`. It imports only its own toolchain: TensorFlow
+and torch segfault in one process, and coremltools imports TensorFlow when it can (TOOLCHAIN.md).
+The parent writes the job (sources, calibration, check data, metadata) and reads back
+`result.json`, written by the child into `job.work_dir`. A child that fails exits non-zero with a
+message on stderr; it never writes outside `out_dir` and `work_dir`.
+
+This module is imported by both sides, so it imports neither torch nor any converter toolchain.
+
+Tensors in files are numpy `.npy`:
+- check/inputs.npy: (N, 3, H, W) float32 RGB in [0, 1] (normalisation is inside every artefact).
+- check/<source>_depth.npy (N, 1, H, W) metres and check/<source>_seg.npy (N, C, H, W) logits:
+  the PyTorch model's outputs on those inputs, one pair per source ("float", and "int8" when the
+  int8 artefacts come from a QAT model).
+- outputs_<format>_<precision>.npz in work_dir: the artefact's depth and argmax labels on the
+  check images, written by the child for the parent to score.
+- calibration/nhwc.npy (N, H, W, 3) and calibration/nchw.npy (N, 3, H, W), float32 in [0, 1].
+"""
+from __future__ import annotations
+
+import json
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+import numpy as np
+
+DEPTH, SEG = "depth", "seg"
+INPUT_NAME = "image"
+OUTPUT_NAMES = (DEPTH, SEG)
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class Job:
+    format: str                          # tflite | coreml | onnx
+    precisions: list[str]                # what to produce, validated by the parent
+    sources: dict[str, str]              # "float" and "int8" -> model file (.onnx; .pt2 for coreml)
+    out_dir: str                         # artefacts go here (the export's staging directory)
+    work_dir: str                        # scratch space; result.json goes here
+    stem: str                            # artefact file stem, e.g. "v3-20261121T101500Z"
+    input_shape: list[int]               # [1, 3, H, W]
+    metadata: dict = field(default_factory=dict)     # embedded in every artefact (see quant.export)
+    calibration: dict[str, str] = field(default_factory=dict)   # "nhwc" / "nchw" -> .npy
+    check: dict[str, str] = field(default_factory=dict)         # "inputs", "<source>_depth", "<source>_seg"
+    threads: int = 2
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Job":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def source_for(precision: str) -> str:
+    """Which model a precision is converted from: integer formats from the (QAT) int8 source."""
+    return "int8" if precision == "int8" else "float"
+
+
+def tool_versions(*packages: str) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def compare(depth: np.ndarray, seg: np.ndarray, ref_depth: np.ndarray, ref_seg: np.ndarray) -> dict:
+    """Quick parity of one artefact's outputs against the PyTorch model's on the check images.
+
+    depth_rel_*: |d - d_ref| / d_ref per pixel; depth_max_abs in metres; seg_agreement: fraction
+    of pixels with the same argmax; seg_max_abs: largest logit difference.
+    """
+    if depth.shape != ref_depth.shape or seg.shape != ref_seg.shape:
+        raise ValueError(f"artefact output shapes depth {depth.shape}, seg {seg.shape} differ from the "
+                         f"model's {ref_depth.shape}, {ref_seg.shape}")
+    rel = np.abs(depth.astype(np.float64) - ref_depth) / np.maximum(np.abs(ref_depth), 1e-6)
+    return {
+        "images": int(depth.shape[0]),
+        "depth_rel_median": float(np.median(rel)),
+        "depth_rel_p99": float(np.percentile(rel, 99)),
+        "depth_rel_max": float(rel.max()),
+        "depth_max_abs": float(np.abs(depth.astype(np.float64) - ref_depth).max()),
+        "seg_agreement": float((seg.argmax(1) == ref_seg.argmax(1)).mean()),
+        "seg_max_abs": float(np.abs(seg.astype(np.float64) - ref_seg).max()),
+        "finite": bool(np.isfinite(depth).all() and np.isfinite(seg).all()),
+    }
+
+
+def check_against_reference(job: Job, precision: str, run) -> dict:
+    """Run `run(inputs NCHW float32) -> (depth NCHW, seg NCHW)` on the check images and compare."""
+    if not job.check:
+        return {}
+    source = source_for(precision)
+    inputs = np.load(job.check["inputs"])
+    depth, seg = run(inputs)
+    report = compare(depth, seg, np.load(job.check[f"{source}_depth"]), np.load(job.check[f"{source}_seg"]))
+    report["reference"] = source
+    # The parent scores these against the ground truth (task metrics of the artefact itself).
+    np.savez(outputs_path(job, precision), depth=depth.astype(np.float32), labels=seg.argmax(1).astype(np.uint8))
+    return report
+
+
+def outputs_path(job: Job, precision: str) -> Path:
+    return Path(job.work_dir) / f"outputs_{job.format}_{precision}.npz"
+
+
+def write_result(job: Job, artefacts: list[dict], tools: dict[str, str]) -> None:
+    """artefacts: [{"path" (relative to out_dir), "format", "precision", "source", "check", ...}]."""
+    out = Path(job.out_dir)
+    for a in artefacts:
+        if not (out / a["path"]).exists():
+            raise FileNotFoundError(f"converter reported {a['path']} but it is not in {out}")
+    (Path(job.work_dir) / RESULT_FILE).write_text(json.dumps({"artefacts": artefacts, "tools": tools}, indent=2))
+
+
+def main(convert) -> None:
+    """Entry point of a converter module: `python -m targets.<format> JOB.json`."""
+    if len(sys.argv) != 2:
+        sys.exit(f"usage: python -m {convert.__module__} JOB.json (written by python -m quant.export)")
+    job = Job.load(sys.argv[1])
+    try:
+        convert(job)
+    except Exception as exc:  # the parent shows this line; the traceback goes to the log above it
+        import traceback
+        traceback.print_exc()
+        sys.exit(f"{job.format} conversion failed: {type(exc).__name__}: {exc}")

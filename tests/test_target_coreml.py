@@ -1,0 +1,241 @@
+"""targets.coreml end to end: a tiny student exported with torch.export, converted in a child process
+(`python -m targets.coreml JOB.json`, as quant.export runs it) to all five precisions.
+
+The converter runs as a subprocess because it blocks TensorFlow and imports coremltools for the
+whole process (TOOLCHAIN.md). This test process reads the packages back with coremltools
+(`skip_model_load=True`, so no CoreML runtime is needed), blocking TensorFlow only while
+coremltools is first imported.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill.data.classes import NYU13_NAMES
+from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from distill.students import build_student
+from targets.job import RESULT_FILE, Job
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPE = [1, 3, 64, 96]
+PRECISIONS = ["w8", "palette4", "fp16", "palette6", "fp32"]  # fp16 after w8: compression must not alter it
+METADATA = {"recipe": "test", "depth_units": "metres", "classes": list(NYU13_NAMES)}
+NOT_ON_MAC = sys.platform != "darwin"
+
+
+class Image01Student(torch.nn.Module):
+    """image (1, 3, H, W) RGB in [0, 1] -> (depth, seg): the artefact contract."""
+
+    def __init__(self, student: torch.nn.Module):
+        super().__init__()
+        self.student = student
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor):
+        out = self.student((image - self.mean) / self.std)
+        return out["depth"], out["seg"]
+
+
+def run_converter(job: Job, job_path: Path, **env) -> subprocess.CompletedProcess:
+    job.save(job_path)
+    return subprocess.run([sys.executable, "-m", "targets.coreml", str(job_path)], cwd=ROOT, check=False,
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+
+
+@contextlib.contextmanager
+def tensorflow_blocked():
+    """coremltools imports TensorFlow when it can; TF + torch in one process segfault. Block it for
+    the import only (when nothing imported it yet), so that no later test finds it poisoned."""
+    blocked = "tensorflow" not in sys.modules
+    if blocked:
+        sys.modules["tensorflow"] = None
+    try:
+        yield
+    finally:
+        if blocked and sys.modules.get("tensorflow", 0) is None:
+            del sys.modules["tensorflow"]
+
+
+@pytest.fixture(scope="module")
+def ct():
+    with tensorflow_blocked():
+        import coremltools
+    return coremltools
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("coreml")
+    torch.manual_seed(0)
+    model = Image01Student(build_student("mobilenetv3_small_050", decoder_channels=16)).eval()
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.rand(*SHAPE),))
+        inputs = torch.rand(2, *SHAPE[1:])
+        depth, seg = model(inputs)
+    torch.export.save(program, tmp / "float.pt2")
+    check = {"inputs": tmp / "inputs.npy", "float_depth": tmp / "float_depth.npy", "float_seg": tmp / "float_seg.npy"}
+    for key, array in zip(check, (inputs, depth, seg)):
+        np.save(check[key], array.numpy().astype(np.float32))
+    (tmp / "work").mkdir()
+    job = Job(format="coreml", precisions=PRECISIONS, sources={"float": str(tmp / "float.pt2")},
+              out_dir=str(tmp / "out"), work_dir=str(tmp / "work"), stem="tiny", input_shape=SHAPE,
+              metadata=METADATA, check={k: str(v) for k, v in check.items()})
+    # the tiny model's tensors are all small: threshold 0 makes every weight tensor compressible
+    proc = run_converter(job, tmp / "job.json", DENSEKIT_COREML_WEIGHT_THRESHOLD="0")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp / "work" / RESULT_FILE).read_text())
+    return job, result, proc
+
+
+def artefact(result: dict, precision: str) -> dict:
+    (found,) = [a for a in result["artefacts"] if a["precision"] == precision]
+    return found
+
+
+def package(job: Job, precision: str) -> Path:
+    return Path(job.out_dir) / f"{job.stem}_{precision}.mlpackage"
+
+
+def weight_bin_bytes(path: Path) -> int:
+    return (path / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_size
+
+
+def program_ops(spec) -> Counter:
+    counts = Counter()
+
+    def walk(block):
+        for op in block.operations:
+            counts[op.type] += 1
+            for inner in op.blocks:
+                walk(inner)
+
+    for function in spec.mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            walk(block)
+    return counts
+
+
+def blob_conv_weights(spec) -> int:
+    """conv ops whose weight sits in weight.bin: coremltools compresses only those (tensors under
+    10 elements are stored inline in the program, and are never compressed)."""
+    main = spec.mlProgram.functions["main"]
+    (block,) = main.block_specializations.values()
+    consts = {op.outputs[0].name: op for op in block.operations if op.type == "const"}
+    count = 0
+    for op in block.operations:
+        if op.type == "conv":
+            weight = consts[op.inputs["weight"].arguments[0].name]
+            count += weight.attributes["val"].WhichOneof("value") == "blobFileValue"
+    return count
+
+
+def lut_sizes(spec) -> set[int]:
+    main = spec.mlProgram.functions["main"]
+    return {op.attributes["lut"].type.tensorType.dimensions[0].constant.size
+            for block in main.block_specializations.values() for op in block.operations
+            if op.type == "constexpr_lut_to_dense"}
+
+
+def test_result_lists_every_precision(converted):
+    job, result, proc = converted
+    assert [a["precision"] for a in result["artefacts"]] == PRECISIONS
+    for a in result["artefacts"]:
+        assert a["path"] == f"tiny_{a['precision']}.mlpackage" and package(job, a["precision"]).is_dir()
+        assert a["format"] == "coreml" and a["source"] == "float"
+    assert set(result["tools"]) >= {"python", "coremltools", "torch", "numpy", "scikit-learn"}
+    # no staging leftovers next to the packages; one progress line per precision
+    assert sorted(p.name for p in Path(job.out_dir).iterdir()) == sorted(f"tiny_{p}.mlpackage" for p in PRECISIONS)
+    for p in PRECISIONS:
+        assert f"coreml {p}: tiny_{p}.mlpackage" in proc.stdout
+
+
+def test_packages_load_with_io_and_metadata(converted, ct):
+    job, _, _ = converted
+    float32 = ct.proto.FeatureTypes_pb2.ArrayFeatureType.FLOAT32
+    for precision in PRECISIONS:
+        model = ct.models.MLModel(str(package(job, precision)), skip_model_load=True)
+        spec = model.get_spec()
+        assert spec.WhichOneof("Type") == "mlProgram"
+        (image,) = spec.description.input
+        assert image.name == "image" and list(image.type.multiArrayType.shape) == SHAPE
+        assert image.type.multiArrayType.dataType == float32
+        outputs = {o.name: o.type.multiArrayType for o in spec.description.output}
+        assert list(outputs) == ["depth", "seg"]
+        assert list(outputs["depth"].shape) == [1, 1, 64, 96] and list(outputs["seg"].shape) == [1, 13, 64, 96]
+        assert all(o.dataType == float32 for o in outputs.values())
+
+        meta = model.user_defined_metadata
+        assert json.loads(meta["densekit"]) == METADATA
+        assert meta["classes"] == ",".join(NYU13_NAMES) and meta["depth_units"] == "metres"
+        assert meta["recipe"] == "test" and meta["precision"] == precision
+        assert model.short_description and model.version == "tiny"
+        assert "[0, 1]" in model.input_description["image"]
+        assert "metres" in model.output_description["depth"] and "logits" in model.output_description["seg"]
+
+
+def test_compression_ops_per_precision(converted, ct):
+    job, result, _ = converted
+    specs = {p: ct.models.MLModel(str(package(job, p)), skip_model_load=True).get_spec() for p in PRECISIONS}
+    convs = blob_conv_weights(specs["fp16"])
+    assert convs >= program_ops(specs["fp16"])["conv"] - 1 > 20  # the 1x8 depth output conv is inline
+    compressed = {p: {t: n for t, n in program_ops(s).items() if t.startswith("constexpr_")} for p, s in specs.items()}
+    assert compressed["fp32"] == {} and compressed["fp16"] == {}
+    # with threshold 0 every conv weight is compressed
+    assert compressed["w8"] == {"constexpr_affine_dequantize": convs}
+    assert compressed["palette4"] == {"constexpr_lut_to_dense": convs}
+    assert compressed["palette6"] == {"constexpr_lut_to_dense": convs}
+    assert lut_sizes(specs["palette4"]) == {16} and lut_sizes(specs["palette6"]) == {64}
+    # what the converter reports is what the package holds
+    for p in PRECISIONS:
+        assert artefact(result, p)["weight_ops"] == compressed[p]
+        assert artefact(result, p)["weight_threshold"] == 0
+    assert artefact(result, "palette4")["palette_bits"] == [4]
+    assert artefact(result, "palette6")["palette_bits"] == [6]
+
+
+def test_weights_shrink_with_precision(converted):
+    job, _, _ = converted
+    size = {p: weight_bin_bytes(package(job, p)) for p in PRECISIONS}
+    assert size["palette4"] < size["palette6"] < size["w8"] < size["fp16"] < size["fp32"]
+    assert size["fp32"] > 1.8 * size["fp16"]
+    assert size["palette4"] < 0.6 * size["fp16"]
+
+
+@pytest.mark.skipif(not NOT_ON_MAC, reason="on macOS the packages are executed")
+def test_check_not_executed_off_macos(converted):
+    _, result, _ = converted
+    for a in result["artefacts"]:
+        assert a["check"]["executed"] is False
+        assert "macOS" in a["check"]["reason"] and "reference executor" in a["check"]["reason"]
+
+
+@pytest.mark.skipif(NOT_ON_MAC, reason="CoreML predicts only on macOS")
+def test_check_executed_on_macos(converted):
+    _, result, _ = converted
+    for a in result["artefacts"]:
+        check = a["check"]
+        assert check["executed"] is True and check["images"] == 2 and check["finite"]
+        assert check["reference"] == "float"
+    assert artefact(result, "fp32")["check"]["depth_rel_max"] < 1e-3
+
+
+def test_failing_job_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "work").mkdir()
+    job = Job(format="coreml", precisions=["fp16", "palette4"], sources={"float": str(tmp_path / "missing.pt2")},
+              out_dir=str(out), work_dir=str(tmp_path / "work"), stem="broken", input_shape=SHAPE)
+    proc = run_converter(job, tmp_path / "job.json")
+    assert proc.returncode != 0
+    assert "coreml conversion failed" in proc.stderr and "missing.pt2" in proc.stderr
+    assert not out.exists() or not any(out.iterdir())  # no package, no staging directory
+    assert not (tmp_path / "work" / RESULT_FILE).exists()
