@@ -1,0 +1,118 @@
+"""The export directory, the converter processes, and the manifest.
+
+`exports/<run name>/<target>/` is built in a staging directory next to it and renamed into place
+only when every requested artefact converted and ran: a failed conversion never replaces a valid
+export, and an existing export is never clobbered without `--overwrite`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+
+from distill import io
+from targets.job import RESULT_FILE, Job
+
+
+class ExportExistsError(FileExistsError):
+    pass
+
+
+class ConversionError(RuntimeError):
+    pass
+
+
+class ExportDir:
+    """Staging for `final`; `commit()` swaps it in, `discard()` removes it."""
+
+    def __init__(self, final: Path, overwrite: bool):
+        self.final = Path(final)
+        if self.final.exists() and not overwrite:
+            count = len(list(self.final.iterdir())) if self.final.is_dir() else 1
+            raise ExportExistsError(f"{self.final} already exists ({count} entries); pass --overwrite to replace "
+                                    f"it (it is replaced only if the new export succeeds), or remove it")
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.staging = self.final.parent / f".{self.final.name}.staging-{os.getpid()}"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir()
+
+    def commit(self) -> Path:
+        old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
+        if self.final.exists():
+            os.replace(self.final, old)
+        os.replace(self.staging, self.final)
+        shutil.rmtree(old, ignore_errors=True)
+        return self.final
+
+    def discard(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def run_converter(job: Job, job_dir: Path, log=print) -> dict:
+    """Run `python -m targets.<format>` on `job`; stream its progress lines; return result.json."""
+    job_path = job_dir / f"{job.format}.job.json"
+    log_path = job_dir / f"{job.format}.log"
+    job.save(job_path)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    tail: deque[str] = deque(maxlen=40)
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", f"targets.{job.format}", str(job_path)], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            log_file.write(line)
+            tail.append(line.rstrip())
+            if line.startswith(f"{job.format} "):   # the converter's own progress lines
+                log("  " + line.rstrip())
+        code = proc.wait()
+    if code != 0:
+        raise ConversionError(f"the {job.format} converter failed (exit {code}); last lines of {log_path}:\n"
+                              + "\n".join(tail))
+    return json.loads((Path(job.work_dir) / RESULT_FILE).read_text())
+
+
+def tree_sha256(path: Path) -> str:
+    """sha256 of a file, or of a directory (an .mlpackage) as its sorted (relative path, content) pairs."""
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            digest.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_bytes(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def write_manifest(export_dir: Path, artefacts: list[dict], tools: dict, config: dict) -> dict:
+    """manifest.json: every artefact with its size and hash, the tool versions, the export config."""
+    entries = []
+    for a in artefacts:
+        path = export_dir / a["path"]
+        entries.append({"path": a["path"], "format": a["format"], "precision": a["precision"],
+                        "bytes": tree_bytes(path), "sha256": tree_sha256(path),
+                        **{k: v for k, v in a.items() if k not in ("path", "format", "precision")}})
+    manifest = {"artefacts": entries, "tools": tools, "config": config}
+    io.write_json(export_dir / "manifest.json", manifest)
+    return manifest
+
+
+def verify_manifest(export_dir: Path) -> list[str]:
+    """Problems found re-hashing an export against its manifest (empty when it is intact)."""
+    manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
+    problems = []
+    for a in manifest["artefacts"]:
+        path = Path(export_dir) / a["path"]
+        if not path.exists():
+            problems.append(f"{a['path']}: missing")
+        elif tree_sha256(path) != a["sha256"]:
+            problems.append(f"{a['path']}: sha256 differs from the manifest")
+    return problems

@@ -1,0 +1,64 @@
+"""The deployable graph: what every artefact computes, and how it leaves PyTorch.
+
+`DeployModel` fixes the artefact contract: input `image` (1, 3, H, W) float32 RGB in [0, 1] (the
+ImageNet normalisation is inside the graph, so apps feed camera pixels / 255), outputs `depth`
+(1, 1, H, W) in the training space's units (metres for metric recipes) and `seg` (1, C, H, W)
+logits. Two separate outputs: depth in metres and segmentation logits never share one tensor,
+so an int8 converter gives each its own scale (TOOLCHAIN.md).
+
+The graph leaves PyTorch as ONNX (TorchScript exporter, static shapes: onnx2tf and onnxruntime's
+quantiser consume it) and as a torch.export program (.pt2; coremltools needs that path).
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from targets.job import INPUT_NAME, OUTPUT_NAMES
+
+ONNX_OPSET = 17
+
+
+class DeployModel(nn.Module):
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.student((image - self.mean) / self.std)
+        return out["depth"], out["seg"]
+
+
+def example_input(height: int, width: int) -> torch.Tensor:
+    return torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def export_onnx(student: nn.Module, path: Path, height: int, width: int) -> Path:
+    model = DeployModel(student).eval()
+    with warnings.catch_warnings():  # the tracer warns about the student's input-size check
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example_input(height, width),), str(path), input_names=[INPUT_NAME],
+                          output_names=list(OUTPUT_NAMES), opset_version=ONNX_OPSET, dynamo=False)
+    return path
+
+
+def export_program(student: nn.Module, path: Path, height: int, width: int) -> Path:
+    model = DeployModel(student).eval()
+    program = torch.export.export(model, (example_input(height, width),))
+    torch.export.save(program, str(path))
+    return path
+
+
+@torch.no_grad()
+def reference_outputs(student: nn.Module, images: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyTorch model's (depth, seg) on (N, 3, H, W) images in [0, 1]: what artefacts must match."""
+    model = DeployModel(student).eval()
+    outs = [model(images[i:i + batch]) for i in range(0, len(images), batch)]
+    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

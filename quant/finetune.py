@@ -1,0 +1,84 @@
+"""Recovery fine-tuning after pruning or under fake quantisation: the recipe's losses plus
+distillation from the unmodified float student.
+
+loss = recipe task losses (depth vs the recipe's teacher, segmentation vs labels; unweighted sum)
+     + |log d_student - log d_float| (mean over valid pixels; log because depth errors are relative)
+     + KL(softmax(seg_float) || softmax(seg_student)) per pixel.
+The float student's own outputs are the strongest signal here: the goal is to stay where the
+trained model was, not to train further.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from distill.recipes import Recipe
+from distill.teachers import build_teacher
+from distill.train import Objective, attach_teacher, make_loader
+
+
+def distillation_losses(out: dict, ref: dict, valid: torch.Tensor) -> dict[str, torch.Tensor]:
+    losses = {}
+    if "depth" in out:
+        diff = (out["depth"].clamp_min(1e-6).log() - ref["depth"].clamp_min(1e-6).log()).abs()
+        losses["kd_depth"] = diff[valid].mean() if valid.any() else diff.mean()
+    if "seg" in out:
+        losses["kd_seg"] = F.kl_div(F.log_softmax(out["seg"], 1), F.log_softmax(ref["seg"], 1),
+                                    log_target=True, reduction="none").sum(1).mean()
+    return losses
+
+
+def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recipe, dataset, *, steps: int,
+             lr: float, batch_size: int = 16, seed: int = 0, desc: str = "fine-tune", progress: bool = True,
+             log=print) -> dict[str, float]:
+    """Train `student` in place for `steps` steps; returns the mean losses of the last 10% of steps."""
+    if steps <= 0:
+        return {}
+    reference.eval()
+    teacher = build_teacher(recipe.teacher)
+    objective = Objective(recipe)
+    loader = make_loader(dataset, min(batch_size, len(dataset)), train=True, seed=seed, workers=0)
+    params = [p for p in student.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
+    student.train()
+    tail: dict[str, list[float]] = {}
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    for step, batch in zip(range(steps), batches(loader, dataset)):
+        batch = attach_teacher(batch, teacher)
+        with torch.no_grad():
+            ref = reference(batch["image"])
+        out = student(batch["image"])
+        losses = {**objective(out, batch), **distillation_losses(out, ref, batch["valid"])}
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: non-finite loss at step {step} ({ {k: v.item() for k, v in losses.items()} }); "
+                                     f"lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        if step >= steps - max(1, steps // 10):
+            for k, v in losses.items():
+                tail.setdefault(k, []).append(v.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    bar.close()
+    student.eval()
+    means = {k: sum(v) / len(v) for k, v in tail.items()}
+    log(f"{desc}: {steps} steps, final " + "  ".join(f"{k} {v:.4f}" for k, v in means.items()))
+    return means
+
+
+def batches(loader, dataset):
+    """Endless batches, reshuffled per epoch (augmentation seeded per epoch as in training)."""
+    for epoch in itertools.count():
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
+        yield from loader

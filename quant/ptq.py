@@ -1,0 +1,41 @@
+"""Post-training quantisation, the baseline int8 path: a representative calibration set, written in
+the forms the converters read; the converters then measure min/max activation ranges on it.
+
+`simulate` is the same PTQ in PyTorch (fake quantisation calibrated on the set, no training). QAT
+starts from it, and tests use it to predict what an int8 file will do.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from calibration import Selection, select_calibration, write_calibration
+from quant import qat
+
+
+@dataclass
+class CalibrationSet:
+    selection: Selection
+    files: dict[str, str]        # targets.job calibration forms
+    images: torch.Tensor         # (N, 3, H, W) normalised, as the student takes them
+
+    def batches(self, size: int = 16):
+        return [self.images[i:i + size] for i in range(0, len(self.images), size)]
+
+
+def calibration_set(dataset, size: int, out_dir: Path, *, progress: bool = True) -> CalibrationSet:
+    """Select `size` images of a non-augmenting `dataset` and write them under `out_dir`."""
+    selection = select_calibration(dataset, size, progress=progress)
+    files = write_calibration(dataset, selection, out_dir)
+    images = torch.stack([torch.as_tensor(dataset[i]["image"]).float() for i in selection.indices])
+    return CalibrationSet(selection, files, images)
+
+
+def simulate(student: torch.nn.Module, calib: CalibrationSet) -> qat.QuantStudent:
+    """The int8 model PTQ produces, simulated in PyTorch: BN folded, ranges by min/max on `calib`."""
+    model = qat.prepare(student, calib.images[:1])
+    qat.calibrate(model, calib.batches())
+    return model
+

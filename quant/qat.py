@@ -1,0 +1,216 @@
+"""Quantisation-aware training that simulates exactly the int8 scheme the converters produce.
+
+TFLite int8 (onnx2tf) and onnxruntime's QDQ both run convolutions with per-channel symmetric int8
+weights (scale = max|w| / 127 per output channel, range [-127, 127]) after batch norm has been
+folded into them, and per-tensor asymmetric int8 activations (range [-128, 127], the real range
+always containing 0) calibrated by min/max. QAT here simulates that:
+
+1. `fold_batchnorm` folds every BatchNorm into the convolution that feeds it, as the converters
+   do, so the weights QAT quantises are the weights the int8 file stores.
+2. `prepare` swaps each Conv2d for `QuantConv2d`: fake-quantised input activation (exponential
+   moving average of min/max, as TensorFlow's QAT does, so the ranges follow the weights while
+   they train) and fake-quantised per-channel weights, with straight-through gradients. The two
+   outputs get their own activation quantisers (depth and logits never share one scale).
+3. `finalize` returns a plain float student whose weights sit exactly on their int8 grid. The
+   converter's weight quantisation then reproduces QAT's integer weights bit for bit (max|w| is on
+   the grid, so the scale is unchanged); activation ranges are re-measured by the converter on the
+   calibration set with the same min/max rule the observers used. The export measures how much of
+   the QAT gain reaches the int8 file (manifest `check`, compared with PTQ of the float model).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+QMIN, QMAX = -128, 127       # int8 activations
+WMAX = 127                   # symmetric int8 weights use [-127, 127]
+
+
+# ----------------------------------------------------------------------------- batch-norm folding
+
+def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv name, bn name) where the BatchNorm's input is exactly that convolution's output.
+
+    Found by running the model once with hooks (tensor identity), not by module order: module
+    registration order is not data flow.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+    pairs: list[tuple[str, str]] = []
+
+    def after_conv(module, _inputs, output):
+        produced[id(output)] = (module, output)
+
+    def before_bn(module, inputs):
+        hit = produced.get(id(inputs[0]))
+        if hit is not None and hit[1] is inputs[0]:
+            pairs.append((names[hit[0]], names[module]))
+
+    hooks = [m.register_forward_hook(after_conv) for m in model.modules() if type(m) is nn.Conv2d]
+    hooks += [m.register_forward_pre_hook(before_bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return pairs
+
+
+def bn_replacement(bn: nn.BatchNorm2d) -> nn.Module:
+    """What stays of a BatchNorm once folded: nothing, or timm's fused activation (BatchNormAct2d)."""
+    rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None)) if m is not None]
+    rest = [m for m in rest if not isinstance(m, nn.Identity)]
+    return nn.Sequential(*rest) if rest else nn.Identity()
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> int:
+    """Fold every conv -> BatchNorm pair in place (eval-mode statistics). Returns the pairs folded."""
+    pairs = conv_bn_pairs(model, example)
+    modules = dict(model.named_modules())
+    for conv_name, bn_name in pairs:
+        conv, bn = modules[conv_name], modules[bn_name]
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+        shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
+        conv.weight.mul_(scale.view(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.bias = nn.Parameter(bias * scale + shift)
+        parent_name, _, attr = bn_name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, attr, bn_replacement(bn))
+    return len(pairs)
+
+
+# ----------------------------------------------------------------------------- fake quantisation
+
+def weight_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel symmetric scale, as TFLite and onnxruntime compute it."""
+    return weight.detach().abs().amax(dim=tuple(range(1, weight.dim()))).clamp_min(1e-8) / WMAX
+
+
+def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
+    scale = weight_scale(weight)
+    zero = torch.zeros_like(scale, dtype=torch.int32)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -WMAX, WMAX)
+
+
+class ActivationQuantizer(nn.Module):
+    """Per-tensor asymmetric int8 fake quantisation with EMA min/max ranges (0 always inside)."""
+
+    def __init__(self, momentum: float = 0.01):
+        super().__init__()
+        self.momentum = momentum     # None: running min/max (calibration), else EMA (training)
+        self.register_buffer("lo", torch.tensor(0.0))
+        self.register_buffer("hi", torch.tensor(0.0))
+        self.register_buffer("seen", torch.tensor(False))
+        self.enabled = True
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        lo, hi = x.min().float(), x.max().float()
+        if not self.seen:
+            self.lo.copy_(lo), self.hi.copy_(hi), self.seen.fill_(True)
+        elif self.momentum is None:
+            self.lo.copy_(torch.minimum(self.lo, lo)), self.hi.copy_(torch.maximum(self.hi, hi))
+        else:
+            self.lo.lerp_(lo, self.momentum), self.hi.lerp_(hi, self.momentum)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = self.lo.clamp(max=0.0), self.hi.clamp(min=0.0)
+        scale = ((hi - lo) / (QMAX - QMIN)).clamp_min(1e-8)
+        zero = (QMIN - torch.round(lo / scale)).clamp(QMIN, QMAX).to(torch.int32)
+        return scale.reshape(1), zero.reshape(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.observe(x)
+        if not self.enabled or not self.seen:
+            return x
+        scale, zero = self.qparams()
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, QMIN, QMAX)
+
+
+class QuantConv2d(nn.Module):
+    """A Conv2d computing on int8-simulated input and weights."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.conv = conv
+        self.input_quant = ActivationQuantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        return F.conv2d(self.input_quant(x), fake_quant_weight(c.weight), c.bias, c.stride, c.padding,
+                        c.dilation, c.groups)
+
+
+class QuantStudent(nn.Module):
+    """The student with every conv quantised and each output on its own activation quantiser."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+        self.output_quant = nn.ModuleDict({t: ActivationQuantizer() for t in student.tasks})
+
+    @property
+    def tasks(self):
+        return self.student.tasks
+
+    @property
+    def num_classes(self):
+        return self.student.num_classes
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.student(image)
+        return {t: self.output_quant[t](v) for t, v in out.items()}
+
+
+def prepare(student: nn.Module, example: torch.Tensor) -> QuantStudent:
+    """A fake-quantised copy of `student` (BN folded); `student` itself is left untouched."""
+    model = copy.deepcopy(student).eval()
+    fold_batchnorm(model, example)
+    for name, module in list(model.named_modules()):
+        for attr, child in list(module.named_children()):
+            if type(child) is nn.Conv2d:
+                setattr(module, attr, QuantConv2d(child))
+    return QuantStudent(model)
+
+
+@torch.no_grad()
+def calibrate(model: QuantStudent, images) -> None:
+    """Initialise the activation ranges with the min/max over `images` batches (the converters'
+    rule) before QAT moves them by EMA. Observers on, no weight update."""
+    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    saved = [q.momentum for q in quantizers]
+    model.train()
+    for q in quantizers:
+        q.momentum = None
+    for batch in images:
+        model(batch)
+    for q, m in zip(quantizers, saved):
+        q.momentum = m
+    model.eval()
+
+
+@torch.no_grad()
+def finalize(model: QuantStudent) -> nn.Module:
+    """The float student for export: convs restored, weights snapped onto their int8 grid."""
+    student = copy.deepcopy(model.student)
+    for module in list(student.modules()):
+        for attr, child in list(module.named_children()):
+            if isinstance(child, QuantConv2d):
+                conv = child.conv
+                conv.weight.copy_(fake_quant_weight(conv.weight))
+                setattr(module, attr, conv)
+    return student.eval()
+
+
+def activation_ranges(model: QuantStudent) -> dict[str, list[float]]:
+    """Learned (lo, hi) per quantiser, for reports."""
+    return {n: [round(m.lo.item(), 5), round(m.hi.item(), 5)] for n, m in model.named_modules()
+            if isinstance(m, ActivationQuantizer)}

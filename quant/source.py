@@ -1,0 +1,104 @@
+"""The export's input: a training run directory, its recipe, its best weights, and its data.
+
+`find_run(None)` picks the newest v3 run under `runs/`; `load_run(dir)` rebuilds the student from
+the saved config and `best.safetensors` (the last checkpoint if no best was kept) and records the
+weights' sha256, which every artefact carries as its provenance.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from distill import io
+from distill.config import from_dict
+from distill.data.classes import NYU13_NAMES
+from distill.recipes import Recipe, get_recipe
+from distill.students import MultiTaskStudent, build_student
+
+DEFAULT_RECIPE = "v3"
+
+
+class RunNotFoundError(FileNotFoundError):
+    pass
+
+
+def find_run(run: str | None, runs_dir: str | Path = "runs", recipe: str = DEFAULT_RECIPE) -> Path:
+    """`run` if given (checked), else the newest `<recipe>-*` run under `runs_dir` with weights."""
+    if run:
+        path = Path(run)
+        if not (path / "config.json").is_file():
+            raise RunNotFoundError(f"--run {run}: no config.json there; pass a training run directory "
+                                   f"(runs/<recipe>-<time>) made by python -m distill.run")
+        return path
+    candidates = sorted((p for p in Path(runs_dir).glob(f"{recipe}-*") if weights_file(p) is not None),
+                        key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise RunNotFoundError(f"no trained {recipe} run under {Path(runs_dir).resolve()}; train one with "
+                               f"`python -m distill.run {recipe}` (about 12 minutes on a laptop CPU), "
+                               f"or pass --run <run dir>")
+    return candidates[-1]
+
+
+def weights_file(run_dir: Path) -> Path | None:
+    if (run_dir / "best.safetensors").is_file():
+        return run_dir / "best.safetensors"
+    ckpt = io.latest_checkpoint(run_dir / "checkpoints")
+    return ckpt / "model.safetensors" if ckpt else None
+
+
+def sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    recipe: Recipe
+    model: MultiTaskStudent          # eval mode, CPU
+    weights: Path
+    weights_sha256: str
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.recipe.data.height, self.recipe.data.width
+
+
+def load_recipe(run_dir: Path) -> Recipe:
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved.pop("device", None)
+    return from_dict(type(get_recipe(saved["name"])), saved)
+
+
+def build_from_recipe(recipe: Recipe) -> MultiTaskStudent:
+    mc = recipe.model
+    return build_student(mc.student, tasks=mc.tasks, num_classes=len(NYU13_NAMES),
+                         decoder_channels=mc.decoder_channels, depth_activation=mc.depth_activation)
+
+
+def load_run(run_dir: str | Path) -> LoadedRun:
+    run_dir = Path(run_dir)
+    weights = weights_file(run_dir)
+    if weights is None:
+        raise RunNotFoundError(f"{run_dir} has no best.safetensors and no complete checkpoint; "
+                               f"let the run finish one epoch, or pick another run")
+    recipe = load_recipe(run_dir)
+    model = build_from_recipe(recipe)
+    model.load_state_dict(io.load_weights(weights))
+    return LoadedRun(run_dir, recipe, model.eval(), weights, sha256(weights))
+
+
+def set_threads(threads: int) -> None:
+    if threads > 0:
+        torch.set_num_threads(threads)
