@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def precisions_for(target: str, requested: list[str] | None) -> list[str]:
     if target not in FORMATS:
-        raise ExportError(f'unknown target "{target}"; valid targets: {", ".join(FORMATS)}')
+        from distill.registry import suggest
+        raise ExportError(f'unknown target "{target}"; valid targets: {", ".join(FORMATS)}.{suggest(target, list(FORMATS))}')
     if not requested:
         return list(FORMATS[target]["default"])
     bad = [p for p in requested if p not in FORMATS[target]["all"]]
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         precisions = precisions_for(args.target, args.precision)
         export(args, precisions)
-    except (ExportError, RunNotFoundError, ExportExistsError) as e:
+    except (ValueError, RunNotFoundError, ExportExistsError) as e:  # bad input: nothing was written
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ConversionError as e:

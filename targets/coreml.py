@@ -83,7 +83,7 @@ WEIGHT_THRESHOLD_ENV = "DENSEKIT_COREML_WEIGHT_THRESHOLD"
 PRECISIONS = ("fp32", "fp16", "w8", "palette4", "palette6")
 PALETTE_BITS = {"palette4": 4, "palette6": 6}
 NOT_EXECUTED = {"executed": False,
-                "reason": "CoreML runs only on macOS; the reference executor (issue 4) validates on Linux"}
+                "reason": "Core ML runs packages only on macOS"}
 
 DESCRIPTIONS = {
     INPUT_NAME: "RGB float32 in [0, 1], NCHW, normalisation inside the model",

@@ -10,10 +10,11 @@ takes the ONNX graph the ONNX target already exports and produces every precisio
 Precisions:
 - fp32: `*_float32.tflite`; fp16: `*_float16.tflite` (fp16 weights, dequantised at load by the
   runtime; computation stays fp32 on CPUs without fp16 arithmetic).
-- int8: `*_integer_quant.tflite`: full-integer kernels (TFLITE_BUILTINS_INT8: per-channel symmetric
-  int8 weights, per-tensor asymmetric int8 activations) with float32 input and output, so the
-  artefact takes and returns the same tensors as the float ones. Activation ranges are calibrated
-  on the job's calibration images (min/max, the scheme QAT simulates in quant/qat.py).
+- int8: TFLite's converter on onnx2tf's SavedModel with the job's calibration images:
+  full-integer kernels (per-channel symmetric int8 weights, per-tensor asymmetric int8
+  activations calibrated by min/max, the scheme QAT simulates in quant/qat.py) with float32
+  input and output, so the artefact takes and returns the same tensors as the float ones. Only
+  DIV stays float (see `quantize_int8`); `ops_by_dtype` in the result shows what ran in int8.
 
 onnx2tf 1.x downloads a sample-image file from the internet for 4-D RGB inputs unless
 `calibration_image_sample_data_20x128x128x3_float32.npy` sits in the working directory: the
@@ -32,7 +33,8 @@ import numpy as np
 from targets.job import DEPTH, INPUT_NAME, SEG, Job, check_against_reference, main, source_for, tool_versions, write_result
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
-SUFFIX = {"fp32": "float32", "fp16": "float16", "int8": "integer_quant"}
+SUFFIX = {"fp32": "float32", "fp16": "float16"}
+FLOAT_OPS = ("DIV",)        # ops an int8 file computes in float (see quantize_int8)
 METADATA_NAME = "densekit"
 
 
@@ -48,17 +50,42 @@ def simplify(onnx_path: str, out_path: Path) -> Path:
     return out_path
 
 
-def run_onnx2tf(onnx_path: Path, out_dir: Path, calibration: str | None) -> None:
+def run_onnx2tf(onnx_path: Path, out_dir: Path) -> None:
+    """Float conversion: writes a SavedModel and the fp32 / fp16 .tflite files into `out_dir`."""
     import onnx2tf
 
-    options = {}
-    if calibration:
-        zeros, ones = np.zeros((1, 1, 1, 3), np.float32), np.ones((1, 1, 1, 3), np.float32)
-        # Inputs are already RGB in [0, 1] (normalisation is inside the model): mean 0, std 1.
-        options = {"output_integer_quantized_tflite": True,
-                   "custom_input_op_name_np_data_path": [[INPUT_NAME, calibration, zeros, ones]]}
+    # Signature defs: without them onnx2tf cannot write the SavedModel of graphs whose ONNX op
+    # names contain characters TensorFlow rejects (EfficientViT's), and int8 needs that SavedModel.
     onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(out_dir),
-                    non_verbose=True, **options)
+                    output_signaturedefs=True, non_verbose=True)
+
+
+def quantize_int8(saved_model: Path, calibration: str, dest: Path) -> None:
+    """Full-integer int8 from onnx2tf's SavedModel, with DIV kept in float.
+
+    Every op runs int8 kernels (per-channel symmetric weights, per-tensor activations calibrated
+    by min/max on `calibration`) except DIV: EfficientViT's linear attention divides by
+    q . sum(k), which is exactly 0 wherever ReLU zeroes a query, and the int8 DIV kernel rejects
+    a divisor that quantises to its zero point (TOOLCHAIN.md, tflite/kernels/div.cc). Keeping
+    those few DIVs in float (dequantise -> divide -> quantise) is TFLite's documented selective
+    quantisation; MobileNetV3 students have no DIV, so they are entirely int8.
+    """
+    import tensorflow as tf
+
+    images = np.load(calibration).astype(np.float32)
+
+    def representative():
+        for image in images:
+            yield [image[None]]
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=representative,
+        debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(FLOAT_OPS)))
+    dest.write_bytes(debugger.get_nondebug_quantized_model())
 
 
 def finish(path: Path, metadata: dict) -> None:
@@ -119,18 +146,21 @@ class LiteRTModel:
 
 
 def op_precision(path: Path) -> dict:
-    """Counts of operators by output dtype: proves an int8 file computes in int8."""
+    """Operators by output dtype, and which kinds compute in float: proves an int8 file is int8."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(path))
     dtypes = {t["index"]: np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
     counts: dict[str, int] = {}
+    float_ops: set[str] = set()
     for op in interpreter._get_ops_details():
         if op["op_name"] in ("QUANTIZE", "DEQUANTIZE") or not len(op["outputs"]):
             continue
         kind = dtypes.get(int(op["outputs"][0]), "unknown")
         counts[kind] = counts.get(kind, 0) + 1
-    return counts
+        if kind.startswith("float"):
+            float_ops.add(op["op_name"])
+    return {**counts, "float_ops": sorted(float_ops)}
 
 
 def convert(job: Job) -> None:
@@ -146,9 +176,13 @@ def convert(job: Job) -> None:
         start = time.time()
         onnx_path = simplify(job.sources[source], work / f"{source}.sim.onnx")
         tf_dir = work / f"tf_{source}"
-        run_onnx2tf(onnx_path, tf_dir, job.calibration["nhwc"] if "int8" in precisions else None)
+        run_onnx2tf(onnx_path, tf_dir)
         for precision in precisions:
-            produced = tf_dir / f"{onnx_path.stem}_{SUFFIX[precision]}.tflite"
+            if precision == "int8":
+                produced = tf_dir / f"{onnx_path.stem}_int8.tflite"
+                quantize_int8(tf_dir, job.calibration["nhwc"], produced)
+            else:
+                produced = tf_dir / f"{onnx_path.stem}_{SUFFIX[precision]}.tflite"
             finish(produced, {**job.metadata, "precision": precision})
             model = LiteRTModel(produced, job.threads)
             entry = {"path": f"{job.stem}_{precision}.tflite", "format": "tflite", "precision": precision,

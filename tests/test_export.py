@@ -1,0 +1,165 @@
+"""python -m quant.export end to end on a tiny trained run: every artefact is produced by its real
+converter, executed by its real runtime and compared with the PyTorch model.
+
+Bounds (relative depth difference |d - d_torch| / d_torch, logits absolute):
+- fp32: 1e-4 (float reassociation only; measured ~2e-7).
+- fp16 weights: 2e-3 (fp16 has 11 significant bits, 4.9e-4 relative rounding per weight; the
+  errors of ~20 layers partly cancel; measured ~2.5e-4).
+- int8: median 2% and segmentation agreement >= 90% against the model the int8 file was made
+  from (QAT's or the float one). One int8 step of an activation is 1/255 of its range, and the
+  depth output's range spans ~0.5-10 m: a step is 4% of 1 m at worst, ~1% typically
+  (measured: median 0.1-0.2%, agreement 97-98% on this barely trained model).
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from distill.run import main as train_main
+from quant.artefacts import verify_manifest
+from quant.export import main as export_main
+
+TINY = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=64", "data.width=96",
+        "data.num_train=48", "data.num_val=8", "train.batch_size=8", "eval.preview_images=1", "train.epochs=1"]
+FAST = ["--calib", "8", "--check", "4", "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DENSEKIT_CACHE", str(root / "cache"))
+        assert train_main(["v3", *TINY, f"out_dir={root / 'runs'}", "--quiet"]) == 0
+        yield next((root / "runs").glob("v3-*"))
+
+
+@pytest.fixture(autouse=True)
+def cache(run_dir, monkeypatch):
+    monkeypatch.setenv("DENSEKIT_CACHE", str(run_dir.parent.parent / "cache"))
+
+
+def export(run_dir, out, *args) -> int:
+    return export_main(["--run", str(run_dir), "--out", str(out), *FAST, *args])
+
+
+def manifest_of(out: Path, run_dir: Path, target: str) -> dict:
+    return json.loads((out / run_dir.name / target / "manifest.json").read_text())
+
+
+def by_precision(manifest: dict) -> dict:
+    return {a["precision"]: a for a in manifest["artefacts"]}
+
+
+@pytest.fixture(scope="module")
+def tflite_export(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exports")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DENSEKIT_CACHE", str(run_dir.parent.parent / "cache"))
+        assert export(run_dir, out, "--target", "tflite", "--qat-steps", "6") == 0
+    return out
+
+
+def test_tflite_artefacts_run_and_match_torch(tflite_export, run_dir):
+    manifest = manifest_of(tflite_export, run_dir, "tflite")
+    arts = by_precision(manifest)
+    assert set(arts) == {"fp32", "fp16", "int8"}
+    assert arts["fp32"]["check"]["depth_rel_max"] < 1e-4
+    assert arts["fp32"]["check"]["seg_max_abs"] < 1e-4
+    assert arts["fp16"]["check"]["depth_rel_max"] < 2e-3
+    assert arts["int8"]["check"]["depth_rel_median"] < 0.02
+    assert arts["int8"]["check"]["seg_agreement"] > 0.9
+    assert arts["int8"]["check"]["reference"] == "int8" and arts["int8"]["source"] == "int8"  # the QAT model
+    # int8 kernels throughout (MobileNetV3 has no DIV to keep in float)
+    assert arts["int8"]["ops_by_dtype"]["float_ops"] == [] and arts["int8"]["ops_by_dtype"]["int8"] > 50
+    assert arts["int8"]["bytes"] < 0.5 * arts["fp32"]["bytes"]
+    for a in arts.values():  # scored against ground truth, next to the float model
+        assert set(a["validation"]["float"]) == {"abs_rel", "rmse", "d1", "miou"}
+    assert manifest["config"]["int8"]["method"] == "qat"
+    assert manifest["config"]["source_checkpoint"]["sha256"]
+    assert {"onnx2tf", "tensorflow", "torch"} <= set(manifest["tools"])
+
+
+def test_manifest_hashes_match_and_detect_tampering(tflite_export, run_dir, tmp_path):
+    export_dir = tflite_export / run_dir.name / "tflite"
+    assert verify_manifest(export_dir) == []
+    manifest = json.loads((export_dir / "manifest.json").read_text())
+    for a in manifest["artefacts"]:
+        assert (export_dir / a["path"]).stat().st_size == a["bytes"]
+    victim = export_dir / manifest["artefacts"][0]["path"]
+    original = victim.read_bytes()
+    try:
+        victim.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+        assert verify_manifest(export_dir) == [f"{victim.name}: sha256 differs from the manifest"]
+    finally:
+        victim.write_bytes(original)
+
+
+def test_tflite_metadata_is_embedded(tflite_export, run_dir):
+    path = tflite_export / run_dir.name / "tflite" / f"{run_dir.name}_int8.tflite"
+    code = ("import json, sys; from targets.tflite import read_metadata; "
+            "print(json.dumps(read_metadata(sys.argv[1])))")  # TensorFlow only in a child process
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    meta = json.loads(out.stdout.strip().splitlines()[-1])
+    assert meta["depth_units"] == "metres" and meta["precision"] == "int8"
+    assert meta["input_layout"] == "NHWC" and meta["input_shape"] == [1, 64, 96, 3]
+    assert len(meta["classes"]) == 13 and meta["recipe"] == "v3"
+
+
+def test_existing_export_is_never_clobbered(tflite_export, run_dir, capsys):
+    export_dir = tflite_export / run_dir.name / "tflite"
+    before = (export_dir / "manifest.json").read_bytes()
+    assert export(run_dir, tflite_export, "--target", "tflite") == 2
+    assert "--overwrite" in capsys.readouterr().err
+    # --overwrite, but the export fails before converting (bad calibration size): nothing replaced
+    assert export_main(["--run", str(run_dir), "--out", str(tflite_export), "--target", "tflite",
+                        "--calib", "100000", "--overwrite", "--quiet"]) == 2
+    assert (export_dir / "manifest.json").read_bytes() == before
+    assert not list(export_dir.parent.glob(".tflite.staging-*"))
+
+
+def test_onnx_fp32_and_int8(run_dir, tmp_path):
+    assert export(run_dir, tmp_path, "--target", "onnx", "--qat-steps", "0") == 0
+    manifest = manifest_of(tmp_path, run_dir, "onnx")
+    arts = by_precision(manifest)
+    assert arts["fp32"]["check"]["depth_rel_max"] < 1e-4 and arts["fp32"]["check"]["seg_max_abs"] < 1e-4
+    assert arts["int8"]["check"]["depth_rel_median"] < 0.02 and arts["int8"]["check"]["seg_agreement"] > 0.9
+    assert manifest["config"]["int8"]["method"] == "ptq"
+
+    import onnx
+    model = onnx.load(str(tmp_path / run_dir.name / "onnx" / arts["int8"]["path"]))
+    ops = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops   # a QDQ graph, int8 kernels in onnxruntime
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["densekit"])["source_sha256"] == manifest["config"]["source_checkpoint"]["sha256"]
+
+
+def test_coreml_through_export(run_dir, tmp_path):
+    assert export(run_dir, tmp_path, "--target", "coreml", "--precision", "fp16", "w8") == 0
+    manifest = manifest_of(tmp_path, run_dir, "coreml")
+    arts = by_precision(manifest)
+    assert set(arts) == {"fp16", "w8"}
+    assert arts["w8"]["bytes"] < arts["fp16"]["bytes"]
+    assert arts["w8"]["weight_ops"]                      # compressed-weight ops in the program
+    assert verify_manifest(tmp_path / run_dir.name / "coreml") == []
+
+
+def test_pruned_export_shrinks_macs_and_runs(run_dir, tmp_path):
+    assert export(run_dir, tmp_path, "--target", "onnx", "--precision", "fp32", "--prune", "0.25",
+                  "--prune-steps", "3") == 0
+    manifest = manifest_of(tmp_path, run_dir, "onnx")
+    prune = manifest["config"]["prune"]
+    assert prune["macs_after"] < prune["macs_before"] and prune["params_after"] < prune["params_before"]
+    assert set(prune["val_after"]) >= {"abs_rel", "miou"}
+    assert by_precision(manifest)["fp32"]["check"]["depth_rel_max"] < 1e-4
+
+
+def test_bad_requests_name_the_fix(run_dir, tmp_path, capsys):
+    assert export(run_dir, tmp_path, "--target", "tflit") == 2
+    assert 'Did you mean "tflite"' in capsys.readouterr().err
+    assert export(run_dir, tmp_path, "--target", "onnx", "--precision", "palette4") == 2
+    assert "onnx cannot produce palette4" in capsys.readouterr().err
+    assert export_main(["--target", "onnx", "--runs-dir", str(tmp_path / "none")]) == 2
+    assert "python -m distill.run v3" in capsys.readouterr().err
