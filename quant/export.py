@@ -53,6 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS,
                    help=f"QAT steps for int8 (0 = post-training quantisation only; default {DEFAULT_QAT_STEPS})")
     p.add_argument("--qat-lr", type=float, default=1e-4)
+    p.add_argument("--float-ops", default="DIV",
+                   help="TFLite op types an int8 file keeps in float (default DIV; see targets/tflite.py)")
     p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images for int8")
     p.add_argument("--check", type=int, default=DEFAULT_CHECK, help="validation images each artefact is run on")
     p.add_argument("--batch-size", type=int, default=16, help="fine-tune batch size (pruning and QAT)")
@@ -173,7 +175,7 @@ def int8_stage(run, model, train_ds, plain_train, work, args, log):
     log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
     if args.qat_steps <= 0:
         return model, report
-    fake = ptq.simulate(model, calib)
+    fake = ptq.simulate(model, calib, log_depth="EXP" in args.float_ops.upper())
     finetune(fake, model, run.recipe, train_ds, steps=args.qat_steps, lr=args.qat_lr, batch_size=args.batch_size,
              desc="QAT", progress=not args.quiet, log=log)
     report.update({"qat_steps": args.qat_steps, "qat_lr": args.qat_lr, "activation_ranges": qat.activation_ranges(fake)})
@@ -229,7 +231,8 @@ def build_job(fmt, precisions, float_model, int8_model, run, val_ds, work, out_d
                        "onnx2tf_sample": str(next((work / "calibration").glob("calibration_image_sample*.npy")))}
     return Job(format=fmt, precisions=precisions, sources=sources, out_dir=str(out_dir), work_dir=str(work),
                stem=run.name, input_shape=[1, 3, h, w], metadata=artefact_metadata(run, config, fmt),
-               calibration=calibration, check=check, threads=args.threads or 2)
+               calibration=calibration, check=check, threads=args.threads or 2,
+               float_ops=[op.strip().upper() for op in args.float_ops.split(",") if op.strip()])
 
 
 def artefact_metadata(run, config: dict, fmt: str) -> dict:

@@ -150,11 +150,16 @@ class QuantConv2d(nn.Module):
 
 
 class QuantStudent(nn.Module):
-    """The student with every conv quantised and each output on its own activation quantiser."""
+    """The student with every conv quantised and each output on its own activation quantiser.
 
-    def __init__(self, student: nn.Module):
+    `log_depth=True` quantises the depth output as log-depth and exponentiates in float: what an
+    int8 file computes when its final EXP runs in float (`--float-ops DIV,EXP`).
+    """
+
+    def __init__(self, student: nn.Module, log_depth: bool = False):
         super().__init__()
         self.student = student
+        self.log_depth = log_depth
         self.output_quant = nn.ModuleDict({t: ActivationQuantizer() for t in student.tasks})
 
     @property
@@ -167,10 +172,12 @@ class QuantStudent(nn.Module):
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.student(image)
-        return {t: self.output_quant[t](v) for t, v in out.items()}
+        if self.log_depth and "depth" in out:
+            out["depth"] = self.output_quant["depth"](out["depth"].clamp_min(1e-6).log()).exp()
+        return {t: v if t == "depth" and self.log_depth else self.output_quant[t](v) for t, v in out.items()}
 
 
-def prepare(student: nn.Module, example: torch.Tensor) -> QuantStudent:
+def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False) -> QuantStudent:
     """A fake-quantised copy of `student` (BN folded); `student` itself is left untouched."""
     model = copy.deepcopy(student).eval()
     fold_batchnorm(model, example)
@@ -178,7 +185,7 @@ def prepare(student: nn.Module, example: torch.Tensor) -> QuantStudent:
         for attr, child in list(module.named_children()):
             if type(child) is nn.Conv2d:
                 setattr(module, attr, QuantConv2d(child))
-    return QuantStudent(model)
+    return QuantStudent(model, log_depth)
 
 
 @torch.no_grad()

@@ -47,6 +47,7 @@ class Job:
     calibration: dict[str, str] = field(default_factory=dict)   # "nhwc" / "nchw" -> .npy
     check: dict[str, str] = field(default_factory=dict)         # "inputs", "<source>_depth", "<source>_seg"
     threads: int = 2
+    float_ops: list[str] = field(default_factory=lambda: ["DIV"])  # op types int8 files keep in float
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))

@@ -14,7 +14,8 @@ Precisions:
   full-integer kernels (per-channel symmetric int8 weights, per-tensor asymmetric int8
   activations calibrated by min/max, the scheme QAT simulates in quant/qat.py) with float32
   input and output, so the artefact takes and returns the same tensors as the float ones. Only
-  DIV stays float (see `quantize_int8`); `ops_by_dtype` in the result shows what ran in int8.
+  the job's `float_ops` (DIV by default) stay float (see `quantize_int8`);
+  `ops_by_dtype` in the result shows what computes in int8.
 
 onnx2tf 1.x downloads a sample-image file from the internet for 4-D RGB inputs unless
 `calibration_image_sample_data_20x128x128x3_float32.npy` sits in the working directory: the
@@ -34,7 +35,6 @@ from targets.job import DEPTH, INPUT_NAME, SEG, Job, check_against_reference, ma
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 SUFFIX = {"fp32": "float32", "fp16": "float16"}
-FLOAT_OPS = ("DIV",)        # ops an int8 file computes in float (see quantize_int8)
 METADATA_NAME = "densekit"
 
 
@@ -60,15 +60,16 @@ def run_onnx2tf(onnx_path: Path, out_dir: Path) -> None:
                     output_signaturedefs=True, non_verbose=True)
 
 
-def quantize_int8(saved_model: Path, calibration: str, dest: Path) -> None:
-    """Full-integer int8 from onnx2tf's SavedModel, with DIV kept in float.
+def quantize_int8(saved_model: Path, calibration: str, dest: Path, float_ops: list[str]) -> None:
+    """Full-integer int8 from onnx2tf's SavedModel, with the op types `float_ops` kept in float.
 
-    Every op runs int8 kernels (per-channel symmetric weights, per-tensor activations calibrated
-    by min/max on `calibration`) except DIV: EfficientViT's linear attention divides by
-    q . sum(k), which is exactly 0 wherever ReLU zeroes a query, and the int8 DIV kernel rejects
-    a divisor that quantises to its zero point (TOOLCHAIN.md, tflite/kernels/div.cc). Keeping
-    those few DIVs in float (dequantise -> divide -> quantise) is TFLite's documented selective
-    quantisation; MobileNetV3 students have no DIV, so they are entirely int8.
+    Every other op runs int8 kernels (per-channel symmetric weights, per-tensor activations
+    calibrated by min/max on `calibration`). The default keeps DIV in float (TFLite's documented
+    selective quantisation: dequantise -> op -> quantise): EfficientViT's linear attention
+    divides by q . sum(k), which is exactly 0 wherever ReLU zeroes a query, and the int8 DIV
+    kernel rejects a divisor that quantises to its zero point (TOOLCHAIN.md,
+    tflite/kernels/div.cc). MobileNetV3 students have no DIV. Keeping the depth head's EXP in
+    float as well was measured and removed no drift (README, "int8 drift"), so it stays int8.
     """
     import tensorflow as tf
 
@@ -84,12 +85,12 @@ def quantize_int8(saved_model: Path, calibration: str, dest: Path) -> None:
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=representative,
-        debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(FLOAT_OPS)))
+        debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=list(float_ops)))
     dest.write_bytes(debugger.get_nondebug_quantized_model())
 
 
 def finish(path: Path, metadata: dict) -> None:
-    """Name the outputs and store the export metadata in the .tflite file itself.
+    """Name the outputs, store the export metadata in the file, and share identical zero points.
 
     onnx2tf names outputs `Identity`, `PartitionedCall:1`, ... in an order that differs between
     float and int8 files; the depth output is the one with a single channel (NHWC).
@@ -108,7 +109,34 @@ def finish(path: Path, metadata: dict) -> None:
     entry = schema.MetadataT()
     entry.name, entry.buffer = METADATA_NAME.encode(), len(model.buffers) - 1
     model.metadata = [*(model.metadata or []), entry]
-    flatbuffer_utils.write_model(model, str(path))
+    path.write_bytes(serialize_sharing_zero_points(model))
+
+
+def serialize_sharing_zero_points(model) -> bytes:
+    """The flatbuffer with each distinct int64 vector stored once.
+
+    TFLite stores per-channel quantisation as a float32 scale and an int64 zero point per output
+    channel, for every weight and bias tensor; symmetric weights' zero points are all 0, so the
+    vectors repeat. MobileNetV3's depthwise convs have only 9-25 weights per channel, which makes
+    these repeated 8-byte zeros ~5% of an int8 file. Flatbuffers allow several tables to point
+    at one vector, and TFLite reads them through offsets, so the file's meaning is unchanged
+    (the int8 file is checked against PyTorch right after).
+    """
+    import flatbuffers
+
+    class SharingBuilder(flatbuffers.Builder):
+        def CreateNumpyVector(self, values):
+            if values.dtype != np.int64:
+                return super().CreateNumpyVector(values)
+            key = (values.shape, values.tobytes())
+            if key not in self.shared:
+                self.shared[key] = super().CreateNumpyVector(values)
+            return self.shared[key]
+
+    builder = SharingBuilder(1024)
+    builder.shared = {}
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def read_metadata(path: str | Path) -> dict:
@@ -180,7 +208,7 @@ def convert(job: Job) -> None:
         for precision in precisions:
             if precision == "int8":
                 produced = tf_dir / f"{onnx_path.stem}_int8.tflite"
-                quantize_int8(tf_dir, job.calibration["nhwc"], produced)
+                quantize_int8(tf_dir, job.calibration["nhwc"], produced, job.float_ops)
             else:
                 produced = tf_dir / f"{onnx_path.stem}_{SUFFIX[precision]}.tflite"
             finish(produced, {**job.metadata, "precision": precision})
