@@ -229,7 +229,9 @@ def build_job(fmt, precisions, float_model, int8_model, run, val_ds, work, out_d
     if (work / "calibration").is_dir():
         calibration = {"nhwc": str(work / "calibration" / "nhwc.npy"), "nchw": str(work / "calibration" / "nchw.npy"),
                        "onnx2tf_sample": str(next((work / "calibration").glob("calibration_image_sample*.npy")))}
-    return Job(format=fmt, precisions=precisions, sources=sources, out_dir=str(out_dir), work_dir=str(work),
+    # Absolute paths: a converter may change its working directory (onnx2tf's sample file).
+    return Job(format=fmt, precisions=precisions, sources=sources, out_dir=str(Path(out_dir).resolve()),
+               work_dir=str(work.resolve()),
                stem=run.name, input_shape=[1, 3, h, w], metadata=artefact_metadata(run, config, fmt),
                calibration=calibration, check=check, threads=args.threads or 2,
                float_ops=[op.strip().upper() for op in args.float_ops.split(",") if op.strip()])

@@ -18,8 +18,8 @@ Precisions:
 Every compressed op type stays in the iOS16 opset (see MINIMUM_TARGET).
 
 Execution: CoreML predicts only on macOS. There each package is loaded and run on the job's check
-images and compared with the PyTorch outputs; on Linux the check records that it did not run (the
-reference executor of issue 4 validates CoreML artefacts there).
+images and compared with the PyTorch outputs; on Linux the check records that it did not run
+(executing an ML program on Linux needs a reference executor of its MIL ops, not built yet).
 
 Environment: DENSEKIT_COREML_WEIGHT_THRESHOLD overrides WEIGHT_THRESHOLD (tests set it to 0 so the
 tiny test models' small tensors are compressed too).

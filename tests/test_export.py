@@ -55,11 +55,12 @@ def by_precision(manifest: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def tflite_export(run_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("exports")
+    root = tmp_path_factory.mktemp("cwd")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DENSEKIT_CACHE", str(run_dir.parent.parent / "cache"))
-        assert export(run_dir, out, "--target", "tflite", "--qat-steps", "6") == 0
-    return out
+        mp.chdir(root)  # the default, relative --out (the converters change their working directory)
+        assert export(run_dir, "exports", "--target", "tflite", "--qat-steps", "6") == 0
+    return root / "exports"
 
 
 def test_tflite_artefacts_run_and_match_torch(tflite_export, run_dir):
