@@ -191,11 +191,23 @@ def op_precision(path: Path) -> dict:
     return {**counts, "float_ops": sorted(float_ops)}
 
 
+def write_onnx2tf_sample(job: Job, dest: Path) -> None:
+    """onnx2tf loads this file for every RGB model, even a float-only conversion, and downloads
+    it when absent: the calibration set's version if there is one, else the check images."""
+    if job.calibration.get("onnx2tf_sample"):
+        shutil.copyfile(job.calibration["onnx2tf_sample"], dest)
+        return
+    images = np.load(job.check["inputs"]) if job.check else np.full((1, 3, 128, 128), 0.5, np.float32)
+    rows = np.linspace(0, images.shape[2] - 1, 128).round().astype(int)
+    cols = np.linspace(0, images.shape[3] - 1, 128).round().astype(int)
+    sample = images[np.arange(20) % len(images)][:, :, rows][:, :, :, cols].transpose(0, 2, 3, 1)
+    np.save(dest, np.ascontiguousarray(sample, np.float32))
+
+
 def convert(job: Job) -> None:
     work, out = Path(job.work_dir), Path(job.out_dir)
     os.chdir(work)  # onnx2tf reads its sample-data file from the working directory
-    if job.calibration.get("onnx2tf_sample"):
-        shutil.copyfile(job.calibration["onnx2tf_sample"], work / ONNX2TF_SAMPLE)
+    write_onnx2tf_sample(job, work / ONNX2TF_SAMPLE)
     artefacts = []
     by_source: dict[str, list[str]] = {}
     for precision in job.precisions:
