@@ -95,8 +95,6 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- the pipeline
 
 def export(args: argparse.Namespace, precisions: list[str], log=print) -> Path:
-    import torch
-
     from distill.data import build_datasets
     from distill.students import count_macs, count_params
     from quant import artefacts, source
@@ -143,7 +141,6 @@ def export(args: argparse.Namespace, precisions: list[str], log=print) -> Path:
 
 
 def prune_stage(run, model, train_ds, val_ds, args, log):
-    from distill.students import count_macs
     from quant.finetune import finetune
     from quant.prune import PruneTarget, prune_student
 
@@ -156,8 +153,7 @@ def prune_stage(run, model, train_ds, val_ds, args, log):
     finetune(pruned, reference, run.recipe, train_ds, steps=args.prune_steps, lr=5e-4, batch_size=args.batch_size,
              desc="prune fine-tune", progress=not args.quiet, log=log)
     after = evaluate(pruned, val_ds, run.recipe)
-    report.update({"macs_after_check": count_macs(pruned, h, w), "finetune_steps": args.prune_steps,
-                   "val_before": before, "val_after": after})
+    report.update({"finetune_steps": args.prune_steps, "val_before": before, "val_after": after})
     log(f"pruned: params {report['params_before'] / 1e6:.2f} M -> {report['params_after'] / 1e6:.2f} M, "
         f"MACs {report['macs_before'] / 1e6:.0f} M -> {report['macs_after'] / 1e6:.0f} M, "
         f"abs_rel {before['abs_rel']:.4f} -> {after['abs_rel']:.4f}, miou {before.get('miou', 0):.3f} -> {after.get('miou', 0):.3f}")
@@ -169,17 +165,20 @@ def int8_stage(run, model, train_ds, plain_train, work, args, log):
     from quant import ptq, qat
     from quant.finetune import finetune
 
-    h, w = run.input_size
     calib = ptq.calibration_set(plain_train, args.calib, work / "calibration", progress=not args.quiet)
     report = {"calibration": calib.selection.describe(), "method": "qat" if args.qat_steps > 0 else "ptq"}
     log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
     if args.qat_steps <= 0:
         return model, report
-    fake = ptq.simulate(model, calib, log_depth="EXP" in args.float_ops.upper())
+    fake = ptq.simulate(model, calib, log_depth="EXP" in float_ops(args))
     finetune(fake, model, run.recipe, train_ds, steps=args.qat_steps, lr=args.qat_lr, batch_size=args.batch_size,
              desc="QAT", progress=not args.quiet, log=log)
     report.update({"qat_steps": args.qat_steps, "qat_lr": args.qat_lr, "activation_ranges": qat.activation_ranges(fake)})
     return qat.finalize(fake), report
+
+
+def float_ops(args) -> list[str]:
+    return [op.strip().upper() for op in args.float_ops.split(",") if op.strip()]
 
 
 def evaluate(model, dataset, recipe) -> dict:
@@ -234,7 +233,7 @@ def build_job(fmt, precisions, float_model, int8_model, run, val_ds, work, out_d
                work_dir=str(work.resolve()),
                stem=run.name, input_shape=[1, 3, h, w], metadata=artefact_metadata(run, config, fmt),
                calibration=calibration, check=check, threads=args.threads or 2,
-               float_ops=[op.strip().upper() for op in args.float_ops.split(",") if op.strip()])
+               float_ops=float_ops(args))
 
 
 def artefact_metadata(run, config: dict, fmt: str) -> dict:

@@ -37,6 +37,7 @@ class OrtModel:
 
 
 def simplified(source: str, dest: Path) -> Path:
+    """onnx-simplifier: folds constant chains (and the Shape->Resize chains onnx2tf cannot convert)."""
     import onnx
     import onnxsim
 

@@ -31,23 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.job import DEPTH, INPUT_NAME, SEG, Job, check_against_reference, main, source_for, tool_versions, write_result
+from targets.job import DEPTH, SEG, Job, check_against_reference, main, source_for, tool_versions, write_result
+from targets.onnx import simplified  # folds the Shape->Resize chains onnx2tf cannot convert
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 SUFFIX = {"fp32": "float32", "fp16": "float16"}
 METADATA_NAME = "densekit"
-
-
-def simplify(onnx_path: str, out_path: Path) -> Path:
-    """onnx-simplifier folds the Shape->Resize chains onnx2tf cannot convert (TOOLCHAIN.md)."""
-    import onnx
-    import onnxsim
-
-    model, ok = onnxsim.simplify(onnx.load(onnx_path))
-    if not ok:
-        raise RuntimeError(f"onnx-simplifier could not validate the simplified {onnx_path}")
-    onnx.save(model, out_path)
-    return out_path
 
 
 def run_onnx2tf(onnx_path: Path, out_dir: Path) -> None:
@@ -214,7 +203,7 @@ def convert(job: Job) -> None:
         by_source.setdefault(source_for(precision), []).append(precision)
     for source, precisions in by_source.items():
         start = time.time()
-        onnx_path = simplify(job.sources[source], work / f"{source}.sim.onnx")
+        onnx_path = simplified(job.sources[source], work / f"{source}.sim.onnx")
         tf_dir = work / f"tf_{source}"
         run_onnx2tf(onnx_path, tf_dir)
         for precision in precisions:
