@@ -164,3 +164,15 @@ def test_bad_requests_name_the_fix(run_dir, tmp_path, capsys):
     assert "onnx cannot produce palette4" in capsys.readouterr().err
     assert export_main(["--target", "onnx", "--runs-dir", str(tmp_path / "none")]) == 2
     assert "python -m distill.run v3" in capsys.readouterr().err
+
+
+def test_efficientvit_int8_tflite_runs(tmp_path):
+    """v4's student family: the attention's DIV and its operand chains stay float, the rest int8."""
+    tiny_v4 = [a if not a.startswith("model.student=") else "model.student=efficientvit_b0" for a in TINY]
+    assert train_main(["v4", *tiny_v4, f"out_dir={tmp_path / 'runs'}", "--quiet"]) == 0
+    run = next((tmp_path / "runs").glob("v4-*"))
+    assert export(run, tmp_path / "exports", "--target", "tflite", "--precision", "int8", "--qat-steps", "2") == 0
+    art = by_precision(manifest_of(tmp_path / "exports", run, "tflite"))["int8"]
+    ops = art["ops_by_dtype"]
+    assert "DIV" in ops["float_ops"] and ops["int8"] > 3 * ops["float32"]
+    assert art["check"]["finite"] and art["check"]["depth_rel_median"] < 0.02 and art["check"]["seg_agreement"] > 0.9
