@@ -124,8 +124,7 @@ def export(args: argparse.Namespace, precisions: list[str], log=print) -> Path:
         log(f"converting to {args.target}: {', '.join(precisions)}")
         result = artefacts.run_converter(job, work, log)
         scored = [score(a, job, val_ds, run) for a in result["artefacts"]]
-        for name in (f"{args.target}.log",):
-            shutil.copyfile(work / name, staging.staging / name)
+        shutil.copyfile(work / f"{args.target}.log", staging.staging / f"{args.target}.log")  # the converter's log
         tools = {**result["tools"], **parent_tools()}
         config["wall_s"] = round(time.time() - t_start, 1)
         manifest = artefacts.write_manifest(staging.staging, scored, tools, config)
