@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from distill.data.transforms import unit_rgb
 from distill.io import atomic_path
 
 from .select import Selection
@@ -33,10 +33,7 @@ def write_calibration(dataset, selection: Selection, out_dir: str | os.PathLike)
     """
     if not selection.indices:
         raise ValueError("the selection is empty; run select_calibration with size >= 1.")
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    images = [torch.as_tensor(dataset[i]["image"]).float() * std + mean for i in selection.indices]
-    nchw = torch.stack(images).clamp_(0, 1)
+    nchw = torch.stack([unit_rgb(torch.as_tensor(dataset[i]["image"]).float()) for i in selection.indices])
     first = nchw[[k % len(nchw) for k in range(20)]]
     sample = F.interpolate(first, size=(128, 128), mode="bilinear", align_corners=False, antialias=True)
     out = Path(out_dir)

@@ -5,6 +5,7 @@ over the destination (rename is atomic within one filesystem).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -105,3 +106,18 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 def load_state(path: str | Path) -> dict:
     # weights_only: optimizer/scheduler state is tensors and plain containers; never run pickled code.
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def sha256(path: str | Path) -> str:
+    """sha256 of a file, or of a directory (e.g. an .mlpackage) as its sorted (relative path,
+    content) pairs. For a file it is the plain `sha256sum`."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    for f in files:
+        if path.is_dir():
+            digest.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

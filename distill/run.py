@@ -9,14 +9,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 
-from distill.config import ConfigError, apply_overrides, flat_keys, from_dict, to_dict
+from distill.config import ConfigError, apply_overrides, flat_keys, to_dict
 from distill.preflight import PreflightError
-from distill.recipes import RECIPES, get_recipe, recipe_summary
+from distill.recipes import RECIPES, get_recipe, load_saved, recipe_summary
 from distill.registry import UnknownNameError
 
 
@@ -39,9 +38,7 @@ def resolve(recipe_name: str, overrides: list[str]):
     saved_path = Path(recipe.resume) / "config.json"
     if not saved_path.is_file():
         raise ConfigError(f"resume={recipe.resume}: no config.json there; is it a run directory (runs/<recipe>-<time>)?")
-    saved = json.loads(saved_path.read_text())
-    saved.pop("device", None)
-    saved_recipe = from_dict(type(recipe), {**saved, "resume": recipe.resume})
+    saved_recipe = replace(load_saved(recipe.resume, type(recipe)), resume=recipe.resume)
     differing = [k for k in overrides if not k.startswith("resume=") and
                  flat_get(to_dict(saved_recipe), k.split("=")[0]) != flat_get(to_dict(recipe), k.split("=")[0])]
     if differing:

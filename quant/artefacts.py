@@ -6,7 +6,6 @@ export, and an existing export is never clobbered without `--overwrite`.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -75,19 +74,6 @@ def run_converter(job: Job, job_dir: Path, log=print) -> dict:
     return json.loads((Path(job.work_dir) / RESULT_FILE).read_text())
 
 
-def tree_sha256(path: Path) -> str:
-    """sha256 of a file, or of a directory (an .mlpackage) as its sorted (relative path, content) pairs."""
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            digest.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
 def tree_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -98,7 +84,7 @@ def write_manifest(export_dir: Path, artefacts: list[dict], tools: dict, config:
     for a in artefacts:
         path = export_dir / a["path"]
         entries.append({"path": a["path"], "format": a["format"], "precision": a["precision"],
-                        "bytes": tree_bytes(path), "sha256": tree_sha256(path),
+                        "bytes": tree_bytes(path), "sha256": io.sha256(path),
                         **{k: v for k, v in a.items() if k not in ("path", "format", "precision")}})
     manifest = {"artefacts": entries, "tools": tools, "config": config}
     io.write_json(export_dir / "manifest.json", manifest)
@@ -113,6 +99,6 @@ def verify_manifest(export_dir: Path) -> list[str]:
         path = Path(export_dir) / a["path"]
         if not path.exists():
             problems.append(f"{a['path']}: missing")
-        elif tree_sha256(path) != a["sha256"]:
+        elif io.sha256(path) != a["sha256"]:
             problems.append(f"{a['path']}: sha256 differs from the manifest")
     return problems

@@ -6,17 +6,14 @@ weights' sha256, which every artefact carries as its provenance.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from distill import io
-from distill.config import from_dict
 from distill.data.classes import NYU13_NAMES
-from distill.recipes import Recipe, get_recipe
+from distill.recipes import Recipe, load_saved
 from distill.students import MultiTaskStudent, build_student
 
 DEFAULT_RECIPE = "v3"
@@ -50,14 +47,6 @@ def weights_file(run_dir: Path) -> Path | None:
     return ckpt / "model.safetensors" if ckpt else None
 
 
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class LoadedRun:
     path: Path
@@ -75,12 +64,6 @@ class LoadedRun:
         return self.recipe.data.height, self.recipe.data.width
 
 
-def load_recipe(run_dir: Path) -> Recipe:
-    saved = json.loads((run_dir / "config.json").read_text())
-    saved.pop("device", None)
-    return from_dict(type(get_recipe(saved["name"])), saved)
-
-
 def build_from_recipe(recipe: Recipe) -> MultiTaskStudent:
     mc = recipe.model
     return build_student(mc.student, tasks=mc.tasks, num_classes=len(NYU13_NAMES),
@@ -93,10 +76,10 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     if weights is None:
         raise RunNotFoundError(f"{run_dir} has no best.safetensors and no complete checkpoint; "
                                f"let the run finish one epoch, or pick another run")
-    recipe = load_recipe(run_dir)
+    recipe = load_saved(run_dir)
     model = build_from_recipe(recipe)
     model.load_state_dict(io.load_weights(weights))
-    return LoadedRun(run_dir, recipe, model.eval(), weights, sha256(weights))
+    return LoadedRun(run_dir, recipe, model.eval(), weights, io.sha256(weights))
 
 
 def set_threads(threads: int) -> None:

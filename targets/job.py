@@ -20,7 +20,9 @@ Tensors in files are numpy `.npy`:
 from __future__ import annotations
 
 import json
+import os
 import platform
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from importlib import metadata as importlib_metadata
@@ -110,6 +112,15 @@ def check_against_reference(job: Job, precision: str, run) -> dict:
 
 def outputs_path(job: Job, precision: str) -> Path:
     return Path(job.work_dir) / f"outputs_{job.format}_{precision}.npz"
+
+
+def publish(job: Job, produced: Path, name: str) -> None:
+    """Copy a finished artefact file into out_dir as `name`, atomically (a temp name, then rename;
+    the copy because work_dir may be on another file system)."""
+    out = Path(job.out_dir)
+    tmp = out / f".{name}.tmp-{os.getpid()}"
+    shutil.copyfile(produced, tmp)
+    os.replace(tmp, out / name)
 
 
 def write_result(job: Job, artefacts: list[dict], tools: dict[str, str]) -> None:

@@ -11,14 +11,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from targets.job import INPUT_NAME, Job, check_against_reference, main, source_for, tool_versions, write_result
+from targets.job import (INPUT_NAME, Job, check_against_reference, main, publish, source_for, tool_versions,
+                         write_result)
 
 
 class OrtModel:
@@ -91,7 +90,7 @@ def set_metadata(path: Path, metadata: dict) -> None:
 
 
 def convert(job: Job) -> None:
-    work, out = Path(job.work_dir), Path(job.out_dir)
+    work = Path(job.work_dir)
     artefacts = []
     for precision in job.precisions:
         start = time.time()
@@ -103,9 +102,7 @@ def convert(job: Job) -> None:
         set_metadata(produced, {**job.metadata, "precision": precision})
         entry = {"path": f"{job.stem}_{precision}.onnx", "format": "onnx", "precision": precision, "source": source,
                  "check": check_against_reference(job, precision, OrtModel(produced, job.threads))}
-        tmp = out / f".{entry['path']}.tmp-{os.getpid()}"
-        shutil.copyfile(produced, tmp)  # work_dir may be on another file system
-        os.replace(tmp, out / entry["path"])
+        publish(job, produced, entry["path"])
         artefacts.append(entry)
         print(f"onnx {precision}: {entry['path']} ({time.time() - start:.1f} s)", flush=True)
     write_result(job, artefacts, tool_versions("onnx", "onnxruntime", "onnxsim", "numpy"))

@@ -32,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from targets.job import DEPTH, SEG, Job, check_against_reference, main, source_for, tool_versions, write_result
+from targets.job import (DEPTH, SEG, Job, check_against_reference, main, publish, source_for, tool_versions,
+                         write_result)
 from targets.onnx import simplified  # folds the Shape->Resize chains onnx2tf cannot convert
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
@@ -233,7 +234,7 @@ def write_onnx2tf_sample(job: Job, dest: Path) -> None:
 
 
 def convert(job: Job) -> None:
-    work, out = Path(job.work_dir), Path(job.out_dir)
+    work = Path(job.work_dir)
     os.chdir(work)  # onnx2tf reads its sample-data file from the working directory
     write_onnx2tf_sample(job, work / ONNX2TF_SAMPLE)
     artefacts = []
@@ -258,9 +259,7 @@ def convert(job: Job) -> None:
             entry = {"path": f"{job.stem}_{precision}.tflite", "format": "tflite", "precision": precision,
                      "source": source, "check": check_against_reference(job, precision, model),
                      "ops_by_dtype": op_precision(produced)}
-            tmp = out / f".{entry['path']}.tmp-{os.getpid()}"
-            shutil.copyfile(produced, tmp)
-            os.replace(tmp, out / entry["path"])
+            publish(job, produced, entry["path"])
             artefacts.append(entry)
             print(f"tflite {precision}: {entry['path']} ({time.time() - start:.1f} s)", flush=True)
     write_result(job, artefacts, tool_versions("onnx2tf", "tensorflow", "onnx", "onnxsim", "ai-edge-litert", "numpy"))

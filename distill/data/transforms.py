@@ -27,14 +27,20 @@ def normalize(rgb: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
+def unit_rgb(image: torch.Tensor) -> torch.Tensor:
+    """Normalised float tensor (..., 3, H, W) -> float RGB in [0, 1] (clipped): what exported
+    models take (their normalisation is inside the graph)."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1)
+    return (image.detach() * std + mean).clamp(0, 1)
+
+
 def denormalize(image: torch.Tensor) -> np.ndarray:
     """Normalised float tensor (3, H, W) -> uint8 RGB (H, W, 3) (rounded, clipped)."""
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"denormalize expects a (3, H, W) tensor, got shape {tuple(image.shape)};"
                          " index a batch first (image[i]).")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=image.dtype, device=image.device).view(3, 1, 1)
-    x = (image.detach() * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+    x = unit_rgb(image).mul(255).round().to(torch.uint8)
     return x.permute(1, 2, 0).cpu().numpy()
 
 

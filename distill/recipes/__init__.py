@@ -5,6 +5,10 @@ and a docstring that says why it exists. `dataclasses.replace(V3(), ...)` compos
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+from distill.config import from_dict
 from distill.recipes.base import (DataConfig, EvalConfig, LossConfig, ModelConfig, Recipe,
                                   TrainConfig, resolve_for_device)
 from distill.recipes.history import V1, V2, V3, V4
@@ -19,10 +23,18 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES.get(name)()
 
 
+def load_saved(run_dir: str | Path, cls: type[Recipe] | None = None) -> Recipe:
+    """The resolved recipe a run saved in its config.json, as `cls` (default: the class of the
+    recipe it names)."""
+    saved = json.loads((Path(run_dir) / "config.json").read_text())
+    saved.pop("device", None)   # recorded next to the recipe, not a recipe field
+    return from_dict(cls or RECIPES.get(saved["name"]), saved)
+
+
 def recipe_summary(name: str) -> str:
     """First docstring line of a recipe, for `--list`."""
     return (RECIPES.get(name).__doc__ or "").strip().splitlines()[0]
 
 
-__all__ = ["RECIPES", "get_recipe", "recipe_summary", "Recipe", "DataConfig", "ModelConfig", "LossConfig",
+__all__ = ["RECIPES", "get_recipe", "load_saved", "recipe_summary", "Recipe", "DataConfig", "ModelConfig", "LossConfig",
            "TrainConfig", "EvalConfig", "resolve_for_device"]
