@@ -116,11 +116,12 @@ def export(args: argparse.Namespace, precisions: list[str], log=print) -> Path:
         config["model"] = {"params": count_params(float_model), "macs": count_macs(float_model, h, w)}
         if args.prune:
             float_model, config["prune"] = prune_stage(run, float_model, train_ds, val_ds, args, log)
-        int8_model = float_model
+        int8_model, calibration = float_model, {}
         if "int8" in precisions:
-            int8_model, config["int8"] = int8_stage(run, float_model, train_ds, plain_train, work, args, log)
-        job = build_job(args.target, precisions, float_model, int8_model, run, val_ds, work, staging.staging,
-                        config, args)
+            int8_model, calibration, config["int8"] = int8_stage(run, float_model, train_ds, plain_train, work,
+                                                                 args, log)
+        job = build_job(args.target, precisions, float_model, int8_model, calibration, run, val_ds, work,
+                        staging.staging, config, args)
         log(f"converting to {args.target}: {', '.join(precisions)}")
         result = artefacts.run_converter(job, work, log)
         scored = [score(a, job, val_ds, run) for a in result["artefacts"]]
@@ -160,7 +161,8 @@ def prune_stage(run, model, train_ds, val_ds, args, log):
 
 
 def int8_stage(run, model, train_ds, plain_train, work, args, log):
-    """Calibration set; then QAT (or PTQ only when --qat-steps 0). Returns the int8 source model."""
+    """Calibration set; then QAT (or PTQ only when --qat-steps 0).
+    Returns the int8 source model, the calibration files (targets.job forms) and a report."""
     from quant import ptq, qat
     from quant.finetune import finetune
 
@@ -168,12 +170,12 @@ def int8_stage(run, model, train_ds, plain_train, work, args, log):
     report = {"calibration": calib.selection.describe(), "method": "qat" if args.qat_steps > 0 else "ptq"}
     log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
     if args.qat_steps <= 0:
-        return model, report
+        return model, calib.files, report
     fake = ptq.simulate(model, calib, log_depth="EXP" in float_ops(args))
     finetune(fake, model, run.recipe, train_ds, steps=args.qat_steps, lr=args.qat_lr, batch_size=args.batch_size,
              desc="QAT", progress=not args.quiet, log=log)
     report.update({"qat_steps": args.qat_steps, "qat_lr": args.qat_lr, "activation_ranges": qat.activation_ranges(fake)})
-    return qat.finalize(fake), report
+    return qat.finalize(fake), calib.files, report
 
 
 def float_ops(args) -> list[str]:
@@ -190,43 +192,40 @@ def evaluate(model, dataset, recipe) -> dict:
     return {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
 
 
-def denormalized(dataset, count: int):
+def unit_images(dataset, count: int):
+    """The first `count` images of `dataset` as (N, 3, H, W) RGB in [0, 1], the artefacts' input."""
     import torch
 
-    from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return torch.stack([(dataset[i]["image"] * std + mean).clamp(0, 1) for i in range(count)])
+    from distill.data.transforms import unit_rgb
+    return torch.stack([unit_rgb(dataset[i]["image"]) for i in range(count)])
 
 
-def build_job(fmt, precisions, float_model, int8_model, run, val_ds, work, out_dir, config, args):
+def build_job(fmt, precisions, float_model, int8_model, calibration, run, val_ds, work, out_dir, config, args):
     from quant import deploy
     from targets.job import Job
 
     h, w = run.input_size
     check_dir = work / "check"
     check_dir.mkdir()
-    inputs = denormalized(val_ds, min(args.check, len(val_ds)))
+    inputs = unit_images(val_ds, min(args.check, len(val_ds)))
     np.save(check_dir / "inputs.npy", inputs.numpy())
     check = {"inputs": str(check_dir / "inputs.npy")}
-    models = {"float": float_model, "int8": int8_model}
     sources = {}
-    for name, model in models.items():
+    for name, model in (("float", float_model), ("int8", int8_model)):
         if name == "int8" and "int8" not in precisions:
+            continue
+        if name == "int8" and model is float_model:   # PTQ: the int8 files come from the float model
+            sources["int8"] = sources["float"]
+            check.update(int8_depth=check["float_depth"], int8_seg=check["float_seg"])
             continue
         depth, seg = deploy.reference_outputs(model, inputs)
         for key, value in (("depth", depth), ("seg", seg)):
             np.save(check_dir / f"{name}_{key}.npy", value.numpy())
             check[f"{name}_{key}"] = str(check_dir / f"{name}_{key}.npy")
-        if name == "int8" and model is float_model:
-            sources["int8"] = sources["float"]
-        elif fmt == "coreml":
+        if fmt == "coreml":
             sources[name] = str(deploy.export_program(model, work / f"{name}.pt2", h, w))
         else:
             sources[name] = str(deploy.export_onnx(model, work / f"{name}.onnx", h, w))
-    calibration = {}
-    if (work / "calibration").is_dir():
-        calibration = {"nhwc": str(work / "calibration" / "nhwc.npy"), "nchw": str(work / "calibration" / "nchw.npy"),
-                       "onnx2tf_sample": str(next((work / "calibration").glob("calibration_image_sample*.npy")))}
     # Absolute paths: a converter may change its working directory (onnx2tf's sample file).
     return Job(format=fmt, precisions=precisions, sources=sources, out_dir=str(Path(out_dir).resolve()),
                work_dir=str(work.resolve()),

@@ -108,7 +108,6 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("lo", torch.tensor(0.0))
         self.register_buffer("hi", torch.tensor(0.0))
         self.register_buffer("seen", torch.tensor(False))
-        self.enabled = True
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
@@ -129,7 +128,7 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.observe(x)
-        if not self.enabled or not self.seen:
+        if not self.seen:   # no range observed yet
             return x
         scale, zero = self.qparams()
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, QMIN, QMAX)
