@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.runners import LiteRTRunner
 from targets.job import (DEPTH, SEG, Job, check_against_reference, main, publish, source_for, tool_versions,
                          write_result)
 from targets.onnx import simplified  # folds the Shape->Resize chains onnx2tf cannot convert
@@ -180,28 +181,6 @@ def read_metadata(path: str | Path) -> dict:
     raise KeyError(f"{path} has no {METADATA_NAME} metadata")
 
 
-class LiteRTModel:
-    """A .tflite file behind `__call__(images NCHW float32) -> (depth NCHW, seg NCHW)`."""
-
-    def __init__(self, path: str | Path, threads: int = 2):
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
-        self.interpreter.allocate_tensors()
-        self.input = self.interpreter.get_input_details()[0]
-        self.outputs = {d["name"]: d for d in self.interpreter.get_output_details()}
-
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        depth, seg = [], []
-        for image in images:  # the artefact has batch 1
-            self.interpreter.set_tensor(self.input["index"], image.transpose(1, 2, 0)[None].astype(np.float32))
-            self.interpreter.invoke()
-            out = {name: self.interpreter.get_tensor(d["index"]) for name, d in self.outputs.items()}
-            depth.append(out[DEPTH].transpose(0, 3, 1, 2))
-            seg.append(out[SEG].transpose(0, 3, 1, 2))
-        return np.concatenate(depth), np.concatenate(seg)
-
-
 def op_precision(path: Path) -> dict:
     """Operators by output dtype, and which kinds compute in float: proves an int8 file is int8."""
     from ai_edge_litert.interpreter import Interpreter
@@ -255,7 +234,7 @@ def convert(job: Job) -> None:
             else:
                 produced = tf_dir / f"{onnx_path.stem}_{SUFFIX[precision]}.tflite"
             finish(produced, {**job.metadata, "precision": precision})
-            model = LiteRTModel(produced, job.threads)
+            model = LiteRTRunner(produced, job.threads)
             entry = {"path": f"{job.stem}_{precision}.tflite", "format": "tflite", "precision": precision,
                      "source": source, "check": check_against_reference(job, precision, model),
                      "ops_by_dtype": op_precision(produced)}

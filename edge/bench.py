@@ -1,0 +1,187 @@
+"""Latency and memory of one artefact on this host: `python -m edge.bench`.
+
+    python -m edge.bench ARTEFACT [--threads N] [--runs K] [--warmup W] [--json OUT.json]
+                         [--executor auto|predict|reference]
+
+Feeds one seeded random image of the artefact's shape, runs `warmup` untimed inferences, then
+times each of `runs` inferences with time.perf_counter around the runner's invoke closure (for
+LiteRT that is `invoke()` alone, as TFLite's benchmark_model times it; input copies are outside).
+Writes JSON in the schema "densekit.bench/1", which the on-device scripts in edge/device/ write
+too, so host and device figures sit side by side:
+
+    {"schema", "artefact" (file name), "format", "runtime", "executor",
+     "device": {"name": "host", "system", "machine", "processor", "cores"},
+     "threads" (null = runtime default), "runs", "warmup", "input_shape",
+     "latency_ms": {"mean", "std", "min", "p50", "p90", "p99", "max"}  (numpy, linear percentiles),
+     "throughput_ips": runs / total timed seconds,
+     "memory_mb": {"peak_rss", "baseline_rss", "model_rss"}  (MiB = 2**20 bytes),
+     "source": "edge.bench", "created": UTC ISO 8601}
+
+Memory: peak_rss is the process's peak resident set (getrusage ru_maxrss), baseline_rss the
+resident set just before the runner is made, model_rss their difference (runtime + model +
+buffers). Peaks are per process, so run one artefact per process (quant/benchmark.py does).
+
+Core ML latency means something only under Core ML on Apple hardware: off macOS this refuses
+(exit 2); measure it with edge/device/coreml_bench.py on a Mac.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from edge.run import atomic_write
+from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner
+
+SCHEMA = "densekit.bench/1"
+MIB = 2 ** 20
+
+
+class BenchRefused(ValueError):
+    """A bench that would measure nothing meaningful, or bad arguments (exit status 2)."""
+
+
+def processor_name() -> str:
+    """The CPU model ('model name' in /proc/cpuinfo on Linux), else platform.processor()."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_device() -> dict:
+    return {"name": "host", "system": platform.system(), "machine": platform.machine(),
+            "processor": processor_name(), "cores": os.cpu_count()}
+
+
+def current_rss_mb() -> float:
+    """Resident set size of this process now, MiB (psutil, else /proc/self/statm)."""
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss / MIB
+    except ImportError:
+        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return resident_pages * os.sysconf("SC_PAGE_SIZE") / MIB
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024
+
+
+def latency_stats(seconds: list[float]) -> dict:
+    """{"mean", "std", "min", "p50", "p90", "p99", "max"} in milliseconds (linear percentiles)."""
+    ms = np.asarray(seconds, np.float64) * 1e3
+    p50, p90, p99 = np.percentile(ms, [50, 90, 99], method="linear")
+    return {"mean": float(ms.mean()), "std": float(ms.std()), "min": float(ms.min()), "p50": float(p50),
+            "p90": float(p90), "p99": float(p99), "max": float(ms.max())}
+
+
+def check_bench(path: str | Path, runs: int, warmup: int, executor: str) -> str:
+    """The artefact's format after checking the arguments; BenchRefused names what is wrong."""
+    if runs < 1 or warmup < 0:
+        raise BenchRefused(f"runs={runs}, warmup={warmup}: need runs >= 1 and warmup >= 0")
+    try:
+        fmt = artefact_format(path, executor)
+    except ValueError as exc:
+        raise BenchRefused(str(exc)) from exc
+    if fmt == "coreml" and (platform.system() != "Darwin" or executor == "reference"):
+        raise BenchRefused(f"not benchmarking {Path(path).name} here: off macOS Core ML runs through the "
+                           f"reference executor, which measures accuracy, not device latency. Bench Core ML "
+                           f"on a Mac: python3 edge/device/coreml_bench.py {Path(path).name} --runs {runs}")
+    return fmt
+
+
+def time_runs(fn, runs: int, warmup: int) -> list[float]:
+    """Seconds of each of `runs` calls of fn() after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def bench(path: str | Path, *, threads: int | None = None, runs: int = 50, warmup: int = 5,
+          executor: str = "auto") -> dict:
+    """Time `runs` single-image inferences of artefact `path`; returns the densekit.bench/1 dict.
+
+    threads: the runtime's thread count (None: its default). Raises BenchRefused for bad
+    arguments and for Core ML off macOS.
+    """
+    fmt = check_bench(path, runs, warmup, executor)
+    baseline = current_rss_mb()
+    runner = open_runner(path, threads=threads, executor=executor)
+    image = np.random.default_rng(0).random((1, *image_shape(runner)), dtype=np.float32)
+    seconds = time_runs(runner.invoke_fn(image), runs, warmup)
+    peak = peak_rss_mb()
+    return {
+        "schema": SCHEMA, "artefact": Path(path).name, "format": fmt,
+        "runtime": runner.runtime, "executor": runner.executor, "device": host_device(),
+        "threads": threads, "runs": runs, "warmup": warmup,
+        "input_shape": [int(s) for s in runner.input_shape],
+        "latency_ms": latency_stats(seconds),
+        "throughput_ips": runs / sum(seconds),
+        "memory_mb": {"peak_rss": peak, "baseline_rss": baseline, "model_rss": peak - baseline},
+        "source": "edge.bench", "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def summary(result: dict) -> str:
+    lat, mem = result["latency_ms"], result["memory_mb"]
+    return (f"{result['artefact']} on {result['executor']}, input {tuple(result['input_shape'])}, "
+            f"{result['runs']} runs after {result['warmup']} warmup\n"
+            f"  latency ms: p50 {lat['p50']:.2f}  p90 {lat['p90']:.2f}  p99 {lat['p99']:.2f}  "
+            f"mean {lat['mean']:.2f} +- {lat['std']:.2f}  min {lat['min']:.2f}  max {lat['max']:.2f}\n"
+            f"  throughput {result['throughput_ips']:.1f} img/s; memory MiB: peak RSS {mem['peak_rss']:.0f}, "
+            f"model {mem['model_rss']:.0f} over a baseline of {mem['baseline_rss']:.0f}")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m edge.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("artefact", help=".tflite or .onnx (.mlpackage on macOS)")
+    parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
+    parser.add_argument("--runs", type=int, default=50, help="timed inferences (default 50)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed inferences first (default 5)")
+    parser.add_argument("--json", default=None, help="write the densekit.bench/1 JSON here")
+    parser.add_argument("--executor", default="auto", choices=EXECUTORS, help="Core ML only")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        result = bench(args.artefact, threads=args.threads, runs=args.runs, warmup=args.warmup,
+                       executor=args.executor)
+    except BenchRefused as exc:
+        print(f"edge.bench: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:   # the runtime rejected the artefact or failed while running it
+        import traceback
+        traceback.print_exc()
+        print(f"edge.bench: {args.artefact} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(summary(result))
+    if args.json:
+        atomic_write(args.json, (json.dumps(result, indent=2) + "\n").encode())
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

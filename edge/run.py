@@ -1,0 +1,143 @@
+"""Run one artefact on a batch of images in its own runtime: `python -m edge.run`.
+
+    python -m edge.run ARTEFACT --inputs IMAGES.npy --out OUT.npz [--threads N]
+                       [--executor auto|predict|reference] [--logits]
+
+IMAGES.npy: (N, 3, H, W) float32 RGB in [0, 1] with the artefact's H and W. OUT.npz (written
+atomically): `depth` (N, 1, H, W) float32 metres, `labels` (N, H, W) uint8 (argmax of the
+logits), `seg` (N, C, H, W) float32 logits with --logits only, and `executor` (0-d str array).
+The last stdout line is JSON: {"artefact", "executor", "images", "seconds"}.
+Exit status: 0 done, 2 bad arguments or inputs, 1 the runtime failed.
+
+One process per artefact is the point: each runtime imports only its own toolchain (TensorFlow
+and torch must not share a process, TOOLCHAIN.md), so quant/validate.py calls this as a child.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner
+
+EXIT_BAD_INPUT, EXIT_RUNTIME = 2, 1
+
+
+class BadInput(ValueError):
+    """Inputs that do not fit the artefact (exit status 2)."""
+
+
+def atomic_write(dest: str | Path, data: bytes) -> None:
+    """Write `data` to `dest` through a temp file in the same directory, fsync, then os.replace,
+    so a killed process never leaves a half-written file under the final name."""
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def validate_images(images: np.ndarray, runner) -> None:
+    """Raise BadInput unless images are (N, 3, H, W) float32 in [0, 1] with the artefact's H, W."""
+    expected = "(N, " + ", ".join(map(str, image_shape(runner))) + ")"
+    if images.ndim != 4 or tuple(images.shape[1:]) != image_shape(runner) or len(images) == 0:
+        raise BadInput(f"inputs have shape {tuple(images.shape)}; {runner.format} artefact expects {expected} "
+                       f"float32 RGB in [0, 1], NCHW (N >= 1)")
+    if images.dtype != np.float32:
+        raise BadInput(f"inputs have dtype {images.dtype}; expected float32 {expected} in [0, 1] "
+                       f"(convert with images.astype(np.float32) / 255 for uint8 images)")
+    if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+        raise BadInput(f"inputs range over [{np.nanmin(images):.4g}, {np.nanmax(images):.4g}] (or hold NaN/inf); "
+                       f"expected RGB in [0, 1]: normalisation is inside the artefact, so feed raw / 255")
+
+
+def run_artefact(path: str | Path, images: np.ndarray, *, threads: int | None = None, executor: str = "auto",
+                 logits: bool = False) -> dict:
+    """Run artefact `path` on images (N, 3, H, W) float32 in [0, 1].
+
+    Returns {"depth": (N, 1, H, W) float32 metres, "labels": (N, H, W) uint8, "seg": (N, C, H, W)
+    float32 logits (only with logits=True), "executor": str, "seconds": float (the runs only)}.
+    Raises BadInput (a ValueError) when the path, the executor or the images are wrong; whatever
+    the runtime raises while loading or running the artefact passes through.
+    """
+    try:
+        artefact_format(path, executor)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+    runner = open_runner(path, threads=threads, executor=executor)
+    validate_images(images, runner)
+    start = time.perf_counter()
+    depth, seg = runner(images)
+    seconds = time.perf_counter() - start
+    if seg.shape[1] > 256:
+        raise ValueError(f"{Path(path).name} has {seg.shape[1]} classes; labels are uint8 (at most 256)")
+    out = {"depth": depth.astype(np.float32), "labels": seg.argmax(1).astype(np.uint8),
+           "executor": runner.executor, "seconds": seconds}
+    if logits:
+        out["seg"] = seg.astype(np.float32)
+    return out
+
+
+def save_outputs(dest: str | Path, result: dict) -> None:
+    """OUT.npz from `run_artefact`'s result (atomically)."""
+    arrays = {k: result[k] for k in ("depth", "labels", "seg") if k in result}
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays, executor=np.array(result["executor"]))
+    atomic_write(dest, buffer.getvalue())
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m edge.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("artefact", help=".tflite, .onnx or .mlpackage")
+    parser.add_argument("--inputs", required=True, help="(N, 3, H, W) float32 .npy in [0, 1]")
+    parser.add_argument("--out", required=True, help="output .npz")
+    parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
+    parser.add_argument("--executor", default="auto", choices=EXECUTORS, help="Core ML only")
+    parser.add_argument("--logits", action="store_true", help="also store the segmentation logits")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        images = np.load(args.inputs)
+    except (ValueError, OSError) as exc:
+        print(f"edge.run: cannot read --inputs {args.inputs}: {exc} (expected an (N, 3, H, W) float32 .npy)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if not isinstance(images, np.ndarray):   # an .npz archive, not one array
+        print(f"edge.run: --inputs {args.inputs} holds several arrays; expected one (N, 3, H, W) float32 .npy",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        result = run_artefact(args.artefact, images, threads=args.threads, executor=args.executor,
+                              logits=args.logits)
+    except BadInput as exc:   # bad artefact path, suffix, executor or images
+        print(f"edge.run: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:   # the runtime rejected the artefact or failed while running it
+        import traceback
+        traceback.print_exc()
+        print(f"edge.run: running {args.artefact} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    save_outputs(args.out, result)
+    print(json.dumps({"artefact": str(args.artefact), "executor": result["executor"], "images": int(len(images)),
+                      "seconds": round(result["seconds"], 4)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

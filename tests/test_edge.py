@@ -1,0 +1,160 @@
+"""edge/: the runners against the PyTorch model, their errors, and the run / bench / peak commands.
+
+Artefacts come from the `tiny_artefacts` fixture (conftest.py: real converter processes, which
+themselves run the artefacts through these runners right after conversion).
+
+Bounds against the PyTorch outputs on the same 4 random images:
+- fp32 (LiteRT and onnxruntime): 1e-4 relative on depth, 1e-4 of the logits' range on seg
+  (float reassociation only; measured 2e-7 for both).
+- int8 (PTQ of a randomly initialised model on 8 random images): depth median relative error
+  <= 2% and segmentation argmax agreement >= 90%, as tests/test_export.py bounds int8. One int8
+  step is 1/255 of an activation's range, and the logits of random weights are nearly tied
+  (measured: depth median 0.1%, max 0.5%; agreement 96% for both runtimes).
+No timing thresholds: latency on a shared 2-core machine is not a test signal.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.bench import SCHEMA, BenchRefused, bench
+from edge.peak import measure_peak
+from edge.run import BadInput, run_artefact
+from edge.runners import DEPTH, LiteRTRunner, OrtRunner, import_litert_interpreter, open_runner
+
+REPO = Path(__file__).resolve().parents[1]
+ARTEFACTS = ["tflite_fp32", "tflite_int8", "onnx_fp32", "onnx_int8"]
+BENCH_KEYS = {"schema", "artefact", "format", "runtime", "executor", "device", "threads", "runs", "warmup",
+              "input_shape", "latency_ms", "throughput_ips", "memory_mb", "source", "created"}
+
+
+def reference(tiny_artefacts) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return tuple(np.load(tiny_artefacts[k]) for k in ("inputs", "depth", "seg"))
+
+
+def edge_cli(module: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", ARTEFACTS)
+def test_runner_matches_torch(tiny_artefacts, name):
+    images, ref_depth, ref_seg = reference(tiny_artefacts)
+    runner = open_runner(tiny_artefacts[name], threads=2)
+    assert isinstance(runner, LiteRTRunner if name.startswith("tflite") else OrtRunner)
+    assert runner.format == name.split("_")[0] and runner.executor.startswith(runner.runtime)
+    assert "2 threads" in runner.executor
+    assert runner.input_shape == ((1, 64, 96, 3) if runner.format == "tflite" else (1, 3, 64, 96))
+    depth, seg = runner(images)
+    assert depth.shape == ref_depth.shape and seg.shape == ref_seg.shape
+    assert depth.dtype == np.float32 and seg.dtype == np.float32
+    rel = np.abs(depth - ref_depth) / np.abs(ref_depth)
+    if name.endswith("fp32"):
+        assert rel.max() <= 1e-4
+        assert np.abs(seg - ref_seg).max() <= 1e-4 * np.ptp(ref_seg)
+    else:
+        assert np.median(rel) <= 0.02
+        assert (seg.argmax(1) == ref_seg.argmax(1)).mean() >= 0.9
+
+
+def test_invoke_fn_runs_one_inference_of_the_prepared_image(tiny_artefacts):
+    images, _, _ = reference(tiny_artefacts)
+    runner = open_runner(tiny_artefacts["tflite_int8"], threads=1)
+    expected, _ = runner(images[1:2])
+    run_once = runner.invoke_fn(images[1:2])
+    run_once()
+    run_once()                         # the closure only invokes: the input invoke_fn set stays
+    np.testing.assert_array_equal(runner.output(DEPTH), expected)
+    open_runner(tiny_artefacts["onnx_fp32"], threads=1).invoke_fn(images[:1])()   # runs, no error
+
+
+def test_open_runner_errors_name_the_path_and_the_known_suffixes(tiny_artefacts, tmp_path):
+    with pytest.raises(ValueError, match=r"missing\.onnx.*does not exist"):
+        open_runner(tmp_path / "missing.onnx")
+    (tmp_path / "model.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"unknown artefact suffix '\.pt'.*\.tflite, \.onnx, \.mlpackage"):
+        open_runner(tmp_path / "model.pt")
+    with pytest.raises(ValueError, match=r"executor 'predict' applies to Core ML.*--executor auto"):
+        open_runner(tiny_artefacts["onnx_fp32"], executor="predict")
+    with pytest.raises(ValueError, match=r"takes \(N, 3, 64, 96\)"):
+        open_runner(tiny_artefacts["onnx_fp32"])(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_litert_without_either_runtime_names_both_packages(monkeypatch):
+    for module in ("ai_edge_litert", "ai_edge_litert.interpreter", "tflite_runtime", "tflite_runtime.interpreter"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ImportError, match=r"ai-edge-litert or tflite-runtime.*pip install ai-edge-litert.*"
+                                          r"pip install tflite-runtime"):
+        import_litert_interpreter()
+
+
+def test_run_cli_writes_outputs_and_rejects_wrong_shapes(tiny_artefacts, tmp_path):
+    images, ref_depth, ref_seg = reference(tiny_artefacts)
+    out = tmp_path / "out.npz"
+    proc = edge_cli("edge.run", tiny_artefacts["tflite_fp32"], "--inputs", tiny_artefacts["inputs"], "--out", out,
+                    "--threads", "2", "--logits")
+    assert proc.returncode == 0, proc.stderr
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line["images"] == 4 and line["executor"].startswith("ai-edge-litert")
+    with np.load(out) as result:
+        assert result["depth"].shape == (4, 1, 64, 96) and result["depth"].dtype == np.float32
+        assert result["labels"].shape == (4, 64, 96) and result["labels"].dtype == np.uint8
+        assert result["seg"].shape == ref_seg.shape and str(result["executor"]) == line["executor"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out.npz"]   # no temp file left behind
+
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, images[:, :, :32])
+    proc = edge_cli("edge.run", tiny_artefacts["onnx_int8"], "--inputs", wrong, "--out", tmp_path / "bad.npz")
+    assert proc.returncode == 2 and "(N, 3, 64, 96)" in proc.stderr
+    assert not (tmp_path / "bad.npz").exists()
+
+
+def test_run_artefact_rejects_dtype_and_range(tiny_artefacts):
+    images, _, _ = reference(tiny_artefacts)
+    with pytest.raises(BadInput, match="dtype float64"):
+        run_artefact(tiny_artefacts["onnx_fp32"], images.astype(np.float64))
+    with pytest.raises(BadInput, match=r"expected RGB in \[0, 1\]"):
+        run_artefact(tiny_artefacts["onnx_fp32"], images * 255)
+    result = run_artefact(tiny_artefacts["onnx_fp32"], images[:2])
+    assert "seg" not in result and result["labels"].shape == (2, 64, 96)
+
+
+@pytest.mark.parametrize("name", ["tflite_int8", "onnx_fp32"])
+def test_bench_schema_and_ordered_percentiles(tiny_artefacts, name):
+    result = bench(tiny_artefacts[name], threads=1, runs=5, warmup=1)
+    assert set(result) == BENCH_KEYS and result["schema"] == SCHEMA
+    assert result["artefact"] == tiny_artefacts[name].name and result["format"] == name.split("_")[0]
+    assert set(result["device"]) == {"name", "system", "machine", "processor", "cores"}
+    lat = result["latency_ms"]
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    assert result["throughput_ips"] > 0 and result["runs"] == 5 and result["threads"] == 1
+    assert result["memory_mb"]["peak_rss"] >= result["memory_mb"]["baseline_rss"] > 0
+
+
+@pytest.mark.skipif(platform.system() == "Darwin", reason="Core ML benches for real on macOS")
+def test_bench_refuses_coreml_off_macos(tmp_path):
+    (tmp_path / "m.mlpackage").mkdir()
+    with pytest.raises(BenchRefused, match="reference executor.*coreml_bench.py"):
+        bench(tmp_path / "m.mlpackage")
+
+
+def test_bench_cli_writes_json(tiny_artefacts, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = edge_cli("edge.bench", tiny_artefacts["onnx_int8"], "--threads", "1", "--runs", "3", "--warmup", "1",
+                    "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert set(result) == BENCH_KEYS and result["input_shape"] == [1, 3, 64, 96]
+    assert "p50" in proc.stdout
+
+
+def test_measure_peak_is_positive():
+    peak = measure_peak(1, size=256, repeats=2)
+    assert peak["fp32_gflops"] > 0 and peak["int8_gops"] > 0
+    assert peak["size"] == 256 and peak["threads"] == 1 and "MatMulInteger" in peak["method"]
