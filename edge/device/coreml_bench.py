@@ -1,0 +1,189 @@
+"""Latency and memory of one Core ML artefact (.mlpackage) on a Mac, through coremltools' MLModel.predict.
+
+    python3 coreml_bench.py MODEL.mlpackage [--runs 50] [--warmup 5] [--compute-units all|cpu|cpu_gpu|cpu_ne]
+                            [--json OUT.json]
+
+macOS only: Core ML executes models only on Apple systems, so elsewhere this exits with status 2.
+On Linux, check a .mlpackage's accuracy with `python -m edge.run MODEL.mlpackage` (densekit's reference
+executor; its speed says nothing about Core ML). Needs `pip install coremltools numpy`; imports nothing
+from densekit.
+
+Timing builds one random input of the model's declared shape ("image", (1, 3, H, W) float32 RGB in
+[0, 1]) and times `model.predict({...})` with `time.perf_counter` after `--warmup` untimed calls. The
+first predictions compile the model for the chosen compute units, which is why warm-up matters more
+here than on TFLite. Memory: `baseline_rss` is the process's peak resident set before the model loads
+(macOS has no /proc), `peak_rss` the peak after the timed runs, `model_rss` their difference. Compute
+units: all = CPU + GPU + Neural Engine (Core ML picks), cpu = CPU only, cpu_gpu, cpu_ne = CPU + Neural
+Engine. The JSON follows "densekit.bench/1" (README.md next to this file).
+
+Timing on iOS: Python does not run there. Open the .mlpackage in Xcode (14 or newer), go to the
+Performance tab and create a report on a connected iPhone or iPad: it gives median prediction latency,
+load and compile times per compute unit, and which layers run on the Neural Engine. For numbers from
+the app's own code path, time `try model.prediction(from: input)` in a Swift loop with
+`CFAbsoluteTimeGetCurrent()` after a few warm-up calls, with `MLModelConfiguration().computeUnits`
+set as here.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+SCHEMA = "densekit.bench/1"
+COMPUTE_UNITS = {"all": "ALL", "cpu": "CPU_ONLY", "cpu_gpu": "CPU_AND_GPU", "cpu_ne": "CPU_AND_NE"}
+NOT_MACOS = ("coreml_bench.py runs only on macOS: Core ML predicts only on Apple systems, and this is {system}.\n"
+             "Copy {model} and this script to a Mac and run `python3 coreml_bench.py {model}` there "
+             "(pip install coremltools numpy).\n"
+             "On Linux, check the artefact's accuracy with `python -m edge.run {model}`, which runs densekit's "
+             "reference executor (accuracy only: its speed says nothing about Core ML).")
+
+
+def load_coremltools():
+    """Import coremltools with TensorFlow hidden (coremltools imports it when installed, which is slow
+    and, next to torch, crashes); exits 2 with the pip command when coremltools is missing."""
+    sys.modules.setdefault("tensorflow", None)
+    try:
+        import coremltools
+    except ImportError as error:
+        sys.stderr.write("coreml_bench.py: coremltools is not installed ({}); run `pip install coremltools numpy` "
+                         "and try again.\n".format(error))
+        raise SystemExit(2)
+    return coremltools
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (ru_maxrss is bytes on macOS, KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
+def cpu_name() -> str:
+    """The chip's name on macOS ("Apple M2"), else platform.processor()."""
+    try:
+        return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, universal_newlines=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor()
+
+
+def device_info() -> dict:
+    """The "device" block of the schema for this Mac."""
+    return {"name": platform.node(), "system": platform.system(),
+            "machine": platform.machine(), "processor": cpu_name() or platform.processor(),
+            "cores": os.cpu_count() or 1}
+
+
+def input_spec(model) -> tuple:
+    """(name, shape) of the model's first input, which must be a multi-array (densekit's "image")."""
+    described = model.get_spec().description.input[0]
+    if described.type.WhichOneof("Type") != "multiArrayType":
+        raise SystemExit("coreml_bench.py: input '{}' is a {}, not a multi-array; this script feeds densekit "
+                         "artefacts' (1, 3, H, W) float32 'image'.".format(described.name,
+                                                                          described.type.WhichOneof("Type")))
+    return described.name, [int(n) for n in described.type.multiArrayType.shape]
+
+
+def time_calls(call, runs: int, warmup: int) -> list:
+    """`warmup` untimed then `runs` timed calls of `call()`; milliseconds."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def latency_summary(times_ms: list) -> dict:
+    """mean, std (population), min, p50, p90, p99, max of the latencies, in ms."""
+    import numpy as np
+
+    t = np.asarray(times_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(t, [50, 90, 99])
+    return {"mean": float(t.mean()), "std": float(t.std()), "min": float(t.min()), "p50": float(p50),
+            "p90": float(p90), "p99": float(p99), "max": float(t.max())}
+
+
+def bench(args) -> dict:
+    """Load the model on the chosen compute units, time predict, return the densekit.bench/1 record."""
+    import numpy as np
+
+    ct = load_coremltools()
+    baseline = peak_rss_mb()
+    units = COMPUTE_UNITS[args.compute_units]
+    model = ct.models.MLModel(args.model, compute_units=getattr(ct.ComputeUnit, units))
+    name, shape = input_spec(model)
+    feed = {name: np.random.default_rng(0).random(shape, dtype=np.float32)}
+    times = time_calls(lambda: model.predict(feed), args.runs, args.warmup)
+    peak = peak_rss_mb()
+    latency = latency_summary(times)
+    return {"schema": SCHEMA, "artefact": os.path.basename(os.path.normpath(args.model)), "format": "coreml",
+            "runtime": "coremltools " + ct.__version__, "executor": "MLModel.predict (compute units {})".format(units),
+            "device": device_info(), "threads": None, "runs": args.runs, "warmup": args.warmup, "input_shape": shape,
+            "latency_ms": latency, "throughput_ips": 1e3 / latency["mean"],
+            "memory_mb": {"peak_rss": peak, "baseline_rss": baseline, "model_rss": max(peak - baseline, 0.0)},
+            "source": "coreml_bench.py", "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def print_summary(result: dict) -> None:
+    """A few human lines: what ran, where, how fast, how much memory."""
+    lat, mem, dev = result["latency_ms"], result["memory_mb"], result["device"]
+    print("{}  on {} ({}, {})".format(result["artefact"], dev["name"], dev["system"], dev["processor"]))
+    print("  {}, {}; {} runs after {} warm-up, input {}".format(result["runtime"], result["executor"], result["runs"],
+                                                              result["warmup"], result["input_shape"]))
+    print("  latency ms: mean {mean:.2f} std {std:.2f} | min {min:.2f} p50 {p50:.2f} p90 {p90:.2f} "
+          "p99 {p99:.2f} max {max:.2f}".format(**lat))
+    print("  throughput {:.1f} images/s; peak RSS {:.1f} MB (model +{:.1f} MB)".format(
+        result["throughput_ips"], mem["peak_rss"], mem["model_rss"]))
+
+
+def write_json(path: str, result: dict) -> None:
+    """Write atomically: a temp file beside `path`, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(result, indent=2) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="the .mlpackage (or .mlmodel) artefact")
+    parser.add_argument("--runs", type=int, default=50, help="timed predictions (default 50)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed predictions first (default 5)")
+    parser.add_argument("--compute-units", choices=list(COMPUTE_UNITS), default="all",
+                        help="all (default), cpu, cpu_gpu, cpu_ne")
+    parser.add_argument("--json", help="write the densekit.bench/1 record here")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0:
+        parser.error("--runs must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if sys.platform != "darwin":
+        sys.stderr.write(NOT_MACOS.format(system=platform.system() or sys.platform, model=args.model) + "\n")
+        return 2
+    if not os.path.exists(args.model):
+        sys.stderr.write("coreml_bench.py: model not found: {}\n".format(args.model))
+        return 2
+    result = bench(args)
+    print_summary(result)
+    if args.json:
+        write_json(args.json, result)
+        print("  JSON -> {}".format(args.json))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Latency and memory of one TFLite artefact on a Linux board (Raspberry Pi 5) or any Linux host.
+
+Copy this one file and the .tflite next to each other on the device, then:
+
+    python3 linux_bench.py MODEL.tflite [--threads 4] [--runs 50] [--warmup 5] [--json OUT.json]
+                           [--inputs IMAGES.npy --outputs OUT.npz]
+
+Needs Python >= 3.7, numpy and a TFLite interpreter: `ai-edge-litert` (maintained, works with numpy 2)
+or, on boards where it has no wheel, `tflite-runtime` (its last release needs numpy < 2). It imports
+nothing from densekit, so it runs where densekit is not installed.
+
+Timing sets the input once and times `interpreter.invoke()` alone with `time.perf_counter`, after
+`--warmup` untimed calls. Memory: `baseline_rss` is the resident set (from /proc/self/statm) after
+the imports and before the model loads, `peak_rss` is the process's peak (getrusage) after the
+timed runs, and `model_rss` is their difference: what loading and running the model added.
+
+With `--inputs` ((N, 3, H, W) float32 RGB in [0, 1], as `np.save` writes it) every image is run
+too and `--outputs` receives an npz with `depth` float32 (N, 1, H, W) in metres and `labels` uint8
+(N, H, W) (argmax of the segmentation logits), so drift can later be measured on the device's own
+outputs. The JSON follows the schema "densekit.bench/1" (see README.md next to this file).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+
+SCHEMA = "densekit.bench/1"
+INSTALL_HELP = (
+    "no TFLite interpreter could be imported ({reasons}).\n"
+    "Install one of them for this Python ({python}):\n"
+    "  pip install ai-edge-litert                   # maintained, works with numpy 2 (Linux x86_64 / aarch64)\n"
+    "  pip install 'numpy<2' tflite-runtime         # older boards; its last release (2.14) needs numpy < 2\n"
+    "then run this script again.")
+
+
+def load_interpreter():
+    """Return (Interpreter class, "<package> <version>", executor prefix), preferring ai-edge-litert.
+
+    Exits with status 2 and the pip commands when neither package imports."""
+    reasons = []
+    try:
+        import ai_edge_litert
+        from ai_edge_litert.interpreter import Interpreter
+        return Interpreter, "ai-edge-litert " + package_version(ai_edge_litert, "ai-edge-litert"), "LiteRT interpreter"
+    except Exception as error:  # ImportError, or a wheel built against another numpy
+        reasons.append("ai_edge_litert: {}".format(error))
+    try:
+        import tflite_runtime
+        from tflite_runtime.interpreter import Interpreter
+        return (Interpreter, "tflite-runtime " + package_version(tflite_runtime, "tflite-runtime"),
+                "tflite_runtime interpreter")
+    except Exception as error:
+        reasons.append("tflite_runtime: {}".format(error))
+    sys.stderr.write("linux_bench.py: " + INSTALL_HELP.format(reasons="; ".join(reasons),
+                                                             python=platform.python_version()) + "\n")
+    raise SystemExit(2)
+
+
+def package_version(module, dist_name: str) -> str:
+    """The module's __version__, else the installed distribution's version, else "unknown"."""
+    version = getattr(module, "__version__", None)
+    if version:
+        return str(version)
+    try:
+        from importlib.metadata import version as dist_version  # Python >= 3.8
+        return dist_version(dist_name)
+    except Exception:
+        return "unknown"
+
+
+def current_rss_mb():
+    """Resident set size now, in MB, from /proc/self/statm (Linux); None where /proc is absent."""
+    try:
+        with open("/proc/self/statm") as statm:
+            resident_pages = int(statm.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return resident_pages * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process, in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
+def cpu_model() -> str:
+    """The CPU's name: platform.processor(), else /proc/cpuinfo's "model name" / "Model" (Raspberry Pi)."""
+    name = platform.processor()
+    if name and name not in ("x86_64", "aarch64", "arm", "armv7l", "unknown"):
+        return name
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            fields = dict(line.split(":", 1) for line in cpuinfo if ":" in line)
+    except OSError:
+        return name
+    for key in ("model name", "Model", "Hardware"):
+        for field, value in fields.items():
+            if field.strip() == key and value.strip():
+                return value.strip()
+    return name
+
+
+def device_info() -> dict:
+    """The "device" block of the schema for the machine this runs on."""
+    return {"name": platform.node(), "system": platform.system(),
+            "machine": platform.machine(), "processor": cpu_model(), "cores": os.cpu_count() or 1}
+
+
+def to_input_tensor(images: np.ndarray, detail: dict) -> np.ndarray:
+    """(N, 3, H, W) float RGB in [0, 1] -> the model's layout (NHWC for our artefacts) and dtype.
+
+    Quantised (int8/uint8) inputs are quantised with the tensor's own scale and zero point."""
+    shape = list(detail["shape"])
+    if shape[-1] == 3 and images.shape[1] == 3:
+        images = images.transpose(0, 2, 3, 1)
+    if list(images.shape[1:]) != shape[1:]:
+        raise SystemExit("linux_bench.py: the images have shape {} but the model expects {} (NHWC); export the "
+                         "images at the model's input size.".format(list(images.shape), shape))
+    dtype = detail["dtype"]
+    if dtype in (np.int8, np.uint8):
+        scale, zero_point = detail["quantization"]
+        info = np.iinfo(dtype)
+        images = np.clip(np.round(images / scale + zero_point), info.min, info.max)
+    return np.ascontiguousarray(images, dtype=dtype)
+
+
+def read_output(interpreter, detail: dict) -> np.ndarray:
+    """An output tensor as float32, dequantised when the tensor is int8/uint8."""
+    value = interpreter.get_tensor(detail["index"])
+    if detail["dtype"] in (np.int8, np.uint8):
+        scale, zero_point = detail["quantization"]
+        return (value.astype(np.float32) - zero_point) * scale
+    return value.astype(np.float32)
+
+
+def time_invokes(interpreter, runs: int, warmup: int) -> list:
+    """`warmup` untimed then `runs` timed `invoke()` calls on the input already set; milliseconds."""
+    for _ in range(warmup):
+        interpreter.invoke()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        interpreter.invoke()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def latency_summary(times_ms: list) -> dict:
+    """mean, std (population), min, p50, p90, p99, max of the latencies, in ms."""
+    t = np.asarray(times_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(t, [50, 90, 99])
+    return {"mean": float(t.mean()), "std": float(t.std()), "min": float(t.min()), "p50": float(p50),
+            "p90": float(p90), "p99": float(p99), "max": float(t.max())}
+
+
+def find_output(details: list, word: str) -> dict:
+    """The output whose tensor name contains `word` ("depth" or "seg")."""
+    for detail in details:
+        if word in detail["name"].lower():
+            return detail
+    names = [d["name"] for d in details]
+    raise SystemExit("linux_bench.py: no output tensor named like '{}' among {}; --inputs needs the artefact's "
+                     "'depth' and 'seg' outputs (export it with densekit's quant.export).".format(word, names))
+
+
+def run_images(interpreter, images_path: str) -> dict:
+    """Run every image of an (N, 3, H, W) npy; {"depth": (N, 1, H, W) float32, "labels": (N, H, W) uint8}."""
+    images = np.load(images_path).astype(np.float32)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise SystemExit("linux_bench.py: --inputs {} has shape {}; expected (N, 3, H, W) float32 RGB in "
+                         "[0, 1].".format(images_path, list(images.shape)))
+    detail_in = interpreter.get_input_details()[0]
+    outputs = interpreter.get_output_details()
+    depth_out, seg_out = find_output(outputs, "depth"), find_output(outputs, "seg")
+    depths, labels = [], []
+    for image in images:
+        interpreter.set_tensor(detail_in["index"], to_input_tensor(image[None], detail_in))
+        interpreter.invoke()
+        depths.append(read_output(interpreter, depth_out).transpose(0, 3, 1, 2)[0])  # (1,H,W,1) -> (1,H,W)
+        labels.append(read_output(interpreter, seg_out)[0].argmax(axis=-1).astype(np.uint8))  # (H,W,C) -> (H,W)
+    return {"depth": np.stack(depths).astype(np.float32), "labels": np.stack(labels)}
+
+
+def write_atomic(path: str, write) -> None:
+    """Write through `write(file)` into a temp file beside `path`, fsync, then rename into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def report(args, runtime: str, executor: str, input_shape: list, times: list, memory: dict) -> dict:
+    """The "densekit.bench/1" record of this run."""
+    latency = latency_summary(times)
+    return {"schema": SCHEMA, "artefact": os.path.basename(args.model), "format": "tflite",
+            "runtime": runtime, "executor": executor, "device": device_info(), "threads": args.threads,
+            "runs": args.runs, "warmup": args.warmup, "input_shape": [int(n) for n in input_shape],
+            "latency_ms": latency, "throughput_ips": 1e3 / latency["mean"], "memory_mb": memory,
+            "source": "linux_bench.py", "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def print_summary(result: dict) -> None:
+    """A few human lines: what ran, where, how fast, how much memory."""
+    lat, mem = result["latency_ms"], result["memory_mb"]
+    print("{}  on {} ({}, {} cores)".format(result["artefact"], result["device"]["name"],
+                                            result["device"]["machine"], result["device"]["cores"]))
+    print("  {}, {}; {} runs after {} warm-up, input {}".format(result["runtime"], result["executor"],
+                                                              result["runs"], result["warmup"], result["input_shape"]))
+    print("  latency ms: mean {mean:.2f} std {std:.2f} | min {min:.2f} p50 {p50:.2f} p90 {p90:.2f} "
+          "p99 {p99:.2f} max {max:.2f}".format(**lat))
+    extra = "" if mem["model_rss"] is None else " (model +{:.1f} MB over {:.1f} MB)".format(mem["model_rss"],
+                                                                                         mem["baseline_rss"])
+    print("  throughput {:.1f} images/s; peak RSS {:.1f} MB{}".format(result["throughput_ips"], mem["peak_rss"], extra))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="the .tflite artefact")
+    parser.add_argument("--threads", type=int, default=4, help="interpreter threads (default 4)")
+    parser.add_argument("--runs", type=int, default=50, help="timed invokes (default 50)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed invokes first (default 5)")
+    parser.add_argument("--json", help="write the densekit.bench/1 record here")
+    parser.add_argument("--inputs", help="(N, 3, H, W) float32 .npy of RGB images in [0, 1] to run too")
+    parser.add_argument("--outputs", help="npz for --inputs' outputs: depth (N,1,H,W), labels (N,H,W)")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--runs and --threads must be >= 1 and --warmup >= 0")
+    if bool(args.inputs) != bool(args.outputs):
+        parser.error("--inputs and --outputs go together: give both (images in, npz out) or neither")
+    if not os.path.isfile(args.model):
+        parser.error("model file not found: {}".format(args.model))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    Interpreter, runtime, executor = load_interpreter()
+    baseline = current_rss_mb()
+    baseline_peak = peak_rss_mb()
+    interpreter = Interpreter(model_path=args.model, num_threads=args.threads)
+    interpreter.allocate_tensors()
+    detail = interpreter.get_input_details()[0]
+    image = np.random.default_rng(0).random([1, 3] + list(detail["shape"][1:3]), dtype=np.float32)
+    interpreter.set_tensor(detail["index"], to_input_tensor(image, detail))
+    times = time_invokes(interpreter, args.runs, args.warmup)
+    peak = peak_rss_mb()
+    base = baseline if baseline is not None else baseline_peak  # no /proc: the peak before loading
+    memory = {"peak_rss": peak, "baseline_rss": base, "model_rss": max(peak - base, 0.0)}
+    result = report(args, runtime, "{} ({} threads)".format(executor, args.threads), detail["shape"], times, memory)
+    print_summary(result)
+    if args.inputs:
+        arrays = run_images(interpreter, args.inputs)
+        write_atomic(args.outputs, lambda f: np.savez(f, **arrays))
+        print("  outputs of {} images -> {}".format(len(arrays["depth"]), args.outputs))
+    if args.json:
+        write_atomic(args.json, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+        print("  JSON -> {}".format(args.json))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
