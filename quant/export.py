@@ -1,39 +1,53 @@
-"""Turn a trained student into deployable artefacts: prune -> QAT -> convert -> run -> manifest.
+"""Turn a trained student into deployable artefacts: prune -> QAT -> convert -> validate -> bench.
 
     python -m quant.export --target tflite                      # newest v3 run, fp32 + fp16 + int8
+    python -m quant.export --target pixel8                      # a device profile (targets/devices.json)
     python -m quant.export --target coreml --run runs/v4-20261121T101500Z
     python -m quant.export --target onnx --precision int8 --qat-steps 0     # int8 by PTQ only
     python -m quant.export --target tflite --prune 0.3 --overwrite          # prune 30% of channels
     python -m quant.export --target tflite --prune macs=0.5x                # or to half the MACs
 
-Writes exports/<run name>/<target>/: the artefacts, manifest.json (path, format, precision, bytes,
-sha256, the conversion check and the task metrics of each artefact on validation images, tool
-versions, the export config) and the converters' logs. Each converter runs in its own process
-(targets/job.py); every artefact is executed by its runtime right after conversion (CoreML only
-on macOS) and scored against the float PyTorch model on the same images.
+Writes exports/<run name>/<target>/: the artefacts; drift.json (each artefact executed by its own
+runtime on validation images and scored against the float PyTorch model, with pass or fail against
+the gates of its precision); benchmark.json (host latency, throughput, memory, efficiency against
+the host's measured matrix-product peak); report.md with the drift histogram and error maps;
+manifest.json (sizes, hashes, tool versions, config); device/ (the on-device bench scripts and the
+commands for this export). Each converter runs in its own process (targets/job.py).
+
+Exit status: 0 every artefact passed its gates; 3 an artefact failed a gate (the export is written
+and drift.json says which metric, value and tolerance); 1 a converter failed (nothing replaced);
+2 bad input (nothing written).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+
+from distill import io
+from edge import kit
+from quant import benchmark
+from targets.profiles import device_names
 
 FORMATS: dict[str, dict[str, tuple[str, ...]]] = {
     # format: {"all": precisions it can produce, "default": produced when --precision is not given}
     "tflite": {"all": ("fp32", "fp16", "int8"), "default": ("fp32", "fp16", "int8")},
     "coreml": {"all": ("fp32", "fp16", "w8", "palette4", "palette6"), "default": ("fp16", "w8", "palette4", "palette6")},
-    "onnx": {"all": ("fp32", "int8"), "default": ("fp32", "int8")},
+    "onnx": {"all": ("fp32", "fp16", "int8"), "default": ("fp32", "fp16", "int8")},
 }
 DEFAULT_QAT_STEPS = 300
 DEFAULT_CALIB = 128
 DEFAULT_CHECK = 64
+PARITY_IMAGES = 8      # a converter's own parity check against its source model (validation uses --check)
+EXIT_GATE_FAILED = 3
 
 
 class ExportError(ValueError):
@@ -43,7 +57,8 @@ class ExportError(ValueError):
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m quant.export", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--target", required=True, help=f"one of {', '.join(FORMATS)}")
+    p.add_argument("--target", required=True,
+                   help=f"a format ({', '.join(FORMATS)}) or a device profile ({', '.join(device_names())})")
     p.add_argument("--run", help="training run directory (default: the newest v3 run under --runs-dir)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--out", default="exports", help="exports root (default: exports/)")
@@ -56,18 +71,59 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--float-ops", default="DIV",
                    help="TFLite op types an int8 file keeps in float (default DIV; see targets/tflite.py)")
     p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images for int8")
+    p.add_argument("--input-size", help="HxW to export at (default: the device profile's, else the run's)")
     p.add_argument("--check", type=int, default=DEFAULT_CHECK, help="validation images each artefact is run on")
+    p.add_argument("--tolerance", action="append", metavar="PRECISION.KEY=VALUE",
+                   help="override a drift gate, e.g. int8.abs_rel_change=0.03 (keys: abs_rel_change, miou_drop_pt)")
+    p.add_argument("--bench-runs", type=int, default=30, help="timed runs per artefact on this host (0 = no bench)")
+    p.add_argument("--bench-warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16, help="fine-tune batch size (pruning and QAT)")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = the runtime's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for conversion and bench (0 = the device profile's, capped at this host's cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export of this run and target")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What to produce: the format, its precisions, the device profile (if any), size and threads."""
+    format: str
+    precisions: list[str]
+    profile: object            # targets.profiles.DeviceProfile | None
+    input_size: tuple[int, int] | None   # None = the run's training size
+    threads: int
+    tolerances: dict
+    float_ops: list[str]       # TFLite op types an int8 file keeps in float
+
+
+def plan_for(args: argparse.Namespace) -> Plan:
+    from targets.profiles import device, parse_tolerances
+
+    profile = None
+    if args.target in FORMATS:
+        fmt, precisions = args.target, precisions_for(args.target, args.precision)
+    else:
+        profile = device(args.target)   # an unknown name lists formats and devices
+        if args.precision and args.precision != [profile.precision]:
+            raise ExportError(f"{profile.name} is defined as {profile.format} {profile.precision} (targets/devices.json); "
+                              f"for other precisions use --target {profile.format} --precision ...")
+        fmt, precisions = profile.format, [profile.precision]
+    size = parse_size(args.input_size) if args.input_size else (profile.input_size if profile else None)
+    threads = args.threads or min((profile.threads if profile else None) or 2, os.cpu_count() or 1)
+    float_ops = [op.strip().upper() for op in args.float_ops.split(",") if op.strip()]
+    return Plan(fmt, precisions, profile, size, threads, parse_tolerances(args.tolerance), float_ops)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    h, sep, w = text.lower().partition("x")
+    if not (sep and h.isdigit() and w.isdigit()) or int(h) % 32 or int(w) % 32 or not int(h) or not int(w):
+        raise ExportError(f'--input-size "{text}": expected HxW with both sides positive multiples of 32 '
+                          f'(the students downsample by 32), e.g. 256x320')
+    return int(h), int(w)
+
+
 def precisions_for(target: str, requested: list[str] | None) -> list[str]:
-    if target not in FORMATS:
-        from distill.registry import suggest
-        raise ExportError(f'unknown target "{target}"; valid targets: {", ".join(FORMATS)}.{suggest(target, list(FORMATS))}')
     if not requested:
         return list(FORMATS[target]["default"])
     bad = [p for p in requested if p not in FORMATS[target]["all"]]
@@ -80,72 +136,133 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from quant.artefacts import ConversionError, ExportExistsError
     from quant.source import RunNotFoundError
+    from quant.validate import GateFailure
     try:
-        precisions = precisions_for(args.target, args.precision)
-        export(args, precisions)
+        export(args, plan_for(args))
     except (ValueError, RunNotFoundError, ExportExistsError) as e:  # bad input: nothing was written
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except GateFailure as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_GATE_FAILED
     return 0
 
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def export(args: argparse.Namespace, precisions: list[str], log=print) -> Path:
+def export(args: argparse.Namespace, plan: Plan, log=print) -> Path:
     from distill.data import build_datasets
     from distill.students import count_macs, count_params
     from quant import artefacts, source
+    from quant.validate import GateFailure
 
     t_start = time.time()
-    source.set_threads(args.threads)
+    source.set_threads(plan.threads)
     run = source.load_run(source.find_run(args.run, args.runs_dir))
-    h, w = run.input_size
-    log(f"run {run.path} ({run.recipe.name}, {run.recipe.model.student}, {h}x{w}, weights {run.weights.name} "
-        f"sha256 {run.weights_sha256[:12]})")
+    h, w = plan.input_size or run.input_size
+    log(f"run {run.path} ({run.recipe.name}, {run.recipe.model.student}, weights {run.weights.name} "
+        f"sha256 {run.weights_sha256[:12]}); exporting {plan.format} {', '.join(plan.precisions)} at {h}x{w}"
+        + (f" for {plan.profile.name}" if plan.profile else ""))
+    if (h, w) != run.input_size:
+        log(f"note: the run was trained at {run.input_size[0]}x{run.input_size[1]}; the float model's own accuracy "
+            f"at {h}x{w} is in drift.json (float), next to each artefact's")
     staging = artefacts.ExportDir(Path(args.out) / run.name / args.target, args.overwrite)
     work = Path(tempfile.mkdtemp(prefix="densekit-export-"))
     try:
-        train_ds, _ = build_datasets(run.recipe.data, progress=not args.quiet)
-        plain_train, val_ds = build_datasets(replace(run.recipe.data, augment=False), progress=False)
+        data = replace(run.recipe.data, height=h, width=w)
+        train_ds, _ = build_datasets(data, progress=not args.quiet)
+        plain_train, val_ds = build_datasets(replace(data, augment=False), progress=False)
         float_model, config = run.model, {"run": str(run.path), "recipe": run.recipe.name, "target": args.target,
-                                          "precisions": precisions, "input_size": [h, w],
+                                          "format": plan.format, "precisions": plan.precisions, "input_size": [h, w],
+                                          "device": plan.profile.name if plan.profile else None,
                                           "source_checkpoint": {"path": str(run.weights), "sha256": run.weights_sha256}}
         config["model"] = {"params": count_params(float_model), "macs": count_macs(float_model, h, w)}
         if args.prune:
-            float_model, config["prune"] = prune_stage(run, float_model, train_ds, val_ds, args, log)
+            float_model, config["prune"] = prune_stage(run, float_model, train_ds, val_ds, (h, w), args, log)
+            config["model"].update(exported_params=count_params(float_model),
+                                   exported_macs=count_macs(float_model, h, w))
         int8_model, calibration = float_model, {}
-        if "int8" in precisions:
+        if "int8" in plan.precisions:
             int8_model, calibration, config["int8"] = int8_stage(run, float_model, train_ds, plain_train, work,
-                                                                 args, log)
-        job = build_job(args.target, precisions, float_model, int8_model, calibration, run, val_ds, work,
-                        staging.staging, config, args)
-        log(f"converting to {args.target}: {', '.join(precisions)}")
+                                                                 plan, args, log)
+        job = build_job(plan, float_model, int8_model, calibration, run, (h, w), val_ds, work, staging.staging,
+                        config)
+        log(f"converting to {plan.format}: {', '.join(plan.precisions)}")
         result = artefacts.run_converter(job, work, log)
-        scored = [score(a, job, val_ds, run) for a in result["artefacts"]]
-        shutil.copyfile(work / f"{args.target}.log", staging.staging / f"{args.target}.log")  # the converter's log
-        tools = {**result["tools"], **parent_tools()}
+        shutil.copyfile(work / f"{plan.format}.log", staging.staging / f"{plan.format}.log")  # the converter's log
+        reports, drift_md = validation_stage(result["artefacts"], float_model, val_ds, run, plan, staging.staging,
+                                             args, log)
+        bench = None
+        if args.bench_runs > 0:
+            log(f"bench on this host: {args.bench_runs} runs after {args.bench_warmup} warm-up, {plan.threads} threads")
+            bench = benchmark.benchmark(staging.staging, result["artefacts"], threads=plan.threads,
+                                        runs=args.bench_runs, warmup=args.bench_warmup,
+                                        macs=config["model"].get("exported_macs", config["model"]["macs"]), log=log)
+        kit.write_device_kit(staging.staging, result["artefacts"], plan.profile, plan.threads)
+        entries = [{**a, "validation": r.to_json(), **({"bench": bench["artefacts"][a["path"]]} if bench else {})}
+                   for a, r in zip(result["artefacts"], reports)]
         config["wall_s"] = round(time.time() - t_start, 1)
-        manifest = artefacts.write_manifest(staging.staging, scored, tools, config)
+        manifest = artefacts.write_manifest(staging.staging, entries, {**result["tools"], **parent_tools()}, config)
+        table = benchmark.table(manifest["artefacts"], bench, plan.profile.latency_budget_ms if plan.profile else None)
+        io.write_text(staging.staging / "report.md", report_markdown(run, plan, config, drift_md, table))
         final = staging.commit()
     except BaseException:
         staging.discard()
         log(f"export failed; nothing was replaced. Scratch files kept in {work}")
         raise
     shutil.rmtree(work, ignore_errors=True)
-    log(summary_table(manifest))
-    log(f"wrote {final}/manifest.json ({len(manifest['artefacts'])} artefacts, {time.time() - t_start:.0f} s)")
+    log(table)
+    log(f"wrote {final} (report.md, drift.json, benchmark.json, manifest.json; {len(reports)} artefacts, "
+        f"{time.time() - t_start:.0f} s)")
+    failures = [f for r in reports for f in r.failures()]
+    if failures:
+        raise GateFailure(f"{len(failures)} drift gate(s) failed (see {final / 'drift.json'}):\n  "
+                          + "\n  ".join(failures) + "\nGates: targets/devices.json; --tolerance PRECISION.KEY=VALUE "
+                          "overrides one for this export. Try QAT (--qat-steps) or keep an op in float (--float-ops).")
     return final
 
 
-def prune_stage(run, model, train_ds, val_ds, args, log):
+def validation_stage(artefacts: list[dict], float_model, val_ds, run, plan: Plan, export_dir: Path, args, log):
+    """Execute every artefact on --check validation images and gate its drift against the float model."""
+    from quant.drift_report import write_drift
+    from quant.validate import ValidationData, validate
+    from targets.profiles import gate_for
+
+    data = ValidationData.from_dataset(val_ds, args.check)
+    log(f"validating {len(artefacts)} artefacts on {len(data.inputs)} validation images")
+    reports = []
+    for a in artefacts:
+        report = validate(export_dir / a["path"], float_model, data, precision=a["precision"],
+                          gate=gate_for(a["precision"], plan.profile, plan.tolerances), eval_config=run.recipe.eval,
+                          threads=plan.threads)
+        rel = 100 * report.delta["abs_rel"] / report.float["abs_rel"]
+        log(f"  {'pass' if report.passed else 'FAIL'} {a['path']}: abs_rel {report.artefact['abs_rel']:.4f} "
+            f"({rel:+.2f}%), miou {report.artefact.get('miou', float('nan')):.3f} "
+            f"({100 * report.delta.get('miou', float('nan')):+.2f} pt) [{report.executor}]")
+        reports.append(report)
+    return reports, write_drift(export_dir, reports, data, float_model)
+
+
+def report_markdown(run, plan: Plan, config: dict, drift_md: str, table: str) -> str:
+    h, w = config["input_size"]
+    target = f"{plan.profile.name}: {plan.profile.description}" if plan.profile else plan.format
+    return (f"# Export of {run.name} ({run.recipe.name}, {run.recipe.model.student})\n\n"
+            f"Target {target}; {', '.join(plan.precisions)} at {h}x{w}; "
+            f"{config['model']['macs'] / 1e6:.0f} M MACs"
+            + (f", pruned to {config['model']['exported_macs'] / 1e6:.0f} M" if "exported_macs" in config["model"] else "")
+            + (f"; int8 by {config['int8']['method']}" if "int8" in config else "") + ".\n\n"
+            f"## Benchmark\n\n{table}\n{drift_md}")
+
+
+def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], args, log):
     from quant.finetune import finetune
     from quant.prune import PruneTarget, prune_student
 
     target = PruneTarget.parse(args.prune)
-    h, w = run.input_size
+    h, w = size
     before = evaluate(model, val_ds, run.recipe)
     reference = copy.deepcopy(model).eval()
     pruned = copy.deepcopy(model)
@@ -160,7 +277,7 @@ def prune_stage(run, model, train_ds, val_ds, args, log):
     return pruned, report
 
 
-def int8_stage(run, model, train_ds, plain_train, work, args, log):
+def int8_stage(run, model, train_ds, plain_train, work, plan: Plan, args, log):
     """Calibration set; then QAT (or PTQ only when --qat-steps 0).
     Returns the int8 source model, the calibration files (targets.job forms) and a report."""
     from quant import ptq, qat
@@ -171,15 +288,11 @@ def int8_stage(run, model, train_ds, plain_train, work, args, log):
     log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
     if args.qat_steps <= 0:
         return model, calib.files, report
-    fake = ptq.simulate(model, calib, log_depth="EXP" in float_ops(args))
+    fake = ptq.simulate(model, calib, log_depth="EXP" in plan.float_ops)
     finetune(fake, model, run.recipe, train_ds, steps=args.qat_steps, lr=args.qat_lr, batch_size=args.batch_size,
              desc="QAT", progress=not args.quiet, log=log)
     report.update({"qat_steps": args.qat_steps, "qat_lr": args.qat_lr, "activation_ranges": qat.activation_ranges(fake)})
     return qat.finalize(fake), calib.files, report
-
-
-def float_ops(args) -> list[str]:
-    return [op.strip().upper() for op in args.float_ops.split(",") if op.strip()]
 
 
 def evaluate(model, dataset, recipe) -> dict:
@@ -200,19 +313,19 @@ def unit_images(dataset, count: int):
     return torch.stack([unit_rgb(dataset[i]["image"]) for i in range(count)])
 
 
-def build_job(fmt, precisions, float_model, int8_model, calibration, run, val_ds, work, out_dir, config, args):
+def build_job(plan: Plan, float_model, int8_model, calibration, run, size, val_ds, work, out_dir, config):
     from quant import deploy
     from targets.job import Job
 
-    h, w = run.input_size
+    h, w = size
     check_dir = work / "check"
     check_dir.mkdir()
-    inputs = unit_images(val_ds, min(args.check, len(val_ds)))
+    inputs = unit_images(val_ds, min(PARITY_IMAGES, len(val_ds)))
     np.save(check_dir / "inputs.npy", inputs.numpy())
     check = {"inputs": str(check_dir / "inputs.npy")}
     sources = {}
     for name, model in (("float", float_model), ("int8", int8_model)):
-        if name == "int8" and "int8" not in precisions:
+        if name == "int8" and "int8" not in plan.precisions:
             continue
         if name == "int8" and model is float_model:   # PTQ: the int8 files come from the float model
             sources["int8"] = sources["float"]
@@ -222,16 +335,15 @@ def build_job(fmt, precisions, float_model, int8_model, calibration, run, val_ds
         for key, value in (("depth", depth), ("seg", seg)):
             np.save(check_dir / f"{name}_{key}.npy", value.numpy())
             check[f"{name}_{key}"] = str(check_dir / f"{name}_{key}.npy")
-        if fmt == "coreml":
+        if plan.format == "coreml":
             sources[name] = str(deploy.export_program(model, work / f"{name}.pt2", h, w))
         else:
             sources[name] = str(deploy.export_onnx(model, work / f"{name}.onnx", h, w))
     # Absolute paths: a converter may change its working directory (onnx2tf's sample file).
-    return Job(format=fmt, precisions=precisions, sources=sources, out_dir=str(Path(out_dir).resolve()),
-               work_dir=str(work.resolve()),
-               stem=run.name, input_shape=[1, 3, h, w], metadata=artefact_metadata(run, config, fmt),
-               calibration=calibration, check=check, threads=args.threads or 2,
-               float_ops=float_ops(args))
+    return Job(format=plan.format, precisions=plan.precisions, sources=sources, out_dir=str(Path(out_dir).resolve()),
+               work_dir=str(work.resolve()), stem=run.name, input_shape=[1, 3, h, w],
+               metadata=artefact_metadata(run, config, plan.format), calibration=calibration, check=check,
+               threads=plan.threads, float_ops=plan.float_ops)
 
 
 def artefact_metadata(run, config: dict, fmt: str) -> dict:
@@ -240,7 +352,7 @@ def artefact_metadata(run, config: dict, fmt: str) -> dict:
     from distill.spaces import DepthSpace
     from distill.teachers import TEACHERS
 
-    h, w = run.input_size
+    h, w = config["input_size"]
     space = DepthSpace.METRIC if run.recipe.target == "ground_truth" else TEACHERS.get(run.recipe.teacher).space
     return {
         "producer": "densekit", "recipe": run.recipe.name, "run": run.name, "student": run.recipe.model.student,
@@ -255,60 +367,9 @@ def artefact_metadata(run, config: dict, fmt: str) -> dict:
     }
 
 
-def score(artefact: dict, job, val_ds, run) -> dict:
-    """Task metrics of the artefact's own outputs and of the float model's, on the check images."""
-    import torch
-
-    from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
-    from distill.metrics import DepthMetrics, SegMetrics
-    from targets.job import outputs_path
-
-    path = outputs_path(job, artefact["precision"])
-    if not path.exists():  # not executed (CoreML off macOS)
-        return artefact
-    out = np.load(path)
-    ref_depth = np.load(job.check["float_depth"])
-    ref_labels = np.load(job.check["float_seg"]).argmax(1)
-    ec = run.recipe.eval
-    n = len(out["depth"])
-    gt = [val_ds[i] for i in range(n)]
-    gt_depth = torch.stack([g["depth"] for g in gt]); gt_valid = torch.stack([g["valid"] for g in gt])
-    gt_seg = torch.stack([g["seg"] for g in gt])
-    results = {}
-    for name, depth, labels in (("float", ref_depth, ref_labels), ("artefact", out["depth"], out["labels"])):
-        dm = DepthMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
-        sm = SegMetrics(len(NYU13_NAMES), ignore_index=IGNORE_INDEX, class_names=list(NYU13_NAMES))
-        dm.update(torch.from_numpy(np.asarray(depth, np.float32)), gt_depth, gt_valid)
-        sm.update(torch.from_numpy(np.asarray(labels, np.int64)), gt_seg)
-        metrics = {**dm.compute(), **sm.compute()}
-        results[name] = {k: metrics[k] for k in ("abs_rel", "rmse", "d1", "miou") if k in metrics}
-    rel = np.abs(out["depth"] - ref_depth) / np.maximum(ref_depth, 1e-6)
-    results["delta"] = {k: results["artefact"][k] - results["float"][k] for k in results["float"]}
-    results["vs_float"] = {"depth_rel_median": float(np.median(rel)), "depth_rel_p95": float(np.percentile(rel, 95)),
-                           "seg_agreement": float((out["labels"] == ref_labels).mean())}
-    results["images"] = n
-    return {**artefact, "validation": results}
-
-
 def parent_tools() -> dict:
     from targets.job import tool_versions
     return tool_versions("torch", "timm", "torch-pruning", "densekit")
-
-
-def summary_table(manifest: dict) -> str:
-    rows = [f"{'artefact':<44} {'MB':>7} {'abs_rel':>8} {'Δabs_rel%':>10} {'miou':>6} {'Δmiou':>7} {'seg agree':>9}"]
-    for a in manifest["artefacts"]:
-        v = a.get("validation")
-        if v:
-            f, d = v["float"], v["delta"]
-            rel = 100 * d["abs_rel"] / f["abs_rel"] if f.get("abs_rel") else float("nan")
-            rows.append(f"{a['path']:<44} {a['bytes'] / 1e6:>7.2f} {v['artefact']['abs_rel']:>8.4f} {rel:>+10.2f} "
-                        f"{v['artefact'].get('miou', float('nan')):>6.3f} {d.get('miou', float('nan')):>+7.3f} "
-                        f"{v['vs_float']['seg_agreement']:>9.4f}")
-        else:
-            rows.append(f"{a['path']:<44} {a['bytes'] / 1e6:>7.2f}   (not executed here: "
-                        f"{a.get('check', {}).get('reason', 'no runtime')})")
-    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""ONNX converter process: the parent's ONNX graph as fp32, and int8 QDQ via onnxruntime.quantization.
+"""ONNX converter process: the parent's ONNX graph as fp32, fp16, and int8 QDQ via onnxruntime.quantization.
 
 `python -m targets.onnx JOB.json`. Imports onnx and onnxruntime only.
 
 - fp32: the exported graph, simplified (onnxsim folds constant chains), with metadata_props.
+- fp16: float16 weights and compute with float32 input and output (`to_float16`), for GPUs
+  (Jetson's CUDA / TensorRT providers); on a CPU onnxruntime runs it too, mostly through casts.
 - int8: static QDQ quantisation (QuantizeLinear/DequantizeLinear around each op, which
   onnxruntime fuses into int8 kernels): per-channel symmetric int8 weights, per-tensor asymmetric
   int8 activations with min/max ranges from the job's calibration images — the same scheme as
@@ -16,23 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.runners import OrtRunner
 from targets.job import (INPUT_NAME, Job, check_against_reference, main, publish, source_for, tool_versions,
                          write_result)
-
-
-class OrtModel:
-    """An .onnx file behind `__call__(images NCHW float32) -> (depth, seg)`."""
-
-    def __init__(self, path: str | Path, threads: int = 2):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        outs = [self.session.run(["depth", "seg"], {INPUT_NAME: image[None].astype(np.float32)}) for image in images]
-        return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
 
 def simplified(source: str, dest: Path) -> Path:
@@ -76,6 +64,49 @@ def quantize_int8(source: Path, dest: Path, calibration: str) -> None:
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
 
 
+# Inputs that stay float32 in a float16 graph: Resize's roi and scales (ONNX types them float32).
+FLOAT32_INPUTS = {"Resize": (1, 2)}
+
+
+def to_float16(source: Path, dest: Path) -> Path:
+    """float16 weights and compute, float32 input and output (a Cast at each end), so the file takes
+    and returns what the fp32 one does. onnxruntime.transformers.float16 produced invalid graphs on
+    our students (duplicate Cast names for constants shared by several Resize nodes), hence this
+    small converter: every float32 initializer and Constant becomes float16, except FLOAT32_INPUTS."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    keep = {node.input[i] for node in graph.node for i in FLOAT32_INPUTS.get(node.op_type, ())
+            if i < len(node.input)}
+
+    def half(tensor):
+        if tensor.data_type == TensorProto.FLOAT and tensor.name not in keep:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float16), tensor.name))
+
+    for tensor in graph.initializer:
+        half(tensor)
+    for node in graph.node:
+        if node.op_type == "Constant" and node.output[0] not in keep:
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    half(attribute.t)
+    image, outputs = graph.input[0].name, {o.name for o in graph.output}
+    for node in graph.node:   # inner tensors take the float16 names; the graph's ends keep theirs
+        node.input[:] = [f"{name}_fp16" if name == image else name for name in node.input]
+        node.output[:] = [f"{name}_fp16" if name in outputs else name for name in node.output]
+    graph.node.insert(0, helper.make_node("Cast", [image], [f"{image}_fp16"], to=TensorProto.FLOAT16,
+                                          name="densekit_input_to_fp16"))
+    for name in outputs:
+        graph.node.append(helper.make_node("Cast", [f"{name}_fp16"], [name], to=TensorProto.FLOAT,
+                                           name=f"densekit_{name}_to_fp32"))
+    del graph.value_info[:]   # intermediate types changed; onnxruntime infers them again
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dest))
+    return dest
+
+
 def set_metadata(path: Path, metadata: dict) -> None:
     import onnx
 
@@ -99,9 +130,11 @@ def convert(job: Job) -> None:
         if precision == "int8":
             produced, float_graph = work / f"{source}.int8.onnx", produced
             quantize_int8(float_graph, produced, job.calibration["nchw"])
+        elif precision == "fp16":
+            produced = to_float16(produced, work / f"{source}.fp16.onnx")
         set_metadata(produced, {**job.metadata, "precision": precision})
         entry = {"path": f"{job.stem}_{precision}.onnx", "format": "onnx", "precision": precision, "source": source,
-                 "check": check_against_reference(job, precision, OrtModel(produced, job.threads))}
+                 "check": check_against_reference(job, precision, OrtRunner(produced, job.threads))}
         publish(job, produced, entry["path"])
         artefacts.append(entry)
         print(f"onnx {precision}: {entry['path']} ({time.time() - start:.1f} s)", flush=True)

@@ -4,7 +4,8 @@
 decoder, 64x96 input) to TFLite fp32 + int8 and ONNX fp32 + int8 (int8 by PTQ on random images),
 exactly as `quant.export` does, and returns {"tflite_fp32": Path, "tflite_int8": ..., "onnx_fp32":
 ..., "onnx_int8": ..., "inputs": Path to (4, 3, 64, 96) float32 [0, 1] images, "depth"/"seg":
-the PyTorch model's outputs on them}. Tests that run or bench an artefact start from these.
+the PyTorch model's outputs on them, "student": the PyTorch student itself}. Tests that run, bench
+or validate an artefact start from these.
 """
 from __future__ import annotations
 
@@ -58,4 +59,5 @@ def tiny_artefacts(tmp_path_factory) -> dict[str, Path]:
         artefacts.run_converter(job, work, log=lambda line: None)
         for precision in ("fp32", "int8"):
             found[f"{fmt}_{precision}"] = out / f"tiny_{precision}.{fmt}"
+    found["student"] = student
     return found

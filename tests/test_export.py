@@ -23,7 +23,10 @@ from quant.export import main as export_main
 
 TINY = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=64", "data.width=96",
         "data.num_train=48", "data.num_val=8", "train.batch_size=8", "eval.preview_images=1", "train.epochs=1"]
-FAST = ["--calib", "8", "--check", "4", "--batch-size", "4", "--quiet"]
+# The tiny run is barely trained (one epoch on 48 images), so a few int8 steps move its abs_rel by
+# more than a trained model's 2 % gate: the tests widen the int8 gate, and test that a gate fails.
+FAST = ["--calib", "8", "--check", "4", "--batch-size", "4", "--quiet", "--bench-runs", "0",
+        "--tolerance", "int8.abs_rel_change=0.5", "--tolerance", "int8.miou_drop_pt=50"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def tflite_export(run_dir, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DENSEKIT_CACHE", str(run_dir.parent.parent / "cache"))
         mp.chdir(root)  # the default, relative --out (the converters change their working directory)
-        assert export(run_dir, "exports", "--target", "tflite", "--qat-steps", "6") == 0
+        assert export(run_dir, "exports", "--target", "tflite", "--qat-steps", "6", "--bench-runs", "2") == 0
     return root / "exports"
 
 
@@ -75,11 +78,31 @@ def test_tflite_artefacts_run_and_match_torch(tflite_export, run_dir):
     # int8 kernels throughout (MobileNetV3 has no DIV to keep in float)
     assert arts["int8"]["ops_by_dtype"]["float_ops"] == [] and arts["int8"]["ops_by_dtype"]["int8"] > 50
     assert arts["int8"]["bytes"] < 0.5 * arts["fp32"]["bytes"]
-    for a in arts.values():  # scored against ground truth, next to the float model
-        assert set(a["validation"]["float"]) == {"abs_rel", "rmse", "d1", "miou"}
+    for a in arts.values():  # executed, scored against ground truth next to the float model, gated, timed
+        v = a["validation"]
+        assert {"abs_rel", "rmse", "d1", "miou"} <= set(v["float"]) and v["pass"] and v["images"] == 4
+        assert "ai-edge-litert" in v["executor"] and v["gates"]["abs_rel_change"]["pass"]
+        assert a["bench"]["latency_ms"]["p50"] > 0 and a["bench"]["runs"] == 2
+        assert a["bench"]["efficiency"]["peak"] == ("int8" if a["precision"] == "int8" else "fp32")
+    assert arts["fp16"]["validation"]["gates"]["abs_rel_change"]["tolerance"] == 0.002   # the default fp16 gate
     assert manifest["config"]["int8"]["method"] == "qat"
     assert manifest["config"]["source_checkpoint"]["sha256"]
     assert {"onnx2tf", "tensorflow", "torch"} <= set(manifest["tools"])
+
+
+def test_export_directory_holds_the_proof(tflite_export, run_dir):
+    export_dir = tflite_export / run_dir.name / "tflite"
+    drift = json.loads((export_dir / "drift.json").read_text())
+    assert [a["precision"] for a in drift["artefacts"]] == ["fp32", "fp16", "int8"]
+    assert all(a["pass"] for a in drift["artefacts"])
+    bench = json.loads((export_dir / "benchmark.json").read_text())
+    assert bench["host_peak"]["fp32_gflops"] > 0 and bench["host_peak"]["int8_gops"] > 0
+    report = (export_dir / "report.md").read_text()
+    assert "## Benchmark" in report and "## Drift against the float model" in report
+    for name in ("drift_histogram.png", "errors_int8.png", "device/linux_bench.py", "device/android_bench.py",
+                 "device/COMMANDS.md"):
+        assert (export_dir / name).is_file(), name
+    assert f"device/linux_bench.py {run_dir.name}_int8.tflite" in (export_dir / "device/COMMANDS.md").read_text()
 
 
 def test_manifest_hashes_match_and_detect_tampering(tflite_export, run_dir, tmp_path):
@@ -120,11 +143,13 @@ def test_existing_export_is_never_clobbered(tflite_export, run_dir, capsys):
     assert not list(export_dir.parent.glob(".tflite.staging-*"))
 
 
-def test_onnx_fp32_and_int8(run_dir, tmp_path):
+def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
     assert export(run_dir, tmp_path, "--target", "onnx", "--qat-steps", "0") == 0
     manifest = manifest_of(tmp_path, run_dir, "onnx")
     arts = by_precision(manifest)
     assert arts["fp32"]["check"]["depth_rel_max"] < 1e-4 and arts["fp32"]["check"]["seg_max_abs"] < 1e-4
+    assert arts["fp16"]["check"]["depth_rel_median"] < 2e-3 and arts["fp16"]["bytes"] < 0.6 * arts["fp32"]["bytes"]
+    assert arts["fp16"]["validation"]["pass"]
     assert arts["int8"]["check"]["depth_rel_median"] < 0.02 and arts["int8"]["check"]["seg_agreement"] > 0.9
     assert manifest["config"]["int8"]["method"] == "ptq"
 
@@ -157,9 +182,36 @@ def test_pruned_float_only_tflite_export(run_dir, tmp_path):
     assert by_precision(manifest)["fp32"]["check"]["depth_rel_max"] < 1e-4
 
 
+def test_device_target_runs_the_whole_chain(run_dir, tmp_path):
+    """rpi5 = TFLite int8 at 128x160 (targets/devices.json): the tiny run (trained at 64x96) is exported,
+    calibrated and validated at the profile's size, and the kit holds the Linux script."""
+    assert export(run_dir, tmp_path, "--target", "rpi5", "--qat-steps", "2") == 0
+    manifest = manifest_of(tmp_path, run_dir, "rpi5")
+    (art,) = manifest["artefacts"]
+    assert art["path"].endswith("_int8.tflite") and art["validation"]["pass"]
+    assert manifest["config"]["device"] == "rpi5" and manifest["config"]["input_size"] == [128, 160]
+    assert "rpi5" in (tmp_path / run_dir.name / "rpi5" / "device" / "COMMANDS.md").read_text()
+
+
+def test_gate_failure_exits_non_zero_naming_metric_value_and_tolerance(run_dir, tmp_path, capsys):
+    assert export(run_dir, tmp_path, "--target", "onnx", "--precision", "int8", "--qat-steps", "0",
+                  "--tolerance", "int8.abs_rel_change=0") == 3
+    err = capsys.readouterr().err
+    assert f"{run_dir.name}_int8.onnx: abs_rel changed by " in err and "tolerance 0.00%" in err
+    drift = json.loads((tmp_path / run_dir.name / "onnx" / "drift.json").read_text())
+    assert drift["artefacts"][0]["pass"] is False   # written, and marked
+
+
 def test_bad_requests_name_the_fix(run_dir, tmp_path, capsys):
     assert export(run_dir, tmp_path, "--target", "tflit") == 2
     assert 'Did you mean "tflite"' in capsys.readouterr().err
+    assert export(run_dir, tmp_path, "--target", "pixel9") == 2
+    err = capsys.readouterr().err
+    assert 'Did you mean "pixel8"' in err and "jetson-orin" in err
+    assert export(run_dir, tmp_path, "--target", "pixel8", "--precision", "fp16") == 2
+    assert "--target tflite --precision" in capsys.readouterr().err
+    assert export(run_dir, tmp_path, "--target", "tflite", "--input-size", "100x160") == 2
+    assert "multiples of 32" in capsys.readouterr().err
     assert export(run_dir, tmp_path, "--target", "onnx", "--precision", "palette4") == 2
     assert "onnx cannot produce palette4" in capsys.readouterr().err
     assert export_main(["--target", "onnx", "--runs-dir", str(tmp_path / "none")]) == 2

@@ -1,0 +1,54 @@
+"""The device kit of an export: `device/` with the on-device bench scripts and the commands for its files.
+
+Copying `exports/<run>/<target>/` to a device (or just `device/` and one artefact) is enough to
+measure it there: the scripts import nothing from densekit and write the same JSON as
+`python -m edge.bench` (schema "densekit.bench/1"), so device and host figures sit side by side.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from distill import io
+
+SCRIPTS_DIR = Path(__file__).with_name("device")
+SCRIPTS = ("linux_bench.py", "android_bench.py", "coreml_bench.py", "README.md")
+
+
+def write_device_kit(export_dir: Path, artefacts: list[dict], profile=None, threads: int = 4) -> Path:
+    """Copy the scripts into `export_dir/device/` and write COMMANDS.md for `artefacts`."""
+    kit = Path(export_dir) / "device"
+    kit.mkdir(exist_ok=True)
+    for name in SCRIPTS:
+        shutil.copyfile(SCRIPTS_DIR / name, kit / name)
+    threads = (profile.threads if profile and profile.threads else threads)
+    io.write_text(kit / "COMMANDS.md", commands(artefacts, profile, threads))
+    return kit
+
+
+def commands(artefacts: list[dict], profile, threads: int) -> str:
+    lines = ["# Measuring this export on a device", "",
+             "Run from the export directory (the one holding the artefacts); every command writes "
+             "`<artefact>.bench.json` in the schema of `python -m edge.bench` (device/README.md).", ""]
+    if profile:
+        budget = f"{profile.latency_budget_ms} ms" if profile.latency_budget_ms else "none set"
+        lines += [f"Target **{profile.name}**: {profile.description}. Latency budget: {budget}. "
+                  f"Measure with: {profile.bench}.", ""]
+    for a in artefacts:
+        lines += [f"## {a['path']}", "", "```bash", *for_artefact(a["path"], a["format"], threads), "```", ""]
+    return "\n".join(lines)
+
+
+def for_artefact(path: str, fmt: str, threads: int) -> list[str]:
+    out = f"{path}.bench.json"
+    if fmt == "tflite":
+        return [f"# Linux board (Raspberry Pi 5: pip install ai-edge-litert numpy), or any Linux host",
+                f"python3 device/linux_bench.py {path} --threads {threads} --runs 50 --warmup 5 --json {out}",
+                f"# Android, from a host with adb and TFLite's benchmark_model binary for the phone's ABI",
+                f"python3 device/android_bench.py {path} --benchmark-binary /path/to/benchmark_model "
+                f"--threads {threads} --delegate xnnpack --runs 50 --warmup 5 --json {out}"]
+    if fmt == "coreml":
+        return ["# macOS (pip install coremltools numpy); on iOS use Xcode's Core ML performance report",
+                f"python3 device/coreml_bench.py {path} --compute-units all --runs 50 --warmup 5 --json {out}"]
+    return ["# any machine with densekit and onnxruntime installed (pip install -e .[export])",
+            f"python -m edge.bench {path} --threads {threads} --runs 50 --warmup 5 --json {out}"]

@@ -1,0 +1,106 @@
+"""quant.validate: drift of real artefacts, executed by their runtimes, against the float model;
+targets.profiles: device profiles and gates; quant.drift_report: drift.json and the figures."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distill.recipes.base import DataConfig
+from distill.data import build_datasets
+from quant.drift_report import write_drift
+from quant.validate import ValidationData, precision_from_name, validate
+from targets import profiles
+
+
+@pytest.fixture(scope="module")
+def val_data(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DENSEKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+        _, val = build_datasets(DataConfig(height=64, width=96, num_train=4, num_val=6), progress=False)
+    return ValidationData.from_dataset(val)
+
+
+def test_fp32_tflite_matches_float_and_passes(tiny_artefacts, val_data):
+    report = validate(tiny_artefacts["tflite_fp32"], tiny_artefacts["student"], val_data)
+    assert report.precision == "fp32" and report.format == "tflite" and "litert" in report.executor.lower()
+    assert report.passed and set(report.gates) == {"finite", "abs_rel_change", "miou_drop_pt"}
+    assert report.per_pixel["depth_rel_p99"] < 1e-4 and report.per_pixel["seg_agreement"] > 0.999
+    assert abs(report.delta["abs_rel"]) < 1e-5 * report.float["abs_rel"] + 1e-9
+    assert {"abs_rel", "rmse", "d1", "silog", "miou", "pixel_acc"} <= set(report.float)  # summary.json keys
+    assert report.images == 6
+
+
+def test_gate_failure_names_artefact_metric_value_and_tolerance(tiny_artefacts, val_data):
+    strict = {"abs_rel_change": 0.0, "miou_drop_pt": 0.0}
+    report = validate(tiny_artefacts["onnx_int8"], tiny_artefacts["student"], val_data, gate=strict)
+    assert "onnxruntime" in report.executor
+    changed = report.gates["abs_rel_change"]
+    assert not report.passed and not changed["pass"] and changed["value"] > 0 and changed["tolerance"] == 0
+    message = next(f for f in report.failures() if "abs_rel" in f)
+    assert message.startswith("tiny_int8.onnx: abs_rel changed by ")
+    assert f"{100 * changed['value']:.2f}% relative; tolerance 0.00%" in message
+
+
+def test_non_finite_output_never_passes(tiny_artefacts, val_data, tmp_path):
+    """An artefact whose weights hold a NaN fails the `finite` gate, whatever the tolerances."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(tiny_artefacts["onnx_fp32"]))
+    conv = next(t for t in model.graph.initializer if numpy_helper.to_array(t).ndim == 4)
+    weights = numpy_helper.to_array(conv).copy()
+    weights.flat[0] = np.nan
+    conv.CopyFrom(numpy_helper.from_array(weights, conv.name))
+    broken = tmp_path / "broken_fp32.onnx"
+    onnx.save(model, str(broken))
+    report = validate(broken, tiny_artefacts["student"], val_data, gate={"abs_rel_change": 1e9, "miou_drop_pt": 1e9})
+    assert not report.passed and report.gates["finite"] == {"value": False, "tolerance": True, "pass": False}
+    assert report.per_pixel["depth_non_finite"] > 0
+
+
+def test_drift_files(tiny_artefacts, val_data, tmp_path):
+    reports = [validate(tiny_artefacts[k], tiny_artefacts["student"], val_data) for k in ("tflite_fp32", "tflite_int8")]
+    section = write_drift(tmp_path, reports, val_data, tiny_artefacts["student"])
+    drift = json.loads((tmp_path / "drift.json").read_text())
+    entry = drift["artefacts"][1]
+    assert {"path", "format", "precision", "executor", "float", "artefact", "delta", "gates", "pass"} <= set(entry)
+    assert entry["path"] == "tiny_int8.tflite" and entry["precision"] == "int8"
+    assert entry["delta"]["abs_rel"] == pytest.approx(entry["artefact"]["abs_rel"] - entry["float"]["abs_rel"])
+    for name in ("drift_histogram.png", "errors_fp32.png", "errors_int8.png"):
+        with Image.open(tmp_path / name) as image:
+            assert image.size[0] > 100 and image.size[1] > 50
+    assert "tiny_int8.tflite" in section and "drift_histogram.png" in section
+
+
+def test_precision_from_name():
+    assert precision_from_name(Path("a/v3-x_palette4.mlpackage")) == "palette4"
+    with pytest.raises(ValueError, match="cannot tell the precision"):
+        precision_from_name(Path("model.tflite"))
+
+
+def test_device_profiles():
+    pixel8 = profiles.device("pixel8")
+    assert (pixel8.format, pixel8.precision, pixel8.threads) == ("tflite", "int8", 4)
+    assert pixel8.input_size == (256, 320) and pixel8.latency_budget_ms > 0
+    assert {"pixel8", "iphone15", "rpi5", "jetson-orin", "generic-cpu"} <= set(profiles.device_names())
+    for name in profiles.device_names():   # every profile resolves to a gate
+        p = profiles.device(name)
+        assert set(profiles.gate_for(p.precision, p)) == set(profiles.GATE_KEYS)
+    with pytest.raises(ValueError) as e:
+        profiles.device("pixel9")
+    assert 'Did you mean "pixel8"' in str(e.value) and "jetson-orin" in str(e.value) and "tflite" in str(e.value)
+
+
+def test_gate_precedence_and_tolerance_parsing():
+    overrides = profiles.parse_tolerances(["int8.abs_rel_change=0.05"])
+    assert overrides == {"int8": {"abs_rel_change": 0.05}}
+    gate = profiles.gate_for("int8", profiles.device("pixel8"), overrides)
+    assert gate == {"abs_rel_change": 0.05, "miou_drop_pt": 1.0}
+    assert profiles.gate_for("fp16") == {"abs_rel_change": 0.002, "miou_drop_pt": 0.2}   # the issue's fp16 bar
+    for bad in ("int8.rmse=0.1", "int8=0.1", "int8.abs_rel_change=lots"):
+        with pytest.raises(ValueError, match="--tolerance"):
+            profiles.parse_tolerances([bad])
