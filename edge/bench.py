@@ -2,6 +2,7 @@
 
     python -m edge.bench ARTEFACT [--threads N] [--runs K] [--warmup W] [--json OUT.json]
                          [--executor auto|predict|reference]
+    python -m edge.bench A.tflite B.tflite ...      # side by side: interleaved runs, speed-up vs A
 
 Feeds one seeded random image of the artefact's shape, runs `warmup` untimed inferences, then
 times each of `runs` inferences with time.perf_counter around the runner's invoke closure (for
@@ -21,6 +22,10 @@ Memory: peak_rss is the process's peak resident set (getrusage ru_maxrss), basel
 resident set just before the runner is made, model_rss their difference (runtime + model +
 buffers). Peaks are per process, so run one artefact per process (quant/benchmark.py does).
 
+With several artefacts, `compare` loads them all in one process and interleaves their runs (A, B,
+A, B, ...), so that a noisy machine slows each of them alike: the ratios are what to read
+(JSON schema "densekit.bench-compare/1"; no memory figures, the process is shared).
+
 Core ML latency means something only under Core ML on Apple hardware: off macOS this refuses
 (exit 2); measure it with edge/device/coreml_bench.py on a Mac.
 """
@@ -38,7 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.run import atomic_write
-from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner
+from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner, threads_text
 
 SCHEMA = "densekit.bench/1"
 MIB = 2 ** 20
@@ -142,6 +147,37 @@ def bench(path: str | Path, *, threads: int | None = None, runs: int = 50, warmu
     }
 
 
+def compare(paths: list[str | Path], *, threads: int | None = None, runs: int = 50, warmup: int = 5) -> dict:
+    """Interleaved runs of several artefacts in one process; speed-up of each against the first."""
+    for path in paths:
+        check_bench(path, runs, warmup, "auto")
+    runners = [open_runner(path, threads=threads) for path in paths]
+    calls = [r.invoke_fn(np.random.default_rng(0).random((1, *image_shape(r)), dtype=np.float32)) for r in runners]
+    for call in calls:
+        time_runs(call, 0, warmup)
+    seconds: list[list[float]] = [[] for _ in calls]
+    for _ in range(runs):
+        for i, call in enumerate(calls):
+            seconds[i] += time_runs(call, 1, 0)
+    stats = [latency_stats(s) for s in seconds]
+    return {"schema": "densekit.bench-compare/1", "device": host_device(), "threads": threads, "runs": runs,
+            "warmup": warmup, "source": "edge.bench",
+            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "artefacts": [{"artefact": Path(p).name, "executor": r.executor, "latency_ms": st,
+                           "speedup_vs_first": stats[0]["p50"] / st["p50"]}
+                          for p, r, st in zip(paths, runners, stats)]}
+
+
+def compare_summary(result: dict) -> str:
+    rows = [f"{'artefact':<44} {'p50 ms':>8} {'p90 ms':>8} {'min ms':>8} {'speed-up':>9}"]
+    for a in result["artefacts"]:
+        lat = a["latency_ms"]
+        rows.append(f"{a['artefact']:<44} {lat['p50']:>8.2f} {lat['p90']:>8.2f} {lat['min']:>8.2f} "
+                    f"{a['speedup_vs_first']:>8.2f}x")
+    return (f"{result['runs']} interleaved runs each after {result['warmup']} warm-up, "
+            f"{threads_text(result['threads'])}, p50 speed-up against the first\n" + "\n".join(rows))
+
+
 def summary(result: dict) -> str:
     lat, mem = result["latency_ms"], result["memory_mb"]
     return (f"{result['artefact']} on {result['executor']}, input {tuple(result['input_shape'])}, "
@@ -154,7 +190,7 @@ def summary(result: dict) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m edge.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("artefact", help=".tflite or .onnx (.mlpackage on macOS)")
+    parser.add_argument("artefact", nargs="+", help=".tflite or .onnx (.mlpackage on macOS); several = side by side")
     parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
     parser.add_argument("--runs", type=int, default=50, help="timed inferences (default 50)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed inferences first (default 5)")
@@ -166,17 +202,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        result = bench(args.artefact, threads=args.threads, runs=args.runs, warmup=args.warmup,
-                       executor=args.executor)
+        if len(args.artefact) > 1:
+            result = compare(args.artefact, threads=args.threads, runs=args.runs, warmup=args.warmup)
+        else:
+            result = bench(args.artefact[0], threads=args.threads, runs=args.runs, warmup=args.warmup,
+                           executor=args.executor)
     except BenchRefused as exc:
         print(f"edge.bench: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:   # the runtime rejected the artefact or failed while running it
         import traceback
         traceback.print_exc()
-        print(f"edge.bench: {args.artefact} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"edge.bench: {' '.join(args.artefact)} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(summary(result))
+    print(compare_summary(result) if len(args.artefact) > 1 else summary(result))
     if args.json:
         atomic_write(args.json, (json.dumps(result, indent=2) + "\n").encode())
         print(f"wrote {args.json}")

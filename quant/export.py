@@ -215,8 +215,8 @@ def export(args: argparse.Namespace, plan: Plan, log=print) -> Path:
         raise
     shutil.rmtree(work, ignore_errors=True)
     log(table)
-    log(f"wrote {final} (report.md, drift.json, benchmark.json, manifest.json; {len(reports)} artefacts, "
-        f"{time.time() - t_start:.0f} s)")
+    files = "report.md, drift.json, manifest.json" + (", benchmark.json" if bench else "")
+    log(f"wrote {final} ({files}; {len(reports)} artefacts, {time.time() - t_start:.0f} s)")
     failures = [f for r in reports for f in r.failures()]
     if failures:
         raise GateFailure(f"{len(failures)} drift gate(s) failed (see {final / 'drift.json'}):\n  "
@@ -327,23 +327,33 @@ def build_job(plan: Plan, float_model, int8_model, calibration, run, size, val_d
     for name, model in (("float", float_model), ("int8", int8_model)):
         if name == "int8" and "int8" not in plan.precisions:
             continue
-        if name == "int8" and model is float_model:   # PTQ: the int8 files come from the float model
-            sources["int8"] = sources["float"]
+        ptq = name == "int8" and model is float_model   # PTQ: the int8 files come from the float model
+        if ptq:
             check.update(int8_depth=check["float_depth"], int8_seg=check["float_seg"])
-            continue
-        depth, seg = deploy.reference_outputs(model, inputs)
-        for key, value in (("depth", depth), ("seg", seg)):
-            np.save(check_dir / f"{name}_{key}.npy", value.numpy())
-            check[f"{name}_{key}"] = str(check_dir / f"{name}_{key}.npy")
-        if plan.format == "coreml":
-            sources[name] = str(deploy.export_program(model, work / f"{name}.pt2", h, w))
         else:
-            sources[name] = str(deploy.export_onnx(model, work / f"{name}.onnx", h, w))
+            depth, seg = deploy.reference_outputs(model, inputs)
+            for key, value in (("depth", depth), ("seg", seg)):
+                np.save(check_dir / f"{name}_{key}.npy", value.numpy())
+                check[f"{name}_{key}"] = str(check_dir / f"{name}_{key}.npy")
+        same_file = ptq and plan.format != "tflite"   # TFLite writes int8 activations its own way
+        sources[name] = sources["float"] if same_file else source_file(plan.format, name, model, work, (h, w))
     # Absolute paths: a converter may change its working directory (onnx2tf's sample file).
     return Job(format=plan.format, precisions=plan.precisions, sources=sources, out_dir=str(Path(out_dir).resolve()),
                work_dir=str(work.resolve()), stem=run.name, input_shape=[1, 3, h, w],
                metadata=artefact_metadata(run, config, plan.format), calibration=calibration, check=check,
                threads=plan.threads, float_ops=plan.float_ops)
+
+
+def source_file(fmt: str, name: str, model, work: Path, size: tuple[int, int]) -> str:
+    """What the converter reads: a torch.export program for CoreML, else ONNX; for TFLite with the
+    activations XNNPACK runs at that precision (deploy.for_litert)."""
+    from quant import deploy
+
+    if fmt == "coreml":
+        return str(deploy.export_program(model, work / f"{name}.pt2", *size))
+    if fmt == "tflite":
+        model = deploy.for_litert(model, int8=name == "int8")
+    return str(deploy.export_onnx(model, work / f"{name}.onnx", *size))
 
 
 def artefact_metadata(run, config: dict, fmt: str) -> dict:

@@ -158,3 +158,16 @@ def test_measure_peak_is_positive():
     peak = measure_peak(1, size=256, repeats=2)
     assert peak["fp32_gflops"] > 0 and peak["int8_gops"] > 0
     assert peak["size"] == 256 and peak["threads"] == 1 and "MatMulInteger" in peak["method"]
+
+
+def test_compare_interleaves_and_reports_speedups(tiny_artefacts, tmp_path):
+    out = tmp_path / "compare.json"
+    proc = edge_cli("edge.bench", tiny_artefacts["tflite_fp32"], tiny_artefacts["tflite_int8"], "--threads", "1",
+                    "--runs", "4", "--warmup", "1", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["schema"] == "densekit.bench-compare/1" and result["runs"] == 4
+    first, second = result["artefacts"]
+    assert first["artefact"] == "tiny_fp32.tflite" and first["speedup_vs_first"] == 1.0
+    assert second["speedup_vs_first"] == pytest.approx(first["latency_ms"]["p50"] / second["latency_ms"]["p50"])
+    assert "speed-up" in proc.stdout
