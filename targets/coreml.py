@@ -17,9 +17,12 @@ Precisions:
   lookup table per tensor (constexpr_lut_to_dense; k-means runs in scikit-learn).
 Every compressed op type stays in the iOS16 opset (see MINIMUM_TARGET).
 
-Execution: CoreML predicts only on macOS. There each package is loaded and run on the job's check
-images and compared with the PyTorch outputs; on Linux the check records that it did not run
-(executing an ML program on Linux needs a reference executor of its MIL ops, not built yet).
+Execution: every package is run on the job's check images right after it is saved and compared
+with the PyTorch outputs (edge.coreml.CoreMLRunner, executor "auto"). On macOS Core ML runs it
+(`MLModel.predict`) and the check also records `reference_parity`: predict against the MIL
+reference executor (edge/mil.py) on the same images. Elsewhere Core ML has no runtime, so the
+reference executor runs the saved MIL program op by op at the program's precision; `executor` in
+the check names which one ran.
 
 Environment: DENSEKIT_COREML_WEIGHT_THRESHOLD overrides WEIGHT_THRESHOLD (tests set it to 0 so the
 tiny test models' small tensors are compressed too).
@@ -59,6 +62,7 @@ import torch  # noqa: E402
 import coremltools as ct  # noqa: E402
 import coremltools.optimize.coreml as cto  # noqa: E402
 
+from edge.coreml import CoreMLRunner  # noqa: E402
 from targets.job import (DEPTH, INPUT_NAME, SEG, Job, check_against_reference, main,  # noqa: E402
                          source_for, tool_versions, write_result)
 
@@ -82,8 +86,7 @@ WEIGHT_THRESHOLD_ENV = "DENSEKIT_COREML_WEIGHT_THRESHOLD"
 
 PRECISIONS = ("fp32", "fp16", "w8", "palette4", "palette6")
 PALETTE_BITS = {"palette4": 4, "palette6": 6}
-NOT_EXECUTED = {"executed": False,
-                "reason": "Core ML runs packages only on macOS"}
+NOT_EXECUTED = {"executed": False, "reason": "the job has no check images"}
 
 DESCRIPTIONS = {
     INPUT_NAME: "RGB float32 in [0, 1], NCHW, normalisation inside the model",
@@ -216,23 +219,21 @@ def weight_ops(path: Path) -> dict:
     return found
 
 
-def predictor(path: Path):
-    """macOS only: run the saved package one image at a time."""
-    model = ct.models.MLModel(str(path))
-
-    def run(inputs: np.ndarray):
-        outs = [model.predict({INPUT_NAME: inputs[i:i + 1].astype(np.float32)}) for i in range(len(inputs))]
-        return np.concatenate([o[DEPTH] for o in outs]), np.concatenate([o[SEG] for o in outs])
-
-    return run
+def predictor(path: Path, threads: int | None = None) -> CoreMLRunner:
+    """The saved package as a runner `(inputs NCHW) -> (depth, seg)`: MLModel.predict on macOS, the
+    MIL reference executor elsewhere (edge/coreml.py)."""
+    return CoreMLRunner(path, threads=threads, executor="auto")
 
 
 def execution_check(job: Job, precision: str, path: Path) -> dict:
-    if sys.platform != "darwin":
-        return dict(NOT_EXECUTED)
+    """Run the package on the check images: parity with PyTorch, and on macOS with the reference too."""
     if not job.check:
-        return {"executed": False, "reason": "the job has no check images"}
-    return {"executed": True, **check_against_reference(job, precision, predictor(path))}
+        return dict(NOT_EXECUTED)
+    runner = predictor(path, threads=max(1, job.threads))
+    report = {"executed": True, "executor": runner.executor, **check_against_reference(job, precision, runner)}
+    if sys.platform == "darwin":
+        report["reference_parity"] = runner.compare_executors(np.load(job.check["inputs"]))
+    return report
 
 
 def validate(job: Job) -> None:

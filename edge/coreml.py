@@ -1,0 +1,140 @@
+"""The Core ML runner: an .mlpackage run by `MLModel.predict` on macOS, by the MIL reference executor elsewhere.
+
+    runner = CoreMLRunner("exports/.../v3-..._fp16.mlpackage")          # executor="auto"
+    depth, seg = runner(images)        # (N, 3, H, W) float32 RGB in [0, 1] -> (N, 1, H, W), (N, C, H, W)
+
+Executors:
+- "predict": coremltools' `MLModel.predict` with compute units ALL (Core ML chooses CPU, GPU or the
+  Neural Engine). macOS only: Core ML has no Linux runtime. `threads` does not apply (Core ML
+  schedules its own work).
+- "reference": `edge.mil.MILProgram`, which executes the saved MIL program op by op in numpy/torch
+  at the program's precision (fp16 storage between ops). Runs anywhere; it checks what the package
+  computes, not how fast Core ML computes it (its latency says nothing about a device), and it does
+  not model fp16 accumulation on the GPU / Neural Engine (edge/mil.py says how that bounds it).
+  `threads`: torch's intra-op threads while it runs (None: torch's default).
+- "auto": "predict" on macOS, "reference" elsewhere.
+
+The shared runner interface (edge/runners.py): `format`, `executor` (in words), `input_shape`,
+`__call__(images)`, `invoke_fn(image)`. `compare_executors(images)` (macOS) runs both executors on
+the same images and returns targets.job.compare's parity dict of predict against the reference.
+
+This module imports torch and coremltools (with TensorFlow hidden), never TensorFlow.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edge.mil import MILProgram, import_coremltools
+from edge.runners import DEPTH, EXECUTORS, SEG, check_images, find_outputs, threads_text
+from targets.job import INPUT_NAME, compare
+
+ON_MACOS = sys.platform == "darwin"
+
+
+def resolve_executor(executor: str) -> str:
+    """"predict" or "reference" for `executor`; raises ValueError (unknown) or RuntimeError (predict off macOS)."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"unknown Core ML executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
+    if executor == "auto":
+        return "predict" if ON_MACOS else "reference"
+    if executor == "predict" and not ON_MACOS:
+        raise RuntimeError(f"MLModel.predict needs macOS; this is {sys.platform}, where Core ML has no runtime: "
+                           "use executor='reference' (the MIL reference executor, edge/mil.py; --executor reference)")
+    return executor
+
+
+class ThreadsFor:
+    """Context: torch's intra-op threads set to `threads` (None: unchanged), restored afterwards."""
+
+    def __init__(self, threads: int | None):
+        self.threads, self.saved = threads, None
+
+    def __enter__(self):
+        if self.threads is not None:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(self.threads)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            torch.set_num_threads(self.saved)
+
+
+class CoreMLRunner:
+    """An .mlpackage, executed by MLModel.predict (macOS) or the MIL reference executor.
+
+    path: the package directory; threads: the reference executor's torch threads (None: default);
+    executor: "auto" | "predict" | "reference" (see the module docstring).
+    """
+
+    format = "coreml"
+
+    def __init__(self, path: str | Path, *, threads: int | None = None, executor: str = "auto"):
+        self.path, self.threads = Path(path), threads
+        if self.path.suffix != ".mlpackage" or not self.path.is_dir():
+            raise ValueError(f"{self.path} is not an .mlpackage directory; Core ML artefacts from "
+                             "python -m quant.export --target coreml are <stem>_<precision>.mlpackage")
+        self.kind = resolve_executor(executor)
+        self._model = self._program = None
+        if self.kind == "predict":
+            self._model = import_coremltools().models.MLModel(str(self.path))   # compute units ALL
+            spec = self._model.get_spec()
+            inputs = {i.name: tuple(i.type.multiArrayType.shape) for i in spec.description.input}
+            outputs = [o.name for o in spec.description.output]
+            self.executor = f"MLModel.predict (macOS {platform.mac_ver()[0]}, compute units ALL)"
+        else:
+            self._program = MILProgram(self.path)
+            inputs = {name: kind.shape for name, kind in self._program.inputs.items()}
+            outputs = self._program.output_names
+            self.executor = (f"coreml-reference (numpy/torch, {self._program.precision} per op, "
+                             f"{threads_text(threads)})")
+        find_outputs(outputs, self.path)
+        if INPUT_NAME not in inputs:
+            raise ValueError(f"{self.path} has inputs {sorted(inputs)} but no {INPUT_NAME!r}: artefacts from "
+                             "python -m quant.export take 'image'; re-export the model")
+        self.input_shape = tuple(int(s) for s in inputs[INPUT_NAME])
+
+    def _predict_one(self, image: np.ndarray) -> dict:
+        return self._model.predict({INPUT_NAME: np.ascontiguousarray(image, np.float32)})
+
+    def _reference_one(self, image: np.ndarray) -> dict:
+        with ThreadsFor(self.threads):
+            return self._program({INPUT_NAME: np.ascontiguousarray(image, np.float32)})
+
+    def _one(self) -> Callable[[np.ndarray], dict]:
+        return self._predict_one if self.kind == "predict" else self._reference_one
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """images (N, 3, H, W) float32 RGB in [0, 1] -> depth (N, 1, H, W) metres, seg (N, C, H, W) logits."""
+        check_images(images, self)
+        run = self._one()
+        outs = [run(image[None]) for image in images]   # the artefact has batch 1
+        return (np.concatenate([np.asarray(o[DEPTH], np.float32) for o in outs]),
+                np.concatenate([np.asarray(o[SEG], np.float32) for o in outs]))
+
+    def invoke_fn(self, image: np.ndarray) -> Callable[[], None]:
+        """fn() runs one inference on `image` (1, 3, H, W), prepared once (for latency timing)."""
+        check_images(image, self)
+        prepared, run = np.ascontiguousarray(image, np.float32), self._one()
+
+        def invoke() -> None:
+            run(prepared)
+        return invoke
+
+    def compare_executors(self, images: np.ndarray) -> dict:
+        """macOS: targets.job.compare of MLModel.predict's outputs against the reference executor's
+        on `images` (N, 3, H, W): how far Core ML's real arithmetic is from the reference's."""
+        if not ON_MACOS:
+            raise RuntimeError(f"compare_executors runs MLModel.predict, which needs macOS; this is {sys.platform}. "
+                               "Off macOS only the reference executor runs (executor='reference')")
+        predict = self if self.kind == "predict" else CoreMLRunner(self.path, executor="predict")
+        reference = self if self.kind == "reference" else CoreMLRunner(self.path, threads=self.threads,
+                                                                       executor="reference")
+        report = compare(*predict(images), *reference(images))
+        report["reference"] = "coreml-reference"
+        return report
