@@ -18,8 +18,8 @@ too, so host and device figures sit side by side:
      "memory_mb": {"peak_rss", "baseline_rss", "model_rss"}  (MiB = 2**20 bytes),
      "source": "edge.bench", "created": UTC ISO 8601}
 
-Memory: peak_rss is the process's peak resident set (getrusage ru_maxrss), baseline_rss the
-resident set just before the runner is made, model_rss their difference (runtime + model +
+Memory: peak_rss is the process's peak resident set (VmHWM on Linux, ru_maxrss on macOS),
+baseline_rss the resident set just before the runner is made, model_rss their difference (runtime + model +
 buffers). Peaks are per process, so run one artefact per process (quant/benchmark.py does).
 
 With several artefacts, `compare` loads them all in one process and interleaves their runs (A, B,
@@ -80,11 +80,20 @@ def current_rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far, in MiB: VmHWM from /proc/self/status on Linux
+    (ru_maxrss there keeps the parent's peak across fork + exec, so a bench started by a large
+    process would report the parent's size), else ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / MIB if sys.platform == "darwin" else peak / 1024
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
 
 
 def latency_stats(seconds: list[float]) -> dict:

@@ -52,9 +52,13 @@ def runs_here(fmt: str) -> bool:
 
 def benchmark(export_dir: Path, artefacts: list[dict], *, threads: int, runs: int, warmup: int, macs: int,
               log=print) -> dict:
-    """{"host_peak": {...}, "macs": int, "artefacts": {path: bench JSON + efficiency, or {"skipped": why}}}."""
-    peak = host_peak(threads)
-    log(f"host peak ({threads} threads): fp32 {peak['fp32_gflops']:.1f} GFLOP/s, int8 {peak['int8_gops']:.1f} GOP/s")
+    """{"host_peak": {...} (None when nothing runs here), "macs": int, "threads": int,
+    "artefacts": {path: bench JSON + efficiency, or {"skipped": why}}}."""
+    peak = None
+    if any(runs_here(a["format"]) for a in artefacts):
+        peak = host_peak(threads)
+        log(f"host peak ({threads} threads): fp32 {peak['fp32_gflops']:.1f} GFLOP/s, "
+            f"int8 {peak['int8_gops']:.1f} GOP/s")
     results = {}
     for a in artefacts:
         if not runs_here(a["format"]):
@@ -98,7 +102,7 @@ def table(manifest_artefacts: list[dict], bench: dict | None, budget_ms: float |
             speed = f"{b.get('skipped', 'not measured')} | | | |"
         lines.append(f"| {a['path']} | {a['bytes'] / 1e6:.2f} | {gate} | {rel} | {miou} | {speed} |")
     notes = []
-    if bench:
+    if bench and bench["host_peak"]:
         p = bench["host_peak"]
         notes.append(f"Host: {bench['threads']} threads; measured peak fp32 {p['fp32_gflops']:.1f} GFLOP/s, "
                      f"int8 {p['int8_gops']:.1f} GOP/s ({p['method']}); model {bench['macs'] / 1e6:.0f} M MACs.")

@@ -11,7 +11,7 @@ nothing from densekit, so it runs where densekit is not installed.
 
 Timing sets the input once and times `interpreter.invoke()` alone with `time.perf_counter`, after
 `--warmup` untimed calls. Memory: `baseline_rss` is the resident set (from /proc/self/statm) after
-the imports and before the model loads, `peak_rss` is the process's peak (getrusage) after the
+the imports and before the model loads, `peak_rss` is the process's peak (VmHWM, else getrusage) after the
 timed runs, and `model_rss` is their difference: what loading and running the model added.
 
 With `--inputs` ((N, 3, H, W) float32 RGB in [0, 1], as `np.save` writes it) every image is run
@@ -88,9 +88,18 @@ def current_rss_mb():
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process, in MB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far, in MB: VmHWM from /proc/self/status on Linux
+    (ru_maxrss there keeps the parent's peak across fork + exec, so a bench started by a large
+    process would report the parent's size), else ru_maxrss (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
 
 
 def cpu_model() -> str:
