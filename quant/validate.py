@@ -10,10 +10,11 @@ the training metrics (distill/metrics.py, keys as in a run's summary.json), and 
 artefact's precision (targets/profiles.py) decides pass or fail:
 - abs_rel_change: |abs_rel(artefact) - abs_rel(float)| / abs_rel(float);
 - miou_drop_pt: miou(float) - miou(artefact), in points;
-- finite: every output value is finite (a NaN never passes).
+- finite: every output value is finite (a NaN never passes);
+- depth_rel_p99, seg_agreement_min (float precisions): per-pixel agreement with the float model.
 Per-pixel drift (relative depth difference percentiles, segmentation label agreement) is
-reported next to the task metrics; it explains a failure but is not gated: a QAT model can
-differ per pixel from its float parent and be as accurate.
+reported for every artefact; int8 is not gated on it: a QAT model can differ per pixel from its
+float parent and be as accurate.
 """
 from __future__ import annotations
 
@@ -104,6 +105,11 @@ def describe_gate(name: str, gate: dict) -> str:
         return f"abs_rel changed by {100 * gate['value']:.2f}% relative; tolerance {100 * gate['tolerance']:.2f}%"
     if name == "miou_drop_pt":
         return f"miou dropped by {gate['value']:.2f} points; tolerance {gate['tolerance']:.2f} points"
+    if name == "depth_rel_p99":
+        return (f"99% of pixels within {100 * gate['value']:.3f}% of the float depth; "
+                f"tolerance {100 * gate['tolerance']:.3f}%")
+    if name == "seg_agreement_min":
+        return f"{100 * gate['value']:.2f}% of labels agree with the float model; required {100 * gate['tolerance']:.2f}%"
     return f"{name} is {gate['value']}; required {gate['tolerance']}"
 
 
@@ -125,11 +131,12 @@ def validate(artefact: str | Path, float_model: torch.nn.Module, data, *, precis
     float_metrics = task_metrics(ref_depth, ref_labels, data, eval_config)
     finite = bool(np.isfinite(depth).all())
     art_metrics = task_metrics(np.nan_to_num(depth, nan=0.0, posinf=0.0, neginf=0.0), labels, data, eval_config)
-    gates = apply_gate(gate, float_metrics, art_metrics, finite)
+    per_pixel = per_pixel_drift(depth, labels, ref_depth, ref_labels)
+    gates = apply_pixel_gate(gate, per_pixel, apply_gate(gate, float_metrics, art_metrics, finite))
     return DriftReport(path=artefact.name, format=format_of(artefact), precision=precision, executor=executor_name,
                        images=len(data.inputs), float=float_metrics, artefact=art_metrics,
                        delta={k: art_metrics[k] - float_metrics[k] for k in float_metrics},
-                       per_pixel=per_pixel_drift(depth, labels, ref_depth, ref_labels), gates=gates,
+                       per_pixel=per_pixel, gates=gates,
                        passed=all(g["pass"] for g in gates.values()), outputs=(depth, labels))
 
 
@@ -187,6 +194,19 @@ def apply_gate(gate: dict[str, float], float_metrics: dict, art_metrics: dict, f
         drop = 100 * (float_metrics["miou"] - art_metrics["miou"])
         results["miou_drop_pt"] = {"value": drop, "tolerance": gate["miou_drop_pt"],
                                    "pass": drop <= gate["miou_drop_pt"]}
+    return results
+
+
+def apply_pixel_gate(gate: dict[str, float], per_pixel: dict, results: dict) -> dict[str, dict]:
+    """Add the per-pixel gates (float precisions) to `results`."""
+    if "depth_rel_p99" in gate:
+        value = per_pixel["depth_rel_p99"]
+        results["depth_rel_p99"] = {"value": value, "tolerance": gate["depth_rel_p99"],
+                                    "pass": value <= gate["depth_rel_p99"] and not per_pixel["depth_non_finite"]}
+    if "seg_agreement_min" in gate:
+        value = per_pixel["seg_agreement"]
+        results["seg_agreement_min"] = {"value": value, "tolerance": gate["seg_agreement_min"],
+                                        "pass": value >= gate["seg_agreement_min"]}
     return results
 
 

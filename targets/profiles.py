@@ -8,6 +8,11 @@ Gate semantics (the keys of a gate, checked by quant/validate.py):
 - abs_rel_change: largest |abs_rel(artefact) - abs_rel(float)| / abs_rel(float), both measured on
   the same validation images (0.02 = 2 % relative).
 - miou_drop_pt: largest miou(float) - miou(artefact), in points (x100).
+- depth_rel_p99, seg_agreement_min (float precisions only): the 99th percentile of the per-pixel
+  |d - d_float| / d_float, and the least share of pixels with the float model's label. A float
+  conversion must keep the function itself, not only the metrics: on a weak model a corrupted
+  weight can leave abs_rel and miou unmoved. int8 is not gated per pixel: a QAT file differs
+  from its float parent per pixel as much as PTQ does while being as accurate.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 
 PROFILES_FILE = Path(__file__).with_name("devices.json")
-GATE_KEYS = ("abs_rel_change", "miou_drop_pt")
+GATE_KEYS = ("abs_rel_change", "miou_drop_pt", "depth_rel_p99", "seg_agreement_min")
 FORMATS = ("tflite", "coreml", "onnx")
 
 

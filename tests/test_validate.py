@@ -3,6 +3,8 @@ targets.profiles: device profiles and gates; quant.drift_report: drift.json and 
 from __future__ import annotations
 
 import json
+import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +29,7 @@ def val_data(tmp_path_factory):
 def test_fp32_tflite_matches_float_and_passes(tiny_artefacts, val_data):
     report = validate(tiny_artefacts["tflite_fp32"], tiny_artefacts["student"], val_data)
     assert report.precision == "fp32" and report.format == "tflite" and "litert" in report.executor.lower()
-    assert report.passed and set(report.gates) == {"finite", "abs_rel_change", "miou_drop_pt"}
+    assert report.passed and set(report.gates) == {"finite", *profiles.GATE_KEYS}   # float: per-pixel gates too
     assert report.per_pixel["depth_rel_p99"] < 1e-4 and report.per_pixel["seg_agreement"] > 0.999
     assert abs(report.delta["abs_rel"]) < 1e-5 * report.float["abs_rel"] + 1e-9
     assert {"abs_rel", "rmse", "d1", "silog", "miou", "pixel_acc"} <= set(report.float)  # summary.json keys
@@ -89,7 +91,7 @@ def test_device_profiles():
     assert {"pixel8", "iphone15", "rpi5", "jetson-orin", "generic-cpu"} <= set(profiles.device_names())
     for name in profiles.device_names():   # every profile resolves to a gate
         p = profiles.device(name)
-        assert set(profiles.gate_for(p.precision, p)) == set(profiles.GATE_KEYS)
+        assert {"abs_rel_change", "miou_drop_pt"} <= set(profiles.gate_for(p.precision, p))
     with pytest.raises(ValueError) as e:
         profiles.device("pixel9")
     assert 'Did you mean "pixel8"' in str(e.value) and "jetson-orin" in str(e.value) and "tflite" in str(e.value)
@@ -99,8 +101,49 @@ def test_gate_precedence_and_tolerance_parsing():
     overrides = profiles.parse_tolerances(["int8.abs_rel_change=0.05"])
     assert overrides == {"int8": {"abs_rel_change": 0.05}}
     gate = profiles.gate_for("int8", profiles.device("pixel8"), overrides)
-    assert gate == {"abs_rel_change": 0.05, "miou_drop_pt": 1.0}
-    assert profiles.gate_for("fp16") == {"abs_rel_change": 0.002, "miou_drop_pt": 0.2}   # the issue's fp16 bar
+    assert gate == {"abs_rel_change": 0.05, "miou_drop_pt": 1.0}   # int8: not gated per pixel
+    assert profiles.gate_for("fp16") == {"abs_rel_change": 0.002, "miou_drop_pt": 0.2,   # the issue's fp16 bar
+                                         "depth_rel_p99": 0.01, "seg_agreement_min": 0.99}
     for bad in ("int8.rmse=0.1", "int8=0.1", "int8.abs_rel_change=lots"):
         with pytest.raises(ValueError, match="--tolerance"):
             profiles.parse_tolerances([bad])
+
+
+@pytest.fixture(scope="module")
+def tiny_coreml(tiny_artefacts, tmp_path_factory):
+    """The tiny student as a CoreML fp16 package, made by the real converter process."""
+    from quant import artefacts, deploy
+    from targets.job import Job
+
+    root = tmp_path_factory.mktemp("coreml")
+    program = deploy.export_program(tiny_artefacts["student"], root / "float.pt2", 64, 96)
+    job = Job(format="coreml", precisions=["fp16"], sources={"float": str(program)}, out_dir=str(root),
+              work_dir=str(root), stem="tiny", input_shape=[1, 3, 64, 96])
+    artefacts.run_converter(job, root, log=lambda line: None)
+    return root / "tiny_fp16.mlpackage"
+
+
+def test_coreml_fp16_validates_on_linux_and_a_corrupted_package_fails(tiny_coreml, tiny_artefacts, val_data,
+                                                                       tmp_path):
+    """The MIL reference executor runs the package off macOS; altering its weight file is caught."""
+    import shutil
+
+    student = tiny_artefacts["student"]
+    intact = validate(tiny_coreml, student, val_data)
+    assert intact.passed and intact.format == "coreml"
+    assert ("reference" in intact.executor) != (sys.platform == "darwin")
+    assert intact.per_pixel["depth_rel_p99"] < 2e-2   # fp16 bound of tests/test_mil.py (40 units of 2**-11)
+
+    corrupted = tmp_path / tiny_coreml.name
+    shutil.copytree(tiny_coreml, corrupted)
+    weights = next(corrupted.rglob("weight.bin"))
+    data = bytearray(weights.read_bytes())
+    # The stem conv's weights (the first blob) negated in place; records and headers untouched.
+    sentinel, _, size, start = struct.unpack_from("<IIQQ", data, 64)
+    assert sentinel == 0xDEADBEEF
+    data[start:start + size] = (-np.frombuffer(bytes(data[start:start + size]), np.float16)).tobytes()
+    weights.write_bytes(bytes(data))
+    report = validate(corrupted, student, val_data)
+    # This random student's metrics barely move (abs_rel within the 0.2% gate): the per-pixel gate catches it.
+    assert not report.passed and not report.gates["depth_rel_p99"]["pass"]
+    assert report.per_pixel["depth_rel_p50"] > 10 * intact.per_pixel["depth_rel_p50"]
