@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.device.linux_bench import latency_summary, peak_rss_mb   # device and host measure alike
 from edge.run import atomic_write
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner, threads_text
 
@@ -77,31 +78,6 @@ def current_rss_mb() -> float:
     except ImportError:
         resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
         return resident_pages * os.sysconf("SC_PAGE_SIZE") / MIB
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB: VmHWM from /proc/self/status on Linux
-    (ru_maxrss there keeps the parent's peak across fork + exec, so a bench started by a large
-    process would report the parent's size), else ru_maxrss (bytes on macOS)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
-
-
-def latency_stats(seconds: list[float]) -> dict:
-    """{"mean", "std", "min", "p50", "p90", "p99", "max"} in milliseconds (linear percentiles)."""
-    ms = np.asarray(seconds, np.float64) * 1e3
-    p50, p90, p99 = np.percentile(ms, [50, 90, 99], method="linear")
-    return {"mean": float(ms.mean()), "std": float(ms.std()), "min": float(ms.min()), "p50": float(p50),
-            "p90": float(p90), "p99": float(p99), "max": float(ms.max())}
 
 
 def check_bench(path: str | Path, runs: int, warmup: int, executor: str) -> str:
@@ -149,7 +125,7 @@ def bench(path: str | Path, *, threads: int | None = None, runs: int = 50, warmu
         "runtime": runner.runtime, "executor": runner.executor, "device": host_device(),
         "threads": threads, "runs": runs, "warmup": warmup,
         "input_shape": [int(s) for s in runner.input_shape],
-        "latency_ms": latency_stats(seconds),
+        "latency_ms": latency_summary([1e3 * t for t in seconds]),
         "throughput_ips": runs / sum(seconds),
         "memory_mb": {"peak_rss": peak, "baseline_rss": baseline, "model_rss": peak - baseline},
         "source": "edge.bench", "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -168,7 +144,7 @@ def compare(paths: list[str | Path], *, threads: int | None = None, runs: int = 
     for _ in range(runs):
         for i, call in enumerate(calls):
             seconds[i] += time_runs(call, 1, 0)
-    stats = [latency_stats(s) for s in seconds]
+    stats = [latency_summary([1e3 * t for t in s]) for s in seconds]
     return {"schema": "densekit.bench-compare/1", "device": host_device(), "threads": threads, "runs": runs,
             "warmup": warmup, "source": "edge.bench",
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
