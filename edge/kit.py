@@ -13,15 +13,17 @@ from distill import io
 
 SCRIPTS_DIR = Path(__file__).with_name("device")
 SCRIPTS = ("linux_bench.py", "android_bench.py", "coreml_bench.py", "README.md")
+DEVICE_THREADS = 4   # without a profile: the fast cores of a Raspberry Pi 5 or a phone's CPU cluster
 
 
-def write_device_kit(export_dir: Path, artefacts: list[dict], profile=None, threads: int = 4) -> Path:
-    """Copy the scripts into `export_dir/device/` and write COMMANDS.md for `artefacts`."""
+def write_device_kit(export_dir: Path, artefacts: list[dict], profile=None) -> Path:
+    """Copy the scripts into `export_dir/device/` and write COMMANDS.md for `artefacts` (threads
+    from the device profile, else DEVICE_THREADS; never this host's)."""
     kit = Path(export_dir) / "device"
     kit.mkdir(exist_ok=True)
     for name in SCRIPTS:
         shutil.copyfile(SCRIPTS_DIR / name, kit / name)
-    threads = (profile.threads if profile and profile.threads else threads)
+    threads = profile.threads if profile and profile.threads else DEVICE_THREADS
     io.write_text(kit / "COMMANDS.md", commands(artefacts, profile, threads))
     return kit
 

@@ -201,7 +201,7 @@ def export(args: argparse.Namespace, plan: Plan, log=print) -> Path:
             bench = benchmark.benchmark(staging.staging, result["artefacts"], threads=plan.threads,
                                         runs=args.bench_runs, warmup=args.bench_warmup,
                                         macs=config["model"].get("exported_macs", config["model"]["macs"]), log=log)
-        kit.write_device_kit(staging.staging, result["artefacts"], plan.profile, plan.threads)
+        kit.write_device_kit(staging.staging, result["artefacts"], plan.profile)
         entries = [{**a, "validation": r.to_json(), **({"bench": bench["artefacts"][a["path"]]} if bench else {})}
                    for a, r in zip(result["artefacts"], reports)]
         config["wall_s"] = round(time.time() - t_start, 1)
