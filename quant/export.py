@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import shutil
 import sys
@@ -166,9 +167,6 @@ def export(args: argparse.Namespace, plan: Plan, log=print) -> Path:
     log(f"run {run.path} ({run.recipe.name}, {run.recipe.model.student}, weights {run.weights.name} "
         f"sha256 {run.weights_sha256[:12]}); exporting {plan.format} {', '.join(plan.precisions)} at {h}x{w}"
         + (f" for {plan.profile.name}" if plan.profile else ""))
-    if (h, w) != run.input_size:
-        log(f"note: the run was trained at {run.input_size[0]}x{run.input_size[1]}; the float model's own accuracy "
-            f"at {h}x{w} is in drift.json (float), next to each artefact's")
     staging = artefacts.ExportDir(Path(args.out) / run.name / args.target, args.overwrite)
     work = Path(tempfile.mkdtemp(prefix="densekit-export-"))
     try:
@@ -207,7 +205,8 @@ def export(args: argparse.Namespace, plan: Plan, log=print) -> Path:
         config["wall_s"] = round(time.time() - t_start, 1)
         manifest = artefacts.write_manifest(staging.staging, entries, {**result["tools"], **parent_tools()}, config)
         table = benchmark.table(manifest["artefacts"], bench, plan.profile.latency_budget_ms if plan.profile else None)
-        io.write_text(staging.staging / "report.md", report_markdown(run, plan, config, drift_md, table))
+        resized = size_warning(run, (h, w), reports)
+        io.write_text(staging.staging / "report.md", report_markdown(run, plan, config, drift_md, table, resized))
         final = staging.commit()
     except BaseException:
         staging.discard()
@@ -217,12 +216,30 @@ def export(args: argparse.Namespace, plan: Plan, log=print) -> Path:
     log(table)
     files = "report.md, drift.json, manifest.json" + (", benchmark.json" if bench else "")
     log(f"wrote {final} ({files}; {len(reports)} artefacts, {time.time() - t_start:.0f} s)")
+    if resized:
+        log(resized)
     failures = [f for r in reports for f in r.failures()]
     if failures:
         raise GateFailure(f"{len(failures)} drift gate(s) failed (see {final / 'drift.json'}):\n  "
                           + "\n  ".join(failures) + "\nGates: targets/devices.json; --tolerance PRECISION.KEY=VALUE "
-                          "overrides one for this export. Try QAT (--qat-steps) or keep an op in float (--float-ops).")
+                          "overrides one for this export. Try QAT (--qat-steps) or keep an op in float (--float-ops)."
+                          + (f"\n{resized}" if resized else ""))
     return final
+
+
+def size_warning(run, size: tuple[int, int], reports) -> str:
+    """When exporting at another size than the run trained at, how the float model itself fares
+    there: the reference every gate compares with. QAT at the new size also fine-tunes the model to
+    it, so its int8 file may be *better* than that reference, and fail the gate for it."""
+    if size == run.input_size or not reports:
+        return ""
+    summary = run.path / "summary.json"
+    trained = json.loads(summary.read_text()).get("abs_rel") if summary.exists() else None
+    here = reports[0].float["abs_rel"]
+    return (f"warning: {run.name} was trained at {run.input_size[0]}x{run.input_size[1]}"
+            + (f" (abs_rel {trained:.4f})" if trained is not None else "")
+            + f"; at {size[0]}x{size[1]} the float model itself has abs_rel {here:.4f}. For this target, train at its "
+            f"size: python -m distill.run {run.recipe.name} data.height={size[0]} data.width={size[1]}")
 
 
 def validation_stage(artefacts: list[dict], float_model, val_ds, run, plan: Plan, export_dir: Path, args, log):
@@ -246,7 +263,7 @@ def validation_stage(artefacts: list[dict], float_model, val_ds, run, plan: Plan
     return reports, write_drift(export_dir, reports, data, float_model)
 
 
-def report_markdown(run, plan: Plan, config: dict, drift_md: str, table: str) -> str:
+def report_markdown(run, plan: Plan, config: dict, drift_md: str, table: str, warning: str = "") -> str:
     h, w = config["input_size"]
     target = f"{plan.profile.name}: {plan.profile.description}" if plan.profile else plan.format
     return (f"# Export of {run.name} ({run.recipe.name}, {run.recipe.model.student})\n\n"
@@ -254,7 +271,8 @@ def report_markdown(run, plan: Plan, config: dict, drift_md: str, table: str) ->
             f"{config['model']['macs'] / 1e6:.0f} M MACs"
             + (f", pruned to {config['model']['exported_macs'] / 1e6:.0f} M" if "exported_macs" in config["model"] else "")
             + (f"; int8 by {config['int8']['method']}" if "int8" in config else "") + ".\n\n"
-            f"## Benchmark\n\n{table}\n{drift_md}")
+            + (f"**{warning}**\n\n" if warning else "")
+            + f"## Benchmark\n\n{table}\n{drift_md}")
 
 
 def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], args, log):

@@ -101,10 +101,12 @@ class DriftReport:
 
 
 def describe_gate(name: str, gate: dict) -> str:
-    if name == "abs_rel_change":
-        return f"abs_rel changed by {100 * gate['value']:.2f}% relative; tolerance {100 * gate['tolerance']:.2f}%"
+    if name == "abs_rel_change":   # either way: an artefact better than its float model is not that model
+        return (f"abs_rel changed by {100 * gate['value']:.2f}% relative (float {gate['float']:.4f} -> artefact "
+                f"{gate['artefact']:.4f}); tolerance {100 * gate['tolerance']:.2f}%")
     if name == "miou_drop_pt":
-        return f"miou dropped by {gate['value']:.2f} points; tolerance {gate['tolerance']:.2f} points"
+        return (f"miou dropped by {gate['value']:.2f} points (float {gate['float']:.3f} -> artefact "
+                f"{gate['artefact']:.3f}); tolerance {gate['tolerance']:.2f} points")
     if name == "depth_rel_p99":
         return (f"99% of pixels within {100 * gate['value']:.3f}% of the float depth; "
                 f"tolerance {100 * gate['tolerance']:.3f}%")
@@ -189,11 +191,13 @@ def apply_gate(gate: dict[str, float], float_metrics: dict, art_metrics: dict, f
     if "abs_rel_change" in gate:
         change = abs(art_metrics["abs_rel"] - float_metrics["abs_rel"]) / max(float_metrics["abs_rel"], 1e-12)
         results["abs_rel_change"] = {"value": change, "tolerance": gate["abs_rel_change"],
-                                     "pass": finite and change <= gate["abs_rel_change"]}
+                                     "pass": finite and change <= gate["abs_rel_change"],
+                                     "float": float_metrics["abs_rel"], "artefact": art_metrics["abs_rel"]}
     if "miou_drop_pt" in gate and "miou" in float_metrics:
         drop = 100 * (float_metrics["miou"] - art_metrics["miou"])
         results["miou_drop_pt"] = {"value": drop, "tolerance": gate["miou_drop_pt"],
-                                   "pass": drop <= gate["miou_drop_pt"]}
+                                   "pass": drop <= gate["miou_drop_pt"],
+                                   "float": float_metrics["miou"], "artefact": art_metrics["miou"]}
     return results
 
 

@@ -191,6 +191,8 @@ def test_device_target_runs_the_whole_chain(run_dir, tmp_path):
     assert art["path"].endswith("_int8.tflite") and art["validation"]["pass"]
     assert manifest["config"]["device"] == "rpi5" and manifest["config"]["input_size"] == [128, 160]
     assert "rpi5" in (tmp_path / run_dir.name / "rpi5" / "device" / "COMMANDS.md").read_text()
+    report = (tmp_path / run_dir.name / "rpi5" / "report.md").read_text()   # the reference moved: said loudly
+    assert "was trained at 64x96" in report and "data.height=128 data.width=160" in report
 
 
 def test_gate_failure_exits_non_zero_naming_metric_value_and_tolerance(run_dir, tmp_path, capsys):

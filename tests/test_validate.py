@@ -44,7 +44,8 @@ def test_gate_failure_names_artefact_metric_value_and_tolerance(tiny_artefacts, 
     assert not report.passed and not changed["pass"] and changed["value"] > 0 and changed["tolerance"] == 0
     message = next(f for f in report.failures() if "abs_rel" in f)
     assert message.startswith("tiny_int8.onnx: abs_rel changed by ")
-    assert f"{100 * changed['value']:.2f}% relative; tolerance 0.00%" in message
+    assert f"{100 * changed['value']:.2f}% relative (float {report.float['abs_rel']:.4f} -> artefact " in message
+    assert message.endswith("; tolerance 0.00%")
 
 
 def test_non_finite_output_never_passes(tiny_artefacts, val_data, tmp_path):
