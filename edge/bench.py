@@ -32,7 +32,6 @@ Core ML latency means something only under Core ML on Apple hardware: off macOS 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -43,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.device.linux_bench import latency_summary, peak_rss_mb   # device and host measure alike
-from edge.run import atomic_write
+from edge.run import write_json
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner, threads_text
 
 SCHEMA = "densekit.bench/1"
@@ -202,8 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(compare_summary(result) if len(args.artefact) > 1 else summary(result))
     if args.json:
-        atomic_write(args.json, (json.dumps(result, indent=2) + "\n").encode())
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return 0
 
 

@@ -20,13 +20,12 @@ fraction of it.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import numpy as np
 
-from edge.run import atomic_write
+from edge.run import write_json
 
 OPSET, IR_VERSION = 17, 8   # pinned: onnx may write an IR version newer than onnxruntime reads
 
@@ -109,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"host peak ({args.threads or 'default'} threads, {args.size}^3): fp32 {result['fp32_gflops']:.1f} GFLOP/s, "
           f"int8 {result['int8_gops']:.1f} GOP/s ({result['int8_gops'] / result['fp32_gflops']:.2f}x)")
     if args.json:
-        atomic_write(args.json, (json.dumps(result, indent=2) + "\n").encode())
-        print(f"wrote {args.json}")
+        write_json(args.json, result)
     return 0
 
 

@@ -50,6 +50,12 @@ def atomic_write(dest: str | Path, data: bytes) -> None:
         raise
 
 
+def write_json(dest: str | Path, data: dict) -> None:
+    """`data` as indented JSON at `dest`, atomically, and say so."""
+    atomic_write(dest, (json.dumps(data, indent=2) + "\n").encode())
+    print(f"wrote {dest}")
+
+
 def validate_images(images: np.ndarray, runner) -> None:
     """Raise BadInput unless images are (N, 3, H, W) float32 in [0, 1] with the artefact's H, W."""
     expected = "(N, " + ", ".join(map(str, image_shape(runner))) + ")"

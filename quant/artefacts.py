@@ -52,6 +52,16 @@ class ExportDir:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
+def run_module(module: str, *args: str, tail_lines: int = 15) -> None:
+    """`python -m module args...` in a child process (runtimes never share a process with torch,
+    TOOLCHAIN.md); RuntimeError with the last lines of its output when it fails."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-tail_lines:])
+        raise RuntimeError(f"python -m {module} {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
+
+
 def run_converter(job: Job, job_dir: Path, log=print) -> dict:
     """Run `python -m targets.<format>` on `job`; stream its progress lines; return result.json."""
     job_path = job_dir / f"{job.format}.job.json"

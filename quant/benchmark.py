@@ -12,9 +12,8 @@ the device comes from the scripts in edge/device/.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from distill import io
@@ -24,15 +23,11 @@ INT8_PRECISIONS = ("int8",)
 
 def child(module: str, *args: str) -> dict:
     """Run `python -m module args... --json FILE` and return the JSON it wrote."""
-    import tempfile
+    from quant.artefacts import run_module
 
     with tempfile.TemporaryDirectory(prefix="densekit-bench-") as tmp:
         out = Path(tmp) / "result.json"
-        proc = subprocess.run([sys.executable, "-m", module, *args, "--json", str(out)], capture_output=True,
-                              text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
-        if proc.returncode != 0 or not out.exists():
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-10:])
-            raise RuntimeError(f"python -m {module} {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
+        run_module(module, *args, "--json", str(out), tail_lines=10)
         return json.loads(out.read_text())
 
 

@@ -18,9 +18,6 @@ float parent and be as accurate.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +118,7 @@ def validate(artefact: str | Path, float_model: torch.nn.Module, data, *, precis
     """Run `artefact` in its runtime on `data` (a dataset of the sample schema, or ValidationData) and
     score it against `float_model` on the same images. `gate` defaults to the precision's default
     gate (targets/devices.json); `precision` defaults to the one in the file name (`*_int8.tflite`)."""
+    from edge.runners import artefact_format
     from targets.profiles import gate_for
 
     artefact = Path(artefact)
@@ -135,7 +133,7 @@ def validate(artefact: str | Path, float_model: torch.nn.Module, data, *, precis
     art_metrics = task_metrics(np.nan_to_num(depth, nan=0.0, posinf=0.0, neginf=0.0), labels, data, eval_config)
     per_pixel = per_pixel_drift(depth, labels, ref_depth, ref_labels)
     gates = apply_pixel_gate(gate, per_pixel, apply_gate(gate, float_metrics, art_metrics, finite))
-    return DriftReport(path=artefact.name, format=format_of(artefact), precision=precision, executor=executor_name,
+    return DriftReport(path=artefact.name, format=artefact_format(artefact), precision=precision, executor=executor_name,
                        images=len(data.inputs), float=float_metrics, artefact=art_metrics,
                        delta={k: art_metrics[k] - float_metrics[k] for k in float_metrics},
                        per_pixel=per_pixel, gates=gates,
@@ -151,25 +149,17 @@ def precision_from_name(path: Path) -> str:
                      f"of {', '.join(PRECISION_SUFFIXES)}); pass precision=")
 
 
-def format_of(path: Path) -> str:
-    return {".tflite": "tflite", ".onnx": "onnx", ".mlpackage": "coreml"}.get(path.suffix, path.suffix.lstrip("."))
-
-
 def run_artefact(path: Path, inputs: np.ndarray, *, threads: int | None = None,
                  executor: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
     """(depth, labels, executor name) from `python -m edge.run` in a child process: each runtime
     imports only its own toolchain (TensorFlow and torch must not share a process, TOOLCHAIN.md)."""
+    from quant.artefacts import run_module
+
+    threads_args = ["--threads", str(threads)] if threads else []
     with tempfile.TemporaryDirectory(prefix="densekit-validate-") as tmp:
         np.save(Path(tmp) / "inputs.npy", inputs)
-        command = [sys.executable, "-m", "edge.run", str(path), "--inputs", str(Path(tmp) / "inputs.npy"),
-                   "--out", str(Path(tmp) / "outputs.npz"), "--executor", executor]
-        if threads:
-            command += ["--threads", str(threads)]
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-        proc = subprocess.run(command, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-            raise RuntimeError(f"running {path.name} failed (python -m edge.run exit {proc.returncode}):\n{tail}")
+        run_module("edge.run", str(path), "--inputs", str(Path(tmp) / "inputs.npy"), "--out",
+                   str(Path(tmp) / "outputs.npz"), "--executor", executor, *threads_args)
         with np.load(Path(tmp) / "outputs.npz") as out:
             return out["depth"].astype(np.float32), out["labels"], str(out["executor"])
 

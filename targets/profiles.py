@@ -76,13 +76,10 @@ def device(name: str, path: Path = PROFILES_FILE) -> DeviceProfile:
 
 
 def unknown_target_message(name: str, path: Path = PROFILES_FILE) -> str:
-    from difflib import get_close_matches
+    from distill.registry import suggest
 
-    valid = [*FORMATS, *device_names(path)]
-    close = get_close_matches(name, valid, n=1)
-    hint = f' Did you mean "{close[0]}"?' if close else ""
     return (f'unknown target "{name}"; formats: {", ".join(FORMATS)}; devices: {", ".join(device_names(path))} '
-            f"(targets/devices.json).{hint}")
+            f"(targets/devices.json).{suggest(name, [*FORMATS, *device_names(path)])}")
 
 
 def gate_for(precision: str, profile: DeviceProfile | None = None, overrides: dict | None = None,
