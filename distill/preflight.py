@@ -109,7 +109,7 @@ def space_check(target: str, train_space: DepthSpace, eval_space: DepthSpace, te
                  f"training target space is {train_space.value} ({train_space.describe()}; from teacher "
                  f"{teacher_name}) but the evaluation space is {eval_space.value} ({eval_space.describe()}). "
                  f"A student trained on these targets cannot produce {eval_space.value} depth (seed 000: "
-                 f"75 m RMSE). Fix: use a {eval_space.value} teacher (teacher=synthetic-metric, or Depth "
+                 f"75 m RMSE). Fix: use a {eval_space.value} teacher (teacher.name=synthetic-metric, or Depth "
                  f"Anything 3 Metric on real data), or supervise with ground truth (target=ground_truth); "
                  f"pass preflight=warn only to reproduce the failure on purpose.")
 

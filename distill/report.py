@@ -93,7 +93,7 @@ def markdown_report(run_dir: Path, recipe, summary: dict) -> str:
     preflight = json.loads((run_dir / "preflight.json").read_text())
     doc = (type(recipe).__doc__ or "").strip()
     lines = [f"# Run {run_dir.name}", "", f"Recipe **{recipe.name}**: {doc.splitlines()[0] if doc else ''}", "",
-             f"Student `{recipe.model.student}` ({', '.join(recipe.model.tasks)}), teacher `{recipe.teacher}`, "
+             f"Student `{recipe.model.student}` ({', '.join(recipe.model.tasks)}), teacher `{recipe.teacher.name}`, "
              f"depth loss `{recipe.loss.depth}`, weighting `{recipe.loss.weighting}`, "
              f"{recipe.data.height}x{recipe.data.width}, {recipe.data.num_train} training images, "
              f"{recipe.train.epochs} epochs on {summary['device']}.", "", "## Pre-flight", "",

@@ -30,7 +30,7 @@ from distill.preflight import enforce, run_preflight
 from distill.recipes import Recipe, resolve_for_device
 from distill.spaces import DepthSpace
 from distill.students import build_student, count_macs, count_params
-from distill.teachers import Teacher, build_teacher
+from distill.teachers import Teacher, teacher_for
 
 PREFLIGHT_BATCHES = 3
 
@@ -201,7 +201,7 @@ def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
     val_loader = make_loader(val_ds, tc.batch_size, train=False, seed=tc.seed, workers=dc.workers)
     if len(train_loader) == 0:
         raise ValueError(f"data.num_train={len(train_ds)} is smaller than train.batch_size={tc.batch_size}")
-    teacher = build_teacher(recipe.teacher).to(device)
+    teacher = teacher_for(recipe.teacher).to(device)
     model = build_student(recipe.model.student, tasks=recipe.model.tasks, num_classes=len(NYU13_NAMES),
                           decoder_channels=recipe.model.decoder_channels,
                           depth_activation=recipe.model.depth_activation, pretrained=recipe.model.pretrained).to(device)

@@ -381,7 +381,7 @@ def artefact_metadata(run, config: dict, fmt: str) -> dict:
     from distill.teachers import TEACHERS
 
     h, w = config["input_size"]
-    space = DepthSpace.METRIC if run.recipe.target == "ground_truth" else TEACHERS.get(run.recipe.teacher).space
+    space = DepthSpace.METRIC if run.recipe.target == "ground_truth" else TEACHERS.get(run.recipe.teacher.name).space
     return {
         "producer": "densekit", "recipe": run.recipe.name, "run": run.name, "student": run.recipe.model.student,
         "input_name": "image", "input_shape": [1, h, w, 3] if fmt == "tflite" else [1, 3, h, w],

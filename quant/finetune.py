@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distill.recipes import Recipe
-from distill.teachers import build_teacher
+from distill.teachers import teacher_for
 from distill.train import Objective, attach_teacher, make_loader
 
 
@@ -39,7 +39,7 @@ def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recip
     if steps <= 0:
         return {}
     reference.eval()
-    teacher = build_teacher(recipe.teacher)
+    teacher = teacher_for(recipe.teacher)
     objective = Objective(recipe)
     loader = make_loader(dataset, min(batch_size, len(dataset)), train=True, seed=seed, workers=0)
     params = [p for p in student.parameters() if p.requires_grad]

@@ -38,9 +38,9 @@ def test_json_round_trip_of_every_recipe():
 
 def test_recipe_history():
     v1, v3, v4 = get_recipe("v1"), get_recipe("v3"), get_recipe("v4")
-    assert (v1.teacher, v1.loss.depth, v1.model.tasks, v1.model.student) == (
+    assert (v1.teacher.name, v1.loss.depth, v1.model.tasks, v1.model.student) == (
         "synthetic-relative", "mse", ("depth",), "mobilenetv3_small_100")
-    assert (v3.teacher, v3.loss.depth, v3.loss.berhu_threshold, v3.loss.weighting) == (
+    assert (v3.teacher.name, v3.loss.depth, v3.loss.berhu_threshold, v3.loss.weighting) == (
         "synthetic-metric", "berhu", "p80", "kendall")
     assert to_dict(v4) == to_dict(dataclasses.replace(v3, name="v4", model=dataclasses.replace(v3.model, student="efficientvit_b1")))
     assert "75.37 m" in type(v1).__doc__

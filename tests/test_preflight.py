@@ -29,7 +29,7 @@ def test_unit_mismatch_names_both_spaces_and_the_fix():
         enforce(report, "strict")
     message = str(err.value)
     assert "training target space is relative" in message and "evaluation space is metric" in message
-    assert "teacher=synthetic-metric" in message
+    assert "teacher.name=synthetic-metric" in message
     assert enforce(report, "warn") == [c.message for c in report.failures]  # warn: reported, not raised
 
 

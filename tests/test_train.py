@@ -49,7 +49,7 @@ def test_v1_is_refused_before_any_step(tmp_path, capsys):
     assert main(["v1", *TINY, "train.epochs=1", f"out_dir={tmp_path}", "--quiet"]) == 3
     err = capsys.readouterr().err
     assert "training target space is relative" in err and "evaluation space is metric" in err
-    assert "teacher=synthetic-metric" in err                       # the fix is named
+    assert "teacher.name=synthetic-metric" in err                       # the fix is named
     (run,) = run_dirs(tmp_path)
     assert json.loads((run / "preflight.json").read_text())["passed"] is False
     assert not (run / "checkpoints").exists()

@@ -2,8 +2,11 @@
 
 Sample schema (DESIGN.md): dict with `image` (3, H, W) float normalised, `depth` (1, H, W)
 metres with 0 where invalid, `valid` (1, H, W) bool, `seg` (H, W) int64 with IGNORE_INDEX where
-unlabelled, `intrinsics` (4,) fx, fy, cx, cy in pixels at this size, `index` int. Training sets
-also expose `set_epoch(epoch)` so augmentation is a function of (seed, epoch, index).
+unlabelled, `intrinsics` (4,) fx, fy, cx, cy in pixels at this size (NaN when unknown), `index`
+int, `flipped` bool (augmentation mirrored it; a cached pseudo-label follows). Training sets also
+expose `set_epoch(epoch)` so augmentation is a function of (seed, epoch, index), and every dataset
+exposes `content_hash(index) -> str` (sha256 of the sample's source image, before augmentation)
+so a pseudo-label cache can prove it was made from these very images.
 """
 from __future__ import annotations
 
@@ -34,8 +37,25 @@ def synthrooms(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
 
 
 def build_datasets(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
-    name = cfg.dataset.split(":", 1)[0]
-    return DATASETS.get(name)(cfg, progress=progress)
+    """(train, val) for a `DataConfig`: `cfg.dataset` is "name" or "name:path"; validation comes from
+    `cfg.val_dataset` when set (unlabelled folders have no validation split of their own)."""
+    train, val = DATASETS.get(cfg.dataset.split(":", 1)[0])(cfg, progress=progress)
+    if cfg.val_dataset:
+        from dataclasses import replace
+        _, val = DATASETS.get(cfg.val_dataset.split(":", 1)[0])(replace(cfg, dataset=cfg.val_dataset),
+                                                                 progress=progress)
+    if val is None:
+        raise ValueError(f"data.dataset={cfg.dataset} has no ground truth to validate on; set "
+                         f"data.val_dataset (e.g. data.val_dataset=synthrooms or nyu:/data/nyu).")
+    return train, val
 
 
-__all__ = ["DATASETS", "build_datasets", "cache_root"]
+def dataset_path(cfg) -> str:
+    """The path part of "name:path" in `cfg.dataset`; raises when it is missing."""
+    name, _, path = cfg.dataset.partition(":")
+    if not path:
+        raise ValueError(f'data.dataset={cfg.dataset!r} needs a path: "{name}:/path/to/data".')
+    return path
+
+
+__all__ = ["DATASETS", "build_datasets", "cache_root", "dataset_path"]

@@ -9,8 +9,8 @@ import json
 from pathlib import Path
 
 from distill.config import from_dict
-from distill.recipes.base import (DataConfig, EvalConfig, LossConfig, ModelConfig, Recipe,
-                                  TrainConfig, resolve_for_device)
+from distill.recipes.base import (DataConfig, DistillConfig, EvalConfig, LossConfig, ModelConfig, Recipe,
+                                  TeacherConfig, TrainConfig, resolve_for_device)
 from distill.recipes.history import V1, V2, V3, V4
 from distill.registry import Registry
 
@@ -28,6 +28,8 @@ def load_saved(run_dir: str | Path, cls: type[Recipe] | None = None) -> Recipe:
     recipe it names)."""
     saved = json.loads((Path(run_dir) / "config.json").read_text())
     saved.pop("device", None)   # recorded next to the recipe, not a recipe field
+    if isinstance(saved.get("teacher"), str):   # runs before the teacher section existed
+        saved["teacher"] = {"name": saved["teacher"]}
     return from_dict(cls or RECIPES.get(saved["name"]), saved)
 
 
@@ -37,4 +39,4 @@ def recipe_summary(name: str) -> str:
 
 
 __all__ = ["RECIPES", "get_recipe", "load_saved", "recipe_summary", "Recipe", "DataConfig", "ModelConfig", "LossConfig",
-           "TrainConfig", "EvalConfig", "resolve_for_device"]
+           "TrainConfig", "EvalConfig", "TeacherConfig", "DistillConfig", "resolve_for_device"]

@@ -11,7 +11,8 @@ from typing import ClassVar, Literal
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "synthrooms"          # registry name (distill.data.DATASETS)
+    dataset: str = "synthrooms"          # registry name, "name:path" for files (nyu:/data/nyu, folder:/imgs)
+    val_dataset: str = ""                # "" = the dataset's own validation split; required for folder:
     root: str = ""                       # "" = the cache dir ($DENSEKIT_CACHE or ~/.cache/densekit)
     height: int | None = None            # None: sized for the device; a multiple of 32
     width: int | None = None
@@ -20,6 +21,31 @@ class DataConfig:
     seed: int = 0                        # which scenes SynthRooms renders
     augment: bool = True                 # flip + photometric jitter on training images
     workers: int = 0                     # DataLoader worker processes (0 = in the main process)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    name: str = "synthetic-metric"       # registry name (distill.teachers.TEACHERS)
+    source: str = ""                     # real teachers: a local directory, or a hub id (downloads)
+    input_size: int = 518                # ViT teachers: the shorter side they see (multiple of 14)
+    align: Literal["none", "dataset"] = "none"   # dataset: one scale fitted to ground truth (NYU)
+    cache: str = ""                      # a pseudo-label cache (python -m distill.cache_teacher); "" = online
+    assistant: str = ""                  # Distill Any Depth: a second teacher chosen per iteration
+    assistant_source: str = ""
+    assistant_ratio: float = 0.3         # the assistant's share of iterations (7:3)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distill Any Depth (seed 004) and D3epth (seed 003) options; all off by default."""
+    normalization: Literal["none", "global", "hybrid", "local"] = "none"
+    normalized_weight: float = 1.0       # weight of the L1 term on normalised depths (not "none")
+    metric_weight: float = 1.0           # weight of loss.depth in metres: the metric anchor
+    shared_crop: float = 0.0             # probability that a batch is a shared random crop for both
+    crop_min: float = 0.5                # smallest crop side as a fraction of the image side
+    local_global_weight: float = 0.0     # > 0: teacher on overlapping patches supervises the student
+    local_global_grid: int = 2           # patches per side (overlapping by half a patch)
+    feature_weight: float = 0.0          # > 0: D3epth feature KD from the teacher's hidden states
 
 
 @dataclass(frozen=True)
@@ -75,13 +101,14 @@ class Recipe:
     """A training recipe. Subclasses are the versions (v1, v2, ...); their docstrings tell why."""
 
     name: str = "base"
-    teacher: str = "synthetic-metric"    # registry name (distill.teachers.TEACHERS)
     target: Literal["teacher", "ground_truth"] = "teacher"   # what the depth loss supervises with
     eval_space: Literal["metric"] = "metric"                 # evaluation is in metres against GT
     preflight: Literal["strict", "warn"] = "strict"          # warn: report problems, train anyway
     out_dir: str = "runs"
     resume: str = ""                     # a run directory to continue from its last checkpoint
     data: DataConfig = field(default_factory=DataConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

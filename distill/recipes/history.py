@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-from distill.recipes.base import LossConfig, ModelConfig, Recipe
+from distill.recipes.base import LossConfig, ModelConfig, Recipe, TeacherConfig
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class V1(Recipe):
     """
 
     name: str = "v1"
-    teacher: str = "synthetic-relative"
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(name="synthetic-relative"))
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         student="mobilenetv3_small_100", tasks=("depth",)))
     loss: LossConfig = field(default_factory=lambda: LossConfig(depth="mse", weighting="fixed"))
@@ -66,7 +66,7 @@ class V3(Recipe):
     """
 
     name: str = "v3"
-    teacher: str = "synthetic-metric"
+    teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(name="synthetic-metric"))
     model: ModelConfig = field(default_factory=lambda: ModelConfig(student="mobilenetv3_small_100"))
     loss: LossConfig = field(default_factory=lambda: LossConfig(
         depth="berhu", berhu_threshold="p80", weighting="kendall"))

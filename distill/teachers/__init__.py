@@ -19,4 +19,9 @@ def build_teacher(name: str, **options) -> Teacher:
     return TEACHERS.get(name)(**options)
 
 
-__all__ = ["TEACHERS", "Teacher", "build_teacher", "TeacherErrorModel"]
+def teacher_for(cfg) -> Teacher:
+    """The teacher a recipe's `teacher` section (a `TeacherConfig`) names, built from its options."""
+    return TEACHERS.get(cfg.name).from_config(cfg)
+
+
+__all__ = ["TEACHERS", "Teacher", "build_teacher", "teacher_for", "TeacherErrorModel"]

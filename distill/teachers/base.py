@@ -22,8 +22,22 @@ class Teacher(ABC):
     range: ValueRange = ValueRange(0.0, float("inf"))
     needs_ground_truth: bool = False
 
+    @classmethod
+    def from_config(cls, cfg) -> "Teacher":
+        """Build from a recipe's `TeacherConfig`; real teachers read `source` and `input_size`."""
+        return cls()
+
     @abstractmethod
     def __call__(self, batch: dict) -> torch.Tensor: ...
+
+    def identity(self) -> dict:
+        """What a pseudo-label cache records and checks: a cache made by another teacher, another
+        checkpoint or in other units is refused. Real teachers add their source and weights hash."""
+        return {"name": self.name, "space": self.space.value, "range": [self.range.low, self.range.high]}
+
+    def features(self, batch: dict) -> list[torch.Tensor] | None:
+        """Intermediate feature maps (B, C, h, w) for feature-level KD; None when it has none."""
+        return None
 
     def describe(self) -> str:
         return f"{self.name}: {self.space.value} ({self.space.describe()}), range {self.range}"

@@ -46,7 +46,8 @@ class SynthRoomsDataset(Dataset):
     Each item is a dict: `image` float32 (3, H, W) ImageNet-normalised; `depth` float32
     (1, H, W) z-depth in metres, 0 where invalid; `valid` bool (1, H, W) = depth > 0; `seg` int64
     (H, W) NYU13 ids, IGNORE_INDEX (255) where unlabelled; `intrinsics` float32 (4,) fx, fy, cx,
-    cy in pixels at this size (after any flip); `index` int, the position in the split.
+    cy in pixels at this size (after any flip); `index` int, the position in the split; `flipped`
+    bool, whether augmentation mirrored it.
 
     With `augment=True`: horizontal flip (p = 0.5; depth, labels and cx follow) and photometric
     jitter, drawn from `np.random.default_rng([seed, epoch, index])`, so a sample depends only on
@@ -103,10 +104,11 @@ class SynthRoomsDataset(Dataset):
             raise IndexError(f"index {index} out of range for {n} items in split {self.split!r}.")
         index = int(index) % n
         rgb, depth, seg = self.read(index)
-        intrinsics = self.intrinsics
+        intrinsics, flipped = self.intrinsics, False
         if self.augment:
             rng = np.random.default_rng([self.seed, self.epoch, index])
             if rng.random() < 0.5:
+                flipped = True
                 rgb, depth, seg = rgb[:, ::-1], depth[:, ::-1], seg[:, ::-1]
                 intrinsics = hflip_intrinsics(intrinsics, rgb.shape[1])
             rgb = photometric_jitter(rgb, rng)
@@ -118,4 +120,5 @@ class SynthRoomsDataset(Dataset):
             "seg": torch.from_numpy(seg.astype(np.int64)),
             "intrinsics": torch.from_numpy(np.array(intrinsics, np.float32)),
             "index": index,
+            "flipped": flipped,   # a cached pseudo-label is flipped to match
         }
