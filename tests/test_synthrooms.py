@@ -209,7 +209,7 @@ def test_dataset_sample_schema(dataset_dir):
     ds = SynthRoomsDataset(dataset_dir, "train")
     assert len(ds) == 6 and ds.manifest["version"] == VERSION
     s = ds[1]
-    assert set(s) == {"image", "depth", "valid", "seg", "intrinsics", "index"}
+    assert set(s) == {"image", "depth", "valid", "seg", "intrinsics", "index", "flipped"}
     assert s["image"].dtype == torch.float32 and s["image"].shape == (3, H, W)
     assert s["depth"].dtype == torch.float32 and s["depth"].shape == (1, H, W)
     assert s["valid"].dtype == torch.bool and torch.equal(s["valid"], s["depth"] > 0)
