@@ -65,31 +65,37 @@ def describe(x: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
 
 
 def run_preflight(batches: list[dict], predictions: list[torch.Tensor], *, target: str, target_space: DepthSpace,
-                  target_range: ValueRange, eval_space: DepthSpace, teacher_name: str) -> PreflightReport:
+                  target_range: ValueRange, eval_space: DepthSpace, teacher_name: str,
+                  target_masks: list[torch.Tensor] | None = None) -> PreflightReport:
     """Check a few batches (with `teacher_depth` attached when a teacher labels them).
 
     `predictions`: the student's initial depth per batch. `target`: "teacher" or "ground_truth".
+    `target_masks`: where the training target supervises, per batch (default: the ground truth's
+    `valid`); a teacher supervises unlabelled images too.
     """
     report = PreflightReport()
     cat = lambda key: torch.cat([b[key].float() for b in batches])  # noqa: E731
     valid = torch.cat([b["valid"] for b in batches])
+    supervised = torch.cat(target_masks) if target_masks is not None else valid
     report.stats["input_image"] = {"space": "normalised", **describe(cat("image"))}
     report.stats["ground_truth"] = {"space": DepthSpace.METRIC.value, **describe(cat("depth"), valid)}
-    if "teacher_depth" in batches[0]:
+    if "teacher_depth" in batches[0]:  # where it supervises or GT exists, and any non-finite value
+        teacher = cat("teacher_depth")
         report.stats["teacher_depth"] = {"space": target_space.value, "declared_range": str(target_range),
-                                         "teacher": teacher_name, **describe(cat("teacher_depth"), valid)}
+                                         "teacher": teacher_name, **describe(teacher, valid | supervised | ~torch.isfinite(teacher))}
     pred_space = target_space if target == "teacher" else DepthSpace.METRIC
-    report.stats["student_initial"] = {"space": pred_space.value, **describe(torch.cat(predictions), valid)}
+    report.stats["student_initial"] = {"space": pred_space.value, **describe(torch.cat(predictions), supervised)}
 
     report.checks.append(space_check(target, pred_space, eval_space, teacher_name))
     for name, s in report.stats.items():
         report.checks.append(Check(f"finite:{name}", s["non_finite"] == 0,
                                    f"{name}: {s['non_finite']} non-finite values" if s["non_finite"]
                                    else f"{name}: all {s['count']} values finite"))
-    report.checks.append(Check("valid_pixels", bool(valid.any()),
-                               f"{int(valid.sum())} valid depth pixels in {len(batches)} batches"
-                               if valid.any() else "no valid depth pixel in the pre-flight batches: check the "
-                                                   "dataset's depth files (0 or NaN everywhere?)"))
+    report.checks.append(Check("valid_pixels", bool(supervised.any()),
+                               f"{int(supervised.sum())} supervised depth pixels in {len(batches)} batches"
+                               if supervised.any() else "no supervised depth pixel in the pre-flight batches: "
+                                                        "check the dataset's depth files or the teacher's output "
+                                                        "(0 or NaN everywhere?)"))
     if "teacher_depth" in report.stats:
         s = report.stats["teacher_depth"]
         inside = s["count"] == 0 or target_range.contains(s["min"], s["max"])

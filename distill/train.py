@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from distill import config as cfgio
-from distill import io
+from distill import distributed, io
 from distill.data import build_datasets
 from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
 from distill.losses import build_depth_loss, build_weighting, cross_entropy
@@ -37,10 +37,13 @@ PREFLIGHT_BATCHES = 3
 
 # ----------------------------------------------------------------------------- setup
 
-def pick_device(spec: str) -> torch.device:
+def pick_device(spec: str, local_rank: int = 0) -> torch.device:
+    """`auto`: CUDA when present (under torchrun, the process's own GPU), else the CPU."""
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"train.device={spec} but CUDA is not available here; use train.device=cpu or auto")
     return device
@@ -70,10 +73,13 @@ def new_run_dir(recipe: Recipe) -> Path:
     raise FileExistsError(f"could not create a fresh run directory under {recipe.out_dir}")
 
 
-def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers: int) -> DataLoader:
-    # A DistributedSampler with one replica: shuffling is a function of (seed, epoch) only, so a
-    # resumed run sees exactly the batches it would have seen, and torchrun needs no other code.
-    sampler = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed) if train else None
+def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers: int,
+                rank: int = 0, world: int = 1) -> DataLoader:
+    """Training: shuffled as a function of (seed, epoch) only, so a resumed run sees exactly the
+    batches it would have seen. Under torchrun each of `world` ranks takes every world-th index of
+    the same permutation with `batch_size` = global batch / world, so step k's batches of all ranks
+    together are the single-process run's batch k."""
+    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed) if train else None
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
                       num_workers=workers)  # not persistent: workers must see set_epoch
 
@@ -82,11 +88,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def training_median_depth(ds: Dataset, max_images: int = 256) -> float:
-    """Median ground-truth depth (m) of the training set, from up to `max_images` evenly spaced images."""
+def training_median_depth(ds: Dataset, fallback: Dataset | None = None, max_images: int = 256) -> float:
+    """Median ground-truth depth (m) of the training set, from up to `max_images` evenly spaced
+    images; of `fallback` (the validation set) when the training images have none (a folder)."""
     step = max(1, len(ds) // max_images)
-    values = [ds[i]["depth"][ds[i]["valid"]] for i in range(0, len(ds), step)]
-    return torch.cat(values).median().item()
+    values = torch.cat([ds[i]["depth"][ds[i]["valid"]] for i in range(0, len(ds), step)])
+    if values.numel() == 0 and fallback is not None:
+        return training_median_depth(fallback, None, max_images)
+    return values.median().item()
 
 
 def build_optimizer(model, weighting, cfg) -> torch.optim.AdamW:
@@ -114,9 +123,9 @@ def warmup_cosine(total_steps: int, warmup_frac: float, floor: float):
 
 def depth_target(batch: dict, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
     """(target, valid) of the depth loss: the teacher's pseudo-label or the ground truth."""
-    if recipe.target == "teacher":
+    if recipe.target == "teacher":  # wherever the teacher has an opinion: unlabelled images too
         target = batch["teacher_depth"]
-        return target, batch["valid"] & (target > 0) & torch.isfinite(target)
+        return target, (target > 0) & torch.isfinite(target)
     return batch["depth"], batch["valid"]
 
 
@@ -185,9 +194,24 @@ def evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype |
 # ----------------------------------------------------------------------------- the run
 
 def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
-    """Train `recipe`; returns the run directory. Raises PreflightError before any step if refused."""
+    """Train `recipe`; returns the run directory. Raises PreflightError before any step if refused.
+
+    Under `torchrun` every process runs this function: each trains on its share of every global
+    batch (`train.batch_size` is the global batch), rank 0 alone writes files and logs.
+    """
+    rank = distributed.from_environment()
+    device = pick_device(recipe.train.device, rank.local_rank)
+    distributed.init(rank, device)
+    if not rank.main:
+        log, progress = (lambda *args, **kwargs: None), False
+    try:
+        return _train(recipe, rank, device, progress, log)
+    finally:
+        distributed.shutdown(rank)
+
+
+def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progress: bool, log) -> Path:
     t_start = time.time()
-    device = pick_device(recipe.train.device)
     recipe, filled = resolve_for_device(recipe, device.type)
     if filled:
         log(f"{device.type.upper()} defaults: " + ", ".join(f"{k}={v}" for k, v in filled.items())
@@ -195,9 +219,13 @@ def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
     amp = autocast_dtype(recipe.train.amp, device)
     tc, dc = recipe.train, recipe.data
     seed_everything(tc.seed)
+    if tc.batch_size % rank.world:
+        raise ValueError(f"train.batch_size={tc.batch_size} (the global batch) is not divisible by the "
+                         f"{rank.world} processes; pick a multiple of {rank.world}")
 
     train_ds, val_ds = build_datasets(dc, progress=progress)
-    train_loader = make_loader(train_ds, tc.batch_size, train=True, seed=tc.seed, workers=dc.workers)
+    train_loader = make_loader(train_ds, tc.batch_size // rank.world, train=True, seed=tc.seed,
+                               workers=dc.workers, rank=rank.rank, world=rank.world)
     val_loader = make_loader(val_ds, tc.batch_size, train=False, seed=tc.seed, workers=dc.workers)
     if len(train_loader) == 0:
         raise ValueError(f"data.num_train={len(train_ds)} is smaller than train.batch_size={tc.batch_size}")
@@ -206,16 +234,20 @@ def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
                           decoder_channels=recipe.model.decoder_channels,
                           depth_activation=recipe.model.depth_activation, pretrained=recipe.model.pretrained).to(device)
     log(f"student {recipe.model.student}: {count_params(model) / 1e6:.2f} M params, "
-        f"{count_macs(model, dc.height, dc.width) / 1e6:.0f} M MACs at {dc.height}x{dc.width}")
+        f"{count_macs(model, dc.height, dc.width) / 1e6:.0f} M MACs at {dc.height}x{dc.width}"
+        + (f"; {rank.world} processes x {tc.batch_size // rank.world} images per step" if rank.active else ""))
 
-    run_dir = Path(recipe.resume) if recipe.resume else new_run_dir(recipe)
-    io.write_json(run_dir / "config.json", {**cfgio.to_dict(recipe), "device": str(device)})
+    run_dir = Path(recipe.resume) if recipe.resume else distributed.broadcast(rank, new_run_dir(recipe) if rank.main else None)
+    if rank.main:
+        io.write_json(run_dir / "config.json", {**cfgio.to_dict(recipe), "device": str(device), "processes": rank.world})
     ec = recipe.eval  # the constant predictor at the training set's median depth: the number to beat
-    baseline = baseline_abs_rel(training_median_depth(train_ds), ((b["depth"], b["valid"]) for b in val_loader),
-                                min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
+    baseline = baseline_abs_rel(training_median_depth(train_ds, val_ds), ((b["depth"], b["valid"]) for b in val_loader),
+                                min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop) if rank.main else None
 
-    preflight_stage(model, train_loader, teacher, recipe, device, run_dir, log)
+    preflight_stage(model, train_loader, teacher, recipe, device, run_dir if rank.main else None, log)
 
+    if rank.active and device.type == "cuda":  # batch statistics over the global batch, as in one process
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     weighting = weighting_for(recipe).to(device)
     optimizer = build_optimizer(model, weighting, tc)
     total_steps = tc.epochs * len(train_loader)
@@ -223,43 +255,61 @@ def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
     objective = Objective(recipe)
     state = {"epoch": 0, "step": 0, "best": None, "train_time": 0.0, "train_images": 0}
     if recipe.resume:
-        state = restore(run_dir, model, weighting, optimizer, scheduler, log)
+        state = restore(run_dir, model, weighting, optimizer, scheduler, log, write=rank.main)
+    # DDP broadcasts rank 0's weights (its pre-flight depth initialisation included) on wrapping.
+    net = torch.nn.parallel.DistributedDataParallel(model) if rank.active else model
 
     from distill.tensorboard import summary_writer
-    writer = summary_writer(run_dir / "tensorboard", purge_step=state["step"])
+    writer = summary_writer(run_dir / "tensorboard", purge_step=state["step"]) if rank.main else NullWriter()
     for epoch in range(state["epoch"], tc.epochs):
         train_ds.set_epoch(epoch)
         train_loader.sampler.set_epoch(epoch)
         t0 = time.time()
-        means = train_one_epoch(model, train_loader, teacher, objective, weighting, optimizer, scheduler,
-                                device, amp, recipe, epoch, state, writer, progress)
+        means = train_one_epoch(net, train_loader, teacher, objective, weighting, optimizer, scheduler,
+                                device, amp, recipe, epoch, state, writer, progress, rank)
+        means = distributed.mean_across(rank, means)
         epoch_time = time.time() - t0
+        images = len(train_loader) * tc.batch_size
         state["train_time"] += epoch_time
-        state["train_images"] += len(train_loader) * tc.batch_size
+        state["train_images"] += images
         weighting.epoch_end({t: means[f"loss_{t}"] for t in recipe.model.tasks})  # unweighted, per task
-        val = {**evaluate(model, val_loader, device, amp, recipe), "baseline_abs_rel": baseline}
-        record = {"epoch": epoch + 1, "step": state["step"], "train": {**means, "images_per_s": len(train_loader) * tc.batch_size / epoch_time},
-                  "val": val}
-        io.append_jsonl(run_dir / "metrics.jsonl", record)
-        log_epoch(writer, record, log)
         state["epoch"] = epoch + 1
-        score = val.get(recipe.eval.best_metric)
-        if score is not None and (state["best"] is None or score < state["best"]["value"]):
-            state["best"] = {"epoch": epoch + 1, "metric": recipe.eval.best_metric, "value": score}
-            io.save_weights(run_dir / "best.safetensors", model.state_dict(), weight_metadata(recipe, epoch + 1, val))
-        save(run_dir, model, weighting, optimizer, scheduler, state, recipe, val)
+        if rank.main:
+            val = {**evaluate(model, val_loader, device, amp, recipe), "baseline_abs_rel": baseline}
+            record = {"epoch": epoch + 1, "step": state["step"], "train": {**means, "images_per_s": images / epoch_time},
+                      "val": val}
+            io.append_jsonl(run_dir / "metrics.jsonl", record)
+            log_epoch(writer, record, log)
+            score = val.get(recipe.eval.best_metric)
+            if score is not None and (state["best"] is None or score < state["best"]["value"]):
+                state["best"] = {"epoch": epoch + 1, "metric": recipe.eval.best_metric, "value": score}
+                io.save_weights(run_dir / "best.safetensors", model.state_dict(), weight_metadata(recipe, epoch + 1, val))
+            save(run_dir, model, weighting, optimizer, scheduler, state, recipe, val)
+        distributed.barrier(rank)   # nobody starts the next epoch (or returns) before the checkpoint
     writer.close()
 
-    from distill.report import write_outputs
-    summary = {**val, "best": state["best"],
-               "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
-               "wall_s": time.time() - t_start, "epochs": tc.epochs, "device": str(device)}
-    write_outputs(run_dir, recipe, summary, model, teacher, val_ds, device, log)
+    if rank.main:
+        from distill.report import write_outputs
+        summary = {**val, "best": state["best"],
+                   "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
+                   "wall_s": time.time() - t_start, "epochs": tc.epochs, "device": str(device),
+                   "processes": rank.world}
+        write_outputs(run_dir, recipe, summary, model, teacher, val_ds, device, log)
     return run_dir
 
 
+class NullWriter:
+    """TensorBoard writer of the ranks that do not write."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def preflight_stage(model, loader: DataLoader, teacher: Teacher, recipe: Recipe, device: torch.device,
-                    run_dir: Path, log) -> None:
+                    run_dir: Path | None, log) -> None:
     """Pre-flight on real batches before any step (writes preflight.json, raises when refused).
 
     It also places the depth head's initial output at the training targets' median (seed 001:
@@ -278,8 +328,9 @@ def preflight_stage(model, loader: DataLoader, teacher: Teacher, recipe: Recipe,
     report = run_preflight(probe, predictions, target=recipe.target,
                            target_space=teacher.space if recipe.target == "teacher" else DepthSpace.METRIC,
                            target_range=teacher.range, eval_space=DepthSpace(recipe.eval_space),
-                           teacher_name=teacher.name)
-    io.write_json(run_dir / "preflight.json", report.to_json())
+                           teacher_name=teacher.name, target_masks=[depth_target(b, recipe)[1] for b in probe])
+    if run_dir is not None:  # rank 0 under torchrun
+        io.write_json(run_dir / "preflight.json", report.to_json())
     log(f"pre-flight (units and ranges, first {len(probe)} batches):\n{report.table()}")
     for warning in enforce(report, recipe.preflight):
         log(f"WARNING (preflight=warn, training anyway): {warning}")
@@ -291,7 +342,7 @@ def attach_teacher(batch: dict, teacher: Teacher) -> dict:
 
 
 def train_one_epoch(model, loader, teacher, objective, weighting, optimizer, scheduler, device, amp,
-                    recipe, epoch, state, writer, progress) -> dict[str, float]:
+                    recipe, epoch, state, writer, progress, rank=distributed.Dist()) -> dict[str, float]:
     """One pass over the training set; returns epoch-averaged losses and effective weights."""
     tc = recipe.train
     sums: dict[str, float] = {}
@@ -313,6 +364,7 @@ def train_one_epoch(model, loader, teacher, objective, weighting, optimizer, sch
                 + ". Lower train.lr_decoder / train.lr_encoder, or check the data with the pre-flight table.")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
+        distributed.average_gradients(rank, weighting.parameters())
         if tc.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(weighting.parameters()), tc.grad_clip)
         optimizer.step()
@@ -356,7 +408,7 @@ def save(run_dir: Path, model, weighting, optimizer, scheduler, state: dict, rec
                        weight_metadata(recipe, state["epoch"], val))
 
 
-def restore(run_dir: Path, model, weighting, optimizer, scheduler, log) -> dict:
+def restore(run_dir: Path, model, weighting, optimizer, scheduler, log, write: bool = True) -> dict:
     ckpt = io.latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"resume={run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}; "
@@ -369,7 +421,7 @@ def restore(run_dir: Path, model, weighting, optimizer, scheduler, log) -> dict:
     torch.set_rng_state(full["torch_rng"])
     state = full["progress"]
     metrics = run_dir / "metrics.jsonl"
-    if metrics.exists():  # drop epochs logged after the checkpoint we continue from
+    if write and metrics.exists():  # drop epochs logged after the checkpoint we continue from
         kept = [r for r in io.read_jsonl(metrics) if r["epoch"] <= state["epoch"]]
         io.write_text(metrics, "".join(json.dumps(r) + "\n" for r in kept))
     log(f"resumed {run_dir} from {ckpt.name} (epoch {state['epoch']}, step {state['step']})")

@@ -27,7 +27,8 @@ def load_saved(run_dir: str | Path, cls: type[Recipe] | None = None) -> Recipe:
     """The resolved recipe a run saved in its config.json, as `cls` (default: the class of the
     recipe it names)."""
     saved = json.loads((Path(run_dir) / "config.json").read_text())
-    saved.pop("device", None)   # recorded next to the recipe, not a recipe field
+    for key in ("device", "processes"):   # recorded next to the recipe, not recipe fields
+        saved.pop(key, None)
     if isinstance(saved.get("teacher"), str):   # runs before the teacher section existed
         saved["teacher"] = {"name": saved["teacher"]}
     return from_dict(cls or RECIPES.get(saved["name"]), saved)

@@ -130,14 +130,19 @@ class MultiTaskStudent(nn.Module):
     def decoder_parameters(self) -> list[nn.Parameter]:
         return list(self.decoder.parameters()) + list(self.heads.parameters())
 
-    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, image: torch.Tensor, *, features: bool = False) -> dict[str, torch.Tensor]:
+        """`features=True` adds "features": the encoder maps the decoder reads, fine to coarse
+        (for feature-level distillation; exported graphs never ask for them)."""
         h, w = image.shape[-2:]
         if h % INPUT_MULTIPLE or w % INPUT_MULTIPLE:
             raise ValueError(f"input size {h}x{w} is not a multiple of {INPUT_MULTIPLE}; "
                              f"resize or crop to e.g. {h // 32 * 32 or 32}x{w // 32 * 32 or 32}")
-        features = self.encoder(image)
-        x = self.decoder([features[i] for i in self.levels])
-        return {name: head(x) for name, head in self.heads.items()}
+        levels = [f for i, f in enumerate(self.encoder(image)) if i in self.levels]
+        x = self.decoder(levels)
+        out = {name: head(x) for name, head in self.heads.items()}
+        if features:
+            out["features"] = levels
+        return out
 
 
 def create_encoder(name: str, pretrained: str | bool) -> nn.Module:

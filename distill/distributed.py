@@ -1,0 +1,83 @@
+"""Multi-process training under `torchrun`: who am I, and the few collective steps training needs.
+
+`torchrun --nproc_per_node N -m distill.run v3 ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without
+them everything here is a no-op for a single process, so `train.py` has one code path. Backend:
+NCCL on CUDA, gloo on CPU (the tests run two CPU processes).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes files, logs and shows progress bars; the others only compute."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def from_environment() -> Dist:
+    """The process's place in a torchrun job (rank 0 of 1 when not launched by torchrun)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(d: Dist, device: torch.device) -> None:
+    """Join the process group (once); a no-op for a single process."""
+    if d.active and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=d.rank, world_size=d.world)
+
+
+def shutdown(d: Dist) -> None:
+    if d.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(d: Dist) -> None:
+    if d.active:
+        dist.barrier()
+
+
+def broadcast(d: Dist, value):
+    """Rank 0's `value` on every rank (any picklable object)."""
+    if not d.active:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def mean_across(d: Dist, values: dict[str, float]) -> dict[str, float]:
+    """Each key averaged over ranks (epoch losses: every rank logs and weights by the same numbers)."""
+    if not d.active or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    return {k: v / d.world for k, v in zip(keys, t.tolist())}
+
+
+def average_gradients(d: Dist, params) -> None:
+    """All-reduce the gradients of parameters outside the DDP-wrapped model (Kendall's
+    log-variances, feature-KD projections), so every rank takes the same step."""
+    if not d.active:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= d.world
