@@ -17,6 +17,7 @@ from distill.config import ConfigError, apply_overrides, flat_keys, to_dict
 from distill.preflight import PreflightError
 from distill.recipes import RECIPES, get_recipe, load_saved, recipe_summary
 from distill.registry import UnknownNameError
+from distill.supervision import SupervisionError
 
 
 def describe_keys(recipe) -> str:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = resolve(args.recipe, args.overrides)
         from distill.train import train  # heavy imports only once the command line is valid
         train(recipe, progress=not args.quiet)
-    except (ConfigError, UnknownNameError) as e:
+    except (ConfigError, UnknownNameError, SupervisionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except PreflightError as e:

@@ -24,13 +24,17 @@ from distill import config as cfgio
 from distill import distributed, io
 from distill.data import build_datasets
 from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
+from distill.cross_context import local_global_loss, overlapping_patches
 from distill.losses import build_depth_loss, build_weighting, cross_entropy
+from distill.losses.feature_kd import FeatureDistiller
+from distill.losses.normalization import normalized_l1
 from distill.metrics import DepthMetrics, SegMetrics, baseline_abs_rel
 from distill.preflight import enforce, run_preflight
 from distill.recipes import Recipe, resolve_for_device
 from distill.spaces import DepthSpace
 from distill.students import build_student, count_macs, count_params
-from distill.teachers import Teacher, teacher_for
+from distill.supervision import Supervision
+from distill.teachers import Teacher
 
 PREFLIGHT_BATCHES = 3
 
@@ -98,9 +102,11 @@ def training_median_depth(ds: Dataset, fallback: Dataset | None = None, max_imag
     return values.median().item()
 
 
-def build_optimizer(model, weighting, cfg) -> torch.optim.AdamW:
+def build_optimizer(model, weighting, cfg, feature_kd=None) -> torch.optim.AdamW:
     groups = [{"params": model.encoder_parameters(), "lr": cfg.lr_encoder, "name": "encoder"},
               {"params": model.decoder_parameters(), "lr": cfg.lr_decoder, "name": "decoder"}]
+    if feature_kd is not None:  # D3epth's projections: trained with the decoder, not exported
+        groups.append({"params": list(feature_kd.parameters()), "lr": cfg.lr_decoder, "name": "feature_kd"})
     extra = [p for p in weighting.parameters() if p.requires_grad]
     if extra:  # Kendall log-variances: decoder LR, no weight decay (it would pull sigma to 1)
         groups.append({"params": extra, "lr": cfg.lr_decoder, "weight_decay": 0.0, "name": "weighting"})
@@ -130,22 +136,38 @@ def depth_target(batch: dict, recipe: Recipe) -> tuple[torch.Tensor, torch.Tenso
 
 
 class Objective:
-    """The recipe's losses: depth (+ optional gradient term) and segmentation, then the weighting."""
+    """The recipe's losses per task: depth (metric term, Distill Any Depth's normalised and
+    local-global terms, D3epth's feature term: all depth distillation) and segmentation."""
 
-    def __init__(self, recipe: Recipe):
-        lc = recipe.loss
-        self.recipe = recipe
+    def __init__(self, recipe: Recipe, feature_kd: torch.nn.Module | None = None):
+        lc, self.dc = recipe.loss, recipe.distill
+        self.recipe, self.feature_kd = recipe, feature_kd
         self.depth_loss = build_depth_loss(lc.depth, **depth_loss_options(lc))
         self.grad_loss = build_depth_loss("gradient_huber", delta=lc.gradient_delta) if lc.gradient_weight > 0 else None
 
-    def __call__(self, out: dict, batch: dict) -> dict[str, torch.Tensor]:
+    def pixel_loss(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Depth loss of (B, 1, H, W) prediction and target: metres, plus the normalised term."""
+        loss = self.dc.metric_weight * self.depth_loss(pred, target, valid)
+        if self.grad_loss is not None:
+            loss = loss + self.recipe.loss.gradient_weight * self.grad_loss(pred, target, valid)
+        if self.dc.normalization != "none":
+            loss = loss + self.dc.normalized_weight * normalized_l1(pred, target, valid, self.dc.normalization)
+        return loss
+
+    def __call__(self, out: dict, batch: dict, teacher: Teacher | None = None) -> dict[str, torch.Tensor]:
+        """`teacher`: the step's teacher, for the local-global term (skipped without one)."""
         losses = {}
         if "depth" in out:
             target, valid = depth_target(batch, self.recipe)
             pred = out["depth"].float()
-            losses["depth"] = self.depth_loss(pred, target, valid)
-            if self.grad_loss is not None:
-                losses["depth"] = losses["depth"] + self.recipe.loss.gradient_weight * self.grad_loss(pred, target, valid)
+            losses["depth"] = self.pixel_loss(pred, target, valid)
+            if self.dc.local_global_weight > 0 and teacher is not None:
+                patches = overlapping_patches(*pred.shape[-2:], self.dc.local_global_grid)
+                losses["depth"] = losses["depth"] + self.dc.local_global_weight * local_global_loss(
+                    pred, batch, teacher, patches, self.pixel_loss)
+            if self.feature_kd is not None and "teacher_features" in batch:
+                losses["depth"] = losses["depth"] + self.dc.feature_weight * self.feature_kd(
+                    out["features"], batch["teacher_features"])
         if "seg" in out:
             losses["seg"] = cross_entropy(out["seg"].float(), batch["seg"], ignore_index=IGNORE_INDEX)
         return losses
@@ -229,7 +251,13 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     val_loader = make_loader(val_ds, tc.batch_size, train=False, seed=tc.seed, workers=dc.workers)
     if len(train_loader) == 0:
         raise ValueError(f"data.num_train={len(train_ds)} is smaller than train.batch_size={tc.batch_size}")
-    teacher = teacher_for(recipe.teacher).to(device)
+    supervision = Supervision(recipe, device)
+    teacher = supervision.teacher
+    if recipe.teacher.cache:
+        supervision.check_cache(train_ds, dc, log)
+    if recipe.teacher.align == "dataset":
+        supervision.align(train_loader, device, rank, log)
+        teacher = supervision.teacher
     model = build_student(recipe.model.student, tasks=recipe.model.tasks, num_classes=len(NYU13_NAMES),
                           decoder_channels=recipe.model.decoder_channels,
                           depth_activation=recipe.model.depth_activation, pretrained=recipe.model.pretrained).to(device)
@@ -249,13 +277,14 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if rank.active and device.type == "cuda":  # batch statistics over the global batch, as in one process
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     weighting = weighting_for(recipe).to(device)
-    optimizer = build_optimizer(model, weighting, tc)
+    feature_kd = feature_distiller(model, teacher, train_loader, device) if recipe.distill.feature_weight > 0 else None
+    optimizer = build_optimizer(model, weighting, tc, feature_kd)
     total_steps = tc.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, tc.warmup_frac, tc.min_lr_ratio))
-    objective = Objective(recipe)
+    objective = Objective(recipe, feature_kd)
     state = {"epoch": 0, "step": 0, "best": None, "train_time": 0.0, "train_images": 0}
     if recipe.resume:
-        state = restore(run_dir, model, weighting, optimizer, scheduler, log, write=rank.main)
+        state = restore(run_dir, model, weighting, optimizer, scheduler, log, write=rank.main, feature_kd=feature_kd)
     # DDP broadcasts rank 0's weights (its pre-flight depth initialisation included) on wrapping.
     net = torch.nn.parallel.DistributedDataParallel(model) if rank.active else model
 
@@ -265,7 +294,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
         train_ds.set_epoch(epoch)
         train_loader.sampler.set_epoch(epoch)
         t0 = time.time()
-        means = train_one_epoch(net, train_loader, teacher, objective, weighting, optimizer, scheduler,
+        means = train_one_epoch(net, train_loader, supervision, objective, weighting, optimizer, scheduler,
                                 device, amp, recipe, epoch, state, writer, progress, rank)
         means = distributed.mean_across(rank, means)
         epoch_time = time.time() - t0
@@ -284,7 +313,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
             if score is not None and (state["best"] is None or score < state["best"]["value"]):
                 state["best"] = {"epoch": epoch + 1, "metric": recipe.eval.best_metric, "value": score}
                 io.save_weights(run_dir / "best.safetensors", model.state_dict(), weight_metadata(recipe, epoch + 1, val))
-            save(run_dir, model, weighting, optimizer, scheduler, state, recipe, val)
+            save(run_dir, model, weighting, optimizer, scheduler, state, recipe, val, feature_kd)
         distributed.barrier(rank)   # nobody starts the next epoch (or returns) before the checkpoint
     writer.close()
 
@@ -306,6 +335,17 @@ class NullWriter:
 
     def close(self) -> None:
         pass
+
+
+def feature_distiller(model, teacher: Teacher, loader: DataLoader, device: torch.device) -> FeatureDistiller:
+    """D3epth's feature KD: the student's encoder levels paired with the teacher's feature maps,
+    whose channels one teacher call on a first batch tells."""
+    teacher_maps = teacher.features(to_device(next(iter(loader)), device))
+    if teacher_maps is None:
+        raise ValueError(f"distill.feature_weight > 0 needs a teacher with feature maps; {teacher.name} has none "
+                         f"(the Depth Anything teachers have them); set distill.feature_weight=0")
+    student_channels = [model.encoder.feature_info.channels()[i] for i in model.levels]
+    return FeatureDistiller(student_channels, [f.shape[1] for f in teacher_maps]).to(device)
 
 
 def preflight_stage(model, loader: DataLoader, teacher: Teacher, recipe: Recipe, device: torch.device,
@@ -341,7 +381,7 @@ def attach_teacher(batch: dict, teacher: Teacher) -> dict:
     return batch
 
 
-def train_one_epoch(model, loader, teacher, objective, weighting, optimizer, scheduler, device, amp,
+def train_one_epoch(model, loader, supervision, objective, weighting, optimizer, scheduler, device, amp,
                     recipe, epoch, state, writer, progress, rank=distributed.Dist()) -> dict[str, float]:
     """One pass over the training set; returns epoch-averaged losses and effective weights."""
     tc = recipe.train
@@ -349,13 +389,14 @@ def train_one_epoch(model, loader, teacher, objective, weighting, optimizer, sch
     # Redraw often on a terminal, rarely in a log file (CI, nohup) so logs stay readable.
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, leave=False,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
+    features = objective.feature_kd is not None
     for batch in bar:
-        batch = to_device(batch, device)
+        batch, teacher = to_device(batch, device), None
         if recipe.target == "teacher":
-            attach_teacher(batch, teacher)
+            batch, teacher = supervision.prepare(batch, state["step"], features=features)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(batch["image"])
-        losses = objective(out, batch)
+            out = model(batch["image"], features=True) if features else model(batch["image"])
+        losses = objective(out, batch, teacher)
         total, weights = weighting(losses)
         if not torch.isfinite(total):
             raise FloatingPointError(
@@ -364,9 +405,10 @@ def train_one_epoch(model, loader, teacher, objective, weighting, optimizer, sch
                 + ". Lower train.lr_decoder / train.lr_encoder, or check the data with the pre-flight table.")
         optimizer.zero_grad(set_to_none=True)
         total.backward()
-        distributed.average_gradients(rank, weighting.parameters())
+        extra = list(weighting.parameters()) + (list(objective.feature_kd.parameters()) if features else [])
+        distributed.average_gradients(rank, extra)
         if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(weighting.parameters()), tc.grad_clip)
+            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + extra, tc.grad_clip)
         optimizer.step()
         scheduler.step()
         state["step"] += 1
@@ -398,9 +440,11 @@ def weight_metadata(recipe: Recipe, epoch: int, val: dict) -> dict[str, str]:
             "val": json.dumps({k: v for k, v in val.items() if not isinstance(v, dict)})}
 
 
-def save(run_dir: Path, model, weighting, optimizer, scheduler, state: dict, recipe: Recipe, val: dict) -> None:
+def save(run_dir: Path, model, weighting, optimizer, scheduler, state: dict, recipe: Recipe, val: dict,
+         feature_kd=None) -> None:
     full_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                   "weighting": weighting.state_dict(), "progress": dict(state),
+                  "feature_kd": feature_kd.state_dict() if feature_kd is not None else None,
                   # Augmentation and teacher noise are seeded per (seed, epoch, index); torch's
                   # global generator is the only other source of randomness in a step.
                   "torch_rng": torch.get_rng_state()}
@@ -408,7 +452,8 @@ def save(run_dir: Path, model, weighting, optimizer, scheduler, state: dict, rec
                        weight_metadata(recipe, state["epoch"], val))
 
 
-def restore(run_dir: Path, model, weighting, optimizer, scheduler, log, write: bool = True) -> dict:
+def restore(run_dir: Path, model, weighting, optimizer, scheduler, log, write: bool = True,
+            feature_kd=None) -> dict:
     ckpt = io.latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"resume={run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}; "
@@ -418,6 +463,8 @@ def restore(run_dir: Path, model, weighting, optimizer, scheduler, log, write: b
     optimizer.load_state_dict(full["optimizer"])
     scheduler.load_state_dict(full["scheduler"])
     weighting.load_state_dict(full["weighting"])
+    if feature_kd is not None:
+        feature_kd.load_state_dict(full["feature_kd"])
     torch.set_rng_state(full["torch_rng"])
     state = full["progress"]
     metrics = run_dir / "metrics.jsonl"

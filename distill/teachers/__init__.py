@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from distill.registry import Registry
 from distill.teachers.base import Teacher
-from distill.teachers.synthetic import SyntheticMetricTeacher, SyntheticRelativeTeacher, TeacherErrorModel
+from distill.teachers.synthetic import (SyntheticAssistantTeacher, SyntheticMetricTeacher, SyntheticRelativeTeacher,
+                                        TeacherErrorModel)
 
 TEACHERS: Registry = Registry("teacher")
 TEACHERS.register("synthetic-metric", SyntheticMetricTeacher)
 TEACHERS.register("synthetic-relative", SyntheticRelativeTeacher)
+TEACHERS.register("synthetic-assistant", SyntheticAssistantTeacher)
 
 
 def build_teacher(name: str, **options) -> Teacher:

@@ -1,0 +1,104 @@
+"""Where a training step's pseudo-labels come from: teacher or assistant, full image or shared crop.
+
+The recipe's `teacher` section names the teachers (`teacher_for`); its `distill` section says how
+they supervise (Distill Any Depth, seed 004): with probability `shared_crop` the step trains on a
+random crop that teacher and student both see (shared-context distillation); with an assistant,
+each step's labels come from the assistant with probability `assistant_ratio` (7:3). Every draw is
+a function of (seed, step), so a resumed run and every torchrun rank make the same choice.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from distill.cross_context import AssistantSchedule, crop_batch, sample_shared_crop
+from distill.teachers import Teacher, teacher_for
+
+
+class SupervisionError(ValueError):
+    """A teacher / distillation combination that cannot work; the message names the fix."""
+
+
+def check_options(recipe) -> None:
+    """Refuse distillation options that cannot work together, before any teacher is loaded."""
+    tc, dc = recipe.teacher, recipe.distill
+    online_only = {"distill.shared_crop": dc.shared_crop > 0, "distill.local_global_weight": dc.local_global_weight > 0,
+                   "teacher.assistant": bool(tc.assistant)}
+    if tc.cache and any(online_only.values()):
+        keys = ", ".join(k for k, on in online_only.items() if on)
+        raise SupervisionError(
+            f"{keys} need(s) the teacher online (it labels crops it has not seen, or a second teacher), "
+            f"but teacher.cache={tc.cache} holds full-image labels of one teacher; drop teacher.cache or those options")
+    if recipe.target != "teacher" and (any(online_only.values()) or dc.normalization != "none"):
+        raise SupervisionError("the distill.* options shape teacher supervision; they need target=teacher")
+
+
+class Supervision:
+    """`prepare(batch, step) -> (batch with teacher_depth [and teacher_features], teacher used)`."""
+
+    def __init__(self, recipe, device: torch.device):
+        tc = recipe.teacher
+        check_options(recipe)
+        self.recipe, self.seed = recipe, recipe.train.seed
+        self.teacher: Teacher = teacher_for(tc).to(device)
+        self.assistant: Teacher | None = None
+        if tc.assistant:
+            self.assistant = teacher_for(replace(tc, name=tc.assistant, source=tc.assistant_source, cache="")).to(device)
+            self.schedule = AssistantSchedule(tc.assistant_ratio, self.seed)
+            if self.assistant.space != self.teacher.space:
+                raise SupervisionError(
+                    f"teacher.assistant={tc.assistant} outputs {self.assistant.space.value} depth but the primary "
+                    f"teacher {self.teacher.name} outputs {self.teacher.space.value}; pick an assistant in the "
+                    f"same space (labels are drawn from either teacher at random)")
+
+    def teacher_at(self, step: int) -> Teacher:
+        if self.assistant is not None and self.schedule.use_assistant(step):
+            return self.assistant
+        return self.teacher
+
+    def prepare(self, batch: dict, step: int, *, features: bool = False) -> tuple[dict, Teacher]:
+        """Crop (maybe), then attach `teacher_depth` (B, 1, H, W) and, with `features`, the teacher's
+        feature maps as `teacher_features`."""
+        dc = self.recipe.distill
+        if dc.shared_crop > 0:
+            rng = np.random.default_rng([self.seed, step, 0x5C])
+            if rng.random() < dc.shared_crop:
+                h, w = batch["image"].shape[-2:]
+                batch = crop_batch(batch, sample_shared_crop(h, w, min_frac=dc.crop_min, rng=rng), (h, w))
+        teacher = self.teacher_at(step)
+        if features:
+            batch["teacher_depth"], batch["teacher_features"] = teacher.depth_and_features(batch)
+            if batch["teacher_features"] is None:
+                raise SupervisionError(f"distill.feature_weight > 0 needs teacher features, but {teacher.name} "
+                                       f"has none (real Depth Anything teachers do); set distill.feature_weight=0")
+        else:
+            batch["teacher_depth"] = teacher(batch)
+        return batch, teacher
+
+    def check_cache(self, dataset, data_cfg, log) -> None:
+        """A pseudo-label cache must hold labels of these very images at this size (content
+        hashes), all finite; otherwise stop before any step."""
+        self.teacher.verify(dataset, height=data_cfg.height, width=data_cfg.width, split="train")
+        bad = self.teacher.scan_finite()
+        if bad:
+            raise SupervisionError(f"teacher.cache={self.recipe.teacher.cache} holds non-finite labels for "
+                                   f"{len(bad)} images (first indices {bad[:5]}); rebuild those shards with "
+                                   f"python -m distill.cache_teacher")
+        log(f"teacher cache {self.recipe.teacher.cache}: {len(dataset)} labels of {self.teacher.name} match "
+            f"the training images (content hashes) and are finite")
+
+    def align(self, loader, device: torch.device, rank, log) -> None:
+        """teacher.align=dataset: scale the teacher by one factor fitted to ground truth (a metric
+        teacher trained on other data, e.g. DA2 metric-indoor on NYU). Rank 0 fits; all use it."""
+        from distill import distributed
+        from distill.teachers.align import ScaleAligned, fit_scale
+
+        scale = None
+        if rank.main:
+            batches = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in loader)
+            scale = fit_scale(self.teacher, batches)
+        scale = distributed.broadcast(rank, scale)
+        log(f"teacher.align=dataset: {self.teacher.name} x {scale:.4f} (median ground truth / teacher ratio)")
+        self.teacher = ScaleAligned(self.teacher, scale)
