@@ -26,7 +26,7 @@ RAMP = np.array([[48, 18, 59], [65, 105, 225], [32, 178, 120], [170, 220, 50], [
 
 def colorize(values: np.ndarray, lo: float, hi: float, ramp: np.ndarray = RAMP) -> np.ndarray:
     """(H, W) floats -> (H, W, 3) uint8 along `ramp`; NaN or <= 0 (invalid depth) is black."""
-    t = np.clip((values - lo) / max(hi - lo, 1e-9), 0, 1) * (len(ramp) - 1)
+    t = np.nan_to_num(np.clip((values - lo) / max(hi - lo, 1e-9), 0, 1)) * (len(ramp) - 1)
     i = np.minimum(t.astype(int), len(ramp) - 2)
     frac = (t - i)[..., None]
     rgb = ramp[i] * (1 - frac) + ramp[i + 1] * frac

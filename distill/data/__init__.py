@@ -36,6 +36,28 @@ def synthrooms(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
             SynthRoomsDataset(path, "val", augment=False, seed=cfg.seed))
 
 
+def _nyu(layout: str):
+    def factory(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
+        """NYU Depth V2 (distill/data/nyu.py): `nyu:<path>` detects the layout from the path."""
+        from distill.data import nyu
+
+        return nyu.build(layout, dataset_path(cfg), cfg)
+    return factory
+
+
+for _layout in ("nyu", "nyu-labeled", "nyu-bts", "nyu-h5"):
+    DATASETS.register(_layout, _nyu(_layout))
+
+
+@DATASETS.register("folder")
+def folder(cfg, progress: bool = True) -> tuple[Dataset, None]:
+    """An unlabelled image folder (`folder:<path>`): training images only, so `data.val_dataset`."""
+    from distill.data.folder import ImageFolder
+
+    size = (cfg.height or 480, cfg.width or 640)
+    return ImageFolder(dataset_path(cfg), size=size, augment=cfg.augment, seed=cfg.seed, limit=cfg.num_train), None
+
+
 def build_datasets(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
     """(train, val) for a `DataConfig`: `cfg.dataset` is "name" or "name:path"; validation comes from
     `cfg.val_dataset` when set (unlabelled folders have no validation split of their own)."""
