@@ -64,7 +64,8 @@ def build_datasets(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
     train, val = DATASETS.get(cfg.dataset.split(":", 1)[0])(cfg, progress=progress)
     if cfg.val_dataset:
         from dataclasses import replace
-        _, val = DATASETS.get(cfg.val_dataset.split(":", 1)[0])(replace(cfg, dataset=cfg.val_dataset),
+        # num_train=1: only its validation split is used (SynthRooms would render 4000 scenes)
+        _, val = DATASETS.get(cfg.val_dataset.split(":", 1)[0])(replace(cfg, dataset=cfg.val_dataset, num_train=1),
                                                                  progress=progress)
     if val is None:
         raise ValueError(f"data.dataset={cfg.dataset} has no ground truth to validate on; set "

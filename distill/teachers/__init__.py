@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from distill.registry import Registry
 from distill.teachers.base import Teacher
+from distill.teachers.depth_anything import DA2Metric, DA2Relative, DA3Metric
 from distill.teachers.synthetic import (SyntheticAssistantTeacher, SyntheticMetricTeacher, SyntheticRelativeTeacher,
                                         TeacherErrorModel)
 
@@ -15,6 +16,9 @@ TEACHERS: Registry = Registry("teacher")
 TEACHERS.register("synthetic-metric", SyntheticMetricTeacher)
 TEACHERS.register("synthetic-relative", SyntheticRelativeTeacher)
 TEACHERS.register("synthetic-assistant", SyntheticAssistantTeacher)
+TEACHERS.register("da2-relative", DA2Relative)
+TEACHERS.register("da2-metric", DA2Metric)
+TEACHERS.register("da3-metric", DA3Metric)
 
 
 def build_teacher(name: str, **options) -> Teacher:

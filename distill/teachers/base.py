@@ -39,6 +39,10 @@ class Teacher(ABC):
         """Intermediate feature maps (B, C, h, w) for feature-level KD; None when it has none."""
         return None
 
+    def depth_and_features(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Both from one forward where the teacher can (the Depth Anything teachers do)."""
+        return self(batch), self.features(batch)
+
     def describe(self) -> str:
         return f"{self.name}: {self.space.value} ({self.space.describe()}), range {self.range}"
 

@@ -1,0 +1,318 @@
+"""`python -m distill.ablate RECIPE GRID [key=value ...]` - a grid of training runs, one table.
+
+    python -m distill.ablate v3 distill.normalization=none,global,hybrid,local distill.shared_crop=0,1 \\
+        train.epochs=3 data.num_train=600 data.height=64 data.width=96
+    python -m distill.ablate v3 loss.weighting=fixed,kendall,dwa --dry-run
+    python -m distill.ablate v3 loss.depth=berhu,silog --metrics abs_rel,d1,rmse --out runs/ablate-loss
+    python -m distill.ablate v3 --help            the recipe's keys
+
+An item with several comma-separated values (`key=v1,v2,...`) is a grid axis; an item with one
+value is an override common to every run. For a tuple-valued key (`model.tasks=depth,seg`) the
+commas belong to one value: separate its alternatives with "|" ('model.tasks=depth|depth,seg').
+Every combination of the axes (the cartesian product, the first axis slowest) is one ordinary
+training run (`distill.train.train`) in OUT/NN-<values>/ (OUT: `--out`, default
+runs/ablate-<UTC time>/). All combinations are checked against the recipe before the first run
+starts (an unknown key or a bad value exits 2, as `distill.run` does); a run that fails is
+recorded with its error and the grid goes on. After every run OUT/ablation.json and
+OUT/ablation.md are rewritten (atomically): one row per combination, the axes' values, the
+chosen metrics from the run's summary.json and the wall time, the best value of each metric
+marked. Exit status: 0 all runs finished, 1 some failed, 2 a bad command line.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, fields, is_dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, get_origin
+
+from distill import io
+from distill.config import ConfigError, apply_overrides, field_types
+from distill.recipes import RECIPES, Recipe, get_recipe
+from distill.registry import UnknownNameError, suggest
+
+# How each summary.json metric ranks: -1 lower is better, +1 higher is better, 0 closest to 1.
+DIRECTION: dict[str, int] = {
+    **{k: -1 for k in ("abs_rel", "abs_rel_aligned", "sq_rel", "rmse", "rmse_log", "log10", "silog",
+                       "abs_rel_0_2", "abs_rel_2_5", "abs_rel_5_10", "wall_s")},
+    **{k: +1 for k in ("d1", "d2", "d3", "miou", "pixel_acc", "train_images_per_s")},
+    "s_star": 0,   # median(gt) / median(pred): 1 is a right global scale
+}
+DEFAULT_METRICS = ("abs_rel", "abs_rel_aligned", "d1", "miou")
+RESERVED = {"out_dir": "--out places the runs", "resume": "an ablation starts fresh runs"}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """axes: key -> its alternatives (str, as typed), in command-line order; common: key=value."""
+    axes: dict[str, tuple[str, ...]]
+    common: tuple[str, ...]
+
+    def combinations(self) -> list[dict[str, str]]:
+        """The cartesian product of the axes, first axis slowest: [{key: value}, ...]."""
+        keys = list(self.axes)
+        return [dict(zip(keys, values)) for values in itertools.product(*self.axes.values())]
+
+
+# ----------------------------------------------------------------------------- command line
+
+def is_tuple_key(recipe: Recipe, key: str) -> bool:
+    """Whether dotted `key` is a tuple field of `recipe` (False for unknown keys: checked later)."""
+    cfg, parts = recipe, key.split(".")
+    for part in parts[:-1]:
+        cfg = getattr(cfg, part, None)
+        if not is_dataclass(cfg):
+            return False
+    if parts[-1] not in {f.name for f in fields(cfg)}:
+        return False
+    return get_origin(field_types(type(cfg))[parts[-1]]) is tuple
+
+
+def parse_grid(items: list[str], recipe: Recipe) -> Grid:
+    """Split `key=value` items into grid axes (several values) and common overrides (one value)."""
+    axes: dict[str, tuple[str, ...]] = {}
+    common: list[str] = []
+    seen: set[str] = set()
+    for item in items:
+        key, eq, text = (part.strip() for part in item.partition("="))
+        if not eq or not key:
+            raise ConfigError(f'"{item}" is not key=value or key=v1,v2,... (e.g. distill.normalization=none,hybrid)')
+        if key in seen:
+            raise ConfigError(f'"{key}" is given twice; give it once (several values make it a grid axis)')
+        if key.split(".")[0] in RESERVED:
+            raise ConfigError(f'"{key}" cannot be set in an ablation: {RESERVED[key.split(".")[0]]}')
+        seen.add(key)
+        values = [v.strip() for v in text.split("|" if is_tuple_key(recipe, key) else ",")]
+        if len(values) > 1 and not all(values):
+            raise ConfigError(f'"{item}" has an empty alternative; write key=v1,v2 without empty values')
+        if len(values) > 1:
+            axes[key] = tuple(values)
+        else:
+            common.append(f"{key}={text}")
+    if not axes:
+        raise ConfigError("nothing to ablate: give at least one grid axis key=v1,v2,... "
+                          "(e.g. distill.normalization=none,global,hybrid,local)")
+    return Grid(axes, tuple(common))
+
+
+def overrides_for(grid: Grid, combination: dict[str, str]) -> list[str]:
+    return [*grid.common, *(f"{k}={v}" for k, v in combination.items())]
+
+
+def build_recipes(recipe_name: str, grid: Grid) -> list[Recipe]:
+    """Every combination's recipe; the first bad key or value raises the config system's error."""
+    from distill.supervision import check_options   # options that cannot work together
+
+    recipes = []
+    for i, combination in enumerate(grid.combinations()):
+        recipe = apply_overrides(get_recipe(recipe_name), overrides_for(grid, combination))
+        try:
+            check_options(recipe)
+        except ValueError as e:
+            raise ConfigError(f"combination {run_name(i, combination)}: {e}") from None
+        recipes.append(recipe)
+    return recipes
+
+
+def parse_metrics(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    for name in names:
+        if name not in DIRECTION:
+            raise ConfigError(f'--metrics: unknown metric "{name}".{suggest(name, list(DIRECTION))} '
+                              f"Valid: {', '.join(DIRECTION)}")
+    if not names:
+        raise ConfigError(f"--metrics is empty; name some of {', '.join(DIRECTION)}")
+    return names
+
+
+def run_name(index: int, combination: dict[str, str]) -> str:
+    """'03-normalization=hybrid_shared_crop=1': the key's last part unless two axes share it."""
+    leaves = [k.rsplit(".", 1)[-1] for k in combination]
+    names = leaves if len(set(leaves)) == len(leaves) else list(combination)
+    slug = "_".join(f"{n}={v}" for n, v in zip(names, combination.values()))
+    return f"{index + 1:02d}-" + re.sub(r"[^A-Za-z0-9._=+-]", "_", slug)[:120]
+
+
+# ----------------------------------------------------------------------------- running
+
+def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None) -> dict:
+    """Train `recipe` with its runs under `run_out`; returns the row's status, run_dir, metrics."""
+    from distill.train import train   # heavy imports only once the grid is valid
+
+    run_out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(run_out / "train.log", "a") as log_file:
+        def log(*args, **_kwargs) -> None:
+            line = " ".join(str(a) for a in args)
+            log_file.write(line + "\n")
+            log_file.flush()
+            if echo is not None:
+                echo(line)
+        try:
+            run_dir = train(replace(recipe, out_dir=str(run_out)), progress=False, log=log)
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except Exception as e:   # noqa: BLE001 - a failed run is a row of the table, not the end
+            log_file.write(traceback.format_exc())
+            message = f"{type(e).__name__}: {e}"
+            return {"status": "failed", "error": message, "run_dir": None, "wall_s": time.time() - start,
+                    "metrics": {}}
+    metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {"status": "ok", "error": None, "run_dir": str(run_dir), "wall_s": time.time() - start,
+            "metrics": metrics}
+
+
+def best_rows(rows: list[dict], metric: str) -> set[int]:
+    """Indices of the finished rows holding the best value of `metric`, compared at the table's
+    precision (4 decimals): values that print alike tie, and ties all win."""
+    scored = {}
+    for i, row in enumerate(rows):
+        value = row_value(row, metric)
+        if row["status"] == "ok" and isinstance(value, (int, float)) and math.isfinite(value):
+            value, direction = round(value, 4), DIRECTION[metric]
+            scored[i] = -abs(value - 1) if direction == 0 else direction * value
+    if not scored:
+        return set()
+    top = max(scored.values())
+    return {i for i, s in scored.items() if s == top}
+
+
+def row_value(row: dict, metric: str):
+    return row["wall_s"] if metric == "wall_s" else row["metrics"].get(metric)
+
+
+# ----------------------------------------------------------------------------- the table
+
+def table_cells(rows: list[dict], axes: list[str], metrics: list[str], bold: Callable[[str], str],
+                out: Path) -> tuple[list[str], list[list[str]]]:
+    """Header and cells: the axes' values, each metric (best marked by `bold`), wall time, run."""
+    columns = [m for m in metrics if m != "wall_s"] + ["wall_s"]
+    best = {m: best_rows(rows, m) for m in columns}
+    body = []
+    for i, row in enumerate(rows):
+        cells = [row["values"][k] for k in axes]
+        for m in columns:
+            value = row_value(row, m) if row["status"] != "pending" else None
+            text = "-" if not isinstance(value, (int, float)) else f"{value:.0f}" if m == "wall_s" else f"{value:.4f}"
+            cells.append(bold(text) if i in best[m] and m != "wall_s" else text)
+        cells.append(status_text(row, out))
+        body.append(cells)
+    return [*axes, *columns, "run"], body
+
+
+def status_text(row: dict, out: Path) -> str:
+    if row["status"] == "ok":
+        run_dir = Path(row["run_dir"])
+        return str(run_dir.relative_to(out)) if run_dir.is_relative_to(out) else str(run_dir)
+    if row["status"] == "failed":
+        first = row["error"].splitlines()[0] if row["error"] else ""
+        return "FAILED " + (first[:97] + "..." if len(first) > 100 else first)
+    return row["status"]
+
+
+def markdown_table(rows: list[dict], axes: list[str], metrics: list[str], out: Path) -> str:
+    header, body = table_cells(rows, axes, metrics, lambda t: f"**{t}**", out)
+    esc = [[c.replace("|", "\\|") for c in r] for r in [header, *body]]
+    lines = ["| " + " | ".join(esc[0]) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in esc[1:]])
+
+
+def terminal_table(rows: list[dict], axes: list[str], metrics: list[str], out: Path) -> str:
+    header, body = table_cells(rows, axes, metrics, lambda t: f"{t}*", out)
+    widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)])
+
+
+def write_report(out: Path, recipe_name: str, grid: Grid, metrics: list[str], rows: list[dict]) -> None:
+    """OUT/ablation.json (everything) and OUT/ablation.md (the table), both atomically."""
+    axes = list(grid.axes)
+    columns = [m for m in metrics if m != "wall_s"] + ["wall_s"]
+    io.write_json(out / "ablation.json", {
+        "recipe": recipe_name, "grid": {k: list(v) for k, v in grid.axes.items()}, "common": list(grid.common),
+        "metrics": metrics, "runs": rows, "best": {m: sorted(best_rows(rows, m)) for m in columns}})
+    legend = ", ".join(f"{m} {'lower' if DIRECTION[m] < 0 else 'higher' if DIRECTION[m] > 0 else 'closer to 1'}"
+                       for m in metrics)
+    io.write_text(out / "ablation.md", "\n".join([
+        f"# Ablation of {recipe_name}", "",
+        f"Grid: {' x '.join(f'{k} ({len(v)})' for k, v in grid.axes.items())}; common overrides: "
+        f"{' '.join(f'`{c}`' for c in grid.common) or 'none'}.", "",
+        f"Best per metric in bold ({legend} is better); wall_s: seconds per run, data generation included.", "",
+        markdown_table(rows, axes, metrics, out), ""]))
+
+
+# ----------------------------------------------------------------------------- main
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m distill.ablate", add_help=False, epilog=__doc__,
+                                     description="Train every combination of a grid of overrides; one table.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe", nargs="?", help=f"one of {', '.join(RECIPES.names())}")
+    parser.add_argument("items", nargs="*", help="grid axes key=v1,v2,... and common overrides key=value")
+    parser.add_argument("--out", default="", help="directory of the ablation (default runs/ablate-<UTC time>)")
+    parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
+                        help=f"summary.json metrics to tabulate (default {','.join(DEFAULT_METRICS)})")
+    parser.add_argument("--dry-run", action="store_true", help="list the combinations and exit")
+    parser.add_argument("--verbose", action="store_true", help="print the runs' training logs too")
+    parser.add_argument("--help", "-h", action="store_true", help="show help (with a recipe: its keys)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.recipe is None or args.help:
+        parser.print_help()
+        if args.recipe is not None and args.recipe in RECIPES:
+            from distill.run import describe_keys
+            print(f"\nKeys of {args.recipe} (set with key=value):\n{describe_keys(get_recipe(args.recipe))}")
+        return 0 if args.help else 2
+    try:
+        metrics = parse_metrics(args.metrics)
+        grid = parse_grid(args.items, get_recipe(args.recipe))
+        recipes = build_recipes(args.recipe, grid)
+    except (ConfigError, UnknownNameError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out or f"runs/ablate-{stamp}")
+    combos = grid.combinations()
+    print(f"ablation of {args.recipe}: {len(combos)} runs ({' x '.join(grid.axes)}) -> {out}"
+          + (f"; common: {' '.join(grid.common)}" if grid.common else ""))
+    if args.dry_run:
+        for i, combination in enumerate(combos):
+            print(f"  {run_name(i, combination)}: {' '.join(overrides_for(grid, combination))}")
+        return 0
+    return run_grid(args.recipe, grid, recipes, out, metrics, verbose=args.verbose)
+
+
+def run_grid(recipe_name: str, grid: Grid, recipes: list[Recipe], out: Path, metrics: list[str], *,
+             verbose: bool = False) -> int:
+    """Run every combination in order, rewriting the report after each; 0 if all finished, else 1."""
+    combos = grid.combinations()
+    rows = [{"values": c, "overrides": overrides_for(grid, c), "status": "pending", "error": None,
+             "run_dir": None, "wall_s": None, "metrics": {}} for c in combos]
+    out.mkdir(parents=True, exist_ok=True)
+    write_report(out, recipe_name, grid, metrics, rows)
+    for i, (combination, recipe) in enumerate(zip(combos, recipes)):
+        print(f"[{i + 1}/{len(combos)}] " + " ".join(f"{k}={v}" for k, v in combination.items()), flush=True)
+        rows[i].update(run_one(recipe, out / run_name(i, combination), print if verbose else None))
+        row = rows[i]
+        shown = ", ".join(f"{m} {row['metrics'][m]:.4f}" for m in metrics
+                          if isinstance(row["metrics"].get(m), (int, float)))
+        print(f"    {'done' if row['status'] == 'ok' else 'FAILED'} in {row['wall_s']:.0f} s: "
+              f"{shown if row['status'] == 'ok' else row['error']}", flush=True)
+        write_report(out, recipe_name, grid, metrics, rows)
+    print(f"\n{terminal_table(rows, list(grid.axes), metrics, out)}\n\n(* best per metric)  "
+          f"{out / 'ablation.md'}  {out / 'ablation.json'}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
