@@ -1,192 +1,238 @@
-"""NYU Depth V2 layouts and image folders, on tiny files written in the real formats."""
+"""NYU Depth V2 in its three layouts, on tiny files written in the real formats (nyu_fixtures.py)."""
 import hashlib
+import pickle
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
-import scipy.io
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from distill.data import build_datasets
-from distill.data.classes import IGNORE_INDEX, NYU13_NAMES, class_maps, nyu13_id
-from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from distill.data.classes import IGNORE_INDEX, NYU13_NAMES, class_maps
+from distill.data.nyu import NYU_INTRINSICS, NyuBTS, NyuH5, NyuLabeled
+from distill.metrics import DepthMetrics
 from distill.recipes import DataConfig
+from nyu_fixtures import H, MARK, RAW_BANDS, W, frames, rgb_of, write_bts, write_h5, write_labeled
 
-H, W = 480, 640
-
-
-def rgb_of(sample) -> np.ndarray:
-    """uint8 (H, W, 3) back from the normalised image."""
-    x = sample["image"] * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    return (x * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+KEYS = {"image", "depth", "valid", "seg", "intrinsics", "index", "flipped"}
 
 
-def frames(n: int):
-    """n distinct (rgb (H, W, 3) uint8, depth (H, W) m) pairs with marks at known places."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        rgb = rng.integers(0, 255, (H, W, 3), dtype=np.uint8)
-        rgb[0, 0] = (10 + i, 20, 30)             # top-left
-        rgb[H - 1, W - 1] = (200, 100 + i, 50)   # bottom-right
-        depth = np.full((H, W), 2.0 + i, np.float32)
-        depth[5, 600] = 7.25                      # row 5, column 600: checks H/W are not swapped
-        yield rgb, depth
+def check_schema(s: dict, h: int, w: int) -> None:
+    assert set(s) == KEYS
+    assert s["image"].shape == (3, h, w) and s["image"].dtype == torch.float32
+    assert s["depth"].shape == (1, h, w) and s["depth"].dtype == torch.float32
+    assert s["valid"].dtype == torch.bool and torch.equal(s["valid"], s["depth"] > 0)
+    assert s["seg"].shape == (h, w) and s["seg"].dtype == torch.int64
+    assert s["intrinsics"].shape == (4,) and s["intrinsics"].dtype == torch.float32
+    assert torch.isfinite(s["depth"]).all()
 
 
-# ----------------------------------------------------------------------------- official labelled .mat
+def nyu13_via_json(raw: int) -> int:
+    """The 13-class id of a raw id by walking the shipped json maps by hand (0-based, 255 = none)."""
+    if raw == 0:
+        return IGNORE_INDEX
+    maps = class_maps()
+    return maps["map_40_to_13"][maps["map_894_to_40"][raw - 1] - 1] - 1
+
 
 @pytest.fixture(scope="module")
 def labeled(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("nyu_mat")
-    n = 3
-    imgs, deps = zip(*frames(n))
-    labels = np.zeros((n, H, W), np.uint16)
-    labels[:, :, :100] = 21     # raw "wall"
-    labels[:, :, 100:200] = 11  # raw "floor"
-    labels[:, :, 200:300] = 5   # raw "chair"
-    raw = np.stack(deps).copy()
-    raw[:, 100:110, :] = 0      # holes in raw depth only
-    with h5py.File(root / "nyu_depth_v2_labeled.mat", "w") as f:   # MATLAB v7.3: axes reversed
-        f["images"] = np.stack(imgs).transpose(0, 3, 2, 1)           # (N, 3, W, H)
-        f["depths"] = np.stack(deps).transpose(0, 2, 1)
-        f["rawDepths"] = raw.transpose(0, 2, 1)
-        f["labels"] = labels.transpose(0, 2, 1)
-    # 1-based MATLAB doubles, column vectors, as the real splits.mat
-    scipy.io.savemat(root / "splits.mat", {"trainNdxs": np.array([[1.0], [3.0]]), "testNdxs": np.array([[2.0]])})
-    return root / "nyu_depth_v2_labeled.mat"
-
-
-def test_labeled_mat_orientation_units_splits_and_classes(labeled):
-    train, val = build_datasets(DataConfig(dataset=f"nyu:{labeled}", height=H, width=W, augment=False))
-    assert (len(train), len(val)) == (2, 1)
-    expect = list(frames(3))
-    for ds, positions in ((train, (0, 2)), (val, (1,))):   # 1-based 1, 3 -> 0, 2; 2 -> 1
-        for i, j in enumerate(positions):
-            s, (rgb, depth) = ds[i], expect[j]
-            assert np.array_equal(rgb_of(s), rgb)            # exact, top-left and bottom-right marks included
-            assert s["depth"][0, 5, 600] == 7.25 and s["depth"].shape == (1, H, W)
-            assert torch.allclose(s["intrinsics"], torch.tensor([518.8579, 519.4696, 325.5824, 253.7362]))
-    s = val[0]                                              # validation: raw depth, holes invalid
-    assert not s["valid"][0, 100:110].any() and s["valid"][0, 0:100].all()
-    assert train[0]["valid"][0, 100:110].all()              # training: filled depth
-    seg = train[0]["seg"]
-    assert seg[0, 50] == nyu13_id("wall") and seg[0, 150] == nyu13_id("floor") and seg[0, 250] == nyu13_id("chair")
-    assert seg[0, 400] == IGNORE_INDEX
-    maps = class_maps()   # the round trip through the shipped maps: raw 21 -> 40 "wall" -> 13 "wall"
-    assert maps["names_40"][maps["map_894_to_40"][21 - 1] - 1] == "wall"
-    assert NYU13_NAMES[maps["map_40_to_13"][maps["map_894_to_40"][21 - 1] - 1] - 1] == "wall"
-
-
-def test_labeled_mat_resized_sample_and_hash(labeled):
-    train, _ = build_datasets(DataConfig(dataset=f"nyu-labeled:{labeled}", height=96, width=128, augment=True))
-    s = train[0]
-    assert s["image"].shape == (3, 96, 128) and s["seg"].shape == (96, 128) and s["depth"].shape == (1, 96, 128)
-    assert torch.isclose(s["intrinsics"][0], torch.tensor(518.8579 * 128 / 640))
-    assert train.content_hash(0) != train.content_hash(1) and len(train.content_hash(0)) == 64
-
-
-def test_labeled_mat_needs_splits(tmp_path, labeled):
-    lonely = tmp_path / "nyu_depth_v2_labeled.mat"
-    lonely.write_bytes(labeled.read_bytes())
-    with pytest.raises(FileNotFoundError, match="splits.mat"):
-        build_datasets(DataConfig(dataset=f"nyu:{lonely}", height=H, width=W))
-
-
-# ----------------------------------------------------------------------------- BTS sync layout
-
-def write_pair(folder: Path, n: int, rgb: np.ndarray, depth: np.ndarray) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(folder / f"rgb_{n:05d}.jpg", quality=100)
-    Image.fromarray((depth * 1000).round().astype(np.uint16)).save(folder / f"sync_depth_{n:05d}.png")
+    return write_labeled(tmp_path_factory.mktemp("nyu_mat"))
 
 
 @pytest.fixture(scope="module")
 def bts(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("nyu_bts")
-    (rgb0, d0), (rgb1, d1), (rgb2, d2) = frames(3)
-    write_pair(root / "sync" / "kitchen_0028b", 45, rgb0, d0)
-    write_pair(root / "sync" / "office_0003", 7, rgb1, d1)
-    (root / "nyudepthv2_train_files_with_gt.txt").write_text(
-        "/kitchen_0028b/rgb_00045.jpg /kitchen_0028b/sync_depth_00045.png 518.8579\n"
-        "/office_0003/rgb_00007.jpg None 518.8579\n"
-        "/office_0003/rgb_00007.jpg /office_0003/sync_depth_00007.png 500.0\n")
-    write_pair(root / "official_splits" / "test" / "bathroom", 45, rgb2, d2)
-    (root / "nyudepthv2_test_files_with_gt.txt").write_text("bathroom/rgb_00045.jpg bathroom/sync_depth_00045.png 518.8579\n")
-    return root
+    return write_bts(tmp_path_factory.mktemp("nyu_bts"))
 
 
-def test_bts_lists_with_leading_slashes_units_crop_and_focal(bts):
-    train, val = build_datasets(DataConfig(dataset=f"nyu:{bts}", height=H, width=W, augment=False))
-    assert (len(train), len(val), train.skipped) == (2, 1, 1)       # the "None" line skipped and counted
-    s = train[1]
-    # BTS crop (top 45, left 43, bottom 472, right 608) resized back to 480x640: the 7.25 m mark at
-    # (5, 600) is cut away, the flat 3 m (frame 1) stays, in metres from millimetres
-    assert torch.allclose(s["depth"], torch.full_like(s["depth"], 3.0))
-    assert torch.isclose(s["intrinsics"][0], torch.tensor(500.0 * 640 / 565))     # focal column, cropped + resized
-    t = val[0]                                             # test: not cropped, raw 16-bit PNG, exact
-    assert t["depth"][0, 5, 600] == 7.25 and t["depth"][0, 0, 0] == 4.0
-    with Image.open(bts / "official_splits/test/bathroom/rgb_00045.jpg") as im:   # JPEG is lossy: the decode
+# ----------------------------------------------------------------------------- official labelled .mat
+
+def test_labeled_orientation_split_mapping_and_units(labeled):
+    train, val = build_datasets(DataConfig(dataset=f"nyu:{labeled}", height=H, width=W, augment=False))
+    assert isinstance(train, NyuLabeled) and (len(train), len(val)) == (2, 1)
+    expect = frames(3)
+    for ds, images in ((train, (0, 2)), (val, (1,))):   # 1-based trainNdxs 1, 3 and testNdxs 2
+        for i, j in enumerate(images):
+            s, (rgb, depth) = ds[i], expect[j]
+            check_schema(s, H, W)
+            assert s["index"] == i and s["flipped"] is False
+            out = rgb_of(s)
+            assert tuple(out[0, 0]) == (10 + j, 20, 30) and tuple(out[H - 1, W - 1]) == (200, 100 + j, 50)
+            assert np.array_equal(out, rgb)                       # a pixel-exact copy at 480x640
+            assert s["depth"][0, MARK[0], MARK[1]] == 7.25 and s["depth"][0, 0, 0] == 2.0 + j   # metres
+            assert torch.equal(s["intrinsics"], torch.tensor(NYU_INTRINSICS, dtype=torch.float32))
+    hole = val[0]                                                 # validation: raw depth, holes invalid
+    assert not hole["valid"][0, 100:110].any() and hole["valid"][0, :100].all()
+    assert train[0]["valid"][0, 100:110].all()                    # training: filled depth
+    assert val.depth == "raw" and train.depth == "filled"
+    DepthMetrics(eigen_crop=True).update(hole["depth"][None], hole["depth"][None], hole["valid"][None])
+
+
+def test_labeled_classes_894_to_40_to_13(labeled):
+    train, _ = build_datasets(DataConfig(dataset=f"nyu-labeled:{labeled}", height=H, width=W, augment=False))
+    seg = train[0]["seg"]
+    band = W // len(RAW_BANDS)
+    got = {raw: int(seg[7, k * band + band // 2]) for k, raw in enumerate(RAW_BANDS)}
+    assert got == {raw: nyu13_via_json(raw) for raw in RAW_BANDS}
+    assert [NYU13_NAMES[got[r]] for r in (21, 11, 5, 4, 7, 28, 894)] == [
+        "wall", "floor", "chair", "ceiling", "furniture", "wall", "objects"]
+    assert got[0] == IGNORE_INDEX and len(NYU13_NAMES) == 13
+    assert (seg == seg[0]).all()   # bands are vertical: labels were not transposed
+
+
+def test_labeled_content_hash_is_the_stored_array(labeled):
+    train, val = build_datasets(DataConfig(dataset=f"nyu:{labeled}", height=64, width=96))
+    with h5py.File(labeled, "r") as f:
+        stored = [np.asarray(f["images"][j]) for j in range(3)]
+    assert train.content_hash(1) == hashlib.sha256(stored[2].tobytes()).hexdigest()
+    assert val.content_hash(0) == hashlib.sha256(stored[1].tobytes()).hexdigest()
+    assert train.content_hash(0) != train.content_hash(1)
+
+
+def test_labeled_resized_augmented_deterministic(labeled):
+    train, val = build_datasets(DataConfig(dataset=f"nyu:{labeled}", height=96, width=128, seed=3))
+    check_schema(train[0], 96, 128)
+    assert set(torch.unique(val[0]["depth"]).tolist()) <= {0.0, 3.0, 7.25}   # nearest: no mixed holes
+    assert val.augment is False and train.augment is True
+    k = torch.tensor([518.8579 * 0.2, 519.4696 * 0.2, 325.5824 * 0.2, 253.7362 * 0.2])
+    seen = set()
+    for epoch in range(6):
+        train.set_epoch(epoch)
+        a, b = train[0], train[0]
+        assert torch.equal(a["image"], b["image"]) and a["flipped"] == b["flipped"]   # f(seed, epoch, index)
+        kk = k.clone()
+        if a["flipped"]:
+            kk[2] = 128 - kk[2]
+            assert torch.equal(a["seg"], torch.flip(unaugmented(train)[0]["seg"], [1]))
+        assert torch.allclose(a["intrinsics"], kk)
+        seen.add(a["flipped"])
+    assert seen == {True, False}
+
+
+def unaugmented(ds: NyuLabeled) -> NyuLabeled:
+    clone = pickle.loads(pickle.dumps(ds))   # also checks that a dataset pickles (spawned workers)
+    clone.augment = False
+    return clone
+
+
+def test_labeled_options_and_errors(labeled, tmp_path):
+    raw_train = NyuLabeled(labeled, "train", depth="raw", size=(H, W))
+    assert not raw_train[0]["valid"][0, 100:110].any()
+    with pytest.raises(ValueError, match="depth='holes'.*filled.*raw"):
+        NyuLabeled(labeled, "train", depth="holes")
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        NyuLabeled(labeled, "dev")
+    lonely = tmp_path / "nyu_depth_v2_labeled.mat"
+    lonely.write_bytes(labeled.read_bytes())
+    with pytest.raises(FileNotFoundError, match="splits.mat is missing"):
+        build_datasets(DataConfig(dataset=f"nyu:{lonely}", height=H, width=W))
+    assert len(NyuLabeled(lonely, "val", splits=labeled.with_name("splits.mat"))) == 1   # given explicitly
+    capped_train, capped_val = build_datasets(DataConfig(dataset=f"nyu:{labeled}", height=32, width=32,
+                                                         num_train=1, num_val=1))
+    assert (len(capped_train), len(capped_val)) == (1, 1)
+    assert capped_train.content_hash(0) == NyuLabeled(labeled, "train").content_hash(0)   # the first N
+
+
+def test_labeled_rejects_unreversed_axes_and_bad_splits(tmp_path):
+    small = write_labeled(tmp_path / "ok", n=2, train=(1,), test=(2,), h=24, w=32)
+    s = NyuLabeled(small, "val", size=(24, 32))[0]            # a small file: intrinsics scaled to it
+    assert torch.allclose(s["intrinsics"], torch.tensor(NYU_INTRINSICS) / 20)
+    with h5py.File(tmp_path / "wrong.mat", "w") as f:        # (N, H, W, 3) as numpy would write it
+        f["images"] = np.zeros((2, 24, 32, 3), np.uint8)
+        for key in ("depths", "rawDepths", "labels"):
+            f[key] = np.zeros((2, 24, 32), np.float32)
+    with pytest.raises(ValueError, match=r"images \(N, 3, 640, 480\)"):
+        NyuLabeled(tmp_path / "wrong.mat", "train")
+    bad = write_labeled(tmp_path / "bad", n=2, train=(0, 1), test=(2,), h=24, w=32)   # 0 is not 1-based
+    with pytest.raises(ValueError, match="1-based integers in 1..2"):
+        NyuLabeled(bad, "train")
+
+
+def test_labeled_dataloader_workers_reopen_the_file(labeled):
+    train, _ = build_datasets(DataConfig(dataset=f"nyu:{labeled}", height=32, width=32, augment=False))
+    train.content_hash(0)                                     # the parent opened the HDF5 file
+    batches = list(DataLoader(train, batch_size=2, num_workers=2))
+    assert batches[0]["image"].shape == (2, 3, 32, 32) and batches[0]["index"].tolist() == [0, 1]
+
+
+# ----------------------------------------------------------------------------- BTS sync layout
+
+def test_bts_train_leading_slashes_crop_focal_and_none_lines(bts):
+    train, val = build_datasets(DataConfig(dataset=f"nyu:{bts}", height=427, width=565, augment=False))
+    assert isinstance(train, NyuBTS) and (len(train), len(val), train.skipped) == (2, 1, 1)
+    assert not any(Path(p).is_absolute() for item in train.items for p in item[:2])
+    s = train[0]                                              # crop size = output size: no resize
+    check_schema(s, 427, 565)
+    assert s["depth"][0, 0, 0] == pytest.approx(1.234) and s["depth"][0, -1, -1] == pytest.approx(4.321)
+    assert not torch.isclose(s["depth"], torch.tensor(9.999)).any()   # the row/column just outside: cut
+    with Image.open(bts / "sync/kitchen_0028b/rgb_00045.jpg") as im:
+        decoded = np.asarray(im.convert("RGB"))
+    assert np.array_equal(rgb_of(s), decoded[45:472, 43:608])
+    assert np.abs(decoded.astype(int) - frames(1)[0][0]).mean() < 2   # JPEG is lossy: loosely
+    expect = torch.tensor([518.8579, 518.8579, 325.5824 - 43, 253.7362 - 45])   # focal column: fx = fy
+    assert torch.allclose(s["intrinsics"], expect)
+    assert torch.allclose(train[1]["intrinsics"][:2], torch.tensor([500.0, 500.0]))
+    assert train[1]["depth"][0, 200, 200] == 3.0             # uint16 mm -> metres
+    full, _ = build_datasets(DataConfig(dataset=f"nyu-bts:{bts}", height=H, width=W, augment=False))
+    assert torch.allclose(full[0]["intrinsics"], expect * torch.tensor([640 / 565, 480 / 427, 640 / 565, 480 / 427]))
+
+
+def test_bts_test_split_is_exact_at_480x640(bts):
+    _, val = build_datasets(DataConfig(dataset=f"nyu:{bts}", height=H, width=W))
+    t = val[0]
+    check_schema(t, H, W)
+    assert t["depth"][0, MARK[0], MARK[1]] == 7.25 and t["depth"][0, 0, 0] == 4.0
+    assert (t["seg"] == IGNORE_INDEX).all() and val.base == bts / "official_splits" / "test"
+    jpg = bts / "official_splits/test/bathroom/rgb_00045.jpg"
+    with Image.open(jpg) as im:
         assert np.array_equal(rgb_of(t), np.asarray(im.convert("RGB")))
-    assert val.content_hash(0) == hashlib.sha256((bts / "official_splits/test/bathroom/rgb_00045.jpg").read_bytes()).hexdigest()
+    assert val.content_hash(0) == hashlib.sha256(jpg.read_bytes()).hexdigest()
+
+
+def test_bts_other_folders_and_missing_files(tmp_path):
+    root = write_bts(tmp_path / "bts", test_dir="test", lists_dir="train_test_inputs")
+    train, val = build_datasets(DataConfig(dataset=f"nyu:{root}", height=64, width=96))
+    assert val.base == root / "test" and len(train) == 2
+    (root / "test/bathroom/sync_depth_00045.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 files listed in .*nyudepthv2_test_files_with_gt.txt are "
+                                                r"missing .*sync_depth_00045.png"):
+        NyuBTS(root, "val")
+    (root / "train_test_inputs/nyudepthv2_train_files_with_gt.txt").write_text("/a/rgb_1.jpg\n")
+    with pytest.raises(ValueError, match=r"nyudepthv2_train_files_with_gt.txt:1: expected 'rgb depth focal'"):
+        NyuBTS(root, "train")
 
 
 # ----------------------------------------------------------------------------- FastDepth / TFDS h5
 
-def test_fastdepth_h5_layout(tmp_path):
-    (rgb0, d0), (rgb1, d1) = frames(2)
-    for folder, rgb, depth in ((tmp_path / "train" / "bedroom_0001", rgb0, d0), (tmp_path / "val" / "official", rgb1, d1)):
-        folder.mkdir(parents=True)
-        with h5py.File(folder / "00001.h5", "w") as f:
-            f["rgb"] = rgb.transpose(2, 0, 1)    # (3, 480, 640)
-            f["depth"] = depth
-    train, val = build_datasets(DataConfig(dataset=f"nyu:{tmp_path}", height=H, width=W, augment=False))
-    assert np.array_equal(rgb_of(train[0]), rgb0) and np.array_equal(rgb_of(val[0]), rgb1)
-    assert val[0]["depth"][0, 5, 600] == 7.25 and (val[0]["seg"] == IGNORE_INDEX).all()
+def test_fastdepth_h5_exact_and_unlabelled(tmp_path):
+    root = write_h5(tmp_path / "nyudepthv2")
+    train, val = build_datasets(DataConfig(dataset=f"nyu:{root}", height=H, width=W, augment=False))
+    assert isinstance(train, NyuH5) and (len(train), len(val)) == (2, 1)
+    (rgb0, _), (rgb1, _), (rgb2, _) = frames(3)
+    for s, rgb, j in ((train[0], rgb0, 0), (train[1], rgb1, 1), (val[0], rgb2, 2)):
+        check_schema(s, H, W)
+        assert np.array_equal(rgb_of(s), rgb) and s["depth"][0, MARK[0], MARK[1]] == 7.25
+        assert s["depth"][0, 0, 0] == 2.0 + j and (s["seg"] == IGNORE_INDEX).all()
+    assert val.content_hash(0) == hashlib.sha256((root / "val/official/00001.h5").read_bytes()).hexdigest()
+    with h5py.File(root / "train/scene_0000/00000.h5", "a") as f:
+        del f["depth"]
+    with pytest.raises(ValueError, match="lacks rgb or depth"):
+        train[0]
 
+
+# ----------------------------------------------------------------------------- layout detection
 
 def test_unknown_layout_lists_the_three(tmp_path):
-    with pytest.raises(FileNotFoundError, match="FastDepth"):
-        build_datasets(DataConfig(dataset=f"nyu:{tmp_path}", height=H, width=W))
+    (tmp_path / "stuff").mkdir()
+    with pytest.raises(FileNotFoundError, match="nyu-labeled: .*splits.mat.*nyu-bts: .*sync/.*nyu-h5: .*val/official"):
+        build_datasets(DataConfig(dataset=f"nyu:{tmp_path / 'stuff'}", height=H, width=W))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_datasets(DataConfig(dataset=f"nyu:{tmp_path / 'nowhere'}", height=H, width=W))
+    with pytest.raises(FileNotFoundError, match=r"no \.h5 files under"):
+        build_datasets(DataConfig(dataset=f"nyu-h5:{tmp_path / 'stuff'}", height=H, width=W))
+    with pytest.raises(ValueError, match="needs a path"):
+        build_datasets(DataConfig(dataset="nyu", height=H, width=W))
 
-
-# ----------------------------------------------------------------------------- unlabelled folders
-
-def test_folder_skips_corrupt_files_untouched(tmp_path, labeled):
-    images = tmp_path / "imgs"
-    (images / "sub").mkdir(parents=True)
-    good = np.random.default_rng(1).integers(0, 255, (60, 80, 3), dtype=np.uint8)
-    Image.fromarray(good).save(images / "a.png")
-    Image.fromarray(good).save(images / "sub" / "b.jpg")
-    full = (images / "sub" / "b.jpg").read_bytes()
-    (images / "sub" / "truncated.jpg").write_bytes(full[: len(full) // 2])
-    (images / "empty.png").write_bytes(b"")
-    (images / "notes.jpg").write_text("not an image")
-    before = {p: p.read_bytes() for p in images.rglob("*")  if p.is_file()}
-    with pytest.warns(UserWarning, match="skipped 3 unreadable"):
-        train, val = build_datasets(DataConfig(dataset=f"folder:{images}", val_dataset=f"nyu:{labeled}",
-                                               height=64, width=96))
-    assert len(train) == 2 and len(train.skipped) == 3 and len(val) == 1
-    assert {Path(p).name for p, _ in train.skipped} == {"truncated.jpg", "empty.png", "notes.jpg"}
-    assert before == {p: p.read_bytes() for p in images.rglob("*") if p.is_file()}
-    s = train[0]
-    assert not s["valid"].any() and (s["seg"] == IGNORE_INDEX).all() and torch.isnan(s["intrinsics"]).all()
-    (images / "intrinsics.json").write_text('{"fx": 80, "fy": 80, "cx": 39.5, "cy": 29.5, "width": 80, "height": 60}')
-    with pytest.warns(UserWarning):
-        train, _ = build_datasets(DataConfig(dataset=f"folder:{images}", val_dataset=f"nyu:{labeled}", height=64, width=96))
-    assert torch.allclose(train[0]["intrinsics"], torch.tensor([96.0, 80 * 64 / 60, 47.5, 31.5]))
-
-
-def test_folder_needs_a_validation_dataset(tmp_path):
-    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
-    with pytest.raises(ValueError, match="data.val_dataset"):
-        build_datasets(DataConfig(dataset=f"folder:{tmp_path}", height=32, width=32))
-
-
-def test_v3_trains_on_the_labelled_mat(tmp_path, labeled):
-    from distill.run import main
-
-    assert main(["v3", f"data.dataset=nyu:{labeled}", "data.height=64", "data.width=96", "train.batch_size=2",
-                 "train.epochs=1", "model.student=mobilenetv3_small_050", "model.decoder_channels=16",
-                 "eval.preview_images=1", f"out_dir={tmp_path}", "--quiet"]) == 0

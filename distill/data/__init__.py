@@ -36,22 +36,35 @@ def synthrooms(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
             SynthRoomsDataset(path, "val", augment=False, seed=cfg.seed))
 
 
-def _nyu(layout: str):
-    def factory(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
-        """NYU Depth V2 (distill/data/nyu.py): `nyu:<path>` detects the layout from the path."""
-        from distill.data import nyu
+@DATASETS.register("nyu")
+def nyu_datasets(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
+    """NYU Depth V2 (distill/data/nyu.py), `nyu:<path>`; the layout is detected from the path: a
+    .mat file (official labelled set + splits.mat), a directory with BTS's lists or sync/, or one
+    with train/ and val/ of .h5 files (FastDepth / TFDS). 13 classes where labelled; 480x640 when
+    data.height/width are None; data.num_train / num_val keep the first N of each split.
+    (Named nyu_datasets, not nyu, so that the submodule distill.data.nyu does not shadow it.)"""
+    from distill.data.nyu import build
 
-        return nyu.build(layout, dataset_path(cfg), cfg)
+    return build(dataset_path(cfg), cfg)
+
+
+def _nyu_layout(layout: str):
+    def factory(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
+        """NYU Depth V2 in one named layout (nyu-labeled:<.mat>, nyu-bts:<dir>, nyu-h5:<dir>)."""
+        from distill.data.nyu import build
+
+        return build(dataset_path(cfg), cfg, layout=layout)
     return factory
 
 
-for _layout in ("nyu", "nyu-labeled", "nyu-bts", "nyu-h5"):
-    DATASETS.register(_layout, _nyu(_layout))
+for _layout in ("nyu-labeled", "nyu-bts", "nyu-h5"):
+    DATASETS.register(_layout, _nyu_layout(_layout))
 
 
 @DATASETS.register("folder")
-def folder(cfg, progress: bool = True) -> tuple[Dataset, None]:
-    """An unlabelled image folder (`folder:<path>`): training images only, so `data.val_dataset`."""
+def folder_datasets(cfg, progress: bool = True) -> tuple[Dataset, None]:
+    """An unlabelled image folder (`folder:<path>`, distill/data/folder.py): training images only,
+    no validation split, so `data.val_dataset` is required. data.num_train keeps the first N."""
     from distill.data.folder import ImageFolder
 
     size = (cfg.height or 480, cfg.width or 640)

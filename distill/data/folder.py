@@ -1,11 +1,17 @@
 """Unlabelled image folders as distillation data: teacher labels only, no ground truth.
 
-Every image under the folder (recursive, sorted; jpg, jpeg, png, bmp, webp) is checked once by
-decoding it; unreadable files (truncated, empty, not an image) are skipped, counted and listed in
-`skipped`, never modified. Samples have `depth` 0 and `valid` False everywhere, `seg` 255, and
-intrinsics from an optional `intrinsics.json` at the folder's root ({"fx", "fy", "cx", "cy",
-"width", "height"} at the original resolution), else NaN (unknown: a teacher that needs the focal
-length, Depth Anything 3 Metric, refuses them).
+Every image under the folder (recursive, sorted by path; .jpg .jpeg .png .bmp .webp in any
+case) is checked once at construction by `verify()` and a full decode; unreadable files
+(truncated, empty, not an image) are skipped, listed in `skipped` as (path, reason) and reported
+in one warning. Files are only read, never modified, moved or deleted. (A truncated file is only
+caught while PIL's `ImageFile.LOAD_TRUNCATED_IMAGES` is False, its default.)
+
+Samples follow the project's schema at `size`: `depth` 0 and `valid` False everywhere, `seg`
+IGNORE_INDEX (255), and `intrinsics` from an optional `intrinsics.json` at the folder's root
+({"fx", "fy", "cx", "cy", "width", "height"}: pixels at the original `width x height`, scaled per
+axis to the output size) else NaN (unknown: a teacher that needs a focal length refuses them).
+Pixels are used as stored (EXIF orientation is not applied: camera intrinsics describe the
+sensor's layout). Each image is resized to `size` (bilinear), whatever its aspect ratio.
 """
 from __future__ import annotations
 
@@ -13,76 +19,119 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from distill.data.nyu import file_hash, make_sample
+from distill.data.nyu import check_size, make_sample
+from distill.io import sha256 as sha256_file
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+INTRINSICS_KEYS = ("fx", "fy", "cx", "cy", "width", "height")
 
 
-def readable(path: Path) -> str | None:
-    """None when `path` decodes as an image, else the reason it does not."""
+def probe(path: Path) -> tuple[tuple[int, int] | None, str]:
+    """((height, width), "") when `path` decodes as an image, else (None, the reason it does not)."""
     try:
         with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:   # verify() leaves the file unusable; a real decode catches truncation
-            im.convert("RGB").load()
+            im.verify()   # structure checks; leaves the object unusable, so open again to decode
+        with Image.open(path) as im:
+            im.convert("RGB").load()   # a real decode: catches truncated data verify() misses
+            return (im.height, im.width), ""
     except Exception as e:  # noqa: BLE001 - any decoder error means "skip this file"
-        return f"{type(e).__name__}: {e}"
-    return None
+        return None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def read_intrinsics(path: Path) -> tuple[float, ...] | None:
+    """(fx, fy, cx, cy, width, height) from `intrinsics.json`, None when the file is absent."""
+    if not path.is_file():
+        return None
+    try:
+        k = json.loads(path.read_text())
+        values = tuple(float(k[key]) for key in INTRINSICS_KEYS)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} must be a JSON object with numbers {', '.join(INTRINSICS_KEYS)} (pixels at "
+                         f"the original width x height), e.g. {{\"fx\": 1500, \"fy\": 1500, \"cx\": 960, "
+                         f"\"cy\": 540, \"width\": 1920, \"height\": 1080}}; got error {e!r}.") from None
+    if not all(np.isfinite(values)) or min(values[0], values[1], values[4], values[5]) <= 0:
+        raise ValueError(f"{path}: fx, fy, width, height must be positive and all values finite, got "
+                         f"{dict(zip(INTRINSICS_KEYS, values))}.")
+    return values
 
 
 class ImageFolder(Dataset):
-    def __init__(self, root: str | os.PathLike, *, size: tuple[int, int], augment: bool = False, seed: int = 0,
-                 limit: int | None = None):
-        self.root, self.size, self.augment, self.seed, self.epoch = Path(root), tuple(size), augment, seed, 0
-        if not self.root.is_dir():
-            raise FileNotFoundError(f"image folder {self.root} does not exist")
-        candidates = sorted(p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in EXTENSIONS)
-        self.files, self.skipped = [], []
-        for path in candidates:
-            reason = readable(path)
-            (self.skipped.append((str(path), reason)) if reason else self.files.append(path))
-        if limit:
-            self.files = self.files[:limit]
-        if not self.files:
-            raise ValueError(f"no readable image in {self.root} (accepted: {', '.join(EXTENSIONS)}; "
-                             f"{len(self.skipped)} unreadable files skipped)")
-        if self.skipped:
-            warnings.warn(f"{self.root}: skipped {len(self.skipped)} unreadable image files (left untouched), "
-                          f"e.g. {self.skipped[0][0]} ({self.skipped[0][1]})", stacklevel=2)
-        self.intrinsics = self.read_intrinsics()
+    """Images under `root` as unlabelled training samples (see the module docstring).
 
-    def read_intrinsics(self) -> tuple[float, float, float, float, float, float] | None:
-        path = self.root / "intrinsics.json"
-        if not path.is_file():
-            return None
-        k = json.loads(path.read_text())
-        try:
-            return tuple(float(k[key]) for key in ("fx", "fy", "cx", "cy", "width", "height"))
-        except KeyError as e:
-            raise ValueError(f"{path} lacks {e}; it needs fx, fy, cx, cy, width, height (pixels)") from None
+    `size` (height, width) of the output; `augment`: flip (p = 0.5, cx mirrored) + photometric
+    jitter from `np.random.default_rng([seed, epoch, index])` (call `set_epoch`); `limit` keeps
+    the first N readable images in path order and stops probing there (files after them are not
+    opened). `skipped`: [(path, reason)] of unreadable files; `files`: the readable ones.
+    """
+
+    split = "train"
+
+    def __init__(self, root: str | os.PathLike, *, size: tuple[int, int] | None = None, augment: bool = False,
+                 seed: int = 0, limit: int | None = None):
+        self.root = Path(root).expanduser()
+        self.size, self.augment, self.seed, self.epoch = check_size(size), bool(augment), int(seed), 0
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder {self.root} does not exist (folder:<directory of images>).")
+        if limit is not None and limit < 1:
+            raise ValueError(f"{self.root}: a sample cap of {limit} leaves nothing; use a positive number or None.")
+        self.intrinsics = read_intrinsics(self.root / "intrinsics.json")
+        self.files: list[Path] = []
+        self.skipped: list[tuple[str, str]] = []
+        for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()):
+            if limit is not None and len(self.files) >= limit:
+                break
+            hw, reason = probe(path)
+            if hw is None:
+                self.skipped.append((str(path), reason))
+            else:
+                self.check_aspect(path, hw)
+                self.files.append(path)
+        if not self.files:
+            raise ValueError(f"no readable image in {self.root} (searched recursively for "
+                             f"{', '.join(EXTENSIONS)}, any case; {len(self.skipped)} unreadable skipped).")
+        if self.skipped:
+            warnings.warn(f"{self.root}: skipped {len(self.skipped)} unreadable image files (left untouched; "
+                          f"see .skipped), e.g. {self.skipped[0][0]}: {self.skipped[0][1]}", stacklevel=2)
+
+    def check_aspect(self, path: Path, hw: tuple[int, int]) -> None:
+        """intrinsics.json describes one camera: refuse an image whose aspect ratio is not its own
+        (rotated or cropped), since scaling its intrinsics per axis would be wrong."""
+        if self.intrinsics is None:
+            return
+        kw, kh = self.intrinsics[4], self.intrinsics[5]
+        if abs(hw[1] / hw[0] - kw / kh) > 0.01 * kw / kh:
+            raise ValueError(f"{path} is {hw[1]}x{hw[0]} but {self.root / 'intrinsics.json'} describes "
+                             f"{kw:g}x{kh:g} images; move images of other cameras or orientations to "
+                             "another folder, or remove intrinsics.json (intrinsics then NaN).")
 
     def __len__(self) -> int:
         return len(self.files)
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of `epoch`."""
         self.epoch = int(epoch)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} images in {self.root}.")
+        index = int(index) % n
         with Image.open(self.files[index]) as im:
             rgb = np.asarray(im.convert("RGB"))
         h, w = rgb.shape[:2]
-        nan = float("nan")
-        intr = (nan,) * 4
-        if self.intrinsics:   # given at (width, height): rescale to this file's size first
+        intr = (float("nan"),) * 4
+        if self.intrinsics is not None:   # given at (width, height): first to this file's size
             fx, fy, cx, cy, kw, kh = self.intrinsics
-            intr = (fx * w / kw, fy * h / kh, (cx + 0.5) * w / kw - 0.5, (cy + 0.5) * h / kh - 0.5)
+            intr = (fx * w / kw, fy * h / kh, cx * w / kw, cy * h / kh)
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None
         return make_sample(rgb, np.zeros((h, w), np.float32), None, intr, index=index, size=self.size, rng=rng)
 
     def content_hash(self, index: int) -> str:
-        return file_hash(self.files[index])
+        """sha256 of the image file's bytes."""
+        return sha256_file(self.files[index])

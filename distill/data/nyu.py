@@ -1,29 +1,33 @@
-"""NYU Depth V2 in the three layouts users have (see the README's "Real data" section).
+"""NYU Depth V2 in the three layouts users have (official toolbox, BTS, FastDepth / TFDS), as samples.
 
 - `NyuLabeled`: the official `nyu_depth_v2_labeled.mat` (MATLAB v7.3 = HDF5, axes reversed:
   `images (N, 3, 640, 480)`) with `splits.mat` (795 train / 654 test, 1-based). The only layout
-  with labels: 894 raw classes -> 40 -> 13 (`classes.raw894_to_train13`; 13 classes, 0-based,
-  255 unlabelled). Depth: "filled" (`depths`, hole-filled, the training default) or "raw"
-  (`rawDepths`, holes = 0, the validation default: the community's official test ground truth
-  is built from raw depth; say which when you quote numbers).
+  with labels: raw 894 classes -> 40 -> 13 (`classes.raw894_to_train13`). `seg` uses the **13-class**
+  protocol, 0-based, 255 unlabelled; the 40-class ids are in `classes.class_maps()`. Depth is
+  "filled" (`depths`, hole-filled: the training default) or "raw" (`rawDepths`, holes = 0: the
+  validation default, because the community's official test ground truth is built from raw depth;
+  say which when you quote numbers).
 - `NyuBTS`: BTS's "sync" layout, ~24K pairs `sync/<scene>/rgb_XXXXX.jpg` + `sync_depth_XXXXX.png`
-  (uint16 mm) listed in `nyudepthv2_train_files_with_gt.txt`, whose paths start with "/" (a naive
-  os.path.join(root, "/kitchen/...") drops root); the 654 test pairs (raw depth, mm PNG) under
-  `official_splits/test/` listed in `nyudepthv2_test_files_with_gt.txt`. Training images are cut
-  to BTS's crop (left 43, top 45, right 608, bottom 472) to drop registration borders.
+  (uint16 mm) listed in `nyudepthv2_train_files_with_gt.txt`, and the 654 official test pairs
+  (raw depth) listed in `nyudepthv2_test_files_with_gt.txt`. Training images are cut to BTS's
+  crop (left 43, top 45, right 608, bottom 472) to drop registration borders.
 - `NyuH5`: the FastDepth / sparse-to-dense / TFDS archive, `train/<scene>/<n>.h5` (47,584) and
   `val/official/<n>.h5` (654), keys `rgb (3, 480, 640)` uint8 and `depth (480, 640)` metres.
   No labels (seg all 255).
 
-Samples follow the project's schema at `height x width` (image bilinear; depth and labels
-nearest, never interpolated across holes; intrinsics scaled). At 480x640 without a crop a sample
-is a pixel-exact copy of the file, which is where the Eigen crop (`eval.eigen_crop=true`) is defined.
+Every sample is resized to `size` (height, width): image bilinear (PIL, antialiased), depth and
+labels nearest (a depth is never interpolated across a hole). Intrinsics follow the crop and the
+resize per axis, in the project's convention (pixel u covers [u, u + 1), see synthrooms/scene.py:
+a crop subtracts its offset, a resize multiplies, a flip maps cx -> W - cx). At 480x640 without a
+crop (every validation split) a sample is a pixel-exact copy of the file: the size at which the
+Eigen crop (`eval.eigen_crop=true`, rows 45:471, cols 41:601) is defined.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,39 +36,62 @@ from torch.utils.data import Dataset
 
 from distill.data.classes import IGNORE_INDEX, raw894_to_train13
 from distill.data.transforms import hflip_intrinsics, normalize, photometric_jitter
+from distill.io import sha256 as sha256_file
 
-NYU_SIZE = (480, 640)
+NYU_SIZE = (480, 640)                                        # (height, width) of NYU's files
 NYU_INTRINSICS = (518.8579, 519.4696, 325.5824, 253.7362)   # fx, fy, cx, cy at 640x480
 BTS_TRAIN_CROP = (45, 43, 472, 608)                          # top, left, bottom, right
-BTS_TRAIN_LIST, BTS_TEST_LIST = "nyudepthv2_train_files_with_gt.txt", "nyudepthv2_test_files_with_gt.txt"
+BTS_TRAIN_LIST = "nyudepthv2_train_files_with_gt.txt"
+BTS_TEST_LIST = "nyudepthv2_test_files_with_gt.txt"
+BTS_TEST_DIRS = ("official_splits/test", "test")             # tried in this order under the root
+SPLITS = {"train": "train", "val": "val", "test": "val"}     # NYU's test split is our validation
+LAYOUT_HELP = (
+    "nyu-labeled: a nyu_depth_v2_labeled.mat file (MATLAB v7.3) with splits.mat beside it; "
+    f"nyu-bts: a directory with sync/<scene>/rgb_XXXXX.jpg + sync_depth_XXXXX.png, {BTS_TRAIN_LIST} and "
+    f"{BTS_TEST_LIST} (at the root or in train_test_inputs/) and the test pairs in "
+    f"{' or '.join(BTS_TEST_DIRS)}/; nyu-h5: a directory with train/<scene>/<n>.h5 and "
+    "val/official/<n>.h5 (FastDepth / TFDS, keys rgb and depth)")
+
+Intrinsics = tuple[float, float, float, float]
 
 
-def resize(array: np.ndarray, size: tuple[int, int], nearest: bool) -> np.ndarray:
-    """(H, W[, 3]) array at `size` (h, w): bilinear (antialiased) for images, nearest for depth/labels."""
+def resize_array(array: np.ndarray, size: tuple[int, int], *, nearest: bool) -> np.ndarray:
+    """(H, W) or (H, W, 3) array at `size` (height, width), same dtype. Bilinear (antialiased when
+    shrinking) for uint8 images; nearest for depth (float32) and labels (uint8): no new values."""
     if array.shape[:2] == tuple(size):
         return array
-    mode = "F" if array.dtype == np.float32 else None
-    image = Image.fromarray(array, mode=mode) if mode else Image.fromarray(array)
+    image = Image.fromarray(array, mode="F") if array.dtype == np.float32 else Image.fromarray(array)
     out = image.resize((size[1], size[0]), Image.NEAREST if nearest else Image.BILINEAR)
     return np.asarray(out).astype(array.dtype)
 
 
-def make_sample(rgb: np.ndarray, depth: np.ndarray, seg: np.ndarray | None, intrinsics: tuple, *, index: int,
-                size: tuple[int, int], crop: tuple[int, int, int, int] | None = None,
-                rng: np.random.Generator | None = None) -> dict:
-    """The sample dict from decoded arrays at the source resolution: crop (top, left, bottom,
-    right), resize to `size`, then flip + jitter when `rng` is given (augmentation)."""
-    fx, fy, cx, cy = intrinsics
+def scale_intrinsics(k: Intrinsics, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> Intrinsics:
+    """fx, fy, cx, cy of an image of `from_hw` (height, width) resized to `to_hw`, per axis."""
+    sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
+    return (k[0] * sx, k[1] * sy, k[2] * sx, k[3] * sy)
+
+
+def make_sample(rgb: np.ndarray, depth: np.ndarray, seg: np.ndarray | None, intrinsics: Intrinsics, *,
+                index: int, size: tuple[int, int], crop: tuple[int, int, int, int] | None = None,
+                rng: np.random.Generator | None = None) -> dict[str, Any]:
+    """The sample dict (schema: distill/data/__init__.py) from arrays at the source resolution.
+
+    rgb uint8 (h, w, 3); depth (h, w) metres, where 0, negative or non-finite values are invalid
+    (they become 0); seg uint8 (h, w) 0-based ids or None (all IGNORE_INDEX); intrinsics at (h, w).
+    Steps: crop (top, left, bottom, right), resize to `size`, then flip (p = 0.5) + photometric
+    jitter drawn from `rng` when one is given (training augmentation).
+    """
     if seg is None:
         seg = np.full(depth.shape, IGNORE_INDEX, np.uint8)
+    fx, fy, cx, cy = intrinsics
     if crop is not None:
         top, left, bottom, right = crop
-        rgb, depth, seg = rgb[top:bottom, left:right], depth[top:bottom, left:right], seg[top:bottom, left:right]
+        rgb, depth, seg = (a[top:bottom, left:right] for a in (rgb, depth, seg))
         cx, cy = cx - left, cy - top
-    h0, w0 = depth.shape
-    sy, sx = size[0] / h0, size[1] / w0
-    intr = np.array([fx * sx, fy * sy, (cx + 0.5) * sx - 0.5, (cy + 0.5) * sy - 0.5], np.float32)
-    rgb, depth, seg = resize(rgb, size, False), resize(depth.astype(np.float32), size, True), resize(seg, size, True)
+    intr = np.array(scale_intrinsics((fx, fy, cx, cy), depth.shape, size), np.float32)
+    rgb = resize_array(rgb, size, nearest=False)
+    depth = resize_array(np.asarray(depth, np.float32), size, nearest=True)
+    seg = resize_array(seg, size, nearest=True)
     flipped = False
     if rng is not None:
         if rng.random() < 0.5:
@@ -72,168 +99,309 @@ def make_sample(rgb: np.ndarray, depth: np.ndarray, seg: np.ndarray | None, intr
             rgb, depth, seg = rgb[:, ::-1], depth[:, ::-1], seg[:, ::-1]
             intr = hflip_intrinsics(intr, size[1])
         rgb = photometric_jitter(np.ascontiguousarray(rgb), rng)
-    depth_t = torch.from_numpy(np.ascontiguousarray(depth, np.float32))[None]
+    depth_t = torch.from_numpy(np.array(depth, np.float32))[None]   # a copy: never the source array
     depth_t = torch.where(torch.isfinite(depth_t) & (depth_t > 0), depth_t, torch.zeros_like(depth_t))
     return {"image": normalize(np.ascontiguousarray(rgb)), "depth": depth_t, "valid": depth_t > 0,
-            "seg": torch.from_numpy(np.ascontiguousarray(seg).astype(np.int64)),
-            "intrinsics": torch.from_numpy(np.asarray(intr, np.float32)), "index": index, "flipped": flipped}
+            "seg": torch.from_numpy(seg.astype(np.int64)), "intrinsics": torch.from_numpy(intr),
+            "index": index, "flipped": flipped}   # a cached pseudo-label is flipped to match
 
 
-def file_hash(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def check_size(size: tuple[int, int] | None) -> tuple[int, int]:
+    """(height, width) as positive ints; None -> NYU's 480x640."""
+    h, w = size if size is not None else NYU_SIZE
+    if int(h) < 1 or int(w) < 1:
+        raise ValueError(f"output size {h}x{w} must be positive (data.height, data.width; multiples of 32).")
+    return int(h), int(w)
+
+
+def first_n(items: list, limit: int | None, what: str) -> list:
+    """The first `limit` items (data.num_train / num_val caps a split), all when limit is None."""
+    if limit is None:
+        return items
+    if limit < 1:
+        raise ValueError(f"{what}: a sample cap of {limit} leaves nothing; use a positive number or None (all).")
+    return items[:limit]
 
 
 class NyuDataset(Dataset):
-    """Shared behaviour: `read(i) -> (rgb, depth, seg | None, intrinsics)` in subclasses, sizing,
-    augmentation as a function of (seed, epoch, index), `set_epoch`, `content_hash`."""
+    """What the three layouts share: a split's samples at `size` (height, width), `set_epoch`,
+    augmentation (training split only) from `np.random.default_rng([seed, epoch, index])`.
+    Subclasses fill `items` (one per sample) and implement `read(index) -> (rgb, depth, seg | None,
+    intrinsics)` at the source resolution and `content_hash(index)`; `crop` (top, left, bottom,
+    right) cuts first."""
 
     crop: tuple[int, int, int, int] | None = None
 
-    def __init__(self, split: str, *, size: tuple[int, int] | None, augment: bool, seed: int, limit: int | None):
-        self.split, self.size, self.augment, self.seed, self.limit = split, tuple(size or NYU_SIZE), augment, seed, limit
-        self.epoch = 0
+    def __init__(self, split: str, *, size: tuple[int, int] | None, augment: bool, seed: int):
+        if split not in SPLITS:
+            raise ValueError(f"{type(self).__name__}: unknown split {split!r}; valid: {', '.join(SPLITS)}.")
+        self.split = SPLITS[split]
+        self.size = check_size(size)
+        self.augment, self.seed, self.epoch = bool(augment) and self.split == "train", int(seed), 0
+        self.items: list = []
 
     def __len__(self) -> int:
-        return min(self.count(), self.limit) if self.limit else self.count()
+        return len(self.items)
 
     def set_epoch(self, epoch: int) -> None:
+        """Select the augmentation stream of `epoch`."""
         self.epoch = int(epoch)
 
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} {type(self).__name__} {self.split} samples")
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} {type(self).__name__} {self.split} samples.")
+        index = int(index) % n
         rgb, depth, seg, intrinsics = self.read(index)
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None
         return make_sample(rgb, depth, seg, intrinsics, index=index, size=self.size, crop=self.crop, rng=rng)
 
 
 class NyuLabeled(NyuDataset):
-    def __init__(self, mat: str | os.PathLike, split: str, *, depth: str | None = None, splits: str | os.PathLike | None = None,
-                 size=None, augment=False, seed=0, limit=None):
-        super().__init__(split, size=size, augment=augment, seed=seed, limit=limit)
-        import scipy.io
+    """The official labelled set: `nyu_depth_v2_labeled.mat` + `splits.mat` (looked up beside it
+    unless `splits` is given). 1,449 images at 480x640: train = `trainNdxs` (795), val = `testNdxs`
+    (654), 1-based in the file. `seg`: 13 classes (0-based, 255 unlabelled). `depth`: "filled"
+    (`depths`) or "raw" (`rawDepths`, holes invalid); default "filled" for train, "raw" for val.
+    The HDF5 file is opened lazily once per process (DataLoader workers fork). A file of another
+    image size (tests) gets NYU's intrinsics scaled to it.
+    """
 
-        self.path = Path(mat)
+    KEYS = ("images", "depths", "rawDepths", "labels")
+
+    def __init__(self, mat: str | os.PathLike, split: str, *, depth: str | None = None,
+                 splits: str | os.PathLike | None = None, size: tuple[int, int] | None = None,
+                 augment: bool = False, seed: int = 0, limit: int | None = None):
+        super().__init__(split, size=size, augment=augment, seed=seed)
+        self.path = Path(mat).expanduser()
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path} does not exist; pass the official nyu_depth_v2_labeled.mat")
-        splits_path = Path(splits) if splits else self.path.with_name("splits.mat")
-        if not splits_path.is_file():
-            raise FileNotFoundError(f"{splits_path} is missing: the labelled .mat needs the official splits.mat "
-                                    f"(trainNdxs / testNdxs) next to it")
-        key = {"train": "trainNdxs", "val": "testNdxs", "test": "testNdxs"}[split]
-        self.indices = scipy.io.loadmat(splits_path)[key].ravel().astype(np.int64) - 1   # MATLAB is 1-based
-        self.depth_key = {"filled": "depths", "raw": "rawDepths"}[depth or ("filled" if split == "train" else "raw")]
-        self._file, self._pid = None, None
+            raise FileNotFoundError(f"{self.path} does not exist; pass the official nyu_depth_v2_labeled.mat.")
+        kinds = {"filled": "depths", "raw": "rawDepths"}
+        depth = depth or ("filled" if self.split == "train" else "raw")
+        if depth not in kinds:
+            raise ValueError(f"depth={depth!r} is not a NYU depth; valid: filled (hole-filled `depths`) or "
+                             f"raw (`rawDepths`, holes invalid).")
+        self.depth, self.depth_key = depth, kinds[depth]
+        self._file, self._pid = None, -1
+        n, self.source_hw = self._check_file()
+        splits_path = Path(splits).expanduser() if splits else self.path.with_name("splits.mat")
+        self.items = first_n(read_split(splits_path, self.split, n), limit, f"{self.path} {self.split}")
 
-    def count(self) -> int:
-        return len(self.indices)
+    def _check_file(self) -> tuple[int, tuple[int, int]]:
+        """(N, (height, width)) after checking the datasets and their reversed-axis shapes."""
+        f = self.file
+        missing = [k for k in self.KEYS if k not in f]
+        if missing:
+            raise ValueError(f"{self.path} lacks {', '.join(missing)}: not the official labelled NYU file "
+                             f"(it has {', '.join(sorted(f))}).")
+        n, c, w, h = f["images"].shape if f["images"].ndim == 4 else (0, 0, 0, 0)
+        if c != 3 or any(f[k].shape != (n, w, h) for k in self.KEYS[1:]):
+            raise ValueError(f"{self.path}: expected MATLAB v7.3 shapes images (N, 3, 640, 480) and depths, "
+                             f"rawDepths, labels (N, 640, 480), got "
+                             + ", ".join(f"{k} {f[k].shape}" for k in self.KEYS) + ".")
+        return n, (h, w)
 
     @property
     def file(self):
+        """The open h5py.File of this process (a handle does not survive a fork; reopen after one)."""
         import h5py
 
-        if self._file is None or self._pid != os.getpid():   # h5py handles do not survive a fork
-            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        if self._file is None or self._pid != os.getpid():
+            try:
+                self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+            except OSError as e:
+                raise ValueError(f"{self.path} is not a MATLAB v7.3 (HDF5) file ({e}); the official "
+                                 "nyu_depth_v2_labeled.mat is one.") from e
         return self._file
 
-    def read(self, index: int):
-        j = int(self.indices[index])
-        f = self.file
-        rgb = np.ascontiguousarray(f["images"][j].transpose(2, 1, 0))       # (3, W, H) -> (H, W, 3)
-        depth = np.ascontiguousarray(f[self.depth_key][j].T, np.float32)      # (W, H) -> (H, W) metres
-        seg = raw894_to_train13(np.asarray(f["labels"][j].T, np.int64))
-        return rgb, depth, seg, NYU_INTRINSICS
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_file": None, "_pid": -1}   # spawned workers reopen the file
+
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, Intrinsics]:
+        """rgb uint8 (H, W, 3), depth float32 (H, W) metres, seg uint8 (H, W) 13-class ids."""
+        j, f = int(self.items[index]), self.file
+        rgb = np.ascontiguousarray(f["images"][j].transpose(2, 1, 0))     # (3, W, H) -> (H, W, 3)
+        depth = np.ascontiguousarray(f[self.depth_key][j].T, np.float32)    # (W, H) -> (H, W)
+        raw = np.asarray(f["labels"][j].T, np.int64)
+        if raw.min() < 0 or raw.max() > 894:
+            raise ValueError(f"{self.path}: labels of image {j} span {raw.min()}..{raw.max()}, outside NYU's "
+                             "0 (unlabelled) .. 894; is this the official labelled file?")
+        return rgb, depth, raw894_to_train13(raw), scale_intrinsics(NYU_INTRINSICS, NYU_SIZE, self.source_hw)
 
     def content_hash(self, index: int) -> str:
-        return hashlib.sha256(np.ascontiguousarray(self.file["images"][int(self.indices[index])]).tobytes()).hexdigest()
+        """sha256 of the image's uint8 array as stored (3, W, H), C order."""
+        stored = np.ascontiguousarray(self.file["images"][int(self.items[index])], np.uint8)
+        return hashlib.sha256(stored.tobytes()).hexdigest()
+
+
+def read_split(path: Path, split: str, n: int) -> np.ndarray:
+    """0-based image indices of `split` ("train" -> trainNdxs, "val" -> testNdxs) from splits.mat."""
+    import scipy.io
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the labelled .mat needs the official splits.mat "
+                                "(trainNdxs / testNdxs, MATLAB v5) beside it, or pass splits=<path>.")
+    try:
+        table = scipy.io.loadmat(path)
+    except (NotImplementedError, ValueError) as e:
+        raise ValueError(f"{path} is not a MATLAB v5 splits.mat ({e}); use the official file.") from e
+    key = "trainNdxs" if split == "train" else "testNdxs"
+    if key not in table:
+        raise ValueError(f"{path} has no {key}: keys are {', '.join(k for k in table if not k.startswith('__'))}.")
+    raw = np.asarray(table[key], np.float64).ravel()
+    if raw.size == 0 or (raw != np.round(raw)).any() or raw.min() < 1 or raw.max() > n:
+        raise ValueError(f"{path}: {key} must be 1-based integers in 1..{n} (the .mat has {n} images), got "
+                         f"{raw.size} values in {raw.min() if raw.size else None}..{raw.max() if raw.size else None}.")
+    return raw.astype(np.int64) - 1   # MATLAB is 1-based
 
 
 class NyuBTS(NyuDataset):
-    def __init__(self, root: str | os.PathLike, split: str, *, size=None, augment=False, seed=0, limit=None):
-        super().__init__(split, size=size, augment=augment, seed=seed, limit=limit)
-        self.root = Path(root)
-        train = split == "train"
+    """BTS's layout. Training pairs: `<root>/sync/` + the lines of `nyudepthv2_train_files_with_gt.txt`
+    (their leading "/" is stripped: os.path.join(root, "/x") would drop root), cut to BTS's crop
+    (left 43, top 45, right 608, bottom 472) then resized. Validation pairs: the lines of
+    `nyudepthv2_test_files_with_gt.txt`, relative to `test_dir` or else the first existing of
+    `<root>/official_splits/test/`, `<root>/test/`; not cropped (480x640: Eigen crop applies).
+    The lists are read from `<root>/` or `<root>/train_test_inputs/`. Depth PNGs are uint16 mm.
+    A line's focal column gives fx = fy; cx, cy are NYU's. Lines whose depth is "None" are
+    skipped and counted in `skipped`; a listed file that is missing is an error at construction.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str, *, test_dir: str | os.PathLike | None = None,
+                 size: tuple[int, int] | None = None, augment: bool = False, seed: int = 0,
+                 limit: int | None = None):
+        super().__init__(split, size=size, augment=augment, seed=seed)
+        self.root = Path(root).expanduser()
+        train = self.split == "train"
         self.crop = BTS_TRAIN_CROP if train else None
-        listing = find_first([self.root / name for name in (BTS_TRAIN_LIST if train else BTS_TEST_LIST,)]
-                             + [self.root / "train_test_inputs" / (BTS_TRAIN_LIST if train else BTS_TEST_LIST)])
-        self.base = self.root / "sync" if train else find_first(
-            [self.root / "official_splits" / "test", self.root / "test"], what="the 654 test images (BTS keeps "
-            "them in official_splits/test/<scene>/rgb_XXXXX.jpg + sync_depth_XXXXX.png)")
-        self.items, self.skipped = [], 0
-        for line in listing.read_text().splitlines():
-            parts = line.split()
-            if len(parts) < 3 or parts[1] == "None":   # BTS lists a few images without depth
-                self.skipped += int(bool(parts))
-                continue
-            # Paths in the training list start with "/": joined naively they would replace the root.
-            self.items.append((parts[0].lstrip("/"), parts[1].lstrip("/"), float(parts[2])))
+        listing = find_first([self.root / BTS_TRAIN_LIST if train else self.root / BTS_TEST_LIST,
+                              self.root / "train_test_inputs" / (BTS_TRAIN_LIST if train else BTS_TEST_LIST)],
+                             "the BTS file list (from BTS's train_test_inputs/); " + LAYOUT_HELP)
+        if train:
+            self.base = find_first([self.root / "sync"], "BTS's training pairs sync/<scene>/...")
+        else:
+            self.base = Path(test_dir).expanduser() if test_dir else find_first(
+                [self.root / d for d in BTS_TEST_DIRS], "the 654 official test pairs "
+                "<scene>/rgb_XXXXX.jpg + sync_depth_XXXXX.png (BTS keeps them in official_splits/test/)")
+        items, self.skipped = parse_list(listing)
+        self.items = first_n(items, limit, f"{listing}")
+        check_exist(self.base, self.items, listing)
 
-    def count(self) -> int:
-        return len(self.items)
-
-    def read(self, index: int):
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, None, Intrinsics]:
+        """rgb uint8 (480, 640, 3), depth float32 (480, 640) metres (uint16 mm / 1000, 0 = hole)."""
         rgb_name, depth_name, focal = self.items[index]
         with Image.open(self.base / rgb_name) as im:
             rgb = np.asarray(im.convert("RGB"))
         with Image.open(self.base / depth_name) as im:
-            depth = np.asarray(im, np.float32) / 1000.0                        # uint16 millimetres
+            mm = np.asarray(im)
+        if mm.ndim != 2 or mm.shape != rgb.shape[:2]:
+            raise ValueError(f"{self.base / depth_name} should be a 16-bit single-channel PNG of "
+                             f"{rgb.shape[0]}x{rgb.shape[1]}, got shape {mm.shape}.")
+        depth = mm.astype(np.float32) / np.float32(1000.0)
         return rgb, depth, None, (focal, focal, NYU_INTRINSICS[2], NYU_INTRINSICS[3])
 
     def content_hash(self, index: int) -> str:
-        return file_hash(self.base / self.items[index][0])
+        """sha256 of the RGB file's bytes."""
+        return sha256_file(self.base / self.items[index][0])
+
+
+def parse_list(listing: Path) -> tuple[list[tuple[str, str, float]], int]:
+    """(rgb, depth, focal) per line of a BTS list, paths relative (leading "/" stripped), and the
+    number of lines skipped because their depth is "None"."""
+    items, skipped = [], 0
+    for number, line in enumerate(listing.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) < 3:
+            raise ValueError(f"{listing}:{number}: expected 'rgb depth focal', got {line!r}.")
+        if parts[1] == "None":   # BTS lists some images without depth
+            skipped += 1
+            continue
+        try:
+            focal = float(parts[2])
+        except ValueError:
+            raise ValueError(f"{listing}:{number}: focal {parts[2]!r} is not a number (pixels).") from None
+        # The training list's paths start with "/": joined as they are they would replace the root.
+        items.append((parts[0].lstrip("/"), parts[1].lstrip("/"), focal))
+    return items, skipped
+
+
+def check_exist(base: Path, items: list[tuple[str, str, float]], listing: Path) -> None:
+    """Raise naming the missing files when a listed pair is not under `base`."""
+    missing = [str(base / p) for rgb, depth, _ in items for p in (rgb, depth) if not (base / p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} files listed in {listing} are missing under {base}, e.g. "
+                                f"{', '.join(missing[:3])}; the list's paths are relative to that directory.")
 
 
 class NyuH5(NyuDataset):
-    def __init__(self, root: str | os.PathLike, split: str, *, size=None, augment=False, seed=0, limit=None):
-        super().__init__(split, size=size, augment=augment, seed=seed, limit=limit)
-        folder = Path(root) / ("train" if split == "train" else "val")
-        self.files = sorted(folder.rglob("*.h5"))
-        if not self.files:
+    """FastDepth / sparse-to-dense / TFDS archive: train = every `<root>/train/**/*.h5`, val = every
+    `<root>/val/**/*.h5` (the archive has val/official/), sorted by path. Each file: `rgb` (3, H, W)
+    uint8, `depth` (H, W) float metres (480x640 in the archive). No labels; NYU's intrinsics."""
+
+    def __init__(self, root: str | os.PathLike, split: str, *, size: tuple[int, int] | None = None,
+                 augment: bool = False, seed: int = 0, limit: int | None = None):
+        super().__init__(split, size=size, augment=augment, seed=seed)
+        folder = Path(root).expanduser() / self.split
+        files = sorted(folder.rglob("*.h5"))
+        if not files:
             raise FileNotFoundError(f"no .h5 files under {folder}: the FastDepth layout has train/<scene>/<n>.h5 "
-                                    f"and val/official/<n>.h5")
+                                    "and val/official/<n>.h5 with keys rgb (3, 480, 640) and depth (480, 640).")
+        self.items = first_n(files, limit, str(folder))
 
-    def count(self) -> int:
-        return len(self.files)
-
-    def read(self, index: int):
+    def read(self, index: int) -> tuple[np.ndarray, np.ndarray, None, Intrinsics]:
+        """rgb uint8 (H, W, 3), depth float32 (H, W) metres."""
         import h5py
 
-        with h5py.File(self.files[index], "r") as f:
-            rgb = np.ascontiguousarray(np.asarray(f["rgb"]).transpose(1, 2, 0))   # (3, H, W) -> (H, W, 3)
-            depth = np.asarray(f["depth"], np.float32)
-        return rgb, depth, None, NYU_INTRINSICS
+        path = self.items[index]
+        with h5py.File(path, "r") as f:
+            if "rgb" not in f or "depth" not in f:
+                raise ValueError(f"{path} lacks rgb or depth (has {', '.join(f)}); not a FastDepth NYU file.")
+            rgb, depth = np.asarray(f["rgb"]), np.asarray(f["depth"], np.float32)
+        if rgb.ndim != 3 or rgb.shape[0] != 3 or rgb.dtype != np.uint8 or depth.shape != rgb.shape[1:]:
+            raise ValueError(f"{path}: expected rgb (3, H, W) uint8 and depth (H, W), got rgb {rgb.shape} "
+                             f"{rgb.dtype} and depth {depth.shape}.")
+        k = scale_intrinsics(NYU_INTRINSICS, NYU_SIZE, depth.shape)
+        return np.ascontiguousarray(rgb.transpose(1, 2, 0)), depth, None, k
 
     def content_hash(self, index: int) -> str:
-        return file_hash(self.files[index])
+        """sha256 of the .h5 file's bytes."""
+        return sha256_file(self.items[index])
 
 
-def find_first(paths: list[Path], what: str = "") -> Path:
+def find_first(paths: list[Path], what: str) -> Path:
+    """The first of `paths` that exists; raise naming all of them and what they should hold."""
     for p in paths:
         if p.exists():
             return p
-    raise FileNotFoundError(f"none of {', '.join(map(str, paths))} exists{': ' + what if what else ''}")
+    raise FileNotFoundError(f"none of {', '.join(map(str, paths))} exists: expected {what}.")
 
 
-LAYOUTS = {"nyu-labeled": NyuLabeled, "nyu-bts": NyuBTS, "nyu-h5": NyuH5}
+LAYOUTS: dict[str, type[NyuDataset]] = {"nyu-labeled": NyuLabeled, "nyu-bts": NyuBTS, "nyu-h5": NyuH5}
 
 
 def detect_layout(path: Path) -> str:
-    """Which of the three layouts `path` holds; the error lists what each needs."""
-    if path.suffix == ".mat" and path.is_file():
+    """"nyu-labeled" for a .mat file, "nyu-bts" for a directory with the BTS train list (at the root
+    or in train_test_inputs/) or sync/, "nyu-h5" for one with train/ and val/; else raise."""
+    if path.is_file() and path.suffix.lower() == ".mat":
         return "nyu-labeled"
-    if (path / BTS_TRAIN_LIST).is_file() or (path / "train_test_inputs" / BTS_TRAIN_LIST).is_file() or (path / "sync").is_dir():
-        return "nyu-bts"
-    if (path / "train").is_dir() and (path / "val").is_dir():
-        return "nyu-h5"
-    raise FileNotFoundError(
-        f"{path} is not a NYU Depth V2 layout this project reads: nyu:<.../nyu_depth_v2_labeled.mat> (with "
-        f"splits.mat beside it), nyu:<dir> with sync/ and {BTS_TRAIN_LIST} (BTS), or nyu:<dir> with train/ and "
-        f"val/ of .h5 files (FastDepth / TFDS)")
+    if path.is_dir():
+        if any((path / p).exists() for p in (BTS_TRAIN_LIST, f"train_test_inputs/{BTS_TRAIN_LIST}", "sync")):
+            return "nyu-bts"
+        if (path / "train").is_dir() and (path / "val").is_dir():
+            return "nyu-h5"
+    state = "does not exist" if not path.exists() else "is not a NYU Depth V2 layout this project reads"
+    raise FileNotFoundError(f"{path} {state}. The layouts are: {LAYOUT_HELP}. Pass nyu:<path> (or "
+                            "nyu-labeled:, nyu-bts:, nyu-h5: to name the layout).")
 
 
-def build(layout: str, path: str, cfg) -> tuple[Dataset, Dataset]:
-    """(train, val) of a DataConfig for one layout; `num_train` / `num_val` keep the first N."""
-    cls = LAYOUTS[layout if layout != "nyu" else detect_layout(Path(path))]
-    size = (cfg.height or NYU_SIZE[0], cfg.width or NYU_SIZE[1])
+def build(path: str | os.PathLike, cfg, layout: str = "nyu") -> tuple[NyuDataset, NyuDataset]:
+    """(train, val) for a `DataConfig` at `path`; layout "nyu" detects it. Size: `cfg.height x
+    cfg.width` (480x640 when None). `cfg.num_train` / `cfg.num_val`, when not None, keep the first
+    N samples of each split in file order (smoke runs). Augmentation (cfg.augment) on train only."""
+    path = Path(path).expanduser()
+    layout = detect_layout(path) if layout == "nyu" else layout
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown NYU layout {layout!r}; valid: nyu (detect), {', '.join(LAYOUTS)}.")
+    cls, size = LAYOUTS[layout], (cfg.height or NYU_SIZE[0], cfg.width or NYU_SIZE[1])
     return (cls(path, "train", size=size, augment=cfg.augment, seed=cfg.seed, limit=cfg.num_train),
             cls(path, "val", size=size, augment=False, seed=cfg.seed, limit=cfg.num_val))
