@@ -198,7 +198,8 @@ def table_cells(rows: list[dict], axes: list[str], metrics: list[str], bold: Cal
     for i, row in enumerate(rows):
         cells = [row["values"][k] for k in axes]
         for m in columns:
-            value = row_value(row, m) if row["status"] != "pending" else None
+            shown = row["status"] == "ok" or (m == "wall_s" and row["status"] == "failed")
+            value = row_value(row, m) if shown else None
             text = "-" if not isinstance(value, (int, float)) else f"{value:.0f}" if m == "wall_s" else f"{value:.4f}"
             cells.append(bold(text) if i in best[m] and m != "wall_s" else text)
         cells.append(status_text(row, out))
@@ -207,7 +208,7 @@ def table_cells(rows: list[dict], axes: list[str], metrics: list[str], bold: Cal
 
 
 def status_text(row: dict, out: Path) -> str:
-    if row["status"] == "ok":
+    if row["status"] == "ok" and row["run_dir"]:
         run_dir = Path(row["run_dir"])
         return str(run_dir.relative_to(out)) if run_dir.is_relative_to(out) else str(run_dir)
     if row["status"] == "failed":

@@ -81,8 +81,9 @@ def crop_batch(batch: dict, box: Box, out_hw: tuple[int, int]) -> dict:
     if "intrinsics" in batch:
         sx, sy = ow / w, oh / h
         fx, fy, cx, cy = batch["intrinsics"].unbind(-1)
-        out["intrinsics"] = torch.stack([fx * sx, fy * sy, (cx + 0.5 - left) * sx - 0.5,
-                                         (cy + 0.5 - top) * sy - 0.5], dim=-1)
+        # The project's pixel centres are at u + 0.5 (SynthRooms' camera, hflip_intrinsics): a crop
+        # shifts the principal point, a resize scales it with the image.
+        out["intrinsics"] = torch.stack([fx * sx, fy * sy, (cx - left) * sx, (cy - top) * sy], dim=-1)
     return out
 
 

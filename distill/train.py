@@ -29,7 +29,7 @@ from distill.losses import build_depth_loss, build_weighting, cross_entropy
 from distill.losses.feature_kd import FeatureDistiller
 from distill.losses.normalization import normalized_l1
 from distill.metrics import DepthMetrics, SegMetrics, baseline_abs_rel
-from distill.preflight import enforce, run_preflight
+from distill.preflight import PreflightError, enforce, run_preflight
 from distill.recipes import Recipe, resolve_for_device
 from distill.spaces import DepthSpace
 from distill.students import build_student, count_macs, count_params
@@ -360,7 +360,13 @@ def preflight_stage(model, loader: DataLoader, teacher: Teacher, recipe: Recipe,
     predictions = []
     if "depth" in model.heads:
         targets = [depth_target(b, recipe) for b in probe]
-        model.heads["depth"].init_depth(torch.cat([t[v] for t, v in targets]).median().item())
+        supervised = torch.cat([t[v] for t, v in targets])
+        if supervised.numel() == 0:
+            raise PreflightError(f"pre-flight: no pixel of the first {len(probe)} batches has a training target. "
+                                 f"Teacher {teacher.name} labels only where the dataset has ground-truth depth "
+                                 f"(embedded teachers do) and {recipe.data.dataset} has none: use a real teacher "
+                                 f"(teacher.name=da2-metric teacher.source=...) or a dataset with depth")
+        model.heads["depth"].init_depth(supervised.median().item())
         with torch.no_grad():
             model.eval()
             predictions = [model(b["image"])["depth"] for b in probe]

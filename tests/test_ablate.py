@@ -1,0 +1,119 @@
+"""The ablation harness: grid parsing and validation without training, the table, one tiny real grid."""
+import json
+
+import pytest
+
+from distill.ablate import Grid, best_rows, main, markdown_table, parse_grid, terminal_table, write_report
+from distill.config import ConfigError
+from distill.recipes import get_recipe
+
+
+def test_items_split_into_axes_and_common_overrides():
+    grid = parse_grid(["distill.normalization=none,global,hybrid", "train.epochs=3", "distill.shared_crop=0, 1",
+                       "model.tasks=depth|depth,seg", "data.height=64"], get_recipe("v3"))
+    assert grid.axes == {"distill.normalization": ("none", "global", "hybrid"), "distill.shared_crop": ("0", "1"),
+                         "model.tasks": ("depth", "depth,seg")}   # a tuple key: "|" separates alternatives
+    assert grid.common == ("train.epochs=3", "data.height=64")
+    combos = grid.combinations()
+    assert len(combos) == 12
+    assert combos[0] == {"distill.normalization": "none", "distill.shared_crop": "0", "model.tasks": "depth"}
+    # the first axis is the slowest
+    assert combos[1]["model.tasks"] == "depth,seg" and combos[-1]["distill.normalization"] == "hybrid"
+    single = parse_grid(["model.tasks=depth,seg", "loss.weighting=fixed,kendall"], get_recipe("v3"))
+    assert single.common == ("model.tasks=depth,seg",) and list(single.axes) == ["loss.weighting"]
+
+
+@pytest.mark.parametrize("items, message", [
+    (["train.epochs=3"], "nothing to ablate"),
+    (["loss.weighting=fixed,kendall", "loss.weighting=dwa,fixed"], '"loss.weighting" is given twice'),
+    (["loss.weighting"], "is not key=value"),
+    (["loss.weighting=fixed,,kendall"], "empty alternative"),
+    (["out_dir=x", "loss.weighting=fixed,kendall"], "--out places the runs"),
+])
+def test_bad_grids_are_refused(items, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_grid(items, get_recipe("v3"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["distill.normalisation=none,hybrid"],
+     'unknown key "distill.normalisation". Did you mean "distill.normalization"?'),
+    (["distill.normalization=none,median"], "distill.normalization='median': must be one of"),
+    (["loss.weighting=fixed,kendall", "train.epochs=three"], "train.epochs='three': expected int"),
+    (["loss.weighting=fixed,kendall", "--metrics", "abs_rel,d_1"], 'unknown metric "d_1". Did you mean "d1"?'),
+    (["loss.weighting=fixed,kendall", "teacher.cache=/x", "distill.shared_crop=0,0.5"],
+     "combination 02-weighting=fixed_shared_crop=0.5: distill.shared_crop need(s) the teacher online"),
+])
+def test_invalid_grids_exit_2_before_any_run(tmp_path, capsys, args, message):
+    assert main(["v3", *args, "--out", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_lists_the_combinations(tmp_path, capsys):
+    assert main(["v3", "distill.normalization=none,global,hybrid,local", "distill.shared_crop=0,1",
+                 "train.epochs=3", "--dry-run", "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "8 runs (distill.normalization x distill.shared_crop)" in out
+    assert ("08-normalization=local_shared_crop=1: train.epochs=3 distill.normalization=local "
+            "distill.shared_crop=1") in out
+    assert not (tmp_path / "out").exists()
+
+
+def row(values, status="ok", **metrics):
+    return {"values": values, "overrides": [], "status": status,
+            "error": "ValueError: boom" if status == "failed" else None, "run_dir": None,
+            "wall_s": metrics.pop("wall_s", 10.0), "metrics": metrics}
+
+
+def test_best_value_per_metric_is_marked(tmp_path):
+    rows = [row({"k": "a"}, abs_rel=0.20, d1=0.70, s_star=1.30, miou=0.31),
+            row({"k": "b"}, abs_rel=0.10, d1=0.60, s_star=0.95, miou=0.310004),   # ties a at 4 decimals
+            row({"k": "c"}, "failed", abs_rel=0.01),                                # failed rows never win
+            row({"k": "d"}, "pending")]
+    assert best_rows(rows, "abs_rel") == {1} and best_rows(rows, "d1") == {0}
+    assert best_rows(rows, "s_star") == {1}                     # closest to 1
+    assert best_rows(rows, "miou") == {0, 1} and best_rows(rows, "wall_s") == {0, 1}
+    md = markdown_table(rows, ["k"], ["abs_rel", "d1", "s_star"], tmp_path)
+    lines = md.splitlines()
+    assert lines[0] == "| k | abs_rel | d1 | s_star | wall_s | run |"
+    assert "| a | 0.2000 | **0.7000** | 1.3000 |" in lines[2]
+    assert "| b | **0.1000** | 0.6000 | **0.9500** |" in lines[3]
+    assert lines[4] == "| c | - | - | - | 10 | FAILED ValueError: boom |"
+    assert lines[5] == "| d | - | - | - | - | pending |"
+    assert "0.1000*" in terminal_table(rows, ["k"], ["abs_rel"], tmp_path)
+    grid = Grid({"k": ("a", "b", "c", "d")}, ("train.epochs=1",))
+    write_report(tmp_path, "v3", grid, ["abs_rel", "d1"], rows)
+    saved = json.loads((tmp_path / "ablation.json").read_text())
+    assert saved["best"] == {"abs_rel": [1], "d1": [0], "wall_s": [0, 1]} and len(saved["runs"]) == 4
+    assert markdown_table(rows, ["k"], ["abs_rel", "d1"], tmp_path) in (tmp_path / "ablation.md").read_text()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]            # no temp file left
+
+
+TINY = ["train.epochs=1", "data.num_train=16", "data.num_val=4", "data.height=32", "data.width=32",
+        "model.student=mobilenetv3_small_050", "model.decoder_channels=16", "eval.preview_images=1"]
+
+
+def test_a_tiny_real_grid_runs_records_failures_and_goes_on(tmp_path, capsys):
+    # loss.weighting works in training today; batch 64 > 16 images fails at once (the grid goes on)
+    out = tmp_path / "out"
+    assert main(["v3", "loss.weighting=fixed,kendall", "train.batch_size=8,64", *TINY, f"data.root={tmp_path / 'data'}",
+                 "--out", str(out)]) == 1
+    saved = json.loads((out / "ablation.json").read_text())
+    runs = saved["runs"]
+    assert [r["values"] for r in runs] == [{"loss.weighting": w, "train.batch_size": b}
+                                           for w in ("fixed", "kendall") for b in ("8", "64")]
+    assert [r["status"] for r in runs] == ["ok", "failed", "ok", "failed"]
+    assert "smaller than train.batch_size=64" in runs[1]["error"]
+    for r in (runs[0], runs[2]):
+        summary = json.loads((tmp_path / r["run_dir"] / "summary.json").read_text())
+        assert r["metrics"]["abs_rel"] == summary["abs_rel"] and 0 < summary["abs_rel"] < 1
+        assert r["wall_s"] > 0 and str(out) in r["run_dir"]
+    config = json.loads((tmp_path / runs[2]["run_dir"] / "config.json").read_text())
+    assert config["loss"]["weighting"] == "kendall" and config["data"]["height"] == 32
+    best = saved["best"]["abs_rel"]
+    assert best and set(best) <= {0, 2}
+    md = (out / "ablation.md").read_text()
+    assert md.count("**") >= 2 * 4 and "| fixed | 8 |" in md and "FAILED ValueError" in md
+    assert "(* best per metric)" in capsys.readouterr().out
+    assert (out / "01-weighting=fixed_batch_size=8" / "train.log").read_text().count("pre-flight") == 1
