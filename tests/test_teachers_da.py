@@ -10,7 +10,7 @@ from distill.recipes import TeacherConfig
 from distill.spaces import DepthSpace
 from distill.teachers import build_teacher, teacher_for
 from distill.teachers.align import ScaleAligned, fit_scale
-from distill.teachers.depth_anything import da3_metric_to_metres, network_size
+from distill.teachers.depth_anything import da3_metric_to_metres, network_focal, network_size
 
 
 def tiny_da2(folder, kind: str, seed: int = 0):
@@ -64,6 +64,17 @@ def test_checkpoint_kind_and_missing_source_refused(checkpoints):
         teacher_for(cfg("da2-metric", checkpoints["relative"]))
     with pytest.raises(ValueError, match="Depth-Anything-V2-Metric-Indoor-Large-hf"):
         teacher_for(cfg("da2-metric", ""))
+    with pytest.raises(ValueError, match="metric Depth Anything V2 checkpoint but teacher.name=da2-relative"):
+        teacher_for(cfg("da2-relative", checkpoints["metric"]))
+
+
+def test_hub_id_offline_names_the_download(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # never touches the network
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(OSError, match=r"huggingface-cli download densekit-test/no-such-da2 --local-dir DIR"):
+        teacher_for(cfg("da2-metric", "densekit-test/no-such-da2"))
 
 
 def test_preflight_refuses_the_relative_teacher_for_a_metric_recipe(checkpoints):
@@ -85,6 +96,8 @@ def test_features_from_one_forward(checkpoints):
     b = batch()
     depth, maps = teacher.depth_and_features(b)
     assert len(maps) == 4 and all(f.shape[0] == 2 and f.shape[1] == 16 for f in maps)
+    sides = [f.shape[-1] for f in maps]
+    assert sides == sorted(sides, reverse=True) and sides[0] > sides[-1]     # shallow/high-res first
     assert torch.equal(depth, teacher(b)) and all(torch.equal(a, c) for a, c in zip(maps, teacher.features(b)))
     assert network_size(64, 96, 28) == (28, 42)
 
@@ -101,6 +114,9 @@ def test_da3_conversion_and_missing_package():
     assert torch.allclose(da3_metric_to_metres(out, torch.tensor([500.0])), torch.full_like(out, 5.0))
     with pytest.raises(ValueError, match="intrinsics.json"):
         da3_metric_to_metres(out, torch.tensor([float("nan")]))
+    # fx follows the width, fy the height: (200 * 2 + 100 * 0.5) / 2 at a (32, 160) network input
+    k = torch.tensor([[200.0, 100.0, 40.0, 32.0]])
+    assert torch.allclose(network_focal(k, (64, 80), (32, 160)), torch.tensor([225.0]))
     try:
         import depth_anything_3  # noqa: F401
         pytest.skip("depth_anything_3 is installed here")
@@ -134,9 +150,9 @@ def test_training_from_an_image_folder_with_the_real_teacher_class(checkpoints, 
     from distill.run import main
 
     monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path / "cache"))
-    for i in range(8):
+    for i in range(4):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    assert main(["v3", f"data.dataset=folder:{tmp_path}", "data.val_dataset=synthrooms", "data.num_val=4",
+    assert main(["v3", f"data.dataset=folder:{tmp_path}", "data.val_dataset=synthrooms", "data.num_val=2",
                  "data.height=64", "data.width=64", "train.batch_size=4", "train.epochs=1",
                  "model.student=mobilenetv3_small_050", "model.decoder_channels=16", "eval.preview_images=1",
                  "teacher.name=da2-metric", f"teacher.source={checkpoints['metric']}", "teacher.input_size=28",

@@ -9,7 +9,8 @@
   metric-indoor weights are trained on Hypersim; users measured 0.69-0.75 m RMSE zero-shot on
   NYU, so `teacher.align=dataset` fits one scale to the training set's ground truth.
 - `da3-metric`: Depth Anything 3 Metric (the `depth_anything_3` package), metres = focal_px x
-  output / 300 with the sample's focal length at the resolution the network saw. Its package
+  output / 300 with the sample's mean focal length (fx + fy) / 2 at the resolution the network
+  saw (the package's `apply_metric_scaling`, depth_anything_3/utils/alignment.py). Its package
   does not install beside this project (it pins numpy<2 and needs xformers, open3d, pycolmap):
   install it in its own environment and write a pseudo-label cache there
   (`python -m distill.cache_teacher da3-metric ...`), which training here reads.
@@ -70,6 +71,15 @@ def load_pretrained(cls, source: str, what: str):
 
 
 class DepthAnythingV2Teacher(Teacher):
+    """Depth Anything V2 through transformers' `DepthAnythingForDepthEstimation`.
+
+    `kind` is the checkpoint's `config.depth_estimation_type`: "relative" (ReLU head: affine-
+    invariant inverse depth, space DISPARITY, range [0, inf)) or "metric" (sigmoid x
+    `config.max_depth`: metres in [0, max_depth]); a checkpoint of the other kind is refused.
+    The released metric-indoor weights are Hypersim-trained; users measured 0.69-0.75 m RMSE
+    zero-shot on NYU, hence `teacher.align=dataset` (`distill.teachers.align`).
+    """
+
     kind = "metric"
 
     def __init__(self, source: str, input_size: int = 518):
@@ -96,7 +106,9 @@ class DepthAnythingV2Teacher(Teacher):
 
     @torch.no_grad()
     def depth_and_features(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """(B, 1, H, W) depth at the batch size, and the DPT neck's 4 maps (shallow -> deep)."""
+        """(B, 1, H, W) depth at the batch size, and the DPT neck's 4 fused maps (B, fusion_hidden_size,
+        h_i, w_i) at the network's size, shallow/high-res first (transformers' fusion stage returns them
+        deep first; the head reads its last, highest-resolution map)."""
         image = batch["image"]
         h, w = image.shape[-2:]
         nh, nw = network_size(h, w, self.input_size)
@@ -107,7 +119,7 @@ class DepthAnythingV2Teacher(Teacher):
             fused = self.model.neck(maps, nh // PATCH, nw // PATCH)
             depth = self.model.head(fused, nh // PATCH, nw // PATCH)
         depth = F.interpolate(depth.float()[:, None], size=(h, w), mode="bilinear", align_corners=False)
-        return depth.clamp_min(0).to(image.device), [f.float() for f in fused]
+        return depth.clamp_min(0).to(image.device), [f.float() for f in fused[::-1]]
 
     def __call__(self, batch: dict) -> torch.Tensor:
         return self.depth_and_features(batch)[0]
@@ -130,19 +142,43 @@ class DA2Metric(DepthAnythingV2Teacher):
 
 
 def da3_metric_to_metres(output: torch.Tensor, focal_px: torch.Tensor) -> torch.Tensor:
-    """Depth Anything 3 Metric's output in metres: focal_px x output / 300 (its README's rule).
+    """Depth Anything 3 Metric's output in metres: focal_px x output / 300.
 
-    output: (B, 1, h, w) at the resolution the network saw; focal_px: (B,) the mean of fx and fy
-    in pixels AT THAT RESOLUTION (scale the sample's intrinsics by h / H first)."""
+    The package's rule: `apply_metric_scaling` in depth_anything_3/utils/alignment.py (v0.1.1),
+    focal = (fx + fy) / 2 of the intrinsics at the network's input resolution, scale_factor 300.
+    output: (B, 1, h, w) at the resolution the network saw; focal_px: (B,) in pixels at that
+    resolution (`network_focal`)."""
+    require_focal(focal_px)
+    return output * focal_px.view(-1, 1, 1, 1) / 300.0
+
+
+def require_focal(focal_px: torch.Tensor) -> None:
+    """Refuse NaN focal lengths (samples without intrinsics) with the fix."""
     if not torch.isfinite(focal_px).all():
         raise ValueError("Depth Anything 3 Metric needs each image's focal length; these samples have none "
                          "(an image folder without intrinsics.json?). Add intrinsics.json (fx, fy, cx, cy, width, "
                          "height) to the folder, or use teacher.name=da2-metric")
-    return output * focal_px.view(-1, 1, 1, 1) / 300.0
+
+
+def network_focal(intrinsics: torch.Tensor, batch_hw: tuple[int, int], net_hw: tuple[int, int]) -> torch.Tensor:
+    """(B,) mean focal length in pixels at the network's input size `net_hw`.
+
+    intrinsics: (B, 4) fx, fy, cx, cy in pixels at `batch_hw`. fx scales with the width and fy with
+    the height separately (the package's `InputProcessor._resize_ixt`), then they are averaged."""
+    fx = intrinsics[:, 0].float() * net_hw[1] / batch_hw[1]
+    fy = intrinsics[:, 1].float() * net_hw[0] / batch_hw[0]
+    return (fx + fy) / 2
 
 
 class DA3Metric(Teacher):
-    name, space, range = "da3-metric", DepthSpace.METRIC, ValueRange(0.0, 200.0)
+    """Depth Anything 3 Metric (e.g. depth-anything/DA3METRIC-LARGE) via its package's
+    `DepthAnything3.inference`, which returns `Prediction.depth` (N, h, w) at the processed size.
+
+    Its exp-activated head has no upper bound (no max_depth as in DA2), so the declared range is
+    [0, inf). The shorter side the network sees is `input_size` (the package's
+    `process_res_method="lower_bound_resize"`, sides rounded to multiples of 14), as for DA2."""
+
+    name, space, range = "da3-metric", DepthSpace.METRIC, ValueRange(0.0, float("inf"))
 
     def __init__(self, source: str, input_size: int = 504):
         try:
@@ -150,12 +186,19 @@ class DA3Metric(Teacher):
         except ImportError as e:
             raise ImportError(
                 "teacher da3-metric needs the depth_anything_3 package, which does not install beside densekit "
-                "(it pins numpy<2 and needs xformers, open3d, pycolmap). Install it in its own environment, run "
-                "python -m distill.cache_teacher da3-metric teacher.source=<dir or depth-anything/DA3METRIC-LARGE> "
-                "data=... out=CACHE there, and train here with teacher.cache=CACHE; or use teacher.name=da2-metric"
+                "(depth-anything-3 0.1.1 pins numpy<2 and needs xformers, open3d, pycolmap). Install it in its own "
+                "environment, run python -m distill.cache_teacher da3-metric teacher.source=<dir or "
+                "depth-anything/DA3METRIC-LARGE> data=... out=CACHE there, and train here with teacher.cache=CACHE; "
+                "or use teacher.name=da2-metric (teacher.align=dataset)"
             ) from e
         self.source, self.input_size = source, input_size
         self.model, self.folder = load_pretrained(DepthAnything3, source, self.name)
+        found = getattr(self.model, "model_name", "")
+        if not found.startswith("da3metric"):   # focal x output / 300 holds for DA3METRIC only
+            raise ValueError(f"{source} is the Depth Anything 3 model {found!r}, not DA3 Metric; teacher.name=da3-metric "
+                             f"needs a da3metric checkpoint such as depth-anything/DA3METRIC-LARGE (DA3NESTED outputs "
+                             f"metres already and the other DA3 models are relative)")
+        self._digest = None
 
     @classmethod
     def from_config(cls, cfg) -> "DA3Metric":
@@ -167,15 +210,18 @@ class DA3Metric(Teacher):
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> torch.Tensor:
+        """(B, 1, H, W) metres at the batch size; needs batch["intrinsics"] (B, 4) at that size."""
         image = batch["image"]
         h, w = image.shape[-2:]
-        rgb = [denormalize(im.cpu()) for im in image]
-        out = torch.as_tensor(self.model.inference(rgb, process_res=self.input_size).depth).float()[:, None]
-        seen = out.shape[-2] / h                                   # the network's resolution / the batch's
-        focal = batch["intrinsics"][:, :2].float().mean(dim=1).cpu() * seen
+        require_focal(batch["intrinsics"][:, :2])            # before the (slow) network, not after
+        rgb = [denormalize(im.cpu()) for im in image]        # the package takes uint8 RGB (H, W, 3)
+        pred = self.model.inference(rgb, process_res=self.input_size, process_res_method="lower_bound_resize")
+        out = torch.as_tensor(pred.depth).float()[:, None]   # (B, 1, h', w') at the network's size
+        focal = network_focal(batch["intrinsics"].cpu(), (h, w), tuple(out.shape[-2:]))
         metres = da3_metric_to_metres(out, focal)
         return F.interpolate(metres, size=(h, w), mode="bilinear", align_corners=False).to(image.device)
 
     def identity(self) -> dict:
-        digest = weights_digest(self.folder) if self.folder else f"hub:{self.source}"
-        return {**super().identity(), "source": self.source, "input_size": self.input_size, "weights": digest}
+        if self._digest is None:
+            self._digest = weights_digest(self.folder) if self.folder else f"hub:{self.source}"
+        return {**super().identity(), "source": self.source, "input_size": self.input_size, "weights": self._digest}
