@@ -26,7 +26,12 @@ def build_teacher(name: str, **options) -> Teacher:
 
 
 def teacher_for(cfg) -> Teacher:
-    """The teacher a recipe's `teacher` section (a `TeacherConfig`) names, built from its options."""
+    """The teacher a recipe's `teacher` section (a `TeacherConfig`) names, built from its options;
+    with `cfg.cache`, its labels read from that pseudo-label cache (checked to be this teacher's)."""
+    if cfg.cache:
+        from distill.teachers.cache import CachedTeacher
+
+        return CachedTeacher.open(cfg.cache, cfg)
     return TEACHERS.get(cfg.name).from_config(cfg)
 
 

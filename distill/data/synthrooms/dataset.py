@@ -79,6 +79,12 @@ class SynthRoomsDataset(Dataset):
         """Select the augmentation stream of `epoch`."""
         self.epoch = int(epoch)
 
+    def content_hash(self, index: int) -> str:
+        """sha256 of item `index`'s RGB file: a pseudo-label cache proves it labelled these images."""
+        import hashlib
+
+        return hashlib.sha256((self.path / self.files[index]["rgb"]).read_bytes()).hexdigest()
+
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Decoded files of item `index`: rgb uint8 (H, W, 3), depth float32 (H, W) metres
         (0 = invalid), seg uint8 (H, W)."""
