@@ -1,48 +1,67 @@
 """`python -m distill.cache_teacher TEACHER data=SPEC out=DIR [key=value ...]` - label a dataset once.
 
     python -m distill.cache_teacher da2-metric teacher.source=/models/da2-metric data=nyu:/data/nyu out=/data/cache/da2
-    torchrun --nproc_per_node 4 -m distill.cache_teacher da2-metric ... out=DIR     # shards split over ranks
+    torchrun --nproc_per_node 4 -m distill.cache_teacher da2-metric ... out=DIR      # shards split over ranks
     python -m distill.run v3 teacher.name=da2-metric teacher.source=/models/da2-metric teacher.cache=/data/cache/da2
 
-Keys: `data=SPEC` (= data.dataset), `out=DIR` (required), `split=train|val` (default train),
-`shard_size=256`, `batch_size=8`, `max_shards=N` (write at most N new shards, then exit 75: run
-the same command again to continue), `recipe=v3` (whose sizes, resolved for this device, the
-cache uses: by default it matches `python -m distill.run v3` here), and any `data.*` / `teacher.*`
-key. Images are labelled without augmentation at the dataset's size; a kill loses at most the
-shard being written, and the same command resumes. The layout is in `distill/teachers/cache.py`.
-Exit codes: 0 complete, 75 partial (max_shards), 2 bad arguments or a different cache in DIR,
-1 a teacher produced non-finite or fp16-overflowing labels.
+Keys:
+  data=SPEC        the dataset (= data.dataset), e.g. nyu:/data/nyu, folder:/imgs; default synthrooms
+  out=DIR          where the cache is written (required)
+  split=S          train (default), val, or all (train then val)
+  shard_size=N     samples per shard file (default 256)
+  batch_size=N     images per teacher call (default 8)
+  max_shards=N     write at most N new shards, then exit 75: run the same command again to continue
+                   (chunked jobs on preemptible machines)
+  recipe=NAME      whose sizes (resolved for this device) the cache uses (default v3: the cache then
+                   matches `python -m distill.run v3` on this machine)
+  device=D         auto (default: cuda if available, under torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:N
+  data.* teacher.* any key of the recipe's data and teacher sections (python -m distill.run v3 --help)
+
+Images are labelled without augmentation at the dataset's size, in index order. A kill loses at
+most the shard being written; the same command resumes, and refuses a DIR holding another job.
+The layout is described in distill/teachers/cache.py.
+Exit codes: 0 complete, 75 partial (max_shards), 2 bad arguments or another job in DIR,
+1 the teacher gave non-finite or fp16-overflowing labels (nothing written for that shard).
+Under torchrun every process exits with that code; torchrun reports any non-zero one as a failure.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shlex
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import default_collate
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from distill import distributed, io
 from distill.config import ConfigError, apply_overrides
-from distill.teachers.cache import FORMAT, read_shard_hashes, shard_name
+from distill.registry import UnknownNameError
+from distill.teachers.cache import FORMAT, CachedTeacher, CacheMismatchError, shard_name, teacher_tensors
 
-OPTIONS = {"out": str, "split": str, "shard_size": int, "batch_size": int, "max_shards": int, "recipe": str, "device": str}
-PARTIAL = 75
-FP16_MAX = 65504.0
+OPTIONS = {"out": str, "split": str, "shard_size": int, "batch_size": int, "max_shards": int, "recipe": str,
+           "device": str}
+DEFAULTS = {"split": "train", "shard_size": 256, "batch_size": 8, "max_shards": 0, "recipe": "v3", "device": "auto"}
+SPLITS = ("train", "val", "all")
+PARTIAL = 75                 # EX_TEMPFAIL: try again
+FP16_MAX = 65504.0           # largest finite float16: beyond it a label would be stored as inf
 
 
-def parse(argv: list[str]) -> tuple[object, dict]:
-    """(recipe with overrides, options) from `TEACHER key=value ...`; raises ConfigError."""
+# ----------------------------------------------------------------------------- command line
+
+def parse(argv: list[str]) -> tuple[object, dict, list[str]]:
+    """(recipe with overrides, options, the data/teacher overrides given) from `TEACHER key=value ...`."""
     from distill.recipes import get_recipe
 
-    if not argv or "=" in argv[0]:
-        raise ConfigError("usage: python -m distill.cache_teacher TEACHER data=SPEC out=DIR [key=value ...]")
-    options = {"split": "train", "shard_size": 256, "batch_size": 8, "max_shards": 0, "recipe": "v3", "device": "auto"}
-    overrides = [f"teacher.name={argv[0]}"]
+    if not argv or "=" in argv[0] or argv[0].startswith("-"):
+        raise ConfigError("usage: python -m distill.cache_teacher TEACHER data=SPEC out=DIR [key=value ...] "
+                          "(TEACHER first, e.g. synthetic-metric or da2-metric; --help for the keys)")
+    options, overrides = dict(DEFAULTS), [f"teacher.name={argv[0]}"]
     for item in argv[1:]:
         key, eq, value = item.partition("=")
         if not eq:
@@ -57,108 +76,285 @@ def parse(argv: list[str]) -> tuple[object, dict]:
         elif key.startswith(("data.", "teacher.")):
             overrides.append(item)
         else:
-            raise ConfigError(f'unknown key "{key}": use data=, out=, {", ".join(k for k in OPTIONS if k != "out")}, '
-                              f"or data.* / teacher.* keys")
-    if "out" not in options:
+            raise ConfigError(f'unknown key "{key}": use data=, {", ".join(f"{k}=" for k in OPTIONS)} '
+                              f"or data.* / teacher.* keys (--help lists them)")
+    check_options(options)
+    return apply_overrides(get_recipe(options["recipe"]), overrides), options, overrides
+
+
+def check_options(options: dict) -> None:
+    if "out" not in options or not options["out"]:
         raise ConfigError("out=DIR is required: where the cache is written")
-    if options["split"] not in ("train", "val"):
-        raise ConfigError(f"split={options['split']!r}: must be train or val")
-    return apply_overrides(get_recipe(options["recipe"]), overrides), options
+    if options["split"] not in SPLITS:
+        raise ConfigError(f"split={options['split']!r}: must be one of {', '.join(SPLITS)}")
+    for key in ("shard_size", "batch_size"):
+        if options[key] < 1:
+            raise ConfigError(f"{key}={options[key]}: must be at least 1")
+    if options["max_shards"] < 0:
+        raise ConfigError(f"max_shards={options['max_shards']}: must be at least 1 (or left out: no limit)")
 
 
-def job_for(recipe, teacher, dataset, options: dict) -> dict:
+def pick_device(spec: str, local_rank: int) -> torch.device:
+    """`auto`: CUDA when present (under torchrun the process's own GPU), else the CPU."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={spec} but CUDA is not available here; use device=cpu or auto")
+    return torch.device(f"cuda:{local_rank}") if device.type == "cuda" and device.index is None else device
+
+
+# ----------------------------------------------------------------------------- what is labelled
+
+class Splits(Dataset):
+    """The samples of one split, or of train then val (split=all), at cache positions 0..N-1.
+    Samples keep their own split's `index`, so a teacher labels them as it does in training."""
+
+    def __init__(self, parts: dict[str, Dataset]):
+        self.parts, self.ranges, start = parts, {}, 0
+        for name, dataset in parts.items():
+            self.ranges[name] = [start, start + len(dataset)]
+            start += len(dataset)
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.parts.values())
+
+    def locate(self, g: int) -> tuple[str, int]:
+        """(split, index in it) of cache position `g`."""
+        for name, (start, stop) in self.ranges.items():
+            if start <= g < stop:
+                return name, g - start
+        raise IndexError(f"cache position {g} is outside 0..{len(self) - 1}")
+
+    def __getitem__(self, g: int) -> dict:
+        name, i = self.locate(g)
+        return self.parts[name][i]
+
+    def content_hash(self, g: int) -> str:
+        name, i = self.locate(g)
+        return self.parts[name].content_hash(i)
+
+    def describe(self, g: int) -> str:
+        """"train index 4, /data/x.png": where position `g` comes from, for error messages."""
+        name, i = self.locate(g)
+        return f"{name} index {i}, {sample_source(self.parts[name], i)}"
+
+
+def sample_source(dataset: Dataset, i: int) -> str:
+    """The file of sample `i` where the dataset keeps one in a known form, else its class."""
+    entry = (getattr(dataset, "files", None) or getattr(dataset, "items", None) or [None] * (i + 1))[i]
+    if isinstance(entry, dict) and "rgb" in entry:                # SynthRooms
+        return str(Path(getattr(dataset, "path", "")) / entry["rgb"])
+    if isinstance(entry, (str, Path)):                           # image folders, NYU .h5
+        return str(entry)
+    if isinstance(entry, tuple) and hasattr(dataset, "base"):    # NYU BTS lists
+        return str(dataset.base / entry[0])
+    return f"{type(dataset).__name__}[{i}]" + (f" of {dataset.path}" if hasattr(dataset, "path") else "")
+
+
+def build_split(data_cfg, split: str, progress: bool) -> Splits:
+    """The samples to label, augmentation off. For split=train only the training half is built
+    (what build_datasets returns as train; an unlabelled folder needs no validation set for it)."""
+    from distill.data import DATASETS, build_datasets
+
+    data_cfg = replace(data_cfg, augment=False)
+    if split == "train":
+        return Splits({"train": DATASETS.get(data_cfg.dataset.split(":", 1)[0])(data_cfg, progress=progress)[0]})
+    train, val = build_datasets(data_cfg, progress=progress)
+    return Splits({"val": val} if split == "val" else {"train": train, "val": val})
+
+
+def job_for(recipe, teacher, data: Splits, hashes: list[str], split: str, shard_size: int) -> dict:
+    """job.json: everything a resumed run must share with the first one (cache.py's docstring)."""
+    height, width = data[0]["image"].shape[-2:]
     return {"format": FORMAT, "teacher": teacher.identity(), "space": teacher.space.value,
             "range": [teacher.range.low, teacher.range.high],
             "recipe_teacher": {"name": recipe.teacher.name, "source": recipe.teacher.source},
-            "dataset": recipe.data.dataset, "split": options["split"], "height": recipe.data.height,
-            "width": recipe.data.width, "count": len(dataset), "shard_size": options["shard_size"], "dtype": "float16"}
+            "dataset": recipe.data.dataset, "val_dataset": recipe.data.val_dataset if split != "train" else "",
+            "split": split, "splits": data.ranges, "height": int(height), "width": int(width), "count": len(data),
+            "shard_size": shard_size, "dtype": "float16", "tensors": list(teacher_tensors(teacher)),
+            "images": hashlib.sha256("\n".join(hashes).encode()).hexdigest()}
 
+
+# ----------------------------------------------------------------------------- the directory
 
 def claim(out: Path, job: dict) -> None:
-    """Write job.json, or check that the one in `out` is this job (resume)."""
+    """Write job.json, or check that the one in `out` is this job (resume); clear a kill's temp files."""
     path = out / "job.json"
     if path.is_file():
         old = json.loads(path.read_text())
-        differ = [f"{k}: {old.get(k)!r} in DIR, now {job[k]!r}" for k in job if old.get(k) != job[k]]
+        differ = [f"{k}: {old.get(k)!r} in {out}, now {job.get(k)!r}" for k in sorted({*job, *old})
+                  if old.get(k) != job.get(k)]
         if differ:
             raise ConfigError(f"{out} holds a cache of another job:\n  - " + "\n  - ".join(differ)
-                              + "\nUse another out=, or delete it to start over.")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    io.write_json(path, job)
+                              + f"\nUse another out=, or delete {out} to start over.")
+    else:
+        io.write_json(path, job)
+    for stale in out.glob(".*.tmp"):   # io.atomic_path's temp files of a killed run
+        stale.unlink()
 
 
-def label_shard(teacher, dataset, start: int, stop: int, batch_size: int, device) -> torch.Tensor:
-    """(n, 1, H, W) float16 labels of samples [start, stop); raises on non-finite or overflow."""
-    parts = []
-    for first in range(start, stop, batch_size):
-        indices = range(first, min(first + batch_size, stop))
-        batch = default_collate([dataset[i] for i in indices])
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        depth = teacher(batch).float().cpu()
-        for i, label in zip(indices, depth):
-            if not torch.isfinite(label).all() or label.abs().max() > FP16_MAX:
-                what = "non-finite values" if not torch.isfinite(label).all() else f"values beyond fp16 ({FP16_MAX:g})"
-                raise FloatingPointError(f"teacher {teacher.name} gave {what} for sample {i} of {dataset_label(dataset)}; "
-                                         f"nothing was written for its shard. Check that image and the teacher")
-        parts.append(depth.half())
-    return torch.cat(parts)
+def bounds(k: int, job: dict) -> tuple[int, int]:
+    """[start, stop) cache positions of shard `k`."""
+    return k * job["shard_size"], min((k + 1) * job["shard_size"], job["count"])
 
 
-def dataset_label(dataset) -> str:
-    return type(dataset).__name__
+def shard_is_current(path: Path, start: int, stop: int, hashes: list[str], tensors: list[str]) -> bool:
+    """Whether `path` is a shard of samples [start, stop) of these very images, holding `tensors`."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return False
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta, keys = json.loads(f.metadata()["shard"]), sorted(f.keys())
+    except Exception:   # unreadable (e.g. edited by hand): label it again
+        return False
+    return meta == {"start": start, "stop": stop, "content_hashes": hashes[start:stop]} and keys == sorted(tensors)
 
 
-def run(recipe, options: dict, log=print) -> int:
-    from distill.data import build_datasets
+def plan(out: Path, job: dict, hashes: list[str]) -> list[int]:
+    """Shards still to write; a cache being repaired loses its manifest until it is complete again."""
+    total = math.ceil(job["count"] / job["shard_size"])
+    todo = [k for k in range(total)
+            if not shard_is_current(out / shard_name(k), *bounds(k, job), hashes, job["tensors"])]
+    if todo:
+        (out / "manifest.json").unlink(missing_ok=True)
+    return todo
+
+
+def write_manifest(out: Path, job: dict) -> None:
+    total = math.ceil(job["count"] / job["shard_size"])
+    shards = [{"file": shard_name(k), "start": bounds(k, job)[0], "stop": bounds(k, job)[1],
+               "sha256": io.sha256(out / shard_name(k))} for k in range(total)]
+    io.write_json(out / "manifest.json", {**job, "shards": shards})
+
+
+# ----------------------------------------------------------------------------- labelling
+
+def label_batch(teacher, batch: dict, tensors: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+    """{name: (B, C, H, W) float32 on the CPU} of one collated batch."""
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with torch.no_grad():
+        out = {"depth": teacher(batch)}
+        if "seg_logits" in tensors:
+            out["seg_logits"] = teacher.seg_logits(batch)
+    return {k: v.float().cpu() for k, v in out.items()}
+
+
+def check_labels(labels: dict[str, torch.Tensor], positions: list[int], data: Splits, teacher, shard: int) -> None:
+    """Raise FloatingPointError naming the first sample whose labels are non-finite or beyond fp16."""
+    for name, values in labels.items():
+        flat = values.flatten(1)
+        bad = ~torch.isfinite(flat).all(1) | (flat.abs().nan_to_num(0.0) > FP16_MAX).any(1)
+        if bad.any():
+            g = positions[int(bad.nonzero()[0])]
+            row = flat[bad.nonzero()[0]]
+            what = "non-finite values" if not torch.isfinite(row).all() else f"values beyond fp16's {FP16_MAX:g}"
+            raise FloatingPointError(
+                f"teacher {teacher.name} gave {what} in {name} for sample {g} ({data.describe(g)}); nothing was "
+                f"written for shard {shard_name(shard)}. Check that image and the teacher, then run the same command")
+
+
+def label_shards(teacher, data: Splits, job: dict, shards: list[int], out: Path, options: dict,
+                 workers: int, device: torch.device, show: bool) -> None:
+    """Label and write `shards` (batches never cross a shard, so the bytes do not depend on who
+    wrote them); every shard file is written atomically once all its labels are checked."""
+    batches = [list(range(b, min(b + options["batch_size"], bounds(k, job)[1])))
+               for k in shards for b in range(bounds(k, job)[0], bounds(k, job)[1], options["batch_size"])]
+    loader = DataLoader(data, batch_sampler=batches, num_workers=workers)
+    bar = tqdm(total=sum(len(b) for b in batches), desc=f"caching {teacher.name}", unit="img", disable=not show)
+    parts: list[dict[str, torch.Tensor]] = []
+    for positions, batch in zip(batches, loader):
+        k = positions[0] // job["shard_size"]
+        labels = label_batch(teacher, batch, job["tensors"], device)
+        check_labels(labels, positions, data, teacher, k)
+        parts.append(labels)
+        bar.update(len(positions))
+        start, stop = bounds(k, job)
+        if positions[-1] == stop - 1:
+            tensors = {name: torch.cat([p[name] for p in parts]).half() for name in job["tensors"]}
+            io.save_weights(out / shard_name(k), tensors, {"shard": json.dumps(
+                {"start": start, "stop": stop, "content_hashes": [data.content_hash(g) for g in range(start, stop)]})})
+            parts = []
+    bar.close()
+
+
+# ----------------------------------------------------------------------------- the job
+
+def prepare(recipe, options: dict, rank, device: torch.device, progress: bool):
+    """(recipe resolved for the device, the samples, the teacher, the device kind's filled sizes)."""
     from distill.recipes import resolve_for_device
     from distill.teachers import teacher_for
-    from distill.train import pick_device
 
+    recipe, filled = resolve_for_device(recipe, device.type)
+    if not rank.main:   # rank 0 builds (generates) the data first; the others reuse it
+        distributed.barrier(rank)
+    data = build_split(recipe.data, options["split"], progress)
+    if rank.main:
+        distributed.barrier(rank)
+    if len(data) == 0:
+        raise ConfigError(f"data.dataset={recipe.data.dataset} has no {options['split']} samples to label")
+    teacher = teacher_for(recipe.teacher).to(device)
+    if isinstance(teacher, CachedTeacher):   # a cache of a cache: its labels must be of these images
+        if options["split"] == "all":
+            raise ConfigError("teacher.cache: label from a cache one split at a time (split=train or split=val)")
+        teacher.verify(data.parts[options["split"]], height=data[0]["image"].shape[-2],
+                       width=data[0]["image"].shape[-1], split=options["split"])
+    return recipe, data, teacher, filled
+
+
+def how_to_train(options: dict, overrides: list[str], filled: dict, out: Path) -> str:
+    """The training command that reads this cache: the same teacher, data and (device-filled) sizes."""
+    keys = [o for o in overrides if o.startswith(("teacher.name=", "teacher.source=", "data."))]
+    keys += [f"{k}={v}" for k, v in filled.items() if k.startswith("data.")]
+    return " ".join(["python -m distill.run", options["recipe"], *map(shlex.quote, keys),
+                     shlex.quote(f"teacher.cache={out}")])
+
+
+def run(recipe, options: dict, overrides: list[str], log=print, progress: bool = True) -> int:
+    """Label (this rank's share of) the missing shards; rank 0 writes job.json first and
+    manifest.json last. Returns 0 (complete) or PARTIAL (max_shards reached)."""
     rank = distributed.from_environment()
     device = pick_device(options["device"], rank.local_rank)
     distributed.init(rank, device)
+    if not rank.main:
+        log, progress = (lambda *args, **kwargs: None), False
     try:
-        recipe, _ = resolve_for_device(recipe, device.type)
-        train, val = build_datasets(replace(recipe.data, augment=False), progress=rank.main)
-        dataset = train if options["split"] == "train" else val
-        teacher = teacher_for(replace(recipe.teacher, cache="")).to(device)
-        out, size = Path(options["out"]), options["shard_size"]
-        job = job_for(recipe, teacher, dataset, options)
+        recipe, data, teacher, filled = prepare(recipe, options, rank, device, progress)
+        out = Path(options["out"])
+        state: dict = {}
         if rank.main:
-            claim(out, job)
-            for stale in out.glob(".shard-*.tmp"):   # a killed run's half-written shard
-                stale.unlink()
-        distributed.barrier(rank)
-        total = math.ceil(len(dataset) / size)
-        todo = [k for k in range(total) if k % rank.world == rank.rank and not (out / shard_name(k)).is_file()]
-        limit = options["max_shards"] or len(todo)
-        t0, labelled = time.time(), 0
-        for k in tqdm(todo[:limit], desc=f"caching {teacher.name}", disable=not rank.main, unit="shard"):
-            start, stop = k * size, min((k + 1) * size, len(dataset))
-            depth = label_shard(teacher, dataset, start, stop, options["batch_size"], device)
-            hashes = [dataset.content_hash(i) for i in range(start, stop)]
-            # One metadata key: safetensors writes several in hash-map order, and the shard's bytes
-            # (its sha256 in the manifest) must not depend on the process that wrote it.
-            io.save_weights(out / shard_name(k), {"depth": depth},
-                            {"shard": json.dumps({"start": start, "stop": stop, "content_hashes": hashes})})
-            labelled += stop - start
-        distributed.barrier(rank)
-        if not rank.main:
+            try:
+                hashes = [data.content_hash(g) for g in range(len(data))]
+                job = job_for(recipe, teacher, data, hashes, options["split"], options["shard_size"])
+                claim(out, job)
+                state = {"job": job, "todo": plan(out, job, hashes)}
+            except ConfigError as e:   # every rank stops with rank 0's message
+                state = {"error": str(e)}
+        state = distributed.broadcast(rank, state)
+        if "error" in state:
+            raise ConfigError(state["error"])
+        job, todo = state["job"], state["todo"]
+        if not todo:
+            log(f"complete: {out} already holds all {job['count']} labels of {teacher.name}; nothing to do")
             return 0
-        missing = [k for k in range(total) if not (out / shard_name(k)).is_file()]
-        seconds = time.time() - t0
-        log(f"labelled {labelled} images in {seconds:.1f} s ({labelled / max(seconds, 1e-9):.1f} images/s)")
-        if missing:
-            log(f"partial: {total - len(missing)} of {total} shards in {out}; run the same command again to continue")
+        now = todo[:options["max_shards"] or len(todo)]
+        t0 = time.time()
+        label_shards(teacher, data, job, [k for k in now if k % rank.world == rank.rank], out, options,
+                     recipe.data.workers, device, progress)
+        distributed.barrier(rank)
+        seconds, labelled = time.time() - t0, sum(bounds(k, job)[1] - bounds(k, job)[0] for k in now)
+        log(f"labelled {labelled} images in {seconds:.1f} s ({labelled / max(seconds, 1e-9):.1f} images/s"
+            + (f", {rank.world} processes" if rank.active else "") + f") into {out}")
+        if len(now) < len(todo):
+            log(f"partial: {len(todo) - len(now)} shards left; run the same command again to continue")
             return PARTIAL
-        shards = [{"file": shard_name(k), "start": k * size, "stop": min((k + 1) * size, len(dataset)),
-                   "sha256": io.sha256(out / shard_name(k))} for k in range(total)]
-        io.write_json(out / "manifest.json", {**job, "shards": shards})
-        source = f" teacher.source={recipe.teacher.source}" if recipe.teacher.source else ""
-        log(f"complete: {len(dataset)} labels of {teacher.name} in {out}\n"
-            f"train with: python -m distill.run {options['recipe']} teacher.name={recipe.teacher.name}{source} "
-            f"teacher.cache={out}")
+        if rank.main:
+            write_manifest(out, job)
+        log(f"complete: {job['count']} labels of {teacher.name} in {out}")
+        if options["split"] != "val":
+            log(f"train with: {how_to_train(options, overrides, filled, out)}")
         return 0
     finally:
         distributed.shutdown(rank)
@@ -169,14 +365,16 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
+    rank = distributed.from_environment()
     try:
-        recipe, options = parse(argv)
-        return run(recipe, options)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        recipe, options, overrides = parse(argv)
+        return run(recipe, options, overrides)
+    except (ConfigError, UnknownNameError, CacheMismatchError, FileNotFoundError) as e:
+        if rank.main:   # every rank has the same error (rank 0's, broadcast)
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except FloatingPointError as e:   # only the rank that labelled the sample knows
+        print(f"error{f' (rank {rank.rank})' if rank.active else ''}: {e}", file=sys.stderr)
         return 1
 
 
