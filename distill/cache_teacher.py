@@ -257,9 +257,10 @@ def check_labels(labels: dict[str, torch.Tensor], positions: list[int], data: Sp
 
 
 def label_shards(teacher, data: Splits, job: dict, shards: list[int], out: Path, options: dict,
-                 workers: int, device: torch.device, show: bool) -> None:
+                 workers: int, device: torch.device, show: bool) -> int:
     """Label and write `shards` (batches never cross a shard, so the bytes do not depend on who
-    wrote them); every shard file is written atomically once all its labels are checked."""
+    wrote them); every shard file is written atomically once all its labels are checked.
+    Returns the number of images labelled."""
     batches = [list(range(b, min(b + options["batch_size"], bounds(k, job)[1])))
                for k in shards for b in range(bounds(k, job)[0], bounds(k, job)[1], options["batch_size"])]
     loader = DataLoader(data, batch_sampler=batches, num_workers=workers)
@@ -268,6 +269,10 @@ def label_shards(teacher, data: Splits, job: dict, shards: list[int], out: Path,
     for positions, batch in zip(batches, loader):
         k = positions[0] // job["shard_size"]
         labels = label_batch(teacher, batch, job["tensors"], device)
+        if labels["depth"].shape != (len(positions), 1, job["height"], job["width"]):
+            raise ValueError(f"teacher {teacher.name} returned depth {tuple(labels['depth'].shape)} for a batch of "
+                             f"{len(positions)} images of {job['height']}x{job['width']}; a Teacher returns "
+                             "(B, 1, H, W) at the batch's image size")
         check_labels(labels, positions, data, teacher, k)
         parts.append(labels)
         bar.update(len(positions))
@@ -278,6 +283,7 @@ def label_shards(teacher, data: Splits, job: dict, shards: list[int], out: Path,
                 {"start": start, "stop": stop, "content_hashes": [data.content_hash(g) for g in range(start, stop)]})})
             parts = []
     bar.close()
+    return sum(len(b) for b in batches)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -288,6 +294,7 @@ def prepare(recipe, options: dict, rank, device: torch.device, progress: bool):
     from distill.teachers import teacher_for
 
     recipe, filled = resolve_for_device(recipe, device.type)
+    teacher = teacher_for(recipe.teacher).to(device)   # first: a bad name or source fails before any data work
     if not rank.main:   # rank 0 builds (generates) the data first; the others reuse it
         distributed.barrier(rank)
     data = build_split(recipe.data, options["split"], progress)
@@ -295,7 +302,6 @@ def prepare(recipe, options: dict, rank, device: torch.device, progress: bool):
         distributed.barrier(rank)
     if len(data) == 0:
         raise ConfigError(f"data.dataset={recipe.data.dataset} has no {options['split']} samples to label")
-    teacher = teacher_for(recipe.teacher).to(device)
     if isinstance(teacher, CachedTeacher):   # a cache of a cache: its labels must be of these images
         if options["split"] == "all":
             raise ConfigError("teacher.cache: label from a cache one split at a time (split=train or split=val)")
@@ -341,12 +347,12 @@ def run(recipe, options: dict, overrides: list[str], log=print, progress: bool =
             return 0
         now = todo[:options["max_shards"] or len(todo)]
         t0 = time.time()
-        label_shards(teacher, data, job, [k for k in now if k % rank.world == rank.rank], out, options,
-                     recipe.data.workers, device, progress)
+        mine = label_shards(teacher, data, job, [k for k in now if k % rank.world == rank.rank], out, options,
+                            recipe.data.workers, device, progress)
         distributed.barrier(rank)
         seconds, labelled = time.time() - t0, sum(bounds(k, job)[1] - bounds(k, job)[0] for k in now)
         log(f"labelled {labelled} images in {seconds:.1f} s ({labelled / max(seconds, 1e-9):.1f} images/s"
-            + (f", {rank.world} processes" if rank.active else "") + f") into {out}")
+            + (f"; {rank.world} processes, rank 0 labelled {mine}" if rank.active else "") + f") into {out}")
         if len(now) < len(todo):
             log(f"partial: {len(todo) - len(now)} shards left; run the same command again to continue")
             return PARTIAL

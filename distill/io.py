@@ -30,6 +30,9 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600: a cache or run others cannot read
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

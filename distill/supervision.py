@@ -15,6 +15,7 @@ import torch
 
 from distill.cross_context import AssistantSchedule, crop_batch, sample_shared_crop
 from distill.teachers import Teacher, teacher_for
+from distill.teachers.cache import CacheMismatchError
 
 
 class SupervisionError(ValueError):
@@ -42,7 +43,12 @@ class Supervision:
         tc = recipe.teacher
         check_options(recipe)
         self.recipe, self.seed = recipe, recipe.train.seed
-        self.teacher: Teacher = teacher_for(tc).to(device)
+        try:
+            self.teacher: Teacher = teacher_for(tc).to(device)
+        except (CacheMismatchError, FileNotFoundError) as e:   # a cache that is not this run's
+            if not tc.cache:
+                raise
+            raise SupervisionError(str(e)) from e
         self.assistant: Teacher | None = None
         if tc.assistant:
             self.assistant = teacher_for(replace(tc, name=tc.assistant, source=tc.assistant_source, cache="")).to(device)
@@ -80,7 +86,10 @@ class Supervision:
     def check_cache(self, dataset, data_cfg, log) -> None:
         """A pseudo-label cache must hold labels of these very images at this size (content
         hashes), all finite; otherwise stop before any step."""
-        self.teacher.verify(dataset, height=data_cfg.height, width=data_cfg.width, split="train")
+        try:
+            self.teacher.verify(dataset, height=data_cfg.height, width=data_cfg.width, split="train")
+        except CacheMismatchError as e:
+            raise SupervisionError(str(e)) from e
         bad = self.teacher.scan_finite()
         if bad:
             raise SupervisionError(f"teacher.cache={self.recipe.teacher.cache} holds non-finite labels for "

@@ -5,32 +5,40 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch.utils.data import default_collate
 
 from distill import io
 from distill.cache_teacher import main
 from distill.data import build_datasets
 from distill.recipes import DataConfig, TeacherConfig
-from distill.teachers import build_teacher, teacher_for
+from distill.teachers import TEACHERS, build_teacher, teacher_for
 from distill.teachers.cache import CachedTeacher, CacheMismatchError, shard_name
+from distill.teachers.synthetic import SyntheticMetricTeacher
 
+REPO = Path(__file__).resolve().parents[1]
 DATA = ["data.num_train=24", "data.num_val=4", "data.height=32", "data.width=32"]
+# float16 storage: half an ulp (2^-11 relative), plus float32 noise of the teacher's batch composition
+FP16 = {"rtol": 2 ** -11, "atol": 1e-5}
 
 
 @pytest.fixture(autouse=True)
-def cache_root(tmp_path_factory, monkeypatch):
-    root = tmp_path_factory.getbasetemp() / "data"
-    monkeypatch.setenv("DENSEKIT_CACHE", str(root))
-    return root
+def data_root(tmp_path_factory, monkeypatch):
+    """SynthRooms rendered once per session; subprocesses inherit the variable."""
+    monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path_factory.getbasetemp() / "data"))
 
 
-def cli(tmp_path: Path, out: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "distill.cache_teacher", "synthetic-metric", *DATA, "shard_size=3",
-                           f"out={tmp_path / out}", *extra], capture_output=True, text=True, timeout=300,
+def command(out: Path, *extra: str, teacher: str = "synthetic-metric") -> list[str]:
+    return [teacher, *DATA, "shard_size=3", f"out={out}", *extra]
+
+
+def cli(*args: str, module: tuple[str, ...] = ("-m", "distill.cache_teacher")) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *module, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
@@ -38,72 +46,132 @@ def shard_hashes(folder: Path) -> dict[str, str]:
     return {p.name: io.sha256(p) for p in sorted(folder.glob("shard-*.safetensors"))}
 
 
-def dataset(**kw):
-    train, _ = build_datasets(DataConfig(num_train=24, num_val=4, height=32, width=32, augment=False, **kw))
-    return train
+def datasets(seed: int = 0, size: int = 32):
+    return build_datasets(DataConfig(num_train=24, num_val=4, height=size, width=size, seed=seed, augment=False),
+                          progress=False)
 
 
-def test_cache_holds_the_teachers_labels_and_training_reads_them(tmp_path):
-    assert main(["synthetic-metric", *DATA, "shard_size=5", f"out={tmp_path / 'c'}"]) == 0
-    cached = CachedTeacher.open(tmp_path / "c", TeacherConfig(name="synthetic-metric"))
-    ds = dataset()
-    cached.verify(ds, height=32, width=32)
-    assert cached.scan_finite() == [] and cached.space.value == "metric" and cached.needs_ground_truth is False
-    batch = default_collate([ds[i] for i in (0, 7, 23)])
+@contextmanager
+def registered(name: str, cls):
+    """A test-only teacher in the real registry, removed afterwards."""
+    TEACHERS.register(name, cls)
+    try:
+        yield
+    finally:
+        TEACHERS._items.pop(name)
+
+
+class SegTeacher(SyntheticMetricTeacher):
+    """A teacher that also gives segmentation logits (the format's optional tensor)."""
+    name = "seg-for-test"
+    provides_seg_logits = True
+
+    def seg_logits(self, batch: dict) -> torch.Tensor:
+        """(B, 2, H, W): the depth and a horizontal ramp, so a mirror is visible."""
+        ramp = torch.linspace(0, 1, batch["depth"].shape[-1]).expand_as(batch["depth"])
+        return torch.cat([self(batch), ramp], 1)
+
+
+def test_cache_holds_the_teachers_labels_and_training_reads_them(tmp_path, capsys):
+    assert main(command(tmp_path / "c", "shard_size=5")) == 0
+    out = capsys.readouterr().out
+    assert "labelled 24 images" in out and "images/s" in out and f"teacher.cache={tmp_path / 'c'}" in out
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert [s["sha256"] for s in manifest["shards"]] == list(shard_hashes(tmp_path / "c").values())
+    assert manifest["count"] == 24 and len(manifest["shards"]) == 5 and manifest["dtype"] == "float16"
+    with safe_open(str(tmp_path / "c" / shard_name(4)), "pt") as f:
+        assert f.get_tensor("depth").dtype == torch.float16 and f.get_tensor("depth").shape == (4, 1, 32, 32)
+        assert json.loads(f.metadata()["shard"])["start"] == 20
+
+    cached = teacher_for(TeacherConfig(name="synthetic-metric", cache=str(tmp_path / "c")))
+    assert isinstance(cached, CachedTeacher) and cached.needs_ground_truth is False
+    assert cached.identity() == build_teacher("synthetic-metric").identity() and cached.space.value == "metric"
+    train, _ = datasets()
+    cached.verify(train, height=32, width=32, split="train")
+    assert cached.scan_finite() == []
+    batch = default_collate([train[i] for i in (0, 7, 23)])
     expect = build_teacher("synthetic-metric")(batch)
-    assert torch.allclose(cached(batch), expect.half().float())
+    got = cached(batch)
+    assert got.dtype == torch.float32 and not torch.equal(got[0], got[0].flip(-1))
+    torch.testing.assert_close(got, expect, **FP16)
     batch["flipped"] = torch.tensor([True, False, True])
-    assert torch.equal(cached(batch)[0], expect.half().float()[0].flip(-1))
-    assert isinstance(teacher_for(TeacherConfig(name="synthetic-metric", cache=str(tmp_path / "c"))), CachedTeacher)
+    assert torch.equal(cached(batch), torch.stack([got[0].flip(-1), got[1], got[2].flip(-1)]))
+
+    assert main(command(tmp_path / "c", "shard_size=5")) == 0   # finished: no work
+    assert "complete" in capsys.readouterr().out and shard_hashes(tmp_path / "c") == \
+        {s["file"]: s["sha256"] for s in manifest["shards"]}
 
 
 @pytest.mark.slow
 def test_resume_after_a_real_kill_gives_the_same_shards(tmp_path):
-    assert cli(tmp_path, "straight").returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "distill.cache_teacher", "synthetic-metric", *DATA, "shard_size=3",
-                             f"out={tmp_path / 'killed'}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert cli(*command(tmp_path / "straight", "batch_size=1")).returncode == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "distill.cache_teacher", *command(killed, "batch_size=1")],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not (tmp_path / "killed" / shard_name(0)).exists():
-        time.sleep(0.005)
+    while time.time() < deadline and not (killed / shard_name(0)).exists():
+        time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = cli(tmp_path, "killed")
+    landed = not (killed / "manifest.json").exists()
+    (killed / ".shard-00007.safetensors.x1y2.tmp").write_bytes(b"half a shard")   # what a kill mid-write leaves
+    resumed = cli(*command(killed, "batch_size=1"))
     assert resumed.returncode == 0, resumed.stderr
-    assert shard_hashes(tmp_path / "killed") == shard_hashes(tmp_path / "straight") and len(shard_hashes(tmp_path / "straight")) == 8
-    assert not list((tmp_path / "killed").glob("*.tmp*"))
+    assert shard_hashes(killed) == shard_hashes(tmp_path / "straight") and len(shard_hashes(killed)) == 8
+    assert (killed / "manifest.json").read_bytes() == (tmp_path / "straight" / "manifest.json").read_bytes()
+    assert not list(killed.glob(".*.tmp"))
+    print(f"kill landed before the end: {landed}; resume: {resumed.stdout.splitlines()[0]}")
 
 
 def test_max_shards_leaves_a_partial_cache_that_completes_identically(tmp_path, capsys):
-    assert main(["synthetic-metric", *DATA, "shard_size=3", "max_shards=1", f"out={tmp_path / 'p'}"]) == 75
-    assert "run the same command again" in capsys.readouterr().out
-    with pytest.raises(FileNotFoundError, match="incomplete"):
+    assert main(command(tmp_path / "p", "max_shards=1")) == 75
+    assert "partial: 7 shards left; run the same command again to continue" in capsys.readouterr().out
+    assert list(shard_hashes(tmp_path / "p")) == [shard_name(0)] and not (tmp_path / "p" / "manifest.json").exists()
+    with pytest.raises(FileNotFoundError, match=r"incomplete .* run python -m distill.cache_teacher with out="):
         CachedTeacher.open(tmp_path / "p")
-    assert main(["synthetic-metric", *DATA, "shard_size=3", f"out={tmp_path / 'p'}"]) == 0
-    assert main(["synthetic-metric", *DATA, "shard_size=3", f"out={tmp_path / 'q'}"]) == 0
+    assert main(command(tmp_path / "p", "max_shards=5")) == 75
+    assert main(command(tmp_path / "p")) == 0
+    assert main(command(tmp_path / "q")) == 0
+    assert shard_hashes(tmp_path / "p") == shard_hashes(tmp_path / "q")
+
+    # a shard whose metadata does not match (here: other content hashes) is labelled again
+    shard = tmp_path / "p" / shard_name(2)
+    io.save_weights(shard, io.load_weights(shard), {"shard": json.dumps({"start": 6, "stop": 9,
+                                                                           "content_hashes": ["x"] * 3})})
+    capsys.readouterr()
+    assert main(command(tmp_path / "p")) == 0
+    assert "labelled 3 images" in capsys.readouterr().out
     assert shard_hashes(tmp_path / "p") == shard_hashes(tmp_path / "q")
 
 
 def test_mismatches_are_refused_with_what_differs(tmp_path, capsys):
-    assert main(["synthetic-metric", *DATA, "shard_size=8", f"out={tmp_path / 'c'}"]) == 0
-    # resuming into it with another teacher or size
-    assert main(["synthetic-relative", *DATA[:2], "data.height=64", "data.width=64", f"out={tmp_path / 'c'}"]) == 2
+    assert main(command(tmp_path / "c", "shard_size=8")) == 0
+    assert main([*command(tmp_path / "c", "shard_size=8", teacher="synthetic-relative"), "data.height=64",
+                 "data.width=64"]) == 2
     err = capsys.readouterr().err
-    assert "another job" in err and "height: 32 in DIR, now 64" in err and "'synthetic-relative'" in err
+    assert "holds a cache of another job" in err and f"height: 32 in {tmp_path / 'c'}, now 64" in err
+    assert "'synthetic-relative'" in err and "delete" in err and "another out=" in err
+
     cached = CachedTeacher.open(tmp_path / "c")
-    with pytest.raises(CacheMismatchError, match=r"images: 24 of 24 differ"):
-        cached.verify(dataset(seed=1), height=32, width=32)     # other scenes
-    with pytest.raises(CacheMismatchError, match=r"split: cache 'train', training 'val'\n  - resolution: cache 32x32"):
-        cached.verify(dataset(), height=64, width=64, split="val")
-    with pytest.raises(CacheMismatchError, match="another teacher"):
+    other, _ = datasets(seed=1)          # other scenes, same size and count
+    with pytest.raises(CacheMismatchError, match=r"images: 24 of 24 differ .*0: cache [0-9a-f]{12}, dataset "):
+        cached.verify(other, height=32, width=32, split="train")
+    _, val = datasets()
+    with pytest.raises(CacheMismatchError) as e:
+        cached.verify(val, height=64, width=64, split="val")
+    assert "split: cache 'train', training 'val'" in str(e.value) and "resolution: cache 32x32, training 64x64" \
+        in str(e.value) and "samples: cache 24, dataset 4" in str(e.value)
+    with pytest.raises(CacheMismatchError, match=r"another teacher \(teacher.name: cache 'synthetic-metric', "
+                                                 r"recipe 'da2-metric'.*set teacher.name=synthetic-metric"):
         CachedTeacher.open(tmp_path / "c", TeacherConfig(name="da2-metric", source="/models/x"))
     with pytest.raises(FileNotFoundError, match="not a pseudo-label cache"):
         CachedTeacher.open(tmp_path)
+    assert main(["synthetic-metric", *DATA, f"out={tmp_path / 'x'}", "split=test"]) == 2
+    assert main(["synthetic-metric", *DATA, f"out={tmp_path / 'x'}", "train.epochs=3"]) == 2
+    assert "split='test': must be one of train, val, all" in capsys.readouterr().err
 
 
 def test_non_finite_labels_stop_caching_and_are_found_in_a_cache(tmp_path, capsys):
-    from distill.teachers import TEACHERS
-    from distill.teachers.synthetic import SyntheticMetricTeacher
-
     class Broken(SyntheticMetricTeacher):
         name = "broken-for-test"
 
@@ -112,32 +180,63 @@ def test_non_finite_labels_stop_caching_and_are_found_in_a_cache(tmp_path, capsy
             out[batch["index"] == 4] = float("nan")
             return out
 
-    TEACHERS.register("broken-for-test", Broken)
-    try:
-        assert main(["broken-for-test", *DATA, "shard_size=3", f"out={tmp_path / 'b'}"]) == 1
-    finally:
-        TEACHERS._items.pop("broken-for-test")
-    assert "non-finite values for sample 4" in capsys.readouterr().err
-    assert (tmp_path / "b" / shard_name(0)).exists() and not (tmp_path / "b" / shard_name(1)).exists()
-    assert main(["synthetic-metric", *DATA, "shard_size=3", f"out={tmp_path / 'c'}"]) == 0
+    with registered("broken-for-test", Broken):
+        assert main(command(tmp_path / "b", teacher="broken-for-test")) == 1
+        err = capsys.readouterr().err
+        assert "non-finite values in depth for sample 4 (train index 4, " in err and "rgb" in err
+        assert list(shard_hashes(tmp_path / "b")) == [shard_name(0)]   # shard 1 (samples 3..5) not written
+        assert main(command(tmp_path / "b", teacher="broken-for-test")) == 1
+    assert main(command(tmp_path / "c")) == 0
     path = tmp_path / "c" / shard_name(2)
-    depth = io.load_weights(path)["depth"]
-    depth[1, 0, 3, 3] = float("nan")
-    from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+        depth, meta = f.get_tensor("depth"), f.metadata()
+    depth[1, 0, 3, 3] = float("nan")
     io.save_weights(path, {"depth": depth}, meta)
     assert CachedTeacher.open(tmp_path / "c").scan_finite() == [7]
 
 
+def test_overflowing_labels_are_refused(tmp_path, capsys):
+    class Loud(SyntheticMetricTeacher):
+        name = "loud-for-test"
+
+        def __call__(self, batch):
+            return super().__call__(batch) * torch.where(batch["index"] == 10, 1e6, 1.0).view(-1, 1, 1, 1)
+
+    with registered("loud-for-test", Loud):
+        assert main(command(tmp_path / "b", teacher="loud-for-test")) == 1
+    assert "values beyond fp16's 65504 in depth for sample 10" in capsys.readouterr().err
+
+
+def test_split_all_segmentation_logits_and_a_cache_of_a_cache(tmp_path):
+    with registered("seg-for-test", SegTeacher):
+        assert main(command(tmp_path / "all", "split=all", teacher="seg-for-test")) == 0
+        teacher = build_teacher("seg-for-test")
+    job = json.loads((tmp_path / "all" / "job.json").read_text())
+    assert job["splits"] == {"train": [0, 24], "val": [24, 28]} and job["tensors"] == ["depth", "seg_logits"]
+    cached = CachedTeacher.open(tmp_path / "all", TeacherConfig(name="seg-for-test"))
+    train, val = datasets()
+    cached.verify(train, height=32, width=32, split="train")
+    cached.verify(val, height=32, width=32, split="val")       # now serves val
+    batch = default_collate([val[i] for i in range(4)])
+    torch.testing.assert_close(cached(batch), teacher(batch), **FP16)
+    seg = cached.seg_logits(batch)
+    torch.testing.assert_close(seg, teacher.seg_logits(batch), **FP16)
+    batch["flipped"] = torch.tensor([True, False, False, False])
+    assert torch.equal(cached.seg_logits(batch)[0], seg[0].flip(-1)) and torch.equal(cached.seg_logits(batch)[1], seg[1])
+
+    assert main(command(tmp_path / "direct")) == 0
+    assert main([*command(tmp_path / "again"), f"teacher.cache={tmp_path / 'direct'}"]) == 0
+    assert shard_hashes(tmp_path / "again") == shard_hashes(tmp_path / "direct")
+    assert (tmp_path / "again" / "job.json").read_bytes() == (tmp_path / "direct" / "job.json").read_bytes()
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_write_the_same_shards(tmp_path):
-    assert cli(tmp_path, "one").returncode == 0
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "distill.cache_teacher", "synthetic-metric", *DATA, "shard_size=3",
-                           f"out={tmp_path / 'two'}"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert main(command(tmp_path / "one")) == 0
+    done = cli("--standalone", "--nproc_per_node=2", "-m", "distill.cache_teacher", *command(tmp_path / "two"),
+               module=("-m", "torch.distributed.run"))
+    assert done.returncode == 0, done.stderr[-3000:]
     assert shard_hashes(tmp_path / "two") == shard_hashes(tmp_path / "one")
-    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["shards"] == \
-        json.loads((tmp_path / "one" / "manifest.json").read_text())["shards"]
+    assert (tmp_path / "two" / "manifest.json").read_bytes() == (tmp_path / "one" / "manifest.json").read_bytes()
+    assert done.stdout.count("labelled 24 images") == 1     # rank 0 alone reports
+    assert "2 processes, rank 0 labelled 12)" in done.stdout   # shards 0, 2, 4, 6: the work was split
