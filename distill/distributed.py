@@ -81,3 +81,10 @@ def average_gradients(d: Dist, params) -> None:
         if p.grad is not None:
             dist.all_reduce(p.grad)
             p.grad /= d.world
+
+
+def broadcast_module(d: Dist, module: torch.nn.Module | None) -> None:
+    """Rank 0's parameters and buffers on every rank, for modules outside the DDP wrapper."""
+    if d.active and module is not None:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=0)

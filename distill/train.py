@@ -285,8 +285,11 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     state = {"epoch": 0, "step": 0, "best": None, "train_time": 0.0, "train_images": 0}
     if recipe.resume:
         state = restore(run_dir, model, weighting, optimizer, scheduler, log, write=rank.main, feature_kd=feature_kd)
-    # DDP broadcasts rank 0's weights (its pre-flight depth initialisation included) on wrapping.
+    # DDP broadcasts rank 0's weights (its pre-flight depth initialisation included) on wrapping;
+    # the modules beside the student start from rank 0's values too.
     net = torch.nn.parallel.DistributedDataParallel(model) if rank.active else model
+    distributed.broadcast_module(rank, weighting)
+    distributed.broadcast_module(rank, feature_kd)
 
     from distill.tensorboard import summary_writer
     writer = summary_writer(run_dir / "tensorboard", purge_step=state["step"]) if rank.main else NullWriter()
