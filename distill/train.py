@@ -11,7 +11,6 @@ import math
 import random
 import sys
 import time
-from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 

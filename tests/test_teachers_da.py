@@ -1,6 +1,5 @@
 """Depth Anything teachers: tiny randomly initialised models built with transformers' real classes,
 saved to a directory and reloaded through the registry (no network)."""
-import dataclasses
 
 import pytest
 import torch
