@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from distill import distributed, io
+from distill.distributed import pick_device, to_device
 from distill.config import ConfigError, apply_overrides
 from distill.registry import UnknownNameError
 from distill.teachers.cache import FORMAT, CachedTeacher, CacheMismatchError, shard_name, teacher_tensors
@@ -92,16 +93,6 @@ def check_options(options: dict) -> None:
             raise ConfigError(f"{key}={options[key]}: must be at least 1")
     if options["max_shards"] < 0:
         raise ConfigError(f"max_shards={options['max_shards']}: must be at least 1 (or left out: no limit)")
-
-
-def pick_device(spec: str, local_rank: int) -> torch.device:
-    """`auto`: CUDA when present (under torchrun the process's own GPU), else the CPU."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={spec} but CUDA is not available here; use device=cpu or auto")
-    return torch.device(f"cuda:{local_rank}") if device.type == "cuda" and device.index is None else device
 
 
 # ----------------------------------------------------------------------------- what is labelled
@@ -234,7 +225,7 @@ def write_manifest(out: Path, job: dict) -> None:
 
 def label_batch(teacher, batch: dict, tensors: list[str], device: torch.device) -> dict[str, torch.Tensor]:
     """{name: (B, C, H, W) float32 on the CPU} of one collated batch."""
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = to_device(batch, device)
     with torch.no_grad():
         out = {"depth": teacher(batch)}
         if "seg_logits" in tensors:
@@ -322,7 +313,10 @@ def run(recipe, options: dict, overrides: list[str], log=print, progress: bool =
     """Label (this rank's share of) the missing shards; rank 0 writes job.json first and
     manifest.json last. Returns 0 (complete) or PARTIAL (max_shards reached)."""
     rank = distributed.from_environment()
-    device = pick_device(options["device"], rank.local_rank)
+    try:
+        device = pick_device(options["device"], rank.local_rank, key="device")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     distributed.init(rank, device)
     if not rank.main:
         log, progress = (lambda *args, **kwargs: None), False

@@ -2,7 +2,8 @@
 
 `torchrun --nproc_per_node N -m distill.run v3 ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without
 them everything here is a no-op for a single process, so `train.py` has one code path. Backend:
-NCCL on CUDA, gloo on CPU (the tests run two CPU processes).
+NCCL on CUDA, gloo on CPU (the tests run two CPU processes). Also the process's device
+(`pick_device`) and moving a batch onto it (`to_device`), shared by training and the cache command.
 """
 from __future__ import annotations
 
@@ -27,6 +28,24 @@ class Dist:
     @property
     def active(self) -> bool:
         return self.world > 1
+
+
+def pick_device(spec: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+    """`auto`: CUDA when present (under torchrun, the process's own GPU), else the CPU. `key` names
+    the setting in the error."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device(f"cuda:{local_rank}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key}={spec} but CUDA is not available here; use {key}=cpu or auto")
+    return device
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """The batch with its tensors on `device` (other values as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def from_environment() -> Dist:

@@ -98,16 +98,14 @@ class Supervision:
         log(f"teacher cache {self.recipe.teacher.cache}: {len(dataset)} labels of {self.teacher.name} match "
             f"the training images (content hashes) and are finite")
 
-    def align(self, loader, device: torch.device, rank, log) -> None:
+    def align(self, batches, rank, log) -> None:
         """teacher.align=dataset: scale the teacher by one factor fitted to ground truth (a metric
-        teacher trained on other data, e.g. DA2 metric-indoor on NYU). Rank 0 fits; all use it."""
+        teacher trained on other data, e.g. DA2 metric-indoor on NYU) on `batches` (on the
+        teacher's device). Rank 0 fits; all use it."""
         from distill import distributed
         from distill.teachers.align import ScaleAligned, fit_scale
 
-        scale = None
-        if rank.main:
-            batches = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in loader)
-            scale = fit_scale(self.teacher, batches)
+        scale = fit_scale(self.teacher, batches) if rank.main else None
         scale = distributed.broadcast(rank, scale)
         log(f"teacher.align=dataset: {self.teacher.name} x {scale:.4f} (median ground truth / teacher ratio)")
         self.teacher = ScaleAligned(self.teacher, scale)

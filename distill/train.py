@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from distill import config as cfgio
 from distill import distributed, io
+from distill.distributed import pick_device, to_device
 from distill.data import build_datasets
 from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
 from distill.cross_context import local_global_loss, overlapping_patches
@@ -39,18 +40,6 @@ PREFLIGHT_BATCHES = 3
 
 
 # ----------------------------------------------------------------------------- setup
-
-def pick_device(spec: str, local_rank: int = 0) -> torch.device:
-    """`auto`: CUDA when present (under torchrun, the process's own GPU), else the CPU."""
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device(f"cuda:{local_rank}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={spec} but CUDA is not available here; use train.device=cpu or auto")
-    return device
-
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
@@ -85,10 +74,6 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers
     sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed) if train else None
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
                       num_workers=workers)  # not persistent: workers must see set_epoch
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def training_median_depth(ds: Dataset, fallback: Dataset | None = None, max_images: int = 256) -> float:
@@ -255,7 +240,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if recipe.teacher.cache:
         supervision.check_cache(train_ds, dc, log)
     if recipe.teacher.align == "dataset":
-        supervision.align(train_loader, device, rank, log)
+        supervision.align((to_device(b, device) for b in train_loader), rank, log)
         teacher = supervision.teacher
     model = build_student(recipe.model.student, tasks=recipe.model.tasks, num_classes=len(NYU13_NAMES),
                           decoder_channels=recipe.model.decoder_channels,

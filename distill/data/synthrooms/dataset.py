@@ -11,6 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from distill.io import sha256
+
 from ..transforms import hflip_intrinsics, normalize, photometric_jitter
 from .store import DEPTH_SCALE_M, GENERATOR, VERSION
 
@@ -81,9 +83,7 @@ class SynthRoomsDataset(Dataset):
 
     def content_hash(self, index: int) -> str:
         """sha256 of item `index`'s RGB file: a pseudo-label cache proves it labelled these images."""
-        import hashlib
-
-        return hashlib.sha256((self.path / self.files[index]["rgb"]).read_bytes()).hexdigest()
+        return sha256(self.path / self.files[index]["rgb"])
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Decoded files of item `index`: rgb uint8 (H, W, 3), depth float32 (H, W) metres
