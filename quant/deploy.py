@@ -11,12 +11,10 @@ quantiser consume it) and as a torch.export program (.pt2; coremltools needs tha
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -35,36 +33,6 @@ class DeployModel(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.student((image - self.mean) / self.std)
         return out["depth"], out["seg"]
-
-
-class Relu6Hardsigmoid(nn.Module):
-    """hardsigmoid(x) = relu6(x + 3) / 6, which TFLite runs as ADD (RELU6 fused) and MUL. onnx2tf turns
-    ONNX HardSigmoid into RELU_0_TO_1, which XNNPACK does not take: every squeeze-excite gate of
-    MobileNetV3 cut the graph into another delegate partition, measured as 10 partitions in fp32."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu6(x + 3.0) * (1.0 / 6.0)
-
-
-class UnfusedHardswish(nn.Module):
-    """hardswish(x) = relu6(x + 3) * (x / 6), in an order TFLite's converter does not fuse back into
-    HARD_SWISH: XNNPACK (ai-edge-litert 2.3) takes float HARD_SWISH but not int8, so the 18 int8
-    HARD_SWISH of MobileNetV3 ran in TFLite's own kernels, each between two delegate partitions."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu6(x + 3.0) * (x * (1.0 / 6.0))
-
-
-def for_litert(student: nn.Module, *, int8: bool) -> nn.Module:
-    """A copy of `student` with the same function, its hard activations written so that every op
-    of the TFLite file runs in the XNNPACK delegate (float: hardsigmoid; int8: hardswish too)."""
-    swaps = {nn.Hardsigmoid: Relu6Hardsigmoid, **({nn.Hardswish: UnfusedHardswish} if int8 else {})}
-    model = copy.deepcopy(student)
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) in swaps:
-                setattr(module, name, swaps[type(child)]())
-    return model
 
 
 def example_input(height: int, width: int) -> torch.Tensor:

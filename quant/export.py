@@ -353,7 +353,7 @@ def build_job(plan: Plan, float_model, int8_model, calibration, run, size, val_d
             for key, value in (("depth", depth), ("seg", seg)):
                 np.save(check_dir / f"{name}_{key}.npy", value.numpy())
                 check[f"{name}_{key}"] = str(check_dir / f"{name}_{key}.npy")
-        same_file = ptq and plan.format != "tflite"   # TFLite writes int8 activations its own way
+        same_file = ptq
         sources[name] = sources["float"] if same_file else source_file(plan.format, name, model, work, (h, w))
     # Absolute paths: a converter may change its working directory (onnx2tf's sample file).
     return Job(format=plan.format, precisions=plan.precisions, sources=sources, out_dir=str(Path(out_dir).resolve()),
@@ -363,14 +363,12 @@ def build_job(plan: Plan, float_model, int8_model, calibration, run, size, val_d
 
 
 def source_file(fmt: str, name: str, model, work: Path, size: tuple[int, int]) -> str:
-    """What the converter reads: a torch.export program for CoreML, else ONNX; for TFLite with the
-    activations XNNPACK runs at that precision (deploy.for_litert)."""
+    """What the converter reads: a torch.export program for CoreML, else ONNX (the TFLite converter
+    reshapes it for XNNPACK itself: targets/litert_graph.py)."""
     from quant import deploy
 
     if fmt == "coreml":
         return str(deploy.export_program(model, work / f"{name}.pt2", *size))
-    if fmt == "tflite":
-        model = deploy.for_litert(model, int8=name == "int8")
     return str(deploy.export_onnx(model, work / f"{name}.onnx", *size))
 
 

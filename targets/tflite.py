@@ -35,6 +35,7 @@ import numpy as np
 from edge.runners import LiteRTRunner
 from targets.job import (DEPTH, SEG, Job, check_against_reference, main, publish, source_for, tool_versions,
                          write_result)
+from targets.litert_graph import shape_for_xnnpack
 from targets.onnx import simplified  # folds the Shape->Resize chains onnx2tf cannot convert
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
@@ -52,15 +53,14 @@ def run_onnx2tf(onnx_path: Path, out_dir: Path) -> None:
                     output_signaturedefs=True, non_verbose=True)
 
 
-def quantize_int8(saved_model: Path, calibration: str, dest: Path, float_ops: list[str],
-                  float_nodes: list[str] = ()) -> None:
-    """Full-integer int8 from onnx2tf's SavedModel; `float_ops` types and `float_nodes` stay float.
+def quantize_int8(saved_model: Path, calibration: str, dest: Path, float_ops: list[str]) -> None:
+    """Full-integer int8 from onnx2tf's SavedModel; `float_ops` types, the chains computing their
+    operands (`operand_chains`) and the output tails (`output_tails`) stay float.
 
     Every other op runs int8 kernels (per-channel symmetric weights, per-tensor activations
     calibrated by min/max on `calibration`). Keeping ops in float is TFLite's documented selective
-    quantisation (dequantise -> op -> quantise). See `operand_chains` for why DIV (and what
-    feeds it) stays float. Keeping the depth head's EXP in float as well was measured and
-    removed no drift (README, "int8"), so it stays int8.
+    quantisation (dequantise -> op -> quantise). The float nodes are named as in the converter's
+    own float model of the SavedModel: onnx2tf's .tflite files name the outputs differently.
     """
     import tensorflow as tf
 
@@ -70,6 +70,8 @@ def quantize_int8(saved_model: Path, calibration: str, dest: Path, float_ops: li
         for image in images:
             yield [image[None]]
 
+    graph = TFLiteGraph(tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert())
+    float_nodes = operand_chains(graph, float_ops) + output_tails(graph)
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
@@ -77,14 +79,30 @@ def quantize_int8(saved_model: Path, calibration: str, dest: Path, float_ops: li
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=representative,
         debug_options=tf.lite.experimental.QuantizationDebugOptions(
-            denylisted_ops=list(float_ops), denylisted_nodes=list(float_nodes)))
+            denylisted_ops=list(float_ops), denylisted_nodes=float_nodes))
     dest.write_bytes(debugger.get_nondebug_quantized_model())
+
+
+class TFLiteGraph:
+    """A .tflite model's data flow: ops in execution order, each op's producer, tensor names."""
+
+    def __init__(self, model_content: bytes):
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_content=model_content)
+        self.names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
+        self.ops = interpreter._get_ops_details()
+        self.producer = {int(t): op for op in self.ops for t in op["outputs"]}
+        self.outputs = [int(d["index"]) for d in interpreter.get_output_details()]
+
+    def name(self, op: dict) -> str:
+        return self.names[int(op["outputs"][0])]
 
 
 COMPUTE_OPS = ("BATCH_MATMUL", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
-def operand_chains(float_model: Path, op_types: list[str]) -> list[str]:
+def operand_chains(graph: TFLiteGraph, op_types: list[str]) -> list[str]:
     """Output tensor names of the ops computing the operands of every `op_types` op, walking back
     through cheap ops (slices, adds, reshapes) up to and including the nearest compute op.
 
@@ -98,25 +116,39 @@ def operand_chains(float_model: Path, op_types: list[str]) -> list[str]:
     DIV with these chains (36 float ops) 1.2% / 4.1% / 97.4%; all ADDs in float too (85 float
     ops) 1.1% / 3.6% / 97.5%. MobileNetV3 students have no DIV: nothing changes for them.
     """
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_path=str(float_model))
-    names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
-    ops = interpreter._get_ops_details()
-    producer = {int(t): op for op in ops for t in op["outputs"]}
     keep: list[str] = []
-    for op in ops:
+    for op in graph.ops:
         if op["op_name"] not in op_types:
             continue
         pending = [int(t) for t in op["inputs"]]
         while pending:
-            source = producer.get(pending.pop())
-            if source is None or names[int(source["outputs"][0])] in keep:
+            source = graph.producer.get(pending.pop())
+            if source is None or graph.name(source) in keep:
                 continue
-            keep.append(names[int(source["outputs"][0])])
+            keep.append(graph.name(source))
             if source["op_name"] not in COMPUTE_OPS:
                 pending += [int(t) for t in source["inputs"]]
     return keep
+
+
+def output_tails(graph: TFLiteGraph) -> list[str]:
+    """Output tensor names of the ops between each graph output and the last compute op before it
+    (the heads' final upsampling and the depth EXP), which an int8 file runs in float.
+
+    Why: XNNPACK's int8 bilinear resize is slower than its float one on these tensors (1 and 13
+    channels at full resolution; measured 43 vs 24 us and 63 vs 45 us on 2 threads), and requantising
+    the full-resolution outputs only loses precision. In float, the int8 part ends at the heads'
+    stride-4 convolutions: log-depth (uniform relative precision over the depth range) and logits.
+    """
+    tails: list[str] = []
+    pending = list(graph.outputs)
+    while pending:
+        source = graph.producer.get(pending.pop())
+        if source is None or source["op_name"] in COMPUTE_OPS or graph.name(source) in tails:
+            continue
+        tails.append(graph.name(source))
+        pending += [int(t) for t in source["inputs"]]
+    return tails
 
 
 def finish(path: Path, metadata: dict) -> None:
@@ -182,21 +214,24 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def op_precision(path: Path) -> dict:
-    """Operators by output dtype, and which kinds compute in float: proves an int8 file is int8."""
+    """Operators by output dtype, which kinds compute in float, and every op type with its count:
+    proves an int8 file is int8 and shows what XNNPACK is given."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_path=str(path))
     dtypes = {t["index"]: np.dtype(t["dtype"]).name for t in interpreter.get_tensor_details()}
     counts: dict[str, int] = {}
     float_ops: set[str] = set()
+    types: dict[str, int] = {}
     for op in interpreter._get_ops_details():
+        types[op["op_name"]] = types.get(op["op_name"], 0) + 1
         if op["op_name"] in ("QUANTIZE", "DEQUANTIZE") or not len(op["outputs"]):
             continue
         kind = dtypes.get(int(op["outputs"][0]), "unknown")
         counts[kind] = counts.get(kind, 0) + 1
         if kind.startswith("float"):
             float_ops.add(op["op_name"])
-    return {**counts, "float_ops": sorted(float_ops)}
+    return {**counts, "float_ops": sorted(float_ops), "op_types": dict(sorted(types.items()))}
 
 
 def write_onnx2tf_sample(job: Job, dest: Path) -> None:
@@ -222,22 +257,22 @@ def convert(job: Job) -> None:
         by_source.setdefault(source_for(precision), []).append(precision)
     for source, precisions in by_source.items():
         start = time.time()
-        onnx_path = simplified(job.sources[source], work / f"{source}.sim.onnx")
+        simple = simplified(job.sources[source], work / f"{source}.sim.onnx")
+        onnx_path = work / f"{source}.xnnpack.onnx"
+        rewrites = shape_for_xnnpack(simple, onnx_path, int8=source == "int8")
         tf_dir = work / f"tf_{source}"
         run_onnx2tf(onnx_path, tf_dir)
         for precision in precisions:
             if precision == "int8":
                 produced = tf_dir / f"{onnx_path.stem}_int8.tflite"
-                float_graph = tf_dir / f"{onnx_path.stem}_float32.tflite"
-                quantize_int8(tf_dir, job.calibration["nhwc"], produced, job.float_ops,
-                              operand_chains(float_graph, job.float_ops))
+                quantize_int8(tf_dir, job.calibration["nhwc"], produced, job.float_ops)
             else:
                 produced = tf_dir / f"{onnx_path.stem}_{SUFFIX[precision]}.tflite"
             finish(produced, {**job.metadata, "precision": precision})
             model = LiteRTRunner(produced, job.threads)
             entry = {"path": f"{job.stem}_{precision}.tflite", "format": "tflite", "precision": precision,
                      "source": source, "check": check_against_reference(job, precision, model),
-                     "ops_by_dtype": op_precision(produced)}
+                     "ops_by_dtype": op_precision(produced), "graph_rewrites": rewrites}
             publish(job, produced, entry["path"])
             artefacts.append(entry)
             print(f"tflite {precision}: {entry['path']} ({time.time() - start:.1f} s)", flush=True)
