@@ -44,9 +44,9 @@ def commands(artefacts: list[dict], profile, threads: int) -> str:
 def for_artefact(path: str, fmt: str, threads: int) -> list[str]:
     out = f"{path}.bench.json"
     if fmt == "tflite":
-        return [f"# Linux board (Raspberry Pi 5: pip install ai-edge-litert numpy), or any Linux host",
+        return ["# Linux board (Raspberry Pi 5: pip install ai-edge-litert numpy), or any Linux host",
                 f"python3 device/linux_bench.py {path} --threads {threads} --runs 50 --warmup 5 --json {out}",
-                f"# Android, from a host with adb and TFLite's benchmark_model binary for the phone's ABI",
+                "# Android, from a host with adb and TFLite's benchmark_model binary for the phone's ABI",
                 f"python3 device/android_bench.py {path} --benchmark-binary /path/to/benchmark_model "
                 f"--threads {threads} --delegate xnnpack --runs 50 --warmup 5 --json {out}"]
     if fmt == "coreml":

@@ -306,7 +306,8 @@ def int8_stage(run, model, train_ds, plain_train, work, plan: Plan, args, log):
     log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
     if args.qat_steps <= 0:
         return model, calib.files, report
-    fake = ptq.simulate(model, calib, log_depth="EXP" in plan.float_ops)
+    # Both int8 converters quantise depth before the heads' float tails (upsampling, EXP): log-depth.
+    fake = ptq.simulate(model, calib, log_depth=True)
     finetune(fake, model, run.recipe, train_ds, steps=args.qat_steps, lr=args.qat_lr, batch_size=args.batch_size,
              desc="QAT", progress=not args.quiet, log=log)
     report.update({"qat_steps": args.qat_steps, "qat_lr": args.qat_lr, "activation_ranges": qat.activation_ranges(fake)})

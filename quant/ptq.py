@@ -35,7 +35,7 @@ def calibration_set(dataset, size: int, out_dir: Path, *, progress: bool = True)
 
 def simulate(student: torch.nn.Module, calib: CalibrationSet, log_depth: bool = False) -> qat.QuantStudent:
     """The int8 model PTQ produces, simulated in PyTorch: BN folded, ranges by min/max on `calib`.
-    `log_depth`: the int8 file's final EXP runs in float (qat.QuantStudent)."""
+    `log_depth`: the int8 file quantises log-depth and runs its final EXP in float (qat.QuantStudent)."""
     model = qat.prepare(student, calib.images[:1], log_depth)
     qat.calibrate(model, calib.batches())
     return model

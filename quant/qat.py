@@ -151,8 +151,9 @@ class QuantConv2d(nn.Module):
 class QuantStudent(nn.Module):
     """The student with every conv quantised and each output on its own activation quantiser.
 
-    `log_depth=True` quantises the depth output as log-depth and exponentiates in float: what an
-    int8 file computes when its final EXP runs in float (`--float-ops DIV,EXP`).
+    `log_depth=True` quantises the depth output as log-depth and exponentiates in float: what the
+    int8 files compute, whose output tails run in float (TFLite: targets/tflite.py `output_tails`;
+    onnxruntime's QDQ leaves the final Exp in float).
     """
 
     def __init__(self, student: nn.Module, log_depth: bool = False):

@@ -2,12 +2,13 @@
 fewer and cheaper ops. Run by the TFLite converter process before onnx2tf (imports onnx and numpy).
 
 Measured on this repository's v3 student (MobileNetV3-Small, 128x160, 2 threads; op costs from
-one-op models cut out of the .tflite file), these are where an int8 file lost its speed-up:
+one-op models cut out of the .tflite file, `python -m edge.op_profile`), these are where an int8
+file lost its speed-up:
 
-1. `normalization_as_depthwise`: the ImageNet (x - mean) / std on a 3-channel NHWC image is a
-   broadcast over an innermost axis of 3, which XNNPACK runs slowly (SUB + MUL: 76 us in int8,
-   59 us in fp32; in the int8 file they took 0.2 ms of 0.8). One 1x1 depthwise conv does it in
-   ~30 us.
+1. `normalization_over_rows`: the ImageNet (x - mean) / std on a 3-channel NHWC image is a
+   broadcast over an innermost axis of 3, which XNNPACK runs slowly (SUB + MUL: 76 us in int8 and
+   59 us in fp32, 2 threads; all 52 int8 convolutions took 0.25 ms). The same map
+   with its constants repeated along the width streams whole rows instead (10 us).
 2. `lower_hard_activations`: XNNPACK takes neither RELU_0_TO_1 (what onnx2tf writes for
    HardSigmoid) nor an int8 HARD_SWISH, so each one split the delegate's graph. They become
    relu6(x + 3) (an ADD with a fused RELU6, or a convolution's own RELU6 after the converter folds
@@ -33,6 +34,7 @@ class Graph:
 
     def __init__(self, model):
         self.model, self.graph = model, model.graph
+        self.counter = 0   # for unique names
         self.refresh()
 
     def refresh(self) -> None:
@@ -48,7 +50,6 @@ class Graph:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 self.constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
         self.outputs = {o.name for o in self.graph.output}
-        self.counter = getattr(self, "counter", 0)
 
     def unique(self, base: str) -> str:
         self.counter += 1
@@ -106,21 +107,26 @@ def per_channel(value: np.ndarray | None, channels: int) -> np.ndarray | None:
     return None
 
 
-def normalization_as_depthwise(g: Graph) -> bool:
-    """input -> Sub(mean) -> Div(std) or Mul(1/std)  becomes one 1x1 depthwise Conv (w = 1/std,
-    b = -mean/std), the same per-channel affine map in one op that XNNPACK runs fast.
+def normalization_over_rows(g: Graph) -> bool:
+    """input -> Sub(mean) -> Div(std) or Mul(1/std)  becomes  input * a + b, with a = 1/std and
+    b = -mean/std each repeated along the image width: (1, C, 1, W).
 
+    The same per-channel affine map, but in TFLite's NHWC layout its constants broadcast over the
+    rows only, so XNNPACK streams each row's W*C contiguous values instead of running a broadcast
+    whose innermost axis has 3 values. Measured as one-op models at 128x160, 2 threads: int8 MUL
+    6.5 us + ADD 3.7 us (fp32 2.9 + 2.6), against 33 us as a 1x1 depthwise conv and 76 us as SUB +
+    MUL by (1, 1, 1, 3) constants. The constants are 2 x W x C floats. (Folding the map into the
+    first convolution is exact only with a constant border map, since zero padding of the normalised
+    image is not zero padding of the raw one, and that map grows with the input: +25% on the int8
+    file at 256x320, for a few per cent of speed.)
     Returns False (graph unchanged) unless the graph starts that way with per-channel constants.
-    Folding the map into the first convolution instead was measured too: 4-7% faster, but exact
-    only with a constant border map (zero padding of the normalised image is not zero padding of
-    the raw one) that grows with the input: +25% on the int8 file at 256x320.
     """
     graph_input = g.graph.input[0].name
     dims = [d.dim_value for d in g.graph.input[0].type.tensor_type.shape.dim]
     users = g.consumers[graph_input]
-    if len(dims) != 4 or len(users) != 1 or users[0].op_type != "Sub" or users[0].input[0] != graph_input:
+    if len(dims) != 4 or 0 in dims or len(users) != 1 or users[0].op_type != "Sub" or users[0].input[0] != graph_input:
         return False
-    sub, channels = users[0], dims[1]
+    sub, channels, width = users[0], dims[1], dims[3]
     mean = per_channel(g.constants.get(sub.input[1]), channels)
     scales = g.consumers[sub.output[0]]
     if mean is None or len(scales) != 1 or scales[0].op_type not in ("Div", "Mul") or scales[0].input[0] != sub.output[0]:
@@ -130,10 +136,14 @@ def normalization_as_depthwise(g: Graph) -> bool:
     if value is None or np.any(value == 0):
         return False
     inv_std = 1.0 / value if scale_node.op_type == "Div" else value
-    weight = g.constant("normalize_weight", inv_std.reshape(channels, 1, 1, 1).astype(np.float32))
-    bias = g.constant("normalize_bias", (-mean * inv_std).astype(np.float32))
-    g.replace(scale_node, [g.node("Conv", [graph_input, weight, bias], scale_node.output[0], group=channels,
-                                  kernel_shape=[1, 1])])
+
+    def along_rows(name: str, per_channel_value: np.ndarray) -> str:
+        row = np.broadcast_to(per_channel_value.reshape(1, channels, 1, 1), (1, channels, 1, width))
+        return g.constant(name, row.astype(np.float32))
+
+    mul = g.node("Mul", [graph_input, along_rows("normalize_scale", inv_std)])
+    add = g.node("Add", [mul.output[0], along_rows("normalize_shift", -mean * inv_std)], scale_node.output[0])
+    g.replace(scale_node, [mul, add])
     g.graph.node.remove(sub)
     g.refresh()
     return True
@@ -234,7 +244,7 @@ def shape_for_xnnpack(source, dest, *, int8: bool) -> dict:
     import onnx
 
     g = Graph(onnx.load(str(source)))
-    report = {"normalization_as_depthwise": normalization_as_depthwise(g),
+    report = {"normalization_over_rows": normalization_over_rows(g),
               **lower_hard_activations(g, keep_hardswish=not int8)}
     g.drop_unused_initializers()
     onnx.checker.check_model(g.model)

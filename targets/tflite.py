@@ -1,4 +1,4 @@
-"""TFLite converter process: ONNX -> onnxsim -> onnx2tf -> .tflite, run by the LiteRT interpreter.
+"""TFLite converter process: ONNX -> onnxsim -> XNNPACK rewrites -> onnx2tf -> .tflite, run by LiteRT.
 
 `python -m targets.tflite JOB.json` (written by `python -m quant.export`). Imports TensorFlow,
 onnx2tf and ai-edge-litert, never torch (TOOLCHAIN.md: the two segfault in one process).
@@ -14,9 +14,12 @@ Precisions:
   full-integer kernels (per-channel symmetric int8 weights, per-tensor asymmetric int8
   activations calibrated by min/max, the scheme QAT simulates in quant/qat.py) with float32
   input and output, so the artefact takes and returns the same tensors as the float ones. Only
-  the job's `float_ops` (DIV by default) and the chains computing their operands stay float
-  (see `operand_chains`);
-  `ops_by_dtype` in the result shows what computes in int8.
+  the output tails (`output_tails`), the job's `float_ops` (DIV by default) and the chains
+  computing their operands (`operand_chains`) stay float; `ops_by_dtype` in the result shows
+  what computes in int8, and every op type.
+
+Before onnx2tf, `targets.litert_graph` rewrites the ONNX graph into ops XNNPACK runs fast (the
+same function; `graph_rewrites` in the result says what it changed).
 
 onnx2tf 1.x downloads a sample-image file from the internet for 4-D RGB inputs unless
 `calibration_image_sample_data_20x128x128x3_float32.npy` sits in the working directory: the

@@ -171,3 +171,27 @@ def test_compare_interleaves_and_reports_speedups(tiny_artefacts, tmp_path):
     assert first["artefact"] == "tiny_fp32.tflite" and first["speedup_vs_first"] == 1.0
     assert second["speedup_vs_first"] == pytest.approx(first["latency_ms"]["p50"] / second["latency_ms"]["p50"])
     assert "speed-up" in proc.stdout
+
+
+def test_op_profile_times_every_op_of_an_int8_file(tiny_artefacts, tmp_path):
+    """edge.op_profile cuts each op out as a one-op model and times it in LiteRT."""
+    out = tmp_path / "ops.json"
+    proc = edge_cli("edge.op_profile", tiny_artefacts["tflite_int8"], "--threads", "1", "--runs", "3", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    from ai_edge_litert.interpreter import Interpreter
+    graph_ops = [op["op_name"] for op in Interpreter(model_path=str(tiny_artefacts["tflite_int8"]))._get_ops_details()]
+    assert [op["op"] for op in result["ops"]] == graph_ops            # every op, in order, named as LiteRT names it
+    assert all(op["us"] > 0 for op in result["ops"])
+    assert sum(e["count"] for e in result["by_type"].values()) == len(graph_ops)
+    convs = [op for op in result["ops"] if op["op"] == "CONV_2D"]
+    assert convs and all(op["dtype"] == "int8" for op in convs) and "CONV_2D" in proc.stdout
+
+
+def test_op_profile_refuses_a_file_that_is_not_tflite(tiny_artefacts, tmp_path):
+    proc = edge_cli("edge.op_profile", tiny_artefacts["onnx_fp32"])
+    assert proc.returncode == 2 and "takes an existing .tflite file" in proc.stderr
+    fake = tmp_path / "fake.tflite"
+    fake.write_bytes(b"\0" * 64)
+    proc = edge_cli("edge.op_profile", fake)
+    assert proc.returncode == 2 and "not a TFLite flatbuffer" in proc.stderr

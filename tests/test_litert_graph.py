@@ -53,7 +53,7 @@ def test_rewrites_keep_the_function(onnx_path, tmp_path, int8):
     dest = tmp_path / "xnn.onnx"
     report = shape_for_xnnpack(onnx_path, dest, int8=int8)
     ops = op_types(dest)
-    assert report["normalization_as_depthwise"] and "Sub" not in ops and "Div" not in ops
+    assert report["normalization_over_rows"] and "Sub" not in ops and "Div" not in ops
     assert report["hardsigmoid"] == 1 and "HardSigmoid" not in ops
     if int8:   # the stem's hardswish and the gate: 1/6 in the reading convs; the other two keep a MUL
         assert report["hardswish"] == 3 and "HardSwish" not in ops and report["sixth_deferred"] == 2
@@ -87,5 +87,5 @@ def test_a_graph_without_the_patterns_is_left_alone(tmp_path):
     torch.onnx.export(Plain(), (torch.rand(1, 3, 8, 8),), str(source), input_names=["image"], opset_version=17,
                       dynamo=False)
     report = shape_for_xnnpack(source, dest, int8=True)
-    assert report == {"normalization_as_depthwise": False, "hardsigmoid": 0, "hardswish": 0, "sixth_deferred": 0}
+    assert report == {"normalization_over_rows": False, "hardsigmoid": 0, "hardswish": 0, "sixth_deferred": 0}
     assert op_types(dest) == op_types(source)

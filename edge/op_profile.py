@@ -1,0 +1,159 @@
+"""Where a .tflite file spends its time, op by op: `python -m edge.op_profile`.
+
+    python -m edge.op_profile MODEL.tflite [--threads N] [--runs K] [--top T] [--json OUT.json]
+
+Why: an int8 file that is not much faster than its fp32 twin has to show where the time goes,
+and LiteRT's Python interpreter has no op profiler (TFLite's `benchmark_model
+--enable_op_profiling` needs that binary). Each operator is cut out of the file as a one-op
+model, its non-constant inputs becoming the model's inputs (seeded random values), and timed by
+LiteRT with its default XNNPACK delegate: median of `runs` invokes after a warm-up. This is how
+the rewrites in targets/litert_graph.py were found (README, "Latency").
+
+Read the figures op type by op type between two files, not as a sum equal to the whole graph's
+time: a one-op model pays one invoke's overhead (~0.5 us), cannot show fusions XNNPACK makes
+across ops (a PAD before a convolution is folded into it in the whole graph, so a big PAD here
+costs nothing there), and an op XNNPACK does not take runs in TFLite's own kernel here, as it
+would in the whole graph (between two delegate partitions).
+
+Imports ai-edge-litert (its flatbuffer schema and interpreter), never TensorFlow or torch.
+
+JSON ("densekit.op-profile/1"): {"schema", "model", "threads", "runs", "ops": [{"index", "op",
+"inputs" (shapes of the non-constant inputs), "output", "dtype", "us"}], "by_type": {op: {"count", "us"}}}
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edge.device.linux_bench import time_invokes   # the on-device script's timing loop (milliseconds)
+from edge.run import write_json
+
+SCHEMA = "densekit.op-profile/1"
+
+
+def load_model(path: Path):
+    from ai_edge_litert import schema_py_generated as schema
+
+    data = path.read_bytes()
+    if data[4:8] != b"TFL3":
+        raise ValueError(f"{path} is not a TFLite flatbuffer (no TFL3 identifier)")
+    return schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
+
+
+def op_name(model, op) -> str:
+    from ai_edge_litert import schema_py_generated as schema
+
+    code = model.operatorCodes[op.opcodeIndex]
+    builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    return names.get(builtin, f"BUILTIN_{builtin}") if builtin != schema.BuiltinOperator.CUSTOM else \
+        f"CUSTOM:{code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode}"
+
+
+def one_op_model(model, index: int) -> tuple[bytes, list[int]]:
+    """The flatbuffer of a model made of operator `index` alone, and its input tensor indices."""
+    import flatbuffers
+
+    graph = model.subgraphs[0]
+    op = graph.operators[index]
+    inputs = [i for i in op.inputs if i >= 0 and model.buffers[graph.tensors[i].buffer].data is None]
+    cut, sub = copy.copy(model), copy.copy(graph)
+    cut.subgraphs, cut.signatureDefs, cut.metadata = [sub], None, None
+    sub.operators, sub.inputs, sub.outputs = [op], inputs, list(op.outputs)
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(cut.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output()), inputs
+
+
+def median_invoke_us(model_content: bytes, threads: int | None, runs: int, warmup: int = 10) -> float:
+    """Median microseconds of one invoke of `model_content`, inputs seeded random in their dtype's range."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=model_content, num_threads=threads)
+    interpreter.allocate_tensors()
+    rng = np.random.default_rng(0)
+    for detail in interpreter.get_input_details():
+        dtype = np.dtype(detail["dtype"])
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            value = rng.integers(max(info.min, -128), min(info.max, 127), detail["shape"], endpoint=True)
+        else:
+            value = rng.random(detail["shape"])
+        interpreter.set_tensor(detail["index"], value.astype(dtype))
+    return float(np.median(time_invokes(interpreter, runs, warmup))) * 1e3
+
+
+def profile(path: str | Path, threads: int | None = None, runs: int = 100, progress: bool = False) -> dict:
+    path = Path(path)
+    if path.suffix != ".tflite" or not path.is_file():
+        raise ValueError(f"{path}: edge.op_profile takes an existing .tflite file")
+    model = load_model(path)
+    graph = model.subgraphs[0]
+    if len(model.subgraphs) != 1:
+        raise ValueError(f"{path} has {len(model.subgraphs)} subgraphs; only single-graph models are profiled")
+    from tqdm.auto import tqdm
+
+    ops = []
+    for index, op in enumerate(tqdm(graph.operators, desc="ops", unit="op", disable=not progress)):
+        content, inputs = one_op_model(model, index)
+        output = graph.tensors[op.outputs[0]]
+        ops.append({"index": index, "op": op_name(model, op),
+                    "inputs": [[int(s) for s in graph.tensors[i].shape] for i in inputs],
+                    "output": [int(s) for s in output.shape], "dtype": tensor_type(output.type),
+                    "us": round(median_invoke_us(content, threads, runs), 2)})
+    by_type: dict[str, dict] = {}
+    for op in ops:
+        entry = by_type.setdefault(op["op"], {"count": 0, "us": 0.0})
+        entry["count"] += 1
+        entry["us"] = round(entry["us"] + op["us"], 2)
+    by_type = dict(sorted(by_type.items(), key=lambda kv: -kv[1]["us"]))
+    return {"schema": SCHEMA, "model": path.name, "threads": threads, "runs": runs, "ops": ops, "by_type": by_type}
+
+
+def tensor_type(code: int) -> str:
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    return names.get(code, str(code)).lower()
+
+
+def summary(result: dict, top: int) -> str:
+    total = sum(op["us"] for op in result["ops"]) or 1.0
+    rows = [f"{result['model']}: {len(result['ops'])} ops as one-op models, median of {result['runs']} invokes, "
+            f"threads {result['threads'] or 'default'} (not the whole graph's time: see the module doc)",
+            f"  {'op type':<22} {'count':>5} {'us':>9} {'share':>6}"]
+    for name, entry in result["by_type"].items():
+        rows.append(f"  {name:<22} {entry['count']:>5} {entry['us']:>9.1f} {entry['us'] / total:>6.1%}")
+    rows.append(f"  slowest {top}:")
+    for op in sorted(result["ops"], key=lambda o: -o["us"])[:top]:
+        shapes = " ".join("x".join(map(str, s)) for s in op["inputs"]) or "-"
+        rows.append(f"  {op['us']:>8.1f} us  #{op['index']:<4} {op['op']:<20} {op['dtype']:<8} "
+                    f"{shapes} -> {'x'.join(map(str, op['output']))}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edge.op_profile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a .tflite file")
+    parser.add_argument("--threads", type=int, default=None, help="interpreter threads (default: the runtime's)")
+    parser.add_argument("--runs", type=int, default=100, help="timed invokes per op (default 100)")
+    parser.add_argument("--top", type=int, default=15, help="slowest ops to list (default 15)")
+    parser.add_argument("--json", default=None, help=f"write the {SCHEMA} JSON here")
+    args = parser.parse_args(argv)
+    try:
+        result = profile(args.model, args.threads, args.runs, progress=True)
+    except ValueError as exc:
+        print(f"edge.op_profile: {exc}", file=sys.stderr)
+        return 2
+    print(summary(result, args.top))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
