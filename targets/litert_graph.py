@@ -40,7 +40,6 @@ class Graph:
     def refresh(self) -> None:
         from onnx import numpy_helper
 
-        self.producer = {out: node for node in self.graph.node for out in node.output}
         self.consumers: dict[str, list] = defaultdict(list)
         for node in self.graph.node:
             for name in node.input:
