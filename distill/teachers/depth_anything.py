@@ -70,7 +70,31 @@ def load_pretrained(cls, source: str, what: str):
     return model, None
 
 
-class DepthAnythingV2Teacher(Teacher):
+class PretrainedTeacher(Teacher):
+    """A teacher whose network loads from a checkpoint (`load_pretrained`): it keeps `source`,
+    `input_size`, `model` and the local `folder`, builds from a recipe's teacher section, and its
+    identity adds the source, the input size and a digest of the weights."""
+
+    def load(self, model_cls, source: str, input_size: int) -> None:
+        self.source, self.input_size = source, input_size
+        self.model, self.folder = load_pretrained(model_cls, source, self.name)
+        self._digest = None
+
+    @classmethod
+    def from_config(cls, cfg) -> "PretrainedTeacher":
+        return cls(cfg.source, cfg.input_size)
+
+    def to(self, device: torch.device) -> "PretrainedTeacher":
+        self.model.to(device)
+        return self
+
+    def identity(self) -> dict:
+        if self._digest is None:
+            self._digest = weights_digest(self.folder) if self.folder else f"hub:{self.source}"
+        return {**super().identity(), "source": self.source, "input_size": self.input_size, "weights": self._digest}
+
+
+class DepthAnythingV2Teacher(PretrainedTeacher):
     """Depth Anything V2 through transformers' `DepthAnythingForDepthEstimation`.
 
     `kind` is the checkpoint's `config.depth_estimation_type`: "relative" (ReLU head: affine-
@@ -85,8 +109,7 @@ class DepthAnythingV2Teacher(Teacher):
     def __init__(self, source: str, input_size: int = 518):
         from transformers import DepthAnythingForDepthEstimation
 
-        self.source, self.input_size = source, input_size
-        self.model, self.folder = load_pretrained(DepthAnythingForDepthEstimation, source, self.name)
+        self.load(DepthAnythingForDepthEstimation, source, input_size)
         self.model.eval().requires_grad_(False)
         found = self.model.config.depth_estimation_type
         if found != self.kind:
@@ -94,15 +117,6 @@ class DepthAnythingV2Teacher(Teacher):
                              f"a {self.kind} one; use teacher.name=da2-{found} or a {self.kind} checkpoint such as "
                              f"{REAL_CHECKPOINTS[self.kind]}")
         self.range = ValueRange(0.0, float(self.model.config.max_depth) if self.kind == "metric" else float("inf"))
-        self._digest = None
-
-    @classmethod
-    def from_config(cls, cfg) -> "DepthAnythingV2Teacher":
-        return cls(cfg.source, cfg.input_size)
-
-    def to(self, device: torch.device) -> "DepthAnythingV2Teacher":
-        self.model.to(device)
-        return self
 
     @torch.no_grad()
     def depth_and_features(self, batch: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -126,11 +140,6 @@ class DepthAnythingV2Teacher(Teacher):
 
     def features(self, batch: dict) -> list[torch.Tensor]:
         return self.depth_and_features(batch)[1]
-
-    def identity(self) -> dict:
-        if self._digest is None:
-            self._digest = weights_digest(self.folder) if self.folder else f"hub:{self.source}"
-        return {**super().identity(), "source": self.source, "input_size": self.input_size, "weights": self._digest}
 
 
 class DA2Relative(DepthAnythingV2Teacher):
@@ -170,7 +179,7 @@ def network_focal(intrinsics: torch.Tensor, batch_hw: tuple[int, int], net_hw: t
     return (fx + fy) / 2
 
 
-class DA3Metric(Teacher):
+class DA3Metric(PretrainedTeacher):
     """Depth Anything 3 Metric (e.g. depth-anything/DA3METRIC-LARGE) via its package's
     `DepthAnything3.inference`, which returns `Prediction.depth` (N, h, w) at the processed size.
 
@@ -191,22 +200,12 @@ class DA3Metric(Teacher):
                 "depth-anything/DA3METRIC-LARGE> data=... out=CACHE there, and train here with teacher.cache=CACHE; "
                 "or use teacher.name=da2-metric (teacher.align=dataset)"
             ) from e
-        self.source, self.input_size = source, input_size
-        self.model, self.folder = load_pretrained(DepthAnything3, source, self.name)
+        self.load(DepthAnything3, source, input_size)
         found = getattr(self.model, "model_name", "")
         if not found.startswith("da3metric"):   # focal x output / 300 holds for DA3METRIC only
             raise ValueError(f"{source} is the Depth Anything 3 model {found!r}, not DA3 Metric; teacher.name=da3-metric "
                              f"needs a da3metric checkpoint such as depth-anything/DA3METRIC-LARGE (DA3NESTED outputs "
                              f"metres already and the other DA3 models are relative)")
-        self._digest = None
-
-    @classmethod
-    def from_config(cls, cfg) -> "DA3Metric":
-        return cls(cfg.source, cfg.input_size)
-
-    def to(self, device: torch.device) -> "DA3Metric":
-        self.model.to(device)
-        return self
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> torch.Tensor:
@@ -220,8 +219,3 @@ class DA3Metric(Teacher):
         focal = network_focal(batch["intrinsics"].cpu(), (h, w), tuple(out.shape[-2:]))
         metres = da3_metric_to_metres(out, focal)
         return F.interpolate(metres, size=(h, w), mode="bilinear", align_corners=False).to(image.device)
-
-    def identity(self) -> dict:
-        if self._digest is None:
-            self._digest = weights_digest(self.folder) if self.folder else f"hub:{self.source}"
-        return {**super().identity(), "source": self.source, "input_size": self.input_size, "weights": self._digest}
