@@ -8,8 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.io import atomic_path
 from distill.data.transforms import unit_rgb
-from distill.io import atomic_path
 
 from .select import Selection
 
@@ -28,7 +28,7 @@ def write_calibration(dataset, selection: Selection, out_dir: str | os.PathLike)
     nhwc.npy (N, H, W, 3), nchw.npy (N, 3, H, W): float32 RGB in [0, 1], the dataset's images
     de-normalised (image * std + mean, clipped); every exported model normalises inside.
     ONNX2TF_SAMPLE, which onnx2tf 1.x loads from its working directory instead of downloading it
-    (TOOLCHAIN.md): (20, 128, 128, 3) float32, the first 20 selected images (repeated cyclically
+    (docs/TOOLCHAIN.md): (20, 128, 128, 3) float32, the first 20 selected images (repeated cyclically
     if fewer) resized bilinearly with antialiasing.
     """
     if not selection.indices:

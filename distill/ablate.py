@@ -10,7 +10,7 @@ An item with several comma-separated values (`key=v1,v2,...`) is a grid axis; an
 value is an override common to every run. For a tuple-valued key (`model.tasks=depth,seg`) the
 commas belong to one value: separate its alternatives with "|" ('model.tasks=depth|depth,seg').
 Every combination of the axes (the cartesian product, the first axis slowest) is one ordinary
-training run (`distill.train.train`) in OUT/NN-<values>/ (OUT: `--out`, default
+training run (`distill.training.train`) in OUT/NN-<values>/ (OUT: `--out`, default
 runs/ablate-<UTC time>/). All combinations are checked against the recipe before the first run
 starts (an unknown key or a bad value exits 2, as `distill.run` does); a run that fails is
 recorded with its error and the grid goes on. After every run OUT/ablation.json and
@@ -33,10 +33,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, get_origin
 
-from distill import io
-from distill.config import ConfigError, apply_overrides, field_types
+from core import io
+from core.config import ConfigError, apply_overrides, field_types
+from core.registry import UnknownNameError, suggest
 from distill.recipes import RECIPES, Recipe, get_recipe
-from distill.registry import UnknownNameError, suggest
 
 # How each summary.json metric ranks: -1 lower is better, +1 higher is better, 0 closest to 1.
 DIRECTION: dict[str, int] = {
@@ -108,7 +108,7 @@ def overrides_for(grid: Grid, combination: dict[str, str]) -> list[str]:
 
 def build_recipes(recipe_name: str, grid: Grid) -> list[Recipe]:
     """Every combination's recipe; the first bad key or value raises the config system's error."""
-    from distill.supervision import check_options   # options that cannot work together
+    from distill.training.supervision import check_options  # options that cannot work together
 
     recipes = []
     for i, combination in enumerate(grid.combinations()):
@@ -144,7 +144,7 @@ def run_name(index: int, combination: dict[str, str]) -> str:
 
 def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None) -> dict:
     """Train `recipe` with its runs under `run_out`; returns the row's status, run_dir, metrics."""
-    from distill.train import train   # heavy imports only once the grid is valid
+    from distill.training import train  # heavy imports only once the grid is valid
 
     run_out.mkdir(parents=True, exist_ok=True)
     start = time.time()

@@ -39,11 +39,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from distill import distributed, io
-from distill.distributed import pick_device, to_device
-from distill.config import ConfigError, apply_overrides
-from distill.registry import UnknownNameError
+from core import io
+from core.config import ConfigError, apply_overrides
+from core.registry import UnknownNameError
+from core.weights import save_weights
 from distill.teachers.cache import FORMAT, CachedTeacher, CacheMismatchError, shard_name, teacher_tensors
+from distill.training import distributed
+from distill.training.distributed import pick_device, to_device
 
 OPTIONS = {"out": str, "split": str, "shard_size": int, "batch_size": int, "max_shards": int, "recipe": str,
            "device": str}
@@ -270,7 +272,7 @@ def label_shards(teacher, data: Splits, job: dict, shards: list[int], out: Path,
         start, stop = bounds(k, job)
         if positions[-1] == stop - 1:
             tensors = {name: torch.cat([p[name] for p in parts]).half() for name in job["tensors"]}
-            io.save_weights(out / shard_name(k), tensors, {"shard": json.dumps(
+            save_weights(out / shard_name(k), tensors, {"shard": json.dumps(
                 {"start": start, "stop": stop, "content_hashes": [data.content_hash(g) for g in range(start, stop)]})})
             parts = []
     bar.close()

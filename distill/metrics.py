@@ -15,8 +15,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from core.spaces import check_depth_tensors
 from distill.data.classes import IGNORE_INDEX
-from distill.spaces import check_depth_tensors
 
 SILOG_VARIANT = ("da2: sqrt(mean(g^2) - 0.5 * mean(g)^2), g = ln(pred) - ln(gt), per image then "
                  "averaged over images, no x100 (BTS/AdaBins report lambda=1 and x100)")

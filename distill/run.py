@@ -5,6 +5,8 @@
     python -m distill.run v3 train.epochs=5 data.height=96 data.width=128
     python -m distill.run v1 preflight=warn       reproduce seed 000's unit failure on purpose
     python -m distill.run v3 resume=runs/v3-20261121T120000Z
+
+From Python: `distill.train_recipe("v3", overrides=["train.epochs=3"])`; this command wraps it.
 """
 from __future__ import annotations
 
@@ -12,12 +14,13 @@ import argparse
 import sys
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
-from distill.config import ConfigError, apply_overrides, flat_keys, to_dict
-from distill.preflight import PreflightError
-from distill.recipes import RECIPES, get_recipe, load_saved, recipe_summary
-from distill.registry import UnknownNameError
-from distill.supervision import SupervisionError
+from core.config import ConfigError, apply_overrides, to_dict
+from core.registry import UnknownNameError
+from distill.recipes import RECIPES, Recipe, get_recipe, load_saved, recipe_summary
+from distill.training.preflight import PreflightError
+from distill.training.supervision import SupervisionError
 
 
 def describe_keys(recipe) -> str:
@@ -54,6 +57,19 @@ def flat_get(d: dict, key: str):
     return d
 
 
+def train_recipe(recipe: Recipe | str, *, overrides: Sequence[str] = (), progress: bool = True, log=print) -> Path:
+    """Train `recipe` (a name such as "v3", or a Recipe) with dotted `key=value` overrides; returns
+    the run directory. `resume=DIR` continues that run from its saved config. Raises ConfigError or
+    UnknownNameError for a bad recipe or override, SupervisionError for options that cannot work
+    together, and PreflightError when the pre-flight refuses the units or ranges, all before any step."""
+    if isinstance(recipe, str):
+        recipe = resolve(recipe, list(overrides))
+    elif overrides:
+        recipe = apply_overrides(recipe, list(overrides))
+    from distill.training import train  # heavy imports only once the recipe is valid
+    return train(recipe, progress=progress, log=log)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m distill.run", add_help=False,
                                      description="Train a distillation recipe.", epilog=__doc__,
@@ -77,9 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             recipe = get_recipe(args.recipe)
             print(f"{type(recipe).__doc__.strip()}\n\nKeys (set with key=value):\n{describe_keys(recipe)}")
             return 0
-        recipe = resolve(args.recipe, args.overrides)
-        from distill.train import train  # heavy imports only once the command line is valid
-        train(recipe, progress=not args.quiet)
+        train_recipe(args.recipe, overrides=args.overrides, progress=not args.quiet)
     except (ConfigError, UnknownNameError, SupervisionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

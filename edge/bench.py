@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.device.linux_bench import latency_summary, peak_rss_mb   # device and host measure alike
+from core.formats import FORMATS
+from edge.device.linux_bench import latency_summary, peak_rss_mb  # device and host measure alike
 from edge.run import write_json
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner, threads_text
 
@@ -84,14 +85,13 @@ def check_bench(path: str | Path, runs: int, warmup: int, executor: str) -> str:
     if runs < 1 or warmup < 0:
         raise BenchRefused(f"runs={runs}, warmup={warmup}: need runs >= 1 and warmup >= 0")
     try:
-        fmt = artefact_format(path, executor)
+        fmt = FORMATS[artefact_format(path, executor)]
     except ValueError as exc:
         raise BenchRefused(str(exc)) from exc
-    if fmt == "coreml" and (platform.system() != "Darwin" or executor == "reference"):
-        raise BenchRefused(f"not benchmarking {Path(path).name} here: off macOS Core ML runs through the "
-                           f"reference executor, which measures accuracy, not device latency. Bench Core ML "
-                           f"on a Mac: python3 edge/device/coreml_bench.py {Path(path).name} --runs {runs}")
-    return fmt
+    if not fmt.timed_here() or executor == "reference":
+        raise BenchRefused(f"not benchmarking {Path(path).name} here: "
+                           + fmt.untimed.format(name=Path(path).name, runs=runs))
+    return fmt.name
 
 
 def time_runs(fn, runs: int, warmup: int) -> list[float]:
@@ -106,7 +106,7 @@ def time_runs(fn, runs: int, warmup: int) -> list[float]:
     return seconds
 
 
-def bench(path: str | Path, *, threads: int | None = None, runs: int = 50, warmup: int = 5,
+def bench_artefact(path: str | Path, *, threads: int | None = None, runs: int = 50, warmup: int = 5,
           executor: str = "auto") -> dict:
     """Time `runs` single-image inferences of artefact `path`; returns the densekit.bench/1 dict.
 
@@ -131,7 +131,7 @@ def bench(path: str | Path, *, threads: int | None = None, runs: int = 50, warmu
     }
 
 
-def compare(paths: list[str | Path], *, threads: int | None = None, runs: int = 50, warmup: int = 5) -> dict:
+def bench_side_by_side(paths: list[str | Path], *, threads: int | None = None, runs: int = 50, warmup: int = 5) -> dict:
     """Interleaved runs of several artefacts in one process; speed-up of each against the first."""
     for path in paths:
         check_bench(path, runs, warmup, "auto")
@@ -187,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if len(args.artefact) > 1:
-            result = compare(args.artefact, threads=args.threads, runs=args.runs, warmup=args.warmup)
+            result = bench_side_by_side(args.artefact, threads=args.threads, runs=args.runs, warmup=args.warmup)
         else:
-            result = bench(args.artefact[0], threads=args.threads, runs=args.runs, warmup=args.warmup,
-                           executor=args.executor)
+            result = bench_artefact(args.artefact[0], threads=args.threads, runs=args.runs, warmup=args.warmup,
+                                    executor=args.executor)
     except BenchRefused as exc:
         print(f"edge.bench: {exc}", file=sys.stderr)
         return 2

@@ -16,7 +16,7 @@ Executors:
 
 The shared runner interface (edge/runners.py): `format`, `executor` (in words), `input_shape`,
 `__call__(images)`, `invoke_fn(image)`. `compare_executors(images)` (macOS) runs both executors on
-the same images and returns targets.job.compare's parity dict of predict against the reference.
+the same images and returns core.contract.compare's parity dict of predict against the reference.
 
 This module imports torch and coremltools (with TensorFlow hidden), never TensorFlow.
 """
@@ -30,9 +30,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from core.contract import DEPTH, INPUT_NAME, SEG, compare
+from core.formats import FORMATS
 from edge.mil import MILProgram, import_coremltools
-from edge.runners import DEPTH, EXECUTORS, SEG, check_images, find_outputs, threads_text
-from targets.job import INPUT_NAME, compare
+from edge.runners import check_images, find_outputs, threads_text
+
+EXECUTORS = FORMATS["coreml"].executors
 
 ON_MACOS = sys.platform == "darwin"
 
@@ -127,7 +130,7 @@ class CoreMLRunner:
         return invoke
 
     def compare_executors(self, images: np.ndarray) -> dict:
-        """macOS: targets.job.compare of MLModel.predict's outputs against the reference executor's
+        """macOS: core.contract.compare of MLModel.predict's outputs against the reference executor's
         on `images` (N, 3, H, W): how far Core ML's real arithmetic is from the reference's."""
         if not ON_MACOS:
             raise RuntimeError(f"compare_executors runs MLModel.predict, which needs macOS; this is {sys.platform}. "

@@ -9,7 +9,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from distill import io
+from core import io
+from core.formats import FORMATS
 
 SCRIPTS_DIR = Path(__file__).with_name("device")
 SCRIPTS = ("linux_bench.py", "android_bench.py", "coreml_bench.py", "README.md")
@@ -42,15 +43,5 @@ def commands(artefacts: list[dict], profile, threads: int) -> str:
 
 
 def for_artefact(path: str, fmt: str, threads: int) -> list[str]:
-    out = f"{path}.bench.json"
-    if fmt == "tflite":
-        return ["# Linux board (Raspberry Pi 5: pip install ai-edge-litert numpy), or any Linux host",
-                f"python3 device/linux_bench.py {path} --threads {threads} --runs 50 --warmup 5 --json {out}",
-                "# Android, from a host with adb and TFLite's benchmark_model binary for the phone's ABI",
-                f"python3 device/android_bench.py {path} --benchmark-binary /path/to/benchmark_model "
-                f"--threads {threads} --delegate xnnpack --runs 50 --warmup 5 --json {out}"]
-    if fmt == "coreml":
-        return ["# macOS (pip install coremltools numpy); on iOS use Xcode's Core ML performance report",
-                f"python3 device/coreml_bench.py {path} --compute-units all --runs 50 --warmup 5 --json {out}"]
-    return ["# any machine with densekit and onnxruntime installed (pip install -e .[export])",
-            f"python -m edge.bench {path} --threads {threads} --runs 50 --warmup 5 --json {out}"]
+    """The format table's device commands (core/formats.py) for one artefact."""
+    return [line.format(path=path, threads=threads, out=f"{path}.bench.json") for line in FORMATS[fmt].device_commands]

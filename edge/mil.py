@@ -30,7 +30,7 @@ float32 summation order inside a convolution changes, and with it a few fp16 rou
 Scope: ML programs as coremltools writes them for iOS16 (the students' ops, the iOS16
 compressed-weight ops and a few other common ones; `HANDLERS` lists them), static shapes, one main
 function without control flow. This module imports torch and coremltools (with TensorFlow hidden,
-TOOLCHAIN.md), never TensorFlow.
+docs/TOOLCHAIN.md), never TensorFlow.
 """
 from __future__ import annotations
 
@@ -45,8 +45,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from edge.mil_ops import DTYPES, HANDLERS, Args, UnsupportedOpError, as_f32
-from edge.mil_ops import source_coords, spatial_pads, unpack_bits  # noqa: F401 (re-exported)
+from edge.mil_ops import DTYPES, HANDLERS, Args, UnsupportedOpError, as_f32, source_coords, spatial_pads, unpack_bits  # noqa: F401 (re-exported)
 
 # protobuf DataType names -> MIL dtype names (DTYPES, edge/mil_ops.py: MIL dtype names -> numpy).
 PROTO_DTYPES = {"FLOAT16": "fp16", "FLOAT32": "fp32", "FLOAT64": "fp64", "BOOL": "bool",
@@ -72,7 +71,7 @@ class _MuteImportNotes(logging.Filter):
 
 def import_coremltools():
     """coremltools, imported with TensorFlow hidden: coremltools imports TensorFlow when it can, and
-    TensorFlow + torch in one process segfault (TOOLCHAIN.md). The block is lifted after the import
+    TensorFlow + torch in one process segfault (docs/TOOLCHAIN.md). The block is lifted after the import
     (when this function set it), so a later, separate use of TensorFlow is not poisoned."""
     if "coremltools" in sys.modules:
         return sys.modules["coremltools"]

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.device.linux_bench import time_invokes   # the on-device script's timing loop (milliseconds)
+from edge.device.linux_bench import time_invokes  # the on-device script's timing loop (milliseconds)
 from edge.run import write_json
 
 SCHEMA = "densekit.op-profile/1"

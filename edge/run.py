@@ -10,21 +10,20 @@ The last stdout line is JSON: {"artefact", "executor", "images", "seconds"}.
 Exit status: 0 done, 2 bad arguments or inputs, 1 the runtime failed.
 
 One process per artefact is the point: each runtime imports only its own toolchain (TensorFlow
-and torch must not share a process, TOOLCHAIN.md), so quant/validate.py calls this as a child.
+and torch must not share a process, docs/TOOLCHAIN.md), so quant/validate.py calls this as a child.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+from core import io as core_io
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner
 
 EXIT_BAD_INPUT, EXIT_RUNTIME = 2, 1
@@ -34,25 +33,9 @@ class BadInput(ValueError):
     """Inputs that do not fit the artefact (exit status 2)."""
 
 
-def atomic_write(dest: str | Path, data: bytes) -> None:
-    """Write `data` to `dest` through a temp file in the same directory, fsync, then os.replace,
-    so a killed process never leaves a half-written file under the final name."""
-    dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(dest: str | Path, data: dict) -> None:
     """`data` as indented JSON at `dest`, atomically, and say so."""
-    atomic_write(dest, (json.dumps(data, indent=2) + "\n").encode())
+    core_io.write_json(dest, data)
     print(f"wrote {dest}")
 
 
@@ -102,7 +85,7 @@ def save_outputs(dest: str | Path, result: dict) -> None:
     arrays = {k: result[k] for k in ("depth", "labels", "seg") if k in result}
     buffer = io.BytesIO()
     np.savez(buffer, **arrays, executor=np.array(result["executor"]))
-    atomic_write(dest, buffer.getvalue())
+    core_io.write_bytes(dest, buffer.getvalue())
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ ONNX and Core ML: NCHW (1, 3, H, W)), and returns "depth" (1, 1, H, W) in metres
 
 This module imports neither torch nor TensorFlow: converter processes (targets/) and the run and
 bench processes (edge/run.py, edge/bench.py) import it, and the two must never share a process
-(TOOLCHAIN.md). Runtimes are imported when a runner is made.
+(docs/TOOLCHAIN.md). Runtimes are imported when a runner is made.
 """
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ from typing import Callable
 
 import numpy as np
 
-DEPTH, SEG = "depth", "seg"
-SUFFIXES = {".tflite": "tflite", ".onnx": "onnx", ".mlpackage": "coreml"}
-EXECUTORS = ("auto", "predict", "reference")   # "predict" and "reference" choose Core ML's executor
+from core.contract import DEPTH, SEG
+from core.formats import FORMATS, SUFFIXES, format_for
+
+EXECUTORS = tuple(dict.fromkeys(e for f in FORMATS.values() for e in f.executors))   # all but "auto": Core ML's
 
 
 def package_version(name: str) -> str:
@@ -45,7 +46,7 @@ def image_shape(runner) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in runner.input_shape)
     if len(shape) != 4:
         raise ValueError(f"{runner.format} artefact has input shape {shape}; expected 4-D (1, H, W, 3) or (1, 3, H, W)")
-    return (shape[3], shape[1], shape[2]) if runner.format == "tflite" else shape[1:]
+    return (shape[3], shape[1], shape[2]) if FORMATS[runner.format].input_layout == "NHWC" else shape[1:]
 
 
 def check_images(images: np.ndarray, runner) -> None:
@@ -176,32 +177,30 @@ class OrtRunner:
 
 
 def artefact_format(path: str | Path, executor: str = "auto") -> str:
-    """"tflite" | "onnx" | "coreml" for artefact `path`, after checking that it exists and that
-    `executor` applies to it; ValueError naming the bad value otherwise. Opens nothing."""
+    """The format's name ("tflite", "onnx", "coreml", ...: core/formats.py) of artefact `path`, after
+    checking that it exists and that `executor` applies to it; ValueError naming the bad value
+    otherwise. Opens nothing."""
     path = Path(path)
-    known = ", ".join(SUFFIXES)
-    if path.suffix not in SUFFIXES:
-        raise ValueError(f"cannot run {path}: unknown artefact suffix {path.suffix!r}; known suffixes: {known}")
+    fmt = format_for(path)
     if not path.exists():
-        raise ValueError(f"cannot run {path}: it does not exist (artefacts have the suffixes {known}; "
+        raise ValueError(f"cannot run {path}: it does not exist (artefacts have the suffixes {', '.join(SUFFIXES)}; "
                          f"python -m quant.export writes them under exports/)")
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    fmt = SUFFIXES[path.suffix]
-    if fmt != "coreml" and executor != "auto":
-        raise ValueError(f"executor {executor!r} applies to Core ML artefacts only; {path.name} is {fmt}: "
+    if executor not in fmt.executors:
+        owners = " and ".join(f.title for f in FORMATS.values() if executor in f.executors)
+        raise ValueError(f"executor {executor!r} applies to {owners} artefacts only; {path.name} is {fmt.name}: "
                          f"use executor='auto' (--executor auto)")
-    return fmt
+    return fmt.name
 
 
 def open_runner(path: str | Path, *, threads: int | None = None, executor: str = "auto"):
-    """The runner for artefact `path`, chosen by its suffix (.tflite, .onnx, .mlpackage).
+    """The runner for artefact `path`, chosen by its suffix through the format table.
 
     executor: Core ML only ("auto" | "predict" | "reference", see edge/coreml.py); the other
-    runtimes have one executor, so anything but "auto" is an error there.
+    runtimes have one executor, so anything but "auto" is an error there. Runtimes are imported
+    here, lazily: coremltools is heavy and absent on most devices.
     """
-    fmt = artefact_format(path, executor)
-    if fmt == "coreml":
-        from edge.coreml import CoreMLRunner   # lazily: coremltools is heavy and absent on most devices
-        return CoreMLRunner(Path(path), threads=threads, executor=executor)
-    return LiteRTRunner(path, threads) if fmt == "tflite" else OrtRunner(path, threads)
+    fmt = FORMATS[artefact_format(path, executor)]
+    options = {"executor": executor} if len(fmt.executors) > 1 else {}
+    return fmt.runner_class()(Path(path), threads=threads, **options)

@@ -14,7 +14,8 @@ import sys
 from collections import deque
 from pathlib import Path
 
-from distill import io
+from core import io
+from core.formats import FORMATS
 from targets.job import RESULT_FILE, Job
 
 
@@ -54,7 +55,7 @@ class ExportDir:
 
 def run_module(module: str, *args: str, tail_lines: int = 15) -> None:
     """`python -m module args...` in a child process (runtimes never share a process with torch,
-    TOOLCHAIN.md); RuntimeError with the last lines of its output when it fails."""
+    docs/TOOLCHAIN.md); RuntimeError with the last lines of its output when it fails."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -63,14 +64,14 @@ def run_module(module: str, *args: str, tail_lines: int = 15) -> None:
 
 
 def run_converter(job: Job, job_dir: Path, log=print) -> dict:
-    """Run `python -m targets.<format>` on `job`; stream its progress lines; return result.json."""
+    """Run the format's converter process (`python -m targets.<format>`) on `job`; stream its progress lines; return result.json."""
     job_path = job_dir / f"{job.format}.job.json"
     log_path = job_dir / f"{job.format}.log"
     job.save(job_path)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     tail: deque[str] = deque(maxlen=40)
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", f"targets.{job.format}", str(job_path)], stdout=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", FORMATS[job.format].converter, str(job_path)], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             log_file.write(line)

@@ -12,13 +12,11 @@ the device comes from the scripts in edge/device/.
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-from distill import io
-
-INT8_PRECISIONS = ("int8",)
+from core import io
+from core.formats import FORMATS, INTEGER_PRECISIONS
 
 
 def child(module: str, *args: str) -> dict:
@@ -40,9 +38,9 @@ def bench_artefact(path: Path, threads: int, runs: int, warmup: int) -> dict:
 
 
 def runs_here(fmt: str) -> bool:
-    """CoreML's latency means something only under Core ML itself (macOS); the reference executor
-    measures accuracy, not speed."""
-    return fmt != "coreml" or sys.platform == "darwin"
+    """Whether host latency means something for `fmt` here (Core ML's only on macOS: elsewhere its
+    reference executor measures accuracy, not speed)."""
+    return FORMATS[fmt].timed_here()
 
 
 def benchmark(export_dir: Path, artefacts: list[dict], *, threads: int, runs: int, warmup: int, macs: int,
@@ -57,7 +55,7 @@ def benchmark(export_dir: Path, artefacts: list[dict], *, threads: int, runs: in
     results = {}
     for a in artefacts:
         if not runs_here(a["format"]):
-            results[a["path"]] = {"skipped": "Core ML latency is measured on macOS or iOS (edge/device/coreml_bench.py)"}
+            results[a["path"]] = {"skipped": FORMATS[a["format"]].untimed.format(name=a["path"], runs=runs)}
             continue
         b = bench_artefact(Path(export_dir) / a["path"], threads, runs, warmup)
         b["efficiency"] = efficiency(macs, b["latency_ms"]["p50"], peak, a["precision"])
@@ -72,7 +70,7 @@ def benchmark(export_dir: Path, artefacts: list[dict], *, threads: int, runs: in
 
 def efficiency(macs: int, p50_ms: float, peak: dict, precision: str) -> dict:
     achieved = 2 * macs / (p50_ms / 1e3) / 1e9
-    name, value = ("int8", peak["int8_gops"]) if precision in INT8_PRECISIONS else ("fp32", peak["fp32_gflops"])
+    name, value = ("int8", peak["int8_gops"]) if precision in INTEGER_PRECISIONS else ("fp32", peak["fp32_gflops"])
     return {"achieved_gops": achieved, "peak": name, "peak_gops": value, "of_peak": achieved / value}
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from distill import io
-from distill.report import RAMP, colorize, compose
+from core import io
+from distill.training.report import RAMP, colorize, compose
 from quant.validate import DriftReport, ValidationData, relative_difference
 
 # Histogram bins of relative depth difference: below 1e-6, one per decade up to 1, and 1 or more.

@@ -14,6 +14,9 @@ the host's measured matrix-product peak); report.md with the drift histogram and
 manifest.json (sizes, hashes, tool versions, config); device/ (the on-device bench scripts and the
 commands for this export). Each converter runs in its own process (targets/job.py).
 
+From Python: `quant.export_run(run, target="tflite", qat_steps=0)` (keyword options: the fields of
+`ExportOptions`) returns an `ExportResult`; this command is a thin wrapper around it.
+
 Exit status: 0 every artefact passed its gates; 3 an artefact failed a gate (the export is written
 and drift.json says which metric, value and tolerance); 1 a converter failed (nothing replaced);
 2 bad input (nothing written).
@@ -23,36 +26,69 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
-from distill import io
+from core import io
+from core.formats import FORMATS, Format
 from edge import kit
 from quant import benchmark
 from targets.profiles import device_names
 
-FORMATS: dict[str, dict[str, tuple[str, ...]]] = {
-    # format: {"all": precisions it can produce, "default": produced when --precision is not given}
-    "tflite": {"all": ("fp32", "fp16", "int8"), "default": ("fp32", "fp16", "int8")},
-    "coreml": {"all": ("fp32", "fp16", "w8", "palette4", "palette6"), "default": ("fp16", "w8", "palette4", "palette6")},
-    "onnx": {"all": ("fp32", "fp16", "int8"), "default": ("fp32", "fp16", "int8")},
-}
 DEFAULT_QAT_STEPS = 300
 DEFAULT_CALIB = 128
 DEFAULT_CHECK = 64
-PARITY_IMAGES = 8      # a converter's own parity check against its source model (validation uses --check)
+PARITY_IMAGES = 8      # a converter's own parity check against its source model (validation uses `check`)
 EXIT_GATE_FAILED = 3
 
 
 class ExportError(ValueError):
     pass
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export; every field is a keyword of `export_run` and a flag of the command."""
+    precisions: tuple[str, ...] = ()          # () = the target's defaults (core/formats.py)
+    prune: str = ""                           # channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")
+    prune_steps: int = 300                    # distillation fine-tune steps after pruning
+    qat_steps: int = DEFAULT_QAT_STEPS        # 0 = post-training quantisation only
+    qat_lr: float = 1e-4
+    float_ops: tuple[str, ...] = ("DIV",)     # TFLite op types an int8 file keeps in float
+    calib: int = DEFAULT_CALIB                # calibration images for int8
+    input_size: str = ""                      # "HxW"; "" = the device profile's, else the run's
+    check: int = DEFAULT_CHECK                # validation images each artefact is run on
+    tolerances: dict = field(default_factory=dict)   # {"int8": {"abs_rel_change": 0.03}}: gate overrides
+    bench_runs: int = 30                      # timed runs per artefact on this host (0 = no bench)
+    bench_warmup: int = 3
+    batch_size: int = 16                      # fine-tune batch size (pruning and QAT)
+    threads: int = 0                          # 0 = the device profile's, capped at this host's cores
+    out: str = "exports"                      # exports root
+    overwrite: bool = False                   # replace an existing export of this run and target
+    progress: bool = True
+
+
+@dataclass
+class ExportResult:
+    """What `export_run` wrote: the export directory, one drift report per artefact, the manifest."""
+    path: Path
+    reports: list            # quant.validate.DriftReport, in the manifest's order
+    manifest: dict
+    benchmark: dict | None
+    warning: str = ""        # set when exported at another size than the run trained at
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.reports)
+
+    def failures(self) -> list[str]:
+        return [f for r in self.reports for f in r.failures()]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,34 +122,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def options_from_args(args: argparse.Namespace) -> ExportOptions:
+    from targets.profiles import parse_tolerances
+
+    return ExportOptions(
+        precisions=tuple(args.precision or ()), prune=args.prune or "", prune_steps=args.prune_steps,
+        qat_steps=args.qat_steps, qat_lr=args.qat_lr,
+        float_ops=tuple(op.strip().upper() for op in args.float_ops.split(",") if op.strip()), calib=args.calib,
+        input_size=args.input_size or "", check=args.check, tolerances=parse_tolerances(args.tolerance),
+        bench_runs=args.bench_runs, bench_warmup=args.bench_warmup, batch_size=args.batch_size, threads=args.threads,
+        out=args.out, overwrite=args.overwrite, progress=not args.quiet)
+
+
 @dataclass(frozen=True)
 class Plan:
-    """What to produce: the format, its precisions, the device profile (if any), size and threads."""
-    format: str
+    """What to produce: the target's name, its format, precisions, device profile (if any), size and threads."""
+    target: str
+    format: Format
     precisions: list[str]
     profile: object            # targets.profiles.DeviceProfile | None
     input_size: tuple[int, int] | None   # None = the run's training size
     threads: int
-    tolerances: dict
-    float_ops: list[str]       # TFLite op types an int8 file keeps in float
 
 
-def plan_for(args: argparse.Namespace) -> Plan:
-    from targets.profiles import device, parse_tolerances
+def plan_for(target: str, options: ExportOptions) -> Plan:
+    import os
+
+    from targets.profiles import device
 
     profile = None
-    if args.target in FORMATS:
-        fmt, precisions = args.target, precisions_for(args.target, args.precision)
+    requested = list(options.precisions)
+    if target in FORMATS:
+        fmt, precisions = FORMATS[target], precisions_for(FORMATS[target], requested)
     else:
-        profile = device(args.target)   # an unknown name lists formats and devices
-        if args.precision and args.precision != [profile.precision]:
+        profile = device(target)   # an unknown name lists formats and devices
+        if requested and requested != [profile.precision]:
             raise ExportError(f"{profile.name} is defined as {profile.format} {profile.precision} (targets/devices.json); "
                               f"for other precisions use --target {profile.format} --precision ...")
-        fmt, precisions = profile.format, [profile.precision]
-    size = parse_size(args.input_size) if args.input_size else (profile.input_size if profile else None)
-    threads = args.threads or min((profile.threads if profile else None) or 2, os.cpu_count() or 1)
-    float_ops = [op.strip().upper() for op in args.float_ops.split(",") if op.strip()]
-    return Plan(fmt, precisions, profile, size, threads, parse_tolerances(args.tolerance), float_ops)
+        fmt, precisions = FORMATS[profile.format], [profile.precision]
+    size = parse_size(options.input_size) if options.input_size else (profile.input_size if profile else None)
+    threads = options.threads or min((profile.threads if profile else None) or 2, os.cpu_count() or 1)
+    return Plan(target, fmt, precisions, profile, size, threads)
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -124,12 +173,12 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def precisions_for(target: str, requested: list[str] | None) -> list[str]:
+def precisions_for(fmt: Format, requested: list[str]) -> list[str]:
     if not requested:
-        return list(FORMATS[target]["default"])
-    bad = [p for p in requested if p not in FORMATS[target]["all"]]
+        return list(fmt.defaults)
+    bad = [p for p in requested if p not in fmt.precisions]
     if bad:
-        raise ExportError(f"{target} cannot produce {', '.join(bad)}; it produces {', '.join(FORMATS[target]['all'])}")
+        raise ExportError(f"{fmt.name} cannot produce {', '.join(bad)}; it produces {', '.join(fmt.precisions)}")
     return list(dict.fromkeys(requested))
 
 
@@ -137,94 +186,117 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from quant.artefacts import ConversionError, ExportExistsError
     from quant.source import RunNotFoundError
-    from quant.validate import GateFailure
     try:
-        export(args, plan_for(args))
+        result = export_run(args.run, target=args.target, runs_dir=args.runs_dir, options=options_from_args(args))
     except (ValueError, RunNotFoundError, ExportExistsError) as e:  # bad input: nothing was written
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except GateFailure as e:
-        print(f"error: {e}", file=sys.stderr)
+    if not result.passed:
+        print(f"error: {gate_failure_message(result)}", file=sys.stderr)
         return EXIT_GATE_FAILED
     return 0
 
 
+def gate_failure_message(result: ExportResult) -> str:
+    failures = result.failures()
+    return (f"{len(failures)} drift gate(s) failed (see {result.path / 'drift.json'}):\n  " + "\n  ".join(failures)
+            + "\nGates: targets/devices.json; --tolerance PRECISION.KEY=VALUE overrides one for this export. "
+            "Try QAT (--qat-steps) or keep an op in float (--float-ops)." + (f"\n{result.warning}" if result.warning else ""))
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
-def export(args: argparse.Namespace, plan: Plan, log=print) -> Path:
-    from distill.data import build_datasets
-    from distill.students import count_macs, count_params
+def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Path = "runs",
+               options: ExportOptions | None = None, log=print, **option_values) -> ExportResult:
+    """Prune (optionally), quantise, convert, validate and bench the run's student for `target` (a
+    format of core/formats.py or a device profile of targets/devices.json).
+
+    run: a training run directory; None = the newest v3 run under `runs_dir`. Options are the
+    fields of `ExportOptions`, as keywords (`qat_steps=0`) or as one `options=` value. A failed
+    gate does not raise: the export is written and `result.passed` is False (drift.json says why).
+    Raises ValueError (bad options), RunNotFoundError, ExportExistsError (nothing written) and
+    ConversionError (nothing replaced).
+    """
+    unknown = sorted(set(option_values) - {f.name for f in fields(ExportOptions)})
+    if unknown:
+        raise ExportError(f"unknown export option(s) {unknown}; the options are the fields of ExportOptions: "
+                          f"{', '.join(f.name for f in fields(ExportOptions))}")
+    options = replace(options or ExportOptions(), **option_values)
+    return export(run, plan_for(target, options), options, runs_dir=runs_dir, log=log)
+
+
+def export(run_path, plan: Plan, opts: ExportOptions, *, runs_dir="runs", log=print) -> ExportResult:
     from quant import artefacts, source
-    from quant.validate import GateFailure
 
     t_start = time.time()
     source.set_threads(plan.threads)
-    run = source.load_run(source.find_run(args.run, args.runs_dir))
-    h, w = plan.input_size or run.input_size
+    run = source.load_run(source.find_run(run_path, runs_dir))
+    size = plan.input_size or run.input_size
     log(f"run {run.path} ({run.recipe.name}, {run.recipe.model.student}, weights {run.weights.name} "
-        f"sha256 {run.weights_sha256[:12]}); exporting {plan.format} {', '.join(plan.precisions)} at {h}x{w}"
-        + (f" for {plan.profile.name}" if plan.profile else ""))
-    staging = artefacts.ExportDir(Path(args.out) / run.name / args.target, args.overwrite)
+        f"sha256 {run.weights_sha256[:12]}); exporting {plan.format.name} {', '.join(plan.precisions)} at "
+        f"{size[0]}x{size[1]}" + (f" for {plan.profile.name}" if plan.profile else ""))
+    staging = artefacts.ExportDir(Path(opts.out) / run.name / plan.target, opts.overwrite)
     work = Path(tempfile.mkdtemp(prefix="densekit-export-"))
     try:
-        data = replace(run.recipe.data, height=h, width=w)
-        train_ds, _ = build_datasets(data, progress=not args.quiet)
-        plain_train, val_ds = build_datasets(replace(data, augment=False), progress=False)
-        float_model, config = run.model, {"run": str(run.path), "recipe": run.recipe.name, "target": args.target,
-                                          "format": plan.format, "precisions": plan.precisions, "input_size": [h, w],
-                                          "device": plan.profile.name if plan.profile else None,
-                                          "source_checkpoint": {"path": str(run.weights), "sha256": run.weights_sha256}}
-        config["model"] = {"params": count_params(float_model), "macs": count_macs(float_model, h, w)}
-        if args.prune:
-            float_model, config["prune"] = prune_stage(run, float_model, train_ds, val_ds, (h, w), args, log)
-            config["model"].update(exported_params=count_params(float_model),
-                                   exported_macs=count_macs(float_model, h, w))
-        int8_model, calibration = float_model, {}
-        if "int8" in plan.precisions:
-            int8_model, calibration, config["int8"] = int8_stage(run, float_model, train_ds, plain_train, work,
-                                                                 plan, args, log)
-        job = build_job(plan, float_model, int8_model, calibration, run, (h, w), val_ds, work, staging.staging,
-                        config)
-        log(f"converting to {plan.format}: {', '.join(plan.precisions)}")
-        result = artefacts.run_converter(job, work, log)
-        shutil.copyfile(work / f"{plan.format}.log", staging.staging / f"{plan.format}.log")  # the converter's log
-        reports, drift_md = validation_stage(result["artefacts"], float_model, val_ds, run, plan, staging.staging,
-                                             args, log)
-        bench = None
-        if args.bench_runs > 0:
-            log(f"bench on this host: {args.bench_runs} runs after {args.bench_warmup} warm-up, {plan.threads} threads")
-            bench = benchmark.benchmark(staging.staging, result["artefacts"], threads=plan.threads,
-                                        runs=args.bench_runs, warmup=args.bench_warmup,
-                                        macs=config["model"].get("exported_macs", config["model"]["macs"]), log=log)
-        kit.write_device_kit(staging.staging, result["artefacts"], plan.profile)
-        entries = [{**a, "validation": r.to_json(), **({"bench": bench["artefacts"][a["path"]]} if bench else {})}
-                   for a, r in zip(result["artefacts"], reports)]
-        config["wall_s"] = round(time.time() - t_start, 1)
-        manifest = artefacts.write_manifest(staging.staging, entries, {**result["tools"], **parent_tools()}, config)
-        table = benchmark.table(manifest["artefacts"], bench, plan.profile.latency_budget_ms if plan.profile else None)
-        resized = size_warning(run, (h, w), reports)
-        io.write_text(staging.staging / "report.md", report_markdown(run, plan, config, drift_md, table, resized))
-        final = staging.commit()
+        result = build_export(run, plan, opts, size, work, staging.staging, t_start, log)
+        result.path = staging.commit()
     except BaseException:
         staging.discard()
         log(f"export failed; nothing was replaced. Scratch files kept in {work}")
         raise
     shutil.rmtree(work, ignore_errors=True)
+    files = "report.md, drift.json, manifest.json" + (", benchmark.json" if result.benchmark else "")
+    log(f"wrote {result.path} ({files}; {len(result.reports)} artefacts, {time.time() - t_start:.0f} s)")
+    if result.warning:
+        log(result.warning)
+    return result
+
+
+def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], work: Path, out: Path,
+                 t_start: float, log) -> ExportResult:
+    """Everything of one export, written into the staging directory `out`."""
+    from distill.data import build_datasets
+    from distill.students import count_macs, count_params
+    from quant import artefacts
+
+    data = replace(run.recipe.data, height=size[0], width=size[1])
+    train_ds, _ = build_datasets(data, progress=opts.progress)
+    plain_train, val_ds = build_datasets(replace(data, augment=False), progress=False)
+    float_model, config = run.model, {"run": str(run.path), "recipe": run.recipe.name, "target": plan.target,
+                                      "format": plan.format.name, "precisions": plan.precisions,
+                                      "input_size": list(size), "device": plan.profile.name if plan.profile else None,
+                                      "source_checkpoint": {"path": str(run.weights), "sha256": run.weights_sha256}}
+    config["model"] = {"params": count_params(float_model), "macs": count_macs(float_model, *size)}
+    if opts.prune:
+        float_model, config["prune"] = prune_stage(run, float_model, train_ds, val_ds, size, opts, log)
+        config["model"].update(exported_params=count_params(float_model), exported_macs=count_macs(float_model, *size))
+    int8_model, calibration = float_model, {}
+    if "int8" in plan.precisions:
+        int8_model, calibration, config["int8"] = int8_stage(run, float_model, train_ds, plain_train, work, opts, log)
+    job = build_job(plan, opts, float_model, int8_model, calibration, run, size, val_ds, work, out, config)
+    log(f"converting to {plan.format.name}: {', '.join(plan.precisions)}")
+    result = artefacts.run_converter(job, work, log)
+    shutil.copyfile(work / f"{plan.format.name}.log", out / f"{plan.format.name}.log")  # the converter's log
+    reports, drift_md = validation_stage(result["artefacts"], float_model, val_ds, run, plan, opts, out, log)
+    bench = None
+    if opts.bench_runs > 0:
+        log(f"bench on this host: {opts.bench_runs} runs after {opts.bench_warmup} warm-up, {plan.threads} threads")
+        bench = benchmark.benchmark(out, result["artefacts"], threads=plan.threads, runs=opts.bench_runs,
+                                    warmup=opts.bench_warmup,
+                                    macs=config["model"].get("exported_macs", config["model"]["macs"]), log=log)
+    kit.write_device_kit(out, result["artefacts"], plan.profile)
+    entries = [{**a, "validation": r.to_json(), **({"bench": bench["artefacts"][a["path"]]} if bench else {})}
+               for a, r in zip(result["artefacts"], reports)]
+    config["wall_s"] = round(time.time() - t_start, 1)
+    manifest = artefacts.write_manifest(out, entries, {**result["tools"], **parent_tools()}, config)
+    table = benchmark.table(manifest["artefacts"], bench, plan.profile.latency_budget_ms if plan.profile else None)
+    warning = size_warning(run, size, reports)
+    io.write_text(out / "report.md", report_markdown(run, plan, config, drift_md, table, warning))
     log(table)
-    files = "report.md, drift.json, manifest.json" + (", benchmark.json" if bench else "")
-    log(f"wrote {final} ({files}; {len(reports)} artefacts, {time.time() - t_start:.0f} s)")
-    if resized:
-        log(resized)
-    failures = [f for r in reports for f in r.failures()]
-    if failures:
-        raise GateFailure(f"{len(failures)} drift gate(s) failed (see {final / 'drift.json'}):\n  "
-                          + "\n  ".join(failures) + "\nGates: targets/devices.json; --tolerance PRECISION.KEY=VALUE "
-                          "overrides one for this export. Try QAT (--qat-steps) or keep an op in float (--float-ops)."
-                          + (f"\n{resized}" if resized else ""))
-    return final
+    return ExportResult(out, reports, manifest, bench, warning)
 
 
 def size_warning(run, size: tuple[int, int], reports) -> str:
@@ -242,19 +314,20 @@ def size_warning(run, size: tuple[int, int], reports) -> str:
             f"size: python -m distill.run {run.recipe.name} data.height={size[0]} data.width={size[1]}")
 
 
-def validation_stage(artefacts: list[dict], float_model, val_ds, run, plan: Plan, export_dir: Path, args, log):
+def validation_stage(artefacts: list[dict], float_model, val_ds, run, plan: Plan, opts: ExportOptions,
+                     export_dir: Path, log):
     """Execute every artefact on --check validation images and gate its drift against the float model."""
     from quant.drift_report import write_drift
-    from quant.validate import ValidationData, validate
+    from quant.validate import ValidationData, validate_artefact
     from targets.profiles import gate_for
 
-    data = ValidationData.from_dataset(val_ds, args.check)
+    data = ValidationData.from_dataset(val_ds, opts.check)
     log(f"validating {len(artefacts)} artefacts on {len(data.inputs)} validation images")
     reports = []
     for a in artefacts:
-        report = validate(export_dir / a["path"], float_model, data, precision=a["precision"],
-                          gate=gate_for(a["precision"], plan.profile, plan.tolerances), eval_config=run.recipe.eval,
-                          threads=plan.threads)
+        report = validate_artefact(export_dir / a["path"], reference=float_model, data=data, precision=a["precision"],
+                                   gate=gate_for(a["precision"], plan.profile, opts.tolerances),
+                                   eval_config=run.recipe.eval, threads=plan.threads)
         rel = 100 * report.delta["abs_rel"] / report.float["abs_rel"]
         log(f"  {'pass' if report.passed else 'FAIL'} {a['path']}: abs_rel {report.artefact['abs_rel']:.4f} "
             f"({rel:+.2f}%), miou {report.artefact.get('miou', float('nan')):.3f} "
@@ -265,7 +338,7 @@ def validation_stage(artefacts: list[dict], float_model, val_ds, run, plan: Plan
 
 def report_markdown(run, plan: Plan, config: dict, drift_md: str, table: str, warning: str = "") -> str:
     h, w = config["input_size"]
-    target = f"{plan.profile.name}: {plan.profile.description}" if plan.profile else plan.format
+    target = f"{plan.profile.name}: {plan.profile.description}" if plan.profile else plan.format.name
     return (f"# Export of {run.name} ({run.recipe.name}, {run.recipe.model.student})\n\n"
             f"Target {target}; {', '.join(plan.precisions)} at {h}x{w}; "
             f"{config['model']['macs'] / 1e6:.0f} M MACs"
@@ -275,49 +348,50 @@ def report_markdown(run, plan: Plan, config: dict, drift_md: str, table: str, wa
             + f"## Benchmark\n\n{table}\n{drift_md}")
 
 
-def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], args, log):
+def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], opts: ExportOptions, log):
     from quant.finetune import finetune
     from quant.prune import PruneTarget, prune_student
 
-    target = PruneTarget.parse(args.prune)
+    target = PruneTarget.parse(opts.prune)
     h, w = size
     before = evaluate(model, val_ds, run.recipe)
     reference = copy.deepcopy(model).eval()
     pruned = copy.deepcopy(model)
     report = prune_student(pruned, target, (h, w), log=log)
-    finetune(pruned, reference, run.recipe, train_ds, steps=args.prune_steps, lr=5e-4, batch_size=args.batch_size,
-             desc="prune fine-tune", progress=not args.quiet, log=log)
+    finetune(pruned, reference, run.recipe, train_ds, steps=opts.prune_steps, lr=5e-4, batch_size=opts.batch_size,
+             desc="prune fine-tune", progress=opts.progress, log=log)
     after = evaluate(pruned, val_ds, run.recipe)
-    report.update({"finetune_steps": args.prune_steps, "val_before": before, "val_after": after})
+    report.update({"finetune_steps": opts.prune_steps, "val_before": before, "val_after": after})
     log(f"pruned: params {report['params_before'] / 1e6:.2f} M -> {report['params_after'] / 1e6:.2f} M, "
         f"MACs {report['macs_before'] / 1e6:.0f} M -> {report['macs_after'] / 1e6:.0f} M, "
         f"abs_rel {before['abs_rel']:.4f} -> {after['abs_rel']:.4f}, miou {before.get('miou', 0):.3f} -> {after.get('miou', 0):.3f}")
     return pruned, report
 
 
-def int8_stage(run, model, train_ds, plain_train, work, plan: Plan, args, log):
+def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log):
     """Calibration set; then QAT (or PTQ only when --qat-steps 0).
     Returns the int8 source model, the calibration files (targets.job forms) and a report."""
     from quant import ptq, qat
     from quant.finetune import finetune
 
-    calib = ptq.calibration_set(plain_train, args.calib, work / "calibration", progress=not args.quiet)
-    report = {"calibration": calib.selection.describe(), "method": "qat" if args.qat_steps > 0 else "ptq"}
+    calib = ptq.calibration_set(plain_train, opts.calib, work / "calibration", progress=opts.progress)
+    report = {"calibration": calib.selection.describe(), "method": "qat" if opts.qat_steps > 0 else "ptq"}
     log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
-    if args.qat_steps <= 0:
+    if opts.qat_steps <= 0:
         return model, calib.files, report
     # Both int8 converters quantise depth before the heads' float tails (upsampling, EXP): log-depth.
     fake = ptq.simulate(model, calib, log_depth=True)
-    finetune(fake, model, run.recipe, train_ds, steps=args.qat_steps, lr=args.qat_lr, batch_size=args.batch_size,
-             desc="QAT", progress=not args.quiet, log=log)
-    report.update({"qat_steps": args.qat_steps, "qat_lr": args.qat_lr, "activation_ranges": qat.activation_ranges(fake)})
+    finetune(fake, model, run.recipe, train_ds, steps=opts.qat_steps, lr=opts.qat_lr, batch_size=opts.batch_size,
+             desc="QAT", progress=opts.progress, log=log)
+    report.update({"qat_steps": opts.qat_steps, "qat_lr": opts.qat_lr, "activation_ranges": qat.activation_ranges(fake)})
     return qat.finalize(fake), calib.files, report
 
 
 def evaluate(model, dataset, recipe) -> dict:
     import torch
 
-    from distill.train import evaluate as evaluate_model, make_loader
+    from distill.training import evaluate as evaluate_model
+    from distill.training import make_loader
     loader = make_loader(dataset, 16, train=False, seed=0, workers=0)
     metrics = evaluate_model(model, loader, torch.device("cpu"), None, recipe)
     model.eval()
@@ -332,8 +406,9 @@ def unit_images(dataset, count: int):
     return torch.stack([unit_rgb(dataset[i]["image"]) for i in range(count)])
 
 
-def build_job(plan: Plan, float_model, int8_model, calibration, run, size, val_ds, work, out_dir, config):
-    from quant import deploy
+def build_job(plan: Plan, opts: ExportOptions, float_model, int8_model, calibration, run, size, val_ds, work,
+              out_dir, config):
+    from targets import deploy
     from targets.job import Job
 
     h, w = size
@@ -355,43 +430,27 @@ def build_job(plan: Plan, float_model, int8_model, calibration, run, size, val_d
                 np.save(check_dir / f"{name}_{key}.npy", value.numpy())
                 check[f"{name}_{key}"] = str(check_dir / f"{name}_{key}.npy")
         same_file = ptq
-        sources[name] = sources["float"] if same_file else source_file(plan.format, name, model, work, (h, w))
+        sources[name] = sources["float"] if same_file else str(deploy.export_source(
+            model, plan.format.source_graph, work / name, h, w))
     # Absolute paths: a converter may change its working directory (onnx2tf's sample file).
-    return Job(format=plan.format, precisions=plan.precisions, sources=sources, out_dir=str(Path(out_dir).resolve()),
-               work_dir=str(work.resolve()), stem=run.name, input_shape=[1, 3, h, w],
-               metadata=artefact_metadata(run, config, plan.format), calibration=calibration, check=check,
-               threads=plan.threads, float_ops=plan.float_ops)
+    return Job(format=plan.format.name, precisions=plan.precisions, sources=sources,
+               out_dir=str(Path(out_dir).resolve()), work_dir=str(work.resolve()), stem=run.name,
+               input_shape=[1, 3, h, w], metadata=metadata_for(run, config, plan.format), calibration=calibration,
+               check=check, threads=plan.threads, float_ops=list(opts.float_ops))
 
 
-def source_file(fmt: str, name: str, model, work: Path, size: tuple[int, int]) -> str:
-    """What the converter reads: a torch.export program for CoreML, else ONNX (the TFLite converter
-    reshapes it for XNNPACK itself: targets/litert_graph.py)."""
-    from quant import deploy
-
-    if fmt == "coreml":
-        return str(deploy.export_program(model, work / f"{name}.pt2", *size))
-    return str(deploy.export_onnx(model, work / f"{name}.onnx", *size))
-
-
-def artefact_metadata(run, config: dict, fmt: str) -> dict:
+def metadata_for(run, config: dict, fmt: Format) -> dict:
+    from core.contract import artefact_metadata
+    from core.spaces import DepthSpace
     from distill.data.classes import NYU13_NAMES
-    from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-    from distill.spaces import DepthSpace
     from distill.teachers import TEACHERS
 
-    h, w = config["input_size"]
     space = DepthSpace.METRIC if run.recipe.target == "ground_truth" else TEACHERS.get(run.recipe.teacher.name).space
-    return {
-        "producer": "densekit", "recipe": run.recipe.name, "run": run.name, "student": run.recipe.model.student,
-        "input_name": "image", "input_shape": [1, h, w, 3] if fmt == "tflite" else [1, 3, h, w],
-        "input_layout": "NHWC" if fmt == "tflite" else "NCHW", "input_range": "RGB float32 in [0, 1]",
-        "normalisation": f"inside the model: (x - {list(IMAGENET_MEAN)}) / {list(IMAGENET_STD)}",
-        "depth_units": space.describe(), "depth_space": space.value,
-        "outputs": {"depth": "(1, 1, H, W) depth" + (" (NHWC in TFLite)" if fmt == "tflite" else ""),
-                    "seg": f"(1, {len(NYU13_NAMES)}, H, W) class logits"},
-        "classes": list(NYU13_NAMES), "source_checkpoint": Path(run.weights).name, "source_sha256": run.weights_sha256,
-        "pruned": "prune" in config, "int8_method": config.get("int8", {}).get("method", ""),
-    }
+    return artefact_metadata(recipe=run.recipe.name, run=run.name, student=run.recipe.model.student,
+                             size=tuple(config["input_size"]), layout=fmt.input_layout, depth_space=space.value,
+                             depth_units=space.describe(), classes=list(NYU13_NAMES),
+                             checkpoint=Path(run.weights).name, checkpoint_sha256=run.weights_sha256,
+                             pruned="prune" in config, int8_method=config.get("int8", {}).get("method", ""))
 
 
 def parent_tools() -> dict:

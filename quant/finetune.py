@@ -6,6 +6,11 @@ loss = recipe task losses (depth vs the recipe's teacher, segmentation vs labels
      + KL(softmax(seg_float) || softmax(seg_student)) per pixel.
 The float student's own outputs are the strongest signal here: the goal is to stay where the
 trained model was, not to train further.
+
+The recipe's labels come through the training stage's own supervision path (`supervision_for`):
+the same teacher or cache, assistant and teacher.align=dataset scale as in training. D3epth's
+feature KD is the exception, said at start: its projections are training-only modules, not part
+of the student that is exported.
 """
 from __future__ import annotations
 
@@ -17,8 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distill.recipes import Recipe
-from distill.teachers import teacher_for
-from distill.train import Objective, attach_teacher, make_loader
+from distill.training import Objective, make_loader, supervision_for
 
 
 def distillation_losses(out: dict, ref: dict, valid: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -39,9 +43,12 @@ def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recip
     if steps <= 0:
         return {}
     reference.eval()
-    teacher = teacher_for(recipe.teacher)
-    objective = Objective(recipe)
     loader = make_loader(dataset, min(batch_size, len(dataset)), train=True, seed=seed, workers=0)
+    supervision = supervision_for(recipe, torch.device("cpu"), dataset, loader, log=log)
+    if recipe.distill.feature_weight > 0:
+        log(f"{desc}: distill.feature_weight={recipe.distill.feature_weight} is not used here (feature KD's "
+            f"projections are not part of the exported student); the float model's outputs supervise instead")
+    objective = Objective(recipe)
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -49,11 +56,13 @@ def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recip
     tail: dict[str, list[float]] = {}
     bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
     for step, batch in zip(range(steps), batches(loader, dataset)):
-        batch = attach_teacher(batch, teacher)
+        teacher = None
+        if recipe.target == "teacher":
+            batch, teacher = supervision.prepare(batch, step)
         with torch.no_grad():
             ref = reference(batch["image"])
         out = student(batch["image"])
-        losses = {**objective(out, batch), **distillation_losses(out, ref, batch["valid"])}
+        losses = {**objective(out, batch, teacher), **distillation_losses(out, ref, batch["valid"])}
         loss = sum(losses.values())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{desc}: non-finite loss at step {step} ({ {k: v.item() for k, v in losses.items()} }); "

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from distill import io
+from core import io
+from core.weights import latest_checkpoint, load_weights
 from distill.data.classes import NYU13_NAMES
 from distill.recipes import Recipe, load_saved
 from distill.students import MultiTaskStudent, build_student
@@ -43,7 +44,7 @@ def find_run(run: str | None, runs_dir: str | Path = "runs", recipe: str = DEFAU
 def weights_file(run_dir: Path) -> Path | None:
     if (run_dir / "best.safetensors").is_file():
         return run_dir / "best.safetensors"
-    ckpt = io.latest_checkpoint(run_dir / "checkpoints")
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
     return ckpt / "model.safetensors" if ckpt else None
 
 
@@ -78,7 +79,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
                                f"let the run finish one epoch, or pick another run")
     recipe = load_saved(run_dir)
     model = build_from_recipe(recipe)
-    model.load_state_dict(io.load_weights(weights))
+    model.load_state_dict(load_weights(weights))
     return LoadedRun(run_dir, recipe, model.eval(), weights, io.sha256(weights))
 
 

@@ -1,6 +1,6 @@
 """Drift of an artefact against the float model, measured by executing the artefact itself.
 
-    report = validate("exports/v3-.../tflite/v3-..._int8.tflite", float_student, val_dataset)
+    report = validate_artefact("exports/v3-.../tflite/v3-..._int8.tflite", reference=float_student, data=val_dataset)
     report.passed, report.delta["abs_rel"], report.failures()
 
 The artefact runs in its own runtime, in a child process (`python -m edge.run`: LiteRT, ONNX
@@ -25,16 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.recipes.base import EvalConfig
+from core.formats import PRECISIONS
 from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
 from distill.metrics import DepthMetrics, SegMetrics
+from distill.recipes.base import EvalConfig
 
-PRECISION_SUFFIXES = ("fp32", "fp16", "int8", "w8", "palette4", "palette6")
+PRECISION_SUFFIXES = PRECISIONS   # an artefact file is named <stem>_<precision><suffix>
 PERCENTILES = (50, 90, 95, 99)
-
-
-class GateFailure(RuntimeError):
-    """One or more artefacts drifted beyond their gates; the message names each metric and tolerance."""
 
 
 @dataclass
@@ -65,7 +62,7 @@ class ValidationData:
 
     def float_outputs(self, model: torch.nn.Module) -> tuple[np.ndarray, np.ndarray]:
         """(depth (N, 1, H, W), labels (N, H, W)) of the float PyTorch model, computed once per model."""
-        from quant.deploy import reference_outputs
+        from targets.deploy import reference_outputs
 
         if id(model) not in self._float:
             depth, seg = reference_outputs(model, torch.from_numpy(self.inputs))
@@ -112,11 +109,11 @@ def describe_gate(name: str, gate: dict) -> str:
     return f"{name} is {gate['value']}; required {gate['tolerance']}"
 
 
-def validate(artefact: str | Path, float_model: torch.nn.Module, data, *, precision: str | None = None,
-             gate: dict[str, float] | None = None, eval_config: EvalConfig | None = None, count: int | None = None,
-             threads: int | None = None, executor: str = "auto") -> DriftReport:
+def validate_artefact(artefact: str | Path, *, reference: torch.nn.Module, data, precision: str | None = None,
+                      gate: dict[str, float] | None = None, eval_config: EvalConfig | None = None,
+                      count: int | None = None, threads: int | None = None, executor: str = "auto") -> DriftReport:
     """Run `artefact` in its runtime on `data` (a dataset of the sample schema, or ValidationData) and
-    score it against `float_model` on the same images. `gate` defaults to the precision's default
+    score it against `reference`, the float PyTorch student, on the same images. `gate` defaults to the precision's default
     gate (targets/devices.json); `precision` defaults to the one in the file name (`*_int8.tflite`)."""
     from edge.runners import artefact_format
     from targets.profiles import gate_for
@@ -127,7 +124,7 @@ def validate(artefact: str | Path, float_model: torch.nn.Module, data, *, precis
     gate = gate_for(precision) if gate is None else gate
     eval_config = eval_config or EvalConfig()
     depth, labels, executor_name = run_artefact(artefact, data.inputs, threads=threads, executor=executor)
-    ref_depth, ref_labels = data.float_outputs(float_model)
+    ref_depth, ref_labels = data.float_outputs(reference)
     float_metrics = task_metrics(ref_depth, ref_labels, data, eval_config)
     finite = bool(np.isfinite(depth).all())
     art_metrics = task_metrics(np.nan_to_num(depth, nan=0.0, posinf=0.0, neginf=0.0), labels, data, eval_config)
@@ -152,7 +149,7 @@ def precision_from_name(path: Path) -> str:
 def run_artefact(path: Path, inputs: np.ndarray, *, threads: int | None = None,
                  executor: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
     """(depth, labels, executor name) from `python -m edge.run` in a child process: each runtime
-    imports only its own toolchain (TensorFlow and torch must not share a process, TOOLCHAIN.md)."""
+    imports only its own toolchain (TensorFlow and torch must not share a process, docs/TOOLCHAIN.md)."""
     from quant.artefacts import run_module
 
     threads_args = ["--threads", str(threads)] if threads else []

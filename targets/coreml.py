@@ -4,10 +4,10 @@ Path: the parent saves the float model with `torch.export.save(torch.export.expo
 this process loads that `.pt2`, runs the core-ATen decompositions and hands the ExportedProgram to
 `coremltools.convert` (ML program, `.mlpackage`). The older `torch.jit.trace` path fails on our
 students with coremltools 9.0 + torch 2.14 (`upsample_bilinear2d() received an invalid combination
-of arguments`, TOOLCHAIN.md); torch.export works for MobileNetV3 and EfficientViT.
+of arguments`, docs/TOOLCHAIN.md); torch.export works for MobileNetV3 and EfficientViT.
 
 TensorFlow is blocked on the first line: coremltools imports TensorFlow when it is installed, and
-TensorFlow + torch in one process segfault (TOOLCHAIN.md). So this module is a process entry point:
+TensorFlow + torch in one process segfault (docs/TOOLCHAIN.md). So this module is a process entry point:
 never import it from the parent (quant.export) or from any process that may need TensorFlow.
 
 Precisions:
@@ -29,7 +29,7 @@ tiny test models' small tensors are compressed too).
 """
 import sys
 
-sys.modules["tensorflow"] = None  # before anything imports coremltools: TF + torch segfault (TOOLCHAIN.md)
+sys.modules["tensorflow"] = None  # before anything imports coremltools: TF + torch segfault (docs/TOOLCHAIN.md)
 
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -57,14 +57,14 @@ class _DropExpectedWarnings(logging.Filter):
 
 logging.getLogger("coremltools").addFilter(_DropExpectedWarnings())
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
 import coremltools as ct  # noqa: E402
 import coremltools.optimize.coreml as cto  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
+from core.contract import DEPTH, INPUT_NAME, SEG  # noqa: E402
 from edge.coreml import CoreMLRunner  # noqa: E402
-from targets.job import (DEPTH, INPUT_NAME, SEG, Job, check_against_reference, main,  # noqa: E402
-                         source_for, tool_versions, write_result)
+from targets.job import Job, check_against_reference, main, source_for, tool_versions, write_result  # noqa: E402
 
 # iOS16 (macOS 13) is the oldest target that has the compressed-weight ops (constexpr_affine_dequantize,
 # constexpr_lut_to_dense) and float16 ML programs with float32 I/O. iOS17 gave the identical program

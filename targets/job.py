@@ -1,12 +1,13 @@
 """The contract between `quant.export` (the parent, which owns torch) and each converter process.
 
 A converter is `python -m targets.<format> JOB.json`. It imports only its own toolchain: TensorFlow
-and torch segfault in one process, and coremltools imports TensorFlow when it can (TOOLCHAIN.md).
+and torch segfault in one process, and coremltools imports TensorFlow when it can (docs/TOOLCHAIN.md).
 The parent writes the job (sources, calibration, check data, metadata) and reads back
 `result.json`, written by the child into `job.work_dir`. A child that fails exits non-zero with a
 message on stderr; it never writes outside `out_dir` and `work_dir`.
 
 This module is imported by both sides, so it imports neither torch nor any converter toolchain.
+What the artefacts themselves take and return is core/contract.py.
 
 Tensors in files are numpy `.npy`:
 - check/inputs.npy: (N, 3, H, W) float32 RGB in [0, 1] (normalisation is inside every artefact).
@@ -30,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-DEPTH, SEG = "depth", "seg"
-INPUT_NAME = "image"
-OUTPUT_NAMES = (DEPTH, SEG)
+from core.contract import compare
+from core.formats import INTEGER_PRECISIONS
+
 RESULT_FILE = "result.json"
 
 
@@ -61,7 +62,7 @@ class Job:
 
 def source_for(precision: str) -> str:
     """Which model a precision is converted from: integer formats from the (QAT) int8 source."""
-    return "int8" if precision == "int8" else "float"
+    return "int8" if precision in INTEGER_PRECISIONS else "float"
 
 
 def tool_versions(*packages: str) -> dict[str, str]:
@@ -72,28 +73,6 @@ def tool_versions(*packages: str) -> dict[str, str]:
         except importlib_metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def compare(depth: np.ndarray, seg: np.ndarray, ref_depth: np.ndarray, ref_seg: np.ndarray) -> dict:
-    """Quick parity of one artefact's outputs against the PyTorch model's on the check images.
-
-    depth_rel_*: |d - d_ref| / d_ref per pixel; depth_max_abs in metres; seg_agreement: fraction
-    of pixels with the same argmax; seg_max_abs: largest logit difference.
-    """
-    if depth.shape != ref_depth.shape or seg.shape != ref_seg.shape:
-        raise ValueError(f"artefact output shapes depth {depth.shape}, seg {seg.shape} differ from the "
-                         f"model's {ref_depth.shape}, {ref_seg.shape}")
-    rel = np.abs(depth.astype(np.float64) - ref_depth) / np.maximum(np.abs(ref_depth), 1e-6)
-    return {
-        "images": int(depth.shape[0]),
-        "depth_rel_median": float(np.median(rel)),
-        "depth_rel_p99": float(np.percentile(rel, 99)),
-        "depth_rel_max": float(rel.max()),
-        "depth_max_abs": float(np.abs(depth.astype(np.float64) - ref_depth).max()),
-        "seg_agreement": float((seg.argmax(1) == ref_seg.argmax(1)).mean()),
-        "seg_max_abs": float(np.abs(seg.astype(np.float64) - ref_seg).max()),
-        "finite": bool(np.isfinite(depth).all() and np.isfinite(seg).all()),
-    }
 
 
 def check_against_reference(job: Job, precision: str, run) -> dict:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.contract import INPUT_NAME
 from edge.runners import OrtRunner
-from targets.job import (INPUT_NAME, Job, check_against_reference, main, publish, source_for, tool_versions,
-                         write_result)
+from targets.job import Job, check_against_reference, main, publish, source_for, tool_versions, write_result
 
 
 def simplified(source: str, dest: Path) -> Path:

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from core.formats import FORMATS
+from core.registry import suggest
+
 PROFILES_FILE = Path(__file__).with_name("devices.json")
 GATE_KEYS = ("abs_rel_change", "miou_drop_pt", "depth_rel_p99", "seg_agreement_min")
-FORMATS = ("tflite", "coreml", "onnx")
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,6 @@ def device(name: str, path: Path = PROFILES_FILE) -> DeviceProfile:
 
 
 def unknown_target_message(name: str, path: Path = PROFILES_FILE) -> str:
-    from distill.registry import suggest
-
     return (f'unknown target "{name}"; formats: {", ".join(FORMATS)}; devices: {", ".join(device_names(path))} '
             f"(targets/devices.json).{suggest(name, [*FORMATS, *device_names(path)])}")
 

@@ -1,10 +1,10 @@
 """TFLite converter process: ONNX -> onnxsim -> XNNPACK rewrites -> onnx2tf -> .tflite, run by LiteRT.
 
 `python -m targets.tflite JOB.json` (written by `python -m quant.export`). Imports TensorFlow,
-onnx2tf and ai-edge-litert, never torch (TOOLCHAIN.md: the two segfault in one process).
+onnx2tf and ai-edge-litert, never torch (docs/TOOLCHAIN.md: the two segfault in one process).
 
 Why onnx2tf and not litert-torch: litert-torch's PT2E QAT path fails with torch 2.14 + torchao
-0.18 (TOOLCHAIN.md), and its float path would still leave int8 to a second toolchain; onnx2tf
+0.18 (docs/TOOLCHAIN.md), and its float path would still leave int8 to a second toolchain; onnx2tf
 takes the ONNX graph the ONNX target already exports and produces every precision in one pass.
 
 Precisions:
@@ -35,9 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.contract import DEPTH, SEG
 from edge.runners import LiteRTRunner
-from targets.job import (DEPTH, SEG, Job, check_against_reference, main, publish, source_for, tool_versions,
-                         write_result)
+from targets.job import Job, check_against_reference, main, publish, source_for, tool_versions, write_result
 from targets.litert_graph import shape_for_xnnpack
 from targets.onnx import simplified  # folds the Shape->Resize chains onnx2tf cannot convert
 
@@ -111,7 +111,7 @@ def operand_chains(graph: TFLiteGraph, op_types: list[str]) -> list[str]:
 
     Why (EfficientViT's linear attention, v4): out = (q k^T v) / (q k^T 1 + eps). The int8 DIV
     kernel rejects a divisor that quantises to its zero point, which happens wherever ReLU zeroes
-    a query (TOOLCHAIN.md), so DIV must run in float. But a float DIV fed by int8 operands is not
+    a query (docs/TOOLCHAIN.md), so DIV must run in float. But a float DIV fed by int8 operands is not
     enough: numerator and denominator come out of one matmul output (v is padded with ones), so
     they share one int8 scale sized for the numerator's range (~10^4 on v4), and small denominators
     lose most of their digits. Measured on v4, PTQ, 32 validation images, depth |d - d_float| /

@@ -29,7 +29,8 @@ def _job(fmt, precisions, onnx_path, out, work, calibration, check):
 @pytest.fixture(scope="session")
 def tiny_artefacts(tmp_path_factory) -> dict[str, Path]:
     from distill.students import build_student
-    from quant import artefacts, deploy
+    from quant import artefacts
+    from targets import deploy
 
     root = tmp_path_factory.mktemp("tiny_artefacts")
     torch.manual_seed(0)

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
+from core.config import ConfigError
 from distill.ablate import Grid, best_rows, main, markdown_table, parse_grid, terminal_table, write_report
-from distill.config import ConfigError
 from distill.recipes import get_recipe
 
 

@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import default_collate
 
-from distill import io
+from core import io
+from core.weights import load_weights, save_weights
 from distill.cache_teacher import main
 from distill.data import build_datasets
 from distill.recipes import DataConfig, TeacherConfig
@@ -136,7 +137,7 @@ def test_max_shards_leaves_a_partial_cache_that_completes_identically(tmp_path, 
 
     # a shard whose metadata does not match (here: other content hashes) is labelled again
     shard = tmp_path / "p" / shard_name(2)
-    io.save_weights(shard, io.load_weights(shard), {"shard": json.dumps({"start": 6, "stop": 9,
+    save_weights(shard, load_weights(shard), {"shard": json.dumps({"start": 6, "stop": 9,
                                                                            "content_hashes": ["x"] * 3})})
     capsys.readouterr()
     assert main(command(tmp_path / "p")) == 0
@@ -191,7 +192,7 @@ def test_non_finite_labels_stop_caching_and_are_found_in_a_cache(tmp_path, capsy
     with safe_open(str(path), "pt") as f:
         depth, meta = f.get_tensor("depth"), f.metadata()
     depth[1, 0, 3, 3] = float("nan")
-    io.save_weights(path, {"depth": depth}, meta)
+    save_weights(path, {"depth": depth}, meta)
     assert CachedTeacher.open(tmp_path / "c").scan_finite() == [7]
 
 

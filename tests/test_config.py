@@ -2,9 +2,9 @@ import dataclasses
 
 import pytest
 
-from distill.config import ConfigError, apply_overrides, from_dict, to_dict
+from core.config import ConfigError, apply_overrides, from_dict, to_dict
+from core.registry import Registry, UnknownNameError
 from distill.recipes import RECIPES, V3, get_recipe, resolve_for_device
-from distill.registry import Registry, UnknownNameError
 
 
 def test_overrides_are_typed_and_nested():

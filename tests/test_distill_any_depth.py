@@ -6,13 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from distill.cross_context import (AssistantSchedule, crop_batch, local_global_loss, overlapping_patches,
-                                   sample_shared_crop)
+from core.spaces import DepthSpace
 from distill.losses.feature_kd import FeatureDistiller
 from distill.losses.normalization import normalized_l1, normalized_l1_map
 from distill.run import main
-from distill.spaces import DepthSpace
 from distill.teachers import Teacher, TeacherErrorModel, build_teacher
+from distill.training.cross_context import (
+    AssistantSchedule,
+    crop_batch,
+    local_global_loss,
+    overlapping_patches,
+    sample_shared_crop,
+)
 
 MODES = ("global", "hybrid", "local")
 

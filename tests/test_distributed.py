@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distill import io
+from core import io
 
 TINY = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=64", "data.width=96",
         "data.num_train=48", "data.num_val=8", "train.batch_size=8", "eval.preview_images=2", "train.epochs=3"]

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge.bench import SCHEMA, BenchRefused, bench
+from edge.bench import SCHEMA, BenchRefused, bench_artefact
 from edge.peak import measure_peak
 from edge.run import BadInput, run_artefact
 from edge.runners import DEPTH, LiteRTRunner, OrtRunner, import_litert_interpreter, open_runner
@@ -78,7 +78,7 @@ def test_open_runner_errors_name_the_path_and_the_known_suffixes(tiny_artefacts,
     with pytest.raises(ValueError, match=r"missing\.onnx.*does not exist"):
         open_runner(tmp_path / "missing.onnx")
     (tmp_path / "model.pt").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"unknown artefact suffix '\.pt'.*\.tflite, \.onnx, \.mlpackage"):
+    with pytest.raises(ValueError, match=r"unknown artefact suffix '\.pt'.*\.tflite, \.mlpackage, \.onnx"):
         open_runner(tmp_path / "model.pt")
     with pytest.raises(ValueError, match=r"executor 'predict' applies to Core ML.*--executor auto"):
         open_runner(tiny_artefacts["onnx_fp32"], executor="predict")
@@ -127,7 +127,7 @@ def test_run_artefact_rejects_dtype_and_range(tiny_artefacts):
 
 @pytest.mark.parametrize("name", ["tflite_int8", "onnx_fp32"])
 def test_bench_schema_and_ordered_percentiles(tiny_artefacts, name):
-    result = bench(tiny_artefacts[name], threads=1, runs=5, warmup=1)
+    result = bench_artefact(tiny_artefacts[name], threads=1, runs=5, warmup=1)
     assert set(result) == BENCH_KEYS and result["schema"] == SCHEMA
     assert result["artefact"] == tiny_artefacts[name].name and result["format"] == name.split("_")[0]
     assert set(result["device"]) == {"name", "system", "machine", "processor", "cores"}
@@ -141,7 +141,7 @@ def test_bench_schema_and_ordered_percentiles(tiny_artefacts, name):
 def test_bench_refuses_coreml_off_macos(tmp_path):
     (tmp_path / "m.mlpackage").mkdir()
     with pytest.raises(BenchRefused, match="reference executor.*coreml_bench.py"):
-        bench(tmp_path / "m.mlpackage")
+        bench_artefact(tmp_path / "m.mlpackage")
 
 
 def test_bench_cli_writes_json(tiny_artefacts, tmp_path):

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from nyu_fixtures import rgb_of, write_labeled
 from PIL import Image
 
 from distill.data import build_datasets
@@ -13,7 +14,6 @@ from distill.data.classes import IGNORE_INDEX
 from distill.data.folder import EXTENSIONS, ImageFolder
 from distill.data.nyu import NyuLabeled
 from distill.recipes import DataConfig
-from nyu_fixtures import rgb_of, write_labeled
 
 KEYS = {"image", "depth", "valid", "seg", "intrinsics", "index", "flipped"}
 

@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from distill import io
+from core import io
+from core.weights import latest_checkpoint, load_state, load_weights, save_checkpoint
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -19,12 +20,12 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 def test_checkpoints_are_complete_units(tmp_path):
     weights = {"w": torch.arange(4.0)}
     for epoch in (1, 2, 3):
-        io.save_checkpoint(tmp_path, epoch, weights, {"epoch": epoch}, {"epoch": str(epoch)}, keep=2)
+        save_checkpoint(tmp_path, epoch, weights, {"epoch": epoch}, {"epoch": str(epoch)}, keep=2)
     (tmp_path / ".epoch-0004.half").mkdir()  # a killed save leaves only a hidden temp dir
-    latest = io.latest_checkpoint(tmp_path)
+    latest = latest_checkpoint(tmp_path)
     assert latest.name == "epoch-0003" and sorted(p.name for p in tmp_path.glob("epoch-*")) == ["epoch-0002", "epoch-0003"]
-    assert io.load_state(latest / "state.pt") == {"epoch": 3}
-    assert torch.equal(io.load_weights(latest / "model.safetensors")["w"], weights["w"])
+    assert load_state(latest / "state.pt") == {"epoch": 3}
+    assert torch.equal(load_weights(latest / "model.safetensors")["w"], weights["w"])
 
 
 def test_torn_jsonl_line_is_skipped(tmp_path):

@@ -6,9 +6,16 @@ import math
 import pytest
 import torch
 
-from distill.losses import (DEPTH_LOSSES, WEIGHTINGS, build_depth_loss, build_weighting,
-                            cross_entropy, modified_huber, quantile)
-from distill.registry import UnknownNameError
+from core.registry import UnknownNameError
+from distill.losses import (
+    DEPTH_LOSSES,
+    WEIGHTINGS,
+    build_depth_loss,
+    build_weighting,
+    cross_entropy,
+    modified_huber,
+    quantile,
+)
 
 
 def row(*values: float) -> torch.Tensor:

@@ -7,8 +7,7 @@ import math
 import pytest
 import torch
 
-from distill.metrics import (MIOU_AVERAGING, SILOG_VARIANT, DepthMetrics, SegMetrics,
-                             baseline_abs_rel)
+from distill.metrics import MIOU_AVERAGING, SILOG_VARIANT, DepthMetrics, SegMetrics, baseline_abs_rel
 
 
 def image(*values: float, h: int = 2) -> torch.Tensor:

@@ -47,14 +47,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_target_coreml import Image01Student, tensorflow_blocked
 
+from core.contract import compare
 from distill.students import build_student
 from edge import mil
 from edge.coreml import CoreMLRunner
 from edge.mil import HANDLERS, MILProgram, UnsupportedOpError, run_op, source_coords, spatial_pads
 from edge.runners import open_runner
-from targets.job import RESULT_FILE, Job, compare
-from test_target_coreml import Image01Student, tensorflow_blocked
+from targets.job import RESULT_FILE, Job
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = [1, 3, 64, 96]

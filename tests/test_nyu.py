@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from nyu_fixtures import MARK, RAW_BANDS, H, W, frames, rgb_of, write_bts, write_h5, write_labeled
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -15,7 +16,6 @@ from distill.data.classes import IGNORE_INDEX, NYU13_NAMES, class_maps
 from distill.data.nyu import NYU_INTRINSICS, NyuBTS, NyuH5, NyuLabeled
 from distill.metrics import DepthMetrics
 from distill.recipes import DataConfig
-from nyu_fixtures import H, MARK, RAW_BANDS, W, frames, rgb_of, write_bts, write_h5, write_labeled
 
 KEYS = {"image", "depth", "valid", "seg", "intrinsics", "index", "flipped"}
 

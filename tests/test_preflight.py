@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from distill.preflight import PreflightError, enforce, run_preflight
-from distill.spaces import DepthSpace, ValueRange
+from core.spaces import DepthSpace, ValueRange
+from distill.training.preflight import PreflightError, enforce, run_preflight
 
 
 def batch(teacher_depth: torch.Tensor) -> dict:

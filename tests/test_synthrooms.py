@@ -11,8 +11,18 @@ import torch
 from PIL import Image
 
 from distill.data.classes import IGNORE_INDEX, NYU13_NAMES, nyu13_id
-from distill.data.synthrooms import (VERSION, Box, Camera, Room, Scene, SynthRoomsDataset,
-                                     generate, render, render_scene, store)
+from distill.data.synthrooms import (
+    VERSION,
+    Box,
+    Camera,
+    Room,
+    Scene,
+    SynthRoomsDataset,
+    generate,
+    render,
+    render_scene,
+    store,
+)
 from distill.data.transforms import IMAGENET_MEAN, denormalize, normalize
 
 H, W = 48, 64

@@ -2,7 +2,7 @@
 (`python -m targets.coreml JOB.json`, as quant.export runs it) to all five precisions.
 
 The converter runs as a subprocess because it blocks TensorFlow and imports coremltools for the
-whole process (TOOLCHAIN.md). This test process reads the packages back with coremltools
+whole process (docs/TOOLCHAIN.md). This test process reads the packages back with coremltools
 (`skip_model_load=True`, so no CoreML runtime is needed), blocking TensorFlow only while
 coremltools is first imported.
 """

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distill.spaces import DepthSpace
+from core.spaces import DepthSpace
 from distill.teachers import TEACHERS, TeacherErrorModel, build_teacher
 
 

@@ -4,12 +4,12 @@ saved to a directory and reloaded through the registry (no network)."""
 import pytest
 import torch
 
-from distill.preflight import PreflightError, enforce, run_preflight
+from core.spaces import DepthSpace
 from distill.recipes import TeacherConfig
-from distill.spaces import DepthSpace
 from distill.teachers import build_teacher, teacher_for
 from distill.teachers.align import ScaleAligned, fit_scale
 from distill.teachers.depth_anything import da3_metric_to_metres, network_focal, network_size
+from distill.training.preflight import PreflightError, enforce, run_preflight
 
 
 def tiny_da2(folder, kind: str, seed: int = 0):

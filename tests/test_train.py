@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import io
+from core import io
+from core.weights import latest_checkpoint, load_weights
 from distill.run import main
 
 TINY = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=64", "data.width=96",
@@ -74,7 +75,7 @@ def launch(args: list[str]) -> subprocess.Popen:
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return io.load_weights(io.latest_checkpoint(run / "checkpoints") / "model.safetensors")
+    return load_weights(latest_checkpoint(run / "checkpoints") / "model.safetensors")
 
 
 @pytest.mark.slow
@@ -90,7 +91,7 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     (run,) = run_dirs(tmp_path / "b")
-    assert io.latest_checkpoint(run / "checkpoints").name < "epoch-0003", "killed too late to test resume"
+    assert latest_checkpoint(run / "checkpoints").name < "epoch-0003", "killed too late to test resume"
     assert not (run / "summary.json").exists()
 
     resumed = launch(["v3", f"resume={run}"])

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill.recipes.base import DataConfig
 from distill.data import build_datasets
+from distill.recipes.base import DataConfig
 from quant.drift_report import write_drift
-from quant.validate import ValidationData, precision_from_name, validate
+from quant.validate import ValidationData, precision_from_name, validate_artefact
 from targets import profiles
 
 
@@ -27,7 +27,7 @@ def val_data(tmp_path_factory):
 
 
 def test_fp32_tflite_matches_float_and_passes(tiny_artefacts, val_data):
-    report = validate(tiny_artefacts["tflite_fp32"], tiny_artefacts["student"], val_data)
+    report = validate_artefact(tiny_artefacts["tflite_fp32"], reference=tiny_artefacts["student"], data=val_data)
     assert report.precision == "fp32" and report.format == "tflite" and "litert" in report.executor.lower()
     assert report.passed and set(report.gates) == {"finite", *profiles.GATE_KEYS}   # float: per-pixel gates too
     assert report.per_pixel["depth_rel_p99"] < 1e-4 and report.per_pixel["seg_agreement"] > 0.999
@@ -38,7 +38,7 @@ def test_fp32_tflite_matches_float_and_passes(tiny_artefacts, val_data):
 
 def test_gate_failure_names_artefact_metric_value_and_tolerance(tiny_artefacts, val_data):
     strict = {"abs_rel_change": 0.0, "miou_drop_pt": 0.0}
-    report = validate(tiny_artefacts["onnx_int8"], tiny_artefacts["student"], val_data, gate=strict)
+    report = validate_artefact(tiny_artefacts["onnx_int8"], reference=tiny_artefacts["student"], data=val_data, gate=strict)
     assert "onnxruntime" in report.executor
     changed = report.gates["abs_rel_change"]
     assert not report.passed and not changed["pass"] and changed["value"] > 0 and changed["tolerance"] == 0
@@ -60,13 +60,13 @@ def test_non_finite_output_never_passes(tiny_artefacts, val_data, tmp_path):
     conv.CopyFrom(numpy_helper.from_array(weights, conv.name))
     broken = tmp_path / "broken_fp32.onnx"
     onnx.save(model, str(broken))
-    report = validate(broken, tiny_artefacts["student"], val_data, gate={"abs_rel_change": 1e9, "miou_drop_pt": 1e9})
+    report = validate_artefact(broken, reference=tiny_artefacts["student"], data=val_data, gate={"abs_rel_change": 1e9, "miou_drop_pt": 1e9})
     assert not report.passed and report.gates["finite"] == {"value": False, "tolerance": True, "pass": False}
     assert report.per_pixel["depth_non_finite"] > 0
 
 
 def test_drift_files(tiny_artefacts, val_data, tmp_path):
-    reports = [validate(tiny_artefacts[k], tiny_artefacts["student"], val_data) for k in ("tflite_fp32", "tflite_int8")]
+    reports = [validate_artefact(tiny_artefacts[k], reference=tiny_artefacts["student"], data=val_data) for k in ("tflite_fp32", "tflite_int8")]
     section = write_drift(tmp_path, reports, val_data, tiny_artefacts["student"])
     drift = json.loads((tmp_path / "drift.json").read_text())
     entry = drift["artefacts"][1]
@@ -113,7 +113,8 @@ def test_gate_precedence_and_tolerance_parsing():
 @pytest.fixture(scope="module")
 def tiny_coreml(tiny_artefacts, tmp_path_factory):
     """The tiny student as a CoreML fp16 package, made by the real converter process."""
-    from quant import artefacts, deploy
+    from quant import artefacts
+    from targets import deploy
     from targets.job import Job
 
     root = tmp_path_factory.mktemp("coreml")
@@ -130,7 +131,7 @@ def test_coreml_fp16_validates_on_linux_and_a_corrupted_package_fails(tiny_corem
     import shutil
 
     student = tiny_artefacts["student"]
-    intact = validate(tiny_coreml, student, val_data)
+    intact = validate_artefact(tiny_coreml, reference=student, data=val_data)
     assert intact.passed and intact.format == "coreml"
     assert ("reference" in intact.executor) != (sys.platform == "darwin")
     assert intact.per_pixel["depth_rel_p99"] < 2e-2   # fp16 bound of tests/test_mil.py (40 units of 2**-11)
@@ -144,7 +145,7 @@ def test_coreml_fp16_validates_on_linux_and_a_corrupted_package_fails(tiny_corem
     assert sentinel == 0xDEADBEEF
     data[start:start + size] = (-np.frombuffer(bytes(data[start:start + size]), np.float16)).tobytes()
     weights.write_bytes(bytes(data))
-    report = validate(corrupted, student, val_data)
+    report = validate_artefact(corrupted, reference=student, data=val_data)
     # This random student's metrics barely move (abs_rel within the 0.2% gate): the per-pixel gate catches it.
     assert not report.passed and not report.gates["depth_rel_p99"]["pass"]
     assert report.per_pixel["depth_rel_p50"] > 10 * intact.per_pixel["depth_rel_p50"]

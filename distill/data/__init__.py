@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from distill.registry import Registry
+from core.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
 

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from core.io import sha256 as sha256_file
 from distill.data.nyu import check_size, make_sample
-from distill.io import sha256 as sha256_file
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 INTRINSICS_KEYS = ("fx", "fy", "cx", "cy", "width", "height")

@@ -34,9 +34,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from core.io import sha256 as sha256_file
 from distill.data.classes import IGNORE_INDEX, raw894_to_train13
 from distill.data.transforms import hflip_intrinsics, normalize, photometric_jitter
-from distill.io import sha256 as sha256_file
 
 NYU_SIZE = (480, 640)                                        # (height, width) of NYU's files
 NYU_INTRINSICS = (518.8579, 519.4696, 325.5824, 253.7362)   # fx, fy, cx, cy at 640x480

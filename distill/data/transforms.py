@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from core.contract import IMAGENET_MEAN, IMAGENET_STD  # the artefacts normalise inside with the same constants
 
 
 def normalize(rgb: np.ndarray) -> torch.Tensor:

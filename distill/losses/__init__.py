@@ -1,11 +1,28 @@
 """Losses and multi-task weighting: depth losses (registry `DEPTH_LOSSES`), segmentation
 cross-entropy, and loss weightings (registry `WEIGHTINGS`)."""
-from distill.losses.depth import (DEPTH_LOSSES, DepthLoss, align_scale_shift, berhu,
-                                  build_depth_loss, gradient_huber, modified_huber, mse, quantile,
-                                  silog, ssi)
+from distill.losses.depth import (
+                                  DEPTH_LOSSES,
+                                  DepthLoss,
+                                  align_scale_shift,
+                                  berhu,
+                                  build_depth_loss,
+                                  gradient_huber,
+                                  modified_huber,
+                                  mse,
+                                  quantile,
+                                  silog,
+                                  ssi,
+)
 from distill.losses.seg import cross_entropy
-from distill.losses.weighting import (TASK_KINDS, WEIGHTINGS, DWAWeighting, FixedWeighting,
-                                      KendallWeighting, LossWeighting, build_weighting)
+from distill.losses.weighting import (
+                                  TASK_KINDS,
+                                  WEIGHTINGS,
+                                  DWAWeighting,
+                                  FixedWeighting,
+                                  KendallWeighting,
+                                  LossWeighting,
+                                  build_weighting,
+)
 
 __all__ = [
     "DEPTH_LOSSES", "DepthLoss", "align_scale_shift", "berhu", "build_depth_loss",

@@ -21,8 +21,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from distill.registry import Registry
-from distill.spaces import check_depth_tensors
+from core.registry import Registry
+from core.spaces import check_depth_tensors
 
 DepthLoss = Callable[[Tensor, Tensor, Tensor], Tensor]
 DEPTH_LOSSES: Registry[Callable[..., DepthLoss]] = Registry("depth loss")

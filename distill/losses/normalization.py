@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from distill.spaces import check_depth_tensors
+from core.spaces import check_depth_tensors
 
 LEVELS: dict[str, tuple[int, ...]] = {"global": (1,), "hybrid": (1, 2, 4), "local": (4,)}
 MODES = ("none", *LEVELS)

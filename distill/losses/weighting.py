@@ -19,7 +19,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from distill.registry import Registry
+from core.registry import Registry
 
 WEIGHTINGS: Registry[type["LossWeighting"]] = Registry("loss weighting")
 TASK_KINDS = ("regression", "classification")

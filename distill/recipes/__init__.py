@@ -8,11 +8,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from distill.config import from_dict
-from distill.recipes.base import (DataConfig, DistillConfig, EvalConfig, LossConfig, ModelConfig, Recipe,
-                                  TeacherConfig, TrainConfig, resolve_for_device)
+from core.config import from_dict
+from core.registry import Registry
+from distill.recipes.base import (
+    DataConfig,
+    DistillConfig,
+    EvalConfig,
+    LossConfig,
+    ModelConfig,
+    Recipe,
+    TeacherConfig,
+    TrainConfig,
+    resolve_for_device,
+)
 from distill.recipes.history import V1, V2, V3, V4, V5
-from distill.registry import Registry
 
 RECIPES: Registry = Registry("recipe")
 for _cls in (V1, V2, V3, V4, V5):

@@ -84,7 +84,7 @@ class V4(V3):
     """v4 - v3 with an EfficientViT-B1 encoder (linear attention; ~4.6M encoder parameters).
 
     MobileNetV3-Small was kept through v3 and replaced here for accuracy per MAC on phones.
-    Note for export: its int8 TFLite needs care with the attention's division (TOOLCHAIN.md).
+    Note for export: its int8 TFLite needs care with the attention's division (docs/TOOLCHAIN.md).
     """
 
     name: str = "v4"

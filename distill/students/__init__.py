@@ -11,7 +11,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from distill.registry import Registry
+from core.registry import Registry
 from distill.students.model import INPUT_MULTIPLE, MultiTaskStudent
 
 STUDENTS: Registry = Registry("student")

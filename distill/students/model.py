@@ -2,7 +2,7 @@
 
 Export-friendly by construction (DESIGN.md): every upsampling is by a fixed factor (TFLite's and
 CoreML's resize ops want static scales; onnx2tf fails on Resize sizes computed from Shape ops,
-TOOLCHAIN.md), shapes are static, and the input height and width must be multiples of 32 (the
+docs/TOOLCHAIN.md), shapes are static, and the input height and width must be multiples of 32 (the
 encoder's deepest stride) so that every skip connection lines up without padding or cropping.
 """
 from __future__ import annotations

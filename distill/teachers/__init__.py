@@ -6,11 +6,15 @@ directory or a hub id the user names.
 """
 from __future__ import annotations
 
-from distill.registry import Registry
+from core.registry import Registry
 from distill.teachers.base import Teacher
 from distill.teachers.depth_anything import DA2Metric, DA2Relative, DA3Metric
-from distill.teachers.synthetic import (SyntheticAssistantTeacher, SyntheticMetricTeacher, SyntheticRelativeTeacher,
-                                        TeacherErrorModel)
+from distill.teachers.synthetic import (
+    SyntheticAssistantTeacher,
+    SyntheticMetricTeacher,
+    SyntheticRelativeTeacher,
+    TeacherErrorModel,
+)
 
 TEACHERS: Registry = Registry("teacher")
 TEACHERS.register("synthetic-metric", SyntheticMetricTeacher)

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch
 
-from distill.spaces import DepthSpace, ValueRange
+from core.spaces import DepthSpace, ValueRange
 from distill.teachers.base import Teacher
 
 

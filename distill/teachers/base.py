@@ -5,7 +5,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from distill.spaces import DepthSpace, ValueRange
+from core.spaces import DepthSpace, ValueRange
 
 
 class Teacher(ABC):

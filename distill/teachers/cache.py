@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from distill import io
-from distill.spaces import DepthSpace, ValueRange
+from core.spaces import DepthSpace, ValueRange
+from core.weights import load_weights
 from distill.teachers.base import Teacher
 
 FORMAT = "densekit.teacher-cache/1"
@@ -177,7 +177,7 @@ class CachedTeacher(Teacher):
             lo, hi = max(shard["start"], first), min(shard["stop"], stop)
             if lo >= hi:
                 continue
-            tensors = io.load_weights(self.path / shard["file"])
+            tensors = load_weights(self.path / shard["file"])
             for t in tensors.values():
                 rows = t[lo - shard["start"]:hi - shard["start"]].float()
                 bad += [lo - first + r for r in (~torch.isfinite(rows)).flatten(1).any(1).nonzero().flatten().tolist()]

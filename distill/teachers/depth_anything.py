@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from core.spaces import DepthSpace, ValueRange
 from distill.data.transforms import denormalize
-from distill.spaces import DepthSpace, ValueRange
 from distill.teachers.base import Teacher
 
 PATCH = 14

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from distill.spaces import DepthSpace, ValueRange
+from core.spaces import DepthSpace, ValueRange
 from distill.teachers.base import Teacher
 
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from distill.io import sha256
+from core.io import sha256
 
 from ..transforms import hflip_intrinsics, normalize, photometric_jitter
 from .store import DEPTH_SCALE_M, GENERATOR, VERSION

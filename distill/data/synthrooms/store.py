@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ...io import write_json
+from core.io import write_json
+
 from ..classes import IGNORE_INDEX, NYU13_NAMES
 from .rooms import render_scene
 

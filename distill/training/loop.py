@@ -16,25 +16,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from distill import config as cfgio
-from distill import distributed, io
-from distill.distributed import pick_device, to_device
+from core import config as cfgio
+from core import io
+from core.spaces import DepthSpace
+from core.weights import latest_checkpoint, load_state, load_weights, save_checkpoint, save_weights
 from distill.data import build_datasets
-from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
-from distill.cross_context import local_global_loss, overlapping_patches
-from distill.losses import build_depth_loss, build_weighting, cross_entropy
+from distill.data.classes import NYU13_NAMES
 from distill.losses.feature_kd import FeatureDistiller
-from distill.losses.normalization import normalized_l1
-from distill.metrics import DepthMetrics, SegMetrics, baseline_abs_rel
-from distill.preflight import PreflightError, enforce, run_preflight
+from distill.metrics import baseline_abs_rel
 from distill.recipes import Recipe, resolve_for_device
-from distill.spaces import DepthSpace
 from distill.students import build_student, count_macs, count_params
-from distill.supervision import Supervision
 from distill.teachers import Teacher
+from distill.training import distributed
+from distill.training.distributed import pick_device, to_device
+from distill.training.evaluation import evaluate, make_loader
+from distill.training.objective import Objective, depth_target, weighting_for
+from distill.training.preflight import PreflightError, enforce, run_preflight
+from distill.training.supervision import supervision_for
 
 PREFLIGHT_BATCHES = 3
 
@@ -63,17 +64,6 @@ def new_run_dir(recipe: Recipe) -> Path:
         except FileExistsError:
             run_dir = Path(recipe.out_dir) / f"{recipe.name}-{stamp}-{n}"
     raise FileExistsError(f"could not create a fresh run directory under {recipe.out_dir}")
-
-
-def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers: int,
-                rank: int = 0, world: int = 1) -> DataLoader:
-    """Training: shuffled as a function of (seed, epoch) only, so a resumed run sees exactly the
-    batches it would have seen. Under torchrun each of `world` ranks takes every world-th index of
-    the same permutation with `batch_size` = global batch / world, so step k's batches of all ranks
-    together are the single-process run's batch k."""
-    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed) if train else None
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
-                      num_workers=workers)  # not persistent: workers must see set_epoch
 
 
 def training_median_depth(ds: Dataset, fallback: Dataset | None = None, max_images: int = 256) -> float:
@@ -107,94 +97,6 @@ def warmup_cosine(total_steps: int, warmup_frac: float, floor: float):
         progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return factor
-
-
-# ----------------------------------------------------------------------------- one step
-
-def depth_target(batch: dict, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
-    """(target, valid) of the depth loss: the teacher's pseudo-label or the ground truth."""
-    if recipe.target == "teacher":  # wherever the teacher has an opinion: unlabelled images too
-        target = batch["teacher_depth"]
-        return target, (target > 0) & torch.isfinite(target)
-    return batch["depth"], batch["valid"]
-
-
-class Objective:
-    """The recipe's losses per task: depth (metric term, Distill Any Depth's normalised and
-    local-global terms, D3epth's feature term: all depth distillation) and segmentation."""
-
-    def __init__(self, recipe: Recipe, feature_kd: torch.nn.Module | None = None):
-        lc, self.dc = recipe.loss, recipe.distill
-        self.recipe, self.feature_kd = recipe, feature_kd
-        self.depth_loss = build_depth_loss(lc.depth, **depth_loss_options(lc))
-        self.grad_loss = build_depth_loss("gradient_huber", delta=lc.gradient_delta) if lc.gradient_weight > 0 else None
-
-    def pixel_loss(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Depth loss of (B, 1, H, W) prediction and target: metres, plus the normalised term."""
-        loss = self.dc.metric_weight * self.depth_loss(pred, target, valid)
-        if self.grad_loss is not None:
-            loss = loss + self.recipe.loss.gradient_weight * self.grad_loss(pred, target, valid)
-        if self.dc.normalization != "none":
-            loss = loss + self.dc.normalized_weight * normalized_l1(pred, target, valid, self.dc.normalization)
-        return loss
-
-    def __call__(self, out: dict, batch: dict, teacher: Teacher | None = None) -> dict[str, torch.Tensor]:
-        """`teacher`: the step's teacher, for the local-global term (skipped without one)."""
-        losses = {}
-        if "depth" in out:
-            target, valid = depth_target(batch, self.recipe)
-            pred = out["depth"].float()
-            losses["depth"] = self.pixel_loss(pred, target, valid)
-            if self.dc.local_global_weight > 0 and teacher is not None:
-                patches = overlapping_patches(*pred.shape[-2:], self.dc.local_global_grid)
-                losses["depth"] = losses["depth"] + self.dc.local_global_weight * local_global_loss(
-                    pred, batch, teacher, patches, self.pixel_loss)
-            if self.feature_kd is not None and "teacher_features" in batch:
-                losses["depth"] = losses["depth"] + self.dc.feature_weight * self.feature_kd(
-                    out["features"], batch["teacher_features"])
-        if "seg" in out:
-            losses["seg"] = cross_entropy(out["seg"].float(), batch["seg"], ignore_index=IGNORE_INDEX)
-        return losses
-
-
-def depth_loss_options(lc) -> dict:
-    return {"berhu": {"threshold": lc.berhu_threshold},
-            "silog": {"lam": lc.silog_lambda, "per_image": lc.silog_per_image},
-            "gradient_huber": {"delta": lc.gradient_delta}}.get(lc.depth, {})
-
-
-def weighting_for(recipe: Recipe):
-    lc = recipe.loss
-    kinds = {"depth": "regression", "seg": "classification"}
-    tasks = {t: kinds[t] for t in recipe.model.tasks}
-    fixed = {"depth": lc.depth_weight, "seg": lc.seg_weight}
-    options = {"fixed": {"weights": {t: fixed[t] for t in tasks}},
-               "dwa": {"temperature": lc.dwa_temperature}}.get(lc.weighting, {})
-    return build_weighting(lc.weighting, tasks, **options)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype | None, recipe: Recipe) -> dict:
-    """Validation metrics with the keys of summary.json."""
-    ec = recipe.eval
-    model.eval()
-    depth_m = DepthMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
-    seg_m = SegMetrics(model.num_classes, ignore_index=IGNORE_INDEX, class_names=list(NYU13_NAMES))
-    for batch in loader:
-        batch = to_device(batch, device)
-        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(batch["image"])
-        if "depth" in out:
-            depth_m.update(out["depth"].float(), batch["depth"], batch["valid"])
-        if "seg" in out:
-            seg_m.update(out["seg"].argmax(1), batch["seg"])
-    model.train()
-    metrics = depth_m.compute() if "depth" in model.tasks else {}
-    if "seg" in model.tasks:
-        metrics.update(seg_m.compute())
-    return metrics
 
 
 # ----------------------------------------------------------------------------- the run
@@ -235,19 +137,9 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     val_loader = make_loader(val_ds, tc.batch_size, train=False, seed=tc.seed, workers=dc.workers)
     if len(train_loader) == 0:
         raise ValueError(f"data.num_train={len(train_ds)} is smaller than train.batch_size={tc.batch_size}")
-    supervision = Supervision(recipe, device)
+    supervision = supervision_for(recipe, device, train_ds, train_loader, rank=rank, log=log)
     teacher = supervision.teacher
-    if recipe.teacher.cache:
-        supervision.check_cache(train_ds, dc, log)
-    if recipe.teacher.align == "dataset":
-        supervision.align((to_device(b, device) for b in train_loader), rank, log)
-        teacher = supervision.teacher
-    model = build_student(recipe.model.student, tasks=recipe.model.tasks, num_classes=len(NYU13_NAMES),
-                          decoder_channels=recipe.model.decoder_channels,
-                          depth_activation=recipe.model.depth_activation, pretrained=recipe.model.pretrained).to(device)
-    log(f"student {recipe.model.student}: {count_params(model) / 1e6:.2f} M params, "
-        f"{count_macs(model, dc.height, dc.width) / 1e6:.0f} M MACs at {dc.height}x{dc.width}"
-        + (f"; {rank.world} processes x {tc.batch_size // rank.world} images per step" if rank.active else ""))
+    model = student_for(recipe, device, rank, log)
 
     run_dir = Path(recipe.resume) if recipe.resume else distributed.broadcast(rank, new_run_dir(recipe) if rank.main else None)
     if rank.main:
@@ -275,7 +167,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     distributed.broadcast_module(rank, weighting)
     distributed.broadcast_module(rank, feature_kd)
 
-    from distill.tensorboard import summary_writer
+    from distill.training.tensorboard import summary_writer
     writer = summary_writer(run_dir / "tensorboard", purge_step=state["step"]) if rank.main else NullWriter()
     for epoch in range(state["epoch"], tc.epochs):
         train_ds.set_epoch(epoch)
@@ -296,22 +188,38 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
                       "val": val}
             io.append_jsonl(run_dir / "metrics.jsonl", record)
             log_epoch(writer, record, log)
-            score = val.get(recipe.eval.best_metric)
-            if score is not None and (state["best"] is None or score < state["best"]["value"]):
-                state["best"] = {"epoch": epoch + 1, "metric": recipe.eval.best_metric, "value": score}
-                io.save_weights(run_dir / "best.safetensors", model.state_dict(), weight_metadata(recipe, epoch + 1, val))
+            keep_best(run_dir, model, recipe, state, val)
             save(run_dir, model, weighting, optimizer, scheduler, state, recipe, val, feature_kd)
         distributed.barrier(rank)   # nobody starts the next epoch (or returns) before the checkpoint
     writer.close()
 
     if rank.main:
-        from distill.report import write_outputs
+        from distill.training.report import write_outputs
         summary = {**val, "best": state["best"],
                    "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
                    "wall_s": time.time() - t_start, "epochs": tc.epochs, "device": str(device),
                    "processes": rank.world}
         write_outputs(run_dir, recipe, summary, model, teacher, val_ds, device, log)
     return run_dir
+
+
+def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, log) -> torch.nn.Module:
+    """The recipe's student on `device`, its size said once."""
+    mc, dc, tc = recipe.model, recipe.data, recipe.train
+    model = build_student(mc.student, tasks=mc.tasks, num_classes=len(NYU13_NAMES), decoder_channels=mc.decoder_channels,
+                          depth_activation=mc.depth_activation, pretrained=mc.pretrained).to(device)
+    log(f"student {mc.student}: {count_params(model) / 1e6:.2f} M params, "
+        f"{count_macs(model, dc.height, dc.width) / 1e6:.0f} M MACs at {dc.height}x{dc.width}"
+        + (f"; {rank.world} processes x {tc.batch_size // rank.world} images per step" if rank.active else ""))
+    return model
+
+
+def keep_best(run_dir: Path, model, recipe: Recipe, state: dict, val: dict) -> None:
+    """best.safetensors follows the lowest eval.best_metric so far (state["best"] records which)."""
+    score = val.get(recipe.eval.best_metric)
+    if score is not None and (state["best"] is None or score < state["best"]["value"]):
+        state["best"] = {"epoch": state["epoch"], "metric": recipe.eval.best_metric, "value": score}
+        save_weights(run_dir / "best.safetensors", model.state_dict(), weight_metadata(recipe, state["epoch"], val))
 
 
 class NullWriter:
@@ -441,18 +349,18 @@ def save(run_dir: Path, model, weighting, optimizer, scheduler, state: dict, rec
                   # Augmentation and teacher noise are seeded per (seed, epoch, index); torch's
                   # global generator is the only other source of randomness in a step.
                   "torch_rng": torch.get_rng_state()}
-    io.save_checkpoint(run_dir / "checkpoints", state["epoch"], model.state_dict(), full_state,
+    save_checkpoint(run_dir / "checkpoints", state["epoch"], model.state_dict(), full_state,
                        weight_metadata(recipe, state["epoch"], val))
 
 
 def restore(run_dir: Path, model, weighting, optimizer, scheduler, log, write: bool = True,
             feature_kd=None) -> dict:
-    ckpt = io.latest_checkpoint(run_dir / "checkpoints")
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
         raise FileNotFoundError(f"resume={run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}; "
                                 f"start a new run instead")
-    model.load_state_dict(io.load_weights(ckpt / "model.safetensors"))
-    full = io.load_state(ckpt / "state.pt")
+    model.load_state_dict(load_weights(ckpt / "model.safetensors"))
+    full = load_state(ckpt / "state.pt")
     optimizer.load_state_dict(full["optimizer"])
     scheduler.load_state_dict(full["scheduler"])
     weighting.load_state_dict(full["weighting"])

@@ -1,13 +1,15 @@
-"""The deployable graph: what every artefact computes, and how it leaves PyTorch.
+"""The deployable graph: what every artefact computes, and how it leaves PyTorch (the parent's side
+of targets/: converter processes never import this module, nor torch).
 
-`DeployModel` fixes the artefact contract: input `image` (1, 3, H, W) float32 RGB in [0, 1] (the
+`DeployModel` implements the artefact contract of core/contract.py: input `image` (1, 3, H, W) float32 RGB in [0, 1] (the
 ImageNet normalisation is inside the graph, so apps feed camera pixels / 255), outputs `depth`
 (1, 1, H, W) in the training space's units (metres for metric recipes) and `seg` (1, C, H, W)
 logits. Two separate outputs: depth in metres and segmentation logits never share one tensor,
-so an int8 converter gives each its own scale (TOOLCHAIN.md).
+so an int8 converter gives each its own scale (docs/TOOLCHAIN.md).
 
-The graph leaves PyTorch as ONNX (TorchScript exporter, static shapes: onnx2tf and onnxruntime's
-quantiser consume it) and as a torch.export program (.pt2; coremltools needs that path).
+The graph leaves PyTorch as the format table's `source_graph` (core/formats.py): ONNX (TorchScript
+exporter, static shapes: onnx2tf and onnxruntime's quantiser consume it) or a torch.export program
+(.pt2; coremltools needs that path).
 """
 from __future__ import annotations
 
@@ -17,8 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from targets.job import INPUT_NAME, OUTPUT_NAMES
+from core.contract import IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, OUTPUT_NAMES
 
 ONNX_OPSET = 17
 
@@ -62,3 +63,12 @@ def reference_outputs(student: nn.Module, images: torch.Tensor, batch: int = 16)
     model = DeployModel(student).eval()
     outs = [model(images[i:i + batch]) for i in range(0, len(images), batch)]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def export_source(student: nn.Module, graph: str, path_stem: Path, height: int, width: int) -> Path:
+    """The converter's input as the format table names it: "onnx" -> .onnx, "torch.export" -> .pt2."""
+    if graph == "torch.export":
+        return export_program(student, path_stem.with_suffix(".pt2"), height, width)
+    if graph == "onnx":
+        return export_onnx(student, path_stem.with_suffix(".onnx"), height, width)
+    raise ValueError(f"unknown source graph {graph!r}; core/formats.py names onnx or torch.export")

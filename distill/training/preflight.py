@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distill.spaces import DepthSpace, ValueRange
+from core.spaces import DepthSpace, ValueRange
 
 
 class PreflightError(RuntimeError):

@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, Literal, get_args, get_origin
 
-from distill.registry import suggest
+from core.registry import suggest
 
 
 class ConfigError(ValueError):

@@ -1,7 +1,7 @@
 """TensorBoard writer that never pulls TensorFlow into a torch process.
 
 `torch.utils.tensorboard` imports TensorFlow when it is installed (the `export` extra installs
-it), and TensorFlow and torch with triton crash in one process (TOOLCHAIN.md). Training never
+it), and TensorFlow and torch with triton crash in one process (docs/TOOLCHAIN.md). Training never
 needs TensorFlow, so it is hidden from this process before TensorBoard is imported; TensorBoard
 then uses its own TensorFlow-free stub.
 """

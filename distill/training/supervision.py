@@ -9,13 +9,15 @@ a function of (seed, step), so a resumed run and every torchrun rank make the sa
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Iterable
 
 import numpy as np
 import torch
 
-from distill.cross_context import AssistantSchedule, crop_batch, sample_shared_crop
 from distill.teachers import Teacher, teacher_for
 from distill.teachers.cache import CacheMismatchError
+from distill.training import distributed
+from distill.training.cross_context import AssistantSchedule, crop_batch, sample_shared_crop
 
 
 class SupervisionError(ValueError):
@@ -102,10 +104,22 @@ class Supervision:
         """teacher.align=dataset: scale the teacher by one factor fitted to ground truth (a metric
         teacher trained on other data, e.g. DA2 metric-indoor on NYU) on `batches` (on the
         teacher's device). Rank 0 fits; all use it."""
-        from distill import distributed
         from distill.teachers.align import ScaleAligned, fit_scale
 
         scale = fit_scale(self.teacher, batches) if rank.main else None
         scale = distributed.broadcast(rank, scale)
         log(f"teacher.align=dataset: {self.teacher.name} x {scale:.4f} (median ground truth / teacher ratio)")
         self.teacher = ScaleAligned(self.teacher, scale)
+
+
+def supervision_for(recipe, device: torch.device, train_ds, train_batches: Iterable[dict], *,
+                    rank: distributed.Dist = distributed.Dist(), log=print) -> Supervision:
+    """The one way a loop gets its labels, for training and for the fine-tunes after pruning and
+    under QAT alike: the recipe's teacher (or its cache, checked against `train_ds`), its assistant,
+    and with teacher.align=dataset the scale fitted on `train_batches` (moved to `device` here)."""
+    supervision = Supervision(recipe, device)
+    if recipe.teacher.cache:
+        supervision.check_cache(train_ds, recipe.data, log)
+    if recipe.teacher.align == "dataset":
+        supervision.align((distributed.to_device(b, device) for b in train_batches), rank, log)
+    return supervision

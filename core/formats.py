@@ -1,0 +1,75 @@
+"""The format table: everything the project knows about a deployment format, in one row.
+
+Adding a format is one row here, one converter module (`python -m targets.<name> JOB.json`) and
+one runner class in edge/. Every other place (export, profiles, runners, validation, bench, the
+device kit) reads this table instead of branching on the format's name.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    title: str                                     # in messages: "TFLite", "Core ML", "ONNX"
+    suffix: str                                    # of the artefact file (.mlpackage is a directory)
+    precisions: tuple[str, ...]                    # what the converter can produce
+    defaults: tuple[str, ...]                      # produced when no precision is asked for
+    source_graph: Literal["onnx", "torch.export"]  # what the parent hands the converter (targets/deploy.py)
+    input_layout: Literal["NHWC", "NCHW"]
+    runner: str                                    # "module:Class" running an artefact (edge/)
+    executors: tuple[str, ...]                     # "auto" first; Core ML also "predict" | "reference"
+    timed_on: tuple[str, ...]                      # sys.platform values where host latency means something
+    untimed: str                                   # elsewhere: why not, and where to time it ({name} {runs})
+    device_commands: tuple[str, ...]               # the device kit's lines; {path} {threads} {out} filled in
+
+    @property
+    def converter(self) -> str:
+        """The converter process's module: `python -m targets.<name> JOB.json`."""
+        return f"targets.{self.name}"
+
+    def runner_class(self) -> type:
+        module, _, cls = self.runner.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def timed_here(self) -> bool:
+        return "any" in self.timed_on or sys.platform in self.timed_on
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (
+    Format("tflite", "TFLite", ".tflite", ("fp32", "fp16", "int8"), ("fp32", "fp16", "int8"), "onnx", "NHWC",
+           "edge.runners:LiteRTRunner", ("auto",), ("any",), "", (
+               "# Linux board (Raspberry Pi 5: pip install ai-edge-litert numpy), or any Linux host",
+               "python3 device/linux_bench.py {path} --threads {threads} --runs 50 --warmup 5 --json {out}",
+               "# Android, from a host with adb and TFLite's benchmark_model binary for the phone's ABI",
+               "python3 device/android_bench.py {path} --benchmark-binary /path/to/benchmark_model "
+               "--threads {threads} --delegate xnnpack --runs 50 --warmup 5 --json {out}")),
+    Format("coreml", "Core ML", ".mlpackage", ("fp32", "fp16", "w8", "palette4", "palette6"),
+           ("fp16", "w8", "palette4", "palette6"), "torch.export", "NCHW",
+           "edge.coreml:CoreMLRunner", ("auto", "predict", "reference"), ("darwin",),
+           "off macOS Core ML runs through the reference executor, which measures accuracy, not device latency. "
+           "Bench Core ML on a Mac: python3 edge/device/coreml_bench.py {name} --runs {runs}", (
+               "# macOS (pip install coremltools numpy); on iOS use Xcode's Core ML performance report",
+               "python3 device/coreml_bench.py {path} --compute-units all --runs 50 --warmup 5 --json {out}")),
+    Format("onnx", "ONNX", ".onnx", ("fp32", "fp16", "int8"), ("fp32", "fp16", "int8"), "onnx", "NCHW",
+           "edge.runners:OrtRunner", ("auto",), ("any",), "", (
+               "# any machine with densekit and onnxruntime installed (pip install -e .[export])",
+               "python -m edge.bench {path} --threads {threads} --runs 50 --warmup 5 --json {out}")),
+)}
+SUFFIXES: dict[str, Format] = {f.suffix: f for f in FORMATS.values()}
+PRECISIONS: tuple[str, ...] = tuple(dict.fromkeys(p for f in FORMATS.values() for p in f.precisions))
+INTEGER_PRECISIONS = ("int8",)   # converted from the (QAT) int8 source model; timed against the int8 peak
+
+
+def format_for(path: str | Path) -> Format:
+    """The format of artefact `path` by its suffix; ValueError listing the known suffixes."""
+    suffix = Path(path).suffix
+    if suffix not in SUFFIXES:
+        raise ValueError(f"cannot run {path}: unknown artefact suffix {suffix!r}; known suffixes: "
+                         f"{', '.join(SUFFIXES)}")
+    return SUFFIXES[suffix]

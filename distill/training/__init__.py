@@ -1,0 +1,14 @@
+"""The training stage: the loop (`train`), its objective, supervision, pre-flight, evaluation and report.
+
+Only the commands (`distill.run`, `distill.ablate`, `distill.cache_teacher`), the API
+(`distill.train_recipe`) and `quant/` (whose fine-tunes reuse the objective and supervision)
+import this package; `targets/`, `edge/` and `calibration/` never do (tests/test_layering.py).
+Names resolve on first use, so an error class does not import the whole loop (torch, timm).
+"""
+from core.lazy import lazy_exports
+
+_HOMES = {"train": "loop", "Objective": "objective", "evaluate": "evaluation", "make_loader": "evaluation",
+          "PreflightError": "preflight", "Supervision": "supervision", "SupervisionError": "supervision",
+          "supervision_for": "supervision"}
+__all__ = sorted(_HOMES)
+__getattr__ = lazy_exports(__name__, _HOMES)

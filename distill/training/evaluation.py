@@ -1,0 +1,43 @@
+"""Batches and validation: the loaders every loop uses and the metrics of summary.json."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
+from distill.metrics import DepthMetrics, SegMetrics
+from distill.recipes import Recipe
+from distill.training.distributed import to_device
+
+
+def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers: int,
+                rank: int = 0, world: int = 1) -> DataLoader:
+    """Training: shuffled as a function of (seed, epoch) only, so a resumed run sees exactly the
+    batches it would have seen. Under torchrun each of `world` ranks takes every world-th index of
+    the same permutation with `batch_size` = global batch / world, so step k's batches of all ranks
+    together are the single-process run's batch k."""
+    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed) if train else None
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
+                      num_workers=workers)  # not persistent: workers must see set_epoch
+
+
+@torch.no_grad()
+def evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype | None, recipe: Recipe) -> dict:
+    """Validation metrics with the keys of summary.json."""
+    ec = recipe.eval
+    model.eval()
+    depth_m = DepthMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
+    seg_m = SegMetrics(model.num_classes, ignore_index=IGNORE_INDEX, class_names=list(NYU13_NAMES))
+    for batch in loader:
+        batch = to_device(batch, device)
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            out = model(batch["image"])
+        if "depth" in out:
+            depth_m.update(out["depth"].float(), batch["depth"], batch["valid"])
+        if "seg" in out:
+            seg_m.update(out["seg"].argmax(1), batch["seg"])
+    model.train()
+    metrics = depth_m.compute() if "depth" in model.tasks else {}
+    if "seg" in model.tasks:
+        metrics.update(seg_m.compute())
+    return metrics

@@ -1,0 +1,77 @@
+"""The recipe's losses of one step: what a training or fine-tuning step minimises, per task.
+
+Training (loop.py) and the recovery fine-tunes after pruning and under QAT (quant/finetune.py)
+build their objective here, so both optimise the same depth and segmentation terms.
+"""
+from __future__ import annotations
+
+import torch
+
+from distill.data.classes import IGNORE_INDEX
+from distill.losses import build_depth_loss, build_weighting, cross_entropy
+from distill.losses.normalization import normalized_l1
+from distill.recipes import Recipe
+from distill.teachers import Teacher
+from distill.training.cross_context import local_global_loss, overlapping_patches
+
+
+def depth_target(batch: dict, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, valid) of the depth loss: the teacher's pseudo-label or the ground truth."""
+    if recipe.target == "teacher":  # wherever the teacher has an opinion: unlabelled images too
+        target = batch["teacher_depth"]
+        return target, (target > 0) & torch.isfinite(target)
+    return batch["depth"], batch["valid"]
+
+
+class Objective:
+    """The recipe's losses per task: depth (metric term, Distill Any Depth's normalised and
+    local-global terms, D3epth's feature term: all depth distillation) and segmentation."""
+
+    def __init__(self, recipe: Recipe, feature_kd: torch.nn.Module | None = None):
+        lc, self.dc = recipe.loss, recipe.distill
+        self.recipe, self.feature_kd = recipe, feature_kd
+        self.depth_loss = build_depth_loss(lc.depth, **depth_loss_options(lc))
+        self.grad_loss = build_depth_loss("gradient_huber", delta=lc.gradient_delta) if lc.gradient_weight > 0 else None
+
+    def pixel_loss(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Depth loss of (B, 1, H, W) prediction and target: metres, plus the normalised term."""
+        loss = self.dc.metric_weight * self.depth_loss(pred, target, valid)
+        if self.grad_loss is not None:
+            loss = loss + self.recipe.loss.gradient_weight * self.grad_loss(pred, target, valid)
+        if self.dc.normalization != "none":
+            loss = loss + self.dc.normalized_weight * normalized_l1(pred, target, valid, self.dc.normalization)
+        return loss
+
+    def __call__(self, out: dict, batch: dict, teacher: Teacher | None = None) -> dict[str, torch.Tensor]:
+        """`teacher`: the step's teacher, for the local-global term (skipped without one)."""
+        losses = {}
+        if "depth" in out:
+            target, valid = depth_target(batch, self.recipe)
+            pred = out["depth"].float()
+            losses["depth"] = self.pixel_loss(pred, target, valid)
+            if self.dc.local_global_weight > 0 and teacher is not None:
+                patches = overlapping_patches(*pred.shape[-2:], self.dc.local_global_grid)
+                losses["depth"] = losses["depth"] + self.dc.local_global_weight * local_global_loss(
+                    pred, batch, teacher, patches, self.pixel_loss)
+            if self.feature_kd is not None and "teacher_features" in batch:
+                losses["depth"] = losses["depth"] + self.dc.feature_weight * self.feature_kd(
+                    out["features"], batch["teacher_features"])
+        if "seg" in out:
+            losses["seg"] = cross_entropy(out["seg"].float(), batch["seg"], ignore_index=IGNORE_INDEX)
+        return losses
+
+
+def depth_loss_options(lc) -> dict:
+    return {"berhu": {"threshold": lc.berhu_threshold},
+            "silog": {"lam": lc.silog_lambda, "per_image": lc.silog_per_image},
+            "gradient_huber": {"delta": lc.gradient_delta}}.get(lc.depth, {})
+
+
+def weighting_for(recipe: Recipe):
+    lc = recipe.loss
+    kinds = {"depth": "regression", "seg": "classification"}
+    tasks = {t: kinds[t] for t in recipe.model.tasks}
+    fixed = {"depth": lc.depth_weight, "seg": lc.seg_weight}
+    options = {"fixed": {"weights": {t: fixed[t] for t in tasks}},
+               "dwa": {"temperature": lc.dwa_temperature}}.get(lc.weighting, {})
+    return build_weighting(lc.weighting, tasks, **options)
