@@ -36,7 +36,7 @@ from typing import Callable, get_origin
 from core import io
 from core.config import ConfigError, apply_overrides, field_types
 from core.registry import UnknownNameError, suggest
-from distill.recipes import RECIPES, Recipe, get_recipe
+from distill.recipes import RECIPES, Recipe, check_values, get_recipe
 
 # How each summary.json metric ranks: -1 lower is better, +1 higher is better, 0 closest to 1.
 DIRECTION: dict[str, int] = {
@@ -114,6 +114,7 @@ def build_recipes(recipe_name: str, grid: Grid) -> list[Recipe]:
     for i, combination in enumerate(grid.combinations()):
         recipe = apply_overrides(get_recipe(recipe_name), overrides_for(grid, combination))
         try:
+            check_values(recipe)
             check_options(recipe)
         except ValueError as e:
             raise ConfigError(f"combination {run_name(i, combination)}: {e}") from None

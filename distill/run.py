@@ -18,7 +18,7 @@ from typing import Sequence
 
 from core.config import ConfigError, apply_overrides, to_dict
 from core.registry import UnknownNameError
-from distill.recipes import RECIPES, Recipe, get_recipe, load_saved, recipe_summary
+from distill.recipes import RECIPES, Recipe, check_values, get_recipe, load_saved, recipe_summary
 from distill.training.preflight import PreflightError
 from distill.training.supervision import SupervisionError
 
@@ -37,6 +37,7 @@ def describe_keys(recipe) -> str:
 def resolve(recipe_name: str, overrides: list[str]):
     """The recipe with overrides applied; with `resume=DIR`, the saved config of that run."""
     recipe = apply_overrides(get_recipe(recipe_name), overrides)
+    check_values(recipe)
     if not recipe.resume:
         return recipe
     saved_path = Path(recipe.resume) / "config.json"
@@ -64,8 +65,9 @@ def train_recipe(recipe: Recipe | str, *, overrides: Sequence[str] = (), progres
     together, and PreflightError when the pre-flight refuses the units or ranges, all before any step."""
     if isinstance(recipe, str):
         recipe = resolve(recipe, list(overrides))
-    elif overrides:
+    else:
         recipe = apply_overrides(recipe, list(overrides))
+        check_values(recipe)
     from distill.training import train  # heavy imports only once the recipe is valid
     return train(recipe, progress=progress, log=log)
 

@@ -95,16 +95,16 @@ TINY = ["train.epochs=1", "data.num_train=16", "data.num_val=4", "data.height=32
 
 
 def test_a_tiny_real_grid_runs_records_failures_and_goes_on(tmp_path, capsys):
-    # loss.weighting works in training today; batch 64 > 16 images fails at once (the grid goes on)
+    # loss.weighting works in training today; a learning rate of 1e30 diverges at once (the grid goes on)
     out = tmp_path / "out"
-    assert main(["v3", "loss.weighting=fixed,kendall", "train.batch_size=8,64", *TINY, f"data.root={tmp_path / 'data'}",
-                 "--out", str(out)]) == 1
+    assert main(["v3", "loss.weighting=fixed,kendall", "train.lr_decoder=0.002,1e30", *TINY,
+                 f"data.root={tmp_path / 'data'}", "--out", str(out)]) == 1
     saved = json.loads((out / "ablation.json").read_text())
     runs = saved["runs"]
-    assert [r["values"] for r in runs] == [{"loss.weighting": w, "train.batch_size": b}
-                                           for w in ("fixed", "kendall") for b in ("8", "64")]
+    assert [r["values"] for r in runs] == [{"loss.weighting": w, "train.lr_decoder": lr}
+                                           for w in ("fixed", "kendall") for lr in ("0.002", "1e30")]
     assert [r["status"] for r in runs] == ["ok", "failed", "ok", "failed"]
-    assert "smaller than train.batch_size=64" in runs[1]["error"]
+    assert "NaN/inf" in runs[1]["error"] or "non-finite loss" in runs[1]["error"]
     for r in (runs[0], runs[2]):
         summary = json.loads((tmp_path / r["run_dir"] / "summary.json").read_text())
         assert r["metrics"]["abs_rel"] == summary["abs_rel"] and 0 < summary["abs_rel"] < 1
@@ -114,6 +114,13 @@ def test_a_tiny_real_grid_runs_records_failures_and_goes_on(tmp_path, capsys):
     best = saved["best"]["abs_rel"]
     assert best and set(best) <= {0, 2}
     md = (out / "ablation.md").read_text()
-    assert md.count("**") >= 2 * 4 and "| fixed | 8 |" in md and "FAILED ValueError" in md
+    assert md.count("**") >= 2 * 4 and "| fixed | 0.002 |" in md and "FAILED " in md
     assert "(* best per metric)" in capsys.readouterr().out
-    assert (out / "01-weighting=fixed_batch_size=8" / "train.log").read_text().count("pre-flight") == 1
+    assert (out / "01-weighting=fixed_lr_decoder=0.002" / "train.log").read_text().count("pre-flight") == 1
+
+
+def test_a_grid_value_that_cannot_train_is_refused_before_the_first_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["v3", "train.batch_size=8,64", *TINY, f"data.root={tmp_path / 'data'}", "--out", str(out)]) == 2
+    assert "data.num_train=16 is smaller than train.batch_size=64" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists() and not (out / "ablation.json").exists()

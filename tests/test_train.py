@@ -103,9 +103,50 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     assert losses(reference) == losses(run)
 
 
+def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path):
+    """Killed after its last checkpoint (no summary yet), or resumed once finished: the run
+    evaluates its final weights and writes summary.json, report.md and preview.png."""
+    assert main(["v3", *TINY, "train.epochs=1", f"out_dir={tmp_path}", "--quiet"]) == 0
+    (run,) = run_dirs(tmp_path)
+    finished = json.loads((run / "summary.json").read_text())
+    for name in ("summary.json", "report.md", "preview.png"):
+        (run / name).unlink()
+    for _ in range(2):   # the killed run, then the finished one
+        assert main(["v3", f"resume={run}", "--quiet"]) == 0
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["abs_rel"] == finished["abs_rel"] and summary["miou"] == finished["miou"]
+        assert (run / "report.md").is_file() and (run / "preview.png").is_file()
+    assert len(io.read_jsonl(run / "metrics.jsonl")) == 1
+
+
 def test_bf16_autocast_path_trains(tmp_path):
     # The GPU path (bf16 autocast, float32 losses) exercised on the CPU's autocast.
     assert main(["v3", *TINY, "train.epochs=1", "train.amp=bf16", f"out_dir={tmp_path}", "--quiet"]) == 0
     (run,) = run_dirs(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert 0 < summary["abs_rel"] < 1 and json.loads((run / "config.json").read_text())["train"]["amp"] == "bf16"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=0", "train.batch_size=0 must be at least 1"),
+    ("train.epochs=0", "train.epochs=0 must be at least 1"),
+    ("train.epochs=-1", "train.epochs=-1 must be at least 1"),
+    ("data.height=80", "data.height=80 must be a positive multiple of 32"),
+    ("data.num_train=4", "data.num_train=4 is smaller than train.batch_size=16"),
+    ("eval.best_metric=bogus", "eval.best_metric='bogus' is not a depth metric"),
+])
+def test_bad_values_are_refused_before_any_data_is_rendered(override, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path / "cache"))
+    assert main(["v3", override, f"out_dir={tmp_path / 'runs'}", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_best_metrics_are_metrics_that_evaluation_reports():
+    from distill.metrics import DepthMetrics
+    from distill.recipes.base import BEST_METRICS
+
+    metrics = DepthMetrics()
+    metrics.update(torch.full((1, 1, 4, 4), 2.0), torch.full((1, 1, 4, 4), 2.5), torch.ones(1, 1, 4, 4, dtype=torch.bool))
+    assert set(BEST_METRICS) <= set(metrics.compute())

@@ -19,6 +19,7 @@ from distill.recipes.base import (
     Recipe,
     TeacherConfig,
     TrainConfig,
+    check_values,
     resolve_for_device,
 )
 from distill.recipes.history import V1, V2, V3, V4, V5
@@ -49,4 +50,4 @@ def recipe_summary(name: str) -> str:
 
 
 __all__ = ["RECIPES", "get_recipe", "load_saved", "recipe_summary", "Recipe", "DataConfig", "ModelConfig", "LossConfig",
-           "TrainConfig", "EvalConfig", "TeacherConfig", "DistillConfig", "resolve_for_device"]
+           "TrainConfig", "EvalConfig", "TeacherConfig", "DistillConfig", "check_values", "resolve_for_device"]

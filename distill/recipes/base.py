@@ -8,6 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
+from core.config import ConfigError
+
+# eval.best_metric: depth metrics of distill/metrics.py for which lower is better
+BEST_METRICS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "abs_rel_aligned")
+INPUT_MULTIPLE = 32   # the students' deepest stride: image sides must be multiples of it
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -135,3 +141,32 @@ def resolve_for_device(recipe: Recipe, device_type: str) -> tuple[Recipe, dict[s
         filled.update({f"{section}.{k}": v for k, v in changes.items()})
         recipe = replace(recipe, **{section: replace(current, **changes)})
     return recipe, filled
+
+
+def check_values(recipe: Recipe, processes: int = 1) -> None:
+    """Refuse values that cannot train, naming the key and the fix, before any data is rendered or
+    any model built. Sizes still None (device-sized) are checked once resolved."""
+    d, t, e = recipe.data, recipe.train, recipe.eval
+    problems = []
+    for key, side in (("data.height", d.height), ("data.width", d.width)):
+        if side is not None and (side < INPUT_MULTIPLE or side % INPUT_MULTIPLE):
+            problems.append(f"{key}={side} must be a positive multiple of {INPUT_MULTIPLE} (the students "
+                            f"downsample by {INPUT_MULTIPLE}), e.g. {max(INPUT_MULTIPLE, side // INPUT_MULTIPLE * INPUT_MULTIPLE)}")
+    for key, value in (("data.num_train", d.num_train), ("data.num_val", d.num_val), ("train.epochs", t.epochs),
+                       ("train.batch_size", t.batch_size), ("eval.preview_images", e.preview_images)):
+        if value is not None and value < (0 if key == "eval.preview_images" else 1):
+            problems.append(f"{key}={value} must be at least {0 if key == 'eval.preview_images' else 1}")
+    if t.batch_size and processes > 1 and t.batch_size % processes:
+        problems.append(f"train.batch_size={t.batch_size} (the global batch) is not divisible by the {processes} "
+                        f"processes; pick a multiple of {processes}")
+    if d.num_train and t.batch_size and 0 < d.num_train < t.batch_size:
+        problems.append(f"data.num_train={d.num_train} is smaller than train.batch_size={t.batch_size}: no full "
+                        f"batch to train on; lower train.batch_size or raise data.num_train")
+    if e.best_metric not in BEST_METRICS:
+        problems.append(f"eval.best_metric={e.best_metric!r} is not a depth metric where lower is better; "
+                        f"choose one of {', '.join(BEST_METRICS)}")
+    if not 0 <= t.warmup_frac < 1 or not 0 <= t.min_lr_ratio <= 1 or t.lr_encoder <= 0 or t.lr_decoder <= 0:
+        problems.append(f"train.lr_encoder={t.lr_encoder} and train.lr_decoder={t.lr_decoder} must be positive, "
+                        f"train.warmup_frac={t.warmup_frac} in [0, 1), train.min_lr_ratio={t.min_lr_ratio} in [0, 1]")
+    if problems:
+        raise ConfigError("; ".join(problems))

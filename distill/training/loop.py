@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from core import config as cfgio
+from core.config import ConfigError
 from core import io
 from core.spaces import DepthSpace
 from core.weights import latest_checkpoint, load_state, load_weights, save_checkpoint, save_weights
@@ -27,7 +28,7 @@ from distill.data import build_datasets
 from distill.data.classes import NYU13_NAMES
 from distill.losses.feature_kd import FeatureDistiller
 from distill.metrics import baseline_abs_rel
-from distill.recipes import Recipe, resolve_for_device
+from distill.recipes import Recipe, check_values, resolve_for_device
 from distill.students import build_student, count_macs, count_params
 from distill.teachers import Teacher
 from distill.training import distributed
@@ -124,19 +125,18 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if filled:
         log(f"{device.type.upper()} defaults: " + ", ".join(f"{k}={v}" for k, v in filled.items())
             + "  (override any with key=value)")
+    check_values(recipe, processes=rank.world)   # before any image is rendered
     amp = autocast_dtype(recipe.train.amp, device)
     tc, dc = recipe.train, recipe.data
     seed_everything(tc.seed)
-    if tc.batch_size % rank.world:
-        raise ValueError(f"train.batch_size={tc.batch_size} (the global batch) is not divisible by the "
-                         f"{rank.world} processes; pick a multiple of {rank.world}")
 
     train_ds, val_ds = build_datasets(dc, progress=progress)
     train_loader = make_loader(train_ds, tc.batch_size // rank.world, train=True, seed=tc.seed,
                                workers=dc.workers, rank=rank.rank, world=rank.world)
     val_loader = make_loader(val_ds, tc.batch_size, train=False, seed=tc.seed, workers=dc.workers)
     if len(train_loader) == 0:
-        raise ValueError(f"data.num_train={len(train_ds)} is smaller than train.batch_size={tc.batch_size}")
+        raise ConfigError(f"{dc.dataset} has {len(train_ds)} usable training images, fewer than "
+                          f"train.batch_size={tc.batch_size}; lower train.batch_size")
     supervision = supervision_for(recipe, device, train_ds, train_loader, rank=rank, log=log)
     teacher = supervision.teacher
     model = student_for(recipe, device, rank, log)
@@ -169,6 +169,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
 
     from distill.training.tensorboard import summary_writer
     writer = summary_writer(run_dir / "tensorboard", purge_step=state["step"]) if rank.main else NullWriter()
+    val = None
     for epoch in range(state["epoch"], tc.epochs):
         train_ds.set_epoch(epoch)
         train_loader.sampler.set_epoch(epoch)
@@ -195,6 +196,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
 
     if rank.main:
         from distill.training.report import write_outputs
+        if val is None:   # resumed from the last checkpoint (killed before its summary): evaluate it
+            val = {**evaluate(model, val_loader, device, amp, recipe), "baseline_abs_rel": baseline}
         summary = {**val, "best": state["best"],
                    "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
                    "wall_s": time.time() - t_start, "epochs": tc.epochs, "device": str(device),
