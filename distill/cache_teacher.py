@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from core import io
+from core.lock import LockHeld, exclusive
 from core.config import ConfigError, apply_overrides
 from core.registry import UnknownNameError
 from core.weights import save_weights
@@ -322,44 +323,52 @@ def run(recipe, options: dict, overrides: list[str], log=print, progress: bool =
     distributed.init(rank, device)
     if not rank.main:
         log, progress = (lambda *args, **kwargs: None), False
+    out = Path(options["out"])
     try:
-        recipe, data, teacher, filled = prepare(recipe, options, rank, device, progress)
-        out = Path(options["out"])
-        state: dict = {}
-        if rank.main:
-            try:
-                hashes = [data.content_hash(g) for g in range(len(data))]
-                job = job_for(recipe, teacher, data, hashes, options["split"], options["shard_size"])
-                claim(out, job)
-                state = {"job": job, "todo": plan(out, job, hashes)}
-            except ConfigError as e:   # every rank stops with rank 0's message
-                state = {"error": str(e)}
-        state = distributed.broadcast(rank, state)
-        if "error" in state:
-            raise ConfigError(state["error"])
-        job, todo = state["job"], state["todo"]
-        if not todo:
-            log(f"complete: {out} already holds all {job['count']} labels of {teacher.name}; nothing to do")
-            return 0
-        now = todo[:options["max_shards"] or len(todo)]
-        t0 = time.time()
-        mine = label_shards(teacher, data, job, [k for k in now if k % rank.world == rank.rank], out, options,
-                            recipe.data.workers, device, progress)
-        distributed.barrier(rank)
-        seconds, labelled = time.time() - t0, sum(bounds(k, job)[1] - bounds(k, job)[0] for k in now)
-        log(f"labelled {labelled} images in {seconds:.1f} s ({labelled / max(seconds, 1e-9):.1f} images/s"
-            + (f"; {rank.world} processes, rank 0 labelled {mine}" if rank.active else "") + f") into {out}")
-        if len(now) < len(todo):
-            log(f"partial: {len(todo) - len(now)} shards left; run the same command again to continue")
-            return PARTIAL
-        if rank.main:
-            write_manifest(out, job)
-        log(f"complete: {job['count']} labels of {teacher.name} in {out}")
-        if options["split"] != "val":
-            log(f"train with: {how_to_train(options, overrides, filled, out)}")
-        return 0
+        # one job per cache directory (each torchrun rank holds its own lock)
+        with exclusive(out / f".writer-rank{rank.rank}.lock", f"the cache {out}"):
+            return label_missing(recipe, options, overrides, out, rank, device, log, progress)
     finally:
         distributed.shutdown(rank)
+
+
+def label_missing(recipe, options: dict, overrides: list[str], out: Path, rank, device: torch.device, log,
+                  progress: bool) -> int:
+    """`run`'s work once this process is the directory's only writer."""
+    recipe, data, teacher, filled = prepare(recipe, options, rank, device, progress)
+    state: dict = {}
+    if rank.main:
+        try:
+            hashes = [data.content_hash(g) for g in range(len(data))]
+            job = job_for(recipe, teacher, data, hashes, options["split"], options["shard_size"])
+            claim(out, job)
+            state = {"job": job, "todo": plan(out, job, hashes)}
+        except ConfigError as e:   # every rank stops with rank 0's message
+            state = {"error": str(e)}
+    state = distributed.broadcast(rank, state)
+    if "error" in state:
+        raise ConfigError(state["error"])
+    job, todo = state["job"], state["todo"]
+    if not todo:
+        log(f"complete: {out} already holds all {job['count']} labels of {teacher.name}; nothing to do")
+        return 0
+    now = todo[:options["max_shards"] or len(todo)]
+    t0 = time.time()
+    mine = label_shards(teacher, data, job, [k for k in now if k % rank.world == rank.rank], out, options,
+                        recipe.data.workers, device, progress)
+    distributed.barrier(rank)
+    seconds, labelled = time.time() - t0, sum(bounds(k, job)[1] - bounds(k, job)[0] for k in now)
+    log(f"labelled {labelled} images in {seconds:.1f} s ({labelled / max(seconds, 1e-9):.1f} images/s"
+        + (f"; {rank.world} processes, rank 0 labelled {mine}" if rank.active else "") + f") into {out}")
+    if len(now) < len(todo):
+        log(f"partial: {len(todo) - len(now)} shards left; run the same command again to continue")
+        return PARTIAL
+    if rank.main:
+        write_manifest(out, job)
+    log(f"complete: {job['count']} labels of {teacher.name} in {out}")
+    if options["split"] != "val":
+        log(f"train with: {how_to_train(options, overrides, filled, out)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe, options, overrides = parse(argv)
         return run(recipe, options, overrides)
-    except (ConfigError, UnknownNameError, CacheMismatchError, FileNotFoundError) as e:
+    except (ConfigError, UnknownNameError, CacheMismatchError, FileNotFoundError, LockHeld) as e:
         if rank.main:   # every rank has the same error (rank 0's, broadcast)
             print(f"error: {e}", file=sys.stderr)
         return 2

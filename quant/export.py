@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from core import io
+from core.lock import LockHeld, exclusive
 from core.formats import FORMATS, Format
 from edge import kit
 from quant import benchmark
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from quant.source import RunNotFoundError
     try:
         result = export_run(args.run, target=args.target, runs_dir=args.runs_dir, options=options_from_args(args))
-    except (ValueError, RunNotFoundError, ExportExistsError) as e:  # bad input: nothing was written
+    except (ValueError, RunNotFoundError, ExportExistsError, LockHeld) as e:  # bad input, or busy: nothing written
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ConversionError as e:
@@ -238,15 +239,17 @@ def export(run_path, plan: Plan, opts: ExportOptions, *, runs_dir="runs", log=pr
     log(f"run {run.path} ({run.recipe.name}, {run.recipe.model.student}, weights {run.weights.name} "
         f"sha256 {run.weights_sha256[:12]}); exporting {plan.format.name} {', '.join(plan.precisions)} at "
         f"{size[0]}x{size[1]}" + (f" for {plan.profile.name}" if plan.profile else ""))
-    staging = artefacts.ExportDir(Path(opts.out) / run.name / plan.target, opts.overwrite)
-    work = Path(tempfile.mkdtemp(prefix="densekit-export-"))
-    try:
-        result = build_export(run, plan, opts, size, work, staging.staging, t_start, log)
-        result.path = staging.commit()
-    except BaseException:
-        staging.discard()
-        log(f"export failed; nothing was replaced. Scratch files kept in {work}")
-        raise
+    final = Path(opts.out) / run.name / plan.target
+    with exclusive(final.parent / f".{plan.target}.lock", f"the export {final}"):   # one writer per target
+        staging = artefacts.ExportDir(final, opts.overwrite)
+        work = Path(tempfile.mkdtemp(prefix="densekit-export-"))
+        try:
+            result = build_export(run, plan, opts, size, work, staging.staging, t_start, log)
+            result.path = staging.commit()
+        except BaseException:
+            staging.discard()
+            log(f"export failed; nothing was replaced. Scratch files kept in {work}")
+            raise
     shutil.rmtree(work, ignore_errors=True)
     files = "report.md, drift.json, manifest.json" + (", benchmark.json" if result.benchmark else "")
     log(f"wrote {result.path} ({files}; {len(result.reports)} artefacts, {time.time() - t_start:.0f} s)")

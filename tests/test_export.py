@@ -235,3 +235,17 @@ def test_efficientvit_int8_tflite_runs(tmp_path):
     ops = art["ops_by_dtype"]
     assert "DIV" in ops["float_ops"] and ops["int8"] > 3 * ops["float32"]
     assert art["check"]["finite"] and art["check"]["depth_rel_median"] < 0.02 and art["check"]["seg_agreement"] > 0.9
+
+
+def test_a_second_export_of_the_same_run_and_target_is_refused_while_the_first_runs(run_dir, tmp_path, capsys):
+    from test_lock import hold
+
+    out = tmp_path / "exports"
+    holder = hold(out / run_dir.name / ".tflite.lock")   # the first export, mid-way
+    try:
+        assert export(run_dir, out, "--target", "tflite") == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"being written by process {holder.pid}" in capsys.readouterr().err
+    assert not (out / run_dir.name / "tflite").exists()

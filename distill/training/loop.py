@@ -6,6 +6,7 @@ weights + optimizer/scheduler state), best.safetensors, summary.json, report.md,
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from core import config as cfgio
 from core.config import ConfigError
+from core.lock import exclusive
 from core import io
 from core.spaces import DepthSpace
 from core.weights import latest_checkpoint, load_state, load_weights, save_checkpoint, save_weights
@@ -114,13 +116,17 @@ def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
     if not rank.main:
         log, progress = (lambda *args, **kwargs: None), False
     try:
-        return _train(recipe, rank, device, progress, log)
+        with contextlib.ExitStack() as holds:
+            return _train(recipe, rank, device, progress, log, holds)
     finally:
         distributed.shutdown(rank)
 
 
-def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progress: bool, log) -> Path:
+def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progress: bool, log,
+           holds: contextlib.ExitStack) -> Path:
     t_start = time.time()
+    if recipe.resume and rank.main:   # one writer per run: a second resume of the same run is refused
+        holds.enter_context(exclusive(Path(recipe.resume) / ".lock", f"the run {recipe.resume}"))
     recipe, filled = resolve_for_device(recipe, device.type)
     if filled:
         log(f"{device.type.upper()} defaults: " + ", ".join(f"{k}={v}" for k, v in filled.items())
@@ -142,6 +148,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     model = student_for(recipe, device, rank, log)
 
     run_dir = Path(recipe.resume) if recipe.resume else distributed.broadcast(rank, new_run_dir(recipe) if rank.main else None)
+    if rank.main and not recipe.resume:
+        holds.enter_context(exclusive(run_dir / ".lock", f"the run {run_dir}"))
     if rank.main:
         io.write_json(run_dir / "config.json", {**cfgio.to_dict(recipe), "device": str(device), "processes": rank.world})
     ec = recipe.eval  # the constant predictor at the training set's median depth: the number to beat

@@ -1,0 +1,41 @@
+"""Exclusive writers: one process at a time writes a run, an export target or a cache directory.
+
+The lock is an advisory `flock` on a small file that records the holder's PID. The kernel drops
+it when the holder exits, however it dies, so a lock left by a killed process is simply free: the
+next writer takes it without guessing whether a PID is still alive. The file itself stays (an
+empty claim is harmless) and tells who holds it while it is held.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+class LockHeld(RuntimeError):
+    """Another live process writes the same place; the message names it and the fix."""
+
+
+@contextmanager
+def exclusive(lock_file: str | Path, what: str) -> Iterator[Path]:
+    """Hold `lock_file` for the block; LockHeld at once (never waits) when another process holds it.
+
+    what: the thing guarded, in words for the message (e.g. "export exports/v3-.../tflite").
+    """
+    lock_file = Path(lock_file)
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise LockHeld(f"{what} is being written by process {holder} (lock {lock_file}); wait for it to "
+                           f"finish or stop it, then run this again") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield lock_file
+    finally:
+        os.close(fd)   # closing the descriptor releases the flock
