@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections import deque
@@ -28,7 +29,10 @@ class ConversionError(RuntimeError):
 
 
 class ExportDir:
-    """Staging for `final`; `commit()` swaps it in, `discard()` removes it."""
+    """Staging for `final` and scratch space beside it; `commit()` swaps the staging in, `discard()`
+    removes it. Made while holding the target's lock (quant.export), so any other staging, scratch
+    or swapped-out directory of this target is a killed export's leftover: `leftovers` lists what
+    was removed."""
 
     def __init__(self, final: Path, overwrite: bool):
         self.final = Path(final)
@@ -37,9 +41,14 @@ class ExportDir:
             raise ExportExistsError(f"{self.final} already exists ({count} entries); pass --overwrite to replace "
                                     f"it (it is replaced only if the new export succeeds), or remove it")
         self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.leftovers = sorted(p for kind in ("staging", "work", "old")
+                                for p in self.final.parent.glob(f".{self.final.name}.{kind}-*"))
+        for leftover in self.leftovers:
+            shutil.rmtree(leftover, ignore_errors=True)
         self.staging = self.final.parent / f".{self.final.name}.staging-{os.getpid()}"
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self.work = self.final.parent / f".{self.final.name}.work-{os.getpid()}"   # converters' scratch
         self.staging.mkdir()
+        self.work.mkdir()
 
     def commit(self) -> Path:
         old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
@@ -53,26 +62,38 @@ class ExportDir:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
+def die_with_parent() -> None:
+    """Runs in a child before exec: on Linux the kernel kills the child when its parent dies, so a
+    killed export leaves no converter or runtime process behind (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
+
+
 def run_module(module: str, *args: str, tail_lines: int = 15) -> None:
     """`python -m module args...` in a child process (runtimes never share a process with torch,
     docs/TOOLCHAIN.md); RuntimeError with the last lines of its output when it fails."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                          preexec_fn=die_with_parent)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-tail_lines:])
         raise RuntimeError(f"python -m {module} {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
 
 
 def run_converter(job: Job, job_dir: Path, log=print) -> dict:
-    """Run the format's converter process (`python -m targets.<format>`) on `job`; stream its progress lines; return result.json."""
+    """Run the format's converter process (`python -m targets.<format>`) on `job`; stream its progress
+    lines; return result.json."""
     job_path = job_dir / f"{job.format}.job.json"
     log_path = job_dir / f"{job.format}.log"
     job.save(job_path)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     tail: deque[str] = deque(maxlen=40)
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", FORMATS[job.format].converter, str(job_path)], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", FORMATS[job.format].converter, str(job_path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                preexec_fn=die_with_parent)
         for line in proc.stdout:
             log_file.write(line)
             tail.append(line.rstrip())

@@ -28,7 +28,6 @@ import copy
 import json
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -242,7 +241,9 @@ def export(run_path, plan: Plan, opts: ExportOptions, *, runs_dir="runs", log=pr
     final = Path(opts.out) / run.name / plan.target
     with exclusive(final.parent / f".{plan.target}.lock", f"the export {final}"):   # one writer per target
         staging = artefacts.ExportDir(final, opts.overwrite)
-        work = Path(tempfile.mkdtemp(prefix="densekit-export-"))
+        if staging.leftovers:
+            log(f"removed the leftovers of a killed export: {', '.join(p.name for p in staging.leftovers)}")
+        work = staging.work
         try:
             result = build_export(run, plan, opts, size, work, staging.staging, t_start, log)
             result.path = staging.commit()

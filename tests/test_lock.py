@@ -61,3 +61,44 @@ def test_resuming_a_run_that_another_process_writes_is_refused(tmp_path, capsys)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+
+
+def test_a_new_export_directory_removes_a_killed_exports_leftovers(tmp_path):
+    from quant.artefacts import ExportDir
+
+    parent = tmp_path / "exports" / "v3-run"
+    kept = parent / ".coreml.staging-123"
+    leftovers = [parent / ".tflite.staging-123", parent / ".tflite.work-123", parent / ".tflite.old-123"]
+    for d in (*leftovers, kept):
+        (d / "sub").mkdir(parents=True)
+    staging = ExportDir(parent / "tflite", overwrite=False)
+    assert staging.leftovers == sorted(leftovers) and not any(d.exists() for d in leftovers)
+    assert kept.exists() and staging.staging.is_dir() and staging.work.is_dir()   # another target's: not ours
+
+
+def test_child_processes_die_with_their_parent(tmp_path):
+    """A converter or runtime child (quant.artefacts.run_module) does not outlive a killed export."""
+    pid_file = tmp_path / "child.pid"
+    code = ("import sys\nfrom quant.artefacts import run_module\n"
+            "run_module('timeit', '-n', '1', '-s', "
+            f"\"import os, pathlib; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid()))\", "
+            "'import time; time.sleep(120)')\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    deadline = time.time() + 60
+    while not pid_file.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    child = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    while running(child) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not running(child), f"child {child} outlived its killed parent"
+
+
+def running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (Linux /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
