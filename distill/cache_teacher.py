@@ -40,8 +40,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from core import io
-from core.lock import LockHeld, exclusive
 from core.config import ConfigError, apply_overrides
+from core.lock import LockHeld, exclusive
 from core.registry import UnknownNameError
 from core.weights import save_weights
 from distill.teachers.cache import FORMAT, CachedTeacher, CacheMismatchError, shard_name, teacher_tensors

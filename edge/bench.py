@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from core.formats import FORMATS
+from core.manifest import verify_artefact
 from edge.device.linux_bench import latency_summary, peak_rss_mb  # device and host measure alike
 from edge.run import write_json
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner, threads_text
@@ -80,12 +81,15 @@ def current_rss_mb() -> float:
         return resident_pages * os.sysconf("SC_PAGE_SIZE") / MIB
 
 
-def check_bench(path: str | Path, runs: int, warmup: int, executor: str) -> str:
-    """The artefact's format after checking the arguments; BenchRefused names what is wrong."""
+def check_bench(path: str | Path, runs: int, warmup: int, executor: str, verify: bool = True) -> str:
+    """The artefact's format after checking the arguments (and the file against its export's
+    manifest, with `verify`); BenchRefused names what is wrong."""
     if runs < 1 or warmup < 0:
         raise BenchRefused(f"runs={runs}, warmup={warmup}: need runs >= 1 and warmup >= 0")
     try:
         fmt = FORMATS[artefact_format(path, executor)]
+        if verify:
+            verify_artefact(path)
     except ValueError as exc:
         raise BenchRefused(str(exc)) from exc
     if not fmt.timed_here() or executor == "reference":
@@ -107,13 +111,13 @@ def time_runs(fn, runs: int, warmup: int) -> list[float]:
 
 
 def bench_artefact(path: str | Path, *, threads: int | None = None, runs: int = 50, warmup: int = 5,
-          executor: str = "auto") -> dict:
+                   executor: str = "auto", verify: bool = True) -> dict:
     """Time `runs` single-image inferences of artefact `path`; returns the densekit.bench/1 dict.
 
     threads: the runtime's thread count (None: its default). Raises BenchRefused for bad
     arguments and for Core ML off macOS.
     """
-    fmt = check_bench(path, runs, warmup, executor)
+    fmt = check_bench(path, runs, warmup, executor, verify)
     baseline = current_rss_mb()
     runner = open_runner(path, threads=threads, executor=executor)
     image = np.random.default_rng(0).random((1, *image_shape(runner)), dtype=np.float32)
@@ -131,10 +135,11 @@ def bench_artefact(path: str | Path, *, threads: int | None = None, runs: int = 
     }
 
 
-def bench_side_by_side(paths: list[str | Path], *, threads: int | None = None, runs: int = 50, warmup: int = 5) -> dict:
+def bench_side_by_side(paths: list[str | Path], *, threads: int | None = None, runs: int = 50, warmup: int = 5,
+                       verify: bool = True) -> dict:
     """Interleaved runs of several artefacts in one process; speed-up of each against the first."""
     for path in paths:
-        check_bench(path, runs, warmup, "auto")
+        check_bench(path, runs, warmup, "auto", verify)
     runners = [open_runner(path, threads=threads) for path in paths]
     calls = [r.invoke_fn(np.random.default_rng(0).random((1, *image_shape(r)), dtype=np.float32)) for r in runners]
     for call in calls:
@@ -180,6 +185,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed inferences first (default 5)")
     parser.add_argument("--json", default=None, help="write the densekit.bench/1 JSON here")
     parser.add_argument("--executor", default="auto", choices=EXECUTORS, help="Core ML only")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="bench an artefact even if it differs from its export's manifest.json")
     return parser.parse_args(argv)
 
 
@@ -187,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if len(args.artefact) > 1:
-            result = bench_side_by_side(args.artefact, threads=args.threads, runs=args.runs, warmup=args.warmup)
+            result = bench_side_by_side(args.artefact, threads=args.threads, runs=args.runs, warmup=args.warmup,
+                                        verify=not args.no_verify)
         else:
             result = bench_artefact(args.artefact[0], threads=args.threads, runs=args.runs, warmup=args.warmup,
-                                    executor=args.executor)
+                                    executor=args.executor, verify=not args.no_verify)
     except BenchRefused as exc:
         print(f"edge.bench: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from core import io as core_io
+from core.manifest import verify_artefact
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner
 
 EXIT_BAD_INPUT, EXIT_RUNTIME = 2, 1
@@ -54,16 +55,19 @@ def validate_images(images: np.ndarray, runner) -> None:
 
 
 def run_artefact(path: str | Path, images: np.ndarray, *, threads: int | None = None, executor: str = "auto",
-                 logits: bool = False) -> dict:
+                 logits: bool = False, verify: bool = True) -> dict:
     """Run artefact `path` on images (N, 3, H, W) float32 in [0, 1].
 
     Returns {"depth": (N, 1, H, W) float32 metres, "labels": (N, H, W) uint8, "seg": (N, C, H, W)
     float32 logits (only with logits=True), "executor": str, "seconds": float (the runs only)}.
-    Raises BadInput (a ValueError) when the path, the executor or the images are wrong; whatever
-    the runtime raises while loading or running the artefact passes through.
+    verify: an artefact in an export directory must match its manifest's sha256 (core/manifest.py).
+    Raises BadInput (a ValueError) when the path, the executor, the file's hash or the images are
+    wrong; whatever the runtime raises while loading or running the artefact passes through.
     """
     try:
         artefact_format(path, executor)
+        if verify:
+            verify_artefact(path)
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
     runner = open_runner(path, threads=threads, executor=executor)
@@ -96,6 +100,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
     parser.add_argument("--executor", default="auto", choices=EXECUTORS, help="Core ML only")
     parser.add_argument("--logits", action="store_true", help="also store the segmentation logits")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="run an artefact even if it differs from its export's manifest.json")
     return parser.parse_args(argv)
 
 
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     try:
         result = run_artefact(args.artefact, images, threads=args.threads, executor=args.executor,
-                              logits=args.logits)
+                              logits=args.logits, verify=not args.no_verify)
     except BadInput as exc:   # bad artefact path, suffix, executor or images
         print(f"edge.run: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from core import io
 from core.formats import FORMATS
+from core.manifest import MANIFEST
 from targets.job import RESULT_FILE, Job
 
 
@@ -46,7 +47,8 @@ class ExportDir:
         for leftover in self.leftovers:
             shutil.rmtree(leftover, ignore_errors=True)
         self.staging = self.final.parent / f".{self.final.name}.staging-{os.getpid()}"
-        self.work = self.final.parent / f".{self.final.name}.work-{os.getpid()}"   # converters' scratch
+        # the converters' scratch; absolute, since a converter changes its working directory (onnx2tf)
+        self.work = (self.final.parent / f".{self.final.name}.work-{os.getpid()}").resolve()
         self.staging.mkdir()
         self.work.mkdir()
 
@@ -119,18 +121,5 @@ def write_manifest(export_dir: Path, artefacts: list[dict], tools: dict, config:
                         "bytes": tree_bytes(path), "sha256": io.sha256(path),
                         **{k: v for k, v in a.items() if k not in ("path", "format", "precision")}})
     manifest = {"artefacts": entries, "tools": tools, "config": config}
-    io.write_json(export_dir / "manifest.json", manifest)
+    io.write_json(export_dir / MANIFEST, manifest)
     return manifest
-
-
-def verify_manifest(export_dir: Path) -> list[str]:
-    """Problems found re-hashing an export against its manifest (empty when it is intact)."""
-    manifest = json.loads((Path(export_dir) / "manifest.json").read_text())
-    problems = []
-    for a in manifest["artefacts"]:
-        path = Path(export_dir) / a["path"]
-        if not path.exists():
-            problems.append(f"{a['path']}: missing")
-        elif io.sha256(path) != a["sha256"]:
-            problems.append(f"{a['path']}: sha256 differs from the manifest")
-    return problems

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from core import io
-from core.lock import LockHeld, exclusive
 from core.formats import FORMATS, Format
+from core.lock import LockHeld, exclusive
 from edge import kit
 from quant import benchmark
 from targets.profiles import device_names

@@ -15,10 +15,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from core.manifest import verify_export
 from distill.run import main as train_main
-from quant.artefacts import verify_manifest
 from quant.export import main as export_main
 
 TINY = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=64", "data.width=96",
@@ -112,7 +113,7 @@ def test_export_directory_holds_the_proof(tflite_export, run_dir):
 
 def test_manifest_hashes_match_and_detect_tampering(tflite_export, run_dir, tmp_path):
     export_dir = tflite_export / run_dir.name / "tflite"
-    assert verify_manifest(export_dir) == []
+    assert verify_export(export_dir) == []
     manifest = json.loads((export_dir / "manifest.json").read_text())
     for a in manifest["artefacts"]:
         assert (export_dir / a["path"]).stat().st_size == a["bytes"]
@@ -120,9 +121,38 @@ def test_manifest_hashes_match_and_detect_tampering(tflite_export, run_dir, tmp_
     original = victim.read_bytes()
     try:
         victim.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-        assert verify_manifest(export_dir) == [f"{victim.name}: sha256 differs from the manifest"]
+        assert verify_export(export_dir) == [f"{victim.name}: sha256 differs from the manifest"]
     finally:
         victim.write_bytes(original)
+
+
+def test_a_flipped_byte_is_refused_by_name_where_the_artefact_is_used(tflite_export, run_dir, tmp_path, capsys):
+    """edge.run, edge.bench and quant.verify check an exported artefact against its manifest."""
+    from edge.bench import main as bench_main
+    from edge.run import main as run_main
+    from quant.verify import main as verify_main
+
+    export_dir = tflite_export / run_dir.name / "tflite"
+    victim = export_dir / f"{run_dir.name}_int8.tflite"
+    inputs = tmp_path / "inputs.npy"
+    np.save(inputs, np.random.default_rng(0).random((1, 3, 64, 96), dtype=np.float32))
+    assert verify_main([str(export_dir)]) == 0
+    original = victim.read_bytes()
+    try:
+        victim.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])
+        capsys.readouterr()
+        assert verify_main([str(export_dir)]) == 2
+        assert f"{victim.name}: sha256 differs from the manifest" in capsys.readouterr().err
+        assert run_main([str(victim), "--inputs", str(inputs), "--out", str(tmp_path / "o.npz")]) == 2
+        assert bench_main([str(victim), "--runs", "1", "--warmup", "0"]) == 2
+        assert not (tmp_path / "o.npz").exists()
+        err = capsys.readouterr().err
+        assert err.count(f"{victim} differs from the sha256 recorded in") == 2 and "--no-verify" in err
+        assert run_main([str(victim), "--inputs", str(inputs), "--out", str(tmp_path / "o.npz"), "--no-verify"]) in (0, 1)
+    finally:
+        victim.write_bytes(original)
+    assert verify_main([str(tmp_path)]) == 2   # not an export
+    assert "manifest.json is missing or unreadable" in capsys.readouterr().err
 
 
 def test_tflite_metadata_is_embedded(tflite_export, run_dir):
@@ -173,7 +203,7 @@ def test_coreml_through_export(run_dir, tmp_path):
     assert set(arts) == {"fp16", "w8"}
     assert arts["w8"]["bytes"] < arts["fp16"]["bytes"]
     assert arts["w8"]["weight_ops"]                      # compressed-weight ops in the program
-    assert verify_manifest(tmp_path / run_dir.name / "coreml") == []
+    assert verify_export(tmp_path / run_dir.name / "coreml") == []
 
 
 def test_pruned_float_only_tflite_export(run_dir, tmp_path):

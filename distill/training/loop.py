@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from core import config as cfgio
+from core import io
 from core.config import ConfigError
 from core.lock import exclusive
-from core import io
 from core.spaces import DepthSpace
 from core.weights import latest_checkpoint, load_state, load_weights, save_checkpoint, save_weights
 from distill.data import build_datasets

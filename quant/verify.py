@@ -1,0 +1,40 @@
+"""`python -m quant.verify EXPORT_DIR` - check a whole export against its manifest.json.
+
+    python -m quant.verify exports/v3-20261121T101500Z/tflite
+
+Re-hashes every artefact the manifest lists (sha256, as recorded at export). Exit status: 0 every
+artefact is present and intact; 2 the directory is not an export, or an artefact is missing or
+differs (one `error:` line naming each one and the fix).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from core.manifest import IntegrityError, read_manifest, verify_export
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m quant.verify", description=__doc__.split("\n\n")[0])
+    parser.add_argument("export_dir", help="an export directory: exports/<run>/<target>")
+    args = parser.parse_args(argv)
+    export_dir = Path(args.export_dir)
+    try:
+        if not export_dir.is_dir():
+            raise IntegrityError(f"{export_dir} is not a directory; pass an export directory (exports/<run>/<target>)")
+        count = len(read_manifest(export_dir)["artefacts"])
+        found = verify_export(export_dir)
+    except IntegrityError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if found:
+        print(f"error: {export_dir}: {len(found)} of {count} artefacts do not match manifest.json ({'; '.join(found)}); "
+              f"re-export with python -m quant.export ... --overwrite", file=sys.stderr)
+        return 2
+    print(f"{export_dir}: all {count} artefacts match manifest.json (sha256)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
