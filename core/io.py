@@ -18,6 +18,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+class IntegrityError(ValueError):
+    """A file that is corrupt, truncated or differs from the hash recorded for it; the message
+    names the file and the fix."""
+
+
 @contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `dest`; on success fsync it and rename it to `dest`."""

@@ -8,13 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.io import sha256
+from core.io import IntegrityError, sha256
 
 MANIFEST = "manifest.json"
-
-
-class IntegrityError(ValueError):
-    """A file differs from the hash recorded for it; the message names the file and the fix."""
+__all__ = ["MANIFEST", "IntegrityError", "read_manifest", "verify_artefact", "verify_export"]
 
 
 def read_manifest(export_dir: str | Path) -> dict:

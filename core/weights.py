@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.io import atomic_path
+from core.io import IntegrityError, atomic_path, sha256
+
+WEIGHTS_SHA256 = "weights_sha256"   # the key in state.pt
 
 
 def save_weights(dest: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -24,7 +26,14 @@ def save_weights(dest: str | Path, state: dict[str, torch.Tensor], metadata: dic
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """The tensors of a safetensors file; IntegrityError naming the file when it cannot be read."""
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as exc:   # safetensors raises its own error types for truncated or garbled files
+        raise IntegrityError(f"{path} cannot be read as safetensors weights ({type(exc).__name__}: {exc}): the "
+                             f"file is truncated or corrupt; restore it from a copy, or make it again") from None
 
 
 def save_checkpoint(ckpt_dir: Path, epoch: int, weights: dict[str, torch.Tensor], state: dict,
@@ -32,7 +41,8 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, weights: dict[str, torch.Tensor]
     """Write `ckpt_dir/epoch-NNNN/{model.safetensors,state.pt}` atomically as one unit.
 
     Both files go to a hidden temp directory that is renamed into place, so weights and the
-    optimizer/scheduler state of the same epoch always travel together. Keeps the newest `keep`.
+    optimizer/scheduler state of the same epoch always travel together. state.pt also records the
+    weights' sha256, which `check_checkpoint` verifies before a resume. Keeps the newest `keep`.
     """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"epoch-{epoch:04d}"
@@ -40,7 +50,7 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, weights: dict[str, torch.Tensor]
     try:
         save_weights(tmp / "model.safetensors", weights, metadata)
         with atomic_path(tmp / "state.pt") as t:
-            torch.save(state, t)
+            torch.save({**state, WEIGHTS_SHA256: sha256(tmp / "model.safetensors")}, t)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -58,5 +68,23 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def load_state(path: str | Path) -> dict:
-    # weights_only: optimizer/scheduler state is tensors and plain containers; never run pickled code.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint's state.pt; IntegrityError naming the file when it cannot be read."""
+    try:
+        # weights_only: optimizer/scheduler state is tensors and plain containers; never run pickled code.
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise IntegrityError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}): the "
+                             f"checkpoint is truncated or corrupt") from None
+
+
+def check_checkpoint(ckpt: Path) -> dict:
+    """A checkpoint's state, after checking its weights against the sha256 that state.pt recorded
+    (checkpoints written before that record are read as they are)."""
+    state = load_state(ckpt / "state.pt")
+    recorded = state.pop(WEIGHTS_SHA256, None)
+    if recorded is not None and sha256(ckpt / "model.safetensors") != recorded:
+        raise IntegrityError(f"{ckpt / 'model.safetensors'} differs from the sha256 its checkpoint recorded: the "
+                             f"weights are corrupt. Resume from an intact copy of the run, or start a new run")
+    return state

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from core.config import ConfigError, apply_overrides, to_dict
+from core.io import IntegrityError
 from core.lock import LockHeld
 from core.registry import UnknownNameError
 from distill.recipes import RECIPES, Recipe, check_values, get_recipe, load_saved, recipe_summary
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{type(recipe).__doc__.strip()}\n\nKeys (set with key=value):\n{describe_keys(recipe)}")
             return 0
         train_recipe(args.recipe, overrides=args.overrides, progress=not args.quiet)
-    except (ConfigError, UnknownNameError, SupervisionError, LockHeld) as e:
+    except (ConfigError, UnknownNameError, SupervisionError, LockHeld, IntegrityError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except PreflightError as e:

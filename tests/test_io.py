@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from core import io
-from core.weights import latest_checkpoint, load_state, load_weights, save_checkpoint
+from core.io import IntegrityError
+from core.weights import check_checkpoint, latest_checkpoint, load_weights, save_checkpoint, save_weights
 
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
@@ -24,7 +25,7 @@ def test_checkpoints_are_complete_units(tmp_path):
     (tmp_path / ".epoch-0004.half").mkdir()  # a killed save leaves only a hidden temp dir
     latest = latest_checkpoint(tmp_path)
     assert latest.name == "epoch-0003" and sorted(p.name for p in tmp_path.glob("epoch-*")) == ["epoch-0002", "epoch-0003"]
-    assert load_state(latest / "state.pt") == {"epoch": 3}
+    assert check_checkpoint(latest) == {"epoch": 3}
     assert torch.equal(load_weights(latest / "model.safetensors")["w"], weights["w"])
 
 
@@ -34,3 +35,27 @@ def test_torn_jsonl_line_is_skipped(tmp_path):
     with open(path, "a") as f:
         f.write('{"epoch": 2, "va')
     assert io.read_jsonl(path) == [{"epoch": 1}]
+
+
+def test_a_checkpoint_whose_weights_changed_is_refused_by_name(tmp_path):
+    save_checkpoint(tmp_path, 1, {"w": torch.arange(64.0)}, {"epoch": 1}, {})
+    weights = latest_checkpoint(tmp_path) / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x40    # a flipped bit in the tensor data: the file still loads
+    weights.write_bytes(bytes(data))
+    assert load_weights(weights)["w"].shape == (64,)
+    with pytest.raises(IntegrityError, match=rf"{weights}.* differs from the sha256 its checkpoint recorded"):
+        check_checkpoint(weights.parent)
+
+
+def test_truncated_weights_and_state_name_the_file(tmp_path):
+    save_weights(tmp_path / "w.safetensors", {"w": torch.zeros(16)})
+    data = (tmp_path / "w.safetensors").read_bytes()
+    (tmp_path / "w.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(IntegrityError, match=r"w\.safetensors cannot be read as safetensors weights.*truncated or corrupt"):
+        load_weights(tmp_path / "w.safetensors")
+    save_checkpoint(tmp_path / "ckpt", 1, {"w": torch.zeros(4)}, {"epoch": 1}, {})
+    state = latest_checkpoint(tmp_path / "ckpt") / "state.pt"
+    state.write_bytes(state.read_bytes()[:20])
+    with pytest.raises(IntegrityError, match=r"state\.pt cannot be read .*truncated or corrupt"):
+        check_checkpoint(state.parent)

@@ -1,6 +1,7 @@
 """End-to-end training on tiny SynthRooms: loss falls, pre-flight refuses v1, resume is exact."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,3 +151,19 @@ def test_best_metrics_are_metrics_that_evaluation_reports():
     metrics = DepthMetrics()
     metrics.update(torch.full((1, 1, 4, 4), 2.0), torch.full((1, 1, 4, 4), 2.5), torch.ones(1, 1, 4, 4, dtype=torch.bool))
     assert set(BEST_METRICS) <= set(metrics.compute())
+
+
+def test_resume_refuses_a_corrupt_or_missing_checkpoint_with_one_line(tmp_path, capsys):
+    assert main(["v3", *TINY, "train.epochs=1", f"out_dir={tmp_path}", "--quiet"]) == 0
+    (run,) = run_dirs(tmp_path)
+    weights = latest_checkpoint(run / "checkpoints") / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x40
+    weights.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["v3", f"resume={run}", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{weights} differs from the sha256 its checkpoint recorded" in err[0], err
+    shutil.rmtree(weights.parent)
+    assert main(["v3", f"resume={run}", "--quiet"]) == 2
+    assert "no complete checkpoint under" in capsys.readouterr().err

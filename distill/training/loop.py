@@ -25,7 +25,7 @@ from core import io
 from core.config import ConfigError
 from core.lock import exclusive
 from core.spaces import DepthSpace
-from core.weights import latest_checkpoint, load_state, load_weights, save_checkpoint, save_weights
+from core.weights import check_checkpoint, latest_checkpoint, load_weights, save_checkpoint, save_weights
 from distill.data import build_datasets
 from distill.data.classes import NYU13_NAMES
 from distill.losses.feature_kd import FeatureDistiller
@@ -368,10 +368,10 @@ def restore(run_dir: Path, model, weighting, optimizer, scheduler, log, write: b
             feature_kd=None) -> dict:
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
-        raise FileNotFoundError(f"resume={run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}; "
-                                f"start a new run instead")
+        raise ConfigError(f"resume={run_dir}: no complete checkpoint under {run_dir / 'checkpoints'} (killed "
+                          f"before its first epoch ended); start a new run instead")
+    full = check_checkpoint(ckpt)
     model.load_state_dict(load_weights(ckpt / "model.safetensors"))
-    full = load_state(ckpt / "state.pt")
     optimizer.load_state_dict(full["optimizer"])
     scheduler.load_state_dict(full["scheduler"])
     weighting.load_state_dict(full["weighting"])
