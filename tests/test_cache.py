@@ -196,6 +196,18 @@ def test_non_finite_labels_stop_caching_and_are_found_in_a_cache(tmp_path, capsy
     assert CachedTeacher.open(tmp_path / "c").scan_finite() == [7]
 
 
+def test_a_shard_changed_after_caching_is_refused_before_training_uses_it(tmp_path):
+    """Halving every label of a shard (a valid file with the same metadata) used to train quietly."""
+    assert main(command(tmp_path / "c")) == 0
+    path = tmp_path / "c" / shard_name(2)
+    with safe_open(str(path), "pt") as f:
+        depth, meta = f.get_tensor("depth"), f.metadata()
+    save_weights(path, {"depth": depth / 2}, meta)
+    train, _ = datasets()
+    with pytest.raises(CacheMismatchError, match=rf"1 shard\(s\) differ from the sha256 in manifest.json.*{shard_name(2)}"):
+        CachedTeacher.open(tmp_path / "c").verify(train, height=32, width=32, split="train")
+
+
 def test_overflowing_labels_are_refused(tmp_path, capsys):
     class Loud(SyntheticMetricTeacher):
         name = "loud-for-test"

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from core.io import sha256
 from core.spaces import DepthSpace, ValueRange
 from core.weights import load_weights
 from distill.teachers.base import Teacher
@@ -146,8 +147,12 @@ class CachedTeacher(Teacher):
         # a one-split cache is compared as it is (count, images) even when it is of another split
         first, stop = m["splits"].get(split) or next(iter(m["splits"].values()))
         missing = [s["file"] for s in m["shards"] if not (self.path / s["file"]).is_file()]
+        changed = [s["file"] for s in m["shards"] if s["file"] not in missing and sha256(self.path / s["file"]) != s["sha256"]]
         if missing:
             problems.append(f"shard files missing: {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
+        elif changed:
+            problems.append(f"{len(changed)} shard(s) differ from the sha256 in manifest.json, so their labels changed "
+                            f"after caching: {', '.join(changed[:3])}" + (" ..." if len(changed) > 3 else ""))
         elif stop - first != len(dataset):
             problems.append(f"samples: cache {stop - first}, dataset {len(dataset)}")
         else:
