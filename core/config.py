@@ -111,15 +111,42 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, data: dict) -> Any:
-    """Rebuild a config dataclass from `to_dict` output (JSON lists become tuples)."""
+def has_type(value: Any, typ: Any) -> bool:
+    """Whether a JSON value fits a field type (the types `parse_value` supports; others pass)."""
+    origin, args = get_origin(typ), get_args(typ)
+    if origin in (typing.Union, types.UnionType):
+        return any(has_type(value, arg) for arg in args)
+    if typ is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(has_type(v, args[0]) for v in value)
+    if typ is bool:
+        return isinstance(value, bool)
+    if typ is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if typ is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if typ is str:
+        return isinstance(value, str)
+    return True
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Rebuild a config dataclass from `to_dict` output (JSON lists become tuples); ConfigError
+    naming the key for a value of the wrong type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path.rstrip('.') or cls.__name__}: expected a section (a JSON object), got {data!r}")
     hints, kwargs = field_types(cls), {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
             continue
         value, typ = data[f.name], hints[f.name]
         if dataclasses.is_dataclass(typ):
-            value = from_dict(typ, value)
+            value = from_dict(typ, value, f"{path}{f.name}.")
+        elif not has_type(value, typ):
+            raise ConfigError(f"{path}{f.name}={value!r}: expected {typ}")
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[f.name] = value

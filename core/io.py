@@ -9,9 +9,11 @@ need torch, live in core/weights.py.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,8 +41,35 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600: a cache or run others cannot read
         os.replace(tmp, dest)
+    except Exception as exc:
+        # Writers report a full disk in their own words (torch.save: "unexpected pos ..."); say it plainly.
+        if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) and out_of_space(dest.parent):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def out_of_space(directory: Path, margin: int = 1 << 20) -> bool:
+    """Whether the file system of `directory` has less than `margin` bytes left."""
+    try:
+        return shutil.disk_usage(directory).free < margin
+    except OSError:
+        return False
+
+
+def check_writable(directory: str | Path, what: str) -> None:
+    """ValueError naming `what` unless `directory` exists as a writable directory or can be made
+    one: checked before long work, so a bad output place never costs a training or a conversion."""
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{what} {directory}: {existing} is a file, not a directory; choose another place")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {directory}: {existing} is not writable (a read-only file system or no "
+                         f"permission); choose another place")
 
 
 def write_bytes(dest: str | Path, data: bytes) -> None:

@@ -16,11 +16,13 @@ from typing import Iterator
 
 class LockHeld(RuntimeError):
     """Another live process writes the same place; the message names it and the fix."""
+    exit_code = 2
 
 
 @contextmanager
-def exclusive(lock_file: str | Path, what: str) -> Iterator[Path]:
-    """Hold `lock_file` for the block; LockHeld at once (never waits) when another process holds it.
+def exclusive(lock_file: str | Path, what: str, *, wait: bool = False) -> Iterator[Path]:
+    """Hold `lock_file` for the block; LockHeld at once when another process holds it, or with
+    `wait` block until it is free (for work the other process does for us too, e.g. a render).
 
     what: the thing guarded, in words for the message (e.g. "export exports/v3-.../tflite").
     """
@@ -29,7 +31,7 @@ def exclusive(lock_file: str | Path, what: str) -> Iterator[Path]:
     fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             raise LockHeld(f"{what} is being written by process {holder} (lock {lock_file}); wait for it to "

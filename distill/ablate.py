@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import Callable, get_origin
 
 from core import io
+from core.cli import ArgumentParser, command
 from core.config import ConfigError, apply_overrides, field_types
-from core.registry import UnknownNameError, suggest
+from core.registry import suggest
 from distill.recipes import RECIPES, Recipe, check_values, get_recipe
 
 # How each summary.json metric ranks: -1 lower is better, +1 higher is better, 0 closest to 1.
@@ -252,7 +253,7 @@ def write_report(out: Path, recipe_name: str, grid: Grid, metrics: list[str], ro
 # ----------------------------------------------------------------------------- main
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m distill.ablate", add_help=False, epilog=__doc__,
+    parser = ArgumentParser(prog="python -m distill.ablate", add_help=False, epilog=__doc__,
                                      description="Train every combination of a grid of overrides; one table.",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", nargs="?", help=f"one of {', '.join(RECIPES.names())}")
@@ -266,7 +267,8 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("python -m distill.ablate")
+def main(argv: list[str]) -> int:
     parser = make_parser()
     args = parser.parse_intermixed_args(argv)
     if args.recipe is None or args.help:
@@ -275,13 +277,9 @@ def main(argv: list[str] | None = None) -> int:
             from distill.run import describe_keys
             print(f"\nKeys of {args.recipe} (set with key=value):\n{describe_keys(get_recipe(args.recipe))}")
         return 0 if args.help else 2
-    try:
-        metrics = parse_metrics(args.metrics)
-        grid = parse_grid(args.items, get_recipe(args.recipe))
-        recipes = build_recipes(args.recipe, grid)
-    except (ConfigError, UnknownNameError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    metrics = parse_metrics(args.metrics)
+    grid = parse_grid(args.items, get_recipe(args.recipe))
+    recipes = build_recipes(args.recipe, grid)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or f"runs/ablate-{stamp}")
     combos = grid.combinations()

@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from core import io
+from core.cli import command, one_line
 from core.config import ConfigError, apply_overrides
 from core.lock import LockHeld, exclusive
 from core.registry import UnknownNameError
@@ -371,8 +372,8 @@ def label_missing(recipe, options: dict, overrides: list[str], out: Path, rank, 
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+@command("python -m distill.cache_teacher")
+def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         return run(recipe, options, overrides)
     except (ConfigError, UnknownNameError, CacheMismatchError, FileNotFoundError, LockHeld) as e:
         if rank.main:   # every rank has the same error (rank 0's, broadcast)
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except FloatingPointError as e:   # only the rank that labelled the sample knows
         print(f"error{f' (rank {rank.rank})' if rank.active else ''}: {e}", file=sys.stderr)

@@ -16,13 +16,10 @@ from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from core.cli import ArgumentParser, command
 from core.config import ConfigError, apply_overrides, to_dict
-from core.io import IntegrityError
-from core.lock import LockHeld
-from core.registry import UnknownNameError
+from core.io import check_writable
 from distill.recipes import RECIPES, Recipe, check_values, get_recipe, load_saved, recipe_summary
-from distill.training.preflight import PreflightError
-from distill.training.supervision import SupervisionError
 
 
 def describe_keys(recipe) -> str:
@@ -70,12 +67,15 @@ def train_recipe(recipe: Recipe | str, *, overrides: Sequence[str] = (), progres
     else:
         recipe = apply_overrides(recipe, list(overrides))
         check_values(recipe)
+    if not recipe.resume:
+        check_writable(recipe.out_dir, "out_dir")
     from distill.training import train  # heavy imports only once the recipe is valid
     return train(recipe, progress=progress, log=log)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m distill.run", add_help=False,
+@command("python -m distill.run")
+def main(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="python -m distill.run", add_help=False,
                                      description="Train a distillation recipe.", epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", nargs="?", help=f"one of {', '.join(RECIPES.names())}")
@@ -92,18 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.recipe is None:
         parser.print_help()
         return 0 if args.help else 2
-    try:
-        if args.help:
-            recipe = get_recipe(args.recipe)
-            print(f"{type(recipe).__doc__.strip()}\n\nKeys (set with key=value):\n{describe_keys(recipe)}")
-            return 0
-        train_recipe(args.recipe, overrides=args.overrides, progress=not args.quiet)
-    except (ConfigError, UnknownNameError, SupervisionError, LockHeld, IntegrityError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except PreflightError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+    if args.help:
+        recipe = get_recipe(args.recipe)
+        print(f"{type(recipe).__doc__.strip()}\n\nKeys (set with key=value):\n{describe_keys(recipe)}")
+        return 0
+    train_recipe(args.recipe, overrides=args.overrides, progress=not args.quiet)   # errors: core/cli.py
     return 0
 
 

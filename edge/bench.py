@@ -41,7 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
+from core.cli import ArgumentParser, at_least, command
 from core.formats import FORMATS
+from core.io import check_writable
 from core.manifest import verify_artefact
 from edge.device.linux_bench import latency_summary, peak_rss_mb  # device and host measure alike
 from edge.run import write_json
@@ -178,7 +180,7 @@ def summary(result: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m edge.bench", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m edge.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("artefact", nargs="+", help=".tflite or .onnx (.mlpackage on macOS); several = side by side")
     parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
     parser.add_argument("--runs", type=int, default=50, help="timed inferences (default 50)")
@@ -190,23 +192,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("python -m edge.bench")
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        if len(args.artefact) > 1:
-            result = bench_side_by_side(args.artefact, threads=args.threads, runs=args.runs, warmup=args.warmup,
-                                        verify=not args.no_verify)
-        else:
-            result = bench_artefact(args.artefact[0], threads=args.threads, runs=args.runs, warmup=args.warmup,
-                                    executor=args.executor, verify=not args.no_verify)
-    except BenchRefused as exc:
-        print(f"edge.bench: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:   # the runtime rejected the artefact or failed while running it
-        import traceback
-        traceback.print_exc()
-        print(f"edge.bench: {' '.join(args.artefact)} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+    at_least("--threads", args.threads, 1)
+    if args.json:
+        check_writable(Path(args.json).parent, "--json")
+    if len(args.artefact) > 1:
+        result = bench_side_by_side(args.artefact, threads=args.threads, runs=args.runs, warmup=args.warmup,
+                                    verify=not args.no_verify)
+    else:
+        result = bench_artefact(args.artefact[0], threads=args.threads, runs=args.runs, warmup=args.warmup,
+                                executor=args.executor, verify=not args.no_verify)
     print(compare_summary(result) if len(args.artefact) > 1 else summary(result))
     if args.json:
         write_json(args.json, result)

@@ -22,13 +22,14 @@ JSON ("densekit.op-profile/1"): {"schema", "model", "threads", "runs", "ops": [{
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from core.cli import ArgumentParser, at_least, command
+from core.io import check_writable
 from edge.device.linux_bench import time_invokes  # the on-device script's timing loop (milliseconds)
 from edge.run import write_json
 
@@ -136,19 +137,20 @@ def summary(result: dict, top: int) -> str:
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edge.op_profile", description=__doc__.split("\n\n")[0])
+@command("python -m edge.op_profile")
+def main(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="python -m edge.op_profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a .tflite file")
     parser.add_argument("--threads", type=int, default=None, help="interpreter threads (default: the runtime's)")
     parser.add_argument("--runs", type=int, default=100, help="timed invokes per op (default 100)")
     parser.add_argument("--top", type=int, default=15, help="slowest ops to list (default 15)")
     parser.add_argument("--json", default=None, help=f"write the {SCHEMA} JSON here")
     args = parser.parse_args(argv)
-    try:
-        result = profile(args.model, args.threads, args.runs, progress=True)
-    except ValueError as exc:
-        print(f"edge.op_profile: {exc}", file=sys.stderr)
-        return 2
+    at_least("--threads", args.threads, 1)
+    at_least("--runs", args.runs, 1)
+    if args.json:
+        check_writable(Path(args.json).parent, "--json")
+    result = profile(args.model, args.threads, args.runs, progress=True)
     print(summary(result, args.top))
     if args.json:
         write_json(args.json, result)

@@ -19,12 +19,14 @@ fraction of it.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
+from core.cli import ArgumentParser, at_least, command
+from core.io import check_writable
 from edge.run import write_json
 
 OPSET, IR_VERSION = 17, 8   # pinned: onnx may write an IR version newer than onnxruntime reads
@@ -93,18 +95,18 @@ def measure_peak(threads: int | None = None, *, size: int = 1024, repeats: int =
             "threads": threads}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m edge.peak", description=__doc__.split("\n\n")[0])
+@command("python -m edge.peak")
+def main(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="python -m edge.peak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)")
     parser.add_argument("--size", type=int, default=1024, help="M = K = N (default 1024)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs, best counts (default 5)")
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
-    try:
-        result = measure_peak(args.threads, size=args.size, repeats=args.repeats)
-    except ValueError as exc:
-        print(f"edge.peak: {exc}", file=sys.stderr)
-        return 2
+    at_least("--threads", args.threads, 1)
+    if args.json:
+        check_writable(Path(args.json).parent, "--json")
+    result = measure_peak(args.threads, size=args.size, repeats=args.repeats)
     print(f"host peak ({args.threads or 'default'} threads, {args.size}^3): fp32 {result['fp32_gflops']:.1f} GFLOP/s, "
           f"int8 {result['int8_gops']:.1f} GOP/s ({result['int8_gops'] / result['fp32_gflops']:.2f}x)")
     if args.json:

@@ -24,10 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from core import io as core_io
+from core.cli import ArgumentParser, command
 from core.manifest import verify_artefact
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner
-
-EXIT_BAD_INPUT, EXIT_RUNTIME = 2, 1
 
 
 class BadInput(ValueError):
@@ -54,6 +53,17 @@ def validate_images(images: np.ndarray, runner) -> None:
                        f"expected RGB in [0, 1]: normalisation is inside the artefact, so feed raw / 255")
 
 
+def check_artefact(path: str | Path, executor: str = "auto", verify: bool = True) -> None:
+    """BadInput unless `path` is an existing artefact that `executor` applies to (and, with
+    `verify`, matches its export's manifest). Opens no runtime."""
+    try:
+        artefact_format(path, executor)
+        if verify:
+            verify_artefact(path)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+
+
 def run_artefact(path: str | Path, images: np.ndarray, *, threads: int | None = None, executor: str = "auto",
                  logits: bool = False, verify: bool = True) -> dict:
     """Run artefact `path` on images (N, 3, H, W) float32 in [0, 1].
@@ -64,12 +74,7 @@ def run_artefact(path: str | Path, images: np.ndarray, *, threads: int | None = 
     Raises BadInput (a ValueError) when the path, the executor, the file's hash or the images are
     wrong; whatever the runtime raises while loading or running the artefact passes through.
     """
-    try:
-        artefact_format(path, executor)
-        if verify:
-            verify_artefact(path)
-    except ValueError as exc:
-        raise BadInput(str(exc)) from exc
+    check_artefact(path, executor, verify)
     runner = open_runner(path, threads=threads, executor=executor)
     validate_images(images, runner)
     start = time.perf_counter()
@@ -93,7 +98,7 @@ def save_outputs(dest: str | Path, result: dict) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m edge.run", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m edge.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("artefact", help=".tflite, .onnx or .mlpackage")
     parser.add_argument("--inputs", required=True, help="(N, 3, H, W) float32 .npy in [0, 1]")
     parser.add_argument("--out", required=True, help="output .npz")
@@ -105,33 +110,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("python -m edge.run")
+def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    try:
-        images = np.load(args.inputs)
-    except (ValueError, OSError) as exc:
-        print(f"edge.run: cannot read --inputs {args.inputs}: {exc} (expected an (N, 3, H, W) float32 .npy)",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if not isinstance(images, np.ndarray):   # an .npz archive, not one array
-        print(f"edge.run: --inputs {args.inputs} holds several arrays; expected one (N, 3, H, W) float32 .npy",
-              file=sys.stderr)
-        return EXIT_BAD_INPUT
-    try:
-        result = run_artefact(args.artefact, images, threads=args.threads, executor=args.executor,
-                              logits=args.logits, verify=not args.no_verify)
-    except BadInput as exc:   # bad artefact path, suffix, executor or images
-        print(f"edge.run: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Exception as exc:   # the runtime rejected the artefact or failed while running it
-        import traceback
-        traceback.print_exc()
-        print(f"edge.run: running {args.artefact} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
+    core_io.check_writable(Path(args.out).parent, "--out")   # before the model runs
+    if args.threads is not None and args.threads < 1:
+        raise BadInput(f"--threads {args.threads}: must be at least 1 (or left out: the runtime's default)")
+    check_artefact(args.artefact, args.executor, not args.no_verify)
+    images = read_inputs(args.inputs)
+    result = run_artefact(args.artefact, images, threads=args.threads, executor=args.executor,
+                          logits=args.logits, verify=False)   # checked above, before reading the inputs
     save_outputs(args.out, result)
     print(json.dumps({"artefact": str(args.artefact), "executor": result["executor"], "images": int(len(images)),
                       "seconds": round(result["seconds"], 4)}))
     return 0
+
+
+def read_inputs(path: str) -> np.ndarray:
+    try:
+        images = np.load(path)
+    except (ValueError, OSError) as exc:
+        raise BadInput(f"cannot read --inputs {path}: {exc} (expected an (N, 3, H, W) float32 .npy)") from None
+    if not isinstance(images, np.ndarray):   # an .npz archive, not one array
+        raise BadInput(f"--inputs {path} holds several arrays; expected one (N, 3, H, W) float32 .npy")
+    return images
 
 
 if __name__ == "__main__":

@@ -22,11 +22,13 @@ from targets.job import RESULT_FILE, Job
 
 
 class ExportExistsError(FileExistsError):
-    pass
+    """The export exists and --overwrite was not given (exit status 2)."""
+    exit_code = 2
 
 
 class ConversionError(RuntimeError):
-    pass
+    """A converter process failed; the message carries the last lines of its log."""
+    exit_code = 1
 
 
 class ExportDir:

@@ -35,8 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from core import io
+from core.cli import ArgumentParser, at_least, command
 from core.formats import FORMATS, Format
-from core.lock import LockHeld, exclusive
+from core.io import check_writable
+from core.lock import exclusive
 from edge import kit
 from quant import benchmark
 from targets.profiles import device_names
@@ -92,7 +94,7 @@ class ExportResult:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m quant.export", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="python -m quant.export", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True,
                    help=f"a format ({', '.join(FORMATS)}) or a device profile ({', '.join(device_names())})")
@@ -161,8 +163,25 @@ def plan_for(target: str, options: ExportOptions) -> Plan:
                               f"for other precisions use --target {profile.format} --precision ...")
         fmt, precisions = FORMATS[profile.format], [profile.precision]
     size = parse_size(options.input_size) if options.input_size else (profile.input_size if profile else None)
+    check_options(options, fmt)
     threads = options.threads or min((profile.threads if profile else None) or 2, os.cpu_count() or 1)
     return Plan(target, fmt, precisions, profile, size, threads)
+
+
+def check_options(options: ExportOptions, fmt: Format) -> None:
+    """Refuse values that cannot work before a model is loaded or a file converted."""
+    for flag, value, low in (("--check", options.check, 1), ("--calib", options.calib, 1),
+                             ("--qat-steps", options.qat_steps, 0), ("--prune-steps", options.prune_steps, 0),
+                             ("--bench-runs", options.bench_runs, 0), ("--bench-warmup", options.bench_warmup, 0),
+                             ("--batch-size", options.batch_size, 1), ("--threads", options.threads, 0)):
+        at_least(flag, value, low)
+    if not options.qat_lr > 0:
+        raise ExportError(f"--qat-lr {options.qat_lr}: must be positive")
+    unknown = sorted(set(options.tolerances) - set(fmt.precisions))
+    if unknown:
+        raise ExportError(f"--tolerance for {', '.join(unknown)}: {fmt.name} has no such precision; its precisions "
+                          f"are {', '.join(fmt.precisions)}")
+    check_writable(options.out, "--out")
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -182,18 +201,12 @@ def precisions_for(fmt: Format, requested: list[str]) -> list[str]:
     return list(dict.fromkeys(requested))
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("python -m quant.export")
+def main(argv: list[str]) -> int:
+    """Exit status (core/cli.py): 2 bad input or a busy target (nothing written), 1 a converter
+    failed (nothing replaced), 3 a drift gate failed (the export is written)."""
     args = parse_args(argv)
-    from quant.artefacts import ConversionError, ExportExistsError
-    from quant.source import RunNotFoundError
-    try:
-        result = export_run(args.run, target=args.target, runs_dir=args.runs_dir, options=options_from_args(args))
-    except (ValueError, RunNotFoundError, ExportExistsError, LockHeld) as e:  # bad input, or busy: nothing written
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    result = export_run(args.run, target=args.target, runs_dir=args.runs_dir, options=options_from_args(args))
     if not result.passed:
         print(f"error: {gate_failure_message(result)}", file=sys.stderr)
         return EXIT_GATE_FAILED

@@ -21,24 +21,30 @@ DEFAULT_RECIPE = "v3"
 
 
 class RunNotFoundError(FileNotFoundError):
-    pass
+    """No usable training run where one was asked for (exit status 2)."""
+    exit_code = 2
 
 
-def find_run(run: str | None, runs_dir: str | Path = "runs", recipe: str = DEFAULT_RECIPE) -> Path:
-    """`run` if given (checked), else the newest `<recipe>-*` run under `runs_dir` with weights."""
+def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str = DEFAULT_RECIPE) -> Path:
+    """`run` if given (checked; an unfinished run exports its best weights so far), else the newest
+    finished `<recipe>-*` run under `runs_dir` (one with summary.json and weights)."""
     if run:
         path = Path(run)
         if not (path / "config.json").is_file():
             raise RunNotFoundError(f"--run {run}: no config.json there; pass a training run directory "
                                    f"(runs/<recipe>-<time>) made by python -m distill.run")
         return path
-    candidates = sorted((p for p in Path(runs_dir).glob(f"{recipe}-*") if weights_file(p) is not None),
-                        key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise RunNotFoundError(f"no trained {recipe} run under {Path(runs_dir).resolve()}; train one with "
-                               f"`python -m distill.run {recipe}` (about 12 minutes on a laptop CPU), "
-                               f"or pass --run <run dir>")
-    return candidates[-1]
+    runs = sorted(Path(runs_dir).glob(f"{recipe}-*"), key=lambda p: p.stat().st_mtime)
+    finished = [p for p in runs if (p / "summary.json").is_file() and weights_file(p) is not None]
+    if not finished:
+        unfinished = [p.name for p in runs if (p / "config.json").is_file()]
+        raise RunNotFoundError(
+            f"no finished {recipe} run under {Path(runs_dir).resolve()}"
+            + (f" (unfinished: {', '.join(unfinished[-3:])}: resume one with python -m distill.run {recipe} "
+               f"resume=<run dir>, or export its best weights so far with --run <run dir>)" if unfinished else "")
+            + f"; train one with `python -m distill.run {recipe}` (about 12 minutes on a laptop CPU), "
+            f"or pass --run <run dir>")
+    return finished[-1]
 
 
 def weights_file(run_dir: Path) -> Path | None:

@@ -8,30 +8,26 @@ differs (one `error:` line naming each one and the fix).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
+from core.cli import ArgumentParser, command
 from core.manifest import IntegrityError, read_manifest, verify_export
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m quant.verify", description=__doc__.split("\n\n")[0])
+@command("python -m quant.verify")
+def main(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="python -m quant.verify", description=__doc__.split("\n\n")[0])
     parser.add_argument("export_dir", help="an export directory: exports/<run>/<target>")
     args = parser.parse_args(argv)
     export_dir = Path(args.export_dir)
-    try:
-        if not export_dir.is_dir():
-            raise IntegrityError(f"{export_dir} is not a directory; pass an export directory (exports/<run>/<target>)")
-        count = len(read_manifest(export_dir)["artefacts"])
-        found = verify_export(export_dir)
-    except IntegrityError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    if not export_dir.is_dir():
+        raise IntegrityError(f"{export_dir} is not a directory; pass an export directory (exports/<run>/<target>)")
+    count = len(read_manifest(export_dir)["artefacts"])
+    found = verify_export(export_dir)
     if found:
-        print(f"error: {export_dir}: {len(found)} of {count} artefacts do not match manifest.json ({'; '.join(found)}); "
-              f"re-export with python -m quant.export ... --overwrite", file=sys.stderr)
-        return 2
+        raise IntegrityError(f"{export_dir}: {len(found)} of {count} artefacts do not match manifest.json "
+                             f"({'; '.join(found)}); re-export with python -m quant.export ... --overwrite")
     print(f"{export_dir}: all {count} artefacts match manifest.json (sha256)")
     return 0
 

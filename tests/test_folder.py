@@ -13,6 +13,7 @@ from distill.data import build_datasets
 from distill.data.classes import IGNORE_INDEX
 from distill.data.folder import EXTENSIONS, ImageFolder
 from distill.data.nyu import NyuLabeled
+from distill.data.transforms import denormalize
 from distill.recipes import DataConfig
 
 KEYS = {"image", "depth", "valid", "seg", "intrinsics", "index", "flipped"}
@@ -126,3 +127,27 @@ def test_registry_needs_a_validation_dataset(images, labeled):
     assert isinstance(train, ImageFolder) and len(train) == 2 and train.augment is True
     assert isinstance(val, NyuLabeled) and len(val) == 1 and val[0]["depth"].shape == (1, 32, 64)
     assert val[0]["valid"].any() and (val[0]["seg"] != IGNORE_INDEX).any()
+
+
+def test_sixteen_bit_images_keep_their_range(tmp_path):
+    ramp = (np.arange(64 * 96, dtype=np.uint32).reshape(64, 96) * 10).astype(np.uint16)   # 0 .. 61430
+    Image.fromarray(ramp).save(tmp_path / "deep.png")   # a 16-bit grey PNG (mode I;16)
+    sample = ImageFolder(tmp_path, size=(64, 96))[0]
+    rgb = denormalize(sample["image"])
+    assert rgb.max() > 200 and (rgb == 255).mean() < 0.01   # PIL's convert("RGB") made 99.7% of it 255
+    assert np.abs(rgb[..., 0].astype(int) - np.rint(ramp / 257).astype(int)).max() <= 1
+
+
+def test_huge_images_are_skipped_with_the_reason_and_jpegs_decode_reduced(tmp_path, monkeypatch):
+    import distill.data.folder as folder
+
+    Image.new("RGB", (800, 600), (90, 120, 150)).save(tmp_path / "a_big.jpg", quality=95)
+    Image.new("RGB", (64, 48)).save(tmp_path / "b_small.png")
+    monkeypatch.setattr(folder, "MAX_MEGAPIXELS", 0.4)   # the big one is 0.48 MP
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        ds = ImageFolder(tmp_path, size=(32, 32))
+    assert [p.name for p in ds.files] == ["b_small.png"]
+    assert "800x600 is 0 MP, above the 0 MP" in ds.skipped[0][1] and "downscale it once" in ds.skipped[0][1]
+    monkeypatch.setattr(folder, "MAX_MEGAPIXELS", 200.0)
+    with Image.open(tmp_path / "a_big.jpg") as im:
+        assert folder.to_rgb8(im, (32, 32)).shape == (75, 100, 3)   # 1/8 scale still covers 2 x 32

@@ -209,7 +209,19 @@ def test_interrupted_generation_leaves_no_directory(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "_render_job", failing)
     with pytest.raises(RuntimeError, match="killed mid-way"):
         generate(tmp_path, num_train=4, num_val=1, height=H, width=W, workers=1, progress=False)
-    assert list(tmp_path.iterdir()) == []
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []   # the lock file stays
+
+
+def test_a_killed_renders_leftovers_are_removed_and_a_damaged_set_is_kept(tmp_path):
+    name = store.dataset_name(**store._params(H, W, 0, 4, 1))
+    leftover = tmp_path / f".{name}.tmp-12345"   # what SIGKILL mid-render leaves
+    (leftover / "train" / "rgb").mkdir(parents=True)
+    target = generate(tmp_path, num_train=4, num_val=1, height=H, width=W, workers=1, progress=False)
+    assert not leftover.exists() and target.is_dir()
+    (target / "manifest.json").write_text("{damaged")
+    with pytest.raises(ValueError, match=r"manifest.json cannot be read .* delete .* to render it again"):
+        generate(tmp_path, num_train=4, num_val=1, height=H, width=W, workers=1, progress=False)
+    assert (target / "train" / "rgb").is_dir()   # nobody's data is deleted without a word
 
 
 # ---------------------------------------------------------------- dataset
@@ -281,6 +293,31 @@ def test_dataset_errors_name_path_and_fix(dataset_dir, tmp_path):
         SynthRoomsDataset(old, "train")
     with pytest.raises(ValueError, match="valid splits: train, val"):
         SynthRoomsDataset(dataset_dir, "test")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("depth8", r"depth/00000.png is uint8 \(48, 64\); the set stores uint16"),
+    ("truncated", r"rgb/00000.png cannot be decoded .* truncated or damaged"),
+    ("tiny", r"rgb/00000.png is uint8 \(1, 1, 3\); the set stores uint8 \(48, 64, 3\)"),
+    ("nan_intrinsics", r"manifest.json: intrinsics fx, fy, cx, cy must be positive finite"),
+])
+def test_bad_files_in_a_set_are_refused_by_name(damage, message, dataset_dir, tmp_path):
+    copy = tmp_path / dataset_dir.name
+    shutil.copytree(dataset_dir, copy)
+    if damage == "depth8":   # an 8-bit depth map used to be read as millimetres (abs_rel 2.73)
+        depth = np.asarray(Image.open(copy / "train/depth/00000.png"))
+        Image.fromarray((depth // 256).astype(np.uint8)).save(copy / "train/depth/00000.png")
+    elif damage == "truncated":
+        data = (copy / "train/rgb/00000.png").read_bytes()
+        (copy / "train/rgb/00000.png").write_bytes(data[: len(data) // 3])
+    elif damage == "tiny":
+        Image.new("RGB", (1, 1)).save(copy / "train/rgb/00000.png")
+    else:
+        m = json.loads((copy / "manifest.json").read_text())
+        m["intrinsics"]["fx"] = float("nan")
+        (copy / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=message):
+        SynthRoomsDataset(copy, "train")[0]
 
 
 def test_normalize_roundtrip():

@@ -12,6 +12,10 @@ IGNORE_INDEX (255), and `intrinsics` from an optional `intrinsics.json` at the f
 axis to the output size) else NaN (unknown: a teacher that needs a focal length refuses them).
 Pixels are used as stored (EXIF orientation is not applied: camera intrinsics describe the
 sensor's layout). Each image is resized to `size` (bilinear), whatever its aspect ratio.
+16-bit images keep their range (scaled to 8 bits, not clipped at 255). A JPEG is decoded at the
+smallest of its 1/1, 1/2, 1/4, 1/8 scales that still covers twice the output size, so a phone's
+48 MP photo costs a fraction of its full decode every epoch; images above MAX_MEGAPIXELS are
+skipped like unreadable ones, with the reason (downscale them once, outside training).
 """
 from __future__ import annotations
 
@@ -29,19 +33,39 @@ from core.io import sha256 as sha256_file
 from distill.data.nyu import check_size, make_sample
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+MAX_MEGAPIXELS = 200.0   # above: skipped (a 144 MP PNG took 2.6 GB to decode, every epoch)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 INTRINSICS_KEYS = ("fx", "fy", "cx", "cy", "width", "height")
 
 
-def probe(path: Path) -> tuple[tuple[int, int] | None, str]:
+def probe(path: Path, size: tuple[int, int]) -> tuple[tuple[int, int] | None, str]:
     """((height, width), "") when `path` decodes as an image, else (None, the reason it does not)."""
     try:
         with Image.open(path) as im:
+            megapixels = im.width * im.height / 1e6   # from the header: nothing decoded yet
+            if megapixels > MAX_MEGAPIXELS:
+                return None, (f"{im.width}x{im.height} is {megapixels:.0f} MP, above the {MAX_MEGAPIXELS:.0f} MP "
+                              f"decoded per sample; downscale it once (e.g. to 4096 px) outside training")
             im.verify()   # structure checks; leaves the object unusable, so open again to decode
         with Image.open(path) as im:
-            im.convert("RGB").load()   # a real decode: catches truncated data verify() misses
-            return (im.height, im.width), ""
+            hw = (im.height, im.width)
+            to_rgb8(im, size)   # a real decode: catches truncated data verify() misses
+            return hw, ""
     except Exception as e:  # noqa: BLE001 - any decoder error means "skip this file"
         return None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def to_rgb8(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """(h, w, 3) uint8 of an opened image: 16-bit grey scaled to 8 bits (PIL's convert clips it at
+    255), a JPEG decoded at a reduced scale that still covers twice `size` (height, width)."""
+    if im.format == "JPEG":
+        im.draft("RGB", (2 * size[1], 2 * size[0]))
+    if im.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or grey.max() > 255 else 255.0
+        grey = np.clip(np.rint(grey * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    return np.asarray(im.convert("RGB"))
 
 
 def read_intrinsics(path: Path) -> tuple[float, ...] | None:
@@ -86,7 +110,7 @@ class ImageFolder(Dataset):
         for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()):
             if limit is not None and len(self.files) >= limit:
                 break
-            hw, reason = probe(path)
+            hw, reason = probe(path, self.size)
             if hw is None:
                 self.skipped.append((str(path), reason))
             else:
@@ -123,8 +147,8 @@ class ImageFolder(Dataset):
             raise IndexError(f"index {index} out of range for {n} images in {self.root}.")
         index = int(index) % n
         with Image.open(self.files[index]) as im:
-            rgb = np.asarray(im.convert("RGB"))
-        h, w = rgb.shape[:2]
+            rgb = to_rgb8(im, self.size)
+        h, w = rgb.shape[:2]   # a JPEG may be decoded at 1/2, 1/4 or 1/8 scale
         intr = (float("nan"),) * 4
         if self.intrinsics is not None:   # given at (width, height): first to this file's size
             fx, fy, cx, cy, kw, kh = self.intrinsics

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.config import from_dict
+from core.config import ConfigError, from_dict
 from core.registry import Registry
 from distill.recipes.base import (
     DataConfig,
@@ -36,12 +36,22 @@ def get_recipe(name: str) -> Recipe:
 def load_saved(run_dir: str | Path, cls: type[Recipe] | None = None) -> Recipe:
     """The resolved recipe a run saved in its config.json, as `cls` (default: the class of the
     recipe it names)."""
-    saved = json.loads((Path(run_dir) / "config.json").read_text())
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} cannot be read as a run's config ({type(exc).__name__}: {exc}); restore it from "
+                          f"a copy, or start a new run") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("name"), str):
+        raise ConfigError(f"{path} is not a run's config (no recipe name); restore it from a copy, or start a new run")
     for key in ("device", "processes"):   # recorded next to the recipe, not recipe fields
         saved.pop(key, None)
     if isinstance(saved.get("teacher"), str):   # runs before the teacher section existed
         saved["teacher"] = {"name": saved["teacher"]}
-    return from_dict(cls or RECIPES.get(saved["name"]), saved)
+    try:
+        return from_dict(cls or RECIPES.get(saved["name"]), saved)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}; restore it from a copy, or start a new run") from None
 
 
 def recipe_summary(name: str) -> str:

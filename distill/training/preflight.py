@@ -20,6 +20,7 @@ from core.spaces import DepthSpace, ValueRange
 
 class PreflightError(RuntimeError):
     """Training refused; the message names the problem and the fix."""
+    exit_code = 3
 
 
 @dataclass

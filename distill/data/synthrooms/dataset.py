@@ -34,11 +34,17 @@ def load_manifest(path: str | os.PathLike) -> dict:
         manifest = json.loads(mfile.read_text())
     except ValueError as e:
         raise ValueError(f"{mfile} is not valid JSON ({e}); delete {path} and {_HOW_TO}.") from e
-    if manifest.get("generator") != GENERATOR or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("generator") != GENERATOR or manifest.get("version") != VERSION:
+        found = manifest if isinstance(manifest, dict) else {}
         raise ValueError(
-            f"{path} was written by generator {manifest.get('generator')!r} version "
-            f"{manifest.get('version')!r}, but this code reads {GENERATOR!r} version {VERSION}; "
+            f"{path} was written by generator {found.get('generator')!r} version "
+            f"{found.get('version')!r}, but this code reads {GENERATOR!r} version {VERSION}; "
             f"regenerate it ({_HOW_TO}; the new version gets its own directory name).")
+    k = manifest.get("intrinsics", {})
+    values = [k.get(name) for name in ("fx", "fy", "cx", "cy")]
+    if not all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in values):
+        raise ValueError(f"{mfile}: intrinsics fx, fy, cx, cy must be positive finite pixels, got {values}; "
+                         f"the manifest is damaged: delete {path} and {_HOW_TO}.")
     return manifest
 
 
@@ -91,18 +97,30 @@ class SynthRoomsDataset(Dataset):
         if self._cache is not None and index in self._cache:
             return self._cache[index]
         entry = self.files[index]
-        with Image.open(self.path / entry["rgb"]) as im:
-            rgb = np.asarray(im.convert("RGB"))
-        with Image.open(self.path / entry["depth"]) as im:
-            depth = np.asarray(im).astype(np.float32) * np.float32(DEPTH_SCALE_M)
-        with Image.open(self.path / entry["seg"]) as im:
-            seg = np.asarray(im)
-        if seg.ndim != 2 or seg.dtype != np.uint8:
-            raise ValueError(f"{self.path / entry['seg']} should be an 8-bit single-channel PNG, "
-                             f"got dtype {seg.dtype} and shape {seg.shape}; regenerate the set.")
+        rgb = self.decode(entry["rgb"], np.uint8, 3)
+        depth = self.decode(entry["depth"], np.uint16, 2).astype(np.float32) * np.float32(DEPTH_SCALE_M)
+        seg = self.decode(entry["seg"], np.uint8, 2)
         if self._cache is not None:
             self._cache[index] = (rgb, depth, seg)
         return rgb, depth, seg
+
+    def decode(self, name: str, dtype: type, ndim: int) -> np.ndarray:
+        """A PNG of the set as an array of `dtype` at the manifest's size; ValueError naming the file
+        when it is unreadable, or of another type or size (an 8-bit depth map would be read as mm)."""
+        path = self.path / name
+        try:
+            with Image.open(path) as im:
+                array = np.asarray(im.convert("RGB") if ndim == 3 else im)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ValueError(f"{path} cannot be decoded ({type(exc).__name__}: {exc}): a truncated or damaged "
+                             f"file; delete {self.path} and render the set again") from None
+        k = self.manifest["intrinsics"]
+        expected = (k["height"], k["width"], 3)[:ndim]
+        if array.dtype != dtype or array.shape != expected:
+            raise ValueError(f"{path} is {array.dtype} {array.shape}; the set stores {np.dtype(dtype)} "
+                             f"{expected} here (depth: 16-bit millimetres, labels: 8-bit ids). Delete {self.path} "
+                             f"and render the set again")
+        return array
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         n = len(self)

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from core.io import write_json
+from core.lock import exclusive
 
 from ..classes import IGNORE_INDEX, NYU13_NAMES
 from .rooms import render_scene
@@ -213,7 +214,26 @@ def generate(root: str | os.PathLike, *, num_train: int, num_val: int, height: i
     target = root / dataset_name(**params)
     if read_manifest(target) is not None:
         return target
-    root.mkdir(parents=True, exist_ok=True)
+    # One renderer per set: a second process waits for the first, then finds the set complete.
+    with exclusive(root / f".{target.name}.lock", f"SynthRooms {target}", wait=True):
+        if read_manifest(target) is not None:
+            return target
+        check_not_damaged(target)
+        for leftover in root.glob(f".{target.name}.tmp-*"):   # a killed render's (we hold the lock)
+            shutil.rmtree(leftover, ignore_errors=True)
+        return _render(params, root, target, workers, progress)
+
+
+def check_not_damaged(target: Path) -> None:
+    """A set whose manifest exists but cannot be read is somebody's data: refuse, never delete it."""
+    if (target / "manifest.json").exists() and read_manifest(target) is None:
+        raise ValueError(f"{target / 'manifest.json'} cannot be read (damaged or edited), so {target} is not a "
+                         f"usable SynthRooms set; delete {target} to render it again")
+
+
+def _render(params: dict, root: Path, target: Path, workers: int | None, progress: bool) -> Path:
+    num_train, num_val = params["num_train"], params["num_val"]
+    height, width, seed = params["height"], params["width"], params["seed"]
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
     try:
         jobs = []

@@ -1,0 +1,101 @@
+"""One error convention for every command (`python -m distill.run`, `quant.export`, `edge.bench`, ...).
+
+A problem the user can fix (a bad value, a bad or corrupt file, a missing path, no space, no
+permission, a busy directory) ends the command with exit status 2 and one line on stderr:
+`error: <what, where, and the fix>`. Anything else is a failure of ours or of a runtime: one line,
+exit status 1 (or the exception's own `exit_code`). A traceback is printed only with `--debug`
+(or DENSEKIT_DEBUG=1), which every command accepts.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import functools
+import os
+import sys
+from typing import Callable, NoReturn
+
+from core.registry import UnknownNameError
+
+EXIT_USER = 2
+EXIT_FAILED = 1
+# OSErrors that the user causes and fixes: the fix, by errno
+DISK_FIXES = {
+    errno.ENOSPC: "no space left on the device: free some space, or write elsewhere",
+    errno.EDQUOT: "disk quota exceeded: free some space, or write elsewhere",
+    errno.EROFS: "the file system is read-only: write elsewhere",
+    errno.EACCES: "permission denied: write elsewhere, or change the permissions",
+    errno.EPERM: "operation not permitted: write elsewhere, or change the permissions",
+    errno.ENOENT: "no such file or directory: check the path",
+    errno.EEXIST: "it already exists: remove it or choose another path",
+    errno.EISDIR: "it is a directory, not a file: check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: check the path",
+}
+
+
+# raised with a message that names the problem and the fix (FileNotFoundError("... pass nyu:<path>"))
+USER_ERRORS = (ValueError, UnknownNameError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+               NotADirectoryError)
+
+
+def debugging(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("DENSEKIT_DEBUG", "") not in ("", "0")
+
+
+def one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def exit_code(exc: BaseException) -> int:
+    """2 for a problem the user fixes, else the exception's `exit_code`, else 1."""
+    if hasattr(exc, "exit_code"):
+        return int(exc.exit_code)
+    if isinstance(exc, OSError) and exc.errno in DISK_FIXES:
+        return EXIT_USER
+    return EXIT_USER if isinstance(exc, USER_ERRORS) else EXIT_FAILED
+
+
+def describe(exc: BaseException, prog: str) -> str:
+    if isinstance(exc, OSError) and exc.errno in DISK_FIXES and not hasattr(exc, "exit_code"):
+        where = exc.filename or ""
+        return one_line(f"{where}: {DISK_FIXES[exc.errno]}" if where else f"{exc}: {DISK_FIXES[exc.errno]}")
+    if exit_code(exc) == EXIT_FAILED:
+        return one_line(f"{prog} failed: {type(exc).__name__}: {exc}") + " (rerun with --debug for the traceback)"
+    return one_line(str(exc))
+
+
+def command(prog: str) -> Callable[[Callable[[list[str]], int]], Callable[..., int]]:
+    """Decorate a command's `main(argv) -> int`: strips `--debug`, turns exceptions into the convention."""
+    def decorate(main: Callable[[list[str]], int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            argv = list(sys.argv[1:] if argv is None else argv)
+            debug = debugging(argv)
+            try:
+                return main([a for a in argv if a != "--debug"])
+            except KeyboardInterrupt:
+                if debug:
+                    raise
+                print("error: interrupted", file=sys.stderr)
+                return 130
+            except Exception as exc:   # noqa: BLE001 - the one place that turns exceptions into exit codes
+                if debug:
+                    raise
+                print(f"error: {describe(exc, prog)}", file=sys.stderr)
+                return exit_code(exc)
+        return run
+    return decorate
+
+
+def at_least(flag: str, value: int | float | None, low: int | float) -> None:
+    """ValueError unless `value` (None: left to a default) is at least `low`."""
+    if value is not None and value < low:
+        raise ValueError(f"{flag} {value}: must be at least {low}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the convention: a bad flag is one `error:` line and exit 2 (not usage + message)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_USER)

@@ -1,0 +1,124 @@
+"""The bad-input matrix: every command answers a user's mistake with exit status 2 and one line
+`error: ...` naming the problem, never a traceback, and before any expensive work (no dataset is
+rendered, no run or export directory appears). `--debug` (or DENSEKIT_DEBUG=1) shows the traceback."""
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def place(tmp_path, monkeypatch):
+    """A working directory with a file, an empty folder, a finished-looking run with a broken config."""
+    monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "empty").mkdir()
+    for name, config in (("bad-json", "{not json"), ("bad-type", json.dumps({"name": "v3", "train": {"epochs": "x"}}))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(config)
+    return tmp_path
+
+
+CASES = [
+    # (module, argv, what the one line must say)
+    ("distill.run", ["v3", "train.batch_size=0"], "train.batch_size=0 must be at least 1"),
+    ("distill.run", ["v3", "data.num_train=4"], "data.num_train=4 is smaller than train.batch_size=16"),
+    ("distill.run", ["v3", "data.height=80"], "data.height=80 must be a positive multiple of 32"),
+    ("distill.run", ["v3", "train.epochs=-1"], "train.epochs=-1 must be at least 1"),
+    ("distill.run", ["v3", "eval.best_metric=bogus"], "eval.best_metric='bogus'"),
+    ("distill.run", ["v3", "train.epoch=3"], 'Did you mean "train.epochs"?'),
+    ("distill.run", ["v9"], 'Unknown recipe "v9"'),
+    ("distill.run", ["v3", "out_dir=a_file/runs"], "a_file is a file, not a directory"),
+    ("distill.run", ["v3", "resume=empty"], "no config.json there"),
+    ("distill.run", ["v3", "resume=bad-json"], "bad-json/config.json cannot be read as a run's config"),
+    ("distill.run", ["v3", "resume=bad-type"], "train.epochs='x': expected"),
+    ("distill.run", ["v3", "--bogus"], "unrecognized arguments: --bogus"),
+    ("distill.cache_teacher", ["synthetic-metric", "data=synthrooms"], "out=DIR is required"),
+    ("distill.cache_teacher", ["synthetic-metrik", "out=c"], 'Unknown teacher "synthetic-metrik"'),
+    ("distill.cache_teacher", ["synthetic-metric", "out=c", "shard_size=0"], "shard_size=0: must be at least 1"),
+    ("distill.ablate", ["v3"], "nothing to ablate"),
+    ("distill.ablate", ["v3", "train.batch_size=8,64", "data.num_train=16"], "smaller than train.batch_size=64"),
+    ("quant.export", ["--target", "tflitee"], 'unknown target "tflitee"'),
+    ("quant.export", ["--target", "tflite", "--check", "0"], "--check 0: must be at least 1"),
+    ("quant.export", ["--target", "tflite", "--qat-steps", "-1"], "--qat-steps -1: must be at least 0"),
+    ("quant.export", ["--target", "tflite", "--threads", "-1"], "--threads -1: must be at least 0"),
+    ("quant.export", ["--target", "tflite", "--tolerance", "fp9.abs_rel_change=1"], "--tolerance for fp9"),
+    ("quant.export", ["--target", "tflite", "--input-size", "100x100"], "multiples of 32"),
+    ("quant.export", ["--target", "tflite", "--out", "a_file/exports"], "a_file is a file, not a directory"),
+    ("quant.export", ["--target", "tflite", "--runs-dir", "empty"], "no finished v3 run under"),
+    ("quant.export", ["--target", "tflite", "--run", "empty"], "--run empty: no config.json there"),
+    ("quant.export", ["--target", "tflite", "--run", "bad-json"], "bad-json has no best.safetensors"),
+    ("quant.verify", ["empty"], "empty/manifest.json is missing or unreadable"),
+    ("quant.verify", ["a_file"], "a_file is not a directory"),
+    ("edge.run", ["m.tflite", "--inputs", "x.npy", "--out", "o.npz"], "m.tflite: it does not exist"),
+    ("edge.run", ["m.pt", "--inputs", "x.npy", "--out", "o.npz"], "unknown artefact suffix '.pt'"),
+    ("edge.run", ["m.tflite", "--inputs", "x.npy", "--out", "a_file/o.npz"], "a_file is a file, not a directory"),
+    ("edge.run", ["m.tflite", "--inputs", "x.npy", "--out", "o.npz", "--threads", "-1"], "--threads -1"),
+    ("edge.bench", ["m.tflite"], "m.tflite: it does not exist"),
+    ("edge.bench", ["m.tflite", "--runs", "0"], "runs=0, warmup=5: need runs >= 1"),
+    ("edge.bench", ["m.tflite", "--threads", "-1"], "--threads -1: must be at least 1"),
+    ("edge.peak", ["--threads", "0"], "--threads 0: must be at least 1"),
+    ("edge.peak", ["--json", "a_file/p.json"], "a_file is a file, not a directory"),
+    ("edge.op_profile", ["m.onnx"], "m.onnx"),
+    ("edge.op_profile", ["m.tflite", "--runs", "0"], "--runs 0: must be at least 1"),
+]
+
+
+def run_main(module: str, argv: list[str]) -> int:
+    try:
+        return importlib.import_module(module).main(argv)
+    except SystemExit as exit_:   # argparse's own refusals
+        return exit_.code
+
+
+@pytest.mark.parametrize("module, argv, message", CASES, ids=[f"{m}:{' '.join(a)}" for m, a, _ in CASES])
+def test_bad_input_is_one_error_line_and_exit_2(module, argv, message, place, capsys):
+    assert run_main(module, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (place / "cache").exists(), "rendered a dataset before refusing"
+    assert not (place / "runs").exists() and not (place / "exports").exists(), "wrote before refusing"
+
+
+@pytest.mark.parametrize("flag", ["--debug", "env"])
+def test_debug_shows_the_traceback(flag, place):
+    env = {"DENSEKIT_DEBUG": "1"} if flag == "env" else {}
+    argv = ["--target", "tflite", "--check", "0"] + (["--debug"] if flag == "--debug" else [])
+    proc = subprocess.run([sys.executable, "-m", "quant.export", *argv], cwd=place, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT), **env}, timeout=120)
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+    assert "--check 0: must be at least 1" in proc.stderr
+
+
+def test_the_real_command_line_prints_one_line(place):
+    proc = subprocess.run([sys.executable, "-m", "edge.bench", "missing.tflite"], cwd=place, capture_output=True,
+                          text=True, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: cannot run missing.tflite: it does not exist (artefacts have the suffixes .tflite, .mlpackage, "
+        ".onnx; python -m quant.export writes them under exports/)"]
+
+
+def test_a_full_disk_during_training_is_named_with_exit_2(tmp_path):
+    """out_dir on a 1 MiB tmpfs, in a private mount namespace: the first weights do not fit."""
+    script = (f"mount -t tmpfs -o size=1m tmpfs {tmp_path / 'full'} && cd {ROOT} && "
+              f"{sys.executable} -m distill.run v3 model.student=mobilenetv3_small_050 model.decoder_channels=16 "
+              f"data.height=32 data.width=32 data.num_train=8 data.num_val=2 train.batch_size=8 train.epochs=1 "
+              f"out_dir={tmp_path / 'full'} --quiet")
+    (tmp_path / "full").mkdir()
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {tmp_path / 'full'}"],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private tmpfs mount here: {probe.stderr.decode().strip()}")
+    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "DENSEKIT_CACHE": str(tmp_path / "cache")})
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert err[-1].startswith("error: ") and "no space left on the device" in err[-1], err[-3:]
