@@ -208,6 +208,25 @@ def test_a_shard_changed_after_caching_is_refused_before_training_uses_it(tmp_pa
         CachedTeacher.open(tmp_path / "c").verify(train, height=32, width=32, split="train")
 
 
+def test_a_cache_is_refused_when_the_teachers_weights_at_its_source_changed(tmp_path):
+    from distill.teachers.depth_anything import weights_digest
+
+    assert main(command(tmp_path / "c")) == 0
+    weights = tmp_path / "teacher"
+    weights.mkdir()
+    (weights / "model.safetensors").write_bytes(b"the weights the cache was made with")
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())   # as a real teacher records it
+    manifest["teacher"]["weights"] = weights_digest(weights)
+    manifest["recipe_teacher"]["source"] = str(weights)
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    config = TeacherConfig(name="synthetic-metric", source=str(weights))
+    CachedTeacher.open(tmp_path / "c", config)   # the same weights: accepted
+    (weights / "model.safetensors").write_bytes(b"other weights at the same path")
+    with pytest.raises(CacheMismatchError, match=r"made with other weights than those now at teacher.source=.*"
+                                                 r"rebuild the cache"):
+        CachedTeacher.open(tmp_path / "c", config)
+
+
 def test_overflowing_labels_are_refused(tmp_path, capsys):
     class Loud(SyntheticMetricTeacher):
         name = "loud-for-test"
