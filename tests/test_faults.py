@@ -1,0 +1,97 @@
+"""Fault injection: an export killed mid-conversion or mid-validation leaves no export that looks
+complete and no process running; the rerun removes its leftovers and writes exactly the files an
+uninterrupted export writes. (Training killed mid-epoch: tests/test_train.py; after its last
+checkpoint: test_resume_after_the_last_checkpoint_writes_the_summary; caching: tests/test_cache.py.)"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_lock import running
+
+from core.io import sha256
+from distill.run import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=64", "data.width=96",
+        "data.num_train=32", "data.num_val=8", "train.batch_size=8", "eval.preview_images=1", "train.epochs=1"]
+EXPORT = ["--target", "tflite", "--precision", "fp32", "int8", "--qat-steps", "0", "--calib", "8", "--check", "4",
+          "--bench-runs", "0", "--quiet", "--tolerance", "int8.abs_rel_change=0.5", "--tolerance",
+          "int8.miou_drop_pt=50"]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DENSEKIT_CACHE", str(root / "cache"))   # inherited by the export processes
+        assert train_main(["v3", *TINY, f"out_dir={root / 'runs'}", "--quiet"]) == 0
+        yield next((root / "runs").glob("v3-*"))
+
+
+def export(run_dir: Path, out: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "quant.export", "--run", str(run_dir), "--out", str(out), *EXPORT],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def wait_for(condition, what: str, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+
+
+def files_of(export_dir: Path) -> dict[str, str]:
+    return {p.name: sha256(p) for p in sorted(export_dir.glob("*.tflite"))}
+
+
+@pytest.fixture(scope="module")
+def straight(run_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight")
+    proc = export(run_dir, out)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+    return files_of(out / run_dir.name / "tflite")
+
+
+@pytest.mark.parametrize("moment", ["conversion", "validation"])
+def test_a_killed_export_leaves_nothing_that_looks_complete_and_the_rerun_is_identical(moment, run_dir, straight,
+                                                                                      tmp_path):
+    target = tmp_path / run_dir.name / "tflite"
+    proc = export(run_dir, tmp_path)
+    if moment == "conversion":   # the converter process is running
+        wait_for(lambda: any("targets.tflite" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")
+                             for c in children(proc.pid) if Path(f"/proc/{c}/cmdline").exists()), "the converter")
+    else:                        # artefacts are in staging: edge.run executes them
+        wait_for(lambda: list(tmp_path.glob(f"{run_dir.name}/.tflite.staging-*/*_int8.tflite")), "the artefacts")
+    spawned = children(proc.pid)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    wait_for(lambda: not any(running(c) for c in spawned), "the children to die with their parent", timeout=10)
+    assert not target.exists(), "a killed export must not look complete"
+    leftovers = sorted(p.name.split("-")[0] for p in target.parent.glob(".tflite.*"))
+    assert leftovers and set(leftovers) <= {".tflite.staging", ".tflite.work", ".tflite.lock"}
+
+    rerun = export(run_dir, tmp_path)
+    assert rerun.wait(timeout=600) == 0, rerun.stderr.read()
+    assert files_of(target) == straight   # byte for byte what an uninterrupted export writes
+    assert [p.name for p in target.parent.iterdir() if p.name != ".tflite.lock"] == ["tflite"]
