@@ -45,6 +45,8 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, weights: dict[str, torch.Tensor]
     weights' sha256, which `check_checkpoint` verifies before a resume. Keeps the newest `keep`.
     """
     ckpt_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_dir.glob(".epoch-*"):   # a killed save's temp directory (the run's writer is locked)
+        shutil.rmtree(stale, ignore_errors=True)
     final = ckpt_dir / f"epoch-{epoch:04d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=ckpt_dir))
     try:

@@ -279,3 +279,17 @@ def test_a_second_export_of_the_same_run_and_target_is_refused_while_the_first_r
         holder.wait()
     assert f"being written by process {holder.pid}" in capsys.readouterr().err
     assert not (out / run_dir.name / "tflite").exists()
+
+
+def test_export_refuses_best_weights_that_differ_from_the_runs_record(run_dir, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    data = bytearray((copy / "best.safetensors").read_bytes())
+    data[-5] ^= 0x40   # still loads: only the record can tell
+    (copy / "best.safetensors").write_bytes(bytes(data))
+    assert export(copy, tmp_path / "exports", "--target", "onnx") == 2
+    err = capsys.readouterr().err
+    assert f"{copy / 'best.safetensors'} differs from the sha256 its run recorded" in err
+    assert not (tmp_path / "exports" / run_dir.name / "onnx").exists()

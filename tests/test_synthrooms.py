@@ -300,6 +300,7 @@ def test_dataset_errors_name_path_and_fix(dataset_dir, tmp_path):
     ("truncated", r"rgb/00000.png cannot be decoded .* truncated or damaged"),
     ("tiny", r"rgb/00000.png is uint8 \(1, 1, 3\); the set stores uint8 \(48, 64, 3\)"),
     ("nan_intrinsics", r"manifest.json: intrinsics fx, fy, cx, cy must be positive finite"),
+    ("seg16", r"seg/00000.png is uint16 \(48, 64\); the set stores uint8"),
 ])
 def test_bad_files_in_a_set_are_refused_by_name(damage, message, dataset_dir, tmp_path):
     copy = tmp_path / dataset_dir.name
@@ -312,6 +313,9 @@ def test_bad_files_in_a_set_are_refused_by_name(damage, message, dataset_dir, tm
         (copy / "train/rgb/00000.png").write_bytes(data[: len(data) // 3])
     elif damage == "tiny":
         Image.new("RGB", (1, 1)).save(copy / "train/rgb/00000.png")
+    elif damage == "seg16":
+        seg = np.asarray(Image.open(copy / "train/seg/00000.png")).astype(np.uint16)
+        Image.fromarray(seg).save(copy / "train/seg/00000.png")
     else:
         m = json.loads((copy / "manifest.json").read_text())
         m["intrinsics"]["fx"] = float("nan")

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from core import config as cfgio
 from core import io
 from core.config import ConfigError
+from core.io import sha256
 from core.lock import exclusive
 from core.spaces import DepthSpace
 from core.weights import check_checkpoint, latest_checkpoint, load_weights, save_checkpoint, save_weights
@@ -229,8 +230,9 @@ def keep_best(run_dir: Path, model, recipe: Recipe, state: dict, val: dict) -> N
     """best.safetensors follows the lowest eval.best_metric so far (state["best"] records which)."""
     score = val.get(recipe.eval.best_metric)
     if score is not None and (state["best"] is None or score < state["best"]["value"]):
-        state["best"] = {"epoch": state["epoch"], "metric": recipe.eval.best_metric, "value": score}
         save_weights(run_dir / "best.safetensors", model.state_dict(), weight_metadata(recipe, state["epoch"], val))
+        state["best"] = {"epoch": state["epoch"], "metric": recipe.eval.best_metric, "value": score,
+                         "sha256": sha256(run_dir / "best.safetensors")}   # checked where it is exported
 
 
 class NullWriter:
