@@ -36,7 +36,7 @@ import numpy as np
 
 from core import io
 from core.cli import ArgumentParser, at_least, command
-from core.formats import FORMATS, Format
+from core.formats import FORMATS, PRECISIONS, Format
 from core.io import check_writable
 from core.lock import exclusive
 from edge import kit
@@ -177,10 +177,10 @@ def check_options(options: ExportOptions, fmt: Format) -> None:
         at_least(flag, value, low)
     if not options.qat_lr > 0:
         raise ExportError(f"--qat-lr {options.qat_lr}: must be positive")
-    unknown = sorted(set(options.tolerances) - set(fmt.precisions))
+    unknown = sorted(set(options.tolerances) - set(PRECISIONS))
     if unknown:
-        raise ExportError(f"--tolerance for {', '.join(unknown)}: {fmt.name} has no such precision; its precisions "
-                          f"are {', '.join(fmt.precisions)}")
+        raise ExportError(f"--tolerance for {', '.join(unknown)}: no such precision; the precisions are "
+                          f"{', '.join(PRECISIONS)} ({fmt.name}: {', '.join(fmt.precisions)})")
     check_writable(options.out, "--out")
 
 

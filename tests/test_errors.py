@@ -50,7 +50,7 @@ CASES = [
     ("quant.export", ["--target", "tflite", "--check", "0"], "--check 0: must be at least 1"),
     ("quant.export", ["--target", "tflite", "--qat-steps", "-1"], "--qat-steps -1: must be at least 0"),
     ("quant.export", ["--target", "tflite", "--threads", "-1"], "--threads -1: must be at least 0"),
-    ("quant.export", ["--target", "tflite", "--tolerance", "fp9.abs_rel_change=1"], "--tolerance for fp9"),
+    ("quant.export", ["--target", "tflite", "--tolerance", "fp9.abs_rel_change=1"], "--tolerance for fp9: no such precision"),
     ("quant.export", ["--target", "tflite", "--input-size", "100x100"], "multiples of 32"),
     ("quant.export", ["--target", "tflite", "--out", "a_file/exports"], "a_file is a file, not a directory"),
     ("quant.export", ["--target", "tflite", "--runs-dir", "empty"], "no finished v3 run under"),
