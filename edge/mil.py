@@ -55,7 +55,9 @@ PROTO_DTYPES = {"FLOAT16": "fp16", "FLOAT32": "fp32", "FLOAT64": "fp64", "BOOL":
 # weight.bin (MIL blob storage, version 2): a 64-byte file header (count, version), then per blob a
 # 64-byte record (sentinel, dtype code, size in bytes, absolute data offset) before its data.
 BLOB_VERSION, BLOB_SENTINEL = 2, 0xDEADBEEF
-BLOB_CODES = {1: "fp16", 2: "fp32", 3: "uint8", 4: "int8"}  # the codes coremltools writes for these dtypes
+# the codes coremltools' BlobWriter writes for these dtypes (read back from its files: 5 is bfloat16,
+# 8-13 the sub-byte types int4, uint1, uint2, uint4, uint3, uint6, which this reader does not unpack yet)
+BLOB_CODES = {1: "fp16", 2: "fp32", 3: "uint8", 4: "int8", 6: "int16", 7: "uint16", 14: "int32", 15: "uint32"}
 _BLOB_RECORD = struct.Struct("<IIQQ")
 
 _IMPORT_NOTES = ("Failed to load _ML", "Disabling scikit-learn conversion API", "has not been tested with coremltools")

@@ -53,7 +53,7 @@ from core.contract import compare
 from distill.students import build_student
 from edge import mil
 from edge.coreml import CoreMLRunner
-from edge.mil import HANDLERS, MILProgram, UnsupportedOpError, run_op, source_coords, spatial_pads
+from edge.mil import HANDLERS, MILProgram, UnsupportedOpError, import_coremltools, run_op, source_coords, spatial_pads
 from edge.runners import open_runner
 from targets.job import RESULT_FILE, Job
 
@@ -579,3 +579,20 @@ def test_compare_executors_on_macos(students):
     report = runner.compare_executors(found["inputs"])
     assert report["images"] == 2 and report["finite"] and report["reference"] == "coreml-reference"
     assert report["depth_rel_max"] <= 40 * U and report["seg_agreement"] >= 0.99, report
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "fp32", "uint8", "int8", "int16", "uint16", "int32", "uint32"])
+def test_blob_reader_reads_what_coremltools_blob_writer_writes(dtype, tmp_path):
+    """iOS18 programs store int32 (and 16-bit) weights; the reader knew only four dtype codes."""
+    import_coremltools()
+    from coremltools.libmilstoragepython import _BlobStorageWriter
+
+    from edge.mil import BlobFile
+    from edge.mil_ops import DTYPES
+
+    values = np.arange(-3, 4).astype(DTYPES[dtype]) if dtype[0] != "u" else np.arange(7).astype(DTYPES[dtype])
+    method = {"fp16": "write_fp16_data", "fp32": "write_float_data"}.get(dtype, f"write_{dtype}_data")
+    writer = _BlobStorageWriter(str(tmp_path / "weight.bin"))
+    offset = getattr(writer, method)(values.view(np.uint16) if dtype == "fp16" else values)
+    del writer   # flushes the file
+    np.testing.assert_array_equal(BlobFile(tmp_path / "weight.bin").read(offset, dtype, len(values)), values)
