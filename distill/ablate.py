@@ -36,6 +36,7 @@ from typing import Callable, get_origin
 from core import io
 from core.cli import ArgumentParser, command
 from core.config import ConfigError, apply_overrides, field_types
+from core.io import check_writable
 from core.registry import suggest
 from distill.recipes import RECIPES, Recipe, check_values, get_recipe
 
@@ -282,6 +283,7 @@ def main(argv: list[str]) -> int:
     recipes = build_recipes(args.recipe, grid)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or f"runs/ablate-{stamp}")
+    check_writable(out, "--out")
     combos = grid.combinations()
     print(f"ablation of {args.recipe}: {len(combos)} runs ({' x '.join(grid.axes)}) -> {out}"
           + (f"; common: {' '.join(grid.common)}" if grid.common else ""))

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from core import io
 from core.cli import command, one_line
 from core.config import ConfigError, apply_overrides
+from core.io import check_writable
 from core.lock import LockHeld, exclusive
 from core.registry import UnknownNameError
 from core.weights import save_weights
@@ -61,7 +62,7 @@ FP16_MAX = 65504.0           # largest finite float16: beyond it a label would b
 
 def parse(argv: list[str]) -> tuple[object, dict, list[str]]:
     """(recipe with overrides, options, the data/teacher overrides given) from `TEACHER key=value ...`."""
-    from distill.recipes import get_recipe
+    from distill.recipes import check_values, get_recipe
 
     if not argv or "=" in argv[0] or argv[0].startswith("-"):
         raise ConfigError("usage: python -m distill.cache_teacher TEACHER data=SPEC out=DIR [key=value ...] "
@@ -84,7 +85,10 @@ def parse(argv: list[str]) -> tuple[object, dict, list[str]]:
             raise ConfigError(f'unknown key "{key}": use data=, {", ".join(f"{k}=" for k in OPTIONS)} '
                               f"or data.* / teacher.* keys (--help lists them)")
     check_options(options)
-    return apply_overrides(get_recipe(options["recipe"]), overrides), options, overrides
+    recipe = apply_overrides(get_recipe(options["recipe"]), overrides)
+    check_values(recipe)   # before any image is rendered or a teacher loaded
+    check_writable(options["out"], "out=")
+    return recipe, options, overrides
 
 
 def check_options(options: dict) -> None:
