@@ -47,7 +47,7 @@ def one_line(text: str) -> str:
 
 
 def exit_code(exc: BaseException) -> int:
-    """2 for a problem the user fixes, else the exception's `exit_code`, else 1."""
+    """The exception's own `exit_code`, else 2 for a problem the user fixes, else 1."""
     if hasattr(exc, "exit_code"):
         return int(exc.exit_code)
     if isinstance(exc, OSError) and exc.errno in DISK_FIXES:
