@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +55,8 @@ def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recip
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     student.train()
     tail: dict[str, list[float]] = {}
-    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=steps, desc=desc, disable=not progress, leave=False,
+               mininterval=0.5 if sys.stderr.isatty() else 30)   # a log file gets a line every 30 s, not per step
     for step, batch in zip(range(steps), batches(loader, dataset)):
         teacher = None
         if recipe.target == "teacher":
@@ -76,7 +78,7 @@ def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recip
             for k, v in losses.items():
                 tail.setdefault(k, []).append(v.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     bar.close()
     student.eval()
     means = {k: sum(v) / len(v) for k, v in tail.items()}

@@ -329,7 +329,7 @@ def train_one_epoch(model, loader, supervision, objective, weighting, optimizer,
         for k, v in {"loss": total.item(), **{f"loss_{k}": v.item() for k, v in losses.items()},
                      **{f"weight_{k}": float(v) for k, v in weights.items()}}.items():
             sums[k] = sums.get(k, 0.0) + v
-        bar.set_postfix(loss=f"{total.item():.4f}")
+        bar.set_postfix(loss=f"{total.item():.4f}", refresh=False)   # redrawn at mininterval, not per step
         if state["step"] % tc.log_every == 0:
             writer.add_scalar("train/loss", total.item(), state["step"])
             for g in optimizer.param_groups:
