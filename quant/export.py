@@ -241,7 +241,9 @@ def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Pa
     return export(run, plan_for(target, options), options, runs_dir=runs_dir, log=log)
 
 
-def export(run_path, plan: Plan, opts: ExportOptions, *, runs_dir="runs", log=print) -> ExportResult:
+def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs_dir: str | Path = "runs",
+           log=print) -> ExportResult:
+    """`export_run` once the plan is made: holds the target's lock from staging to the rename."""
     from quant import artefacts, source
 
     t_start = time.time()
@@ -264,7 +266,7 @@ def export(run_path, plan: Plan, opts: ExportOptions, *, runs_dir="runs", log=pr
             staging.discard()
             log(f"export failed; nothing was replaced. Scratch files kept in {work}")
             raise
-    shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     files = "report.md, drift.json, manifest.json" + (", benchmark.json" if result.benchmark else "")
     log(f"wrote {result.path} ({files}; {len(result.reports)} artefacts, {time.time() - t_start:.0f} s)")
     if result.warning:
