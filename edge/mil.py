@@ -45,7 +45,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from edge.mil_ops import DTYPES, HANDLERS, Args, UnsupportedOpError, as_f32, source_coords, spatial_pads, unpack_bits  # noqa: F401 (re-exported)
+from edge.mil_ops import DTYPES, HANDLERS, Args, UnsupportedOpError, as_f32
+from edge.mil_ops import source_coords, spatial_pads, unpack_bits  # noqa: F401 (re-exported)
 
 # protobuf DataType names -> MIL dtype names (DTYPES, edge/mil_ops.py: MIL dtype names -> numpy).
 PROTO_DTYPES = {"FLOAT16": "fp16", "FLOAT32": "fp32", "FLOAT64": "fp64", "BOOL": "bool",

@@ -14,7 +14,7 @@ import torch
 
 from core import io
 from core.io import IntegrityError
-from core.weights import WEIGHTS_SHA256, latest_checkpoint, load_state, load_weights
+from core.weights import check_checkpoint, latest_checkpoint, load_state, load_weights
 from distill.data.classes import NYU13_NAMES
 from distill.recipes import Recipe, load_saved
 from distill.students import MultiTaskStudent, build_student
@@ -87,26 +87,27 @@ def load_run(run_dir: str | Path) -> LoadedRun:
                                f"let the run finish one epoch, or pick another run")
     recipe = load_saved(run_dir)
     digest = io.sha256(weights)
-    recorded = recorded_sha256(run_dir, weights)
-    if recorded is not None and digest != recorded:
-        raise IntegrityError(f"{weights} differs from the sha256 its run recorded ({recorded[:12]}, now {digest[:12]}): "
-                             f"the weights are corrupt or were replaced; export another run, or train it again")
+    if weights.name == "best.safetensors":
+        recorded = best_sha256(run_dir)
+        if recorded is not None and digest != recorded:
+            raise IntegrityError(f"{weights} differs from the sha256 its run recorded ({recorded[:12]}, now "
+                                 f"{digest[:12]}): the weights are corrupt or were replaced; export another run, "
+                                 f"or train it again")
+    else:   # no best kept: the last checkpoint's weights, checked against their own record
+        check_checkpoint(weights.parent)
     model = build_from_recipe(recipe)
     model.load_state_dict(load_weights(weights))
     return LoadedRun(run_dir, recipe, model.eval(), weights, digest)
 
 
-def recorded_sha256(run_dir: Path, weights: Path) -> str | None:
-    """The sha256 the run recorded for `weights`: best.safetensors in summary.json (or, for an
-    unfinished run, in its last checkpoint's state), a checkpoint's weights in its state.pt.
-    None for runs made before these records."""
-    if weights.name == "best.safetensors":
-        summary = run_dir / "summary.json"
-        if summary.is_file():
-            return ((json.loads(summary.read_text()).get("best") or {}).get("sha256"))
-        ckpt = latest_checkpoint(run_dir / "checkpoints")
-        return (load_state(ckpt / "state.pt").get("progress", {}).get("best") or {}).get("sha256") if ckpt else None
-    return load_state(weights.parent / "state.pt").get(WEIGHTS_SHA256)
+def best_sha256(run_dir: Path) -> str | None:
+    """The sha256 the run recorded for best.safetensors: in summary.json, or for an unfinished run in
+    its last checkpoint's state. None for runs made before this record."""
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        return (json.loads(summary.read_text()).get("best") or {}).get("sha256")
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    return (load_state(ckpt / "state.pt").get("progress", {}).get("best") or {}).get("sha256") if ckpt else None
 
 
 def set_threads(threads: int) -> None:

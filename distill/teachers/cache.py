@@ -165,7 +165,8 @@ class CachedTeacher(Teacher):
         # a one-split cache is compared as it is (count, images) even when it is of another split
         first, stop = m["splits"].get(split) or next(iter(m["splits"].values()))
         missing = [s["file"] for s in m["shards"] if not (self.path / s["file"]).is_file()]
-        changed = [s["file"] for s in m["shards"] if s["file"] not in missing and sha256(self.path / s["file"]) != s["sha256"]]
+        changed = [s["file"] for s in m["shards"]
+                   if s["file"] not in missing and sha256(self.path / s["file"]) != s["sha256"]]
         if missing:
             problems.append(f"shard files missing: {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""))
         elif changed:
