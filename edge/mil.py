@@ -45,20 +45,32 @@ from typing import Callable
 import numpy as np
 import torch
 
-from edge.mil_ops import DTYPES, HANDLERS, Args, UnsupportedOpError, as_f32
-from edge.mil_ops import source_coords, spatial_pads, unpack_bits  # noqa: F401 (re-exported)
+from edge.mil_ops import (  # noqa: F401 (re-exported)
+    DTYPES,
+    HANDLERS,
+    SUB_BYTE_BITS,
+    Args,
+    UnsupportedOpError,
+    as_f32,
+    source_coords,
+    spatial_pads,
+    unpack_bits,
+    unpack_sub_byte,
+)
 
 # protobuf DataType names -> MIL dtype names (DTYPES, edge/mil_ops.py: MIL dtype names -> numpy).
 PROTO_DTYPES = {"FLOAT16": "fp16", "FLOAT32": "fp32", "FLOAT64": "fp64", "BOOL": "bool",
                 "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
-                "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64", "STRING": "str"}
+                "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64", "STRING": "str",
+                "INT4": "int4", "UINT1": "uint1", "UINT2": "uint2", "UINT3": "uint3", "UINT4": "uint4", "UINT6": "uint6"}
 
 # weight.bin (MIL blob storage, version 2): a 64-byte file header (count, version), then per blob a
 # 64-byte record (sentinel, dtype code, size in bytes, absolute data offset) before its data.
 BLOB_VERSION, BLOB_SENTINEL = 2, 0xDEADBEEF
-# the codes coremltools' BlobWriter writes for these dtypes (read back from its files: 5 is bfloat16,
-# 8-13 the sub-byte types int4, uint1, uint2, uint4, uint3, uint6, which this reader does not unpack yet)
-BLOB_CODES = {1: "fp16", 2: "fp32", 3: "uint8", 4: "int8", 6: "int16", 7: "uint16", 14: "int32", 15: "uint32"}
+# the codes coremltools' BlobWriter writes for these dtypes (read back from its files; 5 is bfloat16,
+# which no MIL op takes as a weight). Sub-byte dtypes are packed from each byte's least significant bit up.
+BLOB_CODES = {1: "fp16", 2: "fp32", 3: "uint8", 4: "int8", 6: "int16", 7: "uint16", 8: "int4", 9: "uint1",
+              10: "uint2", 11: "uint4", 12: "uint3", 13: "uint6", 14: "int32", 15: "uint32"}
 _BLOB_RECORD = struct.Struct("<IIQQ")
 
 _IMPORT_NOTES = ("Failed to load _ML", "Disabling scikit-learn conversion API", "has not been tested with coremltools")
@@ -119,11 +131,20 @@ class BlobFile:
         if BLOB_CODES.get(code) != dtype:
             raise ValueError(f"{where}: the blob holds dtype code {code} ({BLOB_CODES.get(code, 'unknown')}), "
                              f"the program declares {dtype}")
-        itemsize = np.dtype(DTYPES[dtype]).itemsize
-        if size != count * itemsize or start + size > len(self.data):
+        expected = packed_size(dtype, count)
+        if size != expected or start + size > len(self.data):
             raise ValueError(f"{where}: the blob has {size} bytes at {start}, the program declares {count} x "
-                             f"{dtype} ({count * itemsize} bytes) in a {len(self.data)}-byte file")
+                             f"{dtype} ({expected} bytes) in a {len(self.data)}-byte file")
+        if dtype in SUB_BYTE_BITS:
+            return unpack_sub_byte(np.frombuffer(self.data, np.uint8, size, start), dtype, count)
         return np.frombuffer(self.data, DTYPES[dtype], count, start).copy()
+
+
+def packed_size(dtype: str, count: int) -> int:
+    """Bytes that `count` values of MIL dtype `dtype` take in a blob or an immediate value."""
+    if dtype in SUB_BYTE_BITS:
+        return -(-count * SUB_BYTE_BITS[dtype] // 8)
+    return count * np.dtype(DTYPES[dtype]).itemsize
 
 
 @dataclass
@@ -177,6 +198,8 @@ def decode_value(value, blobs: Callable[[str], BlobFile]):
         strings = list(tensor.strings.values)
         return strings[0] if kind.shape == () else np.array(strings, dtype=object).reshape(kind.shape)
     if which == "bytes":
+        if kind.dtype in SUB_BYTE_BITS:
+            return unpack_sub_byte(np.frombuffer(tensor.bytes.values, np.uint8), kind.dtype, count).reshape(kind.shape)
         return np.frombuffer(tensor.bytes.values, DTYPES[kind.dtype], count).reshape(kind.shape).copy()
     return np.array(list(getattr(tensor, which).values), DTYPES[kind.dtype]).reshape(kind.shape)
 
@@ -269,6 +292,7 @@ class MILProgram:
         self.opset = function.opset
         block = function.block_specializations[function.opset]
         self.inputs = {v.name: tensor_type(v.type) for v in function.inputs}
+        self.input_shapes = {name: _allowed_shapes(spec, name, kind) for name, kind in self.inputs.items()}
         self.output_names = list(block.outputs)
         self.ops = [parse_op(op, self._blob) for op in block.operations]
         self._check_handlers()
@@ -327,26 +351,58 @@ class MILProgram:
             raise KeyError(f"{self.path} has no constant named {name!r}")
         return self.constants[name]
 
+    def _accepts(self, name: str, shape: tuple) -> bool:
+        allowed = self.input_shapes[name]
+        if isinstance(allowed, list):     # enumerated shapes
+            return tuple(shape) in allowed
+        return len(shape) == len(allowed) and all(lo <= s and (hi is None or s <= hi)
+                                                  for s, (lo, hi) in zip(shape, allowed))
+
     def _feeds(self, feeds: dict) -> dict[str, np.ndarray]:
         if set(feeds) != set(self.inputs):
             raise ValueError(f"{self.path.name} takes inputs {sorted(self.inputs)}, got {sorted(feeds)}")
         checked = {}
         for name, kind in self.inputs.items():
             value = np.asarray(feeds[name])
-            if value.shape != kind.shape:
-                raise ValueError(f"input {name!r} has shape {value.shape}; {self.path.name} takes {kind.shape}")
+            if not self._accepts(name, value.shape):
+                raise ValueError(f"input {name!r} has shape {value.shape}; {self.path.name} takes "
+                                 f"{self.input_shapes[name]}")
             checked[name] = value.astype(DTYPES[kind.dtype])
         return checked
 
-    def __call__(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, feeds: dict[str, np.ndarray], keep_dtypes: bool = False,
+                 observe: Callable[[Op, str, np.ndarray], None] | None = None) -> dict[str, np.ndarray]:
+        """Outputs as float32, or in the dtypes the program declares (keep_dtypes: int32, bool, fp16).
+
+        observe: called as `observe(op, name, value)` for every output of every computing op (const
+        and constexpr_* outputs are decoded at load and not observed; the feeds are not either), in
+        execution order, with the value as the program stores it (numpy, its declared dtype) before
+        it is freed. An observer must not modify `value`. It reads the intermediate values that a
+        Core ML model yields only when they are made outputs (e.g. activation ranges for
+        calibration: targets/coreml.py)."""
         env = {**self.constants, **self._feeds(feeds)}
         with torch.no_grad():
             for op, dead in zip(self._steps, self._dead_after):
                 for (name, _), value in zip(op.outputs, run_handler(op, env, self._f32)):
                     env[name] = value
+                    if observe is not None:
+                        observe(op, name, value)
                 for name in dead:
                     del env[name]
+        if keep_dtypes:
+            return {name: np.asarray(env[name]) for name in self.output_names}
         return {name: np.asarray(env[name], np.float32) for name in self.output_names}
+
+
+def _allowed_shapes(spec, name: str, kind: TensorType):
+    """An input's shapes: a list of enumerated shapes, or a tuple of per-dim ranges (lowest, highest
+    or None) from the model description (a fixed dim is its own range)."""
+    described = next((d.type.multiArrayType for d in spec.description.input if d.name == name), None)
+    if described is not None and described.WhichOneof("ShapeFlexibility") == "enumeratedShapes":
+        return [tuple(s.shape) for s in described.enumeratedShapes.shapes]
+    if described is not None and described.WhichOneof("ShapeFlexibility") == "shapeRange":
+        return tuple((r.lowerBound, None if r.upperBound < 0 else r.upperBound) for r in described.shapeRange.sizeRanges)
+    return tuple((1, None) if d is None else (d, d) for d in kind.shape)
 
 
 def _is_constant(op: Op) -> bool:
