@@ -7,10 +7,11 @@
 Core ML itself predicts only on macOS. This module reads what the package holds -- the program
 (`Data/com.apple.CoreML/model.mlmodel`, a protobuf read with coremltools, which needs no runtime)
 and the weight blobs (`weights/weight.bin`, parsed here) -- and executes every op of the main
-function in order, one small handler per op type (`HANDLERS`, in edge/mil_ops.py). The
-compressed-weight ops (`constexpr_affine_dequantize`, `constexpr_lut_to_dense`, `constexpr_cast`)
-are decoded once at load, as Core ML does when it compiles the model. An op type without a
-handler fails at load with a message naming it and the supported ones.
+function in order, one small handler per op type (`HANDLERS`, in edge/mil_ops/, one module per op family). The
+compressed-weight ops (every `constexpr_*`: iOS16's affine / palette / sparse / cast, iOS18's
+blockwise shift-scale, grouped and vector palettes, sparse and joint forms, with sub-byte weight
+dtypes) are decoded once at load, as Core ML does when it compiles the model. An op type without
+a handler fails at load with a message naming it and the supported ones.
 
 Precision: every op computes in float32 (numpy or torch on the CPU) and its output is rounded to
 the dtype the program declares for it (`fp16` -> numpy float16, round to nearest even). So an fp16
@@ -27,9 +28,14 @@ float32 round-off. Results of fp16 programs are not bit-identical across torch t
 float32 summation order inside a convolution changes, and with it a few fp16 roundings downstream
 (within the same bounds; tests/test_mil.py states them).
 
-Scope: ML programs as coremltools writes them for iOS16 (the students' ops, the iOS16
-compressed-weight ops and a few other common ones; `HANDLERS` lists them), static shapes, one main
-function without control flow. This module imports torch and coremltools (with TensorFlow hidden,
+Scope: ML programs as coremltools writes them for iOS15 to iOS18 with the ops of vision models
+(convolutions, transposed convolutions, pooling, normalizations, activations, linear layers and
+attention, resizing, tensor layout, reductions, iOS17 quantize / dequantize and the compressed-weight
+ops; `HANDLERS` lists them), fixed or flexible (range or enumerated) input shapes, one main function
+without control flow. Refused with UnsupportedOpError: control flow, recurrent layers (lstm, gru,
+rnn), random ops, iOS18 states, and the few ops listed in README ("The Core ML reference
+executor"). coremltools' own op tests are this module's test suite (tests/coreml_optests.py,
+tests/test_mil_optests.py). This module imports torch and coremltools (with TensorFlow hidden,
 docs/TOOLCHAIN.md), never TensorFlow.
 """
 from __future__ import annotations
@@ -58,11 +64,12 @@ from edge.mil_ops import (  # noqa: F401 (re-exported)
     unpack_sub_byte,
 )
 
-# protobuf DataType names -> MIL dtype names (DTYPES, edge/mil_ops.py: MIL dtype names -> numpy).
+# protobuf DataType names -> MIL dtype names (DTYPES, edge/mil_ops/base.py: MIL dtype names -> numpy).
 PROTO_DTYPES = {"FLOAT16": "fp16", "FLOAT32": "fp32", "FLOAT64": "fp64", "BOOL": "bool",
                 "INT8": "int8", "INT16": "int16", "INT32": "int32", "INT64": "int64",
                 "UINT8": "uint8", "UINT16": "uint16", "UINT32": "uint32", "UINT64": "uint64", "STRING": "str",
-                "INT4": "int4", "UINT1": "uint1", "UINT2": "uint2", "UINT3": "uint3", "UINT4": "uint4", "UINT6": "uint6"}
+                "INT4": "int4",
+                "UINT1": "uint1", "UINT2": "uint2", "UINT3": "uint3", "UINT4": "uint4", "UINT6": "uint6"}
 
 # weight.bin (MIL blob storage, version 2): a 64-byte file header (count, version), then per blob a
 # 64-byte record (sentinel, dtype code, size in bytes, absolute data offset) before its data.
@@ -401,7 +408,8 @@ def _allowed_shapes(spec, name: str, kind: TensorType):
     if described is not None and described.WhichOneof("ShapeFlexibility") == "enumeratedShapes":
         return [tuple(s.shape) for s in described.enumeratedShapes.shapes]
     if described is not None and described.WhichOneof("ShapeFlexibility") == "shapeRange":
-        return tuple((r.lowerBound, None if r.upperBound < 0 else r.upperBound) for r in described.shapeRange.sizeRanges)
+        ranges = described.shapeRange.sizeRanges
+        return tuple((r.lowerBound, None if r.upperBound < 0 else r.upperBound) for r in ranges)
     return tuple((1, None) if d is None else (d, d) for d in kind.shape)
 
 

@@ -90,8 +90,9 @@ def pytest_configure(config) -> None:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """$DENSEKIT_OPTESTS_SELECT (JSON {module suffix: [substrings]}) keeps the cases of those modules
-    whose test id contains any of the substrings (an empty list keeps the whole module)."""
+    """$DENSEKIT_OPTESTS_SELECT (JSON {module suffix: [selectors]}) keeps the cases of those modules
+    whose test id matches any selector: a substring, or a list of substrings that must all occur
+    (an empty list keeps the whole module)."""
     select = json.loads(os.environ.get("DENSEKIT_OPTESTS_SELECT", "null"))
     if select is None:
         return
@@ -100,7 +101,8 @@ def pytest_collection_modifyitems(config, items) -> None:
         module = item.module.__name__.removeprefix("coremltools.converters.mil.mil.ops.tests.")
         words = select.get(module)
         name = item.nodeid.split("::", 1)[-1]
-        keep = words is not None and (not words or any(w in name for w in words))
+        keep = words is not None and (not words or any(
+            all(part in name for part in ([w] if isinstance(w, str) else w)) for w in words))
         (kept if keep else dropped).append(item)
     items[:] = kept
     config.hook.pytest_deselected(items=dropped)
