@@ -614,3 +614,51 @@ def test_blob_reader_reads_what_coremltools_blob_writer_writes(dtype, tmp_path):
     offset = getattr(writer, method)(values.view(np.uint16) if dtype == "fp16" else values)
     del writer   # flushes the file
     np.testing.assert_array_equal(BlobFile(tmp_path / "weight.bin").read(offset, dtype, len(values)), values)
+
+
+# ----------------------------------------------------------------------------- flexible input shapes
+
+def _flexible_package(tmp_path: Path, shape) -> Path:
+    """A one-conv ML program (iOS16) whose input "x" takes `shape` (a ct.EnumeratedShapes or a
+    shape with ct.RangeDim dims), saved as an .mlpackage."""
+    ct = mil.import_coremltools()
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.mil import get_new_symbol
+    weight = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=(1, 3, get_new_symbol(), get_new_symbol()))],
+                opset_version=ct.target.iOS16)
+    def program(x):
+        return mb.relu(x=mb.conv(x=x, weight=weight, pad_type="same"), name="y")
+
+    model = ct.convert(program, inputs=[ct.TensorType(name="x", shape=shape)], convert_to="mlprogram",
+                       compute_precision=ct.precision.FLOAT32, minimum_deployment_target=ct.target.iOS16)
+    path = tmp_path / "flexible.mlpackage"
+    model.save(str(path))
+    return path
+
+
+def _conv_relu(x: np.ndarray) -> np.ndarray:
+    weight = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    return F.relu(F.conv2d(T(x), T(weight), padding=1)).numpy()
+
+
+def test_enumerated_input_shapes(tmp_path):
+    ct = mil.import_coremltools()
+    program = MILProgram(_flexible_package(tmp_path, ct.EnumeratedShapes(shapes=[(1, 3, 8, 8), (1, 3, 16, 12)])))
+    for shape in [(1, 3, 8, 8), (1, 3, 16, 12)]:
+        x = rand(*shape)
+        np.testing.assert_allclose(program({"x": x})["y"], _conv_relu(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"input 'x' has shape \(1, 3, 10, 10\).*\(1, 3, 16, 12\)"):
+        program({"x": rand(1, 3, 10, 10)})
+
+
+def test_range_input_shapes(tmp_path):
+    ct = mil.import_coremltools()
+    shape = (1, 3, ct.RangeDim(4, 32, default=8), ct.RangeDim(4, 32, default=8))
+    program = MILProgram(_flexible_package(tmp_path, shape))
+    assert program.input_shapes["x"] == ((1, 1), (3, 3), (4, 32), (4, 32))
+    x = rand(1, 3, 20, 6)
+    np.testing.assert_allclose(program({"x": x})["y"], _conv_relu(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="input 'x' has shape"):
+        program({"x": rand(1, 3, 40, 8)})
