@@ -49,7 +49,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
                "# Android, from a host with adb and TFLite's benchmark_model binary for the phone's ABI",
                "python3 device/android_bench.py {path} --benchmark-binary /path/to/benchmark_model "
                "--threads {threads} --delegate xnnpack --runs 50 --warmup 5 --json {out}")),
-    Format("coreml", "Core ML", ".mlpackage", ("fp32", "fp16", "w8", "palette4", "palette6"),
+    # w4block, palette4g, sparse-palette4 and w8a8 need iOS18 / macOS 15 (targets/coreml.py), so they
+    # are produced only when asked for; the defaults run on iOS16.
+    Format("coreml", "Core ML", ".mlpackage", ("fp32", "fp16", "w8", "palette4", "palette6", "w4block",
+                                               "palette4g", "sparse-palette4", "w8a8"),
            ("fp16", "w8", "palette4", "palette6"), "torch.export", "NCHW",
            "edge.coreml:CoreMLRunner", ("auto", "predict", "reference"), ("darwin",),
            "off macOS Core ML runs through the reference executor, which measures accuracy, not device latency. "
@@ -64,6 +67,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
 SUFFIXES: dict[str, Format] = {f.suffix: f for f in FORMATS.values()}
 PRECISIONS: tuple[str, ...] = tuple(dict.fromkeys(p for f in FORMATS.values() for p in f.precisions))
 INTEGER_PRECISIONS = ("int8",)   # converted from the (QAT) int8 source model; timed against the int8 peak
+CALIBRATED_PRECISIONS = ("int8", "w8a8")   # their converters measure activation ranges on calibration images
 
 
 def format_for(path: str | Path) -> Format:

@@ -12,11 +12,15 @@ Executors:
   computes, not how fast Core ML computes it (its latency says nothing about a device), and it does
   not model fp16 accumulation on the GPU / Neural Engine (edge/mil.py says how that bounds it).
   `threads`: torch's intra-op threads while it runs (None: torch's default).
-- "auto": "predict" on macOS, "reference" elsewhere.
+- "auto": "predict" on macOS, "reference" elsewhere, and on a macOS too old to load the package
+  (iOS18 packages, the w4block / palette4g / sparse-palette4 / w8a8 precisions, need macOS 15;
+  `REQUIRED_MACOS`): there the executor's name says why.
 
 The shared runner interface (edge/runners.py): `format`, `executor` (in words), `input_shape`,
 `__call__(images)`, `invoke_fn(image)`. `compare_executors(images)` (macOS) runs both executors on
-the same images and returns core.contract.compare's parity dict of predict against the reference.
+the same images and returns core.contract.compare's parity dict of predict against the reference,
+with the package's deployment target and the compressed ops it compares through (`ops`): for w8a8
+this is where Core ML's int8 activation arithmetic meets the reference's quantize / dequantize.
 
 This module imports torch and coremltools (with TensorFlow hidden), never TensorFlow.
 """
@@ -38,18 +42,42 @@ from edge.runners import check_images, find_outputs, threads_text
 EXECUTORS = FORMATS["coreml"].executors
 
 ON_MACOS = sys.platform == "darwin"
+# Core ML specification version of a package -> (the deployment target, the oldest macOS that loads it)
+REQUIRED_MACOS = {7: ("iOS16", (13,)), 8: ("iOS17", (14,)), 9: ("iOS18", (15,))}
+COMPRESSION_OPS = ("quantize", "dequantize")   # besides the constexpr_* ops, what compare_executors lists
 
 
-def resolve_executor(executor: str) -> str:
-    """"predict" or "reference" for `executor`; raises ValueError (unknown) or RuntimeError (predict off macOS)."""
+def macos_version() -> tuple[int, ...]:
+    """This Mac's macOS version, e.g. (15, 1); () off macOS."""
+    release = platform.mac_ver()[0] if ON_MACOS else ""
+    return tuple(int(part) for part in release.split(".") if part.isdigit())
+
+
+def package_target(path: Path) -> tuple[str, tuple[int, ...]]:
+    """(deployment target, oldest macOS that loads it) of the package at `path`, from its specification version."""
+    version = import_coremltools().utils.load_spec(str(path)).specificationVersion
+    return REQUIRED_MACOS.get(version, (f"specification {version}", (99,)))
+
+
+def resolve_executor(executor: str, path: Path | None = None) -> tuple[str, str]:
+    """("predict" or "reference", why the reference runs where "auto" would predict: "" or a reason) for
+    `executor` on the package at `path`; raises ValueError (unknown) or RuntimeError (predict off macOS,
+    or on a macOS older than the package needs)."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown Core ML executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    if executor == "auto":
-        return "predict" if ON_MACOS else "reference"
     if executor == "predict" and not ON_MACOS:
         raise RuntimeError(f"MLModel.predict needs macOS; this is {sys.platform}, where Core ML has no runtime: "
                            "use executor='reference' (the MIL reference executor, edge/mil.py; --executor reference)")
-    return executor
+    if executor == "reference" or not ON_MACOS:
+        return "reference", ""
+    target, needs = package_target(path) if path is not None else ("", ())
+    if macos_version() >= needs:
+        return "predict", ""
+    reason = (f"{Path(path).name} is an {target} package; MLModel.predict needs macOS "
+              f"{'.'.join(map(str, needs))} or later to load it, this is macOS {platform.mac_ver()[0]}")
+    if executor == "predict":
+        raise RuntimeError(f"{reason}: use executor='reference', or a precision for iOS16 (fp16, w8, palette4/6)")
+    return "reference", reason
 
 
 class ThreadsFor:
@@ -82,7 +110,7 @@ class CoreMLRunner:
         if self.path.suffix != ".mlpackage" or not self.path.is_dir():
             raise ValueError(f"{self.path} is not an .mlpackage directory; Core ML artefacts from "
                              "python -m quant.export --target coreml are <stem>_<precision>.mlpackage")
-        self.kind = resolve_executor(executor)
+        self.kind, self.fallback = resolve_executor(executor, self.path)
         self._model = self._program = None
         if self.kind == "predict":
             self._model = import_coremltools().models.MLModel(str(self.path))   # compute units ALL
@@ -95,7 +123,7 @@ class CoreMLRunner:
             inputs = {name: kind.shape for name, kind in self._program.inputs.items()}
             outputs = self._program.output_names
             self.executor = (f"coreml-reference (numpy/torch, {self._program.precision} per op, "
-                             f"{threads_text(threads)})")
+                             f"{threads_text(threads)}" + (f"; {self.fallback}" if self.fallback else "") + ")")
         find_outputs(outputs, self.path)
         if INPUT_NAME not in inputs:
             raise ValueError(f"{self.path} has inputs {sorted(inputs)} but no {INPUT_NAME!r}: artefacts from "
@@ -131,7 +159,11 @@ class CoreMLRunner:
 
     def compare_executors(self, images: np.ndarray) -> dict:
         """macOS: core.contract.compare of MLModel.predict's outputs against the reference executor's
-        on `images` (N, 3, H, W): how far Core ML's real arithmetic is from the reference's."""
+        on `images` (N, 3, H, W): how far Core ML's real arithmetic is from the reference's. Also
+        "deployment_target" and "ops": the package's compressed-weight and activation-quantisation
+        op types with their counts (what the comparison covers besides the float ops). Every
+        precision goes through the same comparison; an iOS18 package needs macOS 15 (RuntimeError
+        before, naming it)."""
         if not ON_MACOS:
             raise RuntimeError(f"compare_executors runs MLModel.predict, which needs macOS; this is {sys.platform}. "
                                "Off macOS only the reference executor runs (executor='reference')")
@@ -140,4 +172,7 @@ class CoreMLRunner:
                                                                        executor="reference")
         report = compare(*predict(images), *reference(images))
         report["reference"] = "coreml-reference"
+        report["deployment_target"] = package_target(self.path)[0]
+        report["ops"] = {op: n for op, n in sorted(reference._program.ops_used.items())
+                         if op.startswith("constexpr_") or op in COMPRESSION_OPS}
         return report

@@ -3,6 +3,7 @@
     program = MILProgram("exports/v3-.../coreml/v3-..._fp16.mlpackage")
     outs = program({"image": images})          # {"depth": (1, 1, H, W), "seg": (1, C, H, W)} float32
     program.ops_used, program.precision         # Counter({"const": 537, "conv": 63, ...}), "fp16"
+    program(feeds, observe=lambda op, name, value: ...)   # also see every intermediate value (calibration)
 
 Core ML itself predicts only on macOS. This module reads what the package holds -- the program
 (`Data/com.apple.CoreML/model.mlmodel`, a protobuf read with coremltools, which needs no runtime)

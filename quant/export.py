@@ -3,6 +3,7 @@
     python -m quant.export --target tflite                      # newest v3 run, fp32 + fp16 + int8
     python -m quant.export --target pixel8                      # a device profile (targets/devices.json)
     python -m quant.export --target coreml --run runs/v4-20261121T101500Z
+    python -m quant.export --target coreml --precision w4block palette4g sparse-palette4 w8a8   # iOS18 compression
     python -m quant.export --target onnx --precision int8 --qat-steps 0     # int8 by PTQ only
     python -m quant.export --target tflite --prune 0.3 --overwrite          # prune 30% of channels
     python -m quant.export --target tflite --prune macs=0.5x                # or to half the MACs
@@ -36,7 +37,7 @@ import numpy as np
 
 from core import io
 from core.cli import ArgumentParser, at_least, command
-from core.formats import FORMATS, PRECISIONS, Format
+from core.formats import CALIBRATED_PRECISIONS, FORMATS, PRECISIONS, Format
 from core.io import check_writable
 from core.lock import exclusive
 from edge import kit
@@ -63,7 +64,7 @@ class ExportOptions:
     qat_steps: int = DEFAULT_QAT_STEPS        # 0 = post-training quantisation only
     qat_lr: float = 1e-4
     float_ops: tuple[str, ...] = ("DIV",)     # TFLite op types an int8 file keeps in float
-    calib: int = DEFAULT_CALIB                # calibration images for int8
+    calib: int = DEFAULT_CALIB                # calibration images for int8 and Core ML w8a8
     input_size: str = ""                      # "HxW"; "" = the device profile's, else the run's
     check: int = DEFAULT_CHECK                # validation images each artefact is run on
     tolerances: dict = field(default_factory=dict)   # {"int8": {"abs_rel_change": 0.03}}: gate overrides
@@ -101,7 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run", help="training run directory (default: the newest v3 run under --runs-dir)")
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--out", default="exports", help="exports root (default: exports/)")
-    p.add_argument("--precision", nargs="+", help="precisions to produce (default: all of the target's)")
+    p.add_argument("--precision", nargs="+",
+                   help="precisions to produce (default: the target's defaults, core/formats.py)")
     p.add_argument("--prune", help='channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")')
     p.add_argument("--prune-steps", type=int, default=300, help="distillation fine-tune steps after pruning")
     p.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS,
@@ -109,7 +111,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--qat-lr", type=float, default=1e-4)
     p.add_argument("--float-ops", default="DIV",
                    help="TFLite op types an int8 file keeps in float (default DIV; see targets/tflite.py)")
-    p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images for int8")
+    p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images for int8 and Core ML w8a8")
     p.add_argument("--input-size", help="HxW to export at (default: the device profile's, else the run's)")
     p.add_argument("--check", type=int, default=DEFAULT_CHECK, help="validation images each artefact is run on")
     p.add_argument("--tolerance", action="append", metavar="PRECISION.KEY=VALUE",
@@ -295,6 +297,8 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     int8_model, calibration = float_model, {}
     if "int8" in plan.precisions:
         int8_model, calibration, config["int8"] = int8_stage(run, float_model, train_ds, plain_train, work, opts, log)
+    elif set(plan.precisions) & set(CALIBRATED_PRECISIONS):   # Core ML w8a8: ranges measured by the converter
+        calibration, config["calibration"] = calibration_stage(plain_train, work, opts, log)
     job = build_job(plan, opts, float_model, int8_model, calibration, run, size, val_ds, work, out, config)
     log(f"converting to {plan.format.name}: {', '.join(plan.precisions)}")
     result = artefacts.run_converter(job, work, log)
@@ -404,6 +408,15 @@ def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log
              desc="QAT", progress=opts.progress, log=log)
     report.update({"qat_steps": opts.qat_steps, "qat_lr": opts.qat_lr, "activation_ranges": qat.activation_ranges(fake)})
     return qat.finalize(fake), calib.files, report
+
+
+def calibration_stage(plain_train, work, opts: ExportOptions, log) -> tuple[dict, dict]:
+    """The calibration set alone (no QAT), for precisions whose converter calibrates the float model."""
+    from quant import ptq
+
+    calib = ptq.calibration_set(plain_train, opts.calib, work / "calibration", progress=opts.progress)
+    log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
+    return calib.files, calib.selection.describe()
 
 
 def evaluate(model, dataset, recipe) -> dict:

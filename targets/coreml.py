@@ -10,22 +10,40 @@ TensorFlow is blocked on the first line: coremltools imports TensorFlow when it 
 TensorFlow + torch in one process segfault (docs/TOOLCHAIN.md). So this module is a process entry point:
 never import it from the parent (quant.export) or from any process that may need TensorFlow.
 
-Precisions:
-- fp32 / fp16: the program computes in float32 / float16 (inputs and outputs stay float32).
-- w8: the fp16 program with int8 symmetric per-output-channel weights (constexpr_affine_dequantize).
+Precisions (the deployment target each needs: TARGETS):
+- fp32 / fp16: the program computes in float32 / float16 (inputs and outputs stay float32). iOS16.
+- w8: the fp16 program with int8 symmetric per-output-channel weights (constexpr_affine_dequantize). iOS16.
 - palette4 / palette6: the fp16 program with k-means palettized weights, a 16- / 64-entry fp16
-  lookup table per tensor (constexpr_lut_to_dense; k-means runs in scikit-learn).
-Every compressed op type stays in the iOS16 opset (see MINIMUM_TARGET).
+  lookup table per tensor (constexpr_lut_to_dense; k-means runs in scikit-learn). iOS16.
+- w4block: int4 symmetric weights with one fp16 scale per block of W4_BLOCK input channels
+  (constexpr_blockwise_shift_scale on int4 data). iOS18.
+- palette4g: 4-bit k-means palettes, one 16-entry table per group of PALETTE_GROUP output channels
+  (the iOS18 constexpr_lut_to_dense). iOS18.
+- sparse-palette4: the SPARSITY smallest-magnitude weights of each tensor set to zero, the rest
+  palettized to 16 entries per PALETTE_GROUP output channels, stored jointly: a bit mask and 4-bit
+  indices of the non-zeros (constexpr_lut_to_sparse -> constexpr_sparse_to_dense). iOS18.
+- w8a8: w8's weights (iOS18 form: constexpr_blockwise_shift_scale) plus int8 activations: quantize /
+  dequantize pairs (iOS17 ops) around every conv, add and pool, their scales calibrated on the job's
+  calibration images by the MIL reference executor (`activation_ranges`). iOS18.
+The iOS18 precisions are made from a second float16 conversion with the iOS18 target; the
+iOS16 ones keep the iOS16 program, so they still run on iOS16 / macOS 13.
 
 Execution: every package is run on the job's check images right after it is saved and compared
 with the PyTorch outputs (edge.coreml.CoreMLRunner, executor "auto"). On macOS Core ML runs it
 (`MLModel.predict`) and the check also records `reference_parity`: predict against the MIL
 reference executor (edge/mil.py) on the same images. Elsewhere Core ML has no runtime, so the
 reference executor runs the saved MIL program op by op at the program's precision; `executor` in
-the check names which one ran.
+the check names which one ran. An iOS18 package on a macOS before 15 is run by the reference too
+(`predict_skipped` says why).
 
 Environment: DENSEKIT_COREML_WEIGHT_THRESHOLD overrides WEIGHT_THRESHOLD (tests set it to 0 so the
 tiny test models' small tensors are compressed too).
+
+W8A8 on Linux: coremltools' own `linear_quantize_activations` calibrates by `MLModel.predict` with
+every intermediate tensor made an output, which exists only on macOS. `activation_ranges` gathers
+the same statistics with the reference executor instead (edge/mil.py, `observe=`), and
+`quantize_activations` hands them to coremltools' own insertion passes. What is assumed about
+matching a Mac's calibration is in `activation_ranges`.
 """
 import sys
 
@@ -64,15 +82,19 @@ import torch  # noqa: E402
 
 from core.contract import DEPTH, INPUT_NAME, SEG  # noqa: E402
 from edge.coreml import CoreMLRunner  # noqa: E402
+from edge.mil import MILProgram  # noqa: E402
 from targets.job import Job, check_against_reference, main, source_for, tool_versions, write_result  # noqa: E402
 
 # iOS16 (macOS 13) is the oldest target that has the compressed-weight ops (constexpr_affine_dequantize,
 # constexpr_lut_to_dense) and float16 ML programs with float32 I/O. iOS17 gave the identical program
 # for both students (same ops, opset aside), so iOS16 only widens the devices that can run the
-# packages (iOS17 drops iPhone 8 / X). Per-grouped-channel palettes and int4 blockwise weights would
-# need iOS18; per-tensor palettes and per-channel int8 do not.
-MINIMUM_TARGET = ct.target.iOS16
-MINIMUM_TARGET_NAME = "iOS16"
+# packages (iOS17 drops iPhone 8 / X). Per-grouped-channel palettes, int4 blockwise weights, joint
+# sparse + palette weights and activation quantisation with int8 weights need iOS18 (macOS 15):
+# those precisions, and only those, are converted for it.
+DEPLOYMENT_TARGETS = {"iOS16": ct.target.iOS16, "iOS18": ct.target.iOS18}
+IOS18_PRECISIONS = ("w4block", "palette4g", "sparse-palette4", "w8a8")
+PRECISIONS = ("fp32", "fp16", "w8", "palette4", "palette6", *IOS18_PRECISIONS)
+TARGETS = {p: "iOS18" if p in IOS18_PRECISIONS else "iOS16" for p in PRECISIONS}
 
 # coremltools' own default: tensors with fewer than 2048 elements stay float16. Measured on the
 # default student (mobilenetv3_small_100, 64-channel decoder, 256x320): compressing every tensor
@@ -84,8 +106,33 @@ MINIMUM_TARGET_NAME = "iOS16"
 WEIGHT_THRESHOLD = 2048
 WEIGHT_THRESHOLD_ENV = "DENSEKIT_COREML_WEIGHT_THRESHOLD"
 
-PRECISIONS = ("fp32", "fp16", "w8", "palette4", "palette6")
 PALETTE_BITS = {"palette4": 4, "palette6": 6}
+# The iOS18 precisions' sizes, measured on v3 (12 epochs, 64 validation images: package MB, per-pixel
+# depth drift median, relative squared error of the compressed weights; README "Core ML precisions"):
+# - W4_BLOCK, input channels per int4 scale: 16 / 32 / 64 -> 0.86 / 0.81 / 0.78 MB, 2.4 / 2.5 / 2.8%,
+#   0.0079 / 0.0090 / 0.0099. 16 pays 7% in bytes for 4% less drift, 64 saves 4% for 11% more.
+# - PALETTE_GROUP, output channels per 4-bit palette: 8 / 16 / 32 -> 0.78 / 0.76 / 0.75 MB, 3.4 / 3.7 /
+#   3.1%, 0.0083 / 0.0092 / 0.0097 (per tensor, palette4: 0.74 MB, 3.3%, 0.0100). The drift does not
+#   order with the group size (k-means outcomes vary more), the weight error does, and k-means time
+#   grows with the number of groups (8 took 1.6x 16 on the v4 student): the middle.
+# - SPARSITY: 0.25 / 0.3 / 0.4 / 0.5 -> 0.79 / 0.77 / 0.71 / 0.65 MB, abs_rel +3.4 / +8.1 / +23 / +62%.
+#   The bit mask costs a bit per weight, so below ~0.28 the package is larger than palette4's (0.75)
+#   while drifting more: no sparsity pays after training a dense student. 0.25 is the highest that a
+#   dense v3 takes within its gate (5%), so that is the default; 0.5 (coremltools' default, 13%
+#   smaller than palette4) needs a student trained sparse, which densekit does not train yet.
+# Where a size does not divide a layer's channels, the largest divisor below it (int4_blocks).
+W4_BLOCK = 32
+PALETTE_GROUP = 16
+SPARSITY = 0.25
+SETTINGS = {           # what result.json (and so the manifest) records of each iOS18 precision
+    "w4block": {"weights": "int4 symmetric", "block_input_channels": W4_BLOCK},
+    "palette4g": {"weights": "4-bit k-means palette", "group_output_channels": PALETTE_GROUP},
+    "sparse-palette4": {"weights": "4-bit k-means palette of the non-zeros", "sparsity": SPARSITY,
+                        "group_output_channels": PALETTE_GROUP},
+    "w8a8": {"weights": "int8 symmetric per output channel", "activations": "int8 symmetric per tensor, min/max"},
+}
+OBSERVED_DTYPES = (np.float16, np.float32, np.float64, np.int32)   # w8a8 calibrates what can be an output
+CALIBRATION_DIR = "coreml-calibration"   # in the job's work_dir: the package w8a8 was calibrated on
 NOT_EXECUTED = {"executed": False, "reason": "the job has no check images"}
 
 DESCRIPTIONS = {
@@ -113,41 +160,228 @@ def load_program(path: Path) -> torch.export.ExportedProgram:
     return torch.export.load(str(path)).run_decompositions({})
 
 
-def convert_program(program, input_shape: list[int], compute_precision) -> "ct.models.MLModel":
+def convert_program(program, input_shape: list[int], compute_precision, target: str = "iOS16") -> "ct.models.MLModel":
     return ct.convert(
         program,
         inputs=[ct.TensorType(name=INPUT_NAME, shape=tuple(input_shape), dtype=np.float32)],
         outputs=[ct.TensorType(name=DEPTH, dtype=np.float32), ct.TensorType(name=SEG, dtype=np.float32)],
         convert_to="mlprogram",
-        minimum_deployment_target=MINIMUM_TARGET,
+        minimum_deployment_target=DEPLOYMENT_TARGETS[target],
         compute_precision=compute_precision,
     )
 
 
 def compress(fp16_model, precision: str, threshold: int):
-    """w8 / palette* from the float16 program; the input model is left unchanged."""
+    """w8 / palette* (iOS16) and w4block / palette4g / sparse-palette4 (iOS18: `fp16_model` must be
+    the iOS18 program) from the float16 program; the input model is left unchanged."""
     if precision == "w8":
         op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                          weight_threshold=threshold)
         return cto.linear_quantize_weights(fp16_model, cto.OptimizationConfig(global_config=op))
+    if precision == "w4block":
+        return cto.linear_quantize_weights(fp16_model, int4_blocks(fp16_model, threshold))
+    if precision == "palette4g":
+        return cto.palettize_weights(fp16_model, grouped_palettes(fp16_model, threshold))
+    if precision == "sparse-palette4":
+        pruner = cto.OpMagnitudePrunerConfig(target_sparsity=SPARSITY, weight_threshold=threshold)
+        sparse = cto.prune_weights(fp16_model, cto.OptimizationConfig(global_config=pruner))
+        return cto.palettize_weights(sparse, sparse_palettes(sparse), joint_compression=True)
     op = cto.OpPalettizerConfig(mode="kmeans", nbits=PALETTE_BITS[precision], granularity="per_tensor",
                                 weight_threshold=threshold)
     return cto.palettize_weights(fp16_model, cto.OptimizationConfig(global_config=op))
 
 
-class ModelBuilder:
-    """Converts the exported program once per compute precision and derives the compressed ones."""
+def int4_blocks(model, threshold: int, block: int = W4_BLOCK) -> "cto.OptimizationConfig":
+    """int4 with one scale per block of `block` input channels (x kernel), or per block of the largest
+    divisor of the input channels up to `block` where `block` does not divide them (coremltools would
+    leave those tensors fp16: 30 of the default student's 50 compressible ones at 32; depthwise
+    kernels, one input channel, get a scale per output channel)."""
+    def config(size: int):
+        return cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int4", granularity="per_block",
+                                           block_size=size, weight_threshold=threshold)
+    return cto.OptimizationConfig(global_config=config(block), op_name_configs={
+        name: config(largest_divisor(channels, block)) for name, channels in weight_channels(model, 1).items()
+        if channels % block})
 
-    def __init__(self, program, input_shape: list[int], threshold: int):
+
+def grouped_palettes(model, threshold: int, group: int = PALETTE_GROUP) -> "cto.OptimizationConfig":
+    """4-bit k-means palettes, one per `group` output channels, or per the largest divisor of the
+    output channels up to `group` where `group` does not divide them (as int4_blocks; e.g. the
+    13-channel segmentation output gets one palette)."""
+    return cto.OptimizationConfig(global_config=palette_config(group, threshold), op_name_configs={
+        name: palette_config(largest_divisor(channels, group), threshold)
+        for name, channels in weight_channels(model, 0).items() if channels % group})
+
+
+def sparse_palettes(sparse_model, group: int = PALETTE_GROUP) -> "cto.OptimizationConfig":
+    """grouped_palettes for exactly the pruned weights of `sparse_model` (joint compression). By
+    name and with threshold 0: the pruner already applied the weight threshold, and the palettizer
+    would test it against a pruned tensor's non-zero values only (half of it at SPARSITY 0.5)."""
+    return cto.OptimizationConfig(op_name_configs={
+        name: palette_config(largest_divisor(channels, group), 0)
+        for name, channels in weight_channels(sparse_model, 0, "constexpr_sparse_to_dense").items()})
+
+
+def palette_config(group: int, threshold: int) -> "cto.OpPalettizerConfig":
+    return cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=group,
+                                  weight_threshold=threshold)
+
+
+def weight_channels(model, axis: int, holder: str = "const") -> dict[str, int]:
+    """{name of the `holder` op that holds a conv / linear weight: the weight's size along `axis`}
+    (0: output channels, 1: input channels, the axes coremltools' compression passes use for these
+    ops). `holder`: "const", or in a pruned program "constexpr_sparse_to_dense" (its inputs are
+    stored inline in the saved program, so coremltools' passes find the config by this op's name).
+    Keyed by the weight's op rather than the conv, since one bias const can feed several convs."""
+    found = {}
+    for op in model._mil_program.functions["main"].operations:   # the program coremltools built
+        weight = op.inputs.get("weight") if op.op_type in ("conv", "linear") else None
+        if weight is not None and weight.op is not None and weight.op.op_type == holder and weight.rank > axis:
+            found[weight.op.name] = int(weight.shape[axis])
+    return found
+
+
+def largest_divisor(channels: int, limit: int) -> int:
+    return max(d for d in range(1, min(channels, limit) + 1) if channels % d == 0)
+
+
+# ----------------------------------------------------------------------------- W8A8
+
+def activation_ranges(package: Path, images: np.ndarray) -> dict[str, dict[str, float]]:
+    """The activation statistics coremltools' calibration collects, measured by the MIL reference
+    executor: {tensor name: {"rmin", "rmax"}} for the program's input and every value a computing
+    op produces (the outputs excepted), over all `images` (N, 3, H, W) float32 in [0, 1].
+
+    What coremltools 9.0 does (optimize/coreml/experimental/_post_training_quantization.py,
+    `_get_activation_calibration_stats`, and `_model_debugger.py`): every non-const op output that
+    can be a model output (float or int32; not bool) and is not one already, plus the inputs, gets
+    the min and max of its values; then every concat's inputs and output share the union of their
+    ranges (so a quantized concat needs no requantisation). Here the same tensors, the same
+    statistics and the same concat rule, with one deliberate difference: coremltools overwrites a
+    tensor's range with each sample's before taking the min / max (`_update_tensor_range`), so its
+    ranges are those of the *last* calibration image; these are the min / max over all of them,
+    which is what its docstrings describe.
+
+    Assumed about matching a Mac (not checked here: no Mac): there coremltools runs the float16
+    program with `MLModel.predict` on CPU_ONLY, which may compute in float32 where this executor
+    rounds every op's output to float16 (edge/mil.py). The extremes then differ by float16
+    rounding along the path (relative ~1e-3), and the insertion passes round rmin / rmax to
+    float16 before computing the scale, so a scale differs from a Mac's by a few float16 ulps
+    (~0.1% each). A range set by one extreme pixel can differ more where an upstream float16
+    rounding decides which pixel is the maximum. The drift gate, measured on validation images, is
+    what the export relies on, not scale equality with a Mac; the ranges go into result.json (and
+    the manifest) so that a Mac's calibration can be compared with them.
+    """
+    program = MILProgram(package)
+    stats: dict[str, dict[str, float]] = {}
+    skip = set(program.output_names)
+
+    def update(name: str, value: np.ndarray) -> None:
+        # torch, not numpy: numpy's float16 min / max is ~30x slower, the bulk of calibration's time
+        low, high = (float(v) for v in torch.aminmax(torch.from_numpy(np.ascontiguousarray(value))))
+        if name in stats:
+            low, high = min(low, stats[name]["rmin"]), max(high, stats[name]["rmax"])
+        stats[name] = {"rmin": low, "rmax": high}
+
+    def observe(op, name: str, value: np.ndarray) -> None:
+        if name not in skip and value.size and value.dtype in OBSERVED_DTYPES:
+            update(name, value)
+
+    for image in images:
+        feed = np.ascontiguousarray(image[None], np.float32)
+        update(INPUT_NAME, feed)
+        program({INPUT_NAME: feed}, observe=observe)
+    for group in concat_groups(program):
+        known = [stats[name] for name in group if name in stats]
+        shared = {"rmin": min(s["rmin"] for s in known), "rmax": max(s["rmax"] for s in known)}
+        stats.update({name: dict(shared) for name in group if name in stats})
+    return stats
+
+
+
+def concat_groups(program: MILProgram) -> list[set[str]]:
+    """Sets of value names that must share one range: each concat's inputs and output, merged
+    wherever two concats share a value."""
+    groups: list[set[str]] = []
+    for op in program.ops:
+        if op.type != "concat":
+            continue
+        group = {b for b in op.inputs.get("values", []) if isinstance(b, str)} | {op.outputs[0][0]}
+        for other in [g for g in groups if g & group]:
+            group |= other
+            groups.remove(other)
+        groups.append(group)
+    return groups
+
+
+def quantize_activations(model, stats: dict[str, dict[str, float]]):
+    """Insert int8 quantize / dequantize pairs with `stats` (activation_ranges) by coremltools' own
+    passes, in the order `coremltools.optimize.coreml.linear_quantize_activations` runs them: before
+    every conv / add / pool input, after every conv / add / pool (or its relu-like activation), then
+    drop the redundant dequantize -> quantize pairs. Symmetric int8: scale = max|range| / 127."""
+    from coremltools.converters.mil.frontend.milproto import load as milproto
+    from coremltools.converters.mil.mil.passes.graph_pass import PassOption
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
+    passes = []
+    for name in ("compression::insert_prefix_quantize_dequantize_pair",
+                 "compression::insert_suffix_quantize_dequantize_pair"):
+        graph_pass = PASS_REGISTRY[name]
+        graph_pass.set_options([PassOption("config", config), PassOption("activation_stats", stats)])
+        passes.append(graph_pass)
+    passes.append(PASS_REGISTRY["common::dequantize_quantize_pair_elimination"])
+    return ct.models.utils._apply_graph_pass(model, passes, spec_version=ct._SPECIFICATION_VERSION_IOS_18,
+                                            pymil_load_func=milproto.load, skip_model_load=True)
+
+
+def w8a8(fp16_model, threshold: int, calibration: np.ndarray, scratch: Path) -> tuple["ct.models.MLModel", dict]:
+    """int8 activations (calibrated on `calibration` by the reference executor) and int8 per-channel
+    weights, from the iOS18 float16 program. Also returns the calibration's record for result.json:
+    the ranges used ({tensor: [rmin, rmax]}, so a Mac's calibration can be compared with them) and
+    the package they were measured on (left in `scratch`, the job's work_dir / CALIBRATION_DIR)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    package = scratch / "fp16-ios18.mlpackage"
+    fp16_model.save(str(package))
+    stats = activation_ranges(package, calibration)
+    quantized = quantize_activations(fp16_model, stats)
+    op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
+                                     weight_threshold=threshold)
+    model = cto.linear_quantize_weights(quantized, cto.OptimizationConfig(global_config=op))
+    return model, {"images": int(len(calibration)), "statistic": "min/max over all images",
+                   "executor": "coreml-reference (edge/mil.py)",
+                   "measured_on": f"the iOS18 float16 program ({CALIBRATION_DIR}/{package.name} in the work directory)",
+                   "ranges": {name: [s["rmin"], s["rmax"]] for name, s in sorted(stats.items())}}
+
+
+class ModelBuilder:
+    """Converts the exported program once per compute precision and target, and derives the compressed ones.
+
+    calibration: (N, 3, H, W) float32 images for w8a8, or None; scratch: a directory for w8a8's
+    calibration package."""
+
+    def __init__(self, program, input_shape: list[int], threshold: int, calibration: np.ndarray | None = None,
+                 scratch: Path | None = None):
         self.program, self.input_shape, self.threshold = program, input_shape, threshold
-        self._fp16 = None
+        self.calibration, self.scratch = calibration, scratch
+        self._fp16: dict[str, object] = {}
+        self.notes: dict[str, dict] = {}   # per precision, what the result.json entry adds (w8a8: its calibration)
+
+    def fp16(self, target: str):
+        if target not in self._fp16:
+            self._fp16[target] = convert_program(self.program, self.input_shape, ct.precision.FLOAT16, target)
+        return self._fp16[target]
 
     def build(self, precision: str):
         if precision == "fp32":
             return convert_program(self.program, self.input_shape, ct.precision.FLOAT32)
-        if self._fp16 is None:
-            self._fp16 = convert_program(self.program, self.input_shape, ct.precision.FLOAT16)
-        return self._fp16 if precision == "fp16" else compress(self._fp16, precision, self.threshold)
+        fp16 = self.fp16(TARGETS[precision])
+        if precision == "fp16":
+            return fp16
+        if precision == "w8a8":
+            model, self.notes["w8a8"] = w8a8(fp16, self.threshold, self.calibration, self.scratch)
+            return model
+        return compress(fp16, precision, self.threshold)
 
 
 def flat_value(value) -> str:
@@ -192,30 +426,55 @@ def save_atomically(model, target: Path, staging: Path) -> None:
     os.replace(temporary, target)
 
 
-def _walk(block, counts: Counter, lut_sizes: set) -> None:
+FLOAT_TYPES = (ct.proto.MIL_pb2.DataType.FLOAT16, ct.proto.MIL_pb2.DataType.FLOAT32)
+LUT_OPS = ("constexpr_lut_to_dense", "constexpr_lut_to_sparse")
+
+
+def _dims(value_type) -> list[int]:
+    return [d.constant.size for d in value_type.tensorType.dimensions]
+
+
+def _summarise(block, threshold: int) -> tuple[Counter, Counter, set, int]:
+    """(constexpr op counts, quantize / dequantize counts, LUT sizes, float weights kept dense)."""
+    counts, activations, lut_sizes = Counter(), Counter(), set()
+    consts = {op.outputs[0].name: op for op in block.operations if op.type == "const"}
+    read_by_constexpr = set()
     for op in block.operations:
         if op.type.startswith("constexpr_"):
             counts[op.type] += 1
-        if op.type == "constexpr_lut_to_dense":
-            lut = op.attributes["lut"] if "lut" in op.attributes else None
-            if lut is not None:
-                dims = [d.constant.size for d in lut.type.tensorType.dimensions]
-                # iOS16: lut is (2**nbits,); iOS18: (..., 2**nbits, vector_size)
-                lut_sizes.add(dims[0] if len(dims) == 1 else dims[-2])
-        for inner in op.blocks:
-            _walk(inner, counts, lut_sizes)
+            read_by_constexpr |= {a.name for arg in op.inputs.values() for a in arg.arguments if a.name}
+        if op.type in ("quantize", "dequantize"):
+            activations[op.type] += 1
+        if op.type in LUT_OPS:
+            if "lut" in op.attributes:     # iOS16: an attribute, (2**nbits,)
+                lut_sizes.add(_dims(op.attributes["lut"].type)[0])
+            else:                          # iOS18: an input, (..., 2**nbits, vector_size)
+                lut = op.inputs["lut"].arguments[0]   # a const's name, or an inline value
+                lut_sizes.add(_dims(consts[lut.name].outputs[0].type if lut.name else lut.value.type)[-2])
+    dense = 0
+    for name, op in consts.items():
+        value = op.attributes["val"]
+        if (name not in read_by_constexpr and value.WhichOneof("value") == "blobFileValue"
+                and value.type.tensorType.dataType in FLOAT_TYPES
+                and len(_dims(value.type)) > 1 and int(np.prod(_dims(value.type))) > threshold):
+            dense += 1
+    return counts, activations, lut_sizes, dense
 
 
-def weight_ops(path: Path) -> dict:
-    """Compressed-weight ops in the saved program: {"weight_ops": {op type: count}, "palette_bits": [..]}."""
+def weight_ops(path: Path, threshold: int = WEIGHT_THRESHOLD) -> dict:
+    """What the saved program holds: {"weight_ops": {constexpr op type: count}, "dense_weights": float
+    weight tensors in weight.bin (rank >= 2: coremltools never compresses 1-D ones) with more than
+    `threshold` elements (coremltools' rule) that stayed uncompressed (in a compressed package: a block or group size
+    that does not divide their channels), "palette_bits": [..] (palettes),
+    "activation_ops": {"quantize": n, "dequantize": n} (w8a8)}."""
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
-    counts, lut_sizes = Counter(), set()
-    for function in spec.mlProgram.functions.values():
-        for block in function.block_specializations.values():
-            _walk(block, counts, lut_sizes)
-    found = {"weight_ops": dict(sorted(counts.items()))}
+    function = spec.mlProgram.functions["main"]
+    counts, activations, lut_sizes, dense = _summarise(function.block_specializations[function.opset], threshold)
+    found = {"weight_ops": dict(sorted(counts.items())), "dense_weights": dense}
     if lut_sizes:
         found["palette_bits"] = sorted(int(size).bit_length() - 1 for size in lut_sizes)
+    if activations:
+        found["activation_ops"] = dict(sorted(activations.items()))
     return found
 
 
@@ -226,13 +485,16 @@ def predictor(path: Path, threads: int | None = None) -> CoreMLRunner:
 
 
 def execution_check(job: Job, precision: str, path: Path) -> dict:
-    """Run the package on the check images: parity with PyTorch, and on macOS with the reference too."""
+    """Run the package on the check images: parity with PyTorch, and where Core ML predicts (macOS,
+    new enough for the package) parity of predict with the reference executor too."""
     if not job.check:
         return dict(NOT_EXECUTED)
     runner = predictor(path, threads=max(1, job.threads))
     report = {"executed": True, "executor": runner.executor, **check_against_reference(job, precision, runner)}
-    if sys.platform == "darwin":
+    if runner.kind == "predict":
         report["reference_parity"] = runner.compare_executors(np.load(job.check["inputs"]))
+    elif runner.fallback:   # macOS too old for the package (an iOS18 one before macOS 15): the reference ran
+        report["predict_skipped"] = runner.fallback
     return report
 
 
@@ -242,6 +504,9 @@ def validate(job: Job) -> None:
         raise ValueError(f"coreml precisions must be a non-empty subset of {list(PRECISIONS)}, got {job.precisions}")
     if "float" not in job.sources:
         raise ValueError(f'the coreml job needs sources["float"] (a .pt2 file), got {sorted(job.sources)}')
+    if "w8a8" in job.precisions and not job.calibration.get("nchw"):
+        raise ValueError('w8a8 calibrates its activations: the coreml job needs calibration["nchw"] '
+                         f"((N, 3, H, W) float32 images in [0, 1]), got {sorted(job.calibration)}")
 
 
 def produce(builder: ModelBuilder, job: Job, precision: str, staging: Path) -> dict:
@@ -251,9 +516,30 @@ def produce(builder: ModelBuilder, job: Job, precision: str, staging: Path) -> d
     model = builder.build(precision)
     describe(model, job, precision)
     save_atomically(model, path, staging)
+    notes = {"calibration": builder.notes[precision]} if precision in builder.notes else {}
+    settings = {"compression": SETTINGS[precision]} if precision in SETTINGS else {}
     return {"path": name, "format": "coreml", "precision": precision, "source": source_for(precision),
-            "check": execution_check(job, precision, path), "deployment_target": MINIMUM_TARGET_NAME,
-            "weight_threshold": builder.threshold, **weight_ops(path)}
+            "check": execution_check(job, precision, path), "deployment_target": TARGETS[precision],
+            "weight_threshold": builder.threshold, **settings, **weight_ops(path, builder.threshold), **notes}
+
+
+def progress_line(entry: dict, seconds: float) -> str:
+    ops = {**entry["weight_ops"], **entry.get("activation_ops", {})}
+    text = ", ".join(f"{n} {t}" for t, n in ops.items()) or "no compressed weights"
+    if entry["weight_ops"] and entry["dense_weights"]:
+        text += f", {entry['dense_weights']} weight tensors left fp16"
+    return (f"coreml {entry['precision']}: {entry['path']} ({entry['deployment_target']}; {text}) "
+            f"in {seconds:.1f} s")
+
+
+def calibration_images(job: Job) -> np.ndarray | None:
+    if "w8a8" not in job.precisions:
+        return None
+    images = np.load(job.calibration["nchw"]).astype(np.float32)
+    if images.ndim != 4 or list(images.shape[1:]) != list(job.input_shape[1:]) or not len(images):
+        raise ValueError(f"calibration images {job.calibration['nchw']} have shape {images.shape}; w8a8 needs "
+                         f"(N, {', '.join(map(str, job.input_shape[1:]))}) with N >= 1")
+    return images
 
 
 def convert(job: Job) -> None:
@@ -265,18 +551,17 @@ def convert(job: Job) -> None:
     artefacts: list[dict] = []
     try:
         start = time.perf_counter()
-        builder = ModelBuilder(load_program(Path(job.sources["float"])), job.input_shape, weight_threshold())
+        builder = ModelBuilder(load_program(Path(job.sources["float"])), job.input_shape, weight_threshold(),
+                               calibration_images(job), Path(job.work_dir) / CALIBRATION_DIR)
         print(f"coreml: loaded {job.sources['float']} in {time.perf_counter() - start:.1f} s", flush=True)
-        if any(p != "fp32" for p in job.precisions):  # shared by fp16, w8 and palette*
+        for target in dict.fromkeys(TARGETS[p] for p in job.precisions if p != "fp32"):  # shared by its precisions
             start = time.perf_counter()
-            builder.build("fp16")
-            print(f"coreml: float16 program converted in {time.perf_counter() - start:.1f} s", flush=True)
+            builder.fp16(target)
+            print(f"coreml: float16 program ({target}) converted in {time.perf_counter() - start:.1f} s", flush=True)
         for precision in job.precisions:
             start = time.perf_counter()
             artefacts.append(produce(builder, job, precision, staging))
-            ops = ", ".join(f"{n} {t}" for t, n in artefacts[-1]["weight_ops"].items()) or "no compressed weights"
-            print(f"coreml {precision}: {artefacts[-1]['path']} ({ops}) in {time.perf_counter() - start:.1f} s",
-                  flush=True)
+            print(progress_line(artefacts[-1], time.perf_counter() - start), flush=True)
         write_result(job, artefacts, tool_versions("coremltools", "torch", "numpy", "scikit-learn"))
     except BaseException:
         for a in artefacts:  # all or nothing: result.json lists every package, or none is left
