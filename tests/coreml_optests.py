@@ -21,7 +21,12 @@ of the programs that passed:
 - skipped: the test skipped itself (e.g. an opset it does not apply to);
 - xfailed: coremltools marks the case as an expected failure.
 
-Run the whole set (about half an hour on 2 cores):
+On macOS, every prediction also runs on Core ML itself (coremltools' MLModel.predict), and the
+report's "parity_with_core_ml" gives per family the largest |executor - Core ML| / (1 + |Core ML|):
+the executor-vs-Core ML comparison of edge.coreml.CoreMLRunner.compare_executors, for every op the
+op tests build. (Not run here: no Mac.)
+
+Run the whole set (about an hour on 2 cores):
     PYTHONPATH=tests DENSEKIT_OPTESTS_REPORT=/tmp/optests.json python -m pytest -p coreml_optests \
         -p no:cacheprovider -o addopts= -q --pyargs coremltools.converters.mil.mil.ops.tests
 """
@@ -59,6 +64,10 @@ def _feeds(program, data: dict) -> dict[str, np.ndarray]:
     return feeds
 
 
+_core_ml_predict = None   # on macOS: coremltools' own MLModel.predict, for the parity record
+_parity: dict[str, float] = defaultdict(float)   # family -> largest |executor - Core ML| / (1 + |Core ML|)
+
+
 def _predict(self, data, state=None, **_):
     from edge.mil import MILProgram, UnsupportedOpError
     _state["predicted"] += 1
@@ -69,7 +78,10 @@ def _predict(self, data, state=None, **_):
             pytest.skip("a neural network model: the reference executor runs ML programs")
         program = MILProgram(self.package_path)
         _state["ops"] |= set(program.ops_used)
-        return program(_feeds(program, data), keep_dtypes=True)
+        ours = program(_feeds(program, data), keep_dtypes=True)
+        if _core_ml_predict is not None:
+            _record_parity(ours, _core_ml_predict(self, dict(data)))
+        return ours
     except UnsupportedOpError as e:
         _state["unsupported"] = str(e)
         raise
@@ -78,11 +90,23 @@ def _predict(self, data, state=None, **_):
         raise
 
 
+def _record_parity(ours: dict, core_ml: dict) -> None:
+    """On macOS: how far the executor's outputs are from Core ML's own on the same package."""
+    for name, value in ours.items():
+        if name in core_ml and np.asarray(value).dtype.kind in "fiub":
+            theirs = np.asarray(core_ml[name], np.float64)
+            gap = np.abs(np.asarray(value, np.float64) - theirs) / (1 + np.abs(theirs))
+            _state["parity"] = max(_state.get("parity", 0.0), float(gap.max(initial=0.0)))
+
+
 def pytest_configure(config) -> None:
+    global _core_ml_predict
     import coremltools as ct
     from coremltools.converters.mil import testing_utils
     from coremltools.models import utils as ct_utils
 
+    if ct_utils._is_macos():   # the tests check the executor; Core ML's own outputs are kept for parity
+        _core_ml_predict = ct.models.MLModel.predict
     # compare_backend predicts only when it believes it runs on macOS 12 or newer
     testing_utils._IS_MACOS = True
     testing_utils.coremltoolsutils = types.SimpleNamespace(**{**vars(ct_utils), "_macos_version": lambda: (15, 0)})
@@ -116,7 +140,7 @@ def _family(item) -> str:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item) -> None:
-    _state.update(predicted=0, executor_error=None, unsupported=None, ops=set())
+    _state.update(predicted=0, executor_error=None, unsupported=None, ops=set(), parity=0.0)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -141,6 +165,7 @@ def pytest_runtest_makereport(item, call):
     _counts[family][kind] += 1
     if kind == "passed":
         _ops_passed.update(_state["ops"])
+    _parity[family] = max(_parity[family], _state.get("parity", 0.0))
     if kind in ("failed", "error", "unsupported"):
         reason = _state["unsupported"] or _state["executor_error"] or str(report.longrepr).strip().splitlines()[-1]
         _failures[family].append(f"{kind}: {item.module.__name__.split('.')[-2]}{item.nodeid}: {reason[:300]}")
@@ -152,4 +177,6 @@ def pytest_sessionfinish(session) -> None:
         return
     report = {"counts": dict(sorted(_counts.items())), "failures": dict(sorted(_failures.items())),
               "ops_passed": sorted(_ops_passed)}
+    if _core_ml_predict is not None:   # macOS only
+        report["parity_with_core_ml"] = dict(sorted(_parity.items()))
     Path(path).write_text(json.dumps(report, indent=1))
