@@ -197,12 +197,20 @@ def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
 
 
 def test_coreml_through_export(run_dir, tmp_path):
-    assert export(run_dir, tmp_path, "--target", "coreml", "--precision", "fp16", "w8") == 0
+    """fp16 and w8 (iOS16), and w8a8 (iOS18), whose activation ranges the converter measures on
+    the export's calibration set (taken without QAT: no int8 is asked for)."""
+    assert export(run_dir, tmp_path, "--target", "coreml", "--precision", "fp16", "w8", "w8a8", "--calib", "8") == 0
     manifest = manifest_of(tmp_path, run_dir, "coreml")
     arts = by_precision(manifest)
-    assert set(arts) == {"fp16", "w8"}
+    assert set(arts) == {"fp16", "w8", "w8a8"}
     assert arts["w8"]["bytes"] < arts["fp16"]["bytes"]
     assert arts["w8"]["weight_ops"]                      # compressed-weight ops in the program
+    w8a8 = arts["w8a8"]
+    assert w8a8["deployment_target"] == "iOS18" and arts["fp16"]["deployment_target"] == "iOS16"
+    assert w8a8["activation_ops"].get("quantize", 0) > 0 and w8a8["activation_ops"].get("dequantize", 0) > 0
+    assert w8a8["calibration"]["images"] == 8 and w8a8["calibration"]["executor"].startswith("coreml-reference")
+    assert all(low <= high for low, high in w8a8["calibration"]["ranges"].values())
+    assert "int8" not in manifest["config"]        # the calibration set came without QAT
     assert verify_export(tmp_path / run_dir.name / "coreml") == []
 
 
