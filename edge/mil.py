@@ -157,7 +157,8 @@ def packed_size(dtype: str, count: int) -> int:
 
 @dataclass
 class TensorType:
-    """dtype: a MIL dtype name ("fp16", "int32", "str", ...); shape: a tuple, None for unknown dims."""
+    """dtype: a MIL dtype name ("fp16", "int32", "str", ...); shape: a tuple, None for unknown dims
+    (the whole shape None for a variadic rank)."""
     dtype: str
     shape: tuple
 
@@ -181,6 +182,8 @@ def tensor_type(value_type) -> TensorType:
     name = _proto_dtype_name(proto.dataType)
     if name not in PROTO_DTYPES:
         raise UnsupportedOpError(f"dtype {name} is not supported; supported: {', '.join(PROTO_DTYPES)}")
+    if proto.rank < 0 or any(d.WhichOneof("dimension") == "unknown" and d.unknown.variadic for d in proto.dimensions):
+        return TensorType(PROTO_DTYPES[name], None)   # a variadic rank: shape unknown, unchecked
     dims = tuple(d.constant.size if d.WhichOneof("dimension") == "constant" else None for d in proto.dimensions)
     return TensorType(PROTO_DTYPES[name], dims)
 
@@ -361,6 +364,8 @@ class MILProgram:
 
     def _accepts(self, name: str, shape: tuple) -> bool:
         allowed = self.input_shapes[name]
+        if allowed is None:
+            return True
         if isinstance(allowed, list):     # enumerated shapes
             return tuple(shape) in allowed
         return len(shape) == len(allowed) and all(lo <= s and (hi is None or s <= hi)
@@ -411,6 +416,8 @@ def _allowed_shapes(spec, name: str, kind: TensorType):
     if described is not None and described.WhichOneof("ShapeFlexibility") == "shapeRange":
         ranges = described.shapeRange.sizeRanges
         return tuple((r.lowerBound, None if r.upperBound < 0 else r.upperBound) for r in ranges)
+    if kind.shape is None:
+        return None   # a variadic rank: any shape
     return tuple((1, None) if d is None else (d, d) for d in kind.shape)
 
 

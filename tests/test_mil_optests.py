@@ -8,7 +8,7 @@ report that these tests check:
   implements for vision models, from the iOS15 to the iOS18 opsets, the iOS18 compression ops
   included. Every executed case passes, none is refused, and every handler in edge/mil_ops/ is
   exercised by a passing case (here or by tests/test_mil.py's torch-reference cases).
-- `test_whole_set` (marked `optests`, not in the default run: about 45 minutes on 2 cores):
+- `test_whole_set` (marked `optests`, not in the default run: over an hour on 2 cores):
   `python -m pytest -m optests tests/test_mil_optests.py`. At least 99% of the executed cases
   pass, and the per-family table is printed (README, "The Core ML reference executor").
 """
