@@ -45,7 +45,8 @@ SUBSET = {
     "iOS14.test_tensor_transformation": ["smoke"],
     "iOS16.test_tensor_transformation": [
         "TestPixelUnshuffle",
-        ["TestReshapeLike::test_builder_to_backend_smoke", "=[(4, 3), ", "x_dtype=<class 'numpy.float16'>-ref_dtype=<class 'numpy.float16'>"]],
+        ["TestReshapeLike::test_builder_to_backend_smoke", "=[(4, 3), ",
+         "x_dtype=<class 'numpy.float16'>-ref_dtype=<class 'numpy.float16'>"]],
     "iOS17.test_tensor_transformation": ["zero"],
     "iOS14.test_tensor_operation": [
         "TestFill::test_builder_to_backend_smoke", "TestFlatten2d::test_builder_to_backend_smoke", "TestShape::",
