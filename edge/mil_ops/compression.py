@@ -8,7 +8,7 @@ import numpy as np
 
 from edge.mil_ops.base import DTYPES, SUB_BYTE_BITS, Args, UnsupportedOpError, handler, mil_dtype
 
-# --- compressed weights (iOS16), decoded once at load
+# --- compressed weights, decoded once at load
 
 @handler("constexpr_affine_dequantize")
 def constexpr_affine_dequantize(a: Args):

@@ -89,7 +89,7 @@ def l2_pool(a: Args):
     return torch.sqrt(_pool(a, AVG_POOLS, a.tensor("x").square(), 0.0) * math.prod(kernel))
 
 
-# --- transposed convolution, linear layers, attention
+# --- transposed convolution
 
 CONV_TRANSPOSES = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 

@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from edge.mil_ops.base import Args, channel_vector, handler
 
-# --- normalization (x (N, C, *D) unless said otherwise; population variance)
 
 @handler("batch_norm")
 def batch_norm(a: Args):

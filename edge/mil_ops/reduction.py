@@ -17,13 +17,8 @@ def _reduce(op_type: str, fn: Callable) -> None:
     handler(op_type)(run)
 
 
-for _type, _fn in {"reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": np.max}.items():
-    _reduce(_type, _fn)
-
-
-# --- reductions (axes default: all; keep_dims default False)
-
-for _type, _fn in {"reduce_min": np.min, "reduce_prod": np.prod,
+for _type, _fn in {"reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": np.max,
+                   "reduce_min": np.min, "reduce_prod": np.prod,
                    "reduce_l1_norm": lambda x, **k: np.sum(np.abs(x), **k),
                    "reduce_l2_norm": lambda x, **k: np.sqrt(np.sum(np.square(x), **k)),
                    "reduce_sum_square": lambda x, **k: np.sum(np.square(x), **k),

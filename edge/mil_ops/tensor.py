@@ -6,7 +6,6 @@ import numpy as np
 
 from edge.mil_ops.base import Args, UnsupportedOpError, handler
 
-# --- tensor layout
 
 @handler("concat")
 def concat(a: Args):
@@ -98,8 +97,6 @@ def split(a: Args):
         return np.split(x, bounds, axis=axis)
     return np.split(x, a.scalar("num_splits"), axis=axis)
 
-
-# --- tensor layout
 
 @handler("slice_by_size")
 def slice_by_size(a: Args):
