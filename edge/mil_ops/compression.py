@@ -13,12 +13,14 @@ from edge.mil_ops.base import DTYPES, SUB_BYTE_BITS, Args, UnsupportedOpError, h
 @handler("constexpr_affine_dequantize")
 def constexpr_affine_dequantize(a: Args):
     """(quantized_data - zero_point) * scale; zero_point and scale are scalars or vectors along `axis`."""
-    data = np.asarray(a.value("quantized_data"))
-    shape = [1] * data.ndim
-    shape[a.scalar("axis") % data.ndim] = -1
-    zero_point = np.asarray(a.value("zero_point"), np.float32).reshape(shape if np.ndim(a.value("zero_point")) else ())
-    scale = np.asarray(a.value("scale"), np.float32).reshape(shape if np.ndim(a.value("scale")) else ())
-    return (data.astype(np.float32) - zero_point) * scale
+    return affine_dequantize(a.value("quantized_data"), a.value("zero_point"), a.value("scale"), a.scalar("axis"))
+
+
+def affine_dequantize(data, zero_point, scale, axis) -> np.ndarray:
+    """(data - zero_point) * scale in float32; zero_point and scale are scalars or vectors along `axis`
+    (constexpr_affine_dequantize's weights and iOS17 dequantize's activations alike)."""
+    data = np.asarray(data)
+    return (data.astype(np.float32) - _along_axis(zero_point, data.ndim, axis)) * _along_axis(scale, data.ndim, axis)
 
 
 def unpack_bits(packed: np.ndarray, nbits: int, count: int) -> np.ndarray:
@@ -178,7 +180,4 @@ def quantize(a: Args):
 @handler("dequantize")
 def dequantize(a: Args):
     """(input - zero_point) * scale."""
-    x = np.asarray(a.value("input"))
-    axis = a.value("axis", None)
-    zero_point = _along_axis(a.value("zero_point", 0), x.ndim, axis)
-    return (x.astype(np.float32) - zero_point) * _along_axis(a.value("scale"), x.ndim, axis)
+    return affine_dequantize(a.value("input"), a.value("zero_point", 0), a.value("scale"), a.value("axis", None))
