@@ -4,7 +4,9 @@ Depth (`DepthMetrics`): the community's names (`abs_rel, sq_rel, rmse, rmse_log,
 d1, d2, d3`), computed per image and averaged over images as Depth-Anything-V2's metric-depth
 evaluation does, plus the diagnostics of seed 001 (median scale ratio s*, scale-aligned AbsRel,
 AbsRel per GT depth range, prediction and GT ranges and spreads). Segmentation (`SegMetrics`):
-confusion-matrix mIoU, pixel accuracy and per-class IoU. `compute()` dicts are JSON-serialisable
+confusion-matrix mIoU, pixel accuracy and per-class IoU. Boundaries (`DepthBoundaryMetrics`,
+`SegBoundaryMetrics`): iBims-1's depth boundary errors and a boundary F1 of the label map, defined
+in `BOUNDARY_DEFINITION`. `compute()` dicts are JSON-serialisable
 (floats, ints, None for "no pixel to measure").
 """
 from __future__ import annotations
@@ -13,6 +15,7 @@ import math
 from typing import Iterable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from core.spaces import check_depth_tensors
@@ -252,3 +255,164 @@ class SegMetrics:
                               for i, name in enumerate(self.class_names)},
             "n_pixels": int(total),
         }
+
+
+# --- Boundaries: where a blurred student loses most (AR occlusion, obstacle edges) ---
+
+DBE_MAX_PX = 10.0
+"""Truncation of the depth boundary errors in pixels (iBims-1's theta)."""
+DEPTH_EDGE_THRESHOLD = 0.05
+"""A depth edge is a local maximum of |Sobel(ln depth)| above this: 0.05 per pixel is a 10%
+depth step spread over two pixels, or a 30% step blurred over about five."""
+BOUNDARY_DEFINITION = (
+    "depth: iBims-1 depth boundary errors (Koch et al., ECCV-W 2018), dbe_acc = mean distance (px) "
+    "from predicted edges within 10 px of a GT edge to the nearest GT edge, dbe_comp = mean distance "
+    "from GT edges to the nearest predicted edge truncated at 10 px, per image then averaged; edges "
+    "of GT and prediction alike are non-max-suppressed |Sobel(ln depth)| > 0.05 (iBims annotates GT "
+    "edges by hand and runs Canny on the prediction). seg: boundary F1 (Csurka et al., BMVC 2013; "
+    "class-agnostic), label-change pixels matched within 0.75% of the image diagonal, pooled over the "
+    "dataset")
+
+_SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
+
+
+def _shift(x: Tensor, dy: int, dx: int) -> Tensor:
+    """x (B, 1, H, W) moved so that out[y, x] = in[y + dy, x + dx], zeros outside."""
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1))
+    return padded[..., 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+
+
+def depth_edges(depth: Tensor, mask: Tensor, threshold: float = DEPTH_EDGE_THRESHOLD) -> Tensor:
+    """(B, 1, H, W) bool: pixels on a depth edge, inside `mask` eroded by one pixel (no gradient
+    across holes). An edge pixel has |Sobel(ln depth)| > threshold and is no smaller than its two
+    neighbours along the gradient direction (non-maximum suppression, four directions)."""
+    log_depth = torch.log(torch.where(mask, depth, torch.ones_like(depth)).clamp_min(1e-6)).double()
+    padded = F.pad(log_depth, (1, 1, 1, 1), mode="replicate")
+    kx = _SOBEL_X.to(log_depth).view(1, 1, 3, 3)
+    gx, gy = F.conv2d(padded, kx), F.conv2d(padded, kx.transpose(-1, -2))
+    magnitude = torch.hypot(gx, gy)
+    angle = torch.rad2deg(torch.atan2(gy, gx)) % 180   # direction of the gradient, in [0, 180)
+    sector = ((angle + 22.5) // 45).long() % 4        # 0: x, 1: diagonal, 2: y, 3: anti-diagonal
+    keep = torch.zeros_like(magnitude, dtype=torch.bool)
+    for k, (dy, dx) in enumerate(((0, 1), (1, 1), (1, 0), (1, -1))):
+        peak = (magnitude >= _shift(magnitude, dy, dx)) & (magnitude >= _shift(magnitude, -dy, -dx))
+        keep |= (sector == k) & peak
+    interior = -F.max_pool2d(-mask.double(), 3, stride=1, padding=1) > 0.5
+    return keep & (magnitude > threshold) & interior
+
+
+def _nearest_distance(points: Tensor, targets: Tensor, chunk: int = 4096) -> Tensor:
+    """(N,) Euclidean distance from each of points (N, 2) to the nearest of targets (M, 2), M > 0."""
+    return torch.cat([torch.cdist(part, targets).min(dim=1).values for part in points.split(chunk)])
+
+
+class DepthBoundaryMetrics:
+    """iBims-1 depth boundary errors over a dataset (`BOUNDARY_DEFINITION`): `dbe_acc` (are the
+    predicted edges where GT edges are?) and `dbe_comp` (is every GT edge predicted?), in pixels,
+    lower is better, at most `DBE_MAX_PX`. A prediction without any edge near a GT edge scores
+    the maximum in both. Images without a GT edge are skipped; `dbe_images` counts the others."""
+
+    def __init__(self, min_depth: float = 1e-3, max_depth: float = 10.0, max_px: float = DBE_MAX_PX):
+        self.min_depth, self.max_depth, self.max_px = min_depth, max_depth, max_px
+        self.reset()
+
+    def reset(self) -> None:
+        self.acc_sum = self.comp_sum = 0.0
+        self.n_images = 0
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, gt: Tensor, valid: Tensor) -> None:
+        """pred, gt: (B, 1, H, W) metres; valid: (B, 1, H, W) bool."""
+        check_depth_tensors(pred, gt, valid, target_name="gt")
+        mask = valid & (gt > self.min_depth) & (gt < self.max_depth)
+        gt_edges = depth_edges(gt, mask)
+        pred_edges = depth_edges(pred.clamp(self.min_depth, self.max_depth), mask)
+        for b in range(gt.shape[0]):
+            gt_points = gt_edges[b, 0].nonzero().double()
+            if len(gt_points) == 0:
+                continue
+            pred_points = pred_edges[b, 0].nonzero().double()
+            acc = comp = self.max_px
+            if len(pred_points):
+                to_gt = _nearest_distance(pred_points, gt_points)
+                near = to_gt < self.max_px
+                if bool(near.any()):
+                    acc = float(to_gt[near].mean())
+                    comp = float(_nearest_distance(gt_points, pred_points).clamp(max=self.max_px).mean())
+            self.acc_sum += acc
+            self.comp_sum += comp
+            self.n_images += 1
+
+    def compute(self) -> dict[str, float | int | None]:
+        if self.n_images == 0:
+            return {"dbe_acc": None, "dbe_comp": None, "dbe_images": 0}
+        return {"dbe_acc": self.acc_sum / self.n_images, "dbe_comp": self.comp_sum / self.n_images,
+                "dbe_images": self.n_images}
+
+
+def label_boundaries(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """(B, H, W) bool: labelled pixels with a 4-neighbour of another (labelled) class."""
+    x = labels.unsqueeze(1).double()
+    labelled = labels.unsqueeze(1) != ignore_index
+    edge = torch.zeros_like(labelled)
+    for dy, dx in ((0, 1), (0, -1), (1, 0), (-1, 0)):
+        other = _shift(x, dy, dx)
+        other_labelled = _shift(labelled.double(), dy, dx) > 0.5
+        edge |= labelled & other_labelled & (other != x)
+    return edge[:, 0]
+
+
+def _within(points: Tensor, radius: int) -> Tensor:
+    """(B, H, W) bool: pixels within Euclidean `radius` of a True pixel of points (B, H, W)."""
+    r = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    disk = ((r.view(-1, 1) ** 2 + r.view(1, -1) ** 2) <= radius ** 2).double()
+    hits = F.conv2d(points.unsqueeze(1).double(), disk.view(1, 1, *disk.shape), padding=radius)
+    return hits[:, 0] > 0.5
+
+
+class SegBoundaryMetrics:
+    """Class-agnostic boundary F1 of a label map (`BOUNDARY_DEFINITION`): a predicted boundary
+    pixel is correct within `tolerance_px` of a GT boundary (default 0.75% of the image diagonal,
+    at least 1 px), a GT boundary pixel is found within as much of a predicted one. Counts are
+    pooled over the dataset. `compute()`: `seg_boundary_precision`, `_recall`, `_f1`."""
+
+    def __init__(self, ignore_index: int = IGNORE_INDEX, tolerance_px: int | None = None):
+        self.ignore_index, self.tolerance_px = ignore_index, tolerance_px
+        self.reset()
+
+    def reset(self) -> None:
+        self.counts = {"pred": 0, "pred_hit": 0, "gt": 0, "gt_hit": 0}
+
+    @torch.no_grad()
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """pred, target: (B, H, W) class ids; pred pixels where target is ignored do not count."""
+        if pred.shape != target.shape or pred.dim() != 3:
+            raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be "
+                             "(B, H, W) class ids")
+        h, w = target.shape[-2:]
+        radius = self.tolerance_px or max(1, round(0.0075 * math.hypot(h, w)))
+        pred = torch.where(target == self.ignore_index, self.ignore_index, pred)
+        pred_b, gt_b = label_boundaries(pred, self.ignore_index), label_boundaries(target, self.ignore_index)
+        self.counts["pred"] += int(pred_b.sum())
+        self.counts["pred_hit"] += int((pred_b & _within(gt_b, radius)).sum())
+        self.counts["gt"] += int(gt_b.sum())
+        self.counts["gt_hit"] += int((gt_b & _within(pred_b, radius)).sum())
+
+    def compute(self) -> dict[str, float | None]:
+        c = self.counts
+        precision = c["pred_hit"] / c["pred"] if c["pred"] else None
+        recall = c["gt_hit"] / c["gt"] if c["gt"] else None
+        if recall is None:       # no GT boundary: nothing to find
+            f1 = None
+        else:                    # no predicted boundary at all finds none of them
+            f1 = 2 * precision * recall / (precision + recall) if precision and recall else 0.0
+        return {"seg_boundary_precision": precision, "seg_boundary_recall": recall, "seg_boundary_f1": f1}
+
+
+def gap_closed(abs_rel: float, baseline_abs_rel: float, teacher_abs_rel: float) -> float | None:
+    """Share of the way from the constant predictor to the teacher that the student went:
+    (baseline - student) / (baseline - teacher); 1 = as good as the teacher, 0 = no better than a
+    constant. None when the teacher is not better than the constant (no gap to close)."""
+    gap = baseline_abs_rel - teacher_abs_rel
+    return (baseline_abs_rel - abs_rel) / gap if gap > 0 else None

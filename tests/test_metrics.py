@@ -7,7 +7,10 @@ import math
 import pytest
 import torch
 
-from distill.metrics import MIOU_AVERAGING, SILOG_VARIANT, DepthMetrics, SegMetrics, baseline_abs_rel
+from distill.data.classes import IGNORE_INDEX
+from distill.metrics import (DBE_MAX_PX, MIOU_AVERAGING, SILOG_VARIANT, DepthBoundaryMetrics, DepthMetrics,
+                             SegBoundaryMetrics, SegMetrics, baseline_abs_rel, depth_edges, gap_closed,
+                             label_boundaries)
 
 
 def image(*values: float, h: int = 2) -> torch.Tensor:
@@ -195,3 +198,87 @@ def test_seg_metrics_errors():
         metrics.compute()
     with pytest.raises(ValueError, match="class_names"):
         SegMetrics(3, class_names=["a", "b"])
+
+
+# --- boundaries: hand-made steps whose edges and distances can be counted by eye ---
+
+def step(h: int = 8, w: int = 8, at: int = 4, near: float = 2.0, far: float = 4.0) -> torch.Tensor:
+    """(1, 1, h, w) depth: `near` metres left of column `at`, `far` from it on."""
+    depth = torch.full((1, 1, h, w), near)
+    depth[..., at:] = far
+    return depth
+
+
+def boundary_errors(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor | None = None) -> dict:
+    metrics = DepthBoundaryMetrics()
+    metrics.update(pred, gt, all_valid(gt) if valid is None else valid)
+    return metrics.compute()
+
+
+def test_depth_edges_are_the_two_columns_of_a_step():
+    gt = step()   # |Sobel(ln)| = ln 2 / 2 on columns 3 and 4, zero elsewhere
+    edges = depth_edges(gt, all_valid(gt))[0, 0]
+    assert edges.any(dim=0).nonzero().flatten().tolist() == [3, 4]
+    assert int(edges.sum()) == 16
+    small = step(near=2.0, far=2.1)   # ln 1.05 / 2 = 0.024 < 0.05: not an edge
+    assert not depth_edges(small, all_valid(small)).any()
+
+
+def test_depth_boundary_errors_hand_values():
+    gt = step()
+    assert boundary_errors(gt, gt) == {"dbe_acc": 0.0, "dbe_comp": 0.0, "dbe_images": 1}
+    # edges on columns 5, 6 against 3, 4: predicted -> GT distances 1, 2; GT -> predicted 2, 1
+    shifted = boundary_errors(step(at=6), gt)
+    assert (shifted["dbe_acc"], shifted["dbe_comp"]) == pytest.approx((1.5, 1.5))
+    # a prediction without edges (the blurred student's failure) scores the truncation in both
+    assert boundary_errors(torch.full_like(gt, 3.0), gt)["dbe_acc"] == DBE_MAX_PX
+    assert boundary_errors(torch.full_like(gt, 3.0), gt)["dbe_comp"] == DBE_MAX_PX
+
+
+def test_depth_boundary_errors_skip_holes_and_edgeless_images():
+    gt = torch.full((1, 1, 8, 8), 2.0)
+    valid = all_valid(gt)
+    valid[..., 4:] = False        # a hole is not a depth edge, whatever the depth there
+    gt[..., 4:] = 0.0
+    assert not depth_edges(gt, valid).any()
+    assert boundary_errors(step(), gt, valid) == {"dbe_acc": None, "dbe_comp": None, "dbe_images": 0}
+
+
+def labels(h: int, w: int, at: int) -> torch.Tensor:
+    """(1, h, w) class 0 left of column `at`, class 1 from it on."""
+    out = torch.zeros(1, h, w, dtype=torch.long)
+    out[..., at:] = 1
+    return out
+
+
+def boundary_f1(pred: torch.Tensor, target: torch.Tensor, **options) -> dict:
+    metrics = SegBoundaryMetrics(**options)
+    metrics.update(pred, target)
+    return metrics.compute()
+
+
+def test_seg_boundary_f1_hand_values():
+    target = labels(4, 8, 4)      # boundary pixels: columns 3 and 4
+    assert label_boundaries(target)[0].any(dim=0).nonzero().flatten().tolist() == [3, 4]
+    assert boundary_f1(target, target)["seg_boundary_f1"] == 1.0
+    # predicted boundary on columns 6, 7: with 2 px tolerance column 6 meets column 4 and column 4
+    # meets column 6, the others are 3 px away -> precision 1/2, recall 1/2
+    out = boundary_f1(labels(4, 8, 7), target, tolerance_px=2)
+    assert (out["seg_boundary_precision"], out["seg_boundary_recall"], out["seg_boundary_f1"]) == (0.5, 0.5, 0.5)
+    assert boundary_f1(labels(4, 8, 7), target)["seg_boundary_f1"] == 0.0   # default: 1 px here
+    no_boundary = boundary_f1(torch.zeros_like(target), target)
+    assert no_boundary["seg_boundary_precision"] is None and no_boundary["seg_boundary_f1"] == 0.0
+
+
+def test_seg_boundaries_ignore_unlabelled_pixels():
+    target = torch.zeros(1, 4, 8, dtype=torch.long)
+    target[..., 4:] = IGNORE_INDEX   # labelled next to unlabelled is no boundary
+    assert not label_boundaries(target).any()
+    out = boundary_f1(labels(4, 8, 6), target)   # the prediction's boundary lies in the ignored part
+    assert out["seg_boundary_precision"] is None and out["seg_boundary_recall"] is None
+
+
+def test_gap_closed():
+    assert gap_closed(0.2, baseline_abs_rel=0.4, teacher_abs_rel=0.0) == pytest.approx(0.5)
+    assert gap_closed(0.03, baseline_abs_rel=0.38, teacher_abs_rel=0.03) == pytest.approx(1.0)
+    assert gap_closed(0.2, baseline_abs_rel=0.1, teacher_abs_rel=0.3) is None

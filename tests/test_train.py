@@ -28,8 +28,10 @@ def run_dirs(out: Path) -> list[Path]:
     return sorted(p for p in out.iterdir() if p.is_dir())
 
 
-def test_v3_trains_and_writes_the_run_directory(tmp_path):
+def test_v3_trains_and_writes_the_run_directory(tmp_path, capsys):
     assert main(["v3", *TINY, "train.epochs=4", f"out_dir={tmp_path}", "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "per-class IoU (lowest first):" in table and "gap_closed" in table and "dbe_comp" in table
     (run,) = run_dirs(tmp_path)
     for name in ("config.json", "preflight.json", "metrics.jsonl", "summary.json", "best.safetensors",
                  "report.md", "preview.png"):
@@ -40,8 +42,15 @@ def test_v3_trains_and_writes_the_run_directory(tmp_path):
     assert last["loss_depth"] < first["loss_depth"] and last["loss_seg"] < 0.9 * first["loss_seg"]
     summary = json.loads((run / "summary.json").read_text())
     for key in ("abs_rel", "rmse", "d1", "s_star", "abs_rel_aligned", "miou", "pixel_acc", "baseline_abs_rel",
-                "train_images_per_s", "wall_s", "iou_per_class"):
+                "train_images_per_s", "wall_s", "iou_per_class", "dbe_acc", "dbe_comp", "seg_boundary_f1",
+                "teacher_abs_rel", "teacher_d1", "teacher_dbe_acc"):
         assert key in summary, key
+    # the metric teacher measured on the same validation images, and the share of its gap closed
+    assert summary["teacher_abs_rel"] < summary["baseline_abs_rel"]
+    assert summary["gap_closed"] == pytest.approx((summary["baseline_abs_rel"] - summary["abs_rel"])
+                                                  / (summary["baseline_abs_rel"] - summary["teacher_abs_rel"]))
+    report = (run / "report.md").read_text()
+    assert "gap_closed" in report and "iBims-1" in report
     assert json.loads((run / "preflight.json").read_text())["passed"] is True
     assert list(tb for tb in (run / "tensorboard").iterdir() if tb.name.startswith("events"))
     assert sys.modules.get("tensorflow") is None  # TensorBoard never pulled TensorFlow into torch's process
@@ -62,6 +71,7 @@ def test_v1_with_preflight_warn_shows_errors_of_metres(tmp_path):
     (run,) = run_dirs(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rmse"] > 1.0 and summary["pred_max"] <= 1.5    # [0, 1] predictions against metres
+    assert "teacher_abs_rel" not in summary and "gap_closed" not in summary   # a relative teacher has no metric error
 
 
 def test_override_errors_exit_2(capsys):

@@ -100,6 +100,7 @@ class EvalConfig:
     eigen_crop: bool = False             # NYU Eigen crop, defined at 480x640 only
     best_metric: str = "abs_rel"         # lower is better; selects best.safetensors
     preview_images: int = 4
+    teacher: bool = True                 # measure the teacher against GT too (its metrics, gap_closed)
 
 
 @dataclass(frozen=True)

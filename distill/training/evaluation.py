@@ -5,9 +5,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
-from distill.metrics import DepthMetrics, SegMetrics
+from distill.metrics import DepthBoundaryMetrics, DepthMetrics, SegBoundaryMetrics, SegMetrics, gap_closed
 from distill.recipes import Recipe
+from distill.teachers import Teacher
 from distill.training.distributed import to_device
+
+TEACHER_KEYS = ("abs_rel", "rmse", "d1", "silog", "abs_rel_aligned", "dbe_acc", "dbe_comp")
 
 
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers: int,
@@ -27,17 +30,47 @@ def evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype |
     ec = recipe.eval
     model.eval()
     depth_m = DepthMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
+    edges_m = DepthBoundaryMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth)
     seg_m = SegMetrics(model.num_classes, ignore_index=IGNORE_INDEX, class_names=list(NYU13_NAMES))
+    seg_edges_m = SegBoundaryMetrics(ignore_index=IGNORE_INDEX)
     for batch in loader:
         batch = to_device(batch, device)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             out = model(batch["image"])
         if "depth" in out:
             depth_m.update(out["depth"].float(), batch["depth"], batch["valid"])
+            edges_m.update(out["depth"].float(), batch["depth"], batch["valid"])
         if "seg" in out:
-            seg_m.update(out["seg"].argmax(1), batch["seg"])
+            labels = out["seg"].argmax(1)
+            seg_m.update(labels, batch["seg"])
+            seg_edges_m.update(labels, batch["seg"])
     model.train()
-    metrics = depth_m.compute() if "depth" in model.tasks else {}
+    metrics = {**depth_m.compute(), **edges_m.compute()} if "depth" in model.tasks else {}
     if "seg" in model.tasks:
-        metrics.update(seg_m.compute())
+        metrics.update({**seg_m.compute(), **seg_edges_m.compute()})
     return metrics
+
+
+@torch.no_grad()
+def evaluate_teacher(teacher: Teacher, loader: DataLoader, device: torch.device, recipe: Recipe) -> dict:
+    """The teacher's own depth metrics against ground truth on the validation split, as
+    `teacher_<key>` for `TEACHER_KEYS`: the student's ceiling. The teacher must output metres."""
+    ec = recipe.eval
+    depth_m = DepthMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
+    edges_m = DepthBoundaryMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth)
+    for batch in loader:
+        batch = to_device(batch, device)
+        depth = teacher(batch).float()
+        depth_m.update(depth, batch["depth"], batch["valid"])
+        edges_m.update(depth, batch["depth"], batch["valid"])
+    metrics = {**depth_m.compute(), **edges_m.compute()}
+    return {f"teacher_{k}": metrics[k] for k in TEACHER_KEYS}
+
+
+def with_references(val: dict, baseline_abs_rel: float, teacher: dict) -> dict:
+    """Validation metrics beside the constant predictor, the teacher and the share of the gap
+    between them that the student closed."""
+    out = {**val, "baseline_abs_rel": baseline_abs_rel, **teacher}
+    if "abs_rel" in val and teacher.get("teacher_abs_rel") is not None:
+        out["gap_closed"] = gap_closed(val["abs_rel"], baseline_abs_rel, teacher["teacher_abs_rel"])
+    return out

@@ -36,7 +36,7 @@ from distill.students import build_student, count_macs, count_params
 from distill.teachers import Teacher
 from distill.training import distributed
 from distill.training.distributed import pick_device, to_device
-from distill.training.evaluation import evaluate, make_loader
+from distill.training.evaluation import evaluate, evaluate_teacher, make_loader, with_references
 from distill.training.objective import Objective, depth_target, weighting_for
 from distill.training.preflight import PreflightError, enforce, run_preflight
 from distill.training.supervision import supervision_for
@@ -156,6 +156,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     ec = recipe.eval  # the constant predictor at the training set's median depth: the number to beat
     baseline = baseline_abs_rel(training_median_depth(train_ds, val_ds), ((b["depth"], b["valid"]) for b in val_loader),
                                 min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop) if rank.main else None
+    teacher_val = teacher_reference(teacher, val_loader, device, recipe, log) if rank.main else {}
 
     preflight_stage(model, train_loader, teacher, recipe, device, run_dir if rank.main else None, log)
 
@@ -193,7 +194,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
         weighting.epoch_end({t: means[f"loss_{t}"] for t in recipe.model.tasks})  # unweighted, per task
         state["epoch"] = epoch + 1
         if rank.main:
-            val = {**evaluate(model, val_loader, device, amp, recipe), "baseline_abs_rel": baseline}
+            val = with_references(evaluate(model, val_loader, device, amp, recipe), baseline, teacher_val)
             record = {"epoch": epoch + 1, "step": state["step"], "train": {**means, "images_per_s": images / epoch_time},
                       "val": val}
             io.append_jsonl(run_dir / "metrics.jsonl", record)
@@ -206,13 +207,30 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if rank.main:
         from distill.training.report import write_outputs
         if val is None:   # resumed from the last checkpoint (killed before its summary): evaluate it
-            val = {**evaluate(model, val_loader, device, amp, recipe), "baseline_abs_rel": baseline}
+            val = with_references(evaluate(model, val_loader, device, amp, recipe), baseline, teacher_val)
         summary = {**val, "best": state["best"],
                    "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
                    "wall_s": time.time() - t_start, "epochs": tc.epochs, "device": str(device),
                    "processes": rank.world}
         write_outputs(run_dir, recipe, summary, model, teacher, val_ds, device, log)
     return run_dir
+
+
+def teacher_reference(teacher: Teacher, val_loader: DataLoader, device: torch.device, recipe: Recipe, log) -> dict:
+    """The teacher's metrics on the validation split (`eval.teacher`), or {} with the reason said:
+    a teacher that does not output metres has no metric error, and a cache holds training labels only."""
+    if not recipe.eval.teacher:
+        return {}
+    why_not = ("it outputs " + teacher.space.value + " depth" if teacher.space is not DepthSpace.METRIC else
+               "teacher.cache holds training-split labels only" if recipe.teacher.cache else "")
+    if why_not:
+        log(f"teacher metrics: not measured ({why_not}); gap_closed needs them")
+        return {}
+    t0 = time.time()
+    metrics = evaluate_teacher(teacher, val_loader, device, recipe)
+    log(f"teacher {teacher.name} on the validation split: abs_rel {metrics['teacher_abs_rel']:.4f}, "
+        f"d1 {metrics['teacher_d1']:.3f} ({time.time() - t0:.0f} s; eval.teacher=false skips this)")
+    return metrics
 
 
 def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, log) -> torch.nn.Module:

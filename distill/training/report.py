@@ -10,9 +10,11 @@ import torch
 from core import io
 from core.figures import RAMP, colorize, colorize_seg, compose
 from distill.data.transforms import denormalize
-from distill.metrics import MIOU_AVERAGING, SILOG_VARIANT
+from distill.metrics import BOUNDARY_DEFINITION, MIOU_AVERAGING, SILOG_VARIANT
 
-HEADLINE = ["abs_rel", "baseline_abs_rel", "rmse", "d1", "silog", "s_star", "abs_rel_aligned", "miou", "pixel_acc"]
+HEADLINE = ["abs_rel", "baseline_abs_rel", "teacher_abs_rel", "gap_closed", "rmse", "d1", "silog", "s_star",
+            "abs_rel_aligned", "dbe_acc", "dbe_comp", "teacher_dbe_acc", "teacher_dbe_comp", "miou", "pixel_acc",
+            "seg_boundary_f1"]
 COLUMNS = ["RGB", "GT depth", "teacher", "student", "AbsRel error", "GT seg", "pred seg"]
 
 
@@ -48,7 +50,18 @@ def terminal_table(summary: dict) -> str:
     lines.append(f"{'train img/s':<{width}}  {summary['train_images_per_s']:.1f}")
     lines.append(f"{'wall_s':<{width}}  {summary['wall_s']:.0f}")
     bar = "-" * (width + 12)
-    return "\n".join([bar, *lines, bar])
+    return "\n".join([bar, *lines, *per_class_lines(summary.get("iou_per_class") or {}), bar])
+
+
+def per_class_lines(iou: dict[str, float | None], per_line: int = 4) -> list[str]:
+    """Per-class IoU, a few classes a line, lowest first: the classes the student misses lead."""
+    if not iou:
+        return []
+    ranked = sorted(iou.items(), key=lambda kv: (kv[1] is None, kv[1] if kv[1] is not None else 0.0))
+    width = max(len(name) for name in iou)
+    cells = [f"{name:<{width}} {'-' if v is None else f'{v:.3f}':>5}" for name, v in ranked]
+    return ["per-class IoU (lowest first):"] + ["  " + "   ".join(cells[i:i + per_line])
+                                                 for i in range(0, len(cells), per_line)]
 
 
 def markdown_report(run_dir: Path, recipe, summary: dict) -> str:
@@ -70,6 +83,9 @@ def markdown_report(run_dir: Path, recipe, summary: dict) -> str:
                                                     for k, v in summary["iou_per_class"].items())]
     lines += ["", f"- silog: {SILOG_VARIANT}", f"- miou: {MIOU_AVERAGING}",
               "- baseline_abs_rel: AbsRel of a constant prediction equal to the training set's median depth",
+              "- gap_closed: (baseline_abs_rel - abs_rel) / (baseline_abs_rel - teacher_abs_rel), the teacher "
+              "measured against GT on the same validation images",
+              f"- boundaries: {BOUNDARY_DEFINITION}",
               f"- best checkpoint: {summary.get('best')}", "", "## Preview", "", "![preview](preview.png)", ""]
     return "\n".join(lines)
 
