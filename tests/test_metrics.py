@@ -8,9 +8,19 @@ import pytest
 import torch
 
 from distill.data.classes import IGNORE_INDEX
-from distill.metrics import (DBE_MAX_PX, MIOU_AVERAGING, SILOG_VARIANT, DepthBoundaryMetrics, DepthMetrics,
-                             SegBoundaryMetrics, SegMetrics, baseline_abs_rel, depth_edges, gap_closed,
-                             label_boundaries)
+from distill.metrics import (
+    DBE_MAX_PX,
+    MIOU_AVERAGING,
+    SILOG_VARIANT,
+    DepthBoundaryMetrics,
+    DepthMetrics,
+    SegBoundaryMetrics,
+    SegMetrics,
+    baseline_abs_rel,
+    depth_edges,
+    gap_closed,
+    label_boundaries,
+)
 
 
 def image(*values: float, h: int = 2) -> torch.Tensor:
