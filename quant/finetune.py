@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from distill.recipes import Recipe
-from distill.training import Objective, make_loader, supervision_for
+from distill.training import Objective, make_loader, seg_weights_for, supervision_for
 
 
 def distillation_losses(out: dict, ref: dict, valid: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -49,7 +49,7 @@ def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recip
     if recipe.distill.feature_weight > 0:
         log(f"{desc}: distill.feature_weight={recipe.distill.feature_weight} is not used here (feature KD's "
             f"projections are not part of the exported student); the float model's outputs supervise instead")
-    objective = Objective(recipe)
+    objective = Objective(recipe, seg_weights=seg_weights_for(recipe, dataset, log))
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))

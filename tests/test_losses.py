@@ -12,6 +12,8 @@ from distill.losses import (
     WEIGHTINGS,
     build_depth_loss,
     build_weighting,
+    class_frequencies,
+    class_weights,
     cross_entropy,
     modified_huber,
     quantile,
@@ -246,6 +248,38 @@ def test_cross_entropy_hand_value_and_ignore_index():
     assert cross_entropy(logits, target).item() == pytest.approx(value.item())
     uniform = cross_entropy(torch.zeros(2, 3, 4, 4), torch.randint(0, 3, (2, 4, 4)))
     assert uniform.item() == pytest.approx(math.log(3), rel=1e-6)
+
+
+def test_weighted_cross_entropy_is_the_weighted_mean_and_matches_torch():
+    logits = torch.zeros(1, 2, 1, 3)            # uniform: every labelled pixel costs ln 2
+    logits[0, 0, 0, 0] = 1.0                    # pixel 0 (class 0) costs ln(1 + e^-1)
+    target = torch.tensor([[[0, 1, 255]]])
+    weight = torch.tensor([1.0, 3.0])
+    expected = (math.log(1 + math.e ** -1) + 3 * math.log(2)) / 4
+    assert cross_entropy(logits, target, weight=weight).item() == pytest.approx(expected, rel=1e-6)
+    logits, target = torch.randn(2, 4, 5, 5), torch.randint(0, 4, (2, 5, 5))
+    target[0, 0] = 255
+    weight = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    torch_value = torch.nn.functional.cross_entropy(logits, target, weight=weight, ignore_index=255)
+    assert cross_entropy(logits, target, weight=weight).item() == pytest.approx(torch_value.item(), rel=1e-5)
+
+
+def test_class_weights_from_frequencies():
+    frequencies = torch.tensor([0.64, 0.32, 0.04, 0.0], dtype=torch.float64)
+    assert torch.allclose(class_weights(frequencies, 0.0), torch.ones(4))      # plain cross-entropy
+    w = class_weights(frequencies, 0.5)                   # 1/sqrt: 1.25, 1.77, 5 before scaling
+    assert w[1] / w[0] == pytest.approx(2 ** 0.5, rel=1e-5) and w[2] / w[0] == pytest.approx(4.0, rel=1e-5)
+    assert float((w.double() * frequencies).sum()) == pytest.approx(1.0)     # the average pixel weighs 1
+    assert w[3] == w.max()                                # a class never seen gets the largest weight
+    inverse = class_weights(frequencies, 1.0)             # 16x apart: clipped to 10x the smallest
+    assert inverse[2] / inverse[0] == pytest.approx(10.0, rel=1e-5)
+
+
+def test_class_frequencies_count_labelled_pixels():
+    items = [{"seg": torch.tensor([[0, 0], [1, 255]])}, {"seg": torch.tensor([[2, 2], [2, 2]])}]
+    assert class_frequencies(items, 4).tolist() == pytest.approx([2 / 7, 1 / 7, 4 / 7, 0.0])
+    with pytest.raises(ValueError, match="seg_balance=0"):
+        class_frequencies([{"seg": torch.full((2, 2), 255)}], 4)
 
 
 def test_cross_entropy_all_ignored_is_zero_not_nan():

@@ -177,3 +177,9 @@ def test_resume_refuses_a_corrupt_or_missing_checkpoint_with_one_line(tmp_path, 
     shutil.rmtree(weights.parent)
     assert main(["v3", f"resume={run}", "--quiet"]) == 2
     assert "no complete checkpoint under" in capsys.readouterr().err
+
+
+def test_seg_balance_weights_the_classes_by_their_training_frequency(tmp_path, capsys):
+    assert main(["v3", *TINY, "train.epochs=1", "loss.seg_balance=0.5", f"out_dir={tmp_path}", "--quiet"]) == 0
+    log = capsys.readouterr().out
+    assert "loss.seg_balance=0.5: class weights bed" in log and "wall" in log

@@ -1,4 +1,5 @@
-"""Segmentation loss: pixel-wise cross-entropy that ignores unlabelled pixels without NaN."""
+"""Segmentation loss: pixel-wise cross-entropy that ignores unlabelled pixels without NaN, with
+optional class weights from the training set's label frequencies (`class_weights`)."""
 from __future__ import annotations
 
 import torch
@@ -8,8 +9,10 @@ from torch import Tensor
 from distill.data.classes import IGNORE_INDEX
 
 
-def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Mean cross-entropy over the labelled pixels of the batch.
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX,
+                  weight: Tensor | None = None) -> Tensor:
+    """Mean cross-entropy over the labelled pixels of the batch; with `weight` (C,), each pixel
+    counts with its class's weight (the weighted mean, as `F.cross_entropy`).
 
     logits: (B, C, H, W) float, unnormalised class scores (computed in float32, autocast-safe).
     target: (B, H, W) integer class ids in [0, C), `ignore_index` for unlabelled pixels.
@@ -28,5 +31,34 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_IND
                          "convert with `.long()` after checking the values are ids.")
     per_pixel = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index,
                                 reduction="none")  # 0 at ignored pixels
-    labelled = (target != ignore_index).sum()
-    return per_pixel.sum() / labelled.clamp_min(1)
+    labelled = target != ignore_index
+    if weight is None:
+        return per_pixel.sum() / labelled.sum().clamp_min(1)
+    pixel_weight = weight.to(per_pixel)[torch.where(labelled, target, 0).long()] * labelled
+    return (per_pixel * pixel_weight).sum() / pixel_weight.sum().clamp_min(1e-12)
+
+
+def class_frequencies(dataset, num_classes: int, ignore_index: int = IGNORE_INDEX,
+                      max_images: int = 512) -> Tensor:
+    """(C,) share of labelled pixels per class over up to `max_images` evenly spaced items of
+    `dataset` (items with a `seg` (H, W) map of ids)."""
+    n = len(dataset)
+    counts = torch.zeros(num_classes, dtype=torch.float64)
+    for i in torch.linspace(0, n - 1, min(n, max_images)).round().long().unique().tolist():
+        seg = torch.as_tensor(dataset[i]["seg"])
+        counts += torch.bincount(seg[seg != ignore_index].flatten().long(), minlength=num_classes)[:num_classes]
+    if counts.sum() == 0:
+        raise ValueError("the training set has no labelled pixel: set loss.seg_balance=0")
+    return counts / counts.sum()
+
+
+def class_weights(frequencies: Tensor, power: float, max_ratio: float = 10.0) -> Tensor:
+    """(C,) weights proportional to frequency^-power (0: plain cross-entropy, 0.5: inverse square
+    root, 1: inverse frequency), scaled so that the average labelled pixel weighs 1 (the loss keeps
+    its scale beside the depth term) and clipped to `max_ratio` times the smallest, so that a class
+    seen in a handful of pixels cannot dominate. Absent classes get the largest weight."""
+    present = frequencies > 0
+    raw = torch.where(present, frequencies.clamp_min(1e-12) ** -power, torch.zeros_like(frequencies))
+    raw = torch.where(present, raw, raw.max())
+    raw = raw.clamp(max=float(raw[present].min()) * max_ratio)
+    return (raw / (raw * frequencies).sum()).float()

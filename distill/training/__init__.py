@@ -8,7 +8,7 @@ Names resolve on first use, so an error class does not import the whole loop (to
 from core.lazy import lazy_exports
 
 _HOMES = {"train": "loop", "Objective": "objective", "evaluate": "evaluation", "make_loader": "evaluation",
-          "PreflightError": "preflight", "Supervision": "supervision", "SupervisionError": "supervision",
+          "seg_weights_for": "objective", "PreflightError": "preflight", "Supervision": "supervision", "SupervisionError": "supervision",
           "supervision_for": "supervision"}
 __all__ = sorted(_HOMES)
 __getattr__ = lazy_exports(__name__, _HOMES)

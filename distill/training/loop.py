@@ -37,7 +37,7 @@ from distill.teachers import Teacher
 from distill.training import distributed
 from distill.training.distributed import pick_device, to_device
 from distill.training.evaluation import evaluate, evaluate_teacher, make_loader, with_references
-from distill.training.objective import Objective, depth_target, weighting_for
+from distill.training.objective import Objective, depth_target, seg_weights_for, weighting_for
 from distill.training.preflight import PreflightError, enforce, run_preflight
 from distill.training.supervision import supervision_for
 
@@ -167,7 +167,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     optimizer = build_optimizer(model, weighting, tc, feature_kd)
     total_steps = tc.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, tc.warmup_frac, tc.min_lr_ratio))
-    objective = Objective(recipe, feature_kd)
+    objective = Objective(recipe, feature_kd, seg_weights=seg_weights_for(recipe, train_ds, log))
     state = {"epoch": 0, "step": 0, "best": None, "train_time": 0.0, "train_images": 0}
     if recipe.resume:
         state = restore(run_dir, model, weighting, optimizer, scheduler, log, write=rank.main, feature_kd=feature_kd)

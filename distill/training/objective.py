@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from distill.data.classes import IGNORE_INDEX
-from distill.losses import build_depth_loss, build_weighting, cross_entropy
+from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
+from distill.losses import build_depth_loss, build_weighting, class_frequencies, class_weights, cross_entropy
 from distill.losses.normalization import normalized_l1
 from distill.recipes import Recipe
 from distill.teachers import Teacher
@@ -27,9 +27,10 @@ class Objective:
     """The recipe's losses per task: depth (metric term, Distill Any Depth's normalised and
     local-global terms, D3epth's feature term: all depth distillation) and segmentation."""
 
-    def __init__(self, recipe: Recipe, feature_kd: torch.nn.Module | None = None):
+    def __init__(self, recipe: Recipe, feature_kd: torch.nn.Module | None = None, *,
+                 seg_weights: torch.Tensor | None = None):
         lc, self.dc = recipe.loss, recipe.distill
-        self.recipe, self.feature_kd = recipe, feature_kd
+        self.recipe, self.feature_kd, self.seg_weights = recipe, feature_kd, seg_weights
         self.depth_loss = build_depth_loss(lc.depth, **depth_loss_options(lc))
         self.grad_loss = build_depth_loss("gradient_huber", delta=lc.gradient_delta) if lc.gradient_weight > 0 else None
 
@@ -57,8 +58,21 @@ class Objective:
                 losses["depth"] = losses["depth"] + self.dc.feature_weight * self.feature_kd(
                     out["features"], batch["teacher_features"])
         if "seg" in out:
-            losses["seg"] = cross_entropy(out["seg"].float(), batch["seg"], ignore_index=IGNORE_INDEX)
+            losses["seg"] = cross_entropy(out["seg"].float(), batch["seg"], ignore_index=IGNORE_INDEX,
+                                          weight=self.seg_weights)
         return losses
+
+
+def seg_weights_for(recipe: Recipe, train_ds, log=print) -> torch.Tensor | None:
+    """`loss.seg_balance` > 0: class weights from the training set's label frequencies (said once)."""
+    power = recipe.loss.seg_balance
+    if power <= 0 or "seg" not in recipe.model.tasks:
+        return None
+    frequencies = class_frequencies(train_ds, len(NYU13_NAMES))
+    weights = class_weights(frequencies, power)
+    log(f"loss.seg_balance={power}: class weights " + ", ".join(
+        f"{name} {w:.2f} ({100 * f:.1f}%)" for name, w, f in zip(NYU13_NAMES, weights.tolist(), frequencies.tolist())))
+    return weights
 
 
 def depth_loss_options(lc) -> dict:
