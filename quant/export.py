@@ -12,7 +12,7 @@ Writes exports/<run name>/<target>/: the artefacts; drift.json (each artefact ex
 runtime on validation images and scored against the float PyTorch model, with pass or fail against
 the gates of its precision); benchmark.json (host latency, throughput, memory, efficiency against
 the host's measured matrix-product peak); report.md with the drift histogram and error maps;
-manifest.json (sizes, hashes, tool versions, config); device/ (the on-device bench scripts and the
+README.md, the model card (quant/model_card.py); manifest.json (sizes, hashes, tool versions, config); device/ (the on-device bench scripts and the
 commands for this export). Each converter runs in its own process (targets/job.py).
 
 From Python: `quant.export_run(run, target="tflite", qat_steps=0)` (keyword options: the fields of
@@ -42,6 +42,7 @@ from core.io import check_writable
 from core.lock import exclusive
 from edge import kit
 from quant import benchmark
+from quant.model_card import write_model_card
 from targets.profiles import device_names
 
 DEFAULT_QAT_STEPS = 300
@@ -269,7 +270,7 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
             log(f"export failed; nothing was replaced. Scratch files kept in {work}")
             raise
         shutil.rmtree(work, ignore_errors=True)
-    files = "report.md, drift.json, manifest.json" + (", benchmark.json" if result.benchmark else "")
+    files = "README.md (model card), report.md, drift.json, manifest.json" + (", benchmark.json" if result.benchmark else "")
     log(f"wrote {result.path} ({files}; {len(result.reports)} artefacts, {time.time() - t_start:.0f} s)")
     if result.warning:
         log(result.warning)
@@ -318,6 +319,7 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     table = benchmark.table(manifest["artefacts"], bench, plan.profile.latency_budget_ms if plan.profile else None)
     warning = size_warning(run, size, reports)
     io.write_text(out / "report.md", report_markdown(run, plan, config, drift_md, table, warning))
+    write_model_card(out, run, metadata_for(run, config, plan.format))
     log(table)
     return ExportResult(out, reports, manifest, bench, warning)
 

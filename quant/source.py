@@ -76,7 +76,8 @@ class LoadedRun:
 def build_from_recipe(recipe: Recipe) -> MultiTaskStudent:
     mc = recipe.model
     return build_student(mc.student, tasks=mc.tasks, num_classes=len(NYU13_NAMES),
-                         decoder_channels=mc.decoder_channels, depth_activation=mc.depth_activation)
+                         decoder_channels=mc.decoder_channels, depth_activation=mc.depth_activation,
+                         output_stride=mc.output_stride, separable=mc.separable)
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:

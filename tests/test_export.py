@@ -111,6 +111,61 @@ def test_export_directory_holds_the_proof(tflite_export, run_dir):
     assert f"device/linux_bench.py {run_dir.name}_int8.tflite" in (export_dir / "device/COMMANDS.md").read_text()
 
 
+def card_parts(export_dir: Path) -> tuple[dict, str]:
+    """(front matter, body) of the export's model card."""
+    import yaml
+
+    _, head, body = (export_dir / "README.md").read_text().split("---\n", 2)
+    return yaml.safe_load(head), body
+
+
+def table_rows(body: str, heading: str) -> list[list[str]]:
+    """The cells of the Markdown table under `## heading`, header and rule left out."""
+    section = body.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    return [[cell.strip() for cell in row.strip("|").split("|")] for row in rows[2:]]
+
+
+def run_card_snippet(export_dir: Path, tmp_path: Path) -> str:
+    """Execute the card's Python snippet on a real image in the export directory; its stdout."""
+    from PIL import Image
+
+    _, body = card_parts(export_dir)
+    code = body.split("```python\n", 1)[1].split("```", 1)[0]
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)).save(tmp_path / "room.jpg")
+    code = code.replace('"room.jpg"', repr(str(tmp_path / "room.jpg")))
+    code += "\nprint(depth_m.shape, labels.shape, float(depth_m.min()) > 0)\n"
+    return subprocess.run([sys.executable, "-c", code], cwd=export_dir, capture_output=True, text=True,
+                          check=True).stdout
+
+
+def test_model_card_matches_the_export(tflite_export, run_dir, tmp_path):
+    export_dir = tflite_export / run_dir.name / "tflite"
+    meta, body = card_parts(export_dir)
+    assert {"depth-estimation", "image-segmentation", "tflite", "int8"} <= set(meta["tags"])
+    assert meta["library_name"] == "densekit" and meta["license"] == "apache-2.0"
+    assert (meta["student"], meta["teacher"], meta["run"]) == ("mobilenetv3_small_050", "synthetic-metric", run_dir.name)
+    assert meta["input_layout"] == "NHWC" and meta["depth_space"] == "metric"
+    manifest = manifest_of(tflite_export, run_dir, "tflite")
+    files = {row[0]: row for row in table_rows(body, "Files")}
+    for a in manifest["artefacts"]:
+        assert files[a["path"]][3].strip("`") == a["sha256"][:16]
+    drift = json.loads((export_dir / "drift.json").read_text())["artefacts"]
+    rows = table_rows(body, "Accuracy against the float model")
+    assert [r[0] for r in rows] == [a["path"] for a in drift]
+    for row, a in zip(rows, drift):
+        assert row[4] == f"{a['float']['abs_rel']:.4f} -> {a['artefact']['abs_rel']:.4f}"
+        assert row[5] == f"{100 * a['delta']['abs_rel'] / a['float']['abs_rel']:+.2f}%"
+        assert row[7] == f"{100 * a['delta']['miou']:+.2f}" and row[8] == "pass"
+    bench = json.loads((export_dir / "benchmark.json").read_text())
+    latency = {r[0]: r for r in table_rows(body, "Latency on the export host")}
+    for path, b in bench["artefacts"].items():
+        assert latency[path][2] == f"{b['latency_ms']['p50']:.2f}"
+    assert [r[1] for r in table_rows(body, "Outputs")][:2] == ["bed", "books"]   # ids and names, NYU13 order
+    assert manifest["config"]["source_checkpoint"]["sha256"] in body
+    assert run_card_snippet(export_dir, tmp_path).strip() == "(64, 96) (64, 96) True"
+
+
 def test_manifest_hashes_match_and_detect_tampering(tflite_export, run_dir, tmp_path):
     export_dir = tflite_export / run_dir.name / "tflite"
     assert verify_export(export_dir) == []
@@ -194,6 +249,9 @@ def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops   # a QDQ graph, int8 kernels in onnxruntime
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["densekit"])["source_sha256"] == manifest["config"]["source_checkpoint"]["sha256"]
+    export_dir = tmp_path / run_dir.name / "onnx"    # the card's onnxruntime snippet runs as written
+    assert card_parts(export_dir)[0]["input_layout"] == "NCHW"
+    assert run_card_snippet(export_dir, tmp_path).strip() == "(64, 96) (64, 96) True"
 
 
 def test_coreml_through_export(run_dir, tmp_path):

@@ -56,3 +56,24 @@ def test_local_pretrained_file_loads_and_missing_file_is_explained(tmp_path):
     assert torch.all(model.encoder.conv_stem.weight == 0.125)
     with pytest.raises(FileNotFoundError, match="leave model.pretrained empty to train from scratch"):
         build_student("mobilenetv3_small_050", pretrained=str(tmp_path / "missing.safetensors"))
+
+
+def test_separable_stride2_decoder_is_sharper_per_mac():
+    """The stride-2 decoder level with depthwise-separable convolutions: full-size outputs from a
+    decoder at half resolution, for about a third of the plain stride-4 decoder's MACs."""
+    plain = build_student("mobilenetv3_small_100")
+    sharp = build_student("mobilenetv3_small_100", output_stride=2, separable=True).eval()
+    out = sharp(torch.randn(1, 3, 64, 96))
+    assert out["depth"].shape == (1, 1, 64, 96) and out["seg"].shape == (1, 13, 64, 96)
+    assert sharp.heads["depth"].up.scale_factor == 2 and plain.heads["depth"].up.scale_factor == 4
+    assert sharp.decoder.out_channels == 32          # half width at stride 2
+    assert count_macs(sharp, 128, 160) < 0.5 * count_macs(plain, 128, 160)
+    groups = [m.groups for m in sharp.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert max(groups) > 1                            # depthwise convolutions in the decoder
+
+
+def test_output_stride_without_an_encoder_level_is_refused():
+    with pytest.raises(ValueError, match="no feature level at stride 2"):
+        build_student("efficientvit_b0", output_stride=2)
+    with pytest.raises(ValueError, match="must be one of"):
+        build_student("mobilenetv3_small_050", output_stride=8)

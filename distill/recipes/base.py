@@ -59,6 +59,8 @@ class ModelConfig:
     student: str = "mobilenetv3_small_100"          # registry name (distill.students.STUDENTS)
     tasks: tuple[str, ...] = ("depth", "seg")
     decoder_channels: int = 64
+    output_stride: int = 4               # 4, or 2: a decoder level at half resolution (sharper edges)
+    separable: bool = False              # depthwise-separable 3x3 convolutions in decoder and heads
     depth_activation: Literal["exp", "softplus"] = "exp"
     pretrained: str = ""                 # "" = from scratch, a local weights file, or "hub" to download
 
@@ -170,5 +172,11 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
     if not 0 <= t.warmup_frac < 1 or not 0 <= t.min_lr_ratio <= 1 or t.lr_encoder <= 0 or t.lr_decoder <= 0:
         problems.append(f"train.lr_encoder={t.lr_encoder} and train.lr_decoder={t.lr_decoder} must be positive, "
                         f"train.warmup_frac={t.warmup_frac} in [0, 1), train.min_lr_ratio={t.min_lr_ratio} in [0, 1]")
+    if recipe.model.output_stride not in (2, 4):
+        problems.append(f"model.output_stride={recipe.model.output_stride} must be 2 or 4 (where the decoder "
+                        f"stops; the heads upsample the rest)")
+    if recipe.loss.seg_balance < 0:
+        problems.append(f"loss.seg_balance={recipe.loss.seg_balance} must be >= 0 (0 = plain cross-entropy, "
+                        f"0.5 = inverse square root of class frequency)")
     if problems:
         raise ConfigError("; ".join(problems))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-OUTPUT_STRIDE = 4   # the decoder stops at stride 4: the stride-2 level costs more MACs than it adds
+OUTPUT_STRIDES = (2, 4)   # where the decoder stops; the heads upsample the rest by a fixed factor
 INPUT_MULTIPLE = 32
 
 
@@ -23,31 +23,49 @@ def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
                          nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
+def separable_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    """Depthwise 3x3 then pointwise 1x1: about 1/8 of a 3x3 conv's MACs at 64 channels, which is
+    what pays for a stride-2 level. Both are int8 kernels in XNNPACK, Core ML and ONNX Runtime."""
+    return nn.Sequential(nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False), nn.BatchNorm2d(cin),
+                         nn.ReLU(inplace=True), conv_bn_relu(cin, cout, 1))
+
+
+def conv3x3(cin: int, cout: int, separable: bool) -> nn.Sequential:
+    return separable_bn_relu(cin, cout) if separable else conv_bn_relu(cin, cout)
+
+
 def upsample(factor: int) -> nn.Module:
     # Fixed scale factor, never a size read from a tensor: static Resize in every target format.
     return nn.Upsample(scale_factor=factor, mode="bilinear", align_corners=False)
 
 
 class FPNDecoder(nn.Module):
-    """Top-down feature pyramid over the encoder levels of stride >= OUTPUT_STRIDE.
+    """Top-down feature pyramid over the encoder levels given (those of stride >= the output stride).
 
     Sized from the encoder's `feature_info` (channels and reductions), never from hand-written
-    channel lists. Input: list of (B, C_i, H/r_i, W/r_i). Output: (B, channels, H/4, W/4).
+    channel lists. Levels of stride >= 4 carry `channels`; a stride-2 level carries half of them
+    (projected 1x1 before the upsampling, where it is 4x cheaper): full width there would cost
+    more than the rest of the decoder. `separable` smooths with depthwise-separable convolutions.
+    Input: list of (B, C_i, H/r_i, W/r_i), fine to coarse. Output: (B, out_channels, H/r_0, W/r_0).
     """
 
-    def __init__(self, in_channels: list[int], reductions: list[int], channels: int):
+    def __init__(self, in_channels: list[int], reductions: list[int], channels: int, *, separable: bool = False):
         super().__init__()
         for fine, coarse in zip(reductions, reductions[1:]):
             if coarse != 2 * fine:
                 raise ValueError(f"FPNDecoder needs encoder strides that double per level, got {reductions}")
-        self.lateral = nn.ModuleList(conv_bn_relu(c, channels, 1) for c in in_channels)
-        self.smooth = nn.ModuleList(conv_bn_relu(channels, channels) for _ in in_channels[:-1])
+        widths = [channels if r >= 4 else max(channels // 2, 8) for r in reductions]
+        self.out_channels = widths[0]
+        self.lateral = nn.ModuleList(conv_bn_relu(c, w, 1) for c, w in zip(in_channels, widths))
+        self.project = nn.ModuleList(conv_bn_relu(coarse, fine, 1) if coarse != fine else nn.Identity()
+                                     for fine, coarse in zip(widths, widths[1:]))
+        self.smooth = nn.ModuleList(conv3x3(w, w, separable) for w in widths[:-1])
         self.up = upsample(2)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         x = self.lateral[-1](features[-1])
         for i in range(len(features) - 2, -1, -1):
-            x = self.smooth[i](self.up(x) + self.lateral[i](features[i]))
+            x = self.smooth[i](self.up(self.project[i](x)) + self.lateral[i](features[i]))
         return x
 
 
@@ -59,12 +77,12 @@ class DepthHead(nn.Module):
     targets' median so the first predictions sit in the middle of the range (seed 001, issue 3).
     """
 
-    def __init__(self, channels: int, scale: int, activation: str = "exp"):
+    def __init__(self, channels: int, scale: int, activation: str = "exp", separable: bool = False):
         super().__init__()
         if activation not in ("exp", "softplus"):
             raise ValueError(f'depth activation must be "exp" or "softplus", got "{activation}"')
         self.activation = activation
-        self.body = conv_bn_relu(channels, channels // 2)
+        self.body = conv3x3(channels, channels // 2, separable)
         self.out = nn.Conv2d(channels // 2, 1, 1)
         self.up = upsample(scale)
         self.init_depth(2.5)
@@ -89,9 +107,9 @@ class DepthHead(nn.Module):
 class SegHead(nn.Module):
     """Per-pixel class logits (B, num_classes, H, W)."""
 
-    def __init__(self, channels: int, num_classes: int, scale: int):
+    def __init__(self, channels: int, num_classes: int, scale: int, separable: bool = False):
         super().__init__()
-        self.body = conv_bn_relu(channels, channels)
+        self.body = conv3x3(channels, channels, separable)
         self.out = nn.Conv2d(channels, num_classes, 1)
         self.up = upsample(scale)
 
@@ -106,23 +124,29 @@ class MultiTaskStudent(nn.Module):
     """
 
     def __init__(self, encoder: str, *, tasks: tuple[str, ...] = ("depth", "seg"), num_classes: int = 13,
-                 decoder_channels: int = 64, depth_activation: str = "exp", pretrained: str | bool = False):
+                 decoder_channels: int = 64, depth_activation: str = "exp", pretrained: str | bool = False,
+                 output_stride: int = 4, separable: bool = False):
         super().__init__()
         unknown = set(tasks) - {"depth", "seg"}
         if unknown or not tasks:
             raise ValueError(f'tasks must be a non-empty subset of ("depth", "seg"), got {tasks}')
+        if output_stride not in OUTPUT_STRIDES:
+            raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
         self.encoder_name, self.tasks, self.num_classes = encoder, tuple(tasks), num_classes
         self.encoder = create_encoder(encoder, pretrained)
         info = self.encoder.feature_info
-        self.levels = [i for i, r in enumerate(info.reduction()) if r >= OUTPUT_STRIDE]
+        self.levels = [i for i, r in enumerate(info.reduction()) if r >= output_stride]
+        if info.reduction()[self.levels[0]] != output_stride:
+            raise ValueError(f"{encoder} has no feature level at stride {output_stride} "
+                             f"(its strides: {info.reduction()}); use model.output_stride=4")
         self.decoder = FPNDecoder([info.channels()[i] for i in self.levels],
-                                  [info.reduction()[i] for i in self.levels], decoder_channels)
-        scale = info.reduction()[self.levels[0]]
+                                  [info.reduction()[i] for i in self.levels], decoder_channels, separable=separable)
+        width = self.decoder.out_channels
         self.heads = nn.ModuleDict()
         if "depth" in tasks:
-            self.heads["depth"] = DepthHead(decoder_channels, scale, depth_activation)
+            self.heads["depth"] = DepthHead(width, output_stride, depth_activation, separable)
         if "seg" in tasks:
-            self.heads["seg"] = SegHead(decoder_channels, num_classes, scale)
+            self.heads["seg"] = SegHead(width, num_classes, output_stride, separable)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters())

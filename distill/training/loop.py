@@ -237,6 +237,7 @@ def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, lo
     """The recipe's student on `device`, its size said once."""
     mc, dc, tc = recipe.model, recipe.data, recipe.train
     model = build_student(mc.student, tasks=mc.tasks, num_classes=len(NYU13_NAMES), decoder_channels=mc.decoder_channels,
+                          output_stride=mc.output_stride, separable=mc.separable,
                           depth_activation=mc.depth_activation, pretrained=mc.pretrained).to(device)
     log(f"student {mc.student}: {count_params(model) / 1e6:.2f} M params, "
         f"{count_macs(model, dc.height, dc.width) / 1e6:.0f} M MACs at {dc.height}x{dc.width}"

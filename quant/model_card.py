@@ -1,0 +1,182 @@
+"""The model card of an export: `exports/<run>/<target>/README.md`, what a model hub page shows.
+
+Front matter a hub reads (tags, library, license, teacher and student), how to feed the model,
+what comes out, how far each file drifts from the float model and how fast it ran here (tables
+generated from drift.json and benchmark.json, never typed), provenance, and how to run it. The
+card is written last, from the files already in the export directory, so it cannot disagree
+with them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from core import io
+from core.contract import DEPTH, IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, SEG
+from core.formats import FORMATS
+from core.manifest import MANIFEST
+
+CARD = "README.md"
+LICENSE = "apache-2.0"
+RUN_METRICS = ("abs_rel", "d1", "rmse", "miou", "teacher_abs_rel", "gap_closed", "dbe_comp", "seg_boundary_f1")
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def front_matter(fields: dict) -> str:
+    """YAML front matter from a flat dict of strings, numbers and lists of strings (JSON-quoted
+    scalars are valid YAML, so any value survives)."""
+    lines = ["---"]
+    for key, value in fields.items():
+        if isinstance(value, list):
+            lines.append(f"{key}:")
+            lines += [f"  - {json.dumps(v)}" for v in value]
+        else:
+            lines.append(f"{key}: {json.dumps(value)}")
+    return "\n".join(lines + ["---", ""])
+
+
+def drift_rows(drift: dict) -> list[str]:
+    """One row per artefact of drift.json: the task metrics of float and artefact on the same images."""
+    rows = ["| file | precision | executor | images | abs_rel float -> file | Δabs_rel | miou float -> file "
+            "| Δmiou (pt) | gates |", "|---|---|---|---|---|---|---|---|---|"]
+    for a in drift["artefacts"]:
+        f, x, d = a.get("float") or {}, a.get("artefact") or {}, a.get("delta") or {}
+        rel = f"{100 * d['abs_rel'] / f['abs_rel']:+.2f}%" if f.get("abs_rel") else "-"
+        miou = (f"{f['miou']:.3f} -> {x['miou']:.3f} | {100 * d['miou']:+.2f}" if "miou" in d else "- | -")
+        abs_rel = f"{f['abs_rel']:.4f} -> {x['abs_rel']:.4f}" if "abs_rel" in x else "-"
+        rows.append(f"| {a['path']} | {a['precision']} | {a['executor']} | {a['images']} | {abs_rel} | {rel} "
+                    f"| {miou} | {'pass' if a['pass'] else 'FAIL'} |")
+    return rows
+
+
+def latency_rows(bench: dict | None) -> list[str]:
+    """One row per artefact of benchmark.json (or why it was not timed here)."""
+    if not bench:
+        return ["Not benchmarked (`--bench-runs 0`)."]
+    rows = ["| file | threads | p50 ms | p90 ms | img/s | peak RSS MB |", "|---|---|---|---|---|---|"]
+    for path, b in bench["artefacts"].items():
+        if "latency_ms" in b:
+            lat = b["latency_ms"]
+            rows.append(f"| {path} | {bench['threads']} | {lat['p50']:.2f} | {lat['p90']:.2f} | "
+                        f"{b['throughput_ips']:.1f} | {b['memory_mb']['peak_rss']:.0f} |")
+        else:
+            rows.append(f"| {path} | - | - | - | - | {b.get('skipped', 'not measured')} |")
+    return rows
+
+
+def usage(fmt: str, example: str, layout: str, h: int, w: int) -> str:
+    """How to run the file: Python with the format's runtime, then pointers for phones."""
+    image = "rgb = np.asarray(Image.open(\"room.jpg\").convert(\"RGB\").resize((%d, %d)), np.float32) / 255" % (w, h)
+    if fmt == "tflite":
+        code = f"""from ai_edge_litert.interpreter import Interpreter   # pip install ai-edge-litert pillow
+import numpy as np
+from PIL import Image
+
+interpreter = Interpreter(model_path="{example}", num_threads=2)
+interpreter.allocate_tensors()
+{image}
+interpreter.set_tensor(interpreter.get_input_details()[0]["index"], rgb[None])   # (1, {h}, {w}, 3)
+interpreter.invoke()
+out = {{d["name"]: interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()}}
+depth_m = out["{DEPTH}"][0, ..., 0]            # ({h}, {w}) metres
+labels = out["{SEG}"][0].argmax(-1)           # ({h}, {w}) class ids"""
+        phone = ("Android: load the file with LiteRT (`com.google.ai.edge.litert`, `Interpreter(file, options)` "
+                 "with `setNumThreads`), feed a direct `ByteBuffer` of float32 RGB / 255 in NHWC order and read "
+                 "the two outputs by name (`getOutputIndex`). iOS: the TensorFlowLiteSwift pod runs the same file.")
+    elif fmt == "onnx":
+        code = f"""import numpy as np
+import onnxruntime as ort                      # pip install onnxruntime pillow
+from PIL import Image
+
+session = ort.InferenceSession("{example}", providers=["CPUExecutionProvider"])
+{image}
+depth, seg = session.run(["{DEPTH}", "{SEG}"], {{"{INPUT_NAME}": rgb.transpose(2, 0, 1)[None]}})   # (1, 3, {h}, {w})
+depth_m = depth[0, 0]                          # ({h}, {w}) metres
+labels = seg[0].argmax(0)                      # ({h}, {w}) class ids"""
+        phone = ("Android: ONNX Runtime Mobile (`ai.onnxruntime:onnxruntime-android`, `OrtSession.run`) with a "
+                 "float32 NCHW `OnnxTensor`. iOS: the `onnxruntime-objc` pod.")
+    else:
+        code = f"""import coremltools as ct                      # macOS: pip install coremltools pillow
+import numpy as np
+from PIL import Image
+
+model = ct.models.MLModel("{example}")
+{image}
+out = model.predict({{"{INPUT_NAME}": rgb.transpose(2, 0, 1)[None]}})   # (1, 3, {h}, {w})
+depth_m = out["{DEPTH}"][0, 0]                 # ({h}, {w}) metres
+labels = out["{SEG}"][0].argmax(0)             # ({h}, {w}) class ids"""
+        phone = ("iOS / macOS: add the .mlpackage to the Xcode target; Xcode generates a Swift class whose "
+                 f"`prediction({INPUT_NAME}:)` takes an `MLMultiArray` (1, 3, {h}, {w}) of float RGB / 255 and "
+                 f"returns `{DEPTH}` and `{SEG}`. Xcode's Core ML performance report times it on the device.")
+    return f"```python\n{code}\n```\n\n{phone}\n"
+
+
+def model_card(export_dir: Path, run, metadata: dict) -> str:
+    """The card's Markdown, from manifest.json, drift.json, benchmark.json, the run's summary and
+    the artefacts' embedded `metadata` (core/contract.py)."""
+    export_dir = Path(export_dir)
+    manifest = read_json(export_dir / MANIFEST)
+    drift, bench = read_json(export_dir / "drift.json"), read_json(export_dir / "benchmark.json")
+    summary = read_json(Path(run.path) / "summary.json") or {}
+    recipe, config = run.recipe, manifest["config"]
+    fmt = FORMATS[config["format"]]
+    h, w = config["input_size"]
+    meta, classes = metadata, metadata["classes"]
+    teacher = recipe.teacher.source or recipe.teacher.name
+    fields = {"library_name": "densekit", "license": LICENSE, "pipeline_tag": "depth-estimation",
+              "tags": ["depth-estimation", "image-segmentation", "monocular-depth", "semantic-segmentation",
+                       "knowledge-distillation", fmt.name, *dict.fromkeys(a["precision"] for a in manifest["artefacts"])],
+              "teacher": teacher, "student": recipe.model.student, "recipe": recipe.name, "run": run.name,
+              "dataset": recipe.data.dataset, "input_size": f"{h}x{w}", "input_layout": fmt.input_layout,
+              "depth_space": meta["depth_space"]}
+    files = ["| file | precision | MB | sha256 |", "|---|---|---|---|"] + [
+        f"| {a['path']} | {a['precision']} | {a['bytes'] / 1e6:.2f} | `{a['sha256'][:16]}` |" for a in manifest["artefacts"]]
+    shape = f"(1, {h}, {w}, 3)" if fmt.input_layout == "NHWC" else f"(1, 3, {h}, {w})"
+    out_layout = "(1, H, W, 1) and (1, H, W, C) in TFLite" if fmt.input_layout == "NHWC" else "NCHW"
+    class_rows = ["| id | class |", "|---|---|"] + [f"| {i} | {name} |" for i, name in enumerate(classes)]
+    trained = [f"| {k} | {summary[k]:.4f} |" for k in RUN_METRICS if isinstance(summary.get(k), (int, float))]
+    tools = ", ".join(f"{k} {v}" for k, v in sorted(manifest["tools"].items()))
+    example = manifest["artefacts"][-1]["path"]
+    sections = [
+        front_matter(fields),
+        f"# {run.name}: {recipe.name} student ({recipe.model.student}) for {fmt.title}\n",
+        f"A multi-task student distilled from `{teacher}` by densekit: metric depth and {len(classes)}-class "
+        f"semantic segmentation from one RGB image, {config['model'].get('exported_macs', config['model']['macs']) / 1e6:.0f} M "
+        f"MACs at {h}x{w}.\n",
+        "## Files\n", *files, "",
+        "## Input\n",
+        f"- `{INPUT_NAME}`: float32 RGB in [0, 1] (pixels / 255), shape {shape} ({fmt.input_layout}), "
+        f"resized to {h}x{w} without keeping the aspect ratio.",
+        f"- Normalisation is inside the model ((x - {list(IMAGENET_MEAN)}) / {list(IMAGENET_STD)}): do not normalise again.",
+        "- Every file, int8 included, takes and returns float32.\n",
+        "## Outputs\n",
+        f"- `{DEPTH}`: (1, 1, H, W) depth, {meta['depth_space']}: {meta['depth_units']}.",
+        f"- `{SEG}`: (1, {len(classes)}, H, W) class logits; argmax over classes gives the ids below.",
+        f"- Layout: {out_layout}.\n", *class_rows, "",
+        "## Accuracy against the float model (drift.json)\n",
+        "Each file executed by its runtime on the same validation images as the float PyTorch model.\n",
+        *drift_rows(drift), "",
+        "## Latency on the export host (benchmark.json)\n",
+        "A desktop CPU, not a phone: time it on the device with the kit in `device/`.\n",
+        *latency_rows(bench), "",
+        "## The float model on its validation split (the run's summary.json)\n",
+        *(["| metric | value |", "|---|---|", *trained] if trained else ["No summary.json in the run."]), "",
+        "## How to run\n", usage(fmt.name, example, fmt.input_layout, h, w),
+        "## Provenance\n",
+        f"- run `{run.name}` (recipe {recipe.name}), checkpoint `{Path(run.weights).name}` sha256 "
+        f"`{run.weights_sha256}`",
+        f"- teacher `{teacher}`, data `{recipe.data.dataset}`" + (", pruned" if "prune" in config else "")
+        + (f", int8 by {config['int8']['method']}" if "int8" in config else ""),
+        f"- tools: {tools}",
+        f"- rebuild: `python -m quant.export --target {config['target']} --run {config['run']}`", "",
+    ]
+    return "\n".join(sections)
+
+
+def write_model_card(export_dir: Path, run, metadata: dict) -> Path:
+    path = Path(export_dir) / CARD
+    io.write_text(path, model_card(export_dir, run, metadata))
+    return path
