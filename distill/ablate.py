@@ -4,6 +4,7 @@
         train.epochs=3 data.num_train=600 data.height=64 data.width=96
     python -m distill.ablate v3 loss.weighting=fixed,kendall,dwa --dry-run
     python -m distill.ablate v3 loss.depth=berhu,silog --metrics abs_rel,d1,rmse --out runs/ablate-loss
+    python -m distill.ablate v3 loss.seg_balance=0,0.5 --seeds 3 train.epochs=6 data.num_train=1000
     python -m distill.ablate v3 --help            the recipe's keys
 
 An item with several comma-separated values (`key=v1,v2,...`) is a grid axis; an item with one
@@ -16,7 +17,10 @@ starts (an unknown key or a bad value exits 2, as `distill.run` does); a run tha
 recorded with its error and the grid goes on. After every run OUT/ablation.json and
 OUT/ablation.md are rewritten (atomically): one row per combination, the axes' values, the
 chosen metrics from the run's summary.json and the wall time, the best value of each metric
-marked. Exit status: 0 all runs finished, 1 some failed, 2 a bad command line.
+marked. With `--seeds N` (or a list) every combination is trained once per seed (`train.seed`, the
+last axis) and the table shows each row's mean ± sample standard deviation over its seeds, every
+run listed below it: one seed per row is an anecdote. Exit status: 0 all runs finished, 1 some
+failed, 2 a bad command line.
 """
 from __future__ import annotations
 
@@ -43,11 +47,13 @@ from distill.recipes import RECIPES, Recipe, check_values, get_recipe
 # How each summary.json metric ranks: -1 lower is better, +1 higher is better, 0 closest to 1.
 DIRECTION: dict[str, int] = {
     **{k: -1 for k in ("abs_rel", "abs_rel_aligned", "sq_rel", "rmse", "rmse_log", "log10", "silog",
-                       "abs_rel_0_2", "abs_rel_2_5", "abs_rel_5_10", "wall_s")},
-    **{k: +1 for k in ("d1", "d2", "d3", "miou", "pixel_acc", "train_images_per_s")},
+                       "abs_rel_0_2", "abs_rel_2_5", "abs_rel_5_10", "dbe_acc", "dbe_comp", "wall_s")},
+    **{k: +1 for k in ("d1", "d2", "d3", "miou", "pixel_acc", "seg_boundary_f1", "seg_boundary_precision",
+                       "seg_boundary_recall", "gap_closed", "train_images_per_s")},
     "s_star": 0,   # median(gt) / median(pred): 1 is a right global scale
 }
 DEFAULT_METRICS = ("abs_rel", "abs_rel_aligned", "d1", "miou")
+SEED_KEY = "train.seed"
 RESERVED = {"out_dir": "--out places the runs", "resume": "an ablation starts fresh runs"}
 
 
@@ -77,11 +83,14 @@ def is_tuple_key(recipe: Recipe, key: str) -> bool:
     return get_origin(field_types(type(cfg))[parts[-1]]) is tuple
 
 
-def parse_grid(items: list[str], recipe: Recipe) -> Grid:
-    """Split `key=value` items into grid axes (several values) and common overrides (one value)."""
+def parse_grid(items: list[str], recipe: Recipe, seeds: tuple[str, ...] = ()) -> Grid:
+    """Split `key=value` items into grid axes (several values) and common overrides (one value);
+    `seeds` (--seeds) become the last axis, `train.seed`, over which the table averages."""
     axes: dict[str, tuple[str, ...]] = {}
     common: list[str] = []
     seen: set[str] = set()
+    if seeds and any(item.partition("=")[0].strip() == SEED_KEY for item in items):
+        raise ConfigError(f"give the seeds once: --seeds {','.join(seeds)} or {SEED_KEY}=..., not both")
     for item in items:
         key, eq, text = (part.strip() for part in item.partition("="))
         if not eq or not key:
@@ -98,10 +107,26 @@ def parse_grid(items: list[str], recipe: Recipe) -> Grid:
             axes[key] = tuple(values)
         else:
             common.append(f"{key}={text}")
+    if seeds:
+        axes[SEED_KEY] = seeds
     if not axes:
         raise ConfigError("nothing to ablate: give at least one grid axis key=v1,v2,... "
                           "(e.g. distill.normalization=none,global,hybrid,local)")
     return Grid(axes, tuple(common))
+
+
+def parse_seeds(text: str) -> tuple[str, ...]:
+    """--seeds: "3" = seeds 0, 1, 2; "0,5,7" = those seeds."""
+    text = text.strip()
+    if not text:
+        return ()
+    try:
+        seeds = tuple(str(int(v)) for v in text.split(",")) if "," in text else tuple(map(str, range(int(text))))
+    except ValueError:
+        raise ConfigError(f'--seeds {text!r}: give a count ("3" = seeds 0, 1, 2) or a list ("0,5,7")') from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: give at least one seed, each once")
+    return seeds
 
 
 def overrides_for(grid: Grid, combination: dict[str, str]) -> list[str]:
@@ -177,7 +202,7 @@ def best_rows(rows: list[dict], metric: str) -> set[int]:
     scored = {}
     for i, row in enumerate(rows):
         value = row_value(row, metric)
-        if row["status"] == "ok" and isinstance(value, (int, float)) and math.isfinite(value):
+        if row["status"] in ("ok", "partial") and isinstance(value, (int, float)) and math.isfinite(value):
             value, direction = round(value, 4), DIRECTION[metric]
             scored[i] = -abs(value - 1) if direction == 0 else direction * value
     if not scored:
@@ -188,6 +213,36 @@ def best_rows(rows: list[dict], metric: str) -> set[int]:
 
 def row_value(row: dict, metric: str):
     return row["wall_s"] if metric == "wall_s" else row["metrics"].get(metric)
+
+
+def seed_groups(rows: list[dict], axes: list[str]) -> list[dict]:
+    """One row per combination of the axes other than train.seed: the mean of each metric over
+    its finished seeds, their sample standard deviation in "sd" (0 for a single seed), and "n"."""
+    others = [k for k in axes if k != SEED_KEY]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row["values"][k] for k in others), []).append(row)
+    out = []
+    for key, members in groups.items():
+        done = [r for r in members if r["status"] == "ok"]
+        names = sorted({m for r in done for m, v in r["metrics"].items() if isinstance(v, (int, float))})
+        mean, sd = {}, {}
+        for name in names:
+            values = [r["metrics"][name] for r in done if isinstance(r["metrics"].get(name), (int, float))]
+            if len(values) == len(done):       # a metric some seed could not measure is left out
+                mean[name] = sum(values) / len(values)
+                sd[name] = (math.sqrt(sum((v - mean[name]) ** 2 for v in values) / (len(values) - 1))
+                            if len(values) > 1 else 0.0)
+        walls = [r["wall_s"] for r in members if r["wall_s"] is not None]
+        failed = [r for r in members if r["status"] == "failed"]
+        out.append({"values": dict(zip(others, key)), "seeds": [r["values"][SEED_KEY] for r in done],
+                    "status": "ok" if done and len(done) == len(members) else
+                    ("failed" if failed and not [r for r in members if r["status"] == "pending"] and not done
+                     else "partial" if done else "pending"),
+                    "error": failed[0]["error"] if failed else None, "run_dir": None, "n": len(done),
+                    "of": len(members), "metrics": mean, "sd": sd,
+                    "wall_s": sum(walls) / len(walls) if walls else None})
+    return out
 
 
 # ----------------------------------------------------------------------------- the table
@@ -201,16 +256,21 @@ def table_cells(rows: list[dict], axes: list[str], metrics: list[str], bold: Cal
     for i, row in enumerate(rows):
         cells = [row["values"][k] for k in axes]
         for m in columns:
-            shown = row["status"] == "ok" or (m == "wall_s" and row["status"] == "failed")
+            shown = row["status"] in ("ok", "partial") or (m == "wall_s" and row["status"] == "failed")
             value = row_value(row, m) if shown else None
             text = "-" if not isinstance(value, (int, float)) else f"{value:.0f}" if m == "wall_s" else f"{value:.4f}"
             cells.append(bold(text) if i in best[m] and m != "wall_s" else text)
+            if "sd" in row and m != "wall_s" and m in row["sd"] and row["n"] > 1:
+                cells[-1] += f" ± {row['sd'][m]:.4f}"
         cells.append(status_text(row, out))
         body.append(cells)
     return [*axes, *columns, "run"], body
 
 
 def status_text(row: dict, out: Path) -> str:
+    if "seeds" in row:
+        seeds = f"{row['n']}/{row['of']} seeds ({', '.join(row['seeds'])})" if row["n"] else f"0/{row['of']} seeds"
+        return seeds + (f"; FAILED {row['error'].splitlines()[0][:80]}" if row["error"] else "")
     if row["status"] == "ok" and row["run_dir"]:
         run_dir = Path(row["run_dir"])
         return str(run_dir.relative_to(out)) if run_dir.is_relative_to(out) else str(run_dir)
@@ -234,21 +294,36 @@ def terminal_table(rows: list[dict], axes: list[str], metrics: list[str], out: P
     return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body)])
 
 
+def seeded(grid: Grid) -> bool:
+    return len(grid.axes.get(SEED_KEY, ())) > 1
+
+
+def summary_rows(rows: list[dict], grid: Grid) -> tuple[list[dict], list[str]]:
+    """The rows the table leads with, and their axes: averaged over seeds when train.seed is an axis."""
+    if seeded(grid):
+        return seed_groups(rows, list(grid.axes)), [k for k in grid.axes if k != SEED_KEY]
+    return rows, list(grid.axes)
+
+
 def write_report(out: Path, recipe_name: str, grid: Grid, metrics: list[str], rows: list[dict]) -> None:
     """OUT/ablation.json (everything) and OUT/ablation.md (the table), both atomically."""
-    axes = list(grid.axes)
     columns = [m for m in metrics if m != "wall_s"] + ["wall_s"]
+    lead, lead_axes = summary_rows(rows, grid)
     io.write_json(out / "ablation.json", {
         "recipe": recipe_name, "grid": {k: list(v) for k, v in grid.axes.items()}, "common": list(grid.common),
-        "metrics": metrics, "runs": rows, "best": {m: sorted(best_rows(rows, m)) for m in columns}})
+        "metrics": metrics, "runs": rows, "best": {m: sorted(best_rows(lead, m)) for m in columns},
+        **({"groups": lead} if seeded(grid) else {})})
     legend = ", ".join(f"{m} {'lower' if DIRECTION[m] < 0 else 'higher' if DIRECTION[m] > 0 else 'closer to 1'}"
                        for m in metrics)
+    seeds = (f"Mean ± sample standard deviation over seeds {', '.join(grid.axes[SEED_KEY])} (`{SEED_KEY}`), "
+             "best mean in bold; every run below." if seeded(grid) else "")
     io.write_text(out / "ablation.md", "\n".join([
         f"# Ablation of {recipe_name}", "",
         f"Grid: {' x '.join(f'{k} ({len(v)})' for k, v in grid.axes.items())}; common overrides: "
         f"{' '.join(f'`{c}`' for c in grid.common) or 'none'}.", "",
-        f"Best per metric in bold ({legend} is better); wall_s: seconds per run, data generation included.", "",
-        markdown_table(rows, axes, metrics, out), ""]))
+        f"Best per metric in bold ({legend} is better); wall_s: seconds per run, data generation included. {seeds}",
+        "", markdown_table(lead, lead_axes, metrics, out), "",
+        *(["## Every run", "", markdown_table(rows, list(grid.axes), metrics, out), ""] if seeded(grid) else [])]))
 
 
 # ----------------------------------------------------------------------------- main
@@ -262,6 +337,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="", help="directory of the ablation (default runs/ablate-<UTC time>)")
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                         help=f"summary.json metrics to tabulate (default {','.join(DEFAULT_METRICS)})")
+    parser.add_argument("--seeds", default="", help='train each combination with these seeds ("3" = 0, 1, 2; '
+                        '"0,5,7") and report mean ± sd per row')
     parser.add_argument("--dry-run", action="store_true", help="list the combinations and exit")
     parser.add_argument("--verbose", action="store_true", help="print the runs' training logs too")
     parser.add_argument("--help", "-h", action="store_true", help="show help (with a recipe: its keys)")
@@ -279,7 +356,7 @@ def main(argv: list[str]) -> int:
             print(f"\nKeys of {args.recipe} (set with key=value):\n{describe_keys(get_recipe(args.recipe))}")
         return 0 if args.help else 2
     metrics = parse_metrics(args.metrics)
-    grid = parse_grid(args.items, get_recipe(args.recipe))
+    grid = parse_grid(args.items, get_recipe(args.recipe), parse_seeds(args.seeds))
     recipes = build_recipes(args.recipe, grid)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or f"runs/ablate-{stamp}")
@@ -311,7 +388,9 @@ def run_grid(recipe_name: str, grid: Grid, recipes: list[Recipe], out: Path, met
         print(f"    {'done' if row['status'] == 'ok' else 'FAILED'} in {row['wall_s']:.0f} s: "
               f"{shown if row['status'] == 'ok' else row['error']}", flush=True)
         write_report(out, recipe_name, grid, metrics, rows)
-    print(f"\n{terminal_table(rows, list(grid.axes), metrics, out)}\n\n(* best per metric)  "
+    lead, lead_axes = summary_rows(rows, grid)
+    print(f"\n{terminal_table(lead, lead_axes, metrics, out)}\n\n(* best per metric"
+          + (", mean ± sd over seeds" if seeded(grid) else "") + ")  "
           f"{out / 'ablation.md'}  {out / 'ablation.json'}")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
 

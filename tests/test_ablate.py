@@ -4,7 +4,8 @@ import json
 import pytest
 
 from core.config import ConfigError
-from distill.ablate import Grid, best_rows, main, markdown_table, parse_grid, terminal_table, write_report
+from distill.ablate import (Grid, best_rows, main, markdown_table, parse_grid, parse_seeds, seed_groups,
+                            terminal_table, write_report)
 from distill.recipes import get_recipe
 
 
@@ -88,6 +89,31 @@ def test_best_value_per_metric_is_marked(tmp_path):
     assert saved["best"] == {"abs_rel": [1], "d1": [0], "wall_s": [0, 1]} and len(saved["runs"]) == 4
     assert markdown_table(rows, ["k"], ["abs_rel", "d1"], tmp_path) in (tmp_path / "ablation.md").read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]            # no temp file left
+
+
+def test_seeds_average_each_row_with_its_spread(tmp_path):
+    grid = parse_grid(["k=a,b"], get_recipe("v3"), parse_seeds("3"))
+    assert grid.axes == {"k": ("a", "b"), "train.seed": ("0", "1", "2")}     # the seed axis last
+    rows = [row({"k": "a", "train.seed": "0"}, abs_rel=0.20), row({"k": "a", "train.seed": "1"}, abs_rel=0.22),
+            row({"k": "a", "train.seed": "2"}, abs_rel=0.24),
+            row({"k": "b", "train.seed": "0"}, abs_rel=0.10), row({"k": "b", "train.seed": "1"}, "failed"),
+            row({"k": "b", "train.seed": "2"}, abs_rel=0.14)]
+    a, b = seed_groups(rows, list(grid.axes))
+    assert a["metrics"]["abs_rel"] == pytest.approx(0.22) and a["sd"]["abs_rel"] == pytest.approx(0.02)
+    assert (a["n"], a["status"], b["n"], b["status"], b["seeds"]) == (3, "ok", 2, "partial", ["0", "2"])
+    assert b["metrics"]["abs_rel"] == pytest.approx(0.12) and b["sd"]["abs_rel"] == pytest.approx(0.02 * 2 ** 0.5)
+    write_report(tmp_path, "v3", grid, ["abs_rel"], rows)
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| a | 0.2200 ± 0.0200 | 10 | 3/3 seeds (0, 1, 2) |" in md
+    assert "| b | **0.1200** ± 0.0283 | 10 | 2/3 seeds (0, 2); FAILED ValueError: boom |" in md
+    assert "## Every run" in md and json.loads((tmp_path / "ablation.json").read_text())["best"]["abs_rel"] == [1]
+    for bad in ("x", "0,0", ""):
+        if bad:
+            with pytest.raises(ConfigError, match="--seeds"):
+                parse_seeds(bad)
+    with pytest.raises(ConfigError, match="not both"):
+        parse_grid(["k=a,b", "train.seed=1,2"], get_recipe("v3"), ("0", "1"))
+    assert parse_seeds("4,7") == ("4", "7")
 
 
 TINY = ["train.epochs=1", "data.num_train=16", "data.num_val=4", "data.height=32", "data.width=32",
