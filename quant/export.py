@@ -301,6 +301,9 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     elif set(plan.precisions) & set(CALIBRATED_PRECISIONS):   # Core ML w8a8: ranges measured by the converter
         calibration, config["calibration"] = calibration_stage(plain_train, work, opts, log)
     job = build_job(plan, opts, float_model, int8_model, calibration, run, size, val_ds, work, out, config)
+    for name, exporter in config.get("source_exporter", {}).items():
+        if not exporter.startswith("torch.export"):
+            log(f"warning: the {name} graph left PyTorch through the deprecated exporter: {exporter}")
     log(f"converting to {plan.format.name}: {', '.join(plan.precisions)}")
     result = artefacts.run_converter(job, work, log)
     shutil.copyfile(work / f"{plan.format.name}.log", out / f"{plan.format.name}.log")  # the converter's log
@@ -463,9 +466,12 @@ def build_job(plan: Plan, opts: ExportOptions, float_model, int8_model, calibrat
             for key, value in (("depth", depth), ("seg", seg)):
                 np.save(check_dir / f"{name}_{key}.npy", value.numpy())
                 check[f"{name}_{key}"] = str(check_dir / f"{name}_{key}.npy")
-        same_file = ptq
-        sources[name] = sources["float"] if same_file else str(deploy.export_source(
-            model, plan.format.source_graph, work / name, h, w))
+        if ptq:
+            sources[name] = sources["float"]
+            continue
+        path, exporter = deploy.export_source(model, plan.format.source_graph, work / name, h, w)
+        sources[name] = str(path)
+        config.setdefault("source_exporter", {})[name] = exporter
     # Absolute paths: a converter may change its working directory (onnx2tf's sample file).
     return Job(format=plan.format.name, precisions=plan.precisions, sources=sources,
                out_dir=str(Path(out_dir).resolve()), work_dir=str(work.resolve()), stem=run.name,

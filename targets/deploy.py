@@ -7,12 +7,15 @@ ImageNet normalisation is inside the graph, so apps feed camera pixels / 255), o
 logits. Two separate outputs: depth in metres and segmentation logits never share one tensor,
 so an int8 converter gives each its own scale (docs/TOOLCHAIN.md).
 
-The graph leaves PyTorch as the format table's `source_graph` (core/formats.py): ONNX (TorchScript
-exporter, static shapes: onnx2tf and onnxruntime's quantiser consume it) or a torch.export program
-(.pt2; coremltools needs that path).
+The graph leaves PyTorch as the format table's `source_graph` (core/formats.py): ONNX (through
+torch.export, static shapes: onnx2tf and onnxruntime's quantiser consume it; the deprecated
+TorchScript exporter only as a recorded fallback) or a torch.export program (.pt2; coremltools
+needs that path).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from pathlib import Path
 
@@ -21,7 +24,7 @@ from torch import nn
 
 from core.contract import IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, OUTPUT_NAMES
 
-ONNX_OPSET = 17
+ONNX_OPSET = 18   # torch.export's ONNX exporter starts at 18 (ReduceMean takes its axes as an input)
 
 
 class DeployModel(nn.Module):
@@ -41,13 +44,21 @@ def example_input(height: int, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def export_onnx(student: nn.Module, path: Path, height: int, width: int) -> Path:
-    model = DeployModel(student).eval()
+def export_onnx(student: nn.Module, path: Path, height: int, width: int) -> tuple[Path, str]:
+    """ONNX through torch.export (torch's maintained exporter); the TorchScript exporter, which
+    torch deprecated, only when that fails, and the returned description says so and why."""
+    model, args = DeployModel(student).eval(), (example_input(height, width),)
+    names = {"input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES), "opset_version": ONNX_OPSET}
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):   # its progress lines are not ours to print
+            torch.onnx.export(model, args, str(path), dynamo=True, external_data=False, verbose=False, **names)
+        return path, f"torch.export (torch.onnx.export dynamo=True, opset {ONNX_OPSET})"
+    except Exception as e:   # noqa: BLE001 - any failure of the new exporter falls back, recorded
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
     with warnings.catch_warnings():  # the tracer warns about the student's input-size check
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example_input(height, width),), str(path), input_names=[INPUT_NAME],
-                          output_names=list(OUTPUT_NAMES), opset_version=ONNX_OPSET, dynamo=False)
-    return path
+        torch.onnx.export(model, args, str(path), dynamo=False, **names)
+    return path, f"torchscript (legacy fallback, opset {ONNX_OPSET}; torch.export failed: {reason})"
 
 
 def export_program(student: nn.Module, path: Path, height: int, width: int) -> Path:
@@ -65,10 +76,11 @@ def reference_outputs(student: nn.Module, images: torch.Tensor, batch: int = 16)
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def export_source(student: nn.Module, graph: str, path_stem: Path, height: int, width: int) -> Path:
-    """The converter's input as the format table names it: "onnx" -> .onnx, "torch.export" -> .pt2."""
+def export_source(student: nn.Module, graph: str, path_stem: Path, height: int, width: int) -> tuple[Path, str]:
+    """The converter's input as the format table names it ("onnx" -> .onnx, "torch.export" -> .pt2),
+    and how it was made (recorded in the manifest)."""
     if graph == "torch.export":
-        return export_program(student, path_stem.with_suffix(".pt2"), height, width)
+        return export_program(student, path_stem.with_suffix(".pt2"), height, width), "torch.export (.pt2)"
     if graph == "onnx":
         return export_onnx(student, path_stem.with_suffix(".onnx"), height, width)
     raise ValueError(f"unknown source graph {graph!r}; core/formats.py names onnx or torch.export")

@@ -35,7 +35,7 @@ def tiny_artefacts(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny_artefacts")
     torch.manual_seed(0)
     student = build_student("mobilenetv3_small_050", decoder_channels=16).eval()
-    onnx_path = deploy.export_onnx(student, root / "float.onnx", HEIGHT, WIDTH)
+    onnx_path, _ = deploy.export_onnx(student, root / "float.onnx", HEIGHT, WIDTH)
 
     rng = np.random.default_rng(0)
     calib = rng.random((8, 3, HEIGHT, WIDTH), dtype=np.float32)

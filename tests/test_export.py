@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from core.manifest import verify_export
 from distill.run import main as train_main
@@ -93,6 +94,8 @@ def test_tflite_artefacts_run_and_match_torch(tflite_export, run_dir):
     assert arts["fp16"]["validation"]["gates"]["abs_rel_change"]["tolerance"] == 0.002   # the default fp16 gate
     assert manifest["config"]["int8"]["method"] == "qat"
     assert manifest["config"]["source_checkpoint"]["sha256"]
+    exporters = manifest["config"]["source_exporter"]      # torch's maintained ONNX exporter made both graphs
+    assert set(exporters) == {"float", "int8"} and all(e.startswith("torch.export") for e in exporters.values())
     assert {"onnx2tf", "tensorflow", "torch"} <= set(manifest["tools"])
 
 
@@ -359,3 +362,28 @@ def test_export_refuses_best_weights_that_differ_from_the_runs_record(run_dir, t
     err = capsys.readouterr().err
     assert f"{copy / 'best.safetensors'} differs from the sha256 its run recorded" in err
     assert not (tmp_path / "exports" / run_dir.name / "onnx").exists()
+
+
+class DataDependentStudent(torch.nn.Module):
+    """A branch on a value: torch.export refuses it, TorchScript's tracer records one side."""
+
+    def forward(self, image):
+        depth = image[:, :1] + 1.0
+        if float(image.mean()) > 2.0:
+            depth = depth * 2
+        return {"depth": depth, "seg": image.repeat(1, 4, 1, 1)}
+
+
+def test_onnx_comes_from_torch_export_and_the_legacy_fallback_says_why(tmp_path):
+    import onnxruntime as ort
+
+    from distill.students import build_student
+    from targets.deploy import export_onnx
+
+    _, how = export_onnx(build_student("mobilenetv3_small_050", decoder_channels=16).eval(), tmp_path / "a.onnx", 64, 96)
+    assert how.startswith("torch.export")
+    path, how = export_onnx(DataDependentStudent(), tmp_path / "b.onnx", 32, 32)
+    assert how.startswith("torchscript (legacy fallback") and "torch.export failed" in how
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    depth, seg = session.run(None, {"image": np.zeros((1, 3, 32, 32), np.float32)})
+    assert depth.shape == (1, 1, 32, 32) and seg.shape == (1, 12, 32, 32)
