@@ -36,7 +36,7 @@ class HardNet(nn.Module):
 def onnx_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("litert_graph") / "hard.onnx"
     torch.onnx.export(HardNet().eval(), (torch.rand(1, 3, 32, 48),), str(path), input_names=["image"],
-                      output_names=["c", "out"], opset_version=17, dynamo=False)
+                      output_names=["c", "out"], opset_version=18, dynamo=True)   # as targets/deploy.py
     return path
 
 
@@ -84,8 +84,8 @@ def test_a_graph_without_the_patterns_is_left_alone(tmp_path):
             return torch.relu(image * 2.0)
 
     source, dest = tmp_path / "plain.onnx", tmp_path / "plain.xnn.onnx"
-    torch.onnx.export(Plain(), (torch.rand(1, 3, 8, 8),), str(source), input_names=["image"], opset_version=17,
-                      dynamo=False)
+    torch.onnx.export(Plain(), (torch.rand(1, 3, 8, 8),), str(source), input_names=["image"], opset_version=18,
+                      dynamo=True)
     report = shape_for_xnnpack(source, dest, int8=True)
     assert report == {"normalization_over_rows": False, "hardsigmoid": 0, "hardswish": 0, "sixth_deferred": 0}
     assert op_types(dest) == op_types(source)
