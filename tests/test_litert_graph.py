@@ -84,7 +84,7 @@ def test_a_graph_without_the_patterns_is_left_alone(tmp_path):
             return torch.relu(image * 2.0)
 
     source, dest = tmp_path / "plain.onnx", tmp_path / "plain.xnn.onnx"
-    torch.onnx.export(Plain(), (torch.rand(1, 3, 8, 8),), str(source), input_names=["image"], opset_version=18,
+    torch.onnx.export(Plain().eval(), (torch.rand(1, 3, 8, 8),), str(source), input_names=["image"], opset_version=18,
                       dynamo=True)
     report = shape_for_xnnpack(source, dest, int8=True)
     assert report == {"normalization_over_rows": False, "hardsigmoid": 0, "hardswish": 0, "sixth_deferred": 0}
