@@ -239,6 +239,8 @@ def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, lo
     model = build_student(mc.student, tasks=mc.tasks, num_classes=len(NYU13_NAMES), decoder_channels=mc.decoder_channels,
                           output_stride=mc.output_stride, separable=mc.separable,
                           depth_activation=mc.depth_activation, pretrained=mc.pretrained).to(device)
+    if tc.channels_last:   # oneDNN's and cuDNN's convolutions run NHWC natively
+        model = model.to(memory_format=torch.channels_last)
     log(f"student {mc.student}: {count_params(model) / 1e6:.2f} M params, "
         f"{count_macs(model, dc.height, dc.width) / 1e6:.0f} M MACs at {dc.height}x{dc.width}"
         + (f"; {rank.world} processes x {tc.batch_size // rank.world} images per step" if rank.active else ""))
@@ -328,7 +330,8 @@ def train_one_epoch(model, loader, supervision, objective, weighting, optimizer,
         if recipe.target == "teacher":
             batch, teacher = supervision.prepare(batch, state["step"], features=features)
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            out = model(batch["image"], features=True) if features else model(batch["image"])
+            image = batch["image"].contiguous(memory_format=torch.channels_last) if tc.channels_last else batch["image"]
+            out = model(image, features=True) if features else model(image)
         losses = objective(out, batch, teacher)
         total, weights = weighting(losses)
         if not torch.isfinite(total):
