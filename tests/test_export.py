@@ -250,6 +250,9 @@ def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
     model = onnx.load(str(tmp_path / run_dir.name / "onnx" / arts["int8"]["path"]))
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops   # a QDQ graph, int8 kernels in onnxruntime
+    activations = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    zero_points = [i for i in model.graph.initializer if i.name in activations]
+    assert zero_points and all(z.data_type == onnx.TensorProto.UINT8 for z in zero_points)   # U8S8: x86's fast path
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["densekit"])["source_sha256"] == manifest["config"]["source_checkpoint"]["sha256"]
     export_dir = tmp_path / run_dir.name / "onnx"    # the card's onnxruntime snippet runs as written
