@@ -61,3 +61,16 @@ def test_registry_duplicates_and_suggestions():
     with pytest.raises(UnknownNameError) as err:
         reg.get("alpah")
     assert str(err.value) == 'Unknown widget "alpah". Valid: alpha. Did you mean "alpha"?'
+
+
+def test_a_run_saved_before_a_default_changed_keeps_the_value_it_trained_with(tmp_path):
+    from core import io
+    from core.config import to_dict
+    from distill.recipes import load_saved
+
+    saved = to_dict(get_recipe("v3"))
+    del saved["loss"]["seg_balance"], saved["train"]["channels_last"]
+    io.write_json(tmp_path / "config.json", {**saved, "device": "cpu"})
+    recipe = load_saved(tmp_path)
+    assert recipe.loss.seg_balance == 0.0 and recipe.train.channels_last is False   # not today's defaults
+    assert get_recipe("v3").loss.seg_balance == 0.5

@@ -33,6 +33,11 @@ def get_recipe(name: str) -> Recipe:
     return RECIPES.get(name)()
 
 
+# (section, key, value) of defaults that changed: a run saved before the key existed trained with `value`.
+LEGACY_DEFAULTS = (("loss", "seg_balance", 0.0), ("model", "output_stride", 4), ("model", "separable", False),
+                   ("train", "channels_last", False))
+
+
 def load_saved(run_dir: str | Path, cls: type[Recipe] | None = None) -> Recipe:
     """The resolved recipe a run saved in its config.json, as `cls` (default: the class of the
     recipe it names)."""
@@ -48,6 +53,9 @@ def load_saved(run_dir: str | Path, cls: type[Recipe] | None = None) -> Recipe:
         saved.pop(key, None)
     if isinstance(saved.get("teacher"), str):   # runs before the teacher section existed
         saved["teacher"] = {"name": saved["teacher"]}
+    for section, key, before in LEGACY_DEFAULTS:   # a default changed: older runs trained with the old value
+        if isinstance(saved.get(section), dict):
+            saved[section].setdefault(key, before)
     try:
         return from_dict(cls or RECIPES.get(saved["name"]), saved)
     except ConfigError as exc:

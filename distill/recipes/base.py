@@ -73,7 +73,7 @@ class LossConfig:
     silog_per_image: bool = True
     gradient_weight: float = 0.0         # > 0 adds the edge-aware gradient Huber loss to the depth term
     gradient_delta: float = 0.05
-    seg_balance: float = 0.0             # class weights ~ frequency^-seg_balance (0 = plain CE, 0.5 = 1/sqrt)
+    seg_balance: float = 0.5             # class weights ~ frequency^-seg_balance (0 = plain CE, 0.5 = 1/sqrt; README)
     weighting: str = "kendall"           # registry name (distill.losses.WEIGHTINGS): fixed | kendall | dwa
     depth_weight: float = 1.0            # used by `fixed`
     seg_weight: float = 1.0
