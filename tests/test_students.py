@@ -68,6 +68,8 @@ def test_separable_stride2_decoder_is_sharper_per_mac():
     assert sharp.heads["depth"].up.scale_factor == 2 and plain.heads["depth"].up.scale_factor == 4
     assert sharp.decoder.out_channels == 32          # half width at stride 2
     assert count_macs(sharp, 128, 160) < 0.5 * count_macs(plain, 128, 160)
+    # without `separable` only the stride-2 level and the heads are: still fewer MACs than stride 4
+    assert count_macs(build_student("mobilenetv3_small_100", output_stride=2), 128, 160) < count_macs(plain, 128, 160)
     groups = [m.groups for m in sharp.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
     assert max(groups) > 1                            # depthwise convolutions in the decoder
 

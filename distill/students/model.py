@@ -44,8 +44,9 @@ class FPNDecoder(nn.Module):
 
     Sized from the encoder's `feature_info` (channels and reductions), never from hand-written
     channel lists. Levels of stride >= 4 carry `channels`; a stride-2 level carries half of them
-    (projected 1x1 before the upsampling, where it is 4x cheaper): full width there would cost
-    more than the rest of the decoder. `separable` smooths with depthwise-separable convolutions.
+    (projected 1x1 before the upsampling, where it is 4x cheaper) and is always smoothed by a
+    depthwise-separable convolution: full width and full convolutions there would cost more than
+    the rest of the decoder. `separable` makes the other levels depthwise-separable too.
     Input: list of (B, C_i, H/r_i, W/r_i), fine to coarse. Output: (B, out_channels, H/r_0, W/r_0).
     """
 
@@ -59,7 +60,7 @@ class FPNDecoder(nn.Module):
         self.lateral = nn.ModuleList(conv_bn_relu(c, w, 1) for c, w in zip(in_channels, widths))
         self.project = nn.ModuleList(conv_bn_relu(coarse, fine, 1) if coarse != fine else nn.Identity()
                                      for fine, coarse in zip(widths, widths[1:]))
-        self.smooth = nn.ModuleList(conv3x3(w, w, separable) for w in widths[:-1])
+        self.smooth = nn.ModuleList(conv3x3(w, w, separable or r < 4) for w, r in zip(widths[:-1], reductions))
         self.up = upsample(2)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -143,10 +144,11 @@ class MultiTaskStudent(nn.Module):
                                   [info.reduction()[i] for i in self.levels], decoder_channels, separable=separable)
         width = self.decoder.out_channels
         self.heads = nn.ModuleDict()
+        light = separable or output_stride < 4   # heads at stride 2 are separable, as that level is
         if "depth" in tasks:
-            self.heads["depth"] = DepthHead(width, output_stride, depth_activation, separable)
+            self.heads["depth"] = DepthHead(width, output_stride, depth_activation, light)
         if "seg" in tasks:
-            self.heads["seg"] = SegHead(width, num_classes, output_stride, separable)
+            self.heads["seg"] = SegHead(width, num_classes, output_stride, light)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters())
