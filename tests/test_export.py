@@ -276,6 +276,9 @@ def test_coreml_through_export(run_dir, tmp_path):
     assert all(low <= high for low, high in w8a8["calibration"]["ranges"].values())
     assert "int8" not in manifest["config"]        # the calibration set came without QAT
     assert verify_export(tmp_path / run_dir.name / "coreml") == []
+    meta, body = card_parts(tmp_path / run_dir.name / "coreml")
+    assert {"coreml", "w8a8"} <= set(meta["tags"]) and meta["input_layout"] == "NCHW"
+    assert "ct.models.MLModel" in body and "Xcode" in body
 
 
 def test_pruned_float_only_tflite_export(run_dir, tmp_path):
