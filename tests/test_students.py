@@ -74,8 +74,10 @@ def test_separable_stride2_decoder_is_sharper_per_mac():
     assert max(groups) > 1                            # depthwise convolutions in the decoder
 
 
-def test_output_stride_without_an_encoder_level_is_refused():
-    with pytest.raises(ValueError, match="no feature level at stride 2"):
-        build_student("efficientvit_b0", output_stride=2)
+def test_an_encoder_without_a_stride2_level_takes_it_from_the_image():
+    model = build_student("efficientvit_b0", output_stride=2).eval()   # EfficientViT starts at stride 4
+    assert model.image_stem is not None and build_student("mobilenetv3_small_050", output_stride=2).image_stem is None
+    out = model(torch.randn(1, 3, 64, 96))
+    assert out["depth"].shape == (1, 1, 64, 96) and model.heads["seg"].up.scale_factor == 2
     with pytest.raises(ValueError, match="must be one of"):
         build_student("mobilenetv3_small_050", output_stride=8)

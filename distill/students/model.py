@@ -16,6 +16,7 @@ from torch import nn
 
 OUTPUT_STRIDES = (2, 4)   # where the decoder stops; the heads upsample the rest by a fixed factor
 INPUT_MULTIPLE = 32
+IMAGE_STEM_CHANNELS = 16  # the stride-2 level of an encoder that has none (output_stride=2)
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
@@ -137,11 +138,15 @@ class MultiTaskStudent(nn.Module):
         self.encoder = create_encoder(encoder, pretrained)
         info = self.encoder.feature_info
         self.levels = [i for i, r in enumerate(info.reduction()) if r >= output_stride]
-        if info.reduction()[self.levels[0]] != output_stride:
-            raise ValueError(f"{encoder} has no feature level at stride {output_stride} "
-                             f"(its strides: {info.reduction()}); use model.output_stride=4")
-        self.decoder = FPNDecoder([info.channels()[i] for i in self.levels],
-                                  [info.reduction()[i] for i in self.levels], decoder_channels, separable=separable)
+        channels, reductions = [info.channels()[i] for i in self.levels], [info.reduction()[i] for i in self.levels]
+        self.image_stem = None
+        if reductions[0] != output_stride:
+            # EfficientViT starts at stride 4: its stride-2 level comes from the image itself (a strided
+            # 3x3 convolution, image guidance for the finest level as in GuideDepth)
+            self.image_stem = nn.Sequential(nn.Conv2d(3, IMAGE_STEM_CHANNELS, 3, stride=2, padding=1, bias=False),
+                                            nn.BatchNorm2d(IMAGE_STEM_CHANNELS), nn.ReLU(inplace=True))
+            channels, reductions = [IMAGE_STEM_CHANNELS, *channels], [2, *reductions]
+        self.decoder = FPNDecoder(channels, reductions, decoder_channels, separable=separable)
         width = self.decoder.out_channels
         self.heads = nn.ModuleDict()
         light = separable or output_stride < 4   # heads at stride 2 are separable, as that level is
@@ -164,7 +169,7 @@ class MultiTaskStudent(nn.Module):
             raise ValueError(f"input size {h}x{w} is not a multiple of {INPUT_MULTIPLE}; "
                              f"resize or crop to e.g. {h // 32 * 32 or 32}x{w // 32 * 32 or 32}")
         levels = [f for i, f in enumerate(self.encoder(image)) if i in self.levels]
-        x = self.decoder(levels)
+        x = self.decoder(levels if self.image_stem is None else [self.image_stem(image), *levels])
         out = {name: head(x) for name, head in self.heads.items()}
         if features:
             out["features"] = levels
