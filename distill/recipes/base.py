@@ -59,7 +59,7 @@ class ModelConfig:
     student: str = "mobilenetv3_small_100"          # registry name (distill.students.STUDENTS)
     tasks: tuple[str, ...] = ("depth", "seg")
     decoder_channels: int = 64
-    output_stride: int = 4               # 4, or 2: a decoder level at half resolution (sharper edges)
+    output_stride: int = 2               # 2: a separable decoder level at half resolution (sharp edges); or 4
     separable: bool = False              # depthwise-separable 3x3 convolutions in decoder and heads
     depth_activation: Literal["exp", "softplus"] = "exp"
     pretrained: str = ""                 # "" = from scratch, a local weights file, or "hub" to download
@@ -84,8 +84,8 @@ class LossConfig:
 class TrainConfig:
     epochs: int | None = None            # None: sized for the device
     batch_size: int | None = None
-    lr_encoder: float = 1e-3
-    lr_decoder: float = 2e-3
+    lr_encoder: float = 2e-3             # twice the first defaults: -0.027 abs_rel, +1.9 miou points (README)
+    lr_decoder: float = 4e-3
     weight_decay: float = 0.01
     warmup_frac: float = 0.05            # linear warm-up over this fraction of all steps, then cosine
     min_lr_ratio: float = 0.01           # cosine floor as a fraction of the peak learning rate
