@@ -39,7 +39,10 @@ def test_v3_trains_and_writes_the_run_directory(tmp_path, capsys):
     records = io.read_jsonl(run / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [1, 2, 3, 4]
     first, last = records[0]["train"], records[-1]["train"]
-    assert last["loss_depth"] < first["loss_depth"] and last["loss_seg"] < 0.9 * first["loss_seg"]
+    assert last["loss_depth"] < 0.8 * first["loss_depth"]
+    # class-balanced cross-entropy falls slowly on 24 steps of a tiny model, but every epoch
+    seg = [r["train"]["loss_seg"] for r in records]
+    assert all(b < a for a, b in zip(seg, seg[1:])) and seg[-1] < 0.97 * seg[0]
     summary = json.loads((run / "summary.json").read_text())
     for key in ("abs_rel", "rmse", "d1", "s_star", "abs_rel_aligned", "miou", "pixel_acc", "baseline_abs_rel",
                 "train_images_per_s", "wall_s", "iou_per_class", "dbe_acc", "dbe_comp", "seg_boundary_f1",

@@ -24,13 +24,18 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers
                       num_workers=workers)  # not persistent: workers must see set_epoch
 
 
+def depth_meters(recipe: Recipe) -> tuple[DepthMetrics, DepthBoundaryMetrics]:
+    """The depth metrics and boundary errors of the recipe's evaluation range."""
+    ec = recipe.eval
+    return (DepthMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop),
+            DepthBoundaryMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth))
+
+
 @torch.no_grad()
 def evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype | None, recipe: Recipe) -> dict:
     """Validation metrics with the keys of summary.json."""
-    ec = recipe.eval
     model.eval()
-    depth_m = DepthMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
-    edges_m = DepthBoundaryMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth)
+    depth_m, edges_m = depth_meters(recipe)
     seg_m = SegMetrics(model.num_classes, ignore_index=IGNORE_INDEX, class_names=list(NYU13_NAMES))
     seg_edges_m = SegBoundaryMetrics(ignore_index=IGNORE_INDEX)
     for batch in loader:
@@ -55,9 +60,7 @@ def evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype |
 def evaluate_teacher(teacher: Teacher, loader: DataLoader, device: torch.device, recipe: Recipe) -> dict:
     """The teacher's own depth metrics against ground truth on the validation split, as
     `teacher_<key>` for `TEACHER_KEYS`: the student's ceiling. The teacher must output metres."""
-    ec = recipe.eval
-    depth_m = DepthMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
-    edges_m = DepthBoundaryMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth)
+    depth_m, edges_m = depth_meters(recipe)
     for batch in loader:
         batch = to_device(batch, device)
         depth = teacher(batch).float()
