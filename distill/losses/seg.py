@@ -41,15 +41,13 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_IND
 def class_frequencies(dataset, num_classes: int, ignore_index: int = IGNORE_INDEX,
                       max_images: int = 512) -> Tensor:
     """(C,) share of labelled pixels per class over up to `max_images` evenly spaced items of
-    `dataset` (items with a `seg` (H, W) map of ids)."""
+    `dataset` (items with a `seg` (H, W) map of ids); zeros when no pixel is labelled."""
     n = len(dataset)
     counts = torch.zeros(num_classes, dtype=torch.float64)
     for i in torch.linspace(0, n - 1, min(n, max_images)).round().long().unique().tolist():
         seg = torch.as_tensor(dataset[i]["seg"])
         counts += torch.bincount(seg[seg != ignore_index].flatten().long(), minlength=num_classes)[:num_classes]
-    if counts.sum() == 0:
-        raise ValueError("the training set has no labelled pixel: set loss.seg_balance=0")
-    return counts / counts.sum()
+    return counts / counts.sum().clamp_min(1)   # all zero when nothing is labelled (an image folder)
 
 
 def class_weights(frequencies: Tensor, power: float, max_ratio: float = 10.0) -> Tensor:

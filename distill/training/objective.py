@@ -69,6 +69,9 @@ def seg_weights_for(recipe: Recipe, train_ds, log=print) -> torch.Tensor | None:
     if power <= 0 or "seg" not in recipe.model.tasks:
         return None
     frequencies = class_frequencies(train_ds, len(NYU13_NAMES))
+    if frequencies.sum() == 0:   # unlabelled images (a folder): the seg loss has nothing to weigh
+        log(f"loss.seg_balance={power}: the training set has no segmentation label; class weights off")
+        return None
     weights = class_weights(frequencies, power)
     log(f"loss.seg_balance={power}: class weights " + ", ".join(
         f"{name} {w:.2f} ({100 * f:.1f}%)" for name, w, f in zip(NYU13_NAMES, weights.tolist(), frequencies.tolist())))
