@@ -235,10 +235,10 @@ def seed_groups(rows: list[dict], axes: list[str]) -> list[dict]:
                             if len(values) > 1 else 0.0)
         walls = [r["wall_s"] for r in members if r["wall_s"] is not None]
         failed = [r for r in members if r["status"] == "failed"]
+        pending = any(r["status"] == "pending" for r in members)
+        status = "ok" if len(done) == len(members) else "partial" if done else "pending" if pending else "failed"
         out.append({"values": dict(zip(others, key)), "seeds": [r["values"][SEED_KEY] for r in done],
-                    "status": "ok" if done and len(done) == len(members) else
-                    ("failed" if failed and not [r for r in members if r["status"] == "pending"] and not done
-                     else "partial" if done else "pending"),
+                    "status": status,
                     "error": failed[0]["error"] if failed else None, "run_dir": None, "n": len(done),
                     "of": len(members), "metrics": mean, "sd": sd,
                     "wall_s": sum(walls) / len(walls) if walls else None})
