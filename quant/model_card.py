@@ -67,7 +67,7 @@ def latency_rows(bench: dict | None) -> list[str]:
     return rows
 
 
-def usage(fmt: str, example: str, layout: str, h: int, w: int) -> str:
+def usage(fmt: str, example: str, h: int, w: int) -> str:
     """How to run the file: Python with the format's runtime, then pointers for phones."""
     image = "rgb = np.asarray(Image.open(\"room.jpg\").convert(\"RGB\").resize((%d, %d)), np.float32) / 255" % (w, h)
     if fmt == "tflite":
@@ -124,14 +124,14 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
     recipe, config = run.recipe, manifest["config"]
     fmt = FORMATS[config["format"]]
     h, w = config["input_size"]
-    meta, classes = metadata, metadata["classes"]
+    classes = metadata["classes"]
     teacher = recipe.teacher.source or recipe.teacher.name
     fields = {"library_name": "densekit", "license": LICENSE, "pipeline_tag": "depth-estimation",
               "tags": ["depth-estimation", "image-segmentation", "monocular-depth", "semantic-segmentation",
                        "knowledge-distillation", fmt.name, *dict.fromkeys(a["precision"] for a in manifest["artefacts"])],
               "teacher": teacher, "student": recipe.model.student, "recipe": recipe.name, "run": run.name,
               "dataset": recipe.data.dataset, "input_size": f"{h}x{w}", "input_layout": fmt.input_layout,
-              "depth_space": meta["depth_space"]}
+              "depth_space": metadata["depth_space"]}
     files = ["| file | precision | MB | sha256 |", "|---|---|---|---|"] + [
         f"| {a['path']} | {a['precision']} | {a['bytes'] / 1e6:.2f} | `{a['sha256'][:16]}` |" for a in manifest["artefacts"]]
     shape = f"(1, {h}, {w}, 3)" if fmt.input_layout == "NHWC" else f"(1, 3, {h}, {w})"
@@ -153,7 +153,7 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
         f"- Normalisation is inside the model ((x - {list(IMAGENET_MEAN)}) / {list(IMAGENET_STD)}): do not normalise again.",
         "- Every file, int8 included, takes and returns float32.\n",
         "## Outputs\n",
-        f"- `{DEPTH}`: (1, 1, H, W) depth, {meta['depth_space']}: {meta['depth_units']}.",
+        f"- `{DEPTH}`: (1, 1, H, W) depth, {metadata['depth_space']}: {metadata['depth_units']}.",
         f"- `{SEG}`: (1, {len(classes)}, H, W) class logits; argmax over classes gives the ids below.",
         f"- Layout: {out_layout}.\n", *class_rows, "",
         "## Accuracy against the float model (drift.json)\n",
@@ -164,7 +164,7 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
         *latency_rows(bench), "",
         "## The float model on its validation split (the run's summary.json)\n",
         *(["| metric | value |", "|---|---|", *trained] if trained else ["No summary.json in the run."]), "",
-        "## How to run\n", usage(fmt.name, example, fmt.input_layout, h, w),
+        "## How to run\n", usage(fmt.name, example, h, w),
         "## Provenance\n",
         f"- run `{run.name}` (recipe {recipe.name}), checkpoint `{Path(run.weights).name}` sha256 "
         f"`{run.weights_sha256}`",

@@ -180,18 +180,25 @@ def test_each_precision_has_its_target_and_ops(ios18, ct):
     assert entry(ios18, "palette4g")["palette_bits"] == entry(ios18, "sparse-palette4")["palette_bits"] == [4]
 
 
+def sizes_up_to_the_limit(ct, ios18, precision: str, op_type: str, limit_key: str, size_of) -> set[int]:
+    """`size_of(block, op)` (which may assert on the op) of every `op_type` op of the precision's
+    package: never above the manifest's `limit_key`, and equal to it where it divides."""
+    _, block = main_block(ct, package(ios18["job"], precision))
+    limit = entry(ios18, precision)["compression"][limit_key]
+    sizes = {size_of(block, op) for op in block.operations if op.type == op_type}
+    assert sizes and max(sizes) <= limit and limit in sizes
+    return sizes
+
+
 def test_w4block_is_int4_in_blocks_of_at_most_the_block_size(ios18, ct):
-    _, block = main_block(ct, package(ios18["job"], "w4block"))
-    limit = entry(ios18, "w4block")["compression"]["block_input_channels"]
-    blocks = set()
-    for op in block.operations:
-        if op.type == "constexpr_blockwise_shift_scale":
-            data, scale = input_type(block, op, "data"), input_type(block, op, "scale")
-            assert data.dataType == ct.proto.MIL_pb2.DataType.INT4
-            (cout, cin, *kernel), (scout, scin, *skernel) = dims(data), dims(scale)
-            assert scout == cout and skernel == [1] * len(kernel) and cin % scin == 0
-            blocks.add(cin // scin)
-    assert blocks and max(blocks) <= limit and limit in blocks   # the block size, where it divides
+    def block_size(block, op) -> int:
+        data, scale = input_type(block, op, "data"), input_type(block, op, "scale")
+        assert data.dataType == ct.proto.MIL_pb2.DataType.INT4
+        (cout, cin, *kernel), (scout, scin, *skernel) = dims(data), dims(scale)
+        assert scout == cout and skernel == [1] * len(kernel) and cin % scin == 0
+        return cin // scin
+
+    sizes_up_to_the_limit(ct, ios18, "w4block", "constexpr_blockwise_shift_scale", "block_input_channels", block_size)
 
 
 def test_w4block_weights_are_within_half_a_step(ios18):
@@ -220,15 +227,13 @@ def bound(program: MILProgram, op, key: str) -> np.ndarray:
 
 
 def test_palette4g_has_a_palette_per_group_of_at_most_the_group_size(ios18, ct):
-    _, block = main_block(ct, package(ios18["job"], "palette4g"))
-    limit = entry(ios18, "palette4g")["compression"]["group_output_channels"]
-    groups = set()
-    for op in block.operations:
-        if op.type == "constexpr_lut_to_dense":
-            indices, lut = dims(input_type(block, op, "indices")), dims(input_type(block, op, "lut"))
-            assert lut[-2:] == [16, 1] and lut[1:-2] == [1] * (len(indices) - 1)   # 16 scalars per group
-            groups.add(indices[0] // lut[0])
-    assert groups and max(groups) <= limit and limit in groups
+    def group_size(block, op) -> int:
+        indices, lut = dims(input_type(block, op, "indices")), dims(input_type(block, op, "lut"))
+        assert lut[-2:] == [16, 1] and lut[1:-2] == [1] * (len(indices) - 1)   # 16 scalars per group
+        return indices[0] // lut[0]
+
+    groups = sizes_up_to_the_limit(ct, ios18, "palette4g", "constexpr_lut_to_dense", "group_output_channels",
+                                   group_size)
     assert 13 in groups   # the 13-channel segmentation output: one palette, not left fp16
 
 
