@@ -49,6 +49,11 @@ def eigen_crop_mask(shape: Sequence[int], device: torch.device | str = "cpu") ->
     return mask
 
 
+def in_depth_range(gt: Tensor, valid: Tensor, min_depth: float, max_depth: float) -> Tensor:
+    """Valid pixels whose GT lies in the open range (min_depth, max_depth); NaN GT compares False."""
+    return valid & (gt > min_depth) & (gt < max_depth)
+
+
 def _median(x: Tensor) -> Tensor:
     """True median of a 1-D tensor (mean of the two middle values for an even count; torch.median
     would return the lower one)."""
@@ -123,7 +128,7 @@ class DepthMetrics:
 
     def evaluated_mask(self, gt: Tensor, valid: Tensor) -> Tensor:
         """(B, 1, H, W) bool: pixels that count (valid, GT inside the open depth range, crop)."""
-        mask = valid & (gt > self.min_depth) & (gt < self.max_depth)  # NaN GT compares False
+        mask = in_depth_range(gt, valid, self.min_depth, self.max_depth)
         if self.eigen_crop:
             mask = mask & eigen_crop_mask(gt.shape, gt.device)
         return mask
@@ -325,7 +330,7 @@ class DepthBoundaryMetrics:
     def update(self, pred: Tensor, gt: Tensor, valid: Tensor) -> None:
         """pred, gt: (B, 1, H, W) metres; valid: (B, 1, H, W) bool."""
         check_depth_tensors(pred, gt, valid, target_name="gt")
-        mask = valid & (gt > self.min_depth) & (gt < self.max_depth)
+        mask = in_depth_range(gt, valid, self.min_depth, self.max_depth)
         gt_edges = depth_edges(gt, mask)
         pred_edges = depth_edges(pred.clamp(self.min_depth, self.max_depth), mask)
         for b in range(gt.shape[0]):

@@ -322,7 +322,7 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     table = benchmark.table(manifest["artefacts"], bench, plan.profile.latency_budget_ms if plan.profile else None)
     warning = size_warning(run, size, reports)
     io.write_text(out / "report.md", report_markdown(run, plan, config, drift_md, table, warning))
-    write_model_card(out, run, metadata_for(run, config, plan.format))
+    write_model_card(out, run, job.metadata)   # what the artefacts embed
     log(table)
     return ExportResult(out, reports, manifest, bench, warning)
 
