@@ -62,6 +62,7 @@ class ExportOptions:
     precisions: tuple[str, ...] = ()          # () = the target's defaults (core/formats.py)
     prune: str = ""                           # channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")
     prune_steps: int = 300                    # distillation fine-tune steps after pruning
+    prune_importance: str = "magnitude"       # how channels are ranked: quant/prune.py IMPORTANCE
     qat_steps: int = DEFAULT_QAT_STEPS        # 0 = post-training quantisation only
     qat_lr: float = 1e-4
     float_ops: tuple[str, ...] = ("DIV",)     # TFLite op types an int8 file keeps in float
@@ -107,6 +108,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="precisions to produce (default: the target's defaults, core/formats.py)")
     p.add_argument("--prune", help='channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")')
     p.add_argument("--prune-steps", type=int, default=300, help="distillation fine-tune steps after pruning")
+    p.add_argument("--prune-importance", default="magnitude",
+                   help="how channels are ranked for pruning: magnitude (group L2 norm) or bn_scale (|BN gamma|)")
     p.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS,
                    help=f"QAT steps for int8 (0 = post-training quantisation only; default {DEFAULT_QAT_STEPS})")
     p.add_argument("--qat-lr", type=float, default=1e-4)
@@ -132,6 +135,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
 
     return ExportOptions(
         precisions=tuple(args.precision or ()), prune=args.prune or "", prune_steps=args.prune_steps,
+        prune_importance=args.prune_importance,
         qat_steps=args.qat_steps, qat_lr=args.qat_lr,
         float_ops=tuple(op.strip().upper() for op in args.float_ops.split(",") if op.strip()), calib=args.calib,
         input_size=args.input_size or "", check=args.check, tolerances=parse_tolerances(args.tolerance),
@@ -184,7 +188,20 @@ def check_options(options: ExportOptions, fmt: Format) -> None:
     if unknown:
         raise ExportError(f"--tolerance for {', '.join(unknown)}: no such precision; the precisions are "
                           f"{', '.join(PRECISIONS)} ({fmt.name}: {', '.join(fmt.precisions)})")
+    if options.prune:
+        check_prune(options)
     check_writable(options.out, "--out")
+
+
+def check_prune(options: ExportOptions) -> None:
+    from quant.prune import IMPORTANCE, PruneTarget
+
+    try:
+        PruneTarget.parse(options.prune)
+    except ValueError as e:
+        raise ExportError(f"--prune: {e}") from None
+    if options.prune_importance not in IMPORTANCE:
+        raise ExportError(f'--prune-importance "{options.prune_importance}": use one of {", ".join(IMPORTANCE)}')
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -385,7 +402,7 @@ def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], opts: Expor
     before = evaluate(model, val_ds, run.recipe)
     reference = copy.deepcopy(model).eval()
     pruned = copy.deepcopy(model)
-    report = prune_student(pruned, target, (h, w), log=log)
+    report = prune_student(pruned, target, (h, w), importance=opts.prune_importance, log=log)
     finetune(pruned, reference, run.recipe, train_ds, steps=opts.prune_steps, lr=5e-4, batch_size=opts.batch_size,
              desc="prune fine-tune", progress=opts.progress, log=log)
     after = evaluate(pruned, val_ds, run.recipe)
