@@ -8,11 +8,12 @@
     python -m quant.export --target tflite --prune 0.3 --overwrite          # prune 30% of channels
     python -m quant.export --target tflite --prune macs=0.5x                # or to half the MACs
 
-Writes exports/<run name>/<target>/: the artefacts; drift.json (each artefact executed by its own
+Writes exports/<run name>/<target>/ (`<target>-pruned-<X>/` for `--prune X`): the artefacts; drift.json (each artefact executed by its own
 runtime on validation images and scored against the float PyTorch model, with pass or fail against
 the gates of its precision); benchmark.json (host latency, throughput, memory, efficiency against
 the host's measured matrix-product peak); report.md with the drift histogram and error maps;
-README.md, the model card (quant/model_card.py); manifest.json (sizes, hashes, tool versions, config); device/ (the on-device bench scripts and the
+README.md, the model card (quant/model_card.py); report.md's compression table
+(quant/compression.py) of every export of the run in this format; manifest.json (sizes, hashes, tool versions, config); device/ (the on-device bench scripts and the
 commands for this export). Each converter runs in its own process (targets/job.py).
 
 From Python: `quant.export_run(run, target="tflite", qat_steps=0)` (keyword options: the fields of
@@ -41,7 +42,7 @@ from core.formats import CALIBRATED_PRECISIONS, FORMATS, PRECISIONS, Format
 from core.io import check_writable
 from core.lock import exclusive
 from edge import kit
-from quant import benchmark
+from quant import benchmark, compression
 from quant.model_card import write_model_card
 from targets.profiles import device_names
 
@@ -273,8 +274,8 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
     log(f"run {run.path} ({run.recipe.name}, {run.recipe.model.student}, weights {run.weights.name} "
         f"sha256 {run.weights_sha256[:12]}); exporting {plan.format.name} {', '.join(plan.precisions)} at "
         f"{size[0]}x{size[1]}" + (f" for {plan.profile.name}" if plan.profile else ""))
-    final = Path(opts.out) / run.name / plan.target
-    with exclusive(final.parent / f".{plan.target}.lock", f"the export {final}"):   # one writer per target
+    final = Path(opts.out) / run.name / export_name(plan.target, opts.prune)
+    with exclusive(final.parent / f".{final.name}.lock", f"the export {final}"):   # one writer per target
         staging = artefacts.ExportDir(final, opts.overwrite)
         if staging.leftovers:
             log(f"removed the leftovers of a killed export: {', '.join(p.name for p in staging.leftovers)}")
@@ -292,6 +293,11 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
     if result.warning:
         log(result.warning)
     return result
+
+
+def export_name(target: str, prune: str) -> str:
+    """`tflite`, or `tflite-pruned-0.5x` for `--prune macs=0.5x`: pruned exports sit beside the unpruned one."""
+    return f"{target}-pruned-{prune.strip().lower().removeprefix('macs=')}" if prune else target
 
 
 def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], work: Path, out: Path,
@@ -338,7 +344,11 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     manifest = artefacts.write_manifest(out, entries, {**result["tools"], **parent_tools()}, config)
     table = benchmark.table(manifest["artefacts"], bench, plan.profile.latency_budget_ms if plan.profile else None)
     warning = size_warning(run, size, reports)
-    io.write_text(out / "report.md", report_markdown(run, plan, config, drift_md, table, warning))
+    name = export_name(plan.target, opts.prune)   # this export, still in staging, and the run's others of this format
+    compared = {name: out, **{d.name: d for d in compression.export_dirs(out.parent, plan.format.name) if d.name != name}}
+    io.write_text(out / "report.md", report_markdown(run, plan, config, drift_md, table, warning)
+                  + f"\n## Compression: every {plan.format.name} export of {run.name}\n\n"
+                  + compression.markdown(compression.rows(compared)))
     write_model_card(out, run, job.metadata)   # what the artefacts embed
     log(table)
     return ExportResult(out, reports, manifest, bench, warning)

@@ -62,6 +62,7 @@ CASES = [
     ("quant.export", ["--target", "tflite", "--runs-dir", "empty"], "no finished v3 run under"),
     ("quant.export", ["--target", "tflite", "--run", "empty"], "--run empty: no config.json there"),
     ("quant.export", ["--target", "tflite", "--run", "bad-json"], "bad-json has no best.safetensors"),
+    ("quant.compression", ["empty"], "empty: no finished export there; make one with python -m quant.export"),
     ("quant.verify", ["empty"], "empty/manifest.json is missing or unreadable"),
     ("quant.verify", ["a_file"], "a_file is not a directory"),
     ("edge.run", ["m.tflite", "--inputs", "x.npy", "--out", "o.npz"], "m.tflite: it does not exist"),

@@ -21,6 +21,7 @@ import torch
 
 from core.manifest import verify_export
 from distill.run import main as train_main
+from quant.compression import main as compression_main
 from quant.export import main as export_main
 
 TINY = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=64", "data.width=96",
@@ -283,13 +284,22 @@ def test_coreml_through_export(run_dir, tmp_path):
 
 def test_pruned_float_only_tflite_export(run_dir, tmp_path):
     # float only: no calibration set, yet onnx2tf must find its sample file (offline here)
-    assert export(run_dir, tmp_path, "--target", "tflite", "--precision", "fp32", "--prune", "0.25",
+    assert export(run_dir, tmp_path, "--target", "tflite", "--precision", "fp32", "--prune", "macs=0.6x",
                   "--prune-steps", "3") == 0
-    manifest = manifest_of(tmp_path, run_dir, "tflite")
+    manifest = manifest_of(tmp_path, run_dir, "tflite-pruned-0.6x")   # beside an unpruned export, not over it
     prune = manifest["config"]["prune"]
-    assert prune["macs_after"] < prune["macs_before"] and prune["params_after"] < prune["params_before"]
-    assert set(prune["val_after"]) >= {"abs_rel", "miou"}
+    assert 0.54 <= prune["macs_after"] / prune["macs_before"] <= 0.6 and prune["params_after"] < prune["params_before"]
+    assert set(prune["val_after"]) >= {"abs_rel", "miou"} and prune["importance"] == "magnitude"
     assert by_precision(manifest)["fp32"]["check"]["depth_rel_max"] < 1e-4
+    # A second, unpruned export of the run: its report's compression table has both, unpruned first.
+    assert export(run_dir, tmp_path, "--target", "tflite", "--precision", "fp32") == 0
+    report = (tmp_path / run_dir.name / "tflite" / "report.md").read_text()
+    table = report.split("## Compression")[1]
+    lines = [line for line in table.splitlines() if line.startswith("| tflite")]
+    assert [line.split(" | ")[0] for line in lines] == ["| tflite", "| tflite-pruned-0.6x"], table
+    macs = [float(line.split(" | ")[2]) for line in lines]
+    assert macs[1] / macs[0] == pytest.approx(prune["macs_after"] / prune["macs_before"], abs=0.02)   # cells: 0.1 M
+    assert compression_main([str(tmp_path / run_dir.name)]) == 0
 
 
 def test_device_target_runs_the_whole_chain(run_dir, tmp_path):

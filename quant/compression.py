@@ -1,0 +1,109 @@
+"""The compression report of a run: every artefact of every export of one format, side by side.
+
+    python -m quant.compression exports/<run>                 # one table per format
+    python -m quant.compression exports/<run> --format tflite
+
+An export of `--prune X` lands in `exports/<run>/<target>-pruned-X/` beside the unpruned one, so a
+run's exports hold float, int8, pruned and pruned+int8. Each row reads its export's manifest.json:
+MACs and params of the model exported, size, the host latency that export measured, the artefact's
+own accuracy on the validation images, and its drift against its float model (for a pruned export,
+the pruned float model; what pruning cost is the accuracy column against the unpruned rows).
+`quant.export` writes this table into every report.md.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from core.cli import ArgumentParser, command
+from core.manifest import MANIFEST, read_manifest
+
+PRECISION_ORDER = ("fp32", "fp16", "int8", "w8", "palette6", "palette4", "w8a8")
+HEADER = ("| export | artefact | MACs (M) | params (M) | MB | host p50 ms | abs_rel | miou | Δabs_rel vs its float "
+          "| Δmiou (pt) | gates |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def export_dirs(run_exports: Path, fmt: str | None = None) -> list[Path]:
+    """The finished exports under exports/<run>/ (staging and scratch directories are hidden), of `fmt` if given."""
+    found = []
+    for path in sorted(run_exports.glob(f"*/{MANIFEST}")):
+        if path.parent.name.startswith("."):
+            continue
+        if fmt is None or read_manifest(path.parent)["config"]["format"] == fmt:
+            found.append(path.parent)
+    return found
+
+
+def rows(exports: dict[str, Path]) -> list[dict]:
+    """One row per artefact of each export (its name: its directory); unpruned exports first, then by
+    MACs, largest first; precisions in a fixed order."""
+    found = []
+    for name, export in exports.items():
+        manifest = read_manifest(export)
+        model = manifest["config"]["model"]
+        for a in manifest["artefacts"]:
+            validation, bench = a.get("validation", {}), a.get("bench")
+            float_, artefact = validation.get("float", {}), validation.get("artefact", {})
+            found.append({
+                "export": name, "artefact": a["path"], "precision": a["precision"], "format": a["format"],
+                "macs": model.get("exported_macs", model["macs"]), "params": model.get("exported_params", model["params"]),
+                "bytes": a["bytes"], "p50_ms": bench["latency_ms"]["p50"] if bench else None,
+                "abs_rel": artefact.get("abs_rel"), "miou": artefact.get("miou"),
+                "abs_rel_change": _ratio(artefact.get("abs_rel"), float_.get("abs_rel")),
+                "miou_change_pt": _diff_pt(artefact.get("miou"), float_.get("miou")),
+                "passed": validation.get("pass"), "pruned": "exported_macs" in model})
+    order = {p: i for i, p in enumerate(PRECISION_ORDER)}
+    return sorted(found, key=lambda r: (r["pruned"], -r["macs"], r["export"], order.get(r["precision"], len(order))))
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or not reference else value / reference - 1
+
+
+def _diff_pt(value: float | None, reference: float | None) -> float | None:
+    return None if value is None or reference is None else 100 * (value - reference)
+
+
+def _cell(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown(table_rows: list[dict]) -> str:
+    """The table, and what its latency column is (one export's bench, not an interleaved comparison)."""
+    lines = [HEADER]
+    for r in table_rows:
+        gates = {True: "pass", False: "FAIL", None: "—"}[r["passed"]]
+        lines.append(f"| {r['export']} | {r['precision']} | {r['macs'] / 1e6:.1f} | {r['params'] / 1e6:.3f} "
+                     f"| {r['bytes'] / 1e6:.2f} | {_cell(r['p50_ms'], '.2f')} | {_cell(r['abs_rel'], '.4f')} "
+                     f"| {_cell(r['miou'], '.3f')} | {_cell(r['abs_rel_change'], '+.2%')} "
+                     f"| {_cell(r['miou_change_pt'], '+.2f')} | {gates} |")
+    return ("\n".join(lines) + "\n\nAccuracy: each artefact executed on its export's validation images. Latency: "
+            "each export's own bench on this host, taken at different times; for a speed ratio, interleave the "
+            "files: python -m edge.bench A B --threads 2.\n")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = ArgumentParser(prog="python -m quant.compression", description=__doc__.split("\n\n")[0],
+                       epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_exports", help="exports/<run>: the directory holding a run's export directories")
+    p.add_argument("--format", help="only this format's exports (default: one table per format)")
+    return p.parse_args(argv)
+
+
+@command("python -m quant.compression")
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = Path(args.run_exports)
+    dirs = export_dirs(root, args.format) if root.is_dir() else []
+    if not dirs:
+        raise ValueError(f"{root}: no finished export there" + (f" of format {args.format}" if args.format else "")
+                             + "; make one with python -m quant.export --target tflite [--prune macs=0.5x]")
+    formats = sorted({read_manifest(d)["config"]["format"] for d in dirs})
+    for fmt in formats:
+        print(f"## {root.name}: {fmt}\n\n" + markdown(rows({d.name: d for d in dirs if read_manifest(d)["config"]["format"] == fmt})))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
