@@ -15,11 +15,13 @@ needs that path).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import warnings
 from pathlib import Path
 
 import torch
+from timm.models.efficientvit_mit import LiteMLA
 from torch import nn
 
 from core.contract import IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, OUTPUT_NAMES
@@ -27,10 +29,50 @@ from core.contract import IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, OUTPUT_NAMES
 ONNX_OPSET = 18   # torch.export's ONNX exporter starts at 18 (ReduceMean takes its axes as an input)
 
 
+class LinearAttention(nn.Module):
+    """EfficientViT's LiteMLA (timm), the same function in the form an int8 converter keeps in int8.
+
+    timm computes out = num / den from one matmul, q @ (k^T [v | 1]): numerator and denominator are
+    columns of one tensor, so an int8 file gives them one scale, sized for the numerator, and the
+    denominator loses its digits; targets/tflite.py then had to keep that whole chain in float
+    (5 float ops and their QUANTIZE/DEQUANTIZE per attention). Here num = q @ (k^T v) and
+    den = q @ sum_n k_n are separate tensors with separate scales, and only the DIV runs in float.
+    """
+
+    def __init__(self, mla: LiteMLA):
+        super().__init__()
+        self.qkv, self.aggreg, self.kernel_func, self.proj = mla.qkv, mla.aggreg, mla.kernel_func, mla.proj
+        self.dim, self.eps = mla.dim, mla.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        qkv = self.qkv(x)
+        qkv = torch.cat([qkv, *(op(qkv) for op in self.aggreg)], dim=1)
+        q, k, v = qkv.reshape(b, -1, 3 * self.dim, h * w).transpose(-1, -2).chunk(3, dim=-1)   # (B, heads, N, dim)
+        q, k_t = self.kernel_func(q), self.kernel_func(k).transpose(-1, -2)
+        num = q @ (k_t @ v)                             # (B, heads, N, dim)
+        den = q @ k_t.sum(dim=-1, keepdim=True)         # (B, heads, N, 1)
+        out = num / (den + self.eps)
+        return self.proj(out.transpose(-1, -2).reshape(b, -1, h, w))
+
+
+def deploy_form(student: nn.Module) -> nn.Module:
+    """A copy of `student` with every module swapped for its deploy form (same function, within
+    float rounding); the student itself, when nothing needs swapping."""
+    if not any(isinstance(m, LiteMLA) for m in student.modules()):
+        return student
+    student = copy.deepcopy(student)
+    for name, module in list(student.named_modules()):
+        if isinstance(module, LiteMLA):
+            parent, _, attr = name.rpartition(".")
+            setattr(student.get_submodule(parent) if parent else student, attr, LinearAttention(module))
+    return student
+
+
 class DeployModel(nn.Module):
     def __init__(self, student: nn.Module):
         super().__init__()
-        self.student = student
+        self.student = deploy_form(student)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
 

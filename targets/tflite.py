@@ -106,32 +106,43 @@ COMPUTE_OPS = ("BATCH_MATMUL", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"
 
 
 def operand_chains(graph: TFLiteGraph, op_types: list[str]) -> list[str]:
-    """Output tensor names of the ops computing the operands of every `op_types` op, walking back
-    through cheap ops (slices, adds, reshapes) up to and including the nearest compute op.
+    """Output tensor names of the ops computing the operands of every `op_types` op whose operands
+    come out of one shared tensor, walking back through cheap ops (slices, adds, reshapes) up to and
+    including the nearest compute op.
 
-    Why (EfficientViT's linear attention, v4): out = (q k^T v) / (q k^T 1 + eps). The int8 DIV
-    kernel rejects a divisor that quantises to its zero point, which happens wherever ReLU zeroes
-    a query (docs/TOOLCHAIN.md), so DIV must run in float. But a float DIV fed by int8 operands is not
-    enough: numerator and denominator come out of one matmul output (v is padded with ones), so
-    they share one int8 scale sized for the numerator's range (~10^4 on v4), and small denominators
-    lose most of their digits. Measured on v4, PTQ, 32 validation images, depth |d - d_float| /
-    d_float median / p95 and segmentation agreement: DIV alone in float 6.1% / 25% / 88.1%;
-    DIV with these chains (36 float ops) 1.2% / 4.1% / 97.4%; all ADDs in float too (85 float
-    ops) 1.1% / 3.6% / 97.5%. MobileNetV3 students have no DIV: nothing changes for them.
+    Why (EfficientViT's linear attention, v4, as timm writes it): out = (q k^T v) / (q k^T 1 + eps).
+    The int8 DIV kernel rejects a divisor that quantises to its zero point, which happens wherever
+    ReLU zeroes a query (docs/TOOLCHAIN.md), so DIV must run in float. But a float DIV fed by int8
+    operands is not enough when numerator and denominator come out of one matmul output (v padded
+    with ones): they share one int8 scale sized for the numerator's range (~10^4 on v4), and small
+    denominators lose most of their digits. Measured on v4, PTQ, 32 validation images, depth
+    |d - d_float| / d_float median / p95 and segmentation agreement: DIV alone in float 6.1% / 25% /
+    88.1%; DIV with these chains (36 float ops) 1.2% / 4.1% / 97.4%; all ADDs in float too (85 float
+    ops) 1.1% / 3.6% / 97.5%. The deploy form (targets/deploy.py `LinearAttention`) computes the two
+    from separate matmuls, so their chains share nothing and only the DIV stays float.
+    MobileNetV3 students have no DIV: nothing changes for them.
     """
     keep: list[str] = []
     for op in graph.ops:
-        if op["op_name"] not in op_types:
-            continue
-        pending = [int(t) for t in op["inputs"]]
-        while pending:
-            source = graph.producer.get(pending.pop())
-            if source is None or graph.name(source) in keep:
-                continue
-            keep.append(graph.name(source))
-            if source["op_name"] not in COMPUTE_OPS:
-                pending += [int(t) for t in source["inputs"]]
+        if op["op_name"] in op_types:
+            chains = [_chain_to_compute(graph, int(t)) for t in op["inputs"]]
+            if any(set(a) & set(b) for i, a in enumerate(chains) for b in chains[i + 1:]):
+                keep += [name for chain in chains for name in chain if name not in keep]
     return keep
+
+
+def _chain_to_compute(graph: TFLiteGraph, tensor: int) -> list[str]:
+    """The ops producing `tensor`, back through cheap ops up to and including the nearest compute ops."""
+    chain: list[str] = []
+    pending = [tensor]
+    while pending:
+        source = graph.producer.get(pending.pop())
+        if source is None or graph.name(source) in chain:
+            continue
+        chain.append(graph.name(source))
+        if source["op_name"] not in COMPUTE_OPS:
+            pending += [int(t) for t in source["inputs"]]
+    return chain
 
 
 def output_tails(graph: TFLiteGraph) -> list[str]:

@@ -340,15 +340,35 @@ def test_bad_requests_name_the_fix(run_dir, tmp_path, capsys):
     assert "python -m distill.run v3" in capsys.readouterr().err
 
 
+def test_linear_attention_deploy_form_computes_the_same_function():
+    from timm.models.efficientvit_mit import LiteMLA
+
+    from distill.students import build_student
+    from targets.deploy import DeployModel, LinearAttention
+
+    torch.manual_seed(0)
+    student = build_student("efficientvit_b0", decoder_channels=16, num_classes=13).eval()
+    deploy = DeployModel(student).eval()
+    assert not any(isinstance(m, LiteMLA) for m in deploy.modules())
+    assert sum(isinstance(m, LinearAttention) for m in deploy.modules()) == sum(
+        isinstance(m, LiteMLA) for m in student.modules()) > 0
+    assert any(isinstance(m, LiteMLA) for m in student.modules()), "the trained student is left as it was"
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        want, (depth, seg) = student((x - deploy.mean) / deploy.std), deploy(x)
+    assert torch.allclose(depth, want["depth"], rtol=1e-5) and torch.allclose(seg, want["seg"], atol=1e-5)
+
+
 def test_efficientvit_int8_tflite_runs(tmp_path):
-    """v4's student family: the attention's DIV and its operand chains stay float, the rest int8."""
+    """v4's student family: only the attention's DIVs stay float (its deploy form gives numerator
+    and denominator their own tensors), the rest int8."""
     tiny_v4 = [a if not a.startswith("model.student=") else "model.student=efficientvit_b0" for a in TINY]
     assert train_main(["v4", *tiny_v4, f"out_dir={tmp_path / 'runs'}", "--quiet"]) == 0
     run = next((tmp_path / "runs").glob("v4-*"))
     assert export(run, tmp_path / "exports", "--target", "tflite", "--precision", "int8", "--qat-steps", "2") == 0
     art = by_precision(manifest_of(tmp_path / "exports", run, "tflite"))["int8"]
     ops = art["ops_by_dtype"]
-    assert "DIV" in ops["float_ops"] and ops["int8"] > 3 * ops["float32"]
+    assert ops["float_ops"] == ["DIV", "EXP", "RESIZE_BILINEAR"] and ops["op_types"]["DIV"] == ops["float32"] - 3, ops
     assert art["check"]["finite"] and art["check"]["depth_rel_median"] < 0.02 and art["check"]["seg_agreement"] > 0.9
 
 
