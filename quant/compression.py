@@ -47,7 +47,8 @@ def rows(exports: dict[str, Path]) -> list[dict]:
             float_, artefact = validation.get("float", {}), validation.get("artefact", {})
             found.append({
                 "export": name, "artefact": a["path"], "precision": a["precision"], "format": a["format"],
-                "macs": model.get("exported_macs", model["macs"]), "params": model.get("exported_params", model["params"]),
+                "macs": model.get("exported_macs", model["macs"]),
+                "params": model.get("exported_params", model["params"]),
                 "bytes": a["bytes"], "p50_ms": bench["latency_ms"]["p50"] if bench else None,
                 "abs_rel": artefact.get("abs_rel"), "miou": artefact.get("miou"),
                 "abs_rel_change": _ratio(artefact.get("abs_rel"), float_.get("abs_rel")),
@@ -99,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     if not dirs:
         raise ValueError(f"{root}: no finished export there" + (f" of format {args.format}" if args.format else "")
                              + "; make one with python -m quant.export --target tflite [--prune macs=0.5x]")
-    formats = sorted({read_manifest(d)["config"]["format"] for d in dirs})
-    for fmt in formats:
-        print(f"## {root.name}: {fmt}\n\n" + markdown(rows({d.name: d for d in dirs if read_manifest(d)["config"]["format"] == fmt})))
+    by_format: dict[str, dict[str, Path]] = {}
+    for d in dirs:
+        by_format.setdefault(read_manifest(d)["config"]["format"], {})[d.name] = d
+    for fmt, exports in sorted(by_format.items()):
+        print(f"## {root.name}: {fmt}\n\n" + markdown(rows(exports)))
     return 0
 
 

@@ -8,12 +8,13 @@
     python -m quant.export --target tflite --prune 0.3 --overwrite          # prune 30% of channels
     python -m quant.export --target tflite --prune macs=0.5x                # or to half the MACs
 
-Writes exports/<run name>/<target>/ (`<target>-pruned-<X>/` for `--prune X`): the artefacts; drift.json (each artefact executed by its own
-runtime on validation images and scored against the float PyTorch model, with pass or fail against
-the gates of its precision); benchmark.json (host latency, throughput, memory, efficiency against
-the host's measured matrix-product peak); report.md with the drift histogram and error maps;
-README.md, the model card (quant/model_card.py); report.md's compression table
-(quant/compression.py) of every export of the run in this format; manifest.json (sizes, hashes, tool versions, config); device/ (the on-device bench scripts and the
+Writes exports/<run name>/<target>/ (`<target>-pruned-<X>/` for `--prune X`): the artefacts;
+drift.json (each artefact executed by its own runtime on validation images and scored against the
+float PyTorch model, with pass or fail against the gates of its precision); benchmark.json (host
+latency, throughput, memory, efficiency against the host's measured matrix-product peak); report.md
+with the drift histogram, the error maps and the compression table of every export of the run in
+this format (quant/compression.py); README.md, the model card (quant/model_card.py); manifest.json
+(sizes, hashes, tool versions, config); device/ (the on-device bench scripts and the
 commands for this export). Each converter runs in its own process (targets/job.py).
 
 From Python: `quant.export_run(run, target="tflite", qat_steps=0)` (keyword options: the fields of
@@ -64,6 +65,7 @@ class ExportOptions:
     prune: str = ""                           # channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")
     prune_steps: int = 300                    # distillation fine-tune steps after pruning
     prune_importance: str = "magnitude"       # how channels are ranked: quant/prune.py IMPORTANCE
+    prune_lr: float = 5e-4                    # peak learning rate of the fine-tune after pruning (cosine decay)
     qat_steps: int = DEFAULT_QAT_STEPS        # 0 = post-training quantisation only
     qat_lr: float = 1e-4
     float_ops: tuple[str, ...] = ("DIV",)     # TFLite op types an int8 file keeps in float
@@ -109,6 +111,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="precisions to produce (default: the target's defaults, core/formats.py)")
     p.add_argument("--prune", help='channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")')
     p.add_argument("--prune-steps", type=int, default=300, help="distillation fine-tune steps after pruning")
+    p.add_argument("--prune-lr", type=float, default=5e-4,
+                   help="learning rate of the fine-tune after pruning (cosine decay from it)")
     p.add_argument("--prune-importance", default="magnitude",
                    help="how channels are ranked for pruning: magnitude (group L2 norm) or bn_scale (|BN gamma|)")
     p.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS,
@@ -136,7 +140,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
 
     return ExportOptions(
         precisions=tuple(args.precision or ()), prune=args.prune or "", prune_steps=args.prune_steps,
-        prune_importance=args.prune_importance,
+        prune_importance=args.prune_importance, prune_lr=args.prune_lr,
         qat_steps=args.qat_steps, qat_lr=args.qat_lr,
         float_ops=tuple(op.strip().upper() for op in args.float_ops.split(",") if op.strip()), calib=args.calib,
         input_size=args.input_size or "", check=args.check, tolerances=parse_tolerances(args.tolerance),
@@ -183,8 +187,9 @@ def check_options(options: ExportOptions, fmt: Format) -> None:
                              ("--bench-runs", options.bench_runs, 0), ("--bench-warmup", options.bench_warmup, 0),
                              ("--batch-size", options.batch_size, 1), ("--threads", options.threads, 0)):
         at_least(flag, value, low)
-    if not options.qat_lr > 0:
-        raise ExportError(f"--qat-lr {options.qat_lr}: must be positive")
+    for flag, lr in (("--qat-lr", options.qat_lr), ("--prune-lr", options.prune_lr)):
+        if not lr > 0:
+            raise ExportError(f"{flag} {lr}: must be positive")
     unknown = sorted(set(options.tolerances) - set(PRECISIONS))
     if unknown:
         raise ExportError(f"--tolerance for {', '.join(unknown)}: no such precision; the precisions are "
@@ -413,10 +418,11 @@ def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], opts: Expor
     reference = copy.deepcopy(model).eval()
     pruned = copy.deepcopy(model)
     report = prune_student(pruned, target, (h, w), importance=opts.prune_importance, log=log)
-    finetune(pruned, reference, run.recipe, train_ds, steps=opts.prune_steps, lr=5e-4, batch_size=opts.batch_size,
-             desc="prune fine-tune", progress=opts.progress, log=log)
+    finetune(pruned, reference, run.recipe, train_ds, steps=opts.prune_steps, lr=opts.prune_lr,
+             batch_size=opts.batch_size, desc="prune fine-tune", progress=opts.progress, log=log)
     after = evaluate(pruned, val_ds, run.recipe)
-    report.update({"finetune_steps": opts.prune_steps, "val_before": before, "val_after": after})
+    report.update({"finetune_steps": opts.prune_steps, "finetune_lr": opts.prune_lr,
+                   "val_before": before, "val_after": after})
     log(f"pruned: params {report['params_before'] / 1e6:.2f} M -> {report['params_after'] / 1e6:.2f} M, "
         f"MACs {report['macs_before'] / 1e6:.0f} M -> {report['macs_after'] / 1e6:.0f} M, "
         f"abs_rel {before['abs_rel']:.4f} -> {after['abs_rel']:.4f}, miou {before.get('miou', 0):.3f} -> {after.get('miou', 0):.3f}")

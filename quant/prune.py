@@ -123,8 +123,15 @@ def _groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> dict[nn.Modu
             for group in graph.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear))}
 
 
-def _out_channel_pruning(graph: tp.DependencyGraph, root: nn.Module) -> Callable:
-    return graph.get_pruner_of_module(root).prune_out_channels
+def _drop_channels(graph: tp.DependencyGraph, root: nn.Module, width: int, count: int,
+                   scorer: tp.importance.Importance) -> None:
+    """Remove the `count` least important of the `width` output channels of `root`'s group."""
+    prune_out = graph.get_pruner_of_module(root).prune_out_channels
+    group = graph.get_pruning_group(root, prune_out, list(range(width)))
+    scores = scorer(group)
+    if scores is None:   # bn_scale on a group without BatchNorm: rank by weight magnitude
+        scores = IMPORTANCE["magnitude"]()(group)
+    graph.get_pruning_group(root, prune_out, scores.argsort()[:count].tolist()).prune()
 
 
 def _prune_to_macs(model: nn.Module, budget: float, input_size: tuple[int, int], round_to: int,
@@ -134,7 +141,7 @@ def _prune_to_macs(model: nn.Module, budget: float, input_size: tuple[int, int],
     Returns the fraction of the groups' channels removed.
     """
     trial = copy.deepcopy(model)   # an unreachable budget must leave the caller's model untouched
-    ignored, scorer, fallback = _ignored(trial), _importance(importance), _importance("magnitude")
+    ignored, scorer = _ignored(trial), _importance(importance)
     # Protected layers stay in the traced graph (their inputs shrink); they are only never a group's root.
     graph = tp.DependencyGraph().build_dependency(trial, _example(trial, input_size))
     width = {root: len(group[0].idxs) for root, group in _groups(graph, ignored).items()}
@@ -148,12 +155,7 @@ def _prune_to_macs(model: nn.Module, budget: float, input_size: tuple[int, int],
                              f"raise the budget, lower round_to, or pick a smaller student")
         root = max(shrinkable, key=lambda m: (width[m] / original[m], width[m]))
         keep = (width[root] - 1) // round_to * round_to   # the next multiple of round_to below
-        group = graph.get_pruning_group(root, _out_channel_pruning(graph, root), list(range(width[root])))
-        scores = scorer(group)
-        if scores is None:   # bn_scale on a group without BatchNorm: rank by weight magnitude
-            scores = fallback(group)
-        drop = scores.argsort()[: width[root] - keep].tolist()
-        graph.get_pruning_group(root, _out_channel_pruning(graph, root), drop).prune()
+        _drop_channels(graph, root, width[root], width[root] - keep, scorer)
         width[root] = keep
         macs, step = count_macs(trial, *input_size), step + 1
         if step % LOG_EVERY == 0 or macs <= budget:
@@ -172,7 +174,8 @@ def prune_student(model: nn.Module, target: PruneTarget, input_size: tuple[int, 
     """Prune `model` in place for images of `input_size` (H, W); return a report.
 
     Report: params_before/after, macs_before/after (one (1, 3, H, W) forward), ratio (the channel
-    ratio used, or for a MAC target the fraction of channels removed), round_to, importance, ignored (protected module names), pruned_layers (Conv2d/Linear
+    ratio used, or for a MAC target the fraction of channels removed), round_to, importance,
+    ignored (protected module names), pruned_layers (Conv2d/Linear
     layers whose weight shape changed). Optimizers built before must be rebuilt: parameters are new.
     """
     was_training = model.training

@@ -55,6 +55,7 @@ CASES = [
     ("quant.export", ["--target", "tflite", "--threads", "-1"], "--threads -1: must be at least 0"),
     ("quant.export", ["--target", "tflite", "--tolerance", "fp9.abs_rel_change=1"], "--tolerance for fp9: no such precision"),
     ("quant.export", ["--target", "tflite", "--input-size", "100x100"], "multiples of 32"),
+    ("quant.export", ["--target", "tflite", "--prune-lr", "0"], "--prune-lr 0.0: must be positive"),
     ("quant.export", ["--target", "tflite", "--prune", "macs=2x"], '--prune: MAC fraction "macs=2x" must be in (0, 1]'),
     ("quant.export", ["--target", "tflite", "--prune", "0.3", "--prune-importance", "taylor"],
      '--prune-importance "taylor": use one of magnitude, bn_scale'),
