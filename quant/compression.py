@@ -20,8 +20,8 @@ from core.cli import ArgumentParser, command
 from core.manifest import MANIFEST, read_manifest
 
 PRECISION_ORDER = ("fp32", "fp16", "int8", "w8", "palette6", "palette4", "w8a8")
-HEADER = ("| export | artefact | MACs (M) | params (M) | MB | host p50 ms | abs_rel | miou | Δabs_rel vs its float "
-          "| Δmiou (pt) | gates |\n|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| export | artefact | MACs (M) | params (M) | MB | host p50 ms | images | abs_rel | miou "
+          "| Δabs_rel vs its float | Δmiou (pt) | gates |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def export_dirs(run_exports: Path, fmt: str | None = None) -> list[Path]:
@@ -50,6 +50,7 @@ def rows(exports: dict[str, Path]) -> list[dict]:
                 "macs": model.get("exported_macs", model["macs"]),
                 "params": model.get("exported_params", model["params"]),
                 "bytes": a["bytes"], "p50_ms": bench["latency_ms"]["p50"] if bench else None,
+                "images": validation.get("images"),
                 "abs_rel": artefact.get("abs_rel"), "miou": artefact.get("miou"),
                 "abs_rel_change": _ratio(artefact.get("abs_rel"), float_.get("abs_rel")),
                 "miou_change_pt": _diff_pt(artefact.get("miou"), float_.get("miou")),
@@ -76,10 +77,12 @@ def markdown(table_rows: list[dict]) -> str:
     for r in table_rows:
         gates = {True: "pass", False: "FAIL", None: "—"}[r["passed"]]
         lines.append(f"| {r['export']} | {r['precision']} | {r['macs'] / 1e6:.1f} | {r['params'] / 1e6:.3f} "
-                     f"| {r['bytes'] / 1e6:.2f} | {_cell(r['p50_ms'], '.2f')} | {_cell(r['abs_rel'], '.4f')} "
+                     f"| {r['bytes'] / 1e6:.2f} | {_cell(r['p50_ms'], '.2f')} | {_cell(r['images'], 'd')} "
+                     f"| {_cell(r['abs_rel'], '.4f')} "
                      f"| {_cell(r['miou'], '.3f')} | {_cell(r['abs_rel_change'], '+.2%')} "
                      f"| {_cell(r['miou_change_pt'], '+.2f')} | {gates} |")
-    return ("\n".join(lines) + "\n\nAccuracy: each artefact executed on its export's validation images. Latency: "
+    return ("\n".join(lines) + "\n\nAccuracy: each artefact executed on the first `images` validation images "
+            "(quant.export --check; compare rows of equal counts). Latency: "
             "each export's own bench on this host, taken at different times; for a speed ratio, interleave the "
             "files: python -m edge.bench A B --threads 2.\n")
 

@@ -282,24 +282,25 @@ def test_coreml_through_export(run_dir, tmp_path):
     assert "ct.models.MLModel" in body and "Xcode" in body
 
 
-def test_pruned_float_only_tflite_export(run_dir, tmp_path):
+def test_pruned_float_only_tflite_export(tflite_export, run_dir, capsys):
     # float only: no calibration set, yet onnx2tf must find its sample file (offline here)
-    assert export(run_dir, tmp_path, "--target", "tflite", "--precision", "fp32", "--prune", "macs=0.6x",
+    assert export(run_dir, tflite_export, "--target", "tflite", "--precision", "fp32", "--prune", "macs=0.6x",
                   "--prune-steps", "3") == 0
-    manifest = manifest_of(tmp_path, run_dir, "tflite-pruned-0.6x")   # beside an unpruned export, not over it
+    manifest = manifest_of(tflite_export, run_dir, "tflite-pruned-0.6x")   # beside the unpruned export, not over it
     prune = manifest["config"]["prune"]
     assert 0.54 <= prune["macs_after"] / prune["macs_before"] <= 0.6 and prune["params_after"] < prune["params_before"]
     assert set(prune["val_after"]) >= {"abs_rel", "miou"} and prune["importance"] == "magnitude"
     assert by_precision(manifest)["fp32"]["check"]["depth_rel_max"] < 1e-4
-    # A second, unpruned export of the run: its report's compression table has both, unpruned first.
-    assert export(run_dir, tmp_path, "--target", "tflite", "--precision", "fp32") == 0
-    report = (tmp_path / run_dir.name / "tflite" / "report.md").read_text()
+    # Its report's compression table holds the run's unpruned export too, unpruned rows first.
+    report = (tflite_export / run_dir.name / "tflite-pruned-0.6x" / "report.md").read_text()
     table = report.split("## Compression")[1]
-    lines = [line for line in table.splitlines() if line.startswith("| tflite")]
-    assert [line.split(" | ")[0] for line in lines] == ["| tflite", "| tflite-pruned-0.6x"], table
-    macs = [float(line.split(" | ")[2]) for line in lines]
-    assert macs[1] / macs[0] == pytest.approx(prune["macs_after"] / prune["macs_before"], abs=0.02)   # cells: 0.1 M
-    assert compression_main([str(tmp_path / run_dir.name)]) == 0
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| tflite")]
+    assert [(r[0], r[1]) for r in rows] == [("| tflite", "fp32"), ("| tflite", "fp16"), ("| tflite", "int8"),
+                                            ("| tflite-pruned-0.6x", "fp32")], table
+    assert float(rows[3][2]) / float(rows[0][2]) == pytest.approx(prune["macs_after"] / prune["macs_before"], abs=0.02)
+    capsys.readouterr()
+    assert compression_main([str(tflite_export / run_dir.name)]) == 0   # the same table, printed
+    assert table.split("\n\n")[1] in capsys.readouterr().out
 
 
 def test_device_target_runs_the_whole_chain(run_dir, tmp_path):
