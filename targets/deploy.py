@@ -30,13 +30,15 @@ ONNX_OPSET = 18   # torch.export's ONNX exporter starts at 18 (ReduceMean takes 
 
 
 class LinearAttention(nn.Module):
-    """EfficientViT's LiteMLA (timm), the same function in the form an int8 converter keeps in int8.
+    """EfficientViT's LiteMLA (timm), the same function in a form int8 quantisers handle.
 
     timm computes out = num / den from one matmul, q @ (k^T [v | 1]): numerator and denominator are
-    columns of one tensor, so an int8 file gives them one scale, sized for the numerator, and the
-    denominator loses its digits; targets/tflite.py then had to keep that whole chain in float
-    (5 float ops and their QUANTIZE/DEQUANTIZE per attention). Here num = q @ (k^T v) and
-    den = q @ sum_n k_n are separate tensors with separate scales, and only the DIV runs in float.
+    columns of one tensor, so an int8 graph gives them one scale, sized for the numerator (~10^4 on
+    v4), and the denominator loses its digits. Here num = q @ (k^T v) and den = q @ sum_n k_n are
+    separate tensors. Measured on the v4 CPU-default run, ONNX int8 QDQ by post-training
+    quantisation, 100 validation images: abs_rel +1.27% and miou -1.04 points against the float
+    model, where timm's form drifts +10.6% and -3.36. (TFLite keeps the whole attention in float
+    anyway: targets/tflite.py, `float_islands`.)
     """
 
     def __init__(self, mla: LiteMLA):

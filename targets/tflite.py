@@ -14,8 +14,8 @@ Precisions:
   full-integer kernels (per-channel symmetric int8 weights, per-tensor asymmetric int8
   activations calibrated by min/max, the scheme QAT simulates in quant/qat.py) with float32
   input and output, so the artefact takes and returns the same tensors as the float ones. Only
-  the output tails (`output_tails`), the job's `float_ops` (DIV by default) and the chains
-  computing their operands (`operand_chains`) stay float; `ops_by_dtype` in the result shows
+  the output tails (`output_tails`), the job's `float_ops` (DIV by default) and the ops around
+  them up to the nearest convolutions (`float_islands`) stay float; `ops_by_dtype` in the result shows
   what computes in int8, and every op type.
 
 Before onnx2tf, `targets.litert_graph` rewrites the ONNX graph into ops XNNPACK runs fast (the
@@ -57,8 +57,8 @@ def run_onnx2tf(onnx_path: Path, out_dir: Path) -> None:
 
 
 def quantize_int8(saved_model: Path, calibration: str, dest: Path, float_ops: list[str]) -> None:
-    """Full-integer int8 from onnx2tf's SavedModel; `float_ops` types, the chains computing their
-    operands (`operand_chains`) and the output tails (`output_tails`) stay float.
+    """Full-integer int8 from onnx2tf's SavedModel; `float_ops` types, the ops around them up to the
+    nearest convolutions (`float_islands`) and the output tails (`output_tails`) stay float.
 
     Every other op runs int8 kernels (per-channel symmetric weights, per-tensor activations
     calibrated by min/max on `calibration`). Keeping ops in float is TFLite's documented selective
@@ -74,7 +74,7 @@ def quantize_int8(saved_model: Path, calibration: str, dest: Path, float_ops: li
             yield [image[None]]
 
     graph = TFLiteGraph(tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert())
-    float_nodes = operand_chains(graph, float_ops) + output_tails(graph)
+    float_nodes = float_islands(graph, float_ops) + output_tails(graph)
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
@@ -96,6 +96,10 @@ class TFLiteGraph:
         self.names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
         self.ops = interpreter._get_ops_details()
         self.producer = {int(t): op for op in self.ops for t in op["outputs"]}
+        self.consumers: dict[int, list[dict]] = {}
+        for op in self.ops:
+            for t in op["inputs"]:
+                self.consumers.setdefault(int(t), []).append(op)
         self.outputs = [int(d["index"]) for d in interpreter.get_output_details()]
 
     def name(self, op: dict) -> str:
@@ -103,46 +107,38 @@ class TFLiteGraph:
 
 
 COMPUTE_OPS = ("BATCH_MATMUL", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")   # where int8 pays: they bound a float island
 
 
-def operand_chains(graph: TFLiteGraph, op_types: list[str]) -> list[str]:
-    """Output tensor names of the ops computing the operands of every `op_types` op whose operands
-    come out of one shared tensor, walking back through cheap ops (slices, adds, reshapes) up to and
-    including the nearest compute op.
+def float_islands(graph: TFLiteGraph, op_types: list[str]) -> list[str]:
+    """Output tensor names of every op connected to an `op_types` op without crossing a weighted op
+    (convolution, fully connected): the whole region around it, in float, as one island.
 
-    Why (EfficientViT's linear attention, v4, as timm writes it): out = (q k^T v) / (q k^T 1 + eps).
-    The int8 DIV kernel rejects a divisor that quantises to its zero point, which happens wherever
-    ReLU zeroes a query (docs/TOOLCHAIN.md), so DIV must run in float. But a float DIV fed by int8
-    operands is not enough when numerator and denominator come out of one matmul output (v padded
-    with ones): they share one int8 scale sized for the numerator's range (~10^4 on v4), and small
-    denominators lose most of their digits. Measured on v4, PTQ, 32 validation images, depth
-    |d - d_float| / d_float median / p95 and segmentation agreement: DIV alone in float 6.1% / 25% /
-    88.1%; DIV with these chains (36 float ops) 1.2% / 4.1% / 97.4%; all ADDs in float too (85 float
-    ops) 1.1% / 3.6% / 97.5%. The deploy form (targets/deploy.py `LinearAttention`) computes the two
-    from separate matmuls, so their chains share nothing and only the DIV stays float.
-    MobileNetV3 students have no DIV: nothing changes for them.
+    Why (EfficientViT's linear attention, v4): out = (q k^T v) / (q k^T 1 + eps). The int8 DIV
+    kernel rejects a divisor that quantises to its zero point, which happens wherever ReLU zeroes a
+    query (docs/TOOLCHAIN.md), so DIV must run in float. What surrounds it must too, for accuracy
+    and for speed:
+    - timm's form takes numerator and denominator from one matmul (v padded with ones), so they
+      share one int8 scale sized for the numerator (~10^4 on v4): with the DIV alone in float, PTQ
+      drifted depth |d - d_float| / d_float median / p95 6.1% / 25% and segmentation agreement fell
+      to 88.1% (32 validation images).
+    - XNNPACK runs neither int8 BATCH_MATMUL nor int8 RELU: as one-op models on 2 threads, v4's 21
+      int8 BATCH_MATMULs took 1063 us against 185 us in float, its 14 int8 RELUs 652 us against 24.
+      With only the DIV and its operands' chains in float, v4's int8 file ran 1.06x its fp32 one;
+      with the deploy form's separate matmuls and only the DIVs in float, 0.98x.
+    So everything between the attention's qkv convolutions and its output projection runs in float:
+    one DEQUANTIZE per input, one QUANTIZE out. MobileNetV3 students have no DIV: nothing changes.
     """
     keep: list[str] = []
-    for op in graph.ops:
-        if op["op_name"] in op_types:
-            chains = [_chain_to_compute(graph, int(t)) for t in op["inputs"]]
-            if any(set(a) & set(b) for i, a in enumerate(chains) for b in chains[i + 1:]):
-                keep += [name for chain in chains for name in chain if name not in keep]
-    return keep
-
-
-def _chain_to_compute(graph: TFLiteGraph, tensor: int) -> list[str]:
-    """The ops producing `tensor`, back through cheap ops up to and including the nearest compute ops."""
-    chain: list[str] = []
-    pending = [tensor]
+    pending = [op for op in graph.ops if op["op_name"] in op_types]
     while pending:
-        source = graph.producer.get(pending.pop())
-        if source is None or graph.name(source) in chain:
+        op = pending.pop()
+        if op["op_name"] in WEIGHTED_OPS or graph.name(op) in keep:
             continue
-        chain.append(graph.name(source))
-        if source["op_name"] not in COMPUTE_OPS:
-            pending += [int(t) for t in source["inputs"]]
-    return chain
+        keep.append(graph.name(op))
+        pending += [graph.producer[int(t)] for t in op["inputs"] if int(t) in graph.producer]
+        pending += [c for t in op["outputs"] for c in graph.consumers.get(int(t), [])]
+    return keep
 
 
 def output_tails(graph: TFLiteGraph) -> list[str]:
