@@ -63,9 +63,9 @@ class ExportOptions:
     """How to export; every field is a keyword of `export_run` and a flag of the command."""
     precisions: tuple[str, ...] = ()          # () = the target's defaults (core/formats.py)
     prune: str = ""                           # channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")
-    prune_steps: int = 300                    # distillation fine-tune steps after pruning
+    prune_steps: int = 1000                   # distillation fine-tune steps after pruning (README: pruning figures)
     prune_importance: str = "magnitude"       # how channels are ranked: quant/prune.py IMPORTANCE
-    prune_lr: float = 5e-4                    # peak learning rate of the fine-tune after pruning (cosine decay)
+    prune_lr: float = 2e-3                    # peak learning rate of the fine-tune after pruning (cosine decay)
     qat_steps: int = DEFAULT_QAT_STEPS        # 0 = post-training quantisation only
     qat_lr: float = 1e-4
     float_ops: tuple[str, ...] = ("DIV",)     # TFLite op types an int8 file keeps in float
@@ -110,8 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", nargs="+",
                    help="precisions to produce (default: the target's defaults, core/formats.py)")
     p.add_argument("--prune", help='channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")')
-    p.add_argument("--prune-steps", type=int, default=300, help="distillation fine-tune steps after pruning")
-    p.add_argument("--prune-lr", type=float, default=5e-4,
+    p.add_argument("--prune-steps", type=int, default=1000, help="distillation fine-tune steps after pruning")
+    p.add_argument("--prune-lr", type=float, default=2e-3,
                    help="learning rate of the fine-tune after pruning (cosine decay from it)")
     p.add_argument("--prune-importance", default="magnitude",
                    help="how channels are ranked for pruning: magnitude (group L2 norm) or bn_scale (|BN gamma|)")
