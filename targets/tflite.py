@@ -126,8 +126,9 @@ def float_islands(graph: TFLiteGraph, op_types: list[str]) -> list[str]:
       int8 BATCH_MATMULs took 1063 us against 185 us in float, its 14 int8 RELUs 652 us against 24.
       With only the DIV and its operands' chains in float, v4's int8 file ran 1.06x its fp32 one;
       with the deploy form's separate matmuls and only the DIVs in float, 0.98x.
-    So everything between the attention's qkv convolutions and its output projection runs in float:
-    one DEQUANTIZE per input, one QUANTIZE out. MobileNetV3 students have no DIV: nothing changes.
+    So everything between the attention's qkv convolutions and its output projection runs in float,
+    with QUANTIZE/DEQUANTIZE only at its edges (v4: 115 float ops, 15 + 37 at the edges of 7
+    attentions and 2 output tails): int8 1.96x faster than fp32. MobileNetV3 students have no DIV.
     """
     keep: list[str] = []
     pending = [op for op in graph.ops if op["op_name"] in op_types]
