@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from core.cli import ArgumentParser, command
+from core.io import IntegrityError
 from core.manifest import MANIFEST, read_manifest
 
 PRECISION_ORDER = ("fp32", "fp16", "int8", "w8", "palette6", "palette4", "w8a8")
@@ -25,12 +26,18 @@ HEADER = ("| export | artefact | MACs (M) | params (M) | MB | host p50 ms | imag
 
 
 def export_dirs(run_exports: Path, fmt: str | None = None) -> list[Path]:
-    """The finished exports under exports/<run>/ (staging and scratch directories are hidden), of `fmt` if given."""
+    """The finished exports under exports/<run>/, of `fmt` if given. Staging and scratch
+    directories (hidden) and exports whose manifest cannot be read are left out: one damaged
+    export must not stop a new one's report (python -m quant.verify names what is wrong)."""
     found = []
     for path in sorted(run_exports.glob(f"*/{MANIFEST}")):
         if path.parent.name.startswith("."):
             continue
-        if fmt is None or read_manifest(path.parent)["config"]["format"] == fmt:
+        try:
+            export_format = read_manifest(path.parent)["config"]["format"]
+        except (IntegrityError, KeyError, TypeError):
+            continue
+        if fmt is None or export_format == fmt:
             found.append(path.parent)
     return found
 
@@ -101,8 +108,13 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.run_exports)
     dirs = export_dirs(root, args.format) if root.is_dir() else []
     if not dirs:
-        raise ValueError(f"{root}: no finished export there" + (f" of format {args.format}" if args.format else "")
-                             + "; make one with python -m quant.export --target tflite [--prune macs=0.5x]")
+        where = f"{root}: no finished export there" + (f" of format {args.format}" if args.format else "")
+        raise ValueError(f"{where}; make one with python -m quant.export --target tflite [--prune macs=0.5x]")
+    readable = set(export_dirs(root))
+    for path in sorted(root.glob(f"*/{MANIFEST}")):
+        if not path.parent.name.startswith(".") and path.parent not in readable:
+            print(f"warning: {path.parent} left out: its manifest cannot be read (python -m quant.verify "
+                  f"{path.parent})", file=sys.stderr)
     by_format: dict[str, dict[str, Path]] = {}
     for d in dirs:
         by_format.setdefault(read_manifest(d)["config"]["format"], {})[d.name] = d

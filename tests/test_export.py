@@ -283,6 +283,9 @@ def test_coreml_through_export(run_dir, tmp_path):
 
 
 def test_pruned_float_only_tflite_export(tflite_export, run_dir, capsys):
+    damaged = tflite_export / run_dir.name / "onnx-damaged"   # a sibling whose manifest cannot be read
+    damaged.mkdir()
+    (damaged / "manifest.json").write_text("{")
     # float only: no calibration set, yet onnx2tf must find its sample file (offline here)
     assert export(run_dir, tflite_export, "--target", "tflite", "--precision", "fp32", "--prune", "macs=0.6x",
                   "--prune-steps", "3") == 0
@@ -300,7 +303,9 @@ def test_pruned_float_only_tflite_export(tflite_export, run_dir, capsys):
     assert float(rows[3][2]) / float(rows[0][2]) == pytest.approx(prune["macs_after"] / prune["macs_before"], abs=0.02)
     capsys.readouterr()
     assert compression_main([str(tflite_export / run_dir.name)]) == 0   # the same table, printed
-    assert table.split("\n\n")[1] in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert table.split("\n\n")[1] in printed.out and "onnx-damaged" not in printed.out
+    assert f"warning: {damaged} left out: its manifest cannot be read" in printed.err
 
 
 def test_device_target_runs_the_whole_chain(run_dir, tmp_path):
