@@ -25,29 +25,31 @@ HEADER = ("| export | artefact | MACs (M) | params (M) | MB | host p50 ms | imag
           "| Δabs_rel vs its float | Δmiou (pt) | gates |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def export_dirs(run_exports: Path, fmt: str | None = None) -> list[Path]:
-    """The finished exports under exports/<run>/, of `fmt` if given. Staging and scratch
-    directories (hidden) and exports whose manifest cannot be read are left out: one damaged
-    export must not stop a new one's report (python -m quant.verify names what is wrong)."""
-    found = []
+def exports(run_exports: Path, fmt: str | None = None) -> tuple[dict[str, dict], list[Path]]:
+    """The finished exports under exports/<run>/ (of `fmt` if given), as {directory name: manifest},
+    and the export directories whose manifest cannot be read. Staging and scratch directories
+    (hidden) are skipped; unreadable ones are only reported: one damaged export must not stop a new
+    one's report (python -m quant.verify names what is wrong)."""
+    found, unreadable = {}, []
     for path in sorted(run_exports.glob(f"*/{MANIFEST}")):
         if path.parent.name.startswith("."):
             continue
         try:
-            export_format = read_manifest(path.parent)["config"]["format"]
+            manifest = read_manifest(path.parent)
+            export_format = manifest["config"]["format"]
         except (IntegrityError, KeyError, TypeError):
+            unreadable.append(path.parent)
             continue
         if fmt is None or export_format == fmt:
-            found.append(path.parent)
-    return found
+            found[path.parent.name] = manifest
+    return found, unreadable
 
 
-def rows(exports: dict[str, Path]) -> list[dict]:
-    """One row per artefact of each export (its name: its directory); unpruned exports first, then by
+def rows(manifests: dict[str, dict]) -> list[dict]:
+    """One row per artefact of each export (its name: its manifest); unpruned exports first, then by
     MACs, largest first; precisions in a fixed order."""
     found = []
-    for name, export in exports.items():
-        manifest = read_manifest(export)
+    for name, manifest in manifests.items():
         model = manifest["config"]["model"]
         for a in manifest["artefacts"]:
             validation, bench = a.get("validation", {}), a.get("bench")
@@ -106,20 +108,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path(args.run_exports)
-    dirs = export_dirs(root, args.format) if root.is_dir() else []
-    if not dirs:
+    found, unreadable = exports(root, args.format) if root.is_dir() else ({}, [])
+    for path in unreadable:
+        print(f"warning: {path} left out: its manifest cannot be read (python -m quant.verify {path})",
+              file=sys.stderr)
+    if not found:
         where = f"{root}: no finished export there" + (f" of format {args.format}" if args.format else "")
         raise ValueError(f"{where}; make one with python -m quant.export --target tflite [--prune macs=0.5x]")
-    readable = set(export_dirs(root))
-    for path in sorted(root.glob(f"*/{MANIFEST}")):
-        if not path.parent.name.startswith(".") and path.parent not in readable:
-            print(f"warning: {path.parent} left out: its manifest cannot be read (python -m quant.verify "
-                  f"{path.parent})", file=sys.stderr)
-    by_format: dict[str, dict[str, Path]] = {}
-    for d in dirs:
-        by_format.setdefault(read_manifest(d)["config"]["format"], {})[d.name] = d
-    for fmt, exports in sorted(by_format.items()):
-        print(f"## {root.name}: {fmt}\n\n" + markdown(rows(exports)))
+    by_format: dict[str, dict[str, dict]] = {}
+    for name, manifest in found.items():
+        by_format.setdefault(manifest["config"]["format"], {})[name] = manifest
+    for fmt, manifests in sorted(by_format.items()):
+        print(f"## {root.name}: {fmt}\n\n" + markdown(rows(manifests)))
     return 0
 
 

@@ -286,7 +286,7 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
             log(f"removed the leftovers of a killed export: {', '.join(p.name for p in staging.leftovers)}")
         work = staging.work
         try:
-            result = build_export(run, plan, opts, size, work, staging.staging, t_start, log)
+            result = build_export(run, plan, opts, size, work, staging.staging, final.name, t_start, log)
             result.path = staging.commit()
         except BaseException:
             staging.discard()
@@ -305,9 +305,9 @@ def export_name(target: str, prune: str) -> str:
     return f"{target}-pruned-{prune.strip().lower().removeprefix('macs=')}" if prune else target
 
 
-def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], work: Path, out: Path,
+def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], work: Path, out: Path, dir_name: str,
                  t_start: float, log) -> ExportResult:
-    """Everything of one export, written into the staging directory `out`."""
+    """Everything of one export, written into the staging directory `out` of the export `dir_name`."""
     from distill.data import build_datasets
     from distill.students import count_macs, count_params
     from quant import artefacts
@@ -349,8 +349,8 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     manifest = artefacts.write_manifest(out, entries, {**result["tools"], **parent_tools()}, config)
     table = benchmark.table(manifest["artefacts"], bench, plan.profile.latency_budget_ms if plan.profile else None)
     warning = size_warning(run, size, reports)
-    name = export_name(plan.target, opts.prune)   # this export, still in staging, and the run's others of this format
-    compared = {name: out, **{d.name: d for d in compression.export_dirs(out.parent, plan.format.name) if d.name != name}}
+    # the run's other exports of this format, and this one, still in staging
+    compared = {**compression.exports(out.parent, plan.format.name)[0], dir_name: manifest}
     io.write_text(out / "report.md", report_markdown(run, plan, config, drift_md, table, warning)
                   + f"\n## Compression: every {plan.format.name} export of {run.name}\n\n"
                   + compression.markdown(compression.rows(compared)))
