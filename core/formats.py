@@ -14,24 +14,37 @@ from typing import Literal
 
 
 @dataclass(frozen=True)
+class Converter:
+    """One way to make a format's artefacts: a converter process and the graph the parent hands it."""
+    name: str                                      # --converter NAME
+    module: str                                    # `python -m <module> JOB.json`
+    source_graph: Literal["onnx", "torch.export"]  # what the parent exports (targets/deploy.py)
+    deploy_form: str = ""                          # torch-side rewrites before export ("xnnpack": targets/deploy.py)
+    layouts: tuple[str, ...] = ()                  # input layouts it can write; () = the format's only
+
+
+@dataclass(frozen=True)
 class Format:
     name: str
     title: str                                     # in messages: "TFLite", "Core ML", "ONNX"
     suffix: str                                    # of the artefact file (.mlpackage is a directory)
     precisions: tuple[str, ...]                    # what the converter can produce
     defaults: tuple[str, ...]                      # produced when no precision is asked for
-    source_graph: Literal["onnx", "torch.export"]  # what the parent hands the converter (targets/deploy.py)
-    input_layout: Literal["NHWC", "NCHW"]
+    converters: tuple[Converter, ...]              # the first is the default
+    input_layout: Literal["NHWC", "NCHW"]          # the default layout of the artefacts' input
     runner: str                                    # "module:Class" running an artefact (edge/)
     executors: tuple[str, ...]                     # "auto" first; Core ML also "predict" | "reference"
     timed_on: tuple[str, ...]                      # sys.platform values where host latency means something
     untimed: str                                   # elsewhere: why not, and where to time it ({name} {runs})
     device_commands: tuple[str, ...]               # the device kit's lines; {path} {threads} {out} filled in
 
-    @property
-    def converter(self) -> str:
-        """The converter process's module: `python -m targets.<name> JOB.json`."""
-        return f"targets.{self.name}"
+    def converter(self, name: str = "") -> Converter:
+        """The converter called `name` ("" = the default); ValueError listing this format's converters."""
+        for converter in self.converters:
+            if converter.name == name or not name:
+                return converter
+        raise ValueError(f"{self.title} has no converter {name!r}; its converters are "
+                         f"{', '.join(c.name for c in self.converters)} (the first is the default)")
 
     def runner_class(self) -> type:
         module, _, cls = self.runner.partition(":")
@@ -42,7 +55,9 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("tflite", "TFLite", ".tflite", ("fp32", "fp16", "int8"), ("fp32", "fp16", "int8"), "onnx", "NHWC",
+    Format("tflite", "TFLite", ".tflite", ("fp32", "fp16", "int8"), ("fp32", "fp16", "int8"), (
+               Converter("onnx2tf", "targets.tflite", "onnx"),
+               Converter("litert-torch", "targets.litert", "torch.export", "xnnpack", ("NHWC", "NCHW"))), "NHWC",
            "edge.runners:LiteRTRunner", ("auto",), ("any",), "", (
                "# Linux board (Raspberry Pi 5: pip install ai-edge-litert numpy), or any Linux host",
                "python3 device/linux_bench.py {path} --threads {threads} --runs 50 --warmup 5 --json {out}",
@@ -53,13 +68,14 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     # are produced only when asked for; the defaults run on iOS16.
     Format("coreml", "Core ML", ".mlpackage", ("fp32", "fp16", "w8", "palette4", "palette6", "w4block",
                                                "palette4g", "sparse-palette4", "w8a8"),
-           ("fp16", "w8", "palette4", "palette6"), "torch.export", "NCHW",
+           ("fp16", "w8", "palette4", "palette6"), (Converter("coremltools", "targets.coreml", "torch.export"),), "NCHW",
            "edge.coreml:CoreMLRunner", ("auto", "predict", "reference"), ("darwin",),
            "off macOS Core ML runs through the reference executor, which measures accuracy, not device latency. "
            "Bench Core ML on a Mac: python3 edge/device/coreml_bench.py {name} --runs {runs}", (
                "# macOS (pip install coremltools numpy); on iOS use Xcode's Core ML performance report",
                "python3 device/coreml_bench.py {path} --compute-units all --runs 50 --warmup 5 --json {out}")),
-    Format("onnx", "ONNX", ".onnx", ("fp32", "fp16", "int8"), ("fp32", "fp16", "int8"), "onnx", "NCHW",
+    Format("onnx", "ONNX", ".onnx", ("fp32", "fp16", "int8"), ("fp32", "fp16", "int8"),
+           (Converter("onnxruntime", "targets.onnx", "onnx"),), "NCHW",
            "edge.runners:OrtRunner", ("auto",), ("any",), "", (
                "# any machine with densekit and onnxruntime installed (pip install -e .[export])",
                "python -m edge.bench {path} --threads {threads} --runs 50 --warmup 5 --json {out}")),

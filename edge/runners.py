@@ -46,7 +46,8 @@ def image_shape(runner) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in runner.input_shape)
     if len(shape) != 4:
         raise ValueError(f"{runner.format} artefact has input shape {shape}; expected 4-D (1, H, W, 3) or (1, 3, H, W)")
-    return (shape[3], shape[1], shape[2]) if FORMATS[runner.format].input_layout == "NHWC" else shape[1:]
+    return (shape[3], shape[1], shape[2]) if getattr(runner, "layout", FORMATS[runner.format].input_layout) == "NHWC" \
+        else shape[1:]
 
 
 def check_images(images: np.ndarray, runner) -> None:
@@ -103,16 +104,18 @@ class LiteRTRunner:
         self.runtime = f"{package} {package_version(package)}"
         self.executor = f"{self.runtime} (XNNPACK, {threads_text(threads)})"
         self.input_shape = tuple(int(s) for s in self.input["shape"])
+        # NHWC as onnx2tf writes it, or NCHW (litert-torch's --layout NCHW): 3 channels, H and W multiples of 32
+        self.layout = "NCHW" if self.input_shape[1] == 3 else "NHWC"
 
     def set_input(self, image: np.ndarray) -> None:
-        """image: (1, 3, H, W) float32 in [0, 1]; written NHWC (quantised if the input is integer)."""
-        nhwc = np.ascontiguousarray(image.transpose(0, 2, 3, 1), np.float32)
+        """image: (1, 3, H, W) float32 in [0, 1]; written in the file's layout (quantised if the input is integer)."""
+        value = np.ascontiguousarray(image.transpose(0, 2, 3, 1) if self.layout == "NHWC" else image, np.float32)
         dtype = np.dtype(self.input["dtype"])
         if dtype.kind in "iu":
             scale, zero = self.input["quantization"]
             info = np.iinfo(dtype)
-            nhwc = np.clip(np.round(nhwc / scale + zero), info.min, info.max).astype(dtype)
-        self.interpreter.set_tensor(self.input["index"], nhwc)
+            value = np.clip(np.round(value / scale + zero), info.min, info.max).astype(dtype)
+        self.interpreter.set_tensor(self.input["index"], value)
 
     def output(self, name: str) -> np.ndarray:
         """Output `name` as float32 NCHW (dequantised if the output is integer)."""
@@ -121,7 +124,7 @@ class LiteRTRunner:
         if np.dtype(detail["dtype"]).kind in "iu":
             scale, zero = detail["quantization"]
             value = (value.astype(np.float32) - zero) * scale
-        return value.astype(np.float32).transpose(0, 3, 1, 2)
+        return value.astype(np.float32).transpose(0, 3, 1, 2) if self.layout == "NHWC" else value.astype(np.float32)
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         check_images(images, self)

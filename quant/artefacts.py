@@ -87,15 +87,15 @@ def run_module(module: str, *args: str, tail_lines: int = 15) -> None:
 
 
 def run_converter(job: Job, job_dir: Path, log=print) -> dict:
-    """Run the format's converter process (`python -m targets.<format>`) on `job`; stream its progress
-    lines; return result.json."""
+    """Run the job's converter process (`python -m <module> JOB.json`, core/formats.py) on `job`;
+    stream its progress lines; return result.json."""
     job_path = job_dir / f"{job.format}.job.json"
     log_path = job_dir / f"{job.format}.log"
     job.save(job_path)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     tail: deque[str] = deque(maxlen=40)
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "-m", FORMATS[job.format].converter, str(job_path)],
+        proc = subprocess.Popen([sys.executable, "-m", FORMATS[job.format].converter(job.converter).module, str(job_path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 preexec_fn=die_with_parent)
         for line in proc.stdout:

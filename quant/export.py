@@ -5,10 +5,12 @@
     python -m quant.export --target coreml --run runs/v4-20261121T101500Z
     python -m quant.export --target coreml --precision w4block palette4g sparse-palette4 w8a8   # iOS18 compression
     python -m quant.export --target onnx --precision int8 --qat-steps 0     # int8 by PTQ only
+    python -m quant.export --target tflite --converter litert-torch --layout NCHW   # TFLite through litert-torch
     python -m quant.export --target tflite --prune 0.3 --overwrite          # prune 30% of channels
     python -m quant.export --target tflite --prune macs=0.5x                # or to half the MACs
 
-Writes exports/<run name>/<target>/ (`<target>-pruned-<X>/` for `--prune X`): the artefacts;
+Writes exports/<run name>/<target>/ (`<target>-pruned-<X>/` for `--prune X`, `<target>-<converter>/`
+for a converter other than the format's default, `-nchw` for that layout): the artefacts;
 drift.json (each artefact executed by its own runtime on validation images and scored against the
 float PyTorch model, with pass or fail against the gates of its precision); benchmark.json (host
 latency, throughput, memory, efficiency against the host's measured matrix-product peak); report.md
@@ -39,7 +41,7 @@ import numpy as np
 
 from core import io
 from core.cli import ArgumentParser, at_least, command
-from core.formats import CALIBRATED_PRECISIONS, FORMATS, PRECISIONS, Format
+from core.formats import CALIBRATED_PRECISIONS, FORMATS, PRECISIONS, Converter, Format
 from core.io import check_writable
 from core.lock import exclusive
 from edge import kit
@@ -62,6 +64,8 @@ class ExportError(ValueError):
 class ExportOptions:
     """How to export; every field is a keyword of `export_run` and a flag of the command."""
     precisions: tuple[str, ...] = ()          # () = the target's defaults (core/formats.py)
+    converter: str = ""                       # "" = the format's default converter (core/formats.py)
+    layout: str = ""                          # input layout, "NHWC" or "NCHW"; "" = the format's
     prune: str = ""                           # channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")
     prune_steps: int = 1000                   # distillation fine-tune steps after pruning (README: pruning figures)
     prune_importance: str = "magnitude"       # how channels are ranked: quant/prune.py IMPORTANCE
@@ -109,6 +113,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="exports", help="exports root (default: exports/)")
     p.add_argument("--precision", nargs="+",
                    help="precisions to produce (default: the target's defaults, core/formats.py)")
+    p.add_argument("--converter", default="",
+                   help="how the format is made (tflite: onnx2tf, litert-torch; default: the first, core/formats.py)")
+    p.add_argument("--layout", default="", type=str.upper, help="input layout NHWC or NCHW (litert-torch only; "
+                   "default: the format's, NHWC for TFLite)")
     p.add_argument("--prune", help='channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")')
     p.add_argument("--prune-steps", type=int, default=1000, help="distillation fine-tune steps after pruning")
     p.add_argument("--prune-lr", type=float, default=2e-3,
@@ -139,7 +147,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
     from targets.profiles import parse_tolerances
 
     return ExportOptions(
-        precisions=tuple(args.precision or ()), prune=args.prune or "", prune_steps=args.prune_steps,
+        precisions=tuple(args.precision or ()), converter=args.converter, layout=args.layout, prune=args.prune or "", prune_steps=args.prune_steps,
         prune_importance=args.prune_importance, prune_lr=args.prune_lr,
         qat_steps=args.qat_steps, qat_lr=args.qat_lr,
         float_ops=tuple(op.strip().upper() for op in args.float_ops.split(",") if op.strip()), calib=args.calib,
@@ -153,6 +161,8 @@ class Plan:
     """What to produce: the target's name, its format, precisions, device profile (if any), size and threads."""
     target: str
     format: Format
+    converter: Converter
+    layout: str                # the artefacts' input layout
     precisions: list[str]
     profile: object            # targets.profiles.DeviceProfile | None
     input_size: tuple[int, int] | None   # None = the run's training size
@@ -176,8 +186,24 @@ def plan_for(target: str, options: ExportOptions) -> Plan:
         fmt, precisions = FORMATS[profile.format], [profile.precision]
     size = parse_size(options.input_size) if options.input_size else (profile.input_size if profile else None)
     check_options(options, fmt)
+    converter, layout = converter_for(fmt, options)
     threads = options.threads or min((profile.threads if profile else None) or 2, os.cpu_count() or 1)
-    return Plan(target, fmt, precisions, profile, size, threads)
+    return Plan(target, fmt, converter, layout, precisions, profile, size, threads)
+
+
+def converter_for(fmt: Format, options: ExportOptions) -> tuple[Converter, str]:
+    """The converter `--converter` names and the layout `--layout` asks of it, both checked."""
+    try:
+        converter = fmt.converter(options.converter)
+    except ValueError as e:
+        raise ExportError(f"--converter: {e}") from None
+    layouts = converter.layouts or (fmt.input_layout,)
+    layout = options.layout or fmt.input_layout
+    if layout not in layouts:
+        others = [c.name for c in fmt.converters if layout in (c.layouts or (fmt.input_layout,))]
+        raise ExportError(f"--layout {layout}: the {converter.name} converter writes {', '.join(layouts)}"
+                          + (f"; --converter {others[0]} writes {layout}" if others else ""))
+    return converter, layout
 
 
 def check_options(options: ExportOptions, fmt: Format) -> None:
@@ -277,9 +303,10 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
     run = source.load_run(source.find_run(run_path, runs_dir))
     size = plan.input_size or run.input_size
     log(f"run {run.path} ({run.recipe.name}, {run.recipe.model.student}, weights {run.weights.name} "
-        f"sha256 {run.weights_sha256[:12]}); exporting {plan.format.name} {', '.join(plan.precisions)} at "
+        f"sha256 {run.weights_sha256[:12]}); exporting {plan.format.name} {', '.join(plan.precisions)} "
+        f"({plan.converter.name}, {plan.layout}) at "
         f"{size[0]}x{size[1]}" + (f" for {plan.profile.name}" if plan.profile else ""))
-    final = Path(opts.out) / run.name / export_name(plan.target, opts.prune)
+    final = Path(opts.out) / run.name / export_name(plan, opts.prune)
     with exclusive(final.parent / f".{final.name}.lock", f"the export {final}"):   # one writer per target
         staging = artefacts.ExportDir(final, opts.overwrite)
         if staging.leftovers:
@@ -300,9 +327,15 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
     return result
 
 
-def export_name(target: str, prune: str) -> str:
-    """`tflite`, or `tflite-pruned-0.5x` for `--prune macs=0.5x`: pruned exports sit beside the unpruned one."""
-    return f"{target}-pruned-{prune.strip().lower().removeprefix('macs=')}" if prune else target
+def export_name(plan: Plan, prune: str) -> str:
+    """`tflite`; `tflite-litert-torch-nchw` for another converter and layout than the format's defaults;
+    `tflite-pruned-0.5x` for `--prune macs=0.5x`: such exports sit beside the default one."""
+    name = plan.target
+    if plan.converter != plan.format.converters[0]:
+        name += f"-{plan.converter.name}"
+    if plan.layout != plan.format.input_layout:
+        name += f"-{plan.layout.lower()}"
+    return f"{name}-pruned-{prune.strip().lower().removeprefix('macs=')}" if prune else name
 
 
 def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], work: Path, out: Path, dir_name: str,
@@ -316,7 +349,8 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     train_ds, _ = build_datasets(data, progress=opts.progress)
     plain_train, val_ds = build_datasets(replace(data, augment=False), progress=False)
     float_model, config = run.model, {"run": str(run.path), "recipe": run.recipe.name, "target": plan.target,
-                                      "format": plan.format.name, "precisions": plan.precisions,
+                                      "format": plan.format.name, "converter": plan.converter.name,
+                                      "layout": plan.layout, "precisions": plan.precisions,
                                       "input_size": list(size), "device": plan.profile.name if plan.profile else None,
                                       "source_checkpoint": {"path": str(run.weights), "sha256": run.weights_sha256}}
     config["model"] = {"params": count_params(float_model), "macs": count_macs(float_model, *size)}
@@ -492,6 +526,7 @@ def build_job(plan: Plan, opts: ExportOptions, float_model, int8_model, calibrat
         if name == "int8" and "int8" not in plan.precisions:
             continue
         ptq = name == "int8" and model is float_model   # PTQ: the int8 files come from the float model
+        form = f"{plan.converter.deploy_form}-{name}" if plan.converter.deploy_form else ""
         if ptq:
             check.update(int8_depth=check["float_depth"], int8_seg=check["float_seg"])
         else:
@@ -499,20 +534,20 @@ def build_job(plan: Plan, opts: ExportOptions, float_model, int8_model, calibrat
             for key, value in (("depth", depth), ("seg", seg)):
                 np.save(check_dir / f"{name}_{key}.npy", value.numpy())
                 check[f"{name}_{key}"] = str(check_dir / f"{name}_{key}.npy")
-        if ptq:
+        if ptq and not form:   # the same graph; a deploy form differs between float and int8
             sources[name] = sources["float"]
             continue
-        path, exporter = deploy.export_source(model, plan.format.source_graph, work / name, h, w)
+        path, exporter = deploy.export_source(model, plan.converter.source_graph, work / name, h, w, form)
         sources[name] = str(path)
         config.setdefault("source_exporter", {})[name] = exporter
     # Absolute paths: a converter may change its working directory (onnx2tf's sample file).
-    return Job(format=plan.format.name, precisions=plan.precisions, sources=sources,
+    return Job(format=plan.format.name, converter=plan.converter.name, precisions=plan.precisions, sources=sources,
                out_dir=str(Path(out_dir).resolve()), work_dir=str(work.resolve()), stem=run.name,
-               input_shape=[1, 3, h, w], metadata=metadata_for(run, config, plan.format), calibration=calibration,
+               input_shape=[1, 3, h, w], metadata=metadata_for(run, config, plan.layout), calibration=calibration,
                check=check, threads=plan.threads, float_ops=list(opts.float_ops))
 
 
-def metadata_for(run, config: dict, fmt: Format) -> dict:
+def metadata_for(run, config: dict, layout: str) -> dict:
     from core.contract import artefact_metadata
     from core.spaces import DepthSpace
     from distill.data.classes import NYU13_NAMES
@@ -520,7 +555,7 @@ def metadata_for(run, config: dict, fmt: Format) -> dict:
 
     space = DepthSpace.METRIC if run.recipe.target == "ground_truth" else TEACHERS.get(run.recipe.teacher.name).space
     return artefact_metadata(recipe=run.recipe.name, run=run.name, student=run.recipe.model.student,
-                             size=tuple(config["input_size"]), layout=fmt.input_layout, depth_space=space.value,
+                             size=tuple(config["input_size"]), layout=layout, depth_space=space.value,
                              depth_units=space.describe(), classes=list(NYU13_NAMES),
                              checkpoint=Path(run.weights).name, checkpoint_sha256=run.weights_sha256,
                              pruned="prune" in config, int8_method=config.get("int8", {}).get("method", ""))

@@ -67,10 +67,18 @@ def latency_rows(bench: dict | None) -> list[str]:
     return rows
 
 
-def usage(fmt: str, example: str, h: int, w: int) -> str:
+def default_of(fmt, key: str) -> str:
+    """The format's default converter or layout (core/formats.py)."""
+    return fmt.converters[0].name if key == "converter" else fmt.input_layout
+
+
+def usage(fmt: str, example: str, h: int, w: int, layout: str = "NHWC") -> str:
     """How to run the file: Python with the format's runtime, then pointers for phones."""
     image = "rgb = np.asarray(Image.open(\"room.jpg\").convert(\"RGB\").resize((%d, %d)), np.float32) / 255" % (w, h)
     if fmt == "tflite":
+        nhwc = layout == "NHWC"
+        feed, shape = ("rgb[None]", f"(1, {h}, {w}, 3)") if nhwc else ("rgb.transpose(2, 0, 1)[None]", f"(1, 3, {h}, {w})")
+        depth, labels = ('[0, ..., 0]', '[0].argmax(-1)') if nhwc else ('[0, 0]', '[0].argmax(0)')
         code = f"""from ai_edge_litert.interpreter import Interpreter   # pip install ai-edge-litert pillow
 import numpy as np
 from PIL import Image
@@ -78,13 +86,13 @@ from PIL import Image
 interpreter = Interpreter(model_path="{example}", num_threads=2)
 interpreter.allocate_tensors()
 {image}
-interpreter.set_tensor(interpreter.get_input_details()[0]["index"], rgb[None])   # (1, {h}, {w}, 3)
+interpreter.set_tensor(interpreter.get_input_details()[0]["index"], {feed})   # {shape}
 interpreter.invoke()
 out = {{d["name"]: interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()}}
-depth_m = out["{DEPTH}"][0, ..., 0]            # ({h}, {w}) metres
-labels = out["{SEG}"][0].argmax(-1)           # ({h}, {w}) class ids"""
+depth_m = out["{DEPTH}"]{depth}            # ({h}, {w}) metres
+labels = out["{SEG}"]{labels}           # ({h}, {w}) class ids"""
         phone = ("Android: load the file with LiteRT (`com.google.ai.edge.litert`, `Interpreter(file, options)` "
-                 "with `setNumThreads`), feed a direct `ByteBuffer` of float32 RGB / 255 in NHWC order and read "
+                 f"with `setNumThreads`), feed a direct `ByteBuffer` of float32 RGB / 255 in {layout} order and read "
                  "the two outputs by name (`getOutputIndex`). iOS: the TensorFlowLiteSwift pod runs the same file.")
     elif fmt == "onnx":
         code = f"""import numpy as np
@@ -124,18 +132,19 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
     recipe, config = run.recipe, manifest["config"]
     fmt = FORMATS[config["format"]]
     h, w = config["input_size"]
+    layout = metadata["input_layout"]
     classes = metadata["classes"]
     teacher = recipe.teacher.source or recipe.teacher.name
     fields = {"library_name": "densekit", "license": LICENSE, "pipeline_tag": "depth-estimation",
               "tags": ["depth-estimation", "image-segmentation", "monocular-depth", "semantic-segmentation",
                        "knowledge-distillation", fmt.name, *dict.fromkeys(a["precision"] for a in manifest["artefacts"])],
               "teacher": teacher, "student": recipe.model.student, "recipe": recipe.name, "run": run.name,
-              "dataset": recipe.data.dataset, "input_size": f"{h}x{w}", "input_layout": fmt.input_layout,
+              "dataset": recipe.data.dataset, "input_size": f"{h}x{w}", "input_layout": layout,
               "depth_space": metadata["depth_space"]}
     files = ["| file | precision | MB | sha256 |", "|---|---|---|---|"] + [
         f"| {a['path']} | {a['precision']} | {a['bytes'] / 1e6:.2f} | `{a['sha256'][:16]}` |" for a in manifest["artefacts"]]
-    shape = f"(1, {h}, {w}, 3)" if fmt.input_layout == "NHWC" else f"(1, 3, {h}, {w})"
-    out_layout = "(1, H, W, 1) and (1, H, W, C) in TFLite" if fmt.input_layout == "NHWC" else "NCHW"
+    shape = f"(1, {h}, {w}, 3)" if layout == "NHWC" else f"(1, 3, {h}, {w})"
+    out_layout = "(1, H, W, 1) and (1, H, W, C)" if layout == "NHWC" else "NCHW, as the input"
     class_rows = ["| id | class |", "|---|---|"] + [f"| {i} | {name} |" for i, name in enumerate(classes)]
     trained = [f"| {k} | {summary[k]:.4f} |" for k in RUN_METRICS if isinstance(summary.get(k), (int, float))]
     tools = ", ".join(f"{k} {v}" for k, v in sorted(manifest["tools"].items()))
@@ -148,7 +157,7 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
         f"MACs at {h}x{w}.\n",
         "## Files\n", *files, "",
         "## Input\n",
-        f"- `{INPUT_NAME}`: float32 RGB in [0, 1] (pixels / 255), shape {shape} ({fmt.input_layout}), "
+        f"- `{INPUT_NAME}`: float32 RGB in [0, 1] (pixels / 255), shape {shape} ({layout}), "
         f"resized to {h}x{w} without keeping the aspect ratio.",
         f"- Normalisation is inside the model ((x - {list(IMAGENET_MEAN)}) / {list(IMAGENET_STD)}): do not normalise again.",
         "- Every file, int8 included, takes and returns float32.\n",
@@ -164,14 +173,16 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
         *latency_rows(bench), "",
         "## The float model on its validation split (the run's summary.json)\n",
         *(["| metric | value |", "|---|---|", *trained] if trained else ["No summary.json in the run."]), "",
-        "## How to run\n", usage(fmt.name, example, h, w),
+        "## How to run\n", usage(fmt.name, example, h, w, layout),
         "## Provenance\n",
         f"- run `{run.name}` (recipe {recipe.name}), checkpoint `{Path(run.weights).name}` sha256 "
         f"`{run.weights_sha256}`",
         f"- teacher `{teacher}`, data `{recipe.data.dataset}`" + (", pruned" if "prune" in config else "")
         + (f", int8 by {config['int8']['method']}" if "int8" in config else ""),
         f"- tools: {tools}",
-        f"- rebuild: `python -m quant.export --target {config['target']} --run {config['run']}`", "",
+        f"- rebuild: `python -m quant.export --target {config['target']} --run {config['run']}"
+        + "".join(f" --{key} {config[key]}" for key in ("converter", "layout")
+                  if config.get(key) and config[key] != default_of(fmt, key)) + "`", "",
     ]
     return "\n".join(sections)
 

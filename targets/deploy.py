@@ -72,14 +72,25 @@ def deploy_form(student: nn.Module) -> nn.Module:
 
 
 class DeployModel(nn.Module):
-    def __init__(self, student: nn.Module):
+    """The artefact's function. `rows_width`: the normalisation as image * a + b with a = 1/std and
+    b = -mean/std repeated along a row of that width, (1, 3, 1, W): in NHWC the constants then
+    broadcast over rows only, which XNNPACK streams (targets/litert_graph.py,
+    `normalization_over_rows`, has the measurement); 0 = (image - mean) / std."""
+
+    def __init__(self, student: nn.Module, rows_width: int = 0):
         super().__init__()
         self.student = deploy_form(student)
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        self.rows = rows_width > 0
+        if self.rows:
+            self.register_buffer("scale", (1.0 / std).expand(1, 3, 1, rows_width).contiguous())
+            self.register_buffer("shift", (-mean / std).expand(1, 3, 1, rows_width).contiguous())
+        else:
+            self.register_buffer("mean", mean)
+            self.register_buffer("std", std)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.student((image - self.mean) / self.std)
+        out = self.student(image * self.scale + self.shift if self.rows else (image - self.mean) / self.std)
         return out["depth"], out["seg"]
 
 
@@ -105,8 +116,18 @@ def export_onnx(student: nn.Module, path: Path, height: int, width: int) -> tupl
     return path, f"torchscript (legacy fallback, opset {ONNX_OPSET}; torch.export failed: {reason})"
 
 
-def export_program(student: nn.Module, path: Path, height: int, width: int) -> Path:
-    model = DeployModel(student).eval()
+def export_program(student: nn.Module, path: Path, height: int, width: int, form: str = "") -> Path:
+    """A torch.export program of the artefact's function; `form` "xnnpack-float" / "xnnpack-int8":
+    with the rewrites XNNPACK needs (`xnnpack_form`, normalisation along rows) applied first."""
+    if form not in ("", "xnnpack-float", "xnnpack-int8"):
+        raise ValueError(f"unknown deploy form {form!r}: use xnnpack-float or xnnpack-int8")
+    if form:
+        from targets.xnnpack_form import defer_sixths, xnnpack_form
+
+        model = DeployModel(xnnpack_form(student, int8=form == "xnnpack-int8"), rows_width=width).eval()
+        defer_sixths(model, example_input(height, width))
+    else:
+        model = DeployModel(student).eval()
     program = torch.export.export(model, (example_input(height, width),))
     torch.export.save(program, str(path))
     return path
@@ -120,11 +141,13 @@ def reference_outputs(student: nn.Module, images: torch.Tensor, batch: int = 16)
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
-def export_source(student: nn.Module, graph: str, path_stem: Path, height: int, width: int) -> tuple[Path, str]:
+def export_source(student: nn.Module, graph: str, path_stem: Path, height: int, width: int,
+                  form: str = "") -> tuple[Path, str]:
     """The converter's input as the format table names it ("onnx" -> .onnx, "torch.export" -> .pt2),
-    and how it was made (recorded in the manifest)."""
+    and how it was made (recorded in the manifest). `form`: see `export_program`."""
     if graph == "torch.export":
-        return export_program(student, path_stem.with_suffix(".pt2"), height, width), "torch.export (.pt2)"
+        path = export_program(student, path_stem.with_suffix(".pt2"), height, width, form)
+        return path, "torch.export (.pt2)" + (f", {form} deploy form" if form else "")
     if graph == "onnx":
         return export_onnx(student, path_stem.with_suffix(".onnx"), height, width)
     raise ValueError(f"unknown source graph {graph!r}; core/formats.py names onnx or torch.export")

@@ -1,6 +1,6 @@
 """The contract between `quant.export` (the parent, which owns torch) and each converter process.
 
-A converter is `python -m targets.<format> JOB.json`. It imports only its own toolchain: TensorFlow
+A converter is `python -m <its module> JOB.json` (core/formats.py: e.g. targets.tflite for onnx2tf). It imports only its own toolchain: TensorFlow
 and torch segfault in one process, and coremltools imports TensorFlow when it can (docs/TOOLCHAIN.md).
 The parent writes the job (sources, calibration, check data, metadata) and reads back
 `result.json`, written by the child into `job.work_dir`. A child that fails exits non-zero with a
@@ -51,6 +51,7 @@ class Job:
     check: dict[str, str] = field(default_factory=dict)         # "inputs", "<source>_depth", "<source>_seg"
     threads: int = 2
     float_ops: list[str] = field(default_factory=lambda: ["DIV"])  # op types int8 files keep in float
+    converter: str = ""                  # which of the format's converters runs it ("" = its default, core/formats.py)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2))

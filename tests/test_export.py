@@ -344,6 +344,11 @@ def test_bad_requests_name_the_fix(run_dir, tmp_path, capsys):
     assert "onnx cannot produce palette4" in capsys.readouterr().err
     assert export_main(["--target", "onnx", "--runs-dir", str(tmp_path / "none")]) == 2
     assert "python -m distill.run v3" in capsys.readouterr().err
+    assert export(run_dir, tmp_path, "--target", "tflite", "--converter", "litert") == 2
+    assert "no converter 'litert'; its converters are onnx2tf, litert-torch" in capsys.readouterr().err
+    assert export(run_dir, tmp_path, "--target", "tflite", "--layout", "nchw") == 2
+    assert "the onnx2tf converter writes NHWC; --converter litert-torch writes NCHW" in capsys.readouterr().err
+    assert not (tmp_path / run_dir.name).exists()
 
 
 def test_linear_attention_deploy_form_computes_the_same_function():
@@ -363,6 +368,81 @@ def test_linear_attention_deploy_form_computes_the_same_function():
     with torch.no_grad():
         want, (depth, seg) = student((x - deploy.mean) / deploy.std), deploy(x)
     assert torch.allclose(depth, want["depth"], rtol=1e-5) and torch.allclose(seg, want["seg"], atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_litert_torch_route(run_dir, tmp_path, layout):
+    """TFLite through litert-torch and the LiteRT quantizer: the same gates and checks as onnx2tf's
+    files, and int8 as one XNNPACK partition (the torch-side deploy form: targets/xnnpack_form.py)."""
+    from targets.tflite_file import read_metadata
+
+    precisions = ["fp32", "fp16", "int8"] if layout == "NHWC" else ["fp32"]   # NCHW: the layout only
+    assert export(run_dir, tmp_path, "--target", "tflite", "--converter", "litert-torch", "--layout", layout,
+                  "--precision", *precisions, "--qat-steps", "6") == 0
+    name = "tflite-litert-torch" + ("-nchw" if layout == "NCHW" else "")
+    export_dir = tmp_path / run_dir.name / name
+    manifest = manifest_of(tmp_path, run_dir, name)
+    assert (manifest["config"]["converter"], manifest["config"]["layout"]) == ("litert-torch", layout)
+    assert {"litert-torch", "ai-edge-quantizer"} <= set(manifest["tools"])
+    arts = by_precision(manifest)
+    assert list(arts) == precisions and arts["fp32"]["check"]["depth_rel_max"] < 1e-4
+    assert arts["fp32"]["check"]["seg_max_abs"] < 1e-4
+    assert all(a["validation"]["pass"] for a in arts.values())
+    meta = read_metadata(export_dir / arts["fp32"]["path"])
+    shape = [1, 64, 96, 3] if layout == "NHWC" else [1, 3, 64, 96]
+    assert meta["input_layout"] == layout and meta["input_shape"] == shape
+    assert card_parts(export_dir)[0]["input_layout"] == layout
+    assert run_card_snippet(export_dir, tmp_path).strip() == "(64, 96) (64, 96) True"
+    assert "--converter litert-torch" in card_parts(export_dir)[1]   # the rebuild command names it
+    if layout == "NHWC":
+        assert arts["fp16"]["check"]["depth_rel_max"] < 2e-3 and arts["fp16"]["bytes"] < 0.6 * arts["fp32"]["bytes"]
+        assert arts["int8"]["check"]["depth_rel_median"] < 0.02 and arts["int8"]["check"]["seg_agreement"] > 0.9
+        assert arts["int8"]["check"]["reference"] == "int8"   # the QAT model's weights went in
+        ops = arts["int8"]["ops_by_dtype"]
+        assert ops["xnnpack_partitions"] == 1 and ops["float_ops"] == ["EXP", "RESIZE_BILINEAR"] and ops["int8"] > 50
+        assert not {"HARD_SWISH", "RELU_0_TO_1"} & set(ops["op_types"])
+        assert arts["int8"]["bytes"] < 0.5 * arts["fp32"]["bytes"]
+
+
+def test_xnnpack_deploy_form_computes_the_same_function():
+    """Hard activations in relu6 forms, their 1/6 moved into the convolutions that read them."""
+    from distill.students import build_student
+    from targets.deploy import DeployModel
+    from targets.xnnpack_form import Relu6HardSigmoid, Relu6HardSwish, defer_sixths, xnnpack_form
+
+    torch.manual_seed(0)
+    student = build_student("mobilenetv3_small_050", decoder_channels=16, num_classes=13).eval()
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        want = DeployModel(student).eval()(x)
+    for int8, kinds in ((False, (Relu6HardSigmoid,)), (True, (Relu6HardSigmoid, Relu6HardSwish))):
+        model = DeployModel(xnnpack_form(student, int8=int8), rows_width=96).eval()
+        count = {k: sum(isinstance(m, k) for m in model.modules()) for k in (Relu6HardSigmoid, Relu6HardSwish)}
+        assert all(count[k] > 0 for k in kinds) and (int8 or count[Relu6HardSwish] == 0)
+        assert defer_sixths(model, x[:1]) == sum(count.values())   # every reader here is a convolution
+        with torch.no_grad():
+            depth, seg = model(x)
+        assert torch.allclose(depth, want[0], rtol=1e-4) and torch.allclose(seg, want[1], atol=1e-4)
+    assert not any(isinstance(m, Relu6HardSwish) for m in student.modules()), "the student is left as it was"
+
+
+def test_a_factor_is_not_deferred_past_an_addition():
+    from targets.xnnpack_form import Relu6HardSigmoid, defer_sixths
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_a, self.conv_b = torch.nn.Conv2d(3, 3, 1), torch.nn.Conv2d(3, 3, 1)
+            self.gate_a, self.gate_b = Relu6HardSigmoid(), Relu6HardSigmoid()
+
+        def forward(self, x):
+            return self.conv_a(self.gate_a(x)), self.gate_b(x) + x   # b's readers include an ADD
+
+    net = Net().eval()
+    weight = net.conv_a.weight.detach().clone()
+    assert defer_sixths(net, torch.rand(1, 3, 4, 4)) == 1
+    assert net.gate_a.deferred and not net.gate_b.deferred
+    assert torch.allclose(net.conv_a.weight, weight / 6)
 
 
 def test_efficientvit_int8_tflite_runs(tmp_path):

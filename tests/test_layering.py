@@ -31,7 +31,7 @@ ALLOWED = {
     "quant": {"core", "domain", "training", "calibration", "edge", "targets", "quant"},
 }
 TORCH_FREE = ("core.io", "core.contract", "core.formats", "core.manifest", "core.lock", "core.registry", "core.config", "core.spaces",
-              "core.lazy", "edge", "edge.run", "edge.runners", "edge.bench", "edge.kit", "targets.job",
+              "core.lazy", "edge", "edge.run", "edge.runners", "edge.bench", "edge.kit", "targets.job", "targets.tflite_file",
               "targets.profiles", "quant", "distill")
 
 
