@@ -6,7 +6,8 @@ and a class that never appears leaves its logit channels' ranges set by other cl
 must span the depth range and contain every class the data has, rare ones included.
 
 `select_calibration`, deterministic for a given dataset, arguments and `seed`:
-1. Candidates: up to `candidates` indices spread evenly over the dataset. Pass a dataset WITHOUT
+1. Candidates: up to `candidates` indices spread evenly over the dataset (seed 0), or drawn at
+   random from it by `seed` (another seed: another calibration draw). Pass a dataset WITHOUT
    augmentation (e.g. the training split built with augment=False): random flips and jitter
    would make the written images irreproducible.
 2. Per candidate: median valid depth (metres, depth > 0) and the classes present, i.e. with >=
@@ -75,7 +76,8 @@ def select_calibration(dataset, size: int, *, candidates: int = 1024, depth_bins
         raise ValueError(f"calibration size {size} exceeds the {m} candidate images (dataset of {n}, "
                          f"candidates={candidates}); lower the size or raise candidates / use a "
                          "larger dataset.")
-    idx = np.unique(np.linspace(0, n - 1, m).round().astype(np.int64))
+    idx = (np.unique(np.linspace(0, n - 1, m).round().astype(np.int64)) if seed == 0
+           else np.sort(np.random.default_rng(seed).choice(n, m, replace=False)))
     stats = [_stats(dataset[int(i)], num_classes)
              for i in tqdm(idx, desc="calibration candidates", disable=not progress)]
     medians, present = np.array([s[0] for s in stats]), np.stack([s[1] for s in stats])

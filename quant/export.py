@@ -80,6 +80,7 @@ class ExportOptions:
     bench_runs: int = 30                      # timed runs per artefact on this host (0 = no bench)
     bench_warmup: int = 3
     batch_size: int = 16                      # fine-tune batch size (pruning and QAT)
+    seed: int = 0                             # the calibration draw and the fine-tunes' batches
     threads: int = 0                          # 0 = the device profile's, capped at this host's cores
     out: str = "exports"                      # exports root
     overwrite: bool = False                   # replace an existing export of this run and target
@@ -136,6 +137,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bench-runs", type=int, default=30, help="timed runs per artefact on this host (0 = no bench)")
     p.add_argument("--bench-warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16, help="fine-tune batch size (pruning and QAT)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the calibration draw and the fine-tunes' batches (0: evenly spaced calibration candidates)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for conversion and bench (0 = the device profile's, capped at this host's cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export of this run and target")
@@ -152,7 +155,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         qat_steps=args.qat_steps, qat_lr=args.qat_lr,
         float_ops=tuple(op.strip().upper() for op in args.float_ops.split(",") if op.strip()), calib=args.calib,
         input_size=args.input_size or "", check=args.check, tolerances=parse_tolerances(args.tolerance),
-        bench_runs=args.bench_runs, bench_warmup=args.bench_warmup, batch_size=args.batch_size, threads=args.threads,
+        bench_runs=args.bench_runs, bench_warmup=args.bench_warmup, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
         out=args.out, overwrite=args.overwrite, progress=not args.quiet)
 
 
@@ -211,7 +214,8 @@ def check_options(options: ExportOptions, fmt: Format) -> None:
     for flag, value, low in (("--check", options.check, 1), ("--calib", options.calib, 1),
                              ("--qat-steps", options.qat_steps, 0), ("--prune-steps", options.prune_steps, 0),
                              ("--bench-runs", options.bench_runs, 0), ("--bench-warmup", options.bench_warmup, 0),
-                             ("--batch-size", options.batch_size, 1), ("--threads", options.threads, 0)):
+                             ("--batch-size", options.batch_size, 1), ("--threads", options.threads, 0),
+                             ("--seed", options.seed, 0)):
         at_least(flag, value, low)
     for flag, lr in (("--qat-lr", options.qat_lr), ("--prune-lr", options.prune_lr)):
         if not lr > 0:
@@ -350,7 +354,7 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     plain_train, val_ds = build_datasets(replace(data, augment=False), progress=False)
     float_model, config = run.model, {"run": str(run.path), "recipe": run.recipe.name, "target": plan.target,
                                       "format": plan.format.name, "converter": plan.converter.name,
-                                      "layout": plan.layout, "precisions": plan.precisions,
+                                      "layout": plan.layout, "precisions": plan.precisions, "seed": opts.seed,
                                       "input_size": list(size), "device": plan.profile.name if plan.profile else None,
                                       "source_checkpoint": {"path": str(run.weights), "sha256": run.weights_sha256}}
     config["model"] = {"params": count_params(float_model), "macs": count_macs(float_model, *size)}
@@ -453,7 +457,7 @@ def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], opts: Expor
     pruned = copy.deepcopy(model)
     report = prune_student(pruned, target, (h, w), importance=opts.prune_importance, log=log)
     finetune(pruned, reference, run.recipe, train_ds, steps=opts.prune_steps, lr=opts.prune_lr,
-             batch_size=opts.batch_size, desc="prune fine-tune", progress=opts.progress, log=log)
+             batch_size=opts.batch_size, seed=opts.seed, desc="prune fine-tune", progress=opts.progress, log=log)
     after = evaluate(pruned, val_ds, run.recipe)
     report.update({"finetune_steps": opts.prune_steps, "finetune_lr": opts.prune_lr,
                    "val_before": before, "val_after": after})
@@ -469,7 +473,7 @@ def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log
     from quant import ptq, qat
     from quant.finetune import finetune
 
-    calib = ptq.calibration_set(plain_train, opts.calib, work / "calibration", progress=opts.progress)
+    calib = ptq.calibration_set(plain_train, opts.calib, work / "calibration", seed=opts.seed, progress=opts.progress)
     report = {"calibration": calib.selection.describe(), "method": "qat" if opts.qat_steps > 0 else "ptq"}
     log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
     if opts.qat_steps <= 0:
@@ -477,7 +481,7 @@ def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log
     # Both int8 converters quantise depth before the heads' float tails (upsampling, EXP): log-depth.
     fake = ptq.simulate(model, calib, log_depth=True)
     finetune(fake, model, run.recipe, train_ds, steps=opts.qat_steps, lr=opts.qat_lr, batch_size=opts.batch_size,
-             desc="QAT", progress=opts.progress, log=log)
+             seed=opts.seed, desc="QAT", progress=opts.progress, log=log)
     report.update({"qat_steps": opts.qat_steps, "qat_lr": opts.qat_lr, "activation_ranges": qat.activation_ranges(fake)})
     return qat.finalize(fake), calib.files, report
 
@@ -486,7 +490,7 @@ def calibration_stage(plain_train, work, opts: ExportOptions, log) -> tuple[dict
     """The calibration set alone (no QAT), for precisions whose converter calibrates the float model."""
     from quant import ptq
 
-    calib = ptq.calibration_set(plain_train, opts.calib, work / "calibration", progress=opts.progress)
+    calib = ptq.calibration_set(plain_train, opts.calib, work / "calibration", seed=opts.seed, progress=opts.progress)
     log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
     return calib.files, calib.selection.describe()
 

@@ -25,9 +25,9 @@ class CalibrationSet:
         return [self.images[i:i + size] for i in range(0, len(self.images), size)]
 
 
-def calibration_set(dataset, size: int, out_dir: Path, *, progress: bool = True) -> CalibrationSet:
-    """Select `size` images of a non-augmenting `dataset` and write them under `out_dir`."""
-    selection = select_calibration(dataset, size, progress=progress)
+def calibration_set(dataset, size: int, out_dir: Path, *, seed: int = 0, progress: bool = True) -> CalibrationSet:
+    """Select `size` images of a non-augmenting `dataset` (the draw set by `seed`) and write them under `out_dir`."""
+    selection = select_calibration(dataset, size, seed=seed, progress=progress)
     files = write_calibration(dataset, selection, out_dir)
     images = torch.stack([torch.as_tensor(dataset[i]["image"]).float() for i in selection.indices])
     return CalibrationSet(selection, files, images)
