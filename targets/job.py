@@ -66,6 +66,14 @@ def source_for(precision: str) -> str:
     return "int8" if precision in INTEGER_PRECISIONS else "float"
 
 
+def precisions_by_source(job: Job) -> dict[str, list[str]]:
+    """The job's precisions grouped by the model they are converted from, in the job's order."""
+    groups: dict[str, list[str]] = {}
+    for precision in job.precisions:
+        groups.setdefault(source_for(precision), []).append(precision)
+    return groups
+
+
 def tool_versions(*packages: str) -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in packages:

@@ -31,9 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.runners import LiteRTRunner
-from targets.job import Job, check_against_reference, main, publish, source_for, tool_versions, write_result
-from targets.tflite_file import TFLiteGraph, finish, float_islands, op_precision, output_tails
+from targets.job import Job, main, precisions_by_source, tool_versions, write_result
+from targets.tflite_file import TFLiteGraph, deliver, float_islands, output_tails
 
 SIGNATURE = "serving_default"
 
@@ -108,10 +107,7 @@ def convert(job: Job) -> None:
     nhwc = job.metadata.get("input_layout", "NHWC") == "NHWC"
     sample = np.load(job.check["inputs"])[:1] if job.check else np.full(job.input_shape, 0.5, np.float32)
     artefacts = []
-    by_source: dict[str, list[str]] = {}
-    for precision in job.precisions:
-        by_source.setdefault(source_for(precision), []).append(precision)
-    for source, precisions in by_source.items():
+    for source, precisions in precisions_by_source(job).items():
         start = time.time()
         float_file = work / f"litert_{source}.tflite"
         convert_float(job.sources[source], sample, nhwc, float_file)
@@ -124,14 +120,7 @@ def convert(job: Job) -> None:
             elif precision == "int8":
                 quantize_int8(float_file, np.load(job.calibration["nhwc" if nhwc else "nchw"]), produced,
                               job.float_ops)
-            finish(produced, {**job.metadata, "precision": precision})
-            model = LiteRTRunner(produced, job.threads)
-            entry = {"path": f"{job.stem}_{precision}.tflite", "format": "tflite", "precision": precision,
-                     "source": source, "converter": "litert-torch",
-                     "check": check_against_reference(job, precision, model), "ops_by_dtype": op_precision(produced)}
-            publish(job, produced, entry["path"])
-            artefacts.append(entry)
-            print(f"tflite {precision}: {entry['path']} ({time.time() - start:.1f} s)", flush=True)
+            artefacts.append(deliver(job, produced, precision, source, start, converter="litert-torch"))
     write_result(job, artefacts, tool_versions("litert-torch", "ai-edge-quantizer", "torch", "ai-edge-litert", "numpy"))
 
 

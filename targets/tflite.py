@@ -34,11 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.runners import LiteRTRunner
-from targets.job import Job, check_against_reference, main, publish, source_for, tool_versions, write_result
+from targets.job import Job, main, precisions_by_source, tool_versions, write_result
 from targets.litert_graph import shape_for_xnnpack
 from targets.onnx import simplified  # folds the Shape->Resize chains onnx2tf cannot convert
-from targets.tflite_file import TFLiteGraph, finish, float_islands, op_precision, output_tails
+from targets.tflite_file import TFLiteGraph, deliver, float_islands, output_tails
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 SUFFIX = {"fp32": "float32", "fp16": "float16"}
@@ -102,10 +101,7 @@ def convert(job: Job) -> None:
     os.chdir(work)  # onnx2tf reads its sample-data file from the working directory
     write_onnx2tf_sample(job, work / ONNX2TF_SAMPLE)
     artefacts = []
-    by_source: dict[str, list[str]] = {}
-    for precision in job.precisions:
-        by_source.setdefault(source_for(precision), []).append(precision)
-    for source, precisions in by_source.items():
+    for source, precisions in precisions_by_source(job).items():
         start = time.time()
         simple = simplified(job.sources[source], work / f"{source}.sim.onnx")
         onnx_path = work / f"{source}.xnnpack.onnx"
@@ -118,14 +114,8 @@ def convert(job: Job) -> None:
                 quantize_int8(tf_dir, job.calibration["nhwc"], produced, job.float_ops)
             else:
                 produced = tf_dir / f"{onnx_path.stem}_{SUFFIX[precision]}.tflite"
-            finish(produced, {**job.metadata, "precision": precision})
-            model = LiteRTRunner(produced, job.threads)
-            entry = {"path": f"{job.stem}_{precision}.tflite", "format": "tflite", "precision": precision,
-                     "source": source, "check": check_against_reference(job, precision, model),
-                     "ops_by_dtype": op_precision(produced), "graph_rewrites": rewrites}
-            publish(job, produced, entry["path"])
-            artefacts.append(entry)
-            print(f"tflite {precision}: {entry['path']} ({time.time() - start:.1f} s)", flush=True)
+            artefacts.append(deliver(job, produced, precision, source, start, converter="onnx2tf",
+                                     graph_rewrites=rewrites))
     write_result(job, artefacts, tool_versions("onnx2tf", "tensorflow", "onnx", "onnxsim", "ai-edge-litert", "numpy"))
 
 

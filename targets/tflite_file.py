@@ -8,11 +8,14 @@ or TensorFlow: the litert-torch converter shares its process with torch.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 
 from core.contract import DEPTH, INPUT_NAME, SEG
+from edge.runners import LiteRTRunner
+from targets.job import Job, check_against_reference, publish
 
 METADATA_NAME = "densekit"
 
@@ -185,3 +188,15 @@ def op_precision(path: Path) -> dict:
     # XNNPACK replaces each run of ops it takes by one DELEGATE op: 1 = the whole graph in XNNPACK
     return {**counts, "float_ops": sorted(float_ops), "op_types": dict(sorted(types.items())),
             "xnnpack_partitions": types.get("DELEGATE", 0)}
+
+
+def deliver(job: Job, produced: Path, precision: str, source: str, started: float, **extra) -> dict:
+    """Finish a converted file (names, metadata), check it against its PyTorch reference in
+    LiteRT, publish it into the export and return its result entry (`extra` added to it)."""
+    finish(produced, {**job.metadata, "precision": precision})
+    entry = {"path": f"{job.stem}_{precision}.tflite", "format": "tflite", "precision": precision, "source": source,
+             "check": check_against_reference(job, precision, LiteRTRunner(produced, job.threads)),
+             "ops_by_dtype": op_precision(produced), **extra}
+    publish(job, produced, entry["path"])
+    print(f"tflite {precision}: {entry['path']} ({time.time() - started:.1f} s)", flush=True)
+    return entry
