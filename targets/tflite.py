@@ -3,9 +3,10 @@
 `python -m targets.tflite JOB.json` (written by `python -m quant.export`). Imports TensorFlow,
 onnx2tf and ai-edge-litert, never torch (docs/TOOLCHAIN.md: the two segfault in one process).
 
-Why onnx2tf and not litert-torch: litert-torch's PT2E QAT path fails with torch 2.14 + torchao
-0.18 (docs/TOOLCHAIN.md), and its float path would still leave int8 to a second toolchain; onnx2tf
-takes the ONNX graph the ONNX target already exports and produces every precision in one pass.
+The default TFLite converter; `--converter litert-torch` (targets/litert.py) is the other. Measured
+on v3 and v4 (README, "TFLite: two converters"), both give one XNNPACK partition and the same
+int8 speed; this one's int8 files drift a little less from the float model and convert in about
+half the time.
 
 Precisions:
 - fp32: `*_float32.tflite`; fp16: `*_float16.tflite` (fp16 weights, dequantised at load by the
