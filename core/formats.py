@@ -19,8 +19,16 @@ class Converter:
     name: str                                      # --converter NAME
     module: str                                    # `python -m <module> JOB.json`
     source_graph: Literal["onnx", "torch.export"]  # what the parent exports (targets/deploy.py)
-    deploy_form: str = ""                          # torch-side rewrites before export ("xnnpack": targets/deploy.py)
+    deploy_form: str = ""                          # torch-side rewrites first ("xnnpack": targets/xnnpack_form.py)
     layouts: tuple[str, ...] = ()                  # input layouts it can write; () = the format's only
+    needs: tuple[str, ...] = ()                    # modules its process imports, checked before an export starts
+    extra: str = "export"                          # the pip extra that installs them
+
+    def missing(self) -> list[str]:
+        """The modules of `needs` that are not installed (found without importing them)."""
+        from importlib.util import find_spec
+
+        return [m for m in self.needs if find_spec(m) is None]
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,8 @@ class Format:
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("tflite", "TFLite", ".tflite", ("fp32", "fp16", "int8"), ("fp32", "fp16", "int8"), (
                Converter("onnx2tf", "targets.tflite", "onnx"),
-               Converter("litert-torch", "targets.litert", "torch.export", "xnnpack", ("NHWC", "NCHW"))), "NHWC",
+               Converter("litert-torch", "targets.litert", "torch.export", "xnnpack", ("NHWC", "NCHW"),
+                         ("litert_torch", "ai_edge_quantizer"), "litert")), "NHWC",
            "edge.runners:LiteRTRunner", ("auto",), ("any",), "", (
                "# Linux board (Raspberry Pi 5: pip install ai-edge-litert numpy), or any Linux host",
                "python3 device/linux_bench.py {path} --threads {threads} --runs 50 --warmup 5 --json {out}",
@@ -68,7 +77,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     # are produced only when asked for; the defaults run on iOS16.
     Format("coreml", "Core ML", ".mlpackage", ("fp32", "fp16", "w8", "palette4", "palette6", "w4block",
                                                "palette4g", "sparse-palette4", "w8a8"),
-           ("fp16", "w8", "palette4", "palette6"), (Converter("coremltools", "targets.coreml", "torch.export"),), "NCHW",
+           ("fp16", "w8", "palette4", "palette6"),
+           (Converter("coremltools", "targets.coreml", "torch.export"),), "NCHW",
            "edge.coreml:CoreMLRunner", ("auto", "predict", "reference"), ("darwin",),
            "off macOS Core ML runs through the reference executor, which measures accuracy, not device latency. "
            "Bench Core ML on a Mac: python3 edge/device/coreml_bench.py {name} --runs {runs}", (

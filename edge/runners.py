@@ -46,8 +46,8 @@ def image_shape(runner) -> tuple[int, int, int]:
     shape = tuple(int(s) for s in runner.input_shape)
     if len(shape) != 4:
         raise ValueError(f"{runner.format} artefact has input shape {shape}; expected 4-D (1, H, W, 3) or (1, 3, H, W)")
-    return (shape[3], shape[1], shape[2]) if getattr(runner, "layout", FORMATS[runner.format].input_layout) == "NHWC" \
-        else shape[1:]
+    layout = getattr(runner, "layout", FORMATS[runner.format].input_layout)   # a TFLite file says its own
+    return (shape[3], shape[1], shape[2]) if layout == "NHWC" else shape[1:]
 
 
 def check_images(images: np.ndarray, runner) -> None:

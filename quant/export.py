@@ -142,7 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bench-warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16, help="fine-tune batch size (pruning and QAT)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seeds the calibration draw and the fine-tunes' batches (0: evenly spaced calibration candidates)")
+                   help="seeds the calibration draw and the fine-tunes' batches (0: evenly spaced candidates)")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for conversion and bench (0 = the device profile's, capped at this host's cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export of this run and target")
@@ -154,13 +154,14 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
     from targets.profiles import parse_tolerances
 
     return ExportOptions(
-        precisions=tuple(args.precision or ()), converter=args.converter, layout=args.layout, prune=args.prune or "", prune_steps=args.prune_steps,
-        prune_importance=args.prune_importance, prune_lr=args.prune_lr,
+        precisions=tuple(args.precision or ()), converter=args.converter, layout=args.layout,
+        prune=args.prune or "", prune_steps=args.prune_steps, prune_importance=args.prune_importance,
+        prune_lr=args.prune_lr,
         qat_steps=args.qat_steps, qat_lr=args.qat_lr,
         float_ops=tuple(op.strip().upper() for op in args.float_ops.split(",") if op.strip()), calib=args.calib,
         input_size=args.input_size or "", check=args.check, tolerances=parse_tolerances(args.tolerance),
-        bench_runs=args.bench_runs, bench_warmup=args.bench_warmup, batch_size=args.batch_size, seed=args.seed, threads=args.threads,
-        out=args.out, overwrite=args.overwrite, progress=not args.quiet)
+        bench_runs=args.bench_runs, bench_warmup=args.bench_warmup, batch_size=args.batch_size, seed=args.seed,
+        threads=args.threads, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
 
 
 @dataclass(frozen=True)
@@ -204,8 +205,11 @@ def converter_for(fmt: Format, options: ExportOptions) -> tuple[Converter, str]:
         converter = fmt.converter(options.converter)
     except ValueError as e:
         raise ExportError(f"--converter: {e}") from None
+    if converter.missing():
+        raise ExportError(f"--converter {converter.name} needs {', '.join(converter.missing())}, which is not installed: "
+                          f"pip install -e '.[{converter.extra}]'")
     layouts = converter.layouts or (fmt.input_layout,)
-    layout = options.layout or fmt.input_layout
+    layout = (options.layout or fmt.input_layout).upper()
     if layout not in layouts:
         others = [c.name for c in fmt.converters if layout in (c.layouts or (fmt.input_layout,))]
         raise ExportError(f"--layout {layout}: the {converter.name} converter writes {', '.join(layouts)}"

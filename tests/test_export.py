@@ -346,6 +346,12 @@ def test_bad_requests_name_the_fix(run_dir, tmp_path, capsys):
     assert "no converter 'litert'; its converters are onnx2tf, litert-torch" in capsys.readouterr().err
     assert export(run_dir, tmp_path, "--target", "tflite", "--layout", "nchw") == 2
     assert "the onnx2tf converter writes NHWC; --converter litert-torch writes NCHW" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as mp:   # a machine without the litert extra: told before any work
+        from core.formats import Converter
+
+        mp.setattr(Converter, "missing", lambda self: list(self.needs[:1]))
+        assert export(run_dir, tmp_path, "--target", "tflite", "--converter", "litert-torch") == 2
+        assert "needs litert_torch, which is not installed: pip install -e '.[litert]'" in capsys.readouterr().err
     assert not (tmp_path / run_dir.name).exists()
 
 
