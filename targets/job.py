@@ -1,7 +1,8 @@
 """The contract between `quant.export` (the parent, which owns torch) and each converter process.
 
-A converter is `python -m <its module> JOB.json` (core/formats.py: e.g. targets.tflite for onnx2tf). It imports only its own toolchain: TensorFlow
-and torch segfault in one process, and coremltools imports TensorFlow when it can (docs/TOOLCHAIN.md).
+A converter is `python -m <its module> JOB.json` (core/formats.py: e.g. targets.tflite for onnx2tf).
+It imports only its own toolchain: TensorFlow and torch segfault in one process, and coremltools
+imports TensorFlow when it can (docs/TOOLCHAIN.md).
 The parent writes the job (sources, calibration, check data, metadata) and reads back
 `result.json`, written by the child into `job.work_dir`. A child that fails exits non-zero with a
 message on stderr; it never writes outside `out_dir` and `work_dir`.

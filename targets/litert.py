@@ -70,7 +70,8 @@ def quantize_int8(source: Path, images: np.ndarray, dest: Path, float_ops: list[
     # The quantizer's scope of an op is its output tensors' names joined by ";", ending in ";".
     every_op = qtyping.TFLOperationName.ALL_SUPPORTED
     for name in float_islands(graph, float_ops) + output_tails(graph):
-        qt.update_quantization_recipe(regex=f"^{re.escape(name)};$", operation_name=every_op, algorithm_key="no_quantize")
+        qt.update_quantization_recipe(regex=f"^{re.escape(name)};$", operation_name=every_op,
+                                      algorithm_key="no_quantize")
     for boundary in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
         qt.update_quantization_recipe(regex=".*", operation_name=boundary, algorithm_key="no_quantize")
     (input_name,) = signature_inputs(source)
