@@ -131,7 +131,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"QAT steps for int8 (0 = post-training quantisation only; default {DEFAULT_QAT_STEPS})")
     p.add_argument("--qat-lr", type=float, default=1e-4)
     p.add_argument("--float-ops", default="DIV",
-                   help="TFLite op types an int8 file keeps in float (default DIV; see targets/tflite.py)")
+                   help="TFLite op types an int8 file keeps in float (default DIV; see targets/tflite_file.py)")
     p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images for int8 and Core ML w8a8")
     p.add_argument("--input-size", help="HxW to export at (default: the device profile's, else the run's)")
     p.add_argument("--check", type=int, default=DEFAULT_CHECK,

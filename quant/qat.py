@@ -152,7 +152,7 @@ class QuantStudent(nn.Module):
     """The student with every conv quantised and each output on its own activation quantiser.
 
     `log_depth=True` quantises the depth output as log-depth and exponentiates in float: what the
-    int8 files compute, whose output tails run in float (TFLite: targets/tflite.py `output_tails`;
+    int8 files compute, whose output tails run in float (TFLite: targets/tflite_file.py `output_tails`;
     onnxruntime's QDQ leaves the final Exp in float).
     """
 

@@ -38,7 +38,7 @@ class LinearAttention(nn.Module):
     separate tensors. Measured on the v4 CPU-default run, ONNX int8 QDQ by post-training
     quantisation, 100 validation images: abs_rel +1.27% and miou -1.04 points against the float
     model, where timm's form drifts +10.6% and -3.36. (TFLite keeps the whole attention in float
-    anyway: targets/tflite.py, `float_islands`.)
+    anyway: targets/tflite_file.py, `float_islands`.)
     """
 
     def __init__(self, mla: LiteMLA):

@@ -78,7 +78,7 @@ def test_tflite_artefacts_run_and_match_torch(tflite_export, run_dir):
     assert arts["int8"]["check"]["depth_rel_median"] < 0.02
     assert arts["int8"]["check"]["seg_agreement"] > 0.9
     assert arts["int8"]["check"]["reference"] == "int8" and arts["int8"]["source"] == "int8"  # the QAT model
-    # int8 kernels throughout but the heads' final upsampling and EXP (targets/tflite.py, output_tails),
+    # int8 kernels throughout but the heads' final upsampling and EXP (targets/tflite_file.py, output_tails),
     # in ops XNNPACK takes: no RELU_0_TO_1 (hardsigmoid) or int8 HARD_SWISH (targets/litert_graph.py)
     ops = arts["int8"]["ops_by_dtype"]
     assert ops["float_ops"] == ["EXP", "RESIZE_BILINEAR"] and ops["int8"] > 50
