@@ -13,7 +13,7 @@ from pathlib import Path
 
 from core import io
 from core.contract import DEPTH, IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, SEG
-from core.formats import FORMATS
+from core.formats import FORMATS, Format
 from core.manifest import MANIFEST
 
 CARD = "README.md"
@@ -67,7 +67,7 @@ def latency_rows(bench: dict | None) -> list[str]:
     return rows
 
 
-def default_of(fmt, key: str) -> str:
+def default_of(fmt: Format, key: str) -> str:
     """The format's default converter or layout (core/formats.py)."""
     return fmt.converters[0].name if key == "converter" else fmt.input_layout
 
@@ -140,6 +140,7 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
                        "knowledge-distillation", fmt.name, *dict.fromkeys(a["precision"] for a in manifest["artefacts"])],
               "teacher": teacher, "student": recipe.model.student, "recipe": recipe.name, "run": run.name,
               "dataset": recipe.data.dataset, "input_size": f"{h}x{w}", "input_layout": layout,
+              "converter": config.get("converter", default_of(fmt, "converter")),
               "depth_space": metadata["depth_space"]}
     files = ["| file | precision | MB | sha256 |", "|---|---|---|---|"] + [
         f"| {a['path']} | {a['precision']} | {a['bytes'] / 1e6:.2f} | `{a['sha256'][:16]}` |" for a in manifest["artefacts"]]

@@ -215,7 +215,7 @@ def test_a_flipped_byte_is_refused_by_name_where_the_artefact_is_used(tflite_exp
 
 
 def test_tflite_metadata_is_embedded(tflite_export, run_dir):
-    from targets.tflite_file import read_metadata   # the flatbuffer schema of ai-edge-litert: no TensorFlow
+    from targets.tflite_file import read_metadata  # the flatbuffer schema of ai-edge-litert: no TensorFlow
 
     meta = read_metadata(tflite_export / run_dir.name / "tflite" / f"{run_dir.name}_int8.tflite")
     assert meta["depth_units"] == "metres" and meta["precision"] == "int8"
@@ -396,6 +396,7 @@ def test_litert_torch_route(run_dir, tmp_path, layout):
     shape = [1, 64, 96, 3] if layout == "NHWC" else [1, 3, 64, 96]
     assert meta["input_layout"] == layout and meta["input_shape"] == shape
     assert card_parts(export_dir)[0]["input_layout"] == layout
+    assert card_parts(export_dir)[0]["converter"] == "litert-torch"
     assert run_card_snippet(export_dir, tmp_path).strip() == "(64, 96) (64, 96) True"
     assert "--converter litert-torch" in card_parts(export_dir)[1]   # the rebuild command names it
     if layout == "NHWC":
