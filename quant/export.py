@@ -205,8 +205,9 @@ def converter_for(fmt: Format, options: ExportOptions) -> tuple[Converter, str]:
         converter = fmt.converter(options.converter)
     except ValueError as e:
         raise ExportError(f"--converter: {e}") from None
-    if converter.missing():
-        raise ExportError(f"--converter {converter.name} needs {', '.join(converter.missing())}, which is not installed: "
+    missing = converter.missing()
+    if missing:
+        raise ExportError(f"--converter {converter.name} needs {', '.join(missing)}, which is not installed: "
                           f"pip install -e '.[{converter.extra}]'")
     layouts = converter.layouts or (fmt.input_layout,)
     layout = (options.layout or fmt.input_layout).upper()
