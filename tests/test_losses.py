@@ -124,6 +124,32 @@ def test_berhu_laina_threshold_is_fifth_of_max():
     assert value.item() == pytest.approx(6.0)
 
 
+def test_berhu_relative_and_log_residuals_hand_values():
+    # target 2 m: pred 1 m (near side), 2 m, 4 m; the last pixel (0, 0) is invalid
+    pred, target, valid = row(1, 2, 4, 0), row(2, 2, 2, 0), mask(1, 1, 1, 0)
+    value, grad = loss_and_grad("berhu", pred, target, valid, threshold=10.0, residual_kind="relative")
+    assert value.item() == pytest.approx((0.5 + 0 + 1) / 3)   # below c the loss is AbsRel
+    assert torch.allclose(grad, row(-1 / 2 / 3, 0, 1 / 2 / 3, 0))  # sign(r) / target / n
+    value, grad = loss_and_grad("berhu", pred, target, valid, threshold=10.0, residual_kind="log")
+    assert value.item() == pytest.approx(2 * math.log(2) / 3)  # |log(1/2)| = |log(4/2)|
+    assert torch.allclose(grad, row(-1 / 1 / 3, 0, 1 / 4 / 3, 0))  # sign(r) / pred / n
+    assert torch.isfinite(grad).all()
+
+
+def test_berhu_relative_residual_weighs_near_pixels_more():
+    # the same 0.5 m error: absolute weighs it equally at 1 m and 5 m, relative 5x more at 1 m
+    pred, target, valid = row(1.5, 5.5), row(1, 5), mask(1, 1)
+    _, grad_abs = loss_and_grad("berhu", pred, target, valid, threshold=10.0)
+    _, grad_rel = loss_and_grad("berhu", pred, target, valid, threshold=10.0, residual_kind="relative")
+    assert grad_abs[0, 0, 0, 0] == pytest.approx(grad_abs[0, 0, 0, 1].item())
+    assert grad_rel[0, 0, 0, 0] == pytest.approx(5 * grad_rel[0, 0, 0, 1].item())
+
+
+def test_berhu_unknown_residual_names_the_choices():
+    with pytest.raises(ValueError, match="absolute, relative, log"):
+        build_depth_loss("berhu", residual_kind="metres")
+
+
 def test_berhu_zero_threshold_falls_back_to_l1():
     pred = row(0, 0, 0, 0, 0, 3)
     value, grad = loss_and_grad("berhu", pred, torch.zeros_like(pred), torch.ones_like(pred).bool())

@@ -129,26 +129,49 @@ def _parse_berhu_threshold(threshold: str | float) -> Callable[[Tensor], Tensor]
                      "or a positive number (fixed threshold in space units).")
 
 
+BERHU_RESIDUALS = ("absolute", "relative", "log")
+
+
+def residual(pred: Tensor, target: Tensor, kind: str) -> Tensor:
+    """pred - target in the units a loss penalises: "absolute" (space units), "relative" (a
+    fraction of the target: its L1 is AbsRel) or "log" (log ratio). Invalid pixels must be 0 in
+    both (`_prepare`), where every kind gives 0."""
+    if kind == "absolute":
+        return pred - target
+    if kind == "relative":
+        return (pred - target) / target.clamp_min(_LOG_EPS)
+    return torch.log(pred.clamp_min(_LOG_EPS)) - torch.log(target.clamp_min(_LOG_EPS))
+
+
 @DEPTH_LOSSES.register("berhu")
-def berhu(threshold: str | float = "p80") -> DepthLoss:
+def berhu(threshold: str | float = "p80", residual_kind: str = "absolute") -> DepthLoss:
     """Reverse Huber (berHu) loss, Laina et al. 2016 ("Deeper Depth Prediction with FCRNs").
 
-    Per valid pixel with residual r = pred - target:  |r| if |r| <= c, else (r^2 + c^2) / (2c);
+    Per valid pixel with residual r:  |r| if |r| <= c, else (r^2 + c^2) / (2c);
     averaged over the valid pixels of the batch. Continuous with continuous slope at |r| = c.
+
+    residual_kind: r = pred - target ("absolute", Laina's, in metres for metric depth), or that
+    difference as a fraction of the target ("relative": below c the loss is AbsRel itself), or
+    log(pred / target) ("log"). Why not always metres: a metre of error weighs the same at 0.5 m
+    and at 5 m, and an exp-activated student's gradient is scaled by its depth once more, so near
+    pixels learn last (v3 at CPU defaults: 2.5x too far below 1 m, README "How the training
+    defaults were chosen"). All three stay metric: none is invariant to scale.
 
     threshold: how c is chosen, without gradient (detached), from the valid |r| of the batch:
       - "p80" (default, seed 000's V3 recipe): 80th percentile of |r| (any "pNN" works, e.g. "p90"),
         linear interpolation as `torch.quantile`;
       - "laina": 0.2 * max |r| (Laina et al.);
-      - a positive number: a fixed c in space units.
+      - a positive number: a fixed c in the residual's units.
     Guard: if c == 0 (e.g. at least 80% of residuals are exactly 0) the quadratic branch would
     divide by 0, so c falls back to max |r| (pure L1); if every residual is 0 the loss is 0.
     """
     pick_c = _parse_berhu_threshold(threshold)
+    if residual_kind not in BERHU_RESIDUALS:
+        raise ValueError(f"berHu residual {residual_kind!r} is not one of {', '.join(BERHU_RESIDUALS)}")
 
     def loss(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
         pred, target, valid = _prepare(pred, target, valid)
-        abs_r = (pred - target).abs()
+        abs_r = residual(pred, target, residual_kind).abs()
         valid_abs_r = abs_r.detach()[valid]
         if valid_abs_r.numel() == 0:
             return _zero_with_graph(pred)

@@ -69,6 +69,7 @@ class ModelConfig:
 class LossConfig:
     depth: str = "berhu"                 # registry name (distill.losses.DEPTH_LOSSES)
     berhu_threshold: str = "p80"         # "pNN" = NNth percentile of |residual| per batch; "laina" = 0.2 max
+    berhu_residual: Literal["absolute", "relative", "log"] = "log"   # log(pred/target): near pixels count (README)
     silog_lambda: float = 0.85
     silog_per_image: bool = True
     gradient_weight: float = 0.0         # > 0 adds the edge-aware gradient Huber loss to the depth term

@@ -60,7 +60,9 @@ class V3(Recipe):
        Depth Anything 3 Metric Large, metres = focal_px * output / 300; embedded:
        `synthetic-metric`, renderer depth through a teacher-error model);
     2. berHu loss, L1 below and L2 above the 80th percentile of the batch's absolute residuals,
-       bounding the pull of far pixels where the teacher is least certain;
+       bounding the pull of far pixels where the teacher is least certain. The residual is
+       log(student / teacher) since 2026-11-30 (`loss.berhu_residual`, every recipe): in metres,
+       near pixels learned last (README, "How the training defaults were chosen");
     3. Kendall uncertainty weighting of depth (regression form) and segmentation
        (classification form) with learned log-variances, instead of a manual weight sweep.
 

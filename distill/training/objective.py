@@ -79,7 +79,7 @@ def seg_weights_for(recipe: Recipe, train_ds, log=print) -> torch.Tensor | None:
 
 
 def depth_loss_options(lc) -> dict:
-    return {"berhu": {"threshold": lc.berhu_threshold},
+    return {"berhu": {"threshold": lc.berhu_threshold, "residual_kind": lc.berhu_residual},
             "silog": {"lam": lc.silog_lambda, "per_image": lc.silog_per_image},
             "gradient_huber": {"delta": lc.gradient_delta}}.get(lc.depth, {})
 
