@@ -267,6 +267,20 @@ def test_dataset_flip_and_determinism(dataset_dir):
     assert not torch.equal(a, aug[2]["image"])
 
 
+def test_decoded_cache_gives_the_same_items_within_its_budget(dataset_dir):
+    plain = SynthRoomsDataset(dataset_dir, "train", augment=True, seed=3)
+    item_mb = H * W * (3 + 2 + 1) / 2 ** 20            # rgb, 16-bit depth, labels
+    cached = SynthRoomsDataset(dataset_dir, "train", augment=True, seed=3, cache_mb=2.5 * item_mb)
+    for epoch in range(3):                              # augmentation must not write into the cache
+        plain.set_epoch(epoch)
+        cached.set_epoch(epoch)
+        for index in range(len(plain)):
+            a, b = plain[index], cached[index]
+            assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in a)
+    assert sorted(cached._cache) == [0, 1]               # the first items read, as many as fit
+    assert len(SynthRoomsDataset(dataset_dir, "train")._cache) == 0   # cache_mb=0: off
+
+
 def test_dataset_keeps_ignore_index(dataset_dir, tmp_path):
     copy = tmp_path / dataset_dir.name
     shutil.copytree(dataset_dir, copy)

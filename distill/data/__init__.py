@@ -32,8 +32,9 @@ def synthrooms(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
 
     path = generate(cache_root(cfg.root) / "synthrooms", num_train=cfg.num_train, num_val=cfg.num_val,
                     height=cfg.height, width=cfg.width, seed=cfg.seed, progress=progress)
-    return (SynthRoomsDataset(path, "train", augment=cfg.augment, seed=cfg.seed),
-            SynthRoomsDataset(path, "val", augment=False, seed=cfg.seed))
+    per_process = cfg.cache_mb / max(1, cfg.workers)   # each loader worker holds its own copy
+    return (SynthRoomsDataset(path, "train", augment=cfg.augment, seed=cfg.seed, cache_mb=per_process),
+            SynthRoomsDataset(path, "val", augment=False, seed=cfg.seed, cache_mb=per_process))
 
 
 @DATASETS.register("nyu")

@@ -27,6 +27,7 @@ class DataConfig:
     seed: int = 0                        # which scenes SynthRooms renders
     augment: bool = True                 # flip + photometric jitter on training images
     workers: int = 0                     # DataLoader worker processes (0 = in the main process)
+    cache_mb: int = 1024                 # SynthRooms: decoded images kept in memory, MB over all loader processes
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,8 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
     if recipe.model.output_stride not in (2, 4):
         problems.append(f"model.output_stride={recipe.model.output_stride} must be 2 or 4 (where the decoder "
                         f"stops; the heads upsample the rest)")
+    if d.cache_mb < 0:
+        problems.append(f"data.cache_mb={d.cache_mb} must be >= 0 (0 = decode every image every epoch)")
     if recipe.loss.seg_balance < 0:
         problems.append(f"loss.seg_balance={recipe.loss.seg_balance} must be >= 0 (0 = plain cross-entropy, "
                         f"0.5 = inverse square root of class frequency)")

@@ -61,11 +61,13 @@ class SynthRoomsDataset(Dataset):
     jitter, drawn from `np.random.default_rng([seed, epoch, index])`, so a sample depends only on
     (seed, epoch, index), never on DataLoader workers or resume points. Call `set_epoch(epoch)`
     before iterating each epoch (with persistent workers, recreate the DataLoader).
-    `cache=True` keeps decoded arrays in memory (per process).
+    `cache_mb` > 0 keeps the decoded files of the items read first in memory, up to that many MB
+    per process (each DataLoader worker holds its own): PNG decoding was 0.75 ms of each item's
+    2.2 ms on a laptop CPU, paid again every epoch.
     """
 
     def __init__(self, path: str | os.PathLike, split: str, *, augment: bool = False,
-                 seed: int = 0, cache: bool = False):
+                 seed: int = 0, cache_mb: float = 0):
         self.path = Path(path)
         self.manifest: dict[str, Any] = load_manifest(self.path)
         splits = self.manifest["splits"]
@@ -77,8 +79,8 @@ class SynthRoomsDataset(Dataset):
         k = self.manifest["intrinsics"]
         self.intrinsics = np.array([k["fx"], k["fy"], k["cx"], k["cy"]], np.float32)
         self.epoch = 0
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = (
-            {} if cache else None)
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._cache_left = int(cache_mb * 2 ** 20)   # bytes the cache may still take
 
     def __len__(self) -> int:
         return len(self.files)
@@ -94,15 +96,17 @@ class SynthRoomsDataset(Dataset):
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Decoded files of item `index`: rgb uint8 (H, W, 3), depth float32 (H, W) metres
         (0 = invalid), seg uint8 (H, W)."""
-        if self._cache is not None and index in self._cache:
-            return self._cache[index]
-        entry = self.files[index]
-        rgb = self.decode(entry["rgb"], np.uint8, 3)
-        depth = self.decode(entry["depth"], np.uint16, 2).astype(np.float32) * np.float32(DEPTH_SCALE_M)
-        seg = self.decode(entry["seg"], np.uint8, 2)
-        if self._cache is not None:
-            self._cache[index] = (rgb, depth, seg)
-        return rgb, depth, seg
+        if index in self._cache:
+            rgb, millimetres, seg = self._cache[index]
+        else:
+            entry = self.files[index]
+            rgb = self.decode(entry["rgb"], np.uint8, 3)
+            millimetres = self.decode(entry["depth"], np.uint16, 2)
+            seg = self.decode(entry["seg"], np.uint8, 2)
+            size = rgb.nbytes + millimetres.nbytes + seg.nbytes
+            if size <= self._cache_left:   # kept as stored (16-bit depth): half of float32's memory
+                self._cache[index], self._cache_left = (rgb, millimetres, seg), self._cache_left - size
+        return rgb, millimetres.astype(np.float32) * np.float32(DEPTH_SCALE_M), seg
 
     def decode(self, name: str, dtype: type, ndim: int) -> np.ndarray:
         """A PNG of the set as an array of `dtype` at the manifest's size; ValueError naming the file
@@ -136,7 +140,7 @@ class SynthRoomsDataset(Dataset):
                 rgb, depth, seg = rgb[:, ::-1], depth[:, ::-1], seg[:, ::-1]
                 intrinsics = hflip_intrinsics(intrinsics, rgb.shape[1])
             rgb = photometric_jitter(rgb, rng)
-        depth_t = torch.from_numpy(np.array(depth, np.float32, copy=True))[None]  # not the cache
+        depth_t = torch.from_numpy(np.array(depth, np.float32, copy=True))[None]  # contiguous: a flip is a view
         return {
             "image": normalize(rgb),
             "depth": depth_t,
