@@ -306,6 +306,20 @@ def test_pruned_float_only_tflite_export(tflite_export, run_dir, capsys):
     assert f"warning: {damaged} left out: its manifest cannot be read" in printed.err
 
 
+def test_compression_table_takes_an_artefact_that_was_not_timed():
+    """Core ML is not timed off macOS: its bench entry says why and has no latency (a KeyError once)."""
+    from quant.compression import markdown, rows
+
+    validation = {"images": 8, "pass": True, "float": {"abs_rel": 0.2, "miou": 0.4},
+                  "artefact": {"abs_rel": 0.21, "miou": 0.39}}
+    manifest = {"config": {"model": {"macs": 112e6, "params": 1.1e6}},
+                "artefacts": [{"path": "m_fp16.mlpackage", "precision": "fp16", "format": "coreml", "bytes": 2e6,
+                               "validation": validation, "bench": {"skipped": "Core ML predicts only on macOS"}}]}
+    (row,) = rows({"coreml": manifest})
+    assert row["p50_ms"] is None and row["abs_rel_change"] == pytest.approx(0.05)
+    assert "| coreml | fp16 | 112.0 | 1.100 | 2.00 | — | 8 |" in markdown([row])
+
+
 def test_device_target_runs_the_whole_chain(run_dir, tmp_path):
     """rpi5 = TFLite int8 at 128x160 (targets/devices.json): the tiny run (trained at 64x96) is exported,
     calibrated and validated at the profile's size, and the kit holds the Linux script."""
