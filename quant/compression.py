@@ -58,7 +58,8 @@ def rows(manifests: dict[str, dict]) -> list[dict]:
                 "export": name, "artefact": a["path"], "precision": a["precision"], "format": a["format"],
                 "macs": model.get("exported_macs", model["macs"]),
                 "params": model.get("exported_params", model["params"]),
-                "bytes": a["bytes"], "p50_ms": (bench or {}).get("latency_ms", {}).get("p50"),   # Core ML off macOS: skipped
+                # an untimed artefact (Core ML off macOS) has a bench entry saying why, without latency
+                "bytes": a["bytes"], "p50_ms": (bench or {}).get("latency_ms", {}).get("p50"),
                 "images": validation.get("images"),
                 "abs_rel": artefact.get("abs_rel"), "miou": artefact.get("miou"),
                 "abs_rel_change": _ratio(artefact.get("abs_rel"), float_.get("abs_rel")),

@@ -27,7 +27,7 @@ class DataConfig:
     seed: int = 0                        # which scenes SynthRooms renders
     augment: bool = True                 # flip + photometric jitter on training images
     workers: int = 0                     # DataLoader worker processes (0 = in the main process)
-    cache_mb: int = 1024                 # SynthRooms: decoded images kept in memory, MB over all loader processes
+    cache_mb: int = 1024                 # SynthRooms: MB of decoded images kept in memory per split (all workers)
 
 
 @dataclass(frozen=True)
