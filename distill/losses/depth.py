@@ -132,6 +132,11 @@ def _parse_berhu_threshold(threshold: str | float) -> Callable[[Tensor], Tensor]
 BERHU_RESIDUALS = ("absolute", "relative", "log")
 
 
+def log_ratio(pred: Tensor, target: Tensor, eps: float = _LOG_EPS) -> Tensor:
+    """ln(max(pred, eps)) - ln(max(target, eps)): the log residual of berHu and SILog."""
+    return torch.log(pred.clamp_min(eps)) - torch.log(target.clamp_min(eps))
+
+
 def residual(pred: Tensor, target: Tensor, kind: str) -> Tensor:
     """pred - target in the units a loss penalises: "absolute" (space units), "relative" (a
     fraction of the target: its L1 is AbsRel) or "log" (log ratio). Invalid pixels must be 0 in
@@ -140,7 +145,7 @@ def residual(pred: Tensor, target: Tensor, kind: str) -> Tensor:
         return pred - target
     if kind == "relative":
         return (pred - target) / target.clamp_min(_LOG_EPS)
-    return torch.log(pred.clamp_min(_LOG_EPS)) - torch.log(target.clamp_min(_LOG_EPS))
+    return log_ratio(pred, target)
 
 
 @DEPTH_LOSSES.register("berhu")
@@ -208,7 +213,7 @@ def silog(lam: float = 0.85, per_image: bool = True, scale: float = 1.0,
 
     def loss(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
         pred, target, valid = _prepare(pred, target, valid)
-        g = torch.log(pred.clamp_min(eps)) - torch.log(target.clamp_min(eps))
+        g = log_ratio(pred, target, eps)
         # mean(g^2) - lam * mean(g)^2 == var(g) + (1 - lam) * mean(g)^2; the centred form avoids
         # float32 cancellation (a scaled copy with lam = 1 would otherwise give ~5e-4, not 0).
         if not per_image:
