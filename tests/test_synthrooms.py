@@ -119,6 +119,15 @@ def test_render_is_deterministic_and_seed_dependent():
     assert render_scene(5, H, W, split="val", index=2)["rgb"].tobytes() != a["rgb"].tobytes()
 
 
+def test_tile_size_changes_speed_not_the_image(monkeypatch):
+    from distill.data.synthrooms import raycast
+    a = render_scene(3, H, W, index=1)
+    monkeypatch.setattr(raycast, "_TILE", 16)  # 48x64 pads to 4 rows of 16-pixel tiles
+    b = render_scene(3, H, W, index=1)
+    for key in ("rgb", "depth", "seg"):
+        assert a[key].tobytes() == b[key].tobytes()
+
+
 def test_output_ranges_and_intrinsics():
     classes = set()
     for i in range(6):

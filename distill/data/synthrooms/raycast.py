@@ -19,6 +19,10 @@ from .scene import Camera, Scene
 _F32 = np.float32
 _INF_KEY = (np.array(np.inf, _F32).view(np.int32).astype(np.int64) << 16) | 0xFFFF
 _CORNER_SIGNS = np.array([[i, j, k] for i in (-1, 1) for j in (-1, 1) for k in (-1, 1)], float)
+# Tile edge in pixels. 8 beats 16 (31 vs 43 ms per 128x160 image, 89 vs 94 ms at 256x320) and
+# 4 (48 ms): smaller tiles cull more (tile, box) pairs, mostly for shadow rays, until the
+# per-pair overhead wins. The image does not depend on it.
+_TILE = 8
 _NEAR = 1e-3  # metres; boxes entirely closer than this to the camera plane are culled
 _ROOM_LABELS = np.array([nyu13_id("floor"), nyu13_id("ceiling")] + [nyu13_id("wall")] * 4,
                         np.uint8)
@@ -325,8 +329,7 @@ def render(scene: Scene, camera: Camera, height: int, width: int, *, shadows: bo
     at this size. The camera must be inside the room and outside every box.
     """
     _check_inputs(scene, camera, height, width)
-    t_edge = 16 if min(height, width) >= 64 else 8
-    tiles = _Tiles(t_edge, -(-height // t_edge), -(-width // t_edge))
+    tiles = _Tiles(_TILE, -(-height // _TILE), -(-width // _TILE))
     origin = np.asarray(camera.position, np.float64)
     dirs = _pixel_rays(camera, height, width, tiles)                  # (count, K, 3)
     boxes = _box_arrays(scene)
