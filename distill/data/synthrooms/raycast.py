@@ -242,10 +242,13 @@ def _shadow_pairs(light: np.ndarray, p: np.ndarray, facing: np.ndarray, boxes: _
     r_group = np.sqrt(((p - centroid[:, None]) ** 2).sum(-1).max(1))   # (G,)
     seg = centroid - light
     q = boxes.center.astype(np.float64) - light                       # (B, 3)
-    s = (seg @ q.T) / np.maximum((seg ** 2).sum(-1), 1e-12)[:, None]  # (G, B)
-    s = np.clip(s, 0, 1)
-    gap = np.linalg.norm(q[None] - s[..., None] * seg[:, None], axis=-1)
-    near = gap <= (r_group[:, None] + boxes.radius[None] + 1e-3)
+    seg2 = np.maximum((seg ** 2).sum(-1), 1e-12)[:, None]             # (G, 1)
+    dot = seg @ q.T                                                   # (G, B)
+    s = np.clip(dot / seg2, 0, 1)
+    # |q - s seg|^2 expanded, so that no (G, B, 3) array is built.
+    gap2 = (q ** 2).sum(-1)[None] - 2 * s * dot + s * s * seg2
+    reach = r_group[:, None] + boxes.radius[None] + 1e-3
+    near = gap2 <= reach * reach
     return np.nonzero(near & facing.any(axis=1)[:, None])
 
 
