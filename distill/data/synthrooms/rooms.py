@@ -181,7 +181,7 @@ _RECIPES = {"bedroom": _bedroom, "living": _living, "dining": _dining, "office":
 def _extra(lay: Layout, rng: np.random.Generator) -> None:
     """A few pieces any room may hold, more in bigger rooms."""
     area = lay.room.width * lay.room.depth
-    for _ in range(int(rng.integers(1, 3 + int(area / 8)))):
+    for _ in range(int(rng.integers(3, 6 + int(area / 5)))):
         r = rng.random()
         if r < 0.08:
             _tv_corner(lay, rng, None, None)
@@ -196,27 +196,27 @@ def _extra(lay: Layout, rng: np.random.Generator) -> None:
             side = fu.table(rng, "side")
             fu.decorate(side, rng, int(rng.integers(1, 3)), lamp_prob=0.5)
             lay.free(side, margin=0.2) or lay.against_wall(side)
-        elif r < 0.7:
+        elif r < 0.65:
             lay.free(fu.sofa(rng, 1), margin=0.3)
-        elif r < 0.85:
-            lay.free(fu.chair(rng), margin=0.2)
+        elif r < 0.88:
+            lay.free(fu.chair(rng), margin=0.2) or lay.against_wall(fu.chair(rng))
         else:
             lay.against_wall(fu.lamp(rng, True))
 
 
 def _finish(lay: Layout, rng: np.random.Generator) -> None:
     """Pictures, floor clutter, plants, a rug and ceiling fixtures, common to all rooms."""
-    for _ in range(int(rng.integers(1, 7))):
+    for _ in range(int(rng.integers(2, 9))):
         pic = fu.picture(rng)
         centre = rng.uniform(1.3, 1.75)
         lay.on_wall(pic, centre - pic.height / 2)
-    for _ in range(int(rng.integers(0, 3))):
+    for _ in range(int(rng.integers(0, 4))):
         shelf = fu.wall_shelf(rng)
         lay.on_wall(shelf, rng.uniform(1.0, min(1.9, lay.room.height - 0.5)))
-    if _maybe(rng, 0.3):
+    if _maybe(rng, 0.5):
         panel = fu.wall_panel(rng)
         lay.on_wall(panel, rng.uniform(0.8, 1.2))
-    for _ in range(int(rng.integers(1, 7))):
+    for _ in range(int(rng.integers(3, 11))):
         item = fu.clutter(rng, 0.6)
         if not lay.free(item, margin=0.05):
             lay.against_wall(item)
