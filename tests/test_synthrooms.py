@@ -129,8 +129,8 @@ def test_tile_size_changes_speed_not_the_image(monkeypatch):
 
 
 def test_class_mix_is_not_dominated_by_walls():
-    """Version 2 furnishes rooms more densely and looks down more: walls fell from 48% to about
-    40% of pixels at CPU defaults; chairs and objects nearly doubled (README: SynthRooms)."""
+    """Version 2 furnishes rooms more densely and looks down more: walls fell from 48% to 40% of
+    the CPU-default training pixels, chairs and objects rose by 60-70% (README, SynthRooms)."""
     counts = sum(np.bincount(render_scene(0, H, W, index=i)["seg"].ravel(), minlength=13)
                  for i in range(48))
     share = dict(zip(NYU13_NAMES, counts / counts.sum()))
