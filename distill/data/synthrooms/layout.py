@@ -29,9 +29,10 @@ class Rect:
     top: float
     solid: bool = True
 
-    def axes(self) -> tuple[np.ndarray, np.ndarray]:
+    def axes(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """Unit vectors (x, z) of the local x and z axes, as plain floats (see rects_overlap)."""
         c, s = math.cos(self.yaw), math.sin(self.yaw)
-        return np.array([c, -s]), np.array([s, c])
+        return (c, -s), (s, c)
 
     def extent(self) -> tuple[float, float]:
         """Half extents of the axis-aligned bounding box (x, z)."""
@@ -44,11 +45,11 @@ def rects_overlap(a: Rect, b: Rect, margin: float = 0.0) -> bool:
 
     Plain floats: layout runs this test thousands of times per scene, and 2-vectors in numpy
     cost more in overhead than in arithmetic."""
-    ca, sa, cb, sb = math.cos(a.yaw), math.sin(a.yaw), math.cos(b.yaw), math.sin(b.yaw)
+    (ax, az), (bx, bz) = a.axes(), b.axes()
     dx, dz = b.x - a.x, b.z - a.z
-    for nx, nz in ((ca, -sa), (sa, ca), (cb, -sb), (sb, cb)):
-        ra = a.hw * abs(ca * nx - sa * nz) + a.hd * abs(sa * nx + ca * nz)
-        rb = b.hw * abs(cb * nx - sb * nz) + b.hd * abs(sb * nx + cb * nz)
+    for nx, nz in (ax, az, bx, bz):
+        ra = a.hw * abs(ax[0] * nx + ax[1] * nz) + a.hd * abs(az[0] * nx + az[1] * nz)
+        rb = b.hw * abs(bx[0] * nx + bx[1] * nz) + b.hd * abs(bz[0] * nx + bz[1] * nz)
         if abs(dx * nx + dz * nz) > ra + rb + margin:
             return False
     return True
