@@ -290,6 +290,27 @@ def test_weighted_cross_entropy_is_the_weighted_mean_and_matches_torch():
     assert cross_entropy(logits, target, weight=weight).item() == pytest.approx(torch_value.item(), rel=1e-5)
 
 
+def test_hard_fraction_keeps_only_the_hardest_labelled_pixels():
+    # four labelled pixels, 2 classes; their losses: ln(1 + e^-2), ln 2, ln(1 + e^2), ln(1 + e^4)
+    logits = torch.zeros(1, 2, 1, 5)
+    logits[0, 0, 0, :4] = torch.tensor([2.0, 0.0, -2.0, -4.0])
+    target = torch.tensor([[[0, 0, 0, 0, 255]]])
+    losses = [math.log(1 + math.e ** -2), math.log(2), math.log(1 + math.e ** 2), math.log(1 + math.e ** 4)]
+    half = cross_entropy(logits, target, hard_fraction=0.5)
+    assert half.item() == pytest.approx((losses[2] + losses[3]) / 2, rel=1e-6)
+    assert cross_entropy(logits, target, hard_fraction=0.3).item() == pytest.approx(
+        (losses[2] + losses[3]) / 2, rel=1e-6)   # ceil(0.3 * 4) = 2 pixels
+    assert cross_entropy(logits, target, hard_fraction=1.0).item() == pytest.approx(sum(losses) / 4, rel=1e-6)
+    weight = torch.tensor([2.0, 1.0])            # one class: the weights cancel in the weighted mean
+    assert cross_entropy(logits, target, weight=weight, hard_fraction=0.5).item() == pytest.approx(half.item())
+    logits.requires_grad_(True)
+    cross_entropy(logits, target, hard_fraction=0.5).backward()
+    assert logits.grad[0, :, 0, :2].abs().sum() == 0 and logits.grad[0, :, 0, 2:4].abs().sum() > 0
+    assert cross_entropy(torch.zeros(1, 2, 2, 2), torch.full((1, 2, 2), 255), hard_fraction=0.5).item() == 0.0
+    with pytest.raises(ValueError, match="hard_fraction"):
+        cross_entropy(logits, target, hard_fraction=0.0)
+
+
 def test_class_weights_from_frequencies():
     frequencies = torch.tensor([0.64, 0.32, 0.04, 0.0], dtype=torch.float64)
     assert torch.allclose(class_weights(frequencies, 0.0), torch.ones(4))      # plain cross-entropy

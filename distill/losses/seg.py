@@ -2,6 +2,8 @@
 optional class weights from the training set's label frequencies (`class_weights`)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -10,9 +12,14 @@ from distill.data.classes import IGNORE_INDEX
 
 
 def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX,
-                  weight: Tensor | None = None) -> Tensor:
+                  weight: Tensor | None = None, hard_fraction: float = 1.0) -> Tensor:
     """Mean cross-entropy over the labelled pixels of the batch; with `weight` (C,), each pixel
     counts with its class's weight (the weighted mean, as `F.cross_entropy`).
+
+    `hard_fraction` < 1 is online hard example mining (OHEM, Shrivastava et al. 2016, as used
+    for segmentation): only that fraction of the labelled pixels, those of highest cross-entropy
+    in the batch, enter the mean. Easy pixels (the walls and floors the student already gets)
+    stop diluting the gradient of the rare, hard ones.
 
     logits: (B, C, H, W) float, unnormalised class scores (computed in float32, autocast-safe).
     target: (B, H, W) integer class ids in [0, C), `ignore_index` for unlabelled pixels.
@@ -29,13 +36,28 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_IND
     if target.dtype.is_floating_point or target.dtype == torch.bool:
         raise ValueError(f"target must hold integer class ids (int64), got dtype {target.dtype}; "
                          "convert with `.long()` after checking the values are ids.")
+    if not 0 < hard_fraction <= 1:
+        raise ValueError(f"hard_fraction must be in (0, 1], got {hard_fraction}")
     per_pixel = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index,
                                 reduction="none")  # 0 at ignored pixels
     labelled = target != ignore_index
+    if hard_fraction < 1:
+        labelled = labelled & hardest(per_pixel, labelled, hard_fraction)
+        per_pixel = per_pixel * labelled
     if weight is None:
         return per_pixel.sum() / labelled.sum().clamp_min(1)
     pixel_weight = weight.to(per_pixel)[torch.where(labelled, target, 0).long()] * labelled
     return (per_pixel * pixel_weight).sum() / pixel_weight.sum().clamp_min(1e-12)
+
+
+def hardest(per_pixel: Tensor, labelled: Tensor, fraction: float) -> Tensor:
+    """Mask of the ceil(fraction * labelled) labelled pixels of highest loss (ties: any of them)."""
+    k = math.ceil(fraction * int(labelled.sum()))
+    mask = torch.zeros_like(labelled)
+    if k > 0:
+        ranked = torch.where(labelled, per_pixel.detach(), torch.full_like(per_pixel, -1.0)).flatten()
+        mask.view(-1)[ranked.topk(k, sorted=False).indices] = True
+    return mask
 
 
 def class_frequencies(dataset, num_classes: int, ignore_index: int = IGNORE_INDEX,

@@ -76,6 +76,7 @@ class LossConfig:
     gradient_weight: float = 0.0         # > 0 adds the edge-aware gradient Huber loss to the depth term
     gradient_delta: float = 0.05
     seg_balance: float = 0.5             # class weights ~ frequency^-seg_balance (0 = plain CE, 0.5 = 1/sqrt; README)
+    seg_hard_fraction: float = 1.0       # < 1: OHEM, the cross-entropy of only the hardest pixels of a batch
     weighting: str = "kendall"           # registry name (distill.losses.WEIGHTINGS): fixed | kendall | dwa
     depth_weight: float = 1.0            # used by `fixed`
     seg_weight: float = 1.0
@@ -180,6 +181,9 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
                         f"stops; the heads upsample the rest)")
     if d.cache_mb < 0:
         problems.append(f"data.cache_mb={d.cache_mb} must be >= 0 (0 = decode every image every epoch)")
+    if not 0 < recipe.loss.seg_hard_fraction <= 1:
+        problems.append(f"loss.seg_hard_fraction={recipe.loss.seg_hard_fraction} must be in (0, 1] "
+                        f"(1 = every labelled pixel, 0.25 = the hardest quarter of each batch)")
     if recipe.loss.seg_balance < 0:
         problems.append(f"loss.seg_balance={recipe.loss.seg_balance} must be >= 0 (0 = plain cross-entropy, "
                         f"0.5 = inverse square root of class frequency)")

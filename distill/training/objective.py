@@ -59,7 +59,7 @@ class Objective:
                     out["features"], batch["teacher_features"])
         if "seg" in out:
             losses["seg"] = cross_entropy(out["seg"].float(), batch["seg"], ignore_index=IGNORE_INDEX,
-                                          weight=self.seg_weights)
+                                          weight=self.seg_weights, hard_fraction=self.recipe.loss.seg_hard_fraction)
         return losses
 
 
