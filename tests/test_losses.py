@@ -245,6 +245,25 @@ def test_gradient_huber_hand_value_2x2():
     assert value.item() == pytest.approx(1.5)
 
 
+def test_gradient_huber_scales_average_the_subsampled_losses():
+    # target 4x4 with rows 0, 0, 1, 1 (a step between rows 1 and 2), pred 0, delta 1:
+    # scale 1: h 0 (12x); v: rows 0-1 0 (4x), 1-2 1 (4x), 2-3 0 (4x); diag and anti-diag 3 each
+    #   of 0, 1, 0 per row pair -> |x| = 1 on 4 + 3 + 3 = 10 of the 12 + 12 + 9 + 9 = 42 differences
+    # scale 2 (rows 0 and 2, columns 0 and 2): target [[0, 0], [1, 1]] -> h 0, 0; v 1, 1; diag 1,
+    #   anti-diag 1 -> 4 / 6
+    target = torch.tensor([0.0, 0.0, 1.0, 1.0]).view(1, 1, 4, 1).expand(1, 1, 4, 4).contiguous()
+    pred, valid = torch.zeros_like(target), torch.ones_like(target).bool()
+    one = build_depth_loss("gradient_huber", delta=1.0)(pred, target, valid)
+    two = build_depth_loss("gradient_huber", delta=1.0, scales=2)(pred, target, valid)
+    assert one.item() == pytest.approx(10 / 42)
+    assert two.item() == pytest.approx((10 / 42 + 4 / 6) / 2)
+    # a scale the image is too small for (a 4x4 map has no 8-pixel step) is left out
+    assert build_depth_loss("gradient_huber", delta=1.0, scales=5)(pred, target, valid).item() == pytest.approx(
+        two.item())
+    with pytest.raises(ValueError, match="scales"):
+        build_depth_loss("gradient_huber", scales=0)
+
+
 def test_gradient_huber_zero_for_identical_and_offset_maps():
     target = torch.rand(2, 1, 5, 5)
     valid = torch.ones_like(target).bool()

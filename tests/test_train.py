@@ -149,6 +149,7 @@ def test_bf16_autocast_path_trains(tmp_path):
     ("data.num_train=4", "data.num_train=4 is smaller than train.batch_size=16"),
     ("eval.best_metric=bogus", "eval.best_metric='bogus' is not a depth metric"),
     ("data.cache_mb=-1", "data.cache_mb=-1 must be >= 0"),
+    ("loss.gradient_scales=0", "loss.gradient_scales=0 must be at least 1"),
     ("loss.seg_hard_fraction=0", "loss.seg_hard_fraction=0.0 must be in (0, 1]"),
 ])
 def test_bad_values_are_refused_before_any_data_is_rendered(override, message, tmp_path, monkeypatch, capsys):

@@ -309,7 +309,7 @@ def modified_huber(x: Tensor, delta: float) -> Tensor:
 
 
 @DEPTH_LOSSES.register("gradient_huber")
-def gradient_huber(delta: float = 1.0) -> DepthLoss:
+def gradient_huber(delta: float = 1.0, scales: int = 1) -> DepthLoss:
     """Edge-aware gradient Huber loss over 4 directions, D3epth (2025) eq. (4).
 
     For each direction (horizontal, vertical, two diagonals) the neighbour differences G of pred
@@ -318,12 +318,18 @@ def gradient_huber(delta: float = 1.0) -> DepthLoss:
     usable differences of the batch, the 4 directions pooled. Invariant to a constant offset of
     pred. delta (space units; D3epth does not state its value, default 1.0 makes the small-error
     branch an unscaled L1) must be > 0.
+
+    `scales` > 1 is multi-scale supervision as in MiDaS's gradient-matching loss (Ranftl et al.
+    2020): the same loss on every 2nd, 4th, ... pixel too (subsampled, not averaged, so an edge
+    stays a step), the scales' means averaged. Coarse scales compare differences over 2, 4, ...
+    pixels: the extent of a step, not only its first pixel.
     """
     if not delta > 0:
         raise ValueError(f"gradient_huber delta={delta!r} must be > 0.")
+    if not (isinstance(scales, int) and scales >= 1):
+        raise ValueError(f"gradient_huber scales={scales!r} must be an integer >= 1.")
 
-    def loss(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
-        pred, target, valid = _prepare(pred, target, valid)
+    def one_scale(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
         total = _zero_with_graph(pred)
         count = torch.zeros((), dtype=torch.float32, device=pred.device)
         for gp, gt, ok in zip(_four_direction_differences(pred), _four_direction_differences(target),
@@ -332,5 +338,11 @@ def gradient_huber(delta: float = 1.0) -> DepthLoss:
             total = total + torch.where(ok, per_pair, torch.zeros_like(per_pair)).sum()
             count = count + ok.sum()
         return total / count.clamp_min(1)
+
+    def loss(pred: Tensor, target: Tensor, valid: Tensor) -> Tensor:
+        pred, target, valid = _prepare(pred, target, valid)
+        steps = [2 ** s for s in range(scales) if min(pred.shape[-2:]) >= 2 ** (s + 1)]
+        return sum(one_scale(pred[..., ::k, ::k], target[..., ::k, ::k], valid[..., ::k, ::k])
+                   for k in steps) / len(steps)
 
     return loss

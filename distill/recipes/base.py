@@ -75,6 +75,7 @@ class LossConfig:
     silog_per_image: bool = True
     gradient_weight: float = 0.0         # > 0 adds the edge-aware gradient Huber loss to the depth term
     gradient_delta: float = 0.05
+    gradient_scales: int = 1             # > 1: the gradient loss on every 2nd, 4th, ... pixel too (MiDaS)
     seg_balance: float = 0.5             # class weights ~ frequency^-seg_balance (0 = plain CE, 0.5 = 1/sqrt; README)
     seg_hard_fraction: float = 1.0       # < 1: OHEM, the cross-entropy of only the hardest pixels of a batch
     weighting: str = "kendall"           # registry name (distill.losses.WEIGHTINGS): fixed | kendall | dwa
@@ -181,6 +182,9 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
                         f"stops; the heads upsample the rest)")
     if d.cache_mb < 0:
         problems.append(f"data.cache_mb={d.cache_mb} must be >= 0 (0 = decode every image every epoch)")
+    if recipe.loss.gradient_scales < 1:
+        problems.append(f"loss.gradient_scales={recipe.loss.gradient_scales} must be at least 1 "
+                        f"(1 = full resolution only, 3 = also every 2nd and 4th pixel)")
     if not 0 < recipe.loss.seg_hard_fraction <= 1:
         problems.append(f"loss.seg_hard_fraction={recipe.loss.seg_hard_fraction} must be in (0, 1] "
                         f"(1 = every labelled pixel, 0.25 = the hardest quarter of each batch)")

@@ -32,7 +32,8 @@ class Objective:
         lc, self.dc = recipe.loss, recipe.distill
         self.recipe, self.feature_kd, self.seg_weights = recipe, feature_kd, seg_weights
         self.depth_loss = build_depth_loss(lc.depth, **depth_loss_options(lc))
-        self.grad_loss = build_depth_loss("gradient_huber", delta=lc.gradient_delta) if lc.gradient_weight > 0 else None
+        self.grad_loss = build_depth_loss(
+            "gradient_huber", delta=lc.gradient_delta, scales=lc.gradient_scales) if lc.gradient_weight > 0 else None
 
     def pixel_loss(self, pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Depth loss of (B, 1, H, W) prediction and target: metres, plus the normalised term."""
@@ -81,7 +82,7 @@ def seg_weights_for(recipe: Recipe, train_ds, log=print) -> torch.Tensor | None:
 def depth_loss_options(lc) -> dict:
     return {"berhu": {"threshold": lc.berhu_threshold, "residual_kind": lc.berhu_residual},
             "silog": {"lam": lc.silog_lambda, "per_image": lc.silog_per_image},
-            "gradient_huber": {"delta": lc.gradient_delta}}.get(lc.depth, {})
+            "gradient_huber": {"delta": lc.gradient_delta, "scales": lc.gradient_scales}}.get(lc.depth, {})
 
 
 def weighting_for(recipe: Recipe):
