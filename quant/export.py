@@ -126,7 +126,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prune-lr", type=float, default=2e-3,
                    help="learning rate of the fine-tune after pruning (cosine decay from it)")
     p.add_argument("--prune-importance", default="magnitude",
-                   help="how channels are ranked for pruning: magnitude (group L2 norm) or bn_scale (|BN gamma|)")
+                   help="how channels are ranked for pruning: magnitude (group L2 norm), bn_scale (|BN gamma|) "
+                        "or taylor (|weight x gradient| of the task losses over 16 training batches)")
     p.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS,
                    help=f"QAT steps for int8 (0 = post-training quantisation only; default {DEFAULT_QAT_STEPS})")
     p.add_argument("--qat-lr", type=float, default=1e-4)
@@ -456,15 +457,18 @@ def report_markdown(run, plan: Plan, config: dict, drift_md: str, table: str, wa
 
 
 def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], opts: ExportOptions, log):
-    from quant.finetune import finetune
-    from quant.prune import PruneTarget, prune_student
+    from quant.finetune import finetune, loss_gradients
+    from quant.prune import NEEDS_GRADIENTS, PruneTarget, prune_student
 
     target = PruneTarget.parse(opts.prune)
     h, w = size
     before = evaluate(model, val_ds, run.recipe)
     reference = copy.deepcopy(model).eval()
     pruned = copy.deepcopy(model)
+    if opts.prune_importance in NEEDS_GRADIENTS:
+        loss_gradients(pruned, run.recipe, train_ds, batch_size=opts.batch_size, seed=opts.seed, log=log)
     report = prune_student(pruned, target, (h, w), importance=opts.prune_importance, log=log)
+    pruned.zero_grad(set_to_none=True)
     finetune(pruned, reference, run.recipe, train_ds, steps=opts.prune_steps, lr=opts.prune_lr,
              batch_size=opts.batch_size, seed=opts.seed, desc="prune fine-tune", progress=opts.progress, log=log)
     after = evaluate(pruned, val_ds, run.recipe)

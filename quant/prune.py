@@ -4,7 +4,7 @@ What is pruned: output channels of the Conv2d layers of the encoder, the decoder
 DepGraph removes each coupled group as one unit (a conv's outputs, its BatchNorm, the depthwise conv
 and squeeze-excite convs that follow, the next layers' inputs, every branch of a residual or FPN
 addition), so the pruned model is a smaller dense model, not a masked one. Groups are ranked by the
-L2 norm of their weights, and every group loses the same fraction of its channels (local pruning:
+L2 norm of their weights (or `IMPORTANCE`'s other criteria), and every group loses the same fraction of its channels (local pruning:
 a global ranking compares magnitudes across layers of different scale and can empty single layers).
 
 Protected, and why:
@@ -49,7 +49,9 @@ LOG_EVERY = 10   # greedy MAC-target steps between two progress lines
 IMPORTANCE = {   # how channels are ranked inside a group (python -m quant.export --prune-importance)
     "magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2),   # L2 norm over the whole group
     "bn_scale": lambda: tp.importance.BNScaleImportance(),               # |gamma| of the BatchNorms (Network Slimming)
+    "taylor": lambda: tp.importance.GroupTaylorImportance(),             # |w * dL/dw|: needs gradients (NEEDS_GRADIENTS)
 }
+NEEDS_GRADIENTS = {"taylor"}   # the parameters must carry .grad of the task loss (quant.finetune.loss_gradients)
 _FORMS = ('a channel ratio "0.3" (0 < r < 1), a MAC budget "macs=80M" or "80M" (suffix K/M/G), '
           'or a fraction of the current MACs "macs=0.5x" (0 < x <= 1)')
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
@@ -141,6 +143,9 @@ def _prune_to_macs(model: nn.Module, budget: float, input_size: tuple[int, int],
     Returns the fraction of the groups' channels removed.
     """
     trial = copy.deepcopy(model)   # an unreachable budget must leave the caller's model untouched
+    for copied, original_param in zip(trial.parameters(), model.parameters()):
+        if original_param.grad is not None:   # deepcopy leaves .grad behind; Taylor importance reads it
+            copied.grad = original_param.grad.clone()
     ignored, scorer = _ignored(trial), _importance(importance)
     # Protected layers stay in the traced graph (their inputs shrink); they are only never a group's root.
     graph = tp.DependencyGraph().build_dependency(trial, _example(trial, input_size))
@@ -178,6 +183,9 @@ def prune_student(model: nn.Module, target: PruneTarget, input_size: tuple[int, 
     ignored (protected module names), pruned_layers (Conv2d/Linear
     layers whose weight shape changed). Optimizers built before must be rebuilt: parameters are new.
     """
+    if importance in NEEDS_GRADIENTS and not any(p.grad is not None for p in model.parameters()):
+        raise ValueError(f'pruning importance "{importance}" ranks channels by weight x gradient, and the model '
+                         f"has no gradients: compute them first (quant.finetune.loss_gradients)")
     was_training = model.training
     model.eval()   # tracing runs a forward: in train mode it would move BatchNorm running stats
     try:

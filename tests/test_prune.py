@@ -78,8 +78,25 @@ def test_mac_fraction_target_lands_within_ten_percent_below_the_budget(fraction,
 
 
 def test_unknown_importance_names_the_choices():
-    with pytest.raises(ValueError, match='unknown pruning importance "taylor": use one of magnitude, bn_scale'):
-        prune_student(tiny(), PruneTarget(ratio=0.3), SIZE, importance="taylor", log=lambda _: None)
+    with pytest.raises(ValueError, match='unknown pruning importance "random": use one of magnitude, bn_scale, taylor'):
+        prune_student(tiny(), PruneTarget(ratio=0.3), SIZE, importance="random", log=lambda _: None)
+
+
+def test_taylor_importance_ranks_by_weight_times_gradient():
+    with pytest.raises(ValueError, match="has no gradients"):
+        prune_student(tiny(), PruneTarget(macs=0.5), SIZE, importance="taylor", log=lambda _: None)
+    model = tiny()
+    out = model.eval()(torch.rand(2, 3, *SIZE))
+    (out["depth"].mean() + out["seg"].logsumexp(1).mean()).backward()
+    report = prune_student(model, PruneTarget(macs=0.5), SIZE, importance="taylor", log=lambda _: None)
+    assert 0.45 <= report["macs_after"] / report["macs_before"] <= 0.5 and report["importance"] == "taylor"
+    assert_output_shapes(model)
+    # The gradients decide: the same budget by weight magnitude keeps other channels.
+    magnitude = tiny()
+    prune_student(magnitude, PruneTarget(macs=0.5), SIZE, importance="magnitude", log=lambda _: None)
+    kept = {n: p.detach() for n, p in model.named_parameters()}
+    assert any(p.shape != kept[n].shape or not torch.equal(p.detach(), kept[n])
+               for n, p in magnitude.named_parameters())
 
 
 def test_efficientvit_prunes_around_the_linear_attention_and_runs():
