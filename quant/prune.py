@@ -49,7 +49,7 @@ LOG_EVERY = 10   # greedy MAC-target steps between two progress lines
 IMPORTANCE = {   # how channels are ranked inside a group (python -m quant.export --prune-importance)
     "magnitude": lambda: tp.importance.GroupMagnitudeImportance(p=2),   # L2 norm over the whole group
     "bn_scale": lambda: tp.importance.BNScaleImportance(),               # |gamma| of the BatchNorms (Network Slimming)
-    "taylor": lambda: tp.importance.GroupTaylorImportance(),             # |w * dL/dw|: needs gradients (NEEDS_GRADIENTS)
+    "taylor": lambda: tp.importance.GroupTaylorImportance(),             # |w * dL/dw|: needs gradients
 }
 NEEDS_GRADIENTS = {"taylor"}   # the parameters must carry .grad of the task loss (quant.finetune.loss_gradients)
 _FORMS = ('a channel ratio "0.3" (0 < r < 1), a MAC budget "macs=80M" or "80M" (suffix K/M/G), '
