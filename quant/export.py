@@ -73,6 +73,7 @@ class ExportOptions:
     prune_steps: int = 1000                   # distillation fine-tune steps after pruning (README: pruning figures)
     prune_importance: str = "magnitude"       # how channels are ranked: quant/prune.py IMPORTANCE
     prune_lr: float = 2e-3                    # peak learning rate of the fine-tune after pruning (cosine decay)
+    prune_stages: int = 1                     # > 1: iterative pruning, the fine-tune steps split between the stages
     qat_steps: int = DEFAULT_QAT_STEPS        # 0 = post-training quantisation only
     qat_lr: float = 1e-4
     float_ops: tuple[str, ...] = ("DIV",)     # TFLite op types an int8 file keeps in float
@@ -123,6 +124,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "default: the format's, NHWC for TFLite)")
     p.add_argument("--prune", help='channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")')
     p.add_argument("--prune-steps", type=int, default=1000, help="distillation fine-tune steps after pruning")
+    p.add_argument("--prune-stages", type=int, default=1,
+                   help="iterative pruning: reach a MAC target in N stages, each followed by its share of "
+                        "--prune-steps (default 1: prune once, then fine-tune)")
     p.add_argument("--prune-lr", type=float, default=2e-3,
                    help="learning rate of the fine-tune after pruning (cosine decay from it)")
     p.add_argument("--prune-importance", default="magnitude",
@@ -157,6 +161,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
     return ExportOptions(
         precisions=tuple(args.precision or ()), converter=args.converter, layout=args.layout,
         prune=args.prune or "", prune_steps=args.prune_steps, prune_importance=args.prune_importance,
+        prune_stages=args.prune_stages,
         prune_lr=args.prune_lr,
         qat_steps=args.qat_steps, qat_lr=args.qat_lr,
         float_ops=tuple(op.strip().upper() for op in args.float_ops.split(",") if op.strip()), calib=args.calib,
@@ -223,6 +228,7 @@ def check_options(options: ExportOptions, fmt: Format) -> None:
     """Refuse values that cannot work before a model is loaded or a file converted."""
     for flag, value, low in (("--check", options.check, 1), ("--calib", options.calib, 1),
                              ("--qat-steps", options.qat_steps, 0), ("--prune-steps", options.prune_steps, 0),
+                             ("--prune-stages", options.prune_stages, 1),
                              ("--bench-runs", options.bench_runs, 0), ("--bench-warmup", options.bench_warmup, 0),
                              ("--batch-size", options.batch_size, 1), ("--threads", options.threads, 0),
                              ("--seed", options.seed, 0)):
@@ -243,9 +249,12 @@ def check_prune(options: ExportOptions) -> None:
     from quant.prune import IMPORTANCE, PruneTarget
 
     try:
-        PruneTarget.parse(options.prune)
+        target = PruneTarget.parse(options.prune)
     except ValueError as e:
         raise ExportError(f"--prune: {e}") from None
+    if options.prune_stages > 1 and target.macs is None:
+        raise ExportError(f'--prune-stages {options.prune_stages}: iterative pruning needs a MAC target '
+                          f'(--prune macs=0.5x or macs=80M), not the channel ratio "{options.prune}"')
     if options.prune_importance not in IMPORTANCE:
         raise ExportError(f'--prune-importance "{options.prune_importance}": use one of {", ".join(IMPORTANCE)}')
 
@@ -457,23 +466,34 @@ def report_markdown(run, plan: Plan, config: dict, drift_md: str, table: str, wa
 
 
 def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], opts: ExportOptions, log):
+    """Prune to `--prune` in `--prune-stages` stages, each followed by its share of the fine-tune."""
+    from distill.students import count_macs
     from quant.finetune import finetune, loss_gradients
-    from quant.prune import NEEDS_GRADIENTS, PruneTarget, prune_student
+    from quant.prune import NEEDS_GRADIENTS, PruneTarget, prune_student, stage_targets, weight_shapes
 
-    target = PruneTarget.parse(opts.prune)
     h, w = size
     before = evaluate(model, val_ds, run.recipe)
     reference = copy.deepcopy(model).eval()
     pruned = copy.deepcopy(model)
-    if opts.prune_importance in NEEDS_GRADIENTS:
-        loss_gradients(pruned, run.recipe, train_ds, batch_size=opts.batch_size, seed=opts.seed, log=log)
-    report = prune_student(pruned, target, (h, w), importance=opts.prune_importance, log=log)
-    pruned.zero_grad(set_to_none=True)
-    finetune(pruned, reference, run.recipe, train_ds, steps=opts.prune_steps, lr=opts.prune_lr,
-             batch_size=opts.batch_size, seed=opts.seed, desc="prune fine-tune", progress=opts.progress, log=log)
+    targets = stage_targets(PruneTarget.parse(opts.prune), count_macs(model, h, w), opts.prune_stages)
+    shapes = weight_shapes(model)
+    stages, kept = [], 1.0
+    for i, target in enumerate(targets, 1):
+        if opts.prune_importance in NEEDS_GRADIENTS:
+            loss_gradients(pruned, run.recipe, train_ds, batch_size=opts.batch_size, seed=opts.seed + i - 1, log=log)
+        stages.append(prune_student(pruned, target, (h, w), importance=opts.prune_importance, log=log))
+        pruned.zero_grad(set_to_none=True)
+        kept *= 1 - stages[-1]["ratio"]
+        steps = opts.prune_steps * i // len(targets) - opts.prune_steps * (i - 1) // len(targets)
+        stage = f" {i}/{len(targets)}" if len(targets) > 1 else ""
+        finetune(pruned, reference, run.recipe, train_ds, steps=steps, lr=opts.prune_lr, batch_size=opts.batch_size,
+                 seed=opts.seed + i - 1, desc=f"prune fine-tune{stage}", progress=opts.progress, log=log)
     after = evaluate(pruned, val_ds, run.recipe)
-    report.update({"finetune_steps": opts.prune_steps, "finetune_lr": opts.prune_lr,
-                   "val_before": before, "val_after": after})
+    report = {**stages[-1], "params_before": stages[0]["params_before"], "macs_before": stages[0]["macs_before"],
+              "ratio": round(1 - kept, 4), "stages": len(targets),
+              "pruned_layers": sum(shape != shapes[name] for name, shape in weight_shapes(pruned).items()),
+              "finetune_steps": opts.prune_steps, "finetune_lr": opts.prune_lr,
+              "val_before": before, "val_after": after}
     log(f"pruned: params {report['params_before'] / 1e6:.2f} M -> {report['params_after'] / 1e6:.2f} M, "
         f"MACs {report['macs_before'] / 1e6:.0f} M -> {report['macs_after'] / 1e6:.0f} M, "
         f"abs_rel {before['abs_rel']:.4f} -> {after['abs_rel']:.4f}, miou {before.get('miou', 0):.3f} -> {after.get('miou', 0):.3f}")

@@ -90,6 +90,20 @@ class PruneTarget:
         return cls(macs=value * _SUFFIX[suffix])
 
 
+def stage_targets(target: PruneTarget, macs_now: float, stages: int) -> list[PruneTarget]:
+    """Absolute MAC budgets for iterative pruning (Molchanov et al. 2017, Han et al. 2015): `stages`
+    steps that each remove the same fraction of the MACs, ending at `target`'s budget."""
+    if stages < 1:
+        raise ValueError(f"prune stages must be at least 1, got {stages}")
+    if stages == 1:
+        return [target]
+    if target.macs is None:
+        raise ValueError(f"iterative pruning ({stages} stages) needs a MAC target (macs=0.5x, macs=80M), "
+                         f"not a channel ratio ({target.ratio})")
+    final = target.macs if target.macs > 1 else target.macs * macs_now
+    return [PruneTarget(macs=macs_now * (final / macs_now) ** (i / stages)) for i in range(1, stages + 1)]
+
+
 def protected_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules whose output channels must not change (see the module docstring), by name."""
     protected = {f"heads.{name}.out": head.out for name, head in model.heads.items()}
@@ -170,7 +184,7 @@ def _prune_to_macs(model: nn.Module, budget: float, input_size: tuple[int, int],
     return round(1 - sum(width.values()) / sum(original.values()), 4)
 
 
-def _weight_shapes(model: nn.Module) -> dict[str, torch.Size]:
+def weight_shapes(model: nn.Module) -> dict[str, torch.Size]:
     return {n: m.weight.shape for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
 
@@ -189,7 +203,7 @@ def prune_student(model: nn.Module, target: PruneTarget, input_size: tuple[int, 
     was_training = model.training
     model.eval()   # tracing runs a forward: in train mode it would move BatchNorm running stats
     try:
-        shapes, params_before = _weight_shapes(model), count_params(model)
+        shapes, params_before = weight_shapes(model), count_params(model)
         macs_before = count_macs(model, *input_size)
         if target.ratio is not None:
             ratio = target.ratio
@@ -198,7 +212,7 @@ def prune_student(model: nn.Module, target: PruneTarget, input_size: tuple[int, 
             budget = target.macs if target.macs > 1 else target.macs * macs_before
             ratio = 0.0 if macs_before <= budget else _prune_to_macs(model, budget, input_size, round_to,
                                                                          importance, log)
-        after = _weight_shapes(model)
+        after = weight_shapes(model)
         report = {"params_before": params_before, "params_after": count_params(model),
                   "macs_before": macs_before, "macs_after": count_macs(model, *input_size),
                   "ratio": ratio, "round_to": round_to, "importance": importance, "ignored": sorted(protected_modules(model)),

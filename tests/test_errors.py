@@ -57,6 +57,8 @@ CASES = [
     ("quant.export", ["--target", "tflite", "--input-size", "100x100"], "multiples of 32"),
     ("quant.export", ["--target", "tflite", "--prune-lr", "0"], "--prune-lr 0.0: must be positive"),
     ("quant.export", ["--target", "tflite", "--prune", "macs=2x"], '--prune: MAC fraction "macs=2x" must be in (0, 1]'),
+    ("quant.export", ["--target", "tflite", "--prune", "0.3", "--prune-stages", "2"],
+     '--prune-stages 2: iterative pruning needs a MAC target'),
     ("quant.export", ["--target", "tflite", "--prune", "0.3", "--prune-importance", "random"],
      '--prune-importance "random": use one of magnitude, bn_scale, taylor'),
     ("quant.export", ["--target", "tflite", "--out", "a_file/exports"], "a_file is a file, not a directory"),

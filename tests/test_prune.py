@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from distill.students import build_student, count_macs
-from quant.prune import PruneTarget, prune_student
+from quant.prune import PruneTarget, prune_student, stage_targets
 
 SIZE = (64, 96)
 FORMS = r'"macs=0\.5x"'   # every parse error lists the accepted forms
@@ -155,3 +155,15 @@ def test_unreachable_budget_says_the_smallest_reached_and_leaves_the_model_alone
     with pytest.raises(ValueError, match=r"MAC budget 1\.00M is unreachable: the smallest reached is [\d.]+M with every group at 8"):
         prune_student(model, PruneTarget.parse("macs=1M"), SIZE, log=lambda _: None)
     assert conv_out_channels(model) == before
+
+
+def test_stage_targets_remove_the_same_fraction_each_stage():
+    assert stage_targets(PruneTarget(macs=0.5), 100e6, 1) == [PruneTarget(macs=0.5)]   # one stage: as given
+    budgets = [t.macs for t in stage_targets(PruneTarget(macs=0.25), 100e6, 2)]
+    assert budgets == pytest.approx([50e6, 25e6])
+    budgets = [t.macs for t in stage_targets(PruneTarget(macs=20e6), 160e6, 3)]   # an absolute budget
+    assert budgets == pytest.approx([80e6, 40e6, 20e6])
+    with pytest.raises(ValueError, match="needs a MAC target"):
+        stage_targets(PruneTarget(ratio=0.3), 100e6, 2)
+    with pytest.raises(ValueError, match="at least 1"):
+        stage_targets(PruneTarget(macs=0.5), 100e6, 0)
