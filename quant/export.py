@@ -71,7 +71,7 @@ class ExportOptions:
     layout: str = ""                          # input layout, "NHWC" or "NCHW"; "" = the format's
     prune: str = ""                           # channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")
     prune_steps: int = 1000                   # distillation fine-tune steps after pruning (README: pruning figures)
-    prune_importance: str = "magnitude"       # how channels are ranked: quant/prune.py IMPORTANCE
+    prune_importance: str = "taylor"          # how channels are ranked: quant/prune.py IMPORTANCE (README: seeds)
     prune_lr: float = 2e-3                    # peak learning rate of the fine-tune after pruning (cosine decay)
     prune_stages: int = 1                     # > 1: iterative pruning, the fine-tune steps split between the stages
     qat_steps: int = DEFAULT_QAT_STEPS        # 0 = post-training quantisation only
@@ -129,9 +129,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "--prune-steps (default 1: prune once, then fine-tune)")
     p.add_argument("--prune-lr", type=float, default=2e-3,
                    help="learning rate of the fine-tune after pruning (cosine decay from it)")
-    p.add_argument("--prune-importance", default="magnitude",
-                   help="how channels are ranked for pruning: magnitude (group L2 norm), bn_scale (|BN gamma|) "
-                        "or taylor (|weight x gradient| of the task losses over 16 training batches)")
+    p.add_argument("--prune-importance", default="taylor",
+                   help="how channels are ranked for pruning: taylor (|weight x gradient| of the task losses over 16 "
+                        "training batches; default), magnitude (group L2 norm) or bn_scale (|BN gamma|)")
     p.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS,
                    help=f"QAT steps for int8 (0 = post-training quantisation only; default {DEFAULT_QAT_STEPS})")
     p.add_argument("--qat-lr", type=float, default=1e-4)

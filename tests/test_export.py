@@ -286,7 +286,7 @@ def test_pruned_float_only_tflite_export(tflite_export, run_dir, capsys):
     (damaged / "manifest.json").write_text("{")
     # float only: no calibration set, yet onnx2tf must find its sample file (offline here)
     assert export(run_dir, tflite_export, "--target", "tflite", "--precision", "fp32", "--prune", "macs=0.6x",
-                  "--prune-steps", "3", "--prune-importance", "taylor", "--prune-stages", "2") == 0
+                  "--prune-steps", "3", "--prune-stages", "2") == 0
     manifest = manifest_of(tflite_export, run_dir, "tflite-pruned-0.6x")   # beside the unpruned export, not over it
     prune = manifest["config"]["prune"]
     assert 0.54 <= prune["macs_after"] / prune["macs_before"] <= 0.6 and prune["params_after"] < prune["params_before"]
