@@ -70,7 +70,7 @@ class ExportOptions:
     converter: str = ""                       # "" = the format's default converter (core/formats.py)
     layout: str = ""                          # input layout, "NHWC" or "NCHW"; "" = the format's
     prune: str = ""                           # channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")
-    prune_steps: int = 1000                   # distillation fine-tune steps after pruning (README: pruning figures)
+    prune_steps: int = 2000                   # distillation fine-tune steps after pruning (README: pruning figures)
     prune_importance: str = "taylor"          # how channels are ranked: quant/prune.py IMPORTANCE (README: seeds)
     prune_lr: float = 2e-3                    # peak learning rate of the fine-tune after pruning (cosine decay)
     prune_stages: int = 1                     # > 1: iterative pruning, the fine-tune steps split between the stages
@@ -123,7 +123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layout", default="", type=str.upper, help="input layout NHWC or NCHW (litert-torch only; "
                    "default: the format's, NHWC for TFLite)")
     p.add_argument("--prune", help='channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")')
-    p.add_argument("--prune-steps", type=int, default=1000, help="distillation fine-tune steps after pruning")
+    p.add_argument("--prune-steps", type=int, default=2000,
+                   help="distillation fine-tune steps after pruning (default 2000: what recovers v3 at 0.5x MACs)")
     p.add_argument("--prune-stages", type=int, default=1,
                    help="iterative pruning: reach a MAC target in N stages, each followed by its share of "
                         "--prune-steps (default 1: prune once, then fine-tune)")
