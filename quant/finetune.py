@@ -86,23 +86,23 @@ def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recip
     return means
 
 
-def loss_gradients(student: torch.nn.Module, recipe: Recipe, dataset, *, batches_: int = 16, batch_size: int = 16,
+def loss_gradients(student: torch.nn.Module, recipe: Recipe, dataset, *, num_batches: int = 16, batch_size: int = 16,
                    seed: int = 0, log=print) -> None:
     """Leave in each parameter's .grad the gradient of the recipe's task losses (unweighted sum, as
-    the fine-tune) summed over `batches_` training batches: what Taylor importance multiplies with
+    the fine-tune) summed over `num_batches` training batches: what Taylor importance multiplies with
     the weights (Molchanov et al. 2019). BatchNorm stays in eval mode: its statistics do not move."""
     loader = make_loader(dataset, min(batch_size, len(dataset)), train=True, seed=seed, workers=0)
     supervision = supervision_for(recipe, torch.device("cpu"), dataset, loader, log=log)
     objective = Objective(recipe, seg_weights=seg_weights_for(recipe, dataset, log))
     student.eval()
     student.zero_grad(set_to_none=True)
-    for step, batch in zip(range(batches_), batches(loader, dataset)):
+    for step, batch in zip(range(num_batches), batches(loader, dataset)):
         teacher = None
         if recipe.target == "teacher":
             batch, teacher = supervision.prepare(batch, step)
         losses = objective(student(batch["image"]), batch, teacher)
         sum(losses.values()).backward()
-    log(f"gradients of the task losses over {batches_} batches of {loader.batch_size} (Taylor importance)")
+    log(f"gradients of the task losses over {num_batches} batches of {loader.batch_size} (Taylor importance)")
 
 
 def batches(loader, dataset):
