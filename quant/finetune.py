@@ -86,8 +86,8 @@ def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recip
     return means
 
 
-def loss_gradients(student: torch.nn.Module, recipe: Recipe, dataset, *, num_batches: int = 16, batch_size: int = 16,
-                   seed: int = 0, log=print) -> None:
+def loss_gradients(student: torch.nn.Module, recipe: Recipe, dataset, *, num_batches: int = 16,
+                   batch_size: int = 16, seed: int = 0, log=print) -> None:
     """Leave in each parameter's .grad the gradient of the recipe's task losses (unweighted sum, as
     the fine-tune) summed over `num_batches` training batches: what Taylor importance multiplies with
     the weights (Molchanov et al. 2019). BatchNorm stays in eval mode: its statistics do not move."""
