@@ -4,8 +4,9 @@ What is pruned: output channels of the Conv2d layers of the encoder, the decoder
 DepGraph removes each coupled group as one unit (a conv's outputs, its BatchNorm, the depthwise conv
 and squeeze-excite convs that follow, the next layers' inputs, every branch of a residual or FPN
 addition), so the pruned model is a smaller dense model, not a masked one. Groups are ranked by the
-L2 norm of their weights (or `IMPORTANCE`'s other criteria), and every group loses the same fraction of its channels (local pruning:
-a global ranking compares magnitudes across layers of different scale and can empty single layers).
+L2 norm of their weights (or `IMPORTANCE`'s other criteria), and every group loses the same
+fraction of its channels (local pruning: a global ranking compares magnitudes across layers of
+different scale and can empty single layers).
 
 Protected, and why:
 - the heads' final `out` convs (`heads[name].out`): their output channels ARE the task outputs
