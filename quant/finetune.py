@@ -37,6 +37,14 @@ def distillation_losses(out: dict, ref: dict, valid: torch.Tensor) -> dict[str, 
     return losses
 
 
+def training_losses(recipe: Recipe, dataset, batch_size: int, seed: int, log):
+    """The training batches (shuffled, augmented), the recipe's supervision and its objective, as
+    the fine-tunes and the Taylor gradients both use them."""
+    loader = make_loader(dataset, min(batch_size, len(dataset)), train=True, seed=seed, workers=0)
+    supervision = supervision_for(recipe, torch.device("cpu"), dataset, loader, log=log)
+    return loader, supervision, Objective(recipe, seg_weights=seg_weights_for(recipe, dataset, log))
+
+
 def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recipe, dataset, *, steps: int,
              lr: float, batch_size: int = 16, seed: int = 0, desc: str = "fine-tune", progress: bool = True,
              log=print) -> dict[str, float]:
@@ -44,12 +52,10 @@ def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recip
     if steps <= 0:
         return {}
     reference.eval()
-    loader = make_loader(dataset, min(batch_size, len(dataset)), train=True, seed=seed, workers=0)
-    supervision = supervision_for(recipe, torch.device("cpu"), dataset, loader, log=log)
+    loader, supervision, objective = training_losses(recipe, dataset, batch_size, seed, log)
     if recipe.distill.feature_weight > 0:
         log(f"{desc}: distill.feature_weight={recipe.distill.feature_weight} is not used here (feature KD's "
             f"projections are not part of the exported student); the float model's outputs supervise instead")
-    objective = Objective(recipe, seg_weights=seg_weights_for(recipe, dataset, log))
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -91,9 +97,7 @@ def loss_gradients(student: torch.nn.Module, recipe: Recipe, dataset, *, num_bat
     """Leave in each parameter's .grad the gradient of the recipe's task losses (unweighted sum, as
     the fine-tune) summed over `num_batches` training batches: what Taylor importance multiplies with
     the weights (Molchanov et al. 2019). BatchNorm stays in eval mode: its statistics do not move."""
-    loader = make_loader(dataset, min(batch_size, len(dataset)), train=True, seed=seed, workers=0)
-    supervision = supervision_for(recipe, torch.device("cpu"), dataset, loader, log=log)
-    objective = Objective(recipe, seg_weights=seg_weights_for(recipe, dataset, log))
+    loader, supervision, objective = training_losses(recipe, dataset, batch_size, seed, log)
     student.eval()
     student.zero_grad(set_to_none=True)
     for step, batch in zip(range(num_batches), batches(loader, dataset)):
