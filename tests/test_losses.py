@@ -15,6 +15,7 @@ from distill.losses import (
     class_frequencies,
     class_weights,
     cross_entropy,
+    lovasz_softmax,
     modified_huber,
     quantile,
 )
@@ -328,6 +329,62 @@ def test_hard_fraction_keeps_only_the_hardest_labelled_pixels():
     assert cross_entropy(torch.zeros(1, 2, 2, 2), torch.full((1, 2, 2), 255), hard_fraction=0.5).item() == 0.0
     with pytest.raises(ValueError, match="hard_fraction"):
         cross_entropy(logits, target, hard_fraction=0.0)
+
+
+def one_hot_logits(labels: list[int], num_classes: int) -> torch.Tensor:
+    """(1, C, 1, N) logits whose softmax is (numerically) one-hot on `labels`."""
+    return 100.0 * torch.nn.functional.one_hot(torch.tensor(labels), num_classes).T.float().view(1, num_classes, 1, -1)
+
+
+def test_lovasz_softmax_is_one_minus_iou_on_hard_predictions():
+    # labels 0 0 1 1 (ignored), predicted 0 1 1 1 0: IoU of class 0 = 1/2, of class 1 = 2/3;
+    # class 2 is predicted nowhere and labelled nowhere: absent, it does not count
+    target = torch.tensor([[[0, 0, 1, 1, 255]]])
+    value = lovasz_softmax(one_hot_logits([0, 1, 1, 1, 0], 3), target)
+    assert value.item() == pytest.approx(((1 - 1 / 2) + (1 - 2 / 3)) / 2, abs=1e-6)
+    assert lovasz_softmax(one_hot_logits([0, 0, 1, 1, 2], 3), target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_lovasz_softmax_hand_value_on_soft_predictions():
+    # two pixels labelled 0 and 1, p(class 0) = 0.8 and 0.3. Class 0: errors 0.2 (foreground), 0.3
+    # (background); sorted 0.3, 0.2, Jaccard losses 1/2 then 1: 0.3 * 0.5 + 0.2 * 0.5 = 0.25.
+    # Class 1: errors 0.3 (foreground), 0.2; Jaccard losses 1 then 1: 0.3 * 1 + 0.2 * 0 = 0.3.
+    p0 = torch.tensor([0.8, 0.3])
+    logits = torch.stack([p0.log(), (1 - p0).log()]).view(1, 2, 1, 2).requires_grad_(True)
+    value = lovasz_softmax(logits, torch.tensor([[[0, 1]]]))
+    assert value.item() == pytest.approx((0.25 + 0.3) / 2, rel=1e-5)
+    value.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_lovasz_softmax_stride_ignore_and_errors():
+    target = torch.tensor([[[0, 255, 1, 255]]])            # stride 2 keeps pixels 0 and 2 only
+    logits = one_hot_logits([0, 1, 1, 0], 2)
+    assert lovasz_softmax(logits, target, stride=2).item() == pytest.approx(0.0, abs=1e-6)
+    assert lovasz_softmax(logits, target.clone().fill_(0), stride=2).item() == pytest.approx(0.5, abs=1e-6)
+    empty = torch.randn(1, 3, 2, 2, requires_grad=True)
+    value = lovasz_softmax(empty, torch.full((1, 2, 2), 255))
+    value.backward()
+    assert value.item() == 0.0 and torch.equal(empty.grad, torch.zeros_like(empty))
+    with pytest.raises(ValueError, match="stride"):
+        lovasz_softmax(logits, target, stride=0)
+    with pytest.raises(ValueError, match="squeeze"):
+        lovasz_softmax(logits, target.unsqueeze(1))
+
+
+def test_objective_adds_the_lovasz_term_to_the_seg_loss():
+    from core.config import apply_overrides
+    from distill.recipes import get_recipe
+    from distill.training.objective import LOVASZ_STRIDE, Objective
+
+    logits, target = torch.randn(2, 13, 8, 8), torch.randint(0, 13, (2, 8, 8))
+    batch = {"seg": target}
+    plain = Objective(get_recipe("v3"))({"seg": logits}, batch)["seg"]
+    lovasz_recipe = apply_overrides(get_recipe("v3"), ["loss.seg_lovasz_weight=0.5"])
+    with_lovasz = Objective(lovasz_recipe)({"seg": logits}, batch)["seg"]
+    expected = plain + 0.5 * lovasz_softmax(logits, target, stride=LOVASZ_STRIDE)
+    assert plain.item() == pytest.approx(cross_entropy(logits, target).item())
+    assert with_lovasz.item() == pytest.approx(expected.item()) and with_lovasz.item() > plain.item()
 
 
 def test_class_weights_from_frequencies():

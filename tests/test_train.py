@@ -151,6 +151,7 @@ def test_bf16_autocast_path_trains(tmp_path):
     ("data.cache_mb=-1", "data.cache_mb=-1 must be >= 0"),
     ("loss.gradient_scales=0", "loss.gradient_scales=0 must be at least 1"),
     ("loss.seg_hard_fraction=0", "loss.seg_hard_fraction=0.0 must be in (0, 1]"),
+    ("loss.seg_lovasz_weight=-1", "loss.seg_lovasz_weight=-1.0 must be >= 0"),
 ])
 def test_bad_values_are_refused_before_any_data_is_rendered(override, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path / "cache"))

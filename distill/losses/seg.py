@@ -1,5 +1,6 @@
-"""Segmentation loss: pixel-wise cross-entropy that ignores unlabelled pixels without NaN, with
-optional class weights from the training set's label frequencies (`class_weights`)."""
+"""Segmentation losses: pixel-wise cross-entropy that ignores unlabelled pixels without NaN, with
+optional class weights from the training set's label frequencies (`class_weights`), and the
+Lovasz-softmax surrogate of the mean IoU (`lovasz_softmax`)."""
 from __future__ import annotations
 
 import math
@@ -26,16 +27,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_IND
     Returns a 0-d float32 tensor. When every pixel is ignored (an unlabelled crop) it returns a 0
     that keeps the graph (all gradients 0), where `F.cross_entropy(reduction="mean")` gives NaN.
     """
-    if logits.dim() != 4:
-        raise ValueError(f"logits must be (B, C, H, W), got {tuple(logits.shape)}.")
-    b, _, h, w = logits.shape
-    if tuple(target.shape) != (b, h, w):
-        raise ValueError(f"target must be (B, H, W) = {(b, h, w)} to match logits "
-                         f"{tuple(logits.shape)}, got {tuple(target.shape)}; "
-                         "drop a channel dimension with `.squeeze(1)`.")
-    if target.dtype.is_floating_point or target.dtype == torch.bool:
-        raise ValueError(f"target must hold integer class ids (int64), got dtype {target.dtype}; "
-                         "convert with `.long()` after checking the values are ids.")
+    check_logits_and_target(logits, target)
     if not 0 < hard_fraction <= 1:
         raise ValueError(f"hard_fraction must be in (0, 1], got {hard_fraction}")
     per_pixel = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index,
@@ -48,6 +40,58 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_IND
         return per_pixel.sum() / labelled.sum().clamp_min(1)
     pixel_weight = weight.to(per_pixel)[torch.where(labelled, target, 0).long()] * labelled
     return (per_pixel * pixel_weight).sum() / pixel_weight.sum().clamp_min(1e-12)
+
+
+def check_logits_and_target(logits: Tensor, target: Tensor) -> None:
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be (B, C, H, W), got {tuple(logits.shape)}.")
+    b, _, h, w = logits.shape
+    if tuple(target.shape) != (b, h, w):
+        raise ValueError(f"target must be (B, H, W) = {(b, h, w)} to match logits "
+                         f"{tuple(logits.shape)}, got {tuple(target.shape)}; "
+                         "drop a channel dimension with `.squeeze(1)`.")
+    if target.dtype.is_floating_point or target.dtype == torch.bool:
+        raise ValueError(f"target must hold integer class ids (int64), got dtype {target.dtype}; "
+                         "convert with `.long()` after checking the values are ids.")
+
+
+def lovasz_softmax(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, stride: int = 1) -> Tensor:
+    """Lovasz-softmax loss (Berman et al., CVPR 2018): a convex surrogate of 1 - IoU, averaged over
+    the classes present in the batch's labels. Cross-entropy counts pixels, so a class of 1% of the
+    pixels weighs 1% of it; here every present class weighs the same, as in the mean IoU.
+
+    Per class c: the errors |[label = c] - p_c| of the labelled pixels, sorted in decreasing order,
+    dotted with the increments of the Jaccard loss as the pixels are added to the mispredicted set
+    in that order (the Lovasz extension; with 0/1 probabilities it equals 1 - IoU exactly).
+    `stride` > 1 takes every stride-th pixel along height and width: each class sorts its pixels,
+    which costs more than the whole cross-entropy at full resolution on a CPU.
+    Returns a 0-d float32 tensor; 0 (graph kept) when no pixel is labelled.
+    """
+    check_logits_and_target(logits, target)
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
+    logits, target = logits[..., ::stride, ::stride], target[..., ::stride, ::stride]
+    probs = logits.float().softmax(1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+    labels = target.reshape(-1)
+    labelled = labels != ignore_index
+    if not labelled.any():
+        return logits.float().sum() * 0.0
+    probs, labels = probs[labelled], labels[labelled].long()
+    present = labels.unique()
+    foreground = (present[:, None] == labels[None, :]).float()            # (present classes, pixels)
+    errors, order = (foreground - probs[:, present].T).abs().sort(dim=1, descending=True)
+    return (errors * jaccard_increments(foreground.gather(1, order))).sum(1).mean()
+
+
+def jaccard_increments(foreground_sorted: Tensor) -> Tensor:
+    """Increments of the Jaccard loss 1 - |F minus M| / |F union M| as the mispredicted set M grows by
+    one pixel at a time, in the given order along the last dim (F: the pixels whose
+    `foreground_sorted` is 1; one row per class)."""
+    total = foreground_sorted.sum(-1, keepdim=True)
+    intersection = total - foreground_sorted.cumsum(-1)
+    union = total + (1 - foreground_sorted).cumsum(-1)
+    loss = 1 - intersection / union
+    return torch.cat([loss[..., :1], loss[..., 1:] - loss[..., :-1]], dim=-1)
 
 
 def hardest(per_pixel: Tensor, labelled: Tensor, fraction: float) -> Tensor:

@@ -78,6 +78,7 @@ class LossConfig:
     gradient_scales: int = 1             # > 1: the gradient loss on every 2nd, 4th, ... pixel too (MiDaS)
     seg_balance: float = 0.5             # class weights ~ frequency^-seg_balance (0 = plain CE, 0.5 = 1/sqrt; README)
     seg_hard_fraction: float = 1.0       # < 1: OHEM, the cross-entropy of only the hardest pixels of a batch
+    seg_lovasz_weight: float = 0.0       # > 0 adds the Lovasz-softmax loss (a mean-IoU surrogate) to the seg term
     weighting: str = "kendall"           # registry name (distill.losses.WEIGHTINGS): fixed | kendall | dwa
     depth_weight: float = 1.0            # used by `fixed`
     seg_weight: float = 1.0
@@ -188,6 +189,9 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
     if not 0 < recipe.loss.seg_hard_fraction <= 1:
         problems.append(f"loss.seg_hard_fraction={recipe.loss.seg_hard_fraction} must be in (0, 1] "
                         f"(1 = every labelled pixel, 0.25 = the hardest quarter of each batch)")
+    if recipe.loss.seg_lovasz_weight < 0:
+        problems.append(f"loss.seg_lovasz_weight={recipe.loss.seg_lovasz_weight} must be >= 0 (0 = off, "
+                        f"1 = the Lovasz-softmax loss beside the cross-entropy at equal weight)")
     if recipe.loss.seg_balance < 0:
         problems.append(f"loss.seg_balance={recipe.loss.seg_balance} must be >= 0 (0 = plain cross-entropy, "
                         f"0.5 = inverse square root of class frequency)")
