@@ -23,7 +23,7 @@ from distill.data.synthrooms import (
     render_scene,
     store,
 )
-from distill.data.transforms import IMAGENET_MEAN, denormalize, normalize
+from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
 
 H, W = 48, 64
 NYU = (518.8579, 519.4696, 325.5824, 253.7362)
@@ -365,5 +365,9 @@ def test_normalize_roundtrip():
     assert np.isclose(float(normalize(np.zeros((1, 1, 3), np.uint8))[0, 0, 0]),
                       -IMAGENET_MEAN[0] / 0.229)
     assert np.array_equal(denormalize(x), rgb)
+    # every level of every channel, from a mirrored (strided) view as augmentation gives
+    levels = np.stack([np.arange(256, dtype=np.uint8)] * 3, axis=-1)[None, ::-1]
+    expected = (levels[0].astype(np.float64) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    assert np.allclose(normalize(levels)[:, 0].numpy().T, expected, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="uint8"):
         normalize(rgb.astype(np.float32))

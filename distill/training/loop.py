@@ -88,7 +88,9 @@ def build_optimizer(model, weighting, cfg, feature_kd=None) -> torch.optim.AdamW
     extra = [p for p in weighting.parameters() if p.requires_grad]
     if extra:  # Kendall log-variances: decoder LR, no weight decay (it would pull sigma to 1)
         groups.append({"params": extra, "lr": cfg.lr_decoder, "weight_decay": 0.0, "name": "weighting"})
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    # fused: one kernel over all of v3's 187 tensors instead of several per tensor, the same update
+    # rule; on 2 CPU cores the step fell from 8.9 to 2.7 ms of ~230 ms per batch (cProfile, 62 steps)
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float, floor: float):
