@@ -9,7 +9,9 @@ import pytest
 from core import io
 
 TINY = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=64", "data.width=96",
-        "data.num_train=48", "data.num_val=8", "train.batch_size=8", "eval.preview_images=2", "train.epochs=3"]
+        "data.num_train=48", "data.num_val=8", "train.batch_size=8", "eval.preview_images=2", "train.epochs=3",
+        # the rates the tolerance below was measured at: higher ones amplify the BatchNorm difference
+        "train.lr_encoder=2e-3", "train.lr_decoder=4e-3"]
 
 
 def run(tmp: Path, out: str, nproc: int) -> list[dict]:
