@@ -77,7 +77,7 @@ def build_from_recipe(recipe: Recipe) -> MultiTaskStudent:
     mc = recipe.model
     return build_student(mc.student, tasks=mc.tasks, num_classes=len(NYU13_NAMES),
                          decoder_channels=mc.decoder_channels, depth_activation=mc.depth_activation,
-                         output_stride=mc.output_stride, separable=mc.separable)
+                         output_stride=mc.output_stride, separable=mc.separable, fine_convs=mc.fine_convs)
 
 
 def load_run(run_dir: str | Path) -> LoadedRun:

@@ -17,6 +17,10 @@ from torch import nn
 OUTPUT_STRIDES = (2, 4)   # where the decoder stops; the heads upsample the rest by a fixed factor
 INPUT_MULTIPLE = 32
 IMAGE_STEM_CHANNELS = 16  # the stride-2 level of an encoder that has none (output_stride=2)
+# The stride-2 level's convolutions (`fine_convs`; decoder smoothing and head bodies). Pointwise by
+# default: a 3x3 depthwise layer at half resolution runs no faster in int8 than in fp32 on XNNPACK,
+# and the level learned as well without it (README, "How the training defaults were chosen").
+FINE_FORMS = ("pointwise", "separable")
 
 
 def conv_bn_relu(cin: int, cout: int, k: int = 3) -> nn.Sequential:
@@ -31,8 +35,20 @@ def separable_bn_relu(cin: int, cout: int) -> nn.Sequential:
                          nn.ReLU(inplace=True), conv_bn_relu(cin, cout, 1))
 
 
-def conv3x3(cin: int, cout: int, separable: bool) -> nn.Sequential:
-    return separable_bn_relu(cin, cout) if separable else conv_bn_relu(cin, cout)
+def conv_block(cin: int, cout: int, form: str) -> nn.Sequential:
+    """"full" 3x3, "separable" (depthwise 3x3 + 1x1) or "pointwise" (1x1), each with BN and ReLU."""
+    if form == "full":
+        return conv_bn_relu(cin, cout)
+    if form == "separable":
+        return separable_bn_relu(cin, cout)
+    if form == "pointwise":
+        return conv_bn_relu(cin, cout, 1)
+    raise ValueError(f'a decoder convolution is "full", "separable" or "pointwise", got {form!r}')
+
+
+def level_form(stride: int, separable: bool, fine_convs: str) -> str:
+    """How a decoder level of this stride (and the heads on it) convolves."""
+    return fine_convs if stride < 4 else ("separable" if separable else "full")
 
 
 def upsample(factor: int) -> nn.Module:
@@ -44,14 +60,15 @@ class FPNDecoder(nn.Module):
     """Top-down feature pyramid over the encoder levels given (those of stride >= the output stride).
 
     Sized from the encoder's `feature_info` (channels and reductions), never from hand-written
-    channel lists. Levels of stride >= 4 carry `channels`; a stride-2 level carries half of them
-    (projected 1x1 before the upsampling, where it is 4x cheaper) and is always smoothed by a
-    depthwise-separable convolution: full width and full convolutions there would cost more than
-    the rest of the decoder. `separable` makes the other levels depthwise-separable too.
+    channel lists. Levels of stride >= 4 carry `channels` and are smoothed by a 3x3 convolution
+    (depthwise-separable with `separable`); a stride-2 level carries half of them (projected 1x1
+    before the upsampling, where it is 4x cheaper) and is smoothed by `fine_convs`: full width and
+    full convolutions there would cost more than the rest of the decoder.
     Input: list of (B, C_i, H/r_i, W/r_i), fine to coarse. Output: (B, out_channels, H/r_0, W/r_0).
     """
 
-    def __init__(self, in_channels: list[int], reductions: list[int], channels: int, *, separable: bool = False):
+    def __init__(self, in_channels: list[int], reductions: list[int], channels: int, *, separable: bool = False,
+                 fine_convs: str = "pointwise"):
         super().__init__()
         for fine, coarse in zip(reductions, reductions[1:]):
             if coarse != 2 * fine:
@@ -61,7 +78,8 @@ class FPNDecoder(nn.Module):
         self.lateral = nn.ModuleList(conv_bn_relu(c, w, 1) for c, w in zip(in_channels, widths))
         self.project = nn.ModuleList(conv_bn_relu(coarse, fine, 1) if coarse != fine else nn.Identity()
                                      for fine, coarse in zip(widths, widths[1:]))
-        self.smooth = nn.ModuleList(conv3x3(w, w, separable or r < 4) for w, r in zip(widths[:-1], reductions))
+        self.smooth = nn.ModuleList(conv_block(w, w, level_form(r, separable, fine_convs))
+                                    for w, r in zip(widths[:-1], reductions))
         self.up = upsample(2)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
@@ -79,12 +97,12 @@ class DepthHead(nn.Module):
     targets' median so the first predictions sit in the middle of the range (seed 001, issue 3).
     """
 
-    def __init__(self, channels: int, scale: int, activation: str = "exp", separable: bool = False):
+    def __init__(self, channels: int, scale: int, activation: str = "exp", form: str = "full"):
         super().__init__()
         if activation not in ("exp", "softplus"):
             raise ValueError(f'depth activation must be "exp" or "softplus", got "{activation}"')
         self.activation = activation
-        self.body = conv3x3(channels, channels // 2, separable)
+        self.body = conv_block(channels, channels // 2, form)
         self.out = nn.Conv2d(channels // 2, 1, 1)
         self.up = upsample(scale)
         self.init_depth(2.5)
@@ -109,9 +127,9 @@ class DepthHead(nn.Module):
 class SegHead(nn.Module):
     """Per-pixel class logits (B, num_classes, H, W)."""
 
-    def __init__(self, channels: int, num_classes: int, scale: int, separable: bool = False):
+    def __init__(self, channels: int, num_classes: int, scale: int, form: str = "full"):
         super().__init__()
-        self.body = conv3x3(channels, channels, separable)
+        self.body = conv_block(channels, channels, form)
         self.out = nn.Conv2d(channels, num_classes, 1)
         self.up = upsample(scale)
 
@@ -127,13 +145,15 @@ class MultiTaskStudent(nn.Module):
 
     def __init__(self, encoder: str, *, tasks: tuple[str, ...] = ("depth", "seg"), num_classes: int = 13,
                  decoder_channels: int = 64, depth_activation: str = "exp", pretrained: str | bool = False,
-                 output_stride: int = 4, separable: bool = False):
+                 output_stride: int = 4, separable: bool = False, fine_convs: str = "pointwise"):
         super().__init__()
         unknown = set(tasks) - {"depth", "seg"}
         if unknown or not tasks:
             raise ValueError(f'tasks must be a non-empty subset of ("depth", "seg"), got {tasks}')
         if output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"output_stride must be one of {OUTPUT_STRIDES}, got {output_stride}")
+        if fine_convs not in FINE_FORMS:
+            raise ValueError(f"fine_convs must be one of {FINE_FORMS}, got {fine_convs!r}")
         self.encoder_name, self.tasks, self.num_classes = encoder, tuple(tasks), num_classes
         self.encoder = create_encoder(encoder, pretrained)
         info = self.encoder.feature_info
@@ -146,14 +166,14 @@ class MultiTaskStudent(nn.Module):
             self.image_stem = nn.Sequential(nn.Conv2d(3, IMAGE_STEM_CHANNELS, 3, stride=2, padding=1, bias=False),
                                             nn.BatchNorm2d(IMAGE_STEM_CHANNELS), nn.ReLU(inplace=True))
             channels, reductions = [IMAGE_STEM_CHANNELS, *channels], [2, *reductions]
-        self.decoder = FPNDecoder(channels, reductions, decoder_channels, separable=separable)
+        self.decoder = FPNDecoder(channels, reductions, decoder_channels, separable=separable, fine_convs=fine_convs)
         width = self.decoder.out_channels
         self.heads = nn.ModuleDict()
-        light = separable or output_stride < 4   # heads at stride 2 are separable, as that level is
+        form = level_form(output_stride, separable, fine_convs)   # the heads convolve as their level does
         if "depth" in tasks:
-            self.heads["depth"] = DepthHead(width, output_stride, depth_activation, light)
+            self.heads["depth"] = DepthHead(width, output_stride, depth_activation, form)
         if "seg" in tasks:
-            self.heads["seg"] = SegHead(width, num_classes, output_stride, light)
+            self.heads["seg"] = SegHead(width, num_classes, output_stride, form)
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters())

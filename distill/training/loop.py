@@ -239,7 +239,7 @@ def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, lo
     """The recipe's student on `device`, its size said once."""
     mc, dc, tc = recipe.model, recipe.data, recipe.train
     model = build_student(mc.student, tasks=mc.tasks, num_classes=len(NYU13_NAMES), decoder_channels=mc.decoder_channels,
-                          output_stride=mc.output_stride, separable=mc.separable,
+                          output_stride=mc.output_stride, separable=mc.separable, fine_convs=mc.fine_convs,
                           depth_activation=mc.depth_activation, pretrained=mc.pretrained).to(device)
     if tc.channels_last:   # oneDNN's and cuDNN's convolutions run NHWC natively
         model = model.to(memory_format=torch.channels_last)
