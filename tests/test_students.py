@@ -68,21 +68,21 @@ def test_separable_stride2_decoder_is_sharper_per_mac():
     assert sharp.heads["depth"].up.scale_factor == 2 and plain.heads["depth"].up.scale_factor == 4
     assert sharp.decoder.out_channels == 32          # half width at stride 2
     assert count_macs(sharp, 128, 160) < 0.5 * count_macs(plain, 128, 160)
-    # without `separable` the levels of stride 4 and more convolve 3x3: still fewer MACs than stride 4
+    # without `separable` only the stride-2 level and the heads are: still fewer MACs than stride 4
     assert count_macs(build_student("mobilenetv3_small_100", output_stride=2), 128, 160) < count_macs(plain, 128, 160)
     groups = [m.groups for m in sharp.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
     assert max(groups) > 1                            # depthwise convolutions in the decoder
 
 
-def test_the_stride2_level_convolves_pointwise_unless_asked_for_separable():
-    """`fine_convs`: the stride-2 level's smoothing and the heads on it are 1x1 by default
-    (no depthwise 3x3 at half resolution, where int8 gains nothing), or depthwise-separable."""
+def test_the_stride2_level_convolves_pointwise_when_asked():
+    """`fine_convs`: the stride-2 level's smoothing and the heads on it are depthwise-separable by
+    default, or 1x1 only (no depthwise 3x3 at half resolution, where int8 gains nothing)."""
     def kernels(model):   # kernel sizes of the convolutions that run at stride 2
         parts = [model.decoder.smooth[0], *(head.body for head in model.heads.values())]
         return {m.kernel_size for part in parts for m in part.modules() if isinstance(m, torch.nn.Conv2d)}
 
-    pointwise = build_student("mobilenetv3_small_050", output_stride=2).eval()
-    separable = build_student("mobilenetv3_small_050", output_stride=2, fine_convs="separable").eval()
+    pointwise = build_student("mobilenetv3_small_050", output_stride=2, fine_convs="pointwise").eval()
+    separable = build_student("mobilenetv3_small_050", output_stride=2).eval()
     assert kernels(pointwise) == {(1, 1)} and kernels(separable) == {(1, 1), (3, 3)}
     x = torch.randn(1, 3, 64, 96)
     assert pointwise(x)["seg"].shape == separable(x)["seg"].shape == (1, 13, 64, 96)

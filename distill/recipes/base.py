@@ -62,7 +62,7 @@ class ModelConfig:
     decoder_channels: int = 64
     output_stride: int = 2               # 2: a decoder level at half resolution (sharp edges); or 4
     separable: bool = False              # depthwise-separable 3x3 convolutions in the levels of stride >= 4
-    fine_convs: Literal["pointwise", "separable"] = "pointwise"   # the stride-2 level's and its heads' (README)
+    fine_convs: Literal["separable", "pointwise"] = "separable"   # the stride-2 level's and its heads' (README)
     depth_activation: Literal["exp", "softplus"] = "exp"
     pretrained: str = ""                 # "" = from scratch, a local weights file, or "hub" to download
 
