@@ -9,8 +9,10 @@ always containing 0) calibrated by min/max. QAT here simulates that:
    do, so the weights QAT quantises are the weights the int8 file stores.
 2. `prepare` swaps each Conv2d for `QuantConv2d`: fake-quantised input activation (exponential
    moving average of min/max, as TensorFlow's QAT does, so the ranges follow the weights while
-   they train) and fake-quantised per-channel weights, with straight-through gradients. The two
-   outputs get their own activation quantisers (depth and logits never share one scale).
+   they train) and fake-quantised per-channel weights, with straight-through gradients; and each
+   Hardswish for `QuantHardswish` (input, gate and product quantised, as the int8 file's ADD +
+   RELU6 and MUL compute it). The two outputs get their own activation quantisers (depth and
+   logits never share one scale).
 3. `finalize` returns a plain float student whose weights sit exactly on their int8 grid. The
    converter's weight quantisation then reproduces QAT's integer weights bit for bit (max|w| is on
    the grid, so the scale is unchanged); activation ranges are re-measured by the converter on the
@@ -148,6 +150,22 @@ class QuantConv2d(nn.Module):
                         c.dilation, c.groups)
 
 
+class QuantHardswish(nn.Module):
+    """hardswish as the int8 file computes it: x * relu6(x + 3) / 6 with x, the gate relu6(x + 3)
+    and the product each on their own int8 scale. XNNPACK has no int8 HARD_SWISH, so both converters
+    write it as ADD + RELU6 and MUL (targets/litert_graph.py, targets/xnnpack_form.py), and its input
+    is a convolution's int8 output. Simulating only the convolutions' inputs missed these points:
+    the stem's hardswish alone held most of the v3 students' int8 drift (README)."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_quant, self.gate_quant, self.output_quant = (ActivationQuantizer() for _ in range(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.input_quant(x)
+        return self.output_quant(x * self.gate_quant(F.relu6(x + 3.0)) / 6.0)
+
+
 class QuantStudent(nn.Module):
     """The student with every conv quantised and each output on its own activation quantiser.
 
@@ -185,6 +203,8 @@ def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False) 
         for attr, child in list(module.named_children()):
             if type(child) is nn.Conv2d:
                 setattr(module, attr, QuantConv2d(child))
+            elif type(child) is nn.Hardswish:
+                setattr(module, attr, QuantHardswish())
     return QuantStudent(model, log_depth)
 
 
@@ -214,6 +234,8 @@ def finalize(model: QuantStudent) -> nn.Module:
                 conv = child.conv
                 conv.weight.copy_(fake_quant_weight(conv.weight))
                 setattr(module, attr, conv)
+            elif isinstance(child, QuantHardswish):
+                setattr(module, attr, nn.Hardswish())
     return student.eval()
 
 

@@ -85,3 +85,29 @@ def test_qat_trains_weights_and_ranges_and_finalizes_on_grid():
             torch.testing.assert_close(codes, codes.round(), atol=2e-3, rtol=0)
     # the untouched original is still the float model
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+def test_hardswish_is_simulated_as_the_int8_file_computes_it():
+    """Input, gate relu6(x + 3) and product each on an int8 grid (the file's ADD + RELU6 and MUL),
+    swapped in by `prepare` and swapped back by `finalize`."""
+    hswish = qat.QuantHardswish().train()
+    t = torch.linspace(-5, 8, 1001)
+    hswish(t)                                   # the first batch sets every range to its min / max
+    hswish.eval()
+    gate_lo, gate_hi = hswish.gate_quant.lo.item(), hswish.gate_quant.hi.item()
+    assert (gate_lo, gate_hi) == (0.0, 6.0)     # the gate has its own range, not the input's
+    out = hswish(t)
+    err = (out - torch.nn.functional.hardswish(t)).abs().max().item()
+    assert 0 < err < 0.1 and out.unique().numel() <= 256
+    # the gate's grid shows: a float gate would leave the product on the input's grid times a smooth factor
+    exact_gate = hswish.input_quant(t) * torch.nn.functional.relu6(hswish.input_quant(t) + 3) / 6
+    assert not torch.allclose(hswish.output_quant(exact_gate), out)
+
+    model = randomized("mobilenetv3_small_050")
+    count = sum(type(m) is torch.nn.Hardswish for m in model.modules())
+    fake = qat.prepare(model, torch.randn(1, 3, 64, 96))
+    assert count > 0 and sum(isinstance(m, qat.QuantHardswish) for m in fake.modules()) == count
+    assert not any(type(m) is torch.nn.Hardswish for m in fake.modules())
+    final = qat.finalize(fake)
+    assert sum(type(m) is torch.nn.Hardswish for m in final.modules()) == count
+    assert not any(isinstance(m, qat.QuantHardswish) for m in final.modules())
