@@ -51,6 +51,7 @@ from targets.profiles import device_names
 
 DEFAULT_QAT_STEPS = 300
 DEFAULT_CALIB = 128
+DEFAULT_FLOAT_STEM = 2     # int8: v3's stem and the layers reading it stay float (targets/tflite_file.py)
 # Validation images per artefact: the whole SynthRooms CPU-default validation split. On the first
 # 64 images four int8 files drifted about twice as much as on all 200 (abs_rel +2.59 / +2.96 /
 # +3.54 / +2.42% against +1.07 / +1.78 / +1.61 / +1.11%) and failed a 2% gate they pass on 200.
@@ -77,6 +78,7 @@ class ExportOptions:
     qat_steps: int = DEFAULT_QAT_STEPS        # 0 = post-training quantisation only
     qat_lr: float = 1e-4
     float_ops: tuple[str, ...] = ("DIV",)     # TFLite op types an int8 file keeps in float
+    float_stem: int = DEFAULT_FLOAT_STEM      # int8 files: the first N weighted layers from the input stay float
     calib: int = DEFAULT_CALIB                # calibration images for int8 and Core ML w8a8
     input_size: str = ""                      # "HxW"; "" = the device profile's, else the run's
     check: int = DEFAULT_CHECK                # validation images each artefact is run on
@@ -138,6 +140,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--qat-lr", type=float, default=1e-4)
     p.add_argument("--float-ops", default="DIV",
                    help="TFLite op types an int8 file keeps in float (default DIV; see targets/tflite_file.py)")
+    p.add_argument("--float-stem", type=int, default=DEFAULT_FLOAT_STEM,
+                   help=f"int8 files (TFLite, ONNX) keep the first N weighted layers from the input in float "
+                        f"(default {DEFAULT_FLOAT_STEM}: v3's stem and the layers reading it, where its int8 drift began; "
+                        f"0 = all int8; see targets/tflite_file.py)")
     p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images for int8 and Core ML w8a8")
     p.add_argument("--input-size", help="HxW to export at (default: the device profile's, else the run's)")
     p.add_argument("--check", type=int, default=DEFAULT_CHECK,
@@ -165,7 +171,8 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         prune_stages=args.prune_stages,
         prune_lr=args.prune_lr,
         qat_steps=args.qat_steps, qat_lr=args.qat_lr,
-        float_ops=tuple(op.strip().upper() for op in args.float_ops.split(",") if op.strip()), calib=args.calib,
+        float_ops=tuple(op.strip().upper() for op in args.float_ops.split(",") if op.strip()),
+        float_stem=args.float_stem, calib=args.calib,
         input_size=args.input_size or "", check=args.check, tolerances=parse_tolerances(args.tolerance),
         bench_runs=args.bench_runs, bench_warmup=args.bench_warmup, batch_size=args.batch_size, seed=args.seed,
         threads=args.threads, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
@@ -229,6 +236,7 @@ def check_options(options: ExportOptions, fmt: Format) -> None:
     """Refuse values that cannot work before a model is loaded or a file converted."""
     for flag, value, low in (("--check", options.check, 1), ("--calib", options.calib, 1),
                              ("--qat-steps", options.qat_steps, 0), ("--prune-steps", options.prune_steps, 0),
+                             ("--float-stem", options.float_stem, 0),
                              ("--prune-stages", options.prune_stages, 1),
                              ("--bench-runs", options.bench_runs, 0), ("--bench-warmup", options.bench_warmup, 0),
                              ("--batch-size", options.batch_size, 1), ("--threads", options.threads, 0),
@@ -502,18 +510,20 @@ def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], opts: Expor
 
 
 def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log):
-    """Calibration set; then QAT (or PTQ only when --qat-steps 0).
+    """Calibration set; then QAT (or PTQ only when --qat-steps 0), simulating int8 files that keep
+    the first `--float-stem` weighted layers from the input in float (TFLite's and ONNX's).
     Returns the int8 source model, the calibration files (targets.job forms) and a report."""
     from quant import ptq, qat
     from quant.finetune import finetune
 
     calib = ptq.calibration_set(plain_train, opts.calib, work / "calibration", seed=opts.seed, progress=opts.progress)
-    report = {"calibration": calib.selection.describe(), "method": "qat" if opts.qat_steps > 0 else "ptq"}
+    report = {"calibration": calib.selection.describe(), "method": "qat" if opts.qat_steps > 0 else "ptq",
+              "float_stem": opts.float_stem}
     log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
     if opts.qat_steps <= 0:
         return model, calib.files, report
     # Both int8 converters quantise depth before the heads' float tails (upsampling, EXP): log-depth.
-    fake = ptq.simulate(model, calib, log_depth=True)
+    fake = ptq.simulate(model, calib, log_depth=True, float_stem=opts.float_stem)
     finetune(fake, model, run.recipe, train_ds, steps=opts.qat_steps, lr=opts.qat_lr, batch_size=opts.batch_size,
              seed=opts.seed, desc="QAT", progress=opts.progress, log=log)
     report.update({"qat_steps": opts.qat_steps, "qat_lr": opts.qat_lr, "activation_ranges": qat.activation_ranges(fake)})
@@ -582,7 +592,7 @@ def build_job(plan: Plan, opts: ExportOptions, float_model, int8_model, calibrat
     return Job(format=plan.format.name, converter=plan.converter.name, precisions=plan.precisions, sources=sources,
                out_dir=str(Path(out_dir).resolve()), work_dir=str(work.resolve()), stem=run.name,
                input_shape=[1, 3, h, w], metadata=metadata_for(run, config, plan.layout), calibration=calibration,
-               check=check, threads=plan.threads, float_ops=list(opts.float_ops))
+               check=check, threads=plan.threads, float_ops=list(opts.float_ops), float_stem=opts.float_stem)
 
 
 def metadata_for(run, config: dict, layout: str) -> dict:

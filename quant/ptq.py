@@ -33,10 +33,12 @@ def calibration_set(dataset, size: int, out_dir: Path, *, seed: int = 0, progres
     return CalibrationSet(selection, files, images)
 
 
-def simulate(student: torch.nn.Module, calib: CalibrationSet, log_depth: bool = False) -> qat.QuantStudent:
+def simulate(student: torch.nn.Module, calib: CalibrationSet, log_depth: bool = False,
+             float_stem: int = 0) -> qat.QuantStudent:
     """The int8 model PTQ produces, simulated in PyTorch: BN folded, ranges by min/max on `calib`.
-    `log_depth`: the int8 file quantises log-depth and runs its final EXP in float (qat.QuantStudent)."""
-    model = qat.prepare(student, calib.images[:1], log_depth)
+    `log_depth`: the int8 file quantises log-depth and runs its final EXP in float (qat.QuantStudent);
+    `float_stem`: it keeps the layers within N weighted layers of the input in float (qat.prepare)."""
+    model = qat.prepare(student, calib.images[:1], log_depth, float_stem)
     qat.calibrate(model, calib.batches())
     return model
 

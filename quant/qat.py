@@ -9,10 +9,15 @@ always containing 0) calibrated by min/max. QAT here simulates that:
    do, so the weights QAT quantises are the weights the int8 file stores.
 2. `prepare` swaps each Conv2d for `QuantConv2d`: fake-quantised input activation (exponential
    moving average of min/max, as TensorFlow's QAT does, so the ranges follow the weights while
-   they train) and fake-quantised per-channel weights, with straight-through gradients; and each
-   Hardswish for `QuantHardswish` (input, gate and product quantised, as the int8 file's ADD +
-   RELU6 and MUL compute it). The two outputs get their own activation quantisers (depth and
-   logits never share one scale).
+   they train), fake-quantised per-channel weights, with straight-through gradients, and a
+   fake-quantised output where no activation follows; each ReLU, ReLU6 and hardsigmoid for
+   `QuantActivation` (the output of the fused convolution + activation); and each Hardswish for
+   `QuantHardswish` (input, gate and product quantised, as the int8 file's ADD + RELU6 and MUL
+   compute it); and each residual block for `QuantResidual` (its int8 sum). The two outputs get
+   their own activation quantisers (depth and logits never share one scale). `float_stem=N`
+   leaves the layers within N weighted layers of the input float, as the int8 files keep their
+   input stem. Not
+   simulated: the re-rounding of int8 resizes (on their input's scale).
 3. `finalize` returns a plain float student whose weights sit exactly on their int8 grid. The
    converter's weight quantisation then reproduces QAT's integer weights bit for bit (max|w| is on
    the grid, so the scale is unchanged); activation ranges are re-measured by the converter on the
@@ -33,26 +38,27 @@ WMAX = 127                   # symmetric int8 weights use [-127, 127]
 
 # ----------------------------------------------------------------------------- batch-norm folding
 
-def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
-    """(conv name, bn name) where the BatchNorm's input is exactly that convolution's output.
+def producer_consumer_pairs(model: nn.Module, example: torch.Tensor, producer: tuple[type, ...],
+                            consumer: tuple[type, ...]) -> list[tuple[str, str]]:
+    """(producer name, consumer name) where the consumer's input is exactly the producer's output.
 
     Found by running the model once with hooks (tensor identity), not by module order: module
-    registration order is not data flow.
+    registration order is not data flow. Producers match by exact type (a QuantConv2d is no Conv2d).
     """
     names = {m: n for n, m in model.named_modules()}
     produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}
     pairs: list[tuple[str, str]] = []
 
-    def after_conv(module, _inputs, output):
+    def after_producer(module, _inputs, output):
         produced[id(output)] = (module, output)
 
-    def before_bn(module, inputs):
+    def before_consumer(module, inputs):
         hit = produced.get(id(inputs[0]))
         if hit is not None and hit[1] is inputs[0]:
             pairs.append((names[hit[0]], names[module]))
 
-    hooks = [m.register_forward_hook(after_conv) for m in model.modules() if type(m) is nn.Conv2d]
-    hooks += [m.register_forward_pre_hook(before_bn) for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks = [m.register_forward_hook(after_producer) for m in model.modules() if type(m) in producer]
+    hooks += [m.register_forward_pre_hook(before_consumer) for m in model.modules() if isinstance(m, consumer)]
     was_training = model.training
     try:
         with torch.no_grad():
@@ -62,6 +68,11 @@ def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, st
         for h in hooks:
             h.remove()
     return pairs
+
+
+def conv_bn_pairs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv name, bn name) where the BatchNorm's input is exactly that convolution's output."""
+    return producer_consumer_pairs(model, example, (nn.Conv2d,), (nn.BatchNorm2d,))
 
 
 def bn_replacement(bn: nn.BatchNorm2d) -> nn.Module:
@@ -137,17 +148,35 @@ class ActivationQuantizer(nn.Module):
 
 
 class QuantConv2d(nn.Module):
-    """A Conv2d computing on int8-simulated input and weights."""
+    """A Conv2d computing on int8-simulated input and weights; its output is int8 too, unless an
+    activation fused into it by the converters quantises it after the activation instead
+    (`QuantActivation`, `QuantHardswish`)."""
 
-    def __init__(self, conv: nn.Conv2d):
+    def __init__(self, conv: nn.Conv2d, quantize_output: bool = True):
         super().__init__()
         self.conv = conv
         self.input_quant = ActivationQuantizer()
+        self.output_quant = ActivationQuantizer() if quantize_output else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        return F.conv2d(self.input_quant(x), fake_quant_weight(c.weight), c.bias, c.stride, c.padding,
-                        c.dilation, c.groups)
+        return self.output_quant(F.conv2d(self.input_quant(x), fake_quant_weight(c.weight), c.bias, c.stride,
+                                          c.padding, c.dilation, c.groups))
+
+
+class QuantActivation(nn.Module):
+    """ReLU, ReLU6 or hardsigmoid with an int8 output: the converters fuse it into the convolution
+    before it (hardsigmoid as that convolution's RELU6, its +3 and 1/6 folded into weights), and the
+    fused op writes int8. Its output may feed an ADD or a MUL rather than a convolution, so the
+    next convolution's input quantiser does not cover it."""
+
+    def __init__(self, activation: nn.Module):
+        super().__init__()
+        self.activation = activation
+        self.output_quant = ActivationQuantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quant(self.activation(x))
 
 
 class QuantHardswish(nn.Module):
@@ -164,6 +193,28 @@ class QuantHardswish(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.input_quant(x)
         return self.output_quant(x * self.gate_quant(F.relu6(x + 3.0)) / 6.0)
+
+
+class QuantResidual(nn.Module):
+    """A residual block whose sum is int8: the file's ADD writes int8, and the next block reads it
+    twice, through its first convolution (whose input quantiser covers it) and through its own
+    shortcut (which nothing else would quantise)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        self.output_quant = ActivationQuantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quant(self.block(x))
+
+
+def is_residual(module: nn.Module) -> bool:
+    """timm's residual blocks: MobileNetV3's (`has_skip`) and EfficientViT's (`ResidualBlock`)."""
+    from timm.models.efficientvit_mit import ResidualBlock
+    if isinstance(module, ResidualBlock):
+        return module.shortcut is not None
+    return bool(getattr(module, "has_skip", False))
 
 
 class QuantStudent(nn.Module):
@@ -195,16 +246,73 @@ class QuantStudent(nn.Module):
         return {t: v if t == "depth" and self.log_depth else self.output_quant[t](v) for t, v in out.items()}
 
 
-def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False) -> QuantStudent:
-    """A fake-quantised copy of `student` (BN folded); `student` itself is left untouched."""
+FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardsigmoid)   # written into the convolution before them
+
+
+def input_stem(model: nn.Module, example: torch.Tensor, layers: int) -> set[str]:
+    """Names of the convolutions within the first `layers` weighted layers from the input and of the
+    activations between them: what the int8 files keep in float (targets/tflite_file.py,
+    `input_stem`, the same rule). The activation after a convolution `layers` deep is not among
+    them: the file quantises its output. Tracked through the leaf modules by tensor identity; a
+    tensor computed outside a module (an ADD) ends the stem, as it is no stem tensor in the files
+    either (there, it follows a layer that is)."""
+    names = {m: n for n, m in model.named_modules()}
+    depth: dict[int, tuple[int, torch.Tensor]] = {id(example): (0, example)}
+    stem: set[str] = set()
+
+    def track(module, inputs, output):
+        sources = [t for t in inputs if isinstance(t, torch.Tensor)]
+        known = [depth[id(t)][0] for t in sources if id(t) in depth and depth[id(t)][1] is t]
+        if not sources or len(known) < len(sources):
+            return
+        level = max(known)
+        if type(module) is nn.Conv2d:
+            level += 1
+            if level > layers:
+                return
+        elif level >= layers:
+            return
+        stem.add(names[module])
+        depth[id(output)] = (level, output)
+
+    hooks = [m.register_forward_hook(track) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stem
+
+
+def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False, float_stem: int = 0) -> QuantStudent:
+    """A fake-quantised copy of `student` (BN folded); `student` itself is left untouched.
+
+    Every tensor the int8 file stores gets a quantiser: each convolution's input, its output
+    after the activation fused into it (or the raw output where none follows: the residual
+    branches that feed ADDs, the heads' last convolutions), and each residual block's sum.
+    `float_stem`: the layers within N weighted layers of the input stay float, as the int8 files
+    keep their input stem (`input_stem`); the output of the last layer is where the files quantise."""
     model = copy.deepcopy(student).eval()
     fold_batchnorm(model, example)
-    for name, module in list(model.named_modules()):
+    pairs = producer_consumer_pairs(model, example, (nn.Conv2d,), (*FUSED_ACTIVATIONS, nn.Hardswish))
+    in_float = input_stem(model, example, float_stem) if float_stem > 0 else set()
+    activated = {conv for conv, _ in pairs}
+    names = {m: n for n, m in model.named_modules()}
+    for module in list(model.modules()):
         for attr, child in list(module.named_children()):
+            if names.get(child) in in_float:
+                continue
             if type(child) is nn.Conv2d:
-                setattr(module, attr, QuantConv2d(child))
+                setattr(module, attr, QuantConv2d(child, quantize_output=names[child] not in activated))
             elif type(child) is nn.Hardswish:
                 setattr(module, attr, QuantHardswish())
+            elif type(child) in FUSED_ACTIVATIONS:
+                setattr(module, attr, QuantActivation(child))
+    for module in list(model.modules()):
+        for attr, child in list(module.named_children()):
+            if is_residual(child):
+                setattr(module, attr, QuantResidual(child))
     return QuantStudent(model, log_depth)
 
 
@@ -236,6 +344,10 @@ def finalize(model: QuantStudent) -> nn.Module:
                 setattr(module, attr, conv)
             elif isinstance(child, QuantHardswish):
                 setattr(module, attr, nn.Hardswish())
+            elif isinstance(child, QuantActivation):
+                setattr(module, attr, child.activation)
+            elif isinstance(child, QuantResidual):
+                setattr(module, attr, child.block)
     return student.eval()
 
 

@@ -15,8 +15,9 @@ Precisions:
 - int8: the quantizer's static int8 recipe (per-channel symmetric int8 weights, per-tensor int8
   activations calibrated by min/max on the job's calibration images) on the float conversion of
   the int8 source (the QAT model when QAT ran: its weights are on the int8 grid, the ranges are
-  measured again here, as in the onnx2tf route). Input and output stay float32; so do the output
-  tails and the float islands of the job's `float_ops` (targets/tflite_file.py), as in onnx2tf's files.
+  measured again here, as in the onnx2tf route). Input and output stay float32; so do the input
+  stem, the output tails and the float islands of the job's `float_ops` (targets/tflite_file.py),
+  as in onnx2tf's files.
 
 Layout: the job's metadata `input_layout`. NHWC (default, as onnx2tf's files) wraps the program
 with litert-torch's channel-last I/O; NCHW keeps PyTorch's layout at the inputs and outputs (the
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from targets.job import Job, main, precisions_by_source, tool_versions, write_result
-from targets.tflite_file import TFLiteGraph, deliver, float_islands, output_tails
+from targets.tflite_file import TFLiteGraph, deliver, float_nodes
 
 SIGNATURE = "serving_default"
 
@@ -60,8 +61,9 @@ def quantize_fp16(source: Path, dest: Path) -> None:
     qt.quantize().export_model(str(dest), overwrite=True)
 
 
-def quantize_int8(source: Path, images: np.ndarray, dest: Path, float_ops: list[str]) -> None:
-    """Static int8 with float32 I/O; the output tails and `float_ops`' islands stay float.
+def quantize_int8(source: Path, images: np.ndarray, dest: Path, float_ops: list[str], stem_layers: int) -> None:
+    """Static int8 with float32 I/O; the input stem, the output tails and `float_ops`' islands stay
+    float (targets/tflite_file.py, `float_nodes`).
     `images`: calibration in the file's input layout, (N, ...) float32 in [0, 1]."""
     from ai_edge_quantizer import qtyping, quantizer, recipe
 
@@ -69,7 +71,7 @@ def quantize_int8(source: Path, images: np.ndarray, dest: Path, float_ops: list[
     graph = TFLiteGraph(source.read_bytes())
     # The quantizer's scope of an op is its output tensors' names joined by ";", ending in ";".
     every_op = qtyping.TFLOperationName.ALL_SUPPORTED
-    for name in float_islands(graph, float_ops) + output_tails(graph):
+    for name in float_nodes(graph, float_ops, stem_layers):
         qt.update_quantization_recipe(regex=f"^{re.escape(name)};$", operation_name=every_op,
                                       algorithm_key="no_quantize")
     for boundary in (qtyping.TFLOperationName.INPUT, qtyping.TFLOperationName.OUTPUT):
@@ -120,7 +122,7 @@ def convert(job: Job) -> None:
                 quantize_fp16(float_file, produced)
             elif precision == "int8":
                 quantize_int8(float_file, np.load(job.calibration["nhwc" if nhwc else "nchw"]), produced,
-                              job.float_ops)
+                              job.float_ops, job.float_stem)
             artefacts.append(deliver(job, produced, precision, source, start, converter="litert-torch"))
     write_result(job, artefacts, tool_versions("litert-torch", "ai-edge-quantizer", "torch", "ai-edge-litert", "numpy"))
 

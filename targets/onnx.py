@@ -8,7 +8,8 @@
 - int8: static QDQ quantisation (QuantizeLinear/DequantizeLinear around each op, which
   onnxruntime fuses into int8 kernels): per-channel symmetric int8 weights, per-tensor asymmetric
   int8 activations with min/max ranges from the job's calibration images — the same scheme as
-  TFLite's int8 and as quant/qat.py's fake quantisation, so a QAT model converts as trained.
+  TFLite's int8 and as quant/qat.py's fake quantisation, so a QAT model converts as trained;
+  the input stem within the job's `float_stem` weighted layers stays float, as in TFLite's files.
 """
 from __future__ import annotations
 
@@ -52,18 +53,58 @@ class CalibrationReader:
         self.position = 0
 
 
-def quantize_int8(source: Path, dest: Path, calibration: str) -> None:
+WEIGHTED_NODES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+FUSED_ACTIVATIONS = ("Relu", "Clip")   # onnxruntime folds them into the convolution before them
+
+
+def input_stem(model, layers: int) -> list[str]:
+    """Names of the nodes within the first `layers` weighted layers from the graph input, which the
+    int8 file keeps in float: the ONNX twin of targets/tflite_file.py's `input_stem` (same rule:
+    a convolution `layers` deep is kept with its fused activation, what follows it is int8)."""
+    depth = {i.name: 0 for i in model.graph.input}   # stem activation -> weighted layers before it
+    activations = set(depth)                          # tensors computed from the input (not constants)
+    fused_after: set[str] = set()                     # outputs of the last layer's convolutions
+    keep: list[str] = []
+    for node in model.graph.node:                     # nodes are in topological order
+        sources = [name for name in node.input if name in activations]
+        if not sources:
+            continue
+        activations.update(node.output)
+        if any(name not in depth for name in sources):
+            continue
+        level = max(depth[name] for name in sources)
+        if node.op_type in WEIGHTED_NODES:
+            level += 1
+            if level > layers:
+                continue
+            if level == layers:
+                fused_after.update(node.output)
+        elif level >= layers and not (node.op_type in FUSED_ACTIVATIONS and node.input[0] in fused_after):
+            continue
+        keep.append(node.name)
+        depth.update((name, level) for name in node.output)
+    return keep
+
+
+def quantize_int8(source: Path, dest: Path, calibration: str, stem_layers: int) -> None:
+    """Static QDQ int8; the input stem within its first `stem_layers` weighted layers stays float."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = source.with_name(source.stem + ".pre.onnx")
     quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    model = onnx.load(str(prepared))
+    for i, node in enumerate(model.graph.node):   # quantize_static excludes nodes by name; some come unnamed
+        node.name = node.name or f"{node.op_type}_{i}"
+    onnx.save(model, str(prepared))
+    in_float = input_stem(model, stem_layers)
     # uint8 activations x int8 weights (U8S8): MLAS's fast x86 path. With int8 activations (S8S8) the
     # v3 student's QDQ file ran 0.45-0.6x the speed of fp32 on this AVX-512 VNNI host, with U8S8 1.3-1.4x
     # (python -m edge.bench, 2 threads; docs/TOOLCHAIN.md).
     quantize_static(str(prepared), str(dest), CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax,
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=in_float,
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
 
 
@@ -132,7 +173,7 @@ def convert(job: Job) -> None:
         produced = simplified(job.sources[source], work / f"{source}.sim.onnx")
         if precision == "int8":
             produced, float_graph = work / f"{source}.int8.onnx", produced
-            quantize_int8(float_graph, produced, job.calibration["nchw"])
+            quantize_int8(float_graph, produced, job.calibration["nchw"], job.float_stem)
         elif precision == "fp16":
             produced = to_float16(produced, work / f"{source}.fp16.onnx")
         set_metadata(produced, {**job.metadata, "precision": precision})

@@ -15,8 +15,9 @@ Precisions:
   full-integer kernels (per-channel symmetric int8 weights, per-tensor asymmetric int8
   activations calibrated by min/max, the scheme QAT simulates in quant/qat.py) with float32
   input and output, so the artefact takes and returns the same tensors as the float ones. Only
-  the output tails (`output_tails`), the job's `float_ops` (DIV by default) and the ops around
-  them up to the nearest convolutions (`float_islands`) stay float; `ops_by_dtype` in the result shows
+  the input stem through the job's `float_stem` convolutions (`input_stem`), the output tails
+  (`output_tails`), the job's `float_ops` (DIV by default) and the ops around them up to the
+  nearest convolutions (`float_islands`) stay float; `ops_by_dtype` in the result shows
   what computes in int8, and every op type.
 
 Before onnx2tf, `targets.litert_graph` rewrites the ONNX graph into ops XNNPACK runs fast (the
@@ -38,7 +39,7 @@ import numpy as np
 from targets.job import Job, main, precisions_by_source, tool_versions, write_result
 from targets.litert_graph import shape_for_xnnpack
 from targets.onnx import simplified  # folds the Shape->Resize chains onnx2tf cannot convert
-from targets.tflite_file import TFLiteGraph, deliver, float_islands, output_tails
+from targets.tflite_file import TFLiteGraph, deliver, float_nodes
 
 ONNX2TF_SAMPLE = "calibration_image_sample_data_20x128x128x3_float32.npy"
 SUFFIX = {"fp32": "float32", "fp16": "float16"}
@@ -54,9 +55,10 @@ def run_onnx2tf(onnx_path: Path, out_dir: Path) -> None:
                     output_signaturedefs=True, non_verbose=True)
 
 
-def quantize_int8(saved_model: Path, calibration: str, dest: Path, float_ops: list[str]) -> None:
-    """Full-integer int8 from onnx2tf's SavedModel; `float_ops` types, the ops around them up to the
-    nearest convolutions (`float_islands`) and the output tails (`output_tails`) stay float.
+def quantize_int8(saved_model: Path, calibration: str, dest: Path, float_ops: list[str], stem_layers: int) -> None:
+    """Full-integer int8 from onnx2tf's SavedModel; the input stem within its first `stem_layers`
+    weighted layers (`input_stem`), `float_ops` types, the ops around them up to the nearest
+    convolutions (`float_islands`) and the output tails (`output_tails`) stay float.
 
     Every other op runs int8 kernels (per-channel symmetric weights, per-tensor activations
     calibrated by min/max on `calibration`). Keeping ops in float is TFLite's documented selective
@@ -72,7 +74,7 @@ def quantize_int8(saved_model: Path, calibration: str, dest: Path, float_ops: li
             yield [image[None]]
 
     graph = TFLiteGraph(tf.lite.TFLiteConverter.from_saved_model(str(saved_model)).convert())
-    float_nodes = float_islands(graph, float_ops) + output_tails(graph)
+    in_float = float_nodes(graph, float_ops, stem_layers)
     converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
@@ -80,7 +82,7 @@ def quantize_int8(saved_model: Path, calibration: str, dest: Path, float_ops: li
     debugger = tf.lite.experimental.QuantizationDebugger(
         converter=converter, debug_dataset=representative,
         debug_options=tf.lite.experimental.QuantizationDebugOptions(
-            denylisted_ops=list(float_ops), denylisted_nodes=float_nodes))
+            denylisted_ops=list(float_ops), denylisted_nodes=in_float))
     dest.write_bytes(debugger.get_nondebug_quantized_model())
 
 
@@ -112,7 +114,7 @@ def convert(job: Job) -> None:
         for precision in precisions:
             if precision == "int8":
                 produced = tf_dir / f"{onnx_path.stem}_int8.tflite"
-                quantize_int8(tf_dir, job.calibration["nhwc"], produced, job.float_ops)
+                quantize_int8(tf_dir, job.calibration["nhwc"], produced, job.float_ops, job.float_stem)
             else:
                 produced = tf_dir / f"{onnx_path.stem}_{SUFFIX[precision]}.tflite"
             artefacts.append(deliver(job, produced, precision, source, start, converter="onnx2tf",

@@ -185,7 +185,8 @@ def test_op_profile_times_every_op_of_an_int8_file(tiny_artefacts, tmp_path):
     assert all(op["us"] > 0 for op in result["ops"])
     assert sum(e["count"] for e in result["by_type"].values()) == len(graph_ops)
     convs = [op for op in result["ops"] if op["op"] == "CONV_2D"]
-    assert convs and all(op["dtype"] == "int8" for op in convs) and "CONV_2D" in proc.stdout
+    # int8 but the input stem's (--float-stem 2; this stride-4 student: the stem and the first depthwise layer)
+    assert [op["dtype"] for op in convs] == ["float32"] + ["int8"] * (len(convs) - 1) and "CONV_2D" in proc.stdout
 
 
 def test_op_profile_refuses_a_file_that_is_not_tflite(tiny_artefacts, tmp_path):

@@ -78,10 +78,11 @@ def test_tflite_artefacts_run_and_match_torch(tflite_export, run_dir):
     assert arts["int8"]["check"]["depth_rel_median"] < 0.02
     assert arts["int8"]["check"]["seg_agreement"] > 0.9
     assert arts["int8"]["check"]["reference"] == "int8" and arts["int8"]["source"] == "int8"  # the QAT model
-    # int8 kernels throughout but the heads' final upsampling and EXP (targets/tflite_file.py, output_tails),
-    # in ops XNNPACK takes: no RELU_0_TO_1 (hardsigmoid) or int8 HARD_SWISH (targets/litert_graph.py)
+    # int8 kernels throughout but the input stem and the heads' final upsampling and EXP
+    # (targets/tflite_file.py), in ops XNNPACK takes: no RELU_0_TO_1 (hardsigmoid) or int8
+    # HARD_SWISH (targets/litert_graph.py)
     ops = arts["int8"]["ops_by_dtype"]
-    assert ops["float_ops"] == ["EXP", "RESIZE_BILINEAR"] and ops["int8"] > 50
+    assert set(ops["float_ops"]) == {*STEM_FLOAT_OPS, "EXP", "RESIZE_BILINEAR"} and ops["int8"] > 50
     assert not {"HARD_SWISH", "RELU_0_TO_1"} & set(ops["op_types"]) and ops["op_types"]["DEQUANTIZE"] == 2
     assert "RELU_0_TO_1" not in arts["fp32"]["ops_by_dtype"]["op_types"]
     assert arts["int8"]["graph_rewrites"]["sixth_deferred"] > 10
@@ -98,6 +99,53 @@ def test_tflite_artefacts_run_and_match_torch(tflite_export, run_dir):
     exporters = manifest["config"]["source_exporter"]      # torch's maintained ONNX exporter made both graphs
     assert set(exporters) == {"float", "int8"} and all(e.startswith("torch.export") for e in exporters.values())
     assert {"onnx2tf", "tensorflow", "torch"} <= set(manifest["tools"])
+
+
+# v3's input stem in float: normalisation, the stem convolution, hardswish (ADD, MUL), and the two layers
+# that read it: the first depthwise convolution and the decoder's stride-2 lateral
+STEM_FLOAT_OPS = {"ADD", "MUL", "PAD", "CONV_2D", "DEPTHWISE_CONV_2D"}
+STEM_CONVS = ["CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D"]
+
+
+def float_convs(path: Path) -> list[str]:
+    """The weighted ops of a .tflite file that compute in float, in execution order."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from targets.tflite_file import WEIGHTED_OPS
+    interpreter = Interpreter(model_path=str(path))
+    dtypes = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
+    return [op["op_name"] for op in interpreter._get_ops_details()
+            if op["op_name"] in WEIGHTED_OPS and dtypes[int(op["outputs"][0])] == np.float32]
+
+
+def test_int8_file_keeps_the_input_stem_in_float(tflite_export, run_dir, tmp_path):
+    """The ops within two weighted layers of the input (v3: the stem convolution, its hardswish and
+    the two convolutions that read it) run in float; every later convolution is int8 (`--float-stem`)."""
+    from targets.tflite_file import TFLiteGraph, input_stem
+    export_dir = tflite_export / run_dir.name / "tflite"
+    arts = by_precision(manifest_of(tflite_export, run_dir, "tflite"))
+    graph = TFLiteGraph((export_dir / arts["fp32"]["path"]).read_bytes())
+    kinds = {graph.name(op): op["op_name"] for op in graph.ops}
+    stem = input_stem(graph, 2)
+    assert [kinds[n] for n in stem if kinds[n] in ("CONV_2D", "DEPTHWISE_CONV_2D")] == STEM_CONVS
+    assert {kinds[n] for n in stem} <= STEM_FLOAT_OPS | {"HARD_SWISH"} and input_stem(graph, 0) == []
+    assert float_convs(export_dir / arts["int8"]["path"]) == STEM_CONVS
+    assert manifest_of(tflite_export, run_dir, "tflite")["config"]["int8"]["float_stem"] == 2
+    # --float-stem 0: the whole graph int8 from the image on, as before the option existed
+    assert export(run_dir, tmp_path, "--target", "tflite", "--precision", "int8", "--qat-steps", "0",
+                  "--float-stem", "0", "--bench-runs", "0") == 0
+    art = by_precision(manifest_of(tmp_path, run_dir, "tflite"))["int8"]
+    assert float_convs(tmp_path / run_dir.name / "tflite" / art["path"]) == []
+    assert art["ops_by_dtype"]["float_ops"] == ["EXP", "RESIZE_BILINEAR"]
+
+
+def test_sensitivity_ranks_the_tensors_of_a_runs_int8_drift(run_dir, capsys):
+    from quant.sensitivity import main as sensitivity_main
+    assert sensitivity_main(["--run", str(run_dir), "--images", "4", "--calib", "8", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "quantisers on" in out and "tensors, 4 validation images, 8 calibration images" in out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == 3 and "int8 simulation: depth drift" in out
 
 
 def test_export_directory_holds_the_proof(tflite_export, run_dir):
@@ -252,6 +300,12 @@ def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
     activations = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     zero_points = [i for i in model.graph.initializer if i.name in activations]
     assert zero_points and all(z.data_type == onnx.TensorProto.UINT8 for z in zero_points)   # U8S8: x86's fast path
+    # the input stem stays float (--float-stem 2): its three convolutions read float weights, every later one int8
+    weights_dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
+                           and n.input[0] in {i.name for i in model.graph.initializer}}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    in_float = [c for c in convs if c.input[1] not in weights_dequantized]
+    assert len(in_float) == 3 and convs[0] in in_float and len(convs) > 20
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["densekit"])["source_sha256"] == manifest["config"]["source_checkpoint"]["sha256"]
     export_dir = tmp_path / run_dir.name / "onnx"    # the card's onnxruntime snippet runs as written
@@ -419,7 +473,9 @@ def test_litert_torch_route(run_dir, tmp_path, layout):
         assert arts["int8"]["check"]["depth_rel_median"] < 0.02 and arts["int8"]["check"]["seg_agreement"] > 0.9
         assert arts["int8"]["check"]["reference"] == "int8"   # the QAT model's weights went in
         ops = arts["int8"]["ops_by_dtype"]
-        assert ops["xnnpack_partitions"] == 1 and ops["float_ops"] == ["EXP", "RESIZE_BILINEAR"] and ops["int8"] > 50
+        assert ops["xnnpack_partitions"] == 1 and ops["int8"] > 50
+        assert set(ops["float_ops"]) == {*STEM_FLOAT_OPS, "EXP", "RESIZE_BILINEAR"}
+        assert float_convs(export_dir / arts["int8"]["path"]) == STEM_CONVS
         assert not {"HARD_SWISH", "RELU_0_TO_1"} & set(ops["op_types"])
         assert arts["int8"]["bytes"] < 0.5 * arts["fp32"]["bytes"]
 
@@ -476,7 +532,9 @@ def test_efficientvit_int8_tflite_runs(tmp_path):
     art = by_precision(manifest_of(tmp_path / "exports", run, "tflite"))["int8"]
     ops = art["ops_by_dtype"]
     assert {"DIV", "BATCH_MATMUL", "RELU", "SUM"} <= set(ops["float_ops"]), ops
-    assert not {"CONV_2D", "DEPTHWISE_CONV_2D"} & set(ops["float_ops"]) and ops["int8"] > 1.5 * ops["float32"], ops
+    assert ops["int8"] > 1.5 * ops["float32"], ops
+    export_dir = tmp_path / "exports" / run.name / "tflite"
+    assert float_convs(export_dir / art["path"]) == ["CONV_2D", "DEPTHWISE_CONV_2D"]   # the input stem only
     assert art["check"]["finite"] and art["check"]["depth_rel_median"] < 0.02 and art["check"]["seg_agreement"] > 0.9
 
 

@@ -111,3 +111,108 @@ def test_hardswish_is_simulated_as_the_int8_file_computes_it():
     final = qat.finalize(fake)
     assert sum(type(m) is torch.nn.Hardswish for m in final.modules()) == count
     assert not any(isinstance(m, qat.QuantHardswish) for m in final.modules())
+
+
+class ResidualPair(torch.nn.Module):
+    """relu(conv_a(x)) + conv_b(x): an ADD fed by a fused conv + ReLU and by a raw convolution."""
+    tasks = ("depth",)
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.relu, self.conv_b = torch.nn.Conv2d(3, 4, 1), torch.nn.ReLU(), torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return {"depth": self.relu(self.conv_a(x)) + self.conv_b(x)}
+
+
+def test_every_tensor_an_add_reads_is_int8():
+    """The int8 file stores each convolution's output after its fused activation, so both inputs
+    of an ADD are int8 even when no convolution reads them: QAT quantises them where they are made."""
+    torch.manual_seed(0)
+    model, x = ResidualPair().eval(), torch.randn(2, 3, 8, 8)
+    fake = qat.prepare(model, x[:1])
+    qat.calibrate(fake, [x])
+    inner = fake.student
+    assert isinstance(inner.relu, qat.QuantActivation)
+    assert isinstance(inner.conv_a.output_quant, torch.nn.Identity)       # quantised after its ReLU
+    assert isinstance(inner.conv_b.output_quant, qat.ActivationQuantizer)
+
+    def fq(t, q):
+        scale, zero = q.qparams()
+        return torch.fake_quantize_per_tensor_affine(t, scale, zero, qat.QMIN, qat.QMAX)
+
+    def conv(c, t):
+        return torch.nn.functional.conv2d(fq(t, c.input_quant), qat.fake_quant_weight(c.conv.weight), c.conv.bias)
+
+    a = fq(torch.relu(conv(inner.conv_a, x)), inner.relu.output_quant)
+    b = fq(conv(inner.conv_b, x), inner.conv_b.output_quant)
+    expected = fq(a + b, fake.output_quant["depth"])
+    torch.testing.assert_close(fake(x)["depth"], expected)
+
+    # MobileNetV3: the raw outputs quantised are those of the residual projections and the heads'
+    # last convolutions; every ReLU, hardsigmoid and residual sum is wrapped, and finalize
+    # restores them all
+    student = randomized("mobilenetv3_small_050")
+    fake = qat.prepare(student, torch.randn(1, 3, 64, 96))
+    raw = {n.removeprefix("student.") for n, m in fake.named_modules()
+           if isinstance(m, qat.QuantConv2d) and isinstance(m.output_quant, qat.ActivationQuantizer)}
+    assert {"heads.depth.out", "heads.seg.out"} <= raw
+    assert sum(n.endswith("conv_pwl") for n in raw) == sum(n.endswith("conv_pwl") for n, _ in student.named_modules())
+    assert not any(n.startswith("decoder.") for n in raw)
+    wrapped = sum(type(m) in qat.FUSED_ACTIVATIONS for m in student.modules())
+    assert wrapped > 0 and sum(isinstance(m, qat.QuantActivation) for m in fake.modules()) == wrapped
+    residuals = sum(qat.is_residual(m) for m in student.modules())
+    assert residuals > 0 and sum(isinstance(m, qat.QuantResidual) for m in fake.modules()) == residuals
+    final = qat.finalize(fake)
+    assert sum(type(m) in qat.FUSED_ACTIVATIONS for m in final.modules()) == wrapped
+    assert sum(qat.is_residual(m) for m in final.modules()) == residuals
+    assert not any(isinstance(m, (qat.QuantActivation, qat.QuantConv2d, qat.QuantResidual)) for m in final.modules())
+
+
+def test_float_stem_leaves_the_first_convolutions_as_the_file_keeps_them():
+    """`float_stem=2`: the stem convolution, its hardswish and the first depthwise layer compute in
+    float, as the int8 files' input stem does; the depthwise layer's activated output is where
+    int8 begins, and finalize leaves the float convolutions' weights off the int8 grid."""
+    student = randomized("mobilenetv3_small_050")
+    example = torch.randn(1, 3, 64, 96)
+    fake = qat.prepare(student, example, float_stem=2)
+    enc = fake.student.encoder
+    assert type(enc.conv_stem) is torch.nn.Conv2d and type(enc.act1) is torch.nn.Hardswish
+    block = enc.blocks[0][0]
+    assert type(block.conv_dw) is torch.nn.Conv2d
+    assert isinstance(block.bn1[0], qat.QuantActivation)            # the island's output: int8 from here
+    assert isinstance(block.se.conv_reduce, qat.QuantConv2d)
+    everything = qat.prepare(student, example)
+    assert sum(isinstance(m, qat.ActivationQuantizer) for m in everything.modules()) - \
+        sum(isinstance(m, qat.ActivationQuantizer) for m in fake.modules()) == 5   # stem input, 3 of hardswish, dw input
+    final = qat.finalize(fake)
+    folded = copy.deepcopy(student)
+    qat.fold_batchnorm(folded, example)
+    stem = qat.input_stem(folded, example, 2)
+    assert {n for n in stem if "conv" in n} == {"encoder.conv_stem", "encoder.blocks.0.0.conv_dw"}
+    assert "encoder.act1" in stem and "encoder.blocks.0.0.bn1.0" not in stem   # int8 after the second layer
+    fine = build_student("mobilenetv3_small_050", decoder_channels=16, output_stride=2).eval()
+    assert "decoder.lateral.0.0" in qat.input_stem(fine, example, 2)   # the stride-2 level reads the stem too
+    assert qat.input_stem(fine, example, 0) == set()
+    assert torch.equal(final.encoder.conv_stem.weight, folded.encoder.conv_stem.weight)   # float, not snapped
+    assert not torch.equal(final.encoder.blocks[1][0].conv_pw.weight, folded.encoder.blocks[1][0].conv_pw.weight)
+
+
+def test_sensitivity_groups_the_quantisers_of_one_tensor():
+    """quant.sensitivity: both convolutions read the image (one tensor, two quantisers); the ReLU's
+    output, the raw branch and the sum are tensors of their own; with every quantiser left float
+    the simulation is the float model."""
+    from quant.sensitivity import drift, tensor_groups, without
+    torch.manual_seed(0)
+    model, x = ResidualPair().eval(), torch.randn(2, 3, 8, 8)
+    fake = qat.prepare(model, x[:1])
+    qat.calibrate(fake, [x])
+    groups = tensor_groups(fake, x)
+    names = sorted(sorted(n.removeprefix("student.") for n in g) for g in groups)
+    assert names == [["conv_a.input_quant", "conv_b.input_quant"], ["conv_b.output_quant"], ["output_quant.depth"],
+                     ["relu.output_quant"]]
+    reference = model(x)
+    assert drift(fake, x, reference)["depth_rel"] > 0
+    everything = [[n for g in groups for n in g]]
+    assert without(everything, fake, x, reference)[0]["depth_rel"] < 1e-6
+    assert all(m.seen for m in fake.modules() if isinstance(m, qat.ActivationQuantizer))   # restored
