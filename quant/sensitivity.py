@@ -118,7 +118,9 @@ def table(baseline: dict[str, float], rows: list[dict], top: int) -> str:
              f"{100 * baseline.get('labels_changed', 0):.2f}% (mean over pixels, against the float model)",
              "", "| tensor left float | range | depth drift | labels changed |", "|---|---|---|---|"]
     for r in ranked:
-        name = r["tensor"][0].removeprefix("student.").rsplit(".", 1)[0]
+        name = r["tensor"][0].removeprefix("student.")
+        for attr, role in ((".input_quant", " input"), (".output_quant", " output"), (".gate_quant", " gate")):
+            name = name.replace(attr, role)
         also = f" (+{len(r['tensor']) - 1})" if len(r["tensor"]) > 1 else ""
         lines.append(f"| {name}{also} | {r['range'][0]:.2f} .. {r['range'][1]:.2f} | "
                      f"{100 * r.get('depth_rel', 0):.2f}% | {100 * r.get('labels_changed', 0):.2f}% |")
