@@ -16,8 +16,8 @@ always containing 0) calibrated by min/max. QAT here simulates that:
    compute it); and each residual block for `QuantResidual` (its int8 sum). The two outputs get
    their own activation quantisers (depth and logits never share one scale). `float_stem=N`
    leaves the layers within N weighted layers of the input float, as the int8 files keep their
-   input stem. Not
-   simulated: the re-rounding of int8 resizes (on their input's scale).
+   input stem (targets/stem.py). Not simulated: the re-rounding of int8 resizes (on their
+   input's scale).
 3. `finalize` returns a plain float student whose weights sit exactly on their int8 grid. The
    converter's weight quantisation then reproduces QAT's integer weights bit for bit (max|w| is on
    the grid, so the scale is unchanged); activation ranges are re-measured by the converter on the
@@ -164,19 +164,23 @@ class QuantConv2d(nn.Module):
                                           c.padding, c.dilation, c.groups))
 
 
-class QuantActivation(nn.Module):
+class QuantOutput(nn.Module):
+    """`module` with its output on an int8 scale; `finalize` puts `module` back."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+        self.output_quant = ActivationQuantizer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_quant(self.module(x))
+
+
+class QuantActivation(QuantOutput):
     """ReLU, ReLU6 or hardsigmoid with an int8 output: the converters fuse it into the convolution
     before it (hardsigmoid as that convolution's RELU6, its +3 and 1/6 folded into weights), and the
     fused op writes int8. Its output may feed an ADD or a MUL rather than a convolution, so the
     next convolution's input quantiser does not cover it."""
-
-    def __init__(self, activation: nn.Module):
-        super().__init__()
-        self.activation = activation
-        self.output_quant = ActivationQuantizer()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output_quant(self.activation(x))
 
 
 class QuantHardswish(nn.Module):
@@ -195,18 +199,10 @@ class QuantHardswish(nn.Module):
         return self.output_quant(x * self.gate_quant(F.relu6(x + 3.0)) / 6.0)
 
 
-class QuantResidual(nn.Module):
+class QuantResidual(QuantOutput):
     """A residual block whose sum is int8: the file's ADD writes int8, and the next block reads it
     twice, through its first convolution (whose input quantiser covers it) and through its own
     shortcut (which nothing else would quantise)."""
-
-    def __init__(self, block: nn.Module):
-        super().__init__()
-        self.block = block
-        self.output_quant = ActivationQuantizer()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output_quant(self.block(x))
 
 
 def is_residual(module: nn.Module) -> bool:
@@ -251,8 +247,8 @@ FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardsigmoid)   # written into the con
 
 def input_stem(model: nn.Module, example: torch.Tensor, layers: int) -> set[str]:
     """Names of the convolutions within the first `layers` weighted layers from the input and of the
-    activations between them: what the int8 files keep in float (targets/tflite_file.py,
-    `input_stem`, the same rule). The activation after a convolution `layers` deep is not among
+    activations between them: what the int8 files keep in float (targets/stem.py, the same rule
+    on torch modules). The activation after a convolution `layers` deep is not among
     them: the file quantises its output. Tracked through the leaf modules by tensor identity; a
     tensor computed outside a module (an ADD) ends the stem, as it is no stem tensor in the files
     either (there, it follows a layer that is)."""
@@ -309,9 +305,7 @@ def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False, 
                 setattr(module, attr, QuantHardswish())
             elif type(child) in FUSED_ACTIVATIONS:
                 setattr(module, attr, QuantActivation(child))
-    for module in list(model.modules()):
-        for attr, child in list(module.named_children()):
-            if is_residual(child):
+            elif is_residual(child):   # its own children are swapped too: they are in the list above
                 setattr(module, attr, QuantResidual(child))
     return QuantStudent(model, log_depth)
 
@@ -344,10 +338,8 @@ def finalize(model: QuantStudent) -> nn.Module:
                 setattr(module, attr, conv)
             elif isinstance(child, QuantHardswish):
                 setattr(module, attr, nn.Hardswish())
-            elif isinstance(child, QuantActivation):
-                setattr(module, attr, child.activation)
-            elif isinstance(child, QuantResidual):
-                setattr(module, attr, child.block)
+            elif isinstance(child, QuantOutput):
+                setattr(module, attr, child.module)
     return student.eval()
 
 

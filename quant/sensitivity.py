@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None):
                    help=f"validation images the drift is measured on (default {DEFAULT_IMAGES})")
     p.add_argument("--calib", type=int, default=128, help="calibration images (the export's default: 128)")
     p.add_argument("--float-stem", type=int, default=0,
-                   help="convolutions from the input left float, as quant.export --float-stem (default 0: "
+                   help="weighted layers from the input left float, as quant.export --float-stem (default 0: "
                         "rank the stem too)")
     p.add_argument("--top", type=int, default=15, help="rows to print (default 15)")
     p.add_argument("--seed", type=int, default=0, help="the calibration draw, as quant.export --seed")

@@ -22,6 +22,7 @@ import numpy as np
 from core.contract import INPUT_NAME
 from edge.runners import OrtRunner
 from targets.job import Job, check_against_reference, main, publish, source_for, tool_versions, write_result
+from targets.stem import stem_ops
 
 
 def simplified(source: str, dest: Path) -> Path:
@@ -59,31 +60,9 @@ FUSED_ACTIVATIONS = ("Relu", "Clip")   # onnxruntime folds them into the convolu
 
 def input_stem(model, layers: int) -> list[str]:
     """Names of the nodes within the first `layers` weighted layers from the graph input, which the
-    int8 file keeps in float: the ONNX twin of targets/tflite_file.py's `input_stem` (same rule:
-    a convolution `layers` deep is kept with its fused activation, what follows it is int8)."""
-    depth = {i.name: 0 for i in model.graph.input}   # stem activation -> weighted layers before it
-    activations = set(depth)                          # tensors computed from the input (not constants)
-    fused_after: set[str] = set()                     # outputs of the last layer's convolutions
-    keep: list[str] = []
-    for node in model.graph.node:                     # nodes are in topological order
-        sources = [name for name in node.input if name in activations]
-        if not sources:
-            continue
-        activations.update(node.output)
-        if any(name not in depth for name in sources):
-            continue
-        level = max(depth[name] for name in sources)
-        if node.op_type in WEIGHTED_NODES:
-            level += 1
-            if level > layers:
-                continue
-            if level == layers:
-                fused_after.update(node.output)
-        elif level >= layers and not (node.op_type in FUSED_ACTIVATIONS and node.input[0] in fused_after):
-            continue
-        keep.append(node.name)
-        depth.update((name, level) for name in node.output)
-    return keep
+    int8 file keeps in float (the rule and why: targets/stem.py)."""
+    ops = ((n.name, n.op_type, list(n.input), list(n.output)) for n in model.graph.node)   # topological
+    return stem_ops(ops, [i.name for i in model.graph.input], layers, WEIGHTED_NODES, FUSED_ACTIVATIONS)
 
 
 def quantize_int8(source: Path, dest: Path, calibration: str, stem_layers: int) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 from core.contract import DEPTH, INPUT_NAME, SEG
 from edge.runners import LiteRTRunner
 from targets.job import Job, check_against_reference, publish
+from targets.stem import stem_ops
 
 METADATA_NAME = "densekit"
 
@@ -78,39 +79,11 @@ def float_islands(graph: TFLiteGraph, op_types: list[str]) -> list[str]:
 
 
 def input_stem(graph: TFLiteGraph, layers: int) -> list[str]:
-    """Output tensor names of the ops within the first `layers` weighted layers from the graph input
-    (a convolution `layers` deep included, with its fused activation; what follows it not), which
-    an int8 file runs in float: the image enters int8 after them.
-
-    Why (MobileNetV3-Small, v3): the stem convolution's output, the hardswish input, spans a wide
-    range that one int8 scale resolves coarsely, and every later layer reads it. In the torch
-    simulation of the int8 scheme (pointwise v3 student, seed 0, 200 validation images), the
-    stem and the layers reading it held 3.1 of the 3.4 points of abs_rel drift (README,
-    "How the training defaults were chosen"). With 2 layers, v3 keeps the stem convolution, its
-    hardswish and the two convolutions that read it (the first depthwise layer and the decoder's
-    stride-2 lateral): 4.4 M of 108 M MACs, where int8 ran no faster than fp32. Depth counts
-    layers, not execution order, which differs between converters.
-    """
-    depth = {t: 0 for t in graph.inputs}     # stem tensor -> weighted layers between the input and it
-    activations = set(depth)                  # tensors computed from the input (not constants)
-    keep: list[str] = []
-    for op in graph.ops:                      # execution order is a topological order
-        sources = [int(t) for t in op["inputs"] if int(t) in activations]
-        if not sources:
-            continue
-        activations.update(int(t) for t in op["outputs"])
-        if any(t not in depth for t in sources):
-            continue
-        level = max(depth[t] for t in sources)
-        if op["op_name"] in WEIGHTED_OPS:
-            level += 1
-            if level > layers:
-                continue
-        elif level >= layers:                 # after the last layer's convolution: int8 from here
-            continue
-        keep.append(graph.name(op))
-        depth.update((int(t), level) for t in op["outputs"])
-    return keep
+    """Output tensor names of the ops within the first `layers` weighted layers from the graph input,
+    which an int8 file runs in float (the rule and why: targets/stem.py)."""
+    ops = ((graph.name(op), op["op_name"], [int(t) for t in op["inputs"]], [int(t) for t in op["outputs"]])
+           for op in graph.ops)               # execution order is a topological order
+    return stem_ops(ops, graph.inputs, layers, WEIGHTED_OPS)
 
 
 def float_nodes(graph: TFLiteGraph, float_ops: list[str], stem_layers: int) -> list[str]:

@@ -1,0 +1,52 @@
+"""The input stem an int8 file keeps in float (`quant.export --float-stem`): one rule over any
+graph's ops, used by the TFLite files (targets/tflite_file.py) and the ONNX files (targets/onnx.py);
+quant/qat.py applies the same rule to the torch modules QAT simulates.
+
+Why (MobileNetV3-Small, v3): the stem convolution's output, the hardswish input, spans a wide range
+that one int8 scale resolves coarsely, and every later layer reads it. In the torch simulation of
+the int8 scheme (pointwise v3 student, seed 0, 200 validation images), the stem and the layers
+reading it held 3.1 of the 3.4 points of abs_rel drift (README, "How the training defaults were
+chosen"). With 2 layers, v3 keeps the stem convolution, its hardswish and the two convolutions that
+read it (the first depthwise layer and the decoder's stride-2 lateral): 4.4 M of 108 M MACs, where
+int8 ran no faster than fp32. Depth counts layers, not execution order, which differs between
+converters (ONNX ran the lateral before the depthwise layer, TFLite after).
+
+Standard library only: both converter processes import it.
+"""
+from __future__ import annotations
+
+from typing import Collection, Hashable, Iterable, Sequence
+
+# (name, op type, input tensors, output tensors), in a topological order
+Op = tuple[str, str, Sequence[Hashable], Sequence[Hashable]]
+
+
+def stem_ops(ops: Iterable[Op], graph_inputs: Iterable[Hashable], layers: int, weighted: Collection[str],
+             fused: Collection[str] = ()) -> list[str]:
+    """Names of the ops within the first `layers` weighted layers from the graph inputs. A weighted
+    op `layers` deep is kept, with an activation of a `fused` type that reads it (a separate op in
+    ONNX, part of the convolution in TFLite); what follows is int8. An op that reads a tensor from
+    outside the stem is not in it; constants (tensors no input reaches) do not count."""
+    depth = {t: 0 for t in graph_inputs}      # stem tensor -> weighted layers between the input and it
+    activations = set(depth)                  # tensors computed from the inputs
+    last_layer: set[Hashable] = set()         # outputs of the weighted ops `layers` deep
+    keep: list[str] = []
+    for name, kind, inputs, outputs in ops:
+        sources = [t for t in inputs if t in activations]
+        if not sources:
+            continue
+        activations.update(outputs)
+        if any(t not in depth for t in sources):
+            continue
+        level = max(depth[t] for t in sources)
+        if kind in weighted:
+            level += 1
+            if level > layers:
+                continue
+            if level == layers:
+                last_layer.update(outputs)
+        elif level >= layers and not (kind in fused and inputs[0] in last_layer):
+            continue
+        keep.append(name)
+        depth.update((t, level) for t in outputs)
+    return keep
