@@ -30,7 +30,7 @@ def place(tmp_path, monkeypatch):
 CASES = [
     # (module, argv, what the one line must say)
     ("distill.run", ["v3", "train.batch_size=0"], "train.batch_size=0 must be at least 1"),
-    ("distill.run", ["v3", "data.num_train=4"], "data.num_train=4 is smaller than train.batch_size=16"),
+    ("distill.run", ["v3", "data.num_train=4"], "data.num_train=4 is smaller than train.batch_size=8"),
     ("distill.run", ["v3", "data.height=80"], "data.height=80 must be a positive multiple of 32"),
     ("distill.run", ["v3", "train.epochs=-1"], "train.epochs=-1 must be at least 1"),
     ("distill.run", ["v3", "eval.best_metric=bogus"], "eval.best_metric='bogus'"),

@@ -146,7 +146,7 @@ def test_bf16_autocast_path_trains(tmp_path):
     ("train.epochs=0", "train.epochs=0 must be at least 1"),
     ("train.epochs=-1", "train.epochs=-1 must be at least 1"),
     ("data.height=80", "data.height=80 must be a positive multiple of 32"),
-    ("data.num_train=4", "data.num_train=4 is smaller than train.batch_size=16"),
+    ("data.num_train=4", "data.num_train=4 is smaller than train.batch_size=8"),
     ("eval.best_metric=bogus", "eval.best_metric='bogus' is not a depth metric"),
     ("data.cache_mb=-1", "data.cache_mb=-1 must be >= 0"),
     ("loss.gradient_scales=0", "loss.gradient_scales=0 must be at least 1"),
