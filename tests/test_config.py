@@ -46,7 +46,7 @@ def test_recipe_history():
         "synthetic-metric", "berhu", "p80", "kendall")
     # v4 = v3 with EfficientViT-B1, keeping the decoder and rates measured for it (history.py)
     v3_as_v4 = dataclasses.replace(v3, name="v4", model=dataclasses.replace(v3.model, student="efficientvit_b1", output_stride=4),
-                                   train=dataclasses.replace(v3.train, lr_encoder=1e-3, lr_decoder=2e-3))
+                                   train=dataclasses.replace(v3.train, lr_encoder=4e-3, lr_decoder=8e-3))
     assert to_dict(v4) == to_dict(v3_as_v4)
     assert "75.37 m" in type(v1).__doc__
 
