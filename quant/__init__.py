@@ -3,7 +3,7 @@
 Python API (keyword-only options; names import on first use):
 
     from quant import export_run, validate_artefact
-    result = export_run("runs/v3-...", target="tflite", qat_steps=300)   # -> ExportResult (int8 by QAT)
+    result = export_run("runs/v3-...", target="tflite", qat_steps=0)   # -> ExportResult (int8 by PTQ)
     report = validate_artefact(result.path / "v3-..._int8.tflite", reference=student, data=val_dataset)
 """
 from core.lazy import lazy_exports
