@@ -304,7 +304,7 @@ def gate_failure_message(result: ExportResult) -> str:
     failures = result.failures()
     return (f"{len(failures)} drift gate(s) failed (see {result.path / 'drift.json'}):\n  " + "\n  ".join(failures)
             + "\nGates: targets/devices.json; --tolerance PRECISION.KEY=VALUE overrides one for this export. "
-            "Try QAT (--qat-steps, more steps) or keep an op in float (--float-ops)." + (f"\n{result.warning}" if result.warning else ""))
+            "Try QAT or more QAT steps (--qat-steps N), or keep an op in float (--float-ops)." + (f"\n{result.warning}" if result.warning else ""))
 
 
 # ----------------------------------------------------------------------------- the pipeline

@@ -393,7 +393,7 @@ def test_gate_failure_exits_non_zero_naming_metric_value_and_tolerance(run_dir, 
                   "--tolerance", "int8.abs_rel_change=0") == 3
     err = capsys.readouterr().err
     assert f"{run_dir.name}_int8.onnx: abs_rel changed by " in err and "tolerance 0.00%" in err
-    assert "Try QAT (--qat-steps" in err   # the fix, named
+    assert "(--qat-steps N)" in err   # the fix, named
     drift = json.loads((tmp_path / run_dir.name / "onnx" / "drift.json").read_text())
     assert drift["artefacts"][0]["pass"] is False   # written, and marked
 
