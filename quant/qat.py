@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from targets.stem import stem_ops
+
 QMIN, QMAX = -128, 127       # int8 activations
 WMAX = 127                   # symmetric int8 weights use [-127, 127]
 
@@ -247,38 +249,29 @@ FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardsigmoid)   # written into the con
 
 def input_stem(model: nn.Module, example: torch.Tensor, layers: int) -> set[str]:
     """Names of the convolutions within the first `layers` weighted layers from the input and of the
-    activations between them: what the int8 files keep in float (targets/stem.py, the same rule
-    on torch modules). The activation after a convolution `layers` deep is not among
-    them: the file quantises its output. Tracked through the leaf modules by tensor identity; a
-    tensor computed outside a module (an ADD) ends the stem, as it is no stem tensor in the files
+    activations between them: what the int8 files keep in float, by the files' own rule
+    (targets/stem.py `stem_ops`) over the leaf modules, traced once by tensor identity. The
+    activation after a convolution `layers` deep is not among them: the file quantises its output.
+    A tensor computed outside a module (an ADD) ends the stem, as it is no stem tensor in the files
     either (there, it follows a layer that is)."""
     names = {m: n for n, m in model.named_modules()}
-    depth: dict[int, tuple[int, torch.Tensor]] = {id(example): (0, example)}
-    stem: set[str] = set()
+    ops: list[tuple[str, str, list[int], list[int]]] = []
+    alive: list[torch.Tensor] = [example]     # held until the walk, so no tensor id is reused
 
-    def track(module, inputs, output):
-        sources = [t for t in inputs if isinstance(t, torch.Tensor)]
-        known = [depth[id(t)][0] for t in sources if id(t) in depth and depth[id(t)][1] is t]
-        if not sources or len(known) < len(sources):
-            return
-        level = max(known)
-        if type(module) is nn.Conv2d:
-            level += 1
-            if level > layers:
-                return
-        elif level >= layers:
-            return
-        stem.add(names[module])
-        depth[id(output)] = (level, output)
+    def record(module, inputs, output):
+        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+        alive.extend([*tensors, output])
+        ops.append((names[module], "conv" if type(module) is nn.Conv2d else "other",   # the weighted layers
+                    [id(t) for t in tensors], [id(output)]))
 
-    hooks = [m.register_forward_hook(track) for m in model.modules() if not list(m.children())]
+    hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
             model(example)
     finally:
         for h in hooks:
             h.remove()
-    return stem
+    return set(stem_ops(ops, [id(example)], layers, weighted={"conv"}))
 
 
 def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False, float_stem: int = 0) -> QuantStudent:

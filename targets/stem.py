@@ -1,6 +1,6 @@
 """The input stem an int8 file keeps in float (`quant.export --float-stem`): one rule over any
-graph's ops, used by the TFLite files (targets/tflite_file.py) and the ONNX files (targets/onnx.py);
-quant/qat.py applies the same rule to the torch modules QAT simulates.
+graph's ops, used by the TFLite files (targets/tflite_file.py) and the ONNX files (targets/onnx.py),
+and by quant/qat.py on the torch modules QAT simulates (traced into the same op form).
 
 Why (MobileNetV3-Small, v3): the stem convolution's output, the hardswish input, spans a wide range
 that one int8 scale resolves coarsely, and every later layer reads it. In the torch simulation of
