@@ -48,12 +48,12 @@ from edge import kit
 from quant import benchmark, compression
 from quant.model_card import write_model_card
 from targets.profiles import device_names
+from targets.stem import DEFAULT_FLOAT_STEM
 
 # int8 by QAT: PTQ is as accurate on v3 at a sixth of the export time, but the v4 student of 4x rates
 # fails its gate with PTQ and passes with QAT (README, "QAT or PTQ"); `--qat-steps 0` for PTQ.
 DEFAULT_QAT_STEPS = 300
 DEFAULT_CALIB = 128
-DEFAULT_FLOAT_STEM = 2     # int8: v3's stem and the layers reading it stay float (targets/tflite_file.py)
 # Validation images per artefact: the whole SynthRooms CPU-default validation split. On the first
 # 64 images four int8 files drifted about twice as much as on all 200 (abs_rel +2.59 / +2.96 /
 # +3.54 / +2.42% against +1.07 / +1.78 / +1.61 / +1.11%) and failed a 2% gate they pass on 200.

@@ -18,17 +18,18 @@ from quant import qat
 @dataclass
 class CalibrationSet:
     selection: Selection
-    files: dict[str, str]        # targets.job calibration forms
+    files: dict[str, str]        # targets.job calibration forms ({} when not written)
     images: torch.Tensor         # (N, 3, H, W) normalised, as the student takes them
 
     def batches(self, size: int = 16):
         return [self.images[i:i + size] for i in range(0, len(self.images), size)]
 
 
-def calibration_set(dataset, size: int, out_dir: Path, *, seed: int = 0, progress: bool = True) -> CalibrationSet:
-    """Select `size` images of a non-augmenting `dataset` (the draw set by `seed`) and write them under `out_dir`."""
+def calibration_set(dataset, size: int, out_dir: Path | None, *, seed: int = 0, progress: bool = True) -> CalibrationSet:
+    """Select `size` images of a non-augmenting `dataset` (the draw set by `seed`) and write them
+    under `out_dir` for the converters (None: only the torch simulation reads them, nothing written)."""
     selection = select_calibration(dataset, size, seed=seed, progress=progress)
-    files = write_calibration(dataset, selection, out_dir)
+    files = write_calibration(dataset, selection, out_dir) if out_dir is not None else {}
     images = torch.stack([torch.as_tensor(dataset[i]["image"]).float() for i in selection.indices])
     return CalibrationSet(selection, files, images)
 

@@ -15,9 +15,7 @@ student whose tensor ranges suit int8 better; the export's drift gates decide.
 from __future__ import annotations
 
 import sys
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -136,8 +134,7 @@ def main(argv: list[str]) -> int:
     plain_train, val_ds = build_datasets(replace(run.recipe.data, augment=False), progress=False)
     count = min(args.images, len(val_ds))
     images = torch.stack([torch.as_tensor(val_ds[i]["image"]).float() for i in range(count)])
-    with tempfile.TemporaryDirectory() as work:
-        calib = ptq.calibration_set(plain_train, args.calib, Path(work), seed=args.seed, progress=False)
+    calib = ptq.calibration_set(plain_train, args.calib, None, seed=args.seed, progress=False)
     model = ptq.simulate(run.model, calib, log_depth=True, float_stem=args.float_stem)
     with torch.no_grad():
         reference = run.model.eval()(images)

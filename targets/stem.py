@@ -17,6 +17,10 @@ from __future__ import annotations
 
 from typing import Collection, Hashable, Iterable, Sequence
 
+# int8 files keep the first 2 weighted layers float unless told (`quant.export --float-stem N`): on v3
+# the stem and the layers reading it, where its int8 drift began (above)
+DEFAULT_FLOAT_STEM = 2
+
 # (name, op type, input tensors, output tensors), in a topological order
 Op = tuple[str, str, Sequence[Hashable], Sequence[Hashable]]
 
