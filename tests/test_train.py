@@ -59,6 +59,16 @@ def test_v3_trains_and_writes_the_run_directory(tmp_path, capsys):
     assert sys.modules.get("tensorflow") is None  # TensorBoard never pulled TensorFlow into torch's process
 
 
+def test_each_epoch_line_says_how_long_the_rest_takes():
+    from distill.training.loop import NullWriter, log_epoch
+    lines = []
+    record = {"epoch": 3, "train": {"loss": 0.5}, "val": {"abs_rel": 0.2, "miou": 0.4}}
+    for left_s in (150.0, 42.0, 0.0):
+        log_epoch(NullWriter(), record, lines.append, left_s=left_s)
+    assert lines[0].endswith("~2.5 min left") and lines[1].endswith("~42 s left")
+    assert lines[2].endswith("miou 0.4000")   # the last epoch: nothing left to announce
+
+
 def test_v1_is_refused_before_any_step(tmp_path, capsys):
     assert main(["v1", *TINY, "train.epochs=1", f"out_dir={tmp_path}", "--quiet"]) == 3
     err = capsys.readouterr().err

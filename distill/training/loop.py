@@ -182,6 +182,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     from distill.training.tensorboard import summary_writer
     writer = summary_writer(run_dir / "tensorboard", purge_step=state["step"]) if rank.main else NullWriter()
     val = None
+    t_loop, first_epoch = time.time(), state["epoch"]
     for epoch in range(state["epoch"], tc.epochs):
         train_ds.set_epoch(epoch)
         train_loader.sampler.set_epoch(epoch)
@@ -200,7 +201,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
             record = {"epoch": epoch + 1, "step": state["step"], "train": {**means, "images_per_s": images / epoch_time},
                       "val": val}
             io.append_jsonl(run_dir / "metrics.jsonl", record)
-            log_epoch(writer, record, log)
+            per_epoch = (time.time() - t_loop) / (epoch + 1 - first_epoch)   # training, evaluation and saving
+            log_epoch(writer, record, log, left_s=per_epoch * (tc.epochs - epoch - 1))
             keep_best(run_dir, model, recipe, state, val)
             save(run_dir, model, weighting, optimizer, scheduler, state, recipe, val, feature_kd)
         distributed.barrier(rank)   # nobody starts the next epoch (or returns) before the checkpoint
@@ -361,7 +363,8 @@ def train_one_epoch(model, loader, supervision, objective, weighting, optimizer,
     return {k: v / len(loader) for k, v in sums.items()}
 
 
-def log_epoch(writer, record: dict, log) -> None:
+def log_epoch(writer, record: dict, log, left_s: float = 0.0) -> None:
+    """TensorBoard scalars, and one terminal line with the time the remaining epochs will take."""
     epoch, val = record["epoch"], record["val"]
     for k, v in val.items():
         if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
@@ -370,6 +373,8 @@ def log_epoch(writer, record: dict, log) -> None:
         writer.add_scalar(f"train_epoch/{k}", v, epoch)
     parts = [f"epoch {epoch}", f"loss {record['train']['loss']:.4f}"]
     parts += [f"{k} {val[k]:.4f}" for k in ("abs_rel", "rmse", "d1", "miou") if val.get(k) is not None]
+    if left_s > 0:
+        parts.append(f"~{left_s / 60:.1f} min left" if left_s >= 60 else f"~{left_s:.0f} s left")
     log("  ".join(parts))
 
 
