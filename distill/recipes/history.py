@@ -97,8 +97,8 @@ class V4(V3):
     # batches of 8, then two full runs (README, v4's table).
     model: ModelConfig = field(default_factory=lambda: ModelConfig(student="efficientvit_b1", output_stride=4))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr_encoder=4e-3, lr_decoder=8e-3))
-    # A training step costs twice v3's on a CPU; half the epochs keep the demo in its budget
-    # (measured on 2 cores: 4000 images x 6 epochs already beats v3's 12 epochs).
+    # A training step costs twice v3's on a CPU: 6 epochs of batches of 16 take 6.8-7.0 min on 2
+    # cores with the data rendered (README, v4's table).
     device_defaults: ClassVar[dict] = {
         **V3.device_defaults,
         "cpu": {"data": V3.device_defaults["cpu"]["data"], "train": {"epochs": 6, "batch_size": 16}}}
