@@ -23,13 +23,21 @@ from distill.recipes import RECIPES, Recipe, check_values, get_recipe, load_save
 
 
 def describe_keys(recipe) -> str:
+    """Every key with its default; a size left to the device shows what each device kind gets."""
+    sized = {}   # "train.epochs" -> "cpu 16, cuda 30"
+    for kind, table in recipe.device_defaults.items():
+        for section, values in table.items():
+            for key, value in values.items():
+                sized.setdefault(f"{section}.{key}", []).append(f"{kind} {value}")
+
     def walk(cfg, prefix=""):
         for f in fields(cfg):
-            value = getattr(cfg, f.name)
+            value, key = getattr(cfg, f.name), prefix + f.name
             if is_dataclass(value):
-                yield from walk(value, prefix + f.name + ".")
+                yield from walk(value, key + ".")
             else:
-                yield f"  {prefix + f.name:<26} {value!r:<28} {f.type}"
+                shown = f"None: {', '.join(sized[key])}" if value is None and key in sized else repr(value)
+                yield f"  {key:<26} {shown:<28} {f.type}"
     return "\n".join(walk(recipe))
 
 
