@@ -18,6 +18,7 @@ import sys
 from dataclasses import replace
 
 import torch
+from tqdm.auto import tqdm
 
 from core.cli import ArgumentParser, at_least, command
 from quant import ptq, qat
@@ -94,11 +95,13 @@ def drift(model: torch.nn.Module, images: torch.Tensor, reference: dict[str, tor
     return result
 
 
-def without(groups: list[list[str]], model: qat.QuantStudent, images, reference) -> list[dict]:
+def without(groups: list[list[str]], model: qat.QuantStudent, images, reference, *,
+            progress: bool = False) -> list[dict]:
     """The drift with each group's quantisers left float (an unobserved quantiser passes its input)."""
     modules = dict(model.named_modules())
     rows = []
-    for members in groups:
+    for members in tqdm(groups, desc="tensors left float", unit="tensor", disable=not progress, leave=False,
+                        mininterval=0.5 if sys.stderr.isatty() else 30):
         seen = [modules[n].seen.clone() for n in members]
         for n in members:
             modules[n].seen.fill_(False)
@@ -141,7 +144,7 @@ def main(argv: list[str]) -> int:
     groups = tensor_groups(model, images)
     print(f"{run.name}: {sum(map(len, groups))} quantisers on {len(groups)} tensors, {count} validation images, "
           f"{len(calib.images)} calibration images", flush=True)
-    print(table(drift(model, images, reference), without(groups, model, images, reference), args.top))
+    print(table(drift(model, images, reference), without(groups, model, images, reference, progress=True), args.top))
     return 0
 
 
