@@ -139,6 +139,25 @@ def test_int8_file_keeps_the_input_stem_in_float(tflite_export, run_dir, tmp_pat
     assert art["ops_by_dtype"]["float_ops"] == ["EXP", "RESIZE_BILINEAR"]
 
 
+def test_int8_tensors_under_a_fused_relu6_keep_its_range(tflite_export, run_dir):
+    """The hardswish gates, relu6(x + 3) as an ADD with a fused RELU6, are int8 over at most [0, 6]:
+    TensorFlow's quantiser gave them the scale of the MUL reading them, 14-19 levels for the gate
+    (targets/tflite_file.py, `tighten_activation_ranges`)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from ai_edge_litert.tools import flatbuffer_utils
+    arts = by_precision(manifest_of(tflite_export, run_dir, "tflite"))
+    graph = flatbuffer_utils.read_model(str(tflite_export / run_dir.name / "tflite" / arts["int8"]["path"])).subgraphs[0]
+    ranges = []
+    for op in graph.operators:
+        tensor = graph.tensors[op.outputs[0]]
+        if (getattr(op.builtinOptions, "fusedActivationFunction", None) == schema.ActivationFunctionType.RELU6
+                and tensor.type == schema.TensorType.INT8):
+            scale, zero = float(tensor.quantization.scale[0]), int(tensor.quantization.zeroPoint[0])
+            ranges.append(((-128 - zero) * scale, (127 - zero) * scale))
+    assert len(ranges) > 10 and all(low > -1e-6 and high < 6 + 1e-4 for low, high in ranges), ranges
+    assert arts["int8"]["activation_ranges_tightened"] > 10 and arts["fp32"]["activation_ranges_tightened"] == 0
+
+
 def test_sensitivity_ranks_the_tensors_of_a_runs_int8_drift(run_dir, capsys):
     from quant.sensitivity import main as sensitivity_main
     assert sensitivity_main(["--run", str(run_dir), "--images", "4", "--calib", "8", "--top", "3"]) == 0
