@@ -1,6 +1,7 @@
-"""The input stem an int8 file keeps in float (`quant.export --float-stem`): one rule over any
-graph's ops, used by the TFLite files (targets/tflite_file.py) and the ONNX files (targets/onnx.py),
-and by quant/qat.py on the torch modules QAT simulates (traced into the same op form).
+"""The regions an int8 file keeps in float, as rules over any graph's ops: the input stem
+(`quant.export --float-stem`), used by the TFLite files (targets/tflite_file.py) and the ONNX files
+(targets/onnx.py), and by quant/qat.py on the torch modules QAT simulates (traced into the same op
+form); and the islands around ops that int8 kernels handle badly (`island_ops`, both file types).
 
 Why (MobileNetV3-Small, v3): the stem convolution's output, the hardswish input, spans a wide range
 that one int8 scale resolves coarsely, and every later layer reads it. In the torch simulation of
@@ -53,4 +54,27 @@ def stem_ops(ops: Iterable[Op], graph_inputs: Iterable[Hashable], layers: int, w
             continue
         keep.append(name)
         depth.update((t, level) for t in outputs)
+    return keep
+
+
+def island_ops(ops: Iterable[Op], seeds: Collection[str], bounds: Collection[str]) -> list[str]:
+    """Names of the ops connected to a `seeds` op without passing through a `bounds` op (the
+    weighted ones): the whole region around it, which an int8 file runs in float as one island
+    with quantisation only at its edges. Why, on EfficientViT's linear attention (v4):
+    targets/tflite_file.py, `float_islands`."""
+    ops = list(ops)
+    producer = {t: op for op in ops for t in op[3]}
+    consumers: dict[Hashable, list[Op]] = {}
+    for op in ops:
+        for t in op[2]:
+            consumers.setdefault(t, []).append(op)
+    keep: list[str] = []
+    pending = [op for op in ops if op[0] in seeds]
+    while pending:
+        name, _kind, inputs, outputs = pending.pop()
+        if name in bounds or name in keep:
+            continue
+        keep.append(name)
+        pending += [producer[t] for t in inputs if t in producer]
+        pending += [c for t in outputs for c in consumers.get(t, [])]
     return keep

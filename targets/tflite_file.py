@@ -16,7 +16,7 @@ import numpy as np
 from core.contract import DEPTH, INPUT_NAME, SEG
 from edge.runners import LiteRTRunner
 from targets.job import Job, check_against_reference, publish
-from targets.stem import stem_ops
+from targets.stem import Op, island_ops, stem_ops
 
 METADATA_NAME = "densekit"
 
@@ -40,6 +40,12 @@ class TFLiteGraph:
 
     def name(self, op: dict) -> str:
         return self.names[int(op["outputs"][0])]
+
+    def op_tuples(self) -> list[Op]:
+        """(name, type, inputs, outputs) per op, in execution order (a topological order), for the
+        rules of targets/stem.py."""
+        return [(self.name(op), op["op_name"], [int(t) for t in op["inputs"]], [int(t) for t in op["outputs"]])
+                for op in self.ops]
 
 
 COMPUTE_OPS = ("BATCH_MATMUL", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -66,24 +72,15 @@ def float_islands(graph: TFLiteGraph, op_types: list[str]) -> list[str]:
     with QUANTIZE/DEQUANTIZE only at its edges (v4: 115 float ops, 15 + 37 at the edges of 7
     attentions and 2 output tails): int8 1.96x faster than fp32. MobileNetV3 students have no DIV.
     """
-    keep: list[str] = []
-    pending = [op for op in graph.ops if op["op_name"] in op_types]
-    while pending:
-        op = pending.pop()
-        if op["op_name"] in WEIGHTED_OPS or graph.name(op) in keep:
-            continue
-        keep.append(graph.name(op))
-        pending += [graph.producer[int(t)] for t in op["inputs"] if int(t) in graph.producer]
-        pending += [c for t in op["outputs"] for c in graph.consumers.get(int(t), [])]
-    return keep
+    ops = graph.op_tuples()
+    return island_ops(ops, {name for name, kind, *_ in ops if kind in op_types},
+                      {name for name, kind, *_ in ops if kind in WEIGHTED_OPS})
 
 
 def input_stem(graph: TFLiteGraph, layers: int) -> list[str]:
     """Output tensor names of the ops within the first `layers` weighted layers from the graph input,
     which an int8 file runs in float (the rule and why: targets/stem.py)."""
-    ops = ((graph.name(op), op["op_name"], [int(t) for t in op["inputs"]], [int(t) for t in op["outputs"]])
-           for op in graph.ops)               # execution order is a topological order
-    return stem_ops(ops, graph.inputs, layers, WEIGHTED_OPS)
+    return stem_ops(graph.op_tuples(), graph.inputs, layers, WEIGHTED_OPS)
 
 
 def float_nodes(graph: TFLiteGraph, float_ops: list[str], stem_layers: int) -> list[str]:

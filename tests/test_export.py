@@ -541,10 +541,10 @@ def test_a_factor_is_not_deferred_past_an_addition():
     assert torch.allclose(net.conv_a.weight, weight / 6)
 
 
-def test_efficientvit_int8_tflite_runs(tmp_path):
+def test_efficientvit_int8_files_keep_each_attention_in_float(tmp_path):
     """v4's student family: each linear attention runs in float as one island, from its qkv
-    convolutions to its output projection (XNNPACK has no int8 BATCH_MATMUL or RELU); every
-    convolution runs int8."""
+    convolutions to its output projection (XNNPACK has no int8 BATCH_MATMUL or RELU), in TFLite and
+    ONNX; every convolution runs int8."""
     tiny_v4 = [a if not a.startswith("model.student=") else "model.student=efficientvit_b0" for a in TINY]
     assert train_main(["v4", *tiny_v4, f"out_dir={tmp_path / 'runs'}", "--quiet"]) == 0
     run = next((tmp_path / "runs").glob("v4-*"))
@@ -556,6 +556,18 @@ def test_efficientvit_int8_tflite_runs(tmp_path):
     export_dir = tmp_path / "exports" / run.name / "tflite"
     assert float_convs(export_dir / art["path"]) == ["CONV_2D", "DEPTHWISE_CONV_2D"]   # the input stem only
     assert art["check"]["finite"] and art["check"]["depth_rel_median"] < 0.02 and art["check"]["seg_agreement"] > 0.9
+    # ONNX int8 keeps the same islands (targets/onnx.py, attention_islands): no matmul or division
+    # of the attention reads a dequantised tensor; its convolutions are int8
+    import onnx
+    assert export(run, tmp_path / "exports", "--target", "onnx", "--precision", "int8", "--qat-steps", "0") == 0
+    art = by_precision(manifest_of(tmp_path / "exports", run, "onnx"))["int8"]
+    graph = onnx.load(str(tmp_path / "exports" / run.name / "onnx" / art["path"])).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    constants = {t.name for t in graph.initializer}
+    attention = [n for n in graph.node if n.op_type in ("MatMul", "Div") and not constants & set(n.input)]
+    assert attention and all(producer.get(i) != "DequantizeLinear" for n in attention for i in n.input)
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) > 20
+    assert art["check"]["finite"] and art["check"]["depth_rel_median"] < 0.02
 
 
 def test_a_second_export_of_the_same_run_and_target_is_refused_while_the_first_runs(run_dir, tmp_path, capsys):
