@@ -50,9 +50,6 @@ from quant.model_card import write_model_card
 from targets.profiles import device_names
 from targets.stem import DEFAULT_FLOAT_STEM
 
-# int8 by QAT: PTQ is as accurate on v3 at a sixth of the export time, but the v4 student of 4x rates
-# fails its gate with PTQ and passes with QAT (README, "QAT or PTQ"); `--qat-steps 0` for PTQ.
-DEFAULT_QAT_STEPS = 300
 # Distillation steps after pruning: what brings v3 at half its MACs back within 1.05x abs_rel and 1.5
 # miou points of its float model. 2000 did for the 12-epoch student; the 16-epoch one needed more
 # (README, "Pruning to a MAC budget").
@@ -81,7 +78,7 @@ class ExportOptions:
     prune_importance: str = "taylor"          # how channels are ranked: quant/prune.py IMPORTANCE (README: seeds)
     prune_lr: float = 2e-3                    # peak learning rate of the fine-tune after pruning (cosine decay)
     prune_stages: int = 1                     # > 1: iterative pruning, the fine-tune steps split between the stages
-    qat_steps: int = DEFAULT_QAT_STEPS        # 0 = post-training quantisation only
+    qat_steps: int | None = None              # None = the recipe's (v3 300, v4 0); 0 = post-training quantisation only
     qat_lr: float = 1e-4
     float_ops: tuple[str, ...] = ("DIV",)     # TFLite op types an int8 file keeps in float
     float_stem: int = DEFAULT_FLOAT_STEM      # int8 files: the first N weighted layers from the input stay float
@@ -142,9 +139,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prune-importance", default="taylor",
                    help="how channels are ranked for pruning: taylor (|weight x gradient| of the task losses over 16 "
                         "training batches; default), magnitude (group L2 norm) or bn_scale (|BN gamma|)")
-    p.add_argument("--qat-steps", type=int, default=DEFAULT_QAT_STEPS,
-                   help=f"QAT steps for int8 (default {DEFAULT_QAT_STEPS}; 0 = post-training quantisation only, "
-                        f"enough for v3 at a sixth of the export time)")
+    p.add_argument("--qat-steps", type=int, default=None,
+                   help="QAT steps for int8 (default: the recipe's, v3 300, v4 0; 0 = post-training quantisation "
+                        "only, a sixth of v3's export time)")
     p.add_argument("--qat-lr", type=float, default=1e-4)
     p.add_argument("--float-ops", default="DIV",
                    help="TFLite op types an int8 file keeps in float (default DIV; see targets/tflite_file.py)")
@@ -243,7 +240,8 @@ def converter_for(fmt: Format, options: ExportOptions) -> tuple[Converter, str]:
 def check_options(options: ExportOptions, fmt: Format) -> None:
     """Refuse values that cannot work before a model is loaded or a file converted."""
     for flag, value, low in (("--check", options.check, 1), ("--calib", options.calib, 1),
-                             ("--qat-steps", options.qat_steps, 0), ("--prune-steps", options.prune_steps, 0),
+                             ("--qat-steps", 0 if options.qat_steps is None else options.qat_steps, 0),
+                             ("--prune-steps", options.prune_steps, 0),
                              ("--float-stem", options.float_stem, 0),
                              ("--prune-stages", options.prune_stages, 1),
                              ("--bench-runs", options.bench_runs, 0), ("--bench-warmup", options.bench_warmup, 0),
@@ -341,6 +339,8 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
     t_start = time.time()
     source.set_threads(plan.threads)
     run = source.load_run(source.find_run(run_path, runs_dir))
+    if opts.qat_steps is None:
+        opts = replace(opts, qat_steps=run.recipe.int8_qat_steps)
     size = plan.input_size or run.input_size
     log(f"run {run.path} ({run.recipe.name}, {run.recipe.model.student}, weights {run.weights.name} "
         f"sha256 {run.weights_sha256[:12]}); exporting {plan.format.name} {', '.join(plan.precisions)} "
@@ -529,6 +529,8 @@ def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log
               "float_stem": opts.float_stem}
     log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
     if opts.qat_steps <= 0:
+        log(f"int8 by post-training quantisation ({run.recipe.name}'s default; --qat-steps N for QAT)"
+            if run.recipe.int8_qat_steps == 0 else "int8 by post-training quantisation (--qat-steps 0)")
         return model, calib.files, report
     # Both int8 converters quantise depth before the heads' float tails (upsampling, EXP): log-depth.
     fake = ptq.simulate(model, calib, log_depth=True, float_stem=opts.float_stem)

@@ -61,7 +61,7 @@ def test_device_defaults_fill_only_unset_fields():
 def test_help_shows_what_each_device_gives_a_size_left_to_it():
     from distill.run import describe_keys
     lines = {line.split()[0]: line for line in describe_keys(get_recipe("v4")).splitlines()}
-    assert "None: cpu 6, cuda 30" in lines["train.epochs"]    # v4 resizes itself for CPUs
+    assert "None: cpu 9, cuda 30" in lines["train.epochs"]    # v4 resizes itself for CPUs
     assert "None: cpu 128, cuda 256" in lines["data.height"]
     assert "None" not in lines["train.lr_encoder"]            # a value set in the recipe shows as it is
 

@@ -544,7 +544,7 @@ def test_a_factor_is_not_deferred_past_an_addition():
 def test_efficientvit_int8_files_keep_each_attention_in_float(tmp_path):
     """v4's student family: each linear attention runs in float as one island, from its qkv
     convolutions to its output projection (XNNPACK has no int8 BATCH_MATMUL or RELU), in TFLite and
-    ONNX; every convolution runs int8."""
+    ONNX; every convolution runs int8. Its int8 files come by PTQ unless told."""
     tiny_v4 = [a if not a.startswith("model.student=") else "model.student=efficientvit_b0" for a in TINY]
     assert train_main(["v4", *tiny_v4, f"out_dir={tmp_path / 'runs'}", "--quiet"]) == 0
     run = next((tmp_path / "runs").glob("v4-*"))
@@ -559,8 +559,10 @@ def test_efficientvit_int8_files_keep_each_attention_in_float(tmp_path):
     # ONNX int8 keeps the same islands (targets/onnx.py, attention_islands): no matmul or division
     # of the attention reads a dequantised tensor; its convolutions are int8
     import onnx
-    assert export(run, tmp_path / "exports", "--target", "onnx", "--precision", "int8", "--qat-steps", "0") == 0
-    art = by_precision(manifest_of(tmp_path / "exports", run, "onnx"))["int8"]
+    assert export(run, tmp_path / "exports", "--target", "onnx", "--precision", "int8") == 0
+    manifest = manifest_of(tmp_path / "exports", run, "onnx")
+    assert manifest["config"]["int8"]["method"] == "ptq"   # v4's default (Recipe.int8_qat_steps)
+    art = by_precision(manifest)["int8"]
     graph = onnx.load(str(tmp_path / "exports" / run.name / "onnx" / art["path"])).graph
     producer = {o: n.op_type for n in graph.node for o in n.output}
     constants = {t.name for t in graph.initializer}

@@ -143,6 +143,10 @@ class Recipe:
         "cuda": {"data": {"height": 256, "width": 320, "num_train": 8000, "num_val": 500},
                  "train": {"epochs": 30, "batch_size": 32}},
     }
+    # QAT steps of an int8 export unless `quant.export --qat-steps` says (0 = post-training
+    # quantisation only). QAT kept v3's segmentation closer to the float model than PTQ by more than
+    # the seeds' spread (README, "QAT or PTQ"); a recipe whose student PTQ serves as well sets 0.
+    int8_qat_steps: ClassVar[int] = 300
 
 
 def resolve_for_device(recipe: Recipe, device_type: str) -> tuple[Recipe, dict[str, int]]:
