@@ -68,13 +68,13 @@ def island_ops(ops: Iterable[Op], seeds: Collection[str], bounds: Collection[str
     for op in ops:
         for t in op[2]:
             consumers.setdefault(t, []).append(op)
-    keep: list[str] = []
+    keep: dict[str, None] = {}               # insertion-ordered set
     pending = [op for op in ops if op[0] in seeds]
     while pending:
         name, _kind, inputs, outputs = pending.pop()
         if name in bounds or name in keep:
             continue
-        keep.append(name)
+        keep[name] = None
         pending += [producer[t] for t in inputs if t in producer]
         pending += [c for t in outputs for c in consumers.get(t, [])]
-    return keep
+    return list(keep)

@@ -31,10 +31,6 @@ class TFLiteGraph:
         self.names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
         self.ops = interpreter._get_ops_details()
         self.producer = {int(t): op for op in self.ops for t in op["outputs"]}
-        self.consumers: dict[int, list[dict]] = {}
-        for op in self.ops:
-            for t in op["inputs"]:
-                self.consumers.setdefault(int(t), []).append(op)
         self.inputs = [int(d["index"]) for d in interpreter.get_input_details()]
         self.outputs = [int(d["index"]) for d in interpreter.get_output_details()]
 

@@ -139,6 +139,16 @@ def test_int8_file_keeps_the_input_stem_in_float(tflite_export, run_dir, tmp_pat
     assert art["ops_by_dtype"]["float_ops"] == ["EXP", "RESIZE_BILINEAR"]
 
 
+def test_an_island_is_what_connects_to_its_seed_short_of_the_weighted_ops():
+    """targets/stem.py, `island_ops`: qkv conv -> relu -> (sum, div) -> proj conv -> residual add."""
+    from targets.stem import island_ops
+    ops = [("qkv", "CONV", ["x"], ["a"]), ("relu", "RELU", ["a"], ["r"]), ("sum", "SUM", ["r"], ["s"]),
+           ("div", "DIV", ["r", "s"], ["d"]), ("proj", "CONV", ["d"], ["p"]), ("add", "ADD", ["p", "x"], ["y"])]
+    assert sorted(island_ops(ops, {"div"}, {"qkv", "proj"})) == ["div", "relu", "sum"]
+    assert island_ops(ops, set(), {"qkv", "proj"}) == []
+    assert sorted(island_ops(ops, {"div"}, {"qkv"})) == ["add", "div", "proj", "relu", "sum"]   # up to the graph's end
+
+
 def test_int8_tensors_under_a_fused_relu6_keep_its_range(tflite_export, run_dir):
     """The hardswish gates, relu6(x + 3) as an ADD with a fused RELU6, are int8 over at most [0, 6]:
     TensorFlow's quantiser gave them the scale of the MUL reading them, 14-19 levels for the gate
