@@ -303,11 +303,27 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+# What to try when a precision fails its gates (the float ones should never: a converter problem)
+FAILURE_HINTS = {
+    "int8": "int8: try QAT or more QAT steps (--qat-steps N), or keep ops in float (--float-ops, --float-stem N).",
+    "w8a8": "w8a8: try more calibration images (--calib N), or w8 (weights only).",
+    "palette4": "palette4 (16 values per tensor): palette6, or on iOS18 w4block or palette4g, keep more of the weights.",
+    "palette6": "palette6: w8 keeps more of the weights.",
+    "w8": "w8 (8-bit weights): fp16 keeps every weight.",
+    "palette4g": "palette4g: w4block or palette6 keep more of the weights.",
+    "w4block": "w4block: palette6 or w8 keep more of the weights.",
+    "sparse-palette4": "sparse-palette4: prune after training costs a dense student; prefer w4block.",
+}
+
+
 def gate_failure_message(result: ExportResult) -> str:
     failures = result.failures()
+    failed = dict.fromkeys(r.precision for r in result.reports if not r.passed)
+    hints = [FAILURE_HINTS.get(p, f"{p}: a float file should match its model; report drift.json with the versions "
+                                   f"in manifest.json") for p in failed]
     return (f"{len(failures)} drift gate(s) failed (see {result.path / 'drift.json'}):\n  " + "\n  ".join(failures)
-            + "\nGates: targets/devices.json; --tolerance PRECISION.KEY=VALUE overrides one for this export. "
-            "Try QAT or more QAT steps (--qat-steps N), or keep an op in float (--float-ops)." + (f"\n{result.warning}" if result.warning else ""))
+            + "\nGates: targets/devices.json; --tolerance PRECISION.KEY=VALUE overrides one for this export.\n"
+            + "\n".join(hints) + (f"\n{result.warning}" if result.warning else ""))
 
 
 # ----------------------------------------------------------------------------- the pipeline

@@ -423,6 +423,9 @@ def test_gate_failure_exits_non_zero_naming_metric_value_and_tolerance(run_dir, 
     err = capsys.readouterr().err
     assert f"{run_dir.name}_int8.onnx: abs_rel changed by " in err and "tolerance 0.00%" in err
     assert "(--qat-steps N)" in err   # the fix, named
+    from core.formats import PRECISIONS
+    from quant.export import FAILURE_HINTS   # every lossy precision names its own
+    assert set(PRECISIONS) - set(FAILURE_HINTS) == {"fp32", "fp16"}
     drift = json.loads((tmp_path / run_dir.name / "onnx" / "drift.json").read_text())
     assert drift["artefacts"][0]["pass"] is False   # written, and marked
 
