@@ -545,8 +545,8 @@ def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log
               "float_stem": opts.float_stem}
     log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
     if opts.qat_steps <= 0:
-        log(f"int8 by post-training quantisation ({run.recipe.name}'s default; --qat-steps N for QAT)"
-            if run.recipe.int8_qat_steps == 0 else "int8 by post-training quantisation (--qat-steps 0)")
+        log(f"int8 by post-training quantisation, no QAT ({run.recipe.name} defaults to "
+            f"{run.recipe.int8_qat_steps} QAT steps; --qat-steps N chooses)")
         return model, calib.files, report
     # Both int8 converters quantise depth before the heads' float tails (upsampling, EXP): log-depth.
     fake = ptq.simulate(model, calib, log_depth=True, float_stem=opts.float_stem)

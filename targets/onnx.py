@@ -59,11 +59,16 @@ WEIGHTED_NODES = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 FUSED_ACTIVATIONS = ("Relu", "Clip")   # onnxruntime folds them into the convolution before them
 
 
+def node_tuples(model) -> list[tuple]:
+    """(name, type, inputs, outputs) per node, in the graph's (topological) order, for the rules of
+    targets/stem.py."""
+    return [(n.name, n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
+
+
 def input_stem(model, layers: int) -> list[str]:
     """Names of the nodes within the first `layers` weighted layers from the graph input, which the
     int8 file keeps in float (the rule and why: targets/stem.py)."""
-    ops = ((n.name, n.op_type, list(n.input), list(n.output)) for n in model.graph.node)   # topological
-    return stem_ops(ops, [i.name for i in model.graph.input], layers, WEIGHTED_NODES, FUSED_ACTIVATIONS)
+    return stem_ops(node_tuples(model), [i.name for i in model.graph.input], layers, WEIGHTED_NODES, FUSED_ACTIVATIONS)
 
 
 def attention_islands(model) -> list[str]:
@@ -75,10 +80,9 @@ def attention_islands(model) -> list[str]:
     images), against 1.5% in the simulation of the scheme (quant.sensitivity)."""
     constants = {t.name for t in model.graph.initializer}
     constants |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
-    ops = [(n.name, n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
     seeds = {n.name for n in model.graph.node if n.op_type == "Div" and not constants & set(n.input)}
     bounds = {n.name for n in model.graph.node if n.op_type in WEIGHTED_NODES and constants & set(n.input)}
-    return island_ops(ops, seeds, bounds)
+    return island_ops(node_tuples(model), seeds, bounds)
 
 
 def quantize_int8(source: Path, dest: Path, calibration: str, stem_layers: int) -> None:

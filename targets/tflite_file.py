@@ -106,7 +106,7 @@ def output_tails(graph: TFLiteGraph) -> list[str]:
 
 def finish(path: Path, metadata: dict) -> int:
     """Name the input and outputs as the artefact contract does (core/contract.py), store the export
-    metadata in the file, give int8 tensors under a fused activation its range
+    metadata in the file, hold each int8 tensor under a fused activation to that activation's range
     (`tighten_activation_ranges`; returns how many) and share identical zero points.
 
     The converters name tensors their own way (onnx2tf `Identity`, `PartitionedCall:1` in an order
@@ -175,7 +175,8 @@ def tighten_activation_ranges(model) -> int:
         if fused not in ACTIVATION_BOUNDS or len(op.outputs) != 1:
             continue
         index = int(op.outputs[0])
-        tensor, q = graph.tensors[index], graph.tensors[index].quantization
+        tensor = graph.tensors[index]
+        q = tensor.quantization
         if (tensor.type != schema.TensorType.INT8 or q is None or q.scale is None or len(q.scale) != 1
                 or index in graph.outputs or not set(readers.get(index, [])) <= set(RESCALABLE_READERS)):
             continue
