@@ -189,6 +189,54 @@ def test_op_profile_times_every_op_of_an_int8_file(tiny_artefacts, tmp_path):
     assert [op["dtype"] for op in convs] == ["float32"] + ["int8"] * (len(convs) - 1) and "CONV_2D" in proc.stdout
 
 
+def test_section_profile_splits_the_whole_graph_time_of_two_files(tiny_artefacts, tmp_path):
+    """edge.section_profile times nested sub-graphs of both files interleaved: every op falls in one
+    section, each section holds the same layers in both files, and the sections add up to the file."""
+    from edge.op_profile import load_model
+    from edge.section_profile import weighted_layers
+
+    out = tmp_path / "sections.json"
+    fp32, int8 = tiny_artefacts["tflite_fp32"], tiny_artefacts["tflite_int8"]
+    proc = edge_cli("edge.section_profile", fp32, int8, "--sections", "4", "--threads", "1", "--runs", "5",
+                    "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["schema"] == "densekit.section-profile/1" and result["models"] == [fp32.name, int8.name]
+    sections = result["sections"]
+    assert 2 <= len(sections) <= 4 and "speed-up" in proc.stdout
+    for f, path in enumerate((fp32, int8)):
+        model = load_model(path)
+        layers = weighted_layers(model)
+        assert sum(s["ops"][f] for s in sections) == len(model.subgraphs[0].operators)
+        assert sum(s["weighted_ops"] for s in sections) == len(layers)
+        assert sum(s["macs"] for s in sections) == sum(m for _, _, m in layers)
+        assert sum(s["us"][f] for s in sections) == pytest.approx(result["total_us"][f], abs=0.05)
+        assert result["total_us"][f] > 0
+    for s in sections:
+        assert s["speedup"] == pytest.approx(s["us"][0] / s["us"][1], rel=1e-2) if s["us"][1] > 0 else s["speedup"] is None
+
+
+def test_section_profile_counts_macs_and_refuses_files_of_different_models(tiny_artefacts, tmp_path):
+    from edge.section_profile import layer_macs
+
+    assert layer_macs("CONV_2D", (8, 3, 3, 4), (1, 10, 12, 8)) == 10 * 12 * 8 * 3 * 3 * 4
+    assert layer_macs("DEPTHWISE_CONV_2D", (1, 3, 3, 8), (1, 10, 12, 8)) == 10 * 12 * 8 * 3 * 3
+    assert layer_macs("FULLY_CONNECTED", (5, 7), (1, 5)) == 35
+    # the first prefix of a file as a second "model": the same format, other layers
+    from edge.op_profile import load_model
+    from edge.section_profile import sub_model, weighted_layers
+
+    model = load_model(tiny_artefacts["tflite_fp32"])
+    partial = tmp_path / "partial.tflite"
+    partial.write_bytes(sub_model(model, weighted_layers(model)[2][0])[0])
+    proc = edge_cli("edge.section_profile", tiny_artefacts["tflite_fp32"], partial, "--runs", "2")
+    assert proc.returncode == 2 and "do not hold the same layers" in proc.stderr
+    proc = edge_cli("edge.section_profile", partial, partial, partial)
+    assert proc.returncode == 2 and "one or two .tflite files" in proc.stderr
+    proc = edge_cli("edge.section_profile", tiny_artefacts["onnx_fp32"])
+    assert proc.returncode == 2 and "takes existing .tflite files" in proc.stderr
+
+
 def test_op_profile_refuses_a_file_that_is_not_tflite(tiny_artefacts, tmp_path):
     proc = edge_cli("edge.op_profile", tiny_artefacts["onnx_fp32"])
     assert proc.returncode == 2 and "takes an existing .tflite file" in proc.stderr

@@ -82,6 +82,8 @@ CASES = [
     ("edge.peak", ["--json", "a_file/p.json"], "a_file is a file, not a directory"),
     ("edge.op_profile", ["m.onnx"], "m.onnx"),
     ("edge.op_profile", ["m.tflite", "--runs", "0"], "--runs 0: must be at least 1"),
+    ("edge.section_profile", ["m.onnx"], "m.onnx"),
+    ("edge.section_profile", ["m.tflite", "--sections", "0"], "--sections 0: must be at least 1"),
 ]
 
 
