@@ -50,6 +50,11 @@ def test_v3_trains_and_writes_the_run_directory(tmp_path, capsys):
         assert key in summary, key
     # the metric teacher measured on the same validation images, and the share of its gap closed
     assert summary["teacher_abs_rel"] < summary["baseline_abs_rel"]
+    # where the training time went: shares of it, per epoch and over the run, and on the terminal
+    for shares in (summary, *(r["train"] for r in records)):
+        assert 0 < shares["data_wait_share"] < 1 and 0 < shares["teacher_share"] < 1
+        assert shares["data_wait_share"] + shares["teacher_share"] < 1
+    assert "waiting for data" in table and "teacher labelling" in table
     assert summary["gap_closed"] == pytest.approx((summary["baseline_abs_rel"] - summary["abs_rel"])
                                                   / (summary["baseline_abs_rel"] - summary["teacher_abs_rel"]))
     report = (run / "report.md").read_text()

@@ -170,7 +170,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     total_steps = tc.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, tc.warmup_frac, tc.min_lr_ratio))
     objective = Objective(recipe, feature_kd, seg_weights=seg_weights_for(recipe, train_ds, log))
-    state = {"epoch": 0, "step": 0, "best": None, "train_time": 0.0, "train_images": 0}
+    state = {"epoch": 0, "step": 0, "best": None, "train_time": 0.0, "train_images": 0, "data_wait_s": 0.0, "teacher_s": 0.0}
     if recipe.resume:
         state = restore(run_dir, model, weighting, optimizer, scheduler, log, write=rank.main, feature_kd=feature_kd)
     # DDP broadcasts rank 0's weights (its pre-flight depth initialisation included) on wrapping;
@@ -194,6 +194,11 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
         images = len(train_loader) * tc.batch_size
         state["train_time"] += epoch_time
         state["train_images"] += images
+        # shares of the epoch's wall time: waiting for the loader's next batch, and labelling it
+        # with the teacher (a GPU left idle by either is what faster data or a cache would buy)
+        for key, share in (("data_wait_s", "data_wait_share"), ("teacher_s", "teacher_share")):
+            state[key] = state.get(key, 0.0) + means[key]
+            means[share] = means.pop(key) / epoch_time
         weighting.epoch_end({t: means[f"loss_{t}"] for t in recipe.model.tasks})  # unweighted, per task
         state["epoch"] = epoch + 1
         if rank.main:
@@ -214,6 +219,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
             val = with_references(evaluate(model, val_loader, device, amp, recipe), baseline, teacher_val)
         summary = {**val, "best": state["best"],
                    "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
+                   **{share: state.get(key, 0.0) / max(state["train_time"], 1e-9)
+                      for key, share in (("data_wait_s", "data_wait_share"), ("teacher_s", "teacher_share"))},
                    "wall_s": time.time() - t_start, "epochs": tc.epochs, "device": str(device),
                    "processes": rank.world}
         write_outputs(run_dir, recipe, summary, model, teacher, val_ds, device, log)
@@ -329,10 +336,15 @@ def train_one_epoch(model, loader, supervision, objective, weighting, optimizer,
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, leave=False,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     features = objective.feature_kd is not None
+    waited = labelled = 0.0   # seconds blocked on the data loader, and in the teacher's labelling
+    ready = time.perf_counter()
     for batch in bar:
+        fetched = time.perf_counter()
+        waited += fetched - ready
         batch, teacher = to_device(batch, device), None
         if recipe.target == "teacher":
             batch, teacher = supervision.prepare(batch, state["step"], features=features)
+        labelled += time.perf_counter() - fetched
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             image = batch["image"].contiguous(memory_format=torch.channels_last) if tc.channels_last else batch["image"]
             out = model(image, features=True) if features else model(image)
@@ -360,7 +372,8 @@ def train_one_epoch(model, loader, supervision, objective, weighting, optimizer,
             writer.add_scalar("train/loss", total.item(), state["step"])
             for g in optimizer.param_groups:
                 writer.add_scalar(f"lr/{g['name']}", g["lr"], state["step"])
-    return {k: v / len(loader) for k, v in sums.items()}
+        ready = time.perf_counter()
+    return {**{k: v / len(loader) for k, v in sums.items()}, "data_wait_s": waited, "teacher_s": labelled}
 
 
 def log_epoch(writer, record: dict, log, left_s: float = 0.0) -> None:
