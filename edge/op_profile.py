@@ -13,7 +13,9 @@ Read the figures op type by op type between two files, not as a sum equal to the
 time: a one-op model pays one invoke's overhead (~0.5 us), cannot show fusions XNNPACK makes
 across ops (a PAD before a convolution is folded into it in the whole graph, so a big PAD here
 costs nothing there), and an op XNNPACK does not take runs in TFLite's own kernel here, as it
-would in the whole graph (between two delegate partitions).
+would in the whole graph (between two delegate partitions). Small elementwise ops mislead most:
+v3's 17 int8 hardswish MULs add up to 49 us here and cost nothing measurable in the graph. For
+the graph's own time by section, fp32 against int8, use `python -m edge.section_profile`.
 
 Imports ai-edge-litert (its flatbuffer schema and interpreter), never TensorFlow or torch.
 
@@ -125,7 +127,8 @@ def tensor_type(code: int) -> str:
 def summary(result: dict, top: int) -> str:
     total = sum(op["us"] for op in result["ops"]) or 1.0
     rows = [f"{result['model']}: {len(result['ops'])} ops as one-op models, median of {result['runs']} invokes, "
-            f"threads {result['threads'] or 'default'} (not the whole graph's time: see the module doc)",
+            f"threads {result['threads'] or 'default'} (not the whole graph's time: see the module doc; "
+            f"python -m edge.section_profile times the graph by sections)",
             f"  {'op type':<22} {'count':>5} {'us':>9} {'share':>6}"]
     for name, entry in result["by_type"].items():
         rows.append(f"  {name:<22} {entry['count']:>5} {entry['us']:>9.1f} {entry['us'] / total:>6.1%}")
