@@ -170,7 +170,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     total_steps = tc.epochs * len(train_loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, tc.warmup_frac, tc.min_lr_ratio))
     objective = Objective(recipe, feature_kd, seg_weights=seg_weights_for(recipe, train_ds, log))
-    state = {"epoch": 0, "step": 0, "best": None, "train_time": 0.0, "train_images": 0, "data_wait_s": 0.0, "teacher_s": 0.0}
+    state = {"epoch": 0, "step": 0, "best": None, "train_time": 0.0, "train_images": 0,
+             "data_wait_s": 0.0, "teacher_s": 0.0}
     if recipe.resume:
         state = restore(run_dir, model, weighting, optimizer, scheduler, log, write=rank.main, feature_kd=feature_kd)
     # DDP broadcasts rank 0's weights (its pre-flight depth initialisation included) on wrapping;
@@ -336,12 +337,12 @@ def train_one_epoch(model, loader, supervision, objective, weighting, optimizer,
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, leave=False,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     features = objective.feature_kd is not None
-    waited = labelled = 0.0   # seconds blocked on the data loader, and in the teacher's labelling
+    waited = labelled = 0.0   # seconds getting the next batch onto the device, and labelling it
     ready = time.perf_counter()
     for batch in bar:
+        batch, teacher = to_device(batch, device), None
         fetched = time.perf_counter()
         waited += fetched - ready
-        batch, teacher = to_device(batch, device), None
         if recipe.target == "teacher":
             batch, teacher = supervision.prepare(batch, state["step"], features=features)
         labelled += time.perf_counter() - fetched

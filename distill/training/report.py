@@ -47,9 +47,10 @@ def terminal_table(summary: dict) -> str:
     keys = [k for k in HEADLINE if isinstance(summary.get(k), (int, float))]
     width = max(len(k) for k in keys)
     lines = [f"{k:<{width}}  {summary[k]:.4f}" for k in keys]
-    waits = [f"{label} {summary[key]:.0%}" for key, label in (("data_wait_share", "waiting for data"),
-                                                            ("teacher_share", "teacher labelling")) if key in summary]
-    lines.append(f"{'train img/s':<{width}}  {summary['train_images_per_s']:.1f}" + (f" ({', '.join(waits)} of the time)" if waits else ""))
+    shares = [f"{label} {summary[key]:.0%}" for key, label in
+              (("data_wait_share", "waiting for data"), ("teacher_share", "teacher labelling")) if key in summary]
+    lines.append(f"{'train img/s':<{width}}  {summary['train_images_per_s']:.1f}"
+                 + (f" ({', '.join(shares)} of the time)" if shares else ""))
     lines.append(f"{'wall_s':<{width}}  {summary['wall_s']:.0f}")
     bar = "-" * (width + 12)
     return "\n".join([bar, *lines, *per_class_lines(summary.get("iou_per_class") or {}), bar])
