@@ -17,7 +17,7 @@ from core.io import IntegrityError
 from core.weights import check_checkpoint, latest_checkpoint, load_state, load_weights
 from distill.data.classes import NYU13_NAMES
 from distill.recipes import Recipe, load_saved
-from distill.students import MultiTaskStudent, build_student
+from distill.students import MultiTaskStudent, build_student, shipped_state
 
 DEFAULT_RECIPE = "v3"
 
@@ -97,7 +97,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     else:   # no best kept: the last checkpoint's weights, checked against their own record
         check_checkpoint(weights.parent)
     model = build_from_recipe(recipe)
-    model.load_state_dict(load_weights(weights))
+    model.load_state_dict(shipped_state(load_weights(weights)))   # a checkpoint keeps deep supervision's heads
     return LoadedRun(run_dir, recipe, model.eval(), weights, digest)
 
 

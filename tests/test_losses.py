@@ -508,3 +508,40 @@ def test_kendall_state_dict_round_trip():
     resumed.load_state_dict(original.state_dict())
     losses = {"depth": torch.tensor(2.0), "seg": torch.tensor(3.0)}
     assert original(losses)[0].item() == resumed(losses)[0].item()
+
+
+def test_deep_supervision_targets_average_log_depth_over_valid_pixels():
+    from distill.training.objective import downsample_depth
+
+    depth = torch.tensor([[1.0, 4.0, 2.0, 2.0], [7.0, 16.0, 2.0, 2.0]]).view(1, 1, 2, 4)
+    valid = torch.tensor([[True, True, False, False], [False, True, True, False]]).view(1, 1, 2, 4)
+    low, ok = downsample_depth(depth, valid, 2)
+    assert low.shape == ok.shape == (1, 1, 1, 2)
+    assert low[0, 0, 0, 0].item() == pytest.approx(4.0)   # geometric mean of 1, 4, 16 (7 is invalid)
+    assert ok.flatten().tolist() == [True, False]            # 3 of 4 valid, then 1 of 4
+
+
+def test_deep_supervision_adds_the_coarse_levels_losses_at_their_weight():
+    """loss.aux_weight: each task's loss on `out["aux"]`, averaged over the levels, times the weight."""
+    from dataclasses import replace
+
+    from distill.recipes.history import V3
+    from distill.training.objective import Objective, downsample_depth
+
+    torch.manual_seed(0)
+    recipe = V3()
+    target = torch.rand(2, 1, 8, 8) * 4 + 1
+    batch = {"teacher_depth": target, "seg": torch.randint(0, 13, (2, 8, 8))}
+    out = {"depth": torch.rand(2, 1, 8, 8) + 1, "seg": torch.randn(2, 13, 8, 8),
+           "aux": [{"depth": torch.rand(2, 1, 2, 2) + 1, "seg": torch.randn(2, 13, 2, 2)},
+                   {"depth": torch.rand(2, 1, 4, 4) + 1, "seg": torch.randn(2, 13, 4, 4)}]}
+    plain = Objective(recipe)(out, batch)
+    supervised = Objective(replace(recipe, loss=replace(recipe.loss, aux_weight=0.5)))(out, batch)
+    objective = Objective(recipe)
+    valid = torch.ones_like(target, dtype=torch.bool)
+    depth_terms = [objective.pixel_loss(a["depth"], *downsample_depth(target, valid, 8 // a["depth"].shape[-1]))
+                   for a in out["aux"]]
+    seg_terms = [torch.nn.functional.cross_entropy(a["seg"], batch["seg"][:, k // 2::k, k // 2::k])
+                 for a, k in zip(out["aux"], (4, 2))]
+    assert supervised["depth"].item() == pytest.approx(plain["depth"].item() + 0.5 * sum(depth_terms).item() / 2, rel=1e-5)
+    assert supervised["seg"].item() == pytest.approx(plain["seg"].item() + 0.5 * sum(seg_terms).item() / 2, rel=1e-5)

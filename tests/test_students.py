@@ -100,3 +100,26 @@ def test_an_encoder_without_a_stride2_level_takes_it_from_the_image():
     assert out["depth"].shape == (1, 1, 64, 96) and model.heads["seg"].up.scale_factor == 2
     with pytest.raises(ValueError, match="must be one of"):
         build_student("mobilenetv3_small_050", output_stride=8)
+
+
+def test_deep_supervision_heads_train_and_never_ship():
+    """`aux_heads`: training mode also predicts both tasks from the decoder's coarsest outputs (at
+    their own resolution); evaluation mode does not run them, and `shipped_state` leaves them out."""
+    from distill.students import shipped_state
+
+    torch.manual_seed(0)
+    model = build_student("mobilenetv3_small_050", output_stride=2, aux_heads=2).train()
+    out = model(torch.randn(2, 3, 64, 96))
+    assert [(a["depth"].shape, a["seg"].shape) for a in out["aux"]] == [
+        ((2, 1, 4, 6), (2, 13, 4, 6)), ((2, 1, 8, 12), (2, 13, 8, 12))]   # stride 16, then 8
+    assert all((a["depth"] > 0).all() for a in out["aux"])
+    assert "aux" not in model.eval()(torch.randn(1, 3, 64, 96))
+    plain = build_student("mobilenetv3_small_050", output_stride=2).eval()
+    assert set(model.state_dict()) - set(plain.state_dict()) == {
+        k for k in model.state_dict() if k.startswith("aux_heads.")} != set()
+    plain.load_state_dict(shipped_state(model.state_dict()))   # strict: nothing missing, nothing extra
+    x = torch.randn(1, 3, 64, 96)
+    assert torch.equal(plain(x)["depth"], model(x)["depth"])
+    assert count_macs(model, 64, 96) == count_macs(plain, 64, 96)   # what ships costs the same
+    with pytest.raises(ValueError, match="aux_heads must be in"):
+        build_student("mobilenetv3_small_050", output_stride=2, aux_heads=9)

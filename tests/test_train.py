@@ -148,6 +148,19 @@ def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path):
     assert len(io.read_jsonl(run / "metrics.jsonl")) == 1
 
 
+def test_deep_supervision_trains_and_keeps_its_heads_out_of_the_shipped_weights(tmp_path):
+    from quant.source import load_run
+
+    assert main(["v3", *TINY, "train.epochs=1", "loss.aux_weight=0.5", f"out_dir={tmp_path}", "--quiet"]) == 0
+    (run,) = run_dirs(tmp_path)
+    assert 0 < json.loads((run / "summary.json").read_text())["abs_rel"] < 1
+    assert not any(k.startswith("aux_heads.") for k in load_weights(run / "best.safetensors"))
+    assert any(k.startswith("aux_heads.") for k in load_weights(latest_checkpoint(run / "checkpoints") / "model.safetensors"))
+    (run / "best.safetensors").unlink()   # the export falls back to the checkpoint: its heads are left out
+    (run / "summary.json").unlink()
+    assert len(load_run(run).model.aux_heads) == 0
+
+
 def test_bf16_autocast_path_trains(tmp_path):
     # The GPU path (bf16 autocast, float32 losses) exercised on the CPU's autocast.
     assert main(["v3", *TINY, "train.epochs=1", "train.amp=bf16", f"out_dir={tmp_path}", "--quiet"]) == 0
@@ -167,6 +180,7 @@ def test_bf16_autocast_path_trains(tmp_path):
     ("loss.gradient_scales=0", "loss.gradient_scales=0 must be at least 1"),
     ("loss.seg_hard_fraction=0", "loss.seg_hard_fraction=0.0 must be in (0, 1]"),
     ("loss.seg_lovasz_weight=-1", "loss.seg_lovasz_weight=-1.0 must be >= 0"),
+    ("loss.aux_weight=-0.5", "loss.aux_weight=-0.5 must be >= 0"),
 ])
 def test_bad_values_are_refused_before_any_data_is_rendered(override, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path / "cache"))

@@ -80,6 +80,7 @@ class LossConfig:
     seg_balance: float = 0.5             # class weights ~ frequency^-seg_balance (0 = plain CE, 0.5 = 1/sqrt; README)
     seg_hard_fraction: float = 1.0       # < 1: OHEM, the cross-entropy of only the hardest pixels of a batch
     seg_lovasz_weight: float = 0.0       # > 0 adds the Lovasz-softmax loss (a mean-IoU surrogate) to the seg term
+    aux_weight: float = 0.0              # > 0: deep supervision from the decoder's stride-16 and -8 outputs (README)
     weighting: str = "kendall"           # registry name (distill.losses.WEIGHTINGS): fixed | kendall | dwa
     depth_weight: float = 1.0            # used by `fixed`
     seg_weight: float = 1.0
@@ -200,6 +201,9 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
     if recipe.loss.seg_lovasz_weight < 0:
         problems.append(f"loss.seg_lovasz_weight={recipe.loss.seg_lovasz_weight} must be >= 0 (0 = off, "
                         f"1 = the Lovasz-softmax loss beside the cross-entropy at equal weight)")
+    if recipe.loss.aux_weight < 0:
+        problems.append(f"loss.aux_weight={recipe.loss.aux_weight} must be >= 0 (0 = off, 0.5 = deep supervision "
+                        f"at half the weight of the output's own losses)")
     if recipe.loss.seg_balance < 0:
         problems.append(f"loss.seg_balance={recipe.loss.seg_balance} must be >= 0 (0 = plain cross-entropy, "
                         f"0.5 = inverse square root of class frequency)")

@@ -83,10 +83,13 @@ class FPNDecoder(nn.Module):
                                     for w, r in zip(widths[:-1], reductions))
         self.up = upsample(2)
 
-    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: list[torch.Tensor], levels: list | None = None) -> torch.Tensor:
+        """`levels`: a list that receives each level's output, coarse to fine (deep supervision)."""
         x = self.lateral[-1](features[-1])
         for i in range(len(features) - 2, -1, -1):
             x = self.smooth[i](self.up(self.project[i](x)) + self.lateral[i](features[i]))
+            if levels is not None:
+                levels.append(x)
         return x
 
 
@@ -138,15 +141,23 @@ class SegHead(nn.Module):
         return self.up(self.out(self.body(x)))
 
 
+AUX_PREFIX = "aux_heads."   # training-only layers: never in best.safetensors, never exported
+
+
 class MultiTaskStudent(nn.Module):
     """image (B, 3, H, W) normalised -> {"depth": (B, 1, H, W), "seg": (B, C, H, W) logits}.
 
-    H and W must be multiples of 32. `tasks` picks the heads ("depth", "seg").
+    H and W must be multiples of 32. `tasks` picks the heads ("depth", "seg"). `aux_heads` > 0
+    adds deep supervision for training: a 1x1 convolution per task on each of the decoder's
+    `aux_heads` coarsest outputs (stride 16 and 8 with 2), whose predictions at that level's
+    resolution training mode returns as "aux" (distill/training/objective.py). Evaluation mode
+    never runs them, and `shipped_state` leaves them out of the weights that are kept and exported.
     """
 
     def __init__(self, encoder: str, *, tasks: tuple[str, ...] = ("depth", "seg"), num_classes: int = 13,
                  decoder_channels: int = 64, depth_activation: str = "exp", pretrained: str | bool = False,
-                 output_stride: int = 4, separable: bool = False, fine_convs: str = "separable"):
+                 output_stride: int = 4, separable: bool = False, fine_convs: str = "separable",
+                 aux_heads: int = 0):
         super().__init__()
         unknown = set(tasks) - {"depth", "seg"}
         if unknown or not tasks:
@@ -175,12 +186,21 @@ class MultiTaskStudent(nn.Module):
             self.heads["depth"] = DepthHead(width, output_stride, depth_activation, form)
         if "seg" in tasks:
             self.heads["seg"] = SegHead(width, num_classes, output_stride, form)
+        if not 0 <= aux_heads < len(self.decoder.smooth):
+            raise ValueError(f"aux_heads must be in [0, {len(self.decoder.smooth) - 1}] for {encoder} "
+                             f"(the decoder levels above the output), got {aux_heads}")
+        self.aux_heads = nn.ModuleList()
+        for level in range(aux_heads):   # the decoder's outputs, coarsest first
+            c = self.decoder.lateral[len(self.decoder.lateral) - 2 - level][0].out_channels
+            depth = nn.Conv2d(c, 1, 1)
+            depth.bias.data.fill_(math.log(2.5))   # log-depth, as DepthHead starts
+            self.aux_heads.append(nn.ModuleDict({"depth": depth, "seg": nn.Conv2d(c, num_classes, 1)}))
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters())
 
     def decoder_parameters(self) -> list[nn.Parameter]:
-        return list(self.decoder.parameters()) + list(self.heads.parameters())
+        return list(self.decoder.parameters()) + list(self.heads.parameters()) + list(self.aux_heads.parameters())
 
     def forward(self, image: torch.Tensor, *, features: bool = False) -> dict[str, torch.Tensor]:
         """`features=True` adds "features": the encoder maps the decoder reads, fine to coarse
@@ -190,11 +210,20 @@ class MultiTaskStudent(nn.Module):
             raise ValueError(f"input size {h}x{w} is not a multiple of {INPUT_MULTIPLE}; "
                              f"resize or crop to e.g. {h // 32 * 32 or 32}x{w // 32 * 32 or 32}")
         levels = [f for i, f in enumerate(self.encoder(image)) if i in self.levels]
-        x = self.decoder(levels if self.image_stem is None else [self.image_stem(image), *levels])
+        supervised = [] if self.training and len(self.aux_heads) else None
+        x = self.decoder(levels if self.image_stem is None else [self.image_stem(image), *levels], supervised)
         out = {name: head(x) for name, head in self.heads.items()}
+        if supervised is not None:
+            out["aux"] = [{"depth": torch.exp(head["depth"](f)), "seg": head["seg"](f)}
+                          for head, f in zip(self.aux_heads, supervised)]
         if features:
             out["features"] = levels
         return out
+
+
+def shipped_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A student's weights without its training-only deep-supervision heads."""
+    return {k: v for k, v in state.items() if not k.startswith(AUX_PREFIX)}
 
 
 def create_encoder(name: str, pretrained: str | bool) -> nn.Module:

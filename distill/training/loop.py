@@ -32,7 +32,7 @@ from distill.data.classes import NYU13_NAMES
 from distill.losses.feature_kd import FeatureDistiller
 from distill.metrics import baseline_abs_rel
 from distill.recipes import Recipe, check_values, resolve_for_device
-from distill.students import build_student, count_macs, count_params
+from distill.students import build_student, count_macs, count_params, shipped_state
 from distill.teachers import Teacher
 from distill.training import distributed
 from distill.training.distributed import pick_device, to_device
@@ -42,6 +42,7 @@ from distill.training.preflight import PreflightError, enforce, run_preflight
 from distill.training.supervision import supervision_for
 
 PREFLIGHT_BATCHES = 3
+AUX_LEVELS = 2   # loss.aux_weight > 0: deep supervision on the decoder's two coarsest outputs (stride 16 and 8)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -250,7 +251,8 @@ def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, lo
     mc, dc, tc = recipe.model, recipe.data, recipe.train
     model = build_student(mc.student, tasks=mc.tasks, num_classes=len(NYU13_NAMES), decoder_channels=mc.decoder_channels,
                           output_stride=mc.output_stride, separable=mc.separable, fine_convs=mc.fine_convs,
-                          depth_activation=mc.depth_activation, pretrained=mc.pretrained).to(device)
+                          depth_activation=mc.depth_activation, pretrained=mc.pretrained,
+                          aux_heads=AUX_LEVELS if recipe.loss.aux_weight > 0 else 0).to(device)
     if tc.channels_last:   # oneDNN's and cuDNN's convolutions run NHWC natively
         model = model.to(memory_format=torch.channels_last)
     log(f"student {mc.student}: {count_params(model) / 1e6:.2f} M params, "
@@ -263,7 +265,8 @@ def keep_best(run_dir: Path, model, recipe: Recipe, state: dict, val: dict) -> N
     """best.safetensors follows the lowest eval.best_metric so far (state["best"] records which)."""
     score = val.get(recipe.eval.best_metric)
     if score is not None and (state["best"] is None or score < state["best"]["value"]):
-        save_weights(run_dir / "best.safetensors", model.state_dict(), weight_metadata(recipe, state["epoch"], val))
+        save_weights(run_dir / "best.safetensors", shipped_state(model.state_dict()),
+                     weight_metadata(recipe, state["epoch"], val))
         state["best"] = {"epoch": state["epoch"], "metric": recipe.eval.best_metric, "value": score,
                          "sha256": sha256(run_dir / "best.safetensors")}   # checked where it is exported
 
