@@ -44,9 +44,12 @@ def test_recipe_history():
         "synthetic-relative", "mse", ("depth",), "mobilenetv3_small_100")
     assert (v3.teacher.name, v3.loss.depth, v3.loss.berhu_threshold, v3.loss.weighting) == (
         "synthetic-metric", "berhu", "p80", "kendall")
-    # v4 = v3 with EfficientViT-B1, keeping the decoder and rates measured for it (history.py)
+    # v4 = v3 with EfficientViT-B1, keeping the decoder and rates measured for it, without v3's deep
+    # supervision, which was not measured on it (history.py)
     v3_as_v4 = dataclasses.replace(v3, name="v4", model=dataclasses.replace(v3.model, student="efficientvit_b1", output_stride=4),
-                                   train=dataclasses.replace(v3.train, lr_encoder=4e-3, lr_decoder=8e-3))
+                                   train=dataclasses.replace(v3.train, lr_encoder=4e-3, lr_decoder=8e-3),
+                                   loss=dataclasses.replace(v3.loss, aux_weight=0.0))
+    assert v3.loss.aux_weight == 0.5 and v1.loss.aux_weight == 0.0
     assert to_dict(v4) == to_dict(v3_as_v4)
     assert "75.37 m" in type(v1).__doc__
 
@@ -83,8 +86,10 @@ def test_a_run_saved_before_a_default_changed_keeps_the_value_it_trained_with(tm
 
     saved = to_dict(get_recipe("v3"))
     del saved["loss"]["seg_balance"], saved["train"]["channels_last"], saved["loss"]["berhu_residual"]
+    del saved["loss"]["aux_weight"]   # its checkpoints have no deep-supervision heads to resume
     io.write_json(tmp_path / "config.json", {**saved, "device": "cpu"})
     recipe = load_saved(tmp_path)
     assert recipe.loss.seg_balance == 0.0 and recipe.train.channels_last is False   # not today's defaults
+    assert recipe.loss.aux_weight == 0.0 and get_recipe("v3").loss.aux_weight == 0.5
     assert recipe.loss.berhu_residual == "absolute" and get_recipe("v3").loss.berhu_residual == "log"
     assert get_recipe("v3").loss.seg_balance == 0.5

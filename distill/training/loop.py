@@ -255,7 +255,8 @@ def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, lo
                           aux_heads=AUX_LEVELS if recipe.loss.aux_weight > 0 else 0).to(device)
     if tc.channels_last:   # oneDNN's and cuDNN's convolutions run NHWC natively
         model = model.to(memory_format=torch.channels_last)
-    log(f"student {mc.student}: {count_params(model) / 1e6:.2f} M params, "
+    shipped = count_params(model) - count_params(model.aux_heads)   # deep supervision's heads train, never ship
+    log(f"student {mc.student}: {shipped / 1e6:.2f} M params, "
         f"{count_macs(model, dc.height, dc.width) / 1e6:.0f} M MACs at {dc.height}x{dc.width}"
         + (f"; {rank.world} processes x {tc.batch_size // rank.world} images per step" if rank.active else ""))
     return model
