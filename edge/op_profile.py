@@ -57,23 +57,29 @@ def op_name(model, op) -> str:
         f"CUSTOM:{code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode}"
 
 
-def one_op_model(model, index: int) -> tuple[bytes, list[int]]:
-    """The flatbuffer of a model made of operator `index` alone, and its input tensor indices."""
+def cut_model(model, operators: list, inputs: list[int], outputs: list[int]) -> bytes:
+    """The flatbuffer of `model` reduced to `operators` (a part of its graph, in order) with these
+    input and output tensors; tensors and buffers are shared, signatures and metadata dropped."""
     import flatbuffers
 
+    cut, sub = copy.copy(model), copy.copy(model.subgraphs[0])
+    cut.subgraphs, cut.signatureDefs, cut.metadata = [sub], None, None
+    sub.operators, sub.inputs, sub.outputs = operators, inputs, outputs
+    builder = flatbuffers.Builder(1024)
+    builder.Finish(cut.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def one_op_model(model, index: int) -> tuple[bytes, list[int]]:
+    """The flatbuffer of a model made of operator `index` alone, and its input tensor indices."""
     graph = model.subgraphs[0]
     op = graph.operators[index]
     inputs = [i for i in op.inputs if i >= 0 and model.buffers[graph.tensors[i].buffer].data is None]
-    cut, sub = copy.copy(model), copy.copy(graph)
-    cut.subgraphs, cut.signatureDefs, cut.metadata = [sub], None, None
-    sub.operators, sub.inputs, sub.outputs = [op], inputs, list(op.outputs)
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(cut.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output()), inputs
+    return cut_model(model, [op], inputs, list(op.outputs)), inputs
 
 
-def median_invoke_us(model_content: bytes, threads: int | None, runs: int, warmup: int = 10) -> float:
-    """Median microseconds of one invoke of `model_content`, inputs seeded random in their dtype's range."""
+def seeded_interpreter(model_content: bytes, threads: int | None):
+    """A LiteRT interpreter of `model_content`, tensors allocated, inputs seeded random in their dtype's range."""
     from ai_edge_litert.interpreter import Interpreter
 
     interpreter = Interpreter(model_content=model_content, num_threads=threads)
@@ -87,7 +93,12 @@ def median_invoke_us(model_content: bytes, threads: int | None, runs: int, warmu
         else:
             value = rng.random(detail["shape"])
         interpreter.set_tensor(detail["index"], value.astype(dtype))
-    return float(np.median(time_invokes(interpreter, runs, warmup))) * 1e3
+    return interpreter
+
+
+def median_invoke_us(model_content: bytes, threads: int | None, runs: int, warmup: int = 10) -> float:
+    """Median microseconds of one invoke of `model_content`, inputs seeded random in their dtype's range."""
+    return float(np.median(time_invokes(seeded_interpreter(model_content, threads), runs, warmup))) * 1e3
 
 
 def profile(path: str | Path, threads: int | None = None, runs: int = 100, progress: bool = False) -> dict:

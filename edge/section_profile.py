@@ -28,7 +28,6 @@ first / second)}]}
 """
 from __future__ import annotations
 
-import copy
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import numpy as np
 
 from core.cli import ArgumentParser, at_least, command
 from core.io import check_writable
-from edge.op_profile import load_model, op_name
+from edge.op_profile import cut_model, load_model, op_name, seeded_interpreter
 from edge.run import write_json
 
 SCHEMA = "densekit.section-profile/1"
@@ -116,28 +115,11 @@ def nested_anchors(model, layers: list, sections: int) -> list[tuple | None]:
 def sub_model(model, anchor_index: int | None) -> tuple[bytes, set[int]]:
     """The flatbuffer of the ops that weighted op `anchor_index` depends on (None: the whole
     graph), its output the only output; and the ops' indices."""
-    import flatbuffers
-
     graph = model.subgraphs[0]
     outputs = list(graph.outputs) if anchor_index is None else list(graph.operators[anchor_index].outputs)
     ops = ancestors(graph, outputs)
-    cut, sub = copy.copy(model), copy.copy(graph)
-    cut.subgraphs, cut.signatureDefs, cut.metadata = [sub], None, None
-    sub.operators, sub.outputs = [op for i, op in enumerate(graph.operators) if i in ops], outputs
-    builder = flatbuffers.Builder(1024)
-    builder.Finish(cut.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output()), ops
-
-
-def interpreter_for(content: bytes, threads: int | None):
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=content, num_threads=threads)
-    interpreter.allocate_tensors()
-    rng = np.random.default_rng(0)
-    for detail in interpreter.get_input_details():
-        interpreter.set_tensor(detail["index"], rng.random(detail["shape"]).astype(detail["dtype"]))
-    return interpreter
+    operators = [op for i, op in enumerate(graph.operators) if i in ops]
+    return cut_model(model, operators, list(graph.inputs), outputs), ops
 
 
 def time_interleaved(interpreters: list, runs: int, warmup: int = 10) -> list[float]:
@@ -178,7 +160,7 @@ def profile(paths: list[str | Path], sections: int = 8, threads: int | None = No
 
     subs = [[sub_model(m, None if a is None else index_of[f][a]) for a in anchors]
             for f, m in enumerate(tqdm(models, desc="sub-graphs", unit="file", disable=not progress))]
-    interpreters = [interpreter_for(content, threads) for file_subs in subs for content, _ in file_subs]
+    interpreters = [seeded_interpreter(content, threads) for file_subs in subs for content, _ in file_subs]
     medians = time_interleaved(interpreters, runs)
     per_file = [medians[f * len(anchors):(f + 1) * len(anchors)] for f in range(len(models))]
     macs = {key: m for _, key, m in layers[0]}
