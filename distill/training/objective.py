@@ -59,6 +59,7 @@ class Objective:
     def __call__(self, out: dict, batch: dict, teacher: Teacher | None = None) -> dict[str, torch.Tensor]:
         """`teacher`: the step's teacher, for the local-global term (skipped without one)."""
         losses = {}
+        aux = out.get("aux") if self.recipe.loss.aux_weight > 0 else None
         if "depth" in out:
             target, valid = depth_target(batch, self.recipe)
             pred = out["depth"].float()
@@ -70,6 +71,9 @@ class Objective:
             if self.feature_kd is not None and "teacher_features" in batch:
                 losses["depth"] = losses["depth"] + self.dc.feature_weight * self.feature_kd(
                     out["features"], batch["teacher_features"])
+            if aux:
+                weight = self.recipe.loss.aux_weight
+                losses["depth"] = losses["depth"] + weight * self.aux_depth_loss(aux, target, valid)
         if "seg" in out:
             lc = self.recipe.loss
             losses["seg"] = cross_entropy(out["seg"].float(), batch["seg"], ignore_index=IGNORE_INDEX,
@@ -77,28 +81,26 @@ class Objective:
             if lc.seg_lovasz_weight > 0:
                 losses["seg"] = losses["seg"] + lc.seg_lovasz_weight * lovasz_softmax(
                     out["seg"], batch["seg"], ignore_index=IGNORE_INDEX, stride=LOVASZ_STRIDE)
-        if out.get("aux") and self.recipe.loss.aux_weight > 0:
-            self.add_deep_supervision(losses, out["aux"], batch)
+            if aux:
+                losses["seg"] = losses["seg"] + lc.aux_weight * self.aux_seg_loss(aux, batch["seg"])
         return losses
 
-    def add_deep_supervision(self, losses: dict, aux: list[dict], batch: dict) -> None:
-        """Each task's loss on the decoder's coarser outputs (`out["aux"]`), against targets brought
-        down to their resolution, averaged over the levels and added at `loss.aux_weight`. At the
-        levels' own resolution the terms cost ~2% of a CPU step; upsampled to the image, 40-55%."""
-        weight = self.recipe.loss.aux_weight
-        if "depth" in losses:
-            target, valid = depth_target(batch, self.recipe)
-            terms = [self.pixel_loss(a["depth"].float(),
-                                     *downsample_depth(target, valid, target.shape[-1] // a["depth"].shape[-1]))
-                     for a in aux]
-            losses["depth"] = losses["depth"] + weight * sum(terms) / len(terms)
-        if "seg" in losses:
-            terms = []
-            for a in aux:
-                k = batch["seg"].shape[-1] // a["seg"].shape[-1]
-                terms.append(cross_entropy(a["seg"].float(), batch["seg"][:, k // 2::k, k // 2::k],
-                                           ignore_index=IGNORE_INDEX, weight=self.seg_weights))
-            losses["seg"] = losses["seg"] + weight * sum(terms) / len(terms)
+    # Deep supervision (`loss.aux_weight`): each task's loss on the decoder's coarser outputs
+    # (`out["aux"]`), against targets brought down to their resolution, averaged over the levels.
+    # At the levels' own resolution the terms cost ~2% of a CPU step; upsampled to the image, 40-55%.
+    def aux_depth_loss(self, aux: list[dict], target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        terms = [self.pixel_loss(a["depth"].float(),
+                                 *downsample_depth(target, valid, target.shape[-1] // a["depth"].shape[-1]))
+                 for a in aux]
+        return sum(terms) / len(terms)
+
+    def aux_seg_loss(self, aux: list[dict], labels: torch.Tensor) -> torch.Tensor:
+        terms = []
+        for a in aux:
+            k = labels.shape[-1] // a["seg"].shape[-1]   # labels at each k x k block's centre
+            terms.append(cross_entropy(a["seg"].float(), labels[:, k // 2::k, k // 2::k],
+                                       ignore_index=IGNORE_INDEX, weight=self.seg_weights))
+        return sum(terms) / len(terms)
 
 
 def downsample_depth(depth: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
