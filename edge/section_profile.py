@@ -11,8 +11,9 @@ connected) depends on, its output the only output, run by LiteRT with its XNNPAC
 whole file is. The anchors are chosen so that each sub-graph holds the one before (the longest
 such chain, cut into about N sections of equal counts of weighted ops), and the last sub-graph is
 the whole file. A section's time is the difference of two sub-graphs' median times, so the
-sections add up to the file's time; differences of a few microseconds are noise and can come
-out slightly negative.
+sections add up to the file's time. Differences of a few microseconds are noise; a run disturbed
+by other work can swing one section by hundreds of microseconds and the next one negative (seen
+once in four runs on v3 with --runs 100): repeat the run and read the sections that agree.
 
 A sub-graph is defined by data flow, not by the order a converter wrote the branches in, so it
 holds the same layers in the fp32 and int8 files of one model (weighted ops matched by type,

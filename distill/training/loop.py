@@ -43,6 +43,8 @@ from distill.training.supervision import supervision_for
 
 PREFLIGHT_BATCHES = 3
 AUX_LEVELS = 2   # loss.aux_weight > 0: deep supervision on the decoder's two coarsest outputs (stride 16 and 8)
+# seconds an epoch spends waiting for its batches / in the teacher -> their shares of the training time
+TIME_SHARES = (("data_wait_s", "data_wait_share"), ("teacher_s", "teacher_share"))
 
 
 # ----------------------------------------------------------------------------- setup
@@ -198,7 +200,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
         state["train_images"] += images
         # shares of the epoch's wall time: waiting for the loader's next batch, and labelling it
         # with the teacher (a GPU left idle by either is what faster data or a cache would buy)
-        for key, share in (("data_wait_s", "data_wait_share"), ("teacher_s", "teacher_share")):
+        for key, share in TIME_SHARES:
             state[key] = state.get(key, 0.0) + means[key]
             means[share] = means.pop(key) / epoch_time
         weighting.epoch_end({t: means[f"loss_{t}"] for t in recipe.model.tasks})  # unweighted, per task
@@ -221,8 +223,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
             val = with_references(evaluate(model, val_loader, device, amp, recipe), baseline, teacher_val)
         summary = {**val, "best": state["best"],
                    "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
-                   **{share: state.get(key, 0.0) / max(state["train_time"], 1e-9)
-                      for key, share in (("data_wait_s", "data_wait_share"), ("teacher_s", "teacher_share"))},
+                   **{share: state.get(key, 0.0) / max(state["train_time"], 1e-9) for key, share in TIME_SHARES},
                    "wall_s": time.time() - t_start, "epochs": tc.epochs, "device": str(device),
                    "processes": rank.world}
         write_outputs(run_dir, recipe, summary, model, teacher, val_ds, device, log)
