@@ -44,12 +44,11 @@ def test_recipe_history():
         "synthetic-relative", "mse", ("depth",), "mobilenetv3_small_100")
     assert (v3.teacher.name, v3.loss.depth, v3.loss.berhu_threshold, v3.loss.weighting) == (
         "synthetic-metric", "berhu", "p80", "kendall")
-    # v4 = v3 with EfficientViT-B1, keeping the decoder and rates measured for it, without v3's deep
-    # supervision, which was not measured on it (history.py)
+    # v4 = v3 with EfficientViT-B1, keeping the decoder and rates measured for it; v3's loss, deep
+    # supervision included (history.py)
     v3_as_v4 = dataclasses.replace(v3, name="v4", model=dataclasses.replace(v3.model, student="efficientvit_b1", output_stride=4),
-                                   train=dataclasses.replace(v3.train, lr_encoder=4e-3, lr_decoder=8e-3),
-                                   loss=dataclasses.replace(v3.loss, aux_weight=0.0))
-    assert v3.loss.aux_weight == 0.5 and v1.loss.aux_weight == 0.0
+                                   train=dataclasses.replace(v3.train, lr_encoder=4e-3, lr_decoder=8e-3))
+    assert v3.loss.aux_weight == v4.loss.aux_weight == 0.5 and v1.loss.aux_weight == 0.0
     assert to_dict(v4) == to_dict(v3_as_v4)
     assert "75.37 m" in type(v1).__doc__
 
