@@ -474,22 +474,26 @@ def test_linear_attention_deploy_form_computes_the_same_function(monkeypatch):
     assert any(isinstance(m, LiteMLA) for m in student.modules()), "the trained student is left as it was"
     x = torch.rand(2, 3, 64, 96)
     # the rescaling for fp16 alone (below) is exact; its floor on den (TINY) changes only rows whose
-    # den is below it, which this untrained student has many of (the trained v4: 1 in 409,600)
+    # den is below it, which this untrained student has many of (trained v4 students: 4 and 115 of
+    # 409,600 rows on 64 validation images, zero queries included; depth within 6e-7 of the student)
     monkeypatch.setattr(LinearAttention, "TINY", 0.0)
     with torch.no_grad():
         want, (depth, seg) = student((x - deploy.mean) / deploy.std), deploy(x)
     assert torch.allclose(depth, want["depth"], rtol=1e-5) and torch.allclose(seg, want["seg"], atol=1e-5)
 
 
-def test_linear_attention_stays_in_fp16_range():
-    """Magnitudes as on the 9-epoch v4 (raw k^T v ~1e5-1e6): timm's one matmul overflows fp16, the
-    deploy form's attention stays finite and within fp16 rounding, a row of zero queries included."""
+@pytest.mark.parametrize("scale", [150, 600, 4000])
+def test_linear_attention_stays_in_fp16_range(scale):
+    """q, k and v up to `scale`: 150 as on the 9-epoch v4 (raw k^T v ~1e5-1e6), 600 as on its deep-
+    supervised successor, which overflowed fixed scales (q / 256, k / N), and beyond. timm's one
+    matmul overflows fp16; the deploy form's attention stays finite and within fp16 rounding, a row
+    of zero queries included."""
     from targets.deploy import LinearAttention
     torch.manual_seed(0)
-    q, k, v = (torch.rand(1, 4, 80, 16, dtype=torch.float64) * 150 for _ in range(3))
+    q, k, v = (torch.rand(1, 4, 80, 16, dtype=torch.float64) * scale for _ in range(3))
     q[0, 0, 0] = 0
     want = (q @ (k.transpose(-1, -2) @ v)) / (q @ k.transpose(-1, -2).sum(-1, keepdim=True) + 1e-5)
-    got = LinearAttention.attend(q.half(), k.half(), v.half(), 1e-5).double()
+    got = LinearAttention.attend(q.half(), k.half(), v.half()).double()
     assert torch.isfinite(got).all() and ((got - want).abs() / want.abs().clamp(min=1)).max() < 5e-3
     assert torch.equal(got[0, 0, 0], torch.zeros(16, dtype=torch.float64))
     ones = torch.ones_like(v[..., :1])
@@ -584,8 +588,12 @@ def test_efficientvit_int8_files_keep_each_attention_in_float(tmp_path):
     assert export(run, tmp_path / "exports", "--target", "tflite", "--precision", "int8", "--qat-steps", "2") == 0
     art = by_precision(manifest_of(tmp_path / "exports", run, "tflite"))["int8"]
     ops = art["ops_by_dtype"]
-    assert {"DIV", "BATCH_MATMUL", "RELU", "SUM"} <= set(ops["float_ops"]), ops
-    assert ops["int8"] > 1.5 * ops["float32"], ops
+    assert {"DIV", "BATCH_MATMUL", "RELU", "SUM", "REDUCE_MAX"} <= set(ops["float_ops"]), ops
+    # float: the input stem, the attentions (with their rescaling for fp16: targets/deploy.py), the tails
+    attention = {"BATCH_MATMUL", "RELU", "SUM", "REDUCE_MAX", "MAXIMUM", "DIV", "MUL", "RESHAPE", "TRANSPOSE",
+                 "CONCATENATION"}
+    assert set(ops["float_ops"]) <= STEM_FLOAT_OPS | attention | {"RESIZE_BILINEAR", "EXP"}, ops
+    assert ops["int8"] > ops["float32"], ops
     export_dir = tmp_path / "exports" / run.name / "tflite"
     assert float_convs(export_dir / art["path"]) == ["CONV_2D", "DEPTHWISE_CONV_2D"]   # the input stem only
     assert art["check"]["finite"] and art["check"]["depth_rel_median"] < 0.02 and art["check"]["seg_agreement"] > 0.9
