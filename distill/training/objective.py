@@ -58,8 +58,8 @@ class Objective:
 
     def __call__(self, out: dict, batch: dict, teacher: Teacher | None = None) -> dict[str, torch.Tensor]:
         """`teacher`: the step's teacher, for the local-global term (skipped without one)."""
-        losses = {}
-        aux = out.get("aux") if self.recipe.loss.aux_weight > 0 else None
+        losses, lc = {}, self.recipe.loss
+        aux = out.get("aux") if lc.aux_weight > 0 else None
         if "depth" in out:
             target, valid = depth_target(batch, self.recipe)
             pred = out["depth"].float()
@@ -72,10 +72,8 @@ class Objective:
                 losses["depth"] = losses["depth"] + self.dc.feature_weight * self.feature_kd(
                     out["features"], batch["teacher_features"])
             if aux:
-                weight = self.recipe.loss.aux_weight
-                losses["depth"] = losses["depth"] + weight * self.aux_depth_loss(aux, target, valid)
+                losses["depth"] = losses["depth"] + lc.aux_weight * self.aux_depth_loss(aux, target, valid)
         if "seg" in out:
-            lc = self.recipe.loss
             losses["seg"] = cross_entropy(out["seg"].float(), batch["seg"], ignore_index=IGNORE_INDEX,
                                           weight=self.seg_weights, hard_fraction=lc.seg_hard_fraction)
             if lc.seg_lovasz_weight > 0:
