@@ -32,6 +32,7 @@ Run the whole set (about an hour on 2 cores):
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -130,6 +131,12 @@ def pytest_collection_modifyitems(config, items) -> None:
         (kept if keep else dropped).append(item)
     items[:] = kept
     config.hook.pytest_deselected(items=dropped)
+
+
+def pytest_collection_finish(session) -> None:
+    # coremltools' convert ends with a full gc.collect(), which walks every object torch and
+    # coremltools have loaded: 0.4 s of each test's 0.5 s here. Frozen objects are not walked.
+    gc.freeze()
 
 
 def _family(item) -> str:

@@ -4,7 +4,7 @@ The tests ship in the coremltools wheel with their expected outputs inline; the 
 predict on edge/mil.py and compares at the tests' own tolerances. They run in a child pytest
 (TensorFlow hidden there, as everywhere torch and coremltools meet), which writes a per-family
 report that these tests check:
-- `test_vision_subset` (CI, about a minute): one or a few cases of every op family the executor
+- `test_vision_subset` (CI, about 30 s): one or a few cases of every op family the executor
   implements for vision models, from the iOS15 to the iOS18 opsets, the iOS18 compression ops
   included. Every executed case passes, none is refused, and every handler in edge/mil_ops/ is
   exercised by a passing case (here or by tests/test_mil.py's torch-reference cases).
