@@ -128,4 +128,4 @@ def convert(job: Job) -> None:
 
 
 if __name__ == "__main__":
-    main(convert)
+    main(convert, toolchain=("litert_torch", "torch"))

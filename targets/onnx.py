@@ -186,4 +186,4 @@ def convert(job: Job) -> None:
 
 
 if __name__ == "__main__":
-    main(convert)
+    main(convert, toolchain=("onnx", "onnxsim"))

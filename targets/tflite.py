@@ -123,4 +123,4 @@ def convert(job: Job) -> None:
 
 
 if __name__ == "__main__":
-    main(convert)
+    main(convert, toolchain=("onnx2tf", "tensorflow"))
