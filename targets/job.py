@@ -131,12 +131,12 @@ def main(convert, toolchain: tuple[str, ...] = ()) -> None:
     if len(sys.argv) != 2:
         sys.exit(f"usage: python -m {convert.__module__} JOB.json (written by python -m quant.export)")
     job = Job.load(sys.argv[1])
-    for module in toolchain:
-        importlib.import_module(module)
-    # Each full garbage collection walks every object the toolchain loaded (millions with
-    # TensorFlow): 2.5-4.7 s of each tflite job. Frozen objects are no longer walked.
-    gc.freeze()
     try:
+        for module in toolchain:
+            importlib.import_module(module)
+        # Each full garbage collection walks every object the toolchain loaded (millions with
+        # TensorFlow): 2.5-4.7 s of each tflite job. Frozen objects are no longer walked.
+        gc.freeze()
         convert(job)
     except Exception as exc:  # the parent shows this line; the traceback goes to the log above it
         import traceback

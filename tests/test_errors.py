@@ -137,3 +137,20 @@ def test_a_full_disk_during_training_is_named_with_exit_2(tmp_path):
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert err[-1].startswith("error: ") and "no space left on the device" in err[-1], err[-3:]
+
+
+def test_a_converter_without_its_toolchain_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    """A converter process whose toolchain cannot be imported ends with the same one-line
+    "<format> conversion failed" the parent shows for any other failure."""
+    from targets.job import Job, main
+
+    job = Job(format="tflite", precisions=["fp32"], sources={"float": str(tmp_path / "float.onnx")},
+              out_dir=str(tmp_path / "out"), work_dir=str(tmp_path), stem="s", input_shape=[1, 3, 64, 96])
+    job.save(tmp_path / "job.json")
+    monkeypatch.setattr(sys, "argv", ["targets.tflite", str(tmp_path / "job.json")])
+    converted = []
+    with pytest.raises(SystemExit) as exit_:
+        main(converted.append, toolchain=("densekit_no_such_toolchain",))
+    assert str(exit_.value) == ("tflite conversion failed: ModuleNotFoundError: "
+                                "No module named 'densekit_no_such_toolchain'")
+    assert converted == [] and not (tmp_path / "out").exists()
