@@ -139,7 +139,7 @@ def test_a_full_disk_during_training_is_named_with_exit_2(tmp_path):
     assert err[-1].startswith("error: ") and "no space left on the device" in err[-1], err[-3:]
 
 
-def test_a_converter_without_its_toolchain_fails_in_one_line(tmp_path, monkeypatch, capsys):
+def test_a_converter_without_its_toolchain_fails_in_one_line(tmp_path, monkeypatch):
     """A converter process whose toolchain cannot be imported ends with the same one-line
     "<format> conversion failed" the parent shows for any other failure."""
     from targets.job import Job, main
