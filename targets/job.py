@@ -128,9 +128,16 @@ def write_result(job: Job, artefacts: list[dict], tools: dict[str, str]) -> None
 def main(convert, toolchain: tuple[str, ...] = ()) -> None:
     """Entry point of a converter module: `python -m targets.<format> JOB.json`. `toolchain`: the
     modules its conversion imports, loaded before it starts."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)   # run as `-m`, convert.__module__ is __main__
+    usage = f"python -m {spec.name if spec else convert.__module__} JOB.json (written by python -m quant.export)"
     if len(sys.argv) != 2:
-        sys.exit(f"usage: python -m {convert.__module__} JOB.json (written by python -m quant.export)")
-    job = Job.load(sys.argv[1])
+        sys.exit(f"usage: {usage}")
+    try:
+        job = Job.load(sys.argv[1])
+    except (OSError, ValueError, TypeError) as exc:   # missing, not JSON, or not a job's fields
+        print(f"error: cannot read the job file {sys.argv[1]} ({type(exc).__name__}: {exc}); usage: {usage}",
+              file=sys.stderr)
+        sys.exit(2)
     try:
         for module in toolchain:
             importlib.import_module(module)
