@@ -50,7 +50,7 @@ DIRECTION: dict[str, int] = {
                        "abs_rel_0_2", "abs_rel_2_5", "abs_rel_5_10", "dbe_acc", "dbe_comp", "wall_s")},
     **{k: +1 for k in ("d1", "d2", "d3", "miou", "pixel_acc", "seg_boundary_f1", "seg_boundary_precision",
                        "seg_boundary_recall", "gap_closed", "train_images_per_s")},
-    "s_star": 0,   # median(gt) / median(pred): 1 is a right global scale
+    **{k: 0 for k in ("s_star", "ratio_0_2", "ratio_2_5", "ratio_5_10")},   # scales: 1 is right
 }
 DEFAULT_METRICS = ("abs_rel", "abs_rel_aligned", "d1", "miou")
 SEED_KEY = "train.seed"

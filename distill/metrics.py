@@ -27,9 +27,8 @@ MIOU_AVERAGING = ("dataset-nanmean: intersection and union summed over the whole
                   "averaged over classes present in prediction or ground truth (mmseg)")
 EIGEN_CROP = (45, 471, 41, 601)  # rows 45:471, cols 41:601 of a 480x640 NYU frame
 EIGEN_CROP_SIZE = (480, 640)
-DEPTH_RANGES: tuple[tuple[str, float, float], ...] = (
-    ("abs_rel_0_2", 0.0, 2.0), ("abs_rel_2_5", 2.0, 5.0), ("abs_rel_5_10", 5.0, 10.0))
-"""GT depth bins in metres for per-range AbsRel: [0, 2), [2, 5), [5, 10] (the last one closed)."""
+DEPTH_RANGES: tuple[tuple[str, float, float], ...] = (("0_2", 0.0, 2.0), ("2_5", 2.0, 5.0), ("5_10", 5.0, 10.0))
+"""GT depth bins in metres for per-range AbsRel and ratio: [0, 2), [2, 5), [5, 10] (the last one closed)."""
 
 _PER_IMAGE_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "d1", "d2", "d3",
                    "s_star", "abs_rel_aligned", "pred_std", "gt_std")
@@ -103,6 +102,10 @@ class DepthMetrics:
         image's prediction by its s* (what is left once global scale is fixed: structure error).
       - `abs_rel_0_2, abs_rel_2_5, abs_rel_5_10`: AbsRel pooled over all pixels of the dataset whose
         GT lies in [0, 2), [2, 5), [5, 10] m; None when a range has no pixel.
+      - `ratio_0_2, ratio_2_5, ratio_5_10`: the prediction's geometric-mean ratio to GT over the same
+        pixels, exp(mean(ln(pred / gt))): 1.2 = that range is predicted 20% too far on average, 0.8
+        20% too near. A student that regresses to the mean depth shows > 1 near and < 1 far, which
+        AbsRel alone does not tell (nor s*, the inverse convention over whole images).
       - `pred_min, pred_max`: range of the raw (unclamped) prediction, `gt_min, gt_max`, over all
         evaluated pixels. `pred_std, gt_std`: mean over images of the per-image (population) std in
         metres, prediction unclamped — a near-constant head shows a tiny pred_std.
@@ -120,7 +123,7 @@ class DepthMetrics:
 
     def reset(self) -> None:
         self._sums = {k: 0.0 for k in _PER_IMAGE_KEYS}
-        self._range_sums = {name: [0.0, 0] for name, _, _ in DEPTH_RANGES}  # sum |d|/g, count
+        self._range_sums = {name: [0.0, 0.0, 0] for name, _, _ in DEPTH_RANGES}  # sum |d|/g, sum ln(p/g), count
         self._extrema = {"pred_min": math.inf, "pred_max": -math.inf,
                          "gt_min": math.inf, "gt_max": -math.inf}
         self.n_images = 0
@@ -153,12 +156,14 @@ class DepthMetrics:
         p = p_raw.clamp(self.min_depth, self.max_depth)
         for key, value in zip(_PER_IMAGE_KEYS, _image_metrics(p, g, p_raw)):
             self._sums[key] += value
-        rel = (p - g).abs() / g
+        rel, log_ratio = (p - g).abs() / g, torch.log(p / g)
         for i, (name, low, high) in enumerate(DEPTH_RANGES):
             upper = g <= high if i == len(DEPTH_RANGES) - 1 else g < high
             in_range = (g >= low) & upper
-            self._range_sums[name][0] += float(rel[in_range].sum())
-            self._range_sums[name][1] += int(in_range.sum())
+            sums = self._range_sums[name]
+            sums[0] += float(rel[in_range].sum())
+            sums[1] += float(log_ratio[in_range].sum())
+            sums[2] += int(in_range.sum())
         lo_hi = torch.stack([p_raw.min(), p_raw.max(), g.min(), g.max()]).tolist()
         self._extrema["pred_min"] = min(self._extrema["pred_min"], lo_hi[0])
         self._extrema["pred_max"] = max(self._extrema["pred_max"], lo_hi[1])
@@ -175,8 +180,9 @@ class DepthMetrics:
                              "millimetres or a wrong valid mask leaves nothing to measure.")
         out: dict[str, float | int | None] = {k: self._sums[k] / self.n_images
                                               for k in _PER_IMAGE_KEYS}
-        for name, (total, count) in self._range_sums.items():
-            out[name] = total / count if count else None
+        for name, (rel, log_ratio, count) in self._range_sums.items():
+            out[f"abs_rel_{name}"] = rel / count if count else None
+            out[f"ratio_{name}"] = math.exp(log_ratio / count) if count else None
         out.update(self._extrema)
         out["n_images"] = self.n_images
         out["n_pixels"] = self.n_pixels

@@ -63,6 +63,10 @@ def test_depth_metrics_hand_values_2x2():
     assert out["abs_rel_0_2"] == pytest.approx(0.0)
     assert out["abs_rel_2_5"] == pytest.approx(0.5)
     assert out["abs_rel_5_10"] is None
+    # ratios pred / gt: [0, 2) 1 / 1; [2, 5) 1 / 2, 4 / 2, 4 / 4 -> geometric mean (1/2 * 2 * 1)^(1/3) = 1
+    assert out["ratio_0_2"] == pytest.approx(1.0)
+    assert out["ratio_2_5"] == pytest.approx(1.0)
+    assert out["ratio_5_10"] is None
     json.dumps(out, allow_nan=False)
 
 
@@ -107,6 +111,19 @@ def test_per_range_abs_rel_is_pooled_over_pixels():
     assert out["abs_rel_2_5"] == pytest.approx((0 + 0.5) / 2)
     assert out["abs_rel_5_10"] == pytest.approx((0.5 + 0) / 2)
     assert out["n_pixels"] == 5
+    # geometric means of pred / gt: [0, 2) 1.5; [2, 5) sqrt(1 * 1.5); [5, 10] sqrt(0.5 * 1)
+    assert out["ratio_0_2"] == pytest.approx(1.5)
+    assert out["ratio_2_5"] == pytest.approx(math.sqrt(1.5))
+    assert out["ratio_5_10"] == pytest.approx(math.sqrt(0.5))
+
+
+def test_per_range_ratio_shows_regression_to_the_mean():
+    # near pixels predicted 2x too far and far ones 2x too near: per-image scale (s*) looks fine
+    gt = image(1.0, 1.0, 8.0, 8.0)
+    pred = image(2.0, 2.0, 4.0, 4.0)
+    out = evaluate(pred, gt)
+    assert out["s_star"] == pytest.approx(4.5 / 3.0)
+    assert (out["ratio_0_2"], out["ratio_2_5"], out["ratio_5_10"]) == (pytest.approx(2.0), None, pytest.approx(0.5))
 
 
 def test_prediction_is_clamped_and_out_of_range_gt_ignored():

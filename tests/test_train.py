@@ -32,6 +32,7 @@ def test_v3_trains_and_writes_the_run_directory(tmp_path, capsys):
     assert main(["v3", *TINY, "train.epochs=4", f"out_dir={tmp_path}", "--quiet"]) == 0
     table = capsys.readouterr().out
     assert "per-class IoU (lowest first):" in table and "gap_closed" in table and "dbe_comp" in table
+    assert "depth by GT range" in table and "2-5 m: abs_rel" in table
     (run,) = run_dirs(tmp_path)
     for name in ("config.json", "preflight.json", "metrics.jsonl", "summary.json", "best.safetensors",
                  "report.md", "preview.png"):
@@ -46,7 +47,7 @@ def test_v3_trains_and_writes_the_run_directory(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     for key in ("abs_rel", "rmse", "d1", "s_star", "abs_rel_aligned", "miou", "pixel_acc", "baseline_abs_rel",
                 "train_images_per_s", "wall_s", "iou_per_class", "dbe_acc", "dbe_comp", "seg_boundary_f1",
-                "teacher_abs_rel", "teacher_d1", "teacher_dbe_acc"):
+                "teacher_abs_rel", "teacher_d1", "teacher_dbe_acc", "ratio_0_2", "ratio_2_5"):
         assert key in summary, key
     # the metric teacher measured on the same validation images, and the share of its gap closed
     assert summary["teacher_abs_rel"] < summary["baseline_abs_rel"]

@@ -10,7 +10,7 @@ import torch
 from core import io
 from core.figures import RAMP, colorize, colorize_seg, compose
 from distill.data.transforms import denormalize
-from distill.metrics import BOUNDARY_DEFINITION, MIOU_AVERAGING, SILOG_VARIANT
+from distill.metrics import BOUNDARY_DEFINITION, DEPTH_RANGES, MIOU_AVERAGING, SILOG_VARIANT
 
 HEADLINE = ["abs_rel", "baseline_abs_rel", "teacher_abs_rel", "gap_closed", "rmse", "d1", "silog", "s_star",
             "abs_rel_aligned", "dbe_acc", "dbe_comp", "teacher_dbe_acc", "teacher_dbe_comp", "miou", "pixel_acc",
@@ -53,7 +53,14 @@ def terminal_table(summary: dict) -> str:
                  + (f" ({', '.join(shares)} of the time)" if shares else ""))
     lines.append(f"{'wall_s':<{width}}  {summary['wall_s']:.0f}")
     bar = "-" * (width + 12)
-    return "\n".join([bar, *lines, *per_class_lines(summary.get("iou_per_class") or {}), bar])
+    return "\n".join([bar, *lines, *range_lines(summary), *per_class_lines(summary.get("iou_per_class") or {}), bar])
+
+
+def range_lines(summary: dict) -> list[str]:
+    """AbsRel and the prediction/GT ratio per GT depth range: where the depth error is, and which way."""
+    cells = [f"{low:g}-{high:g} m: abs_rel {summary[f'abs_rel_{name}']:.3f}, x{summary[f'ratio_{name}']:.2f}"
+             for name, low, high in DEPTH_RANGES if isinstance(summary.get(f"ratio_{name}"), float)]
+    return ["depth by GT range (x: prediction / GT, geometric mean):", "  " + "   ".join(cells)] if cells else []
 
 
 def per_class_lines(iou: dict[str, float | None], per_line: int = 4) -> list[str]:
@@ -88,6 +95,8 @@ def markdown_report(run_dir: Path, recipe, summary: dict) -> str:
               "- baseline_abs_rel: AbsRel of a constant prediction equal to the training set's median depth",
               "- gap_closed: (baseline_abs_rel - abs_rel) / (baseline_abs_rel - teacher_abs_rel), the teacher "
               "measured against GT on the same validation images",
+              "- abs_rel_A_B, ratio_A_B: over the pixels whose GT lies in [A, B) m, AbsRel and the prediction's "
+              "geometric-mean ratio to GT (> 1: that range is predicted too far)",
               f"- boundaries: {BOUNDARY_DEFINITION}",
               f"- best checkpoint: {summary.get('best')}", "", "## Preview", "", "![preview](preview.png)", ""]
     return "\n".join(lines)
