@@ -118,7 +118,7 @@ def test_per_range_abs_rel_is_pooled_over_pixels():
 
 
 def test_per_range_ratio_shows_regression_to_the_mean():
-    # near pixels predicted 2x too far and far ones 2x too near: per-image scale (s*) looks fine
+    # near pixels predicted 2x too far and far ones 2x too near: s* (1.5) says only 'too near overall'
     gt = image(1.0, 1.0, 8.0, 8.0)
     pred = image(2.0, 2.0, 4.0, 4.0)
     out = evaluate(pred, gt)
