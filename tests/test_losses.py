@@ -161,9 +161,13 @@ def test_berhu_zero_threshold_falls_back_to_l1():
 
 
 def test_quantile_matches_torch_quantile():
-    x = torch.rand(1001)
-    for q in (0.0, 0.37, 0.8, 1.0):
-        assert quantile(x, q).item() == pytest.approx(torch.quantile(x, q).item(), abs=1e-6)
+    g = torch.Generator().manual_seed(0)
+    # distinct values, and ties on either side of the order statistics it interpolates between
+    cases = [torch.rand(1001, generator=g), torch.randint(0, 4, (997,), generator=g).float(),
+             torch.tensor([2.0, 1, 1, 1, 3]), torch.tensor([1.0, 1, 1, 2, 2]), torch.tensor([5.0]), torch.zeros(7)]
+    for x in cases:
+        for q in (0.0, 0.37, 0.5, 0.8, 0.9, 1.0):
+            assert quantile(x, q).item() == pytest.approx(torch.quantile(x, q).item(), abs=1e-6), (x, q)
 
 
 # ----------------------------------------------------------------------------- SILog
