@@ -11,7 +11,8 @@ Writes JSON in the schema "densekit.bench/1", which the on-device scripts in edg
 too, so host and device figures sit side by side:
 
     {"schema", "artefact" (file name), "format", "runtime", "executor",
-     "device": {"name": "host", "system", "machine", "processor", "cores"},
+     "device": {"name": "host", "system", "machine", "processor", "cores", "simd", "int8_dot"}
+                (edge/host.py: the CPU's SIMD and int8 dot-product instruction sets),
      "threads" (null = runtime default), "runs", "warmup", "input_shape",
      "latency_ms": {"mean", "std", "min", "p50", "p90", "p99", "max"}  (numpy, linear percentiles),
      "throughput_ips": runs / total timed seconds,
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -46,6 +46,7 @@ from core.formats import FORMATS
 from core.io import check_writable
 from core.manifest import verify_artefact
 from edge.device.linux_bench import latency_summary, peak_rss_mb  # device and host measure alike
+from edge.host import describe_cpu, device_cpu, host_device
 from edge.run import write_json
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner, threads_text
 
@@ -55,22 +56,6 @@ MIB = 2 ** 20
 
 class BenchRefused(ValueError):
     """A bench that would measure nothing meaningful, or bad arguments (exit status 2)."""
-
-
-def processor_name() -> str:
-    """The CPU model ('model name' in /proc/cpuinfo on Linux), else platform.processor()."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def host_device() -> dict:
-    return {"name": "host", "system": platform.system(), "machine": platform.machine(),
-            "processor": processor_name(), "cores": os.cpu_count()}
 
 
 def current_rss_mb() -> float:
@@ -166,7 +151,8 @@ def compare_summary(result: dict) -> str:
         rows.append(f"{a['artefact']:<44} {lat['p50']:>8.2f} {lat['p90']:>8.2f} {lat['min']:>8.2f} "
                     f"{a['speedup_vs_first']:>8.2f}x")
     return (f"{result['runs']} interleaved runs each after {result['warmup']} warm-up, "
-            f"{threads_text(result['threads'])}, p50 speed-up against the first\n" + "\n".join(rows))
+            f"{threads_text(result['threads'])}, p50 speed-up against the first\n"
+            f"cpu: {describe_cpu(device_cpu(result['device']))}\n" + "\n".join(rows))
 
 
 def summary(result: dict) -> str:

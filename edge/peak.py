@@ -27,6 +27,7 @@ import numpy as np
 
 from core.cli import ArgumentParser, at_least, command
 from core.io import check_writable
+from edge.host import describe_cpu, host_cpu
 from edge.run import write_json
 
 OPSET, IR_VERSION = 17, 8   # pinned: onnx may write an IR version newer than onnxruntime reads
@@ -73,7 +74,8 @@ def best_seconds(model, feed: dict, threads: int | None, repeats: int) -> float:
 
 
 def measure_peak(threads: int | None = None, *, size: int = 1024, repeats: int = 5) -> dict:
-    """{"fp32_gflops", "int8_gops", "method", "size", "threads"}: this host's GEMM peak.
+    """{"fp32_gflops", "int8_gops", "method", "size", "threads", "cpu"}: this host's GEMM peak, and
+    the CPU it was measured on (`host_cpu`).
 
     threads: onnxruntime intra-op threads (None: its default, one per physical core); size: M = K
     = N; repeats: timed runs, the best counts.
@@ -92,7 +94,7 @@ def measure_peak(threads: int | None = None, *, size: int = 1024, repeats: int =
               f"uint8 x int8 -> int32, {size}x{size}x{size} with a constant right-hand side, best of "
               f"{repeats} after 1 warmup; 1 MAC = 2 ops")
     return {"fp32_gflops": ops / fp32 / 1e9, "int8_gops": ops / int8 / 1e9, "method": method, "size": size,
-            "threads": threads}
+            "threads": threads, "cpu": host_cpu()}
 
 
 @command("python -m edge.peak")
@@ -108,7 +110,8 @@ def main(argv: list[str]) -> int:
         check_writable(Path(args.json).parent, "--json")
     result = measure_peak(args.threads, size=args.size, repeats=args.repeats)
     print(f"host peak ({args.threads or 'default'} threads, {args.size}^3): fp32 {result['fp32_gflops']:.1f} GFLOP/s, "
-          f"int8 {result['int8_gops']:.1f} GOP/s ({result['int8_gops'] / result['fp32_gflops']:.2f}x)")
+          f"int8 {result['int8_gops']:.1f} GOP/s ({result['int8_gops'] / result['fp32_gflops']:.2f}x)\n"
+          f"cpu: {describe_cpu(result['cpu'])}")
     if args.json:
         write_json(args.json, result)
     return 0

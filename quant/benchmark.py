@@ -17,6 +17,7 @@ from pathlib import Path
 
 from core import io
 from core.formats import FORMATS, INTEGER_PRECISIONS
+from edge.host import describe_cpu
 
 
 def child(module: str, *args: str) -> dict:
@@ -97,7 +98,8 @@ def table(manifest_artefacts: list[dict], bench: dict | None, budget_ms: float |
     notes = []
     if bench and bench["host_peak"]:
         p = bench["host_peak"]
-        notes.append(f"Host: {bench['threads']} threads; measured peak fp32 {p['fp32_gflops']:.1f} GFLOP/s, "
+        cpu = f"{describe_cpu(p['cpu'])}, " if p.get("cpu") else ""   # files before 2026-12-02 lack it
+        notes.append(f"Host: {cpu}{bench['threads']} threads; measured peak fp32 {p['fp32_gflops']:.1f} GFLOP/s, "
                      f"int8 {p['int8_gops']:.1f} GOP/s ({p['method']}); model {bench['macs'] / 1e6:.0f} M MACs.")
     if budget_ms:
         notes.append(f"Device latency budget: {budget_ms} ms, to be checked with the device's own measurement "

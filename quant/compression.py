@@ -19,6 +19,7 @@ from pathlib import Path
 from core.cli import ArgumentParser, command
 from core.io import IntegrityError
 from core.manifest import MANIFEST, read_manifest
+from edge.host import describe_cpu, device_cpu
 
 PRECISION_ORDER = ("fp32", "fp16", "int8", "w8", "palette6", "palette4", "w8a8")
 HEADER = ("| export | artefact | MACs (M) | params (M) | MB | host p50 ms | images | abs_rel | miou "
@@ -64,7 +65,8 @@ def rows(manifests: dict[str, dict]) -> list[dict]:
                 "abs_rel": artefact.get("abs_rel"), "miou": artefact.get("miou"),
                 "abs_rel_change": _ratio(artefact.get("abs_rel"), float_.get("abs_rel")),
                 "miou_change_pt": _diff_pt(artefact.get("miou"), float_.get("miou")),
-                "passed": validation.get("pass"), "pruned": "exported_macs" in model})
+                "passed": validation.get("pass"), "pruned": "exported_macs" in model,
+                "cpu": describe_cpu(device_cpu(bench["device"])) if "device" in (bench or {}) else None})
     order = {p: i for i, p in enumerate(PRECISION_ORDER)}
     return sorted(found, key=lambda r: (r["pruned"], -r["macs"], r["export"], order.get(r["precision"], len(order))))
 
@@ -92,9 +94,22 @@ def markdown(table_rows: list[dict]) -> str:
                      f"| {_cell(r['miou'], '.3f')} | {_cell(r['abs_rel_change'], '+.2%')} "
                      f"| {_cell(r['miou_change_pt'], '+.2f')} | {gates} |")
     return ("\n".join(lines) + "\n\nAccuracy: each artefact executed on the first `images` validation images "
-            "(quant.export --check; compare rows of equal counts). Latency: "
-            "each export's own bench on this host, taken at different times; for a speed ratio, interleave the "
-            "files: python -m edge.bench A B --threads 2.\n")
+            "(quant.export --check; compare rows of equal counts). Latency: each export's own bench, taken at "
+            f"different times {latency_hosts(table_rows)}; for a speed ratio, interleave the files on one host: "
+            "python -m edge.bench A B --threads 2.\n")
+
+
+def latency_hosts(table_rows: list[dict]) -> str:
+    """Where the latency column was measured: one CPU, or which export on which (a copied exports
+    directory can hold benches of several hosts, whose latencies do not compare)."""
+    cpus: dict[str, list[str]] = {}
+    for r in table_rows:
+        if r["cpu"] and r["export"] not in cpus.setdefault(r["cpu"], []):
+            cpus[r["cpu"]].append(r["export"])
+    if len(cpus) <= 1:
+        return f"on {next(iter(cpus))}" if cpus else "on the export host"
+    return ("on DIFFERENT CPUs, whose latencies do not compare: "
+            + "; ".join(f"{cpu} ({', '.join(exports)})" for cpu, exports in cpus.items()))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

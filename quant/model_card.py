@@ -15,6 +15,7 @@ from core import io
 from core.contract import DEPTH, IMAGENET_MEAN, IMAGENET_STD, INPUT_NAME, SEG
 from core.formats import FORMATS, Format
 from core.manifest import MANIFEST
+from edge.host import describe_cpu
 
 CARD = "README.md"
 LICENSE = "apache-2.0"
@@ -65,6 +66,12 @@ def latency_rows(bench: dict | None) -> list[str]:
         else:
             rows.append(f"| {path} | - | - | - | - | {b.get('skipped', 'not measured')} |")
     return rows
+
+
+def host_line(bench: dict | None) -> str:
+    """What the latency was measured on: the CPU and its int8 instructions, where benchmark.json says."""
+    cpu = ((bench or {}).get("host_peak") or {}).get("cpu")
+    return f"A desktop CPU, {describe_cpu(cpu)}" if cpu else "A desktop CPU"
 
 
 def default_of(fmt: Format, key: str) -> str:
@@ -170,7 +177,7 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
         "Each file executed by its runtime on the same validation images as the float PyTorch model.\n",
         *drift_rows(drift), "",
         "## Latency on the export host (benchmark.json)\n",
-        "A desktop CPU, not a phone: time it on the device with the kit in `device/`.\n",
+        f"{host_line(bench)}, not a phone: time it on the device with the kit in `device/`.\n",
         *latency_rows(bench), "",
         "## The float model on its validation split (the run's summary.json)\n",
         *(["| metric | value |", "|---|---|", *trained] if trained else ["No summary.json in the run."]), "",

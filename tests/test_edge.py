@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from edge.bench import SCHEMA, BenchRefused, bench_artefact
+from edge.host import describe_cpu, host_cpu
 from edge.peak import measure_peak
 from edge.run import BadInput, run_artefact
 from edge.runners import DEPTH, LiteRTRunner, OrtRunner, import_litert_interpreter, open_runner
@@ -158,6 +159,30 @@ def test_measure_peak_is_positive():
     peak = measure_peak(1, size=256, repeats=2)
     assert peak["fp32_gflops"] > 0 and peak["int8_gops"] > 0
     assert peak["size"] == 256 and peak["threads"] == 1 and "MatMulInteger" in peak["method"]
+    assert set(peak["cpu"]) == {"model", "simd", "int8_dot"}
+
+
+# /proc/cpuinfo excerpts: the first processor's entry counts; x86 names its flags "flags", Arm "Features".
+AVX2_ONLY = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n" \
+            "model name\t: other\nflags\t\t: avx512_vnni\n"
+VNNI = "model name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8\n"
+ARM = "processor\t: 0\nFeatures\t: fp asimd asimddp i8mm sve\nCPU part\t: 0xd40\n"
+
+
+@pytest.mark.parametrize("text, model, simd, dot, line", [
+    (AVX2_ONLY, "AMD EPYC", ["avx2"], [], "AMD EPYC (avx2; no int8 dot-product instructions)"),
+    (VNNI, "Intel Xeon", ["avx2", "avx512f", "avx512_bf16", "amx_bf16"], ["avx512_vnni", "amx_int8"],
+     "Intel Xeon (avx2, avx512f, avx512_bf16, amx_bf16; int8 dot products: avx512_vnni, amx_int8)"),
+    (ARM, platform.machine() or "unknown", ["asimd", "sve"], ["asimddp", "i8mm"], None),
+    ("processor\t: 0\n", platform.machine() or "unknown", [], None, None),
+])
+def test_host_cpu_reads_the_int8_instructions(text, model, simd, dot, line):
+    cpu = host_cpu(text)
+    assert cpu == {"model": model, "simd": simd, "int8_dot": dot}
+    if line:
+        assert describe_cpu(cpu) == line
+    if dot is None:
+        assert describe_cpu(cpu).endswith("no listed SIMD; int8 dot-product instructions unknown)")
 
 
 def test_compare_interleaves_and_reports_speedups(tiny_artefacts, tmp_path):
@@ -171,6 +196,7 @@ def test_compare_interleaves_and_reports_speedups(tiny_artefacts, tmp_path):
     assert first["artefact"] == "tiny_fp32.tflite" and first["speedup_vs_first"] == 1.0
     assert second["speedup_vs_first"] == pytest.approx(first["latency_ms"]["p50"] / second["latency_ms"]["p50"])
     assert "speed-up" in proc.stdout
+    assert f"cpu: {describe_cpu(host_cpu())}" in proc.stdout and result["device"]["int8_dot"] == host_cpu()["int8_dot"]
 
 
 def test_op_profile_times_every_op_of_an_int8_file(tiny_artefacts, tmp_path):

@@ -21,6 +21,7 @@ import torch
 
 from core.manifest import verify_export
 from distill.run import main as train_main
+from edge.host import describe_cpu
 from quant.compression import main as compression_main
 from quant.export import main as export_main
 
@@ -187,6 +188,8 @@ def test_export_directory_holds_the_proof(tflite_export, run_dir):
     bench = json.loads((export_dir / "benchmark.json").read_text())
     assert bench["host_peak"]["fp32_gflops"] > 0 and bench["host_peak"]["int8_gops"] > 0
     report = (export_dir / "report.md").read_text()
+    cpu = describe_cpu(bench["host_peak"]["cpu"])   # the CPU beside every ratio (edge/peak.py)
+    assert f"Host: {cpu}, " in report and f"A desktop CPU, {cpu}, not a phone" in (export_dir / "README.md").read_text()
     assert "## Benchmark" in report and "## Drift against the float model" in report
     for name in ("drift_histogram.png", "errors_int8.png", "device/linux_bench.py", "device/android_bench.py",
                  "device/COMMANDS.md"):
@@ -404,6 +407,25 @@ def test_compression_table_takes_an_artefact_that_was_not_timed():
     (row,) = rows({"coreml": manifest})
     assert row["p50_ms"] is None and row["abs_rel_change"] == pytest.approx(0.05)
     assert "| coreml | fp16 | 112.0 | 1.100 | 2.00 | — | 8 |" in markdown([row])
+    assert "taken at different times on the export host;" in markdown([row])
+
+
+def test_compression_table_names_the_cpus_of_its_latencies():
+    """Exports benched on two CPUs (a copied exports directory): the table says which is which."""
+    from quant.compression import markdown, rows
+
+    def manifest(processor: str, int8_dot: list[str]) -> dict:
+        device = {"name": "host", "processor": processor, "simd": ["avx2"], "int8_dot": int8_dot}
+        bench = {"latency_ms": {"p50": 1.0}, "device": device}
+        return {"config": {"model": {"macs": 112e6, "params": 1.1e6}},
+                "artefacts": [{"path": "m_int8.tflite", "precision": "int8", "format": "tflite", "bytes": 1e6,
+                               "validation": {}, "bench": bench}]}
+
+    same = markdown(rows({"tflite": manifest("AMD EPYC", []), "tflite-pruned-0.5x": manifest("AMD EPYC", [])}))
+    assert "taken at different times on AMD EPYC (avx2; no int8 dot-product instructions);" in same
+    mixed = markdown(rows({"tflite": manifest("AMD EPYC", []), "tflite-pruned-0.5x": manifest("Xeon", ["amx_int8"])}))
+    assert ("on DIFFERENT CPUs, whose latencies do not compare: AMD EPYC (avx2; no int8 dot-product instructions) "
+            "(tflite); Xeon (avx2; int8 dot products: amx_int8) (tflite-pruned-0.5x);") in mixed
 
 
 def test_device_target_runs_the_whole_chain(run_dir, tmp_path):
