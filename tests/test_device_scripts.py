@@ -66,7 +66,7 @@ def check_schema(result: dict, artefact: Path, runs: int) -> None:
     assert result["artefact"] == artefact.name and result["format"] == "tflite"
     assert result["runtime"].startswith(("ai-edge-litert ", "tflite-runtime "))
     assert result["executor"].endswith("(2 threads)") and result["threads"] == 2
-    assert set(result["device"]) == {"name", "system", "machine", "processor", "cores"}
+    assert set(result["device"]) == {"name", "system", "machine", "processor", "cores", "simd", "int8_dot"}
     assert isinstance(result["device"]["cores"], int)
     assert result["runs"] == runs and result["warmup"] == 1 and result["input_shape"] == [1, 64, 96, 3]
     latency = result["latency_ms"]

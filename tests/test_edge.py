@@ -131,7 +131,7 @@ def test_bench_schema_and_ordered_percentiles(tiny_artefacts, name):
     result = bench_artefact(tiny_artefacts[name], threads=1, runs=5, warmup=1)
     assert set(result) == BENCH_KEYS and result["schema"] == SCHEMA
     assert result["artefact"] == tiny_artefacts[name].name and result["format"] == name.split("_")[0]
-    assert set(result["device"]) == {"name", "system", "machine", "processor", "cores"}
+    assert set(result["device"]) == {"name", "system", "machine", "processor", "cores", "simd", "int8_dot"}
     lat = result["latency_ms"]
     assert 0 < lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     assert result["throughput_ips"] > 0 and result["runs"] == 5 and result["threads"] == 1
@@ -166,15 +166,18 @@ def test_measure_peak_is_positive():
 AVX2_ONLY = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\n" \
             "model name\t: other\nflags\t\t: avx512_vnni\n"
 VNNI = "model name\t: Intel Xeon\nflags\t\t: avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8\n"
-ARM = "processor\t: 0\nFeatures\t: fp asimd asimddp i8mm sve\nCPU part\t: 0xd40\n"
+PI5 = "processor\t: 0\nFeatures\t: fp asimd asimddp cpuid\nCPU part\t: 0xd0b\n\nModel\t\t: Raspberry Pi 5 Model B\n"
+GRAVITON3 = "processor\t: 0\nFeatures\t: fp asimd asimddp i8mm sve\nCPU part\t: 0xd40\n"
+NO_NAME = platform.processor() or platform.machine() or "unknown"   # what the reader falls back to
 
 
 @pytest.mark.parametrize("text, model, simd, dot, line", [
     (AVX2_ONLY, "AMD EPYC", ["avx2"], [], "AMD EPYC (avx2; no int8 dot-product instructions)"),
     (VNNI, "Intel Xeon", ["avx2", "avx512f", "avx512_bf16", "amx_bf16"], ["avx512_vnni", "amx_int8"],
      "Intel Xeon (avx2, avx512f, avx512_bf16, amx_bf16; int8 dot products: avx512_vnni, amx_int8)"),
-    (ARM, platform.machine() or "unknown", ["asimd", "sve"], ["asimddp", "i8mm"], None),
-    ("processor\t: 0\n", platform.machine() or "unknown", [], None, None),
+    (PI5, "Raspberry Pi 5 Model B", ["asimd"], ["asimddp"], "Raspberry Pi 5 Model B (asimd; int8 dot products: asimddp)"),
+    (GRAVITON3, NO_NAME, ["asimd", "sve"], ["asimddp", "i8mm"], None),
+    ("processor\t: 0\n", NO_NAME, [], None, None),
 ])
 def test_host_cpu_reads_the_int8_instructions(text, model, simd, dot, line):
     cpu = host_cpu(text)

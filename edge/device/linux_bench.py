@@ -102,27 +102,43 @@ def peak_rss_mb() -> float:
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024
 
 
-def cpu_model() -> str:
-    """The CPU's name: platform.processor(), else /proc/cpuinfo's "model name" / "Model" (Raspberry Pi)."""
-    name = platform.processor()
-    if name and name not in ("x86_64", "aarch64", "arm", "armv7l", "unknown"):
-        return name
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            fields = dict(line.split(":", 1) for line in cpuinfo if ":" in line)
-    except OSError:
-        return name
-    for key in ("model name", "Model", "Hardware"):
-        for field, value in fields.items():
-            if field.strip() == key and value.strip():
-                return value.strip()
-    return name
+# Instructions that multiply-accumulate 8-bit values in one step (x86: AVX-512 VNNI, AVX-VNNI, AMX;
+# Arm: dotprod, i8mm). Without one, int8 kernels widen to 16 bits first and gain less over fp32:
+# an AVX2-only host's int8 matrix-product peak was 3.95x its fp32 one, VNNI and AMX hosts' 7.6-10x
+# (densekit README, "Measured on a laptop CPU"). Every record names them beside its latency.
+INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve", "sve2")
+
+
+def cpu_info(cpuinfo=None) -> dict:
+    """{"model", "simd": [...], "int8_dot": [...] or None}: the CPU's name and the instruction sets
+    that decide int8's speed-up, from /proc/cpuinfo (`cpuinfo`: its text, for tests). `int8_dot` is
+    None where the flags cannot be read (not Linux), [] where the CPU has none of INT8_DOT_FLAGS."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and value.strip() and key.strip() not in fields:   # the first processor's entry speaks for all
+            fields[key.strip()] = value.strip()
+    model = (fields.get("model name") or fields.get("Model") or fields.get("Hardware")   # x86 | Raspberry Pi
+             or platform.processor() or platform.machine() or "unknown")
+    flags = set((fields.get("flags") or fields.get("Features") or "").split())   # x86 | Arm
+    if not flags:
+        return {"model": model, "simd": [], "int8_dot": None}
+    return {"model": model, "simd": [f for f in SIMD_FLAGS if f in flags],
+            "int8_dot": [f for f in INT8_DOT_FLAGS if f in flags]}
 
 
 def device_info() -> dict:
     """The "device" block of the schema for the machine this runs on."""
-    return {"name": platform.node(), "system": platform.system(),
-            "machine": platform.machine(), "processor": cpu_model(), "cores": os.cpu_count() or 1}
+    cpu = cpu_info()
+    return {"name": platform.node(), "system": platform.system(), "machine": platform.machine(),
+            "processor": cpu["model"], "cores": os.cpu_count() or 1, "simd": cpu["simd"], "int8_dot": cpu["int8_dot"]}
 
 
 def to_input_tensor(images: np.ndarray, detail: dict) -> np.ndarray:
@@ -229,8 +245,10 @@ def report(args, runtime: str, executor: str, input_shape: list, times: list, me
 def print_summary(result: dict) -> None:
     """A few human lines: what ran, where, how fast, how much memory."""
     lat, mem = result["latency_ms"], result["memory_mb"]
-    print("{}  on {} ({}, {} cores)".format(result["artefact"], result["device"]["name"],
-                                            result["device"]["machine"], result["device"]["cores"]))
+    dev = result["device"]
+    dot = "unknown" if dev["int8_dot"] is None else ", ".join(dev["int8_dot"]) or "none"
+    print("{}  on {} ({}, {} cores; {}, int8 dot products: {})".format(
+        result["artefact"], dev["name"], dev["machine"], dev["cores"], dev["processor"], dot))
     print("  {}, {}; {} runs after {} warm-up, input {}".format(result["runtime"], result["executor"],
                                                               result["runs"], result["warmup"], result["input_shape"]))
     print("  latency ms: mean {mean:.2f} std {std:.2f} | min {min:.2f} p50 {p50:.2f} p90 {p90:.2f} "
