@@ -175,7 +175,8 @@ NO_NAME = platform.processor() or platform.machine() or "unknown"   # what the r
     (AVX2_ONLY, "AMD EPYC", ["avx2"], [], "AMD EPYC (avx2; no int8 dot-product instructions)"),
     (VNNI, "Intel Xeon", ["avx2", "avx512f", "avx512_bf16", "amx_bf16"], ["avx512_vnni", "amx_int8"],
      "Intel Xeon (avx2, avx512f, avx512_bf16, amx_bf16; int8 dot products: avx512_vnni, amx_int8)"),
-    (PI5, "Raspberry Pi 5 Model B", ["asimd"], ["asimddp"], "Raspberry Pi 5 Model B (asimd; int8 dot products: asimddp)"),
+    (PI5, "Raspberry Pi 5 Model B", ["asimd"], ["asimddp"],
+     "Raspberry Pi 5 Model B (asimd; int8 dot products: asimddp)"),
     (GRAVITON3, NO_NAME, ["asimd", "sve"], ["asimddp", "i8mm"], None),
     ("processor\t: 0\n", NO_NAME, [], None, None),
 ])
