@@ -338,8 +338,8 @@ def onnx_integer_hint(cpu: dict) -> list[str]:
     if cpu["int8_dot"] is None or cpu["int8_dot"] or "avx2" not in cpu["simd"]:
         return []
     return [f"onnx int8 on this CPU, {describe_cpu(cpu)}: onnxruntime's uint8 x int8 kernels saturate "
-            f"without VNNI and the file computes less exactly here than on a VNNI or Arm CPU; judge its drift on "
-            f"the CPU it will run on, or ship fp32 / fp16 ONNX (or TFLite int8) to CPUs like this one."]
+            "without VNNI and the file computes less exactly here than on a VNNI or Arm CPU; judge its drift on "
+            "the CPU it will run on, or ship fp32 / fp16 ONNX (or TFLite int8) to CPUs like this one."]
 
 
 # ----------------------------------------------------------------------------- the pipeline
