@@ -338,7 +338,7 @@ def onnx_integer_hint(cpu: dict) -> list[str]:
     if cpu["int8_dot"] is None or cpu["int8_dot"] or "avx2" not in cpu["simd"]:
         return []
     return [f"onnx int8 on this CPU, {describe_cpu(cpu)}: onnxruntime's uint8 x int8 kernels saturate "
-            "without VNNI and the file computes less exactly here than on a VNNI or Arm CPU; judge its drift on "
+            "without VNNI and the file computes less exactly here than on a VNNI CPU; judge its drift on "
             "the CPU it will run on, or ship fp32 / fp16 ONNX (or TFLite int8) to CPUs like this one."]
 
 
