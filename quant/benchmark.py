@@ -98,9 +98,9 @@ def table(manifest_artefacts: list[dict], bench: dict | None, budget_ms: float |
     notes = []
     if bench and bench["host_peak"]:
         p = bench["host_peak"]
-        cpu = f"{describe_cpu(p['cpu'])}, " if p.get("cpu") else ""   # files before 2026-12-02 lack it
-        notes.append(f"Host: {cpu}{bench['threads']} threads; measured peak fp32 {p['fp32_gflops']:.1f} GFLOP/s, "
-                     f"int8 {p['int8_gops']:.1f} GOP/s ({p['method']}); model {bench['macs'] / 1e6:.0f} M MACs.")
+        notes.append(f"Host: {describe_cpu(p['cpu'])}, {bench['threads']} threads; measured peak fp32 "
+                     f"{p['fp32_gflops']:.1f} GFLOP/s, int8 {p['int8_gops']:.1f} GOP/s ({p['method']}); "
+                     f"model {bench['macs'] / 1e6:.0f} M MACs.")
     if budget_ms:
         notes.append(f"Device latency budget: {budget_ms} ms, to be checked with the device's own measurement "
                      f"(device/README.md), not this host's.")
