@@ -23,6 +23,7 @@ class Converter:
     layouts: tuple[str, ...] = ()                  # input layouts it can write; () = the format's only
     needs: tuple[str, ...] = ()                    # modules its process imports, checked before an export starts
     extra: str = "export"                          # the pip extra that installs them
+    int8_weight_max: int = 127                     # int8 weights are integers in [-max, max], per channel
 
     def missing(self) -> list[str]:
         """The modules of `needs` that are not installed (found without importing them)."""
@@ -85,7 +86,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
                "# macOS (pip install coremltools numpy); on iOS use Xcode's Core ML performance report",
                "python3 device/coreml_bench.py {path} --compute-units all --runs 50 --warmup 5 --json {out}")),
     Format("onnx", "ONNX", ".onnx", ("fp32", "fp16", "int8"), ("fp32", "fp16", "int8"),
-           (Converter("onnxruntime", "targets.onnx", "onnx"),), "NCHW",
+           # 7-bit weights ([-64, 64], onnxruntime's reduce_range): its uint8 x int8 kernels on x86 without
+           # VNNI add products in pairs in 16 bits, which saturate with 8-bit weights; with 7-bit ones
+           # they cannot, so the file computes the same on every CPU (README: ONNX int8 without VNNI).
+           (Converter("onnxruntime", "targets.onnx", "onnx", int8_weight_max=64),), "NCHW",
            "edge.runners:OrtRunner", ("auto",), ("any",), "", (
                "# any machine with densekit and onnxruntime installed (pip install -e .[export])",
                "python -m edge.bench {path} --threads {threads} --runs 50 --warmup 5 --json {out}")),

@@ -431,7 +431,8 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
         config["model"].update(exported_params=count_params(float_model), exported_macs=count_macs(float_model, *size))
     int8_model, calibration = float_model, {}
     if "int8" in plan.precisions:
-        int8_model, calibration, config["int8"] = int8_stage(run, float_model, train_ds, plain_train, work, opts, log)
+        int8_model, calibration, config["int8"] = int8_stage(run, float_model, train_ds, plain_train, work, opts, log,
+                                                             plan.converter.int8_weight_max)
     elif set(plan.precisions) & set(CALIBRATED_PRECISIONS):   # Core ML w8a8: ranges measured by the converter
         calibration, config["calibration"] = calibration_stage(plain_train, work, opts, log)
     job = build_job(plan, opts, float_model, int8_model, calibration, run, size, val_ds, work, out, config)
@@ -549,23 +550,24 @@ def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], opts: Expor
     return pruned, report
 
 
-def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log):
+def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log, weight_max: int):
     """Calibration set; then QAT (or PTQ only when --qat-steps 0), simulating int8 files that keep
-    the first `--float-stem` weighted layers from the input in float (TFLite's and ONNX's).
-    Returns the int8 source model, the calibration files (targets.job forms) and a report."""
+    the first `--float-stem` weighted layers from the input in float (TFLite's and ONNX's) and store
+    weights in [-weight_max, weight_max] (the converter's). Returns the int8 source model, the
+    calibration files (targets.job forms) and a report."""
     from quant import ptq, qat
     from quant.finetune import finetune
 
     calib = ptq.calibration_set(plain_train, opts.calib, work / "calibration", seed=opts.seed, progress=opts.progress)
     report = {"calibration": calib.selection.describe(), "method": "qat" if opts.qat_steps > 0 else "ptq",
-              "float_stem": opts.float_stem}
+              "float_stem": opts.float_stem, "weight_range": [-weight_max, weight_max]}
     log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
     if opts.qat_steps <= 0:
         log(f"int8 by post-training quantisation, no QAT ({run.recipe.name} defaults to "
             f"{run.recipe.int8_qat_steps} QAT steps; --qat-steps N chooses)")
         return model, calib.files, report
     # Both int8 converters quantise depth before the heads' float tails (upsampling, EXP): log-depth.
-    fake = ptq.simulate(model, calib, log_depth=True, float_stem=opts.float_stem)
+    fake = ptq.simulate(model, calib, log_depth=True, float_stem=opts.float_stem, weight_max=weight_max)
     finetune(fake, model, run.recipe, train_ds, steps=opts.qat_steps, lr=opts.qat_lr, batch_size=opts.batch_size,
              seed=opts.seed, desc="QAT", progress=opts.progress, log=log)
     report.update({"qat_steps": opts.qat_steps, "qat_lr": opts.qat_lr, "activation_ranges": qat.activation_ranges(fake)})

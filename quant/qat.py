@@ -1,7 +1,8 @@
 """Quantisation-aware training that simulates exactly the int8 scheme the converters produce.
 
 TFLite int8 (onnx2tf) and onnxruntime's QDQ both run convolutions with per-channel symmetric int8
-weights (scale = max|w| / 127 per output channel, range [-127, 127]) after batch norm has been
+weights (scale = max|w| / 127 per output channel, range [-127, 127]; onnxruntime's files [-64, 64],
+core/formats.py `Converter.int8_weight_max` says why) after batch norm has been
 folded into them, and per-tensor asymmetric int8 activations (range [-128, 127], the real range
 always containing 0) calibrated by min/max. QAT here simulates that:
 
@@ -35,7 +36,7 @@ from torch import nn
 from targets.stem import stem_ops
 
 QMIN, QMAX = -128, 127       # int8 activations
-WMAX = 127                   # symmetric int8 weights use [-127, 127]
+WMAX = 127                   # symmetric int8 weights use [-WMAX, WMAX] unless a converter stores fewer levels
 
 
 # ----------------------------------------------------------------------------- batch-norm folding
@@ -103,15 +104,16 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> int:
 
 # ----------------------------------------------------------------------------- fake quantisation
 
-def weight_scale(weight: torch.Tensor) -> torch.Tensor:
+def weight_scale(weight: torch.Tensor, weight_max: int = WMAX) -> torch.Tensor:
     """Per-output-channel symmetric scale, as TFLite and onnxruntime compute it."""
-    return weight.detach().abs().amax(dim=tuple(range(1, weight.dim()))).clamp_min(1e-8) / WMAX
+    return weight.detach().abs().amax(dim=tuple(range(1, weight.dim()))).clamp_min(1e-8) / weight_max
 
 
-def fake_quant_weight(weight: torch.Tensor) -> torch.Tensor:
-    scale = weight_scale(weight)
+def fake_quant_weight(weight: torch.Tensor, weight_max: int = WMAX) -> torch.Tensor:
+    """`weight` on its per-channel grid of integers in [-weight_max, weight_max]."""
+    scale = weight_scale(weight, weight_max)
     zero = torch.zeros_like(scale, dtype=torch.int32)
-    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -WMAX, WMAX)
+    return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -weight_max, weight_max)
 
 
 class ActivationQuantizer(nn.Module):
@@ -152,18 +154,20 @@ class ActivationQuantizer(nn.Module):
 class QuantConv2d(nn.Module):
     """A Conv2d computing on int8-simulated input and weights; its output is int8 too, unless an
     activation fused into it by the converters quantises it after the activation instead
-    (`QuantActivation`, `QuantHardswish`)."""
+    (`QuantActivation`, `QuantHardswish`). Its weights take integers in [-weight_max, weight_max]."""
 
-    def __init__(self, conv: nn.Conv2d, quantize_output: bool = True):
+    def __init__(self, conv: nn.Conv2d, quantize_output: bool = True, weight_max: int = WMAX):
         super().__init__()
         self.conv = conv
+        self.weight_max = weight_max
         self.input_quant = ActivationQuantizer()
         self.output_quant = ActivationQuantizer() if quantize_output else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        return self.output_quant(F.conv2d(self.input_quant(x), fake_quant_weight(c.weight), c.bias, c.stride,
-                                          c.padding, c.dilation, c.groups))
+        weight = fake_quant_weight(c.weight, self.weight_max)
+        x = F.conv2d(self.input_quant(x), weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
+        return self.output_quant(x)
 
 
 class QuantOutput(nn.Module):
@@ -274,14 +278,16 @@ def input_stem(model: nn.Module, example: torch.Tensor, layers: int) -> set[str]
     return set(stem_ops(ops, [id(example)], layers, weighted={"conv"}))
 
 
-def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False, float_stem: int = 0) -> QuantStudent:
+def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False, float_stem: int = 0,
+            weight_max: int = WMAX) -> QuantStudent:
     """A fake-quantised copy of `student` (BN folded); `student` itself is left untouched.
 
     Every tensor the int8 file stores gets a quantiser: each convolution's input, its output
     after the activation fused into it (or the raw output where none follows: the residual
     branches that feed ADDs, the heads' last convolutions), and each residual block's sum.
     `float_stem`: the layers within N weighted layers of the input stay float, as the int8 files
-    keep their input stem (`input_stem`); the output of the last layer is where the files quantise."""
+    keep their input stem (`input_stem`); the output of the last layer is where the files quantise.
+    `weight_max`: the converter's largest integer weight (core/formats.py `Converter.int8_weight_max`)."""
     model = copy.deepcopy(student).eval()
     fold_batchnorm(model, example)
     pairs = producer_consumer_pairs(model, example, (nn.Conv2d,), (*FUSED_ACTIVATIONS, nn.Hardswish))
@@ -293,7 +299,7 @@ def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False, 
             if names.get(child) in in_float:
                 continue
             if type(child) is nn.Conv2d:
-                setattr(module, attr, QuantConv2d(child, quantize_output=names[child] not in activated))
+                setattr(module, attr, QuantConv2d(child, names[child] not in activated, weight_max))
             elif type(child) is nn.Hardswish:
                 setattr(module, attr, QuantHardswish())
             elif type(child) in FUSED_ACTIVATIONS:
@@ -321,13 +327,13 @@ def calibrate(model: QuantStudent, images) -> None:
 
 @torch.no_grad()
 def finalize(model: QuantStudent) -> nn.Module:
-    """The float student for export: convs restored, weights snapped onto their int8 grid."""
+    """The float student for export: convs restored, weights snapped onto their integer grid."""
     student = copy.deepcopy(model.student)
     for module in list(student.modules()):
         for attr, child in list(module.named_children()):
             if isinstance(child, QuantConv2d):
                 conv = child.conv
-                conv.weight.copy_(fake_quant_weight(conv.weight))
+                conv.weight.copy_(fake_quant_weight(conv.weight, child.weight_max))
                 setattr(module, attr, conv)
             elif isinstance(child, QuantHardswish):
                 setattr(module, attr, nn.Hardswish())

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from core.contract import INPUT_NAME
+from core.formats import FORMATS
 from edge.runners import OrtRunner
 from targets.job import Job, check_against_reference, main, publish, source_for, tool_versions, write_result
 from targets.stem import island_ops, stem_ops
@@ -85,9 +86,13 @@ def attention_islands(model) -> list[str]:
     return island_ops(node_tuples(model), seeds, bounds)
 
 
-def quantize_int8(source: Path, dest: Path, calibration: str, stem_layers: int) -> None:
+def quantize_int8(source: Path, dest: Path, calibration: str, stem_layers: int, weight_max: int) -> None:
     """Static QDQ int8; the input stem within its first `stem_layers` weighted layers and the
-    attention islands (`attention_islands`) stay float."""
+    attention islands (`attention_islands`) stay float. `weight_max`: 127 (int8 weights in
+    [-127, 127]) or 64 (onnxruntime's `reduce_range`, [-64, 64]: core/formats.py says why)."""
+    if weight_max not in (64, 127):
+        raise ValueError(f"onnxruntime quantises weights to [-127, 127] or, reduced, [-64, 64]; "
+                         f"not [-{weight_max}, {weight_max}]")
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -105,6 +110,7 @@ def quantize_int8(source: Path, dest: Path, calibration: str, stem_layers: int) 
     quantize_static(str(prepared), str(dest), CalibrationReader(calibration), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=in_float,
+                    reduce_range=weight_max == 64,
                     extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
 
 
@@ -173,7 +179,8 @@ def convert(job: Job) -> None:
         produced = simplified(job.sources[source], work / f"{source}.sim.onnx")
         if precision == "int8":
             produced, float_graph = work / f"{source}.int8.onnx", produced
-            quantize_int8(float_graph, produced, job.calibration["nchw"], job.float_stem)
+            quantize_int8(float_graph, produced, job.calibration["nchw"], job.float_stem,
+                          FORMATS["onnx"].converter(job.converter).int8_weight_max)
         elif precision == "fp16":
             produced = to_float16(produced, work / f"{source}.fp16.onnx")
         set_metadata(produced, {**job.metadata, "precision": precision})

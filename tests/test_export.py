@@ -328,12 +328,17 @@ def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
     assert manifest["config"]["int8"]["method"] == "ptq"
 
     import onnx
+    from onnx import numpy_helper
     model = onnx.load(str(tmp_path / run_dir.name / "onnx" / arts["int8"]["path"]))
     ops = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops   # a QDQ graph, int8 kernels in onnxruntime
     activations = {n.input[2] for n in model.graph.node if n.op_type == "QuantizeLinear"}
     zero_points = [i for i in model.graph.initializer if i.name in activations]
     assert zero_points and all(z.data_type == onnx.TensorProto.UINT8 for z in zero_points)   # U8S8: x86's fast path
+    # 7-bit weights, [-64, 64]: exact in the 16-bit pair sums of x86 CPUs without VNNI (core/formats.py)
+    weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
+    assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 64
+    assert manifest["config"]["int8"]["weight_range"] == [-64, 64]
     # the input stem stays float (--float-stem 2): its three convolutions read float weights, every later one int8
     weights_dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
                            and n.input[0] in {i.name for i in model.graph.initializer}}

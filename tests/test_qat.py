@@ -45,6 +45,50 @@ def test_weight_fake_quant_is_per_channel_symmetric_int8():
     assert (q - w).abs().max() <= scale.max() / 2 + 1e-6
 
 
+def test_weights_for_onnxruntime_take_the_reduced_range():
+    """onnxruntime's files store weights in [-64, 64] (core/formats.py says why): QAT simulates that
+    grid, scale max|w| / 64, and every channel's largest weight lands on +-64."""
+    w = torch.randn(8, 4, 3, 3) * torch.linspace(0.1, 2.0, 8).view(8, 1, 1, 1)
+    q = qat.fake_quant_weight(w, 64)
+    codes = q / (w.abs().amax(dim=(1, 2, 3)) / 64).view(8, 1, 1, 1)
+    torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
+    assert codes.abs().amax(dim=(1, 2, 3)).tolist() == pytest.approx([64.0] * 8)
+
+
+def test_the_onnx_int8_file_stores_the_weights_qat_trained(tmp_path):
+    """QAT's finalised weights sit on onnxruntime's grid, so its quantiser reproduces their integers
+    bit for bit: what QAT trained is what the file computes."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from core.formats import FORMATS
+    from targets import onnx as onnx_target
+    from targets.deploy import export_onnx
+
+    weight_max = FORMATS["onnx"].converter().int8_weight_max
+    model = randomized("mobilenetv3_small_050")
+    x = torch.rand(4, 3, 64, 96)
+    fake = qat.prepare(model, x[:1], log_depth=True, weight_max=weight_max)
+    qat.calibrate(fake, [x])
+    final = qat.finalize(fake)
+    convs = [m.weight for m in final.modules() if isinstance(m, torch.nn.Conv2d)]
+    codes = [w / qat.weight_scale(w, weight_max).view(-1, 1, 1, 1) for w in convs]
+    assert all(torch.allclose(c, c.round(), atol=1e-3, rtol=0) for c in codes)   # already on the file's grid
+    trained = sorted((tuple(c.shape), c.round().to(torch.int8).numpy().tobytes()) for c in codes)
+
+    source, _ = export_onnx(final, tmp_path / "float.onnx", 64, 96)
+    np.save(tmp_path / "calibration.npy", x.numpy())
+    onnx_target.quantize_int8(source, tmp_path / "int8.onnx", str(tmp_path / "calibration.npy"), 0, weight_max)
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    initializers = {i.name: i for i in graph.initializer}
+    stored = sorted((tuple(w.shape), w.tobytes()) for w in (
+        numpy_helper.to_array(initializers[n.input[0]]) for n in graph.node
+        if n.op_type == "DequantizeLinear" and n.input[0] in initializers) if w.dtype == np.int8 and w.ndim == 4)
+    assert weight_max == 64 and len(stored) == len(trained) > 20
+    assert stored == trained
+
+
 def test_activation_quantizer_keeps_zero_exact_and_uses_256_levels():
     aq = qat.ActivationQuantizer().train()
     x = torch.linspace(0.5, 3.0, 1000)   # an all-positive tensor: the range is widened to contain 0
