@@ -17,6 +17,7 @@ bench processes (edge/run.py, edge/bench.py) import it, and the two must never s
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Callable
@@ -85,6 +86,30 @@ def import_litert_interpreter() -> tuple[type, str]:
                       "on a small device without a wheel for it `pip install tflite-runtime \"numpy<2\"`")
 
 
+class UnreadableArtefact(ValueError):
+    """The runtime refused to load an artefact: a damaged or truncated file, another file under its
+    suffix, or one written for a newer runtime. LiteRT itself says only "not a valid Flatbuffer buffer"."""
+
+    def __init__(self, path: Path, runtime: str, error: Exception):
+        reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        super().__init__(
+            f"{runtime} cannot load {path} ({path.stat().st_size} bytes): {reason.rstrip('.')}. A damaged "
+            f"or truncated file (an interrupted copy), another file under this suffix, or one written for a newer "
+            f"runtime fails this way. If it came from python -m quant.export, `python -m quant.verify <its export "
+            f"directory>` checks it against the export's manifest.json; export again to replace it.")
+
+
+@contextmanager
+def loading(path: Path, runtime: str):
+    """Runs a runtime's load of `path`; what it raises, but a missing runtime, becomes UnreadableArtefact."""
+    try:
+        yield
+    except ImportError:
+        raise
+    except Exception as e:   # noqa: BLE001 - runtimes raise RuntimeError, ValueError or their own types
+        raise UnreadableArtefact(path, runtime, e) from e
+
+
 class LiteRTRunner:
     """A .tflite file run by the LiteRT interpreter (XNNPACK is its default CPU delegate).
 
@@ -96,8 +121,9 @@ class LiteRTRunner:
     def __init__(self, path: str | Path, threads: int | None = None):
         Interpreter, package = import_litert_interpreter()
         self.path, self.threads = Path(path), threads
-        self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
-        self.interpreter.allocate_tensors()
+        with loading(self.path, package):
+            self.interpreter = Interpreter(model_path=str(path), num_threads=threads)
+            self.interpreter.allocate_tensors()
         self.input = self.interpreter.get_input_details()[0]
         self.outputs = {d["name"]: d for d in self.interpreter.get_output_details()}
         find_outputs(list(self.outputs), path)
@@ -158,7 +184,8 @@ class OrtRunner:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3   # errors only: the graph-optimiser's notes are not ours to act on
         self.path, self.threads = Path(path), threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        with loading(self.path, "onnxruntime"):
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         find_outputs([o.name for o in self.session.get_outputs()], path)
         self.input_name = self.session.get_inputs()[0].name
         self.runtime = f"onnxruntime {ort.__version__}"

@@ -27,7 +27,7 @@ from edge.bench import SCHEMA, BenchRefused, bench_artefact
 from edge.host import describe_cpu, host_cpu
 from edge.peak import measure_peak
 from edge.run import BadInput, run_artefact
-from edge.runners import DEPTH, LiteRTRunner, OrtRunner, import_litert_interpreter, open_runner
+from edge.runners import DEPTH, LiteRTRunner, OrtRunner, UnreadableArtefact, import_litert_interpreter, open_runner
 
 REPO = Path(__file__).resolve().parents[1]
 ARTEFACTS = ["tflite_fp32", "tflite_int8", "onnx_fp32", "onnx_int8"]
@@ -85,6 +85,20 @@ def test_open_runner_errors_name_the_path_and_the_known_suffixes(tiny_artefacts,
         open_runner(tiny_artefacts["onnx_fp32"], executor="predict")
     with pytest.raises(ValueError, match=r"takes \(N, 3, 64, 96\)"):
         open_runner(tiny_artefacts["onnx_fp32"])(np.zeros((1, 3, 32, 32), np.float32))
+
+
+@pytest.mark.parametrize("name", ["tflite_fp32", "onnx_fp32"])
+def test_a_truncated_artefact_is_refused_naming_its_size_and_the_check(tiny_artefacts, tmp_path, name):
+    """What an interrupted copy leaves: the runtime's terse refusal gains the file's size and the fix."""
+    source = Path(tiny_artefacts[name])
+    truncated = tmp_path / source.name
+    truncated.write_bytes(source.read_bytes()[:200])
+    runtime = "onnxruntime" if name.startswith("onnx") else import_litert_interpreter()[1]
+    with pytest.raises(UnreadableArtefact, match=rf"{runtime} cannot load .*{truncated.name} \(200 bytes\): .+"
+                                                 r"python -m quant.verify <its export directory>"):
+        open_runner(truncated)
+    result = edge_cli("edge.bench", truncated, "--runs", 1)
+    assert result.returncode != 0 and "(200 bytes)" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_litert_without_either_runtime_names_both_packages(monkeypatch):
