@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from core.cli import ArgumentParser, at_least, command
+from core.formats import FORMATS
 from quant import ptq, qat
 from quant.source import find_run, load_run
 
@@ -37,6 +38,9 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--float-stem", type=int, default=0,
                    help="weighted layers from the input left float, as quant.export --float-stem (default 0: "
                         "rank the stem too)")
+    p.add_argument("--format", choices=[f for f in FORMATS if "int8" in FORMATS[f].precisions], default="tflite",
+                   help="the int8 file simulated: its converter's weight grid (core/formats.py; onnx stores "
+                        "weights in [-64, 64], tflite in [-127, 127]; default tflite)")
     p.add_argument("--top", type=int, default=15, help="rows to print (default 15)")
     p.add_argument("--seed", type=int, default=0, help="the calibration draw, as quant.export --seed")
     args = p.parse_args(argv)
@@ -138,12 +142,14 @@ def main(argv: list[str]) -> int:
     count = min(args.images, len(val_ds))
     images = torch.stack([torch.as_tensor(val_ds[i]["image"]).float() for i in range(count)])
     calib = ptq.calibration_set(plain_train, args.calib, None, seed=args.seed, progress=False)
-    model = ptq.simulate(run.model, calib, log_depth=True, float_stem=args.float_stem)
+    weight_max = FORMATS[args.format].converter().int8_weight_max
+    model = ptq.simulate(run.model, calib, log_depth=True, float_stem=args.float_stem, weight_max=weight_max)
     with torch.no_grad():
         reference = run.model.eval()(images)
     groups = tensor_groups(model, images)
-    print(f"{run.name}: {sum(map(len, groups))} quantisers on {len(groups)} tensors, {count} validation images, "
-          f"{len(calib.images)} calibration images", flush=True)
+    print(f"{run.name}: {args.format} int8 (weights in [-{weight_max}, {weight_max}]), {sum(map(len, groups))} "
+          f"quantisers on {len(groups)} tensors, {count} validation images, {len(calib.images)} calibration images",
+          flush=True)
     print(table(drift(model, images, reference), without(groups, model, images, reference, progress=True), args.top))
     return 0
 
