@@ -186,13 +186,21 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
         f"- run `{run.name}` (recipe {recipe.name}), checkpoint `{Path(run.weights).name}` sha256 "
         f"`{run.weights_sha256}`",
         f"- teacher `{teacher}`, data `{recipe.data.dataset}`" + (", pruned" if "prune" in config else "")
-        + (f", int8 by {config['int8']['method']}" if "int8" in config else ""),
+        + int8_provenance(config.get("int8")),
         f"- tools: {tools}",
         f"- rebuild: `python -m quant.export --target {config['target']} --run {config['run']}"
         + "".join(f" --{key} {config[key]}" for key in ("converter", "layout")
                   if config.get(key) and config[key] != default_of(fmt, key)) + "`", "",
     ]
     return "\n".join(sections)
+
+
+def int8_provenance(int8: dict | None) -> str:
+    """", int8 by qat, weights in [-64, 64]" (exports before 2026-12-02 recorded no weight range)."""
+    if not int8:
+        return ""
+    weights = ", weights in [{}, {}]".format(*int8["weight_range"]) if "weight_range" in int8 else ""
+    return f", int8 by {int8['method']}{weights}"
 
 
 def write_model_card(export_dir: Path, run, metadata: dict) -> Path:

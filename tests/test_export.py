@@ -241,6 +241,7 @@ def test_model_card_matches_the_export(tflite_export, run_dir, tmp_path):
     assert meta["library_name"] == "densekit" and meta["license"] == "apache-2.0"
     assert (meta["student"], meta["teacher"], meta["run"]) == ("mobilenetv3_small_050", "synthetic-metric", run_dir.name)
     assert meta["input_layout"] == "NHWC" and meta["depth_space"] == "metric"
+    assert "int8 by qat, weights in [-127, 127]" in body
     manifest = manifest_of(tflite_export, run_dir, "tflite")
     files = {row[0]: row for row in table_rows(body, "Files")}
     for a in manifest["artefacts"]:
@@ -357,7 +358,8 @@ def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["densekit"])["source_sha256"] == manifest["config"]["source_checkpoint"]["sha256"]
     export_dir = tmp_path / run_dir.name / "onnx"    # the card's onnxruntime snippet runs as written
-    assert card_parts(export_dir)[0]["input_layout"] == "NCHW"
+    meta, body = card_parts(export_dir)
+    assert meta["input_layout"] == "NCHW" and "int8 by ptq, weights in [-64, 64]" in body
     assert run_card_snippet(export_dir, tmp_path).strip() == "(64, 96) (64, 96) True"
 
 
