@@ -41,11 +41,10 @@ import numpy as np
 
 from core import io
 from core.cli import ArgumentParser, at_least, command
-from core.formats import CALIBRATED_PRECISIONS, FORMATS, INTEGER_PRECISIONS, PRECISIONS, Converter, Format
+from core.formats import CALIBRATED_PRECISIONS, FORMATS, PRECISIONS, Converter, Format
 from core.io import check_writable
 from core.lock import exclusive
 from edge import kit
-from edge.host import describe_cpu, host_cpu
 from quant import benchmark, compression
 from quant.model_card import write_model_card
 from targets.profiles import device_names
@@ -322,24 +321,9 @@ def gate_failure_message(result: ExportResult) -> str:
     failed = dict.fromkeys(r.precision for r in result.reports if not r.passed)
     hints = [FAILURE_HINTS.get(p, f"{p}: a float file should match its model; report drift.json with the versions "
                                    f"in manifest.json") for p in failed]
-    if any(r.format == "onnx" and r.precision in INTEGER_PRECISIONS and not r.passed for r in result.reports):
-        hints += onnx_integer_hint(host_cpu())
     return (f"{len(failures)} drift gate(s) failed (see {result.path / 'drift.json'}):\n  " + "\n  ".join(failures)
             + "\nGates: targets/devices.json; --tolerance PRECISION.KEY=VALUE overrides one for this export.\n"
             + "\n".join(hints) + (f"\n{result.warning}" if result.warning else ""))
-
-
-def onnx_integer_hint(cpu: dict) -> list[str]:
-    """Why an ONNX int8 file can fail its gates on this CPU alone. onnxruntime's uint8 x int8 kernels
-    on x86 without VNNI (AVX2, AVX-512 without VNNI) add products in pairs in 16 bits, which
-    saturate (its quantisation docs: `reduce_range`). Measured on an AVX2-only host (README): v3's
-    QAT int8 file drifted +9.11% abs_rel there (its files pass on VNNI hosts); with 7-bit weights,
-    +2.29%."""
-    if cpu["int8_dot"] is None or cpu["int8_dot"] or "avx2" not in cpu["simd"]:
-        return []
-    return [f"onnx int8 on this CPU, {describe_cpu(cpu)}: onnxruntime's uint8 x int8 kernels saturate "
-            "without VNNI and the file computes less exactly here than on a VNNI CPU; judge its drift on "
-            "the CPU it will run on, or ship fp32 / fp16 ONNX (or TFLite int8) to CPUs like this one."]
 
 
 # ----------------------------------------------------------------------------- the pipeline
