@@ -104,10 +104,10 @@ def test_tflite_artefacts_run_and_match_torch(tflite_export, run_dir):
     assert {"onnx2tf", "tensorflow", "torch"} <= set(manifest["tools"])
 
 
-# v3's input stem in float: normalisation, the stem convolution, hardswish (ADD, MUL), and the two layers
-# that read it: the first depthwise convolution and the decoder's stride-2 lateral
+# v3's input stem in float: normalisation, the stem convolution, hardswish (ADD, MUL), and the layer
+# that reads it: the first depthwise convolution (a stride-2 decoder's lateral too: tests/test_qat.py)
 STEM_FLOAT_OPS = {"ADD", "MUL", "PAD", "CONV_2D", "DEPTHWISE_CONV_2D"}
-STEM_CONVS = ["CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D"]
+STEM_CONVS = ["CONV_2D", "DEPTHWISE_CONV_2D"]
 
 
 def float_convs(path: Path) -> list[str]:
@@ -123,7 +123,7 @@ def float_convs(path: Path) -> list[str]:
 
 def test_int8_file_keeps_the_input_stem_in_float(tflite_export, run_dir, tmp_path):
     """The ops within two weighted layers of the input (v3: the stem convolution, its hardswish and
-    the two convolutions that read it) run in float; every later convolution is int8 (`--float-stem`)."""
+    the convolution that reads it) run in float; every later convolution is int8 (`--float-stem`)."""
     from targets.tflite_file import TFLiteGraph, input_stem
     export_dir = tflite_export / run_dir.name / "tflite"
     arts = by_precision(manifest_of(tflite_export, run_dir, "tflite"))
@@ -349,12 +349,12 @@ def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
     weights = [numpy_helper.to_array(i) for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert weights and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 64
     assert manifest["config"]["int8"]["weight_range"] == [-64, 64]
-    # the input stem stays float (--float-stem 2): its three convolutions read float weights, every later one int8
+    # the input stem stays float (--float-stem 2): its two convolutions read float weights, every later one int8
     weights_dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"
                            and n.input[0] in {i.name for i in model.graph.initializer}}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     in_float = [c for c in convs if c.input[1] not in weights_dequantized]
-    assert len(in_float) == 3 and convs[0] in in_float and len(convs) > 20
+    assert len(in_float) == len(STEM_CONVS) and convs[0] in in_float and len(convs) > 20
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["densekit"])["source_sha256"] == manifest["config"]["source_checkpoint"]["sha256"]
     export_dir = tmp_path / run_dir.name / "onnx"    # the card's onnxruntime snippet runs as written
