@@ -10,8 +10,11 @@ times the graph itself, in nested sub-graphs: the ops a weighted op (convolution
 connected) depends on, its output the only output, run by LiteRT with its XNNPACK delegate as the
 whole file is. The anchors are chosen so that each sub-graph holds the one before (the longest
 such chain, cut into about N sections of equal counts of weighted ops), and the last sub-graph is
-the whole file. A section's time is the difference of two sub-graphs' median times, so the
-sections add up to the file's time. Differences of a few microseconds are noise; a run disturbed
+the whole file. The sub-graph before the whole file ends at the last weighted ops, so the last
+section is the output tails alone: the ops between those and the graph outputs (a student's final
+upsampling and EXP), which cost the same in an fp32 and an int8 file and so cap int8's speed-up. A
+section's time is the difference of two sub-graphs' median times, so the sections add up to the
+file's time. Differences of a few microseconds are noise; a run disturbed
 by other work can swing one section by hundreds of microseconds and the next one negative (seen
 once in four runs on v3 with --runs 100): repeat the run and read the sections that agree.
 
@@ -25,7 +28,7 @@ Imports ai-edge-litert (its flatbuffer schema and interpreter), never TensorFlow
 JSON ("densekit.section-profile/1"): {"schema", "models" (file names), "threads", "runs",
 "total_us" (per model), "sections": [{"weighted_ops", "macs", "resolutions" (of the weighted ops'
 outputs, HxW), "ops" (how many ops it adds, per model), "us" (per model), "speedup" (two models:
-first / second)}]}
+first / second), "output_tails" (true for the section of the output tails)}]}
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from edge.run import write_json
 
 SCHEMA = "densekit.section-profile/1"
 WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+TAILS = "output tails"   # the anchor of the sub-graph that ends at the last weighted ops
 
 
 def weighted_layers(model) -> list[tuple[int, tuple, int]]:
@@ -113,11 +117,31 @@ def nested_anchors(model, layers: list, sections: int) -> list[tuple | None]:
     return sorted(picked, key=order.get) + [None]
 
 
-def sub_model(model, anchor_index: int | None) -> tuple[bytes, set[int]]:
-    """The flatbuffer of the ops that weighted op `anchor_index` depends on (None: the whole
-    graph), its output the only output; and the ops' indices."""
+def tail_frontier(model) -> list[int]:
+    """The tensors where the graph outputs' tails begin: the outputs of the last weighted ops before
+    each graph output (a graph output written by a weighted op is its own frontier)."""
     graph = model.subgraphs[0]
-    outputs = list(graph.outputs) if anchor_index is None else list(graph.operators[anchor_index].outputs)
+    producer = {int(t): i for i, op in enumerate(graph.operators) for t in op.outputs}
+    frontier, seen, pending = [], set(), [int(t) for t in graph.outputs]
+    while pending:
+        tensor = pending.pop()
+        index = producer.get(tensor)
+        if index is None or tensor in seen:
+            continue
+        seen.add(tensor)
+        if op_name(model, graph.operators[index]) in WEIGHTED:
+            frontier.append(tensor)
+        else:
+            pending += [int(t) for t in graph.operators[index].inputs if t >= 0]
+    return sorted(frontier)
+
+
+def sub_model(model, anchor_index: int | str | None) -> tuple[bytes, set[int]]:
+    """The flatbuffer of the ops that weighted op `anchor_index` depends on (None: the whole
+    graph; TAILS: all but the output tails), its outputs the only outputs; and the ops' indices."""
+    graph = model.subgraphs[0]
+    outputs = (list(graph.outputs) if anchor_index is None else tail_frontier(model) if anchor_index == TAILS
+               else list(graph.operators[anchor_index].outputs))
     ops = ancestors(graph, outputs)
     operators = [op for i, op in enumerate(graph.operators) if i in ops]
     return cut_model(model, operators, list(graph.inputs), outputs), ops
@@ -156,10 +180,12 @@ def profile(paths: list[str | Path], sections: int = 8, threads: int | None = No
         raise ValueError("the files do not hold the same layers (weighted ops by type and shape): "
                          "compare the fp32 and int8 files of one export")
     anchors = nested_anchors(models[0], layers[0], sections)
+    if tail_frontier(models[0]) != sorted(int(t) for t in models[0].subgraphs[0].outputs):
+        anchors.insert(-1, TAILS)   # the last section: the output tails alone
     index_of = [{key: index for index, key, _ in file_layers} for file_layers in layers]
     from tqdm.auto import tqdm
 
-    subs = [[sub_model(m, None if a is None else index_of[f][a]) for a in anchors]
+    subs = [[sub_model(m, a if a in (None, TAILS) else index_of[f][a]) for a in anchors]
             for f, m in enumerate(tqdm(models, desc="sub-graphs", unit="file", disable=not progress))]
     interpreters = [seeded_interpreter(content, threads) for file_subs in subs for content, _ in file_subs]
     medians = time_interleaved(interpreters, runs)
@@ -175,7 +201,7 @@ def profile(paths: list[str | Path], sections: int = 8, threads: int | None = No
                  "resolutions": sorted({f"{k[2][1]}x{k[2][2]}" for k in new_layers
                                         if len(k[2]) == 4 and k[2][1] * k[2][2] > 1},
                                        key=lambda r: -int(r.split("x")[0])),
-                 "ops": [len(o) for o in new_ops], "us": us}
+                 "ops": [len(o) for o in new_ops], "us": us, "output_tails": anchors[s] is None and TAILS in anchors}
         if len(models) == 2:
             entry["speedup"] = round(us[0] / us[1], 3) if us[1] > 0 else None
         result_sections.append(entry)
@@ -192,7 +218,8 @@ def summary(result: dict) -> str:
             + "".join(f" {'us ' + str(i + 1):>9}" for i in range(len(names))) + ("  speed-up" if two else "")]
     for s in result["sections"]:
         ops = " | ".join(map(str, s["ops"]))
-        rows.append(f"  {ops:<22} {s['weighted_ops']:>6} {s['macs'] / 1e6:>7.1f}  {', '.join(s['resolutions']):<28}"
+        where = "output tails" if s.get("output_tails") else ", ".join(s["resolutions"])
+        rows.append(f"  {ops:<22} {s['weighted_ops']:>6} {s['macs'] / 1e6:>7.1f}  {where:<28}"
                     + "".join(f" {u:>9.1f}" for u in s["us"])
                     + (f"  {s['speedup']:>7.2f}x" if two and s["speedup"] is not None else ("       -" if two else "")))
     total = result["total_us"]

@@ -247,7 +247,12 @@ def test_section_profile_splits_the_whole_graph_time_of_two_files(tiny_artefacts
     result = json.loads(out.read_text())
     assert result["schema"] == "densekit.section-profile/1" and result["models"] == [fp32.name, int8.name]
     sections = result["sections"]
-    assert 2 <= len(sections) <= 4 and "speed-up" in proc.stdout
+    assert 2 <= len(sections) <= 5 and "speed-up" in proc.stdout
+    # the last section is the output tails alone (the heads' upsampling, EXP): no weighted op, the same
+    # ops in float in both files (the int8 file adds its DEQUANTIZEs)
+    *body, tails = sections
+    assert tails["output_tails"] and not any(s["output_tails"] for s in body) and "output tails" in proc.stdout
+    assert tails["weighted_ops"] == 0 and tails["macs"] == 0 and 0 < tails["ops"][0] < tails["ops"][1]
     for f, path in enumerate((fp32, int8)):
         model = load_model(path)
         layers = weighted_layers(model)
