@@ -23,9 +23,14 @@ Memory: peak_rss is the process's peak resident set (VmHWM on Linux, ru_maxrss o
 baseline_rss the resident set just before the runner is made, model_rss their difference (runtime + model +
 buffers). Peaks are per process, so run one artefact per process (quant/benchmark.py does).
 
-With several artefacts, `compare` loads them all in one process and interleaves their runs (A, B,
-A, B, ...), so that a noisy machine slows each of them alike: the ratios are what to read
-(JSON schema "densekit.bench-compare/1"; no memory figures, the process is shared).
+With several artefacts, `compare` loads them all in one process and interleaves their runs in
+turns (A x 20, B x 20, A x 20, ...), so that a noisy machine slows each of them alike: the ratios
+are what to read (JSON schema "densekit.bench-compare/1", with "turn" and "settle"; no memory
+figures, the process is shared). Each turn starts with 2 untimed calls: a runtime's worker
+threads keep spinning for a while after a call, and onnxruntime's then take the cores from the
+next artefact. Alternating single calls (A, B, A, B) timed an ONNX fp32 file at 7.1 ms p50
+against 2.1 ms alone and put its int8 twin at 3.0x instead of 1.5x; in turns of 20, 1.49-1.52x
+(v3, 2 threads, 2026-12-03).
 
 Core ML latency means something only under Core ML on Apple hardware: off macOS this refuses
 (exit 2); measure it with edge/device/coreml_bench.py on a Mac.
@@ -52,6 +57,9 @@ from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner, t
 
 SCHEMA = "densekit.bench/1"
 MIB = 2 ** 20
+TURN = 20        # timed runs of one artefact before the next one's turn (compare)
+SETTLE = 2       # untimed calls that start each turn, after a pause in which the previous
+PAUSE_S = 0.05   # runtime's spinning threads give up the cores
 
 
 class BenchRefused(ValueError):
@@ -122,6 +130,19 @@ def bench_artefact(path: str | Path, *, threads: int | None = None, runs: int = 
     }
 
 
+def interleave_turns(calls: list, runs: int, turn: int = TURN, settle: int = SETTLE,
+                     pause_s: float = PAUSE_S) -> list[list[float]]:
+    """Seconds of `runs` timed calls of each of `calls`, taken in turns of `turn` calls (the last
+    turn shorter), each turn after a pause of `pause_s` and `settle` untimed calls (why: the module doc)."""
+    seconds: list[list[float]] = [[] for _ in calls]
+    while len(seconds[0]) < runs:
+        count = min(turn, runs - len(seconds[0]))
+        for i, call in enumerate(calls):
+            time.sleep(pause_s)
+            seconds[i] += time_runs(call, count, settle)
+    return seconds
+
+
 def bench_side_by_side(paths: list[str | Path], *, threads: int | None = None, runs: int = 50, warmup: int = 5,
                        verify: bool = True) -> dict:
     """Interleaved runs of several artefacts in one process; speed-up of each against the first."""
@@ -131,13 +152,10 @@ def bench_side_by_side(paths: list[str | Path], *, threads: int | None = None, r
     calls = [r.invoke_fn(np.random.default_rng(0).random((1, *image_shape(r)), dtype=np.float32)) for r in runners]
     for call in calls:
         time_runs(call, 0, warmup)
-    seconds: list[list[float]] = [[] for _ in calls]
-    for _ in range(runs):
-        for i, call in enumerate(calls):
-            seconds[i] += time_runs(call, 1, 0)
+    seconds = interleave_turns(calls, runs)
     stats = [latency_summary([1e3 * t for t in s]) for s in seconds]
     return {"schema": "densekit.bench-compare/1", "device": host_device(), "threads": threads, "runs": runs,
-            "warmup": warmup, "source": "edge.bench",
+            "warmup": warmup, "turn": min(TURN, runs), "settle": SETTLE, "source": "edge.bench",
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "artefacts": [{"artefact": Path(p).name, "executor": r.executor, "latency_ms": st,
                            "speedup_vs_first": stats[0]["p50"] / st["p50"]}
@@ -150,7 +168,7 @@ def compare_summary(result: dict) -> str:
         lat = a["latency_ms"]
         rows.append(f"{a['artefact']:<44} {lat['p50']:>8.2f} {lat['p90']:>8.2f} {lat['min']:>8.2f} "
                     f"{a['speedup_vs_first']:>8.2f}x")
-    return (f"{result['runs']} interleaved runs each after {result['warmup']} warm-up, "
+    return (f"{result['runs']} runs each, interleaved in turns of {result['turn']}, after {result['warmup']} warm-up, "
             f"{threads_text(result['threads'])}, p50 speed-up against the first\n"
             f"cpu: {describe_cpu(device_cpu(result['device']))}\n" + "\n".join(rows))
 

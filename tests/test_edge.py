@@ -209,12 +209,24 @@ def test_compare_interleaves_and_reports_speedups(tiny_artefacts, tmp_path):
                     "--runs", "4", "--warmup", "1", "--json", out)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
-    assert result["schema"] == "densekit.bench-compare/1" and result["runs"] == 4
+    assert result["schema"] == "densekit.bench-compare/1" and result["runs"] == 4 and result["turn"] == 4
     first, second = result["artefacts"]
     assert first["artefact"] == "tiny_fp32.tflite" and first["speedup_vs_first"] == 1.0
     assert second["speedup_vs_first"] == pytest.approx(first["latency_ms"]["p50"] / second["latency_ms"]["p50"])
     assert "speed-up" in proc.stdout
     assert f"cpu: {describe_cpu(host_cpu())}" in proc.stdout and result["device"]["int8_dot"] == host_cpu()["int8_dot"]
+
+
+def test_compare_takes_turns_that_start_with_untimed_calls():
+    """Interleaving in turns: a runtime's spinning threads (onnxruntime's) must not land in the
+    next artefact's timed calls, and every artefact gets exactly `runs` timed calls."""
+    from edge.bench import interleave_turns
+
+    log = []
+    calls = [lambda: log.append("a"), lambda: log.append("b")]
+    seconds = interleave_turns(calls, runs=5, turn=2, settle=1)
+    assert [len(s) for s in seconds] == [5, 5] and all(t >= 0 for s in seconds for t in s)
+    assert "".join(log) == "aaa" "bbb" "aaa" "bbb" "aa" "bb"   # each turn: 1 untimed call, then 2 (the last 1) timed
 
 
 def test_op_profile_times_every_op_of_an_int8_file(tiny_artefacts, tmp_path):
