@@ -26,11 +26,12 @@ buffers). Peaks are per process, so run one artefact per process (quant/benchmar
 With several artefacts, `compare` loads them all in one process and interleaves their runs in
 turns (A x 20, B x 20, A x 20, ...), so that a noisy machine slows each of them alike: the ratios
 are what to read (JSON schema "densekit.bench-compare/1", with "turn" and "settle"; no memory
-figures, the process is shared). Each turn starts with 2 untimed calls: a runtime's worker
-threads keep spinning for a while after a call, and onnxruntime's then take the cores from the
-next artefact. Alternating single calls (A, B, A, B) timed an ONNX fp32 file at 7.1 ms p50
-against 2.1 ms alone and put its int8 twin at 3.0x instead of 1.5x; in turns of 20, 1.49-1.52x
-(v3, 2 threads, 2026-12-03).
+figures, the process is shared). Each turn starts after a 50 ms pause and 2 untimed calls: a
+runtime's worker threads keep spinning for a while after a call, and onnxruntime's then take the
+cores from the next artefact. Alternating single calls (A, B, A, B) timed an ONNX fp32 file at
+7.1 ms p50 against 2.1 ms alone and put its int8 twin at 3.0x instead of the 1.3-1.5x it runs at
+alone and in turns (v3, 2 threads, 2026-12-03). A turn also runs each model warm in the caches,
+as an app does.
 
 Core ML latency means something only under Core ML on Apple hardware: off macOS this refuses
 (exit 2); measure it with edge/device/coreml_bench.py on a Mac.
