@@ -33,13 +33,13 @@ first / second), "output_tails" (true for the section of the output tails)}]}
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 from core.cli import ArgumentParser, at_least, command
 from core.io import check_writable
-from edge.bench import interleave_turns
 from edge.op_profile import cut_model, load_model, op_name, seeded_interpreter
 from edge.run import write_json
 
@@ -148,14 +148,18 @@ def sub_model(model, anchor_index: int | str | None) -> tuple[bytes, set[int]]:
 
 
 def time_interleaved(interpreters: list, runs: int, warmup: int = 10) -> list[float]:
-    """Median microseconds of each interpreter's invoke, all timed in turns (`edge.bench`'s
-    `interleave_turns`: each sub-graph warm, as a whole file runs in an app) so that a noisy
+    """Median microseconds of each interpreter's invoke, all timed round-robin so that a noisy
     machine slows each alike."""
     for interpreter in interpreters:
         for _ in range(warmup):
             interpreter.invoke()
-    seconds = interleave_turns([interpreter.invoke for interpreter in interpreters], runs)
-    return [float(np.median(t)) * 1e6 for t in seconds]
+    times = [[] for _ in interpreters]
+    for _ in range(runs):
+        for interpreter, t in zip(interpreters, times):
+            start = time.perf_counter()
+            interpreter.invoke()
+            t.append(time.perf_counter() - start)
+    return [float(np.median(t)) * 1e6 for t in times]
 
 
 def profile(paths: list[str | Path], sections: int = 8, threads: int | None = None, runs: int = 200,
