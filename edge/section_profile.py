@@ -148,8 +148,9 @@ def sub_model(model, anchor_index: int | str | None) -> tuple[bytes, set[int]]:
 
 
 def time_interleaved(interpreters: list, runs: int, warmup: int = 10) -> list[float]:
-    """Median microseconds of each interpreter's invoke, all timed round-robin so that a noisy
-    machine slows each alike."""
+    """Median microseconds of each interpreter's invoke, all timed round-robin, one call each, so
+    that a noisy machine slows each alike. Not in `edge.bench`'s turns of 20: a section is the
+    difference of two sub-graphs' medians, and timed in turns those went negative (v3, 2026-12-03)."""
     for interpreter in interpreters:
         for _ in range(warmup):
             interpreter.invoke()
