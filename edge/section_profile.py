@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from core.cli import ArgumentParser, at_least, command
+from core.graph import output_tails
 from core.io import check_writable
 from edge.op_profile import cut_model, load_model, op_name, seeded_interpreter
 from edge.run import write_json
@@ -122,18 +123,9 @@ def tail_frontier(model) -> list[int]:
     each graph output (a graph output written by a weighted op is its own frontier)."""
     graph = model.subgraphs[0]
     producer = {int(t): i for i, op in enumerate(graph.operators) for t in op.outputs}
-    frontier, seen, pending = [], set(), [int(t) for t in graph.outputs]
-    while pending:
-        tensor = pending.pop()
-        index = producer.get(tensor)
-        if index is None or tensor in seen:
-            continue
-        seen.add(tensor)
-        if op_name(model, graph.operators[index]) in WEIGHTED:
-            frontier.append(tensor)
-        else:
-            pending += [int(t) for t in graph.operators[index].inputs if t >= 0]
-    return sorted(frontier)
+    _, frontier = output_tails(graph.outputs, producer, lambda i: graph.operators[i].inputs,
+                               lambda i: op_name(model, graph.operators[i]) in WEIGHTED)
+    return frontier
 
 
 def sub_model(model, anchor_index: int | str | None) -> tuple[bytes, set[int]]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from core.contract import DEPTH, INPUT_NAME, SEG
+from core.graph import output_tails as walk_output_tails
 from edge.runners import LiteRTRunner
 from targets.job import Job, check_against_reference, publish
 from targets.stem import Op, island_ops, stem_ops
@@ -22,7 +23,7 @@ METADATA_NAME = "densekit"
 
 
 class TFLiteGraph:
-    """A .tflite model's data flow: ops in execution order, each op's producer, tensor names."""
+    """A .tflite model's data flow: ops in execution order, tensor names, graph inputs and outputs."""
 
     def __init__(self, model_content: bytes):
         from ai_edge_litert.interpreter import Interpreter
@@ -30,7 +31,6 @@ class TFLiteGraph:
         interpreter = Interpreter(model_content=model_content)
         self.names = {t["index"]: t["name"] for t in interpreter.get_tensor_details()}
         self.ops = interpreter._get_ops_details()
-        self.producer = {int(t): op for op in self.ops for t in op["outputs"]}
         self.inputs = [int(d["index"]) for d in interpreter.get_input_details()]
         self.outputs = [int(d["index"]) for d in interpreter.get_output_details()]
 
@@ -93,15 +93,11 @@ def output_tails(graph: TFLiteGraph) -> list[str]:
     the full-resolution outputs only loses precision. In float, the int8 part ends at the heads'
     stride-4 convolutions: log-depth (uniform relative precision over the depth range) and logits.
     """
-    tails: list[str] = []
-    pending = list(graph.outputs)
-    while pending:
-        source = graph.producer.get(pending.pop())
-        if source is None or source["op_name"] in COMPUTE_OPS or graph.name(source) in tails:
-            continue
-        tails.append(graph.name(source))
-        pending += [int(t) for t in source["inputs"]]
-    return tails
+    ops = graph.ops
+    producer = {int(t): i for i, op in enumerate(ops) for t in op["outputs"]}
+    tails, _ = walk_output_tails(graph.outputs, producer, lambda i: ops[i]["inputs"],
+                                 lambda i: ops[i]["op_name"] in COMPUTE_OPS)
+    return [graph.name(ops[i]) for i in tails]
 
 
 def finish(path: Path, metadata: dict) -> int:

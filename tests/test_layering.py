@@ -30,7 +30,7 @@ ALLOWED = {
     "targets": {"core", "domain", "edge", "targets"},
     "quant": {"core", "domain", "training", "calibration", "edge", "targets", "quant"},
 }
-TORCH_FREE = ("core.io", "core.contract", "core.formats", "core.manifest", "core.lock", "core.registry", "core.config", "core.spaces",
+TORCH_FREE = ("core.io", "core.graph", "core.contract", "core.formats", "core.manifest", "core.lock", "core.registry", "core.config", "core.spaces",
               "core.lazy", "edge", "edge.run", "edge.runners", "edge.bench", "edge.kit", "targets.job", "targets.tflite_file",
               "targets.profiles", "quant", "distill")
 
