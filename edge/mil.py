@@ -45,7 +45,6 @@ import logging
 import struct
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -55,8 +54,10 @@ import torch
 from edge.mil_ops import (  # noqa: F401 (re-exported)
     DTYPES,
     HANDLERS,
+    Op,
     SUB_BYTE_BITS,
     Args,
+    TensorType,
     UnsupportedOpError,
     as_f32,
     source_coords,
@@ -153,25 +154,6 @@ def packed_size(dtype: str, count: int) -> int:
     if dtype in SUB_BYTE_BITS:
         return -(-count * SUB_BYTE_BITS[dtype] // 8)
     return count * np.dtype(DTYPES[dtype]).itemsize
-
-
-@dataclass
-class TensorType:
-    """dtype: a MIL dtype name ("fp16", "int32", "str", ...); shape: a tuple, None for unknown dims
-    (the whole shape None for a variadic rank)."""
-    dtype: str
-    shape: tuple
-
-
-@dataclass
-class Op:
-    """One MIL operation. inputs: input name -> bindings (a value name, or an inline np.ndarray);
-    attributes: decoded attributes (constexpr ops keep their data here); outputs: (name, type)."""
-    type: str
-    name: str
-    inputs: dict[str, list] = field(default_factory=dict)
-    attributes: dict[str, object] = field(default_factory=dict)
-    outputs: list[tuple[str, TensorType]] = field(default_factory=list)
 
 
 def tensor_type(value_type) -> TensorType:

@@ -1,15 +1,15 @@
 """The registry of the MIL reference executor's op handlers, and what every handler uses: the MIL
-dtypes (`DTYPES`), `Args` (an op's resolved inputs) and `as_f32` (torch float32, the compute
-precision). `@handler("op_type")` registers a function `fn(a: Args) -> array | [arrays]`."""
+dtypes (`DTYPES`), a program's `Op` and `TensorType` (here, not in edge/mil.py, so that the
+handlers need nothing of the executor that imports them), `Args` (an op's resolved inputs) and
+`as_f32` (torch float32, the compute precision). `@handler("op_type")` registers a function
+`fn(a: Args) -> array | [arrays]`."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
-
-if TYPE_CHECKING:   # only for annotations: edge.mil imports this package
-    from edge.mil import Op
 
 # MIL dtype names (cast's `dtype`, constexpr_cast's `output_dtype`) -> numpy.
 DTYPES = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "bool": np.bool_,
@@ -19,6 +19,25 @@ DTYPES = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64, "bool": np
           "int4": np.int8, "uint1": np.uint8, "uint2": np.uint8, "uint3": np.uint8, "uint4": np.uint8,
           "uint6": np.uint8}
 SUB_BYTE_BITS = {"int4": 4, "uint1": 1, "uint2": 2, "uint3": 3, "uint4": 4, "uint6": 6}
+
+
+@dataclass
+class TensorType:
+    """dtype: a MIL dtype name ("fp16", "int32", "str", ...); shape: a tuple, None for unknown dims
+    (the whole shape None for a variadic rank)."""
+    dtype: str
+    shape: tuple
+
+
+@dataclass
+class Op:
+    """One MIL operation. inputs: input name -> bindings (a value name, or an inline np.ndarray);
+    attributes: decoded attributes (constexpr ops keep their data here); outputs: (name, type)."""
+    type: str
+    name: str
+    inputs: dict[str, list] = field(default_factory=dict)
+    attributes: dict[str, object] = field(default_factory=dict)
+    outputs: list[tuple[str, TensorType]] = field(default_factory=list)
 
 
 class UnsupportedOpError(NotImplementedError):
