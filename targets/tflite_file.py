@@ -103,7 +103,9 @@ def output_tails(graph: TFLiteGraph) -> list[str]:
 def finish(path: Path, metadata: dict) -> int:
     """Name the input and outputs as the artefact contract does (core/contract.py), store the export
     metadata in the file, hold each int8 tensor under a fused activation to that activation's range
-    (`tighten_activation_ranges`; returns how many) and share identical zero points.
+    (`tighten_activation_ranges`; returns how many), give each int8 output XNNPACK could not
+    requantise to the finest scale it takes (`widen_too_fine_output_scales`) and share identical
+    zero points.
 
     The converters name tensors their own way (onnx2tf `Identity`, `PartitionedCall:1` in an order
     that differs between float and int8 files; litert-torch `serving_default_output_0_output`); the
@@ -130,6 +132,7 @@ def finish(path: Path, metadata: dict) -> int:
     entry.name, entry.buffer = METADATA_NAME.encode(), len(model.buffers) - 1
     model.metadata = [*(model.metadata or []), entry]
     tightened = tighten_activation_ranges(model)
+    widen_too_fine_output_scales(model)
     path.write_bytes(serialize_sharing_zero_points(model))
     return tightened
 
@@ -185,6 +188,65 @@ def tighten_activation_ranges(model) -> int:
         new_scale = (new_high - new_low) / 255
         q.scale = np.array([new_scale], np.float32)
         q.zeroPoint = np.array([int(round(-128 - new_low / new_scale))], np.int64)
+        q.min, q.max = None, None
+        changed += 1
+    return changed
+
+
+# XNNPACK's int8 convolutions requantise their int32 accumulator (input scale x weight scale) to
+# the output scale and refuse a ratio of 256 or more (operators/convolution-nhwc.c); LiteRT 2.3's
+# delegate then frees the half-built subgraph twice and the process aborts ("double free").
+XNNPACK_MAX_REQUANTIZATION = 256.0
+REQUANTIZING_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def widen_too_fine_output_scales(model) -> int:
+    """Give each int8 convolution output whose scale is too fine for XNNPACK's requantisation the
+    finest scale it takes; returns how many tensors changed.
+
+    A layer whose outputs never leave a tiny range gets a tiny scale: a squeeze-excite ReLU dead on
+    every calibration image had [0, 1e-6], scale 3.9e-9 (accumulator step / output step = 12,800)
+    on a v3 run, and the file crashed every XNNPACK interpreter. The new range (255 steps of a
+    255th of one accumulator step) holds the old one, which spanned less than a step, and keeps its
+    low end: the op's output changes by less than the accumulator resolves. Readers are checked as
+    `tighten_activation_ranges` checks them (they take any input scale).
+    """
+    from ai_edge_litert import schema_py_generated as schema
+
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    graph = model.subgraphs[0]
+
+    def kind(op) -> str:
+        code = model.operatorCodes[op.opcodeIndex]
+        return op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
+
+    def scales(index: int) -> np.ndarray | None:
+        q = graph.tensors[index].quantization if index >= 0 else None
+        return None if q is None or q.scale is None or not len(q.scale) else np.asarray(q.scale, np.float64)
+
+    readers: dict[int, list[str]] = {}
+    for op in graph.operators:
+        for t in op.inputs:
+            readers.setdefault(int(t), []).append(kind(op))
+    changed = 0
+    for op in graph.operators:
+        if kind(op) not in REQUANTIZING_OPS or len(op.outputs) != 1 or len(op.inputs) < 2:
+            continue
+        index = int(op.outputs[0])
+        tensor = graph.tensors[index]
+        input_scale, weight_scale, output_scale = scales(int(op.inputs[0])), scales(int(op.inputs[1])), scales(index)
+        if (tensor.type != schema.TensorType.INT8 or input_scale is None or weight_scale is None
+                or output_scale is None or len(output_scale) != 1 or index in graph.outputs
+                or not set(readers.get(index, [])) <= set(RESCALABLE_READERS)):
+            continue
+        accumulator_step = float(input_scale[0] * weight_scale.max())
+        if accumulator_step / output_scale[0] < XNNPACK_MAX_REQUANTIZATION:
+            continue
+        q = tensor.quantization
+        low = (-128 - int(q.zeroPoint[0])) * float(output_scale[0])
+        new_scale = accumulator_step / (XNNPACK_MAX_REQUANTIZATION - 1)
+        q.scale = np.array([new_scale], np.float32)
+        q.zeroPoint = np.array([int(np.clip(round(-128 - low / new_scale), -128, 127))], np.int64)
         q.min, q.max = None, None
         changed += 1
     return changed

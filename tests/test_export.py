@@ -171,6 +171,51 @@ def test_int8_tensors_under_a_fused_relu6_keep_its_range(tflite_export, run_dir)
     assert arts["int8"]["activation_ranges_tightened"] > 10 and arts["fp32"]["activation_ranges_tightened"] == 0
 
 
+RUN_UNDER_XNNPACK = """
+import sys, numpy as np
+from ai_edge_litert.interpreter import Interpreter
+interpreter = Interpreter(model_path=sys.argv[1], num_threads=1)
+interpreter.allocate_tensors()   # applies the XNNPACK delegate
+interpreter.set_tensor(interpreter.get_input_details()[0]["index"],
+                       np.zeros(interpreter.get_input_details()[0]["shape"], np.float32))
+interpreter.invoke()
+print(sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details()))
+"""
+
+
+def test_an_int8_output_too_fine_for_xnnpack_gets_the_finest_scale_it_takes(tflite_export, run_dir, tmp_path):
+    """A convolution whose output never left a tiny range (a squeeze-excite ReLU dead on every
+    calibration image: scale 3.9e-9, accumulator step / output step 12,800 on a v3 run) made an int8
+    file XNNPACK refuses; LiteRT 2.3 then aborted with a double free. `finish` widens such a scale
+    to a 255th of the accumulator step (targets/tflite_file.py, `widen_too_fine_output_scales`)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from targets.tflite_file import RESCALABLE_READERS, serialize_sharing_zero_points, widen_too_fine_output_scales
+    arts = by_precision(manifest_of(tflite_export, run_dir, "tflite"))
+    model = flatbuffer_utils.read_model(str(tflite_export / run_dir.name / "tflite" / arts["int8"]["path"]))
+    assert widen_too_fine_output_scales(model) == 0   # the exported file has none left
+    graph = model.subgraphs[0]
+    kinds = {i: flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) for i, op in enumerate(graph.operators)}
+    readers = {}
+    for i, op in enumerate(graph.operators):
+        for t in op.inputs:
+            readers.setdefault(int(t), set()).add(kinds[i])
+    conv = next(op for i, op in enumerate(graph.operators) if kinds[i] == "CONV_2D"
+                and graph.tensors[op.outputs[0]].quantization.scale is not None
+                and op.outputs[0] not in graph.outputs and readers.get(int(op.outputs[0]), {""}) <= set(RESCALABLE_READERS))
+    output = graph.tensors[conv.outputs[0]].quantization
+    step = float(graph.tensors[conv.inputs[0]].quantization.scale[0] * graph.tensors[conv.inputs[1]].quantization.scale.max())
+    output.scale, output.zeroPoint = np.array([step / 12800], np.float32), np.array([-128], np.int64)   # range [0, 0.02 steps]
+    assert widen_too_fine_output_scales(model) == 1
+    assert output.scale[0] == pytest.approx(step / 255, rel=1e-6) and int(output.zeroPoint[0]) == -128   # low end 0 kept
+    assert widen_too_fine_output_scales(model) == 0
+    widened = tmp_path / "widened.tflite"
+    widened.write_bytes(serialize_sharing_zero_points(model))
+    ran = subprocess.run([sys.executable, "-c", RUN_UNDER_XNNPACK, str(widened)], capture_output=True, text=True)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert int(ran.stdout.split()[-1]) >= 1   # XNNPACK took the graph
+
+
 def test_sensitivity_ranks_the_tensors_of_a_runs_int8_drift(run_dir, capsys):
     from quant.sensitivity import main as sensitivity_main
     assert sensitivity_main(["--run", str(run_dir), "--images", "4", "--calib", "8", "--top", "3"]) == 0
