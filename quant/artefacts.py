@@ -105,8 +105,10 @@ def run_converter(job: Job, job_dir: Path, log=print) -> dict:
                 log("  " + line.rstrip())
         code = proc.wait()
     if code != 0:
-        raise ConversionError(f"the {job.format} converter failed (exit {code}); last lines of {log_path}:\n"
-                              + "\n".join(tail))
+        # A negative code is the signal that ended it: a crash in the toolchain's native code
+        how = f"was killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"exit {code}"
+        raise ConversionError(f"the {job.format} converter failed ({how}); last lines of {log_path}:\n"
+                              + "\n".join(line if len(line) <= 300 else line[:300] + " ..." for line in tail))
     return json.loads((Path(job.work_dir) / RESULT_FILE).read_text())
 
 

@@ -149,3 +149,23 @@ def test_coreml_fp16_validates_on_linux_and_a_corrupted_package_fails(tiny_corem
     # This random student's metrics barely move (abs_rel within the 0.2% gate): the per-pixel gate catches it.
     assert not report.passed and not report.gates["depth_rel_p99"]["pass"]
     assert report.per_pixel["depth_rel_p50"] > 10 * intact.per_pixel["depth_rel_p50"]
+
+
+def test_a_converter_that_crashes_is_named_by_its_signal(tmp_path, monkeypatch):
+    """A toolchain that aborts in native code (LiteRT's double free, 2026-12-03) ends its process by
+    a signal: the error names it, and the log's lines (TensorFlow prints 10,000-character ones)
+    come shortened."""
+    from types import SimpleNamespace
+
+    from quant import artefacts
+    from targets.job import Job
+
+    (tmp_path / "aborting_converter.py").write_text('import os\nprint("TensorSpec" * 2000, flush=True)\nos.abort()\n')
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    converter = SimpleNamespace(module="aborting_converter")
+    monkeypatch.setattr(artefacts, "FORMATS", {"tflite": SimpleNamespace(converter=lambda name: converter)})
+    job = Job(format="tflite", precisions=["int8"], sources={}, out_dir=str(tmp_path), work_dir=str(tmp_path),
+              stem="tiny", input_shape=[1, 3, 64, 96])
+    with pytest.raises(artefacts.ConversionError, match="was killed by SIGABRT") as failure:
+        artefacts.run_converter(job, tmp_path, log=lambda line: None)
+    assert max(len(line) for line in str(failure.value).splitlines()) < 400
