@@ -15,6 +15,7 @@ import numpy as np
 
 from core.contract import DEPTH, INPUT_NAME, SEG
 from core.graph import output_tails as walk_output_tails
+from edge.op_profile import op_name
 from edge.runners import LiteRTRunner
 from targets.job import Job, check_against_reference, publish
 from targets.stem import Op, island_ops, stem_ops
@@ -142,6 +143,36 @@ ACTIVATION_BOUNDS = {"RELU": (0.0, float("inf")), "RELU6": (0.0, 6.0), "RELU_N1_
 RESCALABLE_READERS = ("ADD", "SUB", "MUL", "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "DEQUANTIZE")
 
 
+def rescalable_int8_outputs(model):
+    """(op, op type, quantization) for each op whose single output is int8 on one scale, is not a
+    graph output, and is read only by ops that take any input scale (RESCALABLE_READERS): the
+    tensors whose scale and zero point a pass may change without changing what the readers compute."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    graph = model.subgraphs[0]
+    kinds = [op_name(model, op) for op in graph.operators]
+    readers: dict[int, set[str]] = {}
+    for op, op_kind in zip(graph.operators, kinds):
+        for t in op.inputs:
+            readers.setdefault(int(t), set()).add(op_kind)
+    for op, op_kind in zip(graph.operators, kinds):
+        if len(op.outputs) != 1:
+            continue
+        index = int(op.outputs[0])
+        tensor = graph.tensors[index]
+        q = tensor.quantization
+        if (tensor.type == schema.TensorType.INT8 and q is not None and q.scale is not None and len(q.scale) == 1
+                and index not in graph.outputs and readers.get(index, set()) <= set(RESCALABLE_READERS)):
+            yield op, op_kind, q
+
+
+def set_int8_range(q, scale: float, zero_point: int) -> None:
+    """Give a per-tensor quantization a new scale and zero point (its stale min/max dropped)."""
+    q.scale = np.array([scale], np.float32)
+    q.zeroPoint = np.array([zero_point], np.int64)
+    q.min, q.max = None, None
+
+
 def tighten_activation_ranges(model) -> int:
     """Give each int8 tensor written under a fused RELU6 (RELU, RELU_N1_TO_1) at most that
     activation's range; returns how many tensors changed.
@@ -156,28 +187,11 @@ def tighten_activation_ranges(model) -> int:
     """
     from ai_edge_litert import schema_py_generated as schema
 
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     activations = {v: k for k, v in vars(schema.ActivationFunctionType).items() if not k.startswith("_")}
-    graph = model.subgraphs[0]
-
-    def kind(op) -> str:
-        code = model.operatorCodes[op.opcodeIndex]
-        return op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
-
-    readers: dict[int, list[str]] = {}
-    for op in graph.operators:
-        for t in op.inputs:
-            readers.setdefault(int(t), []).append(kind(op))
     changed = 0
-    for op in graph.operators:
+    for op, _, q in rescalable_int8_outputs(model):
         fused = activations.get(getattr(op.builtinOptions, "fusedActivationFunction", None))
-        if fused not in ACTIVATION_BOUNDS or len(op.outputs) != 1:
-            continue
-        index = int(op.outputs[0])
-        tensor = graph.tensors[index]
-        q = tensor.quantization
-        if (tensor.type != schema.TensorType.INT8 or q is None or q.scale is None or len(q.scale) != 1
-                or index in graph.outputs or not set(readers.get(index, [])) <= set(RESCALABLE_READERS)):
+        if fused not in ACTIVATION_BOUNDS:
             continue
         scale, zero = float(q.scale[0]), int(q.zeroPoint[0])
         low, high = (-128 - zero) * scale, (127 - zero) * scale
@@ -186,9 +200,7 @@ def tighten_activation_ranges(model) -> int:
         if new_high - new_low > 0.9 * (high - low):   # under a tenth finer: leave the converter's choice
             continue
         new_scale = (new_high - new_low) / 255
-        q.scale = np.array([new_scale], np.float32)
-        q.zeroPoint = np.array([int(round(-128 - new_low / new_scale))], np.int64)
-        q.min, q.max = None, None
+        set_int8_range(q, new_scale, int(round(-128 - new_low / new_scale)))
         changed += 1
     return changed
 
@@ -208,46 +220,29 @@ def widen_too_fine_output_scales(model) -> int:
     every calibration image had [0, 1e-6], scale 3.9e-9 (accumulator step / output step = 12,800)
     on a v3 run, and the file crashed every XNNPACK interpreter. The new range (255 steps of a
     255th of one accumulator step) holds the old one, which spanned less than a step, and keeps its
-    low end: the op's output changes by less than the accumulator resolves. Readers are checked as
-    `tighten_activation_ranges` checks them (they take any input scale).
+    low end: the op's output changes by less than the accumulator resolves. Only outputs whose
+    readers take any input scale are changed (`rescalable_int8_outputs`).
     """
-    from ai_edge_litert import schema_py_generated as schema
-
-    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     graph = model.subgraphs[0]
-
-    def kind(op) -> str:
-        code = model.operatorCodes[op.opcodeIndex]
-        return op_names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
 
     def scales(index: int) -> np.ndarray | None:
         q = graph.tensors[index].quantization if index >= 0 else None
         return None if q is None or q.scale is None or not len(q.scale) else np.asarray(q.scale, np.float64)
 
-    readers: dict[int, list[str]] = {}
-    for op in graph.operators:
-        for t in op.inputs:
-            readers.setdefault(int(t), []).append(kind(op))
     changed = 0
-    for op in graph.operators:
-        if kind(op) not in REQUANTIZING_OPS or len(op.outputs) != 1 or len(op.inputs) < 2:
+    for op, kind, q in rescalable_int8_outputs(model):
+        if kind not in REQUANTIZING_OPS or len(op.inputs) < 2:
             continue
-        index = int(op.outputs[0])
-        tensor = graph.tensors[index]
-        input_scale, weight_scale, output_scale = scales(int(op.inputs[0])), scales(int(op.inputs[1])), scales(index)
-        if (tensor.type != schema.TensorType.INT8 or input_scale is None or weight_scale is None
-                or output_scale is None or len(output_scale) != 1 or index in graph.outputs
-                or not set(readers.get(index, [])) <= set(RESCALABLE_READERS)):
+        input_scale, weight_scale = scales(int(op.inputs[0])), scales(int(op.inputs[1]))
+        if input_scale is None or weight_scale is None:
             continue
         accumulator_step = float(input_scale[0] * weight_scale.max())
-        if accumulator_step / output_scale[0] < XNNPACK_MAX_REQUANTIZATION:
+        output_scale = float(q.scale[0])
+        if accumulator_step / output_scale < XNNPACK_MAX_REQUANTIZATION:
             continue
-        q = tensor.quantization
-        low = (-128 - int(q.zeroPoint[0])) * float(output_scale[0])
+        low = (-128 - int(q.zeroPoint[0])) * output_scale
         new_scale = accumulator_step / (XNNPACK_MAX_REQUANTIZATION - 1)
-        q.scale = np.array([new_scale], np.float32)
-        q.zeroPoint = np.array([int(np.clip(round(-128 - low / new_scale), -128, 127))], np.int64)
-        q.min, q.max = None, None
+        set_int8_range(q, new_scale, int(np.clip(round(-128 - low / new_scale), -128, 127)))
         changed += 1
     return changed
 
