@@ -190,20 +190,12 @@ def test_an_int8_output_too_fine_for_xnnpack_gets_the_finest_scale_it_takes(tfli
     to a 255th of the accumulator step (targets/tflite_file.py, `widen_too_fine_output_scales`)."""
     from ai_edge_litert.tools import flatbuffer_utils
 
-    from targets.tflite_file import RESCALABLE_READERS, serialize_sharing_zero_points, widen_too_fine_output_scales
+    from targets.tflite_file import rescalable_int8_outputs, serialize_sharing_zero_points, widen_too_fine_output_scales
     arts = by_precision(manifest_of(tflite_export, run_dir, "tflite"))
     model = flatbuffer_utils.read_model(str(tflite_export / run_dir.name / "tflite" / arts["int8"]["path"]))
     assert widen_too_fine_output_scales(model) == 0   # the exported file has none left
     graph = model.subgraphs[0]
-    kinds = {i: flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) for i, op in enumerate(graph.operators)}
-    readers = {}
-    for i, op in enumerate(graph.operators):
-        for t in op.inputs:
-            readers.setdefault(int(t), set()).add(kinds[i])
-    conv = next(op for i, op in enumerate(graph.operators) if kinds[i] == "CONV_2D"
-                and graph.tensors[op.outputs[0]].quantization.scale is not None
-                and op.outputs[0] not in graph.outputs and readers.get(int(op.outputs[0]), {""}) <= set(RESCALABLE_READERS))
-    output = graph.tensors[conv.outputs[0]].quantization
+    conv, output = next((op, q) for op, kind, q in rescalable_int8_outputs(model) if kind == "CONV_2D")
     step = float(graph.tensors[conv.inputs[0]].quantization.scale[0] * graph.tensors[conv.inputs[1]].quantization.scale.max())
     output.scale, output.zeroPoint = np.array([step / 12800], np.float32), np.array([-128], np.int64)   # range [0, 0.02 steps]
     assert widen_too_fine_output_scales(model) == 1
