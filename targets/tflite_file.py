@@ -144,9 +144,9 @@ RESCALABLE_READERS = ("ADD", "SUB", "MUL", "CONV_2D", "DEPTHWISE_CONV_2D", "FULL
 
 
 def rescalable_int8_outputs(model):
-    """(op, op type, quantization) for each op whose single output is int8 on one scale, is not a
+    """(op, op type, tensor index) for each op whose single output is int8 on one scale, is not a
     graph output, and is read only by ops that take any input scale (RESCALABLE_READERS): the
-    tensors whose scale and zero point a pass may change without changing what the readers compute."""
+    tensors a pass may give another scale and zero point through `rescale_int8_tensor`."""
     from ai_edge_litert import schema_py_generated as schema
 
     graph = model.subgraphs[0]
@@ -163,14 +163,51 @@ def rescalable_int8_outputs(model):
         q = tensor.quantization
         if (tensor.type == schema.TensorType.INT8 and q is not None and q.scale is not None and len(q.scale) == 1
                 and index not in graph.outputs and readers.get(index, set()) <= set(RESCALABLE_READERS)):
-            yield op, op_kind, q
+            yield op, op_kind, index
 
 
-def set_int8_range(q, scale: float, zero_point: int) -> None:
-    """Give a per-tensor quantization a new scale and zero point (its stale min/max dropped)."""
+# Readers whose int32 bias is stored in units of input scale x weight scale (TFLite's quantisation spec)
+BIASED_READERS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+INT32_MAX = 2 ** 31 - 1
+
+
+def rescale_int8_tensor(model, index: int, scale: float, zero_point: int) -> bool:
+    """Give int8 tensor `index` a new scale and zero point, and re-express the int32 bias of each
+    convolution reading it on its new input scale x weight scale, the unit the kernels assume:
+    a bias left on the old input scale is multiplied by new / old scale (a widened squeeze-excite
+    input once made a gate's bias 25x too large, and the file drifted past its gate). Returns
+    False, and changes nothing, when a rescaled bias would not fit in int32."""
+    graph = model.subgraphs[0]
+    ratio = float(graph.tensors[index].quantization.scale[0]) / scale
+    biases = [graph.tensors[op.inputs[2]] for op in graph.operators
+              if op_name(model, op) in BIASED_READERS and int(op.inputs[0]) == index
+              and len(op.inputs) > 2 and op.inputs[2] >= 0]
+    rescaled = [np.round(bias_values(model, bias) * ratio) for bias in biases]
+    if any(np.abs(values).max(initial=0) > INT32_MAX for values in rescaled):
+        return False
+    for bias, values in zip(biases, rescaled):
+        set_bias_values(model, bias, values.astype(np.int32))
+        bias.quantization.scale = (np.asarray(bias.quantization.scale, np.float64) / ratio).astype(np.float32)
+    q = graph.tensors[index].quantization
     q.scale = np.array([scale], np.float32)
     q.zeroPoint = np.array([zero_point], np.int64)
-    q.min, q.max = None, None
+    q.min, q.max = None, None     # the stale calibration range
+    return True
+
+
+def bias_values(model, bias) -> np.ndarray:
+    return np.frombuffer(np.asarray(model.buffers[bias.buffer].data, np.uint8).tobytes(), "<i4").astype(np.int64)
+
+
+def set_bias_values(model, bias, values: np.ndarray) -> None:
+    """Write an int32 bias, into a buffer of its own if another tensor shares the old one."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    sharers = sum(t.buffer == bias.buffer for g in model.subgraphs for t in g.tensors)
+    if sharers > 1:
+        model.buffers.append(schema.BufferT())
+        bias.buffer = len(model.buffers) - 1
+    model.buffers[bias.buffer].data = np.frombuffer(values.astype("<i4").tobytes(), np.uint8)
 
 
 def tighten_activation_ranges(model) -> int:
@@ -189,10 +226,11 @@ def tighten_activation_ranges(model) -> int:
 
     activations = {v: k for k, v in vars(schema.ActivationFunctionType).items() if not k.startswith("_")}
     changed = 0
-    for op, _, q in rescalable_int8_outputs(model):
+    for op, _, index in rescalable_int8_outputs(model):
         fused = activations.get(getattr(op.builtinOptions, "fusedActivationFunction", None))
         if fused not in ACTIVATION_BOUNDS:
             continue
+        q = model.subgraphs[0].tensors[index].quantization
         scale, zero = float(q.scale[0]), int(q.zeroPoint[0])
         low, high = (-128 - zero) * scale, (127 - zero) * scale
         bound_low, bound_high = ACTIVATION_BOUNDS[fused]
@@ -200,8 +238,7 @@ def tighten_activation_ranges(model) -> int:
         if new_high - new_low > 0.9 * (high - low):   # under a tenth finer: leave the converter's choice
             continue
         new_scale = (new_high - new_low) / 255
-        set_int8_range(q, new_scale, int(round(-128 - new_low / new_scale)))
-        changed += 1
+        changed += rescale_int8_tensor(model, index, new_scale, int(round(-128 - new_low / new_scale)))
     return changed
 
 
@@ -230,9 +267,10 @@ def widen_too_fine_output_scales(model) -> int:
         return None if q is None or q.scale is None or not len(q.scale) else np.asarray(q.scale, np.float64)
 
     changed = 0
-    for op, kind, q in rescalable_int8_outputs(model):
+    for op, kind, index in rescalable_int8_outputs(model):
         if kind not in REQUANTIZING_OPS or len(op.inputs) < 2:
             continue
+        q = graph.tensors[index].quantization
         input_scale, weight_scale = scales(int(op.inputs[0])), scales(int(op.inputs[1]))
         if input_scale is None or weight_scale is None:
             continue
@@ -242,8 +280,7 @@ def widen_too_fine_output_scales(model) -> int:
             continue
         low = (-128 - int(q.zeroPoint[0])) * output_scale
         new_scale = accumulator_step / (XNNPACK_MAX_REQUANTIZATION - 1)
-        set_int8_range(q, new_scale, int(np.clip(round(-128 - low / new_scale), -128, 127)))
-        changed += 1
+        changed += rescale_int8_tensor(model, index, new_scale, int(np.clip(round(-128 - low / new_scale), -128, 127)))
     return changed
 
 
