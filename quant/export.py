@@ -82,6 +82,7 @@ class ExportOptions:
     qat_lr: float = 1e-4
     float_ops: tuple[str, ...] = ("DIV",)     # TFLite op types an int8 file keeps in float
     float_stem: int = DEFAULT_FLOAT_STEM      # int8 files: the first N weighted layers from the input stay float
+    equalize: bool = True                     # int8: equalise conv -> ReLU -> conv ranges (quant/equalize.py)
     calib: int = DEFAULT_CALIB                # calibration images for int8 and Core ML w8a8
     input_size: str = ""                      # "HxW"; "" = the device profile's, else the run's
     check: int = DEFAULT_CHECK                # validation images each artefact is run on
@@ -149,6 +150,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"int8 files (TFLite, ONNX) keep the first N weighted layers from the input in float "
                         f"(default {DEFAULT_FLOAT_STEM}: v3's stem and the layers reading it, where its int8 drift began; "
                         f"0 = all int8; see targets/tflite_file.py)")
+    p.add_argument("--no-equalize", dest="equalize", action="store_false",
+                   help="int8: keep the activation ranges of convolution -> ReLU -> convolution chains as trained "
+                        "(default: equalise their channels, the same float function; see quant/equalize.py)")
     p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images for int8 and Core ML w8a8")
     p.add_argument("--input-size", help="HxW to export at (default: the device profile's, else the run's)")
     p.add_argument("--check", type=int, default=DEFAULT_CHECK,
@@ -177,7 +181,7 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         prune_lr=args.prune_lr,
         qat_steps=args.qat_steps, qat_lr=args.qat_lr,
         float_ops=tuple(op.strip().upper() for op in args.float_ops.split(",") if op.strip()),
-        float_stem=args.float_stem, calib=args.calib,
+        float_stem=args.float_stem, equalize=args.equalize, calib=args.calib,
         input_size=args.input_size or "", check=args.check, tolerances=parse_tolerances(args.tolerance),
         bench_runs=args.bench_runs, bench_warmup=args.bench_warmup, batch_size=args.batch_size, seed=args.seed,
         threads=args.threads, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
@@ -540,12 +544,17 @@ def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log
     weights in [-weight_max, weight_max] (the converter's). Returns the int8 source model, the
     calibration files (targets.job forms) and a report."""
     from quant import ptq, qat
+    from quant.equalize import equalize
     from quant.finetune import finetune
 
     calib = ptq.calibration_set(plain_train, opts.calib, work / "calibration", seed=opts.seed, progress=opts.progress)
     report = {"calibration": calib.selection.describe(), "method": "qat" if opts.qat_steps > 0 else "ptq",
               "float_stem": opts.float_stem, "weight_range": [-weight_max, weight_max]}
     log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
+    if opts.equalize:
+        model, report["equalized"] = equalize(model, calib.images[:1], calib.batches())
+        log(f"equalised the activation ranges of {len(report['equalized'])} convolution -> ReLU -> convolution "
+            f"chains (the same float function; --no-equalize keeps them as trained)")
     if opts.qat_steps <= 0:
         log(f"int8 by post-training quantisation, no QAT ({run.recipe.name} defaults to "
             f"{run.recipe.int8_qat_steps} QAT steps; --qat-steps N chooses)")

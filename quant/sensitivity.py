@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from core.cli import ArgumentParser, at_least, command
 from core.formats import FORMATS
 from quant import ptq, qat
+from quant.equalize import equalize
 from quant.source import find_run, load_run
 
 DEFAULT_IMAGES = 32
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--format", choices=[f for f in FORMATS if "int8" in FORMATS[f].precisions], default="tflite",
                    help="the int8 file simulated: its converter's weight grid (core/formats.py; onnx stores "
                         "weights in [-64, 64], tflite in [-127, 127]; default tflite)")
+    p.add_argument("--no-equalize", dest="equalize", action="store_false",
+                   help="simulate the int8 file of quant.export --no-equalize (default: equalised, as the export)")
     p.add_argument("--top", type=int, default=15, help="rows to print (default 15)")
     p.add_argument("--seed", type=int, default=0, help="the calibration draw, as quant.export --seed")
     args = p.parse_args(argv)
@@ -143,7 +146,8 @@ def main(argv: list[str]) -> int:
     images = torch.stack([torch.as_tensor(val_ds[i]["image"]).float() for i in range(count)])
     calib = ptq.calibration_set(plain_train, args.calib, None, seed=args.seed, progress=False)
     weight_max = FORMATS[args.format].converter().int8_weight_max
-    model = ptq.simulate(run.model, calib, log_depth=True, float_stem=args.float_stem, weight_max=weight_max)
+    student = equalize(run.model, calib.images[:1], calib.batches())[0] if args.equalize else run.model
+    model = ptq.simulate(student, calib, log_depth=True, float_stem=args.float_stem, weight_max=weight_max)
     with torch.no_grad():
         reference = run.model.eval()(images)
     groups = tensor_groups(model, images)

@@ -90,6 +90,7 @@ def test_tflite_artefacts_run_and_match_torch(tflite_export, run_dir):
     assert "RELU_0_TO_1" not in arts["fp32"]["ops_by_dtype"]["op_types"]
     assert arts["int8"]["graph_rewrites"]["sixth_deferred"] > 10
     assert arts["int8"]["bytes"] < 0.5 * arts["fp32"]["bytes"]
+    assert biases_off_their_input_scale(tflite_export / run_dir.name / "tflite" / arts["int8"]["path"]) == []
     for a in arts.values():  # executed, scored against ground truth next to the float model, gated, timed
         v = a["validation"]
         assert {"abs_rel", "rmse", "d1", "miou"} <= set(v["float"]) and v["pass"] and v["images"] == 4
@@ -98,6 +99,7 @@ def test_tflite_artefacts_run_and_match_torch(tflite_export, run_dir):
         assert a["bench"]["efficiency"]["peak"] == ("int8" if a["precision"] == "int8" else "fp32")
     assert arts["fp16"]["validation"]["gates"]["abs_rel_change"]["tolerance"] == 0.002   # the default fp16 gate
     assert manifest["config"]["int8"]["method"] == "qat"
+    assert any(chain["depthwise"] for chain in manifest["config"]["int8"]["equalized"])   # quant/equalize.py
     assert manifest["config"]["source_checkpoint"]["sha256"]
     exporters = manifest["config"]["source_exporter"]      # torch's maintained ONNX exporter made both graphs
     assert set(exporters) == {"float", "int8"} and all(e.startswith("torch.export") for e in exporters.values())
@@ -207,6 +209,29 @@ def test_an_int8_output_too_fine_for_xnnpack_gets_the_finest_scale_it_takes(tfli
     ran = subprocess.run([sys.executable, "-c", RUN_UNDER_XNNPACK, str(widened)], capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert int(ran.stdout.split()[-1]) >= 1   # XNNPACK took the graph
+
+
+def biases_off_their_input_scale(path) -> list[int]:
+    """Indices of the int8 convolutions of a file whose int32 bias is not on input scale x weight
+    scale, the unit the kernels read it in (TFLite's quantisation spec)."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    from edge.op_profile import op_name
+    from targets.tflite_file import BIASED_READERS
+    model = flatbuffer_utils.read_model(str(path))
+    graph = model.subgraphs[0]
+
+    def scale(index):
+        q = graph.tensors[index].quantization
+        return None if q is None or q.scale is None or not len(q.scale) else np.asarray(q.scale, np.float64)
+
+    off = []
+    for i, op in enumerate(graph.operators):
+        if op_name(model, op) in BIASED_READERS and len(op.inputs) > 2 and op.inputs[2] >= 0:
+            inputs, weights, bias = (scale(int(t)) for t in op.inputs[:3])
+            if inputs is not None and bias is not None and not np.allclose(bias, inputs[0] * weights, rtol=1e-4):
+                off.append(i)
+    return off
 
 
 RUN_BOTH = """
@@ -419,8 +444,9 @@ def test_existing_export_is_never_clobbered(tflite_export, run_dir, capsys):
 
 
 def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
-    assert export(run_dir, tmp_path, "--target", "onnx", "--qat-steps", "0") == 0
+    assert export(run_dir, tmp_path, "--target", "onnx", "--qat-steps", "0", "--no-equalize") == 0
     manifest = manifest_of(tmp_path, run_dir, "onnx")
+    assert "equalized" not in manifest["config"]["int8"]   # the student as trained (quant/equalize.py)
     arts = by_precision(manifest)
     assert arts["fp32"]["check"]["depth_rel_max"] < 1e-4 and arts["fp32"]["check"]["seg_max_abs"] < 1e-4
     assert arts["fp16"]["check"]["depth_rel_median"] < 2e-3 and arts["fp16"]["bytes"] < 0.6 * arts["fp32"]["bytes"]
@@ -725,6 +751,7 @@ def test_efficientvit_int8_files_keep_each_attention_in_float(tmp_path):
     assert ops["int8"] > ops["float32"], ops
     export_dir = tmp_path / "exports" / run.name / "tflite"
     assert float_convs(export_dir / art["path"]) == ["CONV_2D", "DEPTHWISE_CONV_2D"]   # the input stem only
+    assert biases_off_their_input_scale(export_dir / art["path"]) == []
     assert art["check"]["finite"] and art["check"]["depth_rel_median"] < 0.02 and art["check"]["seg_agreement"] > 0.9
     # ONNX int8 keeps the same islands (targets/onnx.py, attention_islands): no matmul or division
     # of the attention reads a dequantised tensor; its convolutions are int8
