@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quant.qat import fold_batchnorm
+from quant.qat import fold_batchnorm, leaf_ops
 
 MAX_SCALE = 1000.0      # a channel that barely fires is lifted at most this much: no float overflow
 PRESERVED = 1e-4        # largest output change, relative to the output's peak, of a function-preserving chain
@@ -47,21 +47,7 @@ def relu_chains(model: nn.Module, example: torch.Tensor) -> list[Chain]:
     """Every convolution -> ReLU -> convolution chain whose tensors have exactly one module reader
     each (identities read through). ReLUs must not be in-place: tensors are told apart by identity."""
     names = {m: n for n, m in model.named_modules()}
-    ops: list[tuple[nn.Module, list[int], int]] = []
-    alive: list[torch.Tensor] = []          # held until the walk, so no tensor id is reused
-
-    def record(module, inputs, output):
-        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-        alive.extend([*tensors, output])
-        ops.append((module, [id(t) for t in tensors], id(output)))
-
-    hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    ops = leaf_ops(model, example)
     readers: dict[int, list[nn.Module]] = {}
     for module, inputs, _ in ops:
         if not isinstance(module, nn.Identity):

@@ -251,22 +251,17 @@ class QuantStudent(nn.Module):
 FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardsigmoid)   # written into the convolution before them
 
 
-def input_stem(model: nn.Module, example: torch.Tensor, layers: int) -> set[str]:
-    """Names of the convolutions within the first `layers` weighted layers from the input and of the
-    activations between them: what the int8 files keep in float, by the files' own rule
-    (targets/stem.py `stem_ops`) over the leaf modules, traced once by tensor identity. The
-    activation after a convolution `layers` deep is not among them: the file quantises its output.
-    A tensor computed outside a module (an ADD) ends the stem, as it is no stem tensor in the files
-    either (there, it follows a layer that is)."""
-    names = {m: n for n, m in model.named_modules()}
-    ops: list[tuple[str, str, list[int], list[int]]] = []
-    alive: list[torch.Tensor] = [example]     # held until the walk, so no tensor id is reused
+def leaf_ops(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, list[int], int]]:
+    """(leaf module, ids of its tensor inputs, id of its output) in execution order, from one run
+    of `model` on `example` with hooks: the data flow by tensor identity. Every tensor is held
+    until the run ends, so no id is reused."""
+    ops: list[tuple[nn.Module, list[int], int]] = []
+    alive: list[torch.Tensor] = [example]
 
     def record(module, inputs, output):
         tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
         alive.extend([*tensors, output])
-        ops.append((names[module], "conv" if type(module) is nn.Conv2d else "other",   # the weighted layers
-                    [id(t) for t in tensors], [id(output)]))
+        ops.append((module, [id(t) for t in tensors], id(output)))
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
     try:
@@ -275,6 +270,19 @@ def input_stem(model: nn.Module, example: torch.Tensor, layers: int) -> set[str]
     finally:
         for h in hooks:
             h.remove()
+    return ops
+
+
+def input_stem(model: nn.Module, example: torch.Tensor, layers: int) -> set[str]:
+    """Names of the convolutions within the first `layers` weighted layers from the input and of the
+    activations between them: what the int8 files keep in float, by the files' own rule
+    (targets/stem.py `stem_ops`) over the leaf modules, traced once by tensor identity. The
+    activation after a convolution `layers` deep is not among them: the file quantises its output.
+    A tensor computed outside a module (an ADD) ends the stem, as it is no stem tensor in the files
+    either (there, it follows a layer that is)."""
+    names = {m: n for n, m in model.named_modules()}
+    ops = [(names[module], "conv" if type(module) is nn.Conv2d else "other", inputs, [output])   # the weighted layers
+           for module, inputs, output in leaf_ops(model, example)]
     return set(stem_ops(ops, [id(example)], layers, weighted={"conv"}))
 
 
