@@ -267,7 +267,8 @@ def test_a_rescaled_int8_tensor_keeps_the_biases_of_the_convolutions_reading_it(
         model = flatbuffer_utils.read_model(str(exported))
         graph = model.subgraphs[0]
         index, reader = next((index, op) for _, _, index in rescalable_int8_outputs(model) for op in graph.operators
-                             if op_name(model, op) in BIASED_READERS and int(op.inputs[0]) == index)
+                             if op_name(model, op) in BIASED_READERS and int(op.inputs[0]) == index
+                             and op.inputs[2] >= 0)
         q, bias = graph.tensors[index].quantization, graph.tensors[reader.inputs[2]]
         meant = bias_values(model, bias) * bias.quantization.scale
         if fix_biases:
