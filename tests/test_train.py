@@ -47,8 +47,10 @@ def test_v3_trains_and_writes_the_run_directory(tmp_path, capsys):
     summary = json.loads((run / "summary.json").read_text())
     for key in ("abs_rel", "rmse", "d1", "s_star", "abs_rel_aligned", "miou", "pixel_acc", "baseline_abs_rel",
                 "train_images_per_s", "wall_s", "iou_per_class", "dbe_acc", "dbe_comp", "seg_boundary_f1",
-                "teacher_abs_rel", "teacher_d1", "teacher_dbe_acc", "ratio_0_2", "ratio_2_5"):
+                "teacher_abs_rel", "teacher_d1", "teacher_dbe_acc", "ratio_0_2", "ratio_2_5",
+                "train_abs_rel", "train_abs_rel_aligned", "train_d1", "train_miou"):
         assert key in summary, key
+    assert "train_abs_rel" in table and "train_miou" in (run / "report.md").read_text()
     # the metric teacher measured on the same validation images, and the share of its gap closed
     assert summary["teacher_abs_rel"] < summary["baseline_abs_rel"]
     # where the training time went: shares of it, per epoch and over the run, and on the terminal
@@ -63,6 +65,39 @@ def test_v3_trains_and_writes_the_run_directory(tmp_path, capsys):
     assert json.loads((run / "preflight.json").read_text())["passed"] is True
     assert list(tb for tb in (run / "tensorboard").iterdir() if tb.name.startswith("events"))
     assert sys.modules.get("tensorflow") is None  # TensorBoard never pulled TensorFlow into torch's process
+
+
+def test_fit_metrics_are_the_student_on_its_training_images_without_augmentation(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from distill.data.synthrooms import SynthRoomsDataset, generate
+    from distill.recipes import get_recipe
+    from distill.students import build_student
+    from distill.training.evaluation import FIT_KEYS, evaluate, evaluate_fit, seen_images
+
+    path = generate(tmp_path, num_train=10, num_val=2, height=32, width=64, seed=3, progress=False)
+    train = SynthRoomsDataset(path, "train", augment=True, seed=3)
+    train.set_epoch(5)
+    seen = seen_images(train, 4)
+    assert seen.indices == [0, 3, 6, 9] and train.augment   # evenly spaced; the training set keeps its flag
+    plain = SynthRoomsDataset(path, "train")
+    for i, item in zip(seen.indices, seen):
+        assert torch.equal(item["image"], plain[i]["image"]) and torch.equal(item["depth"], plain[i]["depth"])
+    assert len(seen_images(train, 50)) == 10
+    torch.manual_seed(0)
+    model = build_student("mobilenetv3_small_050", decoder_channels=16).eval()
+    device, recipe = torch.device("cpu"), get_recipe("v3")
+    fit = evaluate_fit(model, train, 4, 2, device, None, recipe)
+    expected = evaluate(model, DataLoader(torch.utils.data.Subset(plain, [0, 3, 6, 9]), batch_size=4), device, None, recipe)
+    assert fit == {f"train_{k}": expected[k] for k in FIT_KEYS}
+
+    class NoDepth(torch.utils.data.Dataset):   # an image folder: teacher labels only, no ground truth
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, i):
+            return {**plain[i], "valid": torch.zeros_like(plain[i]["valid"])}
+    assert evaluate_fit(model, NoDepth(), 4, 2, device, None, recipe) == {}
 
 
 def test_each_epoch_line_says_how_long_the_rest_takes():

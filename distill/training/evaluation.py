@@ -1,8 +1,10 @@
 """Batches and validation: the loaders every loop uses and the metrics of summary.json."""
 from __future__ import annotations
 
+import copy
+
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
 from distill.metrics import DepthBoundaryMetrics, DepthMetrics, SegBoundaryMetrics, SegMetrics, gap_closed
@@ -11,6 +13,7 @@ from distill.teachers import Teacher
 from distill.training.distributed import to_device
 
 TEACHER_KEYS = ("abs_rel", "rmse", "d1", "silog", "abs_rel_aligned", "dbe_acc", "dbe_comp")
+FIT_KEYS = ("abs_rel", "abs_rel_aligned", "d1", "miou")   # `train_<key>`: the student on images it trained on
 
 
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers: int,
@@ -68,6 +71,30 @@ def evaluate_teacher(teacher: Teacher, loader: DataLoader, device: torch.device,
         edges_m.update(depth, batch["depth"], batch["valid"])
     metrics = {**depth_m.compute(), **edges_m.compute()}
     return {f"teacher_{k}": metrics[k] for k in TEACHER_KEYS}
+
+
+def seen_images(train_ds: Dataset, count: int) -> Dataset | None:
+    """`count` evenly spaced training items as stored, without augmentation: the images the student
+    fitted. None when the set has no ground-truth depth (an unlabelled image folder)."""
+    if len(train_ds) == 0 or not bool(torch.as_tensor(train_ds[0]["valid"]).any()):
+        return None
+    plain = copy.copy(train_ds)   # the same files and decoded cache; only the flag differs
+    plain.augment = False
+    indices = torch.linspace(0, len(train_ds) - 1, min(count, len(train_ds))).round().long().unique()
+    return Subset(plain, indices.tolist())
+
+
+def evaluate_fit(model, train_ds: Dataset, count: int, batch_size: int, device: torch.device,
+                 amp: torch.dtype | None, recipe: Recipe) -> dict:
+    """The student's metrics on `count` of its own training images, as `train_<key>` for `FIT_KEYS`:
+    beside the validation metrics, what the student fitted and how much of it carries to new
+    images. {} without ground truth to measure."""
+    seen = seen_images(train_ds, count)
+    if seen is None:
+        return {}
+    loader = make_loader(seen, batch_size, train=False, seed=0, workers=0)
+    metrics = evaluate(model, loader, device, amp, recipe)
+    return {f"train_{k}": metrics[k] for k in FIT_KEYS if k in metrics}
 
 
 def with_references(val: dict, baseline_abs_rel: float, teacher: dict) -> dict:

@@ -36,7 +36,7 @@ from distill.students import build_student, count_macs, count_params, shipped_st
 from distill.teachers import Teacher
 from distill.training import distributed
 from distill.training.distributed import pick_device, to_device
-from distill.training.evaluation import evaluate, evaluate_teacher, make_loader, with_references
+from distill.training.evaluation import evaluate, evaluate_fit, evaluate_teacher, make_loader, with_references
 from distill.training.objective import Objective, depth_target, seg_weights_for, weighting_for
 from distill.training.preflight import PreflightError, enforce, run_preflight
 from distill.training.supervision import supervision_for
@@ -221,13 +221,25 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
         from distill.training.report import write_outputs
         if val is None:   # resumed from the last checkpoint (killed before its summary): evaluate it
             val = with_references(evaluate(model, val_loader, device, amp, recipe), baseline, teacher_val)
-        summary = {**val, "best": state["best"],
+        fit = fit_reference(model, train_ds, len(val_ds), recipe, device, amp, val, log)
+        summary = {**val, **fit, "best": state["best"],
                    "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
                    **{share: state.get(key, 0.0) / max(state["train_time"], 1e-9) for key, share in TIME_SHARES},
                    "wall_s": time.time() - t_start, "epochs": tc.epochs, "device": str(device),
                    "processes": rank.world}
         write_outputs(run_dir, recipe, summary, model, teacher, val_ds, device, log)
     return run_dir
+
+
+def fit_reference(model, train_ds, count: int, recipe: Recipe, device: torch.device, amp, val: dict, log) -> dict:
+    """The final student on `count` of its training images (as many as the validation split has; no
+    augmentation), said beside the validation figure: how much of the error is generalisation."""
+    t0 = time.time()
+    fit = evaluate_fit(model, train_ds, count, recipe.train.batch_size, device, amp, recipe)
+    if "train_abs_rel" in fit and "abs_rel" in val:
+        log(f"on {min(count, len(train_ds))} of its training images: abs_rel {fit['train_abs_rel']:.4f} "
+            f"(validation {val['abs_rel']:.4f}; {time.time() - t0:.0f} s)")
+    return fit
 
 
 def teacher_reference(teacher: Teacher, val_loader: DataLoader, device: torch.device, recipe: Recipe, log) -> dict:

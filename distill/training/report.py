@@ -12,8 +12,8 @@ from core.figures import RAMP, colorize, colorize_seg, compose
 from distill.data.transforms import denormalize
 from distill.metrics import BOUNDARY_DEFINITION, DEPTH_RANGES, MIOU_AVERAGING, SILOG_VARIANT
 
-HEADLINE = ["abs_rel", "baseline_abs_rel", "teacher_abs_rel", "gap_closed", "rmse", "d1", "silog", "s_star",
-            "abs_rel_aligned", "dbe_acc", "dbe_comp", "teacher_dbe_acc", "teacher_dbe_comp", "miou", "pixel_acc",
+HEADLINE = ["abs_rel", "baseline_abs_rel", "teacher_abs_rel", "gap_closed", "train_abs_rel", "rmse", "d1", "silog",
+            "s_star", "abs_rel_aligned", "dbe_acc", "dbe_comp", "teacher_dbe_acc", "teacher_dbe_comp", "miou", "pixel_acc",
             "seg_boundary_f1"]
 COLUMNS = ["RGB", "GT depth", "teacher", "student", "AbsRel error", "GT seg", "pred seg"]
 
@@ -95,6 +95,8 @@ def markdown_report(run_dir: Path, recipe, summary: dict) -> str:
               "- baseline_abs_rel: AbsRel of a constant prediction equal to the training set's median depth",
               "- gap_closed: (baseline_abs_rel - abs_rel) / (baseline_abs_rel - teacher_abs_rel), the teacher "
               "measured against GT on the same validation images",
+              "- train_*: the final student on as many training images as there are validation images, "
+              "without augmentation: what it fitted, beside what carries to new images",
               "- abs_rel_A_B, ratio_A_B: over the pixels whose GT lies in [A, B) m, AbsRel and the prediction's "
               "geometric-mean ratio to GT (> 1: that range is predicted too far)",
               f"- boundaries: {BOUNDARY_DEFINITION}",
