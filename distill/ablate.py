@@ -47,9 +47,10 @@ from distill.recipes import RECIPES, Recipe, check_values, get_recipe
 # How each summary.json metric ranks: -1 lower is better, +1 higher is better, 0 closest to 1.
 DIRECTION: dict[str, int] = {
     **{k: -1 for k in ("abs_rel", "abs_rel_aligned", "sq_rel", "rmse", "rmse_log", "log10", "silog",
-                       "abs_rel_0_2", "abs_rel_2_5", "abs_rel_5_10", "dbe_acc", "dbe_comp", "wall_s")},
+                       "abs_rel_0_2", "abs_rel_2_5", "abs_rel_5_10", "dbe_acc", "dbe_comp", "wall_s",
+                       "train_abs_rel", "train_abs_rel_aligned")},
     **{k: +1 for k in ("d1", "d2", "d3", "miou", "pixel_acc", "seg_boundary_f1", "seg_boundary_precision",
-                       "seg_boundary_recall", "gap_closed", "train_images_per_s")},
+                       "seg_boundary_recall", "gap_closed", "train_images_per_s", "train_d1", "train_miou")},
     **{k: 0 for k in ("s_star", "ratio_0_2", "ratio_2_5", "ratio_5_10")},   # scales: 1 is right
 }
 DEFAULT_METRICS = ("abs_rel", "abs_rel_aligned", "d1", "miou")

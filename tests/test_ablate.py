@@ -51,6 +51,14 @@ def test_invalid_grids_exit_2_before_any_run(tmp_path, capsys, args, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_the_fit_and_teacher_gap_metrics_of_a_run_can_be_tabulated():
+    from distill.ablate import DIRECTION
+    from distill.training.evaluation import FIT_KEYS
+
+    assert all(f"train_{k}" in DIRECTION for k in FIT_KEYS) and "gap_closed" in DIRECTION
+    assert DIRECTION["train_abs_rel"] == DIRECTION["abs_rel"] and DIRECTION["train_miou"] == DIRECTION["miou"]
+
+
 def test_dry_run_lists_the_combinations(tmp_path, capsys):
     assert main(["v3", "distill.normalization=none,global,hybrid,local", "distill.shared_crop=0,1",
                  "train.epochs=3", "--dry-run", "--out", str(tmp_path / "out")]) == 0
