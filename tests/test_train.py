@@ -88,8 +88,9 @@ def test_fit_metrics_are_the_student_on_its_training_images_without_augmentation
     model = build_student("mobilenetv3_small_050", decoder_channels=16).eval()
     device, recipe = torch.device("cpu"), get_recipe("v3")
     fit = evaluate_fit(model, train, 4, 2, device, None, recipe)
-    expected = evaluate(model, DataLoader(torch.utils.data.Subset(plain, [0, 3, 6, 9]), batch_size=4), device, None, recipe)
-    assert fit == {f"train_{k}": expected[k] for k in FIT_KEYS}
+    expected = evaluate(model, DataLoader(torch.utils.data.Subset(plain, [0, 3, 6, 9]), batch_size=4),
+                        device, None, recipe)   # another batch size: equal up to the kernels' rounding
+    assert fit == pytest.approx({f"train_{k}": expected[k] for k in FIT_KEYS}, rel=1e-5)
 
     class NoDepth(torch.utils.data.Dataset):   # an image folder: teacher labels only, no ground truth
         def __len__(self):
