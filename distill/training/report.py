@@ -13,8 +13,8 @@ from distill.data.transforms import denormalize
 from distill.metrics import BOUNDARY_DEFINITION, DEPTH_RANGES, MIOU_AVERAGING, SILOG_VARIANT
 
 HEADLINE = ["abs_rel", "baseline_abs_rel", "teacher_abs_rel", "gap_closed", "train_abs_rel", "rmse", "d1", "silog",
-            "s_star", "abs_rel_aligned", "dbe_acc", "dbe_comp", "teacher_dbe_acc", "teacher_dbe_comp", "miou", "pixel_acc",
-            "seg_boundary_f1"]
+            "s_star", "abs_rel_aligned", "dbe_acc", "dbe_comp", "teacher_dbe_acc", "teacher_dbe_comp", "miou",
+            "pixel_acc", "seg_boundary_f1"]
 COLUMNS = ["RGB", "GT depth", "teacher", "student", "AbsRel error", "GT seg", "pred seg"]
 
 
