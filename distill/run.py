@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--list", action="store_true", help="list the recipes")
     parser.add_argument("--help", "-h", action="store_true", help="show help (with a recipe: its keys)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     if args.list:
         for name in RECIPES.names():

@@ -194,7 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--executor", default="auto", choices=EXECUTORS, help="Core ML only")
     parser.add_argument("--no-verify", action="store_true",
                         help="bench an artefact even if it differs from its export's manifest.json")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 @command("python -m edge.bench")

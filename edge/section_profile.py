@@ -231,7 +231,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=None, help="interpreter threads (default: the runtime's)")
     parser.add_argument("--runs", type=int, default=200, help="timed invokes per sub-graph (default 200)")
     parser.add_argument("--json", default=None, help=f"write the {SCHEMA} JSON here")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     if len(args.models) > 2:
         parser.error(f"takes one or two .tflite files, got {len(args.models)}")
     at_least("--sections", args.sections, 1)

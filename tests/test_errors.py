@@ -41,6 +41,7 @@ CASES = [
     ("distill.run", ["v3", "resume=bad-json"], "bad-json/config.json cannot be read as a run's config"),
     ("distill.run", ["v3", "resume=bad-type"], "train.epochs='x': expected"),
     ("distill.run", ["v3", "--bogus"], "unrecognized arguments: --bogus"),
+    ("distill.run", ["v3", "--quiet", "train.epochs=-1"], "train.epochs=-1 must be at least 1"),  # flags anywhere
     ("distill.cache_teacher", ["synthetic-metric", "data=synthrooms"], "out=DIR is required"),
     ("distill.cache_teacher", ["synthetic-metrik", "out=c"], 'Unknown teacher "synthetic-metrik"'),
     ("distill.cache_teacher", ["synthetic-metric", "out=c", "shard_size=0"], "shard_size=0: must be at least 1"),
@@ -78,6 +79,7 @@ CASES = [
     ("edge.bench", ["m.tflite"], "m.tflite: it does not exist"),
     ("edge.bench", ["m.tflite", "--runs", "0"], "runs=0, warmup=5: need runs >= 1"),
     ("edge.bench", ["m.tflite", "--threads", "-1"], "--threads -1: must be at least 1"),
+    ("edge.bench", ["a.tflite", "--threads", "2", "b.tflite"], "a.tflite: it does not exist"),  # flags anywhere
     ("edge.peak", ["--threads", "0"], "--threads 0: must be at least 1"),
     ("edge.peak", ["--json", "a_file/p.json"], "a_file is a file, not a directory"),
     ("edge.op_profile", ["m.onnx"], "m.onnx"),
