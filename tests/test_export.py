@@ -234,19 +234,18 @@ def biases_off_their_input_scale(path) -> list[int]:
     return off
 
 
-RUN_BOTH = """
+READER_ERRORS = """
 import sys, numpy as np
 from ai_edge_litert.interpreter import Interpreter
-depths = []
-for path in sys.argv[1:]:
-    interpreter = Interpreter(model_path=path, num_threads=1)
+tensor, outputs = int(sys.argv[1]), []
+for path in sys.argv[2:]:
+    interpreter = Interpreter(model_path=path, num_threads=1, experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()
     image = interpreter.get_input_details()[0]
     interpreter.set_tensor(image["index"], np.random.default_rng(0).random(image["shape"], np.float32))
     interpreter.invoke()
-    depth = min(interpreter.get_output_details(), key=lambda o: np.prod(o["shape"]))   # 1 channel against 13
-    depths.append(interpreter.get_tensor(depth["index"]))
-print(*(float(np.median(np.abs(d - depths[0]) / depths[0])) for d in depths[1:]))
+    outputs.append(interpreter.get_tensor(tensor).astype(np.float32))   # in steps: one scale in every file
+print(*(float(np.abs(out - outputs[0]).mean()) for out in outputs[1:]))
 """
 
 
@@ -258,17 +257,30 @@ def test_a_rescaled_int8_tensor_keeps_the_biases_of_the_convolutions_reading_it(
     from ai_edge_litert.tools import flatbuffer_utils
 
     from edge.op_profile import op_name
-    from targets.tflite_file import (BIASED_READERS, bias_values, rescalable_int8_outputs, rescale_int8_tensor,
-                                     serialize_sharing_zero_points)
+    from targets.tflite_file import (BIASED_READERS, REQUANTIZING_OPS, bias_values, rescalable_int8_outputs,
+                                     rescale_int8_tensor, serialize_sharing_zero_points)
     arts = by_precision(manifest_of(tflite_export, run_dir, "tflite"))
     exported = tflite_export / run_dir.name / "tflite" / arts["int8"]["path"]
+
+    def bias_in_output_steps(model, reader) -> float:   # how far a bias left as it was moves the reader
+        graph = model.subgraphs[0]
+        bias = graph.tensors[reader.inputs[2]]
+        output_scale = graph.tensors[reader.outputs[0]].quantization.scale[0]
+        return float(np.abs(bias_values(model, bias) * bias.quantization.scale).max() / output_scale)
+
+    # The convolution output (what the passes rescale) whose biased reader shows a wrong bias most
+    # clearly: the first one found moved a tiny student's depth less than the coarser tensor did.
+    model = flatbuffer_utils.read_model(str(exported))
+    graph = model.subgraphs[0]
+    index, at = max(((index, at) for _, kind, index in rescalable_int8_outputs(model) if kind in REQUANTIZING_OPS
+                     for at, op in enumerate(graph.operators)
+                     if op_name(model, op) in BIASED_READERS and int(op.inputs[0]) == index and op.inputs[2] >= 0),
+                    key=lambda candidate: bias_in_output_steps(model, graph.operators[candidate[1]]))
     files = {}
     for fix_biases in (True, False):
         model = flatbuffer_utils.read_model(str(exported))
         graph = model.subgraphs[0]
-        index, reader = next((index, op) for _, _, index in rescalable_int8_outputs(model) for op in graph.operators
-                             if op_name(model, op) in BIASED_READERS and int(op.inputs[0]) == index
-                             and op.inputs[2] >= 0)
+        reader = graph.operators[at]
         q, bias = graph.tensors[index].quantization, graph.tensors[reader.inputs[2]]
         meant = bias_values(model, bias) * bias.quantization.scale
         if fix_biases:
@@ -281,11 +293,11 @@ def test_a_rescaled_int8_tensor_keeps_the_biases_of_the_convolutions_reading_it(
             q.scale = q.scale * 2
         files[fix_biases] = tmp_path / f"rescaled_{fix_biases}.tflite"
         files[fix_biases].write_bytes(serialize_sharing_zero_points(model))
-    ran = subprocess.run([sys.executable, "-c", RUN_BOTH, str(exported), str(files[True]), str(files[False])],
-                         capture_output=True, text=True)
+    ran = subprocess.run([sys.executable, "-c", READER_ERRORS, str(int(reader.outputs[0])), str(exported),
+                          str(files[True]), str(files[False])], capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr[-2000:]
-    kept, broken = map(float, ran.stdout.split()[-2:])
-    assert kept < 0.01 and broken > 3 * kept, (kept, broken)   # one tensor one bit coarser; a bias doubled
+    kept, broken = map(float, ran.stdout.split()[-2:])   # the reader's mean error, in steps of its output
+    assert broken > 5 * max(kept, 0.1), (kept, broken)   # one input one bit coarser; against a bias doubled
 
 
 def test_sensitivity_ranks_the_tensors_of_a_runs_int8_drift(run_dir, capsys):
