@@ -237,15 +237,18 @@ def biases_off_their_input_scale(path) -> list[int]:
 READER_ERRORS = """
 import sys, numpy as np
 from ai_edge_litert.interpreter import Interpreter
-tensor, outputs = int(sys.argv[1]), []
+tensor, readers, depths = int(sys.argv[1]), [], []
 for path in sys.argv[2:]:
     interpreter = Interpreter(model_path=path, num_threads=1, experimental_preserve_all_tensors=True)
     interpreter.allocate_tensors()
     image = interpreter.get_input_details()[0]
     interpreter.set_tensor(image["index"], np.random.default_rng(0).random(image["shape"], np.float32))
     interpreter.invoke()
-    outputs.append(interpreter.get_tensor(tensor).astype(np.float32))   # in steps: one scale in every file
-print(*(float(np.abs(out - outputs[0]).mean()) for out in outputs[1:]))
+    readers.append(interpreter.get_tensor(tensor).astype(np.float32))   # in steps: one scale in every file
+    depth = min(interpreter.get_output_details(), key=lambda o: np.prod(o["shape"]))   # 1 channel against 13
+    depths.append(interpreter.get_tensor(depth["index"]))
+for out, depth in zip(readers[1:], depths[1:]):
+    print(float(np.abs(out - readers[0]).mean()), float(np.median(np.abs(depth - depths[0]) / depths[0])))
 """
 
 
@@ -296,7 +299,9 @@ def test_a_rescaled_int8_tensor_keeps_the_biases_of_the_convolutions_reading_it(
     ran = subprocess.run([sys.executable, "-c", READER_ERRORS, str(int(reader.outputs[0])), str(exported),
                           str(files[True]), str(files[False])], capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr[-2000:]
-    kept, broken = map(float, ran.stdout.split()[-2:])   # the reader's mean error, in steps of its output
+    # per file: the reader's mean error in steps of its output, and the depth's median relative drift
+    (kept, kept_depth), (broken, _) = (map(float, line.split()) for line in ran.stdout.splitlines()[-2:])
+    assert kept_depth < 0.01, kept_depth   # one input one bit coarser leaves the depth where it was
     assert broken > 5 * max(kept, 0.1), (kept, broken)   # one input one bit coarser; against a bias doubled
 
 
