@@ -354,11 +354,15 @@ def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Pa
 def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs_dir: str | Path = "runs",
            log=print) -> ExportResult:
     """`export_run` once the plan is made: holds the target's lock from staging to the rename."""
-    from quant import artefacts, source
+    import torch
+
+    from distill.training import find_run, load_run
+    from quant import artefacts
 
     t_start = time.time()
-    source.set_threads(plan.threads)
-    run = source.load_run(source.find_run(run_path, runs_dir))
+    if plan.threads > 0:
+        torch.set_num_threads(plan.threads)
+    run = load_run(find_run(run_path, runs_dir))
     if opts.qat_steps is None:
         opts = replace(opts, qat_steps=run.recipe.int8_qat_steps)
     size = plan.input_size or run.input_size

@@ -24,7 +24,7 @@ from core.cli import ArgumentParser, at_least, command
 from core.formats import FORMATS
 from quant import ptq, qat
 from quant.equalize import equalize
-from quant.source import find_run, load_run
+from distill.training import find_run, load_run
 
 DEFAULT_IMAGES = 32
 

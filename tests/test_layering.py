@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("core", "distill", "quant", "targets", "calibration", "edge")
 DOMAIN = ("distill.data", "distill.teachers", "distill.students", "distill.losses", "distill.metrics",
           "distill.recipes")
-COMMANDS = ("distill.run", "distill.ablate", "distill.cache_teacher", "distill")   # distill/__init__: the API
+COMMANDS = ("distill.run", "distill.evaluate", "distill.ablate", "distill.cache_teacher", "distill")   # distill/__init__: the API
 
 # layer -> the layers it may import (itself included where listed)
 ALLOWED = {

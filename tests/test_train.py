@@ -186,7 +186,7 @@ def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path):
 
 
 def test_deep_supervision_trains_and_keeps_its_heads_out_of_the_shipped_weights(tmp_path):
-    from quant.source import load_run
+    from distill.training import load_run
 
     assert main(["v3", *TINY, "train.epochs=1", "loss.aux_weight=0.5", f"out_dir={tmp_path}", "--quiet"]) == 0
     (run,) = run_dirs(tmp_path)

@@ -1,4 +1,5 @@
-"""The training stage: the loop (`train`), its objective, supervision, pre-flight, evaluation and report.
+"""The training stage: the loop (`train`), its objective, supervision, pre-flight, evaluation and report,
+and finished runs read back (`find_run`, `load_run`).
 
 Only the commands (`distill.run`, `distill.ablate`, `distill.cache_teacher`), the API
 (`distill.train_recipe`) and `quant/` (whose fine-tunes reuse the objective and supervision)
@@ -9,6 +10,7 @@ from core.lazy import lazy_exports
 
 _HOMES = {"train": "loop", "Objective": "objective", "evaluate": "evaluation", "make_loader": "evaluation",
           "seg_weights_for": "objective", "PreflightError": "preflight", "Supervision": "supervision", "SupervisionError": "supervision",
-          "supervision_for": "supervision"}
+          "supervision_for": "supervision", "find_run": "runs", "load_run": "runs", "LoadedRun": "runs",
+          "RunNotFoundError": "runs", "evaluate_run": "evaluation"}
 __all__ = sorted(_HOMES)
 __getattr__ = lazy_exports(__name__, _HOMES)

@@ -1,16 +1,27 @@
-"""Batches and validation: the loaders every loop uses and the metrics of summary.json."""
+"""Batches and validation: the loaders every loop uses, the metrics of summary.json, and a finished
+run measured again on any validation split (`evaluate_run`, `python -m distill.evaluate`)."""
 from __future__ import annotations
 
 import copy
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from core.config import ConfigError, apply_overrides, to_dict
+from core.spaces import DepthSpace
+from distill.data import build_datasets
 from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
-from distill.metrics import DepthBoundaryMetrics, DepthMetrics, SegBoundaryMetrics, SegMetrics, gap_closed
-from distill.recipes import Recipe
-from distill.teachers import Teacher
-from distill.training.distributed import to_device
+from distill.metrics import (DepthBoundaryMetrics, DepthMetrics, SegBoundaryMetrics, SegMetrics, baseline_abs_rel,
+                             gap_closed)
+from distill.recipes import Recipe, check_values
+from distill.teachers import Teacher, teacher_for
+from distill.training.distributed import pick_device, to_device
+from distill.training.runs import load_run
 
 TEACHER_KEYS = ("abs_rel", "rmse", "d1", "silog", "abs_rel_aligned", "dbe_acc", "dbe_comp")
 FIT_KEYS = ("abs_rel", "abs_rel_aligned", "d1", "miou")   # `train_<key>`: the student on images it trained on
@@ -104,3 +115,77 @@ def with_references(val: dict, baseline_abs_rel: float, teacher: dict) -> dict:
     if "abs_rel" in val and teacher.get("teacher_abs_rel") is not None:
         out["gap_closed"] = gap_closed(val["abs_rel"], baseline_abs_rel, teacher["teacher_abs_rel"])
     return out
+
+
+def constant_baseline(depth: float, loader: DataLoader, recipe: Recipe) -> float:
+    """AbsRel of `depth` metres everywhere (the training set's median) on the loader's images."""
+    ec = recipe.eval
+    return baseline_abs_rel(depth, ((b["depth"], b["valid"]) for b in loader),
+                            min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop)
+
+
+def teacher_reference(teacher: Teacher, val_loader: DataLoader, device: torch.device, recipe: Recipe, log) -> dict:
+    """The teacher's metrics on the validation split (`eval.teacher`), or {} with the reason said:
+    a teacher that does not output metres has no metric error, and a cache holds training labels only."""
+    if not recipe.eval.teacher:
+        return {}
+    why_not = ("it outputs " + teacher.space.value + " depth" if teacher.space is not DepthSpace.METRIC else
+               "teacher.cache holds training-split labels only" if recipe.teacher.cache else "")
+    if why_not:
+        log(f"teacher metrics: not measured ({why_not}); gap_closed needs them")
+        return {}
+    t0 = time.time()
+    metrics = evaluate_teacher(teacher, val_loader, device, recipe)
+    log(f"teacher {teacher.name} on the validation split: abs_rel {metrics['teacher_abs_rel']:.4f}, "
+        f"d1 {metrics['teacher_d1']:.3f} ({time.time() - t0:.0f} s; eval.teacher=false skips this)")
+    return metrics
+
+
+EVALUATION_SECTIONS = ("data.", "eval.")   # what may differ from the run's own evaluation
+
+
+def evaluate_run(run_dir: str | Path, *, overrides: Sequence[str] = (), device: str = "auto", progress: bool = True,
+                 log=print) -> dict:
+    """A finished run's best weights (checked against their recorded sha256) on a validation split:
+    the run's own, or the one `data.*` overrides describe (`data.seed=1 data.num_val=1000`: rooms the
+    run never saw; `data.dataset=nyu:/data/nyu`), with `eval.*` overrides for the metric range.
+    Only the validation split is read or rendered. Returns the metrics under summary.json's keys, with
+    the teacher's, and the constant baseline and `gap_closed` when the run recorded its training
+    median depth (`baseline_depth`, runs since 2026-12-04), beside `run`, `weights_sha256`,
+    `overrides` and `images`."""
+    for item in overrides:
+        if not item.startswith(EVALUATION_SECTIONS):
+            raise ConfigError(f"{item}: an evaluation changes only data.* and eval.* keys (the split and the metric "
+                              f"range); the student is the run's. Drop it, or train a run with it")
+    run = load_run(run_dir)
+    recipe = apply_overrides(run.recipe, list(overrides))
+    check_values(recipe)   # before any image renders
+    dev = pick_device(device, key="--device")
+    # One training image: SynthRooms renders each split's scenes from (seed, split, index), so the
+    # validation images do not depend on num_train, and the training split is never read here.
+    _, val_ds = build_datasets(replace(recipe.data, num_train=1), progress=progress)
+    loader = make_loader(val_ds, recipe.train.batch_size, train=False, seed=0, workers=0)
+    t0 = time.time()
+    metrics = evaluate(run.model.to(dev), loader, dev, None, recipe)
+    log(f"{run.name} on {len(val_ds)} validation images: abs_rel {metrics.get('abs_rel', float('nan')):.4f}, "
+        f"miou {metrics.get('miou', float('nan')):.3f} ({time.time() - t0:.0f} s)")
+    teacher = {}
+    if recipe.eval.teacher and recipe.teacher.cache:
+        log("teacher metrics: not measured (teacher.cache holds training-split labels only); gap_closed needs them")
+    elif recipe.eval.teacher:
+        teacher = teacher_reference(teacher_for(recipe.teacher).to(dev), loader, dev, recipe, log)
+    baseline_depth = recorded_baseline_depth(run.path)
+    if baseline_depth is None:
+        log("baseline_abs_rel and gap_closed: not measured (the run recorded no baseline_depth, the training median "
+            "that runs since 2026-12-04 keep in summary.json)")
+        metrics = {**metrics, **teacher}
+    else:
+        metrics = with_references(metrics, constant_baseline(baseline_depth, loader, recipe), teacher)
+        metrics["baseline_depth"] = baseline_depth
+    return {"run": str(run.path), "weights_sha256": run.weights_sha256, "overrides": list(overrides),
+            "images": len(val_ds), "data": to_dict(recipe.data), **metrics}
+
+
+def recorded_baseline_depth(run_dir: Path) -> float | None:
+    summary = run_dir / "summary.json"
+    return json.loads(summary.read_text()).get("baseline_depth") if summary.is_file() else None

@@ -30,13 +30,13 @@ from core.weights import check_checkpoint, latest_checkpoint, load_weights, save
 from distill.data import build_datasets
 from distill.data.classes import NYU13_NAMES
 from distill.losses.feature_kd import FeatureDistiller
-from distill.metrics import baseline_abs_rel
 from distill.recipes import Recipe, check_values, resolve_for_device
 from distill.students import build_student, count_macs, count_params, shipped_state
 from distill.teachers import Teacher
 from distill.training import distributed
 from distill.training.distributed import pick_device, to_device
-from distill.training.evaluation import evaluate, evaluate_fit, evaluate_teacher, make_loader, with_references
+from distill.training.evaluation import (constant_baseline, evaluate, evaluate_fit, make_loader, teacher_reference,
+                                         with_references)
 from distill.training.objective import Objective, depth_target, seg_weights_for, weighting_for
 from distill.training.preflight import PreflightError, enforce, run_preflight
 from distill.training.supervision import supervision_for
@@ -158,9 +158,9 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
         holds.enter_context(exclusive(run_dir / ".lock", f"the run {run_dir}"))
     if rank.main:
         io.write_json(run_dir / "config.json", {**cfgio.to_dict(recipe), "device": str(device), "processes": rank.world})
-    ec = recipe.eval  # the constant predictor at the training set's median depth: the number to beat
-    baseline = baseline_abs_rel(training_median_depth(train_ds, val_ds), ((b["depth"], b["valid"]) for b in val_loader),
-                                min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop) if rank.main else None
+    # the constant predictor at the training set's median depth: the number to beat
+    baseline_depth = training_median_depth(train_ds, val_ds) if rank.main else None
+    baseline = constant_baseline(baseline_depth, val_loader, recipe) if rank.main else None
     teacher_val = teacher_reference(teacher, val_loader, device, recipe, log) if rank.main else {}
 
     preflight_stage(model, train_loader, teacher, recipe, device, run_dir if rank.main else None, log)
@@ -222,7 +222,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
         if val is None:   # resumed from the last checkpoint (killed before its summary): evaluate it
             val = with_references(evaluate(model, val_loader, device, amp, recipe), baseline, teacher_val)
         fit = fit_reference(model, train_ds, len(val_ds), recipe, device, amp, val, log)
-        summary = {**val, **fit, "best": state["best"],
+        summary = {**val, **fit, "baseline_depth": baseline_depth, "best": state["best"],
                    "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
                    **{share: state.get(key, 0.0) / max(state["train_time"], 1e-9) for key, share in TIME_SHARES},
                    "wall_s": time.time() - t_start, "epochs": tc.epochs, "device": str(device),
@@ -240,23 +240,6 @@ def fit_reference(model, train_ds, count: int, recipe: Recipe, device: torch.dev
         log(f"on {min(count, len(train_ds))} of its training images: abs_rel {fit['train_abs_rel']:.4f} "
             f"(validation {val['abs_rel']:.4f}; {time.time() - t0:.0f} s)")
     return fit
-
-
-def teacher_reference(teacher: Teacher, val_loader: DataLoader, device: torch.device, recipe: Recipe, log) -> dict:
-    """The teacher's metrics on the validation split (`eval.teacher`), or {} with the reason said:
-    a teacher that does not output metres has no metric error, and a cache holds training labels only."""
-    if not recipe.eval.teacher:
-        return {}
-    why_not = ("it outputs " + teacher.space.value + " depth" if teacher.space is not DepthSpace.METRIC else
-               "teacher.cache holds training-split labels only" if recipe.teacher.cache else "")
-    if why_not:
-        log(f"teacher metrics: not measured ({why_not}); gap_closed needs them")
-        return {}
-    t0 = time.time()
-    metrics = evaluate_teacher(teacher, val_loader, device, recipe)
-    log(f"teacher {teacher.name} on the validation split: abs_rel {metrics['teacher_abs_rel']:.4f}, "
-        f"d1 {metrics['teacher_d1']:.3f} ({time.time() - t0:.0f} s; eval.teacher=false skips this)")
-    return metrics
 
 
 def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, log) -> torch.nn.Module:

@@ -44,16 +44,32 @@ def preview_rows(model, teacher, dataset, device, count: int) -> list[list[np.nd
 
 
 def terminal_table(summary: dict) -> str:
-    keys = [k for k in HEADLINE if isinstance(summary.get(k), (int, float))]
-    width = max(len(k) for k in keys)
-    lines = [f"{k:<{width}}  {summary[k]:.4f}" for k in keys]
+    width = max(len(k) for k in headline_keys(summary))
     shares = [f"{label} {summary[key]:.0%}" for key, label in
               (("data_wait_share", "waiting for data"), ("teacher_share", "teacher labelling")) if key in summary]
-    lines.append(f"{'train img/s':<{width}}  {summary['train_images_per_s']:.1f}"
-                 + (f" ({', '.join(shares)} of the time)" if shares else ""))
-    lines.append(f"{'wall_s':<{width}}  {summary['wall_s']:.0f}")
+    timing = [f"{'train img/s':<{width}}  {summary['train_images_per_s']:.1f}"
+              + (f" ({', '.join(shares)} of the time)" if shares else ""),
+              f"{'wall_s':<{width}}  {summary['wall_s']:.0f}"]
+    return metric_table(summary, timing)
+
+
+def evaluation_table(result: dict) -> str:
+    """`python -m distill.evaluate`'s table: the metrics of a run on the split it was given."""
+    overrides = " ".join(result["overrides"]) or "its own validation split"
+    return metric_table(result, [f"{result['images']} images ({overrides})"])
+
+
+def headline_keys(summary: dict) -> list[str]:
+    return [k for k in HEADLINE if isinstance(summary.get(k), (int, float))]
+
+
+def metric_table(summary: dict, extra: list[str]) -> str:
+    keys = headline_keys(summary)
+    width = max(len(k) for k in keys)
+    lines = [f"{k:<{width}}  {summary[k]:.4f}" for k in keys]
     bar = "-" * (width + 12)
-    return "\n".join([bar, *lines, *range_lines(summary), *per_class_lines(summary.get("iou_per_class") or {}), bar])
+    return "\n".join([bar, *lines, *extra, *range_lines(summary), *per_class_lines(summary.get("iou_per_class") or {}),
+                      bar])
 
 
 def range_lines(summary: dict) -> list[str]:

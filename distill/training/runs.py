@@ -1,8 +1,9 @@
-"""The export's input: a training run directory, its recipe, its best weights, and its data.
+"""A training run read back: its directory, its recipe, its best weights.
 
 `find_run(None)` picks the newest v3 run under `runs/`; `load_run(dir)` rebuilds the student from
-the saved config and `best.safetensors` (the last checkpoint if no best was kept) and records the
-weights' sha256, which every artefact carries as its provenance.
+the saved config and `best.safetensors` (the last checkpoint if no best was kept), checked against
+the sha256 the run recorded, and keeps that sha256: every export and evaluation names its weights.
+The training stage writes runs, so it reads them back; `distill.evaluate` and `quant.export` use this.
 """
 from __future__ import annotations
 
@@ -27,13 +28,15 @@ class RunNotFoundError(FileNotFoundError):
     exit_code = 2
 
 
-def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str = DEFAULT_RECIPE) -> Path:
+def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str = DEFAULT_RECIPE, *,
+             flag: str = "--run") -> Path:
     """`run` if given (checked; an unfinished run exports its best weights so far), else the newest
-    finished `<recipe>-*` run under `runs_dir` (one with summary.json and weights)."""
+    finished `<recipe>-*` run under `runs_dir` (one with summary.json and weights). `flag` is how the
+    command's user passes a run, for the error."""
     if run:
         path = Path(run)
         if not (path / "config.json").is_file():
-            raise RunNotFoundError(f"--run {run}: no config.json there; pass a training run directory "
+            raise RunNotFoundError(f"{flag} {run}: no config.json there; pass a training run directory "
                                    f"(runs/<recipe>-<time>) made by python -m distill.run")
         return path
     runs = sorted(Path(runs_dir).glob(f"{recipe}-*"), key=lambda p: p.stat().st_mtime)
@@ -44,8 +47,8 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
             f"no finished {recipe} run under {Path(runs_dir).resolve()}"
             + (f" (unfinished: {', '.join(unfinished[-3:])}: resume one with python -m distill.run {recipe} "
                f"resume=<run dir>, or export its best weights so far with --run <run dir>)" if unfinished else "")
-            + f"; train one with `python -m distill.run {recipe}` (about 12 minutes on a laptop CPU), "
-            f"or pass --run <run dir>")
+            + f"; train one with `python -m distill.run {recipe}` (about 20 minutes on a 2-core laptop CPU), "
+            f"or pass {flag} <run dir>")
     return finished[-1]
 
 
@@ -109,8 +112,3 @@ def best_sha256(run_dir: Path) -> str | None:
         return (json.loads(summary.read_text()).get("best") or {}).get("sha256")
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     return (load_state(ckpt / "state.pt").get("progress", {}).get("best") or {}).get("sha256") if ckpt else None
-
-
-def set_threads(threads: int) -> None:
-    if threads > 0:
-        torch.set_num_threads(threads)

@@ -1,0 +1,65 @@
+"""`python -m distill.evaluate [RUN] [key=value ...]` - measure a finished run again, on any validation split.
+
+    python -m distill.evaluate runs/v3-20261204T043208Z                    its own split (summary.json's figures)
+    python -m distill.evaluate runs/v3-20261204T043208Z data.seed=1 data.num_val=1000   1,000 rooms it never saw
+    python -m distill.evaluate runs/v3-20261204T043208Z data.dataset=nyu:/data/nyu data.num_val=None
+    python -m distill.evaluate                                             the newest finished v3 run under runs/
+
+The student is the run's `best.safetensors`, checked against the sha256 the run recorded. Overrides
+change `data.*` (which split: dataset, seed, num_val, size) and `eval.*` (the metric range, the
+teacher's reference); the run's own values stand for the rest, so NYU at a CPU run's num_val=200 reads
+its first 200 test images. Only the validation split is read or rendered. The metrics (summary.json's
+keys, with the teacher's and gap_closed where they can be measured) are printed and written to
+`<run>/evaluations/<the overrides>.json` (`--out` elsewhere).
+
+From Python: `distill.evaluate_run(run_dir, overrides=["data.seed=1"])` returns the same dict.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from core import io
+from core.cli import ArgumentParser, command
+from core.io import check_writable
+
+
+def default_output(run_dir: Path, overrides: list[str]) -> Path:
+    """`<run>/evaluations/validation.json` for the run's own split, else the overrides made a file name."""
+    name = "_".join(overrides) or "validation"
+    return run_dir / "evaluations" / (re.sub(r"[^A-Za-z0-9._=+-]+", "-", name)[:180] + ".json")
+
+
+@command("python -m distill.evaluate")
+def main(argv: list[str]) -> int:
+    parser = ArgumentParser(prog="python -m distill.evaluate", epilog=__doc__,
+                            description="Measure a finished run on a validation split.",
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", nargs="?", help="a run directory (default: the newest finished v3 run under --runs-dir)")
+    parser.add_argument("overrides", nargs="*", help="data.* and eval.* key=value overrides, e.g. data.seed=1")
+    parser.add_argument("--runs-dir", default="runs", help="where to look for the newest run (default: runs)")
+    parser.add_argument("--out", type=Path, help="the JSON file to write (default: <run>/evaluations/<overrides>.json)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_intermixed_args(argv)
+    if args.run and "=" in args.run:   # only overrides: they belong to the newest run
+        args.overrides, args.run = [args.run, *args.overrides], None
+
+    from distill.training import find_run
+    from distill.training.evaluation import evaluate_run
+    from distill.training.report import evaluation_table
+
+    run_dir = find_run(args.run, args.runs_dir, flag="RUN")
+    out = args.out or default_output(run_dir, args.overrides)
+    check_writable(out.parent, "--out" if args.out else "the run's evaluations/")   # before any image renders
+    result = evaluate_run(run_dir, overrides=args.overrides, device=args.device, progress=not args.quiet)
+    io.write_json(out, result)
+    print(evaluation_table(result))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

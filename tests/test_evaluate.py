@@ -1,0 +1,70 @@
+"""`python -m distill.evaluate`: a finished run measured again, on its own split or on rooms it never saw."""
+import json
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from core.io import IntegrityError
+from distill.evaluate import main as evaluate_main
+from distill.run import main as run_main
+
+TINY = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=64", "data.width=96",
+        "data.num_train=16", "data.num_val=8", "train.batch_size=8", "train.epochs=1", "eval.preview_images=1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Iterator[Path]:
+    with pytest.MonkeyPatch.context() as env:   # the cache for the run and for every evaluation of it
+        env.setenv("DENSEKIT_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        out = tmp_path_factory.mktemp("runs")
+        assert run_main(["v3", *TINY, f"out_dir={out}", "--quiet"]) == 0
+        (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
+        yield run_dir
+
+
+def test_its_own_split_gives_the_figures_of_its_summary(run, capsys):
+    """Only the validation split is rendered here (one training image): the same 8 images, the same student."""
+    assert evaluate_main([str(run), "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    result = json.loads((run / "evaluations" / "validation.json").read_text())
+    for key in ("abs_rel", "miou", "d1", "dbe_comp", "seg_boundary_f1", "teacher_abs_rel", "baseline_abs_rel",
+                "gap_closed"):
+        assert result[key] == pytest.approx(summary[key], rel=1e-6), key
+    assert result["images"] == 8 and result["overrides"] == []
+    assert result["weights_sha256"] == summary["best"]["sha256"]
+    assert result["baseline_depth"] == summary["baseline_depth"] > 0
+    assert "8 images (its own validation split)" in capsys.readouterr().out
+
+
+def test_other_rooms_are_other_images_and_their_own_file(run):
+    assert evaluate_main([str(run), "data.seed=1", "data.num_val=12", "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    result = json.loads((run / "evaluations" / "data.seed=1_data.num_val=12.json").read_text())
+    assert result["images"] == 12 and result["data"]["seed"] == 1
+    assert result["baseline_depth"] == summary["baseline_depth"]
+    assert result["abs_rel"] != summary["abs_rel"] and result["baseline_abs_rel"] != summary["baseline_abs_rel"]
+
+
+def test_the_python_api_returns_what_the_command_writes(run, tmp_path):
+    from distill import evaluate_run
+
+    assert evaluate_main([str(run), "eval.max_depth=5", "eval.teacher=false", "--out", str(tmp_path / "e.json"),
+                          "--quiet"]) == 0
+    written = json.loads((tmp_path / "e.json").read_text())
+    result = evaluate_run(run, overrides=["eval.max_depth=5", "eval.teacher=false"], progress=False,
+                          log=lambda *a: None)
+    assert result["abs_rel"] == written["abs_rel"] and "teacher_abs_rel" not in result and "gap_closed" not in result
+
+
+def test_replaced_weights_are_refused(run, tmp_path):
+    import shutil
+
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy)
+    weights = (copy / "best.safetensors").read_bytes()
+    (copy / "best.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
+    from distill import evaluate_run
+
+    with pytest.raises(IntegrityError, match="differs from the sha256 its run recorded"):
+        evaluate_run(copy, progress=False, log=lambda *a: None)
