@@ -68,3 +68,21 @@ def test_replaced_weights_are_refused(run, tmp_path):
 
     with pytest.raises(IntegrityError, match="differs from the sha256 its run recorded"):
         evaluate_run(copy, progress=False, log=lambda *a: None)
+
+
+@pytest.mark.parametrize("teacher, cache, asked, skipped", [
+    ("synthetic-metric", "", False, ""),                       # embedded: a second, always measured
+    ("da3-metric", "", False, "add eval.teacher=true"),        # a real ViT (maybe from the hub): only when asked
+    ("da3-metric", "", True, ""),
+    ("da3-metric", "/data/cache", True, "training-split labels only"),
+])
+def test_a_real_teacher_is_measured_only_when_asked(teacher, cache, asked, skipped):
+    from dataclasses import replace
+
+    from distill.recipes import get_recipe
+    from distill.training.evaluation import teacher_skipped
+
+    recipe = get_recipe("v3")
+    recipe = replace(recipe, teacher=replace(recipe.teacher, name=teacher, cache=cache))
+    why = teacher_skipped(recipe, asked=asked)
+    assert (skipped in why) if skipped else why == ""

@@ -19,7 +19,7 @@ from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
 from distill.metrics import (DepthBoundaryMetrics, DepthMetrics, SegBoundaryMetrics, SegMetrics, baseline_abs_rel,
                              gap_closed)
 from distill.recipes import Recipe, check_values
-from distill.teachers import Teacher, teacher_for
+from distill.teachers import TEACHERS, Teacher, teacher_for
 from distill.training.distributed import pick_device, to_device
 from distill.training.runs import load_run
 
@@ -170,8 +170,9 @@ def evaluate_run(run_dir: str | Path, *, overrides: Sequence[str] = (), device: 
     log(f"{run.name} on {len(val_ds)} validation images: abs_rel {metrics.get('abs_rel', float('nan')):.4f}, "
         f"miou {metrics.get('miou', float('nan')):.3f} ({time.time() - t0:.0f} s)")
     teacher = {}
-    if recipe.eval.teacher and recipe.teacher.cache:
-        log("teacher metrics: not measured (teacher.cache holds training-split labels only); gap_closed needs them")
+    why_not = teacher_skipped(recipe, asked=any(o.split("=", 1)[0] == "eval.teacher" for o in overrides))
+    if why_not:
+        log(f"teacher metrics: not measured ({why_not}); gap_closed needs them")
     elif recipe.eval.teacher:
         teacher = teacher_reference(teacher_for(recipe.teacher).to(dev), loader, dev, recipe, log)
     baseline_depth = recorded_baseline_depth(run.path)
@@ -184,6 +185,20 @@ def evaluate_run(run_dir: str | Path, *, overrides: Sequence[str] = (), device: 
         metrics["baseline_depth"] = baseline_depth
     return {"run": str(run.path), "weights_sha256": run.weights_sha256, "overrides": list(overrides),
             "images": len(val_ds), "data": to_dict(recipe.data), **metrics}
+
+
+def teacher_skipped(recipe: Recipe, *, asked: bool) -> str:
+    """Why an evaluation leaves the teacher out ("" when it measures it). An embedded teacher costs
+    a second; a real one loads its weights (from the hub if the run named a hub id) and runs a ViT
+    on every image, so it is measured only when asked for by name."""
+    tc = recipe.teacher
+    if not recipe.eval.teacher:
+        return ""
+    if tc.cache:
+        return "teacher.cache holds training-split labels only"
+    if not TEACHERS.get(tc.name).needs_ground_truth and not asked:
+        return f"{tc.name} loads its weights and runs on every image; add eval.teacher=true to measure it"
+    return ""
 
 
 def recorded_baseline_depth(run_dir: Path) -> float | None:
