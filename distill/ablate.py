@@ -5,6 +5,7 @@
     python -m distill.ablate v3 loss.weighting=fixed,kendall,dwa --dry-run
     python -m distill.ablate v3 loss.depth=berhu,silog --metrics abs_rel,d1,rmse --out runs/ablate-loss
     python -m distill.ablate v3 loss.seg_balance=0,0.5 --seeds 3 train.epochs=6 data.num_train=1000
+    python -m distill.ablate v3 model.output_stride=2,4 --seeds 3 --heldout "data.seed=1 data.num_val=1000"
     python -m distill.ablate v3 --help            the recipe's keys
 
 An item with several comma-separated values (`key=v1,v2,...`) is a grid axis; an item with one
@@ -19,8 +20,11 @@ OUT/ablation.md are rewritten (atomically): one row per combination, the axes' v
 chosen metrics from the run's summary.json and the wall time, the best value of each metric
 marked. With `--seeds N` (or a list) every combination is trained once per seed (`train.seed`, the
 last axis) and the table shows each row's mean ± sample standard deviation over its seeds, every
-run listed below it: one seed per row is an anecdote. Exit status: 0 all runs finished, 1 some
-failed, 2 a bad command line.
+run listed below it: one seed per row is an anecdote. With `--heldout "data.seed=1 data.num_val=1000"`
+every finished run is also measured on that split (`python -m distill.evaluate`; the file lands in
+the run's evaluations/) and its metrics join the row as `heldout_<metric>`: the 200 images of a
+CPU-default validation split move a student's abs_rel about as much as a seed does. Exit status:
+0 all runs finished, 1 some failed, 2 a bad command line.
 """
 from __future__ import annotations
 
@@ -53,7 +57,12 @@ DIRECTION: dict[str, int] = {
                        "seg_boundary_recall", "gap_closed", "train_images_per_s", "train_d1", "train_miou")},
     **{k: 0 for k in ("s_star", "ratio_0_2", "ratio_2_5", "ratio_5_10")},   # scales: 1 is right
 }
+# `--heldout`: the same metrics of the runs on a second split (training-time figures have no twin there)
+DIRECTION.update({f"heldout_{k}": d for k, d in list(DIRECTION.items())
+                  if not k.startswith("train_") and k != "wall_s"})
 DEFAULT_METRICS = ("abs_rel", "abs_rel_aligned", "d1", "miou")
+HELDOUT_METRICS = ("heldout_abs_rel", "heldout_miou")   # added to the default metrics by --heldout
+HELDOUT = "heldout_"
 SEED_KEY = "train.seed"
 RESERVED = {"out_dir": "--out places the runs", "resume": "an ablation starts fresh runs"}
 
@@ -171,8 +180,9 @@ def run_name(index: int, combination: dict[str, str]) -> str:
 
 # ----------------------------------------------------------------------------- running
 
-def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None) -> dict:
-    """Train `recipe` with its runs under `run_out`; returns the row's status, run_dir, metrics."""
+def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None, heldout: tuple[str, ...] = ()) -> dict:
+    """Train `recipe` with its runs under `run_out`, then measure it on the `heldout` split if given;
+    returns the row's status, run_dir, metrics."""
     from distill.training import train  # heavy imports only once the grid is valid
 
     run_out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +197,8 @@ def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None) -
         try:
             run_dir = train(replace(recipe, out_dir=str(run_out)), progress=False, log=log)
             summary = json.loads((run_dir / "summary.json").read_text())
+            if heldout:
+                summary.update(measure_heldout(run_dir, heldout, log))
         except Exception as e:   # noqa: BLE001 - a failed run is a row of the table, not the end
             log_file.write(traceback.format_exc())
             message = f"{type(e).__name__}: {e}"
@@ -195,6 +207,17 @@ def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None) -
     metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {"status": "ok", "error": None, "run_dir": str(run_dir), "wall_s": time.time() - start,
             "metrics": metrics}
+
+
+def measure_heldout(run_dir: Path, heldout: tuple[str, ...], log) -> dict:
+    """The run on the `--heldout` split, as `heldout_<metric>`; the evaluation's file goes where
+    `python -m distill.evaluate` puts it."""
+    from distill.evaluate import default_output
+    from distill.training.evaluation import evaluate_run
+
+    result = evaluate_run(run_dir, overrides=heldout, progress=False, log=log)
+    io.write_json(default_output(run_dir, list(heldout)), result)
+    return {HELDOUT + k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def best_rows(rows: list[dict], metric: str) -> set[int]:
@@ -340,6 +363,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help=f"summary.json metrics to tabulate (default {','.join(DEFAULT_METRICS)})")
     parser.add_argument("--seeds", default="", help='train each combination with these seeds ("3" = 0, 1, 2; '
                         '"0,5,7") and report mean ± sd per row')
+    parser.add_argument("--heldout", default="", help='also measure every run on this split, as heldout_<metric> '
+                        '(data.* and eval.* overrides in one string, e.g. "data.seed=1 data.num_val=1000")')
     parser.add_argument("--dry-run", action="store_true", help="list the combinations and exit")
     parser.add_argument("--verbose", action="store_true", help="print the runs' training logs too")
     parser.add_argument("--help", "-h", action="store_true", help="show help (with a recipe: its keys)")
@@ -359,21 +384,45 @@ def main(argv: list[str]) -> int:
     metrics = parse_metrics(args.metrics)
     grid = parse_grid(args.items, get_recipe(args.recipe), parse_seeds(args.seeds))
     recipes = build_recipes(args.recipe, grid)
+    heldout = parse_heldout(args.heldout, recipes[0])
+    if heldout and args.metrics == parser.get_default("metrics"):
+        metrics += HELDOUT_METRICS
+    elif not heldout and any(m.startswith(HELDOUT) for m in metrics):
+        raise ConfigError(f"--metrics {args.metrics}: heldout_* metrics need --heldout (the split to measure)")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or f"runs/ablate-{stamp}")
     check_writable(out, "--out")
     combos = grid.combinations()
     print(f"ablation of {args.recipe}: {len(combos)} runs ({' x '.join(grid.axes)}) -> {out}"
           + (f"; common: {' '.join(grid.common)}" if grid.common else ""))
+    if heldout:
+        print(f"each run then measured on {' '.join(heldout)} (heldout_*)")
     if args.dry_run:
         for i, combination in enumerate(combos):
             print(f"  {run_name(i, combination)}: {' '.join(overrides_for(grid, combination))}")
         return 0
-    return run_grid(args.recipe, grid, recipes, out, metrics, verbose=args.verbose)
+    return run_grid(args.recipe, grid, recipes, out, metrics, verbose=args.verbose, heldout=heldout)
+
+
+def parse_heldout(text: str, recipe: Recipe) -> tuple[str, ...]:
+    """--heldout's overrides, checked against a run's recipe now rather than after its training."""
+    from distill.training.evaluation import evaluation_recipe
+
+    items = tuple(text.split())
+    if not items:
+        return ()
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f'--heldout: "{item}" is not key=value (e.g. --heldout "data.seed=1 data.num_val=1000")')
+    try:
+        evaluation_recipe(recipe, items)
+    except ValueError as e:
+        raise ConfigError(f"--heldout: {e}") from None
+    return items
 
 
 def run_grid(recipe_name: str, grid: Grid, recipes: list[Recipe], out: Path, metrics: list[str], *,
-             verbose: bool = False) -> int:
+             verbose: bool = False, heldout: tuple[str, ...] = ()) -> int:
     """Run every combination in order, rewriting the report after each; 0 if all finished, else 1."""
     combos = grid.combinations()
     rows = [{"values": c, "overrides": overrides_for(grid, c), "status": "pending", "error": None,
@@ -382,7 +431,7 @@ def run_grid(recipe_name: str, grid: Grid, recipes: list[Recipe], out: Path, met
     write_report(out, recipe_name, grid, metrics, rows)
     for i, (combination, recipe) in enumerate(zip(combos, recipes)):
         print(f"[{i + 1}/{len(combos)}] " + " ".join(f"{k}={v}" for k, v in combination.items()), flush=True)
-        rows[i].update(run_one(recipe, out / run_name(i, combination), print if verbose else None))
+        rows[i].update(run_one(recipe, out / run_name(i, combination), print if verbose else None, heldout))
         row = rows[i]
         shown = ", ".join(f"{m} {row['metrics'][m]:.4f}" for m in metrics
                           if isinstance(row["metrics"].get(m), (int, float)))

@@ -44,6 +44,11 @@ def test_bad_grids_are_refused(items, message):
     (["loss.weighting=fixed,kendall", "--metrics", "abs_rel,d_1"], 'unknown metric "d_1". Did you mean "d1"?'),
     (["loss.weighting=fixed,kendall", "teacher.cache=/x", "distill.shared_crop=0,0.5"],
      "combination 02-weighting=fixed_shared_crop=0.5: distill.shared_crop need(s) the teacher online"),
+    (["loss.weighting=fixed,kendall", "--heldout", "model.decoder_channels=8"],
+     "--heldout: model.decoder_channels=8: an evaluation changes only data.* and eval.* keys"),
+    (["loss.weighting=fixed,kendall", "--heldout", "data.num_val=0"], "--heldout: data.num_val=0 must be at least 1"),
+    (["loss.weighting=fixed,kendall", "--heldout", "data.seed"], '--heldout: "data.seed" is not key=value'),
+    (["loss.weighting=fixed,kendall", "--metrics", "abs_rel,heldout_abs_rel"], "heldout_* metrics need --heldout"),
 ])
 def test_invalid_grids_exit_2_before_any_run(tmp_path, capsys, args, message):
     assert main(["v3", *args, "--out", str(tmp_path / "out")]) == 2
@@ -158,3 +163,17 @@ def test_a_grid_value_that_cannot_train_is_refused_before_the_first_run(tmp_path
     assert main(["v3", "train.batch_size=8,64", *TINY, f"data.root={tmp_path / 'data'}", "--out", str(out)]) == 2
     assert "data.num_train=16 is smaller than train.batch_size=64" in capsys.readouterr().err
     assert not (tmp_path / "data").exists() and not (out / "ablation.json").exists()
+
+
+def test_heldout_measures_every_run_on_a_second_split(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["v3", "train.lr_decoder=0.002,0.004", *TINY, f"data.root={tmp_path / 'data'}", "--out", str(out),
+                 "--heldout", "data.seed=1 data.num_val=6"]) == 0
+    saved = json.loads((out / "ablation.json").read_text())
+    assert saved["metrics"][-2:] == ["heldout_abs_rel", "heldout_miou"]   # joined the default metrics
+    for row in saved["runs"]:
+        run = tmp_path / row["run_dir"]
+        written = json.loads((run / "evaluations" / "data.seed=1_data.num_val=6.json").read_text())
+        assert written["images"] == 6 and row["metrics"]["heldout_abs_rel"] == written["abs_rel"]
+        assert row["metrics"]["heldout_abs_rel"] != row["metrics"]["abs_rel"]   # other rooms, other figures
+    assert "heldout_abs_rel" in (out / "ablation.md").read_text()

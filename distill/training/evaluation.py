@@ -144,6 +144,21 @@ def teacher_reference(teacher: Teacher, val_loader: DataLoader, device: torch.de
 EVALUATION_SECTIONS = ("data.", "eval.")   # what may differ from the run's own evaluation
 
 
+def check_evaluation_keys(overrides: Sequence[str]) -> None:
+    for item in overrides:
+        if not item.startswith(EVALUATION_SECTIONS):
+            raise ConfigError(f"{item}: an evaluation changes only data.* and eval.* keys (the split and the metric "
+                              f"range); the student is the run's. Drop it, or train a run with it")
+
+
+def evaluation_recipe(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
+    """`recipe` with an evaluation's overrides, checked (keys, types, values) before any image renders."""
+    check_evaluation_keys(overrides)
+    recipe = apply_overrides(recipe, list(overrides))
+    check_values(recipe)
+    return recipe
+
+
 def evaluate_run(run_dir: str | Path, *, overrides: Sequence[str] = (), device: str = "auto", progress: bool = True,
                  log=print) -> dict:
     """A finished run's best weights (checked against their recorded sha256) on a validation split:
@@ -153,13 +168,9 @@ def evaluate_run(run_dir: str | Path, *, overrides: Sequence[str] = (), device: 
     the teacher's, and the constant baseline and `gap_closed` when the run recorded its training
     median depth (`baseline_depth`, runs since 2026-12-04), beside `run`, `weights_sha256`,
     `overrides` and `images`."""
-    for item in overrides:
-        if not item.startswith(EVALUATION_SECTIONS):
-            raise ConfigError(f"{item}: an evaluation changes only data.* and eval.* keys (the split and the metric "
-                              f"range); the student is the run's. Drop it, or train a run with it")
+    check_evaluation_keys(overrides)
     run = load_run(run_dir)
-    recipe = apply_overrides(run.recipe, list(overrides))
-    check_values(recipe)   # before any image renders
+    recipe = evaluation_recipe(run.recipe, overrides)
     dev = pick_device(device, key="--device")
     # One training image: SynthRooms renders each split's scenes from (seed, split, index), so the
     # validation images do not depend on num_train, and the training split is never read here.
