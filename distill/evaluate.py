@@ -32,6 +32,12 @@ def default_output(run_dir: Path, overrides: list[str]) -> Path:
     return run_dir / "evaluations" / (re.sub(r"[^A-Za-z0-9._=+-]+", "-", name)[:180] + ".json")
 
 
+def looks_like_override(text: str) -> bool:
+    """`data.seed=1`, not a run directory (an ablation's run paths hold "=" too: 01-weighting=fixed/...)."""
+    key, eq, _ = text.partition("=")
+    return bool(eq) and "/" not in key and not Path(text).exists()
+
+
 @command("python -m distill.evaluate")
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m distill.evaluate", epilog=__doc__,
@@ -44,7 +50,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_intermixed_args(argv)
-    if args.run and "=" in args.run:   # only overrides: they belong to the newest run
+    if args.run and looks_like_override(args.run):   # only overrides: they belong to the newest run
         args.overrides, args.run = [args.run, *args.overrides], None
 
     from distill.training import find_run

@@ -86,3 +86,13 @@ def test_a_real_teacher_is_measured_only_when_asked(teacher, cache, asked, skipp
     recipe = replace(recipe, teacher=replace(recipe.teacher, name=teacher, cache=cache))
     why = teacher_skipped(recipe, asked=asked)
     assert (skipped in why) if skipped else why == ""
+
+
+def test_the_newest_run_is_found_when_only_overrides_are_given(run, tmp_path, monkeypatch):
+    from distill.evaluate import looks_like_override
+
+    assert looks_like_override("data.seed=1") and not looks_like_override("runs/01-weighting=fixed/v3-x")
+    out = tmp_path / "newest.json"
+    assert evaluate_main(["data.num_val=4", "--runs-dir", str(run.parent), "--out", str(out), "--quiet"]) == 0
+    result = json.loads(out.read_text())
+    assert result["run"] == str(run) and result["images"] == 4
