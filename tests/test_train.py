@@ -256,3 +256,29 @@ def test_seg_balance_weights_the_classes_by_their_training_frequency(tmp_path, c
     assert main(["v3", *TINY, "train.epochs=1", "loss.seg_balance=0.5", f"out_dir={tmp_path}", "--quiet"]) == 0
     log = capsys.readouterr().out
     assert "loss.seg_balance=0.5: class weights bed" in log and "wall" in log
+
+
+def test_the_summary_measures_the_kept_weights_when_an_earlier_epoch_was_kept(tmp_path):
+    """best.safetensors ships; when an earlier epoch than the last was kept, the end of training loads it
+    (its sha256 checked) so summary.json, the fit and the preview describe it, not the last epoch."""
+    from core.weights import save_weights
+    from distill.students import build_student, shipped_state
+    from distill.training.loop import use_kept_weights
+
+    model = build_student("mobilenetv3_small_050", decoder_channels=16, aux_heads=2)
+    best = tmp_path / "best.safetensors"
+    save_weights(best, shipped_state(model.state_dict()), {})
+    kept = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    lines = []
+    state = {"epoch": 2, "best": {"epoch": 1, "metric": "abs_rel", "value": 0.2, "sha256": io.sha256(best)}}
+    assert use_kept_weights(model, tmp_path, state, lines.append)
+    now = model.state_dict()
+    assert all(torch.equal(now[k], kept[k]) != k.startswith("aux_heads.") for k in kept if now[k].is_floating_point())
+    assert "epoch 1's weights (abs_rel 0.2000)" in lines[0]
+    assert not use_kept_weights(model, tmp_path, {**state, "epoch": 1}, lines.append)   # the last epoch was kept
+    best.write_bytes(best.read_bytes()[:-1] + b" ")
+    with pytest.raises(io.IntegrityError, match="differs from the sha256 recorded when epoch 1 kept it"):
+        use_kept_weights(model, tmp_path, state, lines.append)

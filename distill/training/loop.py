@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from core import config as cfgio
 from core import io
 from core.config import ConfigError
-from core.io import sha256
+from core.io import IntegrityError, sha256
 from core.lock import exclusive
 from core.spaces import DepthSpace
 from core.weights import check_checkpoint, latest_checkpoint, load_weights, save_checkpoint, save_weights
@@ -32,6 +32,7 @@ from distill.data.classes import NYU13_NAMES
 from distill.losses.feature_kd import FeatureDistiller
 from distill.recipes import Recipe, check_values, resolve_for_device
 from distill.students import build_student, count_macs, count_params, shipped_state
+from distill.students.model import AUX_PREFIX
 from distill.teachers import Teacher
 from distill.training import distributed
 from distill.training.distributed import pick_device, to_device
@@ -219,7 +220,9 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
 
     if rank.main:
         from distill.training.report import write_outputs
-        if val is None:   # resumed from the last checkpoint (killed before its summary): evaluate it
+        # The summary, the fit and the preview describe the weights that ship: with the last epoch's
+        # weights unless an earlier epoch's were kept; a run resumed after its last checkpoint measures anew.
+        if use_kept_weights(model, run_dir, state, log) or val is None:
             val = with_references(evaluate(model, val_loader, device, amp, recipe), baseline, teacher_val)
         fit = fit_reference(model, train_ds, len(val_ds), recipe, device, amp, val, log)
         summary = {**val, **fit, "baseline_depth": baseline_depth, "best": state["best"],
@@ -232,7 +235,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
 
 
 def fit_reference(model, train_ds, count: int, recipe: Recipe, device: torch.device, amp, val: dict, log) -> dict:
-    """The final student on `count` of its training images (as many as the validation split has; no
+    """The kept student on `count` of its training images (as many as the validation split has; no
     augmentation), said beside the validation figure: how much of the error is generalisation."""
     t0 = time.time()
     fit = evaluate_fit(model, train_ds, count, recipe.train.batch_size, device, amp, recipe)
@@ -266,6 +269,25 @@ def keep_best(run_dir: Path, model, recipe: Recipe, state: dict, val: dict) -> N
                      weight_metadata(recipe, state["epoch"], val))
         state["best"] = {"epoch": state["epoch"], "metric": recipe.eval.best_metric, "value": score,
                          "sha256": sha256(run_dir / "best.safetensors")}   # checked where it is exported
+
+
+def use_kept_weights(model, run_dir: Path, state: dict, log) -> bool:
+    """Load best.safetensors into `model` when an earlier epoch than the last was kept (its sha256
+    checked against the record); True if the weights changed."""
+    best = state["best"]
+    if best is None or best["epoch"] == state["epoch"]:
+        return False
+    path = run_dir / "best.safetensors"
+    if sha256(path) != best["sha256"]:
+        raise IntegrityError(f"{path} differs from the sha256 recorded when epoch {best['epoch']} kept it; "
+                             f"the run directory was changed while training")
+    missing, unexpected = model.load_state_dict(load_weights(path), strict=False)
+    if unexpected or any(not k.startswith(AUX_PREFIX) for k in missing):   # only training-only heads stay out
+        raise IntegrityError(f"{path} does not hold this student's weights (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    log(f"kept: epoch {best['epoch']}'s weights ({best['metric']} {best['value']:.4f}); the summary measures them, "
+        f"not the last epoch's")
+    return True
 
 
 class NullWriter:
