@@ -102,7 +102,9 @@ def markdown_report(run_dir: Path, recipe, summary: dict) -> str:
     for name, s in preflight["stats"].items():
         lines.append(f"| {name} | {s['space']} | {s['min']:.4g} | {s['max']:.4g} | {s['mean']:.4g} | {s['median']:.4g} |")
     lines += [""] + [f"- {'ok' if c['ok'] else '**FAIL**'}: {c['message']}" for c in preflight["checks"]]
-    lines += ["", "## Validation (final epoch)", "", "| metric | value |", "|---|---|"]
+    kept = (summary.get("best") or {}).get("epoch")
+    lines += ["", f"## Validation (the kept weights, best.safetensors{f': epoch {kept}' if kept else ''})", "",
+              "| metric | value |", "|---|---|"]
     lines += [f"| {k} | {v:.4f} |" for k, v in summary.items() if isinstance(v, float)]
     if summary.get("iou_per_class"):
         lines += ["", "Per-class IoU: " + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -"
@@ -111,7 +113,7 @@ def markdown_report(run_dir: Path, recipe, summary: dict) -> str:
               "- baseline_abs_rel: AbsRel of a constant prediction equal to the training set's median depth",
               "- gap_closed: (baseline_abs_rel - abs_rel) / (baseline_abs_rel - teacher_abs_rel), the teacher "
               "measured against GT on the same validation images",
-              "- train_*: the final student on as many training images as there are validation images, "
+              "- train_*: the kept student on as many training images as there are validation images, "
               "without augmentation: what it fitted, beside what carries to new images",
               "- abs_rel_A_B, ratio_A_B: over the pixels whose GT lies in [A, B) m, AbsRel and the prediction's "
               "geometric-mean ratio to GT (> 1: that range is predicted too far)",
