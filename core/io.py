@@ -103,6 +103,16 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return records
 
 
+def check_sha256(path: str | Path, recorded: str, *, record: str, fix: str) -> str:
+    """`path`'s sha256, after checking it against `recorded`; IntegrityError naming the record
+    (e.g. "its run recorded") and the fix when they differ. Every place that uses recorded weights
+    or artefacts checks them here, so each refusal reads the same way."""
+    digest = sha256(path)
+    if digest != recorded:
+        raise IntegrityError(f"{path} differs from the sha256 {record} ({recorded[:12]}, now {digest[:12]}): {fix}")
+    return digest
+
+
 def sha256(path: str | Path) -> str:
     """sha256 of a file, or of a directory (e.g. an .mlpackage) as its sorted (relative path,
     content) pairs. For a file it is the plain `sha256sum`."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.io import IntegrityError, sha256
+from core.io import IntegrityError, check_sha256, sha256
 
 MANIFEST = "manifest.json"
 __all__ = ["MANIFEST", "IntegrityError", "read_manifest", "verify_artefact", "verify_export"]
@@ -46,8 +46,7 @@ def verify_artefact(path: str | Path) -> bool:
     recorded = {a["path"]: a["sha256"] for a in read_manifest(path.parent)["artefacts"]}
     if path.name not in recorded:
         return False
-    if sha256(path) != recorded[path.name]:
-        raise IntegrityError(f"{path} differs from the sha256 recorded in {path.parent / MANIFEST}: it changed after "
-                             f"export (corrupted or edited). Re-export it (python -m quant.export ... --overwrite), "
-                             f"or pass --no-verify to run it anyway")
+    check_sha256(path, recorded[path.name], record=f"recorded in {path.parent / MANIFEST}",
+                 fix="it changed after export (corrupted or edited). Re-export it (python -m quant.export ... "
+                     "--overwrite), or pass --no-verify to run it anyway")
     return True

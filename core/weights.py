@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from core.io import IntegrityError, atomic_path, sha256
+from core.io import IntegrityError, atomic_path, check_sha256, sha256
 
 WEIGHTS_SHA256 = "weights_sha256"   # the key in state.pt
 
@@ -86,7 +86,7 @@ def check_checkpoint(ckpt: Path) -> dict:
     (checkpoints written before that record are read as they are)."""
     state = load_state(ckpt / "state.pt")
     recorded = state.pop(WEIGHTS_SHA256, None)
-    if recorded is not None and sha256(ckpt / "model.safetensors") != recorded:
-        raise IntegrityError(f"{ckpt / 'model.safetensors'} differs from the sha256 its checkpoint recorded: the "
-                             f"weights are corrupt. Resume from an intact copy of the run, or start a new run")
+    if recorded is not None:
+        check_sha256(ckpt / "model.safetensors", recorded, record="its checkpoint recorded",
+                     fix="the weights are corrupt. Resume from an intact copy of the run, or start a new run")
     return state

@@ -18,6 +18,17 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert json.loads(dest.read_text()) == {"x": 1} and list(tmp_path.iterdir()) == [dest]
 
 
+def test_check_sha256_returns_the_digest_or_names_the_record_and_the_fix(tmp_path):
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"abc")
+    digest = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"   # sha256("abc"), FIPS 180-2
+    assert io.check_sha256(path, digest, record="r", fix="f") == digest
+    path.write_bytes(b"abd")
+    with pytest.raises(IntegrityError, match=rf"^{path} differs from the sha256 its run recorded \(ba7816bf8f01, "
+                                             rf"now [0-9a-f]{{12}}\): train it again$"):
+        io.check_sha256(path, digest, record="its run recorded", fix="train it again")
+
+
 def test_checkpoints_are_complete_units(tmp_path):
     weights = {"w": torch.arange(4.0)}
     for epoch in (1, 2, 3):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from core import config as cfgio
 from core import io
 from core.config import ConfigError
-from core.io import IntegrityError, sha256
+from core.io import IntegrityError, check_sha256, sha256
 from core.lock import exclusive
 from core.spaces import DepthSpace
 from core.weights import check_checkpoint, latest_checkpoint, load_weights, save_checkpoint, save_weights
@@ -278,9 +278,8 @@ def use_kept_weights(model, run_dir: Path, state: dict, log) -> bool:
     if best is None or best["epoch"] == state["epoch"]:
         return False
     path = run_dir / "best.safetensors"
-    if sha256(path) != best["sha256"]:
-        raise IntegrityError(f"{path} differs from the sha256 recorded when epoch {best['epoch']} kept it; "
-                             f"the run directory was changed while training")
+    check_sha256(path, best["sha256"], record=f"recorded when epoch {best['epoch']} kept it",
+                 fix="the run directory was changed while training")
     missing, unexpected = model.load_state_dict(load_weights(path), strict=False)
     if unexpected or any(not k.startswith(AUX_PREFIX) for k in missing):   # only training-only heads stay out
         raise IntegrityError(f"{path} does not hold this student's weights (missing {missing[:3]}, "

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from core import io
-from core.io import IntegrityError
 from core.weights import check_checkpoint, latest_checkpoint, load_state, load_weights
 from distill.data.classes import NYU13_NAMES
 from distill.recipes import Recipe, load_saved
@@ -90,15 +89,14 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         raise RunNotFoundError(f"{run_dir} has no best.safetensors and no complete checkpoint; "
                                f"let the run finish one epoch, or pick another run")
     recipe = load_saved(run_dir)
-    digest = io.sha256(weights)
     if weights.name == "best.safetensors":
         recorded = best_sha256(run_dir)
-        if recorded is not None and digest != recorded:
-            raise IntegrityError(f"{weights} differs from the sha256 its run recorded ({recorded[:12]}, now "
-                                 f"{digest[:12]}): the weights are corrupt or were replaced; export another run, "
-                                 f"or train it again")
+        digest = io.sha256(weights) if recorded is None else io.check_sha256(
+            weights, recorded, record="its run recorded",
+            fix="the weights are corrupt or were replaced; export another run, or train it again")
     else:   # no best kept: the last checkpoint's weights, checked against their own record
         check_checkpoint(weights.parent)
+        digest = io.sha256(weights)
     model = build_from_recipe(recipe)
     model.load_state_dict(shipped_state(load_weights(weights)))   # a checkpoint keeps deep supervision's heads
     return LoadedRun(run_dir, recipe, model.eval(), weights, digest)
