@@ -93,7 +93,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         recorded = best_sha256(run_dir)
         digest = io.sha256(weights) if recorded is None else io.check_sha256(
             weights, recorded, record="its run recorded",
-            fix="the weights are corrupt or were replaced; export another run, or train it again")
+            fix="the weights are corrupt or were replaced; pick another run, or train this one again")
     else:   # no best kept: the last checkpoint's weights, checked against their own record
         check_checkpoint(weights.parent)
         digest = io.sha256(weights)
