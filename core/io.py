@@ -117,6 +117,8 @@ def sha256(path: str | Path) -> str:
     """sha256 of a file, or of a directory (e.g. an .mlpackage) as its sorted (relative path,
     content) pairs. For a file it is the plain `sha256sum`."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: nothing to hash")
     digest = hashlib.sha256()
     files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
     for f in files:

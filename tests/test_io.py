@@ -27,6 +27,8 @@ def test_check_sha256_returns_the_digest_or_names_the_record_and_the_fix(tmp_pat
     with pytest.raises(IntegrityError, match=rf"^{path} differs from the sha256 its run recorded \(ba7816bf8f01, "
                                              rf"now [0-9a-f]{{12}}\): train it again$"):
         io.check_sha256(path, digest, record="its run recorded", fix="train it again")
+    with pytest.raises(FileNotFoundError, match="does not exist"):   # not the sha256 of nothing
+        io.check_sha256(tmp_path / "gone.bin", digest, record="r", fix="f")
 
 
 def test_checkpoints_are_complete_units(tmp_path):
