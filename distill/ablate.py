@@ -23,8 +23,10 @@ last axis) and the table shows each row's mean ± sample standard deviation over
 run listed below it: one seed per row is an anecdote. With `--heldout "data.seed=1 data.num_val=1000"`
 every finished run is also measured on that split (`python -m distill.evaluate`; the file lands in
 the run's evaluations/) and its metrics join the row as `heldout_<metric>`: the 200 images of a
-CPU-default validation split move a student's abs_rel about as much as a seed does. Exit status:
-0 all runs finished, 1 some failed, 2 a bad command line.
+CPU-default validation split move a student's abs_rel about as much as a seed does; a run whose
+held-out measurement fails keeps its own figures, with the error beside them. An OUT that already
+holds an ablation is refused. Exit status: 0 all runs finished and measured, 1 some failed, 2 a bad
+command line.
 """
 from __future__ import annotations
 
@@ -197,15 +199,21 @@ def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None, h
         try:
             run_dir = train(replace(recipe, out_dir=str(run_out)), progress=False, log=log)
             summary = json.loads((run_dir / "summary.json").read_text())
-            if heldout:
-                summary.update(measure_heldout(run_dir, heldout, log))
         except Exception as e:   # noqa: BLE001 - a failed run is a row of the table, not the end
             log_file.write(traceback.format_exc())
             message = f"{type(e).__name__}: {e}"
             return {"status": "failed", "error": message, "run_dir": None, "wall_s": time.time() - start,
                     "metrics": {}}
+        error = None
+        if heldout:
+            try:
+                summary.update(measure_heldout(run_dir, heldout, log))
+            except Exception as e:   # noqa: BLE001 - the trained run and its own figures stay in the table
+                log_file.write(traceback.format_exc())
+                error = f"--heldout: {type(e).__name__}: {e}"
+                log(f"the run trained, but its held-out measurement failed: {error}")
     metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {"status": "ok", "error": None, "run_dir": str(run_dir), "wall_s": time.time() - start,
+    return {"status": "ok", "error": error, "run_dir": str(run_dir), "wall_s": time.time() - start,
             "metrics": metrics}
 
 
@@ -258,7 +266,7 @@ def seed_groups(rows: list[dict], axes: list[str]) -> list[dict]:
                 sd[name] = (math.sqrt(sum((v - mean[name]) ** 2 for v in values) / (len(values) - 1))
                             if len(values) > 1 else 0.0)
         walls = [r["wall_s"] for r in members if r["wall_s"] is not None]
-        failed = [r for r in members if r["status"] == "failed"]
+        failed = [r for r in members if r["error"]]   # failed runs, and trained runs whose --heldout failed
         pending = any(r["status"] == "pending" for r in members)
         status = "ok" if len(done) == len(members) else "partial" if done else "pending" if pending else "failed"
         out.append({"values": dict(zip(others, key)), "seeds": [r["values"][SEED_KEY] for r in done],
@@ -297,7 +305,8 @@ def status_text(row: dict, out: Path) -> str:
         return seeds + (f"; FAILED {row['error'].splitlines()[0][:80]}" if row["error"] else "")
     if row["status"] == "ok" and row["run_dir"]:
         run_dir = Path(row["run_dir"])
-        return str(run_dir.relative_to(out)) if run_dir.is_relative_to(out) else str(run_dir)
+        shown = str(run_dir.relative_to(out)) if run_dir.is_relative_to(out) else str(run_dir)
+        return shown + (f"; FAILED {row['error'].splitlines()[0][:80]}" if row["error"] else "")
     if row["status"] == "failed":
         first = row["error"].splitlines()[0] if row["error"] else ""
         return "FAILED " + (first[:97] + "..." if len(first) > 100 else first)
@@ -401,6 +410,9 @@ def main(argv: list[str]) -> int:
         for i, combination in enumerate(combos):
             print(f"  {run_name(i, combination)}: {' '.join(overrides_for(grid, combination))}")
         return 0
+    if (out / "ablation.json").exists():   # its table would be overwritten and new runs mixed into its folders
+        raise ConfigError(f"--out {out} already holds an ablation (ablation.json); choose another --out, "
+                          f"or move that one away to start again")
     return run_grid(args.recipe, grid, recipes, out, metrics, verbose=args.verbose, heldout=heldout)
 
 
@@ -436,13 +448,14 @@ def run_grid(recipe_name: str, grid: Grid, recipes: list[Recipe], out: Path, met
         shown = ", ".join(f"{m} {row['metrics'][m]:.4f}" for m in metrics
                           if isinstance(row["metrics"].get(m), (int, float)))
         print(f"    {'done' if row['status'] == 'ok' else 'FAILED'} in {row['wall_s']:.0f} s: "
-              f"{shown if row['status'] == 'ok' else row['error']}", flush=True)
+              f"{shown if row['status'] == 'ok' else row['error']}"
+              + (f"; FAILED {row['error']}" if row["status"] == "ok" and row["error"] else ""), flush=True)
         write_report(out, recipe_name, grid, metrics, rows)
     lead, lead_axes = summary_rows(rows, grid)
     print(f"\n{terminal_table(lead, lead_axes, metrics, out)}\n\n(* best per metric"
           + (", mean ± sd over seeds" if seeded(grid) else "") + ")  "
           f"{out / 'ablation.md'}  {out / 'ablation.json'}")
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return 0 if all(r["status"] == "ok" and not r["error"] for r in rows) else 1
 
 
 if __name__ == "__main__":
