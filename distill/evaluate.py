@@ -8,9 +8,11 @@
 The student is the run's `best.safetensors`, checked against the sha256 the run recorded. Overrides
 change `data.*` (which split: dataset, seed, num_val, size) and `eval.*` (the metric range, the
 teacher's reference); the run's own values stand for the rest, so NYU at a CPU run's num_val=200 reads
-its first 200 test images. Only the validation split is read or rendered. The metrics (summary.json's
+its first 200 test images. SynthRooms renders only the validation split (NYU and image folders need
+their training files present, as in training). The metrics (summary.json's
 keys, with the teacher's and gap_closed where they can be measured) are printed and written to
-`<run>/evaluations/<the overrides>.json` (`--out` elsewhere).
+`<run>/evaluations/<the overrides>.json` (`validation.json` without them; `--out` a file or a
+directory elsewhere).
 
 From Python: `distill.evaluate_run(run_dir, overrides=["data.seed=1"])` returns the same dict.
 """
@@ -46,7 +48,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run", nargs="?", help="a run directory (default: the newest finished v3 run under --runs-dir)")
     parser.add_argument("overrides", nargs="*", help="data.* and eval.* key=value overrides, e.g. data.seed=1")
     parser.add_argument("--runs-dir", default="runs", help="where to look for the newest run (default: runs)")
-    parser.add_argument("--out", type=Path, help="the JSON file to write (default: <run>/evaluations/<overrides>.json)")
+    parser.add_argument("--out", type=Path, help="the JSON file (or a directory for it) to write "
+                                                 "(default: <run>/evaluations/<overrides>.json)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_intermixed_args(argv)
@@ -59,6 +62,8 @@ def main(argv: list[str]) -> int:
 
     run_dir = find_run(args.run, args.runs_dir, flag="RUN")
     out = args.out or default_output(run_dir, args.overrides)
+    if out.is_dir():   # --out results/: the file the run's evaluations/ would hold, there
+        out = out / default_output(run_dir, args.overrides).name
     check_writable(out.parent, "--out" if args.out else "the run's evaluations/")   # before any image renders
     result = evaluate_run(run_dir, overrides=args.overrides, device=args.device, progress=not args.quiet)
     io.write_json(out, result)

@@ -70,20 +70,21 @@ def test_replaced_weights_are_refused(run, tmp_path):
         evaluate_run(copy, progress=False, log=lambda *a: None)
 
 
-@pytest.mark.parametrize("teacher, cache, asked, skipped", [
-    ("synthetic-metric", "", False, ""),                       # embedded: a second, always measured
-    ("da3-metric", "", False, "add eval.teacher=true"),        # a real ViT (maybe from the hub): only when asked
-    ("da3-metric", "", True, ""),
-    ("da3-metric", "/data/cache", True, "training-split labels only"),
+@pytest.mark.parametrize("teacher, cache, align, asked, skipped", [
+    ("synthetic-metric", "", "none", False, ""),                    # embedded: a second, always measured
+    ("da3-metric", "", "none", False, "add eval.teacher=true"),     # a real ViT (maybe from the hub): only when asked
+    ("da3-metric", "", "none", True, ""),
+    ("da3-metric", "/data/cache", "none", True, "training-split labels only"),
+    ("da2-metric", "", "dataset", True, "fitted the teacher's scale on its training split"),
 ])
-def test_a_real_teacher_is_measured_only_when_asked(teacher, cache, asked, skipped):
+def test_a_real_teacher_is_measured_only_when_asked(teacher, cache, align, asked, skipped):
     from dataclasses import replace
 
     from distill.recipes import get_recipe
     from distill.training.evaluation import teacher_skipped
 
     recipe = get_recipe("v3")
-    recipe = replace(recipe, teacher=replace(recipe.teacher, name=teacher, cache=cache))
+    recipe = replace(recipe, teacher=replace(recipe.teacher, name=teacher, cache=cache, align=align))
     why = teacher_skipped(recipe, asked=asked)
     assert (skipped in why) if skipped else why == ""
 
@@ -96,3 +97,37 @@ def test_the_newest_run_is_found_when_only_overrides_are_given(run, tmp_path, mo
     assert evaluate_main(["data.num_val=4", "--runs-dir", str(run.parent), "--out", str(out), "--quiet"]) == 0
     result = json.loads(out.read_text())
     assert result["run"] == str(run) and result["images"] == 4
+
+
+def test_out_may_be_a_directory(run, tmp_path):
+    assert evaluate_main([str(run), "data.num_val=4", "eval.teacher=false", "--out", str(tmp_path), "--quiet"]) == 0
+    assert json.loads((tmp_path / "data.num_val=4_eval.teacher=false.json").read_text())["images"] == 4
+
+
+def test_the_newest_run_is_the_last_to_finish_not_the_last_evaluated(tmp_path):
+    import os
+
+    from distill.training import find_run
+
+    for name, finished in (("v3-20261201T000000Z", 1_000), ("v3-20261202T000000Z", 2_000)):
+        (tmp_path / name).mkdir()
+        for file in ("config.json", "summary.json", "best.safetensors"):
+            (tmp_path / name / file).write_text("{}")
+        os.utime(tmp_path / name / "summary.json", (finished, finished))
+    (tmp_path / "v3-20261201T000000Z" / "evaluations").mkdir()   # an evaluation of the older run touches its folder
+    assert find_run(None, tmp_path) == tmp_path / "v3-20261202T000000Z"
+
+
+def test_another_dataset_is_measured_on_its_own_split_and_a_missing_path_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from core.config import ConfigError
+    from distill.recipes import get_recipe
+    from distill.training.evaluation import evaluation_recipe
+
+    recipe = get_recipe("v3")
+    recipe = replace(recipe, data=replace(recipe.data, dataset=f"folder:{tmp_path}", val_dataset="synthrooms"))
+    assert evaluation_recipe(recipe, ["data.num_val=4"]).data.val_dataset == "synthrooms"   # the run's own split
+    assert evaluation_recipe(recipe, [f"data.dataset=nyu:{tmp_path}"]).data.val_dataset == ""
+    with pytest.raises(ConfigError, match=f"data.dataset=nyu:{tmp_path / 'typo'}: .* does not exist"):
+        evaluation_recipe(recipe, [f"data.dataset=nyu:{tmp_path / 'typo'}"])

@@ -152,10 +152,18 @@ def check_evaluation_keys(overrides: Sequence[str]) -> None:
 
 
 def evaluation_recipe(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
-    """`recipe` with an evaluation's overrides, checked (keys, types, values) before any image renders."""
+    """`recipe` with an evaluation's overrides, checked (keys, types, values) before any image renders.
+    Another `data.dataset` is measured on its own validation split, not on the run's `data.val_dataset`."""
     check_evaluation_keys(overrides)
+    keys = {item.split("=", 1)[0] for item in overrides}
+    if "data.dataset" in keys and "data.val_dataset" not in keys:
+        overrides = [*overrides, "data.val_dataset="]
     recipe = apply_overrides(recipe, list(overrides))
     check_values(recipe)
+    for key in ("dataset", "val_dataset"):   # a mistyped path fails now, not after an ablation's training
+        name, _, path = getattr(recipe.data, key).partition(":")
+        if path and f"data.{key}" in keys and not Path(path).exists():
+            raise ConfigError(f"data.{key}={name}:{path}: {path} does not exist; give the path of the data")
     return recipe
 
 
@@ -164,11 +172,11 @@ def evaluate_run(run_dir: str | Path, *, overrides: Sequence[str] = (), device: 
     """A finished run's best weights (checked against their recorded sha256) on a validation split:
     the run's own, or the one `data.*` overrides describe (`data.seed=1 data.num_val=1000`: rooms the
     run never saw; `data.dataset=nyu:/data/nyu`), with `eval.*` overrides for the metric range.
-    Only the validation split is read or rendered. Returns the metrics under summary.json's keys, with
+    SynthRooms renders only the validation split; NYU and image folders need their training files
+    present, as training did (their loaders list both splits). Returns the metrics under summary.json's keys, with
     the teacher's, and the constant baseline and `gap_closed` when the run recorded its training
     median depth (`baseline_depth`, runs since 2026-12-04), beside `run`, `weights_sha256`,
     `overrides` and `images`."""
-    check_evaluation_keys(overrides)
     run = load_run(run_dir)
     recipe = evaluation_recipe(run.recipe, overrides)
     dev = pick_device(device, key="--device")
@@ -189,7 +197,7 @@ def evaluate_run(run_dir: str | Path, *, overrides: Sequence[str] = (), device: 
     baseline_depth = recorded_baseline_depth(run.path)
     if baseline_depth is None:
         log("baseline_abs_rel and gap_closed: not measured (the run recorded no baseline_depth, the training median "
-            "that runs since 2026-12-04 keep in summary.json)")
+            "that finished runs since 2026-12-04 keep in summary.json: it did not finish, or it is older)")
         metrics = {**metrics, **teacher}
     else:
         metrics = with_references(metrics, constant_baseline(baseline_depth, loader, recipe), teacher)
@@ -207,6 +215,8 @@ def teacher_skipped(recipe: Recipe, *, asked: bool) -> str:
         return ""
     if tc.cache:
         return "teacher.cache holds training-split labels only"
+    if tc.align == "dataset":
+        return "teacher.align=dataset: training fitted the teacher's scale on its training split, which is not read here"
     if not TEACHERS.get(tc.name).needs_ground_truth and not asked:
         return f"{tc.name} loads its weights and runs on every image; add eval.teacher=true to measure it"
     return ""

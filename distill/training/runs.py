@@ -38,16 +38,19 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
             raise RunNotFoundError(f"{flag} {run}: no config.json there; pass a training run directory "
                                    f"(runs/<recipe>-<time>) made by python -m distill.run")
         return path
-    runs = sorted(Path(runs_dir).glob(f"{recipe}-*"), key=lambda p: p.stat().st_mtime)
-    finished = [p for p in runs if (p / "summary.json").is_file() and weights_file(p) is not None]
+    runs = sorted(Path(runs_dir).glob(f"{recipe}-*"))   # names sort by start time
+    # newest = the last to finish: a folder's own mtime moves when an evaluation writes into an old run
+    finished = sorted((p for p in runs if (p / "summary.json").is_file() and weights_file(p) is not None),
+                      key=lambda p: (p / "summary.json").stat().st_mtime)
     if not finished:
         unfinished = [p.name for p in runs if (p / "config.json").is_file()]
+        name_one = f"{flag} <run dir>" if flag.startswith("-") else f"the run directory as {flag}"
         raise RunNotFoundError(
             f"no finished {recipe} run under {Path(runs_dir).resolve()}"
             + (f" (unfinished: {', '.join(unfinished[-3:])}: resume one with python -m distill.run {recipe} "
-               f"resume=<run dir>, or export its best weights so far with --run <run dir>)" if unfinished else "")
+               f"resume=<run dir>, or use its best weights so far: pass {name_one})" if unfinished else "")
             + f"; train one with `python -m distill.run {recipe}` (about 20 minutes on a 2-core laptop CPU), "
-            f"or pass {flag} <run dir>")
+            f"or pass {name_one}")
     return finished[-1]
 
 
