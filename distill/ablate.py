@@ -401,6 +401,9 @@ def main(argv: list[str]) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or f"runs/ablate-{stamp}")
     check_writable(out, "--out")
+    if not args.dry_run and (out / "ablation.json").exists():   # its table and folders would mix with a new grid's
+        raise ConfigError(f"--out {out} already holds an ablation (ablation.json); choose another --out, "
+                          f"or move that one away to start again")
     combos = grid.combinations()
     print(f"ablation of {args.recipe}: {len(combos)} runs ({' x '.join(grid.axes)}) -> {out}"
           + (f"; common: {' '.join(grid.common)}" if grid.common else ""))
@@ -410,9 +413,6 @@ def main(argv: list[str]) -> int:
         for i, combination in enumerate(combos):
             print(f"  {run_name(i, combination)}: {' '.join(overrides_for(grid, combination))}")
         return 0
-    if (out / "ablation.json").exists():   # its table would be overwritten and new runs mixed into its folders
-        raise ConfigError(f"--out {out} already holds an ablation (ablation.json); choose another --out, "
-                          f"or move that one away to start again")
     return run_grid(args.recipe, grid, recipes, out, metrics, verbose=args.verbose, heldout=heldout)
 
 

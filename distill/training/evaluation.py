@@ -177,6 +177,7 @@ def evaluate_run(run_dir: str | Path, *, overrides: Sequence[str] = (), device: 
     the teacher's, and the constant baseline and `gap_closed` when the run recorded its training
     median depth (`baseline_depth`, runs since 2026-12-04), beside `run`, `weights_sha256`,
     `overrides` and `images`."""
+    check_evaluation_keys(overrides)   # a training key is refused before the run is even read
     run = load_run(run_dir)
     recipe = evaluation_recipe(run.recipe, overrides)
     dev = pick_device(device, key="--device")
