@@ -19,6 +19,7 @@ From Python: `distill.evaluate_run(run_dir, overrides=["data.seed=1"])` returns 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import re
 import sys
 from pathlib import Path
@@ -30,8 +31,10 @@ from core.io import check_writable
 
 def default_output(run_dir: Path, overrides: list[str]) -> Path:
     """`<run>/evaluations/validation.json` for the run's own split, else the overrides made a file name."""
-    name = "_".join(overrides) or "validation"
-    return run_dir / "evaluations" / (re.sub(r"[^A-Za-z0-9._=+-]+", "-", name)[:180] + ".json")
+    name = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(overrides) or "validation")
+    if len(name) > 180:   # cut, with a digest of the whole so that two long override sets keep two files
+        name = name[:167] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    return run_dir / "evaluations" / (name + ".json")
 
 
 def looks_like_override(text: str) -> bool:

@@ -134,3 +134,12 @@ def test_another_dataset_is_measured_on_its_own_split_and_a_missing_path_is_refu
     assert evaluation_recipe(recipe, [f"data.dataset=nyu:{tmp_path}"]).data.val_dataset == ""
     with pytest.raises(ConfigError, match=f"data.dataset=nyu:{tmp_path / 'typo'}: .* does not exist"):
         evaluation_recipe(recipe, [f"data.dataset=nyu:{tmp_path / 'typo'}"])
+
+
+def test_long_override_sets_keep_files_of_their_own():
+    from distill.evaluate import default_output
+
+    long = [f"data.root=/data/{'x' * 200}"]
+    a, b = default_output(Path("r"), [*long, "data.seed=1"]), default_output(Path("r"), [*long, "data.seed=2"])
+    assert a != b and len(a.name) == len(b.name) == 185 and a.parent == Path("r/evaluations")
+    assert default_output(Path("r"), []).name == "validation.json"

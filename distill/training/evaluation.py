@@ -217,7 +217,8 @@ def teacher_skipped(recipe: Recipe, *, asked: bool) -> str:
     if tc.cache:
         return "teacher.cache holds training-split labels only"
     if tc.align == "dataset":
-        return "teacher.align=dataset: training fitted the teacher's scale on its training split, which is not read here"
+        return ("teacher.align=dataset: training fitted the teacher's scale on its training split, "
+                "which is not read here")
     if not TEACHERS.get(tc.name).needs_ground_truth and not asked:
         return f"{tc.name} loads its weights and runs on every image; add eval.teacher=true to measure it"
     return ""
