@@ -64,9 +64,10 @@ def main(argv: list[str]) -> int:
     from distill.training.report import evaluation_table
 
     run_dir = find_run(args.run, args.runs_dir, flag="RUN")
-    out = args.out or default_output(run_dir, args.overrides)
+    default = default_output(run_dir, args.overrides)
+    out = args.out or default
     if out.is_dir():   # --out results/: the file the run's evaluations/ would hold, there
-        out = out / default_output(run_dir, args.overrides).name
+        out = out / default.name
     check_writable(out.parent, "--out" if args.out else "the run's evaluations/")   # before any image renders
     result = evaluate_run(run_dir, overrides=args.overrides, device=args.device, progress=not args.quiet)
     io.write_json(out, result)
