@@ -4,6 +4,7 @@
     python -m distill.evaluate runs/v3-20261204T043208Z data.seed=1 data.num_val=1000   1,000 rooms it never saw
     python -m distill.evaluate runs/v3-20261204T043208Z data.dataset=nyu:/data/nyu data.num_val=None
     python -m distill.evaluate                                             the newest finished v3 run under runs/
+    python -m distill.evaluate --recipe v4 data.seed=1 data.num_val=1000   the newest finished v4 run
 
 The student is the run's `best.safetensors`, checked against the sha256 the run recorded. Overrides
 change `data.*` (which split: dataset, seed, num_val, size) and `eval.*` (the metric range, the
@@ -48,9 +49,11 @@ def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m distill.evaluate", epilog=__doc__,
                             description="Measure a finished run on a validation split.",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", nargs="?", help="a run directory (default: the newest finished v3 run under --runs-dir)")
+    parser.add_argument("run", nargs="?", help="a run directory (default: the newest finished run of --recipe "
+                                                "under --runs-dir)")
     parser.add_argument("overrides", nargs="*", help="data.* and eval.* key=value overrides, e.g. data.seed=1")
     parser.add_argument("--runs-dir", default="runs", help="where to look for the newest run (default: runs)")
+    parser.add_argument("--recipe", default="v3", help="whose newest run, when no run is named (default: v3)")
     parser.add_argument("--out", type=Path, help="the JSON file (or a directory for it) to write "
                                                  "(default: <run>/evaluations/<overrides>.json)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
@@ -63,7 +66,7 @@ def main(argv: list[str]) -> int:
     from distill.training.evaluation import evaluate_run
     from distill.training.report import evaluation_table
 
-    run_dir = find_run(args.run, args.runs_dir, flag="RUN")
+    run_dir = find_run(args.run, args.runs_dir, args.recipe, flag="RUN")
     default = default_output(run_dir, args.overrides)
     out = args.out or default
     if out.is_dir():   # --out results/: the file the run's evaluations/ would hold, there

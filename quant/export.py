@@ -3,6 +3,7 @@
     python -m quant.export --target tflite                      # newest v3 run, fp32 + fp16 + int8
     python -m quant.export --target pixel8                      # a device profile (targets/devices.json)
     python -m quant.export --target coreml --run runs/v4-20261121T101500Z
+    python -m quant.export --target onnx --recipe v4                  # the newest v4 run
     python -m quant.export --target coreml --precision w4block palette4g sparse-palette4 w8a8   # iOS18 compression
     python -m quant.export --target onnx --precision int8 --qat-steps 0     # int8 by PTQ only (enough for v3)
     python -m quant.export --target tflite --converter litert-torch --layout NCHW   # TFLite through litert-torch
@@ -119,8 +120,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True,
                    help=f"a format ({', '.join(FORMATS)}) or a device profile ({', '.join(device_names())})")
-    p.add_argument("--run", help="training run directory (default: the newest v3 run under --runs-dir)")
+    p.add_argument("--run", help="training run directory (default: the newest run of --recipe under --runs-dir)")
     p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--recipe", default="v3", help="whose newest run, when --run is not given (default: v3)")
     p.add_argument("--out", default="exports", help="exports root (default: exports/)")
     p.add_argument("--precision", nargs="+",
                    help="precisions to produce (default: the target's defaults, core/formats.py)")
@@ -300,7 +302,8 @@ def main(argv: list[str]) -> int:
     """Exit status (core/cli.py): 2 bad input or a busy target (nothing written), 1 a converter
     failed (nothing replaced), 3 a drift gate failed (the export is written)."""
     args = parse_args(argv)
-    result = export_run(args.run, target=args.target, runs_dir=args.runs_dir, options=options_from_args(args))
+    result = export_run(args.run, target=args.target, runs_dir=args.runs_dir, recipe=args.recipe,
+                        options=options_from_args(args))
     if not result.passed:
         print(f"error: {gate_failure_message(result)}", file=sys.stderr)
         return EXIT_GATE_FAILED
@@ -332,12 +335,12 @@ def gate_failure_message(result: ExportResult) -> str:
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Path = "runs",
+def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Path = "runs", recipe: str = "v3",
                options: ExportOptions | None = None, log=print, **option_values) -> ExportResult:
     """Prune (optionally), quantise, convert, validate and bench the run's student for `target` (a
     format of core/formats.py or a device profile of targets/devices.json).
 
-    run: a training run directory; None = the newest v3 run under `runs_dir`. Options are the
+    run: a training run directory; None = the newest run of `recipe` under `runs_dir`. Options are the
     fields of `ExportOptions`, as keywords (`qat_steps=0`) or as one `options=` value. A failed
     gate does not raise: the export is written and `result.passed` is False (drift.json says why).
     Raises ValueError (bad options), RunNotFoundError, ExportExistsError (nothing written) and
@@ -348,11 +351,11 @@ def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Pa
         raise ExportError(f"unknown export option(s) {unknown}; the options are the fields of ExportOptions: "
                           f"{', '.join(f.name for f in fields(ExportOptions))}")
     options = replace(options or ExportOptions(), **option_values)
-    return export(run, plan_for(target, options), options, runs_dir=runs_dir, log=log)
+    return export(run, plan_for(target, options), options, runs_dir=runs_dir, recipe=recipe, log=log)
 
 
 def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs_dir: str | Path = "runs",
-           log=print) -> ExportResult:
+           recipe: str = "v3", log=print) -> ExportResult:
     """`export_run` once the plan is made: holds the target's lock from staging to the rename."""
     import torch
 
@@ -362,7 +365,7 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
     t_start = time.time()
     if plan.threads > 0:
         torch.set_num_threads(plan.threads)
-    run = load_run(find_run(run_path, runs_dir))
+    run = load_run(find_run(run_path, runs_dir, recipe))
     if opts.qat_steps is None:
         opts = replace(opts, qat_steps=run.recipe.int8_qat_steps)
     size = plan.input_size or run.input_size

@@ -31,8 +31,9 @@ DEFAULT_IMAGES = 32
 
 def parse_args(argv: list[str] | None):
     p = ArgumentParser(prog="python -m quant.sensitivity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", help="training run directory (default: the newest v3 run under --runs-dir)")
+    p.add_argument("--run", help="training run directory (default: the newest run of --recipe under --runs-dir)")
     p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--recipe", default="v3", help="whose newest run, when --run is not given (default: v3)")
     p.add_argument("--images", type=int, default=DEFAULT_IMAGES,
                    help=f"validation images the drift is measured on (default {DEFAULT_IMAGES})")
     p.add_argument("--calib", type=int, default=128, help="calibration images (the export's default: 128)")
@@ -140,7 +141,7 @@ def main(argv: list[str]) -> int:
     from distill.data import build_datasets
 
     args = parse_args(argv)
-    run = load_run(find_run(args.run, args.runs_dir))
+    run = load_run(find_run(args.run, args.runs_dir, args.recipe))
     plain_train, val_ds = build_datasets(replace(run.recipe.data, augment=False), progress=False)
     count = min(args.images, len(val_ds))
     images = torch.stack([torch.as_tensor(val_ds[i]["image"]).float() for i in range(count)])

@@ -121,6 +121,26 @@ def test_the_newest_run_is_the_last_to_finish_not_the_last_evaluated(tmp_path):
     assert find_run(None, tmp_path) == tmp_path / "v3-20261202T000000Z"
 
 
+def test_another_recipes_newest_run_is_found_by_name_and_named_when_v3_has_none(tmp_path):
+    from distill.training import RunNotFoundError, find_run
+
+    import os
+
+    for name, finished in (("v4-20261201T000000Z", 1_000), ("v5-20261202T000000Z", 2_000)):
+        (tmp_path / name).mkdir()
+        for file in ("config.json", "summary.json", "best.safetensors"):
+            (tmp_path / name / file).write_text("{}")
+        os.utime(tmp_path / name / "summary.json", (finished, finished))
+    (tmp_path / "v3-20261203T000000Z").mkdir()   # started, never finished
+    (tmp_path / "v3-20261203T000000Z" / "config.json").write_text("{}")
+    assert find_run(None, tmp_path, "v4") == tmp_path / "v4-20261201T000000Z"
+    with pytest.raises(RunNotFoundError) as refused:
+        find_run(None, tmp_path)
+    message = str(refused.value)
+    assert "unfinished: v3-20261203T000000Z" in message and "finished runs of v5, v4 are there" in message
+    assert "pick that recipe with --recipe v5" in message
+
+
 def test_another_dataset_is_measured_on_its_own_split_and_a_missing_path_is_refused(tmp_path):
     from dataclasses import replace
 

@@ -1,8 +1,9 @@
 """A training run read back: its directory, its recipe, its best weights.
 
-`find_run(None)` picks the newest v3 run under `runs/`; `load_run(dir)` rebuilds the student from
-the saved config and `best.safetensors` (the last checkpoint if no best was kept), checked against
-the sha256 the run recorded, and keeps that sha256: every export and evaluation names its weights.
+`find_run(None)` picks the newest v3 run under `runs/` (`recipe="v4"`: the newest v4 run);
+`load_run(dir)` rebuilds the student from the saved config and `best.safetensors` (the last
+checkpoint if no best was kept), checked against the sha256 the run recorded, and keeps that
+sha256: every export and evaluation names its weights.
 The training stage writes runs, so it reads them back; `distill.evaluate` and `quant.export` use this.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from core import io
 from core.weights import check_checkpoint, latest_checkpoint, load_state, load_weights
 from distill.data.classes import NYU13_NAMES
-from distill.recipes import Recipe, load_saved
+from distill.recipes import RECIPES, Recipe, load_saved
 from distill.students import MultiTaskStudent, build_student, shipped_state
 
 DEFAULT_RECIPE = "v3"
@@ -28,30 +29,49 @@ class RunNotFoundError(FileNotFoundError):
 
 
 def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str = DEFAULT_RECIPE, *,
-             flag: str = "--run") -> Path:
+             flag: str = "--run", recipe_flag: str = "--recipe") -> Path:
     """`run` if given (checked; an unfinished run exports its best weights so far), else the newest
-    finished `<recipe>-*` run under `runs_dir` (one with summary.json and weights). `flag` is how the
-    command's user passes a run, for the error."""
+    finished `<recipe>-*` run under `runs_dir` (one with summary.json and weights). `flag` and
+    `recipe_flag` are how the command's user names a run and a recipe, for the error."""
     if run:
         path = Path(run)
         if not (path / "config.json").is_file():
             raise RunNotFoundError(f"{flag} {run}: no config.json there; pass a training run directory "
                                    f"(runs/<recipe>-<time>) made by python -m distill.run")
         return path
+    RECIPES.get(recipe)   # a misspelt recipe names the valid ones, not "no run"
     runs = sorted(Path(runs_dir).glob(f"{recipe}-*"))   # names sort by start time
-    # newest = the last to finish: a folder's own mtime moves when an evaluation writes into an old run
-    finished = sorted((p for p in runs if (p / "summary.json").is_file() and weights_file(p) is not None),
-                      key=lambda p: (p / "summary.json").stat().st_mtime)
+    finished = newest_last(p for p in runs if is_finished(p))
     if not finished:
         unfinished = [p.name for p in runs if (p / "config.json").is_file()]
         name_one = f"{flag} <run dir>" if flag.startswith("-") else f"the run directory as {flag}"
+        others = other_recipes_finished(Path(runs_dir), recipe)
         raise RunNotFoundError(
             f"no finished {recipe} run under {Path(runs_dir).resolve()}"
             + (f" (unfinished: {', '.join(unfinished[-3:])}: resume one with python -m distill.run {recipe} "
                f"resume=<run dir>, or use its best weights so far: pass {name_one})" if unfinished else "")
+            + (f"; finished runs of {', '.join(others)} are there: pick that recipe with {recipe_flag} "
+               f"{others[0]}" if others else "")
             + f"; train one with `python -m distill.run {recipe}` (about 20 minutes on a 2-core laptop CPU), "
             f"or pass {name_one}")
     return finished[-1]
+
+
+def is_finished(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file() and weights_file(run_dir) is not None
+
+
+def newest_last(run_dirs) -> list[Path]:
+    # newest = the last to finish: a folder's own mtime moves when an evaluation writes into an old run
+    return sorted(run_dirs, key=lambda p: (p / "summary.json").stat().st_mtime)
+
+
+def other_recipes_finished(runs_dir: Path, recipe: str) -> list[str]:
+    """The other recipes with a finished run under `runs_dir`, the most recently finished first."""
+    runs = newest_last(p for p in runs_dir.glob("*-*")
+                       if p.name.rsplit("-", 1)[0] in RECIPES and not p.name.startswith(f"{recipe}-")
+                       and is_finished(p))
+    return list(dict.fromkeys(p.name.rsplit("-", 1)[0] for p in reversed(runs)))
 
 
 def weights_file(run_dir: Path) -> Path | None:
