@@ -84,9 +84,16 @@ def load_state(path: str | Path) -> dict:
 def check_checkpoint(ckpt: Path) -> dict:
     """A checkpoint's state, after checking its weights against the sha256 that state.pt recorded
     (checkpoints written before that record are read as they are)."""
+    return checked_checkpoint(ckpt)[0]
+
+
+def checked_checkpoint(ckpt: Path) -> tuple[dict, str]:
+    """`check_checkpoint`'s state and the weights' sha256: the recorded one once verified (computed
+    for checkpoints written before that record), so a caller that names the weights hashes them once."""
     state = load_state(ckpt / "state.pt")
     recorded = state.pop(WEIGHTS_SHA256, None)
-    if recorded is not None:
-        check_sha256(ckpt / "model.safetensors", recorded, record="its checkpoint recorded",
-                     fix="the weights are corrupt. Resume from an intact copy of the run, or start a new run")
-    return state
+    weights = ckpt / "model.safetensors"
+    if recorded is None:
+        return state, sha256(weights)
+    return state, check_sha256(weights, recorded, record="its checkpoint recorded",
+                               fix="the weights are corrupt. Resume from an intact copy of the run, or start a new run")

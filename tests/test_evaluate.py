@@ -73,6 +73,23 @@ def test_replaced_weights_are_refused(run, tmp_path):
         evaluate_run(copy, progress=False, log=lambda *a: None)
 
 
+def test_a_run_without_best_weights_names_its_checkpoints_checked_digest(run, tmp_path):
+    import shutil
+
+    from core import io
+    from distill.training import load_run
+
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy)
+    (copy / "best.safetensors").unlink()
+    loaded = load_run(copy)
+    assert loaded.weights.name == "model.safetensors" and loaded.weights_sha256 == io.sha256(loaded.weights)
+    weights = loaded.weights.read_bytes()
+    loaded.weights.write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
+    with pytest.raises(IntegrityError, match="differs from the sha256 its checkpoint recorded"):
+        load_run(copy)
+
+
 @pytest.mark.parametrize("teacher, cache, align, asked, skipped", [
     ("synthetic-metric", "", "none", False, ""),                    # embedded: a second, always measured
     ("da3-metric", "", "none", False, "add eval.teacher=true"),     # a real ViT (maybe from the hub): only when asked

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from core import io
-from core.weights import check_checkpoint, latest_checkpoint, load_state, load_weights
+from core.weights import checked_checkpoint, latest_checkpoint, load_state, load_weights
 from distill.data.classes import NYU13_NAMES
 from distill.recipes import RECIPES, Recipe, load_saved
 from distill.students import MultiTaskStudent, build_student, shipped_state
@@ -122,8 +122,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         digest = io.sha256(weights) if recorded is None else io.check_sha256(
             weights, recorded, record="its run recorded", fix=fix)
     else:   # no best kept: the last checkpoint's weights, checked against their own record
-        check_checkpoint(weights.parent)
-        digest = io.sha256(weights)
+        digest = checked_checkpoint(weights.parent)[1]
     model = build_from_recipe(recipe)
     model.load_state_dict(shipped_state(load_weights(weights)))   # a checkpoint keeps deep supervision's heads
     return LoadedRun(run_dir, recipe, model.eval(), weights, digest)
