@@ -283,7 +283,7 @@ def table_cells(rows: list[dict], axes: list[str], metrics: list[str], bold: Cal
                 out: Path) -> tuple[list[str], list[list[str]]]:
     """Header and cells: the axes' values, each metric (best marked by `bold`), wall time, run."""
     columns = [m for m in metrics if m != "wall_s"] + ["wall_s"]
-    best = {m: best_rows(rows, m) for m in columns}
+    best = {m: best_rows(rows, m) if len(rows) > 1 else set() for m in columns}   # one row: nothing to beat
     body = []
     for i, row in enumerate(rows):
         cells = [row["values"][k] for k in axes]
