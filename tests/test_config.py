@@ -51,6 +51,10 @@ def test_recipe_history():
     assert v3.loss.aux_weight == v4.loss.aux_weight == 0.5 and v1.loss.aux_weight == 0.0
     assert to_dict(v4) == to_dict(v3_as_v4)
     assert "75.37 m" in type(v1).__doc__
+    # v6 = v3 with fixed task weights that favour segmentation, nothing else
+    v6 = get_recipe("v6")
+    assert to_dict(v6) == to_dict(dataclasses.replace(v3, name="v6", loss=dataclasses.replace(
+        v3.loss, weighting="fixed", depth_weight=2.0, seg_weight=1.2)))
 
 
 def test_device_defaults_fill_only_unset_fields():

@@ -22,10 +22,10 @@ from distill.recipes.base import (
     check_values,
     resolve_for_device,
 )
-from distill.recipes.history import V1, V2, V3, V4, V5
+from distill.recipes.history import V1, V2, V3, V4, V5, V6
 
 RECIPES: Registry = Registry("recipe")
-for _cls in (V1, V2, V3, V4, V5):
+for _cls in (V1, V2, V3, V4, V5, V6):
     RECIPES.register(_cls.name, _cls)
 
 
