@@ -159,4 +159,3 @@ class V6(V3):
     name: str = "v6"
     loss: LossConfig = field(default_factory=lambda: LossConfig(
         depth="berhu", berhu_threshold="p80", weighting="fixed", depth_weight=2.0, seg_weight=1.2, aux_weight=0.5))
-

@@ -29,10 +29,10 @@ class RunNotFoundError(FileNotFoundError):
 
 
 def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str = DEFAULT_RECIPE, *,
-             flag: str = "--run", recipe_flag: str = "--recipe") -> Path:
+             flag: str = "--run") -> Path:
     """`run` if given (checked; an unfinished run exports its best weights so far), else the newest
-    finished `<recipe>-*` run under `runs_dir` (one with summary.json and weights). `flag` and
-    `recipe_flag` are how the command's user names a run and a recipe, for the error."""
+    finished `<recipe>-*` run under `runs_dir` (one with summary.json and weights). `flag` is how the
+    command's user passes a run, for the error."""
     if run:
         path = Path(run)
         if not (path / "config.json").is_file():
@@ -50,7 +50,7 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
             f"no finished {recipe} run under {Path(runs_dir).resolve()}"
             + (f" (unfinished: {', '.join(unfinished[-3:])}: resume one with python -m distill.run {recipe} "
                f"resume=<run dir>, or use its best weights so far: pass {name_one})" if unfinished else "")
-            + (f"; finished runs of {', '.join(others)} are there: pick that recipe with {recipe_flag} "
+            + (f"; finished runs of {', '.join(others)} are there: pick that recipe with --recipe "
                f"{others[0]}" if others else "")
             + f"; train one with `python -m distill.run {recipe}` (about 20 minutes on a 2-core laptop CPU), "
             f"or pass {name_one}")
