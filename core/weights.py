@@ -87,13 +87,12 @@ def check_checkpoint(ckpt: Path) -> dict:
     return checked_checkpoint(ckpt)[0]
 
 
-def checked_checkpoint(ckpt: Path) -> tuple[dict, str]:
-    """`check_checkpoint`'s state and the weights' sha256: the recorded one once verified (computed
-    for checkpoints written before that record), so a caller that names the weights hashes them once."""
+def checked_checkpoint(ckpt: Path) -> tuple[dict, str | None]:
+    """`check_checkpoint`'s state and the weights' sha256 once verified against the record (None for
+    checkpoints written before it), so a caller that names the weights need not hash them again."""
     state = load_state(ckpt / "state.pt")
     recorded = state.pop(WEIGHTS_SHA256, None)
-    weights = ckpt / "model.safetensors"
     if recorded is None:
-        return state, sha256(weights)
-    return state, check_sha256(weights, recorded, record="its checkpoint recorded",
+        return state, None
+    return state, check_sha256(ckpt / "model.safetensors", recorded, record="its checkpoint recorded",
                                fix="the weights are corrupt. Resume from an intact copy of the run, or start a new run")

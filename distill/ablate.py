@@ -237,7 +237,7 @@ def best_rows(rows: list[dict], metric: str) -> set[int]:
         if row["status"] in ("ok", "partial") and isinstance(value, (int, float)) and math.isfinite(value):
             value, direction = round(value, 4), DIRECTION[metric]
             scored[i] = -abs(value - 1) if direction == 0 else direction * value
-    if not scored:
+    if len(scored) < 2:   # a lone figure beats nothing
         return set()
     top = max(scored.values())
     return {i for i, s in scored.items() if s == top}
@@ -283,7 +283,7 @@ def table_cells(rows: list[dict], axes: list[str], metrics: list[str], bold: Cal
                 out: Path) -> tuple[list[str], list[list[str]]]:
     """Header and cells: the axes' values, each metric (best marked by `bold`), wall time, run."""
     columns = [m for m in metrics if m != "wall_s"] + ["wall_s"]
-    best = {m: best_rows(rows, m) if len(rows) > 1 else set() for m in columns}   # one row: nothing to beat
+    best = {m: best_rows(rows, m) for m in columns}
     body = []
     for i, row in enumerate(rows):
         cells = [row["values"][k] for k in axes]

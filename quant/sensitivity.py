@@ -1,4 +1,4 @@
-"""Which tensors make a student's int8 drift: `python -m quant.sensitivity [--run RUN]`.
+"""Which tensors make a student's int8 drift: `python -m quant.sensitivity [--run RUN | --recipe NAME]`.
 
 The int8 files are simulated in PyTorch (`quant.ptq.simulate`: every tensor they store gets a
 fake quantiser, ranges by min/max on the export's calibration set). Quantisers that see one

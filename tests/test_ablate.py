@@ -96,7 +96,7 @@ def test_best_value_per_metric_is_marked(tmp_path):
     assert lines[4] == "| c | - | - | - | 10 | FAILED ValueError: boom |"
     assert lines[5] == "| d | - | - | - | - | pending |"
     assert "0.1000*" in terminal_table(rows, ["k"], ["abs_rel"], tmp_path)
-    assert "**" not in markdown_table(rows[1:2], ["k"], ["abs_rel"], tmp_path)   # a lone row beats nothing
+    assert "**" not in markdown_table(rows[1:3], ["k"], ["abs_rel"], tmp_path)   # a lone figure beats nothing
     grid = Grid({"k": ("a", "b", "c", "d")}, ("train.epochs=1",))
     write_report(tmp_path, "v3", grid, ["abs_rel", "d1"], rows)
     saved = json.loads((tmp_path / "ablation.json").read_text())

@@ -73,7 +73,7 @@ def test_replaced_weights_are_refused(run, tmp_path):
         evaluate_run(copy, progress=False, log=lambda *a: None)
 
 
-def test_a_run_without_best_weights_names_its_checkpoints_checked_digest(run, tmp_path):
+def test_a_run_without_best_weights_names_its_checkpoints_checked_digest(run, tmp_path, monkeypatch):
     import shutil
 
     from core import io
@@ -82,8 +82,12 @@ def test_a_run_without_best_weights_names_its_checkpoints_checked_digest(run, tm
     copy = tmp_path / run.name
     shutil.copytree(run, copy)
     (copy / "best.safetensors").unlink()
+    hashed = []
+    real_sha256 = io.sha256
+    monkeypatch.setattr(io, "sha256", lambda path: hashed.append(path) or real_sha256(path))
     loaded = load_run(copy)
-    assert loaded.weights.name == "model.safetensors" and loaded.weights_sha256 == io.sha256(loaded.weights)
+    assert len(hashed) == 1 and hashed[0] == loaded.weights   # checked against the record once, not hashed again
+    assert loaded.weights.name == "model.safetensors" and loaded.weights_sha256 == real_sha256(loaded.weights)
     weights = loaded.weights.read_bytes()
     loaded.weights.write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
     with pytest.raises(IntegrityError, match="differs from the sha256 its checkpoint recorded"):
@@ -139,11 +143,13 @@ def test_the_newest_run_is_the_last_to_finish_not_the_last_evaluated(tmp_path):
 
 
 def test_another_recipes_newest_run_is_found_by_name_and_named_when_v3_has_none(tmp_path):
-    from distill.training import RunNotFoundError, find_run
-
     import os
 
-    for name, finished in (("v4-20261201T000000Z", 1_000), ("v5-20261202T000000Z", 2_000)):
+    from distill.training import RunNotFoundError, find_run
+
+    # a second run started in the same second gets "-1"; "v4-lite-..." is another recipe's name, not v4's
+    for name, finished in (("v4-20261201T000000Z", 1_000), ("v5-20261202T000000Z-1", 2_000),
+                           ("v4-lite-20261203T000000Z", 3_000)):
         (tmp_path / name).mkdir()
         for file in ("config.json", "summary.json", "best.safetensors"):
             (tmp_path / name / file).write_text("{}")
@@ -151,6 +157,7 @@ def test_another_recipes_newest_run_is_found_by_name_and_named_when_v3_has_none(
     (tmp_path / "v3-20261203T000000Z").mkdir()   # started, never finished
     (tmp_path / "v3-20261203T000000Z" / "config.json").write_text("{}")
     assert find_run(None, tmp_path, "v4") == tmp_path / "v4-20261201T000000Z"
+    assert find_run(None, tmp_path, "v5") == tmp_path / "v5-20261202T000000Z-1"
     with pytest.raises(RunNotFoundError) as refused:
         find_run(None, tmp_path)
     message = str(refused.value)

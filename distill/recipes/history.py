@@ -146,7 +146,7 @@ class V6(V3):
     """v6 - v3 with segmentation weighted up: fixed task weights (depth 2, segmentation 1.2), not Kendall's.
 
     Segmentation teaches v3's depth: the same student trained on depth alone (`model.tasks=depth`)
-    was 0.027 abs_rel worse over 3 seeds at the reduced size (1,000 rooms x 6 epochs: 0.2675
+    was 0.025 abs_rel worse over 3 seeds at the reduced size (1,000 rooms x 6 epochs: 0.2675
     against 0.2422 on 1,000 new rooms). Kendall weighting settles where each task's weighted loss
     is the same (about 2 x depth, 0.37 x segmentation at the end of a CPU run); these weights give
     segmentation about three times that share. At the reduced size, 3 seeds, on the new rooms:

@@ -9,6 +9,7 @@ The training stage writes runs, so it reads them back; `distill.evaluate` and `q
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from distill.recipes import RECIPES, Recipe, load_saved
 from distill.students import MultiTaskStudent, build_student, shipped_state
 
 DEFAULT_RECIPE = "v3"
+RUN_NAME = re.compile(r"(?P<recipe>.+)-\d{8}T\d{6}Z(-\d+)?")   # distill.training.loop.new_run_dir's names
 
 
 class RunNotFoundError(FileNotFoundError):
@@ -33,14 +35,14 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
     """`run` if given (checked; an unfinished run exports its best weights so far), else the newest
     finished `<recipe>-*` run under `runs_dir` (one with summary.json and weights). `flag` is how the
     command's user passes a run, for the error."""
+    RECIPES.get(recipe)   # a misspelt recipe names the valid ones, not "no run"
     if run:
         path = Path(run)
         if not (path / "config.json").is_file():
             raise RunNotFoundError(f"{flag} {run}: no config.json there; pass a training run directory "
                                    f"(runs/<recipe>-<time>) made by python -m distill.run")
         return path
-    RECIPES.get(recipe)   # a misspelt recipe names the valid ones, not "no run"
-    runs = sorted(Path(runs_dir).glob(f"{recipe}-*"))   # names sort by start time
+    runs = sorted(p for p in Path(runs_dir).glob(f"{recipe}-*") if run_recipe(p) == recipe)   # sort by start time
     finished = newest_last(p for p in runs if is_finished(p))
     if not finished:
         unfinished = [p.name for p in runs if (p / "config.json").is_file()]
@@ -66,12 +68,18 @@ def newest_last(run_dirs) -> list[Path]:
     return sorted(run_dirs, key=lambda p: (p / "summary.json").stat().st_mtime)
 
 
+def run_recipe(run_dir: Path) -> str | None:
+    """The recipe in a run directory's name (`v4-20261201T000000Z`, or `-1` after it for a second run
+    started in the same second), or None for a name `distill.run` does not make."""
+    match = RUN_NAME.fullmatch(run_dir.name)
+    return match["recipe"] if match else None
+
+
 def other_recipes_finished(runs_dir: Path, recipe: str) -> list[str]:
     """The other recipes with a finished run under `runs_dir`, the most recently finished first."""
     runs = newest_last(p for p in runs_dir.glob("*-*")
-                       if p.name.rsplit("-", 1)[0] in RECIPES and not p.name.startswith(f"{recipe}-")
-                       and is_finished(p))
-    return list(dict.fromkeys(p.name.rsplit("-", 1)[0] for p in reversed(runs)))
+                       if run_recipe(p) in RECIPES and run_recipe(p) != recipe and is_finished(p))
+    return list(dict.fromkeys(run_recipe(p) for p in reversed(runs)))
 
 
 def weights_file(run_dir: Path) -> Path | None:
@@ -122,7 +130,7 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         digest = io.sha256(weights) if recorded is None else io.check_sha256(
             weights, recorded, record="its run recorded", fix=fix)
     else:   # no best kept: the last checkpoint's weights, checked against their own record
-        digest = checked_checkpoint(weights.parent)[1]
+        digest = checked_checkpoint(weights.parent)[1] or io.sha256(weights)   # None: written before the record
     model = build_from_recipe(recipe)
     model.load_state_dict(shipped_state(load_weights(weights)))   # a checkpoint keeps deep supervision's heads
     return LoadedRun(run_dir, recipe, model.eval(), weights, digest)
