@@ -28,6 +28,7 @@ from pathlib import Path
 from core import io
 from core.cli import ArgumentParser, command
 from core.io import check_writable
+from distill.recipes import DEFAULT_RECIPE
 
 
 def default_output(run_dir: Path, overrides: list[str]) -> Path:
@@ -53,7 +54,8 @@ def main(argv: list[str]) -> int:
                                                 "under --runs-dir)")
     parser.add_argument("overrides", nargs="*", help="data.* and eval.* key=value overrides, e.g. data.seed=1")
     parser.add_argument("--runs-dir", default="runs", help="where to look for the newest run (default: runs)")
-    parser.add_argument("--recipe", default="v3", help="whose newest run, when no run is named (default: v3)")
+    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
+                        help=f"whose newest run, when no run is named (default: {DEFAULT_RECIPE})")
     parser.add_argument("--out", type=Path, help="the JSON file (or a directory for it) to write "
                                                  "(default: <run>/evaluations/<overrides>.json)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")

@@ -45,6 +45,7 @@ from core.cli import ArgumentParser, at_least, command
 from core.formats import CALIBRATED_PRECISIONS, FORMATS, PRECISIONS, Converter, Format
 from core.io import check_writable
 from core.lock import exclusive
+from distill.recipes import DEFAULT_RECIPE
 from edge import kit
 from quant import benchmark, compression
 from quant.model_card import write_model_card
@@ -122,7 +123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"a format ({', '.join(FORMATS)}) or a device profile ({', '.join(device_names())})")
     p.add_argument("--run", help="training run directory (default: the newest run of --recipe under --runs-dir)")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--recipe", default="v3", help="whose newest run, when --run is not given (default: v3)")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE,
+                   help=f"whose newest run, when --run is not given (default: {DEFAULT_RECIPE})")
     p.add_argument("--out", default="exports", help="exports root (default: exports/)")
     p.add_argument("--precision", nargs="+",
                    help="precisions to produce (default: the target's defaults, core/formats.py)")
@@ -335,8 +337,9 @@ def gate_failure_message(result: ExportResult) -> str:
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Path = "runs", recipe: str = "v3",
-               options: ExportOptions | None = None, log=print, **option_values) -> ExportResult:
+def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Path = "runs",
+               recipe: str = DEFAULT_RECIPE, options: ExportOptions | None = None, log=print,
+               **option_values) -> ExportResult:
     """Prune (optionally), quantise, convert, validate and bench the run's student for `target` (a
     format of core/formats.py or a device profile of targets/devices.json).
 
@@ -355,7 +358,7 @@ def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Pa
 
 
 def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs_dir: str | Path = "runs",
-           recipe: str = "v3", log=print) -> ExportResult:
+           recipe: str = DEFAULT_RECIPE, log=print) -> ExportResult:
     """`export_run` once the plan is made: holds the target's lock from staging to the rename."""
     import torch
 

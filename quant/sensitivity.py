@@ -24,6 +24,7 @@ from core.cli import ArgumentParser, at_least, command
 from core.formats import FORMATS
 from quant import ptq, qat
 from quant.equalize import equalize
+from distill.recipes import DEFAULT_RECIPE
 from distill.training import find_run, load_run
 
 DEFAULT_IMAGES = 32
@@ -33,7 +34,8 @@ def parse_args(argv: list[str] | None):
     p = ArgumentParser(prog="python -m quant.sensitivity", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", help="training run directory (default: the newest run of --recipe under --runs-dir)")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--recipe", default="v3", help="whose newest run, when --run is not given (default: v3)")
+    p.add_argument("--recipe", default=DEFAULT_RECIPE,
+                   help=f"whose newest run, when --run is not given (default: {DEFAULT_RECIPE})")
     p.add_argument("--images", type=int, default=DEFAULT_IMAGES,
                    help=f"validation images the drift is measured on (default {DEFAULT_IMAGES})")
     p.add_argument("--calib", type=int, default=128, help="calibration images (the export's default: 128)")

@@ -25,6 +25,7 @@ from distill.recipes.base import (
 from distill.recipes.history import V1, V2, V3, V4, V5, V6
 
 RECIPES: Registry = Registry("recipe")
+DEFAULT_RECIPE = "v3"   # whose newest run the commands that read runs take when none is named
 for _cls in (V1, V2, V3, V4, V5, V6):
     RECIPES.register(_cls.name, _cls)
 
@@ -68,5 +69,6 @@ def recipe_summary(name: str) -> str:
     return (RECIPES.get(name).__doc__ or "").strip().splitlines()[0]
 
 
-__all__ = ["RECIPES", "get_recipe", "load_saved", "recipe_summary", "Recipe", "DataConfig", "ModelConfig", "LossConfig",
-           "TrainConfig", "EvalConfig", "TeacherConfig", "DistillConfig", "check_values", "resolve_for_device"]
+__all__ = ["RECIPES", "DEFAULT_RECIPE", "get_recipe", "load_saved", "recipe_summary", "Recipe", "DataConfig",
+           "ModelConfig", "LossConfig", "TrainConfig", "EvalConfig", "TeacherConfig", "DistillConfig", "check_values",
+           "resolve_for_device"]

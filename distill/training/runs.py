@@ -18,10 +18,9 @@ import torch
 from core import io
 from core.weights import checked_checkpoint, latest_checkpoint, load_state, load_weights
 from distill.data.classes import NYU13_NAMES
-from distill.recipes import RECIPES, Recipe, load_saved
+from distill.recipes import DEFAULT_RECIPE, RECIPES, Recipe, load_saved
 from distill.students import MultiTaskStudent, build_student, shipped_state
 
-DEFAULT_RECIPE = "v3"
 RUN_NAME = re.compile(r"(?P<recipe>.+)-\d{8}T\d{6}Z(-\d+)?")   # distill.training.loop.new_run_dir's names
 
 
