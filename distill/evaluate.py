@@ -54,8 +54,9 @@ def main(argv: list[str]) -> int:
                                                 "under --runs-dir)")
     parser.add_argument("overrides", nargs="*", help="data.* and eval.* key=value overrides, e.g. data.seed=1")
     parser.add_argument("--runs-dir", default="runs", help="where to look for the newest run (default: runs)")
-    parser.add_argument("--recipe", default=DEFAULT_RECIPE,
-                        help=f"whose newest run, when no run is named (default: {DEFAULT_RECIPE})")
+    parser.add_argument("--recipe", metavar="NAME",
+                        help=f"whose newest run, when no run is named (default: {DEFAULT_RECIPE}); "
+                             "beside a run, that run's recipe")
     parser.add_argument("--out", type=Path, help="the JSON file (or a directory for it) to write "
                                                  "(default: <run>/evaluations/<overrides>.json)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")

@@ -123,8 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"a format ({', '.join(FORMATS)}) or a device profile ({', '.join(device_names())})")
     p.add_argument("--run", help="training run directory (default: the newest run of --recipe under --runs-dir)")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--recipe", default=DEFAULT_RECIPE,
-                   help=f"whose newest run, when --run is not given (default: {DEFAULT_RECIPE})")
+    p.add_argument("--recipe", metavar="NAME",
+                   help=f"whose newest run, when --run is not given (default: {DEFAULT_RECIPE}); "
+                        "beside a run, that run's recipe")
     p.add_argument("--out", default="exports", help="exports root (default: exports/)")
     p.add_argument("--precision", nargs="+",
                    help="precisions to produce (default: the target's defaults, core/formats.py)")
@@ -338,12 +339,12 @@ def gate_failure_message(result: ExportResult) -> str:
 # ----------------------------------------------------------------------------- the pipeline
 
 def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Path = "runs",
-               recipe: str = DEFAULT_RECIPE, options: ExportOptions | None = None, log=print,
+               recipe: str | None = None, options: ExportOptions | None = None, log=print,
                **option_values) -> ExportResult:
     """Prune (optionally), quantise, convert, validate and bench the run's student for `target` (a
     format of core/formats.py or a device profile of targets/devices.json).
 
-    run: a training run directory; None = the newest run of `recipe` under `runs_dir`. Options are the
+    run: a training run directory; None = the newest run of `recipe` (None: v3) under `runs_dir`. Options are the
     fields of `ExportOptions`, as keywords (`qat_steps=0`) or as one `options=` value. A failed
     gate does not raise: the export is written and `result.passed` is False (drift.json says why).
     Raises ValueError (bad options), RunNotFoundError, ExportExistsError (nothing written) and
@@ -358,7 +359,7 @@ def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Pa
 
 
 def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs_dir: str | Path = "runs",
-           recipe: str = DEFAULT_RECIPE, log=print) -> ExportResult:
+           recipe: str | None = None, log=print) -> ExportResult:
     """`export_run` once the plan is made: holds the target's lock from staging to the rename."""
     import torch
 

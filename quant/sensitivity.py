@@ -34,8 +34,9 @@ def parse_args(argv: list[str] | None):
     p = ArgumentParser(prog="python -m quant.sensitivity", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", help="training run directory (default: the newest run of --recipe under --runs-dir)")
     p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--recipe", default=DEFAULT_RECIPE,
-                   help=f"whose newest run, when --run is not given (default: {DEFAULT_RECIPE})")
+    p.add_argument("--recipe", metavar="NAME",
+                   help=f"whose newest run, when --run is not given (default: {DEFAULT_RECIPE}); "
+                        "beside a run, that run's recipe")
     p.add_argument("--images", type=int, default=DEFAULT_IMAGES,
                    help=f"validation images the drift is measured on (default {DEFAULT_IMAGES})")
     p.add_argument("--calib", type=int, default=128, help="calibration images (the export's default: 128)")

@@ -165,6 +165,17 @@ def test_another_recipes_newest_run_is_found_by_name_and_named_when_v3_has_none(
     assert "pick that recipe with --recipe v5" in message
 
 
+def test_a_recipe_named_beside_a_run_must_be_the_runs(tmp_path):
+    from distill.training import RunNotFoundError, find_run
+
+    run = tmp_path / "v4-20261201T000000Z"
+    run.mkdir()
+    (run / "config.json").write_text('{"name": "v4"}')
+    assert find_run(run, tmp_path) == run and find_run(run, tmp_path, "v4") == run
+    with pytest.raises(RunNotFoundError, match="is a v4 run, but the recipe asked for is v3"):
+        find_run(run, tmp_path, "v3")
+
+
 def test_another_dataset_is_measured_on_its_own_split_and_a_missing_path_is_refused(tmp_path):
     from dataclasses import replace
 

@@ -29,18 +29,25 @@ class RunNotFoundError(FileNotFoundError):
     exit_code = 2
 
 
-def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str = DEFAULT_RECIPE, *,
+def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str | None = None, *,
              flag: str = "--run") -> Path:
     """`run` if given (checked; an unfinished run exports its best weights so far), else the newest
-    finished `<recipe>-*` run under `runs_dir` (one with summary.json and weights). `flag` is how the
-    command's user passes a run, for the error."""
-    RECIPES.get(recipe)   # a misspelt recipe names the valid ones, not "no run"
+    finished `<recipe>-*` run under `runs_dir` (one with summary.json and weights; recipe None:
+    DEFAULT_RECIPE). A recipe named beside a run must be the run's. `flag` is how the command's
+    user passes a run, for the error."""
+    if recipe is not None:
+        RECIPES.get(recipe)   # a misspelt recipe names the valid ones, not "no run"
     if run:
         path = Path(run)
         if not (path / "config.json").is_file():
             raise RunNotFoundError(f"{flag} {run}: no config.json there; pass a training run directory "
                                    f"(runs/<recipe>-<time>) made by python -m distill.run")
+        trained = json.loads((path / "config.json").read_text()).get("name")
+        if recipe is not None and trained is not None and trained != recipe:
+            raise RunNotFoundError(f"{flag} {run} is a {trained} run, but the recipe asked for is {recipe} "
+                                   f"(--recipe, or recipe= in Python); name one of the two, or both alike")
         return path
+    recipe = recipe or DEFAULT_RECIPE
     runs = sorted(p for p in Path(runs_dir).glob(f"{recipe}-*") if run_recipe(p) == recipe)   # sort by start time
     finished = newest_last(p for p in runs if is_finished(p))
     if not finished:
@@ -52,7 +59,7 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
             + (f" (unfinished: {', '.join(unfinished[-3:])}: resume one with python -m distill.run {recipe} "
                f"resume=<run dir>, or use its best weights so far: pass {name_one})" if unfinished else "")
             + (f"; finished runs of {', '.join(others)} are there: pick that recipe with --recipe "
-               f"{others[0]}" if others else "")
+               f"{others[0]} (recipe= in Python)" if others else "")
             + f"; train one with `python -m distill.run {recipe}` (about 20 minutes on a 2-core laptop CPU), "
             f"or pass {name_one}")
     return finished[-1]
