@@ -108,23 +108,61 @@ def check_sha256(path: str | Path, recorded: str, *, record: str, fix: str) -> s
     (e.g. "its run recorded") and the fix when they differ. Every place that uses recorded weights
     or artefacts checks them here, so each refusal reads the same way."""
     digest = sha256(path)
-    if digest != recorded:
+    if not matches_record(path, recorded, digest):
         raise IntegrityError(f"{path} differs from the sha256 {record} ({recorded[:12]}, now {digest[:12]}): {fix}")
     return digest
 
 
+def matches_record(path: str | Path, recorded: str, digest: str | None = None) -> bool:
+    """Whether `path` has the sha256 `recorded` (`digest`: its sha256, if already computed). A
+    directory recorded before 2026-12-04 matches its record in the scheme of then (`tree_sha256_v1`)."""
+    if (digest or sha256(path)) == recorded:
+        return True
+    return Path(path).is_dir() and tree_sha256_v1(path) == recorded
+
+
 def sha256(path: str | Path) -> str:
-    """sha256 of a file, or of a directory (e.g. an .mlpackage) as its sorted (relative path,
-    content) pairs. For a file it is the plain `sha256sum`."""
+    """sha256 of a file (the plain `sha256sum`), or of a directory such as an .mlpackage: its files
+    in sorted order, each as its relative path and its contents, both preceded by their length in
+    8 bytes, so that no two different trees hash alike."""
+    path = existing(path)
+    if path.is_file():
+        return file_digest(path, hashlib.sha256()).hexdigest()
+    digest = hashlib.sha256(TREE_V2)
+    for f in tree_files(path):
+        name = str(f.relative_to(path)).encode()
+        digest.update(len(name).to_bytes(8, "little") + name + f.stat().st_size.to_bytes(8, "little"))
+        file_digest(f, digest)
+    return digest.hexdigest()
+
+
+TREE_V2 = b"densekit tree sha256 v2\0"   # sets directory digests apart from file digests and from v1
+
+
+def tree_sha256_v1(path: str | Path) -> str:
+    """The directory digest recorded before 2026-12-04: relative path, NUL, contents, with no
+    lengths, so a file's contents could run into the next name. Only checked, never recorded."""
+    path = existing(path)
+    digest = hashlib.sha256()
+    for f in tree_files(path):
+        digest.update(str(f.relative_to(path)).encode() + b"\0")
+        file_digest(f, digest)
+    return digest.hexdigest()
+
+
+def existing(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: nothing to hash")
-    digest = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    for f in files:
-        if path.is_dir():
-            digest.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
+    return path
+
+
+def tree_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file())
+
+
+def file_digest(path: Path, digest):
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.io import IntegrityError, check_sha256, sha256
+from core.io import IntegrityError, check_sha256, matches_record
 
 MANIFEST = "manifest.json"
 __all__ = ["MANIFEST", "IntegrityError", "read_manifest", "verify_artefact", "verify_export"]
@@ -32,7 +32,7 @@ def verify_export(export_dir: str | Path) -> list[str]:
         path = Path(export_dir) / a["path"]
         if not path.exists():
             found.append(f"{a['path']}: missing")
-        elif sha256(path) != a["sha256"]:
+        elif not matches_record(path, a["sha256"]):
             found.append(f"{a['path']}: sha256 differs from the manifest")
     return found
 

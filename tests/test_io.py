@@ -31,6 +31,42 @@ def test_check_sha256_returns_the_digest_or_names_the_record_and_the_fix(tmp_pat
         io.check_sha256(tmp_path / "gone.bin", digest, record="r", fix="f")
 
 
+def tree(root, files: dict[str, bytes]):
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+def test_a_directory_digest_sets_every_name_and_content_apart(tmp_path):
+    import hashlib
+
+    # without lengths, a's contents "X" + "b\0Y" hash as the pair a = "X", b = "Y" (the scheme before v2)
+    one = tree(tmp_path / "one", {"a": b"Xb\0Y"})
+    two = tree(tmp_path / "two", {"a": b"X", "b": b"Y"})
+    assert io.tree_sha256_v1(one) == io.tree_sha256_v1(two)
+    assert io.sha256(one) != io.sha256(two)
+    # v2 by hand: the scheme's tag, then per file (sorted) its name's length, name, size, contents
+    expected = hashlib.sha256(b"densekit tree sha256 v2\0"
+                              + (1).to_bytes(8, "little") + b"a" + (1).to_bytes(8, "little") + b"X"
+                              + (1).to_bytes(8, "little") + b"b" + (1).to_bytes(8, "little") + b"Y").hexdigest()
+    assert io.sha256(two) == expected
+    assert io.sha256(tmp_path / "two" / "a") == hashlib.sha256(b"X").hexdigest()   # a file: plain sha256sum
+
+
+def test_a_directory_recorded_in_the_first_scheme_still_verifies_and_a_changed_one_does_not(tmp_path):
+    package = tree(tmp_path / "m.mlpackage", {"Manifest.json": b"{}", "Data/weights.bin": b"\1\2\3"})
+    old_record = io.tree_sha256_v1(package)
+    assert io.check_sha256(package, old_record, record="r", fix="f") == io.sha256(package)
+    assert io.matches_record(package, io.sha256(package))
+    (package / "Data" / "weights.bin").write_bytes(b"\1\2\4")
+    for record in (old_record, "0" * 64):
+        with pytest.raises(IntegrityError, match="differs from the sha256 r"):
+            io.check_sha256(package, record, record="r", fix="f")
+    (tmp_path / "f.bin").write_bytes(b"x")   # a file is never checked against the directory scheme
+    assert not io.matches_record(tmp_path / "f.bin", io.tree_sha256_v1(tmp_path / "f.bin"))
+
+
 def test_checkpoints_are_complete_units(tmp_path):
     weights = {"w": torch.arange(4.0)}
     for epoch in (1, 2, 3):
