@@ -198,27 +198,6 @@ def test_deep_supervision_trains_and_keeps_its_heads_out_of_the_shipped_weights(
     assert len(load_run(run).model.aux_heads) == 0
 
 
-def test_half_resolution_epochs_train_then_full_resolution_is_evaluated(tmp_path, capsys):
-    assert main(["v3", *TINY, "train.epochs=2", "train.half_res_epochs=1", f"out_dir={tmp_path}"]) == 0
-    assert "epoch 1/2 at half resolution" in capsys.readouterr().err
-    (run,) = run_dirs(tmp_path)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in records] == [1, 2] and all(0 < r["val"]["abs_rel"] < 1 for r in records)
-
-
-def test_half_resolution_is_refused_beside_the_teacher_comparisons_at_full_resolution():
-    from dataclasses import replace
-
-    from core.config import ConfigError
-    from distill.recipes import check_values, get_recipe
-
-    recipe = get_recipe("v5")
-    recipe = replace(recipe, train=replace(recipe.train, half_res_epochs=2),
-                     distill=replace(recipe.distill, local_global_weight=0.5))
-    with pytest.raises(ConfigError, match="set train.half_res_epochs=0 or those weights to 0"):
-        check_values(recipe)
-
-
 def test_bf16_autocast_path_trains(tmp_path):
     # The GPU path (bf16 autocast, float32 losses) exercised on the CPU's autocast.
     assert main(["v3", *TINY, "train.epochs=1", "train.amp=bf16", f"out_dir={tmp_path}", "--quiet"]) == 0
@@ -239,7 +218,6 @@ def test_bf16_autocast_path_trains(tmp_path):
     ("loss.seg_hard_fraction=0", "loss.seg_hard_fraction=0.0 must be in (0, 1]"),
     ("loss.seg_lovasz_weight=-1", "loss.seg_lovasz_weight=-1.0 must be >= 0"),
     ("loss.aux_weight=-0.5", "loss.aux_weight=-0.5 must be >= 0"),
-    ("train.half_res_epochs=17", "train.half_res_epochs=17 must be in [0, train.epochs=16]"),
 ])
 def test_bad_values_are_refused_before_any_data_is_rendered(override, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path / "cache"))

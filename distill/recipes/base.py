@@ -97,7 +97,6 @@ class TrainConfig:
     warmup_frac: float = 0.05            # linear warm-up over this fraction of all steps, then cosine
     min_lr_ratio: float = 0.01           # cosine floor as a fraction of the peak learning rate
     grad_clip: float = 1.0               # max global gradient norm (0 = off)
-    half_res_epochs: int = 0             # the first N epochs on images at half resolution (progressive resizing)
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     amp: Literal["auto", "bf16", "off"] = "auto"   # auto = bf16 autocast on CUDA, off on CPU
@@ -193,13 +192,6 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
                         f"stops; the heads upsample the rest)")
     if d.cache_mb < 0:
         problems.append(f"data.cache_mb={d.cache_mb} must be >= 0 (0 = decode every image every epoch)")
-    if t.half_res_epochs < 0 or (t.epochs is not None and t.half_res_epochs > t.epochs):
-        problems.append(f"train.half_res_epochs={t.half_res_epochs} must be in [0, train.epochs={t.epochs}] "
-                        f"(0 = every epoch at full resolution)")
-    elif t.half_res_epochs and (recipe.distill.feature_weight > 0 or recipe.distill.local_global_weight > 0):
-        problems.append(f"train.half_res_epochs={t.half_res_epochs} halves the student's images, but "
-                        f"distill.feature_weight and distill.local_global_weight compare it with the teacher "
-                        f"at full resolution; set train.half_res_epochs=0 or those weights to 0")
     if recipe.loss.gradient_scales < 1:
         problems.append(f"loss.gradient_scales={recipe.loss.gradient_scales} must be at least 1 "
                         f"(1 = full resolution only, 3 = also every 2nd and 4th pixel)")

@@ -32,7 +32,7 @@ from distill.data.classes import NYU13_NAMES
 from distill.losses.feature_kd import FeatureDistiller
 from distill.recipes import Recipe, check_values, resolve_for_device
 from distill.students import build_student, count_macs, count_params, shipped_state
-from distill.students.model import AUX_PREFIX, INPUT_MULTIPLE
+from distill.students.model import AUX_PREFIX
 from distill.teachers import Teacher
 from distill.training import distributed
 from distill.training.distributed import pick_device, to_device
@@ -40,7 +40,6 @@ from distill.training.evaluation import (constant_baseline, evaluate, evaluate_f
                                          with_references)
 from distill.training.objective import Objective, depth_target, seg_weights_for, weighting_for
 from distill.training.preflight import PreflightError, enforce, run_preflight
-from distill.training.resolution import half_resolution
 from distill.training.supervision import supervision_for
 
 PREFLIGHT_BATCHES = 3
@@ -356,8 +355,7 @@ def train_one_epoch(model, loader, supervision, objective, weighting, optimizer,
     tc = recipe.train
     sums: dict[str, float] = {}
     # Redraw often on a terminal, rarely in a log file (CI, nohup) so logs stay readable.
-    half = epoch < tc.half_res_epochs
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}" + (" at half resolution" if half else ""), disable=not progress, leave=False,
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not progress, leave=False,
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30)
     features = objective.feature_kd is not None
     waited = labelled = 0.0   # seconds getting the next batch onto the device, and labelling it
@@ -368,8 +366,6 @@ def train_one_epoch(model, loader, supervision, objective, weighting, optimizer,
         waited += fetched - ready
         if recipe.target == "teacher":
             batch, teacher = supervision.prepare(batch, state["step"], features=features)
-        if half:   # labelled at full resolution, then halved with its labels
-            batch = half_resolution(batch, INPUT_MULTIPLE)
         labelled += time.perf_counter() - fetched
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             image = batch["image"].contiguous(memory_format=torch.channels_last) if tc.channels_last else batch["image"]
