@@ -51,6 +51,7 @@ CASES = [
     ("distill.evaluate", ["--recipe", "v33"], 'Unknown recipe "v33"'),
     ("distill.evaluate", ["empty"], "RUN empty: no config.json there"),
     ("distill.evaluate", ["bad-json"], "bad-json has no best.safetensors"),
+    ("distill.evaluate", ["bad-type", "--recipe", "v4"], "bad-type is a v3 run, but the recipe asked for is v4"),
     ("distill.evaluate", ["bad-json", "model.decoder_channels=8"], "an evaluation changes only data.* and eval.*"),
     ("distill.evaluate", ["bad-json", "--out", "a_file/x.json"], "a_file is a file, not a directory"),
     ("distill.ablate", ["v3"], "nothing to ablate"),

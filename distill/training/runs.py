@@ -42,9 +42,9 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
         if not (path / "config.json").is_file():
             raise RunNotFoundError(f"{flag} {run}: no config.json there; pass a training run directory "
                                    f"(runs/<recipe>-<time>) made by python -m distill.run")
-        trained = json.loads((path / "config.json").read_text()).get("name")
-        if recipe is not None and trained is not None and trained != recipe:
-            raise RunNotFoundError(f"{flag} {run} is a {trained} run, but the recipe asked for is {recipe} "
+        trained = recorded_recipe(path) if recipe is not None else None
+        if trained is not None and trained != recipe:
+            raise RunNotFoundError(f"{run} is a {trained} run, but the recipe asked for is {recipe} "
                                    f"(--recipe, or recipe= in Python); name one of the two, or both alike")
         return path
     recipe = recipe or DEFAULT_RECIPE
@@ -63,6 +63,15 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
             + f"; train one with `python -m distill.run {recipe}` (about 20 minutes on a 2-core laptop CPU), "
             f"or pass {name_one}")
     return finished[-1]
+
+
+def recorded_recipe(run_dir: Path) -> str | None:
+    """The recipe name in a run's config.json; None where it cannot be read (load_saved says why)."""
+    try:
+        name = json.loads((run_dir / "config.json").read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) else None
 
 
 def is_finished(run_dir: Path) -> bool:
