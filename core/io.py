@@ -130,7 +130,7 @@ def sha256(path: str | Path) -> str:
         return file_digest(path, hashlib.sha256()).hexdigest()
     digest = hashlib.sha256(TREE_V2)
     for f in tree_files(path):
-        name = str(f.relative_to(path)).encode()
+        name = f.relative_to(path).as_posix().encode()   # the same digest on every OS
         digest.update(len(name).to_bytes(8, "little") + name + f.stat().st_size.to_bytes(8, "little"))
         file_digest(f, digest)
     return digest.hexdigest()

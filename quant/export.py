@@ -344,8 +344,9 @@ def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Pa
     """Prune (optionally), quantise, convert, validate and bench the run's student for `target` (a
     format of core/formats.py or a device profile of targets/devices.json).
 
-    run: a training run directory; None = the newest run of `recipe` (None: v3) under `runs_dir`. Options are the
-    fields of `ExportOptions`, as keywords (`qat_steps=0`) or as one `options=` value. A failed
+    run: a training run directory; None = the newest run of `recipe` (None: v3) under `runs_dir`; a
+    recipe beside a run must be the run's. Options are the fields of `ExportOptions`, as keywords
+    (`qat_steps=0`) or as one `options=` value. A failed
     gate does not raise: the export is written and `result.passed` is False (drift.json says why).
     Raises ValueError (bad options), RunNotFoundError, ExportExistsError (nothing written) and
     ConversionError (nothing replaced).
