@@ -115,10 +115,11 @@ def check_sha256(path: str | Path, recorded: str, *, record: str, fix: str) -> s
 
 def matches_record(path: str | Path, recorded: str, digest: str | None = None) -> bool:
     """Whether `path` has the sha256 `recorded` (`digest`: its sha256, if already computed). A
-    directory recorded before 2026-12-04 matches its record in the scheme of then (`tree_sha256_v1`)."""
+    directory recorded in the first scheme (until 2026-12-04) matches that scheme (`tree_sha256_v1`)."""
     if (digest or sha256(path)) == recorded:
         return True
-    return Path(path).is_dir() and tree_sha256_v1(path) == recorded
+    path = Path(path)   # v1's digest of an empty tree is an empty file's: never taken for one
+    return path.is_dir() and bool(tree_files(path)) and tree_sha256_v1(path) == recorded
 
 
 def sha256(path: str | Path) -> str:
@@ -130,7 +131,7 @@ def sha256(path: str | Path) -> str:
         return file_digest(path, hashlib.sha256()).hexdigest()
     digest = hashlib.sha256(TREE_V2)
     for f in tree_files(path):
-        name = f.relative_to(path).as_posix().encode()   # the same digest on every OS
+        name = os.fsencode(f.relative_to(path).as_posix())   # "/" on every OS; any byte a name holds
         digest.update(len(name).to_bytes(8, "little") + name + f.stat().st_size.to_bytes(8, "little"))
         file_digest(f, digest)
     return digest.hexdigest()
@@ -140,7 +141,7 @@ TREE_V2 = b"densekit tree sha256 v2\0"   # sets directory digests apart from fil
 
 
 def tree_sha256_v1(path: str | Path) -> str:
-    """The directory digest recorded before 2026-12-04: relative path, NUL, contents, with no
+    """The directory digest of the first scheme (until 2026-12-04): relative path, NUL, contents, with no
     lengths, so a file's contents could run into the next name. Only checked, never recorded."""
     path = existing(path)
     digest = hashlib.sha256()
@@ -158,7 +159,8 @@ def existing(path: str | Path) -> Path:
 
 
 def tree_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file())
+    # ordered by the path's parts, case-sensitive on every OS (Windows paths compare case-blind)
+    return sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.relative_to(directory).parts)
 
 
 def file_digest(path: Path, digest):

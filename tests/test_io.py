@@ -67,6 +67,24 @@ def test_a_directory_recorded_in_the_first_scheme_still_verifies_and_a_changed_o
     assert not io.matches_record(tmp_path / "f.bin", io.tree_sha256_v1(tmp_path / "f.bin"))
 
 
+def test_a_directory_digest_orders_its_files_by_path_parts_case_sensitively(tmp_path):
+    import hashlib
+
+    # byte order of each part ("B" < "a", "a" < "a-c" < "a.bin"): the same on every OS
+    root = tree(tmp_path / "t", {"a/b": b"1", "a-c": b"2", "B.bin": b"3", "a.bin": b"4"})
+    assert [f.relative_to(root).as_posix() for f in io.tree_files(root)] == ["B.bin", "a/b", "a-c", "a.bin"]
+    expected = hashlib.sha256(b"densekit tree sha256 v2\0")
+    for name, data in (("B.bin", b"3"), ("a/b", b"1"), ("a-c", b"2"), ("a.bin", b"4")):
+        expected.update(len(name).to_bytes(8, "little") + name.encode() + (1).to_bytes(8, "little") + data)
+    assert io.sha256(root) == expected.hexdigest()
+
+
+def test_an_empty_directory_never_passes_for_an_empty_file(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.bin").write_bytes(b"")
+    assert not io.matches_record(tmp_path / "empty", io.sha256(tmp_path / "empty.bin"))
+
+
 def test_checkpoints_are_complete_units(tmp_path):
     weights = {"w": torch.arange(4.0)}
     for epoch in (1, 2, 3):

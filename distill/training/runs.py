@@ -44,8 +44,8 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
                                    f"(runs/<recipe>-<time>) made by python -m distill.run")
         trained = recorded_recipe(path) if recipe is not None else None
         if trained is not None and trained != recipe:
-            raise RunNotFoundError(f"{run} is a {trained} run, but the recipe asked for is {recipe} "
-                                   f"(--recipe, or recipe= in Python); name one of the two, or both alike")
+            raise RunNotFoundError(f"{run} is a {trained} run, but the recipe asked for is {recipe} (--recipe, or "
+                                   f"recipe= in Python): drop the recipe, or name {trained}")
         return path
     recipe = recipe or DEFAULT_RECIPE
     runs = sorted(p for p in Path(runs_dir).glob(f"{recipe}-*") if run_recipe(p) == recipe)   # sort by start time
