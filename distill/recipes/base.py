@@ -136,8 +136,9 @@ class Recipe:
     # version may resize itself, e.g. a slower encoder gets fewer CPU epochs). CPU: the demo's
     # budget is 15 minutes on 2 cores including data generation; batches of 8 give twice the steps
     # of 16 at 0.87x the images/s and trained the better v3 (3 seeds reduced, 2 full runs: README);
-    # 16 epochs instead of 12 spend the rest of the budget (13.1-13.5 min with rendering, 2 seeds)
-    # on the student that still underfits. CUDA: a real run.
+    # 16 epochs instead of 12 for the student that still underfits. Since the stride-4 decoder
+    # (2026-12-03) they take 19.8-24.4 min with rendering on AVX-512 hosts, over the budget: fewer
+    # epochs cost depth, the binding bar (README, "What to expect on a laptop CPU"). CUDA: a real run.
     device_defaults: ClassVar[dict[str, dict[str, dict[str, int]]]] = {
         "cpu": {"data": {"height": 128, "width": 160, "num_train": 4000, "num_val": 200},
                 "train": {"epochs": 16, "batch_size": 8}},
