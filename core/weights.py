@@ -5,13 +5,14 @@ weights and the optimizer/scheduler state of one epoch always travel together.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from core.io import IntegrityError, atomic_path, check_sha256, sha256
 
@@ -19,10 +20,23 @@ WEIGHTS_SHA256 = "weights_sha256"   # the key in state.pt
 
 
 def save_weights(dest: str | Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Model weights as safetensors (never a pickle); `metadata` values must be strings."""
+    """Model weights as safetensors (never a pickle); `metadata` values must be strings. The same
+    weights and metadata always make the same bytes, so the same sha256."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     with atomic_path(dest) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.write_bytes(canonical_header(save(tensors, metadata=metadata)))
+
+
+def canonical_header(data: bytes) -> bytes:
+    """A safetensors file with its JSON header's keys sorted. The writer puts the metadata in
+    hash-map order, which changes from call to call (16 orders in 20 saves of 4 keys), so two runs
+    that trained bit-identical weights wrote files with different sha256s. Tensor offsets count
+    from the end of the header, so re-writing it (padded with spaces to 8 bytes, as the writer
+    pads) changes nothing else."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + size:]
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:

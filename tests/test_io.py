@@ -85,6 +85,24 @@ def test_an_empty_directory_never_passes_for_an_empty_file(tmp_path):
     assert not io.matches_record(tmp_path / "empty", io.sha256(tmp_path / "empty.bin"))
 
 
+def test_the_same_weights_and_metadata_always_make_the_same_file(tmp_path):
+    from safetensors import safe_open
+
+    weights = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.ones(2, dtype=torch.float16)}
+    metadata = {"format": "densekit-student", "config": "{}", "epoch": "3", "val": '{"abs_rel": 0.2}'}
+    digests = set()
+    for i in range(12):   # safetensors alone wrote the metadata in a new order most times
+        save_weights(tmp_path / f"{i}.safetensors", weights, metadata)
+        digests.add(io.sha256(tmp_path / f"{i}.safetensors"))
+    assert len(digests) == 1
+    loaded = load_weights(tmp_path / "0.safetensors")
+    assert loaded.keys() == weights.keys() and all(torch.equal(loaded[k], weights[k]) for k in weights)
+    assert loaded["b"].dtype == torch.float16
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == metadata
+    assert int.from_bytes((tmp_path / "0.safetensors").read_bytes()[:8], "little") % 8 == 0   # the writer's padding
+
+
 def test_checkpoints_are_complete_units(tmp_path):
     weights = {"w": torch.arange(4.0)}
     for epoch in (1, 2, 3):
