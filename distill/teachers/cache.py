@@ -11,8 +11,9 @@ Layout of DIR:
     shard-NNNNN.safetensors   samples [k * shard_size, ...) of the job: `depth` (n, 1, H, W) float16
                               and, where the teacher provides them, `seg_logits` (n, C, H, W)
                               float16; metadata key "shard" = JSON {start, stop, content_hashes}
-                              (one key: safetensors orders several keys differently per process,
-                              and a shard's bytes must not depend on who wrote it). Each shard is
+                              (one key, the first fix for safetensors' per-call key order; now
+                              core.weights.save_weights sorts every header, so a shard's bytes
+                              never depend on who wrote it). Each shard is
                               written atomically, so a kill never leaves a half shard.
     manifest.json             job.json + "shards": [{file, start, stop, sha256}], written last: a
                               cache without it is incomplete and is refused
