@@ -32,8 +32,11 @@ from distill.recipes import DEFAULT_RECIPE
 
 
 def default_output(run_dir: Path, overrides: list[str]) -> Path:
-    """`<run>/evaluations/validation.json` for the run's own split, else the overrides made a file name."""
-    name = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(overrides) or "validation")
+    """`<run>/evaluations/validation.json` for the run's own split, else the overrides made a file name:
+    each key with the value that applies (its last), sorted by key, so that one split has one file
+    however its overrides were ordered."""
+    applied = {item.partition("=")[0].strip(): item for item in overrides}
+    name = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(applied[k] for k in sorted(applied)) or "validation")
     if len(name) > 180:   # cut, with a digest of the whole so that two long override sets keep two files
         name = name[:167] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
     return run_dir / "evaluations" / (name + ".json")

@@ -174,7 +174,7 @@ def test_heldout_measures_every_run_on_a_second_split(tmp_path, capsys):
     assert saved["metrics"][-2:] == ["heldout_abs_rel", "heldout_miou"]   # joined the default metrics
     for row in saved["runs"]:
         run = tmp_path / row["run_dir"]
-        written = json.loads((run / "evaluations" / "data.seed=1_data.num_val=6.json").read_text())
+        written = json.loads((run / "evaluations" / "data.num_val=6_data.seed=1.json").read_text())
         assert written["images"] == 6 and row["metrics"]["heldout_abs_rel"] == written["abs_rel"]
         assert row["metrics"]["heldout_abs_rel"] != row["metrics"]["abs_rel"]   # other rooms, other figures
     assert "heldout_abs_rel" in (out / "ablation.md").read_text()

@@ -40,7 +40,7 @@ def test_its_own_split_gives_the_figures_of_its_summary(run, capsys):
 def test_other_rooms_are_other_images_and_their_own_file(run):
     assert evaluate_main([str(run), "data.seed=1", "data.num_val=12", "--quiet"]) == 0
     summary = json.loads((run / "summary.json").read_text())
-    result = json.loads((run / "evaluations" / "data.seed=1_data.num_val=12.json").read_text())
+    result = json.loads((run / "evaluations" / "data.num_val=12_data.seed=1.json").read_text())
     assert result["images"] == 12 and result["data"]["seed"] == 1
     assert result["baseline_depth"] == summary["baseline_depth"]
     assert result["abs_rel"] != summary["abs_rel"] and result["baseline_abs_rel"] != summary["baseline_abs_rel"]
@@ -198,3 +198,14 @@ def test_long_override_sets_keep_files_of_their_own():
     a, b = default_output(Path("r"), [*long, "data.seed=1"]), default_output(Path("r"), [*long, "data.seed=2"])
     assert a != b and len(a.name) == len(b.name) == 185 and a.parent == Path("r/evaluations")
     assert default_output(Path("r"), []).name == "validation.json"
+
+
+def test_one_split_gets_one_file_however_its_overrides_are_ordered():
+    from distill.evaluate import default_output
+
+    one = default_output(Path("r"), ["data.seed=1", "data.num_val=1000"])
+    assert one == default_output(Path("r"), ["data.num_val=1000", "data.seed=1"])
+    assert one.name == "data.num_val=1000_data.seed=1.json"
+    # a repeated key is named with the value that applies, its last, as the overrides are applied
+    assert default_output(Path("r"), ["data.seed=2", "data.num_val=1000", "data.seed=1"]) == one
+    assert default_output(Path("r"), ["data.seed=2"]) != default_output(Path("r"), ["data.seed=1"])
