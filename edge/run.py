@@ -2,10 +2,15 @@
 
     python -m edge.run ARTEFACT --inputs IMAGES.npy --out OUT.npz [--threads N]
                        [--executor auto|predict|reference] [--logits]
+    python -m edge.run ARTEFACT --inputs photo.jpg [more.png ...] [folder/] --out maps/
 
-IMAGES.npy: (N, 3, H, W) float32 RGB in [0, 1] with the artefact's H and W. OUT.npz (written
-atomically): `depth` (N, 1, H, W) float32 metres, `labels` (N, H, W) uint8 (argmax of the
-logits), `seg` (N, C, H, W) float32 logits with --logits only, and `executor` (0-d str array).
+IMAGES.npy: (N, 3, H, W) float32 RGB in [0, 1] with the artefact's H and W. Image files (PNG,
+JPEG, ...; a folder: its images, sorted by name) are turned upright and resized to the artefact's
+input, as the training data was (edge/photos.py). OUT.npz (written atomically): `depth` (N, 1, H,
+W) float32 metres, `labels` (N, H, W) uint8 (argmax of the logits), `seg` (N, C, H, W) float32
+logits with --logits only, `executor` (0-d str array), and `names` (the image files' stems) for
+image inputs. An --out without the .npz suffix is a folder that gets, per image, a 16-bit depth
+PNG in millimetres, a label PNG and a preview (edge/photos.py).
 The last stdout line is JSON: {"artefact", "executor", "images", "seconds"}.
 Exit status: 0 done, 2 bad arguments or inputs, 1 the runtime failed.
 
@@ -26,6 +31,7 @@ import numpy as np
 from core import io as core_io
 from core.cli import ArgumentParser, command
 from core.manifest import verify_artefact
+from edge.photos import IMAGE_SUFFIXES, image_files, read_photos, write_maps
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner
 
 
@@ -75,13 +81,17 @@ def run_artefact(path: str | Path, images: np.ndarray, *, threads: int | None = 
     wrong; whatever the runtime raises while loading or running the artefact passes through.
     """
     check_artefact(path, executor, verify)
-    runner = open_runner(path, threads=threads, executor=executor)
+    return run_images(open_runner(path, threads=threads, executor=executor), images, logits=logits)
+
+
+def run_images(runner, images: np.ndarray, *, logits: bool = False) -> dict:
+    """`run_artefact` on an open runner."""
     validate_images(images, runner)
     start = time.perf_counter()
     depth, seg = runner(images)
     seconds = time.perf_counter() - start
     if seg.shape[1] > 256:
-        raise ValueError(f"{Path(path).name} has {seg.shape[1]} classes; labels are uint8 (at most 256)")
+        raise ValueError(f"{runner.path.name} has {seg.shape[1]} classes; labels are uint8 (at most 256)")
     out = {"depth": depth.astype(np.float32), "labels": seg.argmax(1).astype(np.uint8),
            "executor": runner.executor, "seconds": seconds}
     if logits:
@@ -91,7 +101,7 @@ def run_artefact(path: str | Path, images: np.ndarray, *, threads: int | None = 
 
 def save_outputs(dest: str | Path, result: dict) -> None:
     """OUT.npz from `run_artefact`'s result (atomically)."""
-    arrays = {k: result[k] for k in ("depth", "labels", "seg") if k in result}
+    arrays = {k: np.asarray(result[k]) for k in ("depth", "labels", "seg", "names") if k in result}
     buffer = io.BytesIO()
     np.savez(buffer, **arrays, executor=np.array(result["executor"]))
     core_io.write_bytes(dest, buffer.getvalue())
@@ -100,8 +110,10 @@ def save_outputs(dest: str | Path, result: dict) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m edge.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("artefact", help=".tflite, .onnx or .mlpackage")
-    parser.add_argument("--inputs", required=True, help="(N, 3, H, W) float32 .npy in [0, 1]")
-    parser.add_argument("--out", required=True, help="output .npz")
+    parser.add_argument("--inputs", required=True, nargs="+",
+                        help="an (N, 3, H, W) float32 .npy in [0, 1], or image files and folders of them")
+    parser.add_argument("--out", required=True,
+                        help="an .npz of the outputs, or a folder for depth, label and preview PNGs per image")
     parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
     parser.add_argument("--executor", default="auto", choices=EXECUTORS, help="Core ML only")
     parser.add_argument("--logits", action="store_true", help="also store the segmentation logits")
@@ -113,17 +125,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @command("python -m edge.run")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    core_io.check_writable(Path(args.out).parent, "--out")   # before the model runs
+    out = output_path(args.out)   # before the model runs
     if args.threads is not None and args.threads < 1:
         raise BadInput(f"--threads {args.threads}: must be at least 1 (or left out: the runtime's default)")
     check_artefact(args.artefact, args.executor, not args.no_verify)
-    images = read_inputs(args.inputs)
-    result = run_artefact(args.artefact, images, threads=args.threads, executor=args.executor,
-                          logits=args.logits, verify=False)   # checked above, before reading the inputs
-    save_outputs(args.out, result)
+    files = input_files(args.inputs)   # none: one .npy, read before the runtime opens so that a bad one fails at once
+    images = None if files else read_inputs(args.inputs[0])
+    runner = open_runner(args.artefact, threads=args.threads, executor=args.executor)
+    if files:
+        images = read_photos(files, image_shape(runner)[1:])
+    result = run_images(runner, images, logits=args.logits)
+    names = [f.stem for f in files]
+    if out.suffix == ".npz":
+        save_outputs(out, {**result, "names": names} if names else result)
+    else:
+        written = write_maps(out, names or [f"{i:06d}" for i in range(len(images))], images, result)
+        print(f"wrote {len(written)} PNGs to {out}/ (<name>_depth.png: the depth x 1000 as uint16, "
+              f"<name>_labels.png: class ids, <name>_preview.png)")
     print(json.dumps({"artefact": str(args.artefact), "executor": result["executor"], "images": int(len(images)),
                       "seconds": round(result["seconds"], 4)}))
     return 0
+
+
+def output_path(out: str) -> Path:
+    """--out checked: an .npz whose folder can be written, or a folder for the PNG maps."""
+    path = Path(out)
+    if path.suffix != ".npz" and (path.is_file() or path.suffix.lower() in (*IMAGE_SUFFIXES, ".npy", ".json")):
+        raise BadInput(f"--out {out}: give a path ending in .npz for the arrays, or a folder for the PNG maps")
+    core_io.check_writable(path.parent if path.suffix == ".npz" else path, "--out")
+    return path
+
+
+def input_files(inputs: list[str]) -> list[Path]:
+    """The image files --inputs names; empty for one .npy."""
+    if len(inputs) == 1 and inputs[0].endswith(".npy"):
+        return []
+    if any(item.endswith(".npy") for item in inputs):
+        raise BadInput(f"--inputs {' '.join(inputs)}: an .npy comes alone, not beside image files")
+    return image_files(inputs)
 
 
 def read_inputs(path: str) -> np.ndarray:

@@ -14,8 +14,10 @@ No timing thresholds: latency on a shared 2-core machine is not a test signal.
 """
 from __future__ import annotations
 
+import io
 import json
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +130,99 @@ def test_run_cli_writes_outputs_and_rejects_wrong_shapes(tiny_artefacts, tmp_pat
     proc = edge_cli("edge.run", tiny_artefacts["onnx_int8"], "--inputs", wrong, "--out", tmp_path / "bad.npz")
     assert proc.returncode == 2 and "(N, 3, 64, 96)" in proc.stderr
     assert not (tmp_path / "bad.npz").exists()
+
+
+def write_photo(path: Path, size: tuple[int, int], *, orientation: int | None = None) -> None:
+    """An RGB image file of `size` (W, H): its left half red, its right half blue."""
+    from PIL import Image
+
+    pixels = np.zeros((size[1], size[0], 3), np.uint8)
+    pixels[:, : size[0] // 2, 0] = 255
+    pixels[:, size[0] // 2:, 2] = 255
+    image = Image.fromarray(pixels)
+    if orientation is None:
+        image.save(path)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation   # EXIF Orientation, as a phone writes a portrait photo
+        image.save(path, exif=exif)
+
+
+def test_a_photo_is_turned_upright_and_resized_per_axis(tmp_path):
+    from edge.photos import read_photo
+
+    write_photo(tmp_path / "flat.png", (640, 480))
+    image = read_photo(tmp_path / "flat.png", (64, 96))
+    assert image.shape == (3, 64, 96) and image.dtype == np.float32
+    assert (image[0, :, :47] == 1).all() and (image[2, :, 49:] == 1).all()   # the whole frame, no crop
+    # stored on its side with orientation 6 ("rotate 90 degrees clockwise to view"): the left half is the top
+    write_photo(tmp_path / "portrait.jpg", (640, 480), orientation=6)
+    image = read_photo(tmp_path / "portrait.jpg", (64, 96))
+    assert image[0, :30].mean() > 0.95 and image[2, :30].mean() < 0.05
+    assert image[2, 34:].mean() > 0.95 and image[0, 34:].mean() < 0.05
+
+
+def test_depth_png_holds_millimetres_and_zero_where_depth_is_not_positive():
+    from PIL import Image
+
+    from edge.photos import depth_png
+
+    depth = np.array([[1.2344, 0.0, -1.0], [np.nan, 80.0, 0.0004]], np.float32)
+    stored = np.asarray(Image.open(io.BytesIO(depth_png(depth))))
+    assert stored.dtype == np.uint16 and stored.tolist() == [[1234, 0, 0], [0, 65535, 0]]
+
+
+def test_run_cli_writes_depth_label_and_preview_pngs_for_image_files(tiny_artefacts, tmp_path):
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    write_photo(photos / "kitchen.jpg", (640, 480))
+    write_photo(photos / "hall.png", (300, 200))
+    (photos / "notes.txt").write_text("not an image")   # a folder's other files are not inputs
+    proc = edge_cli("edge.run", tiny_artefacts["tflite_int8"], "--inputs", photos, "--out", tmp_path / "maps")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["images"] == 2
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
+        f"{stem}_{kind}.png" for stem in ("hall", "kitchen") for kind in ("depth", "labels", "preview")]
+    proc = edge_cli("edge.run", tiny_artefacts["tflite_int8"], "--inputs", photos / "hall.png", photos / "kitchen.jpg",
+                    "--out", tmp_path / "arrays.npz")
+    assert proc.returncode == 0, proc.stderr
+    with np.load(tmp_path / "arrays.npz") as arrays:
+        assert arrays["names"].tolist() == ["hall", "kitchen"]
+        for i, stem in enumerate(arrays["names"]):
+            depth = np.asarray(Image.open(tmp_path / "maps" / f"{stem}_depth.png"))
+            assert depth.shape == (64, 96) and depth.dtype == np.uint16
+            assert np.abs(depth.astype(np.float64) - arrays["depth"][i, 0] * 1000).max() <= 0.5 + 1e-3
+            labels = Image.open(tmp_path / "maps" / f"{stem}_labels.png")
+            assert labels.mode == "P" and (np.asarray(labels) == arrays["labels"][i]).all()
+        preview = Image.open(tmp_path / "maps" / f"{arrays['names'][0]}_preview.png")
+        assert preview.width > 3 * 96 and preview.height > 64
+
+
+def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_path):
+    from edge.run import main
+
+    artefact = tiny_artefacts["onnx_fp32"]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_photo(tmp_path / "a" / "room.png", (64, 48))
+    write_photo(tmp_path / "b" / "room.jpg", (64, 48))
+    (tmp_path / "broken.png").write_text("not an image")
+    maps = tmp_path / "maps"
+    cases = [
+        ([tmp_path / "empty"], maps, "holds no image"),
+        ([tmp_path / "missing.jpg"], maps, "no such file or folder"),
+        ([tmp_path / "a", tmp_path / "b"], maps, "would write the same room_*.png maps"),
+        ([tmp_path / "broken.png"], maps, "broken.png: not a readable image"),
+        ([tmp_path / "a", tiny_artefacts["inputs"]], maps, "an .npy comes alone"),
+        ([tmp_path / "a"], tmp_path / "maps.png", "give a path ending in .npz"),
+    ]
+    for inputs, out, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            main.__wrapped__([str(artefact), "--inputs", *map(str, inputs), "--out", str(out)])
+    assert not (tmp_path / "maps").exists() and not (tmp_path / "maps.png").exists()
 
 
 def test_run_artefact_rejects_dtype_and_range(tiny_artefacts):
