@@ -12,7 +12,7 @@ teacher's reference); the run's own values stand for the rest, so NYU at a CPU r
 its first 200 test images. SynthRooms renders only the validation split (NYU and image folders need
 their training files present, as in training). The metrics (summary.json's
 keys, with the teacher's and gap_closed where they can be measured) are printed and written to
-`<run>/evaluations/<the overrides>.json` (`validation.json` without them; `--out` a file or a
+`<run>/evaluations/<the overrides, sorted by key>.json` (`validation.json` without them; `--out` a file or a
 directory elsewhere).
 
 From Python: `distill.evaluate_run(run_dir, overrides=["data.seed=1"])` returns the same dict.

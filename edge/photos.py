@@ -2,13 +2,14 @@
 
 An image is prepared as the training data was: turned upright by its EXIF orientation, converted to
 RGB and resized per axis to the artefact's input (antialiased bilinear, as the NYU loader does), so
-a 4:3 photo keeps its whole field of view. Metric depth is metric for a lens like the training
+a 4:3 photo keeps its whole field of view. 16-bit greys are brought to 8 bits; transparency is
+ignored. Metric depth is metric for a lens like the training
 camera's (SynthRooms and NYU: the Kinect's 4:3 frame, about 63 x 49 degrees); another field of
 view scales the depth by about the ratio of the focal lengths.
 
 For each image `<stem>` the output folder gets (each file written atomically):
-- `<stem>_depth.png`: 16-bit, the depth output x 1000 (millimetres for a metric artefact), 0 where
-  it is not positive, 65535 at and beyond 65.535;
+- `<stem>_depth.png`: 16-bit, the depth output x 1000 (millimetres for a metric artefact): 0 where
+  it is not positive, 65535 at and beyond 65.535 (m);
 - `<stem>_labels.png`: 8-bit class ids (the artefact's classes, in its metadata), with a palette
   so that viewers show colours;
 - `<stem>_preview.png`: the image, the depth (near dark) and the labels side by side.
@@ -17,7 +18,9 @@ numpy and PIL only: this runs in the runtime's process, beside TensorFlow.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +38,13 @@ class BadPhoto(ValueError):
 
 
 def image_files(inputs: list[str]) -> list[Path]:
-    """The image files that `inputs` name: files as given, folders' images sorted by name."""
+    """The image files that `inputs` name, each once: files as given, a folder's images sorted by name
+    (hidden files, such as macOS's ._ sidecars, left out). Refused: two that would write the same maps."""
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found = sorted(p for p in item.iterdir()
+                           if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
             if not found:
                 raise BadPhoto(f"--inputs {item}: the folder holds no image ({', '.join(IMAGE_SUFFIXES)})")
             files += found
@@ -47,25 +52,63 @@ def image_files(inputs: list[str]) -> list[Path]:
             files.append(item)
         else:
             raise BadPhoto(f"--inputs {item}: no such file or folder")
-    stems = {}
+    first: dict[Path, Path] = {}
+    for f in files:   # a file named twice (a folder and one of its images, or a folder twice) runs once
+        first.setdefault(f.resolve(), f)
+    files = list(first.values())
+    stems: dict[str, Path] = {}
     for f in files:
-        if f.stem in stems:
-            raise BadPhoto(f"--inputs {stems[f.stem]} and {f} would write the same {f.stem}_*.png maps; "
+        other = stems.setdefault(f.stem.casefold(), f)   # casefold: IMG.jpg and img.png clash on macOS and Windows
+        if other is not f:
+            raise BadPhoto(f"--inputs {other} and {f} would write the same {f.stem}_*.png maps; "
                            f"rename one, or run them apart")
-        stems[f.stem] = f
     return files
 
 
-def read_photo(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """(3, H, W) float32 RGB in [0, 1] of the image file, upright, resized per axis to `size` (H, W)."""
+def check_photos(files: list[Path]) -> None:
+    """BadPhoto naming the first file that is not an image PIL reads (its header only: cheap), so
+    that a stray file fails before the runtime opens and before any map is written."""
+    for path in files:
+        with reading(path), Image.open(path) as image:
+            refuse_float(image)
+
+
+@contextlib.contextmanager
+def reading(path: Path) -> Iterator[None]:
+    """PIL's errors while reading `path`, as one BadPhoto that names the file and the fix."""
     try:
-        with Image.open(path) as image:
-            upright = ImageOps.exif_transpose(image).convert("RGB")
+        yield
+    except Image.DecompressionBombError as exc:
+        raise BadPhoto(f"--inputs {path}: {exc}; downscale the photo first (the model sees it at its "
+                       f"input size anyway)") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise BadPhoto(f"--inputs {path}: not a readable image ({type(exc).__name__}: {exc}); "
                        f"give PNG or JPEG files, or an (N, 3, H, W) float32 .npy") from None
+
+
+def read_photo(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """(3, H, W) float32 RGB in [0, 1] of the image file, upright, resized per axis to `size` (H, W).
+    16-bit images are brought to 8 bits; transparency is ignored (the colour under it is used)."""
+    with reading(path), Image.open(path) as image:
+        upright = eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
     resized = upright.resize((size[1], size[0]), Image.BILINEAR)
     return np.asarray(resized, np.float32).transpose(2, 0, 1) / 255.0
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """`image` in a mode PIL converts to RGB without clipping: 16- and 32-bit integer greys are scaled
+    from 0-65535 (PIL's RGB conversion would clip them at 255); float images are refused."""
+    refuse_float(image)
+    if image.mode.startswith("I"):   # I, I;16, I;16B, ...
+        grey = np.asarray(image, np.float64)
+        return Image.fromarray(np.clip(np.rint(grey / 257), 0, 255).astype(np.uint8))
+    return image
+
+
+def refuse_float(image: Image.Image) -> None:
+    if image.mode == "F":
+        raise ValueError("a floating-point image (mode F) has no defined brightness range; "
+                         "save it as an 8- or 16-bit image")
 
 
 def read_photos(files: list[Path], size: tuple[int, int]) -> np.ndarray:
@@ -73,15 +116,20 @@ def read_photos(files: list[Path], size: tuple[int, int]) -> np.ndarray:
 
 
 def depth_png(depth: np.ndarray) -> bytes:
-    """(H, W) depth -> 16-bit PNG of depth x 1000, 0 where depth is not positive (or not finite)."""
-    scaled = np.where(np.isfinite(depth) & (depth > 0), depth * MM_PER_UNIT, 0)
-    return png_bytes(Image.fromarray(np.clip(np.rint(scaled), 0, 65535).astype(np.uint16)))
+    """(H, W) depth -> 16-bit PNG of depth x 1000: 0 where depth is not positive (or not finite), at
+    least 1 where it is, 65535 at and beyond 65.535."""
+    positive = np.isfinite(depth) & (depth > 0)
+    scaled = np.clip(np.rint(np.where(positive, depth, 0) * MM_PER_UNIT), 1, 65535)
+    return png_bytes(Image.fromarray(np.where(positive, scaled, 0).astype(np.uint16)))
 
 
 def labels_png(labels: np.ndarray) -> bytes:
-    """(H, W) uint8 class ids -> 8-bit palette PNG: the ids are the pixel values, the palette their colours."""
+    """(H, W) uint8 class ids -> 8-bit palette PNG: the ids are the pixel values, the palette their
+    colours (256 entries, so that PIL writes 8 bits whatever the largest id)."""
+    palette = np.zeros((256, 3), np.uint8)
+    palette[: len(SEG_PALETTE)] = SEG_PALETTE
     image = Image.fromarray(labels.astype(np.uint8), mode="P")
-    image.putpalette(SEG_PALETTE.reshape(-1).tolist())
+    image.putpalette(palette.reshape(-1).tolist())
     return png_bytes(image)
 
 

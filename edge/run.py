@@ -10,7 +10,8 @@ input, as the training data was (edge/photos.py). OUT.npz (written atomically): 
 W) float32 metres, `labels` (N, H, W) uint8 (argmax of the logits), `seg` (N, C, H, W) float32
 logits with --logits only, `executor` (0-d str array), and `names` (the image files' stems) for
 image inputs. An --out without the .npz suffix is a folder that gets, per image, a 16-bit depth
-PNG in millimetres, a label PNG and a preview (edge/photos.py).
+PNG in millimetres, a label PNG and a preview (edge/photos.py), 64 images at a time; an .npy's
+images are named 000000, 000001, ...
 The last stdout line is JSON: {"artefact", "executor", "images", "seconds"}.
 Exit status: 0 done, 2 bad arguments or inputs, 1 the runtime failed.
 
@@ -31,7 +32,7 @@ import numpy as np
 from core import io as core_io
 from core.cli import ArgumentParser, command
 from core.manifest import verify_artefact
-from edge.photos import IMAGE_SUFFIXES, image_files, read_photos, write_maps
+from edge.photos import IMAGE_SUFFIXES, check_photos, image_files, read_photos, write_maps
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner
 
 
@@ -122,6 +123,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+CHUNK = 64   # images read, run and written at a time into an --out folder: memory stays flat for any folder
+
+
 @command("python -m edge.run")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
@@ -130,39 +134,61 @@ def main(argv: list[str]) -> int:
         raise BadInput(f"--threads {args.threads}: must be at least 1 (or left out: the runtime's default)")
     check_artefact(args.artefact, args.executor, not args.no_verify)
     files = input_files(args.inputs)   # none: one .npy, read before the runtime opens so that a bad one fails at once
-    images = None if files else read_inputs(args.inputs[0])
+    arrays = None if files else read_inputs(args.inputs[0])
     runner = open_runner(args.artefact, threads=args.threads, executor=args.executor)
-    if files:
-        images = read_photos(files, image_shape(runner)[1:])
-    result = run_images(runner, images, logits=args.logits)
-    names = [f.stem for f in files]
-    if out.suffix == ".npz":
-        save_outputs(out, {**result, "names": names} if names else result)
+    if out.suffix.lower() == ".npz":
+        images = read_photos(files, image_shape(runner)[1:]) if files else arrays
+        result = run_images(runner, images, logits=args.logits)
+        save_outputs(out, {**result, "names": [f.stem for f in files]} if files else result)
+        count, seconds = len(images), result["seconds"]
     else:
-        written = write_maps(out, names or [f"{i:06d}" for i in range(len(images))], images, result)
-        print(f"wrote {len(written)} PNGs to {out}/ (<name>_depth.png: the depth x 1000 as uint16, "
-              f"<name>_labels.png: class ids, <name>_preview.png)")
-    print(json.dumps({"artefact": str(args.artefact), "executor": result["executor"], "images": int(len(images)),
-                      "seconds": round(result["seconds"], 4)}))
+        count, seconds = write_map_folder(out, runner, files, arrays)
+    print(json.dumps({"artefact": str(args.artefact), "executor": runner.executor, "images": count,
+                      "seconds": round(seconds, 4)}))
     return 0
+
+
+def write_map_folder(out: Path, runner, files: list[Path], arrays: np.ndarray | None) -> tuple[int, float]:
+    """Depth, label and preview PNGs per image into `out`, CHUNK images at a time (each file written
+    atomically; a photo that fails to decode stops the run with the maps before it kept).
+    Returns (images, seconds spent running the artefact)."""
+    total = len(files) if files else len(arrays)
+    size, seconds = image_shape(runner)[1:], 0.0
+    for start in range(0, total, CHUNK):
+        stop = min(start + CHUNK, total)
+        if files:
+            names, images = [f.stem for f in files[start:stop]], read_photos(files[start:stop], size)
+        else:
+            names, images = [f"{i:06d}" for i in range(start, stop)], arrays[start:stop]
+        result = run_images(runner, images)
+        write_maps(out, names, images, result)
+        seconds += result["seconds"]
+        if total > CHUNK:
+            print(f"{stop}/{total} images", file=sys.stderr)
+    print(f"wrote {3 * total} PNGs to {out}/ (<name>_depth.png: the depth x 1000 as uint16, "
+          f"<name>_labels.png: class ids, <name>_preview.png)")
+    return total, seconds
 
 
 def output_path(out: str) -> Path:
     """--out checked: an .npz whose folder can be written, or a folder for the PNG maps."""
     path = Path(out)
-    if path.suffix != ".npz" and (path.is_file() or path.suffix.lower() in (*IMAGE_SUFFIXES, ".npy", ".json")):
+    to_npz = path.suffix.lower() == ".npz"
+    if not to_npz and (path.is_file() or path.suffix.lower() in (*IMAGE_SUFFIXES, ".npy", ".json")):
         raise BadInput(f"--out {out}: give a path ending in .npz for the arrays, or a folder for the PNG maps")
-    core_io.check_writable(path.parent if path.suffix == ".npz" else path, "--out")
+    core_io.check_writable(path.parent if to_npz else path, "--out")
     return path
 
 
 def input_files(inputs: list[str]) -> list[Path]:
-    """The image files --inputs names; empty for one .npy."""
-    if len(inputs) == 1 and inputs[0].endswith(".npy"):
+    """The image files --inputs names, each header checked; empty for one .npy."""
+    if len(inputs) == 1 and inputs[0].lower().endswith(".npy"):
         return []
-    if any(item.endswith(".npy") for item in inputs):
+    if any(item.lower().endswith(".npy") for item in inputs):
         raise BadInput(f"--inputs {' '.join(inputs)}: an .npy comes alone, not beside image files")
-    return image_files(inputs)
+    files = image_files(inputs)
+    check_photos(files)
+    return files
 
 
 def read_inputs(path: str) -> np.ndarray:

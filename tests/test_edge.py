@@ -123,6 +123,7 @@ def test_run_cli_writes_outputs_and_rejects_wrong_shapes(tiny_artefacts, tmp_pat
         assert result["depth"].shape == (4, 1, 64, 96) and result["depth"].dtype == np.float32
         assert result["labels"].shape == (4, 64, 96) and result["labels"].dtype == np.uint8
         assert result["seg"].shape == ref_seg.shape and str(result["executor"]) == line["executor"]
+        assert sorted(result.files) == ["depth", "executor", "labels", "seg"]   # quant/validate.py reads these
     assert [p.name for p in tmp_path.iterdir()] == ["out.npz"]   # no temp file left behind
 
     wrong = tmp_path / "wrong.npy"
@@ -162,6 +163,27 @@ def test_a_photo_is_turned_upright_and_resized_per_axis(tmp_path):
     assert image[2, 34:].mean() > 0.95 and image[0, 34:].mean() < 0.05
 
 
+def test_greys_16_bit_and_transparent_images_read_as_rgb_and_float_ones_are_refused(tmp_path):
+    from PIL import Image
+
+    from edge.photos import BadPhoto, read_photo
+
+    grey16 = np.full((48, 64), 65535 // 2, np.uint16)
+    grey16[:, 32:] = 65535
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    image = read_photo(tmp_path / "grey16.png", (12, 16))
+    assert np.allclose(image[:, :, :7], 128 / 255, atol=1 / 255) and np.allclose(image[:, :, 9:], 1.0)
+    Image.fromarray(np.full((48, 64), 51, np.uint8)).save(tmp_path / "grey8.PNG")
+    assert np.allclose(read_photo(tmp_path / "grey8.PNG", (12, 16)), 0.2)
+    rgba = np.zeros((48, 64, 4), np.uint8)
+    rgba[..., 1], rgba[..., 3] = 255, 0   # fully transparent green: the colour under the transparency is read
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert np.allclose(read_photo(tmp_path / "rgba.png", (12, 16))[1], 1.0)
+    Image.fromarray(np.ones((48, 64), np.float32)).save(tmp_path / "float.tif")
+    with pytest.raises(BadPhoto, match="floating-point image .* save it as an 8- or 16-bit image"):
+        read_photo(tmp_path / "float.tif", (12, 16))
+
+
 def test_depth_png_holds_millimetres_and_zero_where_depth_is_not_positive():
     from PIL import Image
 
@@ -169,7 +191,29 @@ def test_depth_png_holds_millimetres_and_zero_where_depth_is_not_positive():
 
     depth = np.array([[1.2344, 0.0, -1.0], [np.nan, 80.0, 0.0004]], np.float32)
     stored = np.asarray(Image.open(io.BytesIO(depth_png(depth))))
-    assert stored.dtype == np.uint16 and stored.tolist() == [[1234, 0, 0], [0, 65535, 0]]
+    assert stored.dtype == np.uint16 and stored.tolist() == [[1234, 0, 0], [0, 65535, 1]]
+
+
+def test_labels_png_keeps_every_class_id():
+    from PIL import Image
+
+    from edge.photos import labels_png
+
+    ids = np.arange(256, dtype=np.uint8).reshape(16, 16)   # 13 palette colours, yet ids up to 255 survive
+    stored = Image.open(io.BytesIO(labels_png(ids)))
+    assert stored.mode == "P" and (np.asarray(stored) == ids).all()
+    assert stored.getpalette()[3 * 3: 3 * 4] == [148, 103, 189]   # class 3's colour, as in the run previews
+
+
+def test_image_files_lists_each_file_once_and_refuses_names_that_clash(tmp_path):
+    from edge.photos import BadPhoto, image_files
+
+    for name in ("b.JPG", "a.png", ".a_sidecar.jpg", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    assert [f.name for f in image_files([str(tmp_path), str(tmp_path / "b.JPG"), str(tmp_path)])] == ["a.png", "b.JPG"]
+    (tmp_path / "A.jpeg").write_bytes(b"")
+    with pytest.raises(BadPhoto, match="would write the same"):   # a.png and A.jpeg: one name on macOS
+        image_files([str(tmp_path)])
 
 
 def test_run_cli_writes_depth_label_and_preview_pngs_for_image_files(tiny_artefacts, tmp_path):
@@ -177,7 +221,7 @@ def test_run_cli_writes_depth_label_and_preview_pngs_for_image_files(tiny_artefa
 
     photos = tmp_path / "photos"
     photos.mkdir()
-    write_photo(photos / "kitchen.jpg", (640, 480))
+    write_photo(photos / "kitchen.JPG", (640, 480))
     write_photo(photos / "hall.png", (300, 200))
     (photos / "notes.txt").write_text("not an image")   # a folder's other files are not inputs
     proc = edge_cli("edge.run", tiny_artefacts["tflite_int8"], "--inputs", photos, "--out", tmp_path / "maps")
@@ -185,7 +229,7 @@ def test_run_cli_writes_depth_label_and_preview_pngs_for_image_files(tiny_artefa
     assert json.loads(proc.stdout.strip().splitlines()[-1])["images"] == 2
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
         f"{stem}_{kind}.png" for stem in ("hall", "kitchen") for kind in ("depth", "labels", "preview")]
-    proc = edge_cli("edge.run", tiny_artefacts["tflite_int8"], "--inputs", photos / "hall.png", photos / "kitchen.jpg",
+    proc = edge_cli("edge.run", tiny_artefacts["tflite_int8"], "--inputs", photos / "hall.png", photos / "kitchen.JPG",
                     "--out", tmp_path / "arrays.npz")
     assert proc.returncode == 0, proc.stderr
     with np.load(tmp_path / "arrays.npz") as arrays:
@@ -198,6 +242,21 @@ def test_run_cli_writes_depth_label_and_preview_pngs_for_image_files(tiny_artefa
             assert labels.mode == "P" and (np.asarray(labels) == arrays["labels"][i]).all()
         preview = Image.open(tmp_path / "maps" / f"{arrays['names'][0]}_preview.png")
         assert preview.width > 3 * 96 and preview.height > 64
+
+
+def test_run_cli_writes_maps_of_an_npy_in_chunks(tiny_artefacts, tmp_path, monkeypatch, capsys):
+    import edge.run
+    from PIL import Image
+
+    monkeypatch.setattr(edge.run, "CHUNK", 3)   # 4 images: two chunks
+    images, _, _ = reference(tiny_artefacts)
+    assert edge.run.main([str(tiny_artefacts["onnx_fp32"]), "--inputs", str(tiny_artefacts["inputs"]),
+                          "--out", str(tmp_path / "maps")]) == 0
+    assert "3/4 images" in capsys.readouterr().err
+    direct = run_artefact(tiny_artefacts["onnx_fp32"], images)
+    for i in range(4):
+        depth = np.asarray(Image.open(tmp_path / "maps" / f"{i:06d}_depth.png")).astype(np.float64)
+        assert np.abs(depth - direct["depth"][i, 0] * 1000).max() <= 0.5 + 1e-3
 
 
 def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_path):
@@ -218,6 +277,7 @@ def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_pat
         ([tmp_path / "broken.png"], maps, "broken.png: not a readable image"),
         ([tmp_path / "a", tiny_artefacts["inputs"]], maps, "an .npy comes alone"),
         ([tmp_path / "a"], tmp_path / "maps.png", "give a path ending in .npz"),
+        ([tmp_path / "a", tiny_artefacts["inputs"].with_suffix(".NPY")], maps, "an .npy comes alone"),
     ]
     for inputs, out, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
