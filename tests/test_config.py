@@ -49,6 +49,7 @@ def test_recipe_history():
     v3_as_v4 = dataclasses.replace(v3, name="v4", model=dataclasses.replace(v3.model, student="efficientvit_b1", output_stride=4),
                                    train=dataclasses.replace(v3.train, lr_encoder=4e-3, lr_decoder=8e-3))
     assert v3.loss.aux_weight == v4.loss.aux_weight == 0.5 and v1.loss.aux_weight == 0.0
+    assert v3.loss.normal_weight == v4.loss.normal_weight == 1.0 and v1.loss.normal_weight == 0.0
     assert to_dict(v4) == to_dict(v3_as_v4)
     assert "75.37 m" in type(v1).__doc__
     # v6 = v3 with fixed task weights that favour segmentation, nothing else
@@ -89,10 +90,11 @@ def test_a_run_saved_before_a_default_changed_keeps_the_value_it_trained_with(tm
 
     saved = to_dict(get_recipe("v3"))
     del saved["loss"]["seg_balance"], saved["train"]["channels_last"], saved["loss"]["berhu_residual"]
-    del saved["loss"]["aux_weight"]   # its checkpoints have no deep-supervision heads to resume
+    del saved["loss"]["aux_weight"], saved["loss"]["normal_weight"]   # its checkpoints have no training-only heads
     io.write_json(tmp_path / "config.json", {**saved, "device": "cpu"})
     recipe = load_saved(tmp_path)
     assert recipe.loss.seg_balance == 0.0 and recipe.train.channels_last is False   # not today's defaults
     assert recipe.loss.aux_weight == 0.0 and get_recipe("v3").loss.aux_weight == 0.5
+    assert recipe.loss.normal_weight == 0.0 and get_recipe("v3").loss.normal_weight == 1.0
     assert recipe.loss.berhu_residual == "absolute" and get_recipe("v3").loss.berhu_residual == "log"
     assert get_recipe("v3").loss.seg_balance == 0.5

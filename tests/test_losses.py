@@ -549,3 +549,42 @@ def test_deep_supervision_adds_the_coarse_levels_losses_at_their_weight():
                  for a, k in zip(out["aux"], (4, 2))]
     assert supervised["depth"].item() == pytest.approx(plain["depth"].item() + 0.5 * sum(depth_terms).item() / 2, rel=1e-5)
     assert supervised["seg"].item() == pytest.approx(plain["seg"].item() + 0.5 * sum(seg_terms).item() / 2, rel=1e-5)
+
+
+def test_surface_normals_of_a_wall_a_floor_and_a_depth_edge():
+    """Normals of the back-projected target (central differences), facing the camera: a wall in
+    front is (0, 0, -1), a floor below the camera (y points down) (0, -1, 0); none across a depth edge."""
+    from distill.losses import surface_normals
+
+    h, w = 16, 20
+    intrinsics = torch.tensor([[16.0, 16.0, 10.0, 8.0]])   # pixel centres at u + 0.5
+    wall = torch.full((1, 1, h, w), 3.0)
+    wall[..., 10:] = 1.5   # a box in front of the wall's right half
+    normals, defined = surface_normals(wall, wall > 0, intrinsics)
+    assert torch.allclose(normals[0, :, 4, 4], torch.tensor([0.0, 0.0, -1.0]), atol=1e-6)
+    assert torch.allclose(normals[0, :, 4, 15], torch.tensor([0.0, 0.0, -1.0]), atol=1e-6)
+    assert not defined[0, 0, :, 9:11].any() and defined[0, 0, 1:-1, 1:9].all()   # the edge, and the image border
+    assert not defined[0, 0, 0].any() and not defined[0, 0, :, -1].any()
+    rows = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1) + 0.5
+    below = (rows - 8.0) / 16.0   # y / z of each row's rays
+    floor = torch.where(below > 0, 1.5 / below.clamp_min(1e-6), torch.zeros(())).expand(1, 1, h, w).contiguous()
+    normals, defined = surface_normals(floor, floor > 0, intrinsics, max_log_step=1.0)
+    assert defined[0, 0, 12, 1:-1].all()
+    assert torch.allclose(normals[0, :, 12, 10], torch.tensor([0.0, -1.0, 0.0]), atol=1e-5)
+    tilted = 3.0 + 0.1 * (torch.arange(w, dtype=torch.float32) + 0.5 - 10.0).view(1, 1, 1, w) / 16.0 * 3.0
+    normals, _ = surface_normals(tilted.expand(1, 1, h, w).contiguous(), torch.ones(1, 1, h, w, dtype=torch.bool), intrinsics)
+    # depth rising by 0.3 m per unit of x / z: near the optical axis dZ/dX = 0.3 / 3, so the normal is (0.1, 0, -1) normalised
+    assert torch.allclose(normals[0, :, 8, 10], torch.tensor([0.1, 0.0, -1.0]) / 1.01 ** 0.5, atol=2e-3)
+
+
+def test_normal_loss_is_one_minus_the_cosine_where_the_target_has_a_normal():
+    from distill.training.objective import normal_loss
+
+    depth = torch.full((2, 1, 16, 20), 3.0)
+    valid = torch.ones_like(depth, dtype=torch.bool)
+    intrinsics = torch.tensor([[16.0, 16.0, 10.0, 8.0]] * 2)
+    facing = torch.tensor([0.0, 0.0, -2.0]).view(1, 3, 1, 1).expand(2, 3, 4, 5)   # any length: normalised
+    assert normal_loss(facing, depth, valid, intrinsics).item() == pytest.approx(0.0, abs=1e-6)
+    sideways = torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1).expand(2, 3, 4, 5)   # 45 degrees off
+    assert normal_loss(sideways, depth, valid, intrinsics).item() == pytest.approx(1 - 2 ** -0.5, abs=1e-6)
+    assert normal_loss(facing, depth, torch.zeros_like(valid), intrinsics).item() == 0.0   # nothing defined: no term

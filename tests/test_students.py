@@ -102,6 +102,22 @@ def test_an_encoder_without_a_stride2_level_takes_it_from_the_image():
         build_student("mobilenetv3_small_050", output_stride=8)
 
 
+def test_the_normal_head_trains_and_never_ships():
+    """`aux_normals`: training mode also predicts surface normals (3 channels at the output level's
+    resolution); evaluation mode does not, and `shipped_state` leaves the head out."""
+    from distill.students import shipped_state
+
+    torch.manual_seed(0)
+    model = build_student("mobilenetv3_small_050", aux_normals=True).train()
+    assert model(torch.randn(2, 3, 64, 96))["normals"].shape == (2, 3, 16, 24)   # stride 4
+    assert "normals" not in model.eval()(torch.randn(1, 3, 64, 96))
+    plain = build_student("mobilenetv3_small_050").eval()
+    assert set(model.state_dict()) - set(plain.state_dict()) == {"aux_normals.weight", "aux_normals.bias"}
+    plain.load_state_dict(shipped_state(model.state_dict()))   # strict: nothing missing, nothing extra
+    assert count_macs(model, 64, 96) == count_macs(plain, 64, 96)
+    assert set(map(id, model.decoder_parameters())) >= set(map(id, model.aux_normals.parameters()))   # it trains
+
+
 def test_deep_supervision_heads_train_and_never_ship():
     """`aux_heads`: training mode also predicts both tasks from the decoder's coarsest outputs (at
     their own resolution); evaluation mode does not run them, and `shipped_state` leaves them out."""

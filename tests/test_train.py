@@ -101,6 +101,29 @@ def test_fit_metrics_are_the_student_on_its_training_images_without_augmentation
     assert evaluate_fit(model, NoDepth(), 4, 2, device, None, recipe) == {}
 
 
+def test_surface_normals_without_intrinsics_are_refused_before_training(tmp_path, monkeypatch, capsys):
+    """An image folder without intrinsics.json has no camera: loss.normal_weight > 0 names the fix."""
+    import distill.training.loop as loop
+
+    real = loop.build_datasets
+
+    class NoCamera(torch.utils.data.Dataset):
+        def __init__(self, ds):
+            self.ds = ds
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            return {k: v for k, v in self.ds[i].items() if k != "intrinsics"}
+
+    monkeypatch.setattr(loop, "build_datasets", lambda *a, **k: tuple(NoCamera(d) for d in real(*a, **k)))
+    assert main(["v3", *TINY, "train.epochs=1", "loss.normal_weight=1", f"out_dir={tmp_path}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "surface normals need the camera's intrinsics" in err and "loss.normal_weight=0" in err
+    assert run_dirs(tmp_path) == []
+
+
 def test_each_epoch_line_says_how_long_the_rest_takes():
     from distill.training.loop import NullWriter, log_epoch
     lines = []
@@ -185,17 +208,19 @@ def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path):
     assert len(io.read_jsonl(run / "metrics.jsonl")) == 1
 
 
-def test_deep_supervision_trains_and_keeps_its_heads_out_of_the_shipped_weights(tmp_path):
+def test_training_only_heads_train_and_stay_out_of_the_shipped_weights(tmp_path):
     from distill.training import load_run
 
-    assert main(["v3", *TINY, "train.epochs=1", "loss.aux_weight=0.5", f"out_dir={tmp_path}", "--quiet"]) == 0
+    assert main(["v3", *TINY, "train.epochs=1", "loss.aux_weight=0.5", "loss.normal_weight=1", f"out_dir={tmp_path}",
+                 "--quiet"]) == 0
     (run,) = run_dirs(tmp_path)
     assert 0 < json.loads((run / "summary.json").read_text())["abs_rel"] < 1
-    assert not any(k.startswith("aux_heads.") for k in load_weights(run / "best.safetensors"))
-    assert any(k.startswith("aux_heads.") for k in load_weights(latest_checkpoint(run / "checkpoints") / "model.safetensors"))
+    assert not any(k.startswith(("aux_heads.", "aux_normals.")) for k in load_weights(run / "best.safetensors"))
+    checkpoint = load_weights(latest_checkpoint(run / "checkpoints") / "model.safetensors")
+    assert any(k.startswith("aux_heads.") for k in checkpoint) and any(k.startswith("aux_normals.") for k in checkpoint)
     (run / "best.safetensors").unlink()   # the export falls back to the checkpoint: its heads are left out
     (run / "summary.json").unlink()
-    assert len(load_run(run).model.aux_heads) == 0
+    assert len(load_run(run).model.aux_heads) == 0 and load_run(run).model.aux_normals is None
 
 
 def test_bf16_autocast_path_trains(tmp_path):
@@ -218,6 +243,7 @@ def test_bf16_autocast_path_trains(tmp_path):
     ("loss.seg_hard_fraction=0", "loss.seg_hard_fraction=0.0 must be in (0, 1]"),
     ("loss.seg_lovasz_weight=-1", "loss.seg_lovasz_weight=-1.0 must be >= 0"),
     ("loss.aux_weight=-0.5", "loss.aux_weight=-0.5 must be >= 0"),
+    ("loss.normal_weight=-1", "loss.normal_weight=-1.0 must be >= 0"),
 ])
 def test_bad_values_are_refused_before_any_data_is_rendered(override, message, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path / "cache"))

@@ -81,6 +81,7 @@ class LossConfig:
     seg_hard_fraction: float = 1.0       # < 1: OHEM, the cross-entropy of only the hardest pixels of a batch
     seg_lovasz_weight: float = 0.0       # > 0 adds the Lovasz-softmax loss (a mean-IoU surrogate) to the seg term
     aux_weight: float = 0.0              # > 0: deep supervision from the decoder's stride-16 and -8 outputs (README)
+    normal_weight: float = 0.0           # > 0: a training-only head learns the target's surface normals (README)
     weighting: str = "kendall"           # registry name (distill.losses.WEIGHTINGS): fixed | kendall | dwa
     depth_weight: float = 1.0            # used by `fixed`
     seg_weight: float = 1.0
@@ -202,6 +203,9 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
     if recipe.loss.seg_lovasz_weight < 0:
         problems.append(f"loss.seg_lovasz_weight={recipe.loss.seg_lovasz_weight} must be >= 0 (0 = off, "
                         f"1 = the Lovasz-softmax loss beside the cross-entropy at equal weight)")
+    if recipe.loss.normal_weight < 0:
+        problems.append(f"loss.normal_weight={recipe.loss.normal_weight} must be >= 0 (0 = off, 1 = the surface "
+                        f"normal term at the weight of v3's)")
     if recipe.loss.aux_weight < 0:
         problems.append(f"loss.aux_weight={recipe.loss.aux_weight} must be >= 0 (0 = off, 0.5 = deep supervision "
                         f"at half the weight of the output's own losses)")

@@ -141,7 +141,7 @@ class SegHead(nn.Module):
         return self.up(self.out(self.body(x)))
 
 
-AUX_PREFIX = "aux_heads."   # training-only layers: never in best.safetensors, never exported
+AUX_PREFIX = ("aux_heads.", "aux_normals.")   # training-only layers: never in best.safetensors, never exported
 
 
 class MultiTaskStudent(nn.Module):
@@ -150,14 +150,16 @@ class MultiTaskStudent(nn.Module):
     H and W must be multiples of 32. `tasks` picks the heads ("depth", "seg"). `aux_heads` > 0
     adds deep supervision for training: a 1x1 convolution per task on each of the decoder's
     `aux_heads` coarsest outputs (stride 16 and 8 with 2), whose predictions at that level's
-    resolution training mode returns as "aux" (distill/training/objective.py). Evaluation mode
-    never runs them, and `shipped_state` leaves them out of the weights that are kept and exported.
+    resolution training mode returns as "aux" (distill/training/objective.py); `aux_normals` adds
+    a 1x1 convolution on the output level whose (B, 3, H/s, W/s) surface normals training mode
+    returns as "normals". Evaluation mode never runs them, and `shipped_state` leaves them out of
+    the weights that are kept and exported.
     """
 
     def __init__(self, encoder: str, *, tasks: tuple[str, ...] = ("depth", "seg"), num_classes: int = 13,
                  decoder_channels: int = 64, depth_activation: str = "exp", pretrained: str | bool = False,
                  output_stride: int = 4, separable: bool = False, fine_convs: str = "separable",
-                 aux_heads: int = 0):
+                 aux_heads: int = 0, aux_normals: bool = False):
         super().__init__()
         unknown = set(tasks) - {"depth", "seg"}
         if unknown or not tasks:
@@ -195,12 +197,14 @@ class MultiTaskStudent(nn.Module):
             depth = nn.Conv2d(c, 1, 1)
             depth.bias.data.fill_(math.log(2.5))   # log-depth, as DepthHead starts
             self.aux_heads.append(nn.ModuleDict({"depth": depth, "seg": nn.Conv2d(c, num_classes, 1)}))
+        self.aux_normals = nn.Conv2d(width, 3, 1) if aux_normals else None
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters())
 
     def decoder_parameters(self) -> list[nn.Parameter]:
-        return list(self.decoder.parameters()) + list(self.heads.parameters()) + list(self.aux_heads.parameters())
+        extra = list(self.aux_normals.parameters()) if self.aux_normals is not None else []
+        return list(self.decoder.parameters()) + list(self.heads.parameters()) + list(self.aux_heads.parameters()) + extra
 
     def forward(self, image: torch.Tensor, *, features: bool = False) -> dict[str, torch.Tensor]:
         """`features=True` adds "features": the encoder maps the decoder reads, fine to coarse
@@ -216,13 +220,15 @@ class MultiTaskStudent(nn.Module):
         if supervised is not None:
             out["aux"] = [{"depth": torch.exp(head["depth"](f)), "seg": head["seg"](f)}
                           for head, f in zip(self.aux_heads, supervised)]
+        if self.training and self.aux_normals is not None:
+            out["normals"] = self.aux_normals(x)   # at the output level's resolution, unnormalised
         if features:
             out["features"] = levels
         return out
 
 
 def shipped_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A student's weights without its training-only deep-supervision heads."""
+    """A student's weights without its training-only heads (deep supervision, surface normals)."""
     return {k: v for k, v in state.items() if not k.startswith(AUX_PREFIX)}
 
 

@@ -150,6 +150,10 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if len(train_loader) == 0:
         raise ConfigError(f"{dc.dataset} has {len(train_ds)} usable training images, fewer than "
                           f"train.batch_size={tc.batch_size}; lower train.batch_size")
+    if recipe.loss.normal_weight > 0 and "intrinsics" not in train_ds[0]:
+        raise ConfigError(f"loss.normal_weight={recipe.loss.normal_weight}: surface normals need the camera's intrinsics, "
+                          f"and {dc.dataset}'s images have none (an image folder without intrinsics.json); add "
+                          f"intrinsics.json to the folder, or set loss.normal_weight=0")
     supervision = supervision_for(recipe, device, train_ds, train_loader, rank=rank, log=log)
     teacher = supervision.teacher
     model = student_for(recipe, device, rank, log)
@@ -251,10 +255,12 @@ def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, lo
     model = build_student(mc.student, tasks=mc.tasks, num_classes=len(NYU13_NAMES), decoder_channels=mc.decoder_channels,
                           output_stride=mc.output_stride, separable=mc.separable, fine_convs=mc.fine_convs,
                           depth_activation=mc.depth_activation, pretrained=mc.pretrained,
-                          aux_heads=AUX_LEVELS if recipe.loss.aux_weight > 0 else 0).to(device)
+                          aux_heads=AUX_LEVELS if recipe.loss.aux_weight > 0 else 0,
+                          aux_normals=recipe.loss.normal_weight > 0).to(device)
     if tc.channels_last:   # oneDNN's and cuDNN's convolutions run NHWC natively
         model = model.to(memory_format=torch.channels_last)
-    shipped = count_params(model) - count_params(model.aux_heads)   # deep supervision's heads train, never ship
+    shipped = count_params(model) - count_params(model.aux_heads) - (   # training-only heads never ship
+        count_params(model.aux_normals) if model.aux_normals is not None else 0)
     log(f"student {mc.student}: {shipped / 1e6:.2f} M params, "
         f"{count_macs(model, dc.height, dc.width) / 1e6:.0f} M MACs at {dc.height}x{dc.width}"
         + (f"; {rank.world} processes x {tc.batch_size // rank.world} images per step" if rank.active else ""))

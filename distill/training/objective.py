@@ -14,8 +14,10 @@ from distill.losses import (
     build_weighting,
     class_frequencies,
     class_weights,
+    cosine_distance,
     cross_entropy,
     lovasz_softmax,
+    surface_normals,
 )
 from distill.losses.normalization import normalized_l1
 from distill.recipes import Recipe
@@ -73,6 +75,9 @@ class Objective:
                     out["features"], batch["teacher_features"])
             if aux:
                 losses["depth"] = losses["depth"] + lc.aux_weight * self.aux_depth_loss(aux, target, valid)
+            if "normals" in out:
+                losses["depth"] = losses["depth"] + lc.normal_weight * normal_loss(
+                    out["normals"].float(), target, valid, batch["intrinsics"])
         if "seg" in out:
             losses["seg"] = cross_entropy(out["seg"].float(), batch["seg"], ignore_index=IGNORE_INDEX,
                                           weight=self.seg_weights, hard_fraction=lc.seg_hard_fraction)
@@ -109,6 +114,15 @@ def downsample_depth(depth: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[
     count = F.avg_pool2d(weights, k)
     log_depth = F.avg_pool2d(torch.log(depth.clamp_min(1e-6)) * weights, k) / count.clamp_min(1e-6)
     return torch.exp(log_depth), count > 0.5
+
+
+def normal_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
+    """`loss.normal_weight`'s term: the predicted normals against those of the target depth, brought
+    to the prediction's resolution first (block means of log-depth, the intrinsics scaled with it)."""
+    k = target.shape[-1] // pred.shape[-1]
+    depth, depth_valid = downsample_depth(target, valid, k) if k > 1 else (target, valid)
+    normals, defined = surface_normals(depth, depth_valid, intrinsics / k)
+    return cosine_distance(pred, normals, defined)
 
 
 def seg_weights_for(recipe: Recipe, train_ds, log=print) -> torch.Tensor | None:
