@@ -107,6 +107,10 @@ class V4(V3):
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr_encoder=4e-3, lr_decoder=8e-3))
     # v3's loss, deep supervision included: on v4, 3 seeds at reduced size gave -0.009 abs_rel and
     # +1.3 miou points, and the full CPU-default runs improved on both seeds (README, v4's table).
+    # Not yet v3's surface-normal head: it has not been confirmed on v4 at full length (README,
+    # "Surface normals"), so v4 trains as its published figures were measured.
+    loss: LossConfig = field(default_factory=lambda: LossConfig(
+        depth="berhu", berhu_threshold="p80", weighting="kendall", aux_weight=0.5))
     # A training step costs twice v3's on a CPU: 9 epochs of batches of 16 take 10.3-10.5 min on 2
     # cores with the data rendered, 11.9-12.1 with rendering; 9 beat 6 on two seeds and every
     # metric (README, v4's table).
@@ -157,10 +161,10 @@ class V6(V3):
     1,000 new rooms: miou 0.544 +- 0.010 against v3's 0.511 +- 0.001, sharper segmentation
     boundaries on every seed, abs_rel 0.1597 +- 0.0003 against 0.1586 +- 0.0022 (README,
     "Segmentation weighted up"). Depth is issue 13's binding bar, so v3 keeps Kendall's weighting,
-    its character; v6 trades about a thousandth of abs_rel for 3 miou points.
+    its character; v6 trades about a thousandth of abs_rel for 3 miou points. It does not train
+    v3's surface-normal head (2026-12-04), which was not measured with these weights.
     """
 
     name: str = "v6"
     loss: LossConfig = field(default_factory=lambda: LossConfig(
-        depth="berhu", berhu_threshold="p80", weighting="fixed", depth_weight=2.0, seg_weight=1.2, aux_weight=0.5,
-        normal_weight=1.0))
+        depth="berhu", berhu_threshold="p80", weighting="fixed", depth_weight=2.0, seg_weight=1.2, aux_weight=0.5))
