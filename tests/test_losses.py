@@ -588,3 +588,26 @@ def test_normal_loss_is_one_minus_the_cosine_where_the_target_has_a_normal():
     sideways = torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1).expand(2, 3, 4, 5)   # 45 degrees off
     assert normal_loss(sideways, depth, valid, intrinsics).item() == pytest.approx(1 - 2 ** -0.5, abs=1e-6)
     assert normal_loss(facing, depth, torch.zeros_like(valid), intrinsics).item() == 0.0   # nothing defined: no term
+
+
+def test_the_normal_term_joins_the_depth_loss_at_its_weight():
+    from dataclasses import replace
+
+    from distill.recipes.history import V3
+    from distill.training.objective import Objective, normal_loss
+
+    torch.manual_seed(0)
+    recipe = replace(V3(), loss=replace(V3().loss, normal_weight=0.0))
+    target = torch.rand(2, 1, 16, 20) * 4 + 1
+    batch = {"teacher_depth": target, "seg": torch.randint(0, 13, (2, 16, 20)),
+             "intrinsics": torch.tensor([[16.0, 16.0, 10.0, 8.0]] * 2)}
+    out = {"depth": torch.rand(2, 1, 16, 20) + 1, "seg": torch.randn(2, 13, 16, 20),
+           "normals": torch.randn(2, 3, 4, 5, requires_grad=True)}
+    plain = Objective(recipe)({k: v for k, v in out.items() if k != "normals"}, batch)
+    with_normals = Objective(replace(recipe, loss=replace(recipe.loss, normal_weight=0.7)))(out, batch)
+    term = normal_loss(out["normals"], target, torch.ones_like(target, dtype=torch.bool), batch["intrinsics"])
+    assert with_normals["depth"].item() == pytest.approx(plain["depth"].item() + 0.7 * term.item(), rel=1e-6)
+    target[0, 0, :4, :4] = float("nan")   # an invalid pixel's NaN reaches neither the term nor its gradient
+    valid = torch.isfinite(target)
+    normal_loss(out["normals"], target, valid, batch["intrinsics"]).backward()
+    assert torch.isfinite(out["normals"].grad).all()

@@ -118,6 +118,16 @@ def test_the_normal_head_trains_and_never_ships():
     assert set(map(id, model.decoder_parameters())) >= set(map(id, model.aux_normals.parameters()))   # it trains
 
 
+@pytest.mark.parametrize("name, options", [("mobilenetv3_small_050", {"aux_heads": 2, "aux_normals": True}),
+                                           ("efficientvit_b0", {"output_stride": 2})])
+def test_every_parameter_trains_in_exactly_one_group(name, options):
+    """The optimizer's two groups (encoder, the rest) cover the whole student: EfficientViT's image
+    stem at stride 2 was in neither until 2026-12-04, so it never trained."""
+    model = build_student(name, **options)
+    encoder, rest = map(lambda ps: {id(p) for p in ps}, (model.encoder_parameters(), model.decoder_parameters()))
+    assert not encoder & rest and encoder | rest == {id(p) for p in model.parameters()}
+
+
 def test_deep_supervision_heads_train_and_never_ship():
     """`aux_heads`: training mode also predicts both tasks from the decoder's coarsest outputs (at
     their own resolution); evaluation mode does not run them, and `shipped_state` leaves them out."""

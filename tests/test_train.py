@@ -102,7 +102,8 @@ def test_fit_metrics_are_the_student_on_its_training_images_without_augmentation
 
 
 def test_surface_normals_without_intrinsics_are_refused_before_training(tmp_path, monkeypatch, capsys):
-    """An image folder without intrinsics.json has no camera: loss.normal_weight > 0 names the fix."""
+    """An image folder without intrinsics.json has no camera (NaN intrinsics, the sample format's
+    "unknown"): loss.normal_weight > 0 names the fix before a step is taken."""
     import distill.training.loop as loop
 
     real = loop.build_datasets
@@ -115,13 +116,14 @@ def test_surface_normals_without_intrinsics_are_refused_before_training(tmp_path
             return len(self.ds)
 
         def __getitem__(self, i):
-            return {k: v for k, v in self.ds[i].items() if k != "intrinsics"}
+            return {**self.ds[i], "intrinsics": torch.full((4,), float("nan"))}
 
     monkeypatch.setattr(loop, "build_datasets", lambda *a, **k: tuple(NoCamera(d) for d in real(*a, **k)))
     assert main(["v3", *TINY, "train.epochs=1", "loss.normal_weight=1", f"out_dir={tmp_path}", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "surface normals need the camera's intrinsics" in err and "loss.normal_weight=0" in err
     assert run_dirs(tmp_path) == []
+    assert not loop.known_camera({}) and loop.known_camera({"intrinsics": torch.tensor([100.0, 100.0, 80.0, 64.0])})
 
 
 def test_each_epoch_line_says_how_long_the_rest_takes():

@@ -10,9 +10,10 @@ def surface_normals(depth: torch.Tensor, valid: torch.Tensor, intrinsics: torch.
                     max_log_step: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 1, H, W) z-depth, its mask and (B, 4) fx, fy, cx, cy in pixels of this resolution ->
     (B, 3, H, W) unit normals facing the camera (x right, y down, z forward; central differences of
-    the back-projected points, pixel centres at u + 0.5) and where they are defined: the 3x3
-    neighbourhood valid, inside the image, and no step of log-depth above `max_log_step` between
-    neighbours (a depth edge has no surface normal)."""
+    the back-projected points, pixel centres at u + 0.5; zero on the border rows and columns) and
+    where they are defined: the 3x3 neighbourhood valid and inside the image, and its log-depth
+    spanning less than 2 x `max_log_step` (a depth edge has no surface normal; nor, at this
+    threshold, a plane seen at a grazing angle, such as the floor's far rows at 128x160)."""
     b, _, h, w = depth.shape
     fx, fy, cx, cy = (t.view(b, 1, 1, 1) for t in intrinsics.to(depth).unbind(-1))
     u = torch.arange(w, device=depth.device, dtype=depth.dtype).view(1, 1, 1, w) + 0.5
@@ -34,5 +35,6 @@ def surface_normals(depth: torch.Tensor, valid: torch.Tensor, intrinsics: torch.
 def cosine_distance(pred: torch.Tensor, normals: torch.Tensor, defined: torch.Tensor) -> torch.Tensor:
     """Mean of 1 - cos(pred, normals) over the `defined` pixels; `pred` (B, 3, H, W) of any length.
     Zero (with a gradient path) where nothing is defined."""
+    normals = torch.where(defined, normals, torch.zeros_like(normals))   # nothing undefined reaches a gradient
     cos = (F.normalize(pred, dim=1) * normals).sum(1, keepdim=True)
     return (1 - cos)[defined].mean() if defined.any() else pred.sum() * 0

@@ -143,6 +143,9 @@ class V5(V3):
     """
 
     name: str = "v5"
+    # v3's loss as v5's figures were measured: without the surface-normal head of 2026-12-04
+    loss: LossConfig = field(default_factory=lambda: LossConfig(
+        depth="berhu", berhu_threshold="p80", weighting="kendall", aux_weight=0.5))
     teacher: TeacherConfig = field(default_factory=lambda: TeacherConfig(
         name="synthetic-metric", assistant="synthetic-assistant", assistant_ratio=0.3))
     distill: DistillConfig = field(default_factory=lambda: DistillConfig(normalization="hybrid"))

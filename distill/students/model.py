@@ -203,8 +203,9 @@ class MultiTaskStudent(nn.Module):
         return list(self.encoder.parameters())
 
     def decoder_parameters(self) -> list[nn.Parameter]:
-        extra = list(self.aux_normals.parameters()) if self.aux_normals is not None else []
-        return list(self.decoder.parameters()) + list(self.heads.parameters()) + list(self.aux_heads.parameters()) + extra
+        """Everything but the encoder: the decoder, the heads, EfficientViT's image stem and the
+        training-only heads (in registration order, the order optimizer checkpoints were saved in)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("encoder.")]
 
     def forward(self, image: torch.Tensor, *, features: bool = False) -> dict[str, torch.Tensor]:
         """`features=True` adds "features": the encoder maps the decoder reads, fine to coarse

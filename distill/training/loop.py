@@ -84,6 +84,13 @@ def training_median_depth(ds: Dataset, fallback: Dataset | None = None, max_imag
     return values.median().item()
 
 
+def known_camera(sample: dict) -> bool:
+    """Whether a sample carries finite, positive focal lengths (an image folder without
+    intrinsics.json gives NaN: the sample format's "unknown")."""
+    k = sample.get("intrinsics")
+    return k is not None and bool(torch.isfinite(torch.as_tensor(k)).all()) and bool((torch.as_tensor(k)[:2] > 0).all())
+
+
 def build_optimizer(model, weighting, cfg, feature_kd=None) -> torch.optim.AdamW:
     groups = [{"params": model.encoder_parameters(), "lr": cfg.lr_encoder, "name": "encoder"},
               {"params": model.decoder_parameters(), "lr": cfg.lr_decoder, "name": "decoder"}]
@@ -150,7 +157,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if len(train_loader) == 0:
         raise ConfigError(f"{dc.dataset} has {len(train_ds)} usable training images, fewer than "
                           f"train.batch_size={tc.batch_size}; lower train.batch_size")
-    if recipe.loss.normal_weight > 0 and "intrinsics" not in train_ds[0]:
+    if recipe.loss.normal_weight > 0 and "depth" in recipe.model.tasks and not known_camera(train_ds[0]):
         raise ConfigError(f"loss.normal_weight={recipe.loss.normal_weight}: surface normals need the camera's intrinsics, "
                           f"and {dc.dataset}'s images have none (an image folder without intrinsics.json); add "
                           f"intrinsics.json to the folder, or set loss.normal_weight=0")
@@ -256,7 +263,7 @@ def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, lo
                           output_stride=mc.output_stride, separable=mc.separable, fine_convs=mc.fine_convs,
                           depth_activation=mc.depth_activation, pretrained=mc.pretrained,
                           aux_heads=AUX_LEVELS if recipe.loss.aux_weight > 0 else 0,
-                          aux_normals=recipe.loss.normal_weight > 0).to(device)
+                          aux_normals=recipe.loss.normal_weight > 0 and "depth" in mc.tasks).to(device)
     if tc.channels_last:   # oneDNN's and cuDNN's convolutions run NHWC natively
         model = model.to(memory_format=torch.channels_last)
     shipped = count_params(model) - count_params(model.aux_heads) - (   # training-only heads never ship

@@ -120,6 +120,7 @@ def normal_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, i
     """`loss.normal_weight`'s term: the predicted normals against those of the target depth, brought
     to the prediction's resolution first (block means of log-depth, the intrinsics scaled with it)."""
     k = target.shape[-1] // pred.shape[-1]
+    target = torch.where(valid, target, torch.ones_like(target))   # no NaN from invalid pixels, not even in a gradient
     depth, depth_valid = downsample_depth(target, valid, k) if k > 1 else (target, valid)
     normals, defined = surface_normals(depth, depth_valid, intrinsics / k)
     return cosine_distance(pred, normals, defined)
