@@ -138,7 +138,8 @@ class Recipe:
     # budget is 15 minutes on 2 cores including data generation; batches of 8 give twice the steps
     # of 16 at 0.87x the images/s and trained the better v3 (3 seeds reduced, 2 full runs: README);
     # 16 epochs instead of 12 for the student that still underfits. Since the stride-4 decoder
-    # (2026-12-03) they take 19.8-24.4 min with rendering on AVX-512 hosts, over the budget: fewer
+    # (2026-12-03) they take 19.8-24.4 min with rendering on AVX-512 hosts (v3's normal head of
+    # 2026-12-04 adds about 4% to a step), over the budget: fewer
     # epochs cost depth, the binding bar (README, "What to expect on a laptop CPU"). CUDA: a real run.
     device_defaults: ClassVar[dict[str, dict[str, dict[str, int]]]] = {
         "cpu": {"data": {"height": 128, "width": 160, "num_train": 4000, "num_val": 200},
