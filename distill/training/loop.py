@@ -7,6 +7,7 @@ weights + optimizer/scheduler state), best.safetensors, summary.json, report.md,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import random
@@ -158,9 +159,11 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
         raise ConfigError(f"{dc.dataset} has {len(train_ds)} usable training images, fewer than "
                           f"train.batch_size={tc.batch_size}; lower train.batch_size")
     if recipe.loss.normal_weight > 0 and "depth" in recipe.model.tasks and not known_camera(train_ds[0]):
-        raise ConfigError(f"loss.normal_weight={recipe.loss.normal_weight}: surface normals need the camera's intrinsics, "
-                          f"and {dc.dataset}'s images have none (an image folder without intrinsics.json); add "
-                          f"intrinsics.json to the folder, or set loss.normal_weight=0")
+        # as seg_balance without labels: the recipe's default adapts to the data, said once, saved in config.json
+        log(f"loss.normal_weight={recipe.loss.normal_weight}: {dc.dataset}'s images carry no camera intrinsics (an image "
+            f"folder without intrinsics.json), which surface normals need; the term is off for this run "
+            f"(add intrinsics.json to the folder to train it)")
+        recipe = dataclasses.replace(recipe, loss=dataclasses.replace(recipe.loss, normal_weight=0.0))
     supervision = supervision_for(recipe, device, train_ds, train_loader, rank=rank, log=log)
     teacher = supervision.teacher
     model = student_for(recipe, device, rank, log)
