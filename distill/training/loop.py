@@ -32,7 +32,7 @@ from distill.data import build_datasets
 from distill.data.classes import NYU13_NAMES
 from distill.losses.feature_kd import FeatureDistiller
 from distill.recipes import Recipe, check_values, resolve_for_device
-from distill.students import build_student, count_macs, count_params, shipped_state
+from distill.students import build_student, count_macs, shipped_state
 from distill.students.model import AUX_PREFIX
 from distill.teachers import Teacher
 from distill.training import distributed
@@ -269,8 +269,8 @@ def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, lo
                           aux_normals=recipe.loss.normal_weight > 0 and "depth" in mc.tasks).to(device)
     if tc.channels_last:   # oneDNN's and cuDNN's convolutions run NHWC natively
         model = model.to(memory_format=torch.channels_last)
-    shipped = count_params(model) - count_params(model.aux_heads) - (   # training-only heads never ship
-        count_params(model.aux_normals) if model.aux_normals is not None else 0)
+    shipped = sum(p.numel() for name, p in model.named_parameters()
+                  if not name.startswith(AUX_PREFIX))   # training-only heads never ship (shipped_state's rule)
     log(f"student {mc.student}: {shipped / 1e6:.2f} M params, "
         f"{count_macs(model, dc.height, dc.width) / 1e6:.0f} M MACs at {dc.height}x{dc.width}"
         + (f"; {rank.world} processes x {tc.batch_size // rank.world} images per step" if rank.active else ""))
