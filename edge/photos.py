@@ -24,9 +24,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from core import io as core_io
+from core.images import refuse_float, upright_rgb
 from core.figures import SEG_PALETTE, colorize, colorize_seg, compose
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
@@ -90,25 +91,9 @@ def read_photo(path: Path, size: tuple[int, int]) -> np.ndarray:
     """(3, H, W) float32 RGB in [0, 1] of the image file, upright, resized per axis to `size` (H, W).
     16-bit images are brought to 8 bits; transparency is ignored (the colour under it is used)."""
     with reading(path), Image.open(path) as image:
-        upright = eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
+        upright = upright_rgb(image)
     resized = upright.resize((size[1], size[0]), Image.BILINEAR)
     return np.asarray(resized, np.float32).transpose(2, 0, 1) / 255.0
-
-
-def eight_bit(image: Image.Image) -> Image.Image:
-    """`image` in a mode PIL converts to RGB without clipping: 16- and 32-bit integer greys are scaled
-    from 0-65535 (PIL's RGB conversion would clip them at 255); float images are refused."""
-    refuse_float(image)
-    if image.mode.startswith("I"):   # I, I;16, I;16B, ...
-        grey = np.asarray(image, np.float64)
-        return Image.fromarray(np.clip(np.rint(grey / 257), 0, 255).astype(np.uint8))
-    return image
-
-
-def refuse_float(image: Image.Image) -> None:
-    if image.mode == "F":
-        raise ValueError("a floating-point image (mode F) has no defined brightness range; "
-                         "save it as an 8- or 16-bit image")
 
 
 def read_photos(files: list[Path], size: tuple[int, int]) -> np.ndarray:

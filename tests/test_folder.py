@@ -11,6 +11,7 @@ from PIL import Image
 
 from distill.data import build_datasets
 from distill.data.classes import IGNORE_INDEX
+from core.images import upright_rgb
 from distill.data.folder import EXTENSIONS, ImageFolder
 from distill.data.nyu import NyuLabeled
 from distill.data.transforms import denormalize
@@ -150,4 +151,20 @@ def test_huge_images_are_skipped_with_the_reason_and_jpegs_decode_reduced(tmp_pa
     assert "800x600 is 0 MP, above the 0 MP" in ds.skipped[0][1] and "downscale it once" in ds.skipped[0][1]
     monkeypatch.setattr(folder, "MAX_MEGAPIXELS", 200.0)
     with Image.open(tmp_path / "a_big.jpg") as im:
-        assert folder.to_rgb8(im, (32, 32)).shape == (75, 100, 3)   # 1/8 scale still covers 2 x 32
+        assert upright_rgb(im, (32, 32)).size == (100, 75)   # 1/8 scale still covers 2 x 32
+
+
+def test_a_portrait_photo_is_turned_upright_with_its_intrinsics(tmp_path):
+    """A phone stores a portrait photo on its side with EXIF orientation 6; intrinsics.json describes
+    the stored (sensor) layout, 80x60 here. The sample is upright, 60x80, and its intrinsics too."""
+    stored = np.zeros((60, 80, 3), np.uint8)
+    stored[:, :40] = 255                      # the stored left half is the upright top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "portrait.png", exif=exif)
+    (tmp_path / "intrinsics.json").write_text(json.dumps({"fx": 100, "fy": 90, "cx": 41, "cy": 29,
+                                                          "width": 80, "height": 60}))
+    s = ImageFolder(tmp_path, size=(80, 60))[0]
+    rgb = denormalize(s["image"])
+    assert (rgb[:38] > 250).all() and (rgb[42:] < 5).all()
+    assert torch.allclose(s["intrinsics"], torch.tensor([90.0, 100.0, 60 - 29.0, 41.0]))

@@ -10,9 +10,11 @@ Samples follow the project's schema at `size`: `depth` 0 and `valid` False every
 IGNORE_INDEX (255), and `intrinsics` from an optional `intrinsics.json` at the folder's root
 ({"fx", "fy", "cx", "cy", "width", "height"}: pixels at the original `width x height`, scaled per
 axis to the output size) else NaN (unknown: a teacher that needs a focal length refuses them).
-Pixels are used as stored (EXIF orientation is not applied: camera intrinsics describe the
-sensor's layout). Each image is resized to `size` (bilinear), whatever its aspect ratio.
-16-bit images keep their range (scaled to 8 bits, not clipped at 255). A JPEG is decoded at the
+Images are turned upright by their EXIF orientation, as `python -m edge.run` turns the photos
+it is given (core/images.py: a phone's portrait photo is stored sideways); intrinsics.json
+describes the stored layout (the sensor's), and each image's intrinsics are turned with it. Each
+image is resized to `size` (bilinear), whatever its aspect ratio. 16-bit images keep their range
+(scaled to 8 bits, not clipped at 255). A JPEG is decoded at the
 smallest of its 1/1, 1/2, 1/4, 1/8 scales that still covers twice the output size, so a phone's
 48 MP photo costs a fraction of its full decode every epoch; images above MAX_MEGAPIXELS are
 skipped like unreadable ones, with the reason (downscale them once, outside training).
@@ -29,12 +31,12 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from core.images import decoded_content_hash, orientation, upright_intrinsics, upright_rgb
 from core.io import sha256 as sha256_file
 from distill.data.nyu import check_size, make_sample
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_MEGAPIXELS = 200.0   # above: skipped (a 144 MP PNG took 2.6 GB to decode, every epoch)
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 INTRINSICS_KEYS = ("fx", "fy", "cx", "cy", "width", "height")
 
 
@@ -49,23 +51,10 @@ def probe(path: Path, size: tuple[int, int]) -> tuple[tuple[int, int] | None, st
             im.verify()   # structure checks; leaves the object unusable, so open again to decode
         with Image.open(path) as im:
             hw = (im.height, im.width)
-            to_rgb8(im, size)   # a real decode: catches truncated data verify() misses
+            upright_rgb(im, size)   # a real decode: catches truncated data verify() misses
             return hw, ""
     except Exception as e:  # noqa: BLE001 - any decoder error means "skip this file"
         return None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
-
-
-def to_rgb8(im: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """(h, w, 3) uint8 of an opened image: 16-bit grey scaled to 8 bits (PIL's convert clips it at
-    255), a JPEG decoded at a reduced scale that still covers twice `size` (height, width)."""
-    if im.format == "JPEG":
-        im.draft("RGB", (2 * size[1], 2 * size[0]))
-    if im.mode in SIXTEEN_BIT_MODES:
-        grey = np.asarray(im, dtype=np.float64)
-        top = 65535.0 if im.mode.startswith("I;16") or grey.max() > 255 else 255.0
-        grey = np.clip(np.rint(grey * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=-1)
-    return np.asarray(im.convert("RGB"))
 
 
 def read_intrinsics(path: Path) -> tuple[float, ...] | None:
@@ -147,15 +136,17 @@ class ImageFolder(Dataset):
             raise IndexError(f"index {index} out of range for {n} images in {self.root}.")
         index = int(index) % n
         with Image.open(self.files[index]) as im:
-            rgb = to_rgb8(im, self.size)
-        h, w = rgb.shape[:2]   # a JPEG may be decoded at 1/2, 1/4 or 1/8 scale
+            turn = orientation(im)
+            rgb = np.asarray(upright_rgb(im, self.size))
+        h, w = rgb.shape[:2]   # upright; a JPEG may be decoded at 1/2, 1/4 or 1/8 scale
         intr = (float("nan"),) * 4
-        if self.intrinsics is not None:   # given at (width, height): first to this file's size
-            fx, fy, cx, cy, kw, kh = self.intrinsics
+        if self.intrinsics is not None:   # given for the stored layout: turned upright, then to this size
+            fx, fy, cx, cy, kw, kh = upright_intrinsics(*self.intrinsics, turn)
             intr = (fx * w / kw, fy * h / kh, cx * w / kw, cy * h / kh)
         rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None
         return make_sample(rgb, np.zeros((h, w), np.float32), None, intr, index=index, size=self.size, rng=rng)
 
     def content_hash(self, index: int) -> str:
-        """sha256 of the image file's bytes."""
-        return sha256_file(self.files[index])
+        """sha256 of the image file's bytes (with its EXIF orientation where it has one: core/images.py)."""
+        with Image.open(self.files[index]) as im:   # the header only
+            return decoded_content_hash(sha256_file(self.files[index]), im)

@@ -1,0 +1,71 @@
+"""Image files to 8-bit RGB, one way for every reader: training folders (distill/data/folder.py)
+and photos given to an artefact (edge/photos.py) must see the same pixels.
+
+- upright: turned by the file's EXIF orientation, as a phone's photo is shown (and as OpenCV and
+  browsers decode it); a portrait photo stored sideways would otherwise train and run sideways;
+- 16-bit greys scaled to 8 bits (PIL's RGB conversion would clip them at 255);
+- floating-point images refused: they have no defined brightness range;
+- transparency ignored (the colour under it is used).
+numpy and PIL only, so any stage can read images without pulling torch.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+from PIL import Image, ImageOps
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # "I": 32-bit integers, 16-bit data in older Pillows
+EXIF_ORIENTATION = 0x0112
+
+
+def refuse_float(image: Image.Image) -> None:
+    """ValueError for a floating-point image (mode F), naming the fix."""
+    if image.mode == "F":
+        raise ValueError("a floating-point image (mode F) has no defined brightness range; "
+                         "save it as an 8- or 16-bit image")
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an opened image: 1 (as stored) when it has none."""
+    return int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
+
+
+def upright_rgb(image: Image.Image, at_least: tuple[int, int] | None = None) -> Image.Image:
+    """An opened image file as upright 8-bit RGB (the module docstring). `at_least` (height, width):
+    a JPEG may be decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay at least twice the
+    larger of the two (either way round, so a rotated photo is covered too)."""
+    refuse_float(image)
+    if at_least is not None and image.format == "JPEG":
+        side = 2 * max(at_least)
+        image.draft("RGB", (side, side))
+    image = ImageOps.exif_transpose(image)
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or grey.max() > 255 else 255.0
+        return Image.fromarray(np.clip(np.rint(grey * (255.0 / top)), 0, 255).astype(np.uint8)).convert("RGB")
+    return image.convert("RGB")
+
+
+# Where EXIF orientation o sends a stored pixel (x, y) of a width x height image, in the upright one:
+# (swap x and y first?, mirror the new x?, mirror the new y?). Checked against PIL in tests/test_images.py.
+_TURNS = {1: (False, False, False), 2: (False, True, False), 3: (False, True, True), 4: (False, False, True),
+          5: (True, False, False), 6: (True, True, False), 7: (True, True, True), 8: (True, False, True)}
+
+
+def upright_intrinsics(fx: float, fy: float, cx: float, cy: float, width: float, height: float,
+                       turn: int) -> tuple[float, float, float, float, float, float]:
+    """Pinhole intrinsics of a stored width x height image -> those of the image turned upright by
+    EXIF orientation `turn` (focal lengths swap with the axes; a mirrored axis mirrors its centre)."""
+    swap, mirror_x, mirror_y = _TURNS.get(turn, _TURNS[1])
+    if swap:
+        fx, fy, cx, cy, width, height = fy, fx, cy, cx, height, width
+    return fx, fy, width - cx if mirror_x else cx, height - cy if mirror_y else cy, width, height
+
+
+def decoded_content_hash(file_sha256: str, image: Image.Image) -> str:
+    """What a decoded sample is made of: the file's sha256, and for a photo that is turned upright
+    also its orientation (the same bytes made another image before files were turned upright, so a
+    pseudo-label cache from then must not match)."""
+    turn = orientation(image)
+    return file_sha256 if turn == 1 else hashlib.sha256(f"{file_sha256}:exif-orientation={turn}".encode()).hexdigest()

@@ -1,0 +1,54 @@
+"""core/images.py: the one way image files become 8-bit RGB (training folders and edge.run)."""
+import hashlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.images import decoded_content_hash, orientation, upright_intrinsics, upright_rgb
+
+
+def save_with_orientation(path, pixels: np.ndarray, turn: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = turn
+    Image.fromarray(pixels).save(path, exif=exif)
+
+
+@pytest.mark.parametrize("turn", range(1, 9))
+def test_intrinsics_turn_with_the_pixels_as_pil_turns_them(tmp_path, turn):
+    w, h, x, y = 6, 4, 1, 0   # one bright pixel, off every axis of symmetry
+    stored = np.zeros((h, w, 3), np.uint8)
+    stored[y, x] = 255
+    save_with_orientation(tmp_path / "p.png", stored, turn)
+    with Image.open(tmp_path / "p.png") as image:
+        assert orientation(image) == turn
+        upright = np.asarray(upright_rgb(image))
+    ys, xs = np.nonzero(upright[..., 0])
+    # the principal point placed on the bright pixel's centre must land on its new centre
+    fx, fy, cx, cy, uw, uh = upright_intrinsics(10.0, 20.0, x + 0.5, y + 0.5, w, h, turn)
+    assert (uh, uw) == upright.shape[:2]
+    assert (cx, cy) == (xs[0] + 0.5, ys[0] + 0.5)
+    assert (fx, fy) == ((20.0, 10.0) if turn >= 5 else (10.0, 20.0))   # 5-8 swap the axes
+
+
+def test_sixteen_and_thirty_two_bit_greys_keep_their_range_and_float_is_refused(tmp_path):
+    ramp = (np.arange(32 * 48, dtype=np.uint32).reshape(32, 48) * 40).astype(np.uint16)   # 0 .. 61400
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode == "I;16"
+        rgb = np.asarray(upright_rgb(image))
+    assert np.abs(rgb[..., 1].astype(int) - np.rint(ramp / 257).astype(int)).max() <= 1
+    small = Image.fromarray(np.full((4, 4), 200, np.int32), mode="I")   # 32-bit, but 8-bit data
+    assert np.asarray(upright_rgb(small))[0, 0].tolist() == [200, 200, 200]
+    with pytest.raises(ValueError, match="floating-point image .* save it as an 8- or 16-bit image"):
+        upright_rgb(Image.fromarray(np.zeros((4, 4), np.float32)))
+
+
+def test_a_turned_photo_gets_another_content_hash(tmp_path):
+    pixels = np.zeros((4, 6, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "plain.png")
+    save_with_orientation(tmp_path / "turned.png", pixels, 6)
+    for name, same in (("plain.png", True), ("turned.png", False)):
+        file_hash = hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
+        with Image.open(tmp_path / name) as image:
+            assert (decoded_content_hash(file_hash, image) == file_hash) is same
