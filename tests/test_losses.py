@@ -611,30 +611,3 @@ def test_the_normal_term_joins_the_depth_loss_at_its_weight():
     valid = torch.isfinite(target)
     normal_loss(out["normals"], target, valid, batch["intrinsics"]).backward()
     assert torch.isfinite(out["normals"].grad).all()
-
-
-def test_virtual_normals_see_shape_not_scale():
-    """Planes through random pixel triplets: a depth map scaled as a whole has the same planes (no
-    loss); a bent one does not. Invalid pixels and collinear triplets never count."""
-    from distill.losses import virtual_normal_loss
-
-    torch.manual_seed(0)
-    h, w = 16, 20
-    intrinsics = torch.tensor([[16.0, 16.0, 10.0, 8.0]] * 2)
-    rows = torch.arange(h, dtype=torch.float32).view(1, 1, h, 1) + 0.5
-    room = (3.0 + 0.1 * rows).expand(2, 1, h, w).contiguous()   # a tilted plane
-    room[:, :, 4:10, 5:12] = 1.2                                  # a box in front of it
-    valid = torch.ones_like(room, dtype=torch.bool)
-    assert virtual_normal_loss(room * 1.7, room, valid, intrinsics).item() == pytest.approx(0.0, abs=1e-5)
-    bent = (room ** 0.7).requires_grad_(True)                    # depth compressed towards the middle
-    loss = virtual_normal_loss(bent, room, valid, intrinsics)
-    loss.backward()
-    assert loss.item() > 0.01 and torch.isfinite(bent.grad).all() and bent.grad.abs().sum() > 0
-    nan_target = room.clone()
-    nan_target[0, :, :8] = float("nan")                           # unknown there: no term, no NaN gradient
-    pred = room.clone().requires_grad_(True)
-    virtual_normal_loss(pred, nan_target, torch.isfinite(nan_target), intrinsics).backward()
-    assert torch.isfinite(pred.grad).all()
-    flat_line = torch.full((1, 1, 1, w), 2.0)                     # one row: every triplet is collinear
-    line = virtual_normal_loss(flat_line.clone().requires_grad_(True), flat_line, flat_line > 0, intrinsics[:1])
-    assert line.item() == 0.0 and line.requires_grad

@@ -1,11 +1,6 @@
 """Surface normals of a depth map, and the distance of predicted normals from them: the target of
-v3's training-only normal head (`loss.normal_weight`, distill/training/objective.py); and virtual
-normals (`loss.virtual_normal_weight`): planes through random triplets of back-projected pixels,
-which hold a depth map's 3D shape across the whole image (Yin et al. 2019, "Enforcing geometric
-constraints of virtual normal for depth prediction")."""
+v3's training-only normal head (`loss.normal_weight`, distill/training/objective.py)."""
 from __future__ import annotations
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -43,61 +38,3 @@ def cosine_distance(pred: torch.Tensor, normals: torch.Tensor, defined: torch.Te
     normals = torch.where(defined, normals, torch.zeros_like(normals))   # nothing undefined reaches a gradient
     cos = (F.normalize(pred, dim=1) * normals).sum(1, keepdim=True)
     return (1 - cos)[defined].mean() if defined.any() else pred.sum() * 0
-
-
-Vec = tuple[torch.Tensor, torch.Tensor, torch.Tensor]   # x, y, z of many 3-vectors (componentwise: fast on a CPU)
-
-
-def _dot(a: Vec, b: Vec) -> torch.Tensor:
-    return a[0] * b[0] + a[1] * b[1] + a[2] * b[2]
-
-
-def _cross(a: Vec, b: Vec) -> Vec:
-    return a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]
-
-
-def _length(a: Vec) -> torch.Tensor:
-    return _dot(a, a).clamp_min(1e-12).sqrt()
-
-
-def _unit(a: Vec) -> Vec:
-    norm = _length(a)
-    return a[0] / norm, a[1] / norm, a[2] / norm
-
-
-def virtual_normal_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, intrinsics: torch.Tensor,
-                        triplets: int = 2048, min_angle_deg: float = 30.0) -> torch.Tensor:
-    """Mean L1 distance between the unit normals of the planes through the same random pixel
-    triplets of the predicted and the target (B, 1, H, W) depth, back-projected with (B, 4)
-    intrinsics (L1: about the angle, so small errors keep a gradient). A triplet counts where its
-    three pixels are valid and the target's triangle has no angle under `min_angle_deg`
-    (near-collinear points have no stable plane; nor has a pixel drawn twice). Draws from torch's
-    global RNG."""
-    b, _, h, w = pred.shape
-    index = torch.randint(0, h * w, (b, 3 * triplets), device=pred.device)
-    fx, fy, cx, cy = (t.view(b, 1) for t in intrinsics.to(pred).unbind(-1))
-    ray_x = ((index % w).to(pred.dtype) + 0.5 - cx) / fx
-    ray_y = (torch.div(index, w, rounding_mode="floor").to(pred.dtype) + 0.5 - cy) / fy
-
-    def corners(depth: torch.Tensor) -> tuple[Vec, Vec, Vec]:
-        """The triangles' vertices: three (x, y, z) of (B, T) each."""
-        z = depth.reshape(b, -1).gather(1, index)
-        xyz = [(c.view(b, 3, triplets)) for c in (ray_x * z, ray_y * z, z)]
-        return tuple((xyz[0][:, k], xyz[1][:, k], xyz[2][:, k]) for k in range(3))
-
-    def edges(p: tuple[Vec, Vec, Vec]) -> tuple[Vec, Vec, Vec]:
-        return tuple(tuple(q - o for q, o in zip(p[j], p[i])) for i, j in ((0, 1), (0, 2), (1, 2)))
-
-    target = torch.where(valid, target, torch.ones_like(target))   # no NaN from invalid pixels
-    e01, e02, e12 = edges(corners(target))
-    u01, u02, u12 = _unit(e01), _unit(e02), _unit(e12)
-    cos_max = math.cos(math.radians(min_angle_deg))
-    well_shaped = ((_dot(u01, u02) < cos_max) & (-_dot(u01, u12) < cos_max) & (_dot(u02, u12) < cos_max)
-                   & (torch.minimum(torch.minimum(_length(e01), _length(e02)), _length(e12)) > 1e-4))   # a pixel drawn twice
-    counted = valid.reshape(b, -1).gather(1, index).view(b, 3, triplets).all(1) & well_shaped
-    if not counted.any():
-        return pred.sum() * 0
-    p01, p02, _ = edges(corners(pred))
-    n_pred, n_target = _unit(_cross(p01, p02)), _unit(_cross(e01, e02))
-    distance = sum((a - t).abs() for a, t in zip(n_pred, n_target))
-    return distance[counted].mean()

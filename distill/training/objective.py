@@ -18,7 +18,6 @@ from distill.losses import (
     cross_entropy,
     lovasz_softmax,
     surface_normals,
-    virtual_normal_loss,
 )
 from distill.losses.normalization import normalized_l1
 from distill.recipes import Recipe
@@ -76,9 +75,6 @@ class Objective:
                     out["features"], batch["teacher_features"])
             if aux:
                 losses["depth"] = losses["depth"] + lc.aux_weight * self.aux_depth_loss(aux, target, valid)
-            if lc.virtual_normal_weight > 0:
-                losses["depth"] = losses["depth"] + lc.virtual_normal_weight * virtual_normal_loss(
-                    pred, target, valid, batch["intrinsics"])
             if "normals" in out:
                 losses["depth"] = losses["depth"] + lc.normal_weight * normal_loss(
                     out["normals"].float(), target, valid, batch["intrinsics"])
