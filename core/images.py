@@ -3,7 +3,10 @@ and photos given to an artefact (edge/photos.py) must see the same pixels.
 
 - upright: turned by the file's EXIF orientation, as a phone's photo is shown (and as OpenCV and
   browsers decode it); a portrait photo stored sideways would otherwise train and run sideways;
-- 16-bit greys scaled to 8 bits (PIL's RGB conversion would clip them at 255);
+  an orientation outside 1-8 counts as 1;
+- 16-bit greys scaled to 8 bits (PIL's RGB conversion would clip them at 255); a 32-bit integer
+  grey (mode I, which older Pillows give 16-bit PNGs) counts as 16-bit when a value exceeds 255,
+  else as 8-bit;
 - floating-point images refused: they have no defined brightness range;
 - transparency ignored (the colour under it is used).
 numpy and PIL only, so any stage can read images without pulling torch.
@@ -13,7 +16,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # "I": 32-bit integers, 16-bit data in older Pillows
 EXIF_ORIENTATION = 0x0112
@@ -27,19 +30,26 @@ def refuse_float(image: Image.Image) -> None:
 
 
 def orientation(image: Image.Image) -> int:
-    """The EXIF orientation of an opened image: 1 (as stored) when it has none."""
-    return int(image.getexif().get(EXIF_ORIENTATION, 1) or 1)
+    """The EXIF orientation of an opened image, 1 (as stored) when it has none or an invalid one.
+    From the header: a PNG's getexif() would decode the whole image to look for an eXIf chunk after
+    the pixels, so a PNG counts only one before them (where writers put it)."""
+    if image.format == "PNG" and "exif" not in image.info:
+        return 1
+    turn = image.getexif().get(EXIF_ORIENTATION, 1)
+    return turn if turn in _TURNS else 1
 
 
 def upright_rgb(image: Image.Image, at_least: tuple[int, int] | None = None) -> Image.Image:
-    """An opened image file as upright 8-bit RGB (the module docstring). `at_least` (height, width):
-    a JPEG may be decoded at 1/2, 1/4 or 1/8 scale as long as both sides stay at least twice the
-    larger of the two (either way round, so a rotated photo is covered too)."""
+    """An opened image file as upright 8-bit RGB (the module docstring). `at_least` (height, width)
+    of the upright image: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale as long as it stays at
+    least twice that size."""
     refuse_float(image)
+    turn = orientation(image)
     if at_least is not None and image.format == "JPEG":
-        side = 2 * max(at_least)
-        image.draft("RGB", (side, side))
-    image = ImageOps.exif_transpose(image)
+        h, w = at_least
+        image.draft("RGB", (2 * h, 2 * w) if _TURNS[turn][0] else (2 * w, 2 * h))   # in the stored axes
+    if turn != 1:
+        image = image.transpose(_TRANSPOSE[turn])
     if image.mode in SIXTEEN_BIT_MODES:
         grey = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or grey.max() > 255 else 255.0
@@ -48,9 +58,13 @@ def upright_rgb(image: Image.Image, at_least: tuple[int, int] | None = None) -> 
 
 
 # Where EXIF orientation o sends a stored pixel (x, y) of a width x height image, in the upright one:
-# (swap x and y first?, mirror the new x?, mirror the new y?). Checked against PIL in tests/test_images.py.
+# (swap x and y first?, mirror the new x?, mirror the new y?), and PIL's transposition that does it
+# (as ImageOps.exif_transpose; both checked against it in tests/test_images.py).
 _TURNS = {1: (False, False, False), 2: (False, True, False), 3: (False, True, True), 4: (False, False, True),
           5: (True, False, False), 6: (True, True, False), 7: (True, True, True), 8: (True, False, True)}
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
 
 
 def upright_intrinsics(fx: float, fy: float, cx: float, cy: float, width: float, height: float,

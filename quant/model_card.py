@@ -81,14 +81,15 @@ def default_of(fmt: Format, key: str) -> str:
 
 def usage(fmt: str, example: str, h: int, w: int, layout: str = "NHWC") -> str:
     """How to run the file: Python with the format's runtime, then pointers for phones."""
-    image = "rgb = np.asarray(Image.open(\"room.jpg\").convert(\"RGB\").resize((%d, %d)), np.float32) / 255" % (w, h)
+    image = ("rgb = np.asarray(ImageOps.exif_transpose(Image.open(\"room.jpg\")).convert(\"RGB\").resize((%d, %d)), "
+             "np.float32) / 255   # upright, as a phone shows it" % (w, h))
     if fmt == "tflite":
         nhwc = layout == "NHWC"
         feed, shape = ("rgb[None]", f"(1, {h}, {w}, 3)") if nhwc else ("rgb.transpose(2, 0, 1)[None]", f"(1, 3, {h}, {w})")
         depth, labels = ('[0, ..., 0]', '[0].argmax(-1)') if nhwc else ('[0, 0]', '[0].argmax(0)')
         code = f"""from ai_edge_litert.interpreter import Interpreter   # pip install ai-edge-litert pillow
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 interpreter = Interpreter(model_path="{example}", num_threads=2)
 interpreter.allocate_tensors()
@@ -104,7 +105,7 @@ labels = out["{SEG}"]{labels}           # ({h}, {w}) class ids"""
     elif fmt == "onnx":
         code = f"""import numpy as np
 import onnxruntime as ort                      # pip install onnxruntime pillow
-from PIL import Image
+from PIL import Image, ImageOps
 
 session = ort.InferenceSession("{example}", providers=["CPUExecutionProvider"])
 {image}
@@ -116,7 +117,7 @@ labels = seg[0].argmax(0)                      # ({h}, {w}) class ids"""
     else:
         code = f"""import coremltools as ct                      # macOS: pip install coremltools pillow
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 model = ct.models.MLModel("{example}")
 {image}

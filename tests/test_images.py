@@ -3,7 +3,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from core.images import decoded_content_hash, orientation, upright_intrinsics, upright_rgb
 
@@ -29,6 +29,29 @@ def test_intrinsics_turn_with_the_pixels_as_pil_turns_them(tmp_path, turn):
     assert (uh, uw) == upright.shape[:2]
     assert (cx, cy) == (xs[0] + 0.5, ys[0] + 0.5)
     assert (fx, fy) == ((20.0, 10.0) if turn >= 5 else (10.0, 20.0))   # 5-8 swap the axes
+    with Image.open(tmp_path / "p.png") as image:
+        assert np.array_equal(upright, np.asarray(ImageOps.exif_transpose(image).convert("RGB")))   # as PIL turns it
+
+
+def test_a_turned_jpeg_is_decoded_reduced_but_covers_twice_the_output(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6   # stored 800x600 on its side: upright 600x800 (width x height)
+    Image.new("RGB", (800, 600), (90, 120, 150)).save(tmp_path / "portrait.jpg", quality=90, exif=exif)
+    with Image.open(tmp_path / "portrait.jpg") as image:
+        upright = upright_rgb(image, (96, 64))                 # twice: 192 x 128 (height x width)
+    assert upright.size == (150, 200)                          # 1/4 scale, upright; 1/8 (75 x 100) would not cover it
+    with Image.open(tmp_path / "portrait.jpg") as image:
+        assert upright_rgb(image, (160, 120)).size == (300, 400)   # 1/2
+
+
+def test_orientation_is_read_from_the_header_and_invalid_ones_count_as_none(tmp_path):
+    Image.new("RGB", (6, 4)).save(tmp_path / "plain.png")
+    with Image.open(tmp_path / "plain.png") as image:
+        image.load = lambda: pytest.fail("orientation() decoded the pixels")   # PNG's getexif() would
+        assert orientation(image) == 1
+    save_with_orientation(tmp_path / "odd.png", np.zeros((4, 6, 3), np.uint8), 9)
+    with Image.open(tmp_path / "odd.png") as image:
+        assert orientation(image) == 1 and upright_rgb(image).size == (6, 4)
 
 
 def test_sixteen_and_thirty_two_bit_greys_keep_their_range_and_float_is_refused(tmp_path):
