@@ -99,3 +99,16 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         sys.exit(EXIT_USER)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, default_recipe: str, *, run_flag: bool = True) -> None:
+    """The flags that choose a training run, as every command that reads one spells them: `--run`
+    (unless the command takes the run as a positional), `--runs-dir`, `--recipe` (resolved by
+    distill.training.find_run)."""
+    if run_flag:
+        parser.add_argument("--run", help="training run directory (default: the newest finished run of --recipe "
+                                          "under --runs-dir)")
+    parser.add_argument("--runs-dir", default="runs", help="where to look for the newest run (default: runs)")
+    parser.add_argument("--recipe", metavar="NAME",
+                        help=f"whose newest run, when no run is named (default: {default_recipe}); "
+                             "beside a run, that run's recipe")

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from core import io
-from core.cli import ArgumentParser, command
+from core.cli import ArgumentParser, add_run_arguments, command
 from core.io import check_writable
 from distill.recipes import DEFAULT_RECIPE
 
@@ -56,10 +56,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run", nargs="?", help="a run directory (default: the newest finished run of --recipe "
                                                 "under --runs-dir)")
     parser.add_argument("overrides", nargs="*", help="data.* and eval.* key=value overrides, e.g. data.seed=1")
-    parser.add_argument("--runs-dir", default="runs", help="where to look for the newest run (default: runs)")
-    parser.add_argument("--recipe", metavar="NAME",
-                        help=f"whose newest run, when no run is named (default: {DEFAULT_RECIPE}); "
-                             "beside a run, that run's recipe")
+    add_run_arguments(parser, DEFAULT_RECIPE, run_flag=False)
     parser.add_argument("--out", type=Path, help="the JSON file (or a directory for it) to write "
                                                  "(default: <run>/evaluations/<overrides>.json)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")

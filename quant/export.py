@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from core import io
-from core.cli import ArgumentParser, at_least, command
+from core.cli import ArgumentParser, add_run_arguments, at_least, command
 from core.formats import CALIBRATED_PRECISIONS, FORMATS, PRECISIONS, Converter, Format
 from core.io import check_writable
 from core.lock import exclusive
@@ -121,11 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True,
                    help=f"a format ({', '.join(FORMATS)}) or a device profile ({', '.join(device_names())})")
-    p.add_argument("--run", help="training run directory (default: the newest run of --recipe under --runs-dir)")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--recipe", metavar="NAME",
-                   help=f"whose newest run, when --run is not given (default: {DEFAULT_RECIPE}); "
-                        "beside a run, that run's recipe")
+    add_run_arguments(p, DEFAULT_RECIPE)
     p.add_argument("--out", default="exports", help="exports root (default: exports/)")
     p.add_argument("--precision", nargs="+",
                    help="precisions to produce (default: the target's defaults, core/formats.py)")

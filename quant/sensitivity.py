@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 from tqdm.auto import tqdm
 
-from core.cli import ArgumentParser, at_least, command
+from core.cli import ArgumentParser, add_run_arguments, at_least, command
 from core.formats import FORMATS
 from quant import ptq, qat
 from quant.equalize import equalize
@@ -32,11 +32,7 @@ DEFAULT_IMAGES = 32
 
 def parse_args(argv: list[str] | None):
     p = ArgumentParser(prog="python -m quant.sensitivity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--run", help="training run directory (default: the newest run of --recipe under --runs-dir)")
-    p.add_argument("--runs-dir", default="runs")
-    p.add_argument("--recipe", metavar="NAME",
-                   help=f"whose newest run, when --run is not given (default: {DEFAULT_RECIPE}); "
-                        "beside a run, that run's recipe")
+    add_run_arguments(p, DEFAULT_RECIPE)
     p.add_argument("--images", type=int, default=DEFAULT_IMAGES,
                    help=f"validation images the drift is measured on (default {DEFAULT_IMAGES})")
     p.add_argument("--calib", type=int, default=128, help="calibration images (the export's default: 128)")
