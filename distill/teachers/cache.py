@@ -186,8 +186,8 @@ class CachedTeacher(Teacher):
     def _image_problems(self, dataset, first: int) -> list[str]:
         """Content hashes of `dataset` against the cached ones from global position `first`."""
         cached = [h for s in self.manifest["shards"] for h in shard_metadata(self.path / s["file"])["content_hashes"]]
-        wrong = [(i, cached[first + i], dataset.content_hash(i)) for i in range(len(dataset))
-                 if dataset.content_hash(i) != cached[first + i]]
+        hashes = (dataset.content_hash(i) for i in range(len(dataset)))   # each file read once
+        wrong = [(i, cached[first + i], h) for i, h in enumerate(hashes) if h != cached[first + i]]
         if not wrong:
             return []
         shown = "; ".join(f"{i}: cache {a[:12]}, dataset {b[:12]}" for i, a, b in wrong[:3])
