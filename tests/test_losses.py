@@ -611,29 +611,3 @@ def test_the_normal_term_joins_the_depth_loss_at_its_weight():
     valid = torch.isfinite(target)
     normal_loss(out["normals"], target, valid, batch["intrinsics"]).backward()
     assert torch.isfinite(out["normals"].grad).all()
-
-
-def test_the_image_scale_term_is_each_images_mean_log_ratio():
-    from dataclasses import replace
-
-    from distill.recipes.history import V3
-    from distill.training.objective import Objective, image_scale_loss
-
-    target = torch.rand(3, 1, 8, 8) * 3 + 1
-    valid = torch.ones_like(target, dtype=torch.bool)
-    valid[2] = False                                   # an image without valid pixels adds nothing
-    pred = target * torch.tensor([1.2, 0.5, 9.0]).view(3, 1, 1, 1)
-    expect = (math.log(1.2) + abs(math.log(0.5))) / 2
-    assert image_scale_loss(pred, target, valid).item() == pytest.approx(expect, rel=1e-5)
-    target[0, 0, 0, 0] = float("nan")                  # unknown there: no NaN in the term or its gradient
-    valid = valid & torch.isfinite(target)
-    pred = pred.clone().requires_grad_(True)
-    image_scale_loss(pred, target, valid).backward()
-    assert torch.isfinite(pred.grad).all()
-    recipe = replace(V3(), loss=replace(V3().loss, normal_weight=0.0))
-    batch = {"teacher_depth": torch.rand(2, 1, 16, 20) * 4 + 1, "seg": torch.randint(0, 13, (2, 16, 20))}
-    out = {"depth": torch.rand(2, 1, 16, 20) + 1, "seg": torch.randn(2, 13, 16, 20)}
-    plain = Objective(recipe)(out, batch)
-    scaled = Objective(replace(recipe, loss=replace(recipe.loss, scale_weight=0.5)))(out, batch)
-    term = image_scale_loss(out["depth"], batch["teacher_depth"], torch.ones(2, 1, 16, 20, dtype=torch.bool))
-    assert scaled["depth"].item() == pytest.approx(plain["depth"].item() + 0.5 * term.item(), rel=1e-6)

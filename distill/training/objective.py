@@ -75,8 +75,6 @@ class Objective:
                     out["features"], batch["teacher_features"])
             if aux:
                 losses["depth"] = losses["depth"] + lc.aux_weight * self.aux_depth_loss(aux, target, valid)
-            if lc.scale_weight > 0:
-                losses["depth"] = losses["depth"] + lc.scale_weight * image_scale_loss(pred, target, valid)
             if "normals" in out:
                 losses["depth"] = losses["depth"] + lc.normal_weight * normal_loss(
                     out["normals"].float(), target, valid, batch["intrinsics"])
@@ -116,16 +114,6 @@ def downsample_depth(depth: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[
     count = F.avg_pool2d(weights, k)
     log_depth = F.avg_pool2d(torch.log(depth.clamp_min(1e-6)) * weights, k) / count.clamp_min(1e-6)
     return torch.exp(log_depth), count > 0.5
-
-
-def image_scale_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over images of |mean log(pred / target)| over each image's valid pixels: the error of
-    each image's overall scale, which per-pixel terms weigh no more than any other pixel's error."""
-    target = torch.where(valid, target, torch.ones_like(target))
-    log_ratio = torch.where(valid, torch.log(pred.clamp_min(1e-6)) - torch.log(target.clamp_min(1e-6)), 0.0)
-    count = valid.flatten(1).sum(1)
-    per_image = log_ratio.flatten(1).sum(1) / count.clamp_min(1)
-    return per_image[count > 0].abs().mean() if (count > 0).any() else pred.sum() * 0
 
 
 def normal_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
