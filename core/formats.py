@@ -88,7 +88,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("onnx", "ONNX", ".onnx", ("fp32", "fp16", "int8"), ("fp32", "fp16", "int8"),
            # 7-bit weights ([-64, 64], onnxruntime's reduce_range): its uint8 x int8 kernels on x86 without
            # VNNI add products in pairs in 16 bits, which saturate with 8-bit weights; with 7-bit ones
-           # they cannot, so the file computes the same on every CPU (README: "ONNX int8 files store 7-bit weights").
+           # they cannot, so the file computes the same on every CPU (docs/EXPORT.md: "ONNX int8 files store 7-bit weights").
            (Converter("onnxruntime", "targets.onnx", "onnx", int8_weight_max=64),), "NCHW",
            "edge.runners:OrtRunner", ("auto",), ("any",), "", (
                "# any machine with densekit and onnxruntime installed (pip install -e .[export])",

@@ -54,7 +54,7 @@ from targets.stem import DEFAULT_FLOAT_STEM
 
 # Distillation steps after pruning: what brings v3 at half its MACs back within 1.05x abs_rel and 1.5
 # miou points of its float model. 2000 did for the 12-epoch student; the 16-epoch one needed more
-# (README, "Pruning to a MAC budget").
+# (docs/EXPORT.md, "Pruning to a MAC budget").
 DEFAULT_PRUNE_STEPS = 4000
 DEFAULT_CALIB = 128
 # Validation images per artefact: the whole SynthRooms CPU-default validation split. On the first
@@ -76,8 +76,8 @@ class ExportOptions:
     converter: str = ""                       # "" = the format's default converter (core/formats.py)
     layout: str = ""                          # input layout, "NHWC" or "NCHW"; "" = the format's
     prune: str = ""                           # channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")
-    prune_steps: int = DEFAULT_PRUNE_STEPS    # distillation fine-tune steps after pruning (README: pruning figures)
-    prune_importance: str = "taylor"          # how channels are ranked: quant/prune.py IMPORTANCE (README: seeds)
+    prune_steps: int = DEFAULT_PRUNE_STEPS    # distillation fine-tune steps after pruning (docs/EXPORT.md: pruning figures)
+    prune_importance: str = "taylor"          # how channels are ranked: quant/prune.py IMPORTANCE (docs/EXPORT.md: seeds)
     prune_lr: float = 2e-3                    # peak learning rate of the fine-tune after pruning (cosine decay)
     prune_stages: int = 1                     # > 1: iterative pruning, the fine-tune steps split between the stages
     qat_steps: int | None = None              # None = the recipe's (v3 300, v4 0); 0 = post-training quantisation only

@@ -7,7 +7,7 @@ group is left float in turn, and the table ranks the groups by how much of the d
 float model goes away. The drift is per pixel, against the float model on validation images: mean
 |d - d_float| / d_float and the share of labels that differ.
 
-This found the stem of v3's int8 drift (README, "How the training defaults were chosen"): the
+This found the stem of v3's int8 drift (docs/TRAINING.md): the
 stem convolution's output and the input of the layers reading it, now kept float by
 `quant.export --float-stem`. Read the top rows as candidates for `--float-stem`, or for a
 student whose tensor ranges suit int8 better; the export's drift gates decide.

@@ -6,12 +6,11 @@ form); and the islands around ops that int8 kernels handle badly (`island_ops`, 
 Why (MobileNetV3-Small, v3): the stem convolution's output, the hardswish input, spans a wide range
 that one int8 scale resolves coarsely, and every later layer reads it. In the torch simulation of
 the int8 scheme (pointwise v3 student, seed 0, 200 validation images), the stem and the layers
-reading it held 3.1 of the 3.4 points of abs_rel drift (README, "How the training defaults were
-chosen"). With 2 layers, v3 keeps the stem convolution, its hardswish and the convolutions that
-read it: the first depthwise layer, and with a stride-2 decoder level (`model.output_stride=2`) that
-level's lateral (4.4 M of 108 M MACs there), where int8 ran no faster than fp32. Depth counts
-layers, not execution order, which differs between converters (ONNX ran the lateral before the
-depthwise layer, TFLite after).
+reading it held 3.1 of the 3.4 points of abs_rel drift (docs/TRAINING.md). With 2 layers, v3
+keeps the stem convolution, its hardswish and the convolutions that read it: the first depthwise
+layer, and with a stride-2 decoder level (`model.output_stride=2`) that level's lateral (4.4 M of
+108 M MACs there), where int8 ran no faster than fp32. Depth counts layers, not execution order,
+which differs between converters (ONNX ran the lateral before the depthwise layer, TFLite after).
 
 Standard library only: both converter processes import it.
 """

@@ -165,8 +165,8 @@ def berhu(threshold: str | float = "p80", residual_kind: str = "absolute") -> De
     difference as a fraction of the target ("relative": below c the loss is AbsRel itself), or
     log(pred / target) ("log"). Why not always metres: a metre of error weighs the same at 0.5 m
     and at 5 m, and an exp-activated student's gradient is scaled by its depth once more, so near
-    pixels learn last (v3 at CPU defaults: 2.5x too far below 1 m, README "How the training
-    defaults were chosen"). All three stay metric: none is invariant to scale.
+    pixels learn last (v3 at CPU defaults: 2.5x too far below 1 m, docs/TRAINING.md). All three
+    stay metric: none is invariant to scale.
 
     threshold: how c is chosen, without gradient (detached), from the valid |r| of the batch:
       - "p80" (default, seed 000's V3 recipe): 80th percentile of |r| (any "pNN" works, e.g. "p90"),

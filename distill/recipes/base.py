@@ -60,7 +60,7 @@ class ModelConfig:
     student: str = "mobilenetv3_small_100"          # registry name (distill.students.STUDENTS)
     tasks: tuple[str, ...] = ("depth", "seg")
     decoder_channels: int = 64
-    output_stride: int = 4               # 4, or 2: a decoder level at half resolution (README, "Stride 4 again")
+    output_stride: int = 4               # 4, or 2: a decoder level at half resolution (docs/TRAINING.md, "Stride 4 again")
     separable: bool = False              # depthwise-separable 3x3 convolutions in the levels of stride >= 4
     fine_convs: Literal["separable", "pointwise"] = "pointwise"   # the stride-2 level's and its heads' (README)
     depth_activation: Literal["exp", "softplus"] = "exp"

@@ -62,16 +62,16 @@ class V3(Recipe):
     2. berHu loss, L1 below and L2 above the 80th percentile of the batch's absolute residuals,
        bounding the pull of far pixels where the teacher is least certain. The residual is
        log(student / teacher) since 2026-11-30 (`loss.berhu_residual`, every recipe): in metres,
-       near pixels learned last (README, "How the training defaults were chosen");
+       near pixels learned last (docs/TRAINING.md);
     3. Kendall uncertainty weighting of depth (regression form) and segmentation
        (classification form) with learned log-variances, instead of a manual weight sweep.
     Since 2026-12-01 it also trains with deep supervision (`loss.aux_weight=0.5`: both tasks'
     losses on the decoder's stride-16 and stride-8 outputs, training-only heads): +1.0 miou
     point over 3 seeds at the reduced size, +2.2 and +2.4 at full length on two seeds, abs_rel
-    unchanged (README, "How the training defaults were chosen"). Since 2026-12-04 a training-only
+    unchanged (docs/TRAINING.md). Since 2026-12-04 a training-only
     head learns the surface normals of the teacher's depth (`loss.normal_weight=1`, 1 - cos, in the
     depth term): at the reduced size, 3 seeds, on 1,000 new rooms, abs_rel 0.2355 against 0.2422
-    and +1.6 miou points; at full length better on both seeds (README, "Surface normals").
+    and +1.6 miou points; at full length better on both seeds (docs/TRAINING.md, "Surface normals").
 
     The real run, on NYU Depth V2 with Depth Anything 3 Metric Large (its package installs in its
     own environment, so its labels come through the cache):
@@ -98,22 +98,22 @@ class V4(V3):
 
     name: str = "v4"
     # The stride-2 level (`model.output_stride=2`) and doubled learning rates, measured on v4
-    # (README, "How the training defaults were chosen"): better depth and edges, but 3.5 miou points
+    # (docs/TRAINING.md): better depth and edges, but 3.5 miou points
     # lower and 2 minutes longer at the CPU defaults (one full run), so v4 never left the stride-4
     # decoder that every recipe has again since 2026-12-03. Its rates are 4x the first (1e-3 /
     # 2e-3), and its CPU batches 16: 3 seeds at reduced size against 2x, 8x and batches of 8, then
-    # two full runs (README, v4's table).
+    # two full runs (docs/TRAINING.md, v4's table).
     model: ModelConfig = field(default_factory=lambda: ModelConfig(student="efficientvit_b1"))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr_encoder=4e-3, lr_decoder=8e-3))
     # v3's loss, deep supervision included: on v4, 3 seeds at reduced size gave -0.009 abs_rel and
-    # +1.3 miou points, and the full CPU-default runs improved on both seeds (README, v4's table).
+    # +1.3 miou points, and the full CPU-default runs improved on both seeds (docs/TRAINING.md, v4's table).
     # Without v3's surface-normal head: on v4 its gains stayed within the seed spread (3 seeds at the
-    # reduced size, README "Surface normals"), so v4 trains as its published figures were measured.
+    # reduced size, docs/TRAINING.md, "Surface normals"), so v4 trains as its published figures were measured.
     loss: LossConfig = field(default_factory=lambda: LossConfig(
         depth="berhu", berhu_threshold="p80", weighting="kendall", aux_weight=0.5))
     # A training step costs twice v3's on a CPU: 9 epochs of batches of 16 take 10.3-10.5 min on 2
     # cores with the data rendered, 11.9-12.1 with rendering; 9 beat 6 on two seeds and every
-    # metric (README, v4's table).
+    # metric (docs/TRAINING.md, v4's table).
     device_defaults: ClassVar[dict] = {
         **V3.device_defaults,
         "cpu": {"data": V3.device_defaults["cpu"]["data"], "train": {"epochs": 9, "batch_size": 16}}}

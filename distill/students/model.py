@@ -19,8 +19,8 @@ INPUT_MULTIPLE = 32
 IMAGE_STEM_CHANNELS = 16  # the stride-2 level of an encoder that has none (output_stride=2)
 # The stride-2 level's convolutions (`fine_convs`: decoder smoothing and head bodies). "pointwise"
 # (the recipes' default, distill/recipes/base.py) drops the depthwise 3x3 layers there, which run
-# no faster in int8 than in fp32 on XNNPACK, and trains a better student (README, "How the
-# training defaults were chosen"); "separable" is the form of runs saved before 2026-12-01.
+# no faster in int8 than in fp32 on XNNPACK, and trains a better student (docs/TRAINING.md);
+# "separable" is the form of runs saved before 2026-12-01.
 FINE_FORMS = ("separable", "pointwise")
 
 

@@ -105,7 +105,7 @@ def peak_rss_mb() -> float:
 # Instructions that multiply-accumulate 8-bit values in one step (x86: AVX-512 VNNI, AVX-VNNI, AMX;
 # Arm: dotprod, i8mm). Without one, int8 kernels widen to 16 bits first and gain less over fp32:
 # an AVX2-only host's int8 matrix-product peak was 3.95x its fp32 one, VNNI and AMX hosts' 7.6-10x
-# (densekit README, "Measured on a laptop CPU"). Every record names them beside its latency.
+# (densekit docs/EXPORT.md). Every record names them beside its latency.
 INT8_DOT_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")
 SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "asimd", "sve", "sve2")
 
