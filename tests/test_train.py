@@ -152,9 +152,13 @@ def test_v1_is_refused_before_any_step(tmp_path, capsys):
     assert not (run / "checkpoints").exists()
 
 
-def test_v1_with_preflight_warn_shows_errors_of_metres(tmp_path):
-    assert main(["v1", *TINY, "train.epochs=2", "preflight=warn", f"out_dir={tmp_path}", "--quiet"]) == 0
+def test_v1_with_preflight_warn_shows_errors_of_metres(tmp_path, capsys):
+    """With surface normals asked for: a relative teacher's normals are not the scene's, so the
+    term is off for the run, said once, and config.json records it."""
+    assert main(["v1", *TINY, "train.epochs=2", "preflight=warn", "loss.normal_weight=1", f"out_dir={tmp_path}"]) == 0
+    assert "outputs relative depth, whose surface normals are not the scene's" in capsys.readouterr().out
     (run,) = run_dirs(tmp_path)
+    assert json.loads((run / "config.json").read_text())["loss"]["normal_weight"] == 0.0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rmse"] > 1.0 and summary["pred_max"] <= 1.5    # [0, 1] predictions against metres
     assert "teacher_abs_rel" not in summary and "gap_closed" not in summary   # a relative teacher has no metric error

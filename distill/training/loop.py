@@ -92,6 +92,25 @@ def known_camera(sample: dict) -> bool:
     return k is not None and bool(torch.isfinite(torch.as_tensor(k)).all()) and bool((torch.as_tensor(k)[:2] > 0).all())
 
 
+def without_unusable_normals(recipe: Recipe, sample: dict, teacher: Teacher | None, log) -> Recipe:
+    """The recipe with `loss.normal_weight` 0 where surface normals cannot be had: images without a
+    camera, or a target that is not metric depth (a relative teacher's normals are not the scene's).
+    As seg_balance without labels: the default adapts to the data, said once, saved in config.json."""
+    lc = recipe.loss
+    if lc.normal_weight <= 0 or "depth" not in recipe.model.tasks:
+        return recipe
+    if not known_camera(sample):
+        why = (f"{recipe.data.dataset}'s images carry no camera intrinsics (an image folder without intrinsics.json), "
+               f"which surface normals need; the term is off for this run (add intrinsics.json to the folder to train it)")
+    elif recipe.target == "teacher" and teacher is not None and teacher.space != DepthSpace.METRIC:
+        why = (f"the teacher {teacher.name} outputs {teacher.space.value} depth, whose surface normals are not the "
+               f"scene's; the term is off for this run (use a metric teacher to train it)")
+    else:
+        return recipe
+    log(f"loss.normal_weight={lc.normal_weight}: {why}")
+    return dataclasses.replace(recipe, loss=dataclasses.replace(lc, normal_weight=0.0))
+
+
 def build_optimizer(model, weighting, cfg, feature_kd=None) -> torch.optim.AdamW:
     groups = [{"params": model.encoder_parameters(), "lr": cfg.lr_encoder, "name": "encoder"},
               {"params": model.decoder_parameters(), "lr": cfg.lr_decoder, "name": "decoder"}]
@@ -158,14 +177,9 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if len(train_loader) == 0:
         raise ConfigError(f"{dc.dataset} has {len(train_ds)} usable training images, fewer than "
                           f"train.batch_size={tc.batch_size}; lower train.batch_size")
-    if recipe.loss.normal_weight > 0 and "depth" in recipe.model.tasks and not known_camera(train_ds[0]):
-        # as seg_balance without labels: the recipe's default adapts to the data, said once, saved in config.json
-        log(f"loss.normal_weight={recipe.loss.normal_weight}: {dc.dataset}'s images carry no camera intrinsics (an image "
-            f"folder without intrinsics.json), which surface normals need; the term is off for this run "
-            f"(add intrinsics.json to the folder to train it)")
-        recipe = dataclasses.replace(recipe, loss=dataclasses.replace(recipe.loss, normal_weight=0.0))
     supervision = supervision_for(recipe, device, train_ds, train_loader, rank=rank, log=log)
     teacher = supervision.teacher
+    recipe = without_unusable_normals(recipe, train_ds[0], teacher, log)
     model = student_for(recipe, device, rank, log)
 
     run_dir = Path(recipe.resume) if recipe.resume else distributed.broadcast(rank, new_run_dir(recipe) if rank.main else None)
