@@ -7,7 +7,7 @@ and LiteRT's Python interpreter has no op profiler (TFLite's `benchmark_model
 --enable_op_profiling` needs that binary). Each operator is cut out of the file as a one-op
 model, its non-constant inputs becoming the model's inputs (seeded random values), and timed by
 LiteRT with its default XNNPACK delegate: median of `runs` invokes after a warm-up. This is how
-the rewrites in targets/litert_graph.py were found (docs/EXPORT.md, "Latency").
+the rewrites in targets/litert_graph.py were found (docs/EXPORT.md, "How int8 got there").
 
 Read the figures op type by op type between two files, not as a sum equal to the whole graph's
 time: a one-op model pays one invoke's overhead (~0.5 us), cannot show fusions XNNPACK makes

@@ -19,7 +19,7 @@ Through Weight Equalization and Bias Correction" (ICCV 2019), here with per-chan
 r_i is channel i's maximum over the calibration images (the converters' min/max rule). The
 chains are found by running the model once with hooks (tensor identity); a chain whose ReLU
 output something outside a module also reads (a functional op) would change the function: each
-chain is checked on the example and left alone if the outputs move. README, "Activation-range
+chain is checked on the example and left alone if the outputs move. docs/EXPORT.md, "Activation-range
 equalisation", has the drift it removes.
 """
 from __future__ import annotations

@@ -62,7 +62,7 @@ class ModelConfig:
     decoder_channels: int = 64
     output_stride: int = 4               # 4, or 2: a decoder level at half resolution (docs/TRAINING.md, "Stride 4 again")
     separable: bool = False              # depthwise-separable 3x3 convolutions in the levels of stride >= 4
-    fine_convs: Literal["separable", "pointwise"] = "pointwise"   # the stride-2 level's and its heads' (README)
+    fine_convs: Literal["separable", "pointwise"] = "pointwise"   # the stride-2 level's and its heads' (docs/TRAINING.md)
     depth_activation: Literal["exp", "softplus"] = "exp"
     pretrained: str = ""                 # "" = from scratch, a local weights file, or "hub" to download
 
@@ -137,7 +137,7 @@ class Recipe:
     # Sizes per device kind for the fields left at None (a class attribute, not a field: a
     # version may resize itself, e.g. a slower encoder gets fewer CPU epochs). CPU: the demo's
     # budget is 15 minutes on 2 cores including data generation; batches of 8 give twice the steps
-    # of 16 at 0.87x the images/s and trained the better v3 (3 seeds reduced, 2 full runs: README);
+    # of 16 at 0.87x the images/s and trained the better v3 (3 seeds reduced, 2 full runs: docs/TRAINING.md);
     # 16 epochs instead of 12 for the student that still underfits. Since the stride-4 decoder
     # (2026-12-03) they take 19.8-24.4 min with rendering on AVX-512 hosts (v3's normal head of
     # 2026-12-04 adds about 4% to a step), over the budget: fewer

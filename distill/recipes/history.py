@@ -162,7 +162,7 @@ class V6(V3):
     segmentation about three times that share. At the reduced size, 3 seeds, on the new rooms:
     abs_rel 0.2397 against 0.2422, miou 0.315 against 0.285. At the CPU defaults, three seeds, on
     1,000 new rooms: miou 0.544 +- 0.010 against v3's 0.511 +- 0.001, sharper segmentation
-    boundaries on every seed, abs_rel 0.1597 +- 0.0003 against 0.1586 +- 0.0022 (README,
+    boundaries on every seed, abs_rel 0.1597 +- 0.0003 against 0.1586 +- 0.0022 (docs/TRAINING.md,
     "Segmentation weighted up"). Depth is issue 13's binding bar, so v3 keeps Kendall's weighting,
     its character; v6 trades about a thousandth of abs_rel for 3 miou points. It does not train
     v3's surface-normal head (2026-12-04), which was not measured with these weights.
