@@ -38,26 +38,3 @@ def cosine_distance(pred: torch.Tensor, normals: torch.Tensor, defined: torch.Te
     normals = torch.where(defined, normals, torch.zeros_like(normals))   # nothing undefined reaches a gradient
     cos = (F.normalize(pred, dim=1) * normals).sum(1, keepdim=True)
     return (1 - cos)[defined].mean() if defined.any() else pred.sum() * 0
-
-
-def floor_plane(depth: torch.Tensor, valid: torch.Tensor, floor: torch.Tensor, intrinsics: torch.Tensor,
-                min_fraction: float = 0.02) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The floor's plane in the camera frame, fitted by least squares to the back-projected pixels
-    of `floor` (B, H, W) bool: (B, 3) its unit normal pointing up (towards the camera), (B,) the
-    camera's height above it in depth units, and (B,) where it is defined (at least `min_fraction`
-    of the image is valid floor)."""
-    b, _, h, w = depth.shape
-    fx, fy, cx, cy = (t.view(b, 1, 1) for t in intrinsics.to(depth).unbind(-1))
-    u = torch.arange(w, device=depth.device, dtype=depth.dtype).view(1, 1, w) + 0.5
-    v = torch.arange(h, device=depth.device, dtype=depth.dtype).view(1, h, 1) + 0.5
-    z = depth[:, 0]
-    points = torch.stack([(u - cx) / fx * z, (v - cy) / fy * z, z], dim=-1).flatten(1, 2)   # (B, HW, 3)
-    weight = (floor & valid[:, 0]).flatten(1).to(depth.dtype)
-    count = weight.sum(1)
-    defined = count >= min_fraction * h * w
-    mean = (points * weight[..., None]).sum(1) / count.clamp_min(1)[:, None]
-    centred = (points - mean[:, None]) * weight[..., None]
-    scatter = centred.transpose(1, 2) @ centred + torch.eye(3, dtype=depth.dtype, device=depth.device) * 1e-6
-    normal = torch.linalg.eigh(scatter)[1][..., 0]   # the direction of least spread
-    normal = normal * torch.where((normal * mean).sum(1, keepdim=True) > 0, -1.0, 1.0)   # towards the camera
-    return normal, -(normal * mean).sum(1), defined

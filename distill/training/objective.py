@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distill.data.classes import IGNORE_INDEX, NYU13_NAMES, nyu13_id
+from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
 from distill.losses import (
     build_depth_loss,
     build_weighting,
@@ -16,7 +16,6 @@ from distill.losses import (
     class_weights,
     cosine_distance,
     cross_entropy,
-    floor_plane,
     lovasz_softmax,
     surface_normals,
 )
@@ -79,9 +78,6 @@ class Objective:
             if "normals" in out:
                 losses["depth"] = losses["depth"] + lc.normal_weight * normal_loss(
                     out["normals"].float(), target, valid, batch["intrinsics"])
-            if "floor" in out:
-                losses["depth"] = losses["depth"] + lc.floor_weight * floor_loss(
-                    out["floor"].float(), target, valid, batch["seg"], batch["intrinsics"])
         if "seg" in out:
             losses["seg"] = cross_entropy(out["seg"].float(), batch["seg"], ignore_index=IGNORE_INDEX,
                                           weight=self.seg_weights, hard_fraction=lc.seg_hard_fraction)
@@ -128,22 +124,6 @@ def normal_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, i
     depth, depth_valid = downsample_depth(target, valid, k) if k > 1 else (target, valid)
     normals, defined = surface_normals(depth, depth_valid, intrinsics / k)
     return cosine_distance(pred, normals, defined)
-
-
-def floor_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor,
-               intrinsics: torch.Tensor) -> torch.Tensor:
-    """`loss.floor_weight`'s term: the predicted floor plane (B, 4) against the one fitted to the
-    target depth's floor pixels: 1 - cos of the normals plus |log height ratio|, over the images
-    that show enough floor (zero, with a gradient path, where none does)."""
-    with torch.no_grad():
-        target = torch.where(valid, target, torch.ones_like(target))
-        normal, height, defined = floor_plane(target, valid, labels == nyu13_id("floor"), intrinsics)
-        defined &= height > 0
-    if not defined.any():
-        return pred.sum() * 0
-    pred, normal, height = pred[defined], normal[defined], height[defined]
-    cos = (F.normalize(pred[:, :3], dim=1) * normal).sum(1)
-    return ((1 - cos) + (pred[:, 3] - torch.log(height)).abs()).mean()
 
 
 def seg_weights_for(recipe: Recipe, train_ds, log=print) -> torch.Tensor | None:
