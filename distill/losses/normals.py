@@ -38,3 +38,41 @@ def cosine_distance(pred: torch.Tensor, normals: torch.Tensor, defined: torch.Te
     normals = torch.where(defined, normals, torch.zeros_like(normals))   # nothing undefined reaches a gradient
     cos = (F.normalize(pred, dim=1) * normals).sum(1, keepdim=True)
     return (1 - cos)[defined].mean() if defined.any() else pred.sum() * 0
+
+
+def floor_plane(depth: torch.Tensor, valid: torch.Tensor, floor: torch.Tensor, intrinsics: torch.Tensor,
+                min_fraction: float = 0.02) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The floor's plane in the camera frame, fitted by least squares to the back-projected pixels
+    of `floor` (B, H, W) bool: (B, 3) its unit normal pointing up (towards the camera), (B,) the
+    camera's height above it in depth units, and (B,) where it is defined: at least `min_fraction`
+    of the image is valid floor, and the plane is within 45 degrees of level (camera y points down)."""
+    points = back_project(depth, intrinsics).flatten(2).transpose(1, 2)   # (B, HW, 3)
+    weight = (floor & valid[:, 0]).flatten(1).to(depth.dtype)
+    count = weight.sum(1)
+    mean = (points * weight[..., None]).sum(1) / count.clamp_min(1)[:, None]
+    centred = (points - mean[:, None]) * weight[..., None]
+    scatter = centred.transpose(1, 2) @ centred + torch.eye(3, dtype=depth.dtype, device=depth.device) * 1e-6
+    normal = torch.linalg.eigh(scatter)[1][..., 0]   # the direction of least spread
+    normal = normal * torch.where((normal * mean).sum(1, keepdim=True) > 0, -1.0, 1.0)   # towards the camera
+    height = -(normal * mean).sum(1)
+    defined = (count >= min_fraction * floor[0].numel()) & (normal[:, 1] < -0.7) & (height > 0)
+    return normal, height, defined
+
+
+def height_above_floor(depth: torch.Tensor, valid: torch.Tensor, floor: torch.Tensor,
+                       intrinsics: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, H, W) each pixel's height above the floor plane fitted to `floor`'s pixels (depth
+    units), and where it is defined (valid, in an image whose floor plane is)."""
+    normal, height, defined = floor_plane(depth, valid, floor, intrinsics)
+    above = (back_project(depth, intrinsics) * normal[:, :, None, None]).sum(1, keepdim=True) + height.view(-1, 1, 1, 1)
+    return above, valid & defined.view(-1, 1, 1, 1)
+
+
+def back_project(depth: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) z-depth and (B, 4) fx, fy, cx, cy -> (B, 3, H, W) camera-frame points (x right,
+    y down, z forward; pixel centres at u + 0.5)."""
+    b, _, h, w = depth.shape
+    fx, fy, cx, cy = (t.view(b, 1, 1, 1) for t in intrinsics.to(depth).unbind(-1))
+    u = torch.arange(w, device=depth.device, dtype=depth.dtype).view(1, 1, 1, w) + 0.5
+    v = torch.arange(h, device=depth.device, dtype=depth.dtype).view(1, 1, h, 1) + 0.5
+    return torch.cat([(u - cx) / fx * depth, (v - cy) / fy * depth, depth], dim=1)
