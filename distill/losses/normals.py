@@ -43,11 +43,11 @@ def cosine_distance(pred: torch.Tensor, normals: torch.Tensor, defined: torch.Te
 def floor_plane(depth: torch.Tensor, valid: torch.Tensor, floor: torch.Tensor, intrinsics: torch.Tensor,
                 min_fraction: float = 0.02) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The floor's plane in the camera frame, fitted by least squares to the back-projected pixels
-    of `floor` (B, H, W) bool: (B, 3) its unit normal pointing up (towards the camera), (B,) the
+    of `floor` (B, 1, H, W) bool: (B, 3) its unit normal pointing up (towards the camera), (B,) the
     camera's height above it in depth units, and (B,) where it is defined: at least `min_fraction`
     of the image is valid floor, and the plane is within 45 degrees of level (camera y points down)."""
     points = back_project(depth, intrinsics).flatten(2).transpose(1, 2)   # (B, HW, 3)
-    weight = (floor & valid[:, 0]).flatten(1).to(depth.dtype)
+    weight = (floor & valid).flatten(1).to(depth.dtype)
     count = weight.sum(1)
     mean = (points * weight[..., None]).sum(1) / count.clamp_min(1)[:, None]
     centred = (points - mean[:, None]) * weight[..., None]
