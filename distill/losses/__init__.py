@@ -13,7 +13,7 @@ from distill.losses.depth import (
                                   silog,
                                   ssi,
 )
-from distill.losses.normals import cosine_distance, height_above_floor, surface_normals
+from distill.losses.normals import cosine_distance, surface_normals
 from distill.losses.seg import class_frequencies, class_weights, cross_entropy, lovasz_softmax
 from distill.losses.weighting import (
                                   TASK_KINDS,
@@ -28,7 +28,7 @@ from distill.losses.weighting import (
 __all__ = [
     "DEPTH_LOSSES", "DepthLoss", "align_scale_shift", "berhu", "build_depth_loss",
     "gradient_huber", "modified_huber", "mse", "quantile", "silog", "ssi",
-    "class_frequencies", "class_weights", "cross_entropy", "lovasz_softmax", "cosine_distance", "height_above_floor", "surface_normals",
+    "class_frequencies", "class_weights", "cross_entropy", "lovasz_softmax", "cosine_distance", "surface_normals",
     "TASK_KINDS", "WEIGHTINGS", "DWAWeighting", "FixedWeighting", "KendallWeighting",
     "LossWeighting", "build_weighting",
 ]

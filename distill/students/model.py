@@ -141,7 +141,7 @@ class SegHead(nn.Module):
         return self.up(self.out(self.body(x)))
 
 
-AUX_PREFIX = ("aux_heads.", "aux_normals.", "aux_height.")   # training-only layers: never in best.safetensors, never exported
+AUX_PREFIX = ("aux_heads.", "aux_normals.")   # training-only layers: never in best.safetensors, never exported
 
 
 class MultiTaskStudent(nn.Module):
@@ -152,15 +152,14 @@ class MultiTaskStudent(nn.Module):
     `aux_heads` coarsest outputs (stride 16 and 8 with 2), whose predictions at that level's
     resolution training mode returns as "aux" (distill/training/objective.py); `aux_normals` adds
     a 1x1 convolution on the output level whose (B, 3, H/s, W/s) surface normals training mode
-    returns as "normals"; `aux_height` a 1x1 convolution there whose (B, 1, H/s, W/s) height of
-    each pixel above the floor training mode returns as "height". Evaluation mode never runs them, and `shipped_state` leaves them out of
+    returns as "normals". Evaluation mode never runs them, and `shipped_state` leaves them out of
     the weights that are kept and exported.
     """
 
     def __init__(self, encoder: str, *, tasks: tuple[str, ...] = ("depth", "seg"), num_classes: int = 13,
                  decoder_channels: int = 64, depth_activation: str = "exp", pretrained: str | bool = False,
                  output_stride: int = 4, separable: bool = False, fine_convs: str = "separable",
-                 aux_heads: int = 0, aux_normals: bool = False, aux_height: bool = False):
+                 aux_heads: int = 0, aux_normals: bool = False):
         super().__init__()
         unknown = set(tasks) - {"depth", "seg"}
         if unknown or not tasks:
@@ -199,7 +198,6 @@ class MultiTaskStudent(nn.Module):
             depth.bias.data.fill_(math.log(2.5))   # log-depth, as DepthHead starts
             self.aux_heads.append(nn.ModuleDict({"depth": depth, "seg": nn.Conv2d(c, num_classes, 1)}))
         self.aux_normals = nn.Conv2d(width, 3, 1) if aux_normals else None
-        self.aux_height = nn.Conv2d(width, 1, 1) if aux_height else None
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         return list(self.encoder.parameters())
@@ -225,8 +223,6 @@ class MultiTaskStudent(nn.Module):
                           for head, f in zip(self.aux_heads, supervised)]
         if self.training and self.aux_normals is not None:
             out["normals"] = self.aux_normals(x)   # at the output level's resolution, unnormalised
-        if self.training and self.aux_height is not None:
-            out["height"] = self.aux_height(x)   # metres above the floor, at the output level's resolution
         if features:
             out["features"] = levels
         return out

@@ -280,8 +280,7 @@ def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, lo
                           output_stride=mc.output_stride, separable=mc.separable, fine_convs=mc.fine_convs,
                           depth_activation=mc.depth_activation, pretrained=mc.pretrained,
                           aux_heads=AUX_LEVELS if recipe.loss.aux_weight > 0 else 0,
-                          aux_normals=recipe.loss.normal_weight > 0 and "depth" in mc.tasks,
-                          aux_height=recipe.loss.height_weight > 0 and {"depth", "seg"} <= set(mc.tasks)).to(device)
+                          aux_normals=recipe.loss.normal_weight > 0 and "depth" in mc.tasks).to(device)
     if tc.channels_last:   # oneDNN's and cuDNN's convolutions run NHWC natively
         model = model.to(memory_format=torch.channels_last)
     shipped = sum(p.numel() for name, p in model.named_parameters()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from distill.data.classes import IGNORE_INDEX, NYU13_NAMES, nyu13_id
+from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
 from distill.losses import (
     build_depth_loss,
     build_weighting,
@@ -16,7 +16,6 @@ from distill.losses import (
     class_weights,
     cosine_distance,
     cross_entropy,
-    height_above_floor,
     lovasz_softmax,
     surface_normals,
 )
@@ -79,9 +78,6 @@ class Objective:
             if "normals" in out:
                 losses["depth"] = losses["depth"] + lc.normal_weight * normal_loss(
                     out["normals"].float(), target, valid, batch["intrinsics"])
-            if "height" in out:
-                losses["depth"] = losses["depth"] + lc.height_weight * height_loss(
-                    out["height"].float(), target, valid, batch["seg"], batch["intrinsics"])
         if "seg" in out:
             losses["seg"] = cross_entropy(out["seg"].float(), batch["seg"], ignore_index=IGNORE_INDEX,
                                           weight=self.seg_weights, hard_fraction=lc.seg_hard_fraction)
@@ -128,21 +124,6 @@ def normal_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, i
     depth, depth_valid = downsample_depth(target, valid, k) if k > 1 else (target, valid)
     normals, defined = surface_normals(depth, depth_valid, intrinsics / k)
     return cosine_distance(pred, normals, defined)
-
-
-def height_loss(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, labels: torch.Tensor,
-                intrinsics: torch.Tensor) -> torch.Tensor:
-    """`loss.height_weight`'s term: L1 in metres between the predicted height above the floor and
-    that of the target depth (the floor plane fitted to its floor pixels), at the prediction's
-    resolution (block means over the defined pixels); zero where no image shows enough floor."""
-    with torch.no_grad():
-        target = torch.where(valid, target, torch.ones_like(target))
-        above, defined = height_above_floor(target, valid, labels.unsqueeze(1) == nyu13_id("floor"), intrinsics)
-        k = target.shape[-1] // pred.shape[-1]
-        weight = F.avg_pool2d(defined.float(), k)
-        above = F.avg_pool2d(torch.where(defined, above, torch.zeros_like(above)), k) / weight.clamp_min(1e-6)
-        defined = weight > 0.5
-    return (pred - above).abs()[defined].mean() if defined.any() else pred.sum() * 0
 
 
 def seg_weights_for(recipe: Recipe, train_ds, log=print) -> torch.Tensor | None:
