@@ -401,7 +401,10 @@ def train_one_epoch(model, loader, supervision, objective, weighting, optimizer,
             image = batch["image"].contiguous(memory_format=torch.channels_last) if tc.channels_last else batch["image"]
             out = model(image, features=True) if features else model(image)
         losses = objective(out, batch, teacher)
+        fixed = losses.pop("normals_fixed", None)   # outside the task weighting, at its own weight
         total, weights = weighting(losses)
+        if fixed is not None:
+            total = total + fixed
         if not torch.isfinite(total):
             raise FloatingPointError(
                 f"non-finite loss at epoch {epoch + 1}, step {state['step']}: "

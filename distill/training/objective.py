@@ -76,8 +76,11 @@ class Objective:
             if aux:
                 losses["depth"] = losses["depth"] + lc.aux_weight * self.aux_depth_loss(aux, target, valid)
             if "normals" in out:
-                losses["depth"] = losses["depth"] + lc.normal_weight * normal_loss(
-                    out["normals"].float(), target, valid, batch["intrinsics"])
+                term = lc.normal_weight * normal_loss(out["normals"].float(), target, valid, batch["intrinsics"])
+                if lc.normal_weighting == "fixed":
+                    losses["normals_fixed"] = term
+                else:
+                    losses["depth"] = losses["depth"] + term
         if "seg" in out:
             losses["seg"] = cross_entropy(out["seg"].float(), batch["seg"], ignore_index=IGNORE_INDEX,
                                           weight=self.seg_weights, hard_fraction=lc.seg_hard_fraction)
