@@ -594,7 +594,7 @@ def test_the_normal_term_joins_the_depth_loss_at_its_weight():
     from dataclasses import replace
 
     from distill.recipes.history import V3
-    from distill.training.objective import Objective, normal_loss
+    from distill.training.objective import Objective, normal_loss, weighted_total, weighting_for
 
     torch.manual_seed(0)
     recipe = replace(V3(), loss=replace(V3().loss, normal_weight=0.0))
@@ -607,6 +607,16 @@ def test_the_normal_term_joins_the_depth_loss_at_its_weight():
     with_normals = Objective(replace(recipe, loss=replace(recipe.loss, normal_weight=0.7)))(out, batch)
     term = normal_loss(out["normals"], target, torch.ones_like(target, dtype=torch.bool), batch["intrinsics"])
     assert with_normals["depth"].item() == pytest.approx(plain["depth"].item() + 0.7 * term.item(), rel=1e-6)
+    # beside the weighting (`loss.normal_weighting=fixed`): the depth task as without the head, and
+    # the term added to the weighted total at its own weight, where Kendall's weights leave it alone
+    beside = replace(recipe, loss=replace(recipe.loss, normal_weight=0.7, normal_weighting="fixed"))
+    losses = Objective(beside)(out, batch)
+    assert losses["depth"].item() == pytest.approx(plain["depth"].item(), rel=1e-6)
+    assert losses["normals"].item() == pytest.approx(0.7 * term.item(), rel=1e-6)
+    weighting = weighting_for(beside)
+    total, weights = weighted_total(weighting, losses)
+    assert set(weights) == {"depth", "seg"}
+    assert total.item() == pytest.approx(weighting(plain)[0].item() + 0.7 * term.item(), rel=1e-5)
     target[0, 0, :4, :4] = float("nan")   # an invalid pixel's NaN reaches neither the term nor its gradient
     valid = torch.isfinite(target)
     normal_loss(out["normals"], target, valid, batch["intrinsics"]).backward()

@@ -82,7 +82,7 @@ class LossConfig:
     seg_lovasz_weight: float = 0.0       # > 0 adds the Lovasz-softmax loss (a mean-IoU surrogate) to the seg term
     aux_weight: float = 0.0              # > 0: deep supervision from the decoder's stride-16 and -8 outputs (README)
     normal_weight: float = 0.0           # > 0: a training-only head learns the target's surface normals (README)
-    normal_weighting: Literal["depth", "fixed"] = "depth"   # inside the depth task's weighting, or beside it
+    normal_weighting: Literal["depth", "fixed"] = "depth"   # the normal term in the depth task, or beside the weighting
     weighting: str = "kendall"           # registry name (distill.losses.WEIGHTINGS): fixed | kendall | dwa
     depth_weight: float = 1.0            # used by `fixed`
     seg_weight: float = 1.0

@@ -39,7 +39,7 @@ from distill.training import distributed
 from distill.training.distributed import pick_device, to_device
 from distill.training.evaluation import (constant_baseline, evaluate, evaluate_fit, make_loader, teacher_reference,
                                          with_references)
-from distill.training.objective import Objective, depth_target, seg_weights_for, weighting_for
+from distill.training.objective import Objective, depth_target, seg_weights_for, weighted_total, weighting_for
 from distill.training.preflight import PreflightError, enforce, run_preflight
 from distill.training.supervision import supervision_for
 
@@ -401,10 +401,7 @@ def train_one_epoch(model, loader, supervision, objective, weighting, optimizer,
             image = batch["image"].contiguous(memory_format=torch.channels_last) if tc.channels_last else batch["image"]
             out = model(image, features=True) if features else model(image)
         losses = objective(out, batch, teacher)
-        fixed = losses.pop("normals_fixed", None)   # outside the task weighting, at its own weight
-        total, weights = weighting(losses)
-        if fixed is not None:
-            total = total + fixed
+        total, weights = weighted_total(weighting, losses)
         if not torch.isfinite(total):
             raise FloatingPointError(
                 f"non-finite loss at epoch {epoch + 1}, step {state['step']}: "

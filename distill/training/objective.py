@@ -39,7 +39,9 @@ def depth_target(batch: dict, recipe: Recipe) -> tuple[torch.Tensor, torch.Tenso
 
 class Objective:
     """The recipe's losses per task: depth (metric term, Distill Any Depth's normalised and
-    local-global terms, D3epth's feature term: all depth distillation) and segmentation."""
+    local-global terms, D3epth's feature term: all depth distillation) and segmentation; with
+    `loss.normal_weighting="fixed"` also "normals", a term that stands beside the task weighting
+    (`weighted_total`) instead of inside the depth task."""
 
     def __init__(self, recipe: Recipe, feature_kd: torch.nn.Module | None = None, *,
                  seg_weights: torch.Tensor | None = None):
@@ -77,8 +79,8 @@ class Objective:
                 losses["depth"] = losses["depth"] + lc.aux_weight * self.aux_depth_loss(aux, target, valid)
             if "normals" in out:
                 term = lc.normal_weight * normal_loss(out["normals"].float(), target, valid, batch["intrinsics"])
-                if lc.normal_weighting == "fixed":
-                    losses["normals_fixed"] = term
+                if lc.normal_weighting == "fixed":   # beside the task weighting: Kendall's weight of depth leaves it alone
+                    losses["normals"] = term
                 else:
                     losses["depth"] = losses["depth"] + term
         if "seg" in out:
@@ -148,6 +150,13 @@ def depth_loss_options(lc) -> dict:
     return {"berhu": {"threshold": lc.berhu_threshold, "residual_kind": lc.berhu_residual},
             "silog": {"lam": lc.silog_lambda, "per_image": lc.silog_per_image},
             "gradient_huber": {"delta": lc.gradient_delta, "scales": lc.gradient_scales}}.get(lc.depth, {})
+
+
+def weighted_total(weighting, losses: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """A step's loss: the task weighting over the tasks' losses, plus every other term as it is
+    (the normal term under `loss.normal_weighting="fixed"`); and the tasks' weights."""
+    total, weights = weighting({k: v for k, v in losses.items() if k in weighting.tasks})
+    return total + sum(v for k, v in losses.items() if k not in weighting.tasks), weights
 
 
 def weighting_for(recipe: Recipe):
