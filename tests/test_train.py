@@ -221,12 +221,16 @@ def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path):
 
 
 def test_training_only_heads_train_and_stay_out_of_the_shipped_weights(tmp_path):
+    """With the normal term beside the task weighting (`loss.normal_weighting=fixed`), under DWA,
+    whose epoch update reads only the tasks: the term is logged on its own, weighted by no task."""
     from distill.training import load_run
 
-    assert main(["v3", *TINY, "train.epochs=1", "loss.aux_weight=0.5", "loss.normal_weight=1", f"out_dir={tmp_path}",
-                 "--quiet"]) == 0
+    assert main(["v3", *TINY, "train.epochs=2", "loss.aux_weight=0.5", "loss.normal_weight=1", "loss.normal_weighting=fixed",
+                 "loss.weighting=dwa", f"out_dir={tmp_path}", "--quiet"]) == 0
     (run,) = run_dirs(tmp_path)
     assert 0 < json.loads((run / "summary.json").read_text())["abs_rel"] < 1
+    for record in io.read_jsonl(run / "metrics.jsonl"):
+        assert record["train"]["loss_normals"] > 0 and "weight_normals" not in record["train"]
     assert not any(k.startswith(("aux_heads.", "aux_normals.")) for k in load_weights(run / "best.safetensors"))
     checkpoint = load_weights(latest_checkpoint(run / "checkpoints") / "model.safetensors")
     assert any(k.startswith("aux_heads.") for k in checkpoint) and any(k.startswith("aux_normals.") for k in checkpoint)
