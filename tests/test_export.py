@@ -313,14 +313,15 @@ def test_sensitivity_ranks_the_tensors_of_a_runs_int8_drift(run_dir, capsys):
     rows = [line for line in out.splitlines() if line.startswith("| ") and "%" in line]
     assert len(rows) == 3 and "int8 simulation: depth drift" in out
     assert "tflite int8 (weights in [-127, 127])" in out
-    # onnxruntime's coarser weight grid (core/formats.py) makes another simulation (on this tiny run
-    # activations dominate: 1.00% vs 0.98% depth drift, so only the difference is asserted)
+    # onnxruntime's coarser weight grid (core/formats.py) makes another simulation. On this tiny run
+    # activations dominate, so the overall depth drift can tie at two decimals (1.31% and 1.31% on an
+    # AVX2 host; 1.00% and 0.98% on an AVX-512 one): the whole table, every tensor's row, differs
     assert sensitivity_main(["--run", str(run_dir), "--images", "4", "--calib", "8", "--top", "3",
                              "--format", "onnx"]) == 0
     onnx_out = capsys.readouterr().out
     assert "onnx int8 (weights in [-64, 64])" in onnx_out
-    drift = [float(o.split("int8 simulation: depth drift ")[1].split("%")[0]) for o in (out, onnx_out)]
-    assert drift[1] != drift[0]
+    tables = [o.split("int8 simulation: depth drift ")[1] for o in (out, onnx_out)]
+    assert tables[1] != tables[0]
 
 
 def test_export_directory_holds_the_proof(tflite_export, run_dir):
