@@ -92,7 +92,7 @@ def known_camera(sample: dict) -> bool:
     return k is not None and bool(torch.isfinite(torch.as_tensor(k)).all()) and bool((torch.as_tensor(k)[:2] > 0).all())
 
 
-def without_unusable_normals(recipe: Recipe, sample: dict, teacher: Teacher | None, log) -> Recipe:
+def without_unusable_normals(recipe: Recipe, sample: dict, teacher: Teacher, log) -> Recipe:
     """The recipe with `loss.normal_weight` 0 where surface normals cannot be had: images without a
     camera, or a target that is not metric depth (a relative teacher's normals are not the scene's).
     As seg_balance without labels: the default adapts to the data, said once, saved in config.json."""
@@ -102,7 +102,7 @@ def without_unusable_normals(recipe: Recipe, sample: dict, teacher: Teacher | No
     if not known_camera(sample):
         why = (f"{recipe.data.dataset}'s images carry no camera intrinsics (an image folder without intrinsics.json), "
                f"which surface normals need; the term is off for this run (add intrinsics.json to the folder to train it)")
-    elif recipe.target == "teacher" and teacher is not None and teacher.space != DepthSpace.METRIC:
+    elif recipe.target == "teacher" and teacher.space != DepthSpace.METRIC:
         why = (f"the teacher {teacher.name} outputs {teacher.space.value} depth, whose surface normals are not the "
                f"scene's; the term is off for this run (use a metric teacher to train it)")
     else:
