@@ -109,7 +109,10 @@ def check_sha256(path: str | Path, recorded: str, *, record: str, fix: str) -> s
     or artefacts checks them here, so each refusal reads the same way."""
     digest = sha256(path)
     if not matches_record(path, recorded, digest):
-        raise IntegrityError(f"{path} differs from the sha256 {record} ({recorded[:12]}, now {digest[:12]}): {fix}")
+        now = digest[:12]
+        if Path(path).is_dir():   # the record may be in either scheme: show the tree's digest in both
+            now += f"; {tree_sha256_v1(path)[:12]} in the first scheme, until 2026-12-04"
+        raise IntegrityError(f"{path} differs from the sha256 {record} ({recorded[:12]}, now {now}): {fix}")
     return digest
 
 
@@ -118,8 +121,10 @@ def matches_record(path: str | Path, recorded: str, digest: str | None = None) -
     directory recorded in the first scheme (until 2026-12-04) matches that scheme (`tree_sha256_v1`)."""
     if (digest or sha256(path)) == recorded:
         return True
-    path = Path(path)   # v1's digest of an empty tree is an empty file's: never taken for one
-    return path.is_dir() and bool(tree_files(path)) and tree_sha256_v1(path) == recorded
+    path = Path(path)
+    files = tree_files(path) if path.is_dir() else []
+    # v1's digest of an empty tree is an empty file's: never taken for one
+    return bool(files) and tree_sha256_v1(path, files) == recorded
 
 
 def sha256(path: str | Path) -> str:
@@ -140,12 +145,13 @@ def sha256(path: str | Path) -> str:
 TREE_V2 = b"densekit tree sha256 v2\0"   # sets directory digests apart from file digests and from v1
 
 
-def tree_sha256_v1(path: str | Path) -> str:
+def tree_sha256_v1(path: str | Path, files: list[Path] | None = None) -> str:
     """The directory digest of the first scheme (until 2026-12-04): relative path, NUL, contents, with no
-    lengths, so a file's contents could run into the next name. Only checked, never recorded."""
+    lengths, so a file's contents could run into the next name. Only checked, never recorded. `files`:
+    `tree_files(path)`, if already listed."""
     path = existing(path)
     digest = hashlib.sha256()
-    for f in tree_files(path):
+    for f in tree_files(path) if files is None else files:
         digest.update(str(f.relative_to(path)).encode() + b"\0")
         file_digest(f, digest)
     return digest.hexdigest()

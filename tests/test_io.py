@@ -60,9 +60,10 @@ def test_a_directory_recorded_in_the_first_scheme_still_verifies_and_a_changed_o
     assert io.check_sha256(package, old_record, record="r", fix="f") == io.sha256(package)
     assert io.matches_record(package, io.sha256(package))
     (package / "Data" / "weights.bin").write_bytes(b"\1\2\4")
-    for record in (old_record, "0" * 64):
-        with pytest.raises(IntegrityError, match="differs from the sha256 r"):
+    for record in (old_record, "0" * 64):   # the refusal shows the tree's digest in both schemes
+        with pytest.raises(IntegrityError, match="differs from the sha256 r") as refused:
             io.check_sha256(package, record, record="r", fix="f")
+        assert f"now {io.sha256(package)[:12]}; {io.tree_sha256_v1(package)[:12]} in the first scheme" in str(refused.value)
     (tmp_path / "f.bin").write_bytes(b"x")   # a file is never checked against the directory scheme
     assert not io.matches_record(tmp_path / "f.bin", io.tree_sha256_v1(tmp_path / "f.bin"))
 
