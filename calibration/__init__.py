@@ -5,7 +5,9 @@ class (calibration.select explains why and how); `write_calibration(dataset, sel
 writes them in the forms the converters read (targets/job.py) plus the sample file onnx2tf
 loads from its working directory (calibration.store).
 """
-from .select import PRESENCE, Selection, select_calibration
-from .store import ONNX2TF_SAMPLE, write_calibration
+from core.lazy import lazy_exports
 
-__all__ = ["ONNX2TF_SAMPLE", "PRESENCE", "Selection", "select_calibration", "write_calibration"]
+_HOMES = {"PRESENCE": "select", "Selection": "select", "select_calibration": "select",
+          "ONNX2TF_SAMPLE": "store", "write_calibration": "store"}
+__all__ = sorted(_HOMES)
+__getattr__ = lazy_exports(__name__, _HOMES)

@@ -6,7 +6,6 @@ device kit) reads this table instead of branching on the format's name.
 """
 from __future__ import annotations
 
-import importlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,10 +53,6 @@ class Format:
                 return converter
         raise ValueError(f"{self.title} has no converter {name!r}; its converters are "
                          f"{', '.join(c.name for c in self.converters)} (the first is the default)")
-
-    def runner_class(self) -> type:
-        module, _, cls = self.runner.partition(":")
-        return getattr(importlib.import_module(module), cls)
 
     def timed_here(self) -> bool:
         return "any" in self.timed_on or sys.platform in self.timed_on

@@ -17,6 +17,7 @@ bench processes (edge/run.py, edge/bench.py) import it, and the two must never s
 """
 from __future__ import annotations
 
+import importlib
 from contextlib import contextmanager
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -233,4 +234,6 @@ def open_runner(path: str | Path, *, threads: int | None = None, executor: str =
     """
     fmt = FORMATS[artefact_format(path, executor)]
     options = {"executor": executor} if len(fmt.executors) > 1 else {}
-    return fmt.runner_class()(Path(path), threads=threads, **options)
+    module, _, name = fmt.runner.partition(":")
+    runner_class = getattr(importlib.import_module(module), name)
+    return runner_class(Path(path), threads=threads, **options)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from core import io
-from distill.training.report import RAMP, colorize, compose
+from core.figures import RAMP, colorize, compose
 from quant.validate import DriftReport, ValidationData, relative_difference
 
 # Histogram bins of relative depth difference: below 1e-6, one per decade up to 1, and 1 or more.

@@ -32,7 +32,7 @@ ALLOWED = {
 }
 TORCH_FREE = ("core.io", "core.graph", "core.contract", "core.formats", "core.manifest", "core.lock", "core.registry", "core.config", "core.spaces",
               "core.lazy", "edge", "edge.run", "edge.runners", "edge.bench", "edge.kit", "targets.job", "targets.tflite_file",
-              "targets.profiles", "quant", "distill")
+              "targets.profiles", "quant", "distill", "calibration")
 
 
 def layer_of(module: str) -> str:
@@ -102,6 +102,12 @@ def test_only_the_training_stage_imports_the_loop():
     outside = [f"{p.relative_to(ROOT)}:{line}" for p in sources() if layer_of(module_name(p)) != "training"
                for line, target in project_imports(p) if target == "distill.training.loop"]
     assert not outside, f"import distill.training (its face), not the loop module: {outside}"
+
+
+def test_quant_reaches_the_training_stage_only_through_its_face():
+    inside = [f"{p.relative_to(ROOT)}:{line} {target}" for p in sources() if layer_of(module_name(p)) == "quant"
+              for line, target in project_imports(p) if target.startswith("distill.training.")]
+    assert not inside, f"quant/ imports distill.training (its face), not its modules: {inside}"
 
 
 def test_edge_never_imports_targets():
