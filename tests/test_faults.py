@@ -73,23 +73,27 @@ def straight(run_dir, tmp_path_factory):
     return files_of(out / run_dir.name / "tflite")
 
 
-@pytest.mark.parametrize("moment", ["conversion", "validation"])
-def test_a_killed_export_leaves_nothing_that_looks_complete_and_the_rerun_is_identical(moment, run_dir, straight,
-                                                                                      tmp_path):
+def test_killed_exports_leave_nothing_that_looks_complete_and_the_rerun_is_identical(run_dir, straight, tmp_path):
+    """Killed during conversion, then its rerun killed during validation (on top of the first one's
+    leftovers), then a third run: byte for byte an uninterrupted export."""
     target = tmp_path / run_dir.name / "tflite"
-    proc = export(run_dir, tmp_path)
-    if moment == "conversion":   # the converter process is running
-        wait_for(lambda: any("targets.tflite" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")
-                             for c in children(proc.pid) if Path(f"/proc/{c}/cmdline").exists()), "the converter")
-    else:                        # artefacts are in staging: edge.run executes them
-        wait_for(lambda: list(tmp_path.glob(f"{run_dir.name}/.tflite.staging-*/*_int8.tflite")), "the artefacts")
-    spawned = children(proc.pid)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    wait_for(lambda: not any(running(c) for c in spawned), "the children to die with their parent", timeout=10)
-    assert not target.exists(), "a killed export must not look complete"
-    leftovers = sorted(p.name.split("-")[0] for p in target.parent.glob(".tflite.*"))
-    assert leftovers and set(leftovers) <= {".tflite.staging", ".tflite.work", ".tflite.lock"}
+    for moment in ("conversion", "validation"):
+        stale = set(tmp_path.glob(f"{run_dir.name}/.tflite.staging-*"))   # the killed export's, not this one's
+        proc = export(run_dir, tmp_path)
+        if moment == "conversion":   # the converter process is running
+            wait_for(lambda: any("targets.tflite" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")
+                                 for c in children(proc.pid) if Path(f"/proc/{c}/cmdline").exists()), "the converter")
+        else:                        # artefacts are in staging: edge.run executes them
+            wait_for(lambda: [f for f in tmp_path.glob(f"{run_dir.name}/.tflite.staging-*/*_int8.tflite")
+                              if f.parent not in stale], "the artefacts")
+        spawned = children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        wait_for(lambda: not any(running(c) for c in spawned), f"the children to die with their parent ({moment})",
+                 timeout=10)
+        assert not target.exists(), f"an export killed during {moment} must not look complete"
+        leftovers = sorted(p.name.split("-")[0] for p in target.parent.glob(".tflite.*"))
+        assert leftovers and set(leftovers) <= {".tflite.staging", ".tflite.work", ".tflite.lock"}, (moment, leftovers)
 
     rerun = export(run_dir, tmp_path)
     assert rerun.wait(timeout=600) == 0, rerun.stderr.read()
