@@ -153,13 +153,14 @@ class MultiTaskStudent(nn.Module):
     resolution training mode returns as "aux" (distill/training/objective.py); `aux_normals` adds
     a 1x1 convolution on the output level whose (B, 3, H/s, W/s) surface normals training mode
     returns as "normals". Evaluation mode never runs them, and `shipped_state` leaves them out of
-    the weights that are kept and exported.
+    the weights that are kept and exported. `drop_path` > 0: stochastic depth in the encoder's
+    residual blocks (timm's `drop_path_rate`), active in training mode only; it adds no weights.
     """
 
     def __init__(self, encoder: str, *, tasks: tuple[str, ...] = ("depth", "seg"), num_classes: int = 13,
                  decoder_channels: int = 64, depth_activation: str = "exp", pretrained: str | bool = False,
                  output_stride: int = 4, separable: bool = False, fine_convs: str = "separable",
-                 aux_heads: int = 0, aux_normals: bool = False):
+                 aux_heads: int = 0, aux_normals: bool = False, drop_path: float = 0.0):
         super().__init__()
         unknown = set(tasks) - {"depth", "seg"}
         if unknown or not tasks:
@@ -169,7 +170,7 @@ class MultiTaskStudent(nn.Module):
         if fine_convs not in FINE_FORMS:
             raise ValueError(f"fine_convs must be one of {FINE_FORMS}, got {fine_convs!r}")
         self.encoder_name, self.tasks, self.num_classes = encoder, tuple(tasks), num_classes
-        self.encoder = create_encoder(encoder, pretrained)
+        self.encoder = create_encoder(encoder, pretrained, drop_path)
         info = self.encoder.feature_info
         self.levels = [i for i, r in enumerate(info.reduction()) if r >= output_stride]
         channels, reductions = [info.channels()[i] for i in self.levels], [info.reduction()[i] for i in self.levels]
@@ -233,13 +234,14 @@ def shipped_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith(AUX_PREFIX)}
 
 
-def create_encoder(name: str, pretrained: str | bool) -> nn.Module:
+def create_encoder(name: str, pretrained: str | bool, drop_path: float = 0.0) -> nn.Module:
     """timm `features_only` encoder. `pretrained`: False/"" = from scratch; a local file path =
     weights loaded from it (no network); True/"hub" = timm downloads (only when the user asks)."""
+    extra = {"drop_path_rate": drop_path} if drop_path > 0 else {}
     if pretrained in (False, "", None):
-        return timm.create_model(name, features_only=True, pretrained=False)
+        return timm.create_model(name, features_only=True, pretrained=False, **extra)
     if pretrained in (True, "hub"):
-        return timm.create_model(name, features_only=True, pretrained=True)
+        return timm.create_model(name, features_only=True, pretrained=True, **extra)
     from pathlib import Path
     path = Path(str(pretrained)).expanduser()
     if not path.is_file():
@@ -247,4 +249,4 @@ def create_encoder(name: str, pretrained: str | bool) -> nn.Module:
                                 f"weights file (.safetensors/.pth), model.pretrained=hub to download, "
                                 f"or leave model.pretrained empty to train from scratch")
     return timm.create_model(name, features_only=True, pretrained=True,
-                             pretrained_cfg_overlay={"file": str(path)})
+                             pretrained_cfg_overlay={"file": str(path)}, **extra)
