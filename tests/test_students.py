@@ -102,22 +102,6 @@ def test_an_encoder_without_a_stride2_level_takes_it_from_the_image():
         build_student("mobilenetv3_small_050", output_stride=8)
 
 
-def test_drop_path_drops_residual_branches_in_training_only():
-    """`drop_path` (stochastic depth, `model.drop_path`): in training a residual block's branch is
-    dropped for some images, so outputs vary with the draw; in evaluation the student is the plain
-    one, with the same weights and the same function."""
-    torch.manual_seed(0)
-    model = build_student("mobilenetv3_small_050", drop_path=0.5)
-    image = torch.randn(2, 3, 64, 96)
-    with torch.no_grad():
-        first, second = (model.train()(image)["depth"] for _ in range(2))
-        assert not torch.equal(first, second)
-        plain = build_student("mobilenetv3_small_050").eval()
-        plain.load_state_dict(model.state_dict())   # strict: drop path adds no weights (BN statistics as trained)
-        assert torch.equal(model.eval()(image)["depth"], plain(image)["depth"])
-    assert count_macs(model, 64, 96) == count_macs(plain, 64, 96)
-
-
 def test_the_normal_head_trains_and_never_ships():
     """`aux_normals`: training mode also predicts surface normals (3 channels at the output level's
     resolution); evaluation mode does not, and `shipped_state` leaves the head out."""

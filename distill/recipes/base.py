@@ -65,7 +65,6 @@ class ModelConfig:
     fine_convs: Literal["separable", "pointwise"] = "pointwise"   # the stride-2 level's and its heads' (docs/TRAINING.md)
     depth_activation: Literal["exp", "softplus"] = "exp"
     pretrained: str = ""                 # "" = from scratch, a local weights file, or "hub" to download
-    drop_path: float = 0.0               # stochastic depth in the encoder's residual blocks, training only (timm's drop_path_rate; docs/TRAINING.md)
 
 
 @dataclass(frozen=True)
@@ -195,9 +194,6 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
     if recipe.model.output_stride not in (2, 4):
         problems.append(f"model.output_stride={recipe.model.output_stride} must be 2 or 4 (where the decoder "
                         f"stops; the heads upsample the rest)")
-    if not 0 <= recipe.model.drop_path < 1:
-        problems.append(f"model.drop_path={recipe.model.drop_path} must be in [0, 1) (0 = off; the chance that "
-                        f"training drops a residual block's branch for an image, rising with depth to about this)")
     if d.cache_mb < 0:
         problems.append(f"data.cache_mb={d.cache_mb} must be >= 0 (0 = decode every image every epoch)")
     if recipe.loss.gradient_scales < 1:

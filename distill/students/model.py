@@ -153,14 +153,13 @@ class MultiTaskStudent(nn.Module):
     resolution training mode returns as "aux" (distill/training/objective.py); `aux_normals` adds
     a 1x1 convolution on the output level whose (B, 3, H/s, W/s) surface normals training mode
     returns as "normals". Evaluation mode never runs them, and `shipped_state` leaves them out of
-    the weights that are kept and exported. `drop_path` > 0: stochastic depth in the encoder's
-    residual blocks (timm's `drop_path_rate`), active in training mode only; it adds no weights.
+    the weights that are kept and exported.
     """
 
     def __init__(self, encoder: str, *, tasks: tuple[str, ...] = ("depth", "seg"), num_classes: int = 13,
                  decoder_channels: int = 64, depth_activation: str = "exp", pretrained: str | bool = False,
                  output_stride: int = 4, separable: bool = False, fine_convs: str = "separable",
-                 aux_heads: int = 0, aux_normals: bool = False, drop_path: float = 0.0):
+                 aux_heads: int = 0, aux_normals: bool = False):
         super().__init__()
         unknown = set(tasks) - {"depth", "seg"}
         if unknown or not tasks:
@@ -170,7 +169,7 @@ class MultiTaskStudent(nn.Module):
         if fine_convs not in FINE_FORMS:
             raise ValueError(f"fine_convs must be one of {FINE_FORMS}, got {fine_convs!r}")
         self.encoder_name, self.tasks, self.num_classes = encoder, tuple(tasks), num_classes
-        self.encoder = create_encoder(encoder, pretrained, drop_path)
+        self.encoder = create_encoder(encoder, pretrained)
         info = self.encoder.feature_info
         self.levels = [i for i, r in enumerate(info.reduction()) if r >= output_stride]
         channels, reductions = [info.channels()[i] for i in self.levels], [info.reduction()[i] for i in self.levels]
@@ -234,14 +233,13 @@ def shipped_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith(AUX_PREFIX)}
 
 
-def create_encoder(name: str, pretrained: str | bool, drop_path: float = 0.0) -> nn.Module:
+def create_encoder(name: str, pretrained: str | bool) -> nn.Module:
     """timm `features_only` encoder. `pretrained`: False/"" = from scratch; a local file path =
     weights loaded from it (no network); True/"hub" = timm downloads (only when the user asks)."""
-    extra = {"drop_path_rate": drop_path} if drop_path > 0 else {}
     if pretrained in (False, "", None):
-        return timm.create_model(name, features_only=True, pretrained=False, **extra)
+        return timm.create_model(name, features_only=True, pretrained=False)
     if pretrained in (True, "hub"):
-        return timm.create_model(name, features_only=True, pretrained=True, **extra)
+        return timm.create_model(name, features_only=True, pretrained=True)
     from pathlib import Path
     path = Path(str(pretrained)).expanduser()
     if not path.is_file():
@@ -249,4 +247,4 @@ def create_encoder(name: str, pretrained: str | bool, drop_path: float = 0.0) ->
                                 f"weights file (.safetensors/.pth), model.pretrained=hub to download, "
                                 f"or leave model.pretrained empty to train from scratch")
     return timm.create_model(name, features_only=True, pretrained=True,
-                             pretrained_cfg_overlay={"file": str(path)}, **extra)
+                             pretrained_cfg_overlay={"file": str(path)})

@@ -278,7 +278,7 @@ def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, lo
     mc, dc, tc = recipe.model, recipe.data, recipe.train
     model = build_student(mc.student, tasks=mc.tasks, num_classes=len(NYU13_NAMES), decoder_channels=mc.decoder_channels,
                           output_stride=mc.output_stride, separable=mc.separable, fine_convs=mc.fine_convs,
-                          depth_activation=mc.depth_activation, pretrained=mc.pretrained, drop_path=mc.drop_path,
+                          depth_activation=mc.depth_activation, pretrained=mc.pretrained,
                           aux_heads=AUX_LEVELS if recipe.loss.aux_weight > 0 else 0,
                           aux_normals=recipe.loss.normal_weight > 0 and "depth" in mc.tasks).to(device)
     if tc.channels_last:   # oneDNN's and cuDNN's convolutions run NHWC natively
