@@ -64,7 +64,10 @@ def _stats(sample: dict, num_classes: int) -> tuple[float, np.ndarray]:
     return median, counts >= PRESENCE * max(seg.numel(), 1)
 
 
-def select_calibration(dataset, size: int, *, candidates: int = 1024, depth_bins: int = 4,
+CANDIDATES = 1024   # images scanned for the draw by default: enough to fill every depth bin and class
+
+
+def select_calibration(dataset, size: int, *, candidates: int = CANDIDATES, depth_bins: int = 4,
                        num_classes: int = 13, seed: int = 0, progress: bool = True) -> Selection:
     """Pick `size` calibration images of `dataset` (not augmenting); see the module docstring."""
     n = len(dataset)

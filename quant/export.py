@@ -265,6 +265,18 @@ def check_options(options: ExportOptions, fmt: Format) -> None:
     check_writable(options.out, "--out")
 
 
+def check_calibration_size(calib: int, train_images: int) -> None:
+    """`--calib` images are drawn from the run's training split, among at most CANDIDATES of them:
+    refused here, before QAT, with the flag to change (the selection itself knows no flags)."""
+    from calibration import CANDIDATES
+
+    most = min(train_images, CANDIDATES)
+    if calib > most:
+        raise ExportError(f"--calib {calib}: the calibration images are drawn from {most} candidates (the run's "
+                          f"training split holds {train_images} images, of which at most {CANDIDATES} are "
+                          f"scanned); pass --calib {most} or fewer")
+
+
 def check_prune(options: ExportOptions) -> None:
     from quant.prune import IMPORTANCE, PruneTarget
 
@@ -385,7 +397,11 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
             result.path = staging.commit()
         except BaseException:
             staging.discard()
-            log(f"export failed; nothing was replaced. Scratch files kept in {work}")
+            if work.is_dir() and not any(work.iterdir()):   # refused before anything was written
+                work.rmdir()
+                log("export failed; nothing was replaced.")
+            else:
+                log(f"export failed; nothing was replaced. Scratch files kept in {work}")
             raise
         shutil.rmtree(work, ignore_errors=True)
     files = "README.md (model card), report.md, drift.json, manifest.json" + (", benchmark.json" if result.benchmark else "")
@@ -416,6 +432,8 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     data = replace(run.recipe.data, height=size[0], width=size[1])
     train_ds, _ = build_datasets(data, progress=opts.progress)
     plain_train, val_ds = build_datasets(replace(data, augment=False), progress=False)
+    if set(plan.precisions) & set(CALIBRATED_PRECISIONS):
+        check_calibration_size(opts.calib, len(plain_train))
     float_model, config = run.model, {"run": str(run.path), "recipe": run.recipe.name, "target": plan.target,
                                       "format": plan.format.name, "converter": plan.converter.name,
                                       "layout": plan.layout, "precisions": plan.precisions, "seed": opts.seed,

@@ -458,8 +458,9 @@ def test_existing_export_is_never_clobbered(tflite_export, run_dir, capsys):
     # --overwrite, but the export fails before converting (bad calibration size): nothing replaced
     assert export_main(["--run", str(run_dir), "--out", str(tflite_export), "--target", "tflite",
                         "--calib", "100000", "--overwrite", "--quiet"]) == 2
+    assert "error: --calib 100000: the calibration images are drawn from 48 candidates" in capsys.readouterr().err
     assert (export_dir / "manifest.json").read_bytes() == before
-    assert not list(export_dir.parent.glob(".tflite.staging-*"))
+    assert not list(export_dir.parent.glob(".tflite.staging-*")) and not list(export_dir.parent.glob(".tflite.work-*"))
 
 
 def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
