@@ -62,8 +62,13 @@ class ExportDir:
         shutil.rmtree(old, ignore_errors=True)
         return self.final
 
-    def discard(self) -> None:
+    def discard(self) -> bool:
+        """Remove the staging, and the scratch if nothing was written into it (an export refused
+        early). True when scratch files are kept: the user may read them; the next export removes them."""
         shutil.rmtree(self.staging, ignore_errors=True)
+        if self.work.is_dir() and not any(self.work.iterdir()):
+            self.work.rmdir()
+        return self.work.exists()
 
 
 def die_with_parent() -> None:

@@ -396,12 +396,8 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
             result = build_export(run, plan, opts, size, work, staging.staging, final.name, t_start, log)
             result.path = staging.commit()
         except BaseException:
-            staging.discard()
-            if work.is_dir() and not any(work.iterdir()):   # refused before anything was written
-                work.rmdir()
-                log("export failed; nothing was replaced.")
-            else:
-                log(f"export failed; nothing was replaced. Scratch files kept in {work}")
+            kept = staging.discard()
+            log("export failed; nothing was replaced." + (f" Scratch files kept in {work}" if kept else ""))
             raise
         shutil.rmtree(work, ignore_errors=True)
     files = "README.md (model card), report.md, drift.json, manifest.json" + (", benchmark.json" if result.benchmark else "")
