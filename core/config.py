@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any, Literal, get_args, get_origin
@@ -65,9 +66,12 @@ def parse_value(text: str, typ: Any, key: str) -> Any:
         raise ConfigError(f"{key}={text!r}: expected a boolean (true/false)")
     if typ in (int, float):
         try:
-            return typ(text)
+            value = typ(text)
         except ValueError:
             raise ConfigError(f"{key}={text!r}: expected {typ.__name__}") from None
+        if not math.isfinite(value):   # nan passes every `< 0` check and switches options off unseen
+            raise ConfigError(f"{key}={text!r}: expected a finite number")
+        return value
     if typ is str:
         return text
     raise ConfigError(f"{key}: fields of type {typ} cannot be set from the command line")

@@ -93,6 +93,15 @@ def append_jsonl(dest: str | Path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def read_json(path: str | Path, fix: str):
+    """The JSON document at `path`; ValueError naming the file and `fix` when it cannot be read
+    (written atomically here, so a damaged one was edited by hand or hit by the disk)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} cannot be read as JSON ({type(e).__name__}: {e}); {fix}") from None
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     records = []
     for line in Path(path).read_text().splitlines():

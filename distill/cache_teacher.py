@@ -181,7 +181,7 @@ def claim(out: Path, job: dict) -> None:
     """Write job.json, or check that the one in `out` is this job (resume); clear a kill's temp files."""
     path = out / "job.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = io.read_json(path, f"delete {out} and label again")
         differ = [f"{k}: {old.get(k)!r} in {out}, now {job.get(k)!r}" for k in sorted({*job, *old})
                   if old.get(k) != job.get(k)]
         if differ:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> int:
                                                 "under --runs-dir)")
     parser.add_argument("overrides", nargs="*", help="data.* and eval.* key=value overrides, e.g. data.seed=1")
     add_run_arguments(parser, DEFAULT_RECIPE, run_flag=False)
-    parser.add_argument("--out", type=Path, help="the JSON file (or a directory for it) to write "
+    parser.add_argument("--out", help="the JSON file (or a directory for it) to write "
                                                  "(default: <run>/evaluations/<overrides>.json)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -71,8 +72,8 @@ def main(argv: list[str]) -> int:
 
     run_dir = find_run(args.run, args.runs_dir, args.recipe, flag="RUN")
     default = default_output(run_dir, args.overrides)
-    out = args.out or default
-    if out.is_dir():   # --out results/: the file the run's evaluations/ would hold, there
+    out = Path(args.out) if args.out else default
+    if args.out and (out.is_dir() or args.out.endswith(("/", os.sep))):   # --out results/: the run's file name, there
         out = out / default.name
     check_writable(out.parent, "--out" if args.out else "the run's evaluations/")   # before any image renders
     result = evaluate_run(run_dir, overrides=args.overrides, device=args.device, progress=not args.quiet)

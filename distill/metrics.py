@@ -227,6 +227,11 @@ class SegMetrics:
     def reset(self) -> None:
         self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
 
+    @property
+    def labelled_pixels(self) -> int:
+        """Pixels counted so far: 0 for a split without labels (NYU's BTS and h5 layouts)."""
+        return int(self.confusion.sum())
+
     @torch.no_grad()
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add a batch; rows of the confusion matrix are GT classes, columns predicted classes."""

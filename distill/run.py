@@ -41,9 +41,10 @@ def describe_keys(recipe) -> str:
     return "\n".join(walk(recipe))
 
 
-def resolve(recipe_name: str, overrides: list[str]):
-    """The recipe with overrides applied; with `resume=DIR`, the saved config of that run."""
-    recipe = apply_overrides(get_recipe(recipe_name), overrides)
+def resolve(recipe: Recipe | str, overrides: list[str]) -> Recipe:
+    """The recipe (a name or a Recipe) with overrides applied; with `resume=DIR`, the saved config
+    of that run, which must be a run of the same recipe."""
+    recipe = apply_overrides(get_recipe(recipe) if isinstance(recipe, str) else recipe, overrides)
     check_values(recipe)
     if not recipe.resume:
         return recipe
@@ -51,6 +52,9 @@ def resolve(recipe_name: str, overrides: list[str]):
     if not saved_path.is_file():
         raise ConfigError(f"resume={recipe.resume}: no config.json there; is it a run directory (runs/<recipe>-<time>)?")
     saved_recipe = replace(load_saved(recipe.resume, type(recipe)), resume=recipe.resume)
+    if saved_recipe.name != recipe.name:
+        raise ConfigError(f"resume={recipe.resume} is a {saved_recipe.name} run, not {recipe.name}; continue it with "
+                          f"python -m distill.run {saved_recipe.name} resume={recipe.resume}")
     differing = [k for k in overrides if not k.startswith("resume=") and
                  flat_get(to_dict(saved_recipe), k.split("=")[0]) != flat_get(to_dict(recipe), k.split("=")[0])]
     if differing:
@@ -70,11 +74,7 @@ def train_recipe(recipe: Recipe | str, *, overrides: Sequence[str] = (), progres
     the run directory. `resume=DIR` continues that run from its saved config. Raises ConfigError or
     UnknownNameError for a bad recipe or override, SupervisionError for options that cannot work
     together, and PreflightError when the pre-flight refuses the units or ranges, all before any step."""
-    if isinstance(recipe, str):
-        recipe = resolve(recipe, list(overrides))
-    else:
-        recipe = apply_overrides(recipe, list(overrides))
-        check_values(recipe)
+    recipe = resolve(recipe, list(overrides))
     if not recipe.resume:
         check_writable(recipe.out_dir, "out_dir")
     from distill.training import train  # heavy imports only once the recipe is valid

@@ -167,7 +167,7 @@ def task_metrics(depth: np.ndarray, labels: np.ndarray, data: ValidationData, ec
     sm = SegMetrics(len(NYU13_NAMES), ignore_index=IGNORE_INDEX, class_names=list(NYU13_NAMES))
     dm.update(torch.from_numpy(np.ascontiguousarray(depth, np.float32)), data.depth, data.valid)
     sm.update(torch.from_numpy(np.asarray(labels, np.int64)), data.seg)
-    metrics = {**dm.compute(), **sm.compute()}
+    metrics = {**dm.compute(), **(sm.compute() if sm.labelled_pixels else {})}   # no labels: no miou gate
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, (int, float)) and not k.startswith("n_") and v is not None}
 

@@ -25,6 +25,8 @@ def test_overrides_are_typed_and_nested():
     ("model.fine_convs=full", "must be one of 'separable', 'pointwise'"),
     ("data=3", '"data" is a section; set one of its keys'),
     ("epochs", "is not key=value"),
+    ("train.lr_encoder=nan", "train.lr_encoder='nan': expected a finite number"),
+    ("loss.aux_weight=inf", "loss.aux_weight='inf': expected a finite number"),
 ])
 def test_override_errors_name_the_key_and_suggest(override, message):
     with pytest.raises(ConfigError, match=None) as err:

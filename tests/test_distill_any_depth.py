@@ -341,9 +341,30 @@ TINY = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "dat
 def test_training_with_every_distill_any_depth_option(tmp_path, monkeypatch):
     monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path / "cache"))
     assert main(["v3", *TINY, f"out_dir={tmp_path}", "distill.normalization=hybrid", "distill.shared_crop=1",
-                 "distill.local_global_weight=0.5", "teacher.assistant=synthetic-assistant", "--quiet"]) == 0
+                 "distill.local_global_weight=0.5", "teacher.assistant=synthetic-assistant", "eval.preview_images=0",
+                 "--quiet"]) == 0
     (run,) = [p for p in tmp_path.iterdir() if p.name.startswith("v3")]
     assert json.loads((run / "summary.json").read_text())["abs_rel"] < 1
+    assert not (run / "preview.png").exists() and "## Preview" not in (run / "report.md").read_text()   # 0: none
+
+
+def test_the_preview_leaves_the_teachers_tile_blank_without_a_teacher():
+    """A pseudo-label cache serves training labels only: the preview shows no teacher beside a
+    validation image rather than another image's labels."""
+    from distill.students import build_student
+    from distill.teachers import build_teacher
+    from distill.training.report import COLUMNS, preview_rows
+
+    torch.manual_seed(0)
+    model = build_student("mobilenetv3_small_050", decoder_channels=16)
+    depth = torch.linspace(1, 4, 32 * 32).view(1, 32, 32)
+    sample = {"image": torch.rand(3, 32, 32), "depth": depth, "valid": depth > 0, "index": torch.tensor(0),
+              "seg": torch.zeros(32, 32, dtype=torch.long)}
+    column = COLUMNS.index("teacher")
+    (blank,) = preview_rows(model, None, [sample], torch.device("cpu"), 4)
+    (shown,) = preview_rows(model, build_teacher("synthetic-metric"), [sample], torch.device("cpu"), 4)
+    assert blank[column].shape == shown[column].shape == (32, 32, 3)
+    assert not blank[column].any() and shown[column].any()
 
 
 def test_online_only_options_refuse_a_cache(tmp_path, capsys):

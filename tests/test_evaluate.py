@@ -126,6 +126,8 @@ def test_the_newest_run_is_found_when_only_overrides_are_given(run, tmp_path, mo
 def test_out_may_be_a_directory(run, tmp_path):
     assert evaluate_main([str(run), "data.num_val=4", "eval.teacher=false", "--out", str(tmp_path), "--quiet"]) == 0
     assert json.loads((tmp_path / "data.num_val=4_eval.teacher=false.json").read_text())["images"] == 4
+    assert evaluate_main([str(run), "data.num_val=4", "eval.teacher=false", "--out", f"{tmp_path}/new/", "--quiet"]) == 0
+    assert (tmp_path / "new" / "data.num_val=4_eval.teacher=false.json").is_file()   # a new folder, not a file "new"
 
 
 def test_the_newest_run_is_the_last_to_finish_not_the_last_evaluated(tmp_path):

@@ -227,6 +227,31 @@ def test_seg_metrics_errors():
         SegMetrics(3, class_names=["a", "b"])
 
 
+def test_a_split_without_labels_has_depth_metrics_and_no_seg_ones():
+    """NYU's BTS and h5 layouts carry no labels: a depth + seg student is measured on depth alone,
+    in training and at the export's gates, instead of failing after its first epoch."""
+    from distill.recipes import get_recipe
+    from distill.students import build_student
+    from distill.training.evaluation import evaluate
+    from quant.validate import ValidationData, task_metrics
+
+    torch.manual_seed(0)
+    model = build_student("mobilenetv3_small_050", decoder_channels=16).eval()
+    image = torch.rand(2, 3, 64, 96)
+    depth = torch.full((2, 1, 64, 96), 2.0)
+    batch = {"image": image, "depth": depth, "valid": torch.ones_like(depth, dtype=torch.bool),
+             "seg": torch.full((2, 64, 96), IGNORE_INDEX, dtype=torch.long)}
+    recipe = get_recipe("v3")
+    metrics = evaluate(model, [batch], torch.device("cpu"), None, recipe)
+    assert metrics["abs_rel"] > 0 and "miou" not in metrics and "seg_boundary_f1" not in metrics
+    assert SegMetrics(3).labelled_pixels == 0
+
+    data = ValidationData(inputs=image.numpy(), depth=depth, valid=batch["valid"], seg=batch["seg"])
+    labels = torch.zeros(2, 64, 96, dtype=torch.long).numpy()
+    found = task_metrics(depth.numpy() * 1.1, labels, data, recipe.eval)
+    assert found["abs_rel"] == pytest.approx(0.1) and "miou" not in found
+
+
 # --- boundaries: hand-made steps whose edges and distances can be counted by eye ---
 
 def step(h: int = 8, w: int = 8, at: int = 4, near: float = 2.0, far: float = 4.0) -> torch.Tensor:

@@ -200,6 +200,11 @@ def test_bts_other_folders_and_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"1 files listed in .*nyudepthv2_test_files_with_gt.txt are "
                                                 r"missing .*sync_depth_00045.png"):
         NyuBTS(root, "val")
+    depth_8bit = root / "sync/kitchen_0028b/sync_depth_00045.png"   # a re-saved preview, not millimetres
+    Image.fromarray(np.full((H, W), 200, np.uint8)).save(depth_8bit)
+    with pytest.raises(ValueError, match=r"sync_depth_00045.png should be a 16-bit single-channel PNG of "
+                                         r"480x640 \(millimetres\), got uint8"):
+        train[0]
     (root / "train_test_inputs/nyudepthv2_train_files_with_gt.txt").write_text("/a/rgb_1.jpg\n")
     with pytest.raises(ValueError, match=r"nyudepthv2_train_files_with_gt.txt:1: expected 'rgb depth focal'"):
         NyuBTS(root, "train")

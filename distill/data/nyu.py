@@ -292,9 +292,10 @@ class NyuBTS(NyuDataset):
             rgb = np.asarray(im.convert("RGB"))
         with Image.open(self.base / depth_name) as im:
             mm = np.asarray(im)
-        if mm.ndim != 2 or mm.shape != rgb.shape[:2]:
+        if mm.ndim != 2 or mm.shape != rgb.shape[:2] or mm.dtype not in (np.uint16, np.int32):
+            # an 8-bit map read as millimetres would be depths below 0.26 m, inside the evaluated range
             raise ValueError(f"{self.base / depth_name} should be a 16-bit single-channel PNG of "
-                             f"{rgb.shape[0]}x{rgb.shape[1]}, got shape {mm.shape}.")
+                             f"{rgb.shape[0]}x{rgb.shape[1]} (millimetres), got {mm.dtype} of shape {mm.shape}.")
         depth = mm.astype(np.float32) / np.float32(1000.0)
         return rgb, depth, None, (focal, focal, NYU_INTRINSICS[2], NYU_INTRINSICS[3])
 

@@ -9,6 +9,7 @@ from distill.losses.depth import (
                                   gradient_huber,
                                   modified_huber,
                                   mse,
+                                  parse_berhu_threshold,
                                   quantile,
                                   silog,
                                   ssi,
@@ -27,7 +28,7 @@ from distill.losses.weighting import (
 
 __all__ = [
     "DEPTH_LOSSES", "DepthLoss", "align_scale_shift", "berhu", "build_depth_loss",
-    "gradient_huber", "modified_huber", "mse", "quantile", "silog", "ssi",
+    "gradient_huber", "modified_huber", "mse", "parse_berhu_threshold", "quantile", "silog", "ssi",
     "class_frequencies", "class_weights", "cross_entropy", "lovasz_softmax", "cosine_distance", "surface_normals",
     "TASK_KINDS", "WEIGHTINGS", "DWAWeighting", "FixedWeighting", "KendallWeighting",
     "LossWeighting", "build_weighting",

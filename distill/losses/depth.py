@@ -117,7 +117,7 @@ def mse() -> DepthLoss:
 
 # ----------------------------------------------------------------------------- berHu
 
-def _parse_berhu_threshold(threshold: str | float) -> Callable[[Tensor], Tensor]:
+def parse_berhu_threshold(threshold: str | float) -> Callable[[Tensor], Tensor]:
     """Turn "p80" / "p99.5" / "laina" / a positive number into `abs_residuals (N,) -> c` (0-d)."""
     if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
         if not threshold > 0:
@@ -176,7 +176,7 @@ def berhu(threshold: str | float = "p80", residual_kind: str = "absolute") -> De
     Guard: if c == 0 (e.g. at least 80% of residuals are exactly 0) the quadratic branch would
     divide by 0, so c falls back to max |r| (pure L1); if every residual is 0 the loss is 0.
     """
-    pick_c = _parse_berhu_threshold(threshold)
+    pick_c = parse_berhu_threshold(threshold)
     if residual_kind not in BERHU_RESIDUALS:
         raise ValueError(f"berHu residual {residual_kind!r} is not one of {', '.join(BERHU_RESIDUALS)}")
 

@@ -5,6 +5,7 @@ and few epochs on a laptop CPU, real sizes on a GPU. The resolved values are pri
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import ClassVar, Literal
 
@@ -112,7 +113,7 @@ class EvalConfig:
     max_depth: float = 10.0
     eigen_crop: bool = False             # NYU Eigen crop, defined at 480x640 only
     best_metric: str = "abs_rel"         # lower is better; selects best.safetensors
-    preview_images: int = 4
+    preview_images: int = 4           # rows of preview.png; 0 writes none
     teacher: bool = True                 # measure the teacher against GT too (its metrics, gap_closed)
 
 
@@ -214,5 +215,39 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
     if recipe.loss.seg_balance < 0:
         problems.append(f"loss.seg_balance={recipe.loss.seg_balance} must be >= 0 (0 = plain cross-entropy, "
                         f"0.5 = inverse square root of class frequency)")
+    problems += unknown_names(recipe)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def unknown_names(recipe: Recipe) -> list[str]:
+    """The names and forms a recipe picks that nothing implements, each with the valid ones: found
+    here rather than where the model, the loss or the teacher is built, after the data is rendered."""
+    from core.registry import suggest
+    from distill.losses import DEPTH_LOSSES, WEIGHTINGS, parse_berhu_threshold
+    from distill.students import STUDENTS
+    from distill.teachers import TEACHERS
+
+    m, lc, t = recipe.model, recipe.loss, recipe.train
+    picks = [("model.student", m.student, STUDENTS), ("loss.depth", lc.depth, DEPTH_LOSSES),
+             ("loss.weighting", lc.weighting, WEIGHTINGS), ("teacher.name", recipe.teacher.name, TEACHERS)]
+    if recipe.teacher.assistant:
+        picks.append(("teacher.assistant", recipe.teacher.assistant, TEACHERS))
+    problems = [f"{key}={name!r} is not a {registry.kind}; valid: {', '.join(registry.names())}."
+                f"{suggest(name, registry.names())}" for key, name, registry in picks if name not in registry]
+    try:
+        parse_berhu_threshold(lc.berhu_threshold)
+    except ValueError as e:
+        problems.append(f"loss.berhu_threshold: {e}")
+    if not m.tasks or set(m.tasks) - {"depth", "seg"}:
+        problems.append(f"model.tasks={','.join(m.tasks)!r} must be depth, seg or depth,seg")
+    if not DEVICE.fullmatch(t.device):
+        problems.append(f"train.device={t.device!r} must be auto, cpu, cuda or cuda:N (e.g. cuda:1)")
+    if t.log_every < 1:
+        problems.append(f"train.log_every={t.log_every} must be at least 1 (steps between TensorBoard scalars)")
+    if recipe.data.workers < 0:
+        problems.append(f"data.workers={recipe.data.workers} must be >= 0 (0 = load in the main process)")
+    return problems

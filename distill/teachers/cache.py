@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from core.io import sha256
+from core.io import read_json, sha256
 from core.spaces import DepthSpace, ValueRange
 from core.weights import load_weights
 from distill.teachers.base import Teacher
@@ -98,7 +98,7 @@ class CachedTeacher(Teacher):
                      if (path / "job.json").is_file() else "is not a pseudo-label cache (no manifest.json)")
             raise FileNotFoundError(f"teacher.cache={path} {state}; run python -m distill.cache_teacher with "
                                     f"out={path} and the same arguments to finish it")
-        manifest = json.loads((path / "manifest.json").read_text())
+        manifest = read_json(path / "manifest.json", "rebuild the cache with python -m distill.cache_teacher")
         if manifest.get("format") != FORMAT:
             raise CacheMismatchError(f"{path}/manifest.json has format {manifest.get('format')!r}; this code reads "
                                      f"{FORMAT}. Rebuild the cache with python -m distill.cache_teacher")

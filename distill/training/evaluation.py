@@ -3,7 +3,6 @@ run measured again on any validation split (`evaluate_run`, `python -m distill.e
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -12,6 +11,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
+from core import io
 from core.config import ConfigError, apply_overrides, to_dict
 from core.spaces import DepthSpace
 from distill.data import build_datasets
@@ -65,7 +65,7 @@ def evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype |
             seg_edges_m.update(labels, batch["seg"])
     model.train()
     metrics = {**depth_m.compute(), **edges_m.compute()} if "depth" in model.tasks else {}
-    if "seg" in model.tasks:
+    if "seg" in model.tasks and seg_m.labelled_pixels:   # a split without labels has no seg metrics
         metrics.update({**seg_m.compute(), **seg_edges_m.compute()})
     return metrics
 
@@ -226,4 +226,6 @@ def teacher_skipped(recipe: Recipe, *, asked: bool) -> str:
 
 def recorded_baseline_depth(run_dir: Path) -> float | None:
     summary = run_dir / "summary.json"
-    return json.loads(summary.read_text()).get("baseline_depth") if summary.is_file() else None
+    if not summary.is_file():
+        return None
+    return io.read_json(summary, "restore it from a copy").get("baseline_depth")

@@ -20,13 +20,14 @@ COLUMNS = ["RGB", "GT depth", "teacher", "student", "AbsRel error", "GT seg", "p
 
 @torch.no_grad()
 def preview_rows(model, teacher, dataset, device, count: int) -> list[list[np.ndarray]]:
-    """One row of COLUMNS tiles per validation image."""
+    """One row of COLUMNS tiles per validation image; the teacher's tile is blank without a teacher
+    (None: a pseudo-label cache holds training-split labels only)."""
     items = [dataset[i] for i in range(min(count, len(dataset)))]
     batch = {k: torch.stack([torch.as_tensor(it[k]) for it in items]).to(device) for k in items[0]}
     model.eval()
     out = model(batch["image"])
     model.train()
-    teacher_depth = teacher(batch)
+    teacher_depth = teacher(batch) if teacher is not None else None
     rows = []
     for i in range(len(items)):
         gt = batch["depth"][i, 0].cpu().numpy()
@@ -34,9 +35,12 @@ def preview_rows(model, teacher, dataset, device, count: int) -> list[list[np.nd
         lo, hi = (gt[valid].min(), gt[valid].max()) if valid.any() else (0.0, 1.0)
         pred = out["depth"][i, 0].float().cpu().numpy() if "depth" in out else np.zeros_like(gt)
         err = np.where(valid, np.abs(pred - gt) / np.maximum(gt, 1e-6), np.nan)
-        teacher_np = teacher_depth[i, 0].cpu().numpy()
-        t_lo, t_hi = (lo, hi) if teacher.space.value == "metric" else (0.0, 1.0)
-        rows.append([denormalize(batch["image"][i].cpu()), colorize(gt, lo, hi), colorize(teacher_np, t_lo, t_hi),
+        if teacher is None:
+            teacher_tile = np.zeros((*gt.shape, 3), np.uint8)
+        else:
+            t_lo, t_hi = (lo, hi) if teacher.space.value == "metric" else (0.0, 1.0)
+            teacher_tile = colorize(teacher_depth[i, 0].cpu().numpy(), t_lo, t_hi)
+        rows.append([denormalize(batch["image"][i].cpu()), colorize(gt, lo, hi), teacher_tile,
                      colorize(pred, lo, hi), colorize(err, 0.0, 0.5, RAMP[[0, 3, 4]]),
                      colorize_seg(batch["seg"][i].cpu().numpy()),
                      colorize_seg(out["seg"][i].argmax(0).cpu().numpy()) if "seg" in out else np.zeros_like(gt, np.uint8)[..., None].repeat(3, -1)])
@@ -118,14 +122,18 @@ def markdown_report(run_dir: Path, recipe, summary: dict) -> str:
               "- abs_rel_A_B, ratio_A_B: over the pixels whose GT lies in [A, B) m, AbsRel and the prediction's "
               "geometric-mean ratio to GT (> 1: that range is predicted too far)",
               f"- boundaries: {BOUNDARY_DEFINITION}",
-              f"- best checkpoint: {summary.get('best')}", "", "## Preview", "", "![preview](preview.png)", ""]
+              f"- best checkpoint: {summary.get('best')}", ""]
+    if recipe.eval.preview_images:   # 0 turns the preview off
+        lines += ["## Preview", "", "![preview](preview.png)", ""]
     return "\n".join(lines)
 
 
 def write_outputs(run_dir: Path, recipe, summary: dict, model, teacher, val_ds, device, log=print) -> None:
     io.write_json(run_dir / "summary.json", summary)
-    rows = preview_rows(model, teacher, val_ds, device, recipe.eval.preview_images)
-    with io.atomic_path(run_dir / "preview.png") as tmp:
-        compose(rows, COLUMNS).save(tmp, format="PNG")
+    if recipe.eval.preview_images:   # 0: no preview.png
+        shown = None if recipe.teacher.cache else teacher   # its labels are of training images, not these
+        rows = preview_rows(model, shown, val_ds, device, recipe.eval.preview_images)
+        with io.atomic_path(run_dir / "preview.png") as tmp:
+            compose(rows, COLUMNS).save(tmp, format="PNG")
     io.write_text(run_dir / "report.md", markdown_report(run_dir, recipe, summary))
     log(f"\n{recipe.name} finished: {run_dir}\n{terminal_table(summary)}")

@@ -156,6 +156,7 @@ def best_sha256(run_dir: Path) -> str | None:
     its last checkpoint's state. None for runs made before this record."""
     summary = run_dir / "summary.json"
     if summary.is_file():
-        return (json.loads(summary.read_text()).get("best") or {}).get("sha256")
+        recorded = io.read_json(summary, "restore it from a copy, or evaluate the run's checkpoints again")
+        return (recorded.get("best") or {}).get("sha256")
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     return (load_state(ckpt / "state.pt").get("progress", {}).get("best") or {}).get("sha256") if ckpt else None
