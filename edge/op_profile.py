@@ -32,6 +32,7 @@ import numpy as np
 
 from core.cli import ArgumentParser, at_least, command
 from core.io import check_writable
+from core.manifest import verify_artefact
 from edge.device.linux_bench import time_invokes  # the on-device script's timing loop (milliseconds)
 from edge.run import write_json
 
@@ -101,10 +102,13 @@ def median_invoke_us(model_content: bytes, threads: int | None, runs: int, warmu
     return float(np.median(time_invokes(seeded_interpreter(model_content, threads), runs, warmup))) * 1e3
 
 
-def profile(path: str | Path, threads: int | None = None, runs: int = 100, progress: bool = False) -> dict:
+def profile(path: str | Path, threads: int | None = None, runs: int = 100, progress: bool = False,
+            verify: bool = True) -> dict:
     path = Path(path)
     if path.suffix != ".tflite" or not path.is_file():
         raise ValueError(f"{path}: edge.op_profile takes an existing .tflite file")
+    if verify:   # a file of an export directory must be the one its manifest recorded
+        verify_artefact(path)
     model = load_model(path)
     graph = model.subgraphs[0]
     if len(model.subgraphs) != 1:
@@ -159,12 +163,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--runs", type=int, default=100, help="timed invokes per op (default 100)")
     parser.add_argument("--top", type=int, default=15, help="slowest ops to list (default 15)")
     parser.add_argument("--json", default=None, help=f"write the {SCHEMA} JSON here")
+    parser.add_argument("--no-verify", action="store_true", help="skip the manifest's sha256 check")
     args = parser.parse_args(argv)
     at_least("--threads", args.threads, 1)
     at_least("--runs", args.runs, 1)
     if args.json:
         check_writable(Path(args.json).parent, "--json")
-    result = profile(args.model, args.threads, args.runs, progress=True)
+    result = profile(args.model, args.threads, args.runs, progress=True, verify=not args.no_verify)
     print(summary(result, args.top))
     if args.json:
         write_json(args.json, result)

@@ -12,7 +12,8 @@ logits with --logits only, `executor` (0-d str array), and `names` (the image fi
 image inputs. An --out without the .npz suffix is a folder that gets, per image, a 16-bit depth
 PNG in millimetres, a label PNG and a preview (edge/photos.py), 64 images at a time; an .npy's
 images are named 000000, 000001, ...
-The last stdout line is JSON: {"artefact", "executor", "images", "seconds"}.
+The last stdout line is JSON: {"artefact", "executor", "images", "seconds", "non_finite"} (NaN or
+infinite output values, also warned of on stderr: the outputs are saved as they came).
 Exit status: 0 done, 2 bad arguments or inputs, 1 the runtime failed.
 
 One process per artefact is the point: each runtime imports only its own toolchain (TensorFlow
@@ -64,7 +65,9 @@ def check_artefact(path: str | Path, executor: str = "auto", verify: bool = True
     """BadInput unless `path` is an existing artefact that `executor` applies to (and, with
     `verify`, matches its export's manifest). Opens no runtime."""
     try:
-        artefact_format(path, executor)
+        if artefact_format(path, executor) == "coreml" and executor == "predict" and sys.platform != "darwin":
+            raise ValueError(f"--executor predict (MLModel.predict) needs macOS; this is {sys.platform}: use "
+                             f"--executor reference, the MIL reference executor of edge/mil.py")
         if verify:
             verify_artefact(path)
     except ValueError as exc:
@@ -76,7 +79,8 @@ def run_artefact(path: str | Path, images: np.ndarray, *, threads: int | None = 
     """Run artefact `path` on images (N, 3, H, W) float32 in [0, 1].
 
     Returns {"depth": (N, 1, H, W) float32 metres, "labels": (N, H, W) uint8, "seg": (N, C, H, W)
-    float32 logits (only with logits=True), "executor": str, "seconds": float (the runs only)}.
+    float32 logits (only with logits=True), "executor": str, "seconds": float (the runs only),
+    "non_finite": int (NaN or infinite values among the outputs; 0 for a sound artefact)}.
     verify: an artefact in an export directory must match its manifest's sha256 (core/manifest.py).
     Raises BadInput (a ValueError) when the path, the executor, the file's hash or the images are
     wrong; whatever the runtime raises while loading or running the artefact passes through.
@@ -93,8 +97,9 @@ def run_images(runner, images: np.ndarray, *, logits: bool = False) -> dict:
     seconds = time.perf_counter() - start
     if seg.shape[1] > 256:
         raise ValueError(f"{runner.path.name} has {seg.shape[1]} classes; labels are uint8 (at most 256)")
+    non_finite = int(depth.size - np.isfinite(depth).sum() + seg.size - np.isfinite(seg).sum())
     out = {"depth": depth.astype(np.float32), "labels": seg.argmax(1).astype(np.uint8),
-           "executor": runner.executor, "seconds": seconds}
+           "executor": runner.executor, "seconds": seconds, "non_finite": non_finite}
     if logits:
         out["seg"] = seg.astype(np.float32)
     return out
@@ -140,20 +145,23 @@ def main(argv: list[str]) -> int:
         images = read_photos(files, image_shape(runner)[1:]) if files else arrays
         result = run_images(runner, images, logits=args.logits)
         save_outputs(out, {**result, "names": [f.stem for f in files]} if files else result)
-        count, seconds = len(images), result["seconds"]
+        count, seconds, non_finite = len(images), result["seconds"], result["non_finite"]
     else:
-        count, seconds = write_map_folder(out, runner, files, arrays)
+        count, seconds, non_finite = write_map_folder(out, runner, files, arrays)
+    if non_finite:   # saved as they came, but never silently: a broken file (an fp16 overflow) looks like this
+        print(f"warning: {non_finite} output values of {args.artefact} are NaN or infinite; their depth maps "
+              f"read 0 and their labels mean nothing", file=sys.stderr)
     print(json.dumps({"artefact": str(args.artefact), "executor": runner.executor, "images": count,
-                      "seconds": round(seconds, 4)}))
+                      "seconds": round(seconds, 4), "non_finite": non_finite}))
     return 0
 
 
-def write_map_folder(out: Path, runner, files: list[Path], arrays: np.ndarray | None) -> tuple[int, float]:
+def write_map_folder(out: Path, runner, files: list[Path], arrays: np.ndarray | None) -> tuple[int, float, int]:
     """Depth, label and preview PNGs per image into `out`, CHUNK images at a time (each file written
     atomically; a photo that fails to decode stops the run with the maps before it kept).
-    Returns (images, seconds spent running the artefact)."""
+    Returns (images, seconds spent running the artefact, non-finite output values)."""
     total = len(files) if files else len(arrays)
-    size, seconds = image_shape(runner)[1:], 0.0
+    size, seconds, non_finite = image_shape(runner)[1:], 0.0, 0
     for start in range(0, total, CHUNK):
         stop = min(start + CHUNK, total)
         if files:
@@ -163,11 +171,12 @@ def write_map_folder(out: Path, runner, files: list[Path], arrays: np.ndarray | 
         result = run_images(runner, images)
         write_maps(out, names, images, result)
         seconds += result["seconds"]
+        non_finite += result["non_finite"]
         if total > CHUNK:
             print(f"{stop}/{total} images", file=sys.stderr)
     print(f"wrote {3 * total} PNGs to {out}/ (<name>_depth.png: the depth x 1000 as uint16, "
           f"<name>_labels.png: class ids, <name>_preview.png)")
-    return total, seconds
+    return total, seconds, non_finite
 
 
 def output_path(out: str) -> Path:

@@ -41,6 +41,7 @@ import numpy as np
 from core.cli import ArgumentParser, at_least, command
 from core.graph import output_tails
 from core.io import check_writable
+from core.manifest import verify_artefact
 from edge.op_profile import cut_model, load_model, op_name, seeded_interpreter
 from edge.run import write_json
 
@@ -156,11 +157,13 @@ def time_interleaved(interpreters: list, runs: int, warmup: int = 10) -> list[fl
 
 
 def profile(paths: list[str | Path], sections: int = 8, threads: int | None = None, runs: int = 200,
-            progress: bool = False) -> dict:
+            progress: bool = False, verify: bool = True) -> dict:
     paths = [Path(p) for p in paths]
     for path in paths:
         if path.suffix != ".tflite" or not path.is_file():
             raise ValueError(f"{path}: edge.section_profile takes existing .tflite files")
+        if verify:   # a file of an export directory must be the one its manifest recorded
+            verify_artefact(path)
     models = [load_model(p) for p in paths]
     for path, model in zip(paths, models):
         if len(model.subgraphs) != 1:
@@ -231,6 +234,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=None, help="interpreter threads (default: the runtime's)")
     parser.add_argument("--runs", type=int, default=200, help="timed invokes per sub-graph (default 200)")
     parser.add_argument("--json", default=None, help=f"write the {SCHEMA} JSON here")
+    parser.add_argument("--no-verify", action="store_true", help="skip the manifest's sha256 check")
     args = parser.parse_intermixed_args(argv)
     if len(args.models) > 2:
         parser.error(f"takes one or two .tflite files, got {len(args.models)}")
@@ -239,7 +243,7 @@ def main(argv: list[str]) -> int:
     at_least("--runs", args.runs, 1)
     if args.json:
         check_writable(Path(args.json).parent, "--json")
-    result = profile(args.models, args.sections, args.threads, args.runs, progress=True)
+    result = profile(args.models, args.sections, args.threads, args.runs, progress=True, verify=not args.no_verify)
     print(summary(result))
     if args.json:
         write_json(args.json, result)

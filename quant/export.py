@@ -45,11 +45,12 @@ from core.cli import ArgumentParser, add_run_arguments, at_least, command
 from core.formats import CALIBRATED_PRECISIONS, FORMATS, PRECISIONS, Converter, Format
 from core.io import check_writable
 from core.lock import exclusive
+from core.registry import suggest
 from distill.recipes import DEFAULT_RECIPE
 from edge import kit
 from quant import benchmark, compression
 from quant.model_card import write_model_card
-from targets.profiles import device_names
+from targets.profiles import check_gate, device_names
 from targets.stem import DEFAULT_FLOAT_STEM
 
 # Distillation steps after pruning: what brings v3 at half its MACs back within 1.05x abs_rel and 1.5
@@ -166,7 +167,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the calibration draw and the fine-tunes' batches (0: evenly spaced candidates)")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for conversion and bench (0 = the device profile's, capped at this host's cores)")
+                   help="CPU threads for conversion and bench (0 = the device profile's, else 2; capped at this "
+                        "host's cores)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export of this run and target")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -260,9 +262,33 @@ def check_options(options: ExportOptions, fmt: Format) -> None:
     if unknown:
         raise ExportError(f"--tolerance for {', '.join(unknown)}: no such precision; the precisions are "
                           f"{', '.join(PRECISIONS)} ({fmt.name}: {', '.join(fmt.precisions)})")
+    for precision, gate in options.tolerances.items():   # here, not at validation after the conversion
+        try:
+            check_gate(gate, f"--tolerance {precision}")
+        except ValueError as e:
+            raise ExportError(str(e)) from None
+    check_float_ops(options.float_ops, fmt)
     if options.prune:
         check_prune(options)
     check_writable(options.out, "--out")
+
+
+def check_float_ops(float_ops: tuple[str, ...], fmt: Format) -> None:
+    """--float-ops names TFLite op types: an unknown one would keep nothing in float without a word."""
+    if fmt.name != "tflite":
+        if float_ops != ExportOptions.float_ops:
+            raise ExportError(f"--float-ops {','.join(float_ops)}: TFLite op types, for TFLite files only; "
+                              f"{fmt.name}'s int8 file keeps its first layers in float with --float-stem N")
+        return
+    try:
+        from ai_edge_litert import schema_py_generated as schema
+    except ImportError:   # the converter's own check names the missing package
+        return
+    known = [name for name in vars(schema.BuiltinOperator) if not name.startswith("_")]
+    for op in float_ops:
+        if op not in known:
+            raise ExportError(f"--float-ops {op}: not a TFLite op type (e.g. DIV, MEAN, RESIZE_BILINEAR: the "
+                              f"names in a manifest's ops_by_dtype).{suggest(op, known)}")
 
 
 def check_calibration_size(calib: int, train_images: int) -> None:
@@ -323,7 +349,8 @@ def main(argv: list[str]) -> int:
 
 # What to try when a precision fails its gates (the float ones should never: a converter problem)
 FAILURE_HINTS = {
-    "int8": "int8: try QAT or more QAT steps (--qat-steps N), or keep ops in float (--float-ops, --float-stem N).",
+    "int8": "int8: try QAT or more QAT steps (--qat-steps N), or keep layers in float (--float-stem N; TFLite: "
+            "--float-ops).",
     "w8a8": "w8a8: try more calibration images (--calib N), or w8 (weights only).",
     "palette4": "palette4 (16 values per tensor): palette6, or on iOS18 w4block or palette4g, keep more of the weights.",
     "palette6": "palette6: w8 keeps more of the weights.",

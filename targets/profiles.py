@@ -17,7 +17,8 @@ Gate semantics (the keys of a gate, checked by quant/validate.py):
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,19 +45,56 @@ class DeviceProfile:
 
 @lru_cache(maxsize=None)
 def _load(path: str) -> dict:
-    data = json.loads(Path(path).read_text())
+    """The profiles file, every device in it checked: a hand edit that cannot work is named here,
+    with the file and the field, not found as a KeyError inside a converter."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} cannot be read as device profiles ({type(e).__name__}: {e}); restore it with "
+                         f"git checkout targets/devices.json") from None
+    if not isinstance(data, dict) or not isinstance(data.get("gates"), dict) or not isinstance(data.get("devices"), dict):
+        raise ValueError(f'{path}: expected {{"gates": {{...}}, "devices": {{...}}}} at the top')
     for precision, gate in data["gates"].items():
         check_gate(gate, f"{path}: gates.{precision}")
+    for name, spec in data["devices"].items():
+        check_device(name, spec, path)
     return data
+
+
+PROFILE_KEYS = {f.name for f in fields(DeviceProfile)} - {"name"}
+REQUIRED_KEYS = {"description", "format", "precision", "runtime", "threads", "latency_budget_ms", "bench"}
+
+
+def check_device(name: str, spec: dict, path: str) -> None:
+    where = f"{path}: devices.{name}"
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be an object with the keys {sorted(REQUIRED_KEYS)}")
+    unknown, missing = sorted(set(spec) - PROFILE_KEYS), sorted(REQUIRED_KEYS - set(spec))
+    if unknown or missing:
+        raise ValueError(f"{where}: " + "; ".join(
+            [f"unknown keys {unknown} (valid: {sorted(PROFILE_KEYS)})"] * bool(unknown) + [f"missing {missing}"] * bool(missing)))
+    fmt = FORMATS.get(spec["format"])
+    if fmt is None:
+        raise ValueError(f"{where}: format {spec['format']!r}; valid: {list(FORMATS)}")
+    if spec["precision"] not in fmt.precisions:
+        raise ValueError(f"{where}: precision {spec['precision']!r} is not one of {fmt.name}'s: {', '.join(fmt.precisions)}")
+    threads, size = spec["threads"], spec.get("input_size")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"{where}: threads {threads!r} must be a positive integer or null (the host's default)")
+    if size is not None and not (isinstance(size, list) and len(size) == 2 and
+                                 all(isinstance(v, int) and v >= 32 and v % 32 == 0 for v in size)):
+        raise ValueError(f"{where}: input_size {size!r} must be [H, W], each a positive multiple of 32 (the "
+                         f"student downsamples by 32), or absent (the run's size)")
+    check_gate(spec.get("gates", {}), f"{where}.gates")
 
 
 def check_gate(gate: dict, where: str) -> None:
     unknown = sorted(set(gate) - set(GATE_KEYS))
     if unknown:
         raise ValueError(f"{where}: unknown gate keys {unknown}; valid: {list(GATE_KEYS)}")
-    bad = {k: v for k, v in gate.items() if not isinstance(v, (int, float)) or v < 0}
+    bad = {k: v for k, v in gate.items() if not isinstance(v, (int, float)) or not 0 <= v < math.inf}
     if bad:
-        raise ValueError(f"{where}: gate tolerances must be non-negative numbers, got {bad}")
+        raise ValueError(f"{where}: gate tolerances must be finite non-negative numbers, got {bad}")
 
 
 def device_names(path: Path = PROFILES_FILE) -> list[str]:
@@ -67,14 +105,9 @@ def device(name: str, path: Path = PROFILES_FILE) -> DeviceProfile:
     devices = _load(str(path))["devices"]
     if name not in devices:
         raise ValueError(unknown_target_message(name, path))
-    spec = dict(devices[name])
+    spec = dict(devices[name])   # checked when the file was read
     size = spec.pop("input_size", None)
-    gates = spec.pop("gates", {})
-    check_gate(gates, f"{path}: devices.{name}.gates")
-    profile = DeviceProfile(name=name, input_size=tuple(size) if size else None, gates=gates, **spec)
-    if profile.format not in FORMATS:
-        raise ValueError(f"{path}: device {name} has format {profile.format!r}; valid: {list(FORMATS)}")
-    return profile
+    return DeviceProfile(name=name, input_size=tuple(size) if size else None, **spec)
 
 
 def unknown_target_message(name: str, path: Path = PROFILES_FILE) -> str:

@@ -113,6 +113,18 @@ def test_linux_bench_rejects_inputs_without_outputs(tiny_artefacts, tmp_path):
     assert proc.returncode == 2 and "--inputs and --outputs go together" in proc.stderr
 
 
+def test_linux_bench_refuses_bad_inputs_before_timing(tiny_artefacts, tmp_path):
+    model = str(tiny_artefacts["tflite_fp32"])
+    np.save(tmp_path / "uint8.npy", np.zeros((1, 3, 64, 96), np.uint8))
+    np.save(tmp_path / "scale255.npy", np.full((1, 3, 64, 96), 255.0, np.float32))
+    for inputs, message in (("missing.npy", "--inputs file not found: missing.npy"),
+                            ("uint8.npy", "is uint8 of shape [1, 3, 64, 96]; expected (N, 3, H, W) float32"),
+                            ("scale255.npy", "values outside [0, 1]")):
+        proc = run_script(tmp_path, "linux_bench.py", model, "--inputs", inputs, "--outputs", "out.npz")
+        assert proc.returncode != 0 and message in proc.stderr and "latency" not in proc.stdout, proc.stderr
+    assert not (tmp_path / "out.npz").exists()
+
+
 def test_linux_bench_says_how_to_install_an_interpreter(tiny_artefacts, tmp_path):
     """Neither package importable (None in sys.modules blocks an import): exit 2 with both pip commands."""
     shutil.copy(DEVICE_DIR / "linux_bench.py", tmp_path / "linux_bench.py")

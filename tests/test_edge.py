@@ -111,6 +111,28 @@ def test_litert_without_either_runtime_names_both_packages(monkeypatch):
         import_litert_interpreter()
 
 
+def test_run_cli_warns_of_outputs_that_are_not_finite(tiny_artefacts, tmp_path):
+    """A broken artefact (here an ONNX file with one weight tensor set to NaN) is run and saved as
+    it is, but said: the JSON line counts the values and stderr warns."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(tiny_artefacts["onnx_fp32"]))
+    weight = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 4)
+    weight.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(weight), np.nan), weight.name))
+    onnx.save(model, str(tmp_path / "broken.onnx"))
+    sound = edge_cli("edge.run", tiny_artefacts["onnx_fp32"], "--inputs", tiny_artefacts["inputs"],
+                     "--out", tmp_path / "sound.npz")
+    broken = edge_cli("edge.run", tmp_path / "broken.onnx", "--inputs", tiny_artefacts["inputs"],
+                      "--out", tmp_path / "broken.npz")
+    assert sound.returncode == broken.returncode == 0, broken.stderr
+    assert json.loads(sound.stdout.strip().splitlines()[-1])["non_finite"] == 0 and "warning" not in sound.stderr
+    count = json.loads(broken.stdout.strip().splitlines()[-1])["non_finite"]
+    with np.load(tmp_path / "broken.npz") as result:
+        assert count > 0 and count == (~np.isfinite(result["depth"])).sum() + 4 * 13 * 64 * 96
+    assert f"warning: {count} output values of" in broken.stderr
+
+
 def test_run_cli_writes_outputs_and_rejects_wrong_shapes(tiny_artefacts, tmp_path):
     images, ref_depth, ref_seg = reference(tiny_artefacts)
     out = tmp_path / "out.npz"

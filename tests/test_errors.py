@@ -21,7 +21,9 @@ def place(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("not a directory")
     (tmp_path / "empty").mkdir()
-    for name, config in (("bad-json", "{not json"), ("bad-type", json.dumps({"name": "v3", "train": {"epochs": "x"}}))):
+    (tmp_path / "m.mlpackage").mkdir()
+    for name, config in (("bad-json", "{not json"), ("bad-type", json.dumps({"name": "v3", "train": {"epochs": "x"}})),
+                         ("a-v3-run", json.dumps({"name": "v3"}))):
         (tmp_path / name).mkdir()
         (tmp_path / name / "config.json").write_text(config)
     return tmp_path
@@ -40,10 +42,22 @@ CASES = [
     ("distill.run", ["v3", "resume=empty"], "no config.json there"),
     ("distill.run", ["v3", "resume=bad-json"], "bad-json/config.json cannot be read as a run's config"),
     ("distill.run", ["v3", "resume=bad-type"], "train.epochs='x': expected"),
+    ("distill.run", ["v4", "resume=a-v3-run"], "resume=a-v3-run is a v3 run, not v4; continue it with "
+                                                "python -m distill.run v3 resume=a-v3-run"),
     ("distill.run", ["v3", "--bogus"], "unrecognized arguments: --bogus"),
     ("distill.run", ["v3", "--quiet", "train.epochs=-1"], "train.epochs=-1 must be at least 1"),  # flags anywhere
+    ("distill.run", ["v3", "loss.depth=berhoo"], "loss.depth='berhoo' is not a depth loss; valid:"),
+    ("distill.run", ["v3", "loss.weighting=kendal"], 'Did you mean "kendall"?'),
+    ("distill.run", ["v3", "model.student=mobilenetv4"], "model.student='mobilenetv4' is not a student"),
+    ("distill.run", ["v3", "teacher.name=da3"], "teacher.name='da3' is not a teacher"),
+    ("distill.run", ["v3", "loss.berhu_threshold=p800"], "loss.berhu_threshold: Unknown berHu threshold 'p800'"),
+    ("distill.run", ["v3", "model.tasks=depth,normals"], "model.tasks='depth,normals' must be depth, seg"),
+    ("distill.run", ["v3", "train.device=gpu"], "train.device='gpu' must be auto, cpu, cuda or cuda:N"),
+    ("distill.run", ["v3", "train.log_every=0"], "train.log_every=0 must be at least 1"),
+    ("distill.run", ["v3", "train.lr_encoder=nan"], "train.lr_encoder='nan': expected a finite number"),
+    ("distill.ablate", ["v3", "loss.depth=berhu,silgo"], "loss.depth='silgo' is not a depth loss"),
     ("distill.cache_teacher", ["synthetic-metric", "data=synthrooms"], "out=DIR is required"),
-    ("distill.cache_teacher", ["synthetic-metrik", "out=c"], 'Unknown teacher "synthetic-metrik"'),
+    ("distill.cache_teacher", ["synthetic-metrik", "out=c"], 'is not a teacher; valid: da2-metric'),
     ("distill.cache_teacher", ["synthetic-metric", "out=c", "shard_size=0"], "shard_size=0: must be at least 1"),
     ("distill.cache_teacher", ["synthetic-metric", "out=c", "data.height=80"], "data.height=80 must be a positive"),
     ("distill.cache_teacher", ["synthetic-metric", "out=a_file/c"], "a_file is a file, not a directory"),
@@ -66,7 +80,14 @@ CASES = [
     ("quant.sensitivity", ["--runs-dir", "nowhere"], "no finished v3 run"),
     ("quant.sensitivity", ["--recipe", "v4", "--runs-dir", "nowhere"], "no finished v4 run"),
     ("quant.export", ["--target", "tflite", "--tolerance", "fp9.abs_rel_change=1"], "--tolerance for fp9: no such precision"),
+    ("quant.export", ["--target", "tflite", "--tolerance", "int8.abs_rel_change=-0.1"],
+     "--tolerance int8: gate tolerances must be finite non-negative numbers"),
+    ("quant.export", ["--target", "tflite", "--tolerance", "int8.miou_drop_pt=nan"],
+     "--tolerance int8: gate tolerances must be finite non-negative numbers"),
     ("quant.export", ["--target", "tflite", "--input-size", "100x100"], "multiples of 32"),
+    ("quant.export", ["--target", "tflite", "--float-ops", "DIV,RESIZE_BILINEA"],
+     '--float-ops RESIZE_BILINEA: not a TFLite op type'),
+    ("quant.export", ["--target", "onnx", "--float-ops", "MEAN"], "--float-ops MEAN: TFLite op types, for TFLite files only"),
     ("quant.export", ["--target", "tflite", "--prune-lr", "0"], "--prune-lr 0.0: must be positive"),
     ("quant.export", ["--target", "tflite", "--prune", "macs=2x"], '--prune: MAC fraction "macs=2x" must be in (0, 1]'),
     ("quant.export", ["--target", "tflite", "--prune", "0.3", "--prune-stages", "2"],
@@ -85,6 +106,8 @@ CASES = [
     ("edge.run", ["m.pt", "--inputs", "x.npy", "--out", "o.npz"], "unknown artefact suffix '.pt'"),
     ("edge.run", ["m.tflite", "--inputs", "x.npy", "--out", "a_file/o.npz"], "a_file is a file, not a directory"),
     ("edge.run", ["m.tflite", "--inputs", "x.npy", "--out", "o.npz", "--threads", "-1"], "--threads -1"),
+    *([("edge.run", ["m.mlpackage", "--inputs", "x.npy", "--out", "o.npz", "--executor", "predict"],
+        "--executor predict (MLModel.predict) needs macOS")] if sys.platform != "darwin" else []),
     ("edge.bench", ["m.tflite"], "m.tflite: it does not exist"),
     ("edge.bench", ["m.tflite", "--runs", "0"], "runs=0, warmup=5: need runs >= 1"),
     ("edge.bench", ["m.tflite", "--threads", "-1"], "--threads -1: must be at least 1"),
@@ -112,6 +135,15 @@ def test_bad_input_is_one_error_line_and_exit_2(module, argv, message, place, ca
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (place / "cache").exists(), "rendered a dataset before refusing"
     assert not (place / "runs").exists() and not (place / "exports").exists(), "wrote before refusing"
+
+
+def test_the_python_api_resumes_a_run_through_its_saved_config(place):
+    from core.config import ConfigError
+    from distill import train_recipe
+    from distill.recipes import get_recipe
+
+    with pytest.raises(ConfigError, match="resume=a-v3-run is a v3 run, not v4"):
+        train_recipe(get_recipe("v4"), overrides=["resume=a-v3-run"])
 
 
 @pytest.mark.parametrize("flag", ["--debug", "env"])

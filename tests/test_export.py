@@ -413,9 +413,11 @@ def test_manifest_hashes_match_and_detect_tampering(tflite_export, run_dir, tmp_
 
 
 def test_a_flipped_byte_is_refused_by_name_where_the_artefact_is_used(tflite_export, run_dir, tmp_path, capsys):
-    """edge.run, edge.bench and quant.verify check an exported artefact against its manifest."""
+    """edge.run, edge.bench, the profilers and quant.verify check an exported artefact against its manifest."""
     from edge.bench import main as bench_main
+    from edge.op_profile import main as op_profile_main
     from edge.run import main as run_main
+    from edge.section_profile import main as section_profile_main
     from quant.verify import main as verify_main
 
     export_dir = tflite_export / run_dir.name / "tflite"
@@ -431,9 +433,11 @@ def test_a_flipped_byte_is_refused_by_name_where_the_artefact_is_used(tflite_exp
         assert f"{victim.name}: sha256 differs from the manifest" in capsys.readouterr().err
         assert run_main([str(victim), "--inputs", str(inputs), "--out", str(tmp_path / "o.npz")]) == 2
         assert bench_main([str(victim), "--runs", "1", "--warmup", "0"]) == 2
+        assert op_profile_main([str(victim), "--runs", "1"]) == 2
+        assert section_profile_main([str(export_dir / f"{run_dir.name}_fp32.tflite"), str(victim), "--runs", "1"]) == 2
         assert not (tmp_path / "o.npz").exists()
         err = capsys.readouterr().err
-        assert err.count(f"{victim} differs from the sha256 recorded in") == 2 and "--no-verify" in err
+        assert err.count(f"{victim} differs from the sha256 recorded in") == 4 and "--no-verify" in err
         assert run_main([str(victim), "--inputs", str(inputs), "--out", str(tmp_path / "o.npz"), "--no-verify"]) in (0, 1)
     finally:
         victim.write_bytes(original)
@@ -700,6 +704,7 @@ def test_litert_torch_route(run_dir, tmp_path, layout):
     assert card_parts(export_dir)[0]["converter"] == "litert-torch"
     assert run_card_snippet(export_dir, tmp_path).strip() == "(64, 96) (64, 96) True"
     assert "--converter litert-torch" in card_parts(export_dir)[1]   # the rebuild command names it
+    assert device_script_matches_edge_run(export_dir / arts["fp32"]["path"], tmp_path)   # either layout
     if layout == "NHWC":
         assert arts["fp16"]["check"]["depth_rel_max"] < 2e-3 and arts["fp16"]["bytes"] < 0.6 * arts["fp32"]["bytes"]
         assert arts["int8"]["check"]["depth_rel_median"] < 0.02 and arts["int8"]["check"]["seg_agreement"] > 0.9
@@ -710,6 +715,21 @@ def test_litert_torch_route(run_dir, tmp_path, layout):
         assert float_convs(export_dir / arts["int8"]["path"]) == STEM_CONVS
         assert not {"HARD_SWISH", "RELU_0_TO_1"} & set(ops["op_types"])
         assert arts["int8"]["bytes"] < 0.5 * arts["fp32"]["bytes"]
+
+
+def device_script_matches_edge_run(model: Path, tmp_path: Path) -> bool:
+    """edge/device/linux_bench.py (what runs on a board, without densekit) gives the outputs of
+    `python -m edge.run` for the same file and images."""
+    images = np.random.default_rng(1).random((2, 3, 64, 96), dtype=np.float32)
+    np.save(tmp_path / "images.npy", images)
+    root = Path(__file__).resolve().parents[1]
+    for command in ([str(root / "edge" / "device" / "linux_bench.py"), str(model), "--runs", "1", "--warmup", "0",
+                     "--inputs", "images.npy", "--outputs", "device.npz"],
+                    ["-m", "edge.run", str(model), "--inputs", "images.npy", "--out", "host.npz", "--no-verify"]):
+        subprocess.run([sys.executable, *command], cwd=tmp_path, check=True, capture_output=True)
+    device, host = np.load(tmp_path / "device.npz"), np.load(tmp_path / "host.npz")
+    assert device["depth"].shape == host["depth"].shape == (2, 1, 64, 96)
+    return np.allclose(device["depth"], host["depth"], rtol=1e-6) and np.array_equal(device["labels"], host["labels"])
 
 
 def test_xnnpack_deploy_form_computes_the_same_function():

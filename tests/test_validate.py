@@ -3,6 +3,7 @@ targets.profiles: device profiles and gates; quant.drift_report: drift.json and 
 from __future__ import annotations
 
 import json
+import re
 import struct
 import sys
 from pathlib import Path
@@ -96,6 +97,27 @@ def test_device_profiles():
     with pytest.raises(ValueError) as e:
         profiles.device("pixel9")
     assert 'Did you mean "pixel8"' in str(e.value) and "jetson-orin" in str(e.value) and "tflite" in str(e.value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(precison="int8"), "devices.rpi5: unknown keys ['precison']"),
+    (lambda d: d.pop("bench"), "devices.rpi5: missing ['bench']"),
+    (lambda d: d.update(precision="fp16x"), "devices.rpi5: precision 'fp16x' is not one of tflite's"),
+    (lambda d: d.update(threads=0), "devices.rpi5: threads 0 must be a positive integer or null"),
+    (lambda d: d.update(input_size=[120, 160]), "devices.rpi5: input_size [120, 160] must be [H, W], each a positive "
+                                                "multiple of 32"),
+    (lambda d: d.update(gates={"int8": 1}), "devices.rpi5.gates: unknown gate keys ['int8']"),
+])
+def test_a_hand_edited_profile_is_refused_by_file_and_field(tmp_path, edit, message):
+    data = json.loads(profiles.PROFILES_FILE.read_text())
+    edit(data["devices"]["rpi5"])
+    path = tmp_path / "devices.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
+        profiles.device("pixel8", path)   # any device: the file is read whole
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"devices.json cannot be read as device profiles \(JSONDecodeError"):
+        profiles.device_names(path)
 
 
 def test_gate_precedence_and_tolerance_parsing():

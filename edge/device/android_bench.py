@@ -287,6 +287,8 @@ def parse_args(argv=None):
     parser.add_argument("--json", help="write the densekit.bench/1 record here")
     parser.add_argument("--dry-run", action="store_true", help="print the adb commands, run nothing")
     args = parser.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error("--runs and --threads must be >= 1 and --warmup >= 0")
     for path, what in ((args.model, "model"), (args.benchmark_binary, "--benchmark-binary")):
         if not os.path.isfile(path):
             parser.error("{} file not found: {}".format(what, path))

@@ -41,7 +41,8 @@ COMPUTE_UNITS = {"all": "ALL", "cpu": "CPU_ONLY", "cpu_gpu": "CPU_AND_GPU", "cpu
 NOT_MACOS = ("coreml_bench.py runs only on macOS: Core ML predicts only on Apple systems, and this is {system}.\n"
              "Copy {model} and this script to a Mac and run `python3 coreml_bench.py {model}` there "
              "(pip install coremltools numpy).\n"
-             "On Linux, check the artefact's accuracy with `python -m edge.run {model}`, which runs densekit's "
+             "On Linux, check the artefact's accuracy with `python -m edge.run {model} --inputs images.npy --out "
+             "outputs.npz`, which runs densekit's "
              "reference executor (accuracy only: its speed says nothing about Core ML).")
 
 

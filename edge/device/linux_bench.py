@@ -141,16 +141,27 @@ def device_info() -> dict:
             "processor": cpu["model"], "cores": os.cpu_count() or 1, "simd": cpu["simd"], "int8_dot": cpu["int8_dot"]}
 
 
+def is_nhwc(detail: dict) -> bool:
+    """NHWC as onnx2tf writes it, or NCHW (litert-torch's --layout NCHW): the side with 3 channels."""
+    return int(detail["shape"][1]) != 3
+
+
+def image_size(detail: dict) -> list:
+    """[H, W] of the model's input, in either layout."""
+    shape = [int(s) for s in detail["shape"]]
+    return shape[1:3] if is_nhwc(detail) else shape[2:4]
+
+
 def to_input_tensor(images: np.ndarray, detail: dict) -> np.ndarray:
-    """(N, 3, H, W) float RGB in [0, 1] -> the model's layout (NHWC for our artefacts) and dtype.
+    """(N, 3, H, W) float RGB in [0, 1] -> the model's layout (NHWC or NCHW) and dtype.
 
     Quantised (int8/uint8) inputs are quantised with the tensor's own scale and zero point."""
-    shape = list(detail["shape"])
-    if shape[-1] == 3 and images.shape[1] == 3:
+    if list(images.shape[2:]) != image_size(detail):
+        raise SystemExit("linux_bench.py: the images have shape {} but the model takes {}x{} images (input {}); "
+                         "export the images at the model's input size.".format(
+                             list(images.shape), *image_size(detail), list(detail["shape"])))
+    if is_nhwc(detail):
         images = images.transpose(0, 2, 3, 1)
-    if list(images.shape[1:]) != shape[1:]:
-        raise SystemExit("linux_bench.py: the images have shape {} but the model expects {} (NHWC); export the "
-                         "images at the model's input size.".format(list(images.shape), shape))
     dtype = detail["dtype"]
     if dtype in (np.int8, np.uint8):
         scale, zero_point = detail["quantization"]
@@ -198,21 +209,35 @@ def find_output(details: list, word: str) -> dict:
                      "'depth' and 'seg' outputs (export it with densekit's quant.export).".format(word, names))
 
 
-def run_images(interpreter, images_path: str) -> dict:
-    """Run every image of an (N, 3, H, W) npy; {"depth": (N, 1, H, W) float32, "labels": (N, H, W) uint8}."""
-    images = np.load(images_path).astype(np.float32)
-    if images.ndim != 4 or images.shape[1] != 3:
-        raise SystemExit("linux_bench.py: --inputs {} has shape {}; expected (N, 3, H, W) float32 RGB in "
-                         "[0, 1].".format(images_path, list(images.shape)))
+def load_images(images_path: str) -> np.ndarray:
+    """The --inputs npy as (N, 3, H, W) float32 in [0, 1]; refused before any timing otherwise."""
+    try:
+        images = np.load(images_path)
+    except (OSError, ValueError) as e:
+        raise SystemExit("linux_bench.py: --inputs {} cannot be read as a .npy array ({}).".format(images_path, e))
+    if images.ndim != 4 or images.shape[1] != 3 or images.dtype.kind != "f":
+        raise SystemExit("linux_bench.py: --inputs {} is {} of shape {}; expected (N, 3, H, W) float32 RGB in "
+                         "[0, 1].".format(images_path, images.dtype, list(images.shape)))
+    if not (np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
+        raise SystemExit("linux_bench.py: --inputs {} holds values outside [0, 1] (or non-finite ones); the "
+                         "artefacts take RGB scaled to [0, 1] (divide 8-bit images by 255).".format(images_path))
+    return images.astype(np.float32)
+
+
+def run_images(interpreter, images: np.ndarray) -> dict:
+    """Run every (3, H, W) image; {"depth": (N, 1, H, W) float32, "labels": (N, H, W) uint8}."""
     detail_in = interpreter.get_input_details()[0]
     outputs = interpreter.get_output_details()
     depth_out, seg_out = find_output(outputs, "depth"), find_output(outputs, "seg")
+    def nchw(value):   # the outputs follow the input's layout
+        return value.transpose(0, 3, 1, 2) if is_nhwc(detail_in) else value
+
     depths, labels = [], []
     for image in images:
         interpreter.set_tensor(detail_in["index"], to_input_tensor(image[None], detail_in))
         interpreter.invoke()
-        depths.append(read_output(interpreter, depth_out).transpose(0, 3, 1, 2)[0])  # (1,H,W,1) -> (1,H,W)
-        labels.append(read_output(interpreter, seg_out)[0].argmax(axis=-1).astype(np.uint8))  # (H,W,C) -> (H,W)
+        depths.append(nchw(read_output(interpreter, depth_out))[0])   # (1, H, W)
+        labels.append(nchw(read_output(interpreter, seg_out))[0].argmax(axis=0).astype(np.uint8))   # (C, H, W) -> (H, W)
     return {"depth": np.stack(depths).astype(np.float32), "labels": np.stack(labels)}
 
 
@@ -274,18 +299,25 @@ def parse_args(argv=None):
         parser.error("--inputs and --outputs go together: give both (images in, npz out) or neither")
     if not os.path.isfile(args.model):
         parser.error("model file not found: {}".format(args.model))
+    if args.inputs and not os.path.isfile(args.inputs):
+        parser.error("--inputs file not found: {}".format(args.inputs))
+    for flag, path in (("--outputs", args.outputs), ("--json", args.json)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            parser.error("{} {}: {} is not a writable folder".format(flag, path, folder))
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    images = load_images(args.inputs) if args.inputs else None   # refused before the timed runs
     Interpreter, runtime, executor = load_interpreter()
     baseline = current_rss_mb()
     baseline_peak = peak_rss_mb()
     interpreter = Interpreter(model_path=args.model, num_threads=args.threads)
     interpreter.allocate_tensors()
     detail = interpreter.get_input_details()[0]
-    image = np.random.default_rng(0).random([1, 3] + list(detail["shape"][1:3]), dtype=np.float32)
+    image = np.random.default_rng(0).random([1, 3] + image_size(detail), dtype=np.float32)
     interpreter.set_tensor(detail["index"], to_input_tensor(image, detail))
     times = time_invokes(interpreter, args.runs, args.warmup)
     peak = peak_rss_mb()
@@ -293,8 +325,8 @@ def main(argv=None) -> int:
     memory = {"peak_rss": peak, "baseline_rss": base, "model_rss": max(peak - base, 0.0)}
     result = report(args, runtime, "{} ({} threads)".format(executor, args.threads), detail["shape"], times, memory)
     print_summary(result)
-    if args.inputs:
-        arrays = run_images(interpreter, args.inputs)
+    if images is not None:
+        arrays = run_images(interpreter, images)
         write_atomic(args.outputs, lambda f: np.savez(f, **arrays))
         print("  outputs of {} images -> {}".format(len(arrays["depth"]), args.outputs))
     if args.json:
