@@ -256,6 +256,13 @@ def test_android_dry_run_prints_the_adb_commands(tiny_artefacts, tmp_path, fake_
     assert "adb -s R5CX shell 'getprop ro.product.model'" in lines and "adb -s R5CX shell nproc" in lines
 
 
+@pytest.mark.parametrize("flag, value", [("--runs", "0"), ("--threads", "0"), ("--warmup", "-1")])
+def test_android_bench_refuses_counts_that_cannot_run(tiny_artefacts, tmp_path, fake_binary, flag, value):
+    proc = run_script(tmp_path, "android_bench.py", str(tiny_artefacts["tflite_int8"]), "--benchmark-binary",
+                      str(fake_binary), flag, value, "--dry-run")
+    assert proc.returncode == 2 and "--runs and --threads must be >= 1 and --warmup >= 0" in proc.stderr
+
+
 @pytest.mark.parametrize("delegate, flag", [("xnnpack", "--use_xnnpack=true"), ("nnapi", "--use_nnapi=true"),
                                             ("none", "--use_xnnpack=false")])
 def test_android_delegate_flags(tiny_artefacts, tmp_path, fake_binary, delegate, flag):
