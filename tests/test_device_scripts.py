@@ -117,7 +117,9 @@ def test_linux_bench_refuses_bad_inputs_before_timing(tiny_artefacts, tmp_path):
     model = str(tiny_artefacts["tflite_fp32"])
     np.save(tmp_path / "uint8.npy", np.zeros((1, 3, 64, 96), np.uint8))
     np.save(tmp_path / "scale255.npy", np.full((1, 3, 64, 96), 255.0, np.float32))
+    np.save(tmp_path / "large.npy", np.zeros((1, 3, 128, 160), np.float32))
     for inputs, message in (("missing.npy", "--inputs file not found: missing.npy"),
+                            ("large.npy", "the model takes 64x96 images (input [1, 64, 96, 3])"),
                             ("uint8.npy", "is uint8 of shape [1, 3, 64, 96]; expected (N, 3, H, W) float32"),
                             ("scale255.npy", "values outside [0, 1]")):
         proc = run_script(tmp_path, "linux_bench.py", model, "--inputs", inputs, "--outputs", "out.npz")

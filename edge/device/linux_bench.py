@@ -152,14 +152,18 @@ def image_size(detail: dict) -> list:
     return shape[1:3] if is_nhwc(detail) else shape[2:4]
 
 
+def check_size(images: np.ndarray, detail: dict) -> None:
+    if list(images.shape[2:]) != image_size(detail):
+        raise SystemExit("linux_bench.py: the images have shape {} but the model takes {}x{} images (input {}); "
+                         "export the images at the model's input size.".format(
+                             list(images.shape), *image_size(detail), [int(s) for s in detail["shape"]]))
+
+
 def to_input_tensor(images: np.ndarray, detail: dict) -> np.ndarray:
     """(N, 3, H, W) float RGB in [0, 1] -> the model's layout (NHWC or NCHW) and dtype.
 
     Quantised (int8/uint8) inputs are quantised with the tensor's own scale and zero point."""
-    if list(images.shape[2:]) != image_size(detail):
-        raise SystemExit("linux_bench.py: the images have shape {} but the model takes {}x{} images (input {}); "
-                         "export the images at the model's input size.".format(
-                             list(images.shape), *image_size(detail), list(detail["shape"])))
+    check_size(images, detail)
     if is_nhwc(detail):
         images = images.transpose(0, 2, 3, 1)
     dtype = detail["dtype"]
@@ -317,6 +321,8 @@ def main(argv=None) -> int:
     interpreter = Interpreter(model_path=args.model, num_threads=args.threads)
     interpreter.allocate_tensors()
     detail = interpreter.get_input_details()[0]
+    if images is not None:
+        check_size(images, detail)   # before the timed runs, which a wrong size would waste
     image = np.random.default_rng(0).random([1, 3] + image_size(detail), dtype=np.float32)
     interpreter.set_tensor(detail["index"], to_input_tensor(image, detail))
     times = time_invokes(interpreter, args.runs, args.warmup)
