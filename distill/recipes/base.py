@@ -113,7 +113,7 @@ class EvalConfig:
     max_depth: float = 10.0
     eigen_crop: bool = False             # NYU Eigen crop, defined at 480x640 only
     best_metric: str = "abs_rel"         # lower is better; selects best.safetensors
-    preview_images: int = 4           # rows of preview.png; 0 writes none
+    preview_images: int = 4              # rows of preview.png; 0 writes none
     teacher: bool = True                 # measure the teacher against GT too (its metrics, gap_closed)
 
 
