@@ -70,9 +70,10 @@ def check_device(name: str, spec: dict, path: str) -> None:
     if not isinstance(spec, dict):
         raise ValueError(f"{where} must be an object with the keys {sorted(REQUIRED_KEYS)}")
     unknown, missing = sorted(set(spec) - PROFILE_KEYS), sorted(REQUIRED_KEYS - set(spec))
-    if unknown or missing:
-        raise ValueError(f"{where}: " + "; ".join(
-            [f"unknown keys {unknown} (valid: {sorted(PROFILE_KEYS)})"] * bool(unknown) + [f"missing {missing}"] * bool(missing)))
+    problems = ([f"unknown keys {unknown} (valid: {sorted(PROFILE_KEYS)})"] if unknown else []) + \
+               ([f"missing {missing}"] if missing else [])
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
     fmt = FORMATS.get(spec["format"])
     if fmt is None:
         raise ValueError(f"{where}: format {spec['format']!r}; valid: {list(FORMATS)}")
