@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +49,20 @@ def load_model(path: Path):
     return schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
 
 
+@lru_cache(maxsize=None)
+def builtin_op_names() -> dict[int, str]:
+    """TFLite's builtin operator codes -> their names (CONV_2D, DIV, ...), from ai-edge-litert's schema."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+
+
 def op_name(model, op) -> str:
     from ai_edge_litert import schema_py_generated as schema
 
     code = model.operatorCodes[op.opcodeIndex]
     builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    return names.get(builtin, f"BUILTIN_{builtin}") if builtin != schema.BuiltinOperator.CUSTOM else \
+    return builtin_op_names().get(builtin, f"BUILTIN_{builtin}") if builtin != schema.BuiltinOperator.CUSTOM else \
         f"CUSTOM:{code.customCode.decode() if isinstance(code.customCode, bytes) else code.customCode}"
 
 

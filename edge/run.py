@@ -65,7 +65,8 @@ def check_artefact(path: str | Path, executor: str = "auto", verify: bool = True
     """BadInput unless `path` is an existing artefact that `executor` applies to (and, with
     `verify`, matches its export's manifest). Opens no runtime."""
     try:
-        if artefact_format(path, executor) == "coreml" and executor == "predict" and sys.platform != "darwin":
+        artefact_format(path, executor)   # "predict" passes for Core ML files only
+        if executor == "predict" and sys.platform != "darwin":
             raise ValueError(f"--executor predict (MLModel.predict) needs macOS; this is {sys.platform}: use "
                              f"--executor reference, the MIL reference executor of edge/mil.py")
         if verify:

@@ -280,11 +280,12 @@ def check_float_ops(float_ops: tuple[str, ...], fmt: Format) -> None:
             raise ExportError(f"--float-ops {','.join(float_ops)}: TFLite op types, for TFLite files only; "
                               f"{fmt.name}'s int8 file keeps its first layers in float with --float-stem N")
         return
+    from edge.op_profile import builtin_op_names
+
     try:
-        from ai_edge_litert import schema_py_generated as schema
-    except ImportError:   # the converter's own check names the missing package
+        known = sorted(builtin_op_names().values())
+    except ImportError:   # no ai-edge-litert: the converter's own check names the missing package
         return
-    known = [name for name in vars(schema.BuiltinOperator) if not name.startswith("_")]
     for op in float_ops:
         if op not in known:
             raise ExportError(f"--float-ops {op}: not a TFLite op type (e.g. DIV, MEAN, RESIZE_BILINEAR: the "

@@ -16,13 +16,13 @@ Gate semantics (the keys of a gate, checked by quant/validate.py):
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
 from core.formats import FORMATS
+from core.io import read_json
 from core.registry import suggest
 
 PROFILES_FILE = Path(__file__).with_name("devices.json")
@@ -47,11 +47,7 @@ class DeviceProfile:
 def _load(path: str) -> dict:
     """The profiles file, every device in it checked: a hand edit that cannot work is named here,
     with the file and the field, not found as a KeyError inside a converter."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} cannot be read as device profiles ({type(e).__name__}: {e}); restore it with "
-                         f"git checkout targets/devices.json") from None
+    data = read_json(path, "restore it with git checkout targets/devices.json")
     if not isinstance(data, dict) or not isinstance(data.get("gates"), dict) or not isinstance(data.get("devices"), dict):
         raise ValueError(f'{path}: expected {{"gates": {{...}}, "devices": {{...}}}} at the top')
     for precision, gate in data["gates"].items():

@@ -116,7 +116,7 @@ def test_a_hand_edited_profile_is_refused_by_file_and_field(tmp_path, edit, mess
     with pytest.raises(ValueError, match=re.escape(f"{path}: {message}")):
         profiles.device("pixel8", path)   # any device: the file is read whole
     path.write_text("{not json")
-    with pytest.raises(ValueError, match=r"devices.json cannot be read as device profiles \(JSONDecodeError"):
+    with pytest.raises(ValueError, match=r"devices.json cannot be read as JSON \(JSONDecodeError.*git checkout targets/devices.json"):
         profiles.device_names(path)
 
 

@@ -233,6 +233,7 @@ def run_images(interpreter, images: np.ndarray) -> dict:
     detail_in = interpreter.get_input_details()[0]
     outputs = interpreter.get_output_details()
     depth_out, seg_out = find_output(outputs, "depth"), find_output(outputs, "seg")
+
     def nchw(value):   # the outputs follow the input's layout
         return value.transpose(0, 3, 1, 2) if is_nhwc(detail_in) else value
 
