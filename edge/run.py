@@ -8,8 +8,8 @@ IMAGES.npy: (N, 3, H, W) float32 RGB in [0, 1] with the artefact's H and W. Imag
 JPEG, ...; a folder: its images, sorted by name) are turned upright and resized to the artefact's
 input, as the training data was (edge/photos.py). OUT.npz (written atomically): `depth` (N, 1, H,
 W) float32 metres, `labels` (N, H, W) uint8 (argmax of the logits), `seg` (N, C, H, W) float32
-logits with --logits only, `executor` (0-d str array), and `names` (the image files' stems) for
-image inputs. An --out without the .npz suffix is a folder that gets, per image, a 16-bit depth
+logits with --logits only, `executor` (0-d str array), `non_finite` (0-d int: NaN or infinite
+values among depth and the logits), and `names` (the image files' stems) for image inputs. An --out without the .npz suffix is a folder that gets, per image, a 16-bit depth
 PNG in millimetres, a label PNG and a preview (edge/photos.py), 64 images at a time; an .npy's
 images are named 000000, 000001, ...
 The last stdout line is JSON: {"artefact", "executor", "images", "seconds", "non_finite"} (NaN or
@@ -110,7 +110,7 @@ def save_outputs(dest: str | Path, result: dict) -> None:
     """OUT.npz from `run_artefact`'s result (atomically)."""
     arrays = {k: np.asarray(result[k]) for k in ("depth", "labels", "seg", "names") if k in result}
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays, executor=np.array(result["executor"]))
+    np.savez(buffer, **arrays, executor=np.array(result["executor"]), non_finite=np.array(result["non_finite"]))
     core_io.write_bytes(dest, buffer.getvalue())
 
 

@@ -94,8 +94,13 @@ def markdown(reports: list[DriftReport]) -> str:
         verdict = "pass" if r.passed else "**FAIL**: " + "; ".join(x.split(": ", 1)[1] for x in r.failures())
         lines.append(f"| {r.path} | {r.executor} | {r.images} | {f['abs_rel']:.4f} -> {a['abs_rel']:.4f} | "
                      f"{rel:+.2f}% | {f.get('miou', float('nan')):.3f} -> {a.get('miou', float('nan')):.3f} | "
-                     f"{100 * r.delta.get('miou', float('nan')):+.2f} | {100 * p['depth_rel_p50']:.3f}% / "
-                     f"{100 * p['depth_rel_p95']:.3f}% | {100 * p['seg_agreement']:.2f}% | {verdict} |")
+                     f"{100 * r.delta.get('miou', float('nan')):+.2f} | {percent(p['depth_rel_p50'])} / "
+                     f"{percent(p['depth_rel_p95'])} | {100 * p['seg_agreement']:.2f}% | {verdict} |")
     lines += ["", "![drift histogram](drift_histogram.png)", ""]
     lines += [f"![errors {r.precision}](errors_{r.precision}.png)" for r in reports if r.outputs is not None]
     return "\n".join(lines) + "\n"
+
+
+def percent(share: float | None) -> str:
+    """A per-pixel share as a percentage; "none finite" for None (no pixel of the depth was finite)."""
+    return "none finite" if share is None else f"{100 * share:.3f}%"

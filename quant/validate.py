@@ -10,7 +10,7 @@ the training metrics (distill/metrics.py, keys as in a run's summary.json), and 
 artefact's precision (targets/profiles.py) decides pass or fail:
 - abs_rel_change: |abs_rel(artefact) - abs_rel(float)| / abs_rel(float);
 - miou_drop_pt: miou(float) - miou(artefact), in points;
-- finite: every output value is finite (a NaN never passes);
+- finite: every output value, depth and segmentation logits, is finite (a NaN never passes);
 - depth_rel_p99, seg_agreement_min (float precisions): per-pixel agreement with the float model.
 Per-pixel drift (relative depth difference percentiles, segmentation label agreement) is
 reported for every artefact; int8 is not gated on it: a QAT model can differ per pixel from its
@@ -19,6 +19,7 @@ float parent and be as accurate.
 from __future__ import annotations
 
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +46,8 @@ class ValidationData:
     depth: torch.Tensor
     valid: torch.Tensor
     seg: torch.Tensor
-    _float: dict = field(default_factory=dict, repr=False)
+    # by the model itself, not id(): a freed model's id can come back as another model's
+    _float: weakref.WeakKeyDictionary = field(default_factory=weakref.WeakKeyDictionary, repr=False)
 
     @classmethod
     def from_dataset(cls, dataset, count: int | None = None) -> "ValidationData":
@@ -64,10 +66,10 @@ class ValidationData:
         """(depth (N, 1, H, W), labels (N, H, W)) of the float PyTorch model, computed once per model."""
         from targets.deploy import reference_outputs
 
-        if id(model) not in self._float:
+        if model not in self._float:
             depth, seg = reference_outputs(model, torch.from_numpy(self.inputs))
-            self._float[id(model)] = (depth.numpy(), seg.argmax(1).numpy().astype(np.uint8))
-        return self._float[id(model)]
+            self._float[model] = (depth.numpy(), seg.argmax(1).numpy().astype(np.uint8))
+        return self._float[model]
 
 
 @dataclass
@@ -101,6 +103,8 @@ def describe_gate(name: str, gate: dict) -> str:
     if name == "miou_drop_pt":
         return (f"miou dropped by {gate['value']:.2f} points (float {gate['float']:.3f} -> artefact "
                 f"{gate['artefact']:.3f}); tolerance {gate['tolerance']:.2f} points")
+    if name == "depth_rel_p99" and gate["value"] is None:
+        return f"no pixel of the depth is finite; tolerance {100 * gate['tolerance']:.3f}%"
     if name == "depth_rel_p99":
         return (f"99% of pixels within {100 * gate['value']:.3f}% of the float depth; "
                 f"tolerance {100 * gate['tolerance']:.3f}%")
@@ -123,10 +127,10 @@ def validate_artefact(artefact: str | Path, *, reference: torch.nn.Module, data,
     precision = precision or precision_from_name(artefact)
     gate = gate_for(precision) if gate is None else gate
     eval_config = eval_config or EvalConfig()
-    depth, labels, executor_name = run_artefact(artefact, data.inputs, threads=threads, executor=executor)
+    depth, labels, non_finite, executor_name = run_artefact(artefact, data.inputs, threads=threads, executor=executor)
     ref_depth, ref_labels = data.float_outputs(reference)
     float_metrics = task_metrics(ref_depth, ref_labels, data, eval_config)
-    finite = bool(np.isfinite(depth).all())
+    finite = non_finite == 0   # NaN logits would argmax to some class: their labels alone look sound
     art_metrics = task_metrics(np.nan_to_num(depth, nan=0.0, posinf=0.0, neginf=0.0), labels, data, eval_config)
     per_pixel = per_pixel_drift(depth, labels, ref_depth, ref_labels)
     gates = apply_pixel_gate(gate, per_pixel, apply_gate(gate, float_metrics, art_metrics, finite))
@@ -147,8 +151,9 @@ def precision_from_name(path: Path) -> str:
 
 
 def run_artefact(path: Path, inputs: np.ndarray, *, threads: int | None = None,
-                 executor: str = "auto") -> tuple[np.ndarray, np.ndarray, str]:
-    """(depth, labels, executor name) from `python -m edge.run` in a child process: each runtime
+                 executor: str = "auto") -> tuple[np.ndarray, np.ndarray, int, str]:
+    """(depth, labels, the count of NaN or infinite values among depth and the logits, executor
+    name) from `python -m edge.run` in a child process: each runtime
     imports only its own toolchain (TensorFlow and torch must not share a process, docs/TOOLCHAIN.md)."""
     from quant.artefacts import run_module
 
@@ -158,7 +163,7 @@ def run_artefact(path: Path, inputs: np.ndarray, *, threads: int | None = None,
         run_module("edge.run", str(path), "--inputs", str(Path(tmp) / "inputs.npy"), "--out",
                    str(Path(tmp) / "outputs.npz"), "--executor", executor, *threads_args)
         with np.load(Path(tmp) / "outputs.npz") as out:
-            return out["depth"].astype(np.float32), out["labels"], str(out["executor"])
+            return out["depth"].astype(np.float32), out["labels"], int(out["non_finite"]), str(out["executor"])
 
 
 def task_metrics(depth: np.ndarray, labels: np.ndarray, data: ValidationData, ec: EvalConfig) -> dict[str, float]:
@@ -193,7 +198,8 @@ def apply_pixel_gate(gate: dict[str, float], per_pixel: dict, results: dict) -> 
     if "depth_rel_p99" in gate:
         value = per_pixel["depth_rel_p99"]
         results["depth_rel_p99"] = {"value": value, "tolerance": gate["depth_rel_p99"],
-                                    "pass": value <= gate["depth_rel_p99"] and not per_pixel["depth_non_finite"]}
+                                    "pass": value is not None and value <= gate["depth_rel_p99"]
+                                            and not per_pixel["depth_non_finite"]}
     if "seg_agreement_min" in gate:
         value = per_pixel["seg_agreement"]
         results["seg_agreement_min"] = {"value": value, "tolerance": gate["seg_agreement_min"],
@@ -206,8 +212,9 @@ def per_pixel_drift(depth, labels, ref_depth, ref_labels) -> dict[str, float]:
     and the fraction of pixels with the float model's label."""
     rel = relative_difference(depth, ref_depth)
     finite = rel[np.isfinite(rel)]
-    out = {f"depth_rel_p{q}": float(np.percentile(finite, q)) if finite.size else float("inf") for q in PERCENTILES}
-    out["depth_rel_max"] = float(finite.max()) if finite.size else float("inf")
+    # None when no pixel is finite: JSON has no infinity (drift.json stays readable by any parser)
+    out = {f"depth_rel_p{q}": float(np.percentile(finite, q)) if finite.size else None for q in PERCENTILES}
+    out["depth_rel_max"] = float(finite.max()) if finite.size else None
     out["depth_non_finite"] = 1.0 - finite.size / rel.size
     out["seg_agreement"] = float((labels == ref_labels).mean())
     return out

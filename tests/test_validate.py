@@ -64,6 +64,26 @@ def test_non_finite_output_never_passes(tiny_artefacts, val_data, tmp_path):
     report = validate_artefact(broken, reference=tiny_artefacts["student"], data=val_data, gate={"abs_rel_change": 1e9, "miou_drop_pt": 1e9})
     assert not report.passed and report.gates["finite"] == {"value": False, "tolerance": True, "pass": False}
     assert report.per_pixel["depth_non_finite"] > 0
+    # its drift.json is strict JSON (no Infinity or NaN token), and its report.md says what failed
+    section = write_drift(tmp_path, [report], val_data, tiny_artefacts["student"])
+    json.loads((tmp_path / "drift.json").read_text(), parse_constant=lambda token: pytest.fail(f"{token} in drift.json"))
+    assert "| broken_fp32.onnx |" in section and "**FAIL**" in section
+
+
+def test_non_finite_segmentation_alone_never_passes(tiny_artefacts, val_data, tmp_path):
+    """NaN logits argmax to some class, so labels alone look sound: the gate counts the logits too."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(tiny_artefacts["onnx_fp32"]))
+    bias = next(t for t in model.graph.initializer if list(t.dims) == [13])   # the segmentation head's last bias
+    bias.CopyFrom(numpy_helper.from_array(np.full(13, np.nan, np.float32), bias.name))
+    broken = tmp_path / "broken_fp32.onnx"
+    onnx.save(model, str(broken))
+    report = validate_artefact(broken, reference=tiny_artefacts["student"], data=val_data,
+                               gate={"abs_rel_change": 1e9, "miou_drop_pt": 1e9})
+    assert report.per_pixel["depth_non_finite"] == 0 and report.gates["abs_rel_change"]["value"] < 1e-5
+    assert not report.passed and report.gates["finite"] == {"value": False, "tolerance": True, "pass": False}
 
 
 def test_drift_files(tiny_artefacts, val_data, tmp_path):
@@ -191,3 +211,21 @@ def test_a_converter_that_crashes_is_named_by_its_signal(tmp_path, monkeypatch):
     with pytest.raises(artefacts.ConversionError, match="was killed by SIGABRT") as failure:
         artefacts.run_converter(job, tmp_path, log=lambda line: None)
     assert max(len(line) for line in str(failure.value).splitlines()) < 400
+
+
+def test_a_converter_that_exits_0_without_its_result_is_our_failure(tmp_path, monkeypatch):
+    """Not a missing path of the user's (exit 2, "check the path"): a ConversionError (exit 1) with its log."""
+    from types import SimpleNamespace
+
+    from quant import artefacts
+    from targets.job import Job
+
+    (tmp_path / "silent_converter.py").write_text('print("converted nothing")\n')
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    converter = SimpleNamespace(module="silent_converter")
+    monkeypatch.setattr(artefacts, "FORMATS", {"tflite": SimpleNamespace(converter=lambda name: converter)})
+    job = Job(format="tflite", precisions=["int8"], sources={}, out_dir=str(tmp_path), work_dir=str(tmp_path / "work"),
+              stem="tiny", input_shape=[1, 3, 64, 96])
+    with pytest.raises(artefacts.ConversionError, match=r"exited 0 without writing .*result\.json; last lines of "
+                                                        r".*tflite\.log:\nconverted nothing$"):
+        artefacts.run_converter(job, tmp_path, log=lambda line: None)
