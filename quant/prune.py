@@ -35,6 +35,7 @@ to 40 at once, which took v3 from 0.56x to 0.39x of its MACs between ratios 0.25
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -54,14 +55,14 @@ IMPORTANCE = {   # how channels are ranked inside a group (python -m quant.expor
 }
 NEEDS_GRADIENTS = {"taylor"}   # the parameters must carry .grad of the task loss (quant.finetune.loss_gradients)
 _FORMS = ('a channel ratio "0.3" (0 < r < 1), a MAC budget "macs=80M" or "80M" (suffix K/M/G), '
-          'or a fraction of the current MACs "macs=0.5x" (0 < x <= 1)')
+          'or a fraction of the current MACs "macs=0.5x" (0 < x < 1)')
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
 
 
 @dataclass
 class PruneTarget:
     ratio: float | None = None   # fraction of channels removed per prunable layer group, 0 < r < 1
-    macs: float | None = None    # MAC budget: absolute (> 1, e.g. 80e6) or a fraction of the current MACs (0 < x <= 1)
+    macs: float | None = None    # MAC budget: absolute (> 1, e.g. 80e6) or a fraction of the current MACs (0 < x < 1)
 
     def __post_init__(self):
         if (self.ratio is None) == (self.macs is None):
@@ -83,8 +84,8 @@ class PruneTarget:
                 raise ValueError(f'prune ratio "{text}" must be in (0, 1); for a MAC budget use {_FORMS}')
             return cls(ratio=value)
         if suffix == "x":
-            if not 0 < value <= 1:
-                raise ValueError(f'MAC fraction "{text}" must be in (0, 1]; use {_FORMS}')
+            if not 0 < value < 1:
+                raise ValueError(f'MAC fraction "{text}" must be in (0, 1): 1x or more prunes nothing; use {_FORMS}')
             return cls(macs=value)
         if not value > 0:
             raise ValueError(f'MAC budget "{text}" must be > 0; use {_FORMS}')
@@ -103,6 +104,39 @@ def stage_targets(target: PruneTarget, macs_now: float, stages: int) -> list[Pru
                          f"not a channel ratio ({target.ratio})")
     final = target.macs if target.macs > 1 else target.macs * macs_now
     return [PruneTarget(macs=macs_now * (final / macs_now) ** (i / stages)) for i in range(1, stages + 1)]
+
+
+def check_budget(target: PruneTarget, model: nn.Module, input_size: tuple[int, int], *, round_to: int = 8) -> None:
+    """Refuse a MAC budget that prunes nothing or that no pruning reaches, before any work is done
+    for it (the greedy search would find out only after its fine-tunes). ValueError names the
+    model's MACs, the smallest it reaches, and a budget between them."""
+    if target.macs is None:
+        return
+    h, w = input_size
+    now = count_macs(model, h, w)
+    budget = target.macs if target.macs > 1 else target.macs * now
+    if budget >= now:
+        raise ValueError(f"a budget of {budget / 1e6:.1f}M MACs prunes nothing: the student has {now / 1e6:.1f}M "
+                         f"at {h}x{w}; ask for less, e.g. macs=0.5x")
+    floor = smallest_macs(model, input_size, round_to)
+    if budget < floor:
+        raise ValueError(f"a budget of {budget / 1e6:.1f}M MACs is out of reach: with every channel group at "
+                         f"{round_to} channels the student still has {floor / 1e6:.1f}M at {h}x{w} (of "
+                         f"{now / 1e6:.1f}M, {floor / now:.2f}x); ask for macs={math.ceil(floor / 1e5) / 10:g}M "
+                         f"or more")
+
+
+def smallest_macs(model: nn.Module, input_size: tuple[int, int], round_to: int = 8) -> int:
+    """The MACs of a copy of `model` with every prunable group cut to `round_to` channels: the
+    floor of any MAC target (the greedy search ends there whatever the order)."""
+    trial = copy.deepcopy(model).eval()
+    graph = tp.DependencyGraph().build_dependency(trial, _example(trial, input_size))
+    scorer = IMPORTANCE["magnitude"]()
+    for root, group in _groups(graph, _ignored(trial)).items():
+        width = len(group[0].idxs)
+        if width > round_to:
+            _drop_channels(graph, root, width, width - round_to, scorer)
+    return count_macs(trial, *input_size)
 
 
 def protected_modules(model: nn.Module) -> dict[str, nn.Module]:

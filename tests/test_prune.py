@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from distill.students import build_student, count_macs
-from quant.prune import PruneTarget, prune_student, stage_targets
+from quant.prune import PruneTarget, check_budget, prune_student, smallest_macs, stage_targets
 
 SIZE = (64, 96)
 FORMS = r'"macs=0\.5x"'   # every parse error lists the accepted forms
@@ -152,9 +152,16 @@ def test_target_needs_exactly_one_goal():
 def test_unreachable_budget_says_the_smallest_reached_and_leaves_the_model_alone():
     model = tiny()
     before = conv_out_channels(model)
-    with pytest.raises(ValueError, match=r"MAC budget 1\.00M is unreachable: the smallest reached is [\d.]+M with every group at 8"):
+    with pytest.raises(ValueError, match=r"MAC budget 1\.00M is unreachable: the smallest reached is [\d.]+M with every group at 8") as info:
         prune_student(model, PruneTarget.parse("macs=1M"), SIZE, log=lambda _: None)
     assert conv_out_channels(model) == before
+    reached = float(str(info.value).split("the smallest reached is ")[1].split("M")[0])
+    assert smallest_macs(model, SIZE) / 1e6 == pytest.approx(reached, abs=0.005)   # the floor, found up front
+    with pytest.raises(ValueError, match=rf"1\.0M MACs is out of reach: .* still has {reached:.1f}M at "):
+        check_budget(PruneTarget.parse("macs=1M"), model, SIZE)
+    with pytest.raises(ValueError, match=r"prunes nothing: the student has [\d.]+M at 64x96; ask for less"):
+        check_budget(PruneTarget.parse("1G"), model, SIZE)
+    check_budget(PruneTarget.parse("macs=0.5x"), model, SIZE)   # reachable: no error
 
 
 def test_stage_targets_remove_the_same_fraction_each_stage():
