@@ -39,6 +39,9 @@ class ExportDir:
 
     def __init__(self, final: Path, overwrite: bool):
         self.final = Path(final)
+        swapped_out = sorted(self.final.parent.glob(f".{self.final.name}.old-*"), key=lambda p: p.stat().st_mtime)
+        if swapped_out and not self.final.exists():   # a commit killed between its two renames: put it back
+            os.replace(swapped_out[-1], self.final)
         if self.final.exists() and not overwrite:
             count = len(list(self.final.iterdir())) if self.final.is_dir() else 1
             raise ExportExistsError(f"{self.final} already exists ({count} entries); pass --overwrite to replace "
@@ -114,7 +117,11 @@ def run_converter(job: Job, job_dir: Path, log=print) -> dict:
         how = f"was killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"exit {code}"
         raise ConversionError(f"the {job.format} converter failed ({how}); last lines of {log_path}:\n"
                               + "\n".join(line if len(line) <= 300 else line[:300] + " ..." for line in tail))
-    return json.loads((Path(job.work_dir) / RESULT_FILE).read_text())
+    result = Path(job.work_dir) / RESULT_FILE
+    if not result.is_file():   # our failure, not a path the user gave: exit 1, with the converter's log
+        raise ConversionError(f"the {job.format} converter exited 0 without writing {result}; last lines of "
+                              f"{log_path}:\n" + "\n".join(tail))
+    return json.loads(result.read_text())
 
 
 def tree_bytes(path: Path) -> int:

@@ -27,6 +27,8 @@ def child(module: str, *args: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="densekit-bench-") as tmp:
         out = Path(tmp) / "result.json"
         run_module(module, *args, "--json", str(out), tail_lines=10)
+        if not out.is_file():   # our failure, not a path the user gave (FileNotFoundError would say so)
+            raise RuntimeError(f"python -m {module} exited 0 without writing its --json file")
         return json.loads(out.read_text())
 
 

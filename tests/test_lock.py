@@ -69,11 +69,25 @@ def test_a_new_export_directory_removes_a_killed_exports_leftovers(tmp_path):
     parent = tmp_path / "exports" / "v3-run"
     kept = parent / ".coreml.staging-123"
     leftovers = [parent / ".tflite.staging-123", parent / ".tflite.work-123", parent / ".tflite.old-123"]
-    for d in (*leftovers, kept):
+    for d in (*leftovers, kept, parent / "tflite"):   # .old beside the export: killed before its removal
         (d / "sub").mkdir(parents=True)
-    staging = ExportDir(parent / "tflite", overwrite=False)
+    staging = ExportDir(parent / "tflite", overwrite=True)
     assert staging.leftovers == sorted(leftovers) and not any(d.exists() for d in leftovers)
     assert kept.exists() and staging.staging.is_dir() and staging.work.is_dir()   # another target's: not ours
+
+
+def test_an_export_swapped_out_by_a_killed_commit_comes_back(tmp_path):
+    """Killed between commit's two renames: the previous export sits in .old-PID and no export is
+    in place. The next export directory puts it back before anything else happens."""
+    from quant.artefacts import ExportDir, ExportExistsError
+
+    parent = tmp_path / "exports" / "v3-run"
+    (parent / ".tflite.old-123").mkdir(parents=True)
+    (parent / ".tflite.old-123" / "manifest.json").write_text("{}")
+    (parent / ".tflite.staging-123").mkdir()   # the new export, complete or not: nobody can tell
+    with pytest.raises(ExportExistsError, match="pass --overwrite"):
+        ExportDir(parent / "tflite", overwrite=False)
+    assert (parent / "tflite" / "manifest.json").read_text() == "{}" and not (parent / ".tflite.old-123").exists()
 
 
 def test_child_processes_die_with_their_parent(tmp_path):
