@@ -8,6 +8,7 @@ loads from its working directory (calibration.store).
 from core.lazy import lazy_exports
 
 _HOMES = {"CANDIDATES": "select", "PRESENCE": "select", "Selection": "select", "select_calibration": "select",
+          "check_calibration_size": "select",
           "ONNX2TF_SAMPLE": "store", "write_calibration": "store"}
 __all__ = sorted(_HOMES)
 __getattr__ = lazy_exports(__name__, _HOMES)

@@ -67,6 +67,16 @@ def _stats(sample: dict, num_classes: int) -> tuple[float, np.ndarray]:
 CANDIDATES = 1024   # images scanned for the draw by default: enough to fill every depth bin and class
 
 
+def check_calibration_size(calib: int, train_images: int) -> None:
+    """The commands' `--calib`, refused before any work for it: the images are drawn from the run's
+    training split, among at most CANDIDATES of them (the selection itself knows no flags)."""
+    most = min(train_images, CANDIDATES)
+    if calib > most:
+        raise ValueError(f"--calib {calib}: the calibration images are drawn from {most} candidates (the run's "
+                         f"training split holds {train_images} images, of which at most {CANDIDATES} are "
+                         f"scanned); pass --calib {most} or fewer")
+
+
 def select_calibration(dataset, size: int, *, candidates: int = CANDIDATES, depth_bins: int = 4,
                        num_classes: int = 13, seed: int = 0, progress: bool = True) -> Selection:
     """Pick `size` calibration images of `dataset` (not augmenting); see the module docstring."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -190,6 +191,28 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         threads=args.threads, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
 
 
+def command_flags(opts: ExportOptions) -> list[str]:
+    """The flags that ask for `opts` again: every option that differs from its default, except where
+    the export is written and how its progress shows (the model card's rebuild command)."""
+    default, flags = ExportOptions(), []
+    for f in fields(ExportOptions):
+        value = getattr(opts, f.name)
+        if f.name in ("out", "overwrite", "progress") or value == getattr(default, f.name):
+            continue
+        if f.name == "precisions":
+            flags += ["--precision", *value]
+        elif f.name == "float_ops":
+            flags += ["--float-ops", ",".join(value)]
+        elif f.name == "equalize":
+            flags.append("--no-equalize")
+        elif f.name == "tolerances":
+            flags += [item for precision, gate in value.items() for key, tolerance in gate.items()
+                      for item in ("--tolerance", f"{precision}.{key}={tolerance:g}")]
+        else:
+            flags += [f"--{f.name.replace('_', '-')}", str(value)]
+    return flags
+
+
 @dataclass(frozen=True)
 class Plan:
     """What to produce: the target's name, its format, precisions, device profile (if any), size and threads."""
@@ -290,18 +313,6 @@ def check_float_ops(float_ops: tuple[str, ...], fmt: Format) -> None:
         if op not in known:
             raise ExportError(f"--float-ops {op}: not a TFLite op type (e.g. DIV, MEAN, RESIZE_BILINEAR: the "
                               f"names in a manifest's ops_by_dtype).{suggest(op, known)}")
-
-
-def check_calibration_size(calib: int, train_images: int) -> None:
-    """`--calib` images are drawn from the run's training split, among at most CANDIDATES of them:
-    refused here, before QAT, with the flag to change (the selection itself knows no flags)."""
-    from calibration import CANDIDATES
-
-    most = min(train_images, CANDIDATES)
-    if calib > most:
-        raise ExportError(f"--calib {calib}: the calibration images are drawn from {most} candidates (the run's "
-                          f"training split holds {train_images} images, of which at most {CANDIDATES} are "
-                          f"scanned); pass --calib {most} or fewer")
 
 
 def check_prune(options: ExportOptions) -> None:
@@ -453,16 +464,21 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     from distill.students import count_macs, count_params
     from quant import artefacts
 
+    if opts.prune:
+        check_prune_budget(run.model, opts.prune, size)
     data = replace(run.recipe.data, height=size[0], width=size[1])
     train_ds, _ = build_datasets(data, progress=opts.progress)
     plain_train, val_ds = build_datasets(replace(data, augment=False), progress=False)
     if set(plan.precisions) & set(CALIBRATED_PRECISIONS):
-        check_calibration_size(opts.calib, len(plain_train))
+        from calibration import check_calibration_size
+        check_calibration_size(opts.calib, len(plain_train))   # before QAT, naming the flag
     float_model, config = run.model, {"run": str(run.path), "recipe": run.recipe.name, "target": plan.target,
                                       "format": plan.format.name, "converter": plan.converter.name,
                                       "layout": plan.layout, "precisions": plan.precisions, "seed": opts.seed,
                                       "input_size": list(size), "device": plan.profile.name if plan.profile else None,
-                                      "source_checkpoint": {"path": str(run.weights), "sha256": run.weights_sha256}}
+                                      "source_checkpoint": {"path": str(run.weights), "sha256": run.weights_sha256},
+                                      "command": shlex.join(["python", "-m", "quant.export", "--target", plan.target,
+                                                             "--run", str(run.path), *command_flags(opts)])}
     config["model"] = {"params": count_params(float_model), "macs": count_macs(float_model, *size)}
     if opts.prune:
         float_model, config["prune"] = prune_stage(run, float_model, train_ds, val_ds, size, opts, log)
@@ -553,6 +569,16 @@ def report_markdown(run, plan: Plan, config: dict, drift_md: str, table: str, wa
             + f"## Benchmark\n\n{table}\n{drift_md}")
 
 
+def check_prune_budget(model, prune: str, size: tuple[int, int]) -> None:
+    """A MAC target that prunes nothing or cannot be reached, refused before the datasets and fine-tunes."""
+    from quant.prune import PruneTarget, check_budget
+
+    try:
+        check_budget(PruneTarget.parse(prune), model, size)
+    except ValueError as e:
+        raise ExportError(f"--prune {prune}: {e}") from None
+
+
 def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], opts: ExportOptions, log):
     """Prune to `--prune` in `--prune-stages` stages, each followed by its share of the fine-tune."""
     from distill.students import count_macs
@@ -575,7 +601,8 @@ def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], opts: Expor
         steps = opts.prune_steps * i // len(targets) - opts.prune_steps * (i - 1) // len(targets)
         stage = f" {i}/{len(targets)}" if len(targets) > 1 else ""
         finetune(pruned, reference, run.recipe, train_ds, steps=steps, lr=opts.prune_lr, batch_size=opts.batch_size,
-                 seed=opts.seed + i - 1, desc=f"prune fine-tune{stage}", progress=opts.progress, log=log)
+                 seed=opts.seed + i - 1, desc=f"prune fine-tune{stage}", progress=opts.progress, log=log,
+                 lr_flag="--prune-lr")
     after = evaluate(pruned, val_ds, run.recipe)
     report = {**stages[-1], "params_before": stages[0]["params_before"], "macs_before": stages[0]["macs_before"],
               "ratio": round(1 - kept, 4), "stages": len(targets),
@@ -612,7 +639,7 @@ def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log
     # Both int8 converters quantise depth before the heads' float tails (upsampling, EXP): log-depth.
     fake = ptq.simulate(model, calib, log_depth=True, float_stem=opts.float_stem, weight_max=weight_max)
     finetune(fake, model, run.recipe, train_ds, steps=opts.qat_steps, lr=opts.qat_lr, batch_size=opts.batch_size,
-             seed=opts.seed, desc="QAT", progress=opts.progress, log=log)
+             seed=opts.seed, desc="QAT", progress=opts.progress, log=log, lr_flag="--qat-lr")
     report.update({"qat_steps": opts.qat_steps, "qat_lr": opts.qat_lr, "activation_ranges": qat.activation_ranges(fake)})
     return qat.finalize(fake), calib.files, report
 

@@ -47,8 +47,9 @@ def training_losses(recipe: Recipe, dataset, batch_size: int, seed: int, log):
 
 def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recipe, dataset, *, steps: int,
              lr: float, batch_size: int = 16, seed: int = 0, desc: str = "fine-tune", progress: bool = True,
-             log=print) -> dict[str, float]:
-    """Train `student` in place for `steps` steps; returns the mean losses of the last 10% of steps."""
+             log=print, lr_flag: str = "lr") -> dict[str, float]:
+    """Train `student` in place for `steps` steps; returns the mean losses of the last 10% of steps.
+    A non-finite loss stops it with a ValueError naming `lr_flag` (the caller's name for `lr`)."""
     if steps <= 0:
         return {}
     reference.eval()
@@ -73,8 +74,8 @@ def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recip
         losses = {**objective(out, batch, teacher), **distillation_losses(out, ref, batch["valid"])}
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: non-finite loss at step {step} ({ {k: v.item() for k, v in losses.items()} }); "
-                                     f"lower the learning rate")
+            raise ValueError(f"{desc}: non-finite loss at step {step} ({ {k: v.item() for k, v in losses.items()} }) "
+                             f"at learning rate {lr:g}; lower {lr_flag}, e.g. {lr_flag} {lr / 10:g}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -189,11 +189,19 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
         f"- teacher `{teacher}`, data `{recipe.data.dataset}`" + (", pruned" if "prune" in config else "")
         + int8_provenance(config.get("int8")),
         f"- tools: {tools}",
-        f"- rebuild: `python -m quant.export --target {config['target']} --run {config['run']}"
-        + "".join(f" --{key} {config[key]}" for key in ("converter", "layout")
-                  if config.get(key) and config[key] != default_of(fmt, key)) + "`", "",
+        f"- rebuild: `{rebuild_command(config, fmt)}`", "",
     ]
     return "\n".join(sections)
+
+
+def rebuild_command(config: dict, fmt) -> str:
+    """The export's own command line (manifests since 2026-12-05 record it); before, the target, run,
+    converter and layout, which is all they recorded."""
+    if "command" in config:
+        return config["command"]
+    return (f"python -m quant.export --target {config['target']} --run {config['run']}"
+            + "".join(f" --{key} {config[key]}" for key in ("converter", "layout")
+                      if config.get(key) and config[key] != default_of(fmt, key)))
 
 
 def int8_provenance(int8: dict | None) -> str:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from core.cli import ArgumentParser, add_run_arguments, at_least, command
 from core.formats import FORMATS
+from calibration import check_calibration_size
 from quant import ptq, qat
 from quant.equalize import equalize
 from distill.recipes import DEFAULT_RECIPE
@@ -142,6 +143,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     run = load_run(find_run(args.run, args.runs_dir, args.recipe))
     plain_train, val_ds = build_datasets(replace(run.recipe.data, augment=False), progress=False)
+    check_calibration_size(args.calib, len(plain_train))
     count = min(args.images, len(val_ds))
     images = torch.stack([torch.as_tensor(val_ds[i]["image"]).float() for i in range(count)])
     calib = ptq.calibration_set(plain_train, args.calib, None, seed=args.seed, progress=False)

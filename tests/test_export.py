@@ -322,6 +322,9 @@ def test_sensitivity_ranks_the_tensors_of_a_runs_int8_drift(run_dir, capsys):
     assert "onnx int8 (weights in [-64, 64])" in onnx_out
     tables = [o.split("int8 simulation: depth drift ")[1] for o in (out, onnx_out)]
     assert tables[1] != tables[0]
+    # more calibration images than the run can give: refused naming the flag, as the export does
+    assert sensitivity_main(["--run", str(run_dir), "--calib", "100000"]) == 2
+    assert "error: --calib 100000: the calibration images are drawn from 48 candidates" in capsys.readouterr().err
 
 
 def test_export_directory_holds_the_proof(tflite_export, run_dir):
@@ -443,6 +446,9 @@ def test_a_flipped_byte_is_refused_by_name_where_the_artefact_is_used(tflite_exp
         victim.write_bytes(original)
     assert verify_main([str(tmp_path)]) == 2   # not an export
     assert "manifest.json is missing or unreadable" in capsys.readouterr().err
+    assert verify_main([str(export_dir.parent)]) == 2   # the run's folder of exports: which ones it holds
+    err = capsys.readouterr().err
+    assert f"{export_dir.parent} holds exports, not one; pass one of: " in err and str(export_dir) in err
 
 
 def test_tflite_metadata_is_embedded(tflite_export, run_dir):
@@ -465,6 +471,14 @@ def test_existing_export_is_never_clobbered(tflite_export, run_dir, capsys):
     assert "error: --calib 100000: the calibration images are drawn from 48 candidates" in capsys.readouterr().err
     assert (export_dir / "manifest.json").read_bytes() == before
     assert not list(export_dir.parent.glob(".tflite.staging-*")) and not list(export_dir.parent.glob(".tflite.work-*"))
+
+
+def test_a_mac_budget_that_prunes_nothing_or_cannot_be_reached_is_refused_before_any_work(run_dir, tmp_path, capsys):
+    for budget, message in (("1G", "a budget of 1000.0M MACs prunes nothing: the student has "),
+                            ("macs=0.01x", "is out of reach: with every channel group at 8 channels the student still has ")):
+        assert export(run_dir, tmp_path, "--target", "onnx", "--precision", "fp32", "--prune", budget) == 2
+        assert f"error: --prune {budget}: " in (err := capsys.readouterr().err) and message in err, err
+    assert {p.suffix for p in tmp_path.glob(f"{run_dir.name}/*")} == {".lock"}   # no export, no staging left
 
 
 def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
@@ -545,11 +559,32 @@ def test_pruned_float_only_tflite_export(tflite_export, run_dir, capsys):
     assert [(r[0], r[1]) for r in rows] == [("| tflite", "fp32"), ("| tflite", "fp16"), ("| tflite", "int8"),
                                             ("| tflite-pruned-0.6x", "fp32")], table
     assert float(rows[3][2]) / float(rows[0][2]) == pytest.approx(prune["macs_after"] / prune["macs_before"], abs=0.02)
+    # The card's rebuild command is the export's own, every option that made it included (the QAT
+    # steps resolved from the recipe)
+    rebuild = next(line for line in card_parts(tflite_export / run_dir.name / "tflite-pruned-0.6x")[1].splitlines()
+                   if line.startswith("- rebuild: "))
+    assert rebuild == (f"- rebuild: `python -m quant.export --target tflite --run {run_dir} --precision fp32 "
+                       f"--prune macs=0.6x --prune-steps 3 --prune-stages 2 --qat-steps 300 --calib 8 --check 4 "
+                       f"--tolerance int8.abs_rel_change=0.5 --tolerance int8.miou_drop_pt=50 "
+                       f"--tolerance w8a8.abs_rel_change=0.5 --tolerance w8a8.miou_drop_pt=50 --bench-runs 0 "
+                       f"--batch-size 4`")
     capsys.readouterr()
     assert compression_main([str(tflite_export / run_dir.name)]) == 0   # the same table, printed
     printed = capsys.readouterr()
     assert table.split("\n\n")[1] in printed.out and "onnx-damaged" not in printed.out
     assert f"warning: {damaged} left out: its manifest cannot be read" in printed.err
+
+
+def test_the_rebuild_flags_parse_back_to_the_same_options():
+    from quant.export import ExportOptions, command_flags, options_from_args, parse_args
+
+    options = ExportOptions(precisions=("fp32", "int8"), converter="litert-torch", layout="NCHW", prune="macs=0.5x",
+                            prune_steps=10, prune_importance="magnitude", prune_lr=1e-3, prune_stages=2, qat_steps=0,
+                            qat_lr=3e-5, float_ops=("DIV", "EXP"), float_stem=0, equalize=False, calib=32,
+                            input_size="96x128", check=50, tolerances={"int8": {"abs_rel_change": 0.03}},
+                            bench_runs=5, bench_warmup=1, batch_size=8, seed=2, threads=1)
+    assert options_from_args(parse_args(["--target", "tflite", *command_flags(options)])) == options
+    assert command_flags(ExportOptions(out="elsewhere", overwrite=True, progress=False)) == []
 
 
 def test_compression_table_takes_an_artefact_that_was_not_timed():

@@ -70,3 +70,17 @@ def test_finetune_says_that_feature_kd_is_not_used(tmp_path, monkeypatch):
     finetune(student, copy.deepcopy(student), recipe, train_ds, steps=1, lr=1e-4, batch_size=4, progress=False,
              log=lines.append)
     assert any("feature_weight=0.5 is not used" in line for line in lines), lines
+
+
+def test_a_diverging_finetune_names_the_flag_of_its_learning_rate(tmp_path, monkeypatch):
+    monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path / "cache"))
+    recipe = replace(V3(), data=DataConfig(height=32, width=32, num_train=4, num_val=2))
+    train_ds, _ = build_datasets(recipe.data, progress=False)
+    student = build_student("mobilenetv3_small_050", decoder_channels=16)
+    reference = copy.deepcopy(student)
+    with torch.no_grad():
+        student.heads["depth"].out.bias.fill_(1e4)   # exp(1e4) metres: an overflowed student, as a too-high rate leaves
+    with pytest.raises(ValueError, match=r"QAT: non-finite loss at step 0 .* at learning rate 0\.001; lower --qat-lr, "
+                                         r"e\.g\. --qat-lr 0\.0001$"):
+        finetune(student, reference, recipe, train_ds, steps=2, lr=1e-3, batch_size=4, progress=False,
+                 desc="QAT", log=lambda _: None, lr_flag="--qat-lr")
