@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from core.cli import ArgumentParser, command
+from core.formats import FORMATS
 from core.io import IntegrityError
 from core.manifest import MANIFEST, read_manifest
 from edge.host import describe_cpu, device_cpu
@@ -116,7 +117,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m quant.compression", description=__doc__.split("\n\n")[0],
                        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_exports", help="exports/<run>: the directory holding a run's export directories")
-    p.add_argument("--format", help="only this format's exports (default: one table per format)")
+    p.add_argument("--format", choices=list(FORMATS), help="only this format's exports (default: one table per format)")
     return p.parse_args(argv)
 
 

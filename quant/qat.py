@@ -22,8 +22,9 @@ always containing 0) calibrated by min/max. QAT here simulates that:
 3. `finalize` returns a plain float student whose weights sit exactly on their int8 grid. The
    converter's weight quantisation then reproduces QAT's integer weights bit for bit (max|w| is on
    the grid, so the scale is unchanged); activation ranges are re-measured by the converter on the
-   calibration set with the same min/max rule the observers used. The export measures how much of
-   the QAT gain reaches the int8 file (manifest `check`, compared with PTQ of the float model).
+   calibration set with the same min/max rule the observers used. The export's converter checks
+   the int8 file against the QAT model it came from (manifest `check`, `reference: int8`); the
+   gain of QAT over PTQ alone was measured over seeds (README, "QAT or PTQ").
 """
 from __future__ import annotations
 

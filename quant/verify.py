@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from core.cli import ArgumentParser, command
-from core.manifest import IntegrityError, read_manifest, verify_export
+from core.manifest import MANIFEST, IntegrityError, read_manifest, verify_export
 
 
 @command("python -m quant.verify")
@@ -23,6 +23,9 @@ def main(argv: list[str]) -> int:
     export_dir = Path(args.export_dir)
     if not export_dir.is_dir():
         raise IntegrityError(f"{export_dir} is not a directory; pass an export directory (exports/<run>/<target>)")
+    inside = sorted(str(m.parent) for m in export_dir.glob(f"*/{MANIFEST}"))
+    if not (export_dir / MANIFEST).exists() and inside:   # a run's folder of exports, one level up
+        raise IntegrityError(f"{export_dir} holds exports, not one; pass one of: {', '.join(inside)}")
     count = len(read_manifest(export_dir)["artefacts"])
     found = verify_export(export_dir)
     if found:
