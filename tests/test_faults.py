@@ -20,7 +20,9 @@ from distill.run import main as train_main
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=64", "data.width=96",
         "data.num_train=32", "data.num_val=8", "train.batch_size=8", "eval.preview_images=1", "train.epochs=1"]
-EXPORT = ["--target", "tflite", "--precision", "fp32", "int8", "--qat-steps", "0", "--calib", "8", "--check", "4",
+# int8 alone: its conversion and validation are the stages killed; an fp32 file would add a second
+# onnx2tf conversion to each of the four exports and test nothing more
+EXPORT = ["--target", "tflite", "--precision", "int8", "--qat-steps", "0", "--calib", "8", "--check", "4",
           "--bench-runs", "0", "--quiet", "--tolerance", "int8.abs_rel_change=0.5", "--tolerance",
           "int8.miou_drop_pt=50"]
 pytestmark = pytest.mark.slow
