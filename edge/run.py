@@ -9,9 +9,10 @@ JPEG, ...; a folder: its images, sorted by name) are turned upright and resized 
 input, as the training data was (edge/photos.py). OUT.npz (written atomically): `depth` (N, 1, H,
 W) float32 metres, `labels` (N, H, W) uint8 (argmax of the logits), `seg` (N, C, H, W) float32
 logits with --logits only, `executor` (0-d str array), `non_finite` (0-d int: NaN or infinite
-values among depth and the logits), and `names` (the image files' stems) for image inputs. An --out without the .npz suffix is a folder that gets, per image, a 16-bit depth
-PNG in millimetres, a label PNG and a preview (edge/photos.py), 64 images at a time; an .npy's
-images are named 000000, 000001, ...
+values among depth and the logits), and `names` (the image files' stems) for image inputs. An
+--out without the .npz suffix is a folder that gets, per image, a 16-bit depth PNG in
+millimetres, a label PNG and a preview (edge/photos.py), 64 images at a time; an .npy's images
+are named 000000, 000001, ...
 The last stdout line is JSON: {"artefact", "executor", "images", "seconds", "non_finite"} (NaN or
 infinite output values, also warned of on stderr: the outputs are saved as they came).
 Exit status: 0 done, 2 bad arguments or inputs, 1 the runtime failed.

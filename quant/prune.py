@@ -109,7 +109,7 @@ def stage_targets(target: PruneTarget, macs_now: float, stages: int) -> list[Pru
 def check_budget(target: PruneTarget, model: nn.Module, input_size: tuple[int, int], *, round_to: int = 8) -> None:
     """Refuse a MAC budget that prunes nothing or that no pruning reaches, before any work is done
     for it (the greedy search would find out only after its fine-tunes). ValueError names the
-    model's MACs, the smallest it reaches, and a budget between them."""
+    model's MACs and, for an unreachable one, the smallest it reaches: the least budget to ask for."""
     if target.macs is None:
         return
     h, w = input_size
