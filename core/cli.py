@@ -12,6 +12,7 @@ import argparse
 import errno
 import functools
 import os
+import select
 import sys
 from typing import Callable, NoReturn
 
@@ -19,6 +20,7 @@ from core.registry import UnknownNameError
 
 EXIT_USER = 2
 EXIT_FAILED = 1
+EXIT_SIGPIPE = 141   # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 # OSErrors that the user causes and fixes: the fix, by errno
 DISK_FIXES = {
     errno.ENOSPC: "no space left on the device: free some space, or write elsewhere",
@@ -79,12 +81,30 @@ def command(prog: str) -> Callable[[Callable[[list[str]], int]], Callable[..., i
                 print("error: interrupted", file=sys.stderr)
                 return 130
             except Exception as exc:   # noqa: BLE001 - the one place that turns exceptions into exit codes
+                if isinstance(exc, BrokenPipeError) and stdout_gone():
+                    return EXIT_SIGPIPE   # the reader went away (`| head`): stop quietly, as Unix tools do
                 if debug:
                     raise
                 print(f"error: {describe(exc, prog)}", file=sys.stderr)
                 return exit_code(exc)
         return run
     return decorate
+
+
+def stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone away (another pipe may have broken instead); if
+    so stdout now points at /dev/null, so that the interpreter's last flush does not fail again
+    (Python's own advice for SIGPIPE)."""
+    try:
+        fd = sys.stdout.fileno()
+        poller = select.poll()
+    except (AttributeError, OSError, ValueError):   # captured or replaced stdout; no poll (Windows)
+        return False
+    poller.register(fd, select.POLLOUT)
+    if not dict(poller.poll(0)).get(fd, 0) & (select.POLLERR | select.POLLHUP):   # a reader-less pipe
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
 
 
 def at_least(flag: str, value: int | float | None, low: int | float) -> None:

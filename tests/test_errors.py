@@ -210,3 +210,13 @@ def test_a_converter_given_a_bad_job_file_says_so_in_one_line(tmp_path, content)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert err[-1].startswith(f"error: cannot read the job file {path}"), err[-3:]
     assert "usage: python -m targets.onnx JOB.json" in err[-1], err[-3:]
+
+
+def test_a_reader_that_goes_away_stops_a_command_quietly():
+    """`python -m quant.compression ... | head`: no 'error: BrokenPipeError' line, the shell's 141."""
+    code = ("import sys\nfrom core.cli import command\n@command('python -m tabler')\ndef main(argv):\n"
+            "    for row in range(200000):\n        print(f'| row {row} |')\n    return 0\nsys.exit(main([]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline() == b"| row 0 |\n"
+    proc.stdout.close()   # what head does after its lines
+    assert proc.wait(timeout=60) == 141 and proc.stderr.read() == b""
