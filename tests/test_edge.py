@@ -145,7 +145,8 @@ def test_run_cli_writes_outputs_and_rejects_wrong_shapes(tiny_artefacts, tmp_pat
         assert result["depth"].shape == (4, 1, 64, 96) and result["depth"].dtype == np.float32
         assert result["labels"].shape == (4, 64, 96) and result["labels"].dtype == np.uint8
         assert result["seg"].shape == ref_seg.shape and str(result["executor"]) == line["executor"]
-        assert sorted(result.files) == ["depth", "executor", "labels", "seg"]   # quant/validate.py reads these
+        assert sorted(result.files) == ["depth", "executor", "labels", "non_finite", "seg"]   # quant/validate.py reads these
+        assert int(result["non_finite"]) == line["non_finite"] == 0
     assert [p.name for p in tmp_path.iterdir()] == ["out.npz"]   # no temp file left behind
 
     wrong = tmp_path / "wrong.npy"
