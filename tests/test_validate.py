@@ -64,7 +64,7 @@ def test_non_finite_output_never_passes(tiny_artefacts, val_data, tmp_path):
     report = validate_artefact(broken, reference=tiny_artefacts["student"], data=val_data, gate={"abs_rel_change": 1e9, "miou_drop_pt": 1e9})
     assert not report.passed and report.gates["finite"] == {"value": False, "tolerance": True, "pass": False}
     assert report.per_pixel["depth_non_finite"] > 0
-    # its drift.json is strict JSON (no Infinity or NaN token), and its report.md says what failed
+    # its drift.json is strict JSON (no Infinity or NaN token), and its report section says what failed
     section = write_drift(tmp_path, [report], val_data, tiny_artefacts["student"])
     json.loads((tmp_path / "drift.json").read_text(), parse_constant=lambda token: pytest.fail(f"{token} in drift.json"))
     assert "| broken_fp32.onnx |" in section and "**FAIL**" in section
