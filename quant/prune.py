@@ -129,14 +129,24 @@ def check_budget(target: PruneTarget, model: nn.Module, input_size: tuple[int, i
 def smallest_macs(model: nn.Module, input_size: tuple[int, int], round_to: int = 8) -> int:
     """The MACs of a copy of `model` with every prunable group cut to `round_to` channels: the
     floor of any MAC target (the greedy search ends there whatever the order)."""
-    trial = copy.deepcopy(model).eval()
-    graph = tp.DependencyGraph().build_dependency(trial, _example(trial, input_size))
+    trial, graph, width = _trial(model, input_size)
     scorer = IMPORTANCE["magnitude"]()
-    for root, group in _groups(graph, _ignored(trial)).items():
-        width = len(group[0].idxs)
-        if width > round_to:
-            _drop_channels(graph, root, width, width - round_to, scorer)
+    for root, channels in width.items():
+        if channels > round_to:
+            _drop_channels(graph, root, channels, channels - round_to, scorer)
     return count_macs(trial, *input_size)
+
+
+def _trial(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, tp.DependencyGraph, dict[nn.Module, int]]:
+    """A copy of `model` to prune (the caller's model stays untouched until it is accepted), its
+    dependency graph, and the output width of every prunable group's root conv."""
+    trial = copy.deepcopy(model).eval()   # tracing runs a forward: in train mode it would move BatchNorm statistics
+    for copied, original_param in zip(trial.parameters(), model.parameters()):
+        if original_param.grad is not None:   # deepcopy leaves .grad behind; Taylor importance reads it
+            copied.grad = original_param.grad.clone()
+    # Protected layers stay in the traced graph (their inputs shrink); they are only never a group's root.
+    graph = tp.DependencyGraph().build_dependency(trial, _example(trial, input_size))
+    return trial, graph, {root: len(group[0].idxs) for root, group in _groups(graph, _ignored(trial)).items()}
 
 
 def protected_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -191,14 +201,8 @@ def _prune_to_macs(model: nn.Module, budget: float, input_size: tuple[int, int],
 
     Returns the fraction of the groups' channels removed.
     """
-    trial = copy.deepcopy(model)   # an unreachable budget must leave the caller's model untouched
-    for copied, original_param in zip(trial.parameters(), model.parameters()):
-        if original_param.grad is not None:   # deepcopy leaves .grad behind; Taylor importance reads it
-            copied.grad = original_param.grad.clone()
-    ignored, scorer = _ignored(trial), _importance(importance)
-    # Protected layers stay in the traced graph (their inputs shrink); they are only never a group's root.
-    graph = tp.DependencyGraph().build_dependency(trial, _example(trial, input_size))
-    width = {root: len(group[0].idxs) for root, group in _groups(graph, ignored).items()}
+    trial, graph, width = _trial(model, input_size)   # an unreachable budget leaves `model` untouched
+    scorer = _importance(importance)
     original = dict(width)   # pruning changes modules in place: the roots stay valid, their widths are tracked here
     macs, step = count_macs(trial, *input_size), 0
     while macs > budget:

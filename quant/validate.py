@@ -198,8 +198,7 @@ def apply_pixel_gate(gate: dict[str, float], per_pixel: dict, results: dict) -> 
     if "depth_rel_p99" in gate:
         value = per_pixel["depth_rel_p99"]
         results["depth_rel_p99"] = {"value": value, "tolerance": gate["depth_rel_p99"],
-                                    "pass": value is not None and value <= gate["depth_rel_p99"]
-                                            and not per_pixel["depth_non_finite"]}
+                                    "pass": not per_pixel["depth_non_finite"] and value <= gate["depth_rel_p99"]}
     if "seg_agreement_min" in gate:
         value = per_pixel["seg_agreement"]
         results["seg_agreement_min"] = {"value": value, "tolerance": gate["seg_agreement_min"],
