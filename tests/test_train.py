@@ -294,6 +294,33 @@ def test_resume_refuses_a_corrupt_or_missing_checkpoint_with_one_line(tmp_path, 
     assert "no complete checkpoint under" in capsys.readouterr().err
 
 
+def test_resume_settles_a_best_staged_when_the_run_was_killed(tmp_path, capsys):
+    """A new best is staged as best.safetensors.next until the checkpoint that records it is written.
+    Killed after that checkpoint, the resume moves the staged file in; killed before it, the staged
+    file names no checkpoint and is removed; a best.safetensors changed since is refused."""
+    assert main(["v3", *TINY, "train.epochs=1", f"out_dir={tmp_path}", "--quiet"]) == 0
+    (run,) = run_dirs(tmp_path)
+    best, staged = run / "best.safetensors", run / "best.safetensors.next"
+    recorded = io.sha256(best)
+    assert not staged.exists()
+
+    best.rename(staged)   # killed between the checkpoint and the move
+    assert main(["v3", f"resume={run}", "--quiet"]) == 0
+    assert io.sha256(best) == recorded and not staged.exists()
+
+    staged.write_bytes(b"a best no checkpoint recorded")   # killed before its checkpoint
+    assert main(["v3", f"resume={run}", "--quiet"]) == 0
+    assert io.sha256(best) == recorded and not staged.exists()
+
+    data = bytearray(best.read_bytes())
+    data[-5] ^= 0x40
+    best.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["v3", f"resume={run}", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{best} differs from the sha256 recorded when epoch 1 kept it" in err and "start a new run" in err, err
+
+
 def test_seg_balance_weights_the_classes_by_their_training_frequency(tmp_path, capsys):
     assert main(["v3", *TINY, "train.epochs=1", "loss.seg_balance=0.5", f"out_dir={tmp_path}", "--quiet"]) == 0
     log = capsys.readouterr().out

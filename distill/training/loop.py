@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -46,6 +47,8 @@ from distill.training.supervision import supervision_for
 PREFLIGHT_BATCHES = 3
 AUX_LEVELS = 2   # loss.aux_weight > 0: deep supervision on the decoder's two coarsest outputs (stride 16 and 8)
 # seconds an epoch spends waiting for its batches / in the teacher -> their shares of the training time
+BEST = "best.safetensors"
+STAGED_BEST = BEST + ".next"   # a new best until the checkpoint that records it is written
 TIME_SHARES = (("data_wait_s", "data_wait_share"), ("teacher_s", "teacher_share"))
 
 
@@ -241,8 +244,12 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
             io.append_jsonl(run_dir / "metrics.jsonl", record)
             per_epoch = (time.time() - t_loop) / (epoch + 1 - first_epoch)   # training, evaluation and saving
             log_epoch(writer, record, log, left_s=per_epoch * (tc.epochs - epoch - 1))
-            keep_best(run_dir, model, recipe, state, val)
+            # A new best is staged beside best.safetensors, committed by the checkpoint that records
+            # it, then moved in: a kill at any point leaves the kept weights the checkpoint names.
+            staged = keep_best(run_dir, model, recipe, state, val)
             save(run_dir, model, weighting, optimizer, scheduler, state, recipe, val, feature_kd)
+            if staged:
+                os.replace(staged, run_dir / BEST)
         distributed.barrier(rank)   # nobody starts the next epoch (or returns) before the checkpoint
     writer.close()
 
@@ -291,14 +298,34 @@ def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, lo
     return model
 
 
-def keep_best(run_dir: Path, model, recipe: Recipe, state: dict, val: dict) -> None:
-    """best.safetensors follows the lowest eval.best_metric so far (state["best"] records which)."""
+def keep_best(run_dir: Path, model, recipe: Recipe, state: dict, val: dict) -> Path | None:
+    """best.safetensors follows the lowest eval.best_metric so far (state["best"] records which). A new
+    best is written to best.safetensors.next and returned: the caller moves it in once a checkpoint
+    records it, so the file never runs ahead of the checkpoint a resume starts from."""
     score = val.get(recipe.eval.best_metric)
-    if score is not None and (state["best"] is None or score < state["best"]["value"]):
-        save_weights(run_dir / "best.safetensors", shipped_state(model.state_dict()),
-                     weight_metadata(recipe, state["epoch"], val))
-        state["best"] = {"epoch": state["epoch"], "metric": recipe.eval.best_metric, "value": score,
-                         "sha256": sha256(run_dir / "best.safetensors")}   # checked where it is exported
+    if score is None or (state["best"] is not None and score >= state["best"]["value"]):
+        return None
+    staged = run_dir / STAGED_BEST
+    save_weights(staged, shipped_state(model.state_dict()), weight_metadata(recipe, state["epoch"], val))
+    state["best"] = {"epoch": state["epoch"], "metric": recipe.eval.best_metric, "value": score,
+                     "sha256": sha256(staged)}   # checked where it is exported
+    return staged
+
+
+def settle_best(run_dir: Path, best: dict | None, log) -> None:
+    """After a resume: best.safetensors as the checkpoint recorded it. A kill between the checkpoint
+    and the move leaves the recorded file staged (moved in now); a kill before the checkpoint leaves a
+    staged file that no checkpoint names (removed: the epoch is trained again)."""
+    staged, final = run_dir / STAGED_BEST, run_dir / BEST
+    if staged.is_file():
+        if best is not None and sha256(staged) == best["sha256"]:
+            os.replace(staged, final)
+            log(f"best.safetensors: epoch {best['epoch']}'s weights, staged when the run was stopped, moved in")
+        else:
+            staged.unlink()
+    if best is not None:
+        check_sha256(final, best["sha256"], record=f"recorded when epoch {best['epoch']} kept it",
+                     fix="the run directory was changed after the run was stopped; start a new run")
 
 
 def use_kept_weights(model, run_dir: Path, state: dict, log) -> bool:
@@ -307,7 +334,7 @@ def use_kept_weights(model, run_dir: Path, state: dict, log) -> bool:
     best = state["best"]
     if best is None or best["epoch"] == state["epoch"]:
         return False
-    path = run_dir / "best.safetensors"
+    path = run_dir / BEST
     check_sha256(path, best["sha256"], record=f"recorded when epoch {best['epoch']} kept it",
                  fix="the run directory was changed while training")
     missing, unexpected = model.load_state_dict(load_weights(path), strict=False)
@@ -475,6 +502,8 @@ def restore(run_dir: Path, model, weighting, optimizer, scheduler, log, write: b
         feature_kd.load_state_dict(full["feature_kd"])
     torch.set_rng_state(full["torch_rng"])
     state = full["progress"]
+    if write:
+        settle_best(run_dir, state["best"], log)
     metrics = run_dir / "metrics.jsonl"
     if write and metrics.exists():  # drop epochs logged after the checkpoint we continue from
         kept = [r for r in io.read_jsonl(metrics) if r["epoch"] <= state["epoch"]]

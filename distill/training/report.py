@@ -129,11 +129,13 @@ def markdown_report(run_dir: Path, recipe, summary: dict) -> str:
 
 
 def write_outputs(run_dir: Path, recipe, summary: dict, model, teacher, val_ds, device, log=print) -> None:
-    io.write_json(run_dir / "summary.json", summary)
+    """preview.png and report.md, then summary.json: the file that marks a run finished comes last,
+    so a run stopped while writing them is resumed (and writes them), not taken as finished."""
     if recipe.eval.preview_images:   # 0: no preview.png
         shown = None if recipe.teacher.cache else teacher   # its labels are of training images, not these
         rows = preview_rows(model, shown, val_ds, device, recipe.eval.preview_images)
         with io.atomic_path(run_dir / "preview.png") as tmp:
             compose(rows, COLUMNS).save(tmp, format="PNG")
     io.write_text(run_dir / "report.md", markdown_report(run_dir, recipe, summary))
+    io.write_json(run_dir / "summary.json", summary)
     log(f"\n{recipe.name} finished: {run_dir}\n{terminal_table(summary)}")
