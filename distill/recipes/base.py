@@ -59,7 +59,7 @@ class DistillConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     student: str = "mobilenetv3_small_100"          # registry name (distill.students.STUDENTS)
-    tasks: tuple[str, ...] = ("depth", "seg")
+    tasks: tuple[str, ...] = ("depth", "seg")      # or depth alone (an ablation axis); depth is always trained
     decoder_channels: int = 64
     output_stride: int = 4               # 4, or 2: a decoder level at half resolution (docs/TRAINING.md, "Stride 4 again")
     separable: bool = False              # depthwise-separable 3x3 convolutions in the levels of stride >= 4
@@ -243,7 +243,10 @@ def unknown_names(recipe: Recipe) -> list[str]:
     except ValueError as e:
         problems.append(f"loss.berhu_threshold: {e}")
     if not m.tasks or set(m.tasks) - {"depth", "seg"}:
-        problems.append(f"model.tasks={','.join(m.tasks)!r} must be depth, seg or depth,seg")
+        problems.append(f"model.tasks={','.join(m.tasks)!r} must be depth or depth,seg")
+    elif "depth" not in m.tasks:   # pre-flight, the kept weights (eval.best_metric) and the export gates measure depth
+        problems.append(f"model.tasks={','.join(m.tasks)!r}: a student without depth is not supported (pre-flight, "
+                        f"best.safetensors and the export's gates all measure depth); use model.tasks=depth,seg")
     if not DEVICE.fullmatch(t.device):
         problems.append(f"train.device={t.device!r} must be auto, cpu, cuda or cuda:N (e.g. cuda:1)")
     if t.log_every < 1:
