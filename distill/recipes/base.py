@@ -215,9 +215,29 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
     if recipe.loss.seg_balance < 0:
         problems.append(f"loss.seg_balance={recipe.loss.seg_balance} must be >= 0 (0 = plain cross-entropy, "
                         f"0.5 = inverse square root of class frequency)")
+    problems += distill_problems(recipe.distill)
     problems += unknown_names(recipe)
     if problems:
         raise ConfigError("; ".join(problems))
+
+
+def distill_problems(dc: DistillConfig) -> list[str]:
+    """The distill.* values that cannot train: found before the data, the teacher and the pre-flight
+    run, not at the first shared crop or patch grid, hundreds of steps in."""
+    problems = []
+    if not 0 <= dc.shared_crop <= 1:
+        problems.append(f"distill.shared_crop={dc.shared_crop} must be in [0, 1] (the probability that a batch "
+                        f"is a shared crop; 0 = off)")
+    if not 0 < dc.crop_min <= 1:
+        problems.append(f"distill.crop_min={dc.crop_min} must be in (0, 1] (a fraction of the image side; 0.5 "
+                        f"keeps crops at least half the image)")
+    if dc.local_global_grid < 1:
+        problems.append(f"distill.local_global_grid={dc.local_global_grid} must be >= 1 (patches per side; "
+                        f"2 gives 4 patches)")
+    for key in ("normalized_weight", "metric_weight", "local_global_weight", "feature_weight"):
+        if getattr(dc, key) < 0:
+            problems.append(f"distill.{key}={getattr(dc, key)} must be >= 0 (0 = off)")
+    return problems
 
 
 DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
