@@ -393,7 +393,7 @@ def main(argv: list[str]) -> int:
     metrics = parse_metrics(args.metrics)
     grid = parse_grid(args.items, get_recipe(args.recipe), parse_seeds(args.seeds))
     recipes = build_recipes(args.recipe, grid)
-    heldout = parse_heldout(args.heldout, recipes[0])
+    heldout = parse_heldout(args.heldout, recipes)
     if heldout and args.metrics == parser.get_default("metrics"):
         metrics += HELDOUT_METRICS
     elif not heldout and any(m.startswith(HELDOUT) for m in metrics):
@@ -416,8 +416,10 @@ def main(argv: list[str]) -> int:
     return run_grid(args.recipe, grid, recipes, out, metrics, verbose=args.verbose, heldout=heldout)
 
 
-def parse_heldout(text: str, recipe: Recipe) -> tuple[str, ...]:
-    """--heldout's overrides, checked against a run's recipe now rather than after its training."""
+def parse_heldout(text: str, recipes: list[Recipe]) -> tuple[str, ...]:
+    """--heldout's overrides, checked against every run's recipe now rather than after its training.
+    A split that is a run's own validation split (the same data, the same SynthRooms seed) is refused:
+    it chose the run's best.safetensors, so it is not held out."""
     from distill.training.evaluation import evaluation_recipe
 
     items = tuple(text.split())
@@ -426,10 +428,18 @@ def parse_heldout(text: str, recipe: Recipe) -> tuple[str, ...]:
     for item in items:
         if "=" not in item:
             raise ConfigError(f'--heldout: "{item}" is not key=value (e.g. --heldout "data.seed=1 data.num_val=1000")')
-    try:
-        evaluation_recipe(recipe, items)
-    except ValueError as e:
-        raise ConfigError(f"--heldout: {e}") from None
+    split = lambda d: (d.dataset, d.val_dataset, d.seed)  # noqa: E731  what picks the validation images
+    for recipe in recipes:
+        try:
+            held = evaluation_recipe(recipe, items)
+        except ValueError as e:
+            raise ConfigError(f"--heldout: {e}") from None
+        if split(held.data) == split(recipe.data):
+            used = {r.data.seed for r in recipes}
+            raise ConfigError(f'--heldout "{text}": that is the validation split of a run it would measure '
+                              f"({recipe.data.val_dataset or recipe.data.dataset}, data.seed={recipe.data.seed}), "
+                              f"which chose its best.safetensors; add data.seed={max(used) + 1} (rooms no run "
+                              f"trains or validates on) or another data.dataset")
     return items
 
 

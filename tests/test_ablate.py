@@ -48,6 +48,9 @@ def test_bad_grids_are_refused(items, message):
      "--heldout: model.decoder_channels=8: an evaluation changes only data.* and eval.* keys"),
     (["loss.weighting=fixed,kendall", "--heldout", "data.num_val=0"], "--heldout: data.num_val=0 must be at least 1"),
     (["loss.weighting=fixed,kendall", "--heldout", "data.seed"], '--heldout: "data.seed" is not key=value'),
+    (["loss.weighting=fixed,kendall", "--heldout", "data.num_val=1000"],
+     "that is the validation split of a run it would measure (synthrooms, data.seed=0)"),
+    (["data.seed=0,1", "--heldout", "data.seed=1"], "add data.seed=2"),
     (["loss.weighting=fixed,kendall", "--metrics", "abs_rel,heldout_abs_rel"], "heldout_* metrics need --heldout"),
 ])
 def test_invalid_grids_exit_2_before_any_run(tmp_path, capsys, args, message):
