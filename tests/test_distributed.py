@@ -36,3 +36,21 @@ def test_two_processes_match_one_process_loss_curve(tmp_path):
             assert abs(a["train"][key] - b["train"][key]) <= 0.03 * a["train"][key], (key, a["train"], b["train"])
         assert abs(a["val"]["abs_rel"] - b["val"]["abs_rel"]) <= 0.05 * a["val"]["abs_rel"]
     assert ddp[-1]["train"]["loss"] < ddp[0]["train"]["loss"]
+
+
+@pytest.mark.parametrize("images", [15, 16, 23, 30])
+def test_every_world_size_takes_the_single_process_batches(images):
+    """Step k's batches of all ranks together are the one-process batch k, and a rank never pads its
+    share with repeated images (15 images, batches of 8, 2 ranks: one step, as in one process)."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from distill.training.evaluation import make_loader
+
+    data = TensorDataset(torch.arange(images))
+    single = [batch.tolist() for (batch,) in make_loader(data, 8, train=True, seed=3, workers=0)]
+    ranks = [[batch.tolist() for (batch,) in make_loader(data, 4, train=True, seed=3, workers=0, rank=r, world=2)]
+             for r in range(2)]
+    assert len(single) == images // 8 and all(len(r) == len(single) for r in ranks)
+    for k, batch in enumerate(single):
+        assert sorted(batch) == sorted(ranks[0][k] + ranks[1][k])

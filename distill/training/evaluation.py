@@ -32,8 +32,10 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers
     """Training: shuffled as a function of (seed, epoch) only, so a resumed run sees exactly the
     batches it would have seen. Under torchrun each of `world` ranks takes every world-th index of
     the same permutation with `batch_size` = global batch / world, so step k's batches of all ranks
-    together are the single-process run's batch k."""
-    sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed) if train else None
+    together are the single-process run's batch k. The sampler drops the permutation's tail rather
+    than padding it with repeated images, so every world size takes floor(len / global batch) steps."""
+    sampler = (DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+               if train else None)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
                       num_workers=workers)  # not persistent: workers must see set_epoch
 
