@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from core import io
+from core.config import ConfigError
 from core.weights import latest_checkpoint, load_weights
 from distill.run import main
 
@@ -319,6 +320,21 @@ def test_resume_settles_a_best_staged_when_the_run_was_killed(tmp_path, capsys):
     assert main(["v3", f"resume={run}", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"{best} differs from the sha256 recorded when epoch 1 kept it" in err and "start a new run" in err, err
+
+
+def test_resume_refuses_a_training_split_of_another_size(tmp_path):
+    """An image folder that gained files since the run started would move the epochs' ends and the
+    schedule; a checkpoint from before the count was recorded resumes as before."""
+    from distill.training.loop import check_same_training_set
+
+    state = {"epoch": 2, "train_set": 96}
+    check_same_training_set(tmp_path, state, 96, "folder:/imgs")
+    with pytest.raises(ConfigError, match=r"its training split had 96 images and folder:/imgs has 120 now.*"
+                                          r"Restore the data it trained on, or start a new run"):
+        check_same_training_set(tmp_path, state, 120, "folder:/imgs")
+    older = {"epoch": 2}
+    check_same_training_set(tmp_path, older, 120, "folder:/imgs")
+    assert older["train_set"] == 120
 
 
 def test_seg_balance_weights_the_classes_by_their_training_frequency(tmp_path, capsys):

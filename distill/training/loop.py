@@ -206,9 +206,10 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, tc.warmup_frac, tc.min_lr_ratio))
     objective = Objective(recipe, feature_kd, seg_weights=seg_weights_for(recipe, train_ds, log))
     state = {"epoch": 0, "step": 0, "best": None, "train_time": 0.0, "train_images": 0,
-             "data_wait_s": 0.0, "teacher_s": 0.0}
+             "data_wait_s": 0.0, "teacher_s": 0.0, "train_set": len(train_ds)}
     if recipe.resume:
         state = restore(run_dir, model, weighting, optimizer, scheduler, log, write=rank.main, feature_kd=feature_kd)
+        check_same_training_set(run_dir, state, len(train_ds), dc.dataset)
     # DDP broadcasts rank 0's weights (its pre-flight depth initialisation included) on wrapping;
     # the modules beside the student start from rank 0's values too.
     net = torch.nn.parallel.DistributedDataParallel(model) if rank.active else model
@@ -485,6 +486,16 @@ def save(run_dir: Path, model, weighting, optimizer, scheduler, state: dict, rec
                   "torch_rng": torch.get_rng_state()}
     save_checkpoint(run_dir / "checkpoints", state["epoch"], model.state_dict(), full_state,
                        weight_metadata(recipe, state["epoch"], val))
+
+
+def check_same_training_set(run_dir: Path, state: dict, images: int, dataset: str) -> None:
+    """A resume trains on the images its run started with: another count moves the epochs' ends, the
+    learning-rate schedule and the batch order (checkpoints before 2026-12-05 did not record it)."""
+    recorded = state.setdefault("train_set", images)
+    if recorded != images:
+        raise ConfigError(f"resume={run_dir}: its training split had {recorded} images and {dataset} has {images} "
+                          f"now; the schedule and the batch order would change. Restore the data it trained on, "
+                          f"or start a new run")
 
 
 def restore(run_dir: Path, model, weighting, optimizer, scheduler, log, write: bool = True,
