@@ -97,7 +97,7 @@ CALIBRATED_PRECISIONS = ("int8", "w8a8")   # their converters measure activation
 
 def format_for(path: str | Path) -> Format:
     """The format of artefact `path` by its suffix; ValueError listing the known suffixes."""
-    suffix = Path(path).suffix
+    suffix = Path(path).suffix.lower()   # model.ONNX is an ONNX file
     if suffix not in SUFFIXES:
         raise ValueError(f"cannot run {path}: unknown artefact suffix {suffix!r}; known suffixes: "
                          f"{', '.join(SUFFIXES)}")

@@ -50,6 +50,14 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def fsync_tree(directory: Path) -> None:
+    """fsync every file under `directory` (an .mlpackage about to be renamed into place), so a power
+    cut after the rename cannot leave empty files under the final name."""
+    for path in tree_files(directory):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+
+
 def out_of_space(directory: Path, margin: int = 1 << 20) -> bool:
     """Whether the file system of `directory` has less than `margin` bytes left."""
     try:

@@ -68,13 +68,16 @@ class BenchRefused(ValueError):
 
 
 def current_rss_mb() -> float:
-    """Resident set size of this process now, MiB (psutil, else /proc/self/statm)."""
+    """Resident set size of this process now, MiB (psutil, else /proc/self/statm on Linux, else the
+    peak so far: a Mac without psutil has neither)."""
     try:
         import psutil
         return psutil.Process().memory_info().rss / MIB
     except ImportError:
-        resident_pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return resident_pages * os.sysconf("SC_PAGE_SIZE") / MIB
+        statm = Path("/proc/self/statm")
+        if not statm.is_file():
+            return peak_rss_mb()
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
 
 
 def check_bench(path: str | Path, runs: int, warmup: int, executor: str, verify: bool = True) -> str:
@@ -91,7 +94,28 @@ def check_bench(path: str | Path, runs: int, warmup: int, executor: str, verify:
     if not fmt.timed_here() or executor == "reference":
         raise BenchRefused(f"not benchmarking {Path(path).name} here: "
                            + fmt.untimed.format(name=Path(path).name, runs=runs))
+    if len(fmt.executors) > 1:   # Core ML on a Mac: "auto" falls back to the reference executor where
+        refuse_reference_fallback(Path(path), executor)   # the macOS is older than the package needs
     return fmt.name
+
+
+def refuse_reference_fallback(path: Path, executor: str) -> None:
+    """BenchRefused where `executor` would run the MIL reference executor instead of Core ML: its
+    time says nothing of the device's."""
+    from edge.coreml import resolve_executor
+
+    try:
+        kind, why = resolve_executor(executor, path)
+    except RuntimeError as exc:
+        raise BenchRefused(str(exc)) from exc
+    if kind == "reference":
+        raise BenchRefused(f"not benchmarking {path.name} here: {why}, and the MIL reference executor's time "
+                           f"is not Core ML's; time it on a Mac with that macOS (edge/device/coreml_bench.py)")
+
+
+def threads_applied(runner, threads: int | None) -> int | None:
+    """The thread count the runtime was given: MLModel.predict takes none (Core ML schedules its own)."""
+    return None if getattr(runner, "kind", "") == "predict" else threads
 
 
 def time_runs(fn, runs: int, warmup: int) -> list[float]:
@@ -122,7 +146,7 @@ def bench_artefact(path: str | Path, *, threads: int | None = None, runs: int = 
     return {
         "schema": SCHEMA, "artefact": Path(path).name, "format": fmt,
         "runtime": runner.runtime, "executor": runner.executor, "device": host_device(),
-        "threads": threads, "runs": runs, "warmup": warmup,
+        "threads": threads_applied(runner, threads), "runs": runs, "warmup": warmup,
         "input_shape": [int(s) for s in runner.input_shape],
         "latency_ms": latency_summary([1e3 * t for t in seconds]),
         "throughput_ips": runs / sum(seconds),
@@ -145,11 +169,12 @@ def interleave_turns(calls: list, runs: int, turn: int = TURN, settle: int = SET
 
 
 def bench_side_by_side(paths: list[str | Path], *, threads: int | None = None, runs: int = 50, warmup: int = 5,
-                       verify: bool = True) -> dict:
-    """Interleaved runs of several artefacts in one process; speed-up of each against the first."""
-    for path in paths:
-        check_bench(path, runs, warmup, "auto", verify)
-    runners = [open_runner(path, threads=threads) for path in paths]
+                       executor: str = "auto", verify: bool = True) -> dict:
+    """Interleaved runs of several artefacts in one process; speed-up of each against the first.
+    Each entry records its format and input shape: artefacts of other sizes are timed as asked, and
+    the printed table says so."""
+    formats = [check_bench(path, runs, warmup, executor, verify) for path in paths]
+    runners = [open_runner(path, threads=threads, executor=executor) for path in paths]
     calls = [r.invoke_fn(np.random.default_rng(0).random((1, *image_shape(r)), dtype=np.float32)) for r in runners]
     for call in calls:
         time_runs(call, 0, warmup)
@@ -158,9 +183,10 @@ def bench_side_by_side(paths: list[str | Path], *, threads: int | None = None, r
     return {"schema": "densekit.bench-compare/1", "device": host_device(), "threads": threads, "runs": runs,
             "warmup": warmup, "turn": min(TURN, runs), "settle": SETTLE, "source": "edge.bench",
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "artefacts": [{"artefact": Path(p).name, "executor": r.executor, "latency_ms": st,
-                           "speedup_vs_first": stats[0]["p50"] / st["p50"]}
-                          for p, r, st in zip(paths, runners, stats)]}
+            "artefacts": [{"artefact": Path(p).name, "format": f, "executor": r.executor,
+                           "threads": threads_applied(r, threads), "input_shape": [int(d) for d in r.input_shape],
+                           "latency_ms": st, "speedup_vs_first": stats[0]["p50"] / st["p50"]}
+                          for p, f, r, st in zip(paths, formats, runners, stats)]}
 
 
 def compare_summary(result: dict) -> str:
@@ -169,9 +195,15 @@ def compare_summary(result: dict) -> str:
         lat = a["latency_ms"]
         rows.append(f"{a['artefact']:<44} {lat['p50']:>8.2f} {lat['p90']:>8.2f} {lat['min']:>8.2f} "
                     f"{a['speedup_vs_first']:>8.2f}x")
+    sizes = {tuple(a["input_shape"]) for a in result["artefacts"] if "input_shape" in a}
+    formats = {a["format"] for a in result["artefacts"] if "format" in a}
+    notes = ([f"note: the inputs differ in size ({', '.join(map(str, sorted(sizes)))}): the speed-up includes the "
+              f"difference in pixels"] if len(sizes) > 1 else [])
+    notes += ([f"note: the runtimes differ ({', '.join(sorted(formats))}): each times its own call, LiteRT "
+               f"invoke() and ONNX Runtime run() with its output copies"] if len(formats) > 1 else [])
     return (f"{result['runs']} runs each, interleaved in turns of {result['turn']}, after {result['warmup']} warm-up, "
             f"{threads_text(result['threads'])}, p50 speed-up against the first\n"
-            f"cpu: {describe_cpu(device_cpu(result['device']))}\n" + "\n".join(rows))
+            f"cpu: {describe_cpu(device_cpu(result['device']))}\n" + "\n".join(rows + notes))
 
 
 def summary(result: dict) -> str:
@@ -190,7 +222,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
     parser.add_argument("--runs", type=int, default=50, help="timed inferences (default 50)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed inferences first (default 5)")
-    parser.add_argument("--json", default=None, help="write the densekit.bench/1 JSON here")
+    parser.add_argument("--json", default=None, help="write the result's JSON here (densekit.bench/1; "
+                        "densekit.bench-compare/1 for several artefacts)")
     parser.add_argument("--executor", default="auto", choices=EXECUTORS, help="Core ML only")
     parser.add_argument("--no-verify", action="store_true",
                         help="bench an artefact even if it differs from its export's manifest.json")
@@ -202,10 +235,12 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     at_least("--threads", args.threads, 1)
     if args.json:
+        if Path(args.json).is_dir():
+            raise BenchRefused(f"--json {args.json} is a directory; give a file name, e.g. {Path(args.json) / 'bench.json'}")
         check_writable(Path(args.json).parent, "--json")
     if len(args.artefact) > 1:
         result = bench_side_by_side(args.artefact, threads=args.threads, runs=args.runs, warmup=args.warmup,
-                                    verify=not args.no_verify)
+                                    executor=args.executor, verify=not args.no_verify)
     else:
         result = bench_artefact(args.artefact[0], threads=args.threads, runs=args.runs, warmup=args.warmup,
                                 executor=args.executor, verify=not args.no_verify)

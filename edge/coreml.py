@@ -107,7 +107,7 @@ class CoreMLRunner:
 
     def __init__(self, path: str | Path, *, threads: int | None = None, executor: str = "auto"):
         self.path, self.threads = Path(path), threads
-        if self.path.suffix != ".mlpackage" or not self.path.is_dir():
+        if self.path.suffix.lower() != ".mlpackage" or not self.path.is_dir():
             raise ValueError(f"{self.path} is not an .mlpackage directory; Core ML artefacts from "
                              "python -m quant.export --target coreml are <stem>_<precision>.mlpackage")
         self.kind, self.fallback = resolve_executor(executor, self.path)

@@ -113,7 +113,7 @@ def median_invoke_us(model_content: bytes, threads: int | None, runs: int, warmu
 def profile(path: str | Path, threads: int | None = None, runs: int = 100, progress: bool = False,
             verify: bool = True) -> dict:
     path = Path(path)
-    if path.suffix != ".tflite" or not path.is_file():
+    if path.suffix.lower() != ".tflite" or not path.is_file():
         raise ValueError(f"{path}: edge.op_profile takes an existing .tflite file")
     if verify:   # a file of an export directory must be the one its manifest recorded
         verify_artefact(path)

@@ -70,6 +70,12 @@ def check_artefact(path: str | Path, executor: str = "auto", verify: bool = True
         if executor == "predict" and sys.platform != "darwin":
             raise ValueError(f"--executor predict (MLModel.predict) needs macOS; this is {sys.platform}: use "
                              f"--executor reference, the MIL reference executor of edge/mil.py")
+        if executor == "predict":   # a Mac older than the package needs: a bad argument, said before loading
+            from edge.coreml import resolve_executor
+            try:
+                resolve_executor(executor, Path(path))
+            except RuntimeError as exc:
+                raise ValueError(str(exc)) from exc
         if verify:
             verify_artefact(path)
     except ValueError as exc:

@@ -191,7 +191,7 @@ class OrtRunner:
         self.input_name = self.session.get_inputs()[0].name
         self.runtime = f"onnxruntime {ort.__version__}"
         self.executor = f"{self.runtime} (CPUExecutionProvider, {threads_text(threads)})"
-        self.input_shape = tuple(self.session.get_inputs()[0].shape)
+        self.input_shape = static_input_shape(self.session.get_inputs()[0], self.path)
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         check_images(images, self)
@@ -205,6 +205,19 @@ class OrtRunner:
         feed = {self.input_name: np.ascontiguousarray(image, np.float32)}
         names = [DEPTH, SEG]
         return lambda: self.session.run(names, feed)
+
+
+def static_input_shape(node, path: Path) -> tuple[int, ...]:
+    """An ONNX input's shape, a symbolic batch read as 1 (the artefacts run one image at a time);
+    ValueError for a symbolic image size, which densekit's checks and benches cannot feed."""
+    shape = list(node.shape)
+    if shape and not isinstance(shape[0], int):
+        shape[0] = 1
+    if not all(isinstance(d, int) for d in shape):
+        raise ValueError(f"{path}: input {node.name!r} has the dynamic shape {node.shape}; densekit runs "
+                         f"artefacts of a fixed image size: export one with python -m quant.export (or "
+                         f"torch.onnx.export without dynamic_axes on the image's height and width)")
+    return tuple(shape)
 
 
 def artefact_format(path: str | Path, executor: str = "auto") -> str:

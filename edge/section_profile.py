@@ -160,7 +160,7 @@ def profile(paths: list[str | Path], sections: int = 8, threads: int | None = No
             progress: bool = False, verify: bool = True) -> dict:
     paths = [Path(p) for p in paths]
     for path in paths:
-        if path.suffix != ".tflite" or not path.is_file():
+        if path.suffix.lower() != ".tflite" or not path.is_file():
             raise ValueError(f"{path}: edge.section_profile takes existing .tflite files")
         if verify:   # a file of an export directory must be the one its manifest recorded
             verify_artefact(path)

@@ -81,6 +81,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.contract import DEPTH, INPUT_NAME, SEG  # noqa: E402
+from core.io import fsync_tree  # noqa: E402
 from edge.coreml import CoreMLRunner  # noqa: E402
 from edge.mil import MILProgram  # noqa: E402
 from targets.job import Job, check_against_reference, main, source_for, tool_versions, write_result  # noqa: E402
@@ -419,6 +420,7 @@ def save_atomically(model, target: Path, staging: Path) -> None:
     staging.mkdir(parents=True, exist_ok=True)
     temporary = staging / target.name  # coremltools insists on the .mlpackage suffix
     model.save(str(temporary))
+    fsync_tree(temporary)
     if target.is_dir():
         shutil.rmtree(target)
     elif target.exists():

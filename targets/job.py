@@ -24,7 +24,6 @@ from __future__ import annotations
 import gc
 import importlib
 import json
-import os
 import platform
 import shutil
 import sys
@@ -36,6 +35,7 @@ import numpy as np
 
 from core.contract import compare
 from core.formats import INTEGER_PRECISIONS
+from core.io import atomic_path
 from targets.stem import DEFAULT_FLOAT_STEM
 
 RESULT_FILE = "result.json"
@@ -108,12 +108,10 @@ def outputs_path(job: Job, precision: str) -> Path:
 
 
 def publish(job: Job, produced: Path, name: str) -> None:
-    """Copy a finished artefact file into out_dir as `name`, atomically (a temp name, then rename;
-    the copy because work_dir may be on another file system)."""
-    out = Path(job.out_dir)
-    tmp = out / f".{name}.tmp-{os.getpid()}"
-    shutil.copyfile(produced, tmp)
-    os.replace(tmp, out / name)
+    """Copy a finished artefact file into out_dir as `name`, atomically (a temp name, fsync, then
+    rename; the copy because work_dir may be on another file system)."""
+    with atomic_path(Path(job.out_dir) / name) as tmp:
+        shutil.copyfile(produced, tmp)
 
 
 def write_result(job: Job, artefacts: list[dict], tools: dict[str, str]) -> None:

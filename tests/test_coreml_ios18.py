@@ -399,3 +399,24 @@ def test_an_ios18_package_needs_macos_15_to_predict(ios18, monkeypatch):
     assert coreml.resolve_executor("reference", package(job, "w8a8")) == ("reference", "")
     monkeypatch.setattr(coreml.platform, "mac_ver", lambda: ("15.1", ("", "", ""), "arm64"))
     assert coreml.resolve_executor("auto", package(job, "sparse-palette4")) == ("predict", "")
+
+
+def test_bench_refuses_the_reference_fallback_and_run_refuses_predict_before_loading(ios18, monkeypatch):
+    """On a Mac older than an iOS18 package needs, "auto" would run the reference executor: edge.bench
+    refuses to report that as Core ML's latency, and edge.run's "predict" is a bad argument (exit 2),
+    said before anything loads. The macOS is faked as above."""
+    from edge import coreml
+    from edge.bench import BenchRefused, check_bench
+    from edge.run import BadInput, check_artefact
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setattr(coreml, "ON_MACOS", True)
+    monkeypatch.setattr(coreml.platform, "mac_ver", lambda: ("14.6", ("", "", ""), "arm64"))
+    w8a8 = package(ios18["job"], "w8a8")
+    with pytest.raises(BenchRefused, match="needs macOS 15 .*the MIL reference executor's time is not Core ML's"):
+        check_bench(w8a8, 5, 1, "auto", verify=False)
+    with pytest.raises(BenchRefused, match="needs macOS 15 or later to load it"):
+        check_bench(w8a8, 5, 1, "predict", verify=False)
+    with pytest.raises(BadInput, match="needs macOS 15 or later to load it"):
+        check_artefact(w8a8, "predict", verify=False)
+    assert check_bench(package(ios18["job"], "fp16"), 5, 1, "auto", verify=False) == "coreml"

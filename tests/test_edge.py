@@ -18,6 +18,7 @@ import io
 import json
 import platform
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -391,8 +392,45 @@ def test_compare_interleaves_and_reports_speedups(tiny_artefacts, tmp_path):
     first, second = result["artefacts"]
     assert first["artefact"] == "tiny_fp32.tflite" and first["speedup_vs_first"] == 1.0
     assert second["speedup_vs_first"] == pytest.approx(first["latency_ms"]["p50"] / second["latency_ms"]["p50"])
-    assert "speed-up" in proc.stdout
+    assert "speed-up" in proc.stdout and "note:" not in proc.stdout   # one size, one runtime
     assert f"cpu: {describe_cpu(host_cpu())}" in proc.stdout and result["device"]["int8_dot"] == host_cpu()["int8_dot"]
+    assert [(a["format"], a["input_shape"], a["threads"]) for a in result["artefacts"]] == [("tflite", [1, 64, 96, 3], 1)] * 2
+
+
+def test_compare_says_when_runtimes_differ_and_takes_the_executor(tiny_artefacts, tmp_path):
+    from edge.bench import bench_side_by_side, compare_summary
+
+    result = bench_side_by_side([tiny_artefacts["tflite_fp32"], tiny_artefacts["onnx_fp32"]], threads=1, runs=2, warmup=0)
+    assert [a["format"] for a in result["artefacts"]] == ["tflite", "onnx"]
+    assert "note: the runtimes differ (onnx, tflite)" in compare_summary(result)
+    with pytest.raises(BenchRefused, match="executor 'predict' applies to Core ML artefacts only"):
+        bench_side_by_side([tiny_artefacts["tflite_fp32"], tiny_artefacts["tflite_int8"]], executor="predict")
+
+
+def test_bench_refuses_a_json_directory_before_timing(tiny_artefacts, tmp_path):
+    proc = edge_cli("edge.bench", tiny_artefacts["onnx_fp32"], "--runs", "100000", "--json", tmp_path)
+    assert proc.returncode == 2 and f"--json {tmp_path} is a directory" in proc.stderr, proc.stderr
+
+
+def test_an_onnx_batch_dimension_by_name_runs_and_a_dynamic_image_size_is_refused(tiny_artefacts, tmp_path):
+    import onnx
+
+    model = onnx.load(str(tiny_artefacts["onnx_fp32"]))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[0].dim_param = "batch"
+    onnx.save(model, str(tmp_path / "batch.onnx"))
+    images = np.load(tiny_artefacts["inputs"])
+    assert run_artefact(tmp_path / "batch.onnx", images[:1])["depth"].shape == (1, 1, 64, 96)
+    dims[2].dim_param = "height"
+    onnx.save(model, str(tmp_path / "height.onnx"))
+    with pytest.raises(ValueError, match="has the dynamic shape .*export one with python -m quant.export"):
+        run_artefact(tmp_path / "height.onnx", images[:1])
+
+
+def test_artefact_suffixes_are_read_without_case(tiny_artefacts, tmp_path):
+    upper = tmp_path / "tiny.ONNX"
+    shutil.copyfile(tiny_artefacts["onnx_fp32"], upper)
+    assert run_artefact(upper, np.load(tiny_artefacts["inputs"])[:1])["labels"].shape == (1, 64, 96)
 
 
 def test_compare_takes_turns_that_start_with_untimed_calls():
