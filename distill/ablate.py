@@ -25,7 +25,9 @@ every finished run is also measured on that split (`python -m distill.evaluate`;
 the run's evaluations/) and its metrics join the row as `heldout_<metric>`: the 200 images of a
 CPU-default validation split move a student's abs_rel about as much as a seed does; a run whose
 held-out measurement fails keeps its own figures, with the error beside them. An OUT that already
-holds an ablation is refused. Exit status: 0 all runs finished and measured, 1 some failed, 2 a bad
+holds an ablation is refused, unless `--resume` is given with the same command: the rows that
+finished are kept, a run stopped after a checkpoint continues from it (`resume=`), a finished run
+whose held-out measurement was cut short is measured, and the rest train. Exit status: 0 all runs finished and measured, 1 some failed, 2 a bad
 command line.
 """
 from __future__ import annotations
@@ -197,7 +199,10 @@ def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None, h
             if echo is not None:
                 echo(line)
         try:
-            run_dir = train(replace(recipe, out_dir=str(run_out)), progress=False, log=log)
+            run_dir = left_behind(run_out)
+            if run_dir is None or not (run_dir / "summary.json").is_file():
+                resume = {"resume": str(run_dir)} if run_dir is not None else {}
+                run_dir = train(replace(recipe, out_dir=str(run_out), **resume), progress=False, log=log)
             summary = json.loads((run_dir / "summary.json").read_text())
         except Exception as e:   # noqa: BLE001 - a failed run is a row of the table, not the end
             log_file.write(traceback.format_exc())
@@ -215,6 +220,15 @@ def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None, h
     metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     return {"status": "ok", "error": error, "run_dir": str(run_dir), "wall_s": time.time() - start,
             "metrics": metrics}
+
+
+def left_behind(run_out: Path) -> Path | None:
+    """The run an interrupted grid left in `run_out` (a row's folder): its newest run with a
+    checkpoint, finished or not; None for a fresh row (or one stopped before its first checkpoint)."""
+    from core.weights import latest_checkpoint
+
+    runs = sorted(p for p in run_out.glob("*/config.json") if latest_checkpoint(p.parent / "checkpoints"))
+    return runs[-1].parent if runs else None
 
 
 def measure_heldout(run_dir: Path, heldout: tuple[str, ...], log) -> dict:
@@ -338,13 +352,14 @@ def summary_rows(rows: list[dict], grid: Grid) -> tuple[list[dict], list[str]]:
     return rows, list(grid.axes)
 
 
-def write_report(out: Path, recipe_name: str, grid: Grid, metrics: list[str], rows: list[dict]) -> None:
+def write_report(out: Path, recipe_name: str, grid: Grid, metrics: list[str], rows: list[dict],
+                 heldout: tuple[str, ...] = ()) -> None:
     """OUT/ablation.json (everything) and OUT/ablation.md (the table), both atomically."""
     columns = [m for m in metrics if m != "wall_s"] + ["wall_s"]
     lead, lead_axes = summary_rows(rows, grid)
     io.write_json(out / "ablation.json", {
         "recipe": recipe_name, "grid": {k: list(v) for k, v in grid.axes.items()}, "common": list(grid.common),
-        "metrics": metrics, "runs": rows, "best": {m: sorted(best_rows(lead, m)) for m in columns},
+        "heldout": list(heldout), "metrics": metrics, "runs": rows, "best": {m: sorted(best_rows(lead, m)) for m in columns},
         **({"groups": lead} if seeded(grid) else {})})
     legend = ", ".join(f"{m} {'lower' if DIRECTION[m] < 0 else 'higher' if DIRECTION[m] > 0 else 'closer to 1'}"
                        for m in metrics)
@@ -375,6 +390,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heldout", default="", help='also measure every run on this split, as heldout_<metric> '
                         '(data.* and eval.* overrides in one string, e.g. "data.seed=1 data.num_val=1000")')
     parser.add_argument("--dry-run", action="store_true", help="list the combinations and exit")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the ablation in --out (the same command): finished rows are kept")
     parser.add_argument("--verbose", action="store_true", help="print the runs' training logs too")
     parser.add_argument("--help", "-h", action="store_true", help="show help (with a recipe: its keys)")
     return parser
@@ -398,12 +415,15 @@ def main(argv: list[str]) -> int:
         metrics += HELDOUT_METRICS
     elif not heldout and any(m.startswith(HELDOUT) for m in metrics):
         raise ConfigError(f"--metrics {args.metrics}: heldout_* metrics need --heldout (the split to measure)")
+    if args.resume and not args.out:
+        raise ConfigError("--resume continues the ablation in --out: give --out DIR (the folder it was started in)")
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or f"runs/ablate-{stamp}")
     check_writable(out, "--out")
-    if not args.dry_run and (out / "ablation.json").exists():   # its table and folders would mix with a new grid's
-        raise ConfigError(f"--out {out} already holds an ablation (ablation.json); choose another --out, "
-                          f"or move that one away to start again")
+    if not args.dry_run and not args.resume and (out / "ablation.json").exists():   # tables would mix
+        raise ConfigError(f"--out {out} already holds an ablation (ablation.json); continue it with --resume "
+                          f"(the same command), choose another --out, or move that one away to start again")
+    rows = resumed_rows(out, args.recipe, grid, metrics, heldout) if args.resume else None
     combos = grid.combinations()
     print(f"ablation of {args.recipe}: {len(combos)} runs ({' x '.join(grid.axes)}) -> {out}"
           + (f"; common: {' '.join(grid.common)}" if grid.common else ""))
@@ -413,7 +433,7 @@ def main(argv: list[str]) -> int:
         for i, combination in enumerate(combos):
             print(f"  {run_name(i, combination)}: {' '.join(overrides_for(grid, combination))}")
         return 0
-    return run_grid(args.recipe, grid, recipes, out, metrics, verbose=args.verbose, heldout=heldout)
+    return run_grid(args.recipe, grid, recipes, out, metrics, verbose=args.verbose, heldout=heldout, rows=rows)
 
 
 def parse_heldout(text: str, recipes: list[Recipe]) -> tuple[str, ...]:
@@ -444,14 +464,19 @@ def parse_heldout(text: str, recipes: list[Recipe]) -> tuple[str, ...]:
 
 
 def run_grid(recipe_name: str, grid: Grid, recipes: list[Recipe], out: Path, metrics: list[str], *,
-             verbose: bool = False, heldout: tuple[str, ...] = ()) -> int:
-    """Run every combination in order, rewriting the report after each; 0 if all finished, else 1."""
+             verbose: bool = False, heldout: tuple[str, ...] = (), rows: list[dict] | None = None) -> int:
+    """Run every combination in order, rewriting the report after each; 0 if all finished, else 1.
+    `rows`: a resumed ablation's rows (resumed_rows); those that finished are not run again."""
     combos = grid.combinations()
-    rows = [{"values": c, "overrides": overrides_for(grid, c), "status": "pending", "error": None,
-             "run_dir": None, "wall_s": None, "metrics": {}} for c in combos]
+    rows = rows or [{"values": c, "overrides": overrides_for(grid, c), "status": "pending", "error": None,
+                     "run_dir": None, "wall_s": None, "metrics": {}} for c in combos]
     out.mkdir(parents=True, exist_ok=True)
-    write_report(out, recipe_name, grid, metrics, rows)
+    write_report(out, recipe_name, grid, metrics, rows, heldout)
     for i, (combination, recipe) in enumerate(zip(combos, recipes)):
+        if finished(rows[i]):
+            print(f"[{i + 1}/{len(combos)}] " + " ".join(f"{k}={v}" for k, v in combination.items())
+                  + ": finished before, kept", flush=True)
+            continue
         print(f"[{i + 1}/{len(combos)}] " + " ".join(f"{k}={v}" for k, v in combination.items()), flush=True)
         rows[i].update(run_one(recipe, out / run_name(i, combination), print if verbose else None, heldout))
         row = rows[i]
@@ -460,12 +485,34 @@ def run_grid(recipe_name: str, grid: Grid, recipes: list[Recipe], out: Path, met
         print(f"    {'done' if row['status'] == 'ok' else 'FAILED'} in {row['wall_s']:.0f} s: "
               f"{shown if row['status'] == 'ok' else row['error']}"
               + (f"; FAILED {row['error']}" if row["status"] == "ok" and row["error"] else ""), flush=True)
-        write_report(out, recipe_name, grid, metrics, rows)
+        write_report(out, recipe_name, grid, metrics, rows, heldout)
     lead, lead_axes = summary_rows(rows, grid)
     print(f"\n{terminal_table(lead, lead_axes, metrics, out)}\n\n(* best per metric"
           + (", mean ± sd over seeds" if seeded(grid) else "") + ")  "
           f"{out / 'ablation.md'}  {out / 'ablation.json'}")
-    return 0 if all(r["status"] == "ok" and not r["error"] for r in rows) else 1
+    return 0 if all(finished(r) for r in rows) else 1
+
+
+def finished(row: dict) -> bool:
+    """Trained, and measured on the held-out split where one was asked for."""
+    return row["status"] == "ok" and not row["error"]
+
+
+def resumed_rows(out: Path, recipe_name: str, grid: Grid, metrics: list[str], heldout: tuple[str, ...]) -> list[dict]:
+    """The rows of the ablation in `out`, after checking that it is the one this command describes:
+    --resume continues a grid, it does not mix two."""
+    path = out / "ablation.json"
+    if not path.is_file():
+        raise ConfigError(f"--resume: {out} holds no ablation.json; drop --resume to start this grid there")
+    saved = io.read_json(path, fix="it was not written by distill.ablate; give another --out")
+    now = {"recipe": recipe_name, "grid": {k: list(v) for k, v in grid.axes.items()}, "common": list(grid.common),
+           "heldout": list(heldout), "metrics": metrics}
+    differ = [key for key, value in now.items() if saved.get(key, [] if key == "heldout" else None) != value]
+    overrides = [overrides_for(grid, c) for c in grid.combinations()]
+    if differ or [row["overrides"] for row in saved["runs"]] != overrides:
+        raise ConfigError(f"--resume: {path} is another grid ({', '.join(differ) or 'its rows'} differ); give the "
+                          f"command that started it, or another --out")
+    return saved["runs"]
 
 
 if __name__ == "__main__":

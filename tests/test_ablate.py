@@ -194,3 +194,33 @@ def test_a_failed_heldout_keeps_the_trained_run_and_a_used_out_is_refused(tmp_pa
     capsys.readouterr()
     assert main(["v3", "--seeds", "1", *TINY, "--out", str(out)]) == 2
     assert "already holds an ablation" in capsys.readouterr().err
+
+
+def test_resume_keeps_finished_rows_and_continues_a_stopped_run(tmp_path, capsys):
+    """A grid stopped in its second row: --resume keeps the first row's run, continues the second
+    from its checkpoint (no new run folder), and refuses a command of another grid."""
+    out = tmp_path / "out"
+    two_epochs = [item for item in TINY if not item.startswith("train.epochs=")] + ["train.epochs=2"]
+    args = ["v3", "train.lr_decoder=0.002,0.004", *two_epochs, f"data.root={tmp_path / 'data'}", "--out", str(out)]
+    assert main(args) == 0
+    saved = json.loads((out / "ablation.json").read_text())
+    first, second = (tmp_path / row["run_dir"] for row in saved["runs"])
+    figures = [row["metrics"]["abs_rel"] for row in saved["runs"]]
+    # as if stopped after the second run's last checkpoint, before its summary: the row pending
+    for name in ("summary.json", "report.md", "preview.png"):
+        (second / name).unlink()
+    saved["runs"][1].update(status="pending", run_dir=None, metrics={})
+    (out / "ablation.json").write_text(json.dumps(saved))
+    first_log = (first.parent / "train.log").read_text()
+
+    capsys.readouterr()
+    assert main(["v3", "train.lr_decoder=0.002,0.004", *TINY, f"data.root={tmp_path / 'data'}", "--out", str(out),
+                 "--resume"]) == 2
+    assert "is another grid (common differ)" in capsys.readouterr().err
+    assert main([*args, "--resume"]) == 0
+    assert "finished before, kept" in capsys.readouterr().out
+    assert (first.parent / "train.log").read_text() == first_log                   # not trained again
+    assert f"resumed {second} from epoch-0002" in (second.parent / "train.log").read_text()
+    assert len(list(second.parent.glob("v3-*"))) == 1 and (second / "summary.json").is_file()
+    rows = json.loads((out / "ablation.json").read_text())["runs"]
+    assert [row["metrics"]["abs_rel"] for row in rows] == figures                  # the same runs, to the digit
