@@ -27,8 +27,8 @@ CPU-default validation split move a student's abs_rel about as much as a seed do
 held-out measurement fails keeps its own figures, with the error beside them. An OUT that already
 holds an ablation is refused, unless `--resume` is given with the same command: the rows that
 finished are kept, a run stopped after a checkpoint continues from it (`resume=`), a finished run
-whose held-out measurement was cut short is measured, and the rest train. Exit status: 0 all runs finished and measured, 1 some failed, 2 a bad
-command line.
+whose held-out measurement was cut short is measured, and the rest train. Exit status: 0 all runs
+finished and measured, 1 some failed, 2 a bad command line.
 """
 from __future__ import annotations
 
@@ -359,7 +359,8 @@ def write_report(out: Path, recipe_name: str, grid: Grid, metrics: list[str], ro
     lead, lead_axes = summary_rows(rows, grid)
     io.write_json(out / "ablation.json", {
         "recipe": recipe_name, "grid": {k: list(v) for k, v in grid.axes.items()}, "common": list(grid.common),
-        "heldout": list(heldout), "metrics": metrics, "runs": rows, "best": {m: sorted(best_rows(lead, m)) for m in columns},
+        "heldout": list(heldout), "metrics": metrics, "runs": rows,
+        "best": {m: sorted(best_rows(lead, m)) for m in columns},
         **({"groups": lead} if seeded(grid) else {})})
     legend = ", ".join(f"{m} {'lower' if DIRECTION[m] < 0 else 'higher' if DIRECTION[m] > 0 else 'closer to 1'}"
                        for m in metrics)

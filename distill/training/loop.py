@@ -46,9 +46,9 @@ from distill.training.supervision import supervision_for
 
 PREFLIGHT_BATCHES = 3
 AUX_LEVELS = 2   # loss.aux_weight > 0: deep supervision on the decoder's two coarsest outputs (stride 16 and 8)
-# seconds an epoch spends waiting for its batches / in the teacher -> their shares of the training time
 BEST = "best.safetensors"
 STAGED_BEST = BEST + ".next"   # a new best until the checkpoint that records it is written
+# seconds an epoch spends waiting for its batches / in the teacher -> their shares of the training time
 TIME_SHARES = (("data_wait_s", "data_wait_share"), ("teacher_s", "teacher_share"))
 
 
