@@ -67,9 +67,10 @@ def parse_value(text: str, typ: Any, key: str) -> Any:
     if typ in (int, float):
         try:
             value = typ(text)
-        except ValueError:
+            finite = math.isfinite(value)   # OverflowError: an int beyond any float
+        except (ValueError, OverflowError):
             raise ConfigError(f"{key}={text!r}: expected {typ.__name__}") from None
-        if not math.isfinite(value):   # nan passes every `< 0` check and switches options off unseen
+        if not finite:   # nan passes every `< 0` check and switches options off unseen
             raise ConfigError(f"{key}={text!r}: expected a finite number")
         return value
     if typ is str:
@@ -149,8 +150,8 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
         value, typ = data[f.name], hints[f.name]
         if dataclasses.is_dataclass(typ):
             value = from_dict(typ, value, f"{path}{f.name}.")
-        elif not has_type(value, typ):
-            raise ConfigError(f"{path}{f.name}={value!r}: expected {typ}")
+        elif not has_type(value, typ) or (isinstance(value, float) and not math.isfinite(value)):
+            raise ConfigError(f"{path}{f.name}={value!r}: expected {typ}" + (" (finite)" if typ is float else ""))
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[f.name] = value

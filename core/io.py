@@ -20,6 +20,23 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once, at import: setting the umask to read it changes it for every thread of the process for
+# that moment (a file another thread creates then would be world-writable).
+UMASK = _read_umask()
+
+
+def as_umask_allows(path: Path) -> None:
+    """Give a temp file (mkstemp: 0600) or directory (mkdtemp: 0700) the mode a plain open() or
+    mkdir() would have, before it is renamed into place: a cache, run or checkpoint others can read."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
+
+
 class IntegrityError(ValueError):
     """A file that is corrupt, truncated or differs from the hash recorded for it; the message
     names the file and the fix."""
@@ -37,9 +54,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600: a cache or run others cannot read
+        as_umask_allows(tmp)
         os.replace(tmp, dest)
     except Exception as exc:
         # Writers report a full disk in their own words (torch.save: "unexpected pos ..."); say it plainly.
@@ -111,6 +126,8 @@ def read_json(path: str | Path, fix: str):
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON-lines file; a line that is not JSON is skipped, wherever it is (a torn
+    last line, killed mid-write; the resume that follows rewrites the file without it)."""
     records = []
     for line in Path(path).read_text().splitlines():
         try:

@@ -2,8 +2,8 @@
 
 The lock is an advisory `flock` on a small file that records the holder's PID. The kernel drops
 it when the holder exits, however it dies, so a lock left by a killed process is simply free: the
-next writer takes it without guessing whether a PID is still alive. The file itself stays (an
-empty claim is harmless) and tells who holds it while it is held.
+next writer takes it without guessing whether a PID is still alive. The file itself stays, with
+the last holder's PID (harmless once the lock is free), and tells who holds it while it is held.
 """
 from __future__ import annotations
 

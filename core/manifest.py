@@ -6,11 +6,13 @@ Torch-free: the runtime processes check an artefact before they open it.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from core.io import IntegrityError, check_sha256, matches_record
 
 MANIFEST = "manifest.json"
+SHA256 = re.compile(r"[0-9a-f]{64}")
 __all__ = ["MANIFEST", "IntegrityError", "read_manifest", "verify_artefact", "verify_export"]
 
 
@@ -18,7 +20,9 @@ def read_manifest(export_dir: str | Path) -> dict:
     path = Path(export_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
-        manifest["artefacts"][0]["sha256"]   # the shape quant.export writes
+        entries = manifest["artefacts"]   # the shape quant.export writes: every entry a path and a sha256
+        if not entries or not all(isinstance(a["path"], str) and SHA256.fullmatch(a["sha256"]) for a in entries):
+            raise ValueError("an artefact entry without a path or a 64-digit sha256")
         return manifest
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise IntegrityError(f"{path} is missing or unreadable ({type(exc).__name__}: {exc}); it is written by "
@@ -39,14 +43,19 @@ def verify_export(export_dir: str | Path) -> list[str]:
 
 def verify_artefact(path: str | Path) -> bool:
     """Check `path` against the manifest.json beside it; True when it was checked, False when it sits
-    outside an export directory (nothing recorded). IntegrityError when it differs."""
+    outside an export directory (nothing recorded). IntegrityError when it differs, or when the
+    manifest does not list it (an unlisted file in an export directory would otherwise run unchecked)."""
     path = Path(path)
     if not (path.parent / MANIFEST).is_file():
         return False
     recorded = {a["path"]: a["sha256"] for a in read_manifest(path.parent)["artefacts"]}
-    if path.name not in recorded:
-        return False
-    check_sha256(path, recorded[path.name], record=f"recorded in {path.parent / MANIFEST}",
+    by_case = {name.casefold(): name for name in recorded}   # MODEL.TFLITE opens model.tflite on macOS and Windows
+    name = path.name if path.name in recorded else by_case.get(path.name.casefold())
+    if name is None:
+        raise IntegrityError(f"{path} is not listed in {path.parent / MANIFEST}, so nothing recorded vouches for it: "
+                             f"run the export's own files ({', '.join(sorted(recorded))}), move it out of "
+                             f"{path.parent}, or pass --no-verify to run it anyway")
+    check_sha256(path, recorded[name], record=f"recorded in {path.parent / MANIFEST}",
                  fix="it changed after export (corrupted or edited). Re-export it (python -m quant.export ... "
                      "--overwrite), or pass --no-verify to run it anyway")
     return True

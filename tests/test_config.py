@@ -27,6 +27,7 @@ def test_overrides_are_typed_and_nested():
     ("epochs", "is not key=value"),
     ("train.lr_encoder=nan", "train.lr_encoder='nan': expected a finite number"),
     ("loss.aux_weight=inf", "loss.aux_weight='inf': expected a finite number"),
+    ("data.seed=1" + "0" * 400, "data.seed='1" + "0" * 400 + "': expected int"),
 ])
 def test_override_errors_name_the_key_and_suggest(override, message):
     with pytest.raises(ConfigError, match=None) as err:
@@ -38,6 +39,14 @@ def test_json_round_trip_of_every_recipe():
     for name in RECIPES:
         recipe = get_recipe(name)
         assert from_dict(type(recipe), to_dict(recipe)) == recipe
+
+
+def test_a_saved_config_with_nan_is_refused_as_an_override_would_be():
+    """json.loads reads NaN: a hand-edited config.json must not pass what the command line refuses."""
+    data = to_dict(get_recipe("v3"))
+    data["train"]["lr_encoder"] = float("nan")
+    with pytest.raises(ConfigError, match=r"train.lr_encoder=nan: expected <class 'float'> \(finite\)"):
+        from_dict(type(get_recipe("v3")), data)
 
 
 def test_recipe_history():

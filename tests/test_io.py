@@ -145,3 +145,47 @@ def test_truncated_weights_and_state_name_the_file(tmp_path):
     state.write_bytes(state.read_bytes()[:20])
     with pytest.raises(IntegrityError, match=r"state\.pt cannot be read .*truncated or corrupt"):
         check_checkpoint(state.parent)
+
+
+def test_an_export_directory_vouches_only_for_the_files_its_manifest_lists(tmp_path):
+    """An unlisted file beside a manifest.json would otherwise run unchecked; a name in another case
+    (MODEL.TFLITE opens model.tflite on macOS) is checked against its record; an entry without a
+    64-digit sha256 is refused as a damaged manifest, not a crash."""
+    from core.manifest import IntegrityError, verify_artefact
+
+    (tmp_path / "model.tflite").write_bytes(b"the artefact")
+    entry = {"path": "model.tflite", "sha256": io.sha256(tmp_path / "model.tflite")}
+    (tmp_path / "manifest.json").write_text(json.dumps({"artefacts": [entry]}))
+    assert verify_artefact(tmp_path / "model.tflite")
+    (tmp_path / "MODEL.TFLITE").write_bytes(b"the artefact")
+    assert verify_artefact(tmp_path / "MODEL.TFLITE")
+    (tmp_path / "MODEL.TFLITE").write_bytes(b"another file")
+    with pytest.raises(IntegrityError, match="differs from the sha256 recorded in"):
+        verify_artefact(tmp_path / "MODEL.TFLITE")
+    (tmp_path / "other.tflite").write_bytes(b"dropped in later")
+    with pytest.raises(IntegrityError, match=r"other.tflite is not listed in .*run the export's own files "
+                                             r"\(model.tflite\).*--no-verify"):
+        verify_artefact(tmp_path / "other.tflite")
+    assert not verify_artefact(tmp_path.parent / "outside.tflite")   # no manifest: nothing recorded
+    (tmp_path / "manifest.json").write_text(json.dumps({"artefacts": [entry, {"path": "x.onnx", "sha256": None}]}))
+    with pytest.raises(IntegrityError, match="manifest.json is missing or unreadable .*re-export"):
+        verify_artefact(tmp_path / "model.tflite")
+
+
+def test_checkpoints_and_atomic_files_get_the_modes_the_umask_allows(tmp_path):
+    """mkdtemp (0700) and mkstemp (0600) would keep a run's checkpoints and files from the group
+    that resumes or reads it."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        io.UMASK, saved = 0o022, io.UMASK
+        final = save_checkpoint(tmp_path / "ckpt", 1, {"w": torch.zeros(2)}, {"epoch": 1}, {})
+        with io.atomic_path(tmp_path / "file.json") as tmp:
+            tmp.write_text("{}")
+    finally:
+        io.UMASK = saved
+        os.umask(previous)
+    assert stat.S_IMODE(final.stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "file.json").stat().st_mode) == 0o644

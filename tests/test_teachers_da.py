@@ -72,8 +72,10 @@ def test_hub_id_offline_names_the_download(monkeypatch, tmp_path):
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)   # never touches the network
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(OSError, match=r"huggingface-cli download densekit-test/no-such-da2 --local-dir DIR"):
+    with pytest.raises(FileNotFoundError, match=r"huggingface-cli download densekit-test/no-such-da2 --local-dir DIR") as err:
         teacher_for(cfg("da2-metric", "densekit-test/no-such-da2"))
+    from core.cli import EXIT_USER, exit_code
+    assert exit_code(err.value) == EXIT_USER   # the user's to fix: exit 2, the message without "failed:"
 
 
 def test_preflight_refuses_the_relative_teacher_for_a_metric_recipe(checkpoints):

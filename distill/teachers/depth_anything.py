@@ -65,8 +65,9 @@ def load_pretrained(cls, source: str, what: str):
     try:
         model = cls.from_pretrained(source)
     except OSError as e:
-        raise OSError(f"could not load {source} ({e}). Offline? Download it once (huggingface-cli download "
-                      f"{source} --local-dir DIR) and pass teacher.source=DIR") from e
+        # a misspelt id or no network: the user's to fix (exit 2), with the way to fix it
+        raise FileNotFoundError(f"could not load {source} ({e}). Offline, or a misspelt hub id? Download it once "
+                                f"(huggingface-cli download {source} --local-dir DIR) and pass teacher.source=DIR") from e
     return model, None
 
 

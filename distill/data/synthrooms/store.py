@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from core.io import write_json
+from core.io import as_umask_allows, write_json
 from core.lock import exclusive
 
 from ..classes import IGNORE_INDEX, NYU13_NAMES
@@ -259,6 +259,7 @@ def _move_into_place(tmp: Path, target: Path) -> None:
         stale = target.with_name(f".{target.name}.stale-{os.getpid()}")
         os.replace(target, stale)
         shutil.rmtree(stale, ignore_errors=True)
+    as_umask_allows(tmp)   # mkdtemp makes 0700: a shared cache the other users could not read
     try:
         os.replace(tmp, target)
     except OSError:
