@@ -185,6 +185,7 @@ def bench_side_by_side(paths: list[str | Path], *, threads: int | None = None, r
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "artefacts": [{"artefact": Path(p).name, "format": f, "executor": r.executor,
                            "threads": threads_applied(r, threads), "input_shape": [int(d) for d in r.input_shape],
+                           "image_shape": list(image_shape(r)),   # (3, H, W) whatever the layout
                            "latency_ms": st, "speedup_vs_first": stats[0]["p50"] / st["p50"]}
                           for p, f, r, st in zip(paths, formats, runners, stats)]}
 
@@ -195,10 +196,10 @@ def compare_summary(result: dict) -> str:
         lat = a["latency_ms"]
         rows.append(f"{a['artefact']:<44} {lat['p50']:>8.2f} {lat['p90']:>8.2f} {lat['min']:>8.2f} "
                     f"{a['speedup_vs_first']:>8.2f}x")
-    sizes = {tuple(a["input_shape"]) for a in result["artefacts"] if "input_shape" in a}
+    sizes = {tuple(a["image_shape"][1:]) for a in result["artefacts"] if "image_shape" in a}
     formats = {a["format"] for a in result["artefacts"] if "format" in a}
-    notes = ([f"note: the inputs differ in size ({', '.join(map(str, sorted(sizes)))}): the speed-up includes the "
-              f"difference in pixels"] if len(sizes) > 1 else [])
+    notes = ([f"note: the input images differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}): the "
+              f"speed-up includes the difference in pixels"] if len(sizes) > 1 else [])
     notes += ([f"note: the runtimes differ ({', '.join(sorted(formats))}): each times its own call, LiteRT "
                f"invoke() and ONNX Runtime run() with its output copies"] if len(formats) > 1 else [])
     return (f"{result['runs']} runs each, interleaved in turns of {result['turn']}, after {result['warmup']} warm-up, "

@@ -402,7 +402,10 @@ def test_compare_says_when_runtimes_differ_and_takes_the_executor(tiny_artefacts
 
     result = bench_side_by_side([tiny_artefacts["tflite_fp32"], tiny_artefacts["onnx_fp32"]], threads=1, runs=2, warmup=0)
     assert [a["format"] for a in result["artefacts"]] == ["tflite", "onnx"]
-    assert "note: the runtimes differ (onnx, tflite)" in compare_summary(result)
+    text = compare_summary(result)   # NHWC beside NCHW: the same 64x96 image
+    assert "note: the runtimes differ (onnx, tflite)" in text and "differ in size" not in text
+    result["artefacts"][1]["image_shape"] = [3, 128, 160]
+    assert "note: the input images differ in size (64x96, 128x160)" in compare_summary(result)
     with pytest.raises(BenchRefused, match="executor 'predict' applies to Core ML artefacts only"):
         bench_side_by_side([tiny_artefacts["tflite_fp32"], tiny_artefacts["tflite_int8"]], executor="predict")
 
