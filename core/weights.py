@@ -50,6 +50,14 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
                              f"file is truncated or corrupt; restore it from a copy, or make it again") from None
 
 
+def load_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a safetensors file (the recipe, the epoch, its validation figures)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
 def save_checkpoint(ckpt_dir: Path, epoch: int, weights: dict[str, torch.Tensor], state: dict,
                     metadata: dict[str, str], keep: int = 1) -> Path:
     """Write `ckpt_dir/epoch-NNNN/{model.safetensors,state.pt}` atomically as one unit.

@@ -184,9 +184,12 @@ def run_name(index: int, combination: dict[str, str]) -> str:
 
 # ----------------------------------------------------------------------------- running
 
-def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None, heldout: tuple[str, ...] = ()) -> dict:
+def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None, heldout: tuple[str, ...] = (),
+            resume: bool = False) -> dict:
     """Train `recipe` with its runs under `run_out`, then measure it on the `heldout` split if given;
-    returns the row's status, run_dir, metrics."""
+    returns the row's status, run_dir, metrics. `resume`: continue the run a stopped grid left in
+    `run_out` (from its saved config, as `python -m distill.run ... resume=` does) instead."""
+    from distill.run import resolve
     from distill.training import train  # heavy imports only once the grid is valid
 
     run_out.mkdir(parents=True, exist_ok=True)
@@ -199,10 +202,11 @@ def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None, h
             if echo is not None:
                 echo(line)
         try:
-            run_dir = left_behind(run_out)
-            if run_dir is None or not (run_dir / "summary.json").is_file():
-                resume = {"resume": str(run_dir)} if run_dir is not None else {}
-                run_dir = train(replace(recipe, out_dir=str(run_out), **resume), progress=False, log=log)
+            run_dir = left_behind(run_out) if resume else None
+            if run_dir is None:
+                run_dir = train(replace(recipe, out_dir=str(run_out)), progress=False, log=log)
+            elif not (run_dir / "summary.json").is_file():
+                run_dir = train(resolve(recipe.name, [f"resume={run_dir}"]), progress=False, log=log)
             summary = json.loads((run_dir / "summary.json").read_text())
         except Exception as e:   # noqa: BLE001 - a failed run is a row of the table, not the end
             log_file.write(traceback.format_exc())
@@ -449,18 +453,20 @@ def parse_heldout(text: str, recipes: list[Recipe]) -> tuple[str, ...]:
     for item in items:
         if "=" not in item:
             raise ConfigError(f'--heldout: "{item}" is not key=value (e.g. --heldout "data.seed=1 data.num_val=1000")')
-    split = lambda d: (d.dataset, d.val_dataset, d.seed)  # noqa: E731  what picks the validation images
+    # what picks the validation images: the data, and for SynthRooms (rendered by seed) its seed
+    split = lambda d: (d.dataset, d.val_dataset, d.seed if (d.val_dataset or d.dataset) == "synthrooms" else None)  # noqa: E731
     for recipe in recipes:
         try:
             held = evaluation_recipe(recipe, items)
         except ValueError as e:
             raise ConfigError(f"--heldout: {e}") from None
         if split(held.data) == split(recipe.data):
-            used = {r.data.seed for r in recipes}
+            data, used = recipe.data.val_dataset or recipe.data.dataset, {r.data.seed for r in recipes}
+            fix = (f"add data.seed={max(used) + 1} (rooms no run trains or validates on) or another data.dataset"
+                   if data == "synthrooms" else "give another data.dataset (its seed does not pick its images)")
             raise ConfigError(f'--heldout "{text}": that is the validation split of a run it would measure '
-                              f"({recipe.data.val_dataset or recipe.data.dataset}, data.seed={recipe.data.seed}), "
-                              f"which chose its best.safetensors; add data.seed={max(used) + 1} (rooms no run "
-                              f"trains or validates on) or another data.dataset")
+                              f"({data}" + (f", data.seed={recipe.data.seed}" if data == "synthrooms" else "")
+                              + f"), which chose its best.safetensors; {fix}")
     return items
 
 
@@ -468,7 +474,7 @@ def run_grid(recipe_name: str, grid: Grid, recipes: list[Recipe], out: Path, met
              verbose: bool = False, heldout: tuple[str, ...] = (), rows: list[dict] | None = None) -> int:
     """Run every combination in order, rewriting the report after each; 0 if all finished, else 1.
     `rows`: a resumed ablation's rows (resumed_rows); those that finished are not run again."""
-    combos = grid.combinations()
+    combos, resuming = grid.combinations(), rows is not None
     rows = rows or [{"values": c, "overrides": overrides_for(grid, c), "status": "pending", "error": None,
                      "run_dir": None, "wall_s": None, "metrics": {}} for c in combos]
     out.mkdir(parents=True, exist_ok=True)
@@ -479,7 +485,8 @@ def run_grid(recipe_name: str, grid: Grid, recipes: list[Recipe], out: Path, met
                   + ": finished before, kept", flush=True)
             continue
         print(f"[{i + 1}/{len(combos)}] " + " ".join(f"{k}={v}" for k, v in combination.items()), flush=True)
-        rows[i].update(run_one(recipe, out / run_name(i, combination), print if verbose else None, heldout))
+        rows[i].update(run_one(recipe, out / run_name(i, combination), print if verbose else None, heldout,
+                               resume=resuming))
         row = rows[i]
         shown = ", ".join(f"{m} {row['metrics'][m]:.4f}" for m in metrics
                           if isinstance(row["metrics"].get(m), (int, float)))

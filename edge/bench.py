@@ -200,8 +200,9 @@ def compare_summary(result: dict) -> str:
     formats = {a["format"] for a in result["artefacts"] if "format" in a}
     notes = ([f"note: the input images differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}): the "
               f"speed-up includes the difference in pixels"] if len(sizes) > 1 else [])
-    notes += ([f"note: the runtimes differ ({', '.join(sorted(formats))}): each times its own call, LiteRT "
-               f"invoke() and ONNX Runtime run() with its output copies"] if len(formats) > 1 else [])
+    notes += ([f"note: the runtimes differ ({', '.join(sorted(formats))}): each times its own call (LiteRT "
+               f"invoke(), ONNX Runtime run() with its output copies, Core ML predict() with its dicts)"]
+              if len(formats) > 1 else [])
     return (f"{result['runs']} runs each, interleaved in turns of {result['turn']}, after {result['warmup']} warm-up, "
             f"{threads_text(result['threads'])}, p50 speed-up against the first\n"
             f"cpu: {describe_cpu(device_cpu(result['device']))}\n" + "\n".join(rows + notes))

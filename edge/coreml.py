@@ -117,11 +117,13 @@ class CoreMLRunner:
             spec = self._model.get_spec()
             inputs = {i.name: tuple(i.type.multiArrayType.shape) for i in spec.description.input}
             outputs = [o.name for o in spec.description.output]
+            self.runtime = f"Core ML (coremltools {import_coremltools().__version__})"
             self.executor = f"MLModel.predict (macOS {platform.mac_ver()[0]}, compute units ALL)"
         else:
             self._program = MILProgram(self.path)
             inputs = {name: kind.shape for name, kind in self._program.inputs.items()}
             outputs = self._program.output_names
+            self.runtime = "coreml-reference (edge/mil.py)"
             self.executor = (f"coreml-reference (numpy/torch, {self._program.precision} per op, "
                              f"{threads_text(threads)}" + (f"; {self.fallback}" if self.fallback else "") + ")")
         find_outputs(outputs, self.path)

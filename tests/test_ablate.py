@@ -1,5 +1,6 @@
 """The ablation harness: grid parsing and validation without training, the table, one tiny real grid."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -224,3 +225,7 @@ def test_resume_keeps_finished_rows_and_continues_a_stopped_run(tmp_path, capsys
     assert len(list(second.parent.glob("v3-*"))) == 1 and (second / "summary.json").is_file()
     rows = json.loads((out / "ablation.json").read_text())["runs"]
     assert [row["metrics"]["abs_rel"] for row in rows] == figures                  # the same runs, to the digit
+
+    (out / "ablation.json").rename(tmp_path / "moved-away.json")   # a new grid there: nothing left is reused
+    assert main(args) == 0
+    assert all(len(list((out / Path(row["run_dir"]).parent.name).glob("v3-*"))) == 2 for row in rows)

@@ -298,7 +298,8 @@ def test_resume_refuses_a_corrupt_or_missing_checkpoint_with_one_line(tmp_path, 
 def test_resume_settles_a_best_staged_when_the_run_was_killed(tmp_path, capsys):
     """A new best is staged as best.safetensors.next until the checkpoint that records it is written.
     Killed after that checkpoint, the resume moves the staged file in; killed before it, the staged
-    file names no checkpoint and is removed; a best.safetensors changed since is refused."""
+    file names no checkpoint and is removed; a best.safetensors changed since is written again from
+    the checkpoint that holds the kept epoch."""
     assert main(["v3", *TINY, "train.epochs=1", f"out_dir={tmp_path}", "--quiet"]) == 0
     (run,) = run_dirs(tmp_path)
     best, staged = run / "best.safetensors", run / "best.safetensors.next"
@@ -313,13 +314,39 @@ def test_resume_settles_a_best_staged_when_the_run_was_killed(tmp_path, capsys):
     assert main(["v3", f"resume={run}", "--quiet"]) == 0
     assert io.sha256(best) == recorded and not staged.exists()
 
-    data = bytearray(best.read_bytes())
+    data = bytearray(best.read_bytes())   # changed since: the checkpoint holds the kept epoch's weights
     data[-5] ^= 0x40
     best.write_bytes(bytes(data))
-    capsys.readouterr()
-    assert main(["v3", f"resume={run}", "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert f"{best} differs from the sha256 recorded when epoch 1 kept it" in err and "start a new run" in err, err
+    assert main(["v3", f"resume={run}"]) == 0
+    assert "best.safetensors differed from its record; written again from epoch-0001" in capsys.readouterr().out
+    assert io.sha256(best) == recorded
+
+
+def test_a_new_best_waits_for_the_checkpoint_that_records_it(tmp_path, monkeypatch):
+    """A run that fails while writing epoch 2's checkpoint leaves best.safetensors as epoch 1's checkpoint
+    recorded it (a new best is only staged), and its resume finishes the run with a consistent record."""
+    from distill.training import loop
+
+    original = loop.save
+
+    def failing_save(run_dir, model, weighting, optimizer, scheduler, state, *args, **kwargs):
+        if state["epoch"] == 2:
+            raise OSError(28, "No space left on device", str(run_dir / "checkpoints"))
+        return original(run_dir, model, weighting, optimizer, scheduler, state, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "save", failing_save)
+    assert main(["v3", *TINY, "train.epochs=2", f"out_dir={tmp_path}", "--quiet"]) == 2
+    monkeypatch.setattr(loop, "save", original)
+    (run,) = run_dirs(tmp_path)
+    best, staged = run / "best.safetensors", run / "best.safetensors.next"
+    progress = torch.load(latest_checkpoint(run / "checkpoints") / "state.pt", weights_only=False)["progress"]
+    first = progress["best"]
+    assert first["epoch"] == 1 and io.sha256(best) == first["sha256"]
+    assert progress["train_set"] == 48   # what a resume compares its training split with
+    assert staged.is_file()   # epoch 2 scored better: staged, never moved in without its checkpoint
+    assert main(["v3", f"resume={run}", "--quiet"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["best"]["epoch"] == 2 and io.sha256(best) == summary["best"]["sha256"] and not staged.exists()
 
 
 def test_resume_refuses_a_training_split_of_another_size(tmp_path):

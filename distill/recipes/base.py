@@ -228,10 +228,10 @@ def distill_problems(dc: DistillConfig) -> list[str]:
     if not 0 <= dc.shared_crop <= 1:
         problems.append(f"distill.shared_crop={dc.shared_crop} must be in [0, 1] (the probability that a batch "
                         f"is a shared crop; 0 = off)")
-    if not 0 < dc.crop_min <= 1:
+    if dc.shared_crop > 0 and not 0 < dc.crop_min <= 1:   # read only where shared crops are on
         problems.append(f"distill.crop_min={dc.crop_min} must be in (0, 1] (a fraction of the image side; 0.5 "
                         f"keeps crops at least half the image)")
-    if dc.local_global_grid < 1:
+    if dc.local_global_weight > 0 and dc.local_global_grid < 1:
         problems.append(f"distill.local_global_grid={dc.local_global_grid} must be >= 1 (patches per side; "
                         f"2 gives 4 patches)")
     for key in ("normalized_weight", "metric_weight", "local_global_weight", "feature_weight"):

@@ -28,7 +28,8 @@ from core.config import ConfigError
 from core.io import IntegrityError, check_sha256, sha256
 from core.lock import exclusive
 from core.spaces import DepthSpace
-from core.weights import check_checkpoint, latest_checkpoint, load_weights, save_checkpoint, save_weights
+from core.weights import (check_checkpoint, latest_checkpoint, load_metadata, load_weights, save_checkpoint,
+                          save_weights)
 from distill.data import build_datasets
 from distill.data.classes import NYU13_NAMES
 from distill.losses.feature_kd import FeatureDistiller
@@ -211,8 +212,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     state = {"epoch": 0, "step": 0, "best": None, "train_time": 0.0, "train_images": 0,
              "data_wait_s": 0.0, "teacher_s": 0.0, "train_set": len(train_ds)}
     if recipe.resume:
-        state = restore(run_dir, model, weighting, optimizer, scheduler, log, write=rank.main, feature_kd=feature_kd)
-        check_same_training_set(run_dir, state, len(train_ds), dc.dataset)
+        state = restore(run_dir, model, weighting, optimizer, scheduler, log, write=rank.main, feature_kd=feature_kd,
+                        train_set=(len(train_ds), dc.dataset))
     # DDP broadcasts rank 0's weights (its pre-flight depth initialisation included) on wrapping;
     # the modules beside the student start from rank 0's values too.
     net = torch.nn.parallel.DistributedDataParallel(model) if rank.active else model
@@ -316,10 +317,14 @@ def keep_best(run_dir: Path, model, recipe: Recipe, state: dict, val: dict) -> P
     return staged
 
 
-def settle_best(run_dir: Path, best: dict | None, log) -> None:
-    """After a resume: best.safetensors as the checkpoint recorded it. A kill between the checkpoint
-    and the move leaves the recorded file staged (moved in now); a kill before the checkpoint leaves a
-    staged file that no checkpoint names (removed: the epoch is trained again)."""
+def settle_best(run_dir: Path, best: dict | None, ckpt: Path, epoch: int, log) -> None:
+    """After a resume from checkpoint `ckpt` (of `epoch`): best.safetensors as that checkpoint recorded
+    it. A kill between the checkpoint and the move leaves the recorded file staged (moved in now); a
+    kill before the checkpoint leaves a staged file that no checkpoint names (removed: the epoch is
+    trained again). A kept file that differs from its record is written again from the checkpoint
+    when the checkpoint's epoch is the kept one; otherwise (a run stopped during its checkpoint by a
+    densekit before 2026-12-05, which wrote the best first) the epochs trained now rewrite it if one
+    is best again, and the run's end refuses it if none is."""
     staged, final = run_dir / STAGED_BEST, run_dir / BEST
     if staged.is_file():
         if best is not None and sha256(staged) == best["sha256"]:
@@ -327,9 +332,18 @@ def settle_best(run_dir: Path, best: dict | None, log) -> None:
             log(f"best.safetensors: epoch {best['epoch']}'s weights, staged when the run was stopped, moved in")
         else:
             staged.unlink()
-    if best is not None:
-        check_sha256(final, best["sha256"], record=f"recorded when epoch {best['epoch']} kept it",
-                     fix="the run directory was changed after the run was stopped; start a new run")
+    if best is None or (final.is_file() and sha256(final) == best["sha256"]):
+        return
+    if best["epoch"] == epoch:
+        weights = ckpt / "model.safetensors"
+        save_weights(final, shipped_state(load_weights(weights)), load_metadata(weights))
+        best["sha256"] = sha256(final)
+        log(f"best.safetensors differed from its record; written again from {ckpt.name}, which holds epoch "
+            f"{epoch}'s weights")
+    else:
+        log(f"warning: {final} differs from the record of epoch {best['epoch']}, the kept one (a run stopped while "
+            f"writing its checkpoint by a densekit before 2026-12-05 leaves it so); the epochs trained now write it "
+            f"again if one of them scores better, otherwise the run's end refuses it")
 
 
 def use_kept_weights(model, run_dir: Path, state: dict, log) -> bool:
@@ -502,12 +516,17 @@ def check_same_training_set(run_dir: Path, state: dict, images: int, dataset: st
 
 
 def restore(run_dir: Path, model, weighting, optimizer, scheduler, log, write: bool = True,
-            feature_kd=None) -> dict:
+            feature_kd=None, train_set: tuple[int, str] | None = None) -> dict:
+    """The state of the run's latest checkpoint, loaded into the model, optimizer, scheduler and
+    weighting; refused before anything is changed when `train_set` (images, dataset) differs from
+    the count the run started with."""
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
         raise ConfigError(f"resume={run_dir}: no complete checkpoint under {run_dir / 'checkpoints'} (killed "
                           f"before its first epoch ended); start a new run instead")
     full = check_checkpoint(ckpt)
+    if train_set is not None:
+        check_same_training_set(run_dir, full["progress"], *train_set)
     model.load_state_dict(load_weights(ckpt / "model.safetensors"))
     optimizer.load_state_dict(full["optimizer"])
     scheduler.load_state_dict(full["scheduler"])
@@ -517,7 +536,7 @@ def restore(run_dir: Path, model, weighting, optimizer, scheduler, log, write: b
     torch.set_rng_state(full["torch_rng"])
     state = full["progress"]
     if write:
-        settle_best(run_dir, state["best"], log)
+        settle_best(run_dir, state["best"], ckpt, state["epoch"], log)
     metrics = run_dir / "metrics.jsonl"
     if write and metrics.exists():  # drop epochs logged after the checkpoint we continue from
         kept = [r for r in io.read_jsonl(metrics) if r["epoch"] <= state["epoch"]]

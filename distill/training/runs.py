@@ -139,9 +139,8 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         recorded = best_sha256(run_dir)
         fix = ("the weights are corrupt or were replaced; pick another run, or train this one again"
                if (run_dir / "summary.json").is_file() else
-               f"the run did not finish: if it stopped between keeping new best weights and saving its checkpoint, "
-               f"resume it (python -m distill.run {recipe.name} resume={run_dir}) to bring the record up to date; "
-               f"otherwise the weights are corrupt")
+               f"the run did not finish: resume it (python -m distill.run {recipe.name} resume={run_dir}), which "
+               f"writes the kept weights again where its checkpoint holds them, or pick another run")
         digest = io.sha256(weights) if recorded is None else io.check_sha256(
             weights, recorded, record="its run recorded", fix=fix)
     else:   # no best kept: the last checkpoint's weights, checked against their own record
