@@ -348,6 +348,13 @@ def test_a_new_best_waits_for_the_checkpoint_that_records_it(tmp_path, monkeypat
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best"]["epoch"] == 2 and io.sha256(best) == summary["best"]["sha256"] and not staged.exists()
 
+    # epoch 2 was logged before its checkpoint failed, then trained again: TensorBoard shows it once
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("val/abs_rel")]
+    assert steps == [6, 12], steps   # 48 images in batches of 8: 6 steps an epoch
+
 
 def test_resume_refuses_a_training_split_of_another_size(tmp_path):
     """An image folder that gained files since the run started would move the epochs' ends and the

@@ -221,7 +221,9 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     distributed.broadcast_module(rank, feature_kd)
 
     from distill.training.tensorboard import summary_writer
-    writer = summary_writer(run_dir / "tensorboard", purge_step=state["step"]) if rank.main else NullWriter()
+    # a resume drops what was logged after its checkpoint's last step (steps count from 1), then logs it anew
+    purge = state["step"] + 1 if recipe.resume else None
+    writer = summary_writer(run_dir / "tensorboard", purge_step=purge) if rank.main else NullWriter()
     val = None
     t_loop, first_epoch = time.time(), state["epoch"]
     for epoch in range(state["epoch"], tc.epochs):
@@ -474,13 +476,16 @@ def train_one_epoch(model, loader, supervision, objective, weighting, optimizer,
 
 
 def log_epoch(writer, record: dict, log, left_s: float = 0.0) -> None:
-    """TensorBoard scalars, and one terminal line with the time the remaining epochs will take."""
-    epoch, val = record["epoch"], record["val"]
+    """TensorBoard scalars, and one terminal line with the time the remaining epochs will take. The
+    epoch's scalars are logged at the step it ended on, as the per-step ones are: a resume's purge
+    (every step after its checkpoint) then drops an epoch logged before the kill, which by epoch
+    number it kept, so the epoch trained again appeared twice."""
+    epoch, val, step = record["epoch"], record["val"], record["step"]
     for k, v in val.items():
         if isinstance(v, (int, float)) and v is not None and math.isfinite(v):
-            writer.add_scalar(f"val/{k}", v, epoch)
+            writer.add_scalar(f"val/{k}", v, step)
     for k, v in record["train"].items():
-        writer.add_scalar(f"train_epoch/{k}", v, epoch)
+        writer.add_scalar(f"train_epoch/{k}", v, step)
     parts = [f"epoch {epoch}", f"loss {record['train']['loss']:.4f}"]
     parts += [f"{k} {val[k]:.4f}" for k in ("abs_rel", "rmse", "d1", "miou") if val.get(k) is not None]
     if left_s > 0:
