@@ -136,7 +136,7 @@ def test_surface_normals_are_off_for_images_without_intrinsics(tmp_path, monkeyp
 def test_each_epoch_line_says_how_long_the_rest_takes():
     from distill.training.loop import NullWriter, log_epoch
     lines = []
-    record = {"epoch": 3, "train": {"loss": 0.5}, "val": {"abs_rel": 0.2, "miou": 0.4}}
+    record = {"epoch": 3, "step": 30, "train": {"loss": 0.5}, "val": {"abs_rel": 0.2, "miou": 0.4}}
     for left_s in (150.0, 42.0, 0.0):
         log_epoch(NullWriter(), record, lines.append, left_s=left_s)
     assert lines[0].endswith("~2.5 min left") and lines[1].endswith("~42 s left")
