@@ -12,6 +12,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections import deque
 from pathlib import Path
 
@@ -83,35 +85,83 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1 = PR_SET_PDEATHSIG
 
 
+SILENCE_ENV = "DENSEKIT_CONVERTER_SILENCE_S"
+SILENCE_S = 1800.0   # the longest a converter may print nothing (its slowest step, a large onnx2tf graph, is minutes)
+
+
+def silence_limit() -> float:
+    """Seconds a converter may print nothing, and an edge.run or edge.bench child may run, before it
+    is taken for hung and killed: $DENSEKIT_CONVERTER_SILENCE_S, else 1800."""
+    text = os.environ.get(SILENCE_ENV, "")
+    try:
+        limit = float(text) if text else SILENCE_S
+    except ValueError:
+        limit = -1.0
+    if not limit > 0:
+        raise ValueError(f"{SILENCE_ENV}={text!r}: give the seconds a converter may print nothing (e.g. 3600)")
+    return limit
+
+
 def run_module(module: str, *args: str, tail_lines: int = 15) -> None:
     """`python -m module args...` in a child process (runtimes never share a process with torch,
-    docs/TOOLCHAIN.md); RuntimeError with the last lines of its output when it fails."""
+    docs/TOOLCHAIN.md); RuntimeError with the last lines of its output when it fails, or when it
+    runs longer than silence_limit()."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
-                          preexec_fn=die_with_parent)
+    limit = silence_limit()   # these children print only at their end: the limit bounds their whole run
+    try:
+        proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env,
+                              preexec_fn=die_with_parent, timeout=limit)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"python -m {module} {' '.join(args)} ran for {limit:.0f} s and was stopped as hung "
+                           f"({SILENCE_ENV}={limit:.0f}; raise it for a slow device)") from None
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-tail_lines:])
         raise RuntimeError(f"python -m {module} {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
 
 
+def kill_when_silent(proc: subprocess.Popen, limit: float, heard: list[float]) -> threading.Thread:
+    """A watchdog that kills `proc` once `limit` seconds pass after the last time in `heard[0]`: a
+    hung toolchain (a deadlocked converter) would otherwise hold the export and its lock for ever."""
+    def watch() -> None:
+        while proc.poll() is None:
+            if time.monotonic() - heard[0] > limit:
+                heard.append(time.monotonic())   # the mark that the watchdog, not the converter, ended it
+                proc.kill()
+                return
+            time.sleep(min(1.0, limit / 4))
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
 def run_converter(job: Job, job_dir: Path, log=print) -> dict:
     """Run the job's converter process (`python -m <module> JOB.json`, core/formats.py) on `job`;
-    stream its progress lines; return result.json."""
+    stream its progress lines; return result.json. A converter silent for longer than
+    silence_limit() is killed, and the export fails naming the limit."""
     job_path = job_dir / f"{job.format}.job.json"
     log_path = job_dir / f"{job.format}.log"
     job.save(job_path)
+    limit = silence_limit()
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     tail: deque[str] = deque(maxlen=40)
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", FORMATS[job.format].converter(job.converter).module, str(job_path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 preexec_fn=die_with_parent)
+        heard = [time.monotonic()]
+        watchdog = kill_when_silent(proc, limit, heard)
         for line in proc.stdout:
+            heard[0] = time.monotonic()
             log_file.write(line)
             tail.append(line.rstrip())
             if line.startswith(f"{job.format} "):   # the converter's own progress lines
                 log("  " + line.rstrip())
         code = proc.wait()
+        watchdog.join()
+    if len(heard) > 1:
+        raise ConversionError(f"the {job.format} converter printed nothing for {limit:.0f} s and was stopped as hung "
+                              f"({SILENCE_ENV}={limit:.0f}; raise it for a model that converts slowly); last lines "
+                              f"of {log_path}:\n" + "\n".join(tail))
     if code != 0:
         # A negative code is the signal that ended it: a crash in the toolchain's native code
         how = f"was killed by {signal.Signals(-code).name}" if -code in signal.valid_signals() else f"exit {code}"

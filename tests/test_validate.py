@@ -229,3 +229,31 @@ def test_a_converter_that_exits_0_without_its_result_is_our_failure(tmp_path, mo
     with pytest.raises(artefacts.ConversionError, match=r"exited 0 without writing .*result\.json; last lines of "
                                                         r".*tflite\.log:\nconverted nothing$"):
         artefacts.run_converter(job, tmp_path, log=lambda line: None)
+
+
+def test_a_converter_that_hangs_is_stopped_after_its_silence_limit(tmp_path, monkeypatch):
+    """A deadlocked toolchain would hold the export and its lock for ever: a converter that prints
+    nothing for $DENSEKIT_CONVERTER_SILENCE_S seconds is killed, and the error names the limit."""
+    import time
+    from types import SimpleNamespace
+
+    from quant import artefacts
+    from targets.job import Job
+
+    (tmp_path / "hanging_converter.py").write_text('import time\nprint("tflite loading", flush=True)\ntime.sleep(600)\n')
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("DENSEKIT_CONVERTER_SILENCE_S", "2")
+    converter = SimpleNamespace(module="hanging_converter")
+    monkeypatch.setattr(artefacts, "FORMATS", {"tflite": SimpleNamespace(converter=lambda name: converter)})
+    job = Job(format="tflite", precisions=["int8"], sources={}, out_dir=str(tmp_path), work_dir=str(tmp_path),
+              stem="tiny", input_shape=[1, 3, 64, 96])
+    start = time.monotonic()
+    with pytest.raises(artefacts.ConversionError, match=r"printed nothing for 2 s and was stopped as hung "
+                                                        r"\(DENSEKIT_CONVERTER_SILENCE_S=2; .*\ntflite loading$"):
+        artefacts.run_converter(job, tmp_path, log=lambda line: None)
+    assert time.monotonic() - start < 30
+    with pytest.raises(RuntimeError, match=r"python -m hanging_converter x ran for 2 s and was stopped as hung"):
+        artefacts.run_module("hanging_converter", "x")   # the edge.run and edge.bench children's bound
+    monkeypatch.setenv("DENSEKIT_CONVERTER_SILENCE_S", "soon")
+    with pytest.raises(ValueError, match="DENSEKIT_CONVERTER_SILENCE_S='soon': give the seconds"):
+        artefacts.run_converter(job, tmp_path, log=lambda line: None)
