@@ -269,6 +269,8 @@ def converter_for(fmt: Format, options: ExportOptions) -> tuple[Converter, str]:
 
 def check_options(options: ExportOptions, fmt: Format) -> None:
     """Refuse values that cannot work before a model is loaded or a file converted."""
+    from quant.artefacts import silence_limit
+    silence_limit()   # $DENSEKIT_CONVERTER_SILENCE_S, read now rather than after QAT
     for flag, value, low in (("--check", options.check, 1), ("--calib", options.calib, 1),
                              ("--qat-steps", 0 if options.qat_steps is None else options.qat_steps, 0),
                              ("--prune-steps", options.prune_steps, 0),
