@@ -119,19 +119,26 @@ def run_module(module: str, *args: str, tail_lines: int = 15) -> None:
         raise RuntimeError(f"python -m {module} {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
 
 
-def kill_when_silent(proc: subprocess.Popen, limit: float, heard: list[float]) -> threading.Thread:
-    """A watchdog that kills `proc` once `limit` seconds pass after the last time in `heard[0]`: a
-    hung toolchain (a deadlocked converter) would otherwise hold the export and its lock for ever."""
-    def watch() -> None:
-        while proc.poll() is None:
-            if time.monotonic() - heard[0] > limit:
-                heard.append(time.monotonic())   # the mark that the watchdog, not the converter, ended it
-                proc.kill()
+class SilenceWatchdog:
+    """Kills `proc` once `limit` seconds pass without `heard()`: a hung toolchain (a deadlocked
+    converter) would otherwise hold the export and its lock for ever. `fired`: it did."""
+
+    def __init__(self, proc: subprocess.Popen, limit: float):
+        self.proc, self.limit, self.fired = proc, limit, False
+        self.last = time.monotonic()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def heard(self) -> None:
+        self.last = time.monotonic()
+
+    def _watch(self) -> None:
+        while self.proc.poll() is None:
+            if time.monotonic() - self.last > self.limit:
+                self.fired = True
+                self.proc.kill()
                 return
-            time.sleep(min(1.0, limit / 4))
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
+            time.sleep(min(1.0, self.limit / 4))
 
 
 def run_converter(job: Job, job_dir: Path, log=print) -> dict:
@@ -148,17 +155,16 @@ def run_converter(job: Job, job_dir: Path, log=print) -> dict:
         proc = subprocess.Popen([sys.executable, "-m", FORMATS[job.format].converter(job.converter).module, str(job_path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                                 preexec_fn=die_with_parent)
-        heard = [time.monotonic()]
-        watchdog = kill_when_silent(proc, limit, heard)
+        watchdog = SilenceWatchdog(proc, limit)
         for line in proc.stdout:
-            heard[0] = time.monotonic()
+            watchdog.heard()
             log_file.write(line)
             tail.append(line.rstrip())
             if line.startswith(f"{job.format} "):   # the converter's own progress lines
                 log("  " + line.rstrip())
         code = proc.wait()
-        watchdog.join()
-    if len(heard) > 1:
+        watchdog.thread.join()
+    if watchdog.fired:
         raise ConversionError(f"the {job.format} converter printed nothing for {limit:.0f} s and was stopped as hung "
                               f"({SILENCE_ENV}={limit:.0f}; raise it for a model that converts slowly); last lines "
                               f"of {log_path}:\n" + "\n".join(tail))
