@@ -52,8 +52,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp)
         as_umask_allows(tmp)
         os.replace(tmp, dest)
     except Exception as exc:
@@ -65,12 +64,17 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def fsync_file(path: Path) -> None:
+    """Its contents on disk before a rename makes them visible under their final name."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_tree(directory: Path) -> None:
     """fsync every file under `directory` (an .mlpackage about to be renamed into place), so a power
     cut after the rename cannot leave empty files under the final name."""
     for path in tree_files(directory):
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
+        fsync_file(path)
 
 
 def out_of_space(directory: Path, margin: int = 1 << 20) -> bool:
