@@ -356,14 +356,19 @@ def summary_rows(rows: list[dict], grid: Grid) -> tuple[list[dict], list[str]]:
     return rows, list(grid.axes)
 
 
+def grid_identity(recipe_name: str, grid: Grid, metrics: list[str], heldout: tuple[str, ...]) -> dict:
+    """What ablation.json records of the command that made it; --resume compares it with its own."""
+    return {"recipe": recipe_name, "grid": {k: list(v) for k, v in grid.axes.items()}, "common": list(grid.common),
+            "heldout": list(heldout), "metrics": metrics}
+
+
 def write_report(out: Path, recipe_name: str, grid: Grid, metrics: list[str], rows: list[dict],
                  heldout: tuple[str, ...] = ()) -> None:
     """OUT/ablation.json (everything) and OUT/ablation.md (the table), both atomically."""
     columns = [m for m in metrics if m != "wall_s"] + ["wall_s"]
     lead, lead_axes = summary_rows(rows, grid)
     io.write_json(out / "ablation.json", {
-        "recipe": recipe_name, "grid": {k: list(v) for k, v in grid.axes.items()}, "common": list(grid.common),
-        "heldout": list(heldout), "metrics": metrics, "runs": rows,
+        **grid_identity(recipe_name, grid, metrics, heldout), "runs": rows,
         "best": {m: sorted(best_rows(lead, m)) for m in columns},
         **({"groups": lead} if seeded(grid) else {})})
     legend = ", ".join(f"{m} {'lower' if DIRECTION[m] < 0 else 'higher' if DIRECTION[m] > 0 else 'closer to 1'}"
@@ -480,11 +485,11 @@ def run_grid(recipe_name: str, grid: Grid, recipes: list[Recipe], out: Path, met
     out.mkdir(parents=True, exist_ok=True)
     write_report(out, recipe_name, grid, metrics, rows, heldout)
     for i, (combination, recipe) in enumerate(zip(combos, recipes)):
+        label = f"[{i + 1}/{len(combos)}] " + " ".join(f"{k}={v}" for k, v in combination.items())
         if finished(rows[i]):
-            print(f"[{i + 1}/{len(combos)}] " + " ".join(f"{k}={v}" for k, v in combination.items())
-                  + ": finished before, kept", flush=True)
+            print(f"{label}: finished before, kept", flush=True)
             continue
-        print(f"[{i + 1}/{len(combos)}] " + " ".join(f"{k}={v}" for k, v in combination.items()), flush=True)
+        print(label, flush=True)
         rows[i].update(run_one(recipe, out / run_name(i, combination), print if verbose else None, heldout,
                                resume=resuming))
         row = rows[i]
@@ -513,8 +518,7 @@ def resumed_rows(out: Path, recipe_name: str, grid: Grid, metrics: list[str], he
     if not path.is_file():
         raise ConfigError(f"--resume: {out} holds no ablation.json; drop --resume to start this grid there")
     saved = io.read_json(path, fix="it was not written by distill.ablate; give another --out")
-    now = {"recipe": recipe_name, "grid": {k: list(v) for k, v in grid.axes.items()}, "common": list(grid.common),
-           "heldout": list(heldout), "metrics": metrics}
+    now = grid_identity(recipe_name, grid, metrics, heldout)
     differ = [key for key, value in now.items() if saved.get(key, [] if key == "heldout" else None) != value]
     overrides = [overrides_for(grid, c) for c in grid.combinations()]
     if differ or [row["overrides"] for row in saved["runs"]] != overrides:
