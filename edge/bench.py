@@ -196,8 +196,8 @@ def compare_summary(result: dict) -> str:
         lat = a["latency_ms"]
         rows.append(f"{a['artefact']:<44} {lat['p50']:>8.2f} {lat['p90']:>8.2f} {lat['min']:>8.2f} "
                     f"{a['speedup_vs_first']:>8.2f}x")
-    sizes = {tuple(a["image_shape"][1:]) for a in result["artefacts"] if "image_shape" in a}
-    formats = {a["format"] for a in result["artefacts"] if "format" in a}
+    sizes = {tuple(a["image_shape"][1:]) for a in result["artefacts"]}
+    formats = {a["format"] for a in result["artefacts"]}
     notes = ([f"note: the input images differ in size ({', '.join(f'{h}x{w}' for h, w in sorted(sizes))}): the "
               f"speed-up includes the difference in pixels"] if len(sizes) > 1 else [])
     notes += ([f"note: the runtimes differ ({', '.join(sorted(formats))}): each times its own call (LiteRT "
