@@ -1,7 +1,8 @@
 """Atomic file writes and content hashes. A killed process never leaves a half file that looks whole.
 
 Everything goes to a temporary name in the destination's directory, is fsynced, then renamed
-over the destination (rename is atomic within one filesystem).
+over the destination (rename is atomic within one filesystem), and the directory is fsynced so the
+rename itself survives a power cut (`replace`).
 
 Torch-free on purpose: the runtime processes (edge/run.py, edge/bench.py) must never import torch
 (TensorFlow and torch crash in one process, docs/TOOLCHAIN.md). Weights and checkpoints, which do
@@ -54,7 +55,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         yield tmp
         fsync_file(tmp)
         as_umask_allows(tmp)
-        os.replace(tmp, dest)
+        replace(tmp, dest)
     except Exception as exc:
         # Writers report a full disk in their own words (torch.save: "unexpected pos ..."); say it plainly.
         if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) and out_of_space(dest.parent):
@@ -68,6 +69,28 @@ def fsync_file(path: Path) -> None:
     """Its contents on disk before a rename makes them visible under their final name."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def replace(src: str | Path, dest: str | Path) -> None:
+    """os.replace, then fsync the directory: POSIX keeps a rename in the directory, not in the file,
+    so without it a power cut can bring back the old name after the caller went on."""
+    os.replace(src, dest)
+    fsync_dir(Path(dest).parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    """A directory's entries on disk (its renames and new names). Windows cannot open a directory
+    and needs no such sync; some network file systems refuse it (EINVAL): nothing more can be done."""
+    if not hasattr(os, "O_DIRECTORY"):
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+    finally:
+        os.close(fd)
 
 
 def fsync_tree(directory: Path) -> None:

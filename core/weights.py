@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from core.io import IntegrityError, as_umask_allows, atomic_path, check_sha256, sha256
+from core.io import IntegrityError, as_umask_allows, atomic_path, check_sha256, replace, sha256
 
 WEIGHTS_SHA256 = "weights_sha256"   # the key in state.pt
 
@@ -78,7 +78,7 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, weights: dict[str, torch.Tensor]
         if final.exists():
             shutil.rmtree(final)
         as_umask_allows(tmp)   # mkdtemp makes 0700: a checkpoint the run's group could not resume
-        os.replace(tmp, final)
+        replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in sorted(p for p in ckpt_dir.glob("epoch-*") if p.is_dir())[:-keep]:

@@ -43,7 +43,7 @@ class ExportDir:
         self.final = Path(final)
         swapped_out = sorted(self.final.parent.glob(f".{self.final.name}.old-*"), key=lambda p: p.stat().st_mtime)
         if swapped_out and not self.final.exists():   # a commit killed between its two renames: put it back
-            os.replace(swapped_out[-1], self.final)
+            io.replace(swapped_out[-1], self.final)
         if self.final.exists() and not overwrite:
             count = len(list(self.final.iterdir())) if self.final.is_dir() else 1
             raise ExportExistsError(f"{self.final} already exists ({count} entries); pass --overwrite to replace "
@@ -63,7 +63,7 @@ class ExportDir:
         old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
         if self.final.exists():
             os.replace(self.final, old)
-        os.replace(self.staging, self.final)
+        io.replace(self.staging, self.final)
         shutil.rmtree(old, ignore_errors=True)
         return self.final
 

@@ -81,7 +81,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.contract import DEPTH, INPUT_NAME, SEG  # noqa: E402
-from core.io import fsync_tree  # noqa: E402
+from core.io import fsync_tree, replace  # noqa: E402
 from edge.coreml import CoreMLRunner  # noqa: E402
 from edge.mil import MILProgram  # noqa: E402
 from targets.job import Job, check_against_reference, main, source_for, tool_versions, write_result  # noqa: E402
@@ -425,7 +425,7 @@ def save_atomically(model, target: Path, staging: Path) -> None:
         shutil.rmtree(target)
     elif target.exists():
         target.unlink()
-    os.replace(temporary, target)
+    replace(temporary, target)   # durable inside staging before staging is renamed into place
 
 
 FLOAT_TYPES = (ct.proto.MIL_pb2.DataType.FLOAT16, ct.proto.MIL_pb2.DataType.FLOAT32)

@@ -1,4 +1,6 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +18,26 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed")
     assert json.loads(dest.read_text()) == {"x": 1} and list(tmp_path.iterdir()) == [dest]
+
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names the synced files through /proc")
+def test_a_rename_is_made_durable_by_syncing_its_directory(tmp_path, monkeypatch):
+    """The file's contents are synced before the rename and its directory after it, for atomic
+    files and for checkpoint directories alike."""
+    synced, fsync = [], os.fsync
+
+    def recording(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording)
+    dest = tmp_path / "a.json"
+    io.write_json(dest, {"x": 1})
+    assert Path(synced[0]).name.startswith(".a.json.") and synced[-1] == str(tmp_path), synced
+    synced.clear()
+    final = save_checkpoint(tmp_path / "ckpt", epoch=1, weights={"w": torch.ones(2)}, state={}, metadata={})
+    assert synced[-1] == str(final.parent) and final.is_dir(), synced
 
 
 def test_check_sha256_returns_the_digest_or_names_the_record_and_the_fix(tmp_path):

@@ -256,7 +256,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
             staged = keep_best(run_dir, model, recipe, state, val)
             save(run_dir, model, weighting, optimizer, scheduler, state, recipe, val, feature_kd)
             if staged:
-                os.replace(staged, run_dir / BEST)
+                io.replace(staged, run_dir / BEST)
         distributed.barrier(rank)   # nobody starts the next epoch (or returns) before the checkpoint
     writer.close()
 
@@ -330,7 +330,7 @@ def settle_best(run_dir: Path, best: dict | None, ckpt: Path, epoch: int, log) -
     staged, final = run_dir / STAGED_BEST, run_dir / BEST
     if staged.is_file():
         if best is not None and sha256(staged) == best["sha256"]:
-            os.replace(staged, final)
+            io.replace(staged, final)
             log(f"best.safetensors: epoch {best['epoch']}'s weights, staged when the run was stopped, moved in")
         else:
             staged.unlink()

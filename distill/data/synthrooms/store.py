@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from core.io import as_umask_allows, write_json
+from core.io import as_umask_allows, replace, write_json
 from core.lock import exclusive
 
 from ..classes import IGNORE_INDEX, NYU13_NAMES
@@ -52,15 +52,6 @@ def _check_params(p: dict[str, int]) -> None:
                          f"{p['height']}x{p['width']}.")
     if min(p["seed"], p["num_train"], p["num_val"]) < 0:
         raise ValueError(f"generate(): seed, num_train and num_val must be >= 0, got {p}.")
-
-
-def _fsync_dir(path: Path) -> None:
-    if hasattr(os, "O_DIRECTORY"):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def depth_to_png(depth_m: np.ndarray) -> np.ndarray:
@@ -261,8 +252,7 @@ def _move_into_place(tmp: Path, target: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     as_umask_allows(tmp)   # mkdtemp makes 0700: a shared cache the other users could not read
     try:
-        os.replace(tmp, target)
+        replace(tmp, target)
     except OSError:
         if read_manifest(target) is None:  # not another process finishing the same set first
             raise
-    _fsync_dir(target.parent)
