@@ -106,7 +106,12 @@ def loss_gradients(student: torch.nn.Module, recipe: Recipe, dataset, *, num_bat
         if recipe.target == "teacher":
             batch, teacher = supervision.prepare(batch, step)
         losses = objective(student(batch["image"]), batch, teacher)
-        sum(losses.values()).backward()
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):   # a NaN gradient would rank the channels at random
+            raise ValueError(f"Taylor importance: non-finite task loss on training batch {step} "
+                             f"({ {k: v.item() for k, v in losses.items()} }); check the training images and "
+                             f"their labels, or rank channels without gradients (--prune-importance magnitude)")
+        loss.backward()
     log(f"gradients of the task losses over {num_batches} batches of {loader.batch_size} (Taylor importance)")
 
 

@@ -192,6 +192,10 @@ def _drop_channels(graph: tp.DependencyGraph, root: nn.Module, width: int, count
     scores = scorer(group)
     if scores is None:   # bn_scale on a group without BatchNorm: rank by weight magnitude
         scores = IMPORTANCE["magnitude"]()(group)
+    if not torch.isfinite(scores).all():   # argsort puts NaN last: the channels dropped would be arbitrary
+        raise ValueError(f"pruning: non-finite channel importance in the group of {type(root).__name__} "
+                         f"({width} channels): the weights or gradients hold NaN or inf; re-train or re-export "
+                         f"the run, or rank by another --prune-importance")
     graph.get_pruning_group(root, prune_out, scores.argsort()[:count].tolist()).prune()
 
 

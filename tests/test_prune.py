@@ -97,6 +97,12 @@ def test_taylor_importance_ranks_by_weight_times_gradient():
     kept = {n: p.detach() for n, p in model.named_parameters()}
     assert any(p.shape != kept[n].shape or not torch.equal(p.detach(), kept[n])
                for n, p in magnitude.named_parameters())
+    # NaN gradients (a NaN label reached the loss) would rank channels at random: refused by name
+    poisoned = tiny()
+    out = poisoned.eval()(torch.rand(2, 3, *SIZE))
+    (out["depth"].mean() * float("nan")).backward()
+    with pytest.raises(ValueError, match="non-finite channel importance .* NaN or inf"):
+        prune_student(poisoned, PruneTarget(macs=0.5), SIZE, importance="taylor", log=lambda _: None)
 
 
 def test_efficientvit_prunes_around_the_linear_attention_and_runs():
