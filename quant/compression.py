@@ -38,13 +38,23 @@ def exports(run_exports: Path, fmt: str | None = None) -> tuple[dict[str, dict],
             continue
         try:
             manifest = read_manifest(path.parent)
-            export_format = manifest["config"]["format"]
+            export_format = _checked_format(manifest)
         except (IntegrityError, KeyError, TypeError):
             unreadable.append(path.parent)
             continue
         if fmt is None or export_format == fmt:
             found[path.parent.name] = manifest
     return found, unreadable
+
+
+def _checked_format(manifest: dict) -> str:
+    """The export's format, after touching every key `rows` reads (KeyError / TypeError if one is
+    missing: a hand-edited manifest is reported as unreadable rather than failing the whole table)."""
+    model = manifest["config"]["model"]
+    model["macs"], model["params"]
+    for a in manifest["artefacts"]:
+        a["precision"], a["format"], a["bytes"]
+    return manifest["config"]["format"]
 
 
 def rows(manifests: dict[str, dict]) -> list[dict]:

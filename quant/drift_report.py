@@ -3,7 +3,8 @@
 drift.json = {"artefacts": [DriftReport.to_json(), ...]} (quant/validate.py). The figures are PNGs
 drawn with PIL (no plotting library is a dependency):
 - drift_histogram.png: per artefact, the share of pixels per decade of relative depth difference
-  |d - d_float| / d_float (1e-7 ... 1), the picture behind the per-pixel percentiles;
+  |d - d_float| / d_float (below 1e-6, one bar per decade, 1 or more), the picture behind the
+  per-pixel percentiles;
 - errors_<precision>.png: per artefact, the validation images where it drifted most: RGB, float
   depth, artefact depth, relative difference (0 to 5 %), and the pixels whose label changed.
 """

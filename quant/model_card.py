@@ -79,8 +79,16 @@ def default_of(fmt: Format, key: str) -> str:
     return fmt.converters[0].name if key == "converter" else fmt.input_layout
 
 
-def usage(fmt: str, example: str, h: int, w: int, layout: str = "NHWC") -> str:
-    """How to run the file: Python with the format's runtime, then pointers for phones."""
+def depth_phrase(metadata: dict) -> str:
+    """What the depth output is, for the card's first line."""
+    space = metadata["depth_space"]
+    return "metric depth" if space == "metric" else f"{space} depth ({metadata['depth_units']})"
+
+
+def usage(fmt: str, example: str, h: int, w: int, layout: str = "NHWC", depth_units: str = "metres") -> str:
+    """How to run the file: Python with the format's runtime, then pointers for phones. `depth_units`:
+    the depth output's (DepthSpace.describe()); a student of a relative teacher gives no metres."""
+    var = "depth_m" if depth_units == "metres" else "depth"
     image = ("rgb = np.asarray(ImageOps.exif_transpose(Image.open(\"room.jpg\")).convert(\"RGB\").resize((%d, %d)), "
              "np.float32) / 255   # upright, as a phone shows it" % (w, h))
     if fmt == "tflite":
@@ -97,7 +105,7 @@ interpreter.allocate_tensors()
 interpreter.set_tensor(interpreter.get_input_details()[0]["index"], {feed})   # {shape}
 interpreter.invoke()
 out = {{d["name"]: interpreter.get_tensor(d["index"]) for d in interpreter.get_output_details()}}
-depth_m = out["{DEPTH}"]{depth}            # ({h}, {w}) metres
+{var} = out["{DEPTH}"]{depth}            # ({h}, {w}) {depth_units}
 labels = out["{SEG}"]{labels}           # ({h}, {w}) class ids"""
         phone = ("Android: load the file with LiteRT (`com.google.ai.edge.litert`, `Interpreter(file, options)` "
                  f"with `setNumThreads`), feed a direct `ByteBuffer` of float32 RGB / 255 in {layout} order and read "
@@ -110,7 +118,7 @@ from PIL import Image, ImageOps
 session = ort.InferenceSession("{example}", providers=["CPUExecutionProvider"])
 {image}
 depth, seg = session.run(["{DEPTH}", "{SEG}"], {{"{INPUT_NAME}": rgb.transpose(2, 0, 1)[None]}})   # (1, 3, {h}, {w})
-depth_m = depth[0, 0]                          # ({h}, {w}) metres
+{var} = depth[0, 0]                          # ({h}, {w}) {depth_units}
 labels = seg[0].argmax(0)                      # ({h}, {w}) class ids"""
         phone = ("Android: ONNX Runtime Mobile (`ai.onnxruntime:onnxruntime-android`, `OrtSession.run`) with a "
                  "float32 NCHW `OnnxTensor`. iOS: the `onnxruntime-objc` pod.")
@@ -122,7 +130,7 @@ from PIL import Image, ImageOps
 model = ct.models.MLModel("{example}")
 {image}
 out = model.predict({{"{INPUT_NAME}": rgb.transpose(2, 0, 1)[None]}})   # (1, 3, {h}, {w})
-depth_m = out["{DEPTH}"][0, 0]                 # ({h}, {w}) metres
+{var} = out["{DEPTH}"][0, 0]                 # ({h}, {w}) {depth_units}
 labels = out["{SEG}"][0].argmax(0)             # ({h}, {w}) class ids"""
         phone = ("iOS / macOS: add the .mlpackage to the Xcode target; Xcode generates a Swift class whose "
                  f"`prediction({INPUT_NAME}:)` takes an `MLMultiArray` (1, 3, {h}, {w}) of float RGB / 255 and "
@@ -161,7 +169,7 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
     sections = [
         front_matter(fields),
         f"# {run.name}: {recipe.name} student ({recipe.model.student}) for {fmt.title}\n",
-        f"A multi-task student distilled from `{teacher}` by densekit: metric depth and {len(classes)}-class "
+        f"A multi-task student distilled from `{teacher}` by densekit: {depth_phrase(metadata)} and {len(classes)}-class "
         f"semantic segmentation from one RGB image, {config['model'].get('exported_macs', config['model']['macs']) / 1e6:.0f} M "
         f"MACs at {h}x{w}.\n",
         "## Files\n", *files, "",
@@ -182,7 +190,7 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
         *latency_rows(bench), "",
         "## The float model on its validation split (the run's summary.json)\n",
         *(["| metric | value |", "|---|---|", *trained] if trained else ["No summary.json in the run."]), "",
-        "## How to run\n", usage(fmt.name, example, h, w, layout),
+        "## How to run\n", usage(fmt.name, example, h, w, layout, metadata["depth_units"]),
         "## Provenance\n",
         f"- run `{run.name}` (recipe {recipe.name}), checkpoint `{Path(run.weights).name}` sha256 "
         f"`{run.weights_sha256}`",

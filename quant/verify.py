@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from core.cli import ArgumentParser, command
+from core.formats import SUFFIXES
 from core.manifest import MANIFEST, IntegrityError, read_manifest, verify_export
 
 
@@ -23,9 +24,17 @@ def main(argv: list[str]) -> int:
     export_dir = Path(args.export_dir)
     if not export_dir.is_dir():
         raise IntegrityError(f"{export_dir} is not a directory; pass an export directory (exports/<run>/<target>)")
-    inside = sorted(str(m.parent) for m in export_dir.glob(f"*/{MANIFEST}"))
-    if not (export_dir / MANIFEST).exists() and inside:   # a run's folder of exports, one level up
-        raise IntegrityError(f"{export_dir} holds exports, not one; pass one of: {', '.join(inside)}")
+    if not (export_dir / MANIFEST).exists():
+        # exports/<run> holds exports one level down, exports/ two levels down; elsewhere nothing was exported
+        inside = sorted(str(m.parent) for pattern in (f"*/{MANIFEST}", f"*/*/{MANIFEST}")
+                        for m in export_dir.glob(pattern))
+        if inside:
+            shown = ", ".join(inside[:6]) + (f" (and {len(inside) - 6} more)" if len(inside) > 6 else "")
+            raise IntegrityError(f"{export_dir} holds exports, not one; pass one of: {shown}")
+        # artefacts without a manifest are an export that lost it: read_manifest says so below
+        if not any(p.suffix.lower() in SUFFIXES for p in export_dir.iterdir()):
+            raise IntegrityError(f"{export_dir} is not an export directory (no {MANIFEST} in it or below); pass "
+                                 f"the directory python -m quant.export wrote: exports/<run>/<target>")
     count = len(read_manifest(export_dir)["artefacts"])
     found = verify_export(export_dir)
     if found:

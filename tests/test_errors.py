@@ -106,7 +106,7 @@ CASES = [
     ("quant.export", ["--target", "tflite", "--run", "bad-json"], "bad-json has no best.safetensors"),
     ("quant.compression", ["empty"], "empty: no finished export there; make one with python -m quant.export"),
     ("quant.compression", ["empty", "--format", "tfilte"], "argument --format: invalid choice: 'tfilte'"),
-    ("quant.verify", ["empty"], "empty/manifest.json is missing or unreadable"),
+    ("quant.verify", ["empty"], "empty is not an export directory (no manifest.json in it or below)"),
     ("quant.verify", ["a_file"], "a_file is not a directory"),
     ("edge.run", ["m.tflite", "--inputs", "x.npy", "--out", "o.npz"], "m.tflite: it does not exist"),
     ("edge.run", ["m.pt", "--inputs", "x.npy", "--out", "o.npz"], "unknown artefact suffix '.pt'"),

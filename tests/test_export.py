@@ -444,11 +444,17 @@ def test_a_flipped_byte_is_refused_by_name_where_the_artefact_is_used(tflite_exp
         assert run_main([str(victim), "--inputs", str(inputs), "--out", str(tmp_path / "o.npz"), "--no-verify"]) in (0, 1)
     finally:
         victim.write_bytes(original)
-    assert verify_main([str(tmp_path)]) == 2   # not an export
-    assert "manifest.json is missing or unreadable" in capsys.readouterr().err
-    assert verify_main([str(export_dir.parent)]) == 2   # the run's folder of exports: which ones it holds
-    err = capsys.readouterr().err
-    assert f"{export_dir.parent} holds exports, not one; pass one of: " in err and str(export_dir) in err
+    assert verify_main([str(tmp_path)]) == 2   # nothing was exported here
+    assert f"{tmp_path} is not an export directory (no manifest.json in it or below)" in capsys.readouterr().err
+    for folder in (export_dir.parent, tflite_export):   # a run's folder of exports, and exports/ itself
+        assert verify_main([str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert f"{folder} holds exports, not one; pass one of: " in err and str(export_dir) in err
+    lost = tmp_path / "lost"   # an export whose manifest was deleted: that is what it is told
+    lost.mkdir()
+    (lost / "m_int8.tflite").write_bytes(b"x")
+    assert verify_main([str(lost)]) == 2
+    assert f"{lost}/manifest.json is missing or unreadable" in capsys.readouterr().err
 
 
 def test_tflite_metadata_is_embedded(tflite_export, run_dir):
@@ -600,6 +606,36 @@ def test_compression_table_takes_an_artefact_that_was_not_timed():
     assert row["p50_ms"] is None and row["abs_rel_change"] == pytest.approx(0.05)
     assert "| coreml | fp16 | 112.0 | 1.100 | 2.00 | — | 8 |" in markdown([row])
     assert "taken at different times on the export host;" in markdown([row])
+
+    listed = [{**a, "sha256": "0" * 64} for a in manifest["artefacts"]]   # as quant.export records each
+    assert _readable_rows({"config": {**manifest["config"], "format": "coreml"}, "artefacts": listed}) == [row]
+    # one damaged export (config.model edited away) is listed as unreadable; it does not stop the table
+    assert _readable_rows({"config": {"format": "coreml"}, "artefacts": listed}) == []
+
+
+def _readable_rows(manifest: dict) -> list:
+    """The rows quant.compression.exports finds for an export whose manifest.json is `manifest`."""
+    import tempfile
+
+    from quant.compression import exports, rows
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "coreml").mkdir()
+        (Path(tmp) / "coreml" / "manifest.json").write_text(json.dumps(manifest))
+        found, unreadable = exports(Path(tmp))
+        assert [p.name for p in unreadable] == ([] if found else ["coreml"])
+        return rows(found)
+
+
+def test_model_card_of_a_student_that_is_not_metric_promises_no_metres():
+    from quant.model_card import depth_phrase, usage
+
+    relative = {"depth_space": "relative", "depth_units": "affine-invariant, unitless"}
+    assert depth_phrase(relative) == "relative depth (affine-invariant, unitless)"
+    assert depth_phrase({"depth_space": "metric", "depth_units": "metres"}) == "metric depth"
+    for fmt in ("tflite", "onnx", "coreml"):
+        code = usage(fmt, "m.file", 64, 96, depth_units=relative["depth_units"])
+        assert "metres" not in code and "depth_m" not in code and "(64, 96) affine-invariant, unitless" in code, fmt
+        assert "depth_m = " in usage(fmt, "m.file", 64, 96) and "(64, 96) metres" in usage(fmt, "m.file", 64, 96)
 
 
 def test_compression_table_names_the_cpus_of_its_latencies():
