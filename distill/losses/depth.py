@@ -118,8 +118,16 @@ def mse() -> DepthLoss:
 # ----------------------------------------------------------------------------- berHu
 
 def parse_berhu_threshold(threshold: str | float) -> Callable[[Tensor], Tensor]:
-    """Turn "p80" / "p99.5" / "laina" / a positive number into `abs_residuals (N,) -> c` (0-d)."""
+    """Turn "p80" / "p99.5" / "laina" / a positive number into `abs_residuals (N,) -> c` (0-d). A
+    number may come as text ("0.5": `loss.berhu_threshold=0.5` on the command line)."""
+    if isinstance(threshold, str):
+        try:
+            threshold = float(threshold)
+        except ValueError:
+            pass
     if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        if not math.isfinite(threshold):
+            raise ValueError(f"berHu threshold {threshold!r} must be a finite number.")
         if not threshold > 0:
             raise ValueError(f"berHu threshold {threshold!r} must be > 0 when given as a number.")
         value = float(threshold)

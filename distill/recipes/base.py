@@ -71,7 +71,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class LossConfig:
     depth: str = "berhu"                 # registry name (distill.losses.DEPTH_LOSSES)
-    berhu_threshold: str = "p80"         # "pNN" = NNth percentile of |residual| per batch; "laina" = 0.2 max
+    berhu_threshold: str = "p80"         # "pNN" = NNth percentile of |residual| per batch; "laina" = 0.2 max; a number: fixed
     berhu_residual: Literal["absolute", "relative", "log"] = "log"   # log(pred/target): near pixels count (README)
     silog_lambda: float = 0.85
     silog_per_image: bool = True
