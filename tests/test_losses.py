@@ -17,6 +17,7 @@ from distill.losses import (
     cross_entropy,
     lovasz_softmax,
     modified_huber,
+    parse_berhu_threshold,
     quantile,
 )
 
@@ -99,6 +100,17 @@ def test_berhu_fixed_threshold_both_sides():
     value, grad = loss_and_grad("berhu", row(1.5, 3), row(1, 1), mask(1, 1), threshold=1.0)
     assert value.item() == pytest.approx(1.5)
     assert torch.allclose(grad, row(0.5 * 1, 0.5 * 2 / 1))  # slopes sign(r) and r / c, over n=2
+
+
+
+def test_berhu_threshold_given_as_text_on_the_command_line():
+    """`loss.berhu_threshold=0.5` arrives as the text "0.5" (the field holds "p80" or "laina" too)."""
+    fixed = parse_berhu_threshold("0.5")(torch.tensor([1.0, 3.0]))
+    assert fixed.item() == 0.5
+    assert parse_berhu_threshold("p50")(torch.tensor([1.0, 3.0])).item() == pytest.approx(2.0)   # still a percentile
+    for bad, reason in (("-1", "must be > 0"), ("0", "must be > 0"), ("nan", "finite"), ("inf", "finite")):
+        with pytest.raises(ValueError, match=reason):
+            parse_berhu_threshold(bad)
 
 
 def test_berhu_p80_threshold_is_quantile_of_valid_residuals():
@@ -406,6 +418,8 @@ def test_class_frequencies_count_labelled_pixels():
     items = [{"seg": torch.tensor([[0, 0], [1, 255]])}, {"seg": torch.tensor([[2, 2], [2, 2]])}]
     assert class_frequencies(items, 4).tolist() == pytest.approx([2 / 7, 1 / 7, 4 / 7, 0.0])
     assert class_frequencies([{"seg": torch.full((2, 2), 255)}], 4).tolist() == [0.0] * 4   # an image folder
+    with pytest.raises(ValueError, match=r"training item 0's segmentation holds ids \[-1, 4\] outside 0-3"):
+        class_frequencies([{"seg": torch.tensor([[0, 4], [-1, 255]])}], 4)   # e.g. NYU's 40 classes unmapped
 
 
 def test_cross_entropy_all_ignored_is_zero_not_nan():

@@ -107,12 +107,19 @@ def hardest(per_pixel: Tensor, labelled: Tensor, fraction: float) -> Tensor:
 def class_frequencies(dataset, num_classes: int, ignore_index: int = IGNORE_INDEX,
                       max_images: int = 512) -> Tensor:
     """(C,) share of labelled pixels per class over up to `max_images` evenly spaced items of
-    `dataset` (items with a `seg` (H, W) map of ids); zeros when no pixel is labelled."""
+    `dataset` (items with a `seg` (H, W) map of ids); zeros when no pixel is labelled. ValueError for
+    an id outside [0, num_classes) that is not `ignore_index` (e.g. NYU's 40 or 894 classes unmapped)."""
     n = len(dataset)
     counts = torch.zeros(num_classes, dtype=torch.float64)
     for i in torch.linspace(0, n - 1, min(n, max_images)).round().long().unique().tolist():
         seg = torch.as_tensor(dataset[i]["seg"])
-        counts += torch.bincount(seg[seg != ignore_index].flatten().long(), minlength=num_classes)[:num_classes]
+        labels = seg[seg != ignore_index].flatten().long()
+        outside = labels[(labels < 0) | (labels >= num_classes)].unique()
+        if len(outside):
+            raise ValueError(f"training item {i}'s segmentation holds ids {outside[:5].tolist()} outside 0-{num_classes - 1} "
+                             f"(and {ignore_index}, unlabelled): map its labels to the {num_classes} classes, or "
+                             f"to {ignore_index}")
+        counts += torch.bincount(labels, minlength=num_classes)
     return counts / counts.sum().clamp_min(1)   # all zero when nothing is labelled (an image folder)
 
 
