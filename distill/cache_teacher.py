@@ -213,13 +213,26 @@ def shard_is_current(path: Path, start: int, stop: int, hashes: list[str], tenso
 
 
 def plan(out: Path, job: dict, hashes: list[str]) -> list[int]:
-    """Shards still to write; a cache being repaired loses its manifest until it is complete again."""
+    """Shards still to write; a cache being repaired loses its manifest until it is complete again.
+    While the manifest is there, a shard whose sha256 differs from it is written again too: a
+    changed file keeps a valid header, and the manifest rewritten at the end would vouch for it."""
     total = math.ceil(job["count"] / job["shard_size"])
+    recorded = recorded_sha256(out)
     todo = [k for k in range(total)
-            if not shard_is_current(out / shard_name(k), *bounds(k, job), hashes, job["tensors"])]
+            if not shard_is_current(out / shard_name(k), *bounds(k, job), hashes, job["tensors"])
+            or (shard_name(k) in recorded and io.sha256(out / shard_name(k)) != recorded[shard_name(k)])]
     if todo:
         (out / "manifest.json").unlink(missing_ok=True)
     return todo
+
+
+def recorded_sha256(out: Path) -> dict[str, str]:
+    """{shard file: sha256} of the manifest of a complete cache in `out` ({} without one)."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        return {}
+    manifest = io.read_json(path, f"delete {path} and run again: every shard is then checked by its header")
+    return {s["file"]: s["sha256"] for s in manifest.get("shards", [])}
 
 
 def write_manifest(out: Path, job: dict) -> None:
