@@ -58,6 +58,12 @@ CASES = [
     ("distill.run", ["v3", "distill.local_global_weight=1", "distill.local_global_grid=0"],
      "distill.local_global_grid=0 must be >= 1"),
     ("distill.run", ["v3", "train.device=gpu"], "train.device='gpu' must be auto, cpu, cuda or cuda:N"),
+    ("distill.run", ["v3", "eval.eigen_crop=true"], "eval.eigen_crop=true is defined at 480x640 only, and the data is "
+                                                    "128x160"),   # device-sized, then checked before rendering
+    ("distill.run", ["v3", "eval.min_depth=5", "eval.max_depth=2"], "must satisfy 0 < min < max"),
+    ("distill.run", ["v3", "train.grad_clip=-1"], "train.grad_clip=-1.0 must be >= 0 (0 = off)"),
+    ("distill.run", ["v3", "teacher.input_size=500"], "teacher.input_size=500 must be a positive multiple of 14 (the ViT patch), e.g. 490"),
+    ("distill.run", ["v3", "model.decoder_channels=1"], "model.decoder_channels=1 must be at least 2"),
     ("distill.run", ["v3", "train.log_every=0"], "train.log_every=0 must be at least 1"),
     ("distill.run", ["v3", "train.lr_encoder=nan"], "train.lr_encoder='nan': expected a finite number"),
     ("distill.ablate", ["v3", "loss.depth=berhu,silgo"], "loss.depth='silgo' is not a depth loss"),
