@@ -327,10 +327,15 @@ class DepthBoundaryMetrics:
     """iBims-1 depth boundary errors over a dataset (`BOUNDARY_DEFINITION`): `dbe_acc` (are the
     predicted edges where GT edges are?) and `dbe_comp` (is every GT edge predicted?), in pixels,
     lower is better, at most `DBE_MAX_PX`. A prediction without any edge near a GT edge scores
-    the maximum in both. Images without a GT edge are skipped; `dbe_images` counts the others."""
+    the maximum in both. Images without a GT edge are skipped; `dbe_images` counts the others.
+    `eigen_crop`: only edges inside NYU's Eigen crop, the pixels `DepthMetrics` measures (480x640)."""
 
-    def __init__(self, min_depth: float = 1e-3, max_depth: float = 10.0, max_px: float = DBE_MAX_PX):
-        self.min_depth, self.max_depth, self.max_px = min_depth, max_depth, max_px
+    def __init__(self, min_depth: float = 1e-3, max_depth: float = 10.0, max_px: float = DBE_MAX_PX,
+                 eigen_crop: bool = False):
+        if not 0 < min_depth < max_depth or not max_px > 0:
+            raise ValueError(f"depth boundary errors need 0 < min_depth < max_depth and max_px > 0, got "
+                             f"{min_depth}, {max_depth}, {max_px}")
+        self.min_depth, self.max_depth, self.max_px, self.eigen_crop = min_depth, max_depth, max_px, eigen_crop
         self.reset()
 
     def reset(self) -> None:
@@ -342,6 +347,8 @@ class DepthBoundaryMetrics:
         """pred, gt: (B, 1, H, W) metres; valid: (B, 1, H, W) bool."""
         check_depth_tensors(pred, gt, valid, target_name="gt")
         mask = in_depth_range(gt, valid, self.min_depth, self.max_depth)
+        if self.eigen_crop:
+            mask = mask & eigen_crop_mask(gt.shape, gt.device)
         gt_edges = depth_edges(gt, mask)
         pred_edges = depth_edges(pred.clamp(self.min_depth, self.max_depth), mask)
         for b in range(gt.shape[0]):
@@ -394,6 +401,9 @@ class SegBoundaryMetrics:
     pooled over the dataset. `compute()`: `seg_boundary_precision`, `_recall`, `_f1`."""
 
     def __init__(self, ignore_index: int = IGNORE_INDEX, tolerance_px: int | None = None):
+        if tolerance_px is not None and tolerance_px < 0:
+            raise ValueError(f"tolerance_px={tolerance_px} must be >= 0 (0 = exact boundary pixels; None = 0.75% "
+                             f"of the image diagonal)")
         self.ignore_index, self.tolerance_px = ignore_index, tolerance_px
         self.reset()
 
@@ -407,7 +417,7 @@ class SegBoundaryMetrics:
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both be "
                              "(B, H, W) class ids")
         h, w = target.shape[-2:]
-        radius = self.tolerance_px or max(1, round(0.0075 * math.hypot(h, w)))
+        radius = max(1, round(0.0075 * math.hypot(h, w))) if self.tolerance_px is None else self.tolerance_px
         pred = torch.where(target == self.ignore_index, self.ignore_index, pred)
         pred_b, gt_b = label_boundaries(pred, self.ignore_index), label_boundaries(target, self.ignore_index)
         self.counts["pred"] += int(pred_b.sum())

@@ -296,6 +296,21 @@ def test_depth_boundary_errors_skip_holes_and_edgeless_images():
     assert boundary_errors(step(), gt, valid) == {"dbe_acc": None, "dbe_comp": None, "dbe_images": 0}
 
 
+
+def test_depth_boundary_errors_keep_to_the_eigen_crop_as_the_depth_metrics_do():
+    """NYU at 480x640 with eval.eigen_crop: an edge in the white border (columns < 41) is not counted."""
+    gt = step(480, 640, at=20)                       # GT edge at columns 19-20, outside the crop
+    gt[..., 300:] = 8.0                              # and one at columns 299-300, inside it
+    pred = step(480, 640, at=20, far=2.0)            # only the edge inside the crop predicted
+    pred[..., 300:] = 8.0
+    whole, cropped = DepthBoundaryMetrics(), DepthBoundaryMetrics(eigen_crop=True)
+    for metrics in (whole, cropped):
+        metrics.update(pred, gt, all_valid(gt))
+    assert whole.compute()["dbe_comp"] == pytest.approx(5.0) and cropped.compute()["dbe_comp"] == 0.0   # half the GT edge truncated at 10 px
+    with pytest.raises(ValueError, match="0 < min_depth < max_depth"):
+        DepthBoundaryMetrics(min_depth=5, max_depth=2)
+
+
 def labels(h: int, w: int, at: int) -> torch.Tensor:
     """(1, h, w) class 0 left of column `at`, class 1 from it on."""
     out = torch.zeros(1, h, w, dtype=torch.long)
@@ -334,3 +349,14 @@ def test_gap_closed():
     assert gap_closed(0.2, baseline_abs_rel=0.4, teacher_abs_rel=0.0) == pytest.approx(0.5)
     assert gap_closed(0.03, baseline_abs_rel=0.38, teacher_abs_rel=0.03) == pytest.approx(1.0)
     assert gap_closed(0.2, baseline_abs_rel=0.1, teacher_abs_rel=0.3) is None
+
+
+def test_seg_boundary_tolerance_zero_asks_for_exact_pixels():
+    """0 is a tolerance (exact boundary pixels), not "use the default"; negative ones are refused."""
+    gt, shifted = labels(8, 8, 4), labels(8, 8, 5)
+    exact, default = SegBoundaryMetrics(tolerance_px=0), SegBoundaryMetrics()   # default: 1 px at 8x8
+    for metrics in (exact, default):
+        metrics.update(shifted, gt)
+    assert exact.compute()["seg_boundary_f1"] < default.compute()["seg_boundary_f1"] == 1.0
+    with pytest.raises(ValueError, match="tolerance_px=-1 must be >= 0"):
+        SegBoundaryMetrics(tolerance_px=-1)

@@ -44,7 +44,7 @@ def depth_meters(recipe: Recipe) -> tuple[DepthMetrics, DepthBoundaryMetrics]:
     """The depth metrics and boundary errors of the recipe's evaluation range."""
     ec = recipe.eval
     return (DepthMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop),
-            DepthBoundaryMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth))
+            DepthBoundaryMetrics(min_depth=ec.min_depth, max_depth=ec.max_depth, eigen_crop=ec.eigen_crop))
 
 
 @torch.no_grad()
