@@ -44,7 +44,7 @@ class Format:
     executors: tuple[str, ...]                     # "auto" first; Core ML also "predict" | "reference"
     timed_on: tuple[str, ...]                      # sys.platform values where host latency means something
     untimed: str                                   # elsewhere: why not, and where to time it ({name} {runs})
-    device_commands: tuple[str, ...]               # the device kit's lines; {path} {threads} {out} filled in
+    device_commands: tuple[str, ...]               # the device kit's lines; {path} {threads} filled in
 
     def converter(self, name: str = "") -> Converter:
         """The converter called `name` ("" = the default); ValueError listing this format's converters."""
@@ -65,10 +65,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
                          ("litert_torch", "ai_edge_quantizer"), "litert")), "NHWC",
            "edge.runners:LiteRTRunner", ("auto",), ("any",), "", (
                "# Linux board (Raspberry Pi 5: pip install ai-edge-litert numpy), or any Linux host",
-               "python3 device/linux_bench.py {path} --threads {threads} --runs 50 --warmup 5 --json {out}",
+               "python3 device/linux_bench.py {path} --threads {threads} --runs 50 --warmup 5 --json {path}.linux.bench.json",
                "# Android, from a host with adb and TFLite's benchmark_model binary for the phone's ABI",
                "python3 device/android_bench.py {path} --benchmark-binary /path/to/benchmark_model "
-               "--threads {threads} --delegate xnnpack --runs 50 --warmup 5 --json {out}")),
+               "--threads {threads} --delegate xnnpack --runs 50 --warmup 5 --json {path}.android.bench.json")),
     # w4block, palette4g, sparse-palette4 and w8a8 need iOS18 / macOS 15 (targets/coreml.py), so they
     # are produced only when asked for; the defaults run on iOS16.
     Format("coreml", "Core ML", ".mlpackage", ("fp32", "fp16", "w8", "palette4", "palette6", "w4block",
@@ -77,9 +77,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            (Converter("coremltools", "targets.coreml", "torch.export"),), "NCHW",
            "edge.coreml:CoreMLRunner", ("auto", "predict", "reference"), ("darwin",),
            "off macOS Core ML runs through the reference executor, which measures accuracy, not device latency. "
-           "Bench Core ML on a Mac: python3 edge/device/coreml_bench.py {name} --runs {runs}", (
+           "Bench Core ML on a Mac: python3 coreml_bench.py {name} --runs {runs} (the script is device/coreml_bench.py "
+           "in an export folder, edge/device/coreml_bench.py in densekit)", (
                "# macOS (pip install coremltools numpy); on iOS use Xcode's Core ML performance report",
-               "python3 device/coreml_bench.py {path} --compute-units all --runs 50 --warmup 5 --json {out}")),
+               "python3 device/coreml_bench.py {path} --compute-units all --runs 50 --warmup 5 --json {path}.mac.bench.json")),
     Format("onnx", "ONNX", ".onnx", ("fp32", "fp16", "int8"), ("fp32", "fp16", "int8"),
            # 7-bit weights ([-64, 64], onnxruntime's reduce_range): its uint8 x int8 kernels on x86 without
            # VNNI add products in pairs in 16 bits, which saturate with 8-bit weights; with 7-bit ones
@@ -87,7 +88,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            (Converter("onnxruntime", "targets.onnx", "onnx", int8_weight_max=64),), "NCHW",
            "edge.runners:OrtRunner", ("auto",), ("any",), "", (
                "# any machine with densekit and onnxruntime installed (pip install -e .[export])",
-               "python -m edge.bench {path} --threads {threads} --runs 50 --warmup 5 --json {out}")),
+               "python -m edge.bench {path} --threads {threads} --runs 50 --warmup 5 --json {path}.bench.json")),
 )}
 SUFFIXES: dict[str, Format] = {f.suffix: f for f in FORMATS.values()}
 PRECISIONS: tuple[str, ...] = tuple(dict.fromkeys(p for f in FORMATS.values() for p in f.precisions))

@@ -32,11 +32,17 @@ def write_device_kit(export_dir: Path, artefacts: list[dict], profile=None) -> P
 def commands(artefacts: list[dict], profile, threads: int) -> str:
     lines = ["# Measuring this export on a device", "",
              "Run from the export directory (the one holding the artefacts); every command writes "
-             "`<artefact>.bench.json` in the schema of `python -m edge.bench` (device/README.md).", ""]
+             "its own `<artefact>[.<device>].bench.json` in the schema of `python -m edge.bench` "
+             "(device/README.md), so a board's record and a phone's stay side by side.", ""]
     if profile:
         budget = f"{profile.latency_budget_ms} ms" if profile.latency_budget_ms else "none set"
         lines += [f"Target **{profile.name}**: {profile.description}. Latency budget: {budget}. "
                   f"Measure with: {profile.bench}.", ""]
+        if profile.threads is None:   # a GPU runtime: the commands below time CPU kernels only
+            lines += [f"The budget is for {profile.runtime}. `python -m edge.bench` below times ONNX Runtime's "
+                      f"CPU execution provider, not the GPU: time the GPU with TensorRT's "
+                      f"`trtexec --onnx=<artefact> --fp16`, or `onnxruntime_perf_test -e tensorrt -r 50 <artefact>` "
+                      f"(or `-e cuda`) from an onnxruntime-gpu build.", ""]
     for a in artefacts:
         lines += [f"## {a['path']}", "", "```bash", *for_artefact(a["path"], a["format"], threads), "```", ""]
     return "\n".join(lines)
@@ -44,4 +50,4 @@ def commands(artefacts: list[dict], profile, threads: int) -> str:
 
 def for_artefact(path: str, fmt: str, threads: int) -> list[str]:
     """The format table's device commands (core/formats.py) for one artefact."""
-    return [line.format(path=path, threads=threads, out=f"{path}.bench.json") for line in FORMATS[fmt].device_commands]
+    return [line.format(path=path, threads=threads) for line in FORMATS[fmt].device_commands]

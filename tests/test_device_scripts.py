@@ -118,9 +118,17 @@ def test_linux_bench_refuses_bad_inputs_before_timing(tiny_artefacts, tmp_path):
     np.save(tmp_path / "uint8.npy", np.zeros((1, 3, 64, 96), np.uint8))
     np.save(tmp_path / "scale255.npy", np.full((1, 3, 64, 96), 255.0, np.float32))
     np.save(tmp_path / "large.npy", np.zeros((1, 3, 128, 160), np.float32))
+    np.save(tmp_path / "empty.npy", np.zeros((0, 3, 64, 96), np.float32))
+    np.savez(tmp_path / "images.npz", images=np.zeros((1, 3, 64, 96), np.float32))
+    last_bad = np.zeros((3, 3, 64, 96), np.float32)
+    last_bad[2, 0, 5, 5] = np.nan   # checked image by image: the last one too
+    np.save(tmp_path / "last_bad.npy", last_bad)
     for inputs, message in (("missing.npy", "--inputs file not found: missing.npy"),
                             ("large.npy", "the model takes 64x96 images (input [1, 64, 96, 3])"),
-                            ("uint8.npy", "is uint8 of shape [1, 3, 64, 96]; expected (N, 3, H, W) float32"),
+                            ("uint8.npy", "is uint8 of shape [1, 3, 64, 96]; expected one non-empty (N, 3, H, W) float32"),
+                            ("empty.npy", "is float32 of shape [0, 3, 64, 96]; expected one non-empty"),
+                            ("images.npz", "images.npz cannot be read as a .npy array"),
+                            ("last_bad.npy", "values outside [0, 1] (or non-finite ones)"),
                             ("scale255.npy", "values outside [0, 1]")):
         proc = run_script(tmp_path, "linux_bench.py", model, "--inputs", inputs, "--outputs", "out.npz")
         assert proc.returncode != 0 and message in proc.stderr and "latency" not in proc.stdout, proc.stderr
@@ -354,3 +362,36 @@ def test_coreml_bench_off_macos_exits_2(tmp_path):
     proc = run_script(tmp_path, "coreml_bench.py", "model.mlpackage", "--runs", "3")
     assert proc.returncode == 2
     assert "runs only on macOS" in proc.stderr and "python -m edge.run model.mlpackage" in proc.stderr
+
+
+def test_device_commands_keep_each_devices_record_and_say_what_a_gpu_profile_times():
+    """A board's and a phone's records of one file do not overwrite each other; a GPU profile's kit says
+    that edge.bench times the CPU, and what times the GPU."""
+    from edge.kit import commands
+    from targets.profiles import device
+
+    tflite = commands([{"path": "m_int8.tflite", "format": "tflite"}], None, 4)
+    assert "--json m_int8.tflite.linux.bench.json" in tflite and "--json m_int8.tflite.android.bench.json" in tflite
+    jetson = commands([{"path": "m_fp16.onnx", "format": "onnx"}], device("jetson-orin"), 4)
+    assert "not the GPU" in jetson and "trtexec --onnx=<artefact> --fp16" in jetson
+    assert "trtexec" not in commands([{"path": "m_int8.onnx", "format": "onnx"}], device("generic-cpu"), 4)
+
+
+def test_android_bench_refuses_a_bad_record_place_before_the_phone_runs(tiny_artefacts, tmp_path, fake_binary,
+                                                                        fake_adb):
+    for bad in (tmp_path / "missing" / "phone.json", tmp_path):   # a folder that is not there; a folder
+        proc = run_script(tmp_path, "android_bench.py", str(tiny_artefacts["tflite_int8"]), "--benchmark-binary",
+                          str(fake_binary), "--json", str(bad), env=fake_adb)
+        assert proc.returncode == 2 and "not a file in a writable folder" in proc.stderr, proc.stderr
+    assert not (tmp_path / "adb.log").exists()   # adb was never called
+
+
+def test_android_bench_says_which_ignored_flag_costs_what(tiny_artefacts, tmp_path, fake_binary, fake_adb):
+    """A build without the memory report: the delegate did run, only the memory figures are missing."""
+    log = tmp_path / "bench.log"
+    log.write_text(log.read_text() + "Unconsumed cmdline flags: --report_peak_memory_footprint=true\n")
+    proc = run_script(tmp_path, "android_bench.py", str(tiny_artefacts["tflite_int8"]), "--benchmark-binary",
+                      str(fake_binary), env=fake_adb)
+    assert proc.returncode == 0, proc.stderr
+    assert "ignored --report_peak_memory_footprint=true: the figures those flags give" in proc.stderr
+    assert "delegate" not in proc.stderr

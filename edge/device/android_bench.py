@@ -263,13 +263,19 @@ def print_summary(result: dict) -> None:
 
 
 def write_json(path: str, result: dict) -> None:
-    """Write atomically: a temp file beside `path`, fsync, rename."""
+    """Write atomically: a temp file beside `path`, fsync, rename; nothing left behind on failure."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(result, indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(result, indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)   # mkstemp makes 0600: a record others can read, as a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def parse_args(argv=None):
@@ -289,9 +295,17 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--runs and --threads must be >= 1 and --warmup >= 0")
-    for path, what in ((args.model, "model"), (args.benchmark_binary, "--benchmark-binary")):
-        if not os.path.isfile(path):
-            parser.error("{} file not found: {}".format(what, path))
+    if not os.path.isfile(args.model):
+        parser.error("model file not found: {}".format(args.model))
+    if not os.path.isfile(args.benchmark_binary):
+        parser.error("--benchmark-binary file not found: {}. Download TFLite's prebuilt benchmark_model for the "
+                     "phone's ABI (android_aarch64_benchmark_model for arm64-v8a, from the TFLite performance "
+                     "measurement page) or build it with bazel (see this script's docstring), then pass its "
+                     "path".format(args.benchmark_binary))
+    if args.json:   # checked before the phone runs, so a bad place never costs the measurement
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            parser.error("--json {}: not a file in a writable folder".format(args.json))
     return args
 
 
@@ -307,9 +321,12 @@ def bench(args) -> dict:
         parsed = parse_benchmark_model(output)
     except ValueError as error:
         raise BenchError(str(error)) from None
-    if parsed["unconsumed_flags"]:
-        print("warning: this benchmark_model ignored {} (flag not built in: the delegate did not run)".format(
-            parsed["unconsumed_flags"]), file=sys.stderr)
+    ignored = parsed["unconsumed_flags"]
+    if ignored:   # a build without a delegate, or without the memory report: say which
+        delegate = DELEGATE_FLAGS[args.delegate].split("=")[0]
+        effect = ("the {} delegate was not built in, so it did not run".format(args.delegate)
+                  if delegate in ignored else "the figures those flags give (e.g. peak memory) stay null")
+        print("warning: this benchmark_model ignored {}: {}".format(ignored, effect), file=sys.stderr)
     return report(args, parsed, device_info(adb, args.serial))
 
 

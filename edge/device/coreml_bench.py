@@ -4,9 +4,9 @@
                             [--json OUT.json]
 
 macOS only: Core ML executes models only on Apple systems, so elsewhere this exits with status 2.
-On Linux, check a .mlpackage's accuracy with `python -m edge.run MODEL.mlpackage` (densekit's reference
-executor; its speed says nothing about Core ML). Needs `pip install coremltools numpy`; imports nothing
-from densekit.
+On Linux, check a .mlpackage's accuracy with `python -m edge.run MODEL.mlpackage --inputs images.npy
+--out outputs.npz` (densekit's reference executor; its speed says nothing about Core ML). Needs Python
+>= 3.7 and `pip install coremltools numpy`; imports nothing from densekit.
 
 Timing builds one random input of the model's declared shape ("image", (1, 3, H, W) float32 RGB in
 [0, 1]) and times `model.predict({...})` with `time.perf_counter` after `--warmup` untimed calls. The
@@ -147,13 +147,19 @@ def print_summary(result: dict) -> None:
 
 
 def write_json(path: str, result: dict) -> None:
-    """Write atomically: a temp file beside `path`, fsync, rename."""
+    """Write atomically: a temp file beside `path`, fsync, rename; nothing left behind on failure."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(json.dumps(result, indent=2) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(result, indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)   # mkstemp makes 0600: a record others can read, as a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def parse_args(argv=None):
@@ -167,6 +173,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be >= 1 and --warmup >= 0")
+    if args.json:   # checked before the model compiles and runs, so a bad place never costs the measurement
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if os.path.isdir(args.json) or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            parser.error("--json {}: not a file in a writable folder".format(args.json))
     return args
 
 

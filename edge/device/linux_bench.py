@@ -152,18 +152,19 @@ def image_size(detail: dict) -> list:
     return shape[1:3] if is_nhwc(detail) else shape[2:4]
 
 
-def check_size(images: np.ndarray, detail: dict) -> None:
-    if list(images.shape[2:]) != image_size(detail):
+def check_size(shape: tuple, detail: dict) -> None:
+    """`shape`: the images' (N, 3, H, W)."""
+    if list(shape[2:]) != image_size(detail):
         raise SystemExit("linux_bench.py: the images have shape {} but the model takes {}x{} images (input {}); "
                          "export the images at the model's input size.".format(
-                             list(images.shape), *image_size(detail), [int(s) for s in detail["shape"]]))
+                             list(shape), *image_size(detail), [int(s) for s in detail["shape"]]))
 
 
 def to_input_tensor(images: np.ndarray, detail: dict) -> np.ndarray:
     """(N, 3, H, W) float RGB in [0, 1] -> the model's layout (NHWC or NCHW) and dtype.
 
     Quantised (int8/uint8) inputs are quantised with the tensor's own scale and zero point."""
-    check_size(images, detail)
+    check_size(images.shape, detail)
     if is_nhwc(detail):
         images = images.transpose(0, 2, 3, 1)
     dtype = detail["dtype"]
@@ -213,19 +214,35 @@ def find_output(details: list, word: str) -> dict:
                      "'depth' and 'seg' outputs (export it with densekit's quant.export).".format(word, names))
 
 
-def load_images(images_path: str) -> np.ndarray:
-    """The --inputs npy as (N, 3, H, W) float32 in [0, 1]; refused before any timing otherwise."""
+def check_images(images_path: str) -> tuple:
+    """The --inputs npy's (N, 3, H, W) shape, after checking it and every image's range one image at a
+    time (plain reads of a few hundred KB: the memory measured next holds no pixel of it); refused
+    before any timing otherwise."""
+    fail = "linux_bench.py: --inputs {} ".format(images_path)
     try:
-        images = np.load(images_path)
+        with open(images_path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)
+            if len(shape) != 4 or shape[1] != 3 or dtype.kind != "f" or shape[0] == 0 or fortran_order:
+                raise SystemExit(fail + "is {} of shape {}{}; expected one non-empty (N, 3, H, W) float32 .npy of "
+                                 "RGB in [0, 1].".format(dtype, list(shape), " (Fortran order)" if fortran_order else ""))
+            size = int(np.prod(shape[1:])) * dtype.itemsize
+            for _ in range(shape[0]):
+                image = np.frombuffer(f.read(size), dtype)
+                if image.nbytes != size:
+                    raise SystemExit(fail + "is truncated: its header promises {} images".format(shape[0]))
+                if not (np.isfinite(image).all() and image.min() >= 0 and image.max() <= 1):
+                    raise SystemExit(fail + "holds values outside [0, 1] (or non-finite ones); the artefacts take "
+                                     "RGB scaled to [0, 1] (divide 8-bit images by 255).")
     except (OSError, ValueError) as e:
-        raise SystemExit("linux_bench.py: --inputs {} cannot be read as a .npy array ({}).".format(images_path, e))
-    if images.ndim != 4 or images.shape[1] != 3 or images.dtype.kind != "f":
-        raise SystemExit("linux_bench.py: --inputs {} is {} of shape {}; expected (N, 3, H, W) float32 RGB in "
-                         "[0, 1].".format(images_path, images.dtype, list(images.shape)))
-    if not (np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1):
-        raise SystemExit("linux_bench.py: --inputs {} holds values outside [0, 1] (or non-finite ones); the "
-                         "artefacts take RGB scaled to [0, 1] (divide 8-bit images by 255).".format(images_path))
-    return images.astype(np.float32)
+        raise SystemExit(fail + "cannot be read as a .npy array ({}).".format(e))
+    return tuple(shape)
+
+
+def load_images(images_path: str) -> np.ndarray:
+    """The --inputs npy, checked by `check_images`, as float32."""
+    return np.load(images_path).astype(np.float32)
 
 
 def run_images(interpreter, images: np.ndarray) -> dict:
@@ -255,6 +272,7 @@ def write_atomic(path: str, write) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)   # mkstemp makes 0600: files others can read, as a plain open() would
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -310,20 +328,22 @@ def parse_args(argv=None):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
             parser.error("{} {}: {} is not a writable folder".format(flag, path, folder))
+        if path and os.path.isdir(path):
+            parser.error("{} {} is a folder; name a file in it".format(flag, path))
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    images = load_images(args.inputs) if args.inputs else None   # refused before the timed runs
+    shape = check_images(args.inputs) if args.inputs else None   # refused before the timed runs
     Interpreter, runtime, executor = load_interpreter()
     baseline = current_rss_mb()
     baseline_peak = peak_rss_mb()
     interpreter = Interpreter(model_path=args.model, num_threads=args.threads)
     interpreter.allocate_tensors()
     detail = interpreter.get_input_details()[0]
-    if images is not None:
-        check_size(images, detail)   # before the timed runs, which a wrong size would waste
+    if shape is not None:
+        check_size(shape, detail)   # before the timed runs, which a wrong size would waste
     image = np.random.default_rng(0).random([1, 3] + image_size(detail), dtype=np.float32)
     interpreter.set_tensor(detail["index"], to_input_tensor(image, detail))
     times = time_invokes(interpreter, args.runs, args.warmup)
@@ -332,13 +352,13 @@ def main(argv=None) -> int:
     memory = {"peak_rss": peak, "baseline_rss": base, "model_rss": max(peak - base, 0.0)}
     result = report(args, runtime, "{} ({} threads)".format(executor, args.threads), detail["shape"], times, memory)
     print_summary(result)
-    if images is not None:
-        arrays = run_images(interpreter, images)
-        write_atomic(args.outputs, lambda f: np.savez(f, **arrays))
-        print("  outputs of {} images -> {}".format(len(arrays["depth"]), args.outputs))
-    if args.json:
+    if args.json:   # the record first: the images, loaded only now, are not in its memory figures
         write_atomic(args.json, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
         print("  JSON -> {}".format(args.json))
+    if shape is not None:
+        arrays = run_images(interpreter, load_images(args.inputs))
+        write_atomic(args.outputs, lambda f: np.savez(f, **arrays))
+        print("  outputs of {} images -> {}".format(len(arrays["depth"]), args.outputs))
     return 0
 
 
