@@ -38,7 +38,7 @@ def commands(artefacts: list[dict], profile, threads: int) -> str:
         budget = f"{profile.latency_budget_ms} ms" if profile.latency_budget_ms else "none set"
         lines += [f"Target **{profile.name}**: {profile.description}. Latency budget: {budget}. "
                   f"Measure with: {profile.bench}.", ""]
-        if profile.threads is None:   # a GPU runtime: the commands below time CPU kernels only
+        if profile.threads is None and profile.format == "onnx":   # a GPU runtime; edge.bench times the CPU
             lines += [f"The budget is for {profile.runtime}. `python -m edge.bench` below times ONNX Runtime's "
                       f"CPU execution provider, not the GPU: time the GPU with TensorRT's "
                       f"`trtexec --onnx=<artefact> --fp16`, or `onnxruntime_perf_test -e tensorrt -r 50 <artefact>` "
