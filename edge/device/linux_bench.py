@@ -236,7 +236,8 @@ def check_images(images_path: str) -> tuple:
                     raise SystemExit(fail + "holds values outside [0, 1] (or non-finite ones); the artefacts take "
                                      "RGB scaled to [0, 1] (divide 8-bit images by 255).")
     except (OSError, ValueError) as e:
-        raise SystemExit(fail + "cannot be read as a .npy array ({}).".format(e))
+        raise SystemExit(fail + "cannot be read as a .npy array ({}); save the (N, 3, H, W) images as one array with "
+                         "numpy.save.".format(e))
     return tuple(shape)
 
 
