@@ -34,6 +34,13 @@ _PER_IMAGE_KEYS = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "d
                    "s_star", "abs_rel_aligned", "pred_std", "gt_std")
 
 
+def check_depth_range(min_depth: float, max_depth: float) -> None:
+    """ValueError unless 0 < min_depth < max_depth: the range every depth metric evaluates in."""
+    if not 0 < min_depth < max_depth:
+        raise ValueError(f"need 0 < min_depth < max_depth, got min_depth={min_depth}, "
+                         f"max_depth={max_depth} (NYU uses 1e-3 and 10 m).")
+
+
 def eigen_crop_mask(shape: Sequence[int], device: torch.device | str = "cpu") -> Tensor:
     """Bool mask (B, 1, 480, 640) that is True inside the NYU Eigen crop (rows 45:471, cols
     41:601). The crop is defined at 480x640 only; any other size raises ValueError."""
@@ -115,9 +122,7 @@ class DepthMetrics:
     """
 
     def __init__(self, min_depth: float = 1e-3, max_depth: float = 10.0, eigen_crop: bool = False):
-        if not 0 < min_depth < max_depth:
-            raise ValueError(f"need 0 < min_depth < max_depth, got min_depth={min_depth}, "
-                             f"max_depth={max_depth} (NYU uses 1e-3 and 10 m).")
+        check_depth_range(min_depth, max_depth)
         self.min_depth, self.max_depth, self.eigen_crop = float(min_depth), float(max_depth), eigen_crop
         self.reset()
 
@@ -332,9 +337,9 @@ class DepthBoundaryMetrics:
 
     def __init__(self, min_depth: float = 1e-3, max_depth: float = 10.0, max_px: float = DBE_MAX_PX,
                  eigen_crop: bool = False):
-        if not 0 < min_depth < max_depth or not max_px > 0:
-            raise ValueError(f"depth boundary errors need 0 < min_depth < max_depth and max_px > 0, got "
-                             f"{min_depth}, {max_depth}, {max_px}")
+        check_depth_range(min_depth, max_depth)
+        if not max_px > 0:
+            raise ValueError(f"depth boundary errors need max_px > 0, got {max_px}")
         self.min_depth, self.max_depth, self.max_px, self.eigen_crop = min_depth, max_depth, max_px, eigen_crop
         self.reset()
 

@@ -225,20 +225,24 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
 def range_problems(recipe: Recipe) -> list[str]:
     """Values each checked only where it is first used (the evaluation after the first epoch, the
     loss or the optimizer after pre-flight), or never: refused before the data is rendered."""
+    from distill.metrics import EIGEN_CROP_SIZE
+    from distill.teachers.depth_anything import PATCH
+
     d, e, lc, m, t, te = recipe.data, recipe.eval, recipe.loss, recipe.model, recipe.train, recipe.teacher
     problems = []
     if not 0 < e.min_depth < e.max_depth:
         problems.append(f"eval.min_depth={e.min_depth} and eval.max_depth={e.max_depth} must satisfy 0 < min < max "
                         f"(metres; pixels outside are not evaluated)")
-    if e.eigen_crop and d.height is not None and d.width is not None and (d.height, d.width) != (480, 640):
-        problems.append(f"eval.eigen_crop=true is defined at 480x640 only, and the data is {d.height}x{d.width}: "
-                        f"set data.height=480 data.width=640 (NYU's size) or eval.eigen_crop=false")
+    if e.eigen_crop and d.height is not None and d.width is not None and (d.height, d.width) != EIGEN_CROP_SIZE:
+        h, w = EIGEN_CROP_SIZE
+        problems.append(f"eval.eigen_crop=true is defined at {h}x{w} only, and the data is {d.height}x{d.width}: "
+                        f"set data.height={h} data.width={w} (NYU's size) or eval.eigen_crop=false")
     if te.assistant and not 0 <= te.assistant_ratio <= 1:
         problems.append(f"teacher.assistant_ratio={te.assistant_ratio} must be in [0, 1] (the assistant's share of "
                         f"iterations; 0.3 = 7:3)")
-    if te.input_size < 14 or te.input_size % 14:
-        problems.append(f"teacher.input_size={te.input_size} must be a positive multiple of 14 (the ViT patch), "
-                        f"e.g. {max(14, te.input_size // 14 * 14)}")
+    if te.input_size < PATCH or te.input_size % PATCH:
+        problems.append(f"teacher.input_size={te.input_size} must be a positive multiple of {PATCH} (the ViT patch), "
+                        f"e.g. {max(PATCH, te.input_size // PATCH * PATCH)}")
     for key, value in (("train.weight_decay", t.weight_decay), ("train.grad_clip", t.grad_clip),
                        ("loss.depth_weight", lc.depth_weight), ("loss.seg_weight", lc.seg_weight)):
         if value < 0:
