@@ -232,6 +232,17 @@ def test_a_cache_is_refused_when_the_teachers_weights_at_its_source_changed(tmp_
         CachedTeacher.open(tmp_path / "c", config)
 
 
+def test_a_cache_made_at_another_teacher_input_size_is_refused(tmp_path):
+    assert main(command(tmp_path / "c")) == 0
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())   # as a real ViT teacher records it
+    manifest["teacher"]["input_size"] = 518
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    CachedTeacher.open(tmp_path / "c", TeacherConfig(name="synthetic-metric", input_size=518))   # the same size
+    with pytest.raises(CacheMismatchError, match=r"teacher.input_size: cache 518, recipe 266\); set "
+                                                 r"teacher.name=synthetic-metric teacher.input_size=518, or build"):
+        CachedTeacher.open(tmp_path / "c", TeacherConfig(name="synthetic-metric", input_size=266))
+
+
 def test_overflowing_labels_are_refused(tmp_path, capsys):
     class Loud(SyntheticMetricTeacher):
         name = "loud-for-test"

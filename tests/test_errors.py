@@ -65,6 +65,8 @@ CASES = [
     ("distill.run", ["v3", "teacher.input_size=500"], "teacher.input_size=500 must be a positive multiple of 14 (the ViT patch), e.g. 490"),
     ("distill.run", ["v3", "model.decoder_channels=1"], "model.decoder_channels=1 must be at least 2"),
     ("distill.run", ["v3", "train.log_every=0"], "train.log_every=0 must be at least 1"),
+    ("distill.run", ["v3", "train.seed=-1"], "train.seed=-1 must be >= 0"),
+    ("distill.run", ["v3", "data.seed=-2"], "data.seed=-2 must be >= 0"),
     ("distill.run", ["v3", "train.lr_encoder=nan"], "train.lr_encoder='nan': expected a finite number"),
     ("distill.ablate", ["v3", "loss.depth=berhu,silgo"], "loss.depth='silgo' is not a depth loss"),
     ("distill.cache_teacher", ["synthetic-metric", "data=synthrooms"], "out=DIR is required"),

@@ -238,9 +238,10 @@ def test_a_killed_renders_leftovers_are_removed_and_a_damaged_set_is_kept(tmp_pa
     (leftover / "train" / "rgb").mkdir(parents=True)
     target = generate(tmp_path, num_train=4, num_val=1, height=H, width=W, workers=1, progress=False)
     assert not leftover.exists() and target.is_dir()
-    (target / "manifest.json").write_text("{damaged")
-    with pytest.raises(ValueError, match=r"manifest.json cannot be read .* delete .* to render it again"):
-        generate(tmp_path, num_train=4, num_val=1, height=H, width=W, workers=1, progress=False)
+    for damage in ("{damaged", "[]"):   # not JSON; JSON but not an object
+        (target / "manifest.json").write_text(damage)
+        with pytest.raises(ValueError, match=r"manifest.json cannot be read .* delete .* to render it again"):
+            generate(tmp_path, num_train=4, num_val=1, height=H, width=W, workers=1, progress=False)
     assert (target / "train" / "rgb").is_dir()   # nobody's data is deleted without a word
 
 

@@ -195,6 +195,9 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
     if recipe.model.output_stride not in (2, 4):
         problems.append(f"model.output_stride={recipe.model.output_stride} must be 2 or 4 (where the decoder "
                         f"stops; the heads upsample the rest)")
+    for key, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
+        if seed < 0:   # numpy's generators, which both seed, take non-negative integers only
+            problems.append(f"{key}={seed} must be >= 0")
     if d.cache_mb < 0:
         problems.append(f"data.cache_mb={d.cache_mb} must be >= 0 (0 = decode every image every epoch)")
     if recipe.loss.gradient_scales < 1:

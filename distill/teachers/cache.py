@@ -106,10 +106,15 @@ class CachedTeacher(Teacher):
             made = manifest["recipe_teacher"]
             differ = [f"teacher.{k}: cache {made[k]!r}, recipe {getattr(cfg, k)!r}" for k in ("name", "source")
                       if made[k] != getattr(cfg, k)]
+            # a ViT teacher's labels depend on the size it saw; only real teachers record one
+            made_size = manifest["teacher"].get("input_size")
+            if made_size is not None and made_size != cfg.input_size:
+                differ.append(f"teacher.input_size: cache {made_size}, recipe {cfg.input_size}")
             if differ:
                 raise CacheMismatchError(
                     f"teacher.cache={path} was made by another teacher ({'; '.join(differ)}); set "
                     f"teacher.name={made['name']}" + (f" teacher.source={made['source']}" if made["source"] else "")
+                    + (f" teacher.input_size={made_size}" if made_size is not None else "")
                     + ", or build a cache for this teacher with python -m distill.cache_teacher")
             check_weights(path, manifest, cfg.source)
         return cls(path, manifest, split)

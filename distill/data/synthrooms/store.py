@@ -150,7 +150,7 @@ def read_manifest(path: Path) -> dict | None:
         manifest = json.loads((Path(path) / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    if manifest.get("generator") != GENERATOR or manifest.get("version") != VERSION:
+    if not isinstance(manifest, dict) or manifest.get("generator") != GENERATOR or manifest.get("version") != VERSION:
         return None
     return manifest
 
