@@ -21,9 +21,10 @@ from distill.data.synthrooms import (
     generate,
     render,
     render_scene,
+    scene_rng,
     store,
 )
-from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize
+from distill.data.transforms import IMAGENET_MEAN, IMAGENET_STD, augment_rng, denormalize, normalize
 
 H, W = 48, 64
 NYU = (518.8579, 519.4696, 325.5824, 253.7362)
@@ -286,6 +287,15 @@ def test_dataset_flip_and_determinism(dataset_dir):
     a = aug[2]["image"]
     aug.set_epoch(1)
     assert not torch.equal(a, aug[2]["image"])
+
+
+def test_augmentation_never_replays_a_scenes_stream():
+    # [seed, epoch, index] at epoch 0 is [seed, split "train", index]: the flip followed the wall
+    for seed, index in ((0, 0), (0, 5), (7, 3)):
+        scene = scene_rng(seed, "train", index).random(4)
+        assert not np.allclose(augment_rng(seed, 0, index).random(4), scene)
+        assert not np.allclose(augment_rng(seed, 1, index).random(4), scene_rng(seed, "val", index).random(4))
+        assert np.array_equal(augment_rng(seed, 2, index).random(4), augment_rng(seed, 2, index).random(4))
 
 
 def test_decoded_cache_gives_the_same_items_within_its_budget(dataset_dir):

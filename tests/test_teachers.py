@@ -30,6 +30,17 @@ def test_metric_teacher_error_model_is_mild_deterministic_and_masked():
     assert not torch.allclose(a[0], a[1])                          # per-image scale and noise differ
 
 
+def test_a_flipped_sample_gets_the_mirror_of_its_label_as_from_a_cache():
+    batch = room_batch(b=1)
+    depth = batch["depth"] * torch.linspace(1.0, 1.3, 32).view(1, 1, -1, 1)   # not symmetric along either axis
+    mirrored = {"depth": depth.flip(-1), "valid": depth.flip(-1) > 0, "index": batch["index"],
+                "flipped": torch.tensor([True])}
+    for name in ("synthetic-metric", "synthetic-assistant"):
+        teacher = build_teacher(name)
+        label = teacher({"depth": depth, "valid": depth > 0, "index": batch["index"]})
+        assert torch.allclose(teacher(mirrored), label.flip(-1), rtol=1e-5, atol=1e-6), name
+
+
 def test_far_compression_shrinks_far_depth():
     errors = TeacherErrorModel(blur_sigma=1e-3, scale_sigma=0.0, noise_sigma=0.0)
     batch = room_batch(b=1)

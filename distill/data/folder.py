@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from core.images import decoded_content_hash, orientation, upright_intrinsics, upright_rgb
 from core.io import sha256 as sha256_file
 from distill.data.nyu import check_size, make_sample
+from distill.data.transforms import augment_rng
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_MEGAPIXELS = 200.0   # above: skipped (a 144 MP PNG took 2.6 GB to decode, every epoch)
@@ -78,7 +79,7 @@ class ImageFolder(Dataset):
     """Images under `root` as unlabelled training samples (see the module docstring).
 
     `size` (height, width) of the output; `augment`: flip (p = 0.5, cx mirrored) + photometric
-    jitter from `np.random.default_rng([seed, epoch, index])` (call `set_epoch`); `limit` keeps
+    jitter from `augment_rng(seed, epoch, index)` (call `set_epoch`); `limit` keeps
     the first N readable images in path order and stops probing there (files after them are not
     opened). `skipped`: [(path, reason)] of unreadable files; `files`: the readable ones.
     """
@@ -143,7 +144,7 @@ class ImageFolder(Dataset):
         if self.intrinsics is not None:   # given for the stored layout: turned upright, then to this size
             fx, fy, cx, cy, kw, kh = upright_intrinsics(*self.intrinsics, turn)
             intr = (fx * w / kw, fy * h / kh, cx * w / kw, cy * h / kh)
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None
+        rng = augment_rng(self.seed, self.epoch, index) if self.augment else None
         return make_sample(rgb, np.zeros((h, w), np.float32), None, intr, index=index, size=self.size, rng=rng)
 
     def content_hash(self, index: int) -> str:

@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 
 from core.io import sha256 as sha256_file
 from distill.data.classes import IGNORE_INDEX, raw894_to_train13
-from distill.data.transforms import hflip_intrinsics, normalize, photometric_jitter
+from distill.data.transforms import augment_rng, hflip_intrinsics, normalize, photometric_jitter
 
 NYU_SIZE = (480, 640)                                        # (height, width) of NYU's files
 NYU_INTRINSICS = (518.8579, 519.4696, 325.5824, 253.7362)   # fx, fy, cx, cy at 640x480
@@ -125,7 +125,7 @@ def first_n(items: list, limit: int | None, what: str) -> list:
 
 class NyuDataset(Dataset):
     """What the three layouts share: a split's samples at `size` (height, width), `set_epoch`,
-    augmentation (training split only) from `np.random.default_rng([seed, epoch, index])`.
+    augmentation (training split only) from `augment_rng(seed, epoch, index)`.
     Subclasses fill `items` (one per sample) and implement `read(index) -> (rgb, depth, seg | None,
     intrinsics)` at the source resolution and `content_hash(index)`; `crop` (top, left, bottom,
     right) cuts first."""
@@ -153,7 +153,7 @@ class NyuDataset(Dataset):
             raise IndexError(f"index {index} out of range for {n} {type(self).__name__} {self.split} samples.")
         index = int(index) % n
         rgb, depth, seg, intrinsics = self.read(index)
-        rng = np.random.default_rng([self.seed, self.epoch, index]) if self.augment else None
+        rng = augment_rng(self.seed, self.epoch, index) if self.augment else None
         return make_sample(rgb, depth, seg, intrinsics, index=index, size=self.size, crop=self.crop, rng=rng)
 
 

@@ -43,6 +43,18 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 0).cpu().numpy()
 
 
+# numpy's seed words ignore trailing zeros, and a key of three words can equal a SynthRooms scene's
+# own ([seed, split, index]: at epoch 0 [seed, epoch, index] replayed the training scene, so the
+# flip and the jitter were functions of the wall's draws). Augmentation draws from its own spawn
+# key instead: SeedSequence's documented way to keep streams independent.
+AUGMENT_STREAM = 0xA06
+
+
+def augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The augmentation stream of sample `index` in `epoch`: a pure function of the three."""
+    return np.random.default_rng(np.random.SeedSequence([seed, epoch, index], spawn_key=(AUGMENT_STREAM,)))
+
+
 def hflip_intrinsics(intrinsics: np.ndarray, width: int) -> np.ndarray:
     """fx, fy, cx, cy (4,) of the horizontally flipped image of `width` pixels (cx -> W - cx;
     pixel centres at u + 0.5)."""

@@ -179,4 +179,4 @@ class AssistantSchedule:
     def use_assistant(self, step: int) -> bool:
         if step < 0:
             raise ValueError(f"step={step} must be >= 0")
-        return bool(np.random.default_rng([self.seed, int(step), 0xA5]).random() < self.ratio)
+        return bool(np.random.default_rng(np.random.SeedSequence([self.seed, int(step)], spawn_key=(0xA5,))).random() < self.ratio)

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 
 from core.io import sha256
 
-from ..transforms import hflip_intrinsics, normalize, photometric_jitter
+from ..transforms import augment_rng, hflip_intrinsics, normalize, photometric_jitter
 from .store import DEPTH_SCALE_M, GENERATOR, VERSION
 
 _HOW_TO = ("create it with `from distill.data.synthrooms import generate; "
@@ -58,7 +58,7 @@ class SynthRoomsDataset(Dataset):
     bool, whether augmentation mirrored it.
 
     With `augment=True`: horizontal flip (p = 0.5; depth, labels and cx follow) and photometric
-    jitter, drawn from `np.random.default_rng([seed, epoch, index])`, so a sample depends only on
+    jitter, drawn from `augment_rng(seed, epoch, index)`, so a sample depends only on
     (seed, epoch, index), never on DataLoader workers or resume points. Call `set_epoch(epoch)`
     before iterating each epoch (with persistent workers, recreate the DataLoader).
     `cache_mb` > 0 keeps the decoded files of the items read first in memory, up to that many MB
@@ -134,7 +134,7 @@ class SynthRoomsDataset(Dataset):
         rgb, depth, seg = self.read(index)
         intrinsics, flipped = self.intrinsics, False
         if self.augment:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
+            rng = augment_rng(self.seed, self.epoch, index)
             if rng.random() < 0.5:
                 flipped = True
                 rgb, depth, seg = rgb[:, ::-1], depth[:, ::-1], seg[:, ::-1]
