@@ -79,6 +79,19 @@ def test_device_defaults_fill_only_unset_fields():
     assert resolved.data.height % 32 == 0 and resolved.data.width % 32 == 0 and "data.height" in filled
 
 
+@pytest.mark.parametrize("dataset, val_dataset, sized", [
+    ("synthrooms", "", {"data.num_train", "data.num_val"}),
+    ("nyu:/data/nyu", "", set()),                                  # all 654 test images, not the first 200
+    ("folder:/data/frames", "synthrooms", {"data.num_val"}),       # SynthRooms renders the validation split
+    ("synthrooms", "nyu:/data/nyu", {"data.num_train"}),
+])
+def test_device_sizes_only_the_splits_synthrooms_renders(dataset, val_dataset, sized):
+    recipe = apply_overrides(get_recipe("v3"), [f"data.dataset={dataset}", f"data.val_dataset={val_dataset}"])
+    resolved, filled = resolve_for_device(recipe, "cuda")
+    assert {k for k in filled if k.startswith("data.num")} == sized
+    assert (resolved.data.num_val is None) == ("data.num_val" not in sized)
+
+
 def test_help_shows_what_each_device_gives_a_size_left_to_it():
     from distill.run import describe_keys
     lines = {line.split()[0]: line for line in describe_keys(get_recipe("v4")).splitlines()}

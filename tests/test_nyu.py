@@ -118,7 +118,7 @@ def unaugmented(ds: NyuLabeled) -> NyuLabeled:
     return clone
 
 
-def test_labeled_options_and_errors(labeled, tmp_path):
+def test_labeled_options_and_errors(labeled, tmp_path, monkeypatch):
     raw_train = NyuLabeled(labeled, "train", depth="raw", size=(H, W))
     assert not raw_train[0]["valid"][0, 100:110].any()
     with pytest.raises(ValueError, match="depth='holes'.*filled.*raw"):
@@ -134,6 +134,11 @@ def test_labeled_options_and_errors(labeled, tmp_path):
                                                          num_train=1, num_val=1))
     assert (len(capped_train), len(capped_val)) == (1, 1)
     assert capped_train.content_hash(0) == NyuLabeled(labeled, "train").content_hash(0)   # the first N
+    # SynthRooms trains, NYU validates: every NYU test image, and SynthRooms renders one unused one
+    monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path / "cache"))
+    _, nyu_val = build_datasets(DataConfig(dataset="synthrooms", val_dataset=f"nyu:{labeled}", height=32, width=32,
+                                           num_train=2, num_val=None), progress=False)
+    assert len(nyu_val) == len(NyuLabeled(labeled, "val"))
 
 
 def test_labeled_rejects_unreversed_axes_and_bad_splits(tmp_path):

@@ -11,6 +11,7 @@ so a pseudo-label cache can prove it was made from these very images.
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from torch.utils.data import Dataset
@@ -75,9 +76,9 @@ def folder_datasets(cfg, progress: bool = True) -> tuple[Dataset, None]:
 def build_datasets(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
     """(train, val) for a `DataConfig`: `cfg.dataset` is "name" or "name:path"; validation comes from
     `cfg.val_dataset` when set (unlabelled folders have no validation split of their own)."""
-    train, val = DATASETS.get(cfg.dataset.split(":", 1)[0])(cfg, progress=progress)
+    own = cfg if not cfg.val_dataset or cfg.num_val else replace(cfg, num_val=1)   # its own split goes unused
+    train, val = DATASETS.get(cfg.dataset.split(":", 1)[0])(own, progress=progress)
     if cfg.val_dataset:
-        from dataclasses import replace
         # num_train=1: only its validation split is used (SynthRooms would render 4000 scenes)
         _, val = DATASETS.get(cfg.val_dataset.split(":", 1)[0])(replace(cfg, dataset=cfg.val_dataset, num_train=1),
                                                                  progress=progress)

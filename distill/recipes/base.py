@@ -23,8 +23,8 @@ class DataConfig:
     root: str = ""                       # "" = the cache dir ($DENSEKIT_CACHE or ~/.cache/densekit)
     height: int | None = None            # None: sized for the device; a multiple of 32
     width: int | None = None
-    num_train: int | None = None
-    num_val: int | None = None
+    num_train: int | None = None         # None: SynthRooms renders the device's size; files: all of them
+    num_val: int | None = None           # (an integer keeps a file split's first N)
     seed: int = 0                        # which scenes SynthRooms renders
     augment: bool = True                 # flip + photometric jitter on training images
     workers: int = 0                     # DataLoader worker processes (0 = in the main process)
@@ -155,13 +155,23 @@ class Recipe:
     int8_qat_steps: ClassVar[int] = 300
 
 
+def renders(dataset: str) -> bool:
+    """Whether `data.dataset`-style `dataset` is SynthRooms, whose split sizes are what it renders."""
+    return dataset.partition(":")[0] == "synthrooms"
+
+
 def resolve_for_device(recipe: Recipe, device_type: str) -> tuple[Recipe, dict[str, int]]:
-    """Fill `None` sizes from the recipe's `device_defaults`; returns the recipe and the keys filled."""
+    """Fill `None` sizes from the recipe's `device_defaults`; returns the recipe and the keys filled.
+    A split's size is filled only where SynthRooms renders that split: a dataset of files keeps all
+    its images (NYU's 654 test images are the benchmark, not the first 200 of them)."""
     table = recipe.device_defaults["cuda" if device_type == "cuda" else "cpu"]
+    d = recipe.data
+    of_files = {"num_train": not renders(d.dataset), "num_val": not renders(d.val_dataset or d.dataset)}
     filled: dict[str, int] = {}
     for section, defaults in table.items():
         current = getattr(recipe, section)
-        changes = {k: v for k, v in defaults.items() if getattr(current, k) is None}
+        changes = {k: v for k, v in defaults.items()
+                   if getattr(current, k) is None and not (section == "data" and of_files.get(k))}
         filled.update({f"{section}.{k}": v for k, v in changes.items()})
         recipe = replace(recipe, **{section: replace(current, **changes)})
     return recipe, filled
