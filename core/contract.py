@@ -40,7 +40,7 @@ def artefact_metadata(*, recipe: str, run: str, student: str, size: tuple[int, i
         "input_range": INPUT_RANGE,
         "normalisation": f"inside the model: (x - {list(IMAGENET_MEAN)}) / {list(IMAGENET_STD)}",
         "depth_units": depth_units, "depth_space": depth_space,
-        "outputs": {DEPTH: "(1, 1, H, W) depth" + nhwc, SEG: f"(1, {len(classes)}, H, W) class logits"},
+        "outputs": {DEPTH: "(1, 1, H, W) depth" + nhwc, SEG: f"(1, {len(classes)}, H, W) class logits" + nhwc},
         "classes": list(classes), "source_checkpoint": checkpoint, "source_sha256": checkpoint_sha256,
         "pruned": pruned, "int8_method": int8_method,
     }

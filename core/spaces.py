@@ -20,6 +20,10 @@ class DepthSpace(str, Enum):
                 "relative": "affine-invariant, unitless",
                 "disparity": "inverse depth up to scale"}[self.value]
 
+    def phrase(self) -> str:
+        """What a depth output in this space holds, for an artefact's description."""
+        return "metric depth in metres" if self is DepthSpace.METRIC else f"{self.value} depth ({self.describe()})"
+
 
 @dataclass(frozen=True)
 class ValueRange:

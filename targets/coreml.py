@@ -82,6 +82,7 @@ import torch  # noqa: E402
 
 from core.contract import DEPTH, INPUT_NAME, SEG  # noqa: E402
 from core.io import fsync_tree, replace  # noqa: E402
+from core.spaces import DepthSpace  # noqa: E402
 from edge.coreml import CoreMLRunner  # noqa: E402
 from edge.mil import MILProgram  # noqa: E402
 from targets.job import Job, check_against_reference, main, source_for, tool_versions, write_result  # noqa: E402
@@ -136,14 +137,11 @@ OBSERVED_DTYPES = (np.float16, np.float32, np.float64, np.int32)   # w8a8 calibr
 CALIBRATION_DIR = "coreml-calibration"   # in the job's work_dir: the package w8a8 was calibrated on
 NOT_EXECUTED = {"executed": False, "reason": "the job has no check images"}
 
-DESCRIPTIONS = {
-    INPUT_NAME: "RGB float32 in [0, 1], NCHW, normalisation inside the model",
-    DEPTH: "metric depth in metres",
-    SEG: "class logits",
-}
-# job.metadata fields also stored as flat string keys, for tools that show user metadata (Xcode).
-FLAT_KEYS = ("recipe", "version", "student", "depth_units", "classes", "input_range", "normalisation",
-             "source_sha256", "created")
+INPUT_DESCRIPTION = "RGB float32 in [0, 1], NCHW, normalisation inside the model"
+# job.metadata fields (core.contract.artefact_metadata) also stored as flat string keys, for tools
+# that show user metadata (Xcode).
+FLAT_KEYS = ("recipe", "run", "student", "depth_space", "depth_units", "classes", "input_layout", "input_range",
+             "normalisation", "source_sha256")
 
 
 def weight_threshold() -> int:
@@ -394,38 +392,43 @@ def flat_value(value) -> str:
 
 
 def describe(model, job: Job, precision: str) -> None:
+    """The package's metadata and the descriptions Xcode shows; the depth is described in the run's
+    own space (a student of a relative teacher outputs no metres)."""
     meta = job.metadata or {}
-    model.user_defined_metadata["densekit"] = json.dumps(meta)
+    model.user_defined_metadata["densekit"] = json.dumps({**meta, "precision": precision})   # as TFLite, ONNX
     model.user_defined_metadata["precision"] = precision
     for key in FLAT_KEYS:
         if meta.get(key) is not None:
             model.user_defined_metadata[key] = flat_value(meta[key])
+    depth = DepthSpace(meta.get("depth_space", DepthSpace.METRIC.value)).phrase()
     classes = meta.get("classes") or []
     what = f"{len(classes)}-class segmentation logits" if classes else "segmentation logits"
     recipe = f" (recipe {meta['recipe']})" if meta.get("recipe") else ""
-    model.short_description = (f"densekit multi-task student{recipe}: metric depth in metres and {what} "
+    model.short_description = (f"densekit multi-task student{recipe}: {depth} and {what} "
                                f"from one RGB image; {precision} weights")
     model.author = "densekit"
     model.version = job.stem
-    for name, text in DESCRIPTIONS.items():
-        if name == INPUT_NAME:
-            model.input_description[name] = text
-        else:
-            model.output_description[name] = text
+    model.input_description[INPUT_NAME] = INPUT_DESCRIPTION
+    model.output_description[DEPTH] = depth
+    model.output_description[SEG] = "class logits"
 
 
-def save_atomically(model, target: Path, staging: Path) -> None:
-    """Save into `staging` (same directory, so the rename is atomic) and rename into place: a
-    failure never leaves a half-written package under the final name."""
+def stage(model, name: str, staging: Path) -> Path:
+    """Save the package under `staging` (beside the output, so publishing it is a rename) and fsync it."""
     staging.mkdir(parents=True, exist_ok=True)
-    temporary = staging / target.name  # coremltools insists on the .mlpackage suffix
-    model.save(str(temporary))
-    fsync_tree(temporary)
+    staged = staging / name  # coremltools insists on the .mlpackage suffix
+    model.save(str(staged))
+    fsync_tree(staged)
+    return staged
+
+
+def publish(staged: Path, target: Path) -> None:
+    """Rename a checked package into place: nothing half-written or unchecked is under the final name."""
     if target.is_dir():
         shutil.rmtree(target)
     elif target.exists():
         target.unlink()
-    replace(temporary, target)   # durable inside staging before staging is renamed into place
+    replace(staged, target)
 
 
 FLOAT_TYPES = (ct.proto.MIL_pb2.DataType.FLOAT16, ct.proto.MIL_pb2.DataType.FLOAT32)
@@ -512,17 +515,19 @@ def validate(job: Job) -> None:
 
 
 def produce(builder: ModelBuilder, job: Job, precision: str, staging: Path) -> dict:
-    """Build, describe, save and inspect one package; returns its result.json entry."""
+    """Build, describe, save and inspect one package, then publish it; returns its result.json entry.
+    The package is checked where it was staged, so a failing check leaves nothing in `job.out_dir`."""
     name = f"{job.stem}_{precision}.mlpackage"
-    path = Path(job.out_dir) / name
     model = builder.build(precision)
     describe(model, job, precision)
-    save_atomically(model, path, staging)
+    staged = stage(model, name, staging)
     notes = {"calibration": builder.notes[precision]} if precision in builder.notes else {}
     settings = {"compression": SETTINGS[precision]} if precision in SETTINGS else {}
-    return {"path": name, "format": "coreml", "precision": precision, "source": source_for(precision),
-            "check": execution_check(job, precision, path), "deployment_target": TARGETS[precision],
-            "weight_threshold": builder.threshold, **settings, **weight_ops(path, builder.threshold), **notes}
+    entry = {"path": name, "format": "coreml", "precision": precision, "source": source_for(precision),
+             "check": execution_check(job, precision, staged), "deployment_target": TARGETS[precision],
+             "weight_threshold": builder.threshold, **settings, **weight_ops(staged, builder.threshold), **notes}
+    publish(staged, Path(job.out_dir) / name)
+    return entry
 
 
 def progress_line(entry: dict, seconds: float) -> str:

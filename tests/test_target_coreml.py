@@ -28,7 +28,9 @@ from targets.job import RESULT_FILE, Job
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = [1, 3, 64, 96]
 PRECISIONS = ["w8", "palette4", "fp16", "palette6", "fp32"]  # fp16 after w8: compression must not alter it
-METADATA = {"recipe": "test", "depth_units": "metres", "classes": list(NYU13_NAMES)}
+# a relative student's: the package must not describe its depth as metres
+METADATA = {"recipe": "test", "depth_space": "relative", "depth_units": "affine-invariant, unitless",
+            "classes": list(NYU13_NAMES)}
 NOT_ON_MAC = sys.platform != "darwin"
 
 
@@ -175,12 +177,14 @@ def test_packages_load_with_io_and_metadata(converted, ct):
         assert all(o.dataType == float32 for o in outputs.values())
 
         meta = model.user_defined_metadata
-        assert json.loads(meta["densekit"]) == METADATA
-        assert meta["classes"] == ",".join(NYU13_NAMES) and meta["depth_units"] == "metres"
+        assert json.loads(meta["densekit"]) == {**METADATA, "precision": precision}   # as TFLite and ONNX embed it
+        assert meta["classes"] == ",".join(NYU13_NAMES) and meta["depth_space"] == "relative"
         assert meta["recipe"] == "test" and meta["precision"] == precision
-        assert model.short_description and model.version == "tiny"
+        assert "relative depth (affine-invariant, unitless) and 13-class" in model.short_description
+        assert model.version == "tiny" and "metres" not in model.short_description
         assert "[0, 1]" in model.input_description["image"]
-        assert "metres" in model.output_description["depth"] and "logits" in model.output_description["seg"]
+        assert model.output_description["depth"] == "relative depth (affine-invariant, unitless)"
+        assert "logits" in model.output_description["seg"]
 
 
 def test_compression_ops_per_precision(converted, ct):
@@ -236,6 +240,19 @@ def test_check_executed_on_macos(converted):
         parity = check["reference_parity"]   # predict against the MIL reference executor
         assert parity["images"] == 2 and parity["finite"]
     assert artefact(result, "fp32")["check"]["depth_rel_max"] < 1e-3
+
+
+def test_a_package_whose_check_fails_is_not_left_behind(converted, tmp_path):
+    job, _, _ = converted
+    wrong = tmp_path / "depth.npy"
+    np.save(wrong, np.zeros((2, 1, 8, 8), np.float32))   # not the model's output shape: compare refuses
+    (tmp_path / "work").mkdir()
+    failing = Job(format="coreml", precisions=["fp32"], sources=job.sources, out_dir=str(tmp_path / "out"),
+                  work_dir=str(tmp_path / "work"), stem="tiny", input_shape=SHAPE, metadata=METADATA,
+                  check={**job.check, "float_depth": str(wrong)})
+    proc = run_converter(failing, tmp_path / "job.json")
+    assert proc.returncode != 0 and "differ from the" in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())   # checked before published
 
 
 def test_failing_job_leaves_nothing(tmp_path):

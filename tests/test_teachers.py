@@ -18,6 +18,12 @@ def test_teachers_declare_their_spaces():
         TEACHERS.get("synthetic-metrc")
 
 
+def test_each_space_names_what_its_depth_holds():   # the phrase artefacts describe their depth output with
+    assert DepthSpace.METRIC.phrase() == "metric depth in metres"
+    assert DepthSpace.RELATIVE.phrase() == "relative depth (affine-invariant, unitless)"
+    assert DepthSpace.DISPARITY.phrase() == "disparity depth (inverse depth up to scale)"
+
+
 def test_metric_teacher_error_model_is_mild_deterministic_and_masked():
     batch = room_batch()
     teacher = build_teacher("synthetic-metric")
