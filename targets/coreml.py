@@ -81,6 +81,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.contract import DEPTH, INPUT_NAME, SEG  # noqa: E402
+from core.formats import FORMATS  # noqa: E402
 from core.io import fsync_tree, replace  # noqa: E402
 from core.spaces import DepthSpace  # noqa: E402
 from edge.coreml import CoreMLRunner  # noqa: E402
@@ -95,7 +96,7 @@ from targets.job import Job, check_against_reference, main, source_for, tool_ver
 # those precisions, and only those, are converted for it.
 DEPLOYMENT_TARGETS = {"iOS16": ct.target.iOS16, "iOS18": ct.target.iOS18}
 IOS18_PRECISIONS = ("w4block", "palette4g", "sparse-palette4", "w8a8")
-PRECISIONS = ("fp32", "fp16", "w8", "palette4", "palette6", *IOS18_PRECISIONS)
+PRECISIONS = FORMATS["coreml"].precisions   # the one table (core/formats.py)
 TARGETS = {p: "iOS18" if p in IOS18_PRECISIONS else "iOS16" for p in PRECISIONS}
 
 # coremltools' own default: tensors with fewer than 2048 elements stay float16. Measured on the

@@ -12,7 +12,8 @@ What the artefacts themselves take and return is core/contract.py.
 
 Tensors in files are numpy `.npy`:
 - check/inputs.npy: (N, 3, H, W) float32 RGB in [0, 1] (normalisation is inside every artefact).
-- check/<source>_depth.npy (N, 1, H, W) metres and check/<source>_seg.npy (N, C, H, W) logits:
+- check/<source>_depth.npy (N, 1, H, W) depth in the run's space (metres for a metric student) and
+  check/<source>_seg.npy (N, C, H, W) logits:
   the PyTorch model's outputs on those inputs, one pair per source ("float", and "int8" when the
   int8 artefacts come from a QAT model).
 - outputs_<format>_<precision>.npz in work_dir: the artefact's depth and argmax labels on the
@@ -34,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from core.contract import compare
-from core.formats import INTEGER_PRECISIONS
-from core.io import atomic_path
+from core.formats import FORMATS, INTEGER_PRECISIONS
+from core.io import atomic_path, write_json
 from targets.stem import DEFAULT_FLOAT_STEM
 
 RESULT_FILE = "result.json"
@@ -45,7 +46,7 @@ RESULT_FILE = "result.json"
 class Job:
     format: str                          # tflite | coreml | onnx
     precisions: list[str]                # what to produce, validated by the parent
-    sources: dict[str, str]              # "float" and "int8" -> model file (.onnx; .pt2 for coreml)
+    sources: dict[str, str]              # "float" and "int8" -> model file (.onnx; .pt2 for coreml and litert-torch)
     out_dir: str                         # artefacts go here (the export's staging directory)
     work_dir: str                        # scratch space; result.json goes here
     stem: str                            # artefact file stem, e.g. "v3-20261121T101500Z"
@@ -59,11 +60,19 @@ class Job:
     converter: str = ""                  # which of the format's converters runs it ("" = its default, core/formats.py)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
+        write_json(path, asdict(self))
 
     @classmethod
     def load(cls, path: str | Path) -> "Job":
-        return cls(**json.loads(Path(path).read_text()))
+        """The job in `path`; ValueError when it asks for a format or precision that does not exist
+        (an unknown precision would otherwise become a file of another, named as asked)."""
+        job = cls(**json.loads(Path(path).read_text()))
+        if job.format not in FORMATS:
+            raise ValueError(f"format {job.format!r} is not one of {', '.join(FORMATS)}")
+        known = FORMATS[job.format].precisions
+        if not job.precisions or any(p not in known for p in job.precisions):
+            raise ValueError(f"{job.format} precisions must be a non-empty subset of {list(known)}, got {job.precisions}")
+        return job
 
 
 def source_for(precision: str) -> str:
@@ -120,7 +129,7 @@ def write_result(job: Job, artefacts: list[dict], tools: dict[str, str]) -> None
     for a in artefacts:
         if not (out / a["path"]).exists():
             raise FileNotFoundError(f"converter reported {a['path']} but it is not in {out}")
-    (Path(job.work_dir) / RESULT_FILE).write_text(json.dumps({"artefacts": artefacts, "tools": tools}, indent=2))
+    write_json(Path(job.work_dir) / RESULT_FILE, {"artefacts": artefacts, "tools": tools})
 
 
 def main(convert, toolchain: tuple[str, ...] = ()) -> None:

@@ -129,6 +129,7 @@ def convert(job: Job) -> None:
                 quantize_int8(float_file, np.load(job.calibration["nhwc" if nhwc else "nchw"]), produced,
                               job.float_ops, job.float_stem)
             artefacts.append(deliver(job, produced, precision, source, start, converter="litert-torch"))
+            start = time.time()   # the next file's time is its own, the shared conversion counted once
     write_result(job, artefacts, tool_versions("litert-torch", "ai-edge-quantizer", "torch", "ai-edge-litert", "numpy"))
 
 

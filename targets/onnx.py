@@ -6,7 +6,8 @@
 - fp16: float16 weights and compute with float32 input and output (`to_float16`), for GPUs
   (Jetson's CUDA / TensorRT providers); on a CPU onnxruntime runs it too, mostly through casts.
 - int8: static QDQ quantisation (QuantizeLinear/DequantizeLinear around each op, which
-  onnxruntime fuses into int8 kernels): per-channel symmetric int8 weights, per-tensor asymmetric
+  onnxruntime fuses into int8 kernels): per-channel symmetric weights on a 7-bit grid ([-64, 64],
+  onnxruntime's reduce_range: core/formats.py says why), per-tensor asymmetric
   uint8 activations (MLAS's fast x86 path) with min/max ranges from the job's calibration images — the same scheme as
   TFLite's int8 and as quant/qat.py's fake quantisation, so a QAT model converts as trained;
   the input stem within the job's `float_stem` weighted layers and each linear attention (v4) stay

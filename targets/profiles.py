@@ -16,6 +16,7 @@ Gate semantics (the keys of a gate, checked by quant/validate.py):
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
@@ -86,6 +87,9 @@ def check_device(name: str, spec: dict, path: str) -> None:
 
 
 def check_gate(gate: dict, where: str) -> None:
+    if not isinstance(gate, dict):   # null or a bare number: no key to name, so say the shape
+        raise ValueError(f"{where} must be an object of tolerances, e.g. {{\"abs_rel_change\": 0.02}}, "
+                         f"or absent; got {json.dumps(gate)}")
     unknown = sorted(set(gate) - set(GATE_KEYS))
     if unknown:
         raise ValueError(f"{where}: unknown gate keys {unknown}; valid: {list(GATE_KEYS)}")

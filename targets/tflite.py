@@ -119,6 +119,7 @@ def convert(job: Job) -> None:
                 produced = tf_dir / f"{onnx_path.stem}_{SUFFIX[precision]}.tflite"
             artefacts.append(deliver(job, produced, precision, source, start, converter="onnx2tf",
                                      graph_rewrites=rewrites))
+            start = time.time()   # the next file's time is its own, the shared conversion counted once
     write_result(job, artefacts, tool_versions("onnx2tf", "tensorflow", "onnx", "onnxsim", "ai-edge-litert", "numpy"))
 
 

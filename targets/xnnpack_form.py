@@ -101,6 +101,10 @@ def conv_readers(output: torch.fx.Node) -> list[str] | None:
 
 
 def zero_padding(node: torch.fx.Node) -> bool:
+    """Whether a pad node pads with zeros: aten.pad(input, pad, mode, value) or
+    aten.constant_pad_nd(input, pad, value), whose third argument is the value, not a mode."""
+    if aten_name(node) == "constant_pad_nd":
+        return not node.kwargs.get("value", node.args[2] if len(node.args) > 2 else 0)
     value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else 0)
     mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
     return mode == "constant" and not value

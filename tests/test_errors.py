@@ -213,15 +213,23 @@ def test_a_converter_without_its_toolchain_fails_in_one_line(tmp_path, monkeypat
     assert converted == [] and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("content", [None, "{not json", '{"format": "onnx"}'], ids=["missing", "not-json", "not-a-job"])
-def test_a_converter_given_a_bad_job_file_says_so_in_one_line(tmp_path, content):
+A_JOB = {"precisions": ["fp32"], "sources": {"float": "f.onnx"}, "out_dir": "o", "work_dir": "w", "stem": "s",
+         "input_shape": [1, 3, 64, 96]}
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, ""), ("{not json", ""), ('{"format": "onnx"}', ""),
+    (json.dumps({**A_JOB, "format": "onnx", "precisions": ["w8"]}), "onnx precisions must be a non-empty subset"),
+    (json.dumps({**A_JOB, "format": "tensorrt"}), "format 'tensorrt' is not one of tflite, coreml, onnx"),
+], ids=["missing", "not-json", "not-a-job", "unknown-precision", "unknown-format"])
+def test_a_converter_given_a_bad_job_file_says_so_in_one_line(tmp_path, content, says):
     path = tmp_path / "job.json"
     if content is not None:
         path.write_text(content)
     proc = subprocess.run([sys.executable, "-m", "targets.onnx", str(path)], cwd=ROOT, capture_output=True, text=True)
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert err[-1].startswith(f"error: cannot read the job file {path}"), err[-3:]
+    assert err[-1].startswith(f"error: cannot read the job file {path}") and says in err[-1], err[-3:]
     assert "usage: python -m targets.onnx JOB.json" in err[-1], err[-3:]
 
 

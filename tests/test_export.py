@@ -844,6 +844,21 @@ def test_a_factor_is_not_deferred_past_an_addition():
     assert torch.allclose(net.conv_a.weight, weight / 6)
 
 
+def test_a_factor_is_deferred_past_zero_padding_only():
+    from targets.xnnpack_form import Relu6HardSigmoid, defer_sixths
+
+    class Net(torch.nn.Module):
+        def __init__(self, value: float):
+            super().__init__()
+            self.conv, self.gate, self.value = torch.nn.Conv2d(3, 3, 3), Relu6HardSigmoid(), value
+
+        def forward(self, x):   # constant_pad_nd(input, pad, value): its third argument is the value
+            return self.conv(torch.constant_pad_nd(self.gate(x), (1, 1, 1, 1), self.value))
+
+    for value, deferred in ((0.0, 1), (1.0, 0)):   # 6 * pad(y / 6, 1) is not pad(y, 1)
+        assert defer_sixths(Net(value).eval(), torch.rand(1, 3, 6, 6)) == deferred, value
+
+
 def test_efficientvit_int8_files_keep_each_attention_in_float(tmp_path):
     """v4's student family: each linear attention runs in float as one island, from its qkv
     convolutions to its output projection (XNNPACK has no int8 BATCH_MATMUL or RELU), in TFLite and

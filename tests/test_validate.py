@@ -127,6 +127,7 @@ def test_device_profiles():
     (lambda d: d.update(input_size=[120, 160]), "devices.rpi5: input_size [120, 160] must be [H, W], each a positive "
                                                 "multiple of 32"),
     (lambda d: d.update(gates={"int8": 1}), "devices.rpi5.gates: unknown gate keys ['int8']"),
+    (lambda d: d.update(gates=None), "devices.rpi5.gates must be an object of tolerances"),
 ])
 def test_a_hand_edited_profile_is_refused_by_file_and_field(tmp_path, edit, message):
     data = json.loads(profiles.PROFILES_FILE.read_text())
