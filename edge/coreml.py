@@ -43,7 +43,7 @@ EXECUTORS = FORMATS["coreml"].executors
 
 ON_MACOS = sys.platform == "darwin"
 # Core ML specification version of a package -> (the deployment target, the oldest macOS that loads it)
-REQUIRED_MACOS = {7: ("iOS16", (13,)), 8: ("iOS17", (14,)), 9: ("iOS18", (15,))}
+REQUIRED_MACOS = {6: ("iOS15", (12,)), 7: ("iOS16", (13,)), 8: ("iOS17", (14,)), 9: ("iOS18", (15,))}
 COMPRESSION_OPS = ("quantize", "dequantize")   # besides the constexpr_* ops, what compare_executors lists
 
 
@@ -54,9 +54,10 @@ def macos_version() -> tuple[int, ...]:
 
 
 def package_target(path: Path) -> tuple[str, tuple[int, ...]]:
-    """(deployment target, oldest macOS that loads it) of the package at `path`, from its specification version."""
+    """(deployment target, oldest macOS that loads it) of the package at `path`, from its specification
+    version; a version this table does not know requires nothing here (Core ML's load says if it can't)."""
     version = import_coremltools().utils.load_spec(str(path)).specificationVersion
-    return REQUIRED_MACOS.get(version, (f"specification {version}", (99,)))
+    return REQUIRED_MACOS.get(version, (f"specification {version}", ()))
 
 
 def resolve_executor(executor: str, path: Path | None = None) -> tuple[str, str]:

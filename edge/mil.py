@@ -198,10 +198,14 @@ def decode_value(value, blobs: Callable[[str], BlobFile]):
 
 
 def parse_op(proto, blobs) -> Op:
-    inputs = {key: [b.name if b.name else decode_value(b.value, blobs) for b in argument.arguments]
-              for key, argument in proto.inputs.items()}
-    attributes = {key: decode_value(value, blobs) for key, value in proto.attributes.items()}
-    outputs = [(o.name, tensor_type(o.type)) for o in proto.outputs]
+    try:
+        inputs = {key: [b.name if b.name else decode_value(b.value, blobs) for b in argument.arguments]
+                  for key, argument in proto.inputs.items()}
+        attributes = {key: decode_value(value, blobs) for key, value in proto.attributes.items()}
+        outputs = [(o.name, tensor_type(o.type)) for o in proto.outputs]
+    except UnsupportedOpError as exc:   # a value or type the executor does not read: name the op
+        first = proto.outputs[0].name if proto.outputs else "?"
+        raise UnsupportedOpError(f"{proto.type} op (output {first!r}): {exc}") from None
     if proto.blocks:
         raise UnsupportedOpError(f"op {proto.type} has nested blocks (control flow), which is not supported")
     name = attributes.pop("name", outputs[0][0] if outputs else proto.type)
@@ -235,7 +239,13 @@ def run_handler(op: Op, env: dict, cache: dict | None = None) -> list[np.ndarray
     found = HANDLERS.get(op.type)
     if found is None:
         raise UnsupportedOpError(f"no handler for MIL op type {op.type!r}; supported: {', '.join(sorted(HANDLERS))}")
-    result = found(Args(op, env, cache))
+    try:
+        result = found(Args(op, env, cache))
+    except UnsupportedOpError as exc:   # a form of the op the handler refuses: name which op
+        raise UnsupportedOpError(f"{op.type} op {op.name!r}: {exc}") from None
+    except Exception as exc:   # a handler's numpy / torch error, named with the op it ran
+        raise ValueError(f"{op.type} op {op.name!r} failed in the reference executor ({type(exc).__name__}: "
+                         f"{exc}); the program's values do not fit this handler's reading of the op") from exc
     results = list(result) if isinstance(result, (list, tuple)) else [result]
     if len(results) != len(op.outputs):
         raise ValueError(f"{op.type} op {op.name!r}: the handler gave {len(results)} outputs, the program "

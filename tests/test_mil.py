@@ -209,9 +209,16 @@ CASES = {
                  lambda x, **_: F.max_pool2d(x, 3, 2, padding=1)),
     "max_pool/ceil": ({"x": X4, "kernel_sizes": np.array([2, 2], np.int32), "strides": np.array([2, 2], np.int32),
                        "ceil_mode": True}, lambda x, **_: F.max_pool2d(x, 2, 2, ceil_mode=True)),
+    # 9 rows padded 1 + 1: a sixth window would start in the after-padding, which MIL (and torch) drop
+    "max_pool/ceil-padded": ({"x": X4, "kernel_sizes": np.array([2, 2], np.int32),
+                              "strides": np.array([2, 2], np.int32), "pad_type": "custom",
+                              "pad": np.array([1, 1, 1, 1], np.int32), "ceil_mode": True},
+                             lambda x, **_: F.max_pool2d(x, 2, 2, padding=1, ceil_mode=True)),
     "matmul": ({"x": rand(2, 3, 7, 5), "y": rand(2, 3, 7, 4), "transpose_x": True},
                lambda x, y, **_: x.transpose(-1, -2) @ y),
     "matmul/transpose_y": ({"x": rand(3, 7, 5), "y": rand(4, 5), "transpose_y": True}, lambda x, y, **_: x @ y.T),
+    "matmul/1d": ({"x": rand(5), "y": rand(4, 5), "transpose_x": True, "transpose_y": True},   # no effect on 1-D x
+                  lambda x, y, **_: x @ y.T),
     "upsample_bilinear": ({"x": X4, "scale_factor_height": np.float32(2), "scale_factor_width": np.float32(4),
                            "align_corners": False},
                           lambda x, **_: F.interpolate(x, scale_factor=(2, 4), mode="bilinear", align_corners=False)),
@@ -223,6 +230,11 @@ CASES = {
                                       "scale_factor_width": np.float32(1.5), "align_corners": False},
                                      lambda x, **_: F.interpolate(x, size=(13, 16), mode="bilinear",
                                                                   align_corners=False)),
+    # coremltools sizes it in float32: floor(float32(0.7) * 10) = 7 (6 in float64)
+    "upsample_bilinear/float32-size": ({"x": rand(1, 2, 10, 10), "scale_factor_height": np.float32(0.7),
+                                        "scale_factor_width": np.float32(0.7), "align_corners": True},
+                                       lambda x, **_: F.interpolate(x, size=(7, 7), mode="bilinear",
+                                                                    align_corners=True)),
     "resize_bilinear": ({"x": X4, "target_size_height": np.int32(5), "target_size_width": np.int32(20),
                          "sampling_mode": "UNALIGN_CORNERS"},
                         lambda x, **_: F.interpolate(x, size=(5, 20), mode="bilinear", align_corners=False)),
@@ -250,6 +262,14 @@ CASES = {
     "slice_by_index/squeeze": ({"x": X4, "begin": np.array([0, 2, 0, 0], np.int32),
                                 "end": np.array([2, 3, 9, 11], np.int32),
                                 "squeeze_mask": np.array([False, True, False, False])}, lambda x, **_: x[:, 2]),
+    # one entry of a shape vector, as coremltools reads it: a scalar, not (1,)
+    "slice_by_index/scalar": ({"x": rand(3, 4), "begin": np.array([1, 2], np.int32), "end": np.array([2, 3], np.int32),
+                               "squeeze_mask": np.array([True, True])}, lambda x, **_: x[1, 2]),
+    "slice_by_index/squeeze-from-start": ({"x": rand(3, 4), "begin": np.array([2, 0], np.int32),
+                                           "end": np.array([3, 4], np.int32), "begin_mask": np.array([True, False]),
+                                           "squeeze_mask": np.array([True, False])}, lambda x, **_: x[0]),
+    "slice_by_size/negative-begin": ({"x": rand(3, 5), "begin": np.array([0, -2], np.int32),
+                                      "size": np.array([-1, 2], np.int32)}, lambda x, **_: x[:, -2:]),
     "cast": ({"x": X4 * 100, "dtype": "int32"}, lambda x, **_: x.to(torch.int32)),
     "identity": ({"x": X4}, lambda x: x),
 }
@@ -415,6 +435,39 @@ def test_constexpr_affine_dequantize_and_cast():
 def test_unknown_op_type_is_named():
     with pytest.raises(UnsupportedOpError, match="no handler for MIL op type 'lstm'; supported: .*conv"):
         run_op("lstm", {"x": X4})
+
+
+def test_a_handlers_error_or_refusal_names_the_op():
+    with pytest.raises(ValueError, match=r"^conv op 'run_op:conv' failed in the reference executor \(RuntimeError"):
+        run_op("conv", {"x": X4, "weight": rand(4, 5, 3, 3)})   # 6 input channels, the weight takes 5
+    # Core ML pads reflect by at most D - 1 per side (11 columns: 10); numpy would reflect on and hide the bad program
+    with pytest.raises(UnsupportedOpError, match=r"^pad op 'run_op:pad': pad reflect by \[11, 0\] .* at most D - 1"):
+        run_op("pad", {"x": X4, "pad": np.array([11, 0], np.int32), "mode": "reflect"})
+    assert run_op("pad", {"x": X4, "pad": np.array([10, 0], np.int32), "mode": "reflect"}).shape == (2, 6, 9, 21)
+    assert run_op("pad", {"x": X4, "pad": np.array([11, 0], np.int32), "mode": "replicate"}).shape == (2, 6, 9, 22)
+
+
+def test_l2_pool_sums_whole_windows_in_ceil_mode():
+    x = rand(1, 1, 5, 5)
+    got = run_op("l2_pool", {"x": x, "kernel_sizes": np.array([2, 2], np.int32),
+                             "strides": np.array([2, 2], np.int32), "ceil_mode": True})
+    want = np.array([[np.sqrt((x[0, 0, r:r + 2, c:c + 2] ** 2).sum()) for c in (0, 2, 4)] for r in (0, 2, 4)])
+    np.testing.assert_allclose(got[0, 0], want, rtol=1e-6)   # the last row and column: one pixel deep
+
+
+def test_resize_over_the_last_axis_leaves_the_others_alone():
+    x = rand(2, 3, 4, 5)
+    got = run_op("resize", {"x": x, "shape": np.array([8], np.int32), "resized_dims": np.uint32(1),
+                            "sampling_mode": "OFFSET_CORNERS"})
+    delta = (5 - 1) / 8                                    # OFFSET_CORNERS' spacing, its first sample at delta / 2
+    grid = 0.5 * delta + np.arange(8) * delta
+    want = np.apply_along_axis(lambda row: np.interp(grid, np.arange(5), row), -1, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_package_of_any_specification_has_a_macos_requirement():
+    from edge.coreml import REQUIRED_MACOS
+    assert REQUIRED_MACOS[6] == ("iOS15", (12,))   # an iOS15 ML program predicts on macOS 12
 
 
 # ----------------------------------------------------------------------------- real packages

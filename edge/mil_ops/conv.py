@@ -59,12 +59,29 @@ def conv(a: Args):
                                    dilation=dilations, groups=a.scalar("groups", 1))
 
 
-def _pool(a: Args, pools: dict, x: torch.Tensor, pad_value: float) -> torch.Tensor:
-    """x (N, C, *D) padded with pad_value as the op's pad_type says, then pooled."""
+def pooled_size(size: int, kernel: int, stride: int, pads: tuple[int, int], ceil: bool) -> int:
+    """MIL's output length: with ceil_mode, a last window is kept only if it starts before the
+    input's end (torch, given the padding already added, would keep one that starts in it)."""
+    span = size + sum(pads) - kernel
+    out = (-(-span // stride) if ceil else span // stride) + 1
+    return out - 1 if ceil and (out - 1) * stride >= size + pads[0] else out
+
+
+def _pool(a: Args, pools: dict, x: torch.Tensor, pad_value: float, sum_windows: bool = False) -> torch.Tensor:
+    """x (N, C, *D) padded with pad_value as the op's pad_type says, then pooled to MIL's output
+    size. sum_windows: the sum of each window, not its mean (zeros past the end add nothing)."""
     kernel = a.ints("kernel_sizes")
     strides, _, pads = _spatial(a, kernel)
-    return pools[len(kernel)](_pad_spatial(x, pads, pad_value), kernel, strides,
-                              ceil_mode=bool(a.scalar("ceil_mode", False)))
+    ceil = bool(a.scalar("ceil_mode", False))
+    sizes = [pooled_size(n, k, s, p, ceil) for n, k, s, p in zip(x.shape[2:], kernel, strides, pads)]
+    if sum_windows:   # every window whole: torch's mean of a clipped window divides by fewer pixels
+        pads = [(before, after + k) for (before, after), k in zip(pads, kernel)]
+    pooled = pools[len(kernel)](_pad_spatial(x, pads, pad_value), kernel, strides, ceil_mode=ceil and not sum_windows)
+    if sum_windows:
+        pooled = pooled * math.prod(kernel)
+    for axis, size in enumerate(sizes):
+        pooled = pooled.narrow(2 + axis, 0, size)
+    return pooled
 
 
 @handler("max_pool")
@@ -85,8 +102,7 @@ def avg_pool(a: Args):
 @handler("l2_pool")
 def l2_pool(a: Args):
     """sqrt of the sum of squares in each window (padding adds zeros)."""
-    kernel = a.ints("kernel_sizes")
-    return torch.sqrt(_pool(a, AVG_POOLS, a.tensor("x").square(), 0.0) * math.prod(kernel))
+    return torch.sqrt(_pool(a, AVG_POOLS, a.tensor("x").square(), 0.0, sum_windows=True))
 
 
 # --- transposed convolution

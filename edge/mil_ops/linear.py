@@ -11,9 +11,9 @@ from edge.mil_ops.base import Args, as_f32, handler
 @handler("matmul")
 def matmul(a: Args):
     x, y = a.tensor("x"), a.tensor("y")
-    if a.scalar("transpose_x", False):
+    if a.scalar("transpose_x", False) and x.dim() > 1:   # the flags have no effect on a 1-D operand
         x = x.transpose(-1, -2)
-    if a.scalar("transpose_y", False):
+    if a.scalar("transpose_y", False) and y.dim() > 1:
         y = y.transpose(-1, -2)
     return torch.matmul(x, y)
 

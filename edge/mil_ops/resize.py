@@ -51,6 +51,13 @@ def bilinear(x: torch.Tensor, height: int, width: int, mode: str) -> torch.Tenso
     return _lerp_axis(x, source_coords(x.shape[-1], width, mode), x.dim() - 1)
 
 
+def scaled_sizes(a: Args, x: torch.Tensor) -> tuple[int, int]:
+    """floor(H * scale), floor(W * scale) in float32, as coremltools infers them (in float64,
+    0.7 x 10 gives 6, not 7)."""
+    return tuple(math.floor(np.float32(a.scalar(f"scale_factor_{axis}", 1)) * np.float32(n))
+                 for axis, n in (("height", x.shape[-2]), ("width", x.shape[-1])))
+
+
 @handler("upsample_bilinear")
 def upsample_bilinear(a: Args):
     """Output size floor(H * scale), floor(W * scale) (the scale is recomputed from the sizes);
@@ -61,8 +68,7 @@ def upsample_bilinear(a: Args):
     if align and half_pixel:
         raise UnsupportedOpError("upsample_bilinear with both align_corners and half_pixel_centers is not supported")
     mode = "STRICT_ALIGN_CORNERS" if align else "UNALIGN_CORNERS" if half_pixel else "DEFAULT"
-    height = math.floor(x.shape[-2] * a.scalar("scale_factor_height", 1))
-    width = math.floor(x.shape[-1] * a.scalar("scale_factor_width", 1))
+    height, width = scaled_sizes(a, x)
     return bilinear(x, height, width, mode)
 
 
@@ -89,8 +95,7 @@ def nearest(x: torch.Tensor, rows: np.ndarray, columns: np.ndarray) -> torch.Ten
 def upsample_nearest_neighbor(a: Args):
     """Output floor(H * scale), floor(W * scale); scales may be fractional."""
     x = a.tensor("x")
-    height = math.floor(x.shape[-2] * a.scalar("scale_factor_height", 1))
-    width = math.floor(x.shape[-1] * a.scalar("scale_factor_width", 1))
+    height, width = scaled_sizes(a, x)
     return nearest(x, np.arange(height) * x.shape[-2] / height, np.arange(width) * x.shape[-1] / width)
 
 
@@ -99,6 +104,20 @@ def resize_nearest_neighbor(a: Args):
     x = a.tensor("x")
     height, width = a.scalar("target_size_height"), a.scalar("target_size_width")
     return nearest(x, np.arange(height) * x.shape[-2] / height, np.arange(width) * x.shape[-1] / width)
+
+
+def resize_last_axis(a: Args, x: torch.Tensor, width: int) -> torch.Tensor:
+    """iOS17 resize with resized_dims=1: x (..., W) resampled along W only, computed as (..., 1, W)."""
+    rows = x.reshape(-1, 1, 1, x.shape[-1])
+    mode, sampling = a.scalar("interpolation_mode", "LINEAR"), a.scalar("sampling_mode", "DEFAULT")
+    if mode == "LINEAR":
+        out = bilinear(rows, 1, width, sampling)
+    elif mode == "NEAREST_NEIGHBOR" and sampling == "DEFAULT":
+        out = nearest(rows, np.zeros(1), (np.arange(width) + 0.5) * x.shape[-1] / width)
+    else:
+        raise UnsupportedOpError(f"resize with interpolation_mode {mode!r} and sampling_mode {sampling!r} is not "
+                                 f"supported")
+    return out.reshape(*x.shape[:-1], width)
 
 
 @handler("resize")
@@ -110,7 +129,9 @@ def resize(a: Args):
     if dims not in (1, 2):
         raise UnsupportedOpError(f"resize over {dims} dims is not supported (1 or 2)")
     sizes = [s or x.shape[x.dim() - dims + i] for i, s in enumerate(shape[-dims:])]
-    height, width = (x.shape[-2], sizes[0]) if dims == 1 else sizes
+    if dims == 1:   # only the last axis: as a 1-row image, so no sampling mode can touch another axis
+        return resize_last_axis(a, x, sizes[0])
+    height, width = sizes
     mode, sampling = a.scalar("interpolation_mode", "LINEAR"), a.scalar("sampling_mode", "DEFAULT")
     if mode == "LINEAR":
         return bilinear(x, height, width, sampling)

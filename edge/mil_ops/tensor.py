@@ -70,6 +70,10 @@ def pad(a: Args):
     modes = {"reflect": "reflect", "replicate": "edge"}
     if mode not in modes:
         raise UnsupportedOpError(f"pad mode {mode!r} is not supported; supported: constant, reflect, replicate")
+    limit = {"reflect": 1, "replicate": 0}[mode]   # Core ML: reflect pads at most D - 1, replicate at most D
+    if any(max(w) > n - limit for w, n in zip(widths, x.shape)):
+        raise UnsupportedOpError(f"pad {mode} by {flat} on shape {x.shape}: Core ML allows at most "
+                                 f"{'D - 1' if limit else 'D'} per side (numpy would pad on)")
     return np.pad(x, widths, mode=modes[mode])
 
 
@@ -82,10 +86,12 @@ def slice_by_index(a: Args):
     begin, end = a.ints("begin"), a.ints("end")
     stride = a.ints("stride", [1] * rank)
     begin_mask, end_mask, squeeze_mask = (a.ints(m, [0] * rank) for m in ("begin_mask", "end_mask", "squeeze_mask"))
-    index = tuple(begin[i] if squeeze_mask[i] else
+    index = tuple((0 if begin_mask[i] else begin[i]) if squeeze_mask[i] else
                   slice(None if begin_mask[i] else begin[i], None if end_mask[i] else end[i], stride[i])
                   for i in range(rank))
-    return np.ascontiguousarray(x[index])   # a negative stride gives a view torch cannot wrap
+    # a copy: a negative stride gives a view torch cannot wrap; np.array keeps a 0-d result 0-d
+    # (ascontiguousarray makes it (1,)), which coremltools' reads of one shape entry produce
+    return np.array(x[index], copy=True)
 
 
 @handler("split")
@@ -100,10 +106,10 @@ def split(a: Args):
 
 @handler("slice_by_size")
 def slice_by_size(a: Args):
-    """x[begin : begin + size] per axis; size -1 means to the end."""
+    """x[begin : begin + size] per axis; size -1 means to the end; a negative begin counts from the end."""
     x = np.asarray(a.value("x"))
-    begin, size = a.ints("begin"), a.ints("size")
-    return x[tuple(slice(b, None if s == -1 else b + s) for b, s in zip(begin, size))]
+    begin = [b + n if b < 0 else b for b, n in zip(a.ints("begin"), x.shape)]
+    return x[tuple(slice(b, None if s == -1 else b + s) for b, s in zip(begin, a.ints("size")))]
 
 
 @handler("reverse_sequence")
