@@ -40,6 +40,7 @@ import re
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, is_dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -49,8 +50,9 @@ from core import io
 from core.cli import ArgumentParser, command
 from core.config import ConfigError, apply_overrides, field_types
 from core.io import check_writable
+from core.lock import exclusive
 from core.registry import suggest
-from distill.recipes import RECIPES, Recipe, check_values, get_recipe
+from distill.recipes import RECIPES, Recipe, check_values, get_recipe, renders, resolve_for_device
 
 # How each summary.json metric ranks: -1 lower is better, +1 higher is better, 0 closest to 1.
 DIRECTION: dict[str, int] = {
@@ -68,7 +70,8 @@ DEFAULT_METRICS = ("abs_rel", "abs_rel_aligned", "d1", "miou")
 HELDOUT_METRICS = ("heldout_abs_rel", "heldout_miou")   # added to the default metrics by --heldout
 HELDOUT = "heldout_"
 SEED_KEY = "train.seed"
-RESERVED = {"out_dir": "--out places the runs", "resume": "an ablation starts fresh runs"}
+RESERVED = {"out_dir": "--out places the runs", "resume": "an ablation starts fresh runs",
+            "name": "the recipe is the first argument"}
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ def parse_grid(items: list[str], recipe: Recipe, seeds: tuple[str, ...] = ()) ->
         if len(values) > 1 and not all(values):
             raise ConfigError(f'"{item}" has an empty alternative; write key=v1,v2 without empty values')
         if len(values) > 1:
+            check_distinct(item, key, values, recipe)
             axes[key] = tuple(values)
         else:
             common.append(f"{key}={text}")
@@ -127,6 +131,24 @@ def parse_grid(items: list[str], recipe: Recipe, seeds: tuple[str, ...] = ()) ->
         raise ConfigError("nothing to ablate: give at least one grid axis key=v1,v2,... "
                           "(e.g. distill.normalization=none,global,hybrid,local)")
     return Grid(axes, tuple(common))
+
+
+def check_distinct(item: str, key: str, values: list[str], recipe: Recipe) -> None:
+    """Refuse an axis that names one value twice ("0,00"): one run twice, averaged as two. A key or
+    value that does not parse is left to build_recipes, which names it."""
+    try:
+        parsed = [flat_value(apply_overrides(recipe, [f"{key}={v}"]), key) for v in values]
+    except ValueError:
+        return
+    if len(set(map(repr, parsed))) < len(parsed):
+        raise ConfigError(f'"{item}" gives one value twice ({", ".join(map(str, parsed))}); give each once')
+
+
+def flat_value(recipe: Recipe, key: str):
+    value = recipe
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def parse_seeds(text: str) -> tuple[str, ...]:
@@ -156,11 +178,19 @@ def build_recipes(recipe_name: str, grid: Grid) -> list[Recipe]:
         recipe = apply_overrides(get_recipe(recipe_name), overrides_for(grid, combination))
         try:
             check_values(recipe)
+            check_values(sized(recipe))   # with the sizes the device fills in, as distill.run checks them
             check_options(recipe)
         except ValueError as e:
             raise ConfigError(f"combination {run_name(i, combination)}: {e}") from None
         recipes.append(recipe)
     return recipes
+
+
+def sized(recipe: Recipe) -> Recipe:
+    """`recipe` with the sizes the training device fills in (what its run will record)."""
+    from distill.training.distributed import pick_device
+
+    return resolve_for_device(recipe, pick_device(recipe.train.device).type)[0]
 
 
 def parse_metrics(text: str) -> list[str]:
@@ -430,20 +460,22 @@ def main(argv: list[str]) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or f"runs/ablate-{stamp}")
     check_writable(out, "--out")
-    if not args.dry_run and not args.resume and (out / "ablation.json").exists():   # tables would mix
-        raise ConfigError(f"--out {out} already holds an ablation (ablation.json); continue it with --resume "
-                          f"(the same command), choose another --out, or move that one away to start again")
-    rows = resumed_rows(out, args.recipe, grid, metrics, heldout) if args.resume else None
-    combos = grid.combinations()
-    print(f"ablation of {args.recipe}: {len(combos)} runs ({' x '.join(grid.axes)}) -> {out}"
-          + (f"; common: {' '.join(grid.common)}" if grid.common else ""))
-    if heldout:
-        print(f"each run then measured on {' '.join(heldout)} (heldout_*)")
-    if args.dry_run:
-        for i, combination in enumerate(combos):
-            print(f"  {run_name(i, combination)}: {' '.join(overrides_for(grid, combination))}")
-        return 0
-    return run_grid(args.recipe, grid, recipes, out, metrics, verbose=args.verbose, heldout=heldout, rows=rows)
+    # one writer per --out: two --resume of it would train the same rows and overwrite each other's table
+    with nullcontext() if args.dry_run else exclusive(out / ".ablation.lock", f"ablation {out}"):
+        if not args.dry_run and not args.resume and (out / "ablation.json").exists():   # tables would mix
+            raise ConfigError(f"--out {out} already holds an ablation (ablation.json); continue it with --resume "
+                              f"(the same command), choose another --out, or move that one away to start again")
+        rows = resumed_rows(out, args.recipe, grid, metrics, heldout) if args.resume else None
+        combos = grid.combinations()
+        print(f"ablation of {args.recipe}: {len(combos)} runs ({' x '.join(grid.axes)}) -> {out}"
+              + (f"; common: {' '.join(grid.common)}" if grid.common else ""))
+        if heldout:
+            print(f"each run then measured on {' '.join(heldout)} (heldout_*)")
+        if args.dry_run:
+            for i, combination in enumerate(combos):
+                print(f"  {run_name(i, combination)}: {' '.join(overrides_for(grid, combination))}")
+            return 0
+        return run_grid(args.recipe, grid, recipes, out, metrics, verbose=args.verbose, heldout=heldout, rows=rows)
 
 
 def parse_heldout(text: str, recipes: list[Recipe]) -> tuple[str, ...]:
@@ -459,10 +491,10 @@ def parse_heldout(text: str, recipes: list[Recipe]) -> tuple[str, ...]:
         if "=" not in item:
             raise ConfigError(f'--heldout: "{item}" is not key=value (e.g. --heldout "data.seed=1 data.num_val=1000")')
     # what picks the validation images: the data, and for SynthRooms (rendered by seed) its seed
-    split = lambda d: (d.dataset, d.val_dataset, d.seed if (d.val_dataset or d.dataset) == "synthrooms" else None)  # noqa: E731
+    split = lambda d: (d.val_dataset or d.dataset, d.seed if renders(d.val_dataset or d.dataset) else None)  # noqa: E731
     for recipe in recipes:
         try:
-            held = evaluation_recipe(recipe, items)
+            held = evaluation_recipe(sized(recipe), items)   # as it will measure the run's recorded recipe
         except ValueError as e:
             raise ConfigError(f"--heldout: {e}") from None
         if split(held.data) == split(recipe.data):

@@ -63,8 +63,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_intermixed_args(argv)
-    if args.run and looks_like_override(args.run):   # only overrides: they belong to the newest run
-        args.overrides, args.run = [args.run, *args.overrides], None
+    items = [a for a in (args.run, *args.overrides) if a]   # the run may come anywhere among the overrides
+    runs = [a for a in items if not looks_like_override(a)]
+    if len(runs) > 1:
+        raise ValueError(f"give one run directory; got {', '.join(runs)}")
+    args.run, args.overrides = (runs[0] if runs else None), [a for a in items if looks_like_override(a)]
 
     from distill.training import find_run
     from distill.training.evaluation import evaluate_run

@@ -41,9 +41,22 @@ def describe_keys(recipe) -> str:
     return "\n".join(walk(recipe))
 
 
+def check_override_list(overrides: Sequence[str]) -> list[str]:
+    """`overrides` as a list, refused when it is one string (it would be read letter by letter) or
+    sets the recipe's name (a v3 saved as v4 would be rebuilt, exported and quantised as v4)."""
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides={overrides!r}: give a list of key=value strings, e.g. [{overrides!r}]")
+    for item in overrides:
+        if item.partition("=")[0].strip() == "name":
+            raise ConfigError(f"{item}: the recipe's name is not a key; the recipe is the first argument "
+                              f"(python -m distill.run v4 ...)")
+    return list(overrides)
+
+
 def resolve(recipe: Recipe | str, overrides: list[str]) -> Recipe:
     """The recipe (a name or a Recipe) with overrides applied; with `resume=DIR`, the saved config
     of that run, which must be a run of the same recipe."""
+    overrides = check_override_list(overrides)
     recipe = apply_overrides(get_recipe(recipe) if isinstance(recipe, str) else recipe, overrides)
     check_values(recipe)
     if not recipe.resume:
@@ -56,7 +69,8 @@ def resolve(recipe: Recipe | str, overrides: list[str]) -> Recipe:
         raise ConfigError(f"resume={recipe.resume} is a {saved_recipe.name} run, not {recipe.name}; continue it with "
                           f"python -m distill.run {saved_recipe.name} resume={recipe.resume}")
     differing = [k for k in overrides if not k.startswith("resume=") and
-                 flat_get(to_dict(saved_recipe), k.split("=")[0]) != flat_get(to_dict(recipe), k.split("=")[0])]
+                 flat_get(to_dict(saved_recipe), k.split("=")[0].strip())
+                 != flat_get(to_dict(recipe), k.split("=")[0].strip())]
     if differing:
         raise ConfigError(f"resume continues the saved config of {recipe.resume}; these overrides differ from it: "
                           f"{', '.join(differing)}. Drop them, or start a new run.")
@@ -74,7 +88,7 @@ def train_recipe(recipe: Recipe | str, *, overrides: Sequence[str] = (), progres
     the run directory. `resume=DIR` continues that run from its saved config. Raises ConfigError or
     UnknownNameError for a bad recipe or override, SupervisionError for options that cannot work
     together, and PreflightError when the pre-flight refuses the units or ranges, all before any step."""
-    recipe = resolve(recipe, list(overrides))
+    recipe = resolve(recipe, check_override_list(overrides))
     if not recipe.resume:
         check_writable(recipe.out_dir, "out_dir")
     from distill.training import train  # heavy imports only once the recipe is valid

@@ -31,6 +31,9 @@ def test_items_split_into_axes_and_common_overrides():
     (["loss.weighting"], "is not key=value"),
     (["loss.weighting=fixed,,kendall"], "empty alternative"),
     (["out_dir=x", "loss.weighting=fixed,kendall"], "--out places the runs"),
+    (["name=v4", "loss.weighting=fixed,kendall"], "the recipe is the first argument"),
+    (["train.seed=1,2,2"], '"train.seed=1,2,2" gives one value twice'),
+    (["train.seed=0,00"], r"gives one value twice \(0, 0\)"),   # the same seed, spelled twice
 ])
 def test_bad_grids_are_refused(items, message):
     with pytest.raises(ConfigError, match=message):
@@ -52,6 +55,11 @@ def test_bad_grids_are_refused(items, message):
     (["loss.weighting=fixed,kendall", "--heldout", "data.num_val=1000"],
      "that is the validation split of a run it would measure (synthrooms, data.seed=0)"),
     (["data.seed=0,1", "--heldout", "data.seed=1"], "add data.seed=2"),
+    # a run's own validation scenes, named through val_dataset: not held out
+    (["loss.weighting=fixed,kendall", "--heldout", "data.val_dataset=synthrooms"],
+     "that is the validation split of a run it would measure"),
+    # the device's batch of 8 (CPU) is filled in before the check, as distill.run does
+    (["loss.weighting=fixed,kendall", "data.num_train=6"], "data.num_train=6 is smaller than train.batch_size=8"),
     (["loss.weighting=fixed,kendall", "--metrics", "abs_rel,heldout_abs_rel"], "heldout_* metrics need --heldout"),
 ])
 def test_invalid_grids_exit_2_before_any_run(tmp_path, capsys, args, message):
@@ -188,13 +196,22 @@ def test_a_failed_heldout_keeps_the_trained_run_and_a_used_out_is_refused(tmp_pa
     out, empty = tmp_path / "out", tmp_path / "no-images"
     empty.mkdir()   # exists, so the grid starts; holds no image, so the held-out measurement fails after training
     assert main(["v3", "--seeds", "1", *TINY, f"data.root={tmp_path / 'data'}", "--out", str(out),
-                 "--heldout", f"data.dataset=folder:{empty} data.val_dataset=synthrooms"]) == 1
+                 "--heldout", f"data.dataset=folder:{empty} data.val_dataset=synthrooms data.seed=1"]) == 1
     (row,) = json.loads((out / "ablation.json").read_text())["runs"]
     assert row["status"] == "ok" and row["error"].startswith("--heldout: ") and 0 < row["metrics"]["abs_rel"] < 1
     assert "heldout_abs_rel" not in row["metrics"] and "; FAILED --heldout" in (out / "ablation.md").read_text()
     capsys.readouterr()
     assert main(["v3", "--seeds", "1", *TINY, "--out", str(out)]) == 2
     assert "already holds an ablation" in capsys.readouterr().err
+
+
+def test_an_ablation_being_written_by_another_process_is_refused(tmp_path, capsys):
+    from core.lock import exclusive
+    out = tmp_path / "out"
+    with exclusive(out / ".ablation.lock", "a test's ablation"):   # as another distill.ablate holds it
+        assert main(["v3", "--seeds", "2", *TINY, "--out", str(out), "--resume"]) == 2
+    assert f"ablation {out} is being written by process" in capsys.readouterr().err
+    assert not (out / "ablation.json").exists()
 
 
 def test_resume_keeps_finished_rows_and_continues_a_stopped_run(tmp_path, capsys):

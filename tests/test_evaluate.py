@@ -121,6 +121,18 @@ def test_the_newest_run_is_found_when_only_overrides_are_given(run, tmp_path, mo
     assert evaluate_main(["data.num_val=4", "--runs-dir", str(run.parent), "--out", str(out), "--quiet"]) == 0
     result = json.loads(out.read_text())
     assert result["run"] == str(run) and result["images"] == 4
+    after = tmp_path / "after.json"   # the run after an override is still the run, not a key
+    assert evaluate_main(["data.num_val=4", str(run), "--out", str(after), "--quiet"]) == 0
+    assert json.loads(after.read_text())["images"] == 4
+
+
+def test_an_unsized_synthrooms_split_and_a_string_of_overrides_are_refused(run, capsys):
+    from distill import evaluate_run
+    assert evaluate_main([str(run), "data.num_val=None", "--quiet"]) == 2
+    assert "data.num_val=None: SynthRooms renders the validation split at a size it must be given" in \
+        capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"overrides='data.seed=1': give a list of key=value strings"):
+        evaluate_run(run, overrides="data.seed=1")
 
 
 def test_out_may_be_a_directory(run, tmp_path):
@@ -186,7 +198,8 @@ def test_another_dataset_is_measured_on_its_own_split_and_a_missing_path_is_refu
     from distill.training.evaluation import evaluation_recipe
 
     recipe = get_recipe("v3")
-    recipe = replace(recipe, data=replace(recipe.data, dataset=f"folder:{tmp_path}", val_dataset="synthrooms"))
+    recipe = replace(recipe, data=replace(recipe.data, dataset=f"folder:{tmp_path}", val_dataset="synthrooms",
+                                          height=128, width=160, num_val=200))   # as a CPU run records it
     assert evaluation_recipe(recipe, ["data.num_val=4"]).data.val_dataset == "synthrooms"   # the run's own split
     assert evaluation_recipe(recipe, [f"data.dataset=nyu:{tmp_path}"]).data.val_dataset == ""
     with pytest.raises(ConfigError, match=f"data.dataset=nyu:{tmp_path / 'typo'}: .* does not exist"):

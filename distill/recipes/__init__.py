@@ -20,6 +20,7 @@ from distill.recipes.base import (
     TeacherConfig,
     TrainConfig,
     check_values,
+    renders,
     resolve_for_device,
 )
 from distill.recipes.history import V1, V2, V3, V4, V5, V6
@@ -71,4 +72,4 @@ def recipe_summary(name: str) -> str:
 
 __all__ = ["RECIPES", "DEFAULT_RECIPE", "get_recipe", "load_saved", "recipe_summary", "Recipe", "DataConfig",
            "ModelConfig", "LossConfig", "TrainConfig", "EvalConfig", "TeacherConfig", "DistillConfig", "check_values",
-           "resolve_for_device"]
+           "renders", "resolve_for_device"]

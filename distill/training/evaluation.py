@@ -18,7 +18,7 @@ from distill.data import build_datasets
 from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
 from distill.metrics import (DepthBoundaryMetrics, DepthMetrics, SegBoundaryMetrics, SegMetrics, baseline_abs_rel,
                              gap_closed)
-from distill.recipes import Recipe, check_values
+from distill.recipes import Recipe, check_values, renders
 from distill.teachers import TEACHERS, Teacher, teacher_for
 from distill.training.distributed import pick_device, to_device
 from distill.training.runs import load_run
@@ -147,6 +147,8 @@ EVALUATION_SECTIONS = ("data.", "eval.")   # what may differ from the run's own 
 
 
 def check_evaluation_keys(overrides: Sequence[str]) -> None:
+    if isinstance(overrides, str):   # iterated, it would be one key per letter
+        raise ConfigError(f"overrides={overrides!r}: give a list of key=value strings, e.g. [{overrides!r}]")
     for item in overrides:
         if not item.startswith(EVALUATION_SECTIONS):
             raise ConfigError(f"{item}: an evaluation changes only data.* and eval.* keys (the split and the metric "
@@ -162,6 +164,11 @@ def evaluation_recipe(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
         overrides = [*overrides, "data.val_dataset="]
     recipe = apply_overrides(recipe, list(overrides))
     check_values(recipe)
+    d = recipe.data
+    unsized = [f"data.{k}=None" for k in ("num_val", "height", "width") if getattr(d, k) is None]
+    if unsized and renders(d.val_dataset or d.dataset):   # files keep all their images at their own size
+        raise ConfigError(f"{' '.join(unsized)}: SynthRooms renders the validation split at a size it must be "
+                          f"given, e.g. data.num_val=200 data.height=128 data.width=160")
     for key in ("dataset", "val_dataset"):   # a mistyped path fails now, not after an ablation's training
         name, _, path = getattr(recipe.data, key).partition(":")
         if path and f"data.{key}" in keys and not Path(path).exists():
