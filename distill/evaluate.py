@@ -37,9 +37,13 @@ def default_output(run_dir: Path, overrides: list[str]) -> Path:
     each key with the value that applies (its last), sorted by key, so that one split has one file
     however its overrides were ordered."""
     applied = {item.partition("=")[0].strip(): item for item in overrides}
-    name = re.sub(r"[^A-Za-z0-9._=+-]+", "-", "_".join(applied[k] for k in sorted(applied)) or "validation")
+    raw = "_".join(applied[k] for k in sorted(applied)) or "validation"
+    name = re.sub(r"[^A-Za-z0-9._=+-]+", "-", raw)
+    digest = hashlib.sha256(raw.encode()).hexdigest()[:12]
     if len(name) > 180:   # cut, with a digest of the whole so that two long override sets keep two files
-        name = name[:167] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = name[:167] + "-" + digest
+    elif name != raw:     # folder:/x/y and folder:/x-y would both read folder-x-y: the digest tells them apart
+        name = f"{name}-{digest}"
     return run_dir / "evaluations" / (name + ".json")
 
 

@@ -66,6 +66,9 @@ CASES = [
     ("distill.run", ["v3", "model.decoder_channels=1"], "model.decoder_channels=1 must be at least 2"),
     ("distill.run", ["v3", "train.log_every=0"], "train.log_every=0 must be at least 1"),
     ("distill.run", ["v3", "train.seed=-1"], "train.seed=-1 must be >= 0"),
+    ("distill.run", ["v3", "data.val_dataset=nyu:/no/such/nyu"],
+     "data.val_dataset=nyu:/no/such/nyu: /no/such/nyu does not exist"),   # before SynthRooms renders 4,000
+    ("distill.run", ["v3", "data.val_dataset=synthroom"], 'Did you mean "synthrooms"?'),
     ("distill.run", ["v3", "name=v4"], "name=v4: the recipe's name is not a key; the recipe is the first argument"),
     ("distill.run", ["v3", "data.seed=-2"], "data.seed=-2 must be >= 0"),
     ("distill.run", ["v3", "train.lr_encoder=nan"], "train.lr_encoder='nan': expected a finite number"),

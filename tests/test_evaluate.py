@@ -213,6 +213,9 @@ def test_long_override_sets_keep_files_of_their_own():
     a, b = default_output(Path("r"), [*long, "data.seed=1"]), default_output(Path("r"), [*long, "data.seed=2"])
     assert a != b and len(a.name) == len(b.name) == 185 and a.parent == Path("r/evaluations")
     assert default_output(Path("r"), []).name == "validation.json"
+    # two paths that read alike once made a file name keep two files
+    x_y, x_dash_y = (default_output(Path("r"), [f"data.dataset=folder:/x{s}y"]) for s in ("/", "-"))
+    assert x_y != x_dash_y and x_y.name.startswith("data.dataset=folder-x-y-")
 
 
 def test_one_split_gets_one_file_however_its_overrides_are_ordered():

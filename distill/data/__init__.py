@@ -76,6 +76,7 @@ def folder_datasets(cfg, progress: bool = True) -> tuple[Dataset, None]:
 def build_datasets(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
     """(train, val) for a `DataConfig`: `cfg.dataset` is "name" or "name:path"; validation comes from
     `cfg.val_dataset` when set (unlabelled folders have no validation split of their own)."""
+    check_sources(cfg)
     own = cfg if not cfg.val_dataset or cfg.num_val else replace(cfg, num_val=1)   # its own split goes unused
     train, val = DATASETS.get(cfg.dataset.split(":", 1)[0])(own, progress=progress)
     if cfg.val_dataset:
@@ -86,6 +87,19 @@ def build_datasets(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
         raise ValueError(f"data.dataset={cfg.dataset} has no ground truth to validate on; set "
                          f"data.val_dataset (e.g. data.val_dataset=synthrooms or nyu:/data/nyu).")
     return train, val
+
+
+def check_sources(cfg) -> None:
+    """Both datasets' names and paths, before either renders or reads anything: a mistyped
+    validation set must not cost the training set's render first."""
+    for key in ("dataset", "val_dataset"):
+        spec = getattr(cfg, key)
+        if not spec:
+            continue
+        name, _, path = spec.partition(":")
+        DATASETS.get(name)   # UnknownNameError, with the closest name
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"data.{key}={spec}: {path} does not exist; give the path of the data")
 
 
 def dataset_path(cfg) -> str:
