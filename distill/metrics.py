@@ -213,7 +213,8 @@ class SegMetrics:
     target (B, H, W) ids in [0, C) or `ignore_index`. Ignored pixels are skipped.
     `compute()`: `miou` (averaging named in `MIOU_AVERAGING`), `pixel_acc` (correct / labelled
     pixels), `iou_per_class` (class name -> IoU, None for a class absent from both prediction and
-    GT), `n_pixels`.
+    GT), `seg_pixels` (labelled pixels; named apart from the depth metrics' `n_pixels`, which a run
+    reports beside it).
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX,
@@ -274,7 +275,7 @@ class SegMetrics:
             "pixel_acc": float(intersection.sum() / total),
             "iou_per_class": {name: (float(iou[i]) if present[i] else None)
                               for i, name in enumerate(self.class_names)},
-            "n_pixels": int(total),
+            "seg_pixels": int(total),
         }
 
 

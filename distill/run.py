@@ -92,6 +92,8 @@ def train_recipe(recipe: Recipe | str, *, overrides: Sequence[str] = (), progres
     if not recipe.resume:
         check_writable(recipe.out_dir, "out_dir")
     from distill.training import train  # heavy imports only once the recipe is valid
+    from distill.training.supervision import check_options
+    check_options(recipe)   # teacher options that cannot work together: before any image renders
     return train(recipe, progress=progress, log=log)
 
 

@@ -427,6 +427,10 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
         f"sha256 {run.weights_sha256[:12]}); exporting {plan.format.name} {', '.join(plan.precisions)} "
         f"({plan.converter.name}, {plan.layout}) at "
         f"{size[0]}x{size[1]}" + (f" for {plan.profile.name}" if plan.profile else ""))
+    idle = sorted(set(opts.tolerances) - set(plan.precisions))
+    if idle:   # a gate asked for and never run: said, not silent (one set of tolerances may serve several targets)
+        log(f"--tolerance for {', '.join(idle)}: this export makes no {' or '.join(idle)}; those gates apply to "
+            f"nothing here")
     final = Path(opts.out) / run.name / export_name(plan, opts.prune)
     with exclusive(final.parent / f".{final.name}.lock", f"the export {final}"):   # one writer per target
         staging = artefacts.ExportDir(final, opts.overwrite)

@@ -69,6 +69,7 @@ CASES = [
     ("distill.run", ["v3", "data.val_dataset=nyu:/no/such/nyu"],
      "data.val_dataset=nyu:/no/such/nyu: /no/such/nyu does not exist"),   # before SynthRooms renders 4,000
     ("distill.run", ["v3", "data.val_dataset=synthroom"], 'Did you mean "synthrooms"?'),
+    ("distill.run", ["v5", "distill.feature_weight=0.1"], "drop teacher.assistant or set distill.feature_weight=0"),
     ("distill.run", ["v3", "name=v4"], "name=v4: the recipe's name is not a key; the recipe is the first argument"),
     ("distill.run", ["v3", "data.seed=-2"], "data.seed=-2 must be >= 0"),
     ("distill.run", ["v3", "train.lr_encoder=nan"], "train.lr_encoder='nan': expected a finite number"),

@@ -246,3 +246,20 @@ def test_unknown_layout_lists_the_three(tmp_path):
     with pytest.raises(ValueError, match="needs a path"):
         build_datasets(DataConfig(dataset="nyu", height=H, width=W))
 
+
+
+def test_training_on_a_split_without_labels_weighs_depth_alone(tmp_path, monkeypatch, capsys):
+    """BTS has no segmentation labels: Kendall's seg log-variance, fed a loss that is always 0,
+    would fall every step until exp(-s) overflowed; the weighting balances depth alone instead."""
+    from core import io
+    from distill.run import main as run_main
+
+    monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path / "cache"))
+    root = write_bts(tmp_path / "bts")
+    assert run_main(["v3", f"data.dataset=nyu-bts:{root}", "model.student=mobilenetv3_small_050",
+                     "model.decoder_channels=16", "data.height=64", "data.width=96", "train.batch_size=2",
+                     "train.epochs=1", "eval.preview_images=0", f"out_dir={tmp_path / 'runs'}", "--quiet"]) == 0
+    assert "carry no segmentation labels; the seg head is not trained" in capsys.readouterr().out
+    (run,) = (tmp_path / "runs").glob("v3-*")
+    (record,) = io.read_jsonl(run / "metrics.jsonl")
+    assert "weight_depth" in record["train"] and "weight_seg" not in record["train"]

@@ -137,9 +137,10 @@ class V5(V3):
     3. no shared-context crops: a crop resized to the input zooms, and a metric student then sees
        the same metres at another apparent distance (every crop setting cost 0.08-0.10 abs_rel);
        local-global patches did not help either at this size, so both stay off (`distill.*`).
-    Real teachers: `teacher.name=da3-metric teacher.cache=...` (primary) with
-    `teacher.assistant=da2-metric teacher.assistant_source=...` online, and feature KD
-    (`distill.feature_weight=0.1`, D3epth) when the primary teacher runs online.
+    Real teachers, both online (a cache holds one teacher's labels):
+    `teacher.name=da3-metric teacher.source=...` (primary) with `teacher.assistant=da2-metric
+    teacher.assistant_source=...`; feature KD (`distill.feature_weight=0.1`, D3epth) distils one
+    teacher's features, so it goes without an assistant.
     """
 
     name: str = "v5"

@@ -57,9 +57,14 @@ def from_environment() -> Dist:
 
 
 def init(d: Dist, device: torch.device) -> None:
-    """Join the process group (once); a no-op for a single process."""
+    """Join the process group (once); a no-op for a single process. On CUDA each rank first makes its
+    own GPU current (NCCL works on the current device), and CPU tensors (the epoch means, the
+    broadcast objects) go through gloo beside NCCL: an NCCL-only group refuses a CPU all-reduce."""
     if d.active and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=d.rank, world_size=d.world)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=d.rank, world_size=d.world)
 
 
 def shutdown(d: Dist) -> None:

@@ -41,7 +41,8 @@ from distill.training import distributed
 from distill.training.distributed import pick_device, to_device
 from distill.training.evaluation import (constant_baseline, evaluate, evaluate_fit, make_loader, teacher_reference,
                                          with_references)
-from distill.training.objective import Objective, depth_target, seg_weights_for, weighted_total, weighting_for
+from distill.training.objective import (Objective, depth_target, labelled_tasks, seg_weights_for, weighted_total,
+                                        weighting_for)
 from distill.training.preflight import PreflightError, enforce, run_preflight
 from distill.training.supervision import supervision_for
 
@@ -203,7 +204,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
 
     if rank.active and device.type == "cuda":  # batch statistics over the global batch, as in one process
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    weighting = weighting_for(recipe).to(device)
+    weighting = weighting_for(recipe, labelled_tasks(recipe, train_ds[0], log)).to(device)
     feature_kd = feature_distiller(model, teacher, train_loader, device) if recipe.distill.feature_weight > 0 else None
     optimizer = build_optimizer(model, weighting, tc, feature_kd)
     total_steps = tc.epochs * len(train_loader)
@@ -242,7 +243,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
         for key, share in TIME_SHARES:
             state[key] = state.get(key, 0.0) + means[key]
             means[share] = means.pop(key) / epoch_time
-        weighting.epoch_end({t: means[f"loss_{t}"] for t in recipe.model.tasks})  # unweighted, per task
+        weighting.epoch_end({t: means[f"loss_{t}"] for t in weighting.tasks})  # unweighted, per task
         state["epoch"] = epoch + 1
         if rank.main:
             val = with_references(evaluate(model, val_loader, device, amp, recipe), baseline, teacher_val)

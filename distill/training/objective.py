@@ -5,6 +5,8 @@ build their objective here, so both optimise the same depth and segmentation ter
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -159,10 +161,23 @@ def weighted_total(weighting, losses: dict[str, torch.Tensor]) -> tuple[torch.Te
     return total + sum(v for k, v in losses.items() if k not in weighting.tasks), weights
 
 
-def weighting_for(recipe: Recipe):
+def labelled_tasks(recipe: Recipe, sample: dict, log=print) -> tuple[str, ...]:
+    """The tasks the weighting balances: segmentation only where the training images carry labels.
+    NYU's BTS and h5 layouts and image folders have none; Kendall's log-variance of a loss that is
+    always 0 falls by about the learning rate each step until exp(-s) overflows into a NaN loss."""
+    tasks = tuple(recipe.model.tasks)
+    if "seg" in tasks and not bool((torch.as_tensor(sample["seg"]) != IGNORE_INDEX).any()):
+        log(f"{recipe.data.dataset}: the training images carry no segmentation labels; the seg head is not "
+            f"trained and the task weighting balances {', '.join(t for t in tasks if t != 'seg')} alone")
+        return tuple(t for t in tasks if t != "seg")
+    return tasks
+
+
+def weighting_for(recipe: Recipe, tasks: Sequence[str] | None = None):
+    """The task weighting over `tasks` (default: the student's; labelled_tasks says which can be had)."""
     lc = recipe.loss
     kinds = {"depth": "regression", "seg": "classification"}
-    tasks = {t: kinds[t] for t in recipe.model.tasks}
+    tasks = {t: kinds[t] for t in (recipe.model.tasks if tasks is None else tasks)}
     fixed = {"depth": lc.depth_weight, "seg": lc.seg_weight}
     options = {"fixed": {"weights": {t: fixed[t] for t in tasks}},
                "dwa": {"temperature": lc.dwa_temperature}}.get(lc.weighting, {})

@@ -36,6 +36,11 @@ def check_options(recipe) -> None:
             f"but teacher.cache={tc.cache} holds full-image labels of one teacher; drop teacher.cache or those options")
     if recipe.target != "teacher" and (any(online_only.values()) or dc.normalization != "none"):
         raise SupervisionError("the distill.* options shape teacher supervision; they need target=teacher")
+    if tc.assistant and dc.feature_weight > 0:   # its projections fit the primary's features only
+        raise SupervisionError(
+            f"distill.feature_weight={dc.feature_weight} distils the primary teacher's features, but "
+            f"teacher.assistant={tc.assistant} labels some steps, whose features are another network's; "
+            f"drop teacher.assistant or set distill.feature_weight=0")
 
 
 class Supervision:
