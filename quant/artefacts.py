@@ -41,13 +41,17 @@ class ExportDir:
 
     def __init__(self, final: Path, overwrite: bool):
         self.final = Path(final)
-        swapped_out = sorted(self.final.parent.glob(f".{self.final.name}.old-*"), key=lambda p: p.stat().st_mtime)
-        if swapped_out and not self.final.exists():   # a commit killed between its two renames: put it back
-            io.replace(swapped_out[-1], self.final)
+        self.committed = False
+        if not self.final.exists():   # a commit killed between its two renames left old-PID beside staging-PID
+            for old in sorted(self.final.parent.glob(f".{self.final.name}.old-*"), key=lambda p: p.stat().st_mtime):
+                pid = old.name.rsplit("-", 1)[-1]
+                if (self.final.parent / f".{self.final.name}.staging-{pid}").is_dir():
+                    io.replace(old, self.final)   # put it back (an old-PID alone is a deletion cut short)
         if self.final.exists() and not overwrite:
             count = len(list(self.final.iterdir())) if self.final.is_dir() else 1
             raise ExportExistsError(f"{self.final} already exists ({count} entries); pass --overwrite to replace "
-                                    f"it (it is replaced only if the new export succeeds), or remove it")
+                                    f"it (it is replaced once every new artefact converted and ran, also when a "
+                                    f"gate fails), or remove it")
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.leftovers = sorted(p for kind in ("staging", "work", "old")
                                 for p in self.final.parent.glob(f".{self.final.name}.{kind}-*"))
@@ -64,6 +68,7 @@ class ExportDir:
         if self.final.exists():
             os.replace(self.final, old)
         io.replace(self.staging, self.final)
+        self.committed = True   # from here the new export is in place, whatever stops the cleanup
         shutil.rmtree(old, ignore_errors=True)
         return self.final
 

@@ -95,7 +95,7 @@ class ExportOptions:
     bench_warmup: int = 3
     batch_size: int = 16                      # fine-tune batch size (pruning and QAT)
     seed: int = 0                             # the calibration draw and the fine-tunes' batches
-    threads: int = 0                          # 0 = the device profile's, capped at this host's cores
+    threads: int = 0                          # 0 = the device profile's (else 2), capped at this host's cores
     out: str = "exports"                      # exports root
     overwrite: bool = False                   # replace an existing export of this run and target
     progress: bool = True
@@ -168,8 +168,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the calibration draw and the fine-tunes' batches (0: evenly spaced candidates)")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for conversion and bench (0 = the device profile's, else 2; capped at this "
-                        "host's cores)")
+                   help="CPU threads for conversion and bench (0 = the device profile's, else 2, capped at this "
+                        "host's cores; a number given is used as given)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export of this run and target")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -441,6 +441,10 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
             result = build_export(run, plan, opts, size, work, staging.staging, final.name, t_start, log)
             result.path = staging.commit()
         except BaseException:
+            if staging.committed:   # stopped while removing the export it replaced
+                log(f"stopped after {final} was written; the export it replaced may be left as .{final.name}.old-*, "
+                    f"which the next export of this target removes")
+                raise
             kept = staging.discard()
             log("export failed; nothing was replaced." + (f" Scratch files kept in {work}" if kept else ""))
             raise

@@ -16,8 +16,6 @@ Tensors in files are numpy `.npy`:
   check/<source>_seg.npy (N, C, H, W) logits:
   the PyTorch model's outputs on those inputs, one pair per source ("float", and "int8" when the
   int8 artefacts come from a QAT model).
-- outputs_<format>_<precision>.npz in work_dir: the artefact's depth and argmax labels on the
-  check images, written by the child for the parent to score.
 - calibration/nhwc.npy (N, H, W, 3) and calibration/nchw.npy (N, 3, H, W), float32 in [0, 1].
 """
 from __future__ import annotations
@@ -107,13 +105,7 @@ def check_against_reference(job: Job, precision: str, run) -> dict:
     depth, seg = run(inputs)
     report = compare(depth, seg, np.load(job.check[f"{source}_depth"]), np.load(job.check[f"{source}_seg"]))
     report["reference"] = source
-    # The parent scores these against the ground truth (task metrics of the artefact itself).
-    np.savez(outputs_path(job, precision), depth=depth.astype(np.float32), labels=seg.argmax(1).astype(np.uint8))
     return report
-
-
-def outputs_path(job: Job, precision: str) -> Path:
-    return Path(job.work_dir) / f"outputs_{job.format}_{precision}.npz"
 
 
 def publish(job: Job, produced: Path, name: str) -> None:

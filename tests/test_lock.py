@@ -90,6 +90,19 @@ def test_an_export_swapped_out_by_a_killed_commit_comes_back(tmp_path):
     assert (parent / "tflite" / "manifest.json").read_text() == "{}" and not (parent / ".tflite.old-123").exists()
 
 
+def test_an_old_export_whose_removal_was_cut_short_does_not_come_back(tmp_path):
+    """.old-PID without .staging-PID: the new export was in place and the old one half deleted; the
+    user then removed the export. Putting the half-deleted one back would make it look complete."""
+    from quant.artefacts import ExportDir
+
+    parent = tmp_path / "exports" / "v3-run"
+    (parent / ".tflite.old-123").mkdir(parents=True)
+    (parent / ".tflite.old-123" / "manifest.json").write_text("{}")
+    staging = ExportDir(parent / "tflite", overwrite=False)
+    assert not (parent / "tflite").exists() and not (parent / ".tflite.old-123").exists()
+    assert staging.leftovers == [parent / ".tflite.old-123"]
+
+
 def test_child_processes_die_with_their_parent(tmp_path):
     """A converter or runtime child (quant.artefacts.run_module) does not outlive a killed export."""
     pid_file = tmp_path / "child.pid"
