@@ -79,6 +79,15 @@ def default_of(fmt: Format, key: str) -> str:
     return fmt.converters[0].name if key == "converter" else fmt.input_layout
 
 
+def pruned_note(prune: dict) -> list[str]:
+    """A pruned export's files are not the run's model: say so, with the pruned float model's figures."""
+    after = prune.get("val_after") or {}
+    figures = ", ".join(f"{k} {after[k]:.4f}" for k in ("abs_rel", "miou") if isinstance(after.get(k), (int, float)))
+    return [f"The run's unpruned model. The files come from it pruned to {prune['macs_after'] / 1e6:.0f} M MACs"
+            + (f" and fine-tuned, which measured {figures} on this split" if figures else " and fine-tuned")
+            + "; the drift above is against that pruned model.", ""]
+
+
 def depth_phrase(metadata: dict) -> str:
     """What the depth output is, for the card's first line."""
     space = metadata["depth_space"]
@@ -189,6 +198,7 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
         f"{host_line(bench)}, not a phone: time it on the device with the kit in `device/`.\n",
         *latency_rows(bench), "",
         "## The float model on its validation split (the run's summary.json)\n",
+        *(pruned_note(config.get("prune")) if "prune" in config else []),
         *(["| metric | value |", "|---|---|", *trained] if trained else ["No summary.json in the run."]), "",
         "## How to run\n", usage(fmt.name, example, h, w, layout, metadata["depth_units"]),
         "## Provenance\n",

@@ -565,6 +565,9 @@ def test_pruned_float_only_tflite_export(tflite_export, run_dir, capsys):
     assert [(r[0], r[1]) for r in rows] == [("| tflite", "fp32"), ("| tflite", "fp16"), ("| tflite", "int8"),
                                             ("| tflite-pruned-0.6x", "fp32")], table
     assert float(rows[3][2]) / float(rows[0][2]) == pytest.approx(prune["macs_after"] / prune["macs_before"], abs=0.02)
+    card = card_parts(tflite_export / run_dir.name / "tflite-pruned-0.6x")[1]   # the run's figures, labelled
+    assert f"The run's unpruned model. The files come from it pruned to {prune['macs_after'] / 1e6:.0f} M MACs" in card
+    assert f"abs_rel {prune['val_after']['abs_rel']:.4f}" in card
     # The card's rebuild command is the export's own, every option that made it included (the QAT
     # steps resolved from the recipe)
     rebuild = next(line for line in card_parts(tflite_export / run_dir.name / "tflite-pruned-0.6x")[1].splitlines()
