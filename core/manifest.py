@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+from core.formats import SUFFIXES
 from core.io import IntegrityError, check_sha256, matches_record
 
 MANIFEST = "manifest.json"
@@ -30,14 +31,25 @@ def read_manifest(export_dir: str | Path) -> dict:
 
 
 def verify_export(export_dir: str | Path) -> list[str]:
-    """Every artefact of the manifest that is missing or whose sha256 differs (empty: intact)."""
+    """Every artefact of the manifest that is missing or whose sha256 differs, and every artefact-like
+    file the manifest does not list (edge.run refuses those; empty: intact)."""
     found = []
-    for a in read_manifest(export_dir)["artefacts"]:
-        path = Path(export_dir) / a["path"]
+    recorded = {a["path"]: a["sha256"] for a in read_manifest(export_dir)["artefacts"]}
+    for name, sha in recorded.items():
+        path = Path(export_dir) / name
         if not path.exists():
-            found.append(f"{a['path']}: missing")
-        elif not matches_record(path, a["sha256"]):
-            found.append(f"{a['path']}: sha256 differs from the manifest")
+            found.append(f"{name}: missing")
+        elif not matches_record(path, sha):
+            found.append(f"{name}: sha256 differs from the manifest")
+    by_case = {name.casefold(): name for name in recorded}
+    for path in sorted(Path(export_dir).iterdir()):   # what edge.run would be handed besides them
+        if path.suffix.lower() not in SUFFIXES or path.name in recorded:
+            continue
+        twin = by_case.get(path.name.casefold())   # another case of a listed name: checked against its record
+        if twin is None:
+            found.append(f"{path.name}: not in the manifest (nothing recorded vouches for it)")
+        elif not matches_record(path, recorded[twin]):
+            found.append(f"{path.name}: sha256 differs from the manifest's {twin}")
     return found
 
 

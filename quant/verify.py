@@ -38,8 +38,9 @@ def main(argv: list[str]) -> int:
     count = len(read_manifest(export_dir)["artefacts"])
     found = verify_export(export_dir)
     if found:
-        raise IntegrityError(f"{export_dir}: {len(found)} of {count} artefacts do not match manifest.json "
-                             f"({'; '.join(found)}); re-export with python -m quant.export ... --overwrite")
+        raise IntegrityError(f"{export_dir} does not match its manifest.json ({count} artefacts listed: "
+                             f"{'; '.join(found)}); re-export with python -m quant.export ... --overwrite, or move "
+                             f"files that are not the export's out of it")
     print(f"{export_dir}: all {count} artefacts match manifest.json (sha256)")
     return 0
 

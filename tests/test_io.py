@@ -189,6 +189,9 @@ def test_an_export_directory_vouches_only_for_the_files_its_manifest_lists(tmp_p
                                              r"\(model.tflite\).*--no-verify"):
         verify_artefact(tmp_path / "other.tflite")
     assert not verify_artefact(tmp_path.parent / "outside.tflite")   # no manifest: nothing recorded
+    from core.manifest import verify_export   # python -m quant.verify names what edge.run would refuse
+    assert verify_export(tmp_path) == ["MODEL.TFLITE: sha256 differs from the manifest's model.tflite",
+                                       "other.tflite: not in the manifest (nothing recorded vouches for it)"]
     (tmp_path / "manifest.json").write_text(json.dumps({"artefacts": [entry, {"path": "x.onnx", "sha256": None}]}))
     with pytest.raises(IntegrityError, match="manifest.json is missing or unreadable .*re-export"):
         verify_artefact(tmp_path / "model.tflite")
