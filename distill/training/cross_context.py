@@ -179,4 +179,5 @@ class AssistantSchedule:
     def use_assistant(self, step: int) -> bool:
         if step < 0:
             raise ValueError(f"step={step} must be >= 0")
-        return bool(np.random.default_rng(np.random.SeedSequence([self.seed, int(step)], spawn_key=(0xA5,))).random() < self.ratio)
+        draws = np.random.SeedSequence([self.seed, int(step)], spawn_key=(0xA5,))   # not a scene's stream
+        return bool(np.random.default_rng(draws).random() < self.ratio)

@@ -76,7 +76,8 @@ class Supervision:
         feature maps as `teacher_features`."""
         dc = self.recipe.distill
         if dc.shared_crop > 0:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, step], spawn_key=(0x5C,)))   # not a scene's stream
+            # its own spawn key: [seed, step, 0x5C] was SynthRooms scene 92's stream at steps 0 and 1
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, step], spawn_key=(0x5C,)))
             if rng.random() < dc.shared_crop:
                 h, w = batch["image"].shape[-2:]
                 batch = crop_batch(batch, sample_shared_crop(h, w, min_frac=dc.crop_min, rng=rng), (h, w))
