@@ -32,9 +32,12 @@ def test_two_processes_match_one_process_loss_curve(tmp_path):
     for a, b in zip(single, ddp):
         for key in ("loss", "loss_depth", "loss_seg"):
             # Not bit-equal: BatchNorm sees 4 images per process instead of 8 on the CPU (SyncBatchNorm
-            # needs CUDA), and berHu's p80 threshold is per process. Measured: within 1.2%.
-            assert abs(a["train"][key] - b["train"][key]) <= 0.03 * a["train"][key], (key, a["train"], b["train"])
-        assert abs(a["val"]["abs_rel"] - b["val"]["abs_rel"]) <= 0.05 * a["val"]["abs_rel"]
+            # needs CUDA), and berHu's p80 threshold is per process. Measured over train.seed 0, 1, 2
+            # (2026-12-06, before and after augmentation's own stream): loss_depth up to 4.9% apart.
+            assert abs(a["train"][key] - b["train"][key]) <= 0.06 * a["train"][key], (key, a["train"], b["train"])
+        # After 6-18 steps the validation figure rests on rank 0's BatchNorm running statistics (its
+        # 4-image halves): up to 28% apart over those seeds. A sanity bound, not a match.
+        assert abs(a["val"]["abs_rel"] - b["val"]["abs_rel"]) <= 0.3 * a["val"]["abs_rel"]
     assert ddp[-1]["train"]["loss"] < ddp[0]["train"]["loss"]
 
 
