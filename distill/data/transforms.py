@@ -43,16 +43,22 @@ def denormalize(image: torch.Tensor) -> np.ndarray:
     return x.permute(1, 2, 0).cpu().numpy()
 
 
-# numpy's seed words ignore trailing zeros, and a key of three words can equal a SynthRooms scene's
-# own ([seed, split, index]: at epoch 0 [seed, epoch, index] replayed the training scene, so the
-# flip and the jitter were functions of the wall's draws). Augmentation draws from its own spawn
-# key instead: SeedSequence's documented way to keep streams independent.
+# Random streams drawn beside the SynthRooms scenes' own ([seed, split, index]). numpy's seed words
+# ignore trailing zeros, and three words of the same values replay a scene (at epoch 0, [seed, epoch,
+# index] was the training scene's stream, so the flip and the jitter were functions of the wall's
+# draws). Each use draws from its own spawn key instead: SeedSequence's documented way to keep
+# streams independent.
 AUGMENT_STREAM = 0xA06
+
+
+def keyed_rng(stream: int, *words: int) -> np.random.Generator:
+    """A Generator that is a pure function of `words`, in the use's own `stream` (a constant)."""
+    return np.random.default_rng(np.random.SeedSequence([int(w) for w in words], spawn_key=(stream,)))
 
 
 def augment_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The augmentation stream of sample `index` in `epoch`: a pure function of the three."""
-    return np.random.default_rng(np.random.SeedSequence([seed, epoch, index], spawn_key=(AUGMENT_STREAM,)))
+    return keyed_rng(AUGMENT_STREAM, seed, epoch, index)
 
 
 def hflip_intrinsics(intrinsics: np.ndarray, width: int) -> np.ndarray:

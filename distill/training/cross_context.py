@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.data.transforms import keyed_rng
+
 Box = tuple[int, int, int, int]   # top, left, height, width in pixels
 SPATIAL_NEAREST = ("depth", "valid", "teacher_depth")   # (B, 1, H, W): never interpolated across holes
 STALE_AFTER_CROP = ("teacher_features",)                # describe the uncropped image: dropped
@@ -179,5 +181,4 @@ class AssistantSchedule:
     def use_assistant(self, step: int) -> bool:
         if step < 0:
             raise ValueError(f"step={step} must be >= 0")
-        draws = np.random.SeedSequence([self.seed, int(step)], spawn_key=(0xA5,))   # not a scene's stream
-        return bool(np.random.default_rng(draws).random() < self.ratio)
+        return bool(keyed_rng(0xA5, self.seed, step).random() < self.ratio)   # not a scene's stream

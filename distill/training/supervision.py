@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Iterable
 
-import numpy as np
 import torch
 
+from distill.data.transforms import keyed_rng
 from distill.teachers import Teacher, teacher_for
 from distill.teachers.cache import CacheMismatchError
 from distill.training import distributed
@@ -76,8 +76,7 @@ class Supervision:
         feature maps as `teacher_features`."""
         dc = self.recipe.distill
         if dc.shared_crop > 0:
-            # its own spawn key: [seed, step, 0x5C] was SynthRooms scene 92's stream at steps 0 and 1
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, step], spawn_key=(0x5C,)))
+            rng = keyed_rng(0x5C, self.seed, step)   # [seed, step, 0x5C] was scene 92's stream at steps 0 and 1
             if rng.random() < dc.shared_crop:
                 h, w = batch["image"].shape[-2:]
                 batch = crop_batch(batch, sample_shared_crop(h, w, min_frac=dc.crop_min, rng=rng), (h, w))
