@@ -12,7 +12,7 @@ import json
 import math
 import types
 import typing
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, Literal, Sequence, get_args, get_origin
 
 from core.registry import suggest
 
@@ -95,10 +95,17 @@ def set_key(cfg: Any, key: str, text: str, path: str = "") -> Any:
     return dataclasses.replace(cfg, **{head: parse_value(text, field_types(type(cfg))[head], path + key)})
 
 
+def override_list(overrides: Sequence[str]) -> list[str]:
+    """`overrides` as a list; one string is refused (iterated, it would be a key per letter)."""
+    if isinstance(overrides, str):
+        raise ConfigError(f"overrides={overrides!r}: give a list of key=value strings, e.g. [{overrides!r}]")
+    return list(overrides)
+
+
 def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
     """Apply `key=value` strings in order; the first bad one raises ConfigError."""
     valid = flat_keys(cfg)
-    for item in overrides:
+    for item in override_list(overrides):
         key, eq, text = (part.strip() for part in item.partition("="))
         if not eq or not key:
             raise ConfigError(f'override "{item}" is not key=value (e.g. train.epochs=3)')

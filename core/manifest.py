@@ -41,16 +41,23 @@ def verify_export(export_dir: str | Path) -> list[str]:
             found.append(f"{name}: missing")
         elif not matches_record(path, sha):
             found.append(f"{name}: sha256 differs from the manifest")
-    by_case = {name.casefold(): name for name in recorded}
     for path in sorted(Path(export_dir).iterdir()):   # what edge.run would be handed besides them
         if path.suffix.lower() not in SUFFIXES or path.name in recorded:
             continue
-        twin = by_case.get(path.name.casefold())   # another case of a listed name: checked against its record
+        twin = listed_name(path.name, recorded)   # another case of a listed name: checked against its record
         if twin is None:
             found.append(f"{path.name}: not in the manifest (nothing recorded vouches for it)")
         elif not matches_record(path, recorded[twin]):
             found.append(f"{path.name}: sha256 differs from the manifest's {twin}")
     return found
+
+
+def listed_name(name: str, recorded: dict[str, str]) -> str | None:
+    """The manifest entry that `name` is: itself, or a listed name in another case (MODEL.TFLITE opens
+    model.tflite on macOS and Windows); None when the manifest does not list it."""
+    if name in recorded:
+        return name
+    return next((listed for listed in recorded if listed.casefold() == name.casefold()), None)
 
 
 def verify_artefact(path: str | Path) -> bool:
@@ -61,8 +68,7 @@ def verify_artefact(path: str | Path) -> bool:
     if not (path.parent / MANIFEST).is_file():
         return False
     recorded = {a["path"]: a["sha256"] for a in read_manifest(path.parent)["artefacts"]}
-    by_case = {name.casefold(): name for name in recorded}   # MODEL.TFLITE opens model.tflite on macOS and Windows
-    name = path.name if path.name in recorded else by_case.get(path.name.casefold())
+    name = listed_name(path.name, recorded)
     if name is None:
         raise IntegrityError(f"{path} is not listed in {path.parent / MANIFEST}, so nothing recorded vouches for it: "
                              f"run the export's own files ({', '.join(sorted(recorded))}), move it out of "

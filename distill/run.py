@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from core.cli import ArgumentParser, command
-from core.config import ConfigError, apply_overrides, to_dict
+from core.config import ConfigError, apply_overrides, override_list, to_dict
 from core.io import check_writable
 from distill.recipes import RECIPES, Recipe, check_values, get_recipe, load_saved, recipe_summary
 
@@ -42,15 +42,14 @@ def describe_keys(recipe) -> str:
 
 
 def check_override_list(overrides: Sequence[str]) -> list[str]:
-    """`overrides` as a list, refused when it is one string (it would be read letter by letter) or
-    sets the recipe's name (a v3 saved as v4 would be rebuilt, exported and quantised as v4)."""
-    if isinstance(overrides, str):
-        raise ConfigError(f"overrides={overrides!r}: give a list of key=value strings, e.g. [{overrides!r}]")
+    """`overrides` as a list, refused when it is one string or sets the recipe's name (a v3 saved
+    as v4 would be rebuilt, exported and quantised as v4)."""
+    overrides = override_list(overrides)
     for item in overrides:
         if item.partition("=")[0].strip() == "name":
             raise ConfigError(f"{item}: the recipe's name is not a key; the recipe is the first argument "
                               f"(python -m distill.run v4 ...)")
-    return list(overrides)
+    return overrides
 
 
 def resolve(recipe: Recipe | str, overrides: list[str]) -> Recipe:
@@ -88,12 +87,10 @@ def train_recipe(recipe: Recipe | str, *, overrides: Sequence[str] = (), progres
     the run directory. `resume=DIR` continues that run from its saved config. Raises ConfigError or
     UnknownNameError for a bad recipe or override, SupervisionError for options that cannot work
     together, and PreflightError when the pre-flight refuses the units or ranges, all before any step."""
-    recipe = resolve(recipe, check_override_list(overrides))
+    recipe = resolve(recipe, overrides)
     if not recipe.resume:
         check_writable(recipe.out_dir, "out_dir")
     from distill.training import train  # heavy imports only once the recipe is valid
-    from distill.training.supervision import check_options
-    check_options(recipe)   # teacher options that cannot work together: before any image renders
     return train(recipe, progress=progress, log=log)
 
 

@@ -505,9 +505,7 @@ def execution_check(job: Job, precision: str, path: Path) -> dict:
 
 
 def validate(job: Job) -> None:
-    unknown = [p for p in job.precisions if p not in PRECISIONS]
-    if unknown or not job.precisions:
-        raise ValueError(f"coreml precisions must be a non-empty subset of {list(PRECISIONS)}, got {job.precisions}")
+    """What a Core ML job needs beyond its precisions (Job.load checks those against core/formats.py)."""
     if "float" not in job.sources:
         raise ValueError(f'the coreml job needs sources["float"] (a .pt2 file), got {sorted(job.sources)}')
     if "w8a8" in job.precisions and not job.calibration.get("nchw"):

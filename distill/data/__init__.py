@@ -110,4 +110,4 @@ def dataset_path(cfg) -> str:
     return path
 
 
-__all__ = ["DATASETS", "build_datasets", "cache_root", "dataset_path"]
+__all__ = ["DATASETS", "build_datasets", "cache_root", "check_sources", "dataset_path"]

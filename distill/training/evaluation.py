@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from core import io
-from core.config import ConfigError, apply_overrides, to_dict
+from core.config import ConfigError, apply_overrides, override_list, to_dict
 from core.spaces import DepthSpace
-from distill.data import build_datasets
+from distill.data import build_datasets, check_sources
 from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
 from distill.metrics import (DepthBoundaryMetrics, DepthMetrics, SegBoundaryMetrics, SegMetrics, baseline_abs_rel,
                              gap_closed)
@@ -147,9 +147,7 @@ EVALUATION_SECTIONS = ("data.", "eval.")   # what may differ from the run's own 
 
 
 def check_evaluation_keys(overrides: Sequence[str]) -> None:
-    if isinstance(overrides, str):   # iterated, it would be one key per letter
-        raise ConfigError(f"overrides={overrides!r}: give a list of key=value strings, e.g. [{overrides!r}]")
-    for item in overrides:
+    for item in override_list(overrides):
         if not item.startswith(EVALUATION_SECTIONS):
             raise ConfigError(f"{item}: an evaluation changes only data.* and eval.* keys (the split and the metric "
                               f"range); the student is the run's. Drop it, or train a run with it")
@@ -169,10 +167,10 @@ def evaluation_recipe(recipe: Recipe, overrides: Sequence[str]) -> Recipe:
     if unsized and renders(d.val_dataset or d.dataset):   # files keep all their images at their own size
         raise ConfigError(f"{' '.join(unsized)}: SynthRooms renders the validation split at a size it must be "
                           f"given, e.g. data.num_val=200 data.height=128 data.width=160")
-    for key in ("dataset", "val_dataset"):   # a mistyped path fails now, not after an ablation's training
-        name, _, path = getattr(recipe.data, key).partition(":")
-        if path and f"data.{key}" in keys and not Path(path).exists():
-            raise ConfigError(f"data.{key}={name}:{path}: {path} does not exist; give the path of the data")
+    try:   # a mistyped path fails now, not after an ablation's training
+        check_sources(recipe.data)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     return recipe
 
 

@@ -44,7 +44,7 @@ from distill.training.evaluation import (constant_baseline, evaluate, evaluate_f
 from distill.training.objective import (Objective, depth_target, labelled_tasks, seg_weights_for, weighted_total,
                                         weighting_for)
 from distill.training.preflight import PreflightError, enforce, run_preflight
-from distill.training.supervision import supervision_for
+from distill.training.supervision import check_options, supervision_for
 
 PREFLIGHT_BATCHES = 3
 AUX_LEVELS = 2   # loss.aux_weight > 0: deep supervision on the decoder's two coarsest outputs (stride 16 and 8)
@@ -174,6 +174,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
         log(f"{device.type.upper()} defaults: " + ", ".join(f"{k}={v}" for k, v in filled.items())
             + "  (override any with key=value)")
     check_values(recipe, processes=rank.world)   # before any image is rendered
+    check_options(recipe)                        # teacher options that cannot work together, too
     amp = autocast_dtype(recipe.train.amp, device)
     tc, dc = recipe.train, recipe.data
     seed_everything(tc.seed)
