@@ -289,7 +289,9 @@ depth step spread over two pixels, or a 30% step blurred over about five."""
 BOUNDARY_DEFINITION = (
     "depth: iBims-1 depth boundary errors (Koch et al., ECCV-W 2018), dbe_acc = mean distance (px) "
     "from predicted edges within 10 px of a GT edge to the nearest GT edge, dbe_comp = mean distance "
-    "from GT edges to the nearest predicted edge truncated at 10 px, per image then averaged; edges "
+    "from GT edges to the nearest predicted edge truncated at 10 px (one way; the authors' evaluation "
+    "script averages both ways over both edge sets, so its dbe_comp is not this one), per image then "
+    "averaged; edges "
     "of GT and prediction alike are non-max-suppressed |Sobel(ln depth)| > 0.05 (iBims annotates GT "
     "edges by hand and runs Canny on the prediction). seg: boundary F1 (Csurka et al., BMVC 2013; "
     "class-agnostic), label-change pixels matched within 0.75% of the image diagonal, pooled over the "
@@ -394,7 +396,7 @@ def label_boundaries(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor
 
 def _within(points: Tensor, radius: int) -> Tensor:
     """(B, H, W) bool: pixels within Euclidean `radius` of a True pixel of points (B, H, W)."""
-    r = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    r = torch.arange(-radius, radius + 1, dtype=torch.float64, device=points.device)
     disk = ((r.view(-1, 1) ** 2 + r.view(1, -1) ** 2) <= radius ** 2).double()
     hits = F.conv2d(points.unsqueeze(1).double(), disk.view(1, 1, *disk.shape), padding=radius)
     return hits[:, 0] > 0.5

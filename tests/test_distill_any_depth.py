@@ -371,3 +371,14 @@ def test_online_only_options_refuse_a_cache(tmp_path, capsys):
     assert main(["v3", *TINY, f"out_dir={tmp_path}", f"teacher.cache={tmp_path}", "distill.shared_crop=0.5",
                  "--quiet"]) == 2
     assert "distill.shared_crop need(s) the teacher online" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", ["distill.feature_weight=0.1", "distill.normalization=hybrid",
+                                    "distill.shared_crop=0.5"])
+def test_teacher_options_refuse_a_ground_truth_target(tmp_path, capsys, option):
+    """They shape the teacher's labels; with target=ground_truth no teacher labels a step, and the
+    run would train as without them (feature_weight used to, silently)."""
+    assert main(["v3", *TINY, f"out_dir={tmp_path}", "target=ground_truth", option, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert option.split("=")[0] in err and "set target=teacher or drop them" in err
+    assert not any(tmp_path.iterdir())

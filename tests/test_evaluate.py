@@ -227,3 +227,23 @@ def test_one_split_gets_one_file_however_its_overrides_are_ordered():
     # a repeated key is named with the value that applies, its last, as the overrides are applied
     assert default_output(Path("r"), ["data.seed=2", "data.num_val=1000", "data.seed=1"]) == one
     assert default_output(Path("r"), ["data.seed=2"]) != default_output(Path("r"), ["data.seed=1"])
+
+
+def test_evaluate_gives_the_model_back_in_the_mode_it_came_in():
+    """Validation runs in eval mode and leaves the caller's mode alone: an eval-mode student came
+    back training (BatchNorm on batch statistics, the training-only heads on)."""
+    import torch
+
+    from distill.recipes import get_recipe
+    from distill.students import build_student
+    from distill.training.evaluation import evaluate
+
+    torch.manual_seed(0)
+    model = build_student("mobilenetv3_small_050", decoder_channels=16)
+    depth = torch.rand(2, 1, 32, 32) + 1
+    batch = {"image": torch.rand(2, 3, 32, 32), "depth": depth, "valid": depth > 0,
+             "seg": torch.zeros(2, 32, 32, dtype=torch.long)}
+    for training in (False, True):
+        model.train(training)
+        assert "abs_rel" in evaluate(model, [batch], torch.device("cpu"), None, get_recipe("v3"))
+        assert model.training is training

@@ -537,6 +537,12 @@ def test_deep_supervision_targets_average_log_depth_over_valid_pixels():
     assert low.shape == ok.shape == (1, 1, 1, 2)
     assert low[0, 0, 0, 0].item() == pytest.approx(4.0)   # geometric mean of 1, 4, 16 (7 is invalid)
     assert ok.flatten().tolist() == [True, False]            # 3 of 4 valid, then 1 of 4
+    # an invalid pixel may hold inf or NaN (an online teacher's): it counts for nothing, not NaN
+    poisoned = depth.clone()
+    poisoned[0, 0, 1, 0], poisoned[0, 0, 1, 2] = float("inf"), float("nan")
+    valid[0, 0, 1, 2] = False
+    low, ok = downsample_depth(poisoned, valid, 2)
+    assert low[0, 0, 0, 0].item() == pytest.approx(4.0) and torch.isfinite(low).all()
 
 
 def test_deep_supervision_adds_the_coarse_levels_losses_at_their_weight():

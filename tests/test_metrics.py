@@ -360,3 +360,11 @@ def test_seg_boundary_tolerance_zero_asks_for_exact_pixels():
     assert exact.compute()["seg_boundary_f1"] < default.compute()["seg_boundary_f1"] == 1.0
     with pytest.raises(ValueError, match="tolerance_px=-1 must be >= 0"):
         SegBoundaryMetrics(tolerance_px=-1)
+
+
+def test_boundary_kernels_live_on_the_labels_device():
+    """The disk kernel of the boundary match is built on the labels' device: on a GPU a CPU kernel
+    stopped the first validation of every run with a segmentation head. (meta: no data, any host.)"""
+    from distill.metrics import _within
+
+    assert _within(torch.zeros(2, 8, 8, dtype=torch.bool, device="meta"), 2).device.type == "meta"

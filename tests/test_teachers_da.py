@@ -143,6 +143,36 @@ def test_fit_scale_recovers_a_known_factor_and_refuses_relative(checkpoints):
         fit_scale(Shrunk(), empty)
 
 
+def test_align_fits_the_assistant_its_own_scale_on_the_same_images():
+    """teacher.align=dataset: an assistant left in its own units would train the student on two
+    scales, one step in three. Each teacher gets its factor from one draw of the loader."""
+    from core.config import apply_overrides
+    from distill.recipes import get_recipe
+    from distill.training.distributed import Dist
+    from distill.training.supervision import Supervision
+
+    def scaled(factor):
+        class Scaled(type(build_teacher("synthetic-metric"))):
+            def __call__(self, b):
+                return b["depth"] / factor
+        return Scaled()
+
+    recipe = apply_overrides(get_recipe("v3"), ["teacher.assistant=synthetic-assistant", "teacher.align=dataset"])
+    supervision = Supervision(recipe, torch.device("cpu"))
+    supervision.teacher, supervision.assistant = scaled(1.3), scaled(0.8)
+    drawn = []
+
+    def loader():
+        for _ in range(50):
+            drawn.append(1)
+            yield batch(b=16)
+    supervision.align(loader(), Dist(), log=lambda _: None)
+    assert len(drawn) == 4   # 64 images, drawn once for both teachers
+    assert abs(supervision.teacher.scale - 1.3) < 0.013 and abs(supervision.assistant.scale - 0.8) < 0.008
+    b = batch()
+    assert torch.allclose(supervision.assistant(b), b["depth"], rtol=1e-5)
+
+
 def test_training_from_an_image_folder_with_the_real_teacher_class(checkpoints, tmp_path, monkeypatch):
     """Unlabelled images + a DA2 metric teacher, validated on SynthRooms."""
     import numpy as np

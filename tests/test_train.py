@@ -401,3 +401,20 @@ def test_the_summary_measures_the_kept_weights_when_an_earlier_epoch_was_kept(tm
     best.write_bytes(best.read_bytes()[:-1] + b" ")
     with pytest.raises(io.IntegrityError, match="differs from the sha256 recorded when epoch 1 kept it"):
         use_kept_weights(model, tmp_path, state, lines.append)
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_stops_before_the_step(tmp_path, monkeypatch, capsys):
+    """0 * sqrt(x - x) is 0, and its gradient NaN: the clipped norm says so, and the run stops
+    naming it rather than writing NaN into every weight for the next step's loss to find."""
+    import distill.training.loop as loop
+
+    real = loop.weighted_total
+
+    def poisoned(weighting, losses):
+        total, weights = real(weighting, losses)
+        depth = losses["depth"]
+        return total + 0 * torch.sqrt(depth - depth), weights
+
+    monkeypatch.setattr(loop, "weighted_total", poisoned)
+    assert main(["v3", *TINY, "train.epochs=1", f"out_dir={tmp_path}", "--quiet"]) == 1
+    assert "non-finite gradient norm at epoch 1, step 0 (loss " in capsys.readouterr().err

@@ -16,7 +16,21 @@ from core.spaces import DepthSpace, ValueRange
 from distill.teachers.base import Teacher
 
 
-def fit_scale(teacher: Teacher, batches: Iterable[dict], *, max_images: int = 64) -> float:
+ALIGN_IMAGES = 64   # images the scale is fitted on
+
+
+def first_images(batches: Iterable[dict], max_images: int = ALIGN_IMAGES) -> list[dict]:
+    """The first batches holding `max_images` images: one draw from a loader that several
+    teachers are fitted on."""
+    taken: list[dict] = []
+    for batch in batches:
+        taken.append(batch)
+        if sum(len(b["depth"]) for b in taken) >= max_images:
+            break
+    return taken
+
+
+def fit_scale(teacher: Teacher, batches: Iterable[dict], *, max_images: int = ALIGN_IMAGES) -> float:
     """Median over up to `max_images` images of median(gt / teacher) on pixels valid in both."""
     ratios: list[torch.Tensor] = []
     for batch in batches:

@@ -49,8 +49,16 @@ def depth_meters(recipe: Recipe) -> tuple[DepthMetrics, DepthBoundaryMetrics]:
 
 @torch.no_grad()
 def evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype | None, recipe: Recipe) -> dict:
-    """Validation metrics with the keys of summary.json."""
+    """Validation metrics with the keys of summary.json; the model comes back in the mode it came in."""
+    was_training = model.training
     model.eval()
+    try:
+        return _evaluate(model, loader, device, amp, recipe)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype | None, recipe: Recipe) -> dict:
     depth_m, edges_m = depth_meters(recipe)
     seg_m = SegMetrics(model.num_classes, ignore_index=IGNORE_INDEX, class_names=list(NYU13_NAMES))
     seg_edges_m = SegBoundaryMetrics(ignore_index=IGNORE_INDEX)
@@ -65,7 +73,6 @@ def evaluate(model, loader: DataLoader, device: torch.device, amp: torch.dtype |
             labels = out["seg"].argmax(1)
             seg_m.update(labels, batch["seg"])
             seg_edges_m.update(labels, batch["seg"])
-    model.train()
     metrics = {**depth_m.compute(), **edges_m.compute()} if "depth" in model.tasks else {}
     if "seg" in model.tasks and seg_m.labelled_pixels:   # a split without labels has no seg metrics
         metrics.update({**seg_m.compute(), **seg_edges_m.compute()})

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -461,7 +460,12 @@ def train_one_epoch(model, loader, supervision, objective, weighting, optimizer,
         extra = list(weighting.parameters()) + (list(objective.feature_kd.parameters()) if features else [])
         distributed.average_gradients(rank, extra)
         if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + extra, tc.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + extra, tc.grad_clip)
+            if not torch.isfinite(norm):   # a finite loss, an overflowing backward: the step would write NaN weights
+                raise FloatingPointError(
+                    f"non-finite gradient norm at epoch {epoch + 1}, step {state['step']} (loss {total.item():.4g}); "
+                    f"the weights were not updated. Lower train.lr_decoder / train.lr_encoder, or check the data "
+                    f"with the pre-flight table.")
         optimizer.step()
         scheduler.step()
         state["step"] += 1

@@ -119,7 +119,9 @@ def downsample_depth(depth: torch.Tensor, valid: torch.Tensor, k: int) -> tuple[
     more than half of the block is."""
     weights = valid.float()
     count = F.avg_pool2d(weights, k)
-    log_depth = F.avg_pool2d(torch.log(depth.clamp_min(1e-6)) * weights, k) / count.clamp_min(1e-6)
+    # where, not a product: an invalid pixel may hold inf or NaN (an online teacher's), and 0 * inf is NaN
+    log_depth = torch.where(valid.bool(), torch.log(depth.clamp_min(1e-6)), 0.0)
+    log_depth = F.avg_pool2d(log_depth, k) / count.clamp_min(1e-6)
     return torch.exp(log_depth), count > 0.5
 
 

@@ -38,8 +38,12 @@ def preview_rows(model, teacher, dataset, device, count: int) -> list[list[np.nd
         if teacher is None:
             teacher_tile = np.zeros((*gt.shape, 3), np.uint8)
         else:
-            t_lo, t_hi = (lo, hi) if teacher.space.value == "metric" else (0.0, 1.0)
-            teacher_tile = colorize(teacher_depth[i, 0].cpu().numpy(), t_lo, t_hi)
+            label = teacher_depth[i, 0].float().cpu().numpy()
+            # metres on ground truth's scale; a relative or disparity label (DA2's is unbounded) on its own
+            finite = label[np.isfinite(label)]
+            t_lo, t_hi = (lo, hi) if teacher.space.value == "metric" else (
+                tuple(np.percentile(finite, [2, 98])) if finite.size else (0.0, 1.0))
+            teacher_tile = colorize(label, t_lo, t_hi)
         rows.append([denormalize(batch["image"][i].cpu()), colorize(gt, lo, hi), teacher_tile,
                      colorize(pred, lo, hi), colorize(err, 0.0, 0.5, RAMP[[0, 3, 4]]),
                      colorize_seg(batch["seg"][i].cpu().numpy()),

@@ -34,8 +34,12 @@ def check_options(recipe) -> None:
         raise SupervisionError(
             f"{keys} need(s) the teacher online (it labels crops it has not seen, or a second teacher), "
             f"but teacher.cache={tc.cache} holds full-image labels of one teacher; drop teacher.cache or those options")
-    if recipe.target != "teacher" and (any(online_only.values()) or dc.normalization != "none"):
-        raise SupervisionError("the distill.* options shape teacher supervision; they need target=teacher")
+    shaping = {**online_only, "distill.normalization": dc.normalization != "none",
+               "distill.feature_weight": dc.feature_weight > 0}
+    if recipe.target != "teacher" and any(shaping.values()):
+        keys = ", ".join(k for k, on in shaping.items() if on)
+        raise SupervisionError(f"{keys} shape(s) teacher supervision, but target={recipe.target} trains on "
+                               f"ground truth; set target=teacher or drop them")
     if tc.assistant and dc.feature_weight > 0:   # its projections fit the primary's features only
         raise SupervisionError(
             f"distill.feature_weight={dc.feature_weight} distils the primary teacher's features, but "
@@ -108,13 +112,18 @@ class Supervision:
     def align(self, batches, rank, log) -> None:
         """teacher.align=dataset: scale the teacher by one factor fitted to ground truth (a metric
         teacher trained on other data, e.g. DA2 metric-indoor on NYU) on `batches` (on the
-        teacher's device). Rank 0 fits; all use it."""
-        from distill.teachers.align import ScaleAligned, fit_scale
+        teacher's device). Rank 0 fits; all use it. An assistant gets its own factor on the same
+        images: its labels train the same student, so they must be in the same metres."""
+        from distill.teachers.align import ScaleAligned, fit_scale, first_images
 
-        scale = fit_scale(self.teacher, batches) if rank.main else None
-        scale = distributed.broadcast(rank, scale)
-        log(f"teacher.align=dataset: {self.teacher.name} x {scale:.4f} (median ground truth / teacher ratio)")
-        self.teacher = ScaleAligned(self.teacher, scale)
+        batches = first_images(batches) if rank.main else []
+        for role in ("teacher", "assistant"):
+            teacher = getattr(self, role)
+            if teacher is None:
+                continue
+            scale = distributed.broadcast(rank, fit_scale(teacher, batches) if rank.main else None)
+            log(f"teacher.align=dataset: {teacher.name} x {scale:.4f} (median ground truth / teacher ratio)")
+            setattr(self, role, ScaleAligned(teacher, scale))
 
 
 def supervision_for(recipe, device: torch.device, train_ds, train_batches: Iterable[dict], *,
