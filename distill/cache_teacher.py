@@ -324,7 +324,8 @@ def prepare(recipe, options: dict, rank, device: torch.device, progress: bool):
 
 def how_to_train(options: dict, overrides: list[str], filled: dict, out: Path) -> str:
     """The training command that reads this cache: the same teacher, data and (device-filled) sizes."""
-    keys = [o for o in overrides if o.startswith(("teacher.name=", "teacher.source=", "data."))]
+    # every teacher key (the cache refuses another input_size) but the cache's own
+    keys = [o for o in overrides if o.startswith(("teacher.", "data.")) and not o.startswith("teacher.cache=")]
     keys += [f"{k}={v}" for k, v in filled.items() if k.startswith("data.")]
     return " ".join(["python -m distill.run", options["recipe"], *map(shlex.quote, keys),
                      shlex.quote(f"teacher.cache={out}")])

@@ -288,3 +288,15 @@ def test_torchrun_two_processes_write_the_same_shards(tmp_path):
     assert (tmp_path / "two" / "manifest.json").read_bytes() == (tmp_path / "one" / "manifest.json").read_bytes()
     assert done.stdout.count("labelled 24 images") == 1     # rank 0 alone reports
     assert "2 processes, rank 0 labelled 12)" in done.stdout   # shards 0, 2, 4, 6: the work was split
+
+
+def test_the_printed_training_command_reads_the_cache_it_follows():
+    """Every teacher key travels (a cache refuses a recipe of another teacher.input_size); the
+    cache key names the new cache; training keys stay the user's choice."""
+    from distill.cache_teacher import how_to_train
+
+    overrides = ["teacher.name=da2-metric", "teacher.source=/w", "teacher.input_size=392", "teacher.cache=/old",
+                 "data.seed=2", "train.epochs=3"]
+    assert how_to_train({"recipe": "v3"}, overrides, {"data.height": 128, "train.batch_size": 8}, Path("/c")) == (
+        "python -m distill.run v3 teacher.name=da2-metric teacher.source=/w teacher.input_size=392 data.seed=2 "
+        "data.height=128 teacher.cache=/c")

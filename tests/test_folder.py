@@ -1,6 +1,7 @@
 """Unlabelled image folders: corrupt files skipped and left untouched, schema, intrinsics, registry."""
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,15 @@ def test_intrinsics_json_scaled_to_the_output_and_flipped(images):
         assert torch.equal(ds[0]["image"], s["image"])             # a function of (seed, epoch, index)
         flips.add(s["flipped"])
     assert flips == {True, False}
+    # the camera is part of an image's content for a cache: da3-metric's labels scale with fx
+    (images / "intrinsics.json").write_text(json.dumps({"fx": 110, "fy": 90, "cx": 40, "cy": 30,
+                                                        "width": 160, "height": 120}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        corrected = ImageFolder(images, size=(64, 96))
+        (images / "intrinsics.json").unlink()
+        plain = ImageFolder(images, size=(64, 96))
+    assert len({ds.content_hash(0), corrected.content_hash(0), plain.content_hash(0)}) == 3
 
 
 def test_intrinsics_json_errors(images, tmp_path):

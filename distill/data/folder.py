@@ -21,6 +21,7 @@ skipped like unreadable ones, with the reason (downscale them once, outside trai
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -148,6 +149,11 @@ class ImageFolder(Dataset):
         return make_sample(rgb, np.zeros((h, w), np.float32), None, intr, index=index, size=self.size, rng=rng)
 
     def content_hash(self, index: int) -> str:
-        """sha256 of the image file's bytes (with its EXIF orientation where it has one: core/images.py)."""
+        """sha256 of the image file's bytes (with its EXIF orientation where it has one: core/images.py),
+        and of intrinsics.json's camera where there is one: da3-metric's metres scale with the focal
+        length, so a cache labelled before the file was corrected must not pass for this one."""
         with Image.open(self.files[index]) as im:   # the header only
-            return decoded_content_hash(sha256_file(self.files[index]), im)
+            digest = decoded_content_hash(sha256_file(self.files[index]), im)
+        if self.intrinsics is None:
+            return digest
+        return hashlib.sha256(f"{digest} intrinsics {json.dumps(self.intrinsics)}".encode()).hexdigest()

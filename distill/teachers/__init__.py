@@ -1,7 +1,7 @@
 """Teacher registry. Each entry is a factory returning a `Teacher` that declares its space and range.
 
-Embedded: `synthetic-metric` (metres) and `synthetic-relative` ([0, 1] inverse depth, Depth
-Anything 2's space). Real Depth Anything adapters register here too, loading from a local
+Embedded: `synthetic-metric` (metres) and `synthetic-relative` (inverse depth normalised to
+[0, 1] per image: relative, as seed 000's teacher was). Real Depth Anything adapters register here too, loading from a local
 directory or a hub id the user names.
 """
 from __future__ import annotations

@@ -60,7 +60,15 @@ def load_pretrained(cls, source: str, what: str):
                          f"{', '.join(REAL_CHECKPOINTS.values())}")
     local = Path(source).expanduser()
     if local.is_dir():
-        return cls.from_pretrained(str(local), local_files_only=True), local
+        try:
+            return cls.from_pretrained(str(local), local_files_only=True), local
+        except OSError as e:   # transformers' word for a folder without a config or weights
+            raise FileNotFoundError(f"teacher.source={source} is a directory but not a {what} checkpoint ({e}); "
+                                    f"it needs the files of `huggingface-cli download <hub id> --local-dir "
+                                    f"{source}` (config.json and the weights)") from e
+    if not looks_like_hub_id(source):   # a mistyped path must not become a download
+        raise FileNotFoundError(f"teacher.source={source} is not a directory, and not a hub id (owner/name) either; "
+                                f"check the path, or pass a hub id such as {REAL_CHECKPOINTS.get(what, 'owner/name')}")
     print(f"{what}: loading {source} from the Hugging Face hub (downloads on first use)")
     try:
         model = cls.from_pretrained(source)
@@ -69,6 +77,14 @@ def load_pretrained(cls, source: str, what: str):
         raise FileNotFoundError(f"could not load {source} ({e}). Offline, or a misspelt hub id? Download it once "
                                 f"(huggingface-cli download {source} --local-dir DIR) and pass teacher.source=DIR") from e
     return model, None
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """owner/name, as the hub spells it: not absolute, not relative to ., .. or ~, one slash, and
+    not under a directory that exists here (then it is a path with a typo in its last part)."""
+    parts = source.split("/")
+    return (len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
+            and not Path(parts[0]).is_dir())
 
 
 class PretrainedTeacher(Teacher):
@@ -89,9 +105,15 @@ class PretrainedTeacher(Teacher):
         self.model.to(device)
         return self
 
+    def hub_revision(self) -> str:
+        """hub:<id>@<commit> of the snapshot loaded: a cache resumed after the hub's weights changed
+        is refused as one made with other local weights is (without a commit: the id alone)."""
+        commit = getattr(getattr(self.model, "config", None), "_commit_hash", None)
+        return f"hub:{self.source}@{commit}" if isinstance(commit, str) and commit else f"hub:{self.source}"
+
     def identity(self) -> dict:
         if self._digest is None:
-            self._digest = weights_digest(self.folder) if self.folder else f"hub:{self.source}"
+            self._digest = weights_digest(self.folder) if self.folder else self.hub_revision()
         return {**super().identity(), "source": self.source, "input_size": self.input_size, "weights": self._digest}
 
 
