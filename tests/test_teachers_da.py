@@ -188,3 +188,23 @@ def test_training_from_an_image_folder_with_the_real_teacher_class(checkpoints, 
                  "model.student=mobilenetv3_small_050", "model.decoder_channels=16", "eval.preview_images=1",
                  "teacher.name=da2-metric", f"teacher.source={checkpoints['metric']}", "teacher.input_size=28",
                  "distill.feature_weight=0.1", f"out_dir={tmp_path / 'runs'}", "--quiet"]) == 0
+
+
+def test_a_source_that_is_no_checkpoint_is_refused_without_asking_the_hub(checkpoints, tmp_path, monkeypatch):
+    """A mistyped path must not become a hub request (a download nobody asked for), and a folder
+    that is not a checkpoint names what it lacks (exit 2, not transformers' OSError)."""
+    from distill.teachers.depth_anything import looks_like_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "empty").mkdir()
+    for source in (str(tmp_path / "nope" / "da2"), "models/da2-metric", "./da2", "~/da2", "da2"):
+        with pytest.raises(FileNotFoundError, match="is not a directory, and not a hub id"):
+            teacher_for(cfg("da2-metric", source))
+    with pytest.raises(FileNotFoundError, match="empty is a directory but not a da2-metric checkpoint"):
+        teacher_for(cfg("da2-metric", "empty"))
+    assert looks_like_hub_id("depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf")
+    # a hub snapshot's identity carries its commit: a cache resumed after the hub changed is refused
+    teacher = teacher_for(cfg("da2-metric", checkpoints["metric"]))
+    teacher.model.config._commit_hash = "0123abc"
+    assert teacher.hub_revision() == f"hub:{checkpoints['metric']}@0123abc"

@@ -68,7 +68,7 @@ def load_pretrained(cls, source: str, what: str):
                                     f"{source}` (config.json and the weights)") from e
     if not looks_like_hub_id(source):   # a mistyped path must not become a download
         raise FileNotFoundError(f"teacher.source={source} is not a directory, and not a hub id (owner/name) either; "
-                                f"check the path, or pass a hub id such as {REAL_CHECKPOINTS.get(what, 'owner/name')}")
+                                f"check the path, or pass a hub id such as {REAL_CHECKPOINTS['metric']}")
     print(f"{what}: loading {source} from the Hugging Face hub (downloads on first use)")
     try:
         model = cls.from_pretrained(source)
