@@ -22,7 +22,7 @@ must span the depth range and contain every class the data has, rare ones includ
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -41,6 +41,14 @@ class Selection:
     class_images: list[int]       # per class: chosen images where it is present
     candidates: int = 0           # candidate images looked at
     seed: int = 0
+    stratified_by: list[str] = field(default_factory=list)   # "depth", "classes": what the candidates had
+
+    def basis(self) -> str:
+        """How the images were chosen, for logs: an unlabelled image folder gives neither."""
+        if not self.stratified_by:
+            return ("not stratified: the candidates have no ground-truth depth or labels (an image folder), "
+                    "so the draw is the seed's; far depths may be missing from the activation ranges")
+        return f"stratified by {' and '.join(self.stratified_by)}, per depth bin {self.per_bin}"
 
     def describe(self) -> dict:
         """JSON-able summary for manifests."""
@@ -120,4 +128,5 @@ def select_calibration(dataset, size: int, *, candidates: int = CANDIDATES, dept
             per_bin[b] += 1
     return Selection(indices=[int(idx[j]) for j in chosen], depth_bin_edges=[float(e) for e in edges],
                      per_bin=per_bin, class_images=[int(c) for c in counts], candidates=len(idx),
-                     seed=seed)
+                     seed=seed, stratified_by=[k for k, had in (("depth", finite.size > 0),
+                                                                ("classes", bool(present.any()))) if had])

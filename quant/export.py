@@ -637,7 +637,7 @@ def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log
     calib = ptq.calibration_set(plain_train, opts.calib, work / "calibration", seed=opts.seed, progress=opts.progress)
     report = {"calibration": calib.selection.describe(), "method": "qat" if opts.qat_steps > 0 else "ptq",
               "float_stem": opts.float_stem, "weight_range": [-weight_max, weight_max]}
-    log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
+    log(f"calibration: {len(calib.selection.indices)} images, {calib.selection.basis()}")
     if opts.equalize:
         model, report["equalized"] = equalize(model, calib.images[:1], calib.batches())
         log(f"equalised the activation ranges of {len(report['equalized'])} convolution -> ReLU -> convolution "
@@ -659,7 +659,7 @@ def calibration_stage(plain_train, work, opts: ExportOptions, log) -> tuple[dict
     from quant import ptq
 
     calib = ptq.calibration_set(plain_train, opts.calib, work / "calibration", seed=opts.seed, progress=opts.progress)
-    log(f"calibration: {len(calib.selection.indices)} images, per depth bin {calib.selection.per_bin}")
+    log(f"calibration: {len(calib.selection.indices)} images, {calib.selection.basis()}")
     return calib.files, calib.selection.describe()
 
 

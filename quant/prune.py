@@ -89,6 +89,9 @@ class PruneTarget:
             return cls(macs=value)
         if not value > 0:
             raise ValueError(f'MAC budget "{text}" must be > 0; use {_FORMS}')
+        if not suffix and value <= 1:   # a fraction needs its x: "0.5" alone is a channel ratio
+            raise ValueError(f'MAC budget "{text}" is a count of MACs; for a fraction of the MACs write '
+                             f'macs={number}x, for a channel ratio {number}; use {_FORMS}')
         return cls(macs=value * _SUFFIX[suffix])
 
 
@@ -158,10 +161,27 @@ def protected_modules(model: nn.Module) -> dict[str, nn.Module]:
     return protected
 
 
-def _importance(name: str) -> tp.importance.Importance:
-    if name not in IMPORTANCE:
-        raise ValueError(f'unknown pruning importance "{name}": use one of {", ".join(IMPORTANCE)}')
-    return IMPORTANCE[name]()
+class _Scorer(tp.importance.Importance):
+    """The named importance as both pruning paths use it: a group without BatchNorm (bn_scale
+    scores it None, and torch-pruning would skip it) is ranked by weight magnitude, and
+    non-finite scores are refused, since argsort puts NaN last and the channels dropped would be
+    arbitrary."""
+
+    def __init__(self, name: str):
+        if name not in IMPORTANCE:
+            raise ValueError(f'unknown pruning importance "{name}": use one of {", ".join(IMPORTANCE)}')
+        self.name, self.inner, self.fallback = name, IMPORTANCE[name](), IMPORTANCE["magnitude"]()
+
+    def __call__(self, group: tp.Group) -> torch.Tensor:
+        scores = self.inner(group)
+        if scores is None:
+            scores = self.fallback(group)
+        if not torch.isfinite(scores).all():
+            root = group[0].dep.target.module
+            raise ValueError(f"pruning: non-finite channel importance in the group of {type(root).__name__} "
+                             f"({len(scores)} channels): the weights or gradients hold NaN or inf; re-train or "
+                             f"re-export the run, or rank by another --prune-importance than {self.name}")
+        return scores
 
 
 def _example(model: nn.Module, input_size: tuple[int, int]) -> torch.Tensor:
@@ -174,8 +194,17 @@ def _ignored(model: nn.Module) -> list[nn.Module]:
 
 def _prune_ratio(model: nn.Module, ratio: float, input_size: tuple[int, int], round_to: int,
                  importance: str) -> None:
-    tp.pruner.BasePruner(model, _example(model, input_size), importance=_importance(importance),
-                         pruning_ratio=ratio, round_to=round_to, ignored_layers=_ignored(model)).step()
+    """Prune a copy by `ratio` in every group; move its modules into `model` (a failure half-way
+    leaves `model` as it was)."""
+    trial, _, _ = _trial(model, input_size)
+    tp.pruner.BasePruner(trial, _example(trial, input_size), importance=_Scorer(importance),
+                         pruning_ratio=ratio, round_to=round_to, ignored_layers=_ignored(trial)).step()
+    _adopt(model, trial)
+
+
+def _adopt(model: nn.Module, trial: nn.Module) -> None:
+    for name, child in trial.named_children():
+        setattr(model, name, child)
 
 
 def _groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> dict[nn.Module, tp.Group]:
@@ -185,17 +214,11 @@ def _groups(graph: tp.DependencyGraph, ignored: list[nn.Module]) -> dict[nn.Modu
 
 
 def _drop_channels(graph: tp.DependencyGraph, root: nn.Module, width: int, count: int,
-                   scorer: tp.importance.Importance) -> None:
+                   scorer: _Scorer) -> None:
     """Remove the `count` least important of the `width` output channels of `root`'s group."""
     prune_out = graph.get_pruner_of_module(root).prune_out_channels
     group = graph.get_pruning_group(root, prune_out, list(range(width)))
     scores = scorer(group)
-    if scores is None:   # bn_scale on a group without BatchNorm: rank by weight magnitude
-        scores = IMPORTANCE["magnitude"]()(group)
-    if not torch.isfinite(scores).all():   # argsort puts NaN last: the channels dropped would be arbitrary
-        raise ValueError(f"pruning: non-finite channel importance in the group of {type(root).__name__} "
-                         f"({width} channels): the weights or gradients hold NaN or inf; re-train or re-export "
-                         f"the run, or rank by another --prune-importance")
     graph.get_pruning_group(root, prune_out, scores.argsort()[:count].tolist()).prune()
 
 
@@ -206,7 +229,7 @@ def _prune_to_macs(model: nn.Module, budget: float, input_size: tuple[int, int],
     Returns the fraction of the groups' channels removed.
     """
     trial, graph, width = _trial(model, input_size)   # an unreachable budget leaves `model` untouched
-    scorer = _importance(importance)
+    scorer = _Scorer(importance)
     original = dict(width)   # pruning changes modules in place: the roots stay valid, their widths are tracked here
     macs, step = count_macs(trial, *input_size), 0
     while macs > budget:
@@ -222,8 +245,7 @@ def _prune_to_macs(model: nn.Module, budget: float, input_size: tuple[int, int],
         macs, step = count_macs(trial, *input_size), step + 1
         if step % LOG_EVERY == 0 or macs <= budget:
             log(f"prune step {step}: {macs / 1e6:.2f}M MACs (budget {budget / 1e6:.2f}M)")
-    for name, child in trial.named_children():
-        setattr(model, name, child)
+    _adopt(model, trial)
     return round(1 - sum(width.values()) / sum(original.values()), 4)
 
 

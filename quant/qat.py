@@ -17,7 +17,8 @@ always containing 0) calibrated by min/max. QAT here simulates that:
    compute it); and each residual block for `QuantResidual` (its int8 sum). The two outputs get
    their own activation quantisers (depth and logits never share one scale). `float_stem=N`
    leaves the layers within N weighted layers of the input float, as the int8 files keep their
-   input stem (targets/stem.py). Not simulated: the re-rounding of int8 resizes (on their
+   input stem (targets/stem.py), and EfficientViT's attention kernels stay float, as in the files'
+   float islands (`attention_kernels`). Not simulated: the re-rounding of int8 resizes (on their
    input's scale).
 3. `finalize` returns a plain float student whose weights sit exactly on their int8 grid. The
    converter's weight quantisation then reproduces QAT's integer weights bit for bit (max|w| is on
@@ -287,6 +288,16 @@ def input_stem(model: nn.Module, example: torch.Tensor, layers: int) -> set[str]
     return set(stem_ops(ops, [id(example)], layers, weighted={"conv"}))
 
 
+def attention_kernels(model: nn.Module) -> set[str]:
+    """EfficientViT's LiteMLA kernel ReLUs (v4): they act on q and k inside the attention's float
+    island (targets/stem.py `island_ops`: everything between the qkv and aggregation convolutions
+    and the output projection), so no int8 file quantises their outputs. One module serves q and k,
+    so a quantiser there would also have mixed the two ranges."""
+    from timm.models.efficientvit_mit import LiteMLA
+
+    return {f"{name}.kernel_func" for name, module in model.named_modules() if isinstance(module, LiteMLA)}
+
+
 def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False, float_stem: int = 0,
             weight_max: int = WMAX) -> QuantStudent:
     """A fake-quantised copy of `student` (BN folded); `student` itself is left untouched.
@@ -301,6 +312,7 @@ def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False, 
     fold_batchnorm(model, example)
     pairs = producer_consumer_pairs(model, example, (nn.Conv2d,), (*FUSED_ACTIVATIONS, nn.Hardswish))
     in_float = input_stem(model, example, float_stem) if float_stem > 0 else set()
+    in_float |= attention_kernels(model)
     activated = {conv for conv, _ in pairs}
     names = {m: n for n, m in model.named_modules()}
     for module in list(model.modules()):

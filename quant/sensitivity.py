@@ -145,6 +145,9 @@ def main(argv: list[str]) -> int:
     plain_train, val_ds = build_datasets(replace(run.recipe.data, augment=False), progress=False)
     check_calibration_size(args.calib, len(plain_train))
     count = min(args.images, len(val_ds))
+    if count == 0:
+        raise ValueError(f"{run.name}'s validation split is empty, and the drift is measured on it: train with "
+                         f"validation images (data.num_val, or a val/ folder beside train/)")
     images = torch.stack([torch.as_tensor(val_ds[i]["image"]).float() for i in range(count)])
     calib = ptq.calibration_set(plain_train, args.calib, None, seed=args.seed, progress=False)
     weight_max = FORMATS[args.format].converter().int8_weight_max

@@ -106,10 +106,22 @@ def test_synthrooms(tmp_path):
     path = generate(tmp_path, num_train=40, num_val=4, height=64, width=96, seed=0, progress=False)
     ds = SynthRoomsDataset(path, "train", augment=False)
     sel = select_calibration(ds, 12, candidates=32, depth_bins=3, progress=False)
-    assert sel.per_bin == [4, 4, 4] and sel.candidates == 32
+    assert sel.per_bin == [4, 4, 4] and sel.candidates == 32 and sel.stratified_by == ["depth", "classes"]
     edges = sel.depth_bin_edges
     assert all(a <= b for a, b in zip(edges, edges[1:])) and 0 < edges[0] < edges[-1] < 20
     assert sel == select_calibration(ds, 12, candidates=32, depth_bins=3, progress=False)
     files = write_calibration(ds, sel, tmp_path / "calib")
     assert np.load(files["nchw"]).shape == (12, 3, 64, 96)
     assert np.load(files["onnx2tf_sample"]).shape == (20, 128, 128, 3)
+
+
+def test_an_unlabelled_set_says_it_was_not_stratified():
+    """An image folder has no depth and no labels: the draw cannot be stratified, and says so."""
+    class Unlabelled(Tiny):
+        def __getitem__(self, i):
+            sample = super().__getitem__(i)
+            return {**sample, "depth": torch.zeros(1, H, W), "seg": torch.full((H, W), IGNORE_INDEX)}
+
+    sel = select_calibration(Unlabelled(), 6, progress=False)
+    assert len(sel.indices) == 6 and sel.stratified_by == [] and sel.basis().startswith("not stratified")
+    assert select_calibration(Tiny(), 8, progress=False).basis() == "stratified by depth and classes, per depth bin [2, 2, 2, 2]"

@@ -105,6 +105,25 @@ def test_taylor_importance_ranks_by_weight_times_gradient():
         prune_student(poisoned, PruneTarget(macs=0.5), SIZE, importance="taylor", log=lambda _: None)
 
 
+def test_the_ratio_path_ranks_as_the_mac_path_and_a_failure_leaves_the_model_whole():
+    # NaN gradients: refused by name, and no group was pruned before the bad one was reached
+    poisoned = tiny()
+    out = poisoned.eval()(torch.rand(2, 3, *SIZE))
+    (out["depth"].mean() * float("nan")).backward()
+    before = conv_out_channels(poisoned)
+    with pytest.raises(ValueError, match="non-finite channel importance .* NaN or inf"):
+        prune_student(poisoned, PruneTarget(ratio=0.5), SIZE, importance="taylor", log=lambda _: None)
+    assert conv_out_channels(poisoned) == before
+    # bn_scale scores a group without BatchNorm None; torch-pruning alone would skip it, the MAC
+    # path ranks it by magnitude, and so does the ratio path now
+    model = tiny()
+    prune_student(model, PruneTarget(ratio=0.5), SIZE, importance="bn_scale", round_to=4, log=lambda _: None)
+    after = conv_out_channels(model)
+    without_bn = [n for n in before if n.endswith("se.conv_reduce")]
+    assert without_bn and any(after[n] < before[n] for n in without_bn), {n: (before[n], after[n]) for n in without_bn}
+    assert_output_shapes(model)
+
+
 def test_efficientvit_prunes_around_the_linear_attention_and_runs():
     model = tiny("efficientvit_b0")
     before = conv_out_channels(model)
@@ -142,7 +161,8 @@ def test_parse_accepts_ratios_and_mac_budgets(text, ratio, macs):
     assert PruneTarget.parse(text) == PruneTarget(ratio=ratio, macs=macs)
 
 
-@pytest.mark.parametrize("text", ["", "abc", "1.5", "0", "-0.3", "macs=", "macs=0", "macs=1.5x", "80T", "ratio=0.3"])
+@pytest.mark.parametrize("text", ["", "abc", "1.5", "0", "-0.3", "macs=", "macs=0", "macs=1.5x", "80T", "ratio=0.3",
+                                  "macs=0.5", "macs=1"])
 def test_parse_rejects_bad_text_naming_the_forms(text):
     with pytest.raises(ValueError, match=FORMS):
         PruneTarget.parse(text)

@@ -242,6 +242,16 @@ def test_float_stem_leaves_the_first_convolutions_as_the_file_keeps_them():
     assert not torch.equal(final.encoder.blocks[1][0].conv_pw.weight, folded.encoder.blocks[1][0].conv_pw.weight)
 
 
+def test_efficientvit_attention_kernels_stay_float_as_in_the_files():
+    """LiteMLA's kernel ReLU acts on q and k inside the attention's float island (the TFLite and
+    ONNX files keep it float): no quantiser there, and the convolutions around it keep theirs."""
+    student = randomized("efficientvit_b0")
+    fake = qat.prepare(student, torch.randn(1, 3, 64, 96))
+    kernels = {n: m for n, m in fake.named_modules() if n.endswith("kernel_func")}
+    assert kernels and all(type(m) is torch.nn.ReLU for m in kernels.values()), kernels
+    assert all(isinstance(m, qat.QuantConv2d) for n, m in fake.named_modules() if n.endswith("qkv.conv"))
+
+
 def test_sensitivity_groups_the_quantisers_of_one_tensor():
     """quant.sensitivity: both convolutions read the image (one tensor, two quantisers); the ReLU's
     output, the raw branch and the sum are tensors of their own; with every quantiser left float
