@@ -58,7 +58,9 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         replace(tmp, dest)
     except Exception as exc:
         # Writers report a full disk in their own words (torch.save: "unexpected pos ..."); say it plainly.
-        if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) and out_of_space(dest.parent):
+        # Only their I/O errors: a refusal (ValueError) on a nearly full disk keeps its own words.
+        said = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
+        if isinstance(exc, (OSError, RuntimeError)) and not said and out_of_space(dest.parent):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest)) from exc
         raise
     finally:
@@ -120,6 +122,15 @@ def check_writable(directory: str | Path, what: str) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ValueError(f"{what} {directory}: {existing} is not writable (a read-only file system or no "
                          f"permission); choose another place")
+
+
+def check_output_file(path: str | Path, what: str) -> None:
+    """ValueError naming `what` unless `path` can be written as a file: not a directory, in a
+    directory that is writable or can be made. Checked before the work whose result it holds."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory; give a file name, e.g. {path / 'result.json'}")
+    check_writable(path.parent, what)
 
 
 def write_bytes(dest: str | Path, data: bytes) -> None:

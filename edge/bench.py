@@ -49,7 +49,7 @@ import numpy as np
 
 from core.cli import ArgumentParser, at_least, command
 from core.formats import FORMATS
-from core.io import check_writable
+from core.io import check_output_file
 from core.manifest import verify_artefact
 from edge.device.linux_bench import latency_summary, peak_rss_mb  # device and host measure alike
 from edge.host import describe_cpu, device_cpu, host_device
@@ -237,9 +237,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     at_least("--threads", args.threads, 1)
     if args.json:
-        if Path(args.json).is_dir():
-            raise BenchRefused(f"--json {args.json} is a directory; give a file name, e.g. {Path(args.json) / 'bench.json'}")
-        check_writable(Path(args.json).parent, "--json")
+        check_output_file(args.json, "--json")
     if len(args.artefact) > 1:
         result = bench_side_by_side(args.artefact, threads=args.threads, runs=args.runs, warmup=args.warmup,
                                     executor=args.executor, verify=not args.no_verify)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from core.cli import ArgumentParser, at_least, command
-from core.io import check_writable
+from core.io import check_output_file
 from core.manifest import verify_artefact
 from edge.device.linux_bench import time_invokes  # the on-device script's timing loop (milliseconds)
 from edge.run import write_json
@@ -176,7 +176,7 @@ def main(argv: list[str]) -> int:
     at_least("--threads", args.threads, 1)
     at_least("--runs", args.runs, 1)
     if args.json:
-        check_writable(Path(args.json).parent, "--json")
+        check_output_file(args.json, "--json")
     result = profile(args.model, args.threads, args.runs, progress=True, verify=not args.no_verify)
     print(summary(result, args.top))
     if args.json:

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
 from core.cli import ArgumentParser, at_least, command
-from core.io import check_writable
+from core.io import check_output_file
 from edge.host import describe_cpu, host_cpu
 from edge.run import write_json
 
@@ -107,7 +106,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     at_least("--threads", args.threads, 1)
     if args.json:
-        check_writable(Path(args.json).parent, "--json")
+        check_output_file(args.json, "--json")
     result = measure_peak(args.threads, size=args.size, repeats=args.repeats)
     print(f"host peak ({args.threads or 'default'} threads, {args.size}^3): fp32 {result['fp32_gflops']:.1f} GFLOP/s, "
           f"int8 {result['int8_gops']:.1f} GOP/s ({result['int8_gops'] / result['fp32_gflops']:.2f}x)\n"

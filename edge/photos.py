@@ -91,7 +91,7 @@ def read_photo(path: Path, size: tuple[int, int]) -> np.ndarray:
     """(3, H, W) float32 RGB in [0, 1] of the image file, upright, resized per axis to `size` (H, W).
     16-bit images are brought to 8 bits; transparency is ignored (the colour under it is used)."""
     with reading(path), Image.open(path) as image:
-        upright = upright_rgb(image)
+        upright = upright_rgb(image, at_least=size)   # as the training folders decode (distill/data/folder.py)
     resized = upright.resize((size[1], size[0]), Image.BILINEAR)
     return np.asarray(resized, np.float32).transpose(2, 0, 1) / 255.0
 

@@ -145,10 +145,15 @@ def main(argv: list[str]) -> int:
     out = output_path(args.out)   # before the model runs
     if args.threads is not None and args.threads < 1:
         raise BadInput(f"--threads {args.threads}: must be at least 1 (or left out: the runtime's default)")
+    if args.logits and out.suffix.lower() != ".npz":
+        raise BadInput(f"--logits stores the logits in an .npz, but --out {args.out} is a folder of PNG maps; "
+                       f"give an --out ending in .npz, or drop --logits")
     check_artefact(args.artefact, args.executor, not args.no_verify)
     files = input_files(args.inputs)   # none: one .npy, read before the runtime opens so that a bad one fails at once
     arrays = None if files else read_inputs(args.inputs[0])
     runner = open_runner(args.artefact, threads=args.threads, executor=args.executor)
+    if arrays is not None:   # all of them before the first chunk's maps are written
+        validate_images(arrays, runner)
     if out.suffix.lower() == ".npz":
         images = read_photos(files, image_shape(runner)[1:]) if files else arrays
         result = run_images(runner, images, logits=args.logits)

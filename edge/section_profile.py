@@ -40,7 +40,7 @@ import numpy as np
 
 from core.cli import ArgumentParser, at_least, command
 from core.graph import output_tails
-from core.io import check_writable
+from core.io import check_output_file
 from core.manifest import verify_artefact
 from edge.op_profile import cut_model, load_model, op_name, seeded_interpreter
 from edge.run import write_json
@@ -242,7 +242,7 @@ def main(argv: list[str]) -> int:
     at_least("--threads", args.threads, 1)
     at_least("--runs", args.runs, 1)
     if args.json:
-        check_writable(Path(args.json).parent, "--json")
+        check_output_file(args.json, "--json")
     result = profile(args.models, args.sections, args.threads, args.runs, progress=True, verify=not args.no_verify)
     print(summary(result))
     if args.json:

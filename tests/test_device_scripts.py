@@ -395,3 +395,37 @@ def test_android_bench_says_which_ignored_flag_costs_what(tiny_artefacts, tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert "ignored --report_peak_memory_footprint=true: the figures those flags give" in proc.stderr
     assert "delegate" not in proc.stderr
+
+
+def test_each_device_script_checks_the_manifest_beside_its_artefact(tiny_artefacts, tmp_path, fake_binary):
+    """A copy cut short or edited on its way to the device is refused before it is timed, as
+    edge.run and edge.bench refuse it; the scripts hash as core/io.py records (an .mlpackage too)."""
+    from core import io
+    from edge.device import coreml_bench, linux_bench
+
+    export = tmp_path / "export"
+    export.mkdir()
+    model = export / "student_fp32.tflite"
+    shutil.copy(tiny_artefacts["tflite_fp32"], model)
+    package = export / "student.mlpackage"
+    (package / "Data" / "weights").mkdir(parents=True)
+    (package / "Manifest.json").write_text("{}")
+    (package / "Data" / "weights" / "weight.bin").write_bytes(b"\0" * 100)
+    entries = [{"path": p.name, "sha256": io.sha256(p)} for p in (model, package)]
+    (export / "manifest.json").write_text(json.dumps({"artefacts": entries}))
+    assert all(script.manifest_problem(str(model)) is None for script in (linux_bench, android_bench, coreml_bench))
+    assert coreml_bench.manifest_problem(str(package) + "/") is None
+    proc = run_script(tmp_path, "linux_bench.py", str(model), "--threads", "2", "--runs", "2", "--warmup", "0")
+    assert proc.returncode == 0, proc.stderr
+
+    model.write_bytes(model.read_bytes()[:-100])   # cut short
+    (package / "Data" / "weights" / "weight.bin").write_bytes(b"\0" * 99)
+    assert "student.mlpackage differs from the sha256" in coreml_bench.manifest_problem(str(package))
+    for name, extra in (("linux_bench.py", []), ("android_bench.py", ["--benchmark-binary", str(fake_binary)])):
+        proc = run_script(tmp_path, name, str(model), *extra)
+        assert proc.returncode == 2 and "student_fp32.tflite differs from the sha256 recorded in" in proc.stderr
+        assert "--no-verify" in proc.stderr, proc.stderr
+    (export / "stray.tflite").write_bytes(model.read_bytes())
+    assert "not listed in" in linux_bench.manifest_problem(str(export / "stray.tflite"))
+    proc = run_script(tmp_path, "linux_bench.py", str(model), "--no-verify", "--runs", "1", "--warmup", "0")
+    assert proc.returncode == 2 and "cannot be loaded by" in proc.stderr and "Traceback" not in proc.stderr

@@ -283,7 +283,8 @@ def test_run_cli_writes_maps_of_an_npy_in_chunks(tiny_artefacts, tmp_path, monke
         assert np.abs(depth - direct["depth"][i, 0] * 1000).max() <= 0.5 + 1e-3
 
 
-def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_path):
+def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_path, monkeypatch):
+    import edge.run
     from edge.run import main
 
     artefact = tiny_artefacts["onnx_fp32"]
@@ -307,6 +308,18 @@ def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_pat
         with pytest.raises(ValueError, match=re.escape(message)):
             main.__wrapped__([str(artefact), "--inputs", *map(str, inputs), "--out", str(out)])
     assert not (tmp_path / "maps").exists() and not (tmp_path / "maps.png").exists()
+    # an .npy for a folder of maps is checked whole before the first chunk is written
+    monkeypatch.setattr(edge.run, "CHUNK", 2)
+    images, _, _ = reference(tiny_artefacts)
+    late = images.copy()
+    late[-1, 0, 0, 0] = np.nan
+    np.save(tmp_path / "late.npy", late)
+    np.save(tmp_path / "none.npy", images[:0])
+    for inputs, extra, message in [(tmp_path / "late.npy", [], "hold NaN/inf"), (tmp_path / "none.npy", [], "N >= 1"),
+                                   (tmp_path / "a", ["--logits"], "--logits stores the logits in an .npz")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            main.__wrapped__([str(artefact), "--inputs", str(inputs), "--out", str(maps), *extra])
+        assert not maps.exists() or not any(maps.iterdir())
 
 
 def test_run_artefact_rejects_dtype_and_range(tiny_artefacts):

@@ -214,3 +214,21 @@ def test_checkpoints_and_atomic_files_get_the_modes_the_umask_allows(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE(final.stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "file.json").stat().st_mode) == 0o644
+
+
+def test_a_nearly_full_disk_renames_write_errors_only(tmp_path, monkeypatch):
+    """Under 1 MiB free, a writer's own words for a full disk (torch.save's RuntimeError) become
+    ENOSPC; a refusal raised while writing (a ValueError) is not a disk problem and keeps its words."""
+    import errno
+
+    from core import io
+
+    monkeypatch.setattr(io, "out_of_space", lambda directory, margin=1 << 20: True)
+    with pytest.raises(OSError) as caught:
+        with io.atomic_path(tmp_path / "a.bin"):
+            raise RuntimeError("unexpected pos 64 vs 0")
+    assert caught.value.errno == errno.ENOSPC
+    with pytest.raises(ValueError, match="the digest differs"):
+        with io.atomic_path(tmp_path / "b.bin"):
+            raise ValueError("the digest differs")
+    assert not any(tmp_path.iterdir())

@@ -27,6 +27,7 @@ the tool prints no baseline, so `baseline_rss` is null.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -278,6 +279,40 @@ def write_json(path: str, result: dict) -> None:
         raise
 
 
+MANIFEST = "manifest.json"   # quant.export writes it beside the artefacts, with each one's sha256
+
+
+def manifest_problem(path: str):
+    """Why `path` differs from the manifest.json of the export beside it, or None when it matches
+    (or no manifest is there: a file copied alone). The same check as densekit's core/manifest.py,
+    so a copy cut short on its way to the device is not timed."""
+    manifest = os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
+    if not os.path.isfile(manifest):
+        return None
+    try:
+        with open(manifest) as handle:
+            recorded = {entry["path"]: entry["sha256"] for entry in json.load(handle)["artefacts"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return "{} is unreadable ({}: {})".format(manifest, type(error).__name__, error)
+    name = os.path.basename(os.path.normpath(path))
+    listed = name if name in recorded else next((n for n in recorded if n.casefold() == name.casefold()), None)
+    if listed is None:
+        return "{} is not listed in {}, so nothing recorded vouches for it".format(name, manifest)
+    now = sha256_of(path)
+    if now != recorded[listed]:
+        return ("{} differs from the sha256 recorded in {} ({}, now {}): it changed after export (a copy cut "
+                "short?); copy it again".format(name, manifest, recorded[listed][:12], now[:12]))
+    return None
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="the .tflite artefact (on this host)")
@@ -292,11 +327,16 @@ def parse_args(argv=None):
                         help="the benchmark_model build, for the JSON's runtime field (the tool does not print it)")
     parser.add_argument("--json", help="write the densekit.bench/1 record here")
     parser.add_argument("--dry-run", action="store_true", help="print the adb commands, run nothing")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="push the model even if it differs from the manifest.json beside it")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--runs and --threads must be >= 1 and --warmup >= 0")
     if not os.path.isfile(args.model):
         parser.error("model file not found: {}".format(args.model))
+    problem = None if args.no_verify else manifest_problem(args.model)
+    if problem:
+        parser.error(problem + "; or pass --no-verify to time it anyway")
     if not os.path.isfile(args.benchmark_binary):
         parser.error("--benchmark-binary file not found: {}. Download TFLite's prebuilt benchmark_model for the "
                      "phone's ABI (android_aarch64_benchmark_model for arm64-v8a, from the TFLite performance "

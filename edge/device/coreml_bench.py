@@ -26,6 +26,7 @@ set as here.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -162,6 +163,56 @@ def write_json(path: str, result: dict) -> None:
         raise
 
 
+MANIFEST = "manifest.json"   # quant.export writes it beside the artefacts, with each one's sha256
+
+
+def manifest_problem(path: str):
+    """Why `path` differs from the manifest.json of the export beside it, or None when it matches
+    (or no manifest is there: a file copied alone). The same check as densekit's core/manifest.py,
+    so a copy cut short on its way to the device is not timed."""
+    manifest = os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
+    if not os.path.isfile(manifest):
+        return None
+    try:
+        with open(manifest) as handle:
+            recorded = {entry["path"]: entry["sha256"] for entry in json.load(handle)["artefacts"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return "{} is unreadable ({}: {})".format(manifest, type(error).__name__, error)
+    name = os.path.basename(os.path.normpath(path))
+    listed = name if name in recorded else next((n for n in recorded if n.casefold() == name.casefold()), None)
+    if listed is None:
+        return "{} is not listed in {}, so nothing recorded vouches for it".format(name, manifest)
+    now = sha256_of(path)
+    if now != recorded[listed]:
+        return ("{} differs from the sha256 recorded in {} ({}, now {}): it changed after export (a copy cut "
+                "short?); copy it again".format(name, manifest, recorded[listed][:12], now[:12]))
+    return None
+
+
+def sha256_of(path: str) -> str:
+    """A file's plain sha256, or a directory's (an .mlpackage) as densekit's core/io.py records it:
+    its files sorted by their relative path's parts, each as that path and its contents, both
+    preceded by their length in 8 bytes."""
+    if os.path.isfile(path):
+        return _digest_file(path, hashlib.sha256()).hexdigest()
+    digest = hashlib.sha256(b"densekit tree sha256 v2\0")
+    files = sorted((os.path.relpath(os.path.join(top, f), path).split(os.sep)
+                    for top, _, names in os.walk(path) for f in names), key=tuple)
+    for parts in files:
+        name = os.fsencode("/".join(parts))
+        full = os.path.join(path, *parts)
+        digest.update(len(name).to_bytes(8, "little") + name + os.path.getsize(full).to_bytes(8, "little"))
+        _digest_file(full, digest)
+    return digest.hexdigest()
+
+
+def _digest_file(path: str, digest):
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="the .mlpackage (or .mlmodel) artefact")
@@ -170,9 +221,14 @@ def parse_args(argv=None):
     parser.add_argument("--compute-units", choices=list(COMPUTE_UNITS), default="all",
                         help="all (default), cpu, cpu_gpu, cpu_ne")
     parser.add_argument("--json", help="write the densekit.bench/1 record here")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="time the model even if it differs from the manifest.json beside it")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be >= 1 and --warmup >= 0")
+    problem = None if args.no_verify or not os.path.exists(args.model) else manifest_problem(args.model)
+    if problem:
+        parser.error(problem + "; or pass --no-verify to time it anyway")
     if args.json:   # checked before the model compiles and runs, so a bad place never costs the measurement
         folder = os.path.dirname(os.path.abspath(args.json))
         if os.path.isdir(args.json) or not (os.path.isdir(folder) and os.access(folder, os.W_OK)):

@@ -22,6 +22,7 @@ outputs. The JSON follows the schema "densekit.bench/1" (see README.md next to t
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -307,6 +308,40 @@ def print_summary(result: dict) -> None:
     print("  throughput {:.1f} images/s; peak RSS {:.1f} MB{}".format(result["throughput_ips"], mem["peak_rss"], extra))
 
 
+MANIFEST = "manifest.json"   # quant.export writes it beside the artefacts, with each one's sha256
+
+
+def manifest_problem(path: str):
+    """Why `path` differs from the manifest.json of the export beside it, or None when it matches
+    (or no manifest is there: a file copied alone). The same check as densekit's core/manifest.py,
+    so a copy cut short on its way to the device is not timed."""
+    manifest = os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
+    if not os.path.isfile(manifest):
+        return None
+    try:
+        with open(manifest) as handle:
+            recorded = {entry["path"]: entry["sha256"] for entry in json.load(handle)["artefacts"]}
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return "{} is unreadable ({}: {})".format(manifest, type(error).__name__, error)
+    name = os.path.basename(os.path.normpath(path))
+    listed = name if name in recorded else next((n for n in recorded if n.casefold() == name.casefold()), None)
+    if listed is None:
+        return "{} is not listed in {}, so nothing recorded vouches for it".format(name, manifest)
+    now = sha256_of(path)
+    if now != recorded[listed]:
+        return ("{} differs from the sha256 recorded in {} ({}, now {}): it changed after export (a copy cut "
+                "short?); copy it again".format(name, manifest, recorded[listed][:12], now[:12]))
+    return None
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="the .tflite artefact")
@@ -316,6 +351,8 @@ def parse_args(argv=None):
     parser.add_argument("--json", help="write the densekit.bench/1 record here")
     parser.add_argument("--inputs", help="(N, 3, H, W) float32 .npy of RGB images in [0, 1] to run too")
     parser.add_argument("--outputs", help="npz for --inputs' outputs: depth (N,1,H,W), labels (N,H,W)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="time the model even if it differs from the manifest.json beside it")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0 or args.threads < 1:
         parser.error("--runs and --threads must be >= 1 and --warmup >= 0")
@@ -323,6 +360,9 @@ def parse_args(argv=None):
         parser.error("--inputs and --outputs go together: give both (images in, npz out) or neither")
     if not os.path.isfile(args.model):
         parser.error("model file not found: {}".format(args.model))
+    problem = None if args.no_verify else manifest_problem(args.model)
+    if problem:
+        parser.error(problem + "; or pass --no-verify to time it anyway")
     if args.inputs and not os.path.isfile(args.inputs):
         parser.error("--inputs file not found: {}".format(args.inputs))
     for flag, path in (("--outputs", args.outputs), ("--json", args.json)):
@@ -340,8 +380,13 @@ def main(argv=None) -> int:
     Interpreter, runtime, executor = load_interpreter()
     baseline = current_rss_mb()
     baseline_peak = peak_rss_mb()
-    interpreter = Interpreter(model_path=args.model, num_threads=args.threads)
-    interpreter.allocate_tensors()
+    try:
+        interpreter = Interpreter(model_path=args.model, num_threads=args.threads)
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as error:   # not a TFLite flatbuffer, or ops this interpreter lacks
+        sys.stderr.write("linux_bench.py: {} cannot be loaded by {} ({}); copy it again from its export, or "
+                         "update the interpreter\n".format(args.model, runtime, str(error).strip().splitlines()[0]))
+        return 2
     detail = interpreter.get_input_details()[0]
     if shape is not None:
         check_size(shape, detail)   # before the timed runs, which a wrong size would waste
