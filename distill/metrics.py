@@ -326,8 +326,11 @@ def depth_edges(depth: Tensor, mask: Tensor, threshold: float = DEPTH_EDGE_THRES
     return keep & (magnitude > threshold) & interior
 
 
-def _nearest_distance(points: Tensor, targets: Tensor, chunk: int = 4096) -> Tensor:
-    """(N,) Euclidean distance from each of points (N, 2) to the nearest of targets (M, 2), M > 0."""
+def _nearest_distance(points: Tensor, targets: Tensor, max_entries: int = 1 << 24) -> Tensor:
+    """(N,) Euclidean distance from each of points (N, 2) to the nearest of targets (M, 2), M > 0,
+    in chunks of at most `max_entries` distances (128 MB in float64): a 480x640 depth map has tens
+    of thousands of edge pixels, and one 4096-point chunk against them took about a gigabyte."""
+    chunk = max(1, max_entries // len(targets))
     return torch.cat([torch.cdist(part, targets).min(dim=1).values for part in points.split(chunk)])
 
 

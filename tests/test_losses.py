@@ -641,3 +641,18 @@ def test_the_normal_term_joins_the_depth_loss_at_its_weight():
     valid = torch.isfinite(target)
     normal_loss(out["normals"], target, valid, batch["intrinsics"]).backward()
     assert torch.isfinite(out["normals"].grad).all()
+
+
+def test_segmentation_is_weighted_when_any_probed_image_has_labels():
+    """One image without labels of its own (all ignored) does not take segmentation out of the
+    weighting; a set where none of the probed images has any does."""
+    from distill.data.classes import IGNORE_INDEX
+    from distill.recipes import get_recipe
+    from distill.training.objective import labelled_tasks
+
+    recipe = get_recipe("v3")
+    unlabelled = {"seg": torch.full((4, 4), IGNORE_INDEX)}
+    labelled = {"seg": torch.zeros(4, 4, dtype=torch.long)}
+    said = []
+    assert labelled_tasks(recipe, [unlabelled, labelled], said.append) == ("depth", "seg") and not said
+    assert labelled_tasks(recipe, [unlabelled, unlabelled], said.append) == ("depth",) and len(said) == 1

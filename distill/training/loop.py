@@ -204,7 +204,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
 
     if rank.active and device.type == "cuda":  # batch statistics over the global batch, as in one process
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    weighting = weighting_for(recipe, labelled_tasks(recipe, train_ds[0], log)).to(device)
+    probes = [train_ds[i] for i in sorted({0, len(train_ds) // 2, len(train_ds) - 1})]
+    weighting = weighting_for(recipe, labelled_tasks(recipe, probes, log)).to(device)
     feature_kd = feature_distiller(model, teacher, train_loader, device) if recipe.distill.feature_weight > 0 else None
     optimizer = build_optimizer(model, weighting, tc, feature_kd)
     total_steps = tc.epochs * len(train_loader)

@@ -163,12 +163,13 @@ def weighted_total(weighting, losses: dict[str, torch.Tensor]) -> tuple[torch.Te
     return total + sum(v for k, v in losses.items() if k not in weighting.tasks), weights
 
 
-def labelled_tasks(recipe: Recipe, sample: dict, log=print) -> tuple[str, ...]:
-    """The tasks the weighting balances: segmentation only where the training images carry labels.
-    NYU's BTS and h5 layouts and image folders have none; Kendall's log-variance of a loss that is
-    always 0 falls by about the learning rate each step until exp(-s) overflows into a NaN loss."""
+def labelled_tasks(recipe: Recipe, samples: Sequence[dict], log=print) -> tuple[str, ...]:
+    """The tasks the weighting balances: segmentation only where the training images carry labels
+    (`samples`: a few spread over the set, as one image may have none of its own). NYU's BTS and h5
+    layouts and image folders have none; Kendall's log-variance of a loss that is always 0 falls by
+    about the learning rate each step until exp(-s) overflows into a NaN loss."""
     tasks = tuple(recipe.model.tasks)
-    if "seg" in tasks and not bool((torch.as_tensor(sample["seg"]) != IGNORE_INDEX).any()):
+    if "seg" in tasks and not any(bool((torch.as_tensor(s["seg"]) != IGNORE_INDEX).any()) for s in samples):
         log(f"{recipe.data.dataset}: the training images carry no segmentation labels; the seg head is not "
             f"trained and the task weighting balances {', '.join(t for t in tasks if t != 'seg')} alone")
         return tuple(t for t in tasks if t != "seg")
