@@ -43,7 +43,7 @@ import numpy as np
 
 from core import io
 from core.cli import ArgumentParser, add_run_arguments, at_least, command
-from core.formats import CALIBRATED_PRECISIONS, FORMATS, PRECISIONS, Converter, Format
+from core.formats import CALIBRATED_PRECISIONS, FORMATS, INTEGER_PRECISIONS, PRECISIONS, Converter, Format
 from core.io import check_writable
 from core.lock import exclusive
 from core.registry import suggest
@@ -248,6 +248,37 @@ def plan_for(target: str, options: ExportOptions) -> Plan:
     return Plan(target, fmt, converter, layout, precisions, profile, size, threads)
 
 
+def idle_options(opts: ExportOptions, plan: Plan) -> list[str]:
+    """A line for each option set away from its default that this export never uses (a gate for a
+    precision it does not make, a fine-tune setting with nothing to fine-tune, ...)."""
+    default, notes = ExportOptions(), []
+
+    def changed(*names: str) -> list[str]:
+        flag = {"equalize": "--no-equalize", "tolerances": "--tolerance"}
+        return [flag.get(n, "--" + n.replace("_", "-")) for n in names if getattr(opts, n) != getattr(default, n)]
+
+    idle_gates = sorted(set(opts.tolerances) - set(plan.precisions))
+    if idle_gates:
+        notes.append(f"--tolerance for {', '.join(idle_gates)}: this export makes no {' or '.join(idle_gates)}; "
+                     f"those gates apply to nothing here")
+    int8 = set(plan.precisions) & set(INTEGER_PRECISIONS)
+    idle = [] if opts.prune else changed("prune_steps", "prune_importance", "prune_lr", "prune_stages")
+    if idle:
+        notes.append(f"{', '.join(idle)}: no --prune, so nothing is pruned or fine-tuned after pruning")
+    idle = [] if int8 else changed("qat_steps", "qat_lr", "float_ops", "float_stem", "equalize")
+    if idle:
+        notes.append(f"{', '.join(idle)}: for int8 files, and this export makes {', '.join(plan.precisions)}")
+    elif int8 and opts.qat_steps == 0 and changed("qat_lr"):
+        notes.append("--qat-lr: --qat-steps 0 runs no QAT (post-training quantisation only)")
+    if not set(plan.precisions) & set(CALIBRATED_PRECISIONS) and changed("calib"):
+        notes.append(f"--calib: calibrates {' and '.join(CALIBRATED_PRECISIONS)}, and this export makes "
+                     f"{', '.join(plan.precisions)}")
+    fine_tuned = opts.prune or (int8 and opts.qat_steps != 0)
+    if not fine_tuned and changed("batch_size"):
+        notes.append("--batch-size: the fine-tune batch size, and this export fine-tunes nothing (no --prune, no QAT)")
+    return notes
+
+
 def converter_for(fmt: Format, options: ExportOptions) -> tuple[Converter, str]:
     """The converter `--converter` names and the layout `--layout` asks of it, both checked."""
     try:
@@ -420,6 +451,7 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
     if plan.threads > 0:
         torch.set_num_threads(plan.threads)
     run = load_run(find_run(run_path, runs_dir, recipe))
+    idle = idle_options(opts, plan)   # before the recipe fills qat_steps: what the user set
     if opts.qat_steps is None:
         opts = replace(opts, qat_steps=run.recipe.int8_qat_steps)
     size = plan.input_size or run.input_size
@@ -427,10 +459,8 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
         f"sha256 {run.weights_sha256[:12]}); exporting {plan.format.name} {', '.join(plan.precisions)} "
         f"({plan.converter.name}, {plan.layout}) at "
         f"{size[0]}x{size[1]}" + (f" for {plan.profile.name}" if plan.profile else ""))
-    idle = sorted(set(opts.tolerances) - set(plan.precisions))
-    if idle:   # a gate asked for and never run: said, not silent (one set of tolerances may serve several targets)
-        log(f"--tolerance for {', '.join(idle)}: this export makes no {' or '.join(idle)}; those gates apply to "
-            f"nothing here")
+    for note in idle:   # said, not refused: one set of flags may serve several targets
+        log(note)
     final = Path(opts.out) / run.name / export_name(plan, opts.prune)
     with exclusive(final.parent / f".{final.name}.lock", f"the export {final}"):   # one writer per target
         staging = artefacts.ExportDir(final, opts.overwrite)
