@@ -193,7 +193,7 @@ def test_training_from_an_image_folder_with_the_real_teacher_class(checkpoints, 
 def test_a_source_that_is_no_checkpoint_is_refused_without_asking_the_hub(checkpoints, tmp_path, monkeypatch):
     """A mistyped path must not become a hub request (a download nobody asked for), and a folder
     that is not a checkpoint names what it lacks (exit 2, not transformers' OSError)."""
-    from distill.teachers.depth_anything import looks_like_hub_id
+    from distill.teachers.depth_anything import not_a_hub_id
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
@@ -203,7 +203,8 @@ def test_a_source_that_is_no_checkpoint_is_refused_without_asking_the_hub(checkp
             teacher_for(cfg("da2-metric", source))
     with pytest.raises(FileNotFoundError, match="empty is a directory but not a da2-metric checkpoint"):
         teacher_for(cfg("da2-metric", "empty"))
-    assert looks_like_hub_id("depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf")
+    assert not_a_hub_id("depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf") == ""
+    assert "./models is a directory here" in not_a_hub_id("models/da2-metric")
     # a hub snapshot's identity carries its commit: a cache resumed after the hub changed is refused
     teacher = teacher_for(cfg("da2-metric", checkpoints["metric"]))
     teacher.model.config._commit_hash = "0123abc"

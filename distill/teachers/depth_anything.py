@@ -66,8 +66,9 @@ def load_pretrained(cls, source: str, what: str):
             raise FileNotFoundError(f"teacher.source={source} is a directory but not a {what} checkpoint ({e}); "
                                     f"it needs the files of `huggingface-cli download <hub id> --local-dir "
                                     f"{source}` (config.json and the weights)") from e
-    if not looks_like_hub_id(source):   # a mistyped path must not become a download
-        raise FileNotFoundError(f"teacher.source={source} is not a directory, and not a hub id (owner/name) either; "
+    why_not = not_a_hub_id(source)   # a mistyped path must not become a download
+    if why_not:
+        raise FileNotFoundError(f"teacher.source={source} is not a directory, and not a hub id either ({why_not}); "
                                 f"check the path, or pass a hub id such as {REAL_CHECKPOINTS['metric']}")
     print(f"{what}: loading {source} from the Hugging Face hub (downloads on first use)")
     try:
@@ -79,12 +80,14 @@ def load_pretrained(cls, source: str, what: str):
     return model, None
 
 
-def looks_like_hub_id(source: str) -> bool:
-    """owner/name, as the hub spells it: not absolute, not relative to ., .. or ~, one slash, and
-    not under a directory that exists here (then it is a path with a typo in its last part)."""
+def not_a_hub_id(source: str) -> str:
+    """Why `source` reads as a path rather than a hub id (owner/name), or "" when it does not."""
     parts = source.split("/")
-    return (len(parts) == 2 and all(parts) and not source.startswith((".", "~")) and "\\" not in source
-            and not Path(parts[0]).is_dir())
+    if len(parts) != 2 or not all(parts) or source.startswith((".", "~")) or "\\" in source:
+        return "a hub id is owner/name"
+    if Path(parts[0]).is_dir():   # a path with a typo in its last part
+        return f"./{parts[0]} is a directory here, so it reads as a path; run elsewhere to use it as a hub id"
+    return ""
 
 
 class PretrainedTeacher(Teacher):
