@@ -248,10 +248,12 @@ def plan_for(target: str, options: ExportOptions) -> Plan:
     return Plan(target, fmt, converter, layout, precisions, profile, size, threads)
 
 
-def idle_options(opts: ExportOptions, plan: Plan) -> list[str]:
+def idle_options(opts: ExportOptions, plan: Plan, recipe_qat_steps: int) -> list[str]:
     """A line for each option set away from its default that this export never uses (a gate for a
-    precision it does not make, a fine-tune setting with nothing to fine-tune, ...)."""
+    precision it does not make, a fine-tune setting with nothing to fine-tune, ...). `opts` as the
+    user gave them (qat_steps None: the recipe's `recipe_qat_steps`)."""
     default, notes = ExportOptions(), []
+    qat_steps = recipe_qat_steps if opts.qat_steps is None else opts.qat_steps
 
     def changed(*names: str) -> list[str]:
         flag = {"equalize": "--no-equalize", "tolerances": "--tolerance"}
@@ -268,12 +270,13 @@ def idle_options(opts: ExportOptions, plan: Plan) -> list[str]:
     idle = [] if int8 else changed("qat_steps", "qat_lr", "float_ops", "float_stem", "equalize")
     if idle:
         notes.append(f"{', '.join(idle)}: for int8 files, and this export makes {', '.join(plan.precisions)}")
-    elif int8 and opts.qat_steps == 0 and changed("qat_lr"):
-        notes.append("--qat-lr: --qat-steps 0 runs no QAT (post-training quantisation only)")
+    elif int8 and qat_steps == 0 and changed("qat_lr"):
+        whose = "" if opts.qat_steps is not None else " (the recipe's)"
+        notes.append(f"--qat-lr: --qat-steps 0{whose} runs no QAT (post-training quantisation only)")
     if not set(plan.precisions) & set(CALIBRATED_PRECISIONS) and changed("calib"):
         notes.append(f"--calib: calibrates {' and '.join(CALIBRATED_PRECISIONS)}, and this export makes "
                      f"{', '.join(plan.precisions)}")
-    fine_tuned = opts.prune or (int8 and opts.qat_steps != 0)
+    fine_tuned = opts.prune or (int8 and qat_steps != 0)
     if not fine_tuned and changed("batch_size"):
         notes.append("--batch-size: the fine-tune batch size, and this export fine-tunes nothing (no --prune, no QAT)")
     return notes
@@ -451,7 +454,7 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
     if plan.threads > 0:
         torch.set_num_threads(plan.threads)
     run = load_run(find_run(run_path, runs_dir, recipe))
-    idle = idle_options(opts, plan)   # before the recipe fills qat_steps: what the user set
+    idle = idle_options(opts, plan, run.recipe.int8_qat_steps)   # the options as the user set them
     if opts.qat_steps is None:
         opts = replace(opts, qat_steps=run.recipe.int8_qat_steps)
     size = plan.input_size or run.input_size

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import sys
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,9 @@ def training_losses(recipe: Recipe, dataset, batch_size: int, seed: int, log):
     """The training batches (shuffled, augmented), the recipe's supervision and its objective, as
     the fine-tunes and the Taylor gradients both use them."""
     loader = make_loader(dataset, min(batch_size, len(dataset)), train=True, seed=seed, workers=0)
+    # feature KD does not fine-tune (its projections are not part of the student): a run trained with
+    # it, or saved with it set beside a ground-truth target, fine-tunes without it
+    recipe = replace(recipe, distill=replace(recipe.distill, feature_weight=0.0))
     supervision = supervision_for(recipe, torch.device("cpu"), dataset, loader, log=log)
     return loader, supervision, Objective(recipe, seg_weights=seg_weights_for(recipe, dataset, log))
 

@@ -415,6 +415,11 @@ def test_each_device_script_checks_the_manifest_beside_its_artefact(tiny_artefac
     (export / "manifest.json").write_text(json.dumps({"artefacts": entries}))
     assert all(script.manifest_problem(str(model)) is None for script in (linux_bench, android_bench, coreml_bench))
     assert coreml_bench.manifest_problem(str(package) + "/") is None
+    # an export before 2026-12-04 recorded its packages in the first scheme: still its manifest's match
+    v1 = [{**e, "sha256": io.tree_sha256_v1(package)} if e["path"] == package.name else e for e in entries]
+    (export / "manifest.json").write_text(json.dumps({"artefacts": v1}))
+    assert coreml_bench.manifest_problem(str(package)) is None
+    (export / "manifest.json").write_text(json.dumps({"artefacts": entries}))
     proc = run_script(tmp_path, "linux_bench.py", str(model), "--threads", "2", "--runs", "2", "--warmup", "0")
     assert proc.returncode == 0, proc.stderr
 

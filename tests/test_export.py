@@ -592,16 +592,20 @@ def test_options_an_export_never_uses_are_said():
     from quant.export import ExportOptions, idle_options, plan_for
 
     fp32 = ExportOptions(precisions=("fp32",), prune_lr=1e-3, calib=8, float_stem=3, equalize=False, batch_size=4)
-    assert idle_options(fp32, plan_for("tflite", fp32)) == [
+    assert idle_options(fp32, plan_for("tflite", fp32), 300) == [
         "--prune-lr: no --prune, so nothing is pruned or fine-tuned after pruning",
         "--float-stem, --no-equalize: for int8 files, and this export makes fp32",
         "--calib: calibrates int8 and w8a8, and this export makes fp32",
         "--batch-size: the fine-tune batch size, and this export fine-tunes nothing (no --prune, no QAT)"]
     ptq = ExportOptions(precisions=("int8",), qat_steps=0, qat_lr=1e-3)
-    assert idle_options(ptq, plan_for("tflite", ptq)) == [
+    assert idle_options(ptq, plan_for("tflite", ptq), 300) == [
         "--qat-lr: --qat-steps 0 runs no QAT (post-training quantisation only)"]
+    v4 = ExportOptions(precisions=("int8",), qat_lr=1e-3, batch_size=8)   # v4's recipe: no QAT steps
+    assert idle_options(v4, plan_for("tflite", v4), 0) == [
+        "--qat-lr: --qat-steps 0 (the recipe's) runs no QAT (post-training quantisation only)",
+        "--batch-size: the fine-tune batch size, and this export fine-tunes nothing (no --prune, no QAT)"]
     used = ExportOptions(precisions=("int8",), prune="0.3", prune_lr=1e-3, calib=8, float_stem=3, batch_size=4)
-    assert idle_options(used, plan_for("tflite", used)) == []
+    assert idle_options(used, plan_for("tflite", used), 300) == []
 
 
 def test_the_rebuild_flags_parse_back_to_the_same_options():

@@ -362,9 +362,16 @@ def test_seg_boundary_tolerance_zero_asks_for_exact_pixels():
         SegBoundaryMetrics(tolerance_px=-1)
 
 
-def test_boundary_kernels_live_on_the_labels_device():
+def test_boundary_kernels_live_on_the_labels_device(monkeypatch):
     """The disk kernel of the boundary match is built on the labels' device: on a GPU a CPU kernel
     stopped the first validation of every run with a segmentation head. (meta: no data, any host.)"""
-    from distill.metrics import _within
+    import distill.metrics as metrics
 
-    assert _within(torch.zeros(2, 8, 8, dtype=torch.bool, device="meta"), 2).device.type == "meta"
+    real = metrics.F.conv2d
+
+    def same_device_conv(x, weight, **kwargs):   # CUDA refuses a mix; the meta kernels would not
+        assert weight.device == x.device, (weight.device, x.device)
+        return real(x, weight, **kwargs)
+
+    monkeypatch.setattr(metrics.F, "conv2d", same_device_conv)
+    assert metrics._within(torch.zeros(2, 8, 8, dtype=torch.bool, device="meta"), 2).device.type == "meta"

@@ -8,7 +8,7 @@ affine-invariant depth metric.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import torch
 
@@ -19,15 +19,19 @@ from distill.teachers.base import Teacher
 ALIGN_IMAGES = 64   # images the scale is fitted on
 
 
-def first_images(batches: Iterable[dict], max_images: int = ALIGN_IMAGES) -> list[dict]:
-    """The first batches holding `max_images` images: one draw from a loader that several
-    teachers are fitted on."""
-    taken: list[dict] = []
-    for batch in batches:
-        taken.append(batch)
-        if sum(len(b["depth"]) for b in taken) >= max_images:
-            break
-    return taken
+class Replay:
+    """Batches drawn once from `batches` and kept: each pass replays the kept ones, then draws on.
+    Several teachers are fitted on the same images, each as far as it needs (fit_scale stops at
+    `max_images` usable ones, which depends on the teacher's labels)."""
+
+    def __init__(self, batches: Iterable[dict]):
+        self.source, self.kept = iter(batches), []
+
+    def __iter__(self) -> Iterator[dict]:
+        yield from self.kept
+        for batch in self.source:
+            self.kept.append(batch)
+            yield batch
 
 
 def fit_scale(teacher: Teacher, batches: Iterable[dict], *, max_images: int = ALIGN_IMAGES) -> float:

@@ -114,9 +114,9 @@ class Supervision:
         teacher trained on other data, e.g. DA2 metric-indoor on NYU) on `batches` (on the
         teacher's device). Rank 0 fits; all use it. An assistant gets its own factor on the same
         images: its labels train the same student, so they must be in the same metres."""
-        from distill.teachers.align import ScaleAligned, fit_scale, first_images
+        from distill.teachers.align import Replay, ScaleAligned, fit_scale
 
-        batches = first_images(batches) if rank.main else []
+        batches = Replay(batches) if rank.main else []
         for role in ("teacher", "assistant"):
             teacher = getattr(self, role)
             if teacher is None:

@@ -183,7 +183,7 @@ def manifest_problem(path: str):
     if listed is None:
         return "{} is not listed in {}, so nothing recorded vouches for it".format(name, manifest)
     now = sha256_of(path)
-    if now != recorded[listed]:
+    if now != recorded[listed] and not (os.path.isdir(path) and tree_sha256_v1(path) == recorded[listed]):
         return ("{} differs from the sha256 recorded in {} ({}, now {}): it changed after export (a copy cut "
                 "short?); copy it again".format(name, manifest, recorded[listed][:12], now[:12]))
     return None
@@ -196,14 +196,28 @@ def sha256_of(path: str) -> str:
     if os.path.isfile(path):
         return _digest_file(path, hashlib.sha256()).hexdigest()
     digest = hashlib.sha256(b"densekit tree sha256 v2\0")
-    files = sorted((os.path.relpath(os.path.join(top, f), path).split(os.sep)
-                    for top, _, names in os.walk(path) for f in names), key=tuple)
-    for parts in files:
+    for parts in _tree_files(path):
         name = os.fsencode("/".join(parts))
         full = os.path.join(path, *parts)
         digest.update(len(name).to_bytes(8, "little") + name + os.path.getsize(full).to_bytes(8, "little"))
         _digest_file(full, digest)
     return digest.hexdigest()
+
+
+def tree_sha256_v1(path: str) -> str:
+    """A directory's digest as exports recorded it until 2026-12-04 (each file's relative path, a
+    NUL, its contents): a package of such an export still matches its manifest."""
+    digest = hashlib.sha256()
+    for parts in _tree_files(path):
+        digest.update(os.path.join(*parts).encode() + b"\0")
+        _digest_file(os.path.join(path, *parts), digest)
+    return digest.hexdigest()
+
+
+def _tree_files(path: str) -> list:
+    """Every file under `path` as its relative path's parts, in core/io.py's order."""
+    return sorted((os.path.relpath(os.path.join(top, f), path).split(os.sep)
+                   for top, _, names in os.walk(path) for f in names), key=tuple)
 
 
 def _digest_file(path: str, digest):

@@ -385,7 +385,8 @@ def main(argv=None) -> int:
         interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as error:   # not a TFLite flatbuffer, or ops this interpreter lacks
         sys.stderr.write("linux_bench.py: {} cannot be loaded by {} ({}); copy it again from its export, or "
-                         "update the interpreter\n".format(args.model, runtime, str(error).strip().splitlines()[0]))
+                         "update the interpreter\n".format(args.model, runtime,
+                                                    (str(error).strip().splitlines() or [type(error).__name__])[0]))
         return 2
     detail = interpreter.get_input_details()[0]
     if shape is not None:
