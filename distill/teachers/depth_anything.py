@@ -22,6 +22,7 @@ normalisation Depth Anything expects); outputs are resized back to the batch siz
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -80,6 +81,20 @@ def load_pretrained(cls, source: str, what: str):
     return model, None
 
 
+def depth_anything_v2_class() -> type:
+    """transformers' `DepthAnythingForDepthEstimation`, imported without torch's warning to library
+    authors: transformers imports torchao (installed with litert-torch), which registers an Enum with
+    torch's pytree, and torch 2.14 logs a deprecation line about it that a user can do nothing about."""
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        from transformers import DepthAnythingForDepthEstimation
+    finally:
+        pytree_log.setLevel(level)
+    return DepthAnythingForDepthEstimation
+
+
 def not_a_hub_id(source: str) -> str:
     """Why `source` reads as a path rather than a hub id (owner/name), or "" when it does not."""
     parts = source.split("/")
@@ -133,9 +148,7 @@ class DepthAnythingV2Teacher(PretrainedTeacher):
     kind = "metric"
 
     def __init__(self, source: str, input_size: int = 518):
-        from transformers import DepthAnythingForDepthEstimation
-
-        self.load(DepthAnythingForDepthEstimation, source, input_size)
+        self.load(depth_anything_v2_class(), source, input_size)
         self.model.eval().requires_grad_(False)
         found = self.model.config.depth_estimation_type
         if found != self.kind:
