@@ -277,11 +277,13 @@ def measure_heldout(run_dir: Path, heldout: tuple[str, ...], log) -> dict:
 
 def best_rows(rows: list[dict], metric: str) -> set[int]:
     """Indices of the finished rows holding the best value of `metric`, compared at the table's
-    precision (4 decimals): values that print alike tie, and ties all win."""
+    precision (4 decimals): values that print alike tie, and ties all win. A seed group missing
+    seeds ("partial") competes only when no group is complete: its mean is over other seeds."""
+    ranked = ("ok",) if any(row["status"] == "ok" for row in rows) else ("ok", "partial")
     scored = {}
     for i, row in enumerate(rows):
         value = row_value(row, metric)
-        if row["status"] in ("ok", "partial") and isinstance(value, (int, float)) and math.isfinite(value):
+        if row["status"] in ranked and isinstance(value, (int, float)) and math.isfinite(value):
             value, direction = round(value, 4), DIRECTION[metric]
             scored[i] = -abs(value - 1) if direction == 0 else direction * value
     if len(scored) < 2:   # a lone figure beats nothing
@@ -403,7 +405,8 @@ def write_report(out: Path, recipe_name: str, grid: Grid, metrics: list[str], ro
     legend = ", ".join(f"{m} {'lower' if DIRECTION[m] < 0 else 'higher' if DIRECTION[m] > 0 else 'closer to 1'}"
                        for m in metrics)
     seeds = (f"Mean ± sample standard deviation over seeds {', '.join(grid.axes[SEED_KEY])} (`{SEED_KEY}`), "
-             "best mean in bold; every run below." if seeded(grid) else "")
+             "best mean in bold (a row missing seeds is not ranked against complete ones); every run below."
+             if seeded(grid) else "")
     io.write_text(out / "ablation.md", "\n".join([
         f"# Ablation of {recipe_name}", "",
         f"Grid: {' x '.join(f'{k} ({len(v)})' for k, v in grid.axes.items())}; common overrides: "
