@@ -213,11 +213,15 @@ def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path):
     finished = json.loads((run / "summary.json").read_text())
     for name in ("summary.json", "report.md", "preview.png"):
         (run / name).unlink()
+    trained = torch.load(latest_checkpoint(run / "checkpoints") / "state.pt", weights_only=False)["progress"]["wall_s"]
     for _ in range(2):   # the killed run, then the finished one
+        started = time.time()
         assert main(["v3", f"resume={run}", "--quiet"]) == 0
         summary = json.loads((run / "summary.json").read_text())
         assert summary["abs_rel"] == finished["abs_rel"] and summary["miou"] == finished["miou"]
         assert (run / "report.md").is_file() and (run / "preview.png").is_file()
+        # the whole run's wall time: the first process's up to its checkpoint, and this one's
+        assert trained < summary["wall_s"] and summary["wall_s"] - trained <= time.time() - started
     assert len(io.read_jsonl(run / "metrics.jsonl")) == 1
 
 

@@ -212,10 +212,13 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, tc.warmup_frac, tc.min_lr_ratio))
     objective = Objective(recipe, feature_kd, seg_weights=seg_weights_for(recipe, train_ds, log))
     state = {"epoch": 0, "step": 0, "best": None, "train_time": 0.0, "train_images": 0,
-             "data_wait_s": 0.0, "teacher_s": 0.0, "train_set": len(train_ds)}
+             "data_wait_s": 0.0, "teacher_s": 0.0, "train_set": len(train_ds), "wall_s": 0.0}
     if recipe.resume:
         state = restore(run_dir, model, weighting, optimizer, scheduler, log, write=rank.main, feature_kd=feature_kd,
                         train_set=(len(train_ds), dc.dataset))
+    # wall time of the processes before this one, each up to its last checkpoint (0 for checkpoints
+    # before 2026-12-06, which did not record it): a resumed run's wall_s covers the whole run
+    wall_before = state.get("wall_s", 0.0)
     # DDP broadcasts rank 0's weights (its pre-flight depth initialisation included) on wrapping;
     # the modules beside the student start from rank 0's values too.
     net = torch.nn.parallel.DistributedDataParallel(model) if rank.active else model
@@ -256,6 +259,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
             # A new best is staged beside best.safetensors, committed by the checkpoint that records
             # it, then moved in: a kill at any point leaves the kept weights the checkpoint names.
             staged = keep_best(run_dir, model, recipe, state, val)
+            state["wall_s"] = wall_before + time.time() - t_start
             save(run_dir, model, weighting, optimizer, scheduler, state, recipe, val, feature_kd)
             if staged:
                 io.replace(staged, run_dir / BEST)
@@ -272,7 +276,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
         summary = {**val, **fit, "baseline_depth": baseline_depth, "best": state["best"],
                    "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
                    **{share: state.get(key, 0.0) / max(state["train_time"], 1e-9) for key, share in TIME_SHARES},
-                   "wall_s": time.time() - t_start, "epochs": tc.epochs, "device": str(device),
+                   "wall_s": wall_before + time.time() - t_start, "epochs": tc.epochs, "device": str(device),
                    "processes": rank.world}
         write_outputs(run_dir, recipe, summary, model, teacher, val_ds, device, log)
     return run_dir
