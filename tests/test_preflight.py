@@ -43,3 +43,14 @@ def test_non_finite_teacher_output_is_refused():
 def test_output_outside_declared_range_is_refused():
     with pytest.raises(PreflightError, match=r"leaves its declared range \[0, 20\]"):
         enforce(check(torch.full((2, 1, 4, 4), 2900.0)), "strict")  # millimetres declared as metres
+
+
+def test_a_tensor_without_a_finite_value_is_null_in_the_json():
+    """Its statistics are NaN in the table and null in preflight.json (strict JSON has no NaN)."""
+    import json
+
+    report = check(torch.full((2, 1, 4, 4), float("inf")))
+    stats = report.to_json()["stats"]["teacher_depth"]
+    assert stats["min"] is None and stats["median"] is None and stats["non_finite"] == 32
+    json.dumps(report.to_json(), allow_nan=False)   # raises on NaN
+    assert "nan" in report.table()

@@ -11,6 +11,7 @@ student's initial prediction, each with its declared space, and refuses to train
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -40,8 +41,11 @@ class PreflightReport:
         return [c for c in self.checks if not c.ok]
 
     def to_json(self) -> dict:
-        return {"passed": not self.failures, "stats": self.stats,
-                "checks": [c.__dict__ for c in self.checks]}
+        """JSON's own values: a statistic of a tensor with no finite value is null, not NaN (which
+        strict JSON readers refuse)."""
+        stats = {name: {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in s.items()}
+                 for name, s in self.stats.items()}
+        return {"passed": not self.failures, "stats": stats, "checks": [c.__dict__ for c in self.checks]}
 
     def table(self) -> str:
         rows = [f"{'tensor':<18}{'space':<11}{'min':>9}{'max':>9}{'mean':>9}{'median':>9}  declared"]

@@ -107,8 +107,9 @@ def markdown_report(run_dir: Path, recipe, summary: dict) -> str:
              f"{recipe.data.height}x{recipe.data.width}, {recipe.data.num_train} training images, "
              f"{recipe.train.epochs} epochs on {summary['device']}.", "", "## Pre-flight", "",
              "| tensor | space | min | max | mean | median |", "|---|---|---|---|---|---|"]
-    for name, s in preflight["stats"].items():
-        lines.append(f"| {name} | {s['space']} | {s['min']:.4g} | {s['max']:.4g} | {s['mean']:.4g} | {s['median']:.4g} |")
+    for name, s in preflight["stats"].items():   # null: the tensor had no finite value
+        cells = " | ".join("-" if s[k] is None else f"{s[k]:.4g}" for k in ("min", "max", "mean", "median"))
+        lines.append(f"| {name} | {s['space']} | {cells} |")
     lines += [""] + [f"- {'ok' if c['ok'] else '**FAIL**'}: {c['message']}" for c in preflight["checks"]]
     kept = (summary.get("best") or {}).get("epoch")
     lines += ["", f"## Validation (the kept weights, best.safetensors{f': epoch {kept}' if kept else ''})", "",
