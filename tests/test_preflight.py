@@ -54,3 +54,17 @@ def test_a_tensor_without_a_finite_value_is_null_in_the_json():
     assert stats["min"] is None and stats["median"] is None and stats["non_finite"] == 32
     json.dumps(report.to_json(), allow_nan=False)   # raises on NaN
     assert "nan" in report.table()
+
+
+def test_the_assistant_teachers_labels_are_checked_beside_the_teachers():
+    """An assistant labels some steps: its units, range and finiteness are checked on the same batches."""
+    b = {**batch(torch.full((2, 1, 4, 4), 2.9)), "assistant_depth": torch.full((2, 1, 4, 4), 290.0)}
+    b["assistant_depth"][0, 0, 0, 0] = float("nan")
+    report = run_preflight([b], [torch.full_like(b["depth"], 2.5)], target="teacher", target_space=DepthSpace.METRIC,
+                           target_range=ValueRange(0, 20), eval_space=DepthSpace.METRIC, teacher_name="t",
+                           assistant_name="a", assistant_range=ValueRange(0, 80))
+    failed = [c.message for c in report.failures]
+    assert failed == ["assistant_depth: 1 non-finite values",
+                      "assistant a output [290, 290] leaves its declared range [0, 80]: wrong units, or a broken "
+                      "checkpoint or cache"], failed
+    assert report.stats["assistant_depth"]["teacher"] == "a" and "assistant_depth" in report.table()

@@ -200,7 +200,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     baseline = constant_baseline(baseline_depth, val_loader, recipe) if rank.main else None
     teacher_val = teacher_reference(teacher, val_loader, device, recipe, log) if rank.main else {}
 
-    preflight_stage(model, train_loader, teacher, recipe, device, run_dir if rank.main else None, log)
+    preflight_stage(model, train_loader, teacher, recipe, device, run_dir if rank.main else None, log,
+                    assistant=supervision.assistant)
 
     if rank.active and device.type == "cuda":  # batch statistics over the global batch, as in one process
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -394,14 +395,18 @@ def feature_distiller(model, teacher: Teacher, loader: DataLoader, device: torch
 
 
 def preflight_stage(model, loader: DataLoader, teacher: Teacher, recipe: Recipe, device: torch.device,
-                    run_dir: Path | None, log) -> None:
-    """Pre-flight on real batches before any step (writes preflight.json, raises when refused).
+                    run_dir: Path | None, log, assistant: Teacher | None = None) -> None:
+    """Pre-flight on real batches before any step (writes preflight.json, raises when refused);
+    an assistant teacher's labels of the same batches are checked beside the teacher's.
 
     It also places the depth head's initial output at the training targets' median (seed 001:
     a log-depth head starting at 1 m learns far depth slowly), so the table shows the student's
     true starting point.
     """
     probe = [attach_teacher(to_device(b, device), teacher) for b, _ in zip(loader, range(PREFLIGHT_BATCHES))]
+    if assistant is not None:
+        for b in probe:
+            b["assistant_depth"] = assistant(b)
     predictions = []
     if "depth" in model.heads:
         targets = [depth_target(b, recipe) for b in probe]
@@ -419,7 +424,9 @@ def preflight_stage(model, loader: DataLoader, teacher: Teacher, recipe: Recipe,
     report = run_preflight(probe, predictions, target=recipe.target,
                            target_space=teacher.space if recipe.target == "teacher" else DepthSpace.METRIC,
                            target_range=teacher.range, eval_space=DepthSpace(recipe.eval_space),
-                           teacher_name=teacher.name, target_masks=[depth_target(b, recipe)[1] for b in probe])
+                           teacher_name=teacher.name, target_masks=[depth_target(b, recipe)[1] for b in probe],
+                           assistant_name=assistant.name if assistant else "",
+                           assistant_range=assistant.range if assistant else None)
     if run_dir is not None:  # rank 0 under torchrun
         io.write_json(run_dir / "preflight.json", report.to_json())
     log(f"pre-flight (units and ranges, first {len(probe)} batches):\n{report.table()}")

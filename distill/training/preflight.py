@@ -71,8 +71,10 @@ def describe(x: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
 
 def run_preflight(batches: list[dict], predictions: list[torch.Tensor], *, target: str, target_space: DepthSpace,
                   target_range: ValueRange, eval_space: DepthSpace, teacher_name: str,
-                  target_masks: list[torch.Tensor] | None = None) -> PreflightReport:
-    """Check a few batches (with `teacher_depth` attached when a teacher labels them).
+                  target_masks: list[torch.Tensor] | None = None, assistant_name: str = "",
+                  assistant_range: ValueRange | None = None) -> PreflightReport:
+    """Check a few batches (with `teacher_depth` attached when a teacher labels them, and
+    `assistant_depth` when an assistant teacher labels some steps: same space, its own range).
 
     `predictions`: the student's initial depth per batch. `target`: "teacher" or "ground_truth".
     `target_masks`: where the training target supervises, per batch (default: the ground truth's
@@ -84,10 +86,12 @@ def run_preflight(batches: list[dict], predictions: list[torch.Tensor], *, targe
     supervised = torch.cat(target_masks) if target_masks is not None else valid
     report.stats["input_image"] = {"space": "normalised", **describe(cat("image"))}
     report.stats["ground_truth"] = {"space": DepthSpace.METRIC.value, **describe(cat("depth"), valid)}
-    if "teacher_depth" in batches[0]:  # where it supervises or GT exists, and any non-finite value
-        teacher = cat("teacher_depth")
-        report.stats["teacher_depth"] = {"space": target_space.value, "declared_range": str(target_range),
-                                         "teacher": teacher_name, **describe(teacher, valid | supervised | ~torch.isfinite(teacher))}
+    labels = {"teacher_depth": (teacher_name, target_range), "assistant_depth": (assistant_name, assistant_range)}
+    labels = {key: named for key, named in labels.items() if key in batches[0]}
+    for key, (name, declared) in labels.items():   # where it supervises or GT exists, and any non-finite value
+        values = cat(key)
+        report.stats[key] = {"space": target_space.value, "declared_range": str(declared), "teacher": name,
+                             **describe(values, valid | supervised | ~torch.isfinite(values))}
     pred_space = target_space if target == "teacher" else DepthSpace.METRIC
     report.stats["student_initial"] = {"space": pred_space.value, **describe(torch.cat(predictions), supervised)}
 
@@ -101,14 +105,14 @@ def run_preflight(batches: list[dict], predictions: list[torch.Tensor], *, targe
                                if supervised.any() else "no supervised depth pixel in the pre-flight batches: "
                                                         "check the dataset's depth files or the teacher's output "
                                                         "(0 or NaN everywhere?)"))
-    if "teacher_depth" in report.stats:
-        s = report.stats["teacher_depth"]
-        inside = s["count"] == 0 or target_range.contains(s["min"], s["max"])
-        report.checks.append(Check("teacher_range", inside,
-                                   f"teacher output [{s['min']:.4g}, {s['max']:.4g}] within declared {target_range}"
+    for key, (name, declared) in labels.items():
+        s, role = report.stats[key], key.split("_")[0]
+        inside = s["count"] == 0 or declared.contains(s["min"], s["max"])
+        report.checks.append(Check(f"{role}_range", inside,
+                                   f"{role} output [{s['min']:.4g}, {s['max']:.4g}] within declared {declared}"
                                    if inside else
-                                   f"teacher {teacher_name} output [{s['min']:.4g}, {s['max']:.4g}] leaves its declared "
-                                   f"range {target_range}: wrong units, or a broken checkpoint or cache"))
+                                   f"{role} {name} output [{s['min']:.4g}, {s['max']:.4g}] leaves its declared "
+                                   f"range {declared}: wrong units, or a broken checkpoint or cache"))
     return report
 
 
