@@ -250,6 +250,12 @@ def test_bf16_autocast_path_trains(tmp_path):
     (run,) = run_dirs(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert 0 < summary["abs_rel"] < 1 and json.loads((run / "config.json").read_text())["train"]["amp"] == "bf16"
+    # validated in float32, as distill.evaluate measures (bf16 would differ in the third digit; the
+    # channels-last layout of training moves the last ones, as in tests/test_evaluate.py)
+    from distill.training.evaluation import evaluate_run
+
+    again = evaluate_run(run, progress=False, log=lambda _: None)
+    assert again["abs_rel"] == pytest.approx(summary["abs_rel"], rel=1e-6) and again["miou"] == summary["miou"]
 
 
 @pytest.mark.parametrize("override, message", [

@@ -251,7 +251,9 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
         weighting.epoch_end({t: means[f"loss_{t}"] for t in weighting.tasks})  # unweighted, per task
         state["epoch"] = epoch + 1
         if rank.main:
-            val = with_references(evaluate(model, val_loader, device, amp, recipe), baseline, teacher_val)
+            # measured in float32 on every device, as distill.evaluate and the export's float reference
+            # are: under bf16 autocast (CUDA) the summary's figures moved by its rounding
+            val = with_references(evaluate(model, val_loader, device, None, recipe), baseline, teacher_val)
             record = {"epoch": epoch + 1, "step": state["step"], "train": {**means, "images_per_s": images / epoch_time},
                       "val": val}
             io.append_jsonl(run_dir / "metrics.jsonl", record)
@@ -272,8 +274,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
         # The summary, the fit and the preview describe the weights that ship: with the last epoch's
         # weights unless an earlier epoch's were kept; a run resumed after its last checkpoint measures anew.
         if use_kept_weights(model, run_dir, state, log) or val is None:
-            val = with_references(evaluate(model, val_loader, device, amp, recipe), baseline, teacher_val)
-        fit = fit_reference(model, train_ds, len(val_ds), recipe, device, amp, val, log)
+            val = with_references(evaluate(model, val_loader, device, None, recipe), baseline, teacher_val)
+        fit = fit_reference(model, train_ds, len(val_ds), recipe, device, val, log)
         summary = {**val, **fit, "baseline_depth": baseline_depth, "best": state["best"],
                    "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
                    **{share: state.get(key, 0.0) / max(state["train_time"], 1e-9) for key, share in TIME_SHARES},
@@ -283,11 +285,11 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     return run_dir
 
 
-def fit_reference(model, train_ds, count: int, recipe: Recipe, device: torch.device, amp, val: dict, log) -> dict:
+def fit_reference(model, train_ds, count: int, recipe: Recipe, device: torch.device, val: dict, log) -> dict:
     """The kept student on `count` of its training images (as many as the validation split has; no
     augmentation), said beside the validation figure: how much of the error is generalisation."""
     t0 = time.time()
-    fit = evaluate_fit(model, train_ds, count, recipe.train.batch_size, device, amp, recipe)
+    fit = evaluate_fit(model, train_ds, count, recipe.train.batch_size, device, None, recipe)
     if "train_abs_rel" in fit and "abs_rel" in val:
         log(f"on {min(count, len(train_ds))} of its training images: abs_rel {fit['train_abs_rel']:.4f} "
             f"(validation {val['abs_rel']:.4f}; {time.time() - t0:.0f} s)")
