@@ -29,12 +29,15 @@ HEADER = ("| export | artefact | MACs (M) | params (M) | MB | host p50 ms | imag
 
 def exports(run_exports: Path, fmt: str | None = None) -> tuple[dict[str, dict], list[Path]]:
     """The finished exports under exports/<run>/ (of `fmt` if given), as {directory name: manifest},
-    and the export directories whose manifest cannot be read. Staging and scratch directories
+    and the export directories whose manifest is missing or cannot be read. Staging and scratch directories
     (hidden) are skipped; unreadable ones are only reported: one damaged export must not stop a new
     one's report (python -m quant.verify names what is wrong)."""
     found, unreadable = {}, []
-    for path in sorted(run_exports.glob(f"*/{MANIFEST}")):
-        if path.parent.name.startswith("."):
+    for directory in sorted(p for p in run_exports.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        path = directory / MANIFEST
+        if not path.is_file():   # an export that lost its manifest (by its name: <format>[-...])
+            if directory.name.split("-")[0] in FORMATS:
+                unreadable.append(directory)
             continue
         try:
             manifest = read_manifest(path.parent)

@@ -608,6 +608,18 @@ def test_options_an_export_never_uses_are_said():
     assert idle_options(used, plan_for("tflite", used), 300) == []
 
 
+def test_an_export_that_lost_its_manifest_is_reported_not_skipped(tmp_path):
+    """quant.compression lists exports by their manifest: a format's directory without one is named
+    as unreadable; staging (hidden) and folders that are no export's are left alone."""
+    from quant.compression import exports
+
+    for name in ("tflite", "onnx-pruned-0.5x", "notes", ".tflite.staging-1"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "report.txt").write_text("not a directory")
+    found, unreadable = exports(tmp_path, "tflite")
+    assert found == {} and [p.name for p in unreadable] == ["onnx-pruned-0.5x", "tflite"]
+
+
 def test_the_rebuild_flags_parse_back_to_the_same_options():
     from quant.export import ExportOptions, command_flags, options_from_args, parse_args
 
