@@ -140,13 +140,20 @@ def smallest_macs(model: nn.Module, input_size: tuple[int, int], round_to: int =
     return count_macs(trial, *input_size)
 
 
-def _trial(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, tp.DependencyGraph, dict[nn.Module, int]]:
-    """A copy of `model` to prune (the caller's model stays untouched until it is accepted), its
-    dependency graph, and the output width of every prunable group's root conv."""
+def _copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` to prune, with its gradients: the caller's model stays untouched until the
+    pruning is accepted."""
     trial = copy.deepcopy(model).eval()   # tracing runs a forward: in train mode it would move BatchNorm statistics
     for copied, original_param in zip(trial.parameters(), model.parameters()):
         if original_param.grad is not None:   # deepcopy leaves .grad behind; Taylor importance reads it
             copied.grad = original_param.grad.clone()
+    return trial
+
+
+def _trial(model: nn.Module, input_size: tuple[int, int]) -> tuple[nn.Module, tp.DependencyGraph, dict[nn.Module, int]]:
+    """A copy of `model` to prune (`_copy`), its dependency graph, and the output width of every
+    prunable group's root conv."""
+    trial = _copy(model)
     # Protected layers stay in the traced graph (their inputs shrink); they are only never a group's root.
     graph = tp.DependencyGraph().build_dependency(trial, _example(trial, input_size))
     return trial, graph, {root: len(group[0].idxs) for root, group in _groups(graph, _ignored(trial)).items()}
@@ -196,7 +203,7 @@ def _prune_ratio(model: nn.Module, ratio: float, input_size: tuple[int, int], ro
                  importance: str) -> None:
     """Prune a copy by `ratio` in every group; move its modules into `model` (a failure half-way
     leaves `model` as it was)."""
-    trial, _, _ = _trial(model, input_size)
+    trial = _copy(model)   # BasePruner traces its own graph
     tp.pruner.BasePruner(trial, _example(trial, input_size), importance=_Scorer(importance),
                          pruning_ratio=ratio, round_to=round_to, ignored_layers=_ignored(trial)).step()
     _adopt(model, trial)

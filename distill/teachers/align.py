@@ -16,9 +16,6 @@ from core.spaces import DepthSpace, ValueRange
 from distill.teachers.base import Teacher
 
 
-ALIGN_IMAGES = 64   # images the scale is fitted on
-
-
 class Replay:
     """Batches drawn once from `batches` and kept: each pass replays the kept ones, then draws on.
     Several teachers are fitted on the same images, each as far as it needs (fit_scale stops at
@@ -34,7 +31,7 @@ class Replay:
             yield batch
 
 
-def fit_scale(teacher: Teacher, batches: Iterable[dict], *, max_images: int = ALIGN_IMAGES) -> float:
+def fit_scale(teacher: Teacher, batches: Iterable[dict], *, max_images: int = 64) -> float:
     """Median over up to `max_images` images of median(gt / teacher) on pixels valid in both."""
     ratios: list[torch.Tensor] = []
     for batch in batches:
