@@ -97,6 +97,7 @@ class TrainConfig:
     lr_encoder: float = 8e-3             # 8x the first: 3-seed ablations, full runs, int8 gates (README)
     lr_decoder: float = 1.6e-2
     weight_decay: float = 0.01
+    optimizer: Literal["adamw", "muon"] = "adamw"   # muon: Muon for the hidden dense convolutions, AdamW for the rest (docs/TRAINING.md)
     warmup_frac: float = 0.05            # linear warm-up over this fraction of all steps, then cosine
     min_lr_ratio: float = 0.01           # cosine floor as a fraction of the peak learning rate
     grad_clip: float = 1.0               # max global gradient norm (0 = off)

@@ -42,6 +42,7 @@ from distill.training.evaluation import (constant_baseline, evaluate, evaluate_f
                                          with_references)
 from distill.training.objective import (Objective, depth_target, labelled_tasks, seg_weights_for, weighted_total,
                                         weighting_for)
+from distill.training.optim import build_optimizer
 from distill.training.preflight import PreflightError, enforce, run_preflight
 from distill.training.supervision import check_options, supervision_for
 
@@ -113,19 +114,6 @@ def without_unusable_normals(recipe: Recipe, sample: dict, teacher: Teacher, log
         return recipe
     log(f"loss.normal_weight={lc.normal_weight}: {why}")
     return dataclasses.replace(recipe, loss=dataclasses.replace(lc, normal_weight=0.0))
-
-
-def build_optimizer(model, weighting, cfg, feature_kd=None) -> torch.optim.AdamW:
-    groups = [{"params": model.encoder_parameters(), "lr": cfg.lr_encoder, "name": "encoder"},
-              {"params": model.decoder_parameters(), "lr": cfg.lr_decoder, "name": "decoder"}]
-    if feature_kd is not None:  # D3epth's projections: trained with the decoder, not exported
-        groups.append({"params": list(feature_kd.parameters()), "lr": cfg.lr_decoder, "name": "feature_kd"})
-    extra = [p for p in weighting.parameters() if p.requires_grad]
-    if extra:  # Kendall log-variances: decoder LR, no weight decay (it would pull sigma to 1)
-        groups.append({"params": extra, "lr": cfg.lr_decoder, "weight_decay": 0.0, "name": "weighting"})
-    # fused: one kernel over all of v3's 187 tensors instead of several per tensor, the same update
-    # rule; on 2 CPU cores the step fell from 8.9 to 2.7 ms of ~230 ms per batch (cProfile, 62 steps)
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
 
 
 def warmup_cosine(total_steps: int, warmup_frac: float, floor: float):

@@ -1,0 +1,107 @@
+"""The training optimizer: AdamW, or Muon for the dense convolutions beside AdamW for the rest.
+
+Muon (Jordan et al. 2024, "Muon: an optimizer for hidden layers") steps each weight matrix along
+its momentum made (nearly) orthogonal: every direction of the update gets the same size, where
+Adam's per-weight scaling lets a few dominant directions take the step. Conv kernels are matrices
+of (output channels) x (input channels x kernel area). The orthogonalisation is a quintic
+Newton-Schulz iteration, a few matrix products, so it runs in every precision and on any device.
+
+Which tensors take Muon: the hidden dense convolutions (`muon_weights`). AdamW keeps the rest, as
+Muon's authors do: the image stem (its rows are three colour channels), the heads' output layers
+(a depth or class map, not a hidden basis), depthwise kernels (one 3x3 or 5x5 filter per channel:
+no matrix to orthogonalise), the squeeze-excite gates (their cost on a CPU outweighed their gain:
+docs/TRAINING.md), biases, norms and the loss weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# The iteration's coefficients (Jordan et al.) pull the singular values of a normalised matrix
+# into a band around 1 (about [0.7, 1.1] after five steps; after three, [0.4, 1.2] for a 30-fold
+# spread), faster than the cubic iteration's exact 1. Three steps cost half of five on a CPU step
+# and trained the same students (docs/TRAINING.md, "Muon").
+NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
+NEWTON_SCHULZ_STEPS = 3
+# Muon's step is scaled to AdamW's typical update size (RMS about 0.2 x lr), so the AdamW learning
+# rates and schedule serve both (Liu et al. 2025, "Muon is scalable for LLM training").
+ADAMW_RMS = 0.2
+
+
+def orthogonalize(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> torch.Tensor:
+    """`matrix` with its singular values moved towards 1 and its singular vectors kept."""
+    a, b, c = NEWTON_SCHULZ
+    x = matrix / (matrix.norm() + 1e-7)   # every singular value <= 1: inside the iteration's basin
+    wide = x.shape[0] <= x.shape[1]
+    if not wide:   # the Gram matrix of the shorter side is the cheaper one
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+def muon_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The hidden dense convolutions' kernels (the module docstring says which stay with AdamW)."""
+    found = []
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Conv2d) and module.groups == 1 and module.in_channels > 3
+                and module.out_channels >= 16 and ".se." not in f".{name}."):
+            found.append(module.weight)
+    return found
+
+
+class MuonAdamW(torch.optim.AdamW):
+    """AdamW whose groups marked `muon=True` step by Muon instead (Nesterov momentum, orthogonalised,
+    decoupled weight decay). One optimizer, so the schedule, the checkpoints and a resume treat it as
+    they treat AdamW; the momentum lives in `state[p]["muon_momentum"]`."""
+
+    def __init__(self, groups: list[dict], *, momentum: float = 0.95, **adamw):
+        super().__init__(groups, **adamw)
+        self.muon_momentum = momentum
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        beta = self.muon_momentum
+        for group in self.param_groups:
+            if not group.get("muon"):
+                continue
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.reshape(p.shape[0], -1)
+                state = self.state[p]
+                if "muon_momentum" not in state:   # "step" too: AdamW's load_state_dict reads it in every state
+                    state["step"] = torch.tensor(0.0)
+                    state["muon_momentum"] = torch.zeros_like(grad)
+                state["step"] += 1
+                momentum = state["muon_momentum"].mul_(beta).add_(grad)
+                update = orthogonalize(grad.add(momentum, alpha=beta))   # Nesterov: the look-ahead
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.reshape(p.shape), alpha=-group["lr"] * ADAMW_RMS * max(update.shape) ** 0.5)
+                p.grad = None   # AdamW skips a tensor without a gradient
+        return super().step(closure)
+
+
+def build_optimizer(model, weighting, cfg, feature_kd=None) -> torch.optim.AdamW:
+    """The encoder and decoder groups at their own rates, D3epth's projections and Kendall's
+    log-variances at the decoder's; `cfg.optimizer=muon` splits each group's Muon tensors off."""
+    groups = [{"params": model.encoder_parameters(), "lr": cfg.lr_encoder, "name": "encoder"},
+              {"params": model.decoder_parameters(), "lr": cfg.lr_decoder, "name": "decoder"}]
+    if feature_kd is not None:  # D3epth's projections: trained with the decoder, not exported
+        groups.append({"params": list(feature_kd.parameters()), "lr": cfg.lr_decoder, "name": "feature_kd"})
+    extra = [p for p in weighting.parameters() if p.requires_grad]
+    if extra:  # Kendall log-variances: decoder LR, no weight decay (it would pull sigma to 1)
+        groups.append({"params": extra, "lr": cfg.lr_decoder, "weight_decay": 0.0, "name": "weighting"})
+    # fused: one kernel over all of v3's 187 tensors instead of several per tensor, the same update
+    # rule; on 2 CPU cores the step fell from 8.9 to 2.7 ms of ~230 ms per batch (cProfile, 62 steps)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
+    chosen = {id(p) for p in muon_weights(model)}
+    split = []
+    for group in groups:
+        split.append({**group, "params": [p for p in group["params"] if id(p) not in chosen]})
+        mine = [p for p in group["params"] if id(p) in chosen]
+        if mine:
+            split.append({**group, "params": mine, "muon": True, "name": f"{group['name']}_muon"})
+    return MuonAdamW(split, weight_decay=cfg.weight_decay, fused=True)
