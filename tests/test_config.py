@@ -58,18 +58,21 @@ def test_recipe_history():
     # v4 = v3 with EfficientViT-B1, keeping the decoder and rates measured for it; v3's loss, deep
     # supervision included (history.py)
     v3_as_v4 = dataclasses.replace(v3, name="v4", model=dataclasses.replace(v3.model, student="efficientvit_b1", output_stride=4),
-                                   train=dataclasses.replace(v3.train, lr_encoder=4e-3, lr_decoder=8e-3),
+                                   train=dataclasses.replace(v3.train, lr_encoder=4e-3, lr_decoder=8e-3, optimizer="adamw"),
                                    loss=dataclasses.replace(v3.loss, normal_weight=0.0))   # not measured on v4 yet
     assert v3.loss.aux_weight == v4.loss.aux_weight == 0.5 and v1.loss.aux_weight == 0.0
     assert v3.loss.normal_weight == 1.0   # the other recipes keep the configuration their figures were measured in
     assert v1.loss.normal_weight == v4.loss.normal_weight == get_recipe("v5").loss.normal_weight == 0.0
     assert get_recipe("v6").loss.normal_weight == 0.0
+    assert v3.train.optimizer == "muon"   # v3's since 2026-12-06; the others as their figures were measured
+    assert {get_recipe(n).train.optimizer for n in ("v1", "v2", "v4", "v5", "v6")} == {"adamw"}
     assert to_dict(v4) == to_dict(v3_as_v4)
     assert "75.37 m" in type(v1).__doc__
     # v6 = v3 with fixed task weights that favour segmentation, without the normal head its figures predate
     v6 = get_recipe("v6")
     assert to_dict(v6) == to_dict(dataclasses.replace(v3, name="v6", loss=dataclasses.replace(
-        v3.loss, weighting="fixed", depth_weight=2.0, seg_weight=1.2, normal_weight=0.0)))   # as its figures were measured
+        v3.loss, weighting="fixed", depth_weight=2.0, seg_weight=1.2, normal_weight=0.0),
+        train=dataclasses.replace(v3.train, optimizer="adamw")))   # as its figures were measured
 
 
 def test_device_defaults_fill_only_unset_fields():
@@ -118,10 +121,12 @@ def test_a_run_saved_before_a_default_changed_keeps_the_value_it_trained_with(tm
     saved = to_dict(get_recipe("v3"))
     del saved["loss"]["seg_balance"], saved["train"]["channels_last"], saved["loss"]["berhu_residual"]
     del saved["loss"]["aux_weight"], saved["loss"]["normal_weight"]   # its checkpoints have no training-only heads
+    del saved["train"]["optimizer"]   # its optimizer state is AdamW's: a resume must build AdamW
     io.write_json(tmp_path / "config.json", {**saved, "device": "cpu"})
     recipe = load_saved(tmp_path)
     assert recipe.loss.seg_balance == 0.0 and recipe.train.channels_last is False   # not today's defaults
     assert recipe.loss.aux_weight == 0.0 and get_recipe("v3").loss.aux_weight == 0.5
     assert recipe.loss.normal_weight == 0.0 and get_recipe("v3").loss.normal_weight == 1.0
+    assert recipe.train.optimizer == "adamw" and get_recipe("v3").train.optimizer == "muon"
     assert recipe.loss.berhu_residual == "absolute" and get_recipe("v3").loss.berhu_residual == "log"
     assert get_recipe("v3").loss.seg_balance == 0.5
