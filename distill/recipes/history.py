@@ -74,9 +74,10 @@ class V3(Recipe):
     and +1.6 miou points; at full length better on both seeds (docs/TRAINING.md, "Surface normals").
     Since 2026-12-06 it trains its hidden convolutions with Muon (`train.optimizer=muon`: orthogonalised
     momentum; AdamW for the rest): at the reduced size, 3 seeds, +4.1 miou points on 1,000 new rooms
-    and better depth on every seed; at full length, seed 0, abs_rel 0.1475 against 0.1539 (0.1463
-    against 0.1563 on the new rooms) and miou 0.574 against 0.539 (docs/TRAINING.md, "Muon"), at
-    about 0.85x AdamW's images per second on 2 cores.
+    and better depth on every seed; at full length, seeds 0 / 1, abs_rel 0.1475 / 0.1468 against
+    AdamW's 0.1539 / 0.1520 (0.1463 / 0.1459 against 0.1563 / 0.1504 on the new rooms) and miou
+    0.574 / 0.576 against 0.539 / 0.546 (docs/TRAINING.md, "Muon"), at about 0.85x AdamW's images
+    per second on 2 cores.
 
     The real run, on NYU Depth V2 with Depth Anything 3 Metric Large (its package installs in its
     own environment, so its labels come through the cache):
