@@ -11,7 +11,8 @@ import torch
 
 from distill.run import main
 from distill.students import build_student
-from distill.training.optim import ADAMW_RMS, MuonAdamW, build_optimizer, muon_weights, orthogonalize
+from distill.training.optim import (ADAMW_RMS, NEWTON_SCHULZ, NEWTON_SCHULZ_STEPS, MuonAdamW, build_optimizer,
+                                    muon_weights, orthogonalize)
 
 CFG = SimpleNamespace(lr_encoder=1e-2, lr_decoder=2e-2, weight_decay=0.0, optimizer="muon")
 
@@ -33,6 +34,20 @@ def test_orthogonalize_keeps_the_singular_vectors_and_moves_the_values_towards_o
         values = torch.linalg.svdvals(result)
         assert result.shape == matrix.shape and lowest < values.min() and values.max() < 1.25, (steps, values)
         assert torch.nn.functional.cosine_similarity(result.flatten(), polar.flatten(), dim=0) > 0.96
+
+
+@pytest.mark.parametrize("shape", [(64, 576), (576, 96), (16, 16)])
+def test_orthogonalize_runs_the_textbook_iteration_on_the_gram_matrix(shape):
+    """The Gram-space form gives what the iteration written out on the matrix gives (x <- a x +
+    (b G + c G^2) x with G = x x^T, every step), to float32 rounding."""
+    a, b, c = NEWTON_SCHULZ
+    matrix = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    x = matrix / matrix.norm()
+    for _ in range(NEWTON_SCHULZ_STEPS):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    result = orthogonalize(matrix)
+    assert (result - x).norm() / x.norm() < 1e-5
 
 
 def test_muon_takes_the_hidden_dense_convolutions_and_adamw_the_rest():
