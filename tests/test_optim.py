@@ -14,7 +14,7 @@ from distill.students import build_student
 from distill.training.optim import (ADAMW_RMS, NEWTON_SCHULZ, NEWTON_SCHULZ_STEPS, MuonAdamW, build_optimizer,
                                     muon_weights, orthogonalize)
 
-CFG = SimpleNamespace(lr_encoder=1e-2, lr_decoder=2e-2, weight_decay=0.0, optimizer="muon")
+CFG = SimpleNamespace(lr_encoder=1e-2, lr_decoder=2e-2, weight_decay=0.0, optimizer="muon", muon_rms=0.8)
 
 
 @pytest.mark.parametrize("shape", [(16, 144), (144, 16), (64, 64)])
@@ -71,19 +71,21 @@ def test_muon_takes_the_hidden_dense_convolutions_and_adamw_the_rest():
     assert rates == {"encoder": 1e-2, "encoder_muon": 1e-2, "decoder": 2e-2, "decoder_muon": 2e-2}
 
 
-def test_a_muon_step_has_adamws_size_whatever_the_gradients_scale():
-    """A kernel's first step is lr x 0.2 in RMS (AdamW's typical step) for gradients a million times
-    apart; weight decay shrinks the kernel first, as AdamW's decoupled decay does."""
-    for scale in (1e-4, 1e2):
+def test_a_muon_step_has_the_size_asked_whatever_the_gradients_scale():
+    """A kernel's first step is lr x 0.2 in RMS (AdamW's typical step) by default, and lr x `rms`
+    when given, for gradients a million times apart; weight decay shrinks the kernel first, as
+    AdamW's decoupled decay does."""
+    for scale, size in ((1e-4, None), (1e2, None), (1e-4, 0.8), (1e2, 0.8)):
         conv = torch.nn.Conv2d(32, 64, 3)
         before = conv.weight.detach().clone()
         optimizer = MuonAdamW([{"params": [conv.weight], "muon": True}, {"params": [conv.bias]}], lr=1e-2,
-                              weight_decay=0.0)
+                              weight_decay=0.0, **({} if size is None else {"rms": size}))
         conv.weight.grad = scale * torch.randn_like(conv.weight)
         conv.bias.grad = torch.randn_like(conv.bias)
         optimizer.step()
         rms = (conv.weight.detach() - before).pow(2).mean().sqrt().item()
-        assert 0.6 * ADAMW_RMS * 1e-2 < rms < 1.25 * ADAMW_RMS * 1e-2, (scale, rms)
+        expected = (ADAMW_RMS if size is None else size) * 1e-2
+        assert 0.6 * expected < rms < 1.25 * expected, (scale, size, rms)
         assert "muon_momentum" in optimizer.state[conv.weight] and "exp_avg" in optimizer.state[conv.bias]
     decayed = torch.nn.Parameter(torch.ones(16, 16, 1, 1))
     optimizer = MuonAdamW([{"params": [decayed], "muon": True}], lr=0.1, weight_decay=0.5)
@@ -125,3 +127,4 @@ def test_v3_trains_with_muon_and_records_it(tmp_path, monkeypatch):
     assert json.loads((run / "config.json").read_text())["train"]["optimizer"] == "muon"
     assert 0 < json.loads((run / "summary.json").read_text())["abs_rel"] < 1
     assert main(["v3", "train.optimizer=lion"]) == 2   # a value outside the choices, refused before any work
+    assert main(["v3", "train.muon_rms=0"]) == 2        # a step of no size

@@ -98,6 +98,7 @@ class TrainConfig:
     lr_decoder: float = 1.6e-2
     weight_decay: float = 0.01
     optimizer: Literal["adamw", "muon"] = "adamw"   # muon: Muon for the hidden dense convolutions, AdamW for the rest (docs/TRAINING.md)
+    muon_rms: float = 0.8                # Muon's step in RMS per unit of learning rate: 4x AdamW's typical 0.2 (docs/TRAINING.md, "Muon's step size")
     warmup_frac: float = 0.05            # linear warm-up over this fraction of all steps, then cosine
     min_lr_ratio: float = 0.01           # cosine floor as a fraction of the peak learning rate
     grad_clip: float = 1.0               # max global gradient norm (0 = off)
@@ -261,7 +262,8 @@ def range_problems(recipe: Recipe) -> list[str]:
                        ("loss.depth_weight", lc.depth_weight), ("loss.seg_weight", lc.seg_weight)):
         if value < 0:
             problems.append(f"{key}={value} must be >= 0" + (" (0 = off)" if key == "train.grad_clip" else ""))
-    for key, value in (("loss.gradient_delta", lc.gradient_delta), ("loss.dwa_temperature", lc.dwa_temperature)):
+    for key, value in (("loss.gradient_delta", lc.gradient_delta), ("loss.dwa_temperature", lc.dwa_temperature),
+                       ("train.muon_rms", t.muon_rms)):
         if not value > 0:
             problems.append(f"{key}={value} must be > 0")
     if not 0 <= lc.silog_lambda <= 1:

@@ -25,8 +25,9 @@ from torch import nn
 # "Muon").
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 3
-# Muon's step is scaled to AdamW's typical update size (RMS about 0.2 x lr), so the AdamW learning
-# rates and schedule serve both (Liu et al. 2025, "Muon is scalable for LLM training").
+# AdamW's typical update size (RMS about 0.2 x lr). Liu et al. 2025 ("Muon is scalable for LLM
+# training") scale Muon's step to it, so that the AdamW learning rates and schedule serve both; v3
+# takes four times it (`train.muon_rms`, docs/TRAINING.md "Muon's step size").
 ADAMW_RMS = 0.2
 
 
@@ -66,12 +67,14 @@ def muon_weights(model: nn.Module) -> list[nn.Parameter]:
 
 class MuonAdamW(torch.optim.AdamW):
     """AdamW whose groups marked `muon=True` step by Muon instead (Nesterov momentum, orthogonalised,
-    decoupled weight decay). One optimizer, so the schedule, the checkpoints and a resume treat it as
-    they treat AdamW; a Muon tensor's state is its momentum and its step count."""
+    decoupled weight decay; a step of `rms` x lr in RMS). One optimizer, so the schedule, the
+    checkpoints and a resume treat it as they treat AdamW; a Muon tensor's state is its momentum and
+    its step count."""
 
-    def __init__(self, groups: list[dict], *, momentum: float = 0.95, **adamw):
+    def __init__(self, groups: list[dict], *, momentum: float = 0.95, rms: float = ADAMW_RMS, **adamw):
         super().__init__(groups, **adamw)
         self.muon_momentum = momentum
+        self.muon_rms = rms
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -91,7 +94,7 @@ class MuonAdamW(torch.optim.AdamW):
                 momentum = state["muon_momentum"].mul_(beta).add_(grad)
                 update = orthogonalize(grad.add(momentum, alpha=beta))   # Nesterov: the look-ahead
                 p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(update.reshape(p.shape), alpha=-group["lr"] * ADAMW_RMS * max(update.shape) ** 0.5)
+                p.add_(update.reshape(p.shape), alpha=-group["lr"] * self.muon_rms * max(update.shape) ** 0.5)
                 p.grad = None   # AdamW skips a tensor without a gradient
         return super().step(closure)
 
@@ -117,4 +120,4 @@ def build_optimizer(model, weighting, cfg, feature_kd=None) -> torch.optim.AdamW
         mine = [p for p in group["params"] if id(p) in chosen]
         if mine:
             split.append({**group, "params": mine, "muon": True, "name": f"{group['name']}_muon"})
-    return MuonAdamW(split, weight_decay=cfg.weight_decay, fused=True)
+    return MuonAdamW(split, rms=cfg.muon_rms, weight_decay=cfg.weight_decay, fused=True)
