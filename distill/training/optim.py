@@ -20,9 +20,8 @@ from torch import nn
 
 # The iteration's coefficients (Jordan et al.) pull the singular values of a normalised matrix
 # into a band around 1 (about [0.7, 1.1] after five steps; after three, [0.4, 1.2] for a 30-fold
-# spread), faster than the cubic iteration's exact 1. Three steps: the option's figures were
-# trained with three; five cost 1.3x the time for slightly better depth structure (docs/TRAINING.md,
-# "Muon").
+# spread), faster than the cubic iteration's exact 1. Three steps: five trained no better at the
+# reduced size (docs/TRAINING.md, "Muon's step size").
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 3
 # AdamW's typical update size (RMS about 0.2 x lr). Liu et al. 2025 ("Muon is scalable for LLM
