@@ -11,7 +11,7 @@ import torch
 
 from distill.run import main
 from distill.students import build_student
-from distill.training.optim import (ADAMW_RMS, NEWTON_SCHULZ, NEWTON_SCHULZ_STEPS, MuonAdamW, build_optimizer,
+from distill.training.optim import (ADAMW_RMS, NEWTON_SCHULZ, MuonAdamW, build_optimizer,
                                     muon_weights, orthogonalize)
 
 CFG = SimpleNamespace(lr_encoder=1e-2, lr_decoder=2e-2, weight_decay=0.0, optimizer="muon", muon_rms=0.8)
@@ -36,17 +36,18 @@ def test_orthogonalize_keeps_the_singular_vectors_and_moves_the_values_towards_o
         assert torch.nn.functional.cosine_similarity(result.flatten(), polar.flatten(), dim=0) > 0.96
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
 @pytest.mark.parametrize("shape", [(64, 576), (576, 96), (16, 16)])
-def test_orthogonalize_runs_the_textbook_iteration_on_the_gram_matrix(shape):
+def test_orthogonalize_runs_the_textbook_iteration_on_the_gram_matrix(shape, steps):
     """The Gram-space form gives what the iteration written out on the matrix gives (x <- a x +
     (b G + c G^2) x with G = x x^T, every step), to float32 rounding."""
     a, b, c = NEWTON_SCHULZ
     matrix = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     x = matrix / matrix.norm()
-    for _ in range(NEWTON_SCHULZ_STEPS):
+    for _ in range(steps):
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
-    result = orthogonalize(matrix)
+    result = orthogonalize(matrix, steps)
     assert (result - x).norm() / x.norm() < 1e-5
 
 
@@ -67,6 +68,7 @@ def test_muon_takes_the_hidden_dense_convolutions_and_adamw_the_rest():
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())   # each tensor in one group
     muon = {id(p) for g in optimizer.param_groups if g.get("muon") for p in g["params"]}
     assert muon == {id(p) for p in muon_weights(model)}
+    assert optimizer.muon_rms == CFG.muon_rms   # the recipe's step size, not the class default
     rates = {g["name"]: g["lr"] for g in optimizer.param_groups}
     assert rates == {"encoder": 1e-2, "encoder_muon": 1e-2, "decoder": 2e-2, "decoder_muon": 2e-2}
 

@@ -21,12 +21,13 @@ from torch import nn
 # The iteration's coefficients (Jordan et al.) pull the singular values of a normalised matrix
 # into a band around 1 (about [0.7, 1.1] after five steps; after three, [0.4, 1.2] for a 30-fold
 # spread), faster than the cubic iteration's exact 1. Three steps: five trained no better at the
-# reduced size (docs/TRAINING.md, "Muon's step size").
+# reduced size, at 0.2 x lr (docs/TRAINING.md, "Muon's step size").
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 3
 # AdamW's typical update size (RMS about 0.2 x lr). Liu et al. 2025 ("Muon is scalable for LLM
-# training") scale Muon's step to it, so that the AdamW learning rates and schedule serve both; v3
-# takes four times it (`train.muon_rms`, docs/TRAINING.md "Muon's step size").
+# training") scale Muon's step to it, so that the AdamW learning rates and schedule serve both.
+# `train.muon_rms` sets it: four times trains a better v3, whose 4-bit Core ML palettes drift more
+# (docs/TRAINING.md, "Muon's step size").
 ADAMW_RMS = 0.2
 
 
