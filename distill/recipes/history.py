@@ -76,10 +76,10 @@ class V3(Recipe):
     momentum; AdamW for the rest): at the reduced size, 3 seeds, +4.1 miou points on 1,000 new rooms
     and better depth on every seed; at full length, seeds 0 / 1, abs_rel 0.1475 / 0.1468 against
     AdamW's 0.1539 / 0.1520 (0.1463 / 0.1459 against 0.1563 / 0.1504 on the new rooms) and miou
-    0.574 / 0.576 against 0.539 / 0.546 (docs/TRAINING.md, "Muon"). `train.muon_rms=0.8`, four
-    times that step, trains a better student (abs_rel 0.1454 / 0.1431, 0.1452 / 0.1426 on the new
-    rooms) whose 4-bit Core ML palettes drift 4.4% / 10.9% against the gate's 5%: an option, not the
-    default (docs/TRAINING.md, "Muon's step size").
+    0.574 / 0.576 against 0.539 / 0.546 (docs/TRAINING.md, "Muon"). Its step is 0.8 x lr in RMS
+    (`train.muon_rms`), four times the AdamW-sized step of those runs: at full length abs_rel
+    0.1454 / 0.1431 (0.1452 / 0.1426 on the new rooms), miou 0.574 / 0.585 (docs/TRAINING.md,
+    "Muon's step size").
 
     The real run, on NYU Depth V2 with Depth Anything 3 Metric Large (its package installs in its
     own environment, so its labels come through the cache):

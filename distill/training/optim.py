@@ -25,9 +25,8 @@ from torch import nn
 NEWTON_SCHULZ = (3.4445, -4.7750, 2.0315)
 NEWTON_SCHULZ_STEPS = 3
 # AdamW's typical update size (RMS about 0.2 x lr). Liu et al. 2025 ("Muon is scalable for LLM
-# training") scale Muon's step to it, so that the AdamW learning rates and schedule serve both.
-# `train.muon_rms` sets it: four times trains a better v3, whose 4-bit Core ML palettes drift more
-# (docs/TRAINING.md, "Muon's step size").
+# training") scale Muon's step to it, so that the AdamW learning rates and schedule serve both; v3
+# takes four times it (`train.muon_rms`, docs/TRAINING.md "Muon's step size").
 ADAMW_RMS = 0.2
 
 
