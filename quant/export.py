@@ -400,7 +400,7 @@ FAILURE_HINTS = {
     "int8": "int8: try QAT or more QAT steps (--qat-steps N), or keep layers in float (--float-stem N; TFLite: "
             "--float-ops).",
     "w8a8": "w8a8: try more calibration images (--calib N), or w8 (weights only).",
-    "palette4": "palette4 (16 values per tensor): palette6, or on iOS18 w4block or palette4g, keep more of the weights.",
+    "palette4": "palette4 (16 values per tensor): palette6, or on iOS18 w4block, keep more of the weights.",
     "palette6": "palette6: w8 keeps more of the weights.",
     "w8": "w8 (8-bit weights): fp16 keeps every weight.",
     "palette4g": "palette4g: w4block or palette6 keep more of the weights.",

@@ -131,7 +131,7 @@ def dims(tensor_type) -> list[int]:
 def test_ios18_precisions_are_in_the_format_table_but_not_the_defaults():
     coreml = FORMATS["coreml"]
     assert set(IOS18) <= set(coreml.precisions)
-    assert coreml.defaults == ("fp16", "w8", "palette4", "palette6")   # the defaults still run on iOS16
+    assert coreml.defaults == ("fp16", "w8", "palette6")   # the defaults still run on iOS16
 
 
 def test_the_export_command_takes_them(tmp_path):
