@@ -71,8 +71,10 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
                "--threads {threads} --delegate xnnpack --runs 50 --warmup 5 --json {path}.android.bench.json")),
     # w4block, palette4g, sparse-palette4 and w8a8 need iOS18 / macOS 15 (targets/coreml.py), so they
     # are produced only when asked for; the defaults run on iOS16. palette4 only when asked for too:
-    # 16 values per tensor failed the drift gate on half of the recent default students (v3 with
-    # Muon: +10.85% and +11.45% abs_rel against 5%; v4's seed-1 runs: +8.2%; docs/EXPORT.md).
+    # with coremltools' k-means, 16 values per tensor failed the drift gate on half of the recent
+    # default students (v3 with Muon +10.85% and +11.45% abs_rel against 5%, v4 seed 1 +8.2%); with
+    # densekit's corrected palettes those v3 students drift +2.9% to +4.9%, too close to the gate
+    # for a default (docs/EXPORT.md, "Palettes that keep the weights' size").
     Format("coreml", "Core ML", ".mlpackage", ("fp32", "fp16", "w8", "palette4", "palette6", "w4block",
                                                "palette4g", "sparse-palette4", "w8a8"),
            ("fp16", "w8", "palette6"),
@@ -95,7 +97,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
 SUFFIXES: dict[str, Format] = {f.suffix: f for f in FORMATS.values()}
 PRECISIONS: tuple[str, ...] = tuple(dict.fromkeys(p for f in FORMATS.values() for p in f.precisions))
 INTEGER_PRECISIONS = ("int8",)   # converted from the (QAT) int8 source model; timed against the int8 peak
-CALIBRATED_PRECISIONS = ("int8", "w8a8")   # their converters measure activation ranges on calibration images
+# their converters measure activations on calibration images: int8 and w8a8 their ranges, Core ML's
+# k-means palettes their bias correction (targets/coreml.py)
+CALIBRATED_PRECISIONS = ("int8", "w8a8", "palette4", "palette6", "palette4g")
 
 
 def format_for(path: str | Path) -> Format:

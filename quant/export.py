@@ -87,7 +87,7 @@ class ExportOptions:
     float_ops: tuple[str, ...] = ("DIV",)     # TFLite op types an int8 file keeps in float
     float_stem: int = DEFAULT_FLOAT_STEM      # int8 files: the first N weighted layers from the input stay float
     equalize: bool = True                     # int8: equalise conv -> ReLU -> conv ranges (quant/equalize.py)
-    calib: int = DEFAULT_CALIB                # calibration images for int8 and Core ML w8a8
+    calib: int = DEFAULT_CALIB                # calibration images for int8, Core ML w8a8 and palettes
     input_size: str = ""                      # "HxW"; "" = the device profile's, else the run's
     check: int = DEFAULT_CHECK                # validation images each artefact is run on
     tolerances: dict = field(default_factory=dict)   # {"int8": {"abs_rel_change": 0.03}}: gate overrides
@@ -156,7 +156,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-equalize", dest="equalize", action="store_false",
                    help="int8: keep the activation ranges of convolution -> ReLU -> convolution chains as trained "
                         "(default: equalise their channels, the same float function; see quant/equalize.py)")
-    p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images for int8 and Core ML w8a8")
+    p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images for int8, Core ML w8a8 and Core ML palettes' bias correction")
     p.add_argument("--input-size", help="HxW to export at (default: the device profile's, else the run's)")
     p.add_argument("--check", type=int, default=DEFAULT_CHECK,
                    help=f"validation images each artefact is run on (default {DEFAULT_CHECK})")
@@ -274,7 +274,7 @@ def idle_options(opts: ExportOptions, plan: Plan, recipe_qat_steps: int) -> list
         whose = "" if opts.qat_steps is not None else " (the recipe's)"
         notes.append(f"--qat-lr: --qat-steps 0{whose} runs no QAT (post-training quantisation only)")
     if not set(plan.precisions) & set(CALIBRATED_PRECISIONS) and changed("calib"):
-        notes.append(f"--calib: calibrates {' and '.join(CALIBRATED_PRECISIONS)}, and this export makes "
+        notes.append(f"--calib: calibrates {', '.join(CALIBRATED_PRECISIONS)}, and this export makes "
                      f"{', '.join(plan.precisions)}")
     fine_tuned = opts.prune or (int8 and qat_steps != 0)
     if not fine_tuned and changed("batch_size"):
@@ -530,7 +530,7 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     if "int8" in plan.precisions:
         int8_model, calibration, config["int8"] = int8_stage(run, float_model, train_ds, plain_train, work, opts, log,
                                                              plan.converter.int8_weight_max)
-    elif set(plan.precisions) & set(CALIBRATED_PRECISIONS):   # Core ML w8a8: ranges measured by the converter
+    elif set(plan.precisions) & set(CALIBRATED_PRECISIONS):   # Core ML w8a8 and palettes: measured by the converter
         calibration, config["calibration"] = calibration_stage(plain_train, work, opts, log)
     job = build_job(plan, opts, float_model, int8_model, calibration, run, size, val_ds, work, out, config)
     for name, exporter in config.get("source_exporter", {}).items():

@@ -14,11 +14,13 @@ Precisions (the deployment target each needs: TARGETS):
 - fp32 / fp16: the program computes in float32 / float16 (inputs and outputs stay float32). iOS16.
 - w8: the fp16 program with int8 symmetric per-output-channel weights (constexpr_affine_dequantize). iOS16.
 - palette4 / palette6: the fp16 program with k-means palettized weights, a 16- / 64-entry fp16
-  lookup table per tensor (constexpr_lut_to_dense; k-means runs in scikit-learn). iOS16.
+  lookup table per tensor (constexpr_lut_to_dense; k-means runs in scikit-learn), each scaled to
+  keep its tensor's norm, and the convolutions' biases corrected for the palettes' expected error
+  on the job's calibration images (`palettes`). iOS16.
 - w4block: int4 symmetric weights with one fp16 scale per block of W4_BLOCK input channels
   (constexpr_blockwise_shift_scale on int4 data). iOS18.
 - palette4g: 4-bit k-means palettes, one 16-entry table per group of PALETTE_GROUP output channels
-  (the iOS18 constexpr_lut_to_dense). iOS18.
+  (the iOS18 constexpr_lut_to_dense), corrected as palette4's. iOS18.
 - sparse-palette4: the SPARSITY smallest-magnitude weights of each tensor set to zero, the rest
   palettized to 16 entries per PALETTE_GROUP output channels, stored jointly: a bit mask and 4-bit
   indices of the non-zeros (constexpr_lut_to_sparse -> constexpr_sparse_to_dense). iOS18.
@@ -172,23 +174,19 @@ def convert_program(program, input_shape: list[int], compute_precision, target: 
 
 
 def compress(fp16_model, precision: str, threshold: int):
-    """w8 / palette* (iOS16) and w4block / palette4g / sparse-palette4 (iOS18: `fp16_model` must be
-    the iOS18 program) from the float16 program; the input model is left unchanged."""
+    """w8 (iOS16) and w4block / sparse-palette4 (iOS18: `fp16_model` must be the iOS18 program) from
+    the float16 program; the input model is left unchanged. The k-means palettes: `palettes`."""
     if precision == "w8":
         op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                          weight_threshold=threshold)
         return cto.linear_quantize_weights(fp16_model, cto.OptimizationConfig(global_config=op))
     if precision == "w4block":
         return cto.linear_quantize_weights(fp16_model, int4_blocks(fp16_model, threshold))
-    if precision == "palette4g":
-        return cto.palettize_weights(fp16_model, grouped_palettes(fp16_model, threshold))
     if precision == "sparse-palette4":
         pruner = cto.OpMagnitudePrunerConfig(target_sparsity=SPARSITY, weight_threshold=threshold)
         sparse = cto.prune_weights(fp16_model, cto.OptimizationConfig(global_config=pruner))
         return cto.palettize_weights(sparse, sparse_palettes(sparse), joint_compression=True)
-    op = cto.OpPalettizerConfig(mode="kmeans", nbits=PALETTE_BITS[precision], granularity="per_tensor",
-                                weight_threshold=threshold)
-    return cto.palettize_weights(fp16_model, cto.OptimizationConfig(global_config=op))
+    raise ValueError(f"{precision} is not compressed here: palettes are made by `palettes` (calibrated)")
 
 
 def int4_blocks(model, threshold: int, block: int = W4_BLOCK) -> "cto.OptimizationConfig":
@@ -204,12 +202,14 @@ def int4_blocks(model, threshold: int, block: int = W4_BLOCK) -> "cto.Optimizati
         if channels % block})
 
 
-def grouped_palettes(model, threshold: int, group: int = PALETTE_GROUP) -> "cto.OptimizationConfig":
+def grouped_palettes(model, threshold: int, group: int = PALETTE_GROUP,
+                     lut_function=None) -> "cto.OptimizationConfig":
     """4-bit k-means palettes, one per `group` output channels, or per the largest divisor of the
     output channels up to `group` where `group` does not divide them (as int4_blocks; e.g. the
-    13-channel segmentation output gets one palette)."""
-    return cto.OptimizationConfig(global_config=palette_config(group, threshold), op_name_configs={
-        name: palette_config(largest_divisor(channels, group), threshold)
+    13-channel segmentation output gets one palette). `lut_function`: the palette of one group
+    (`norm_kept_palette`); None, coremltools' own k-means."""
+    return cto.OptimizationConfig(global_config=palette_config(group, threshold, lut_function), op_name_configs={
+        name: palette_config(largest_divisor(channels, group), threshold, lut_function)
         for name, channels in weight_channels(model, 0).items() if channels % group})
 
 
@@ -222,9 +222,12 @@ def sparse_palettes(sparse_model, group: int = PALETTE_GROUP) -> "cto.Optimizati
         for name, channels in weight_channels(sparse_model, 0, "constexpr_sparse_to_dense").items()})
 
 
-def palette_config(group: int, threshold: int) -> "cto.OpPalettizerConfig":
-    return cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=group,
-                                  weight_threshold=threshold)
+def palette_config(group: int, threshold: int, lut_function=None) -> "cto.OpPalettizerConfig":
+    if lut_function is None:
+        return cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=group,
+                                      weight_threshold=threshold)
+    return cto.OpPalettizerConfig(mode="custom", lut_function=lut_function, granularity="per_grouped_channel",
+                                  group_size=group, weight_threshold=threshold)
 
 
 def weight_channels(model, axis: int, holder: str = "const") -> dict[str, int]:
@@ -243,6 +246,143 @@ def weight_channels(model, axis: int, holder: str = "const") -> dict[str, int]:
 
 def largest_divisor(channels: int, limit: int) -> int:
     return max(d for d in range(1, min(channels, limit) + 1) if channels % d == 0)
+
+
+# ----------------------------------------------------------------------------- palettes
+
+# A k-means palette entry is the mean of the weights it stands for, so a palettised tensor is
+# smaller than the original (|Q|^2 = |W|^2 - |W - Q|^2), and with batch norm folded into the
+# convolutions nothing restores the activations' size downstream: on v3 students trained with
+# Muon, coremltools' own 16-value palettes shrank the predicted depth by 3-9% and failed the drift
+# gate (docs/EXPORT.md, "Palettes that keep the weights' size"). Two corrections, both free at run time:
+# 1. each palette is scaled so that its tensor (or group) keeps its norm (`norm_kept_palette`);
+# 2. each palettised convolution's bias absorbs the expected change of its output, (W - Q) E[x],
+#    with E[x] its input's mean per channel on the calibration images, run by the reference executor
+#    on the float16 program: bias correction (Nagel et al. 2019, "Data-Free Quantization Through
+#    Weight Equalization and Bias Correction", section 4.2, the empirical form).
+PALETTE_PRECISIONS = ("palette4", "palette6", "palette4g")   # sparse-palette4 keeps coremltools' k-means
+CALIBRATED = ("w8a8", *PALETTE_PRECISIONS)   # the precisions that need the job's calibration images
+
+
+def norm_kept_palette(nbits: int):
+    """A coremltools `lut_function`: coremltools' own k-means palette of `nbits` bits for one
+    tensor or group, scaled so that the palettised values keep the original's norm."""
+    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+
+    def lut_function(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lut, indices = _get_kmeans_lookup_table_and_weight(nbits, weight)
+        indices = np.asarray(indices).astype(np.uint8)
+        palettised = np.linalg.norm(lut[indices].astype(np.float64))
+        original = np.linalg.norm(weight.astype(np.float64))
+        scale = original / palettised if palettised > 0 else 1.0
+        return (lut * scale).astype(weight.dtype), indices
+    return lut_function
+
+
+def conv_input_means(package: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    """{conv op name: the mean of its input per channel over `images` (and positions)}, computed
+    by the reference executor on `package` (the float16 program)."""
+    program = MILProgram(package)
+    readers: dict[str, list[str]] = {}
+    for op in program.ops:
+        if op.type == "conv" and isinstance(op.inputs["x"][0], str):
+            readers.setdefault(op.inputs["x"][0], []).append(op.name)
+    sums: dict[str, np.ndarray] = {}
+
+    def observe(_op, name: str, value: np.ndarray) -> None:
+        if name in readers:
+            mean = torch.from_numpy(np.ascontiguousarray(value)).double().mean(dim=(0, 2, 3)).numpy()
+            sums[name] = sums.get(name, 0) + mean
+
+    for image in images:
+        feed = np.ascontiguousarray(image[None], np.float32)
+        if INPUT_NAME in readers:
+            observe(None, INPUT_NAME, feed)
+        program({INPUT_NAME: feed}, observe=observe)
+    return {conv: sums[name] / len(images) for name, convs in readers.items() if name in sums for conv in convs}
+
+
+def bias_shifts(float_package: Path, palettised_package: Path, means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """{conv op name: (W - Q) E[x] per output channel} for every convolution whose weight the
+    palettised program decodes from a palette (constexpr_lut_to_dense) and whose input mean is known."""
+    dense, palettised = MILProgram(float_package), MILProgram(palettised_package)
+    made_by = {name: op.type for op in palettised.ops for name, _ in op.outputs}
+    dense_convs = {op.name: op for op in dense.ops if op.type == "conv"}
+    shifts = {}
+    for op in palettised.ops:
+        if op.type != "conv" or op.name not in means or op.name not in dense_convs:
+            continue
+        weight = op.inputs["weight"][0]
+        if made_by.get(weight) != "constexpr_lut_to_dense":
+            continue
+        q = palettised.constant(weight).astype(np.float64)
+        w = dense.constant(dense_convs[op.name].inputs["weight"][0]).astype(np.float64)
+        groups = int(np.asarray(op_input(palettised, op, "groups", 1)))
+        out_channels, per_group = w.shape[0], w.shape[1]
+        mean = means[op.name].reshape(groups, 1, per_group)     # E[x] of each group's input channels
+        error = (w - q).reshape(groups, out_channels // groups, per_group, -1).sum(axis=3)
+        shifts[op.name] = (error * mean).sum(axis=2).reshape(out_channels)
+    return shifts
+
+
+def op_input(program: MILProgram, op, key: str, default):
+    """An op's input value: inline, a named constant, or `default` when absent."""
+    if key not in op.inputs:
+        return default
+    binding = op.inputs[key][0]
+    return program.constant(binding) if isinstance(binding, str) else binding
+
+
+def shift_biases(model, shifts: dict[str, np.ndarray]):
+    """`model` with each named convolution's bias moved by its shift (a bias made where none was),
+    stored in the bias's own dtype, by a graph pass over its MIL program."""
+    from coremltools.converters.mil import Builder as mb
+    from coremltools.converters.mil.frontend.milproto import load as milproto
+    from coremltools.converters.mil.mil import types
+    from coremltools.converters.mil.mil.passes.graph_pass import AbstractGraphPass
+    from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
+
+    class ShiftBiases(AbstractGraphPass):
+        def apply(self, prog):
+            block = prog.functions["main"]
+            with block:
+                for op in list(block.operations):
+                    if op.op_type != "conv" or op.name not in shifts:
+                        continue
+                    dtype = types.nptype_from_builtin(op.weight.dtype)
+                    old = op.bias.val.astype(np.float64) if op.bias is not None else 0.0
+                    bias = mb.const(val=(old + shifts[op.name]).astype(dtype), name=f"{op.name}_bias_corrected",
+                                    before_op=op)
+                    op.set_inputs(bias=bias)
+            PASS_REGISTRY["common::dead_code_elimination"](prog)
+
+    spec_version = model.get_spec().specificationVersion
+    return ct.models.utils._apply_graph_pass(model, ShiftBiases(), spec_version=spec_version,
+                                            pymil_load_func=milproto.load, skip_model_load=True)
+
+
+def palettes(fp16_model, precision: str, threshold: int, calibration: np.ndarray,
+             scratch: Path) -> tuple["ct.models.MLModel", dict]:
+    """palette4 / palette6 (iOS16) or palette4g (iOS18: `fp16_model` must be the iOS18 program):
+    norm-kept k-means palettes, then bias correction measured on `calibration` (N, 3, H, W). Also
+    returns the correction's record for result.json."""
+    lut_function = norm_kept_palette(4 if precision == "palette4g" else PALETTE_BITS[precision])
+    if precision == "palette4g":
+        config = grouped_palettes(fp16_model, threshold, lut_function=lut_function)
+    else:
+        config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(
+            mode="custom", lut_function=lut_function, granularity="per_tensor", weight_threshold=threshold))
+    palettised = cto.palettize_weights(fp16_model, config)
+    scratch.mkdir(parents=True, exist_ok=True)
+    float_package, palettised_package = scratch / f"fp16-{precision}.mlpackage", scratch / f"{precision}.mlpackage"
+    for model, package in ((fp16_model, float_package), (palettised, palettised_package)):
+        shutil.rmtree(package, ignore_errors=True)
+        model.save(str(package))
+    shifts = bias_shifts(float_package, palettised_package, conv_input_means(float_package, calibration))
+    corrected = shift_biases(palettised, shifts)
+    return corrected, {"palettes": "k-means, scaled to keep each tensor's norm",
+                       "bias_correction": {"convolutions": len(shifts), "images": int(len(calibration)),
+                                           "statistic": "mean input per channel, float16 program, reference executor"}}
 
 
 # ----------------------------------------------------------------------------- W8A8
@@ -357,15 +497,16 @@ def w8a8(fp16_model, threshold: int, calibration: np.ndarray, scratch: Path) -> 
 class ModelBuilder:
     """Converts the exported program once per compute precision and target, and derives the compressed ones.
 
-    calibration: (N, 3, H, W) float32 images for w8a8, or None; scratch: a directory for w8a8's
-    calibration package."""
+    calibration: (N, 3, H, W) float32 images for w8a8 and the palettes, or None; scratch: a directory
+    for the packages their calibration runs on."""
 
     def __init__(self, program, input_shape: list[int], threshold: int, calibration: np.ndarray | None = None,
                  scratch: Path | None = None):
         self.program, self.input_shape, self.threshold = program, input_shape, threshold
         self.calibration, self.scratch = calibration, scratch
         self._fp16: dict[str, object] = {}
-        self.notes: dict[str, dict] = {}   # per precision, what the result.json entry adds (w8a8: its calibration)
+        self.notes: dict[str, dict] = {}   # per precision, what its result.json entry adds (w8a8: its
+        # calibration; the palettes: their correction)
 
     def fp16(self, target: str):
         if target not in self._fp16:
@@ -379,7 +520,12 @@ class ModelBuilder:
         if precision == "fp16":
             return fp16
         if precision == "w8a8":
-            model, self.notes["w8a8"] = w8a8(fp16, self.threshold, self.calibration, self.scratch)
+            model, calibration = w8a8(fp16, self.threshold, self.calibration, self.scratch)
+            self.notes["w8a8"] = {"calibration": calibration}
+            return model
+        if precision in PALETTE_PRECISIONS:
+            model, correction = palettes(fp16, precision, self.threshold, self.calibration, self.scratch)
+            self.notes[precision] = {"correction": correction}
             return model
         return compress(fp16, precision, self.threshold)
 
@@ -508,9 +654,11 @@ def validate(job: Job) -> None:
     """What a Core ML job needs beyond its precisions (Job.load checks those against core/formats.py)."""
     if "float" not in job.sources:
         raise ValueError(f'the coreml job needs sources["float"] (a .pt2 file), got {sorted(job.sources)}')
-    if "w8a8" in job.precisions and not job.calibration.get("nchw"):
-        raise ValueError('w8a8 calibrates its activations: the coreml job needs calibration["nchw"] '
-                         f"((N, 3, H, W) float32 images in [0, 1]), got {sorted(job.calibration)}")
+    calibrated = [p for p in job.precisions if p in CALIBRATED]
+    if calibrated and not job.calibration.get("nchw"):
+        raise ValueError(f"calibration images are needed for {', '.join(calibrated)} (w8a8 measures its "
+                         "activation ranges on them, the palettes their bias correction): the coreml job needs "
+                         f'calibration["nchw"] ((N, 3, H, W) float32 images in [0, 1]), got {sorted(job.calibration)}')
 
 
 def produce(builder: ModelBuilder, job: Job, precision: str, staging: Path) -> dict:
@@ -520,7 +668,7 @@ def produce(builder: ModelBuilder, job: Job, precision: str, staging: Path) -> d
     model = builder.build(precision)
     describe(model, job, precision)
     staged = stage(model, name, staging)
-    notes = {"calibration": builder.notes[precision]} if precision in builder.notes else {}
+    notes = builder.notes.get(precision, {})
     settings = {"compression": SETTINGS[precision]} if precision in SETTINGS else {}
     entry = {"path": name, "format": "coreml", "precision": precision, "source": source_for(precision),
              "check": execution_check(job, precision, staged), "deployment_target": TARGETS[precision],
@@ -539,11 +687,11 @@ def progress_line(entry: dict, seconds: float) -> str:
 
 
 def calibration_images(job: Job) -> np.ndarray | None:
-    if "w8a8" not in job.precisions:
+    if not set(job.precisions) & set(CALIBRATED):
         return None
     images = np.load(job.calibration["nchw"]).astype(np.float32)
     if images.ndim != 4 or list(images.shape[1:]) != list(job.input_shape[1:]) or not len(images):
-        raise ValueError(f"calibration images {job.calibration['nchw']} have shape {images.shape}; w8a8 needs "
+        raise ValueError(f"calibration images {job.calibration['nchw']} have shape {images.shape}; the job needs "
                          f"(N, {', '.join(map(str, job.input_shape[1:]))}) with N >= 1")
     return images
 

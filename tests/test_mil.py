@@ -94,9 +94,11 @@ def start_conversion(name: str, model: torch.nn.Module, root: Path) -> tuple[sub
     with torch.no_grad():
         torch.export.save(torch.export.export(model, (torch.rand(*SHAPE),)), root / "float.pt2")
     (root / "work").mkdir()
+    np.save(root / "calibration.npy", torch.rand(2, *SHAPE[1:]).numpy())   # the palettes' bias correction
     # no check images: this file executes the packages itself; one thread each, both run at once
     job = Job(format="coreml", precisions=PRECISIONS, sources={"float": str(root / "float.pt2")},
-              out_dir=str(root / "out"), work_dir=str(root / "work"), stem=name, input_shape=SHAPE, threads=1)
+              out_dir=str(root / "out"), work_dir=str(root / "work"), stem=name, input_shape=SHAPE, threads=1,
+              calibration={"nchw": str(root / "calibration.npy")})
     job.save(root / "job.json")
     proc = subprocess.Popen([sys.executable, "-m", "targets.coreml", str(root / "job.json")], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -518,7 +520,7 @@ def load_pymil(ct, path: Path):
 def test_compressed_weights_decode_like_coremltools(students):
     """Every constexpr output equals coremltools' decoding (materialized_val_inference over its own
     blob reader); LUT indices also equal the test's own unpacking, and the decoded weights are the
-    fp16 weights moved to the nearest palette entry / within half an int8 step."""
+    fp16 weights moved to (nearly always) the nearest palette entry / within half an int8 step."""
     with tensorflow_blocked():
         import coremltools as ct
     found = students["mobilenetv3_small_050"]
@@ -542,7 +544,9 @@ def test_compressed_weights_decode_like_coremltools(students):
                 indices = unpack_lsb_first(op.indices.val, nbits, dense.size)
                 np.testing.assert_array_equal(dense.reshape(-1), lut[indices])
                 nearest = np.abs(original.reshape(-1, 1) - lut.astype(np.float32)[None]).argmin(1)
-                assert np.mean(lut[nearest] == dense.reshape(-1)) > 0.99   # k-means assigns the nearest entry
+                # k-means assigns the nearest entry; the palette is then scaled to keep the tensor's norm
+                # (targets/coreml.py, `norm_kept_palette`), which moves a few weights near a boundary
+                assert np.mean(lut[nearest] == dense.reshape(-1)) > 0.97
             checked += 1
         assert checked == program.ops_used[f"constexpr_{'affine_dequantize' if precision == 'w8' else 'lut_to_dense'}"]
 

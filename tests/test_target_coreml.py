@@ -88,10 +88,12 @@ def converted(tmp_path_factory):
     check = {"inputs": tmp / "inputs.npy", "float_depth": tmp / "float_depth.npy", "float_seg": tmp / "float_seg.npy"}
     for key, array in zip(check, (inputs, depth, seg)):
         np.save(check[key], array.numpy().astype(np.float32))
+    np.save(tmp / "calibration.npy", torch.rand(3, *SHAPE[1:]).numpy())   # the palettes' bias correction
     (tmp / "work").mkdir()
     job = Job(format="coreml", precisions=PRECISIONS, sources={"float": str(tmp / "float.pt2")},
               out_dir=str(tmp / "out"), work_dir=str(tmp / "work"), stem="tiny", input_shape=SHAPE,
-              metadata=METADATA, check={k: str(v) for k, v in check.items()})
+              metadata=METADATA, check={k: str(v) for k, v in check.items()},
+              calibration={"nchw": str(tmp / "calibration.npy")})
     # the tiny model's tensors are all small: threshold 0 makes every weight tensor compressible
     proc = run_converter(job, tmp / "job.json", DENSEKIT_COREML_WEIGHT_THRESHOLD="0")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -255,10 +257,88 @@ def test_a_package_whose_check_fails_is_not_left_behind(converted, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())   # checked before published
 
 
+def conv_weights(program) -> dict[str, tuple[np.ndarray, str]]:
+    """{conv op name: (its decoded weight as float64, the type of the op that makes the weight)}."""
+    made_by = {name: op.type for op in program.ops for name, _ in op.outputs}
+    return {op.name: (program.constant(op.inputs["weight"][0]).astype(np.float64), made_by[op.inputs["weight"][0]])
+            for op in program.ops if op.type == "conv"}
+
+
+def conv_biases(program) -> dict[str, np.ndarray]:
+    return {op.name: program.constant(op.inputs["bias"][0]).astype(np.float64) if "bias" in op.inputs else 0.0
+            for op in program.ops if op.type == "conv"}
+
+
+@pytest.mark.parametrize("precision", ["palette4", "palette6"])
+def test_palettes_keep_each_weights_norm(converted, ct, precision):
+    """A k-means palette entry is the mean of its weights, so coremltools' palettes shrink a tensor
+    (here by more than the tolerance at 4 bits); densekit's are scaled back to the tensor's norm."""
+    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+    from edge.mil import MILProgram
+
+    job, _, _ = converted
+    dense = conv_weights(MILProgram(package(job, "fp16")))
+    palettised = {name: w for name, (w, maker) in conv_weights(MILProgram(package(job, precision))).items()
+                  if maker == "constexpr_lut_to_dense"}
+    assert len(palettised) >= 10
+    for name, q in palettised.items():
+        assert np.linalg.norm(q) == pytest.approx(np.linalg.norm(dense[name][0]), rel=1e-3), name
+    if precision == "palette4":
+        w = max((dense[name][0] for name in palettised), key=np.size)
+        lut, indices = _get_kmeans_lookup_table_and_weight(4, w.astype(np.float16))
+        assert np.linalg.norm(lut[np.asarray(indices)].astype(np.float64)) < (1 - 2e-3) * np.linalg.norm(w)
+
+
+@pytest.mark.parametrize("precision", ["palette4", "palette6"])
+def test_palette_biases_absorb_the_expected_error(converted, precision):
+    """Each palettised convolution's bias moves by (W - Q) E[x], E[x] its input's mean per channel
+    on the job's calibration images (the float16 program), up to float16 rounding of the bias."""
+    from edge.mil import MILProgram
+
+    job, result, _ = converted
+    dense_program, palettised_program = MILProgram(package(job, "fp16")), MILProgram(package(job, precision))
+    readers: dict[str, list[str]] = {}   # value name -> the convolutions that read it
+    for op in dense_program.ops:
+        if op.type == "conv":
+            readers.setdefault(op.inputs["x"][0], []).append(op.name)
+    sums: dict[str, np.ndarray] = {}
+
+    def observe(_op, name, value):
+        for conv in readers.get(name, []):
+            sums[conv] = sums.get(conv, 0) + value.astype(np.float64).mean(axis=(0, 2, 3))
+
+    images = np.load(job.calibration["nchw"])
+    for image in images:
+        dense_program({"image": image[None]}, observe=observe)
+    dense, palettised = conv_weights(dense_program), conv_weights(palettised_program)
+    before, after = conv_biases(dense_program), conv_biases(palettised_program)
+    checked = 0
+    for name, (q, maker) in palettised.items():
+        if maker != "constexpr_lut_to_dense" or q.shape[1] != sums[name].size:
+            continue   # depthwise and grouped convolutions: covered by the v3 figures (docs/EXPORT.md)
+        expected = np.einsum("oikl,i->o", dense[name][0] - q, sums[name] / len(images))
+        moved = after[name] - before[name]
+        assert np.abs(moved - expected).max() <= 1e-3 * np.abs(after[name]).max() + 1e-6, name
+        checked += 1
+    assert checked >= 5
+    assert artefact(result, precision)["correction"]["bias_correction"] == {
+        "convolutions": sum(m == "constexpr_lut_to_dense" for _, m in palettised.values()),
+        "images": len(images), "statistic": "mean input per channel, float16 program, reference executor"}
+
+
+def test_palettes_need_calibration_images(tmp_path):
+    (tmp_path / "work").mkdir()
+    job = Job(format="coreml", precisions=["fp16", "palette4"], sources={"float": str(tmp_path / "float.pt2")},
+              out_dir=str(tmp_path / "out"), work_dir=str(tmp_path / "work"), stem="tiny", input_shape=SHAPE)
+    proc = run_converter(job, tmp_path / "job.json")
+    assert proc.returncode != 0
+    assert "calibration images are needed for palette4" in proc.stderr and 'calibration["nchw"]' in proc.stderr
+
+
 def test_failing_job_leaves_nothing(tmp_path):
     out = tmp_path / "out"
     (tmp_path / "work").mkdir()
-    job = Job(format="coreml", precisions=["fp16", "palette4"], sources={"float": str(tmp_path / "missing.pt2")},
+    job = Job(format="coreml", precisions=["fp16", "w8"], sources={"float": str(tmp_path / "missing.pt2")},
               out_dir=str(out), work_dir=str(tmp_path / "work"), stem="broken", input_shape=SHAPE)
     proc = run_converter(job, tmp_path / "job.json")
     assert proc.returncode != 0
