@@ -156,7 +156,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-equalize", dest="equalize", action="store_false",
                    help="int8: keep the activation ranges of convolution -> ReLU -> convolution chains as trained "
                         "(default: equalise their channels, the same float function; see quant/equalize.py)")
-    p.add_argument("--calib", type=int, default=DEFAULT_CALIB, help="calibration images for int8, Core ML w8a8 and Core ML palettes' bias correction")
+    p.add_argument("--calib", type=int, default=DEFAULT_CALIB,
+                   help="calibration images for int8, Core ML w8a8 and Core ML palettes' bias correction")
     p.add_argument("--input-size", help="HxW to export at (default: the device profile's, else the run's)")
     p.add_argument("--check", type=int, default=DEFAULT_CHECK,
                    help=f"validation images each artefact is run on (default {DEFAULT_CHECK})")
@@ -274,7 +275,7 @@ def idle_options(opts: ExportOptions, plan: Plan, recipe_qat_steps: int) -> list
         whose = "" if opts.qat_steps is not None else " (the recipe's)"
         notes.append(f"--qat-lr: --qat-steps 0{whose} runs no QAT (post-training quantisation only)")
     if not set(plan.precisions) & set(CALIBRATED_PRECISIONS) and changed("calib"):
-        notes.append(f"--calib: calibrates {', '.join(CALIBRATED_PRECISIONS)}, and this export makes "
+        notes.append(f"--calib: calibration images serve {', '.join(CALIBRATED_PRECISIONS)}; this export makes "
                      f"{', '.join(plan.precisions)}")
     fine_tuned = opts.prune or (int8 and qat_steps != 0)
     if not fine_tuned and changed("batch_size"):

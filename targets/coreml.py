@@ -16,7 +16,7 @@ Precisions (the deployment target each needs: TARGETS):
 - palette4 / palette6: the fp16 program with k-means palettized weights, a 16- / 64-entry fp16
   lookup table per tensor (constexpr_lut_to_dense; k-means runs in scikit-learn), each scaled to
   keep its tensor's norm, and the convolutions' biases corrected for the palettes' expected error
-  on the job's calibration images (`palettes`). iOS16.
+  on the job's calibration images (`ModelBuilder.corrected_palettes`). iOS16.
 - w4block: int4 symmetric weights with one fp16 scale per block of W4_BLOCK input channels
   (constexpr_blockwise_shift_scale on int4 data). iOS18.
 - palette4g: 4-bit k-means palettes, one 16-entry table per group of PALETTE_GROUP output channels
@@ -83,7 +83,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from core.contract import DEPTH, INPUT_NAME, SEG  # noqa: E402
-from core.formats import FORMATS  # noqa: E402
+from core.formats import CALIBRATED_PRECISIONS, FORMATS  # noqa: E402
 from core.io import fsync_tree, replace  # noqa: E402
 from core.spaces import DepthSpace  # noqa: E402
 from edge.coreml import CoreMLRunner  # noqa: E402
@@ -111,7 +111,7 @@ TARGETS = {p: "iOS18" if p in IOS18_PRECISIONS else "iOS16" for p in PRECISIONS}
 WEIGHT_THRESHOLD = 2048
 WEIGHT_THRESHOLD_ENV = "DENSEKIT_COREML_WEIGHT_THRESHOLD"
 
-PALETTE_BITS = {"palette4": 4, "palette6": 6}
+PALETTE_BITS = {"palette4": 4, "palette6": 6, "palette4g": 4}
 # The iOS18 precisions' sizes, measured on v3 (12 epochs, 64 validation images: package MB, per-pixel
 # depth drift median, relative squared error of the compressed weights; README "Core ML precisions"):
 # - W4_BLOCK, input channels per int4 scale: 16 / 32 / 64 -> 0.86 / 0.81 / 0.78 MB, 2.4 / 2.5 / 2.8%,
@@ -137,7 +137,7 @@ SETTINGS = {           # what result.json (and so the manifest) records of each 
     "w8a8": {"weights": "int8 symmetric per output channel", "activations": "int8 symmetric per tensor, min/max"},
 }
 OBSERVED_DTYPES = (np.float16, np.float32, np.float64, np.int32)   # w8a8 calibrates what can be an output
-CALIBRATION_DIR = "coreml-calibration"   # in the job's work_dir: the package w8a8 was calibrated on
+CALIBRATION_DIR = "coreml-calibration"   # in the job's work_dir: the packages w8a8 and the palettes calibrate on
 NOT_EXECUTED = {"executed": False, "reason": "the job has no check images"}
 
 INPUT_DESCRIPTION = "RGB float32 in [0, 1], NCHW, normalisation inside the model"
@@ -175,7 +175,7 @@ def convert_program(program, input_shape: list[int], compute_precision, target: 
 
 def compress(fp16_model, precision: str, threshold: int):
     """w8 (iOS16) and w4block / sparse-palette4 (iOS18: `fp16_model` must be the iOS18 program) from
-    the float16 program; the input model is left unchanged. The k-means palettes: `palettes`."""
+    the float16 program; the input model is left unchanged. The k-means palettes: `ModelBuilder.corrected_palettes`."""
     if precision == "w8":
         op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                          weight_threshold=threshold)
@@ -186,7 +186,7 @@ def compress(fp16_model, precision: str, threshold: int):
         pruner = cto.OpMagnitudePrunerConfig(target_sparsity=SPARSITY, weight_threshold=threshold)
         sparse = cto.prune_weights(fp16_model, cto.OptimizationConfig(global_config=pruner))
         return cto.palettize_weights(sparse, sparse_palettes(sparse), joint_compression=True)
-    raise ValueError(f"{precision} is not compressed here: palettes are made by `palettes` (calibrated)")
+    raise ValueError(f"{precision} is not compressed here: palettes are made by ModelBuilder.corrected_palettes")
 
 
 def int4_blocks(model, threshold: int, block: int = W4_BLOCK) -> "cto.OptimizationConfig":
@@ -202,12 +202,10 @@ def int4_blocks(model, threshold: int, block: int = W4_BLOCK) -> "cto.Optimizati
         if channels % block})
 
 
-def grouped_palettes(model, threshold: int, group: int = PALETTE_GROUP,
-                     lut_function=None) -> "cto.OptimizationConfig":
-    """4-bit k-means palettes, one per `group` output channels, or per the largest divisor of the
-    output channels up to `group` where `group` does not divide them (as int4_blocks; e.g. the
-    13-channel segmentation output gets one palette). `lut_function`: the palette of one group
-    (`norm_kept_palette`); None, coremltools' own k-means."""
+def grouped_palettes(model, threshold: int, lut_function, group: int = PALETTE_GROUP) -> "cto.OptimizationConfig":
+    """4-bit palettes made by `lut_function` (`norm_kept_palette`), one per `group` output channels,
+    or per the largest divisor of the output channels up to `group` where `group` does not divide
+    them (as int4_blocks; e.g. the 13-channel segmentation output gets one palette)."""
     return cto.OptimizationConfig(global_config=palette_config(group, threshold, lut_function), op_name_configs={
         name: palette_config(largest_divisor(channels, group), threshold, lut_function)
         for name, channels in weight_channels(model, 0).items() if channels % group})
@@ -223,6 +221,7 @@ def sparse_palettes(sparse_model, group: int = PALETTE_GROUP) -> "cto.Optimizati
 
 
 def palette_config(group: int, threshold: int, lut_function=None) -> "cto.OpPalettizerConfig":
+    """Palettes per `group` output channels: `lut_function`'s, or coremltools' 4-bit k-means (None)."""
     if lut_function is None:
         return cto.OpPalettizerConfig(mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=group,
                                       weight_threshold=threshold)
@@ -254,19 +253,25 @@ def largest_divisor(channels: int, limit: int) -> int:
 # smaller than the original (|Q|^2 = |W|^2 - |W - Q|^2), and with batch norm folded into the
 # convolutions nothing restores the activations' size downstream: on v3 students trained with
 # Muon, coremltools' own 16-value palettes shrank the predicted depth by 3-9% and failed the drift
-# gate (docs/EXPORT.md, "Palettes that keep the weights' size"). Two corrections, both free at run time:
+# gate (docs/EXPORT.md, "Palettes that keep the weights' size"). Two corrections, both free at run
+# time:
 # 1. each palette is scaled so that its tensor (or group) keeps its norm (`norm_kept_palette`);
-# 2. each palettised convolution's bias absorbs the expected change of its output, (W - Q) E[x],
-#    with E[x] its input's mean per channel on the calibration images, run by the reference executor
-#    on the float16 program: bias correction (Nagel et al. 2019, "Data-Free Quantization Through
-#    Weight Equalization and Bias Correction", section 4.2, the empirical form).
+# 2. each palettised convolution's bias absorbs the expected change of its output, (W - Q) E[x]:
+#    the bias correction of Nagel et al. 2019 ("Data-Free Quantization Through Weight Equalization
+#    and Bias Correction", section 4.2), with E[x], the input's mean per channel, measured on the
+#    calibration images by the reference executor on the float16 program instead of derived from
+#    batch-norm statistics. The mean is over all positions, so the zero padding that border taps
+#    read is not accounted for.
+# Only convolutions are corrected; `bias_shifts` refuses a palettised weight that another op reads.
 PALETTE_PRECISIONS = ("palette4", "palette6", "palette4g")   # sparse-palette4 keeps coremltools' k-means
-CALIBRATED = ("w8a8", *PALETTE_PRECISIONS)   # the precisions that need the job's calibration images
+CALIBRATED = tuple(p for p in CALIBRATED_PRECISIONS if p in PRECISIONS)   # need the job's calibration images
 
 
 def norm_kept_palette(nbits: int):
     """A coremltools `lut_function`: coremltools' own k-means palette of `nbits` bits for one
     tensor or group, scaled so that the palettised values keep the original's norm."""
+    # coremltools' private k-means (what its mode="kmeans" runs), so that the clusters are exactly
+    # coremltools'; the version is pinned (pyproject.toml)
     from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
 
     def lut_function(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -304,24 +309,32 @@ def conv_input_means(package: Path, images: np.ndarray) -> dict[str, np.ndarray]
 
 def bias_shifts(float_package: Path, palettised_package: Path, means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """{conv op name: (W - Q) E[x] per output channel} for every convolution whose weight the
-    palettised program decodes from a palette (constexpr_lut_to_dense) and whose input mean is known."""
+    palettised program decodes from a palette (constexpr_lut_to_dense). Raises when a palettised
+    weight has no such convolution to correct, so that the correction never goes missing silently."""
     dense, palettised = MILProgram(float_package), MILProgram(palettised_package)
-    made_by = {name: op.type for op in palettised.ops for name, _ in op.outputs}
+    palette_outputs = {name for op in palettised.ops if op.type == "constexpr_lut_to_dense" for name, _ in op.outputs}
     dense_convs = {op.name: op for op in dense.ops if op.type == "conv"}
-    shifts = {}
+    shifts, corrected = {}, set()
     for op in palettised.ops:
-        if op.type != "conv" or op.name not in means or op.name not in dense_convs:
+        if op.type != "conv" or op.inputs["weight"][0] not in palette_outputs:
             continue
-        weight = op.inputs["weight"][0]
-        if made_by.get(weight) != "constexpr_lut_to_dense":
-            continue
-        q = palettised.constant(weight).astype(np.float64)
+        if op.name not in dense_convs or op.name not in means:
+            raise RuntimeError(f"palette bias correction: conv {op.name!r} has no float16 twin or input mean in "
+                               f"{float_package.name}; the two programs no longer match by op name")
+        q = palettised.constant(op.inputs["weight"][0]).astype(np.float64)
         w = dense.constant(dense_convs[op.name].inputs["weight"][0]).astype(np.float64)
         groups = int(np.asarray(op_input(palettised, op, "groups", 1)))
         out_channels, per_group = w.shape[0], w.shape[1]
         mean = means[op.name].reshape(groups, 1, per_group)     # E[x] of each group's input channels
         error = (w - q).reshape(groups, out_channels // groups, per_group, -1).sum(axis=3)
         shifts[op.name] = (error * mean).sum(axis=2).reshape(out_channels)
+        corrected.add(op.inputs["weight"][0])
+    read_elsewhere = {name for op in palettised.ops if op.type != "conv" for bindings in op.inputs.values()
+                      for name in bindings if isinstance(name, str) and name in palette_outputs}
+    uncorrected = read_elsewhere | (palette_outputs - corrected)
+    if uncorrected:
+        raise RuntimeError(f"palette bias correction covers convolutions only, and {palettised_package.name} has "
+                           f"palettised weights that other ops read: {', '.join(sorted(uncorrected)[:5])}")
     return shifts
 
 
@@ -335,7 +348,8 @@ def op_input(program: MILProgram, op, key: str, default):
 
 def shift_biases(model, shifts: dict[str, np.ndarray]):
     """`model` with each named convolution's bias moved by its shift (a bias made where none was),
-    stored in the bias's own dtype, by a graph pass over its MIL program."""
+    stored in the convolution's weight dtype (MIL's conv takes bias and weight of one type), by a
+    graph pass over its MIL program. Each conv gets its own new const: a bias const may be shared."""
     from coremltools.converters.mil import Builder as mb
     from coremltools.converters.mil.frontend.milproto import load as milproto
     from coremltools.converters.mil.mil import types
@@ -354,35 +368,21 @@ def shift_biases(model, shifts: dict[str, np.ndarray]):
                     bias = mb.const(val=(old + shifts[op.name]).astype(dtype), name=f"{op.name}_bias_corrected",
                                     before_op=op)
                     op.set_inputs(bias=bias)
-            PASS_REGISTRY["common::dead_code_elimination"](prog)
+            PASS_REGISTRY["common::dead_code_elimination"](prog)   # the replaced consts, not to be saved
 
-    spec_version = model.get_spec().specificationVersion
-    return ct.models.utils._apply_graph_pass(model, ShiftBiases(), spec_version=spec_version,
-                                            pymil_load_func=milproto.load, skip_model_load=True)
+    return ct.models.utils._apply_graph_pass(model, ShiftBiases(), pymil_load_func=milproto.load,
+                                            skip_model_load=True)
 
 
-def palettes(fp16_model, precision: str, threshold: int, calibration: np.ndarray,
-             scratch: Path) -> tuple["ct.models.MLModel", dict]:
-    """palette4 / palette6 (iOS16) or palette4g (iOS18: `fp16_model` must be the iOS18 program):
-    norm-kept k-means palettes, then bias correction measured on `calibration` (N, 3, H, W). Also
-    returns the correction's record for result.json."""
-    lut_function = norm_kept_palette(4 if precision == "palette4g" else PALETTE_BITS[precision])
+def palettise(fp16_model, precision: str, threshold: int):
+    """palette4 / palette6 (iOS16) or palette4g (iOS18: `fp16_model` must be the iOS18 program),
+    norm-kept k-means palettes; the biases are corrected by `shift_biases`."""
+    lut_function = norm_kept_palette(PALETTE_BITS[precision])
     if precision == "palette4g":
-        config = grouped_palettes(fp16_model, threshold, lut_function=lut_function)
-    else:
-        config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(
-            mode="custom", lut_function=lut_function, granularity="per_tensor", weight_threshold=threshold))
-    palettised = cto.palettize_weights(fp16_model, config)
-    scratch.mkdir(parents=True, exist_ok=True)
-    float_package, palettised_package = scratch / f"fp16-{precision}.mlpackage", scratch / f"{precision}.mlpackage"
-    for model, package in ((fp16_model, float_package), (palettised, palettised_package)):
-        shutil.rmtree(package, ignore_errors=True)
-        model.save(str(package))
-    shifts = bias_shifts(float_package, palettised_package, conv_input_means(float_package, calibration))
-    corrected = shift_biases(palettised, shifts)
-    return corrected, {"palettes": "k-means, scaled to keep each tensor's norm",
-                       "bias_correction": {"convolutions": len(shifts), "images": int(len(calibration)),
-                                           "statistic": "mean input per channel, float16 program, reference executor"}}
+        return cto.palettize_weights(fp16_model, grouped_palettes(fp16_model, threshold, lut_function))
+    config = cto.OpPalettizerConfig(mode="custom", lut_function=lut_function, granularity="per_tensor",
+                                    weight_threshold=threshold)
+    return cto.palettize_weights(fp16_model, cto.OptimizationConfig(global_config=config))
 
 
 # ----------------------------------------------------------------------------- W8A8
@@ -475,14 +475,12 @@ def quantize_activations(model, stats: dict[str, dict[str, float]]):
                                             pymil_load_func=milproto.load, skip_model_load=True)
 
 
-def w8a8(fp16_model, threshold: int, calibration: np.ndarray, scratch: Path) -> tuple["ct.models.MLModel", dict]:
+def w8a8(fp16_model, threshold: int, calibration: np.ndarray, package: Path) -> tuple["ct.models.MLModel", dict]:
     """int8 activations (calibrated on `calibration` by the reference executor) and int8 per-channel
-    weights, from the iOS18 float16 program. Also returns the calibration's record for result.json:
-    the ranges used ({tensor: [rmin, rmax]}, so a Mac's calibration can be compared with them) and
-    the package they were measured on (left in `scratch`, the job's work_dir / CALIBRATION_DIR)."""
-    scratch.mkdir(parents=True, exist_ok=True)
-    package = scratch / "fp16-ios18.mlpackage"
-    fp16_model.save(str(package))
+    weights, from the iOS18 float16 program (`fp16_model`, saved as `package` in the job's work_dir /
+    CALIBRATION_DIR). Also returns the calibration's record for result.json: the ranges used
+    ({tensor: [rmin, rmax]}, so a Mac's calibration can be compared with them) and the package they
+    were measured on."""
     stats = activation_ranges(package, calibration)
     quantized = quantize_activations(fp16_model, stats)
     op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
@@ -505,8 +503,9 @@ class ModelBuilder:
         self.program, self.input_shape, self.threshold = program, input_shape, threshold
         self.calibration, self.scratch = calibration, scratch
         self._fp16: dict[str, object] = {}
-        self.notes: dict[str, dict] = {}   # per precision, what its result.json entry adds (w8a8: its
-        # calibration; the palettes: their correction)
+        self._means: dict[str, dict[str, np.ndarray]] = {}   # per target: the convolutions' input means
+        # per precision, what its result.json entry adds (w8a8: its calibration; the palettes: their correction)
+        self.notes: dict[str, dict] = {}
 
     def fp16(self, target: str):
         if target not in self._fp16:
@@ -520,14 +519,38 @@ class ModelBuilder:
         if precision == "fp16":
             return fp16
         if precision == "w8a8":
-            model, calibration = w8a8(fp16, self.threshold, self.calibration, self.scratch)
+            model, calibration = w8a8(fp16, self.threshold, self.calibration, self.float_package("iOS18"))
             self.notes["w8a8"] = {"calibration": calibration}
             return model
         if precision in PALETTE_PRECISIONS:
-            model, correction = palettes(fp16, precision, self.threshold, self.calibration, self.scratch)
-            self.notes[precision] = {"correction": correction}
-            return model
+            return self.corrected_palettes(precision)
         return compress(fp16, precision, self.threshold)
+
+    def float_package(self, target: str) -> Path:
+        """The float16 program for `target`, saved once where the calibrations run it."""
+        package = self.scratch / f"fp16-{target.lower()}.mlpackage"
+        if not package.exists():
+            self.scratch.mkdir(parents=True, exist_ok=True)
+            self.fp16(target).save(str(package))
+        return package
+
+    def corrected_palettes(self, precision: str):
+        """Norm-kept palettes with their biases corrected on the calibration images; the input means
+        are measured once per float16 program and shared by the palette precisions that use it."""
+        target = TARGETS[precision]
+        float_package = self.float_package(target)
+        if target not in self._means:
+            self._means[target] = conv_input_means(float_package, self.calibration)
+        palettised = palettise(self.fp16(target), precision, self.threshold)
+        package = self.scratch / f"{precision}-uncorrected.mlpackage"
+        shutil.rmtree(package, ignore_errors=True)
+        palettised.save(str(package))
+        shifts = bias_shifts(float_package, package, self._means[target])
+        self.notes[precision] = {"correction": {
+            "palettes": "k-means, scaled to keep each tensor's norm",
+            "bias_correction": {"convolutions": len(shifts), "images": int(len(self.calibration)),
+                                "statistic": "mean input per channel, float16 program, reference executor"}}}
+        return shift_biases(palettised, shifts)
 
 
 def flat_value(value) -> str:

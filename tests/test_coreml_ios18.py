@@ -43,7 +43,7 @@ import numpy as np
 import pytest
 import torch
 from test_mil import run_package, trained_like_student
-from test_target_coreml import blob_conv_weights, program_ops, tensorflow_blocked
+from test_target_coreml import blob_conv_weights, conv_weights, program_ops, tensorflow_blocked
 
 from core.contract import compare
 from core.formats import FORMATS
@@ -307,6 +307,21 @@ def symmetric_int8_scale(low: float, high: float) -> np.float32:
     """coremltools' activation scale from a range rounded to fp16: 2 max(|low|, |high|) / 254, in fp16."""
     m = max(abs(np.float16(low)), abs(np.float16(high)))
     return np.float32(np.float16(np.float32(np.float16(2) * m) / np.float32(254)))
+
+
+def test_palette4g_groups_keep_their_norm_and_record_the_correction(ios18):
+    """palette4g's palettes are scaled per group to keep the group's norm (so each tensor keeps its
+    norm too), against the iOS18 float16 program the converter calibrated on; every palettised
+    convolution's bias was corrected (tests/test_target_coreml.py checks the shifts on iOS16)."""
+    dense = conv_weights(MILProgram(Path(ios18["job"].work_dir) / "coreml-calibration" / "fp16-ios18.mlpackage"))
+    palettised = {name: w for name, (w, maker) in conv_weights(MILProgram(package(ios18["job"], "palette4g"))).items()
+                  if maker == "constexpr_lut_to_dense"}
+    assert len(palettised) >= 10
+    for name, q in palettised.items():
+        assert np.linalg.norm(q) == pytest.approx(np.linalg.norm(dense[name][0]), rel=1e-3), name
+    correction = entry(ios18, "palette4g")["correction"]
+    assert correction["bias_correction"]["convolutions"] == len(palettised)
+    assert correction["bias_correction"]["images"] == 16
 
 
 def test_w8a8_ranges_are_the_reference_executors(ios18):

@@ -595,7 +595,7 @@ def test_options_an_export_never_uses_are_said():
     assert idle_options(fp32, plan_for("tflite", fp32), 300) == [
         "--prune-lr: no --prune, so nothing is pruned or fine-tuned after pruning",
         "--float-stem, --no-equalize: for int8 files, and this export makes fp32",
-        "--calib: calibrates int8, w8a8, palette4, palette6, palette4g, and this export makes fp32",
+        "--calib: calibration images serve int8, w8a8, palette4, palette6, palette4g; this export makes fp32",
         "--batch-size: the fine-tune batch size, and this export fine-tunes nothing (no --prune, no QAT)"]
     ptq = ExportOptions(precisions=("int8",), qat_steps=0, qat_lr=1e-3)
     assert idle_options(ptq, plan_for("tflite", ptq), 300) == [

@@ -520,9 +520,11 @@ def load_pymil(ct, path: Path):
 def test_compressed_weights_decode_like_coremltools(students):
     """Every constexpr output equals coremltools' decoding (materialized_val_inference over its own
     blob reader); LUT indices also equal the test's own unpacking, and the decoded weights are the
-    fp16 weights moved to (nearly always) the nearest palette entry / within half an int8 step."""
+    fp16 weights moved to the nearest entry of coremltools' k-means palette, scaled to keep the
+    tensor's norm (as targets/coreml.py scales the palettes) / within half an int8 step."""
     with tensorflow_blocked():
         import coremltools as ct
+        from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
     found = students["mobilenetv3_small_050"]
     fp16 = MILProgram(found["packages"]["fp16"])
     for precision in ("w8", "palette4", "palette6"):
@@ -543,10 +545,16 @@ def test_compressed_weights_decode_like_coremltools(students):
                 lut, nbits = op.lut.val, int(op.lut.val.size).bit_length() - 1
                 indices = unpack_lsb_first(op.indices.val, nbits, dense.size)
                 np.testing.assert_array_equal(dense.reshape(-1), lut[indices])
-                nearest = np.abs(original.reshape(-1, 1) - lut.astype(np.float32)[None]).argmin(1)
-                # k-means assigns the nearest entry; the palette is then scaled to keep the tensor's norm
-                # (targets/coreml.py, `norm_kept_palette`), which moves a few weights near a boundary
-                assert np.mean(lut[nearest] == dense.reshape(-1)) > 0.97
+                # coremltools' own k-means palette (the same clusters), scaled by the one factor that
+                # keeps the tensor's norm (targets/coreml.py, `norm_kept_palette`); k-means assigns
+                # each weight the nearest entry
+                kmeans_lut, kmeans_indices = _get_kmeans_lookup_table_and_weight(nbits, original.astype(np.float16))
+                kmeans_lut = kmeans_lut.reshape(-1).astype(np.float16).astype(np.float64)
+                np.testing.assert_array_equal(np.asarray(kmeans_indices).reshape(-1), indices)
+                scale = np.linalg.norm(original.astype(np.float64)) / np.linalg.norm(kmeans_lut[indices])
+                np.testing.assert_allclose(lut.astype(np.float64), kmeans_lut * scale, rtol=2e-3, atol=1e-7)
+                nearest = np.abs(original.reshape(-1, 1) - kmeans_lut[None]).argmin(1)
+                assert np.mean(nearest == indices) > 0.99
             checked += 1
         assert checked == program.ops_used[f"constexpr_{'affine_dequantize' if precision == 'w8' else 'lut_to_dense'}"]
 
@@ -581,6 +589,7 @@ def test_corrupted_weights_change_outputs(students, tmp_path):
     flipped, so every value stays finite) runs, and its outputs move far outside the fp16 bound."""
     with tensorflow_blocked():
         import coremltools as ct
+        from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
     found = students["mobilenetv3_small_050"]
     broken = tmp_path / "broken.mlpackage"
     shutil.copytree(found["packages"]["fp16"], broken)
