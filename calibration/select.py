@@ -22,6 +22,7 @@ must span the depth range and contain every class the data has, rare ones includ
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -100,7 +101,8 @@ def select_calibration(dataset, size: int, *, candidates: int = CANDIDATES, dept
     idx = (np.unique(np.linspace(0, n - 1, m).round().astype(np.int64)) if seed == 0
            else np.sort(np.random.default_rng(seed).choice(n, m, replace=False)))
     stats = [_stats(dataset[int(i)], num_classes)
-             for i in tqdm(idx, desc="calibration candidates", disable=not progress)]
+             for i in tqdm(idx, desc="calibration candidates", disable=not progress,
+                           mininterval=0.5 if sys.stderr.isatty() else 30)]   # a log file: a line per 30 s
     medians, present = np.array([s[0] for s in stats]), np.stack([s[1] for s in stats])
     finite = medians[np.isfinite(medians)]
     edges = (np.quantile(finite, np.linspace(0, 1, depth_bins + 1)) if finite.size
