@@ -111,6 +111,8 @@ TARGETS = {p: "iOS18" if p in IOS18_PRECISIONS else "iOS16" for p in PRECISIONS}
 WEIGHT_THRESHOLD = 2048
 WEIGHT_THRESHOLD_ENV = "DENSEKIT_COREML_WEIGHT_THRESHOLD"
 
+# the k-means palettes densekit corrects (the "palettes" section below); sparse-palette4 keeps
+# coremltools' own k-means
 PALETTE_BITS = {"palette4": 4, "palette6": 6, "palette4g": 4}
 # The iOS18 precisions' sizes, measured on v3 (12 epochs, 64 validation images: package MB, per-pixel
 # depth drift median, relative squared error of the compressed weights; README "Core ML precisions"):
@@ -263,7 +265,6 @@ def largest_divisor(channels: int, limit: int) -> int:
 #    batch-norm statistics. The mean is over all positions, so the zero padding that border taps
 #    read is not accounted for.
 # Only convolutions are corrected; `bias_shifts` refuses a palettised weight that another op reads.
-PALETTE_PRECISIONS = ("palette4", "palette6", "palette4g")   # sparse-palette4 keeps coremltools' k-means
 CALIBRATED = tuple(p for p in CALIBRATED_PRECISIONS if p in PRECISIONS)   # need the job's calibration images
 
 
@@ -284,10 +285,18 @@ def norm_kept_palette(nbits: int):
     return lut_function
 
 
-def conv_input_means(package: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+def observe_images(program: MILProgram, images: np.ndarray, observe) -> None:
+    """Run `program` on each of `images` (N, 3, H, W), calling `observe(op, name, value)` for the
+    input (op None) and for every value the program computes (MILProgram's observer)."""
+    for image in images:
+        feed = np.ascontiguousarray(image[None], np.float32)
+        observe(None, INPUT_NAME, feed)
+        program({INPUT_NAME: feed}, observe=observe)
+
+
+def conv_input_means(program: MILProgram, images: np.ndarray) -> dict[str, np.ndarray]:
     """{conv op name: the mean of its input per channel over `images` (and positions)}, computed
-    by the reference executor on `package` (the float16 program)."""
-    program = MILProgram(package)
+    by the reference executor on `program` (the float16 program)."""
     readers: dict[str, list[str]] = {}
     for op in program.ops:
         if op.type == "conv" and isinstance(op.inputs["x"][0], str):
@@ -299,19 +308,15 @@ def conv_input_means(package: Path, images: np.ndarray) -> dict[str, np.ndarray]
             mean = torch.from_numpy(np.ascontiguousarray(value)).double().mean(dim=(0, 2, 3)).numpy()
             sums[name] = sums.get(name, 0) + mean
 
-    for image in images:
-        feed = np.ascontiguousarray(image[None], np.float32)
-        if INPUT_NAME in readers:
-            observe(None, INPUT_NAME, feed)
-        program({INPUT_NAME: feed}, observe=observe)
+    observe_images(program, images, observe)
     return {conv: sums[name] / len(images) for name, convs in readers.items() if name in sums for conv in convs}
 
 
-def bias_shifts(float_package: Path, palettised_package: Path, means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def bias_shifts(dense: MILProgram, palettised: MILProgram, means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """{conv op name: (W - Q) E[x] per output channel} for every convolution whose weight the
-    palettised program decodes from a palette (constexpr_lut_to_dense). Raises when a palettised
-    weight has no such convolution to correct, so that the correction never goes missing silently."""
-    dense, palettised = MILProgram(float_package), MILProgram(palettised_package)
+    palettised program decodes from a palette (constexpr_lut_to_dense); `dense` is the float16
+    program it was made from. Raises when a palettised weight has no such convolution to correct, so
+    that the correction never goes missing silently."""
     palette_outputs = {name for op in palettised.ops if op.type == "constexpr_lut_to_dense" for name, _ in op.outputs}
     dense_convs = {op.name: op for op in dense.ops if op.type == "conv"}
     shifts, corrected = {}, set()
@@ -320,7 +325,7 @@ def bias_shifts(float_package: Path, palettised_package: Path, means: dict[str, 
             continue
         if op.name not in dense_convs or op.name not in means:
             raise RuntimeError(f"palette bias correction: conv {op.name!r} has no float16 twin or input mean in "
-                               f"{float_package.name}; the two programs no longer match by op name")
+                               f"{dense.path.name}; the two programs no longer match by op name")
         q = palettised.constant(op.inputs["weight"][0]).astype(np.float64)
         w = dense.constant(dense_convs[op.name].inputs["weight"][0]).astype(np.float64)
         groups = int(np.asarray(op_input(palettised, op, "groups", 1)))
@@ -333,7 +338,7 @@ def bias_shifts(float_package: Path, palettised_package: Path, means: dict[str, 
                       for name in bindings if isinstance(name, str) and name in palette_outputs}
     uncorrected = read_elsewhere | (palette_outputs - corrected)
     if uncorrected:
-        raise RuntimeError(f"palette bias correction covers convolutions only, and {palettised_package.name} has "
+        raise RuntimeError(f"palette bias correction covers convolutions only, and {palettised.path.name} has "
                            f"palettised weights that other ops read: {', '.join(sorted(uncorrected)[:5])}")
     return shifts
 
@@ -387,7 +392,7 @@ def palettise(fp16_model, precision: str, threshold: int):
 
 # ----------------------------------------------------------------------------- W8A8
 
-def activation_ranges(package: Path, images: np.ndarray) -> dict[str, dict[str, float]]:
+def activation_ranges(program: MILProgram, images: np.ndarray) -> dict[str, dict[str, float]]:
     """The activation statistics coremltools' calibration collects, measured by the MIL reference
     executor: {tensor name: {"rmin", "rmax"}} for the program's input and every value a computing
     op produces (the outputs excepted), over all `images` (N, 3, H, W) float32 in [0, 1].
@@ -412,7 +417,6 @@ def activation_ranges(package: Path, images: np.ndarray) -> dict[str, dict[str, 
     what the export relies on, not scale equality with a Mac; the ranges go into result.json (and
     the manifest) so that a Mac's calibration can be compared with them.
     """
-    program = MILProgram(package)
     stats: dict[str, dict[str, float]] = {}
     skip = set(program.output_names)
 
@@ -427,10 +431,7 @@ def activation_ranges(package: Path, images: np.ndarray) -> dict[str, dict[str, 
         if name not in skip and value.size and value.dtype in OBSERVED_DTYPES:
             update(name, value)
 
-    for image in images:
-        feed = np.ascontiguousarray(image[None], np.float32)
-        update(INPUT_NAME, feed)
-        program({INPUT_NAME: feed}, observe=observe)
+    observe_images(program, images, observe)
     for group in concat_groups(program):
         known = [stats[name] for name in group if name in stats]
         shared = {"rmin": min(s["rmin"] for s in known), "rmax": max(s["rmax"] for s in known)}
@@ -475,20 +476,21 @@ def quantize_activations(model, stats: dict[str, dict[str, float]]):
                                             pymil_load_func=milproto.load, skip_model_load=True)
 
 
-def w8a8(fp16_model, threshold: int, calibration: np.ndarray, package: Path) -> tuple["ct.models.MLModel", dict]:
+def w8a8(fp16_model, threshold: int, calibration: np.ndarray, program: MILProgram) -> tuple["ct.models.MLModel", dict]:
     """int8 activations (calibrated on `calibration` by the reference executor) and int8 per-channel
-    weights, from the iOS18 float16 program (`fp16_model`, saved as `package` in the job's work_dir /
-    CALIBRATION_DIR). Also returns the calibration's record for result.json: the ranges used
-    ({tensor: [rmin, rmax]}, so a Mac's calibration can be compared with them) and the package they
-    were measured on."""
-    stats = activation_ranges(package, calibration)
+    weights, from the iOS18 float16 program (`fp16_model`; `program`, its package in the job's
+    work_dir / CALIBRATION_DIR, run by the reference executor). Also returns the calibration's
+    record for result.json: the ranges used ({tensor: [rmin, rmax]}, so a Mac's calibration can be
+    compared with them) and the package they were measured on."""
+    stats = activation_ranges(program, calibration)
     quantized = quantize_activations(fp16_model, stats)
     op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                      weight_threshold=threshold)
     model = cto.linear_quantize_weights(quantized, cto.OptimizationConfig(global_config=op))
     return model, {"images": int(len(calibration)), "statistic": "min/max over all images",
                    "executor": "coreml-reference (edge/mil.py)",
-                   "measured_on": f"the iOS18 float16 program ({CALIBRATION_DIR}/{package.name} in the work directory)",
+                   "measured_on": f"the iOS18 float16 program ({CALIBRATION_DIR}/{program.path.name} in the work "
+                                  "directory)",
                    "ranges": {name: [s["rmin"], s["rmax"]] for name, s in sorted(stats.items())}}
 
 
@@ -503,6 +505,7 @@ class ModelBuilder:
         self.program, self.input_shape, self.threshold = program, input_shape, threshold
         self.calibration, self.scratch = calibration, scratch
         self._fp16: dict[str, object] = {}
+        self._float_programs: dict[str, MILProgram] = {}   # per target, saved for the reference executor
         self._means: dict[str, dict[str, np.ndarray]] = {}   # per target: the convolutions' input means
         # per precision, what its result.json entry adds (w8a8: its calibration; the palettes: their correction)
         self.notes: dict[str, dict] = {}
@@ -519,33 +522,35 @@ class ModelBuilder:
         if precision == "fp16":
             return fp16
         if precision == "w8a8":
-            model, calibration = w8a8(fp16, self.threshold, self.calibration, self.float_package("iOS18"))
+            model, calibration = w8a8(fp16, self.threshold, self.calibration, self.float_program("iOS18"))
             self.notes["w8a8"] = {"calibration": calibration}
             return model
-        if precision in PALETTE_PRECISIONS:
+        if precision in PALETTE_BITS:
             return self.corrected_palettes(precision)
         return compress(fp16, precision, self.threshold)
 
-    def float_package(self, target: str) -> Path:
-        """The float16 program for `target`, saved once where the calibrations run it."""
-        package = self.scratch / f"fp16-{target.lower()}.mlpackage"
-        if not package.exists():
+    def float_program(self, target: str) -> MILProgram:
+        """The float16 program for `target`, saved once where the calibrations run it and loaded once
+        by the reference executor."""
+        if target not in self._float_programs:
+            package = self.scratch / f"fp16-{target.lower()}.mlpackage"
             self.scratch.mkdir(parents=True, exist_ok=True)
             self.fp16(target).save(str(package))
-        return package
+            self._float_programs[target] = MILProgram(package)
+        return self._float_programs[target]
 
     def corrected_palettes(self, precision: str):
         """Norm-kept palettes with their biases corrected on the calibration images; the input means
         are measured once per float16 program and shared by the palette precisions that use it."""
         target = TARGETS[precision]
-        float_package = self.float_package(target)
+        dense = self.float_program(target)
         if target not in self._means:
-            self._means[target] = conv_input_means(float_package, self.calibration)
+            self._means[target] = conv_input_means(dense, self.calibration)
         palettised = palettise(self.fp16(target), precision, self.threshold)
-        package = self.scratch / f"{precision}-uncorrected.mlpackage"
+        package = self.scratch / f"{precision}-uncorrected.mlpackage"   # MILProgram decodes the palettes from it
         shutil.rmtree(package, ignore_errors=True)
         palettised.save(str(package))
-        shifts = bias_shifts(float_package, package, self._means[target])
+        shifts = bias_shifts(dense, MILProgram(package), self._means[target])
         self.notes[precision] = {"correction": {
             "palettes": "k-means, scaled to keep each tensor's norm",
             "bias_correction": {"convolutions": len(shifts), "images": int(len(self.calibration)),
