@@ -150,9 +150,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--float-ops", default="DIV",
                    help="TFLite op types an int8 file keeps in float (default DIV; see targets/tflite_file.py)")
     p.add_argument("--float-stem", type=int, default=DEFAULT_FLOAT_STEM,
-                   help=f"int8 files (TFLite, ONNX) keep the first N weighted layers from the input in float "
-                        f"(default {DEFAULT_FLOAT_STEM}: v3's stem and the layers reading it, where its int8 drift began; "
-                        f"0 = all int8; see targets/tflite_file.py)")
+                   help=f"int8 files (TFLite, ONNX) and Core ML w8a8 keep the first N weighted layers from the input "
+                        f"in float (default {DEFAULT_FLOAT_STEM}: v3's stem and the layers reading it, where its int8 "
+                        f"drift began; 0 = all int8; see targets/stem.py)")
     p.add_argument("--no-equalize", dest="equalize", action="store_false",
                    help="int8: keep the activation ranges of convolution -> ReLU -> convolution chains as trained "
                         "(default: equalise their channels, the same float function; see quant/equalize.py)")
@@ -268,7 +268,10 @@ def idle_options(opts: ExportOptions, plan: Plan, recipe_qat_steps: int) -> list
     idle = [] if opts.prune else changed("prune_steps", "prune_importance", "prune_lr", "prune_stages")
     if idle:
         notes.append(f"{', '.join(idle)}: no --prune, so nothing is pruned or fine-tuned after pruning")
-    idle = [] if int8 else changed("qat_steps", "qat_lr", "float_ops", "float_stem", "equalize")
+    if not int8 and "w8a8" not in plan.precisions and changed("float_stem"):
+        notes.append(f"--float-stem: for int8 files and Core ML's w8a8, and this export makes "
+                     f"{', '.join(plan.precisions)}")
+    idle = [] if int8 else changed("qat_steps", "qat_lr", "float_ops", "equalize")
     if idle:
         notes.append(f"{', '.join(idle)}: for int8 files, and this export makes {', '.join(plan.precisions)}")
     elif int8 and qat_steps == 0 and changed("qat_lr"):
@@ -400,7 +403,8 @@ def main(argv: list[str]) -> int:
 FAILURE_HINTS = {
     "int8": "int8: try QAT or more QAT steps (--qat-steps N), or keep layers in float (--float-stem N; TFLite: "
             "--float-ops).",
-    "w8a8": "w8a8: try more calibration images (--calib N), or w8 (weights only).",
+    "w8a8": "w8a8: try more calibration images (--calib N), keep more layers in float16 (--float-stem N), or w8 "
+            "(weights only).",
     "palette4": "palette4 (16 values per tensor): palette6, or on iOS18 w4block, keep more of the weights.",
     "palette6": "palette6: w8 keeps more of the weights.",
     "w8": "w8 (8-bit weights): fp16 keeps every weight.",

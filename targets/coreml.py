@@ -89,6 +89,7 @@ from core.spaces import DepthSpace  # noqa: E402
 from edge.coreml import CoreMLRunner  # noqa: E402
 from edge.mil import MILProgram  # noqa: E402
 from targets.job import Job, check_against_reference, main, source_for, tool_versions, write_result  # noqa: E402
+from targets.stem import DEFAULT_FLOAT_STEM, stem_ops  # noqa: E402
 
 # iOS16 (macOS 13) is the oldest target that has the compressed-weight ops (constexpr_affine_dequantize,
 # constexpr_lut_to_dense) and float16 ML programs with float32 I/O. iOS17 gave the identical program
@@ -455,16 +456,39 @@ def concat_groups(program: MILProgram) -> list[set[str]]:
     return groups
 
 
-def quantize_activations(model, stats: dict[str, dict[str, float]]):
+# MIL ops that hold weights (the layers targets/stem.py counts) and the activations a conv's int8
+# output pattern takes with it (coremltools' insert_suffix_quantize_dequantize_pair)
+MIL_WEIGHTED = ("conv", "conv_transpose", "linear", "matmul")
+MIL_FUSED = ("relu", "relu6", "leaky_relu", "sigmoid", "sigmoid_hard", "silu", "gelu", "clip", "tanh")
+
+
+def stem_convolutions(program: MILProgram, layers: int) -> list[str]:
+    """The weighted ops within the first `layers` layers from the input (targets/stem.py, as the
+    TFLite and ONNX int8 files keep them): w8a8 leaves them and their inputs in float16.
+
+    Why: a MobileNetV3 stem's output (the hardswish input) spans a range that one int8 scale
+    resolves coarsely. On the Muon-trained seed-0 v3 student its hardswish output reached 59, so
+    one int8 step (0.49) left a signal-to-noise ratio of 18 dB, and the first depthwise layer's
+    output was 73% off (relative L2 error) for every later layer to read: abs_rel +77.88% with
+    every layer's activations int8, +1.65% with these two left float16 (docs/EXPORT.md)."""
+    ops = [(op.name, op.type, [v for values in op.inputs.values() for v in values if isinstance(v, str)],
+            [name for name, _ in op.outputs]) for op in program.ops]
+    return [name for name in stem_ops(ops, list(program.inputs), layers, MIL_WEIGHTED, MIL_FUSED)
+            if next(op for op in program.ops if op.name == name).type in MIL_WEIGHTED]
+
+
+def quantize_activations(model, stats: dict[str, dict[str, float]], float_ops: list[str] = ()):
     """Insert int8 quantize / dequantize pairs with `stats` (activation_ranges) by coremltools' own
     passes, in the order `coremltools.optimize.coreml.linear_quantize_activations` runs them: before
     every conv / add / pool input, after every conv / add / pool (or its relu-like activation), then
-    drop the redundant dequantize -> quantize pairs. Symmetric int8: scale = max|range| / 127."""
+    drop the redundant dequantize -> quantize pairs. Symmetric int8: scale = max|range| / 127.
+    `float_ops` (op names) get no pair: they read and write float16 (an op config of None)."""
     from coremltools.converters.mil.frontend.milproto import load as milproto
     from coremltools.converters.mil.mil.passes.graph_pass import PassOption
     from coremltools.converters.mil.mil.passes.pass_registry import PASS_REGISTRY
 
-    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"))
+    config = cto.OptimizationConfig(global_config=cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8"),
+                                    op_name_configs={name: None for name in float_ops})
     passes = []
     for name in ("compression::insert_prefix_quantize_dequantize_pair",
                  "compression::insert_suffix_quantize_dequantize_pair"):
@@ -476,14 +500,17 @@ def quantize_activations(model, stats: dict[str, dict[str, float]]):
                                             pymil_load_func=milproto.load, skip_model_load=True)
 
 
-def w8a8(fp16_model, threshold: int, calibration: np.ndarray, program: MILProgram) -> tuple["ct.models.MLModel", dict]:
+def w8a8(fp16_model, threshold: int, calibration: np.ndarray, program: MILProgram,
+         float_stem: int) -> tuple["ct.models.MLModel", dict]:
     """int8 activations (calibrated on `calibration` by the reference executor) and int8 per-channel
     weights, from the iOS18 float16 program (`fp16_model`; `program`, its package in the job's
-    work_dir / CALIBRATION_DIR, run by the reference executor). Also returns the calibration's
-    record for result.json: the ranges used ({tensor: [rmin, rmax]}, so a Mac's calibration can be
-    compared with them) and the package they were measured on."""
+    work_dir / CALIBRATION_DIR, run by the reference executor); the first `float_stem` weighted
+    layers keep float16 activations (stem_convolutions). Also returns the calibration's record for
+    result.json: the ranges used ({tensor: [rmin, rmax]}, so a Mac's calibration can be compared
+    with them), the package they were measured on and the convolutions left in float16."""
     stats = activation_ranges(program, calibration)
-    quantized = quantize_activations(fp16_model, stats)
+    float_ops = stem_convolutions(program, float_stem)
+    quantized = quantize_activations(fp16_model, stats, float_ops)
     op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                      weight_threshold=threshold)
     model = cto.linear_quantize_weights(quantized, cto.OptimizationConfig(global_config=op))
@@ -491,6 +518,7 @@ def w8a8(fp16_model, threshold: int, calibration: np.ndarray, program: MILProgra
                    "executor": "coreml-reference (edge/mil.py)",
                    "measured_on": f"the iOS18 float16 program ({CALIBRATION_DIR}/{program.path.name} in the work "
                                   "directory)",
+                   "float_stem": {"layers": float_stem, "ops": float_ops},
                    "ranges": {name: [s["rmin"], s["rmax"]] for name, s in sorted(stats.items())}}
 
 
@@ -498,12 +526,13 @@ class ModelBuilder:
     """Converts the exported program once per compute precision and target, and derives the compressed ones.
 
     calibration: (N, 3, H, W) float32 images for w8a8 and the palettes, or None; scratch: a directory
-    for the packages their calibration runs on."""
+    for the packages their calibration runs on; float_stem: the weighted layers from the input that
+    w8a8 leaves in float16 (`quant.export --float-stem`)."""
 
     def __init__(self, program, input_shape: list[int], threshold: int, calibration: np.ndarray | None = None,
-                 scratch: Path | None = None):
+                 scratch: Path | None = None, float_stem: int = DEFAULT_FLOAT_STEM):
         self.program, self.input_shape, self.threshold = program, input_shape, threshold
-        self.calibration, self.scratch = calibration, scratch
+        self.calibration, self.scratch, self.float_stem = calibration, scratch, float_stem
         self._fp16: dict[str, object] = {}
         self._float_programs: dict[str, MILProgram] = {}   # per target, saved for the reference executor
         self._means: dict[str, dict[str, np.ndarray]] = {}   # per target: the convolutions' input means
@@ -522,7 +551,8 @@ class ModelBuilder:
         if precision == "fp16":
             return fp16
         if precision == "w8a8":
-            model, calibration = w8a8(fp16, self.threshold, self.calibration, self.float_program("iOS18"))
+            model, calibration = w8a8(fp16, self.threshold, self.calibration, self.float_program("iOS18"),
+                                      self.float_stem)
             self.notes["w8a8"] = {"calibration": calibration}
             return model
         if precision in PALETTE_BITS:
@@ -734,7 +764,7 @@ def convert(job: Job) -> None:
     try:
         start = time.perf_counter()
         builder = ModelBuilder(load_program(Path(job.sources["float"])), job.input_shape, weight_threshold(),
-                               calibration_images(job), Path(job.work_dir) / CALIBRATION_DIR)
+                               calibration_images(job), Path(job.work_dir) / CALIBRATION_DIR, job.float_stem)
         print(f"coreml: loaded {job.sources['float']} in {time.perf_counter() - start:.1f} s", flush=True)
         for target in dict.fromkeys(TARGETS[p] for p in job.precisions if p != "fp32"):  # shared by its precisions
             start = time.perf_counter()

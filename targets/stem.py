@@ -1,7 +1,8 @@
 """The regions an int8 file keeps in float, as rules over any graph's ops: the input stem
-(`quant.export --float-stem`), used by the TFLite files (targets/tflite_file.py) and the ONNX files
-(targets/onnx.py), and by quant/qat.py on the torch modules QAT simulates (traced into the same op
-form); and the islands around ops that int8 kernels handle badly (`island_ops`, both file types).
+(`quant.export --float-stem`), used by the TFLite files (targets/tflite_file.py), the ONNX files
+(targets/onnx.py) and Core ML's w8a8 (targets/coreml.py, float16 there), and by quant/qat.py on the
+torch modules QAT simulates (traced into the same op form); and the islands around ops that int8
+kernels handle badly (`island_ops`, TFLite and ONNX).
 
 Why (MobileNetV3-Small, v3): the stem convolution's output, the hardswish input, spans a wide range
 that one int8 scale resolves coarsely, and every later layer reads it. In the torch simulation of
@@ -12,7 +13,7 @@ layer, and with a stride-2 decoder level (`model.output_stride=2`) that level's 
 108 M MACs there), where int8 ran no faster than fp32. Depth counts layers, not execution order,
 which differs between converters (ONNX ran the lateral before the depthwise layer, TFLite after).
 
-Standard library only: both converter processes import it.
+Standard library only: the converter processes import it.
 """
 from __future__ import annotations
 

@@ -538,6 +538,8 @@ def test_coreml_through_export(run_dir, tmp_path):
     assert w8a8["activation_ops"].get("quantize", 0) > 0 and w8a8["activation_ops"].get("dequantize", 0) > 0
     assert w8a8["calibration"]["images"] == 8 and w8a8["calibration"]["executor"].startswith("coreml-reference")
     assert all(low <= high for low, high in w8a8["calibration"]["ranges"].values())
+    stem = w8a8["calibration"]["float_stem"]        # --float-stem's default reached the converter
+    assert stem["layers"] == 2 and len(stem["ops"]) == 2
     assert "int8" not in manifest["config"]        # the calibration set came without QAT
     assert verify_export(tmp_path / run_dir.name / "coreml") == []
     meta, body = card_parts(tmp_path / run_dir.name / "coreml")
@@ -594,7 +596,8 @@ def test_options_an_export_never_uses_are_said():
     fp32 = ExportOptions(precisions=("fp32",), prune_lr=1e-3, calib=8, float_stem=3, equalize=False, batch_size=4)
     assert idle_options(fp32, plan_for("tflite", fp32), 300) == [
         "--prune-lr: no --prune, so nothing is pruned or fine-tuned after pruning",
-        "--float-stem, --no-equalize: for int8 files, and this export makes fp32",
+        "--float-stem: for int8 files and Core ML's w8a8, and this export makes fp32",
+        "--no-equalize: for int8 files, and this export makes fp32",
         "--calib: calibration images serve int8, w8a8, palette4, palette6, palette4g; this export makes fp32",
         "--batch-size: the fine-tune batch size, and this export fine-tunes nothing (no --prune, no QAT)"]
     ptq = ExportOptions(precisions=("int8",), qat_steps=0, qat_lr=1e-3)
@@ -606,6 +609,8 @@ def test_options_an_export_never_uses_are_said():
         "--batch-size: the fine-tune batch size, and this export fine-tunes nothing (no --prune, no QAT)"]
     used = ExportOptions(precisions=("int8",), prune="0.3", prune_lr=1e-3, calib=8, float_stem=3, batch_size=4)
     assert idle_options(used, plan_for("tflite", used), 300) == []
+    w8a8 = ExportOptions(precisions=("w8a8",), float_stem=0)   # Core ML's int8 activations leave the stem float too
+    assert idle_options(w8a8, plan_for("coreml", w8a8), 300) == []
 
 
 def test_an_export_that_lost_its_manifest_is_reported_not_skipped(tmp_path):
