@@ -85,7 +85,7 @@ class ExportOptions:
     qat_steps: int | None = None              # None = the recipe's (v3 300, v4 0); 0 = post-training quantisation only
     qat_lr: float = 1e-4
     float_ops: tuple[str, ...] = ("DIV",)     # TFLite op types an int8 file keeps in float
-    float_stem: int = DEFAULT_FLOAT_STEM      # int8 files: the first N weighted layers from the input stay float
+    float_stem: int = DEFAULT_FLOAT_STEM      # int8 files, Core ML w8a8: the first N weighted layers stay float
     equalize: bool = True                     # int8: equalise conv -> ReLU -> conv ranges (quant/equalize.py)
     calib: int = DEFAULT_CALIB                # calibration images for int8, Core ML w8a8 and palettes
     input_size: str = ""                      # "HxW"; "" = the device profile's, else the run's

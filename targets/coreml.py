@@ -25,8 +25,9 @@ Precisions (the deployment target each needs: TARGETS):
   palettized to 16 entries per PALETTE_GROUP output channels, stored jointly: a bit mask and 4-bit
   indices of the non-zeros (constexpr_lut_to_sparse -> constexpr_sparse_to_dense). iOS18.
 - w8a8: w8's weights (iOS18 form: constexpr_blockwise_shift_scale) plus int8 activations: quantize /
-  dequantize pairs (iOS17 ops) around every conv, add and pool, their scales calibrated on the job's
-  calibration images by the MIL reference executor (`activation_ranges`). iOS18.
+  dequantize pairs (iOS17 ops) around every conv, add and pool outside the input stem (the job's
+  float_stem, `stem_ops_of`), their scales calibrated on the job's calibration images by the
+  MIL reference executor (`activation_ranges`). iOS18.
 The iOS18 precisions are made from a second float16 conversion with the iOS18 target; the
 iOS16 ones keep the iOS16 program, so they still run on iOS16 / macOS 13.
 
@@ -456,25 +457,29 @@ def concat_groups(program: MILProgram) -> list[set[str]]:
     return groups
 
 
-# MIL ops that hold weights (the layers targets/stem.py counts) and the activations a conv's int8
-# output pattern takes with it (coremltools' insert_suffix_quantize_dequantize_pair)
-MIL_WEIGHTED = ("conv", "conv_transpose", "linear", "matmul")
-MIL_FUSED = ("relu", "relu6", "leaky_relu", "sigmoid", "sigmoid_hard", "silu", "gelu", "clip", "tanh")
+# MIL ops that hold weights (the layers targets/stem.py counts), and the activations that
+# coremltools' insert_suffix_quantize_dequantize_pair quantizes with the conv before them
+MIL_WEIGHTED = ("conv", "conv_transpose", "linear")
+MIL_FUSED = ("relu", "relu6", "leaky_relu", "tanh", "scaled_tanh", "sigmoid", "sigmoid_hard")
 
 
-def stem_convolutions(program: MILProgram, layers: int) -> list[str]:
-    """The weighted ops within the first `layers` layers from the input (targets/stem.py, as the
-    TFLite and ONNX int8 files keep them): w8a8 leaves them and their inputs in float16.
+def stem_ops_of(program: MILProgram, layers: int) -> list[str]:
+    """The ops within the first `layers` weighted layers from the input (targets/stem.py, the rule
+    the TFLite and ONNX int8 files keep in float): w8a8 gives them no quantize / dequantize pair,
+    so they read and write float16.
 
     Why: a MobileNetV3 stem's output (the hardswish input) spans a range that one int8 scale
-    resolves coarsely. On the Muon-trained seed-0 v3 student its hardswish output reached 59, so
-    one int8 step (0.49) left a signal-to-noise ratio of 18 dB, and the first depthwise layer's
-    output was 73% off (relative L2 error) for every later layer to read: abs_rel +77.88% with
-    every layer's activations int8, +1.65% with these two left float16 (docs/EXPORT.md)."""
+    resolves coarsely. On the Muon-trained seed-0 v3 student its hardswish output reached 62 on the
+    calibration images, so one int8 step (0.49) left a signal-to-noise ratio of 18 dB, and the
+    first depthwise layer's output was 73% off (relative L2 error) for every later layer to read:
+    abs_rel +77.88% with every layer's activations int8, +1.65% with the stem convolution and that
+    depthwise layer left float16 (docs/EXPORT.md).
+
+    All the stem's ops are returned (the input's normalisation, activations); coremltools' passes
+    pair only convolutions, adds and pools, so an op of another type here changes nothing."""
     ops = [(op.name, op.type, [v for values in op.inputs.values() for v in values if isinstance(v, str)],
             [name for name, _ in op.outputs]) for op in program.ops]
-    return [name for name in stem_ops(ops, list(program.inputs), layers, MIL_WEIGHTED, MIL_FUSED)
-            if next(op for op in program.ops if op.name == name).type in MIL_WEIGHTED]
+    return stem_ops(ops, list(program.inputs), layers, MIL_WEIGHTED, MIL_FUSED)
 
 
 def quantize_activations(model, stats: dict[str, dict[str, float]], float_ops: list[str] = ()):
@@ -505,12 +510,13 @@ def w8a8(fp16_model, threshold: int, calibration: np.ndarray, program: MILProgra
     """int8 activations (calibrated on `calibration` by the reference executor) and int8 per-channel
     weights, from the iOS18 float16 program (`fp16_model`; `program`, its package in the job's
     work_dir / CALIBRATION_DIR, run by the reference executor); the first `float_stem` weighted
-    layers keep float16 activations (stem_convolutions). Also returns the calibration's record for
+    layers keep float16 activations (stem_ops_of). Also returns the calibration's record for
     result.json: the ranges used ({tensor: [rmin, rmax]}, so a Mac's calibration can be compared
     with them), the package they were measured on and the convolutions left in float16."""
     stats = activation_ranges(program, calibration)
-    float_ops = stem_convolutions(program, float_stem)
+    float_ops = stem_ops_of(program, float_stem)
     quantized = quantize_activations(fp16_model, stats, float_ops)
+    kinds = {op.name: op.type for op in program.ops}
     op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", granularity="per_channel",
                                      weight_threshold=threshold)
     model = cto.linear_quantize_weights(quantized, cto.OptimizationConfig(global_config=op))
@@ -518,7 +524,8 @@ def w8a8(fp16_model, threshold: int, calibration: np.ndarray, program: MILProgra
                    "executor": "coreml-reference (edge/mil.py)",
                    "measured_on": f"the iOS18 float16 program ({CALIBRATION_DIR}/{program.path.name} in the work "
                                   "directory)",
-                   "float_stem": {"layers": float_stem, "ops": float_ops},
+                   "float_stem": {"layers": float_stem,
+                                  "weighted_ops": [name for name in float_ops if kinds[name] in MIL_WEIGHTED]},
                    "ranges": {name: [s["rmin"], s["rmax"]] for name, s in sorted(stats.items())}}
 
 

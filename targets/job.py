@@ -54,7 +54,7 @@ class Job:
     check: dict[str, str] = field(default_factory=dict)         # "inputs", "<source>_depth", "<source>_seg"
     threads: int = 2
     float_ops: list[str] = field(default_factory=lambda: ["DIV"])  # op types int8 files keep in float
-    float_stem: int = DEFAULT_FLOAT_STEM  # int8 files: the first N weighted layers from the input stay float
+    float_stem: int = DEFAULT_FLOAT_STEM  # int8 files, Core ML w8a8: the first N weighted layers stay float
     converter: str = ""                  # which of the format's converters runs it ("" = its default, core/formats.py)
 
     def save(self, path: str | Path) -> None:

@@ -397,17 +397,25 @@ def test_w8a8_leaves_the_input_stem_in_float16(ios18, ct):
     record = entry(ios18, "w8a8")["calibration"]["float_stem"]
     calibrated = MILProgram(Path(ios18["job"].work_dir) / "coreml-calibration" / "fp16-ios18.mlpackage")
     first = [op.name for op in calibrated.ops if op.type == "conv"][:2]
-    assert record == {"layers": DEFAULT_FLOAT_STEM, "ops": first}
+    assert record == {"layers": DEFAULT_FLOAT_STEM, "weighted_ops": first}
     _, w8a8 = main_block(ct, package(ios18["job"], "w8a8"))
     producer = {o.name: op for op in w8a8.operations for o in op.outputs}
+    readers: dict[str, list] = {}
+    for op in w8a8.operations:
+        for argument in op.inputs.values():
+            for a in argument.arguments:
+                readers.setdefault(a.name, []).append(op)
     convs = [op for op in w8a8.operations if op.type == "conv"]
-    assert [op.outputs[0].name for op in convs[:2]] == first and len(convs) > 10
+    stem = convs[:2]
+    assert [op.outputs[0].name for op in stem] == first and len(convs) > 10
     for op in convs:
         reads_int8 = producer[op.inputs["x"].arguments[0].name].type == "dequantize"
-        assert reads_int8 == (op.outputs[0].name not in first), op.outputs[0].name
-    for name in first:   # their outputs are not quantized either
-        assert all(reader.type != "quantize" for reader in w8a8.operations
-                   if any(a.name == name for arg in reader.inputs.values() for a in arg.arguments))
+        assert reads_int8 == (op not in stem), op.outputs[0].name
+    for op in stem:   # nor are their outputs quantized, directly or after the activation that follows
+        after = readers[op.outputs[0].name]
+        after += [r for a in after if a.type in ("relu", "relu6", "sigmoid_hard", "thresholded_relu")
+                  for r in readers.get(a.outputs[0].name, [])]
+        assert after and all(r.type != "quantize" for r in after), op.outputs[0].name
 
 
 def input_value(block, op, name: str) -> bytes:

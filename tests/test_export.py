@@ -539,7 +539,7 @@ def test_coreml_through_export(run_dir, tmp_path):
     assert w8a8["calibration"]["images"] == 8 and w8a8["calibration"]["executor"].startswith("coreml-reference")
     assert all(low <= high for low, high in w8a8["calibration"]["ranges"].values())
     stem = w8a8["calibration"]["float_stem"]        # --float-stem's default reached the converter
-    assert stem["layers"] == 2 and len(stem["ops"]) == 2
+    assert stem["layers"] == 2 and len(stem["weighted_ops"]) == 2
     assert "int8" not in manifest["config"]        # the calibration set came without QAT
     assert verify_export(tmp_path / run_dir.name / "coreml") == []
     meta, body = card_parts(tmp_path / run_dir.name / "coreml")
