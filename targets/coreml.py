@@ -82,13 +82,14 @@ import coremltools as ct  # noqa: E402
 import coremltools.optimize.coreml as cto  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from core.contract import DEPTH, INPUT_NAME, SEG  # noqa: E402
 from core.formats import CALIBRATED_PRECISIONS, FORMATS  # noqa: E402
 from core.io import fsync_tree, replace  # noqa: E402
 from core.spaces import DepthSpace  # noqa: E402
 from edge.coreml import CoreMLRunner  # noqa: E402
-from edge.mil import MILProgram  # noqa: E402
+from edge.mil import MILProgram, spatial_pads  # noqa: E402
 from targets.job import Job, check_against_reference, main, source_for, tool_versions, write_result  # noqa: E402
 from targets.stem import DEFAULT_FLOAT_STEM, stem_ops  # noqa: E402
 
@@ -262,10 +263,11 @@ def largest_divisor(channels: int, limit: int) -> int:
 # 1. each palette is scaled so that its tensor (or group) keeps its norm (`norm_kept_palette`);
 # 2. each palettised convolution's bias absorbs the expected change of its output, (W - Q) E[x]:
 #    the bias correction of Nagel et al. 2019 ("Data-Free Quantization Through Weight Equalization
-#    and Bias Correction", section 4.2), with E[x], the input's mean per channel, measured on the
-#    calibration images by the reference executor on the float16 program instead of derived from
-#    batch-norm statistics. The mean is over all positions, so the zero padding that border taps
-#    read is not accounted for.
+#    and Bias Correction", section 4.2), with E[x] measured on the calibration images by the
+#    reference executor on the float16 program instead of derived from batch-norm statistics: the
+#    mean of what each kernel tap reads, per input channel, over every output position, so the
+#    zero padding that border taps read counts as the zeros it is (`conv_tap_means`). The shift is
+#    then exactly the mean change of the convolution's output over the calibration images.
 # Only convolutions are corrected; `bias_shifts` refuses a palettised weight that another op reads.
 CALIBRATED = tuple(p for p in CALIBRATED_PRECISIONS if p in PRECISIONS)   # need the job's calibration images
 
@@ -296,26 +298,43 @@ def observe_images(program: MILProgram, images: np.ndarray, observe) -> None:
         program({INPUT_NAME: feed}, observe=observe)
 
 
-def conv_input_means(program: MILProgram, images: np.ndarray) -> dict[str, np.ndarray]:
-    """{conv op name: the mean of its input per channel over `images` (and positions)}, computed
-    by the reference executor on `program` (the float16 program)."""
-    readers: dict[str, list[str]] = {}
+def conv_tap_means(program: MILProgram, images: np.ndarray) -> dict[str, np.ndarray]:
+    """{conv op name: (C_in, kh, kw), the mean over `images` and over the convolution's output
+    positions of what each kernel tap reads from each input channel}, zero where a tap reads the
+    padding; computed by the reference executor on `program` (the float16 program). A convolution
+    with weight W then outputs on average (W * means).sum() per output channel (its group's channels)."""
+    readers: dict[str, list] = {}
     for op in program.ops:
         if op.type == "conv" and isinstance(op.inputs["x"][0], str):
-            readers.setdefault(op.inputs["x"][0], []).append(op.name)
+            readers.setdefault(op.inputs["x"][0], []).append(op)
     sums: dict[str, np.ndarray] = {}
 
     def observe(_op, name: str, value: np.ndarray) -> None:
-        if name in readers:
-            mean = torch.from_numpy(np.ascontiguousarray(value)).double().mean(dim=(0, 2, 3)).numpy()
-            sums[name] = sums.get(name, 0) + mean
+        for conv in readers.get(name, []):
+            x = torch.from_numpy(np.ascontiguousarray(value)).double()
+            sums[conv.name] = sums.get(conv.name, 0) + tap_means(program, conv, x)
 
     observe_images(program, images, observe)
-    return {conv: sums[name] / len(images) for name, convs in readers.items() if name in sums for conv in convs}
+    return {conv: total / len(images) for conv, total in sums.items()}
+
+
+def tap_means(program: MILProgram, conv, x: torch.Tensor) -> np.ndarray:
+    """(C_in, kh, kw): what each tap of the 2-D convolution `conv` reads from `x` (N, C_in, H, W),
+    averaged over N and the output positions, the padding read as zeros."""
+    kernel = list(program.constant(conv.inputs["weight"][0]).shape[2:])
+    strides = [int(v) for v in op_input(program, conv, "strides", [1, 1])]
+    dilations = [int(v) for v in op_input(program, conv, "dilations", [1, 1])]
+    pad_type = str(op_input(program, conv, "pad_type", "valid"))
+    pad = [int(v) for v in op_input(program, conv, "pad", [0, 0, 0, 0])]
+    pads = spatial_pads(pad_type, pad, list(x.shape[2:]), kernel, strides, dilations)
+    padded = F.pad(x, [p for before_after in reversed(pads) for p in before_after])
+    patches = F.unfold(padded, kernel, dilation=dilations, stride=strides)   # (N, C_in * kh * kw, positions)
+    return patches.mean(dim=(0, 2)).reshape(x.shape[1], *kernel).numpy()
 
 
 def bias_shifts(dense: MILProgram, palettised: MILProgram, means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """{conv op name: (W - Q) E[x] per output channel} for every convolution whose weight the
+    """{conv op name: (W - Q) E[x] per output channel, E[x] its `conv_tap_means`} for every
+    convolution whose weight the
     palettised program decodes from a palette (constexpr_lut_to_dense); `dense` is the float16
     program it was made from. Raises when a palettised weight has no such convolution to correct, so
     that the correction never goes missing silently."""
@@ -326,15 +345,15 @@ def bias_shifts(dense: MILProgram, palettised: MILProgram, means: dict[str, np.n
         if op.type != "conv" or op.inputs["weight"][0] not in palette_outputs:
             continue
         if op.name not in dense_convs or op.name not in means:
-            raise RuntimeError(f"palette bias correction: conv {op.name!r} has no float16 twin or input mean in "
+            raise RuntimeError(f"palette bias correction: conv {op.name!r} has no float16 twin or tap means in "
                                f"{dense.path.name}; the two programs no longer match by op name")
         q = palettised.constant(op.inputs["weight"][0]).astype(np.float64)
         w = dense.constant(dense_convs[op.name].inputs["weight"][0]).astype(np.float64)
         groups = int(np.asarray(op_input(palettised, op, "groups", 1)))
         out_channels, per_group = w.shape[0], w.shape[1]
-        mean = means[op.name].reshape(groups, 1, per_group)     # E[x] of each group's input channels
-        error = (w - q).reshape(groups, out_channels // groups, per_group, -1).sum(axis=3)
-        shifts[op.name] = (error * mean).sum(axis=2).reshape(out_channels)
+        mean = means[op.name].reshape(groups, 1, per_group, -1)   # E[x] of each group's input channels, per tap
+        error = (w - q).reshape(groups, out_channels // groups, per_group, -1)
+        shifts[op.name] = (error * mean).sum(axis=(2, 3)).reshape(out_channels)
         corrected.add(op.inputs["weight"][0])
     read_elsewhere = {name for op in palettised.ops if op.type != "conv" for bindings in op.inputs.values()
                       for name in bindings if isinstance(name, str) and name in palette_outputs}
@@ -542,7 +561,7 @@ class ModelBuilder:
         self.calibration, self.scratch, self.float_stem = calibration, scratch, float_stem
         self._fp16: dict[str, object] = {}
         self._float_programs: dict[str, MILProgram] = {}   # per target, saved for the reference executor
-        self._means: dict[str, dict[str, np.ndarray]] = {}   # per target: the convolutions' input means
+        self._means: dict[str, dict[str, np.ndarray]] = {}   # per target: the convolutions' tap means
         # per precision, what its result.json entry adds (w8a8: its calibration; the palettes: their correction)
         self.notes: dict[str, dict] = {}
 
@@ -577,12 +596,12 @@ class ModelBuilder:
         return self._float_programs[target]
 
     def corrected_palettes(self, precision: str):
-        """Norm-kept palettes with their biases corrected on the calibration images; the input means
+        """Norm-kept palettes with their biases corrected on the calibration images; the tap means
         are measured once per float16 program and shared by the palette precisions that use it."""
         target = TARGETS[precision]
         dense = self.float_program(target)
         if target not in self._means:
-            self._means[target] = conv_input_means(dense, self.calibration)
+            self._means[target] = conv_tap_means(dense, self.calibration)
         palettised = palettise(self.fp16(target), precision, self.threshold)
         package = self.scratch / f"{precision}-uncorrected.mlpackage"   # MILProgram decodes the palettes from it
         shutil.rmtree(package, ignore_errors=True)
@@ -591,7 +610,8 @@ class ModelBuilder:
         self.notes[precision] = {"correction": {
             "palettes": "k-means, scaled to keep each tensor's norm",
             "bias_correction": {"convolutions": len(shifts), "images": int(len(self.calibration)),
-                                "statistic": "mean input per channel, float16 program, reference executor"}}}
+                                "statistic": "mean input per channel and kernel tap over the output "
+                                             "positions, padding as zeros; float16 program, reference executor"}}}
         return shift_biases(palettised, shifts)
 
 

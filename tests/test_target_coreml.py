@@ -291,45 +291,64 @@ def test_palettes_keep_each_weights_norm(converted, ct, precision):
 
 @pytest.mark.parametrize("precision", ["palette4", "palette6"])
 def test_palette_biases_absorb_the_expected_error(converted, precision):
-    """Each palettised convolution's bias moves by (W - Q) E[x], E[x] its input's mean per channel
-    on the job's calibration images (the float16 program), up to float16 rounding of the bias;
-    grouped and depthwise convolutions included (each output channel reads its group's inputs)."""
-    from edge.mil import MILProgram
+    """Each palettised convolution's bias moves by the mean change of its output, the mean of
+    conv(x, W - Q) over the job's calibration images and every output position (x from the float16
+    program, the zero padding included), up to float16 rounding of the bias; grouped and depthwise
+    convolutions included. The mean computed as if the padding were the input's mean (a constant
+    per channel, the correction before 2026-12-06's evening) differs, so the test tells them apart."""
+    import torch.nn.functional as F
+
+    from edge.mil import MILProgram, spatial_pads
 
     job, result, _ = converted
     dense_program, palettised_program = MILProgram(package(job, "fp16")), MILProgram(package(job, precision))
-    readers: dict[str, list[str]] = {}   # value name -> the convolutions that read it
-    for op in dense_program.ops:
-        if op.type == "conv":
-            readers.setdefault(op.inputs["x"][0], []).append(op.name)
-    sums: dict[str, np.ndarray] = {}
+    dense, palettised = conv_weights(dense_program), conv_weights(palettised_program)
+    corrected = {name: q for name, (q, maker) in palettised.items() if maker == "constexpr_lut_to_dense"}
+    convs = {op.name: op for op in dense_program.ops if op.name in corrected}
+    readers: dict[str, list[str]] = {}   # value name -> the corrected convolutions that read it
+    for op in convs.values():
+        readers.setdefault(op.inputs["x"][0], []).append(op.name)
+    changes: dict[str, np.ndarray] = {}   # the output's mean change per channel, summed over images
+    channel_means: dict[str, np.ndarray] = {}
+
+    def setting(op, key, default):
+        return np.asarray(dense_program.constant(op.inputs[key][0])) if key in op.inputs else default
 
     def observe(_op, name, value):
         for conv in readers.get(name, []):
-            sums[conv] = sums.get(conv, 0) + value.astype(np.float64).mean(axis=(0, 2, 3))
+            op, x = convs[conv], torch.from_numpy(value.astype(np.float64))
+            error = torch.from_numpy(dense[conv][0].astype(np.float64) - corrected[conv].astype(np.float64))
+            strides = [int(v) for v in setting(op, "strides", [1, 1])]
+            dilations = [int(v) for v in setting(op, "dilations", [1, 1])]
+            pads = spatial_pads(str(setting(op, "pad_type", "valid")), [int(v) for v in setting(op, "pad", [0] * 4)],
+                                list(x.shape[2:]), list(error.shape[2:]), strides, dilations)
+            padded = F.pad(x, [p for pair in reversed(pads) for p in pair])
+            out = F.conv2d(padded, error, stride=strides, dilation=dilations, groups=int(setting(op, "groups", 1)))
+            changes[conv] = changes.get(conv, 0) + out.mean(dim=(0, 2, 3)).numpy()
+            channel_means[conv] = channel_means.get(conv, 0) + x.mean(dim=(0, 2, 3)).numpy()
 
     images = np.load(job.calibration["nchw"])
     for image in images:
         dense_program({"image": image[None]}, observe=observe)
-    dense, palettised = conv_weights(dense_program), conv_weights(palettised_program)
     before, after = conv_biases(dense_program), conv_biases(palettised_program)
-    corrected = {name: q for name, (q, maker) in palettised.items() if maker == "constexpr_lut_to_dense"}
-    largest_shift, depthwise = 0.0, 0
+    largest_shift, depthwise, padded_differs = 0.0, 0, 0
     for name, q in corrected.items():
-        mean, error = sums[name] / len(images), dense[name][0] - q
-        per_group = q.shape[1]
-        groups = mean.size // per_group
-        expected = np.array([(error[o] * mean[(o // (q.shape[0] // groups)) * per_group:][:per_group, None, None]).sum()
-                             for o in range(q.shape[0])])
-        moved = after[name] - before[name]
+        expected, moved = changes[name] / len(images), after[name] - before[name]
         assert np.abs(moved - expected).max() <= 1e-3 * np.abs(after[name]).max() + 1e-6, name
         largest_shift = max(largest_shift, np.abs(expected).max() / (np.abs(after[name]).max() + 1e-6))
+        groups = channel_means[name].size // q.shape[1]
         depthwise += groups > 1
-    assert len(corrected) >= 10 and depthwise >= 3
+        error = dense[name][0] - q   # the shift as if every tap read the channel's mean
+        mean = channel_means[name] / len(images)
+        per_channel = np.array([(error[o].sum(axis=(1, 2)) * mean[(o // (q.shape[0] // groups)) * q.shape[1]:]
+                                 [:q.shape[1]]).sum() for o in range(q.shape[0])])
+        padded_differs += np.abs(per_channel - expected).max() > 1e-2 * np.abs(expected).max()
+    assert len(corrected) >= 10 and depthwise >= 3 and padded_differs >= 3
     assert largest_shift > 1e-2   # the tolerance above could not hide a missing correction
     assert artefact(result, precision)["correction"]["bias_correction"] == {
         "convolutions": len(corrected), "images": len(images),
-        "statistic": "mean input per channel, float16 program, reference executor"}
+        "statistic": "mean input per channel and kernel tap over the output positions, padding as zeros; "
+                     "float16 program, reference executor"}
 
 
 def test_palettes_need_calibration_images(tmp_path):
