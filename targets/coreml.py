@@ -59,6 +59,7 @@ import shutil  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Iterable  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")  # coremltools' per-pass progress bars; we print one line per precision
 
@@ -322,10 +323,10 @@ def tap_means(program: MILProgram, conv, x: torch.Tensor) -> np.ndarray:
     """(C_in, kh, kw): what each tap of the 2-D convolution `conv` reads from `x` (N, C_in, H, W),
     averaged over N and the output positions, the padding read as zeros."""
     kernel = list(program.constant(conv.inputs["weight"][0]).shape[2:])
-    strides = [int(v) for v in op_input(program, conv, "strides", [1, 1])]
-    dilations = [int(v) for v in op_input(program, conv, "dilations", [1, 1])]
+    strides = [int(v) for v in op_input(program, conv, "strides", [1] * len(kernel))]
+    dilations = [int(v) for v in op_input(program, conv, "dilations", [1] * len(kernel))]
     pad_type = str(op_input(program, conv, "pad_type", "valid"))
-    pad = [int(v) for v in op_input(program, conv, "pad", [0, 0, 0, 0])]
+    pad = [int(v) for v in op_input(program, conv, "pad", [0] * 2 * len(kernel))]
     pads = spatial_pads(pad_type, pad, list(x.shape[2:]), kernel, strides, dilations)
     padded = F.pad(x, [p for before_after in reversed(pads) for p in before_after])
     patches = F.unfold(padded, kernel, dilation=dilations, stride=strides)   # (N, C_in * kh * kw, positions)
@@ -334,9 +335,8 @@ def tap_means(program: MILProgram, conv, x: torch.Tensor) -> np.ndarray:
 
 def bias_shifts(dense: MILProgram, palettised: MILProgram, means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """{conv op name: (W - Q) E[x] per output channel, E[x] its `conv_tap_means`} for every
-    convolution whose weight the
-    palettised program decodes from a palette (constexpr_lut_to_dense); `dense` is the float16
-    program it was made from. Raises when a palettised weight has no such convolution to correct, so
+    convolution whose weight the palettised program decodes from a palette (constexpr_lut_to_dense);
+    `dense` is the float16 program it was made from. Raises when a palettised weight has no such convolution to correct, so
     that the correction never goes missing silently."""
     palette_outputs = {name for op in palettised.ops if op.type == "constexpr_lut_to_dense" for name, _ in op.outputs}
     dense_convs = {op.name: op for op in dense.ops if op.type == "conv"}
@@ -501,7 +501,7 @@ def stem_ops_of(program: MILProgram, layers: int) -> list[str]:
     return stem_ops(ops, list(program.inputs), layers, MIL_WEIGHTED, MIL_FUSED)
 
 
-def quantize_activations(model, stats: dict[str, dict[str, float]], float_ops: list[str] = ()):
+def quantize_activations(model, stats: dict[str, dict[str, float]], float_ops: Iterable[str] = ()):
     """Insert int8 quantize / dequantize pairs with `stats` (activation_ranges) by coremltools' own
     passes, in the order `coremltools.optimize.coreml.linear_quantize_activations` runs them: before
     every conv / add / pool input, after every conv / add / pool (or its relu-like activation), then
