@@ -304,9 +304,11 @@ def conv_tap_means(program: MILProgram, images: np.ndarray) -> dict[str, np.ndar
     positions of what each kernel tap reads from each input channel}, zero where a tap reads the
     padding; computed by the reference executor on `program` (the float16 program). A convolution
     with weight W then outputs on average (W * means).sum() per output channel (its group's channels)."""
-    readers: dict[str, list] = {}
+    readers: dict[str, list] = {}   # only 2-D convolutions with a constant weight: the ones a palette replaces
     for op in program.ops:
-        if op.type == "conv" and isinstance(op.inputs["x"][0], str):
+        weight = op.inputs["weight"][0] if op.type == "conv" else None
+        if (isinstance(weight, str) and weight in program.constants and program.constant(weight).ndim == 4
+                and isinstance(op.inputs["x"][0], str)):
             readers.setdefault(op.inputs["x"][0], []).append(op)
     sums: dict[str, np.ndarray] = {}
 
@@ -335,9 +337,10 @@ def tap_means(program: MILProgram, conv, x: torch.Tensor) -> np.ndarray:
 
 def bias_shifts(dense: MILProgram, palettised: MILProgram, means: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """{conv op name: (W - Q) E[x] per output channel, E[x] its `conv_tap_means`} for every
-    convolution whose weight the palettised program decodes from a palette (constexpr_lut_to_dense);
-    `dense` is the float16 program it was made from. Raises when a palettised weight has no such convolution to correct, so
-    that the correction never goes missing silently."""
+    convolution whose weight the palettised program decodes from a palette
+    (constexpr_lut_to_dense); `dense` is the float16 program it was made from. Raises when a
+    palettised weight has no such convolution to correct, so that the correction never goes
+    missing silently."""
     palette_outputs = {name for op in palettised.ops if op.type == "constexpr_lut_to_dense" for name, _ in op.outputs}
     dense_convs = {op.name: op for op in dense.ops if op.type == "conv"}
     shifts, corrected = {}, set()

@@ -294,8 +294,9 @@ def test_palette_biases_absorb_the_expected_error(converted, precision):
     """Each palettised convolution's bias moves by the mean change of its output, the mean of
     conv(x, W - Q) over the job's calibration images and every output position (x from the float16
     program, the zero padding included), up to float16 rounding of the bias; grouped and depthwise
-    convolutions included. The mean computed as if the padding were the input's mean (a constant
-    per channel, the correction before 2026-12-06's evening) differs, so the test tells them apart."""
+    convolutions included. The shift computed as if every tap read the channel's mean (the
+    correction before 2026-12-06's evening) misses that tolerance by 3x on convolutions that read
+    padding, so the test tells the two apart."""
     import torch.nn.functional as F
 
     from edge.mil import MILProgram, spatial_pads
@@ -310,6 +311,7 @@ def test_palette_biases_absorb_the_expected_error(converted, precision):
         readers.setdefault(op.inputs["x"][0], []).append(op.name)
     changes: dict[str, np.ndarray] = {}   # the output's mean change per channel, summed over images
     channel_means: dict[str, np.ndarray] = {}
+    padded: set[str] = set()   # the convolutions that read padding
 
     def setting(op, key, default):
         return np.asarray(dense_program.constant(op.inputs[key][0])) if key in op.inputs else default
@@ -322,8 +324,10 @@ def test_palette_biases_absorb_the_expected_error(converted, precision):
             dilations = [int(v) for v in setting(op, "dilations", [1, 1])]
             pads = spatial_pads(str(setting(op, "pad_type", "valid")), [int(v) for v in setting(op, "pad", [0] * 4)],
                                 list(x.shape[2:]), list(error.shape[2:]), strides, dilations)
-            padded = F.pad(x, [p for pair in reversed(pads) for p in pair])
-            out = F.conv2d(padded, error, stride=strides, dilation=dilations, groups=int(setting(op, "groups", 1)))
+            if any(p for pair in pads for p in pair):
+                padded.add(conv)
+            out = F.conv2d(F.pad(x, [p for pair in reversed(pads) for p in pair]), error, stride=strides,
+                           dilation=dilations, groups=int(setting(op, "groups", 1)))
             changes[conv] = changes.get(conv, 0) + out.mean(dim=(0, 2, 3)).numpy()
             channel_means[conv] = channel_means.get(conv, 0) + x.mean(dim=(0, 2, 3)).numpy()
 
@@ -334,7 +338,8 @@ def test_palette_biases_absorb_the_expected_error(converted, precision):
     largest_shift, depthwise, padded_differs = 0.0, 0, 0
     for name, q in corrected.items():
         expected, moved = changes[name] / len(images), after[name] - before[name]
-        assert np.abs(moved - expected).max() <= 1e-3 * np.abs(after[name]).max() + 1e-6, name
+        tolerance = 1e-3 * np.abs(after[name]).max() + 1e-6
+        assert np.abs(moved - expected).max() <= tolerance, name
         largest_shift = max(largest_shift, np.abs(expected).max() / (np.abs(after[name]).max() + 1e-6))
         groups = channel_means[name].size // q.shape[1]
         depthwise += groups > 1
@@ -342,7 +347,7 @@ def test_palette_biases_absorb_the_expected_error(converted, precision):
         mean = channel_means[name] / len(images)
         per_channel = np.array([(error[o].sum(axis=(1, 2)) * mean[(o // (q.shape[0] // groups)) * q.shape[1]:]
                                  [:q.shape[1]]).sum() for o in range(q.shape[0])])
-        padded_differs += np.abs(per_channel - expected).max() > 1e-2 * np.abs(expected).max()
+        padded_differs += name in padded and np.abs(per_channel - expected).max() > 3 * tolerance
     assert len(corrected) >= 10 and depthwise >= 3 and padded_differs >= 3
     assert largest_shift > 1e-2   # the tolerance above could not hide a missing correction
     assert artefact(result, precision)["correction"]["bias_correction"] == {
