@@ -60,10 +60,12 @@ from edge.mil_ops import (  # noqa: F401 (re-exported)
     TensorType,
     UnsupportedOpError,
     as_f32,
+    pad_spatial,
     source_coords,
     spatial_pads,
     unpack_bits,
     unpack_sub_byte,
+    window_geometry,
 )
 
 # protobuf DataType names -> MIL dtype names (DTYPES, edge/mil_ops/base.py: MIL dtype names -> numpy).

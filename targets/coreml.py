@@ -57,7 +57,7 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
 import time  # noqa: E402
-from collections import Counter  # noqa: E402
+from collections import ChainMap, Counter  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Iterable  # noqa: E402
 
@@ -90,7 +90,7 @@ from core.formats import CALIBRATED_PRECISIONS, FORMATS  # noqa: E402
 from core.io import fsync_tree, replace  # noqa: E402
 from core.spaces import DepthSpace  # noqa: E402
 from edge.coreml import CoreMLRunner  # noqa: E402
-from edge.mil import MILProgram, spatial_pads  # noqa: E402
+from edge.mil import Args, MILProgram, pad_spatial, window_geometry  # noqa: E402
 from targets.job import Job, check_against_reference, main, source_for, tool_versions, write_result  # noqa: E402
 from targets.stem import DEFAULT_FLOAT_STEM, stem_ops  # noqa: E402
 
@@ -323,15 +323,12 @@ def conv_tap_means(program: MILProgram, images: np.ndarray) -> dict[str, np.ndar
 
 def tap_means(program: MILProgram, conv, x: torch.Tensor) -> np.ndarray:
     """(C_in, kh, kw): what each tap of the 2-D convolution `conv` reads from `x` (N, C_in, H, W),
-    averaged over N and the output positions, the padding read as zeros."""
+    averaged over N and the output positions, the padding read as zeros. The strides, dilations and
+    padding are the reference executor's own reading of the op (edge/mil_ops/conv.py)."""
     kernel = list(program.constant(conv.inputs["weight"][0]).shape[2:])
-    strides = [int(v) for v in op_input(program, conv, "strides", [1] * len(kernel))]
-    dilations = [int(v) for v in op_input(program, conv, "dilations", [1] * len(kernel))]
-    pad_type = str(op_input(program, conv, "pad_type", "valid"))
-    pad = [int(v) for v in op_input(program, conv, "pad", [0] * 2 * len(kernel))]
-    pads = spatial_pads(pad_type, pad, list(x.shape[2:]), kernel, strides, dilations)
-    padded = F.pad(x, [p for before_after in reversed(pads) for p in before_after])
-    patches = F.unfold(padded, kernel, dilation=dilations, stride=strides)   # (N, C_in * kh * kw, positions)
+    strides, dilations, pads = window_geometry(Args(conv, ChainMap({conv.inputs["x"][0]: x}, program.constants)),
+                                               kernel)
+    patches = F.unfold(pad_spatial(x, pads), kernel, dilation=dilations, stride=strides)   # (N, C_in*kh*kw, L)
     return patches.mean(dim=(0, 2)).reshape(x.shape[1], *kernel).numpy()
 
 

@@ -19,9 +19,9 @@ test in tests/test_mil_optests.py's SUBSET (test_every_handler_is_exercised chec
 from edge.mil_ops import compression, conv, elementwise, linear, normalization, reduction, resize, tensor  # noqa: F401
 from edge.mil_ops.base import DTYPES, HANDLERS, SUB_BYTE_BITS, Args, Op, TensorType, UnsupportedOpError, as_f32, handler
 from edge.mil_ops.compression import unpack_bits, unpack_sub_byte
-from edge.mil_ops.conv import spatial_pads
+from edge.mil_ops.conv import pad_spatial, spatial_pads, window_geometry
 from edge.mil_ops.resize import source_coords
 
 # importing each family module registers its handlers
 __all__ = ["DTYPES", "HANDLERS", "SUB_BYTE_BITS", "Args", "Op", "TensorType", "UnsupportedOpError", "as_f32", "handler",
-           "source_coords", "spatial_pads", "unpack_bits", "unpack_sub_byte"]
+           "pad_spatial", "source_coords", "spatial_pads", "unpack_bits", "unpack_sub_byte", "window_geometry"]

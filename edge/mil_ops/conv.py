@@ -29,13 +29,14 @@ def spatial_pads(pad_type: str, pad: list[int], sizes: list[int], kernel: list[i
     return pads
 
 
-def _pad_spatial(x: torch.Tensor, pads: list[tuple[int, int]], value: float = 0.0) -> torch.Tensor:
+def pad_spatial(x: torch.Tensor, pads: list[tuple[int, int]], value: float = 0.0) -> torch.Tensor:
     flat = [p for before_after in reversed(pads) for p in before_after]  # F.pad: last dim first
     return F.pad(x, flat, value=value) if any(flat) else x
 
 
-def _spatial(a: Args, kernel: list[int]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
-    """(strides, dilations, pads) of a conv / pool op with their MIL defaults."""
+def window_geometry(a: Args, kernel: list[int]) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """(strides, dilations, pads) of a conv / pool op with their MIL defaults (also the palettes' bias
+    correction, targets/coreml.py, which reads what each tap of a convolution sees)."""
     rank = len(kernel)
     strides = a.ints("strides", [1] * rank)
     dilations = a.ints("dilations", [1] * rank)
@@ -53,9 +54,9 @@ MAX_POOLS = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 def conv(a: Args):
     """x (N, C_in, *D), weight (C_out, C_in / groups, *K), bias (C_out,) -> (N, C_out, *D_out)."""
     weight = a.tensor("weight")
-    strides, dilations, pads = _spatial(a, list(weight.shape[2:]))
+    strides, dilations, pads = window_geometry(a, list(weight.shape[2:]))
     bias = a.tensor("bias") if a.has("bias") else None
-    return CONVS[weight.dim() - 2](_pad_spatial(a.tensor("x"), pads), weight, bias, stride=strides,
+    return CONVS[weight.dim() - 2](pad_spatial(a.tensor("x"), pads), weight, bias, stride=strides,
                                    dilation=dilations, groups=a.scalar("groups", 1))
 
 
@@ -71,12 +72,12 @@ def _pool(a: Args, pools: dict, x: torch.Tensor, pad_value: float, sum_windows: 
     """x (N, C, *D) padded with pad_value as the op's pad_type says, then pooled to MIL's output
     size. sum_windows: the sum of each window, not its mean (zeros past the end add nothing)."""
     kernel = a.ints("kernel_sizes")
-    strides, _, pads = _spatial(a, kernel)
+    strides, _, pads = window_geometry(a, kernel)
     ceil = bool(a.scalar("ceil_mode", False))
     sizes = [pooled_size(n, k, s, p, ceil) for n, k, s, p in zip(x.shape[2:], kernel, strides, pads)]
     if sum_windows:   # every window whole: torch's mean of a clipped window divides by fewer pixels
         pads = [(before, after + k) for (before, after), k in zip(pads, kernel)]
-    pooled = pools[len(kernel)](_pad_spatial(x, pads, pad_value), kernel, strides, ceil_mode=ceil and not sum_windows)
+    pooled = pools[len(kernel)](pad_spatial(x, pads, pad_value), kernel, strides, ceil_mode=ceil and not sum_windows)
     if sum_windows:
         pooled = pooled * math.prod(kernel)
     for axis, size in enumerate(sizes):
