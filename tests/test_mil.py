@@ -589,7 +589,6 @@ def test_corrupted_weights_change_outputs(students, tmp_path):
     flipped, so every value stays finite) runs, and its outputs move far outside the fp16 bound."""
     with tensorflow_blocked():
         import coremltools as ct
-        from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
     found = students["mobilenetv3_small_050"]
     broken = tmp_path / "broken.mlpackage"
     shutil.copytree(found["packages"]["fp16"], broken)
