@@ -58,14 +58,14 @@ def test_recipe_history():
     # v4 = v3 with EfficientViT-B1, keeping the decoder and rates measured for it; v3's loss, deep
     # supervision included (history.py)
     v3_as_v4 = dataclasses.replace(v3, name="v4", model=dataclasses.replace(v3.model, student="efficientvit_b1", output_stride=4),
-                                   train=dataclasses.replace(v3.train, lr_encoder=4e-3, lr_decoder=8e-3, optimizer="adamw"),
+                                   train=dataclasses.replace(v3.train, lr_encoder=4e-3, lr_decoder=8e-3),
                                    loss=dataclasses.replace(v3.loss, normal_weight=0.0))   # not measured on v4 yet
     assert v3.loss.aux_weight == v4.loss.aux_weight == 0.5 and v1.loss.aux_weight == 0.0
     assert v3.loss.normal_weight == 1.0   # the other recipes keep the configuration their figures were measured in
     assert v1.loss.normal_weight == v4.loss.normal_weight == get_recipe("v5").loss.normal_weight == 0.0
     assert get_recipe("v6").loss.normal_weight == 0.0
-    assert v3.train.optimizer == "muon"   # v3's since 2026-12-06; the others as their figures were measured
-    assert {get_recipe(n).train.optimizer for n in ("v1", "v2", "v4", "v5", "v6")} == {"adamw"}
+    assert v3.train.optimizer == v4.train.optimizer == "muon"   # since 2026-12-06; the others as measured
+    assert {get_recipe(n).train.optimizer for n in ("v1", "v2", "v5", "v6")} == {"adamw"}
     assert to_dict(v4) == to_dict(v3_as_v4)
     assert "75.37 m" in type(v1).__doc__
     # v6 = v3 with fixed task weights that favour segmentation, without the normal head its figures predate
