@@ -123,9 +123,9 @@ class V4(V3):
     # reduced size, docs/TRAINING.md, "Surface normals"), so v4 trains as its published figures were measured.
     loss: LossConfig = field(default_factory=lambda: LossConfig(
         depth="berhu", berhu_threshold="p80", weighting="kendall", aux_weight=0.5))
-    # A training step costs twice v3's on a CPU: 9 epochs of batches of 16 take 10.3-10.5 min on 2
-    # cores with the data rendered, 11.9-12.1 with rendering; 9 beat 6 on two seeds and every
-    # metric (docs/TRAINING.md, v4's table).
+    # An image costs twice v3's on a CPU: 9 epochs of batches of 16 take 21.6-21.7 min on 2 cores
+    # with the data rendered (with Muon, 2026-12-06; 10.3-10.5 min on 2026-12-01, before deep
+    # supervision and Muon); 9 beat 6 on two seeds and every metric (docs/TRAINING.md, v4's table).
     device_defaults: ClassVar[dict] = {
         **V3.device_defaults,
         "cpu": {"data": V3.device_defaults["cpu"]["data"], "train": {"epochs": 9, "batch_size": 16}}}
