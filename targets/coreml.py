@@ -349,7 +349,7 @@ def bias_shifts(dense: MILProgram, palettised: MILProgram, means: dict[str, np.n
                                f"{dense.path.name}; the two programs no longer match by op name")
         q = palettised.constant(op.inputs["weight"][0]).astype(np.float64)
         w = dense.constant(dense_convs[op.name].inputs["weight"][0]).astype(np.float64)
-        groups = int(np.asarray(op_input(palettised, op, "groups", 1)))
+        groups = int(Args(op, palettised.constants).scalar("groups", 1))   # as the executor's conv reads it
         out_channels, per_group = w.shape[0], w.shape[1]
         mean = means[op.name].reshape(groups, 1, per_group, -1)   # E[x] of each group's input channels, per tap
         error = (w - q).reshape(groups, out_channels // groups, per_group, -1)
@@ -362,14 +362,6 @@ def bias_shifts(dense: MILProgram, palettised: MILProgram, means: dict[str, np.n
         raise RuntimeError(f"palette bias correction covers convolutions only, and {palettised.path.name} has "
                            f"palettised weights that other ops read: {', '.join(sorted(uncorrected)[:5])}")
     return shifts
-
-
-def op_input(program: MILProgram, op, key: str, default):
-    """An op's input value: inline, a named constant, or `default` when absent."""
-    if key not in op.inputs:
-        return default
-    binding = op.inputs[key][0]
-    return program.constant(binding) if isinstance(binding, str) else binding
 
 
 def shift_biases(model, shifts: dict[str, np.ndarray]):
