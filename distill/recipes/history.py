@@ -155,8 +155,8 @@ class V5(V3):
     teacher's features, so it goes without an assistant.
     Since 2026-12-06 (night) it trains with v3's Muon: at the reduced size, 3 seeds, on 1,000 new
     rooms abs_rel 0.2312 against AdamW's 0.2407 and miou 0.354 against 0.295, every seed better; at
-    full length, seed 0, abs_rel 0.1470 against 0.1576 and miou 0.587 against 0.534 (docs/TRAINING.md,
-    "Muon on v5 and v6").
+    full length, seed 0, on the new rooms, abs_rel 0.1470 against 0.1576 and miou 0.587 against 0.534
+    (docs/TRAINING.md, "Muon on v5 and v6").
     """
 
     name: str = "v5"
@@ -185,10 +185,10 @@ class V6(V3):
     v3's surface-normal head (2026-12-04), which was not measured with these weights.
     Since 2026-12-06 (night) it trains with v3's Muon: at the reduced size, 3 seeds, on 1,000 new
     rooms abs_rel 0.2263 against AdamW's 0.2383 and miou 0.370 against 0.315, every seed better; at
-    full length, seed 0, abs_rel 0.1536 against 0.1593-0.1599 and miou 0.583 against 0.536-0.555
-    (AdamW's three seeds of 2026-12-04). With Muon, v3 segments about as well (0.574-0.576 on the
-    new rooms) with depth 0.008-0.011 better; v6 keeps the most complete depth edges
-    (docs/TRAINING.md, "Muon on v5 and v6").
+    full length, seed 0, on the new rooms, abs_rel 0.1536 against 0.1593-0.1599 and miou 0.583
+    against 0.536-0.555 (AdamW's three seeds of 2026-12-04). With Muon, v3 segments about as well
+    (0.574-0.576 on the new rooms) with depth 0.008-0.011 better; v6 keeps the most complete depth
+    edges (docs/TRAINING.md, "Muon on v5 and v6").
     """
 
     name: str = "v6"
