@@ -723,7 +723,7 @@ def unit_images(dataset, count: int):
 def build_job(plan: Plan, opts: ExportOptions, float_model, int8_model, calibration, run, size, val_ds, work,
               out_dir, config):
     from targets import deploy
-    from targets.job import Job
+    from targets.job import Job, source_for
 
     h, w = size
     check_dir = work / "check"
@@ -732,10 +732,12 @@ def build_job(plan: Plan, opts: ExportOptions, float_model, int8_model, calibrat
     np.save(check_dir / "inputs.npy", inputs.numpy())
     check = {"inputs": str(check_dir / "inputs.npy")}
     sources = {}
+    needed = {source_for(precision) for precision in plan.precisions}
     for name, model in (("float", float_model), ("int8", int8_model)):
-        if name == "int8" and "int8" not in plan.precisions:
+        if name not in needed:   # e.g. an int8-only file: no float graph to export (seconds per export)
             continue
-        ptq = name == "int8" and model is float_model   # PTQ: the int8 files come from the float model
+        # PTQ beside float files: the int8 files come from the float model, already exported
+        ptq = name == "int8" and model is float_model and "float" in needed
         form = f"{plan.converter.deploy_form}-{name}" if plan.converter.deploy_form else ""
         if ptq:
             check.update(int8_depth=check["float_depth"], int8_seg=check["float_seg"])

@@ -139,8 +139,10 @@ def test_int8_file_keeps_the_input_stem_in_float(tflite_export, run_dir, tmp_pat
     # --float-stem 0: the whole graph int8 from the image on, as before the option existed
     assert export(run_dir, tmp_path, "--target", "tflite", "--precision", "int8", "--qat-steps", "0",
                   "--float-stem", "0", "--bench-runs", "0") == 0
-    art = by_precision(manifest_of(tmp_path, run_dir, "tflite"))["int8"]
+    manifest = manifest_of(tmp_path, run_dir, "tflite")
+    art = by_precision(manifest)["int8"]
     assert float_convs(tmp_path / run_dir.name / "tflite" / art["path"]) == []
+    assert list(manifest["config"]["source_exporter"]) == ["int8"]   # an int8-only export makes no float graph
     assert art["ops_by_dtype"]["float_ops"] == ["EXP", "RESIZE_BILINEAR"]
 
 
