@@ -37,7 +37,8 @@ import torch
 from core.contract import DEPTH, INPUT_NAME, SEG, compare
 from core.formats import FORMATS
 from edge.mil import MILProgram, import_coremltools
-from edge.runners import check_images, find_outputs, threads_text
+from edge.mil_ops import UnsupportedOpError
+from edge.runners import check_images, find_outputs, loading, threads_text
 
 EXECUTORS = FORMATS["coreml"].executors
 
@@ -114,14 +115,16 @@ class CoreMLRunner:
         self.kind, self.fallback = resolve_executor(executor, self.path)
         self._model = self._program = None
         if self.kind == "predict":
-            self._model = import_coremltools().models.MLModel(str(self.path))   # compute units ALL
-            spec = self._model.get_spec()
+            with loading(self.path, "coremltools"):
+                self._model = import_coremltools().models.MLModel(str(self.path))   # compute units ALL
+                spec = self._model.get_spec()
             inputs = {i.name: tuple(i.type.multiArrayType.shape) for i in spec.description.input}
             outputs = [o.name for o in spec.description.output]
             self.runtime = f"Core ML (coremltools {import_coremltools().__version__})"
             self.executor = f"MLModel.predict (macOS {platform.mac_ver()[0]}, compute units ALL)"
-        else:
-            self._program = MILProgram(self.path)
+        else:   # an op without a handler is the executor's gap, not a damaged package
+            with loading(self.path, "coreml-reference (edge/mil.py)", keep=(UnsupportedOpError,)):
+                self._program = MILProgram(self.path)
             inputs = {name: kind.shape for name, kind in self._program.inputs.items()}
             outputs = self._program.output_names
             self.runtime = "coreml-reference (edge/mil.py)"

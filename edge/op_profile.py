@@ -46,7 +46,12 @@ def load_model(path: Path):
     data = path.read_bytes()
     if data[4:8] != b"TFL3":
         raise ValueError(f"{path} is not a TFLite flatbuffer (no TFL3 identifier)")
-    return schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
+    try:
+        return schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
+    except Exception as exc:   # noqa: BLE001 - flatbuffers reads past the end: struct.error, IndexError, ...
+        raise ValueError(f"{path} ({len(data)} bytes) is a truncated or damaged TFLite file ({type(exc).__name__}: "
+                         f"{str(exc)[:200]}); if it came from python -m quant.export, `python -m quant.verify <its "
+                         "export directory>` checks it; export again to replace it") from None
 
 
 @lru_cache(maxsize=None)

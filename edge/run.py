@@ -198,6 +198,9 @@ def output_path(out: str) -> Path:
     to_npz = path.suffix.lower() == ".npz"
     if not to_npz and (path.is_file() or path.suffix.lower() in (*IMAGE_SUFFIXES, ".npy", ".json")):
         raise BadInput(f"--out {out}: give a path ending in .npz for the arrays, or a folder for the PNG maps")
+    if to_npz and path.is_dir():
+        raise BadInput(f"--out {out} is a directory; give a file name ending in .npz for the arrays, or a folder "
+                       "name without .npz for the PNG maps")
     core_io.check_writable(path.parent if to_npz else path, "--out")
     return path
 
@@ -216,7 +219,7 @@ def input_files(inputs: list[str]) -> list[Path]:
 def read_inputs(path: str) -> np.ndarray:
     try:
         images = np.load(path)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EOFError) as exc:   # EOFError: an empty file
         raise BadInput(f"cannot read --inputs {path}: {exc} (expected an (N, 3, H, W) float32 .npy)") from None
     if not isinstance(images, np.ndarray):   # an .npz archive, not one array
         raise BadInput(f"--inputs {path} holds several arrays; expected one (N, 3, H, W) float32 .npy")

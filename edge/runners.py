@@ -93,19 +93,21 @@ class UnreadableArtefact(ValueError):
 
     def __init__(self, path: Path, runtime: str, error: Exception):
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
         super().__init__(
-            f"{runtime} cannot load {path} ({path.stat().st_size} bytes): {reason.rstrip('.')}. A damaged "
+            f"{runtime} cannot load {path} ({size} bytes): {reason.rstrip('.')}. A damaged "
             f"or truncated file (an interrupted copy), another file under this suffix, or one written for a newer "
             f"runtime fails this way. If it came from python -m quant.export, `python -m quant.verify <its export "
             f"directory>` checks it against the export's manifest.json; export again to replace it.")
 
 
 @contextmanager
-def loading(path: Path, runtime: str):
-    """Runs a runtime's load of `path`; what it raises, but a missing runtime, becomes UnreadableArtefact."""
+def loading(path: Path, runtime: str, keep: tuple[type[Exception], ...] = ()):
+    """Runs a runtime's load of `path`; what it raises, but a missing runtime and the `keep` types
+    (errors that name something other than a damaged file), becomes UnreadableArtefact."""
     try:
         yield
-    except ImportError:
+    except (ImportError, *keep):
         raise
     except Exception as e:   # noqa: BLE001 - runtimes raise RuntimeError, ValueError or their own types
         raise UnreadableArtefact(path, runtime, e) from e

@@ -9,8 +9,9 @@ int8 speed; this one's int8 files drift a little less from the float model and c
 half the time.
 
 Precisions:
-- fp32: `*_float32.tflite`; fp16: `*_float16.tflite` (fp16 weights, dequantised at load by the
-  runtime; computation stays fp32 on CPUs without fp16 arithmetic).
+- fp32: `<stem>_fp32.tflite`; fp16: `<stem>_fp16.tflite` (onnx2tf's `*_float32` / `*_float16`
+  files, renamed; fp16 weights, dequantised at load by the runtime; computation stays fp32 on CPUs
+  without fp16 arithmetic).
 - int8: TFLite's converter on onnx2tf's SavedModel with the job's calibration images:
   full-integer kernels (per-channel symmetric int8 weights, per-tensor asymmetric int8
   activations calibrated by min/max, the scheme QAT simulates in quant/qat.py) with float32

@@ -346,6 +346,14 @@ def test_android_bench_without_a_usable_phone(tiny_artefacts, tmp_path, fake_bin
     assert proc.returncode == 2 and message in proc.stderr and "--serial" in proc.stderr
 
 
+def test_a_hung_or_missing_adb_is_a_one_line_error():
+    """A phone unplugged mid-run leaves adb waiting: its timeout is named, not raised as a traceback."""
+    with pytest.raises(android_bench.BenchError, match=r"gave no result in 1 s: is the device still connected"):
+        android_bench.run([sys.executable, "-c", "import time; time.sleep(5)"], timeout=1)
+    with pytest.raises(android_bench.BenchError, match=r"cannot run `/nonexistent/adb devices`"):
+        android_bench.run(["/nonexistent/adb", "devices"])
+
+
 def test_android_report_fills_the_schema(tiny_artefacts):
     args = android_bench.parse_args([str(tiny_artefacts["tflite_int8"]), "--benchmark-binary",
                                      str(tiny_artefacts["tflite_int8"]), "--delegate", "xnnpack"])

@@ -291,6 +291,7 @@ def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_pat
     (tmp_path / "empty").mkdir()
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
+    (tmp_path / "arrays.npz").mkdir()
     write_photo(tmp_path / "a" / "room.png", (64, 48))
     write_photo(tmp_path / "b" / "room.jpg", (64, 48))
     (tmp_path / "broken.png").write_text("not an image")
@@ -302,6 +303,7 @@ def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_pat
         ([tmp_path / "broken.png"], maps, "broken.png: not a readable image"),
         ([tmp_path / "a", tiny_artefacts["inputs"]], maps, "an .npy comes alone"),
         ([tmp_path / "a"], tmp_path / "maps.png", "give a path ending in .npz"),
+        ([tmp_path / "a"], tmp_path / "arrays.npz", "arrays.npz is a directory"),
         ([tmp_path / "a", tiny_artefacts["inputs"].with_suffix(".NPY")], maps, "an .npy comes alone"),
     ]
     for inputs, out, message in cases:
@@ -315,7 +317,9 @@ def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_pat
     late[-1, 0, 0, 0] = np.nan
     np.save(tmp_path / "late.npy", late)
     np.save(tmp_path / "none.npy", images[:0])
+    (tmp_path / "empty.npy").write_bytes(b"")   # numpy raises EOFError on it
     for inputs, extra, message in [(tmp_path / "late.npy", [], "hold NaN/inf"), (tmp_path / "none.npy", [], "N >= 1"),
+                                   (tmp_path / "empty.npy", [], "cannot read --inputs"),
                                    (tmp_path / "a", ["--logits"], "--logits stores the logits in an .npz")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             main.__wrapped__([str(artefact), "--inputs", str(inputs), "--out", str(maps), *extra])
@@ -537,3 +541,8 @@ def test_op_profile_refuses_a_file_that_is_not_tflite(tiny_artefacts, tmp_path):
     fake.write_bytes(b"\0" * 64)
     proc = edge_cli("edge.op_profile", fake)
     assert proc.returncode == 2 and "not a TFLite flatbuffer" in proc.stderr
+    from edge.op_profile import load_model
+    cut = tmp_path / "cut.tflite"   # an interrupted copy: the identifier is there, the tables are not
+    cut.write_bytes(Path(tiny_artefacts["tflite_int8"]).read_bytes()[:4000])
+    with pytest.raises(ValueError, match=r"cut\.tflite \(4000 bytes\) is a truncated or damaged TFLite file"):
+        load_model(cut)

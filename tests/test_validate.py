@@ -194,6 +194,29 @@ def test_coreml_fp16_validates_on_linux_and_a_corrupted_package_fails(tiny_corem
     assert report.per_pixel["depth_rel_p50"] > 10 * intact.per_pixel["depth_rel_p50"]
 
 
+def test_a_damaged_coreml_package_is_refused_naming_its_size_and_the_check(tiny_coreml, tmp_path):
+    """As a truncated .tflite or .onnx (tests/test_edge.py): the runtime's parse error gains the
+    package's size and the fix, and the command exits 2 without a traceback."""
+    import shutil
+    import subprocess
+
+    from edge.runners import UnreadableArtefact, open_runner
+
+    cut, garbled = (tmp_path / name / tiny_coreml.name for name in ("cut", "garbled"))
+    for damaged in (cut, garbled):
+        shutil.copytree(tiny_coreml, damaged)
+    spec = next(cut.rglob("model.mlmodel"))
+    spec.write_bytes(spec.read_bytes()[:700])        # an interrupted copy
+    (garbled / "Manifest.json").write_text("garbage")
+    for damaged in (cut, garbled):
+        with pytest.raises(UnreadableArtefact, match=r"cannot load .*\.mlpackage \(\d+ bytes\): .+quant\.verify"):
+            open_runner(damaged)
+    np.save(tmp_path / "images.npy", np.zeros((1, 3, 64, 96), np.float32))
+    proc = subprocess.run([sys.executable, "-m", "edge.run", str(cut), "--inputs", str(tmp_path / "images.npy"),
+                           "--out", str(tmp_path / "out.npz")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "cannot load" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_a_converter_that_crashes_is_named_by_its_signal(tmp_path, monkeypatch):
     """A toolchain that aborts in native code (LiteRT's double free, 2026-12-03) ends its process by
     a signal: the error names it, and the log's lines (TensorFlow prints 10,000-character ones)

@@ -188,9 +188,16 @@ def info_commands(adb: str, serial) -> dict:
 
 
 def run(command: list, timeout: float = 600) -> str:
-    """Run one adb command; its stdout+stderr, or BenchError naming the command and its output."""
-    proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
-                          universal_newlines=True)
+    """Run one adb command; its stdout+stderr, or BenchError naming the command and its output (or
+    that it hung: a phone unplugged mid-run leaves adb waiting)."""
+    try:
+        proc = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout,
+                              universal_newlines=True)
+    except subprocess.TimeoutExpired:
+        raise BenchError("`{}` gave no result in {:.0f} s: is the device still connected (`adb devices`)?".format(
+            " ".join(command), timeout))
+    except OSError as error:   # adb removed or not executable since find_adb
+        raise BenchError("cannot run `{}`: {}".format(" ".join(command), error))
     if proc.returncode != 0:
         raise BenchError("`{}` failed (exit {}):\n{}".format(" ".join(command), proc.returncode, proc.stdout.strip()))
     return proc.stdout
