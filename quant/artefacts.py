@@ -43,10 +43,12 @@ class ExportDir:
         self.final = Path(final)
         self.committed = False
         if not self.final.exists():   # a commit killed between its two renames left old-PID beside staging-PID
-            for old in sorted(self.final.parent.glob(f".{self.final.name}.old-*"), key=lambda p: p.stat().st_mtime):
+            for old in sorted(self.final.parent.glob(f".{self.final.name}.old-*"), key=lambda p: p.stat().st_mtime,
+                              reverse=True):
                 pid = old.name.rsplit("-", 1)[-1]
                 if (self.final.parent / f".{self.final.name}.staging-{pid}").is_dir():
-                    io.replace(old, self.final)   # put it back (an old-PID alone is a deletion cut short)
+                    io.replace(old, self.final)   # put the newest back (an old-PID alone is a deletion cut short);
+                    break                         # any other is a leftover, removed below
         if self.final.exists() and not overwrite:
             count = len(list(self.final.iterdir())) if self.final.is_dir() else 1
             raise ExportExistsError(f"{self.final} already exists ({count} entries); pass --overwrite to replace "
@@ -64,6 +66,9 @@ class ExportDir:
         self.work.mkdir()
 
     def commit(self) -> Path:
+        # the artefacts and records were fsynced as written; the copied device scripts and converter
+        # logs were not: a power cut after the rename must not leave them empty under the final name
+        io.fsync_tree(self.staging)
         old = self.final.parent / f".{self.final.name}.old-{os.getpid()}"
         if self.final.exists():
             os.replace(self.final, old)

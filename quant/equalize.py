@@ -66,7 +66,9 @@ def relu_chains(model: nn.Module, example: torch.Tensor) -> list[Chain]:
 
 
 def is_depthwise(conv: nn.Conv2d) -> bool:
-    return conv.groups > 1 and conv.groups == conv.in_channels
+    """One filter per channel; a channel multiplier (out = k x in) is not: its k filters per input
+    channel would need the scale repeated, which `rescale` does not do."""
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
 def equalizable_consumer(conv: nn.Conv2d) -> bool:

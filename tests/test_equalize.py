@@ -76,6 +76,19 @@ def test_a_chain_whose_tensor_another_op_reads_is_left_alone():
     torch.testing.assert_close(equalized(x)["out"], model(x)["out"], rtol=1e-5, atol=1e-6)
 
 
+def test_a_depthwise_reader_with_a_channel_multiplier_is_left_alone():
+    """groups == in_channels but two filters per channel (out = 2 x in): not a per-channel reader,
+    so the chain into it is not rescaled, and the function is kept."""
+    model, batches = TwoChains(), images()
+    model.dw = nn.Conv2d(3, 6, 3, padding=1, groups=3)
+    model.project = nn.Conv2d(6, 2, 1)
+    equalized, records = eq.equalize(model.eval(), batches[0][:1], batches)
+    assert ("expand", "dw") not in [(r["producer"], r["consumer"]) for r in records]
+    assert torch.equal(equalized.expand.weight, model.expand.weight)
+    x = torch.cat(batches)
+    torch.testing.assert_close(equalized(x)["out"], model(x)["out"], rtol=1e-5, atol=1e-6)
+
+
 def int8_error(model: TwoChains, x: torch.Tensor) -> float:
     """Output error when the first ReLU's output is fake-quantised per tensor by min/max."""
     quantizer = qat.ActivationQuantizer(momentum=None).train()

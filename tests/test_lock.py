@@ -90,6 +90,25 @@ def test_an_export_swapped_out_by_a_killed_commit_comes_back(tmp_path):
     assert (parent / "tflite" / "manifest.json").read_text() == "{}" and not (parent / ".tflite.old-123").exists()
 
 
+def test_of_two_swapped_out_exports_the_newest_comes_back(tmp_path):
+    """Two commits killed between their renames (the second export's own restore cut short too):
+    the newest swapped-out export is put back, the other is a leftover; not an error."""
+    import os
+
+    from quant.artefacts import ExportDir
+
+    parent = tmp_path / "exports" / "v3-run"
+    for pid, stamp in (("123", 1_000_000), ("456", 2_000_000)):
+        old = parent / f".tflite.old-{pid}"
+        old.mkdir(parents=True)
+        (old / "manifest.json").write_text(pid)
+        (parent / f".tflite.staging-{pid}").mkdir()
+        os.utime(old, (stamp, stamp))
+    staging = ExportDir(parent / "tflite", overwrite=True)
+    assert (parent / "tflite" / "manifest.json").read_text() == "456"
+    assert parent / ".tflite.old-123" in staging.leftovers and not (parent / ".tflite.old-123").exists()
+
+
 def test_an_old_export_whose_removal_was_cut_short_does_not_come_back(tmp_path):
     """.old-PID without .staging-PID: the new export was in place and the old one half deleted; the
     user then removed the export. Putting the half-deleted one back would make it look complete."""
