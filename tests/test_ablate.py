@@ -46,8 +46,10 @@ def test_bad_grids_are_refused(items, message):
     (["distill.normalization=none,median"], "distill.normalization='median': must be one of"),
     (["loss.weighting=fixed,kendall", "train.epochs=three"], "train.epochs='three': expected int"),
     (["loss.weighting=fixed,kendall", "--metrics", "abs_rel,d_1"], 'unknown metric "d_1". Did you mean "d1"?'),
-    (["loss.weighting=fixed,kendall", "teacher.cache=/x", "distill.shared_crop=0,0.5"],
-     "combination 02-weighting=fixed_shared_crop=0.5: distill.shared_crop need(s) the teacher online"),
+    (["loss.weighting=fixed,kendall", "teacher.cache=/x", "distill.shared_crop=0.5,0"],
+     "combination 01-weighting=fixed_shared_crop=0.5: distill.shared_crop need(s) the teacher online"),
+    (["loss.weighting=fixed,kendall", "teacher.cache=/x"],   # a cache is opened (its manifest) before any run
+     "combination 01-weighting=fixed: teacher.cache=/x is not a pseudo-label cache"),
     (["loss.weighting=fixed,kendall", "--heldout", "model.decoder_channels=8"],
      "--heldout: model.decoder_channels=8: an evaluation changes only data.* and eval.* keys"),
     (["loss.weighting=fixed,kendall", "--heldout", "data.num_val=0"], "--heldout: data.num_val=0 must be at least 1"),

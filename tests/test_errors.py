@@ -70,6 +70,17 @@ CASES = [
      "data.val_dataset=nyu:/no/such/nyu: /no/such/nyu does not exist"),   # before SynthRooms renders 4,000
     ("distill.run", ["v3", "data.val_dataset=synthroom"], 'Did you mean "synthrooms"?'),
     ("distill.run", ["v5", "distill.feature_weight=0.1"], "drop teacher.assistant or set distill.feature_weight=0"),
+    # what the teacher section names is known before any image is rendered (its class, or its cache's manifest)
+    ("distill.run", ["v3", "distill.feature_weight=0.1"],
+     "teacher.name=synthetic-metric has none (da2-metric, da2-relative have them, run online)"),
+    ("distill.run", ["v3", "teacher.name=synthetic-relative", "teacher.align=dataset"],
+     "teacher.align=dataset scales metric depth, but teacher.name=synthetic-relative outputs relative"),
+    ("distill.run", ["v3", "teacher.assistant=synthetic-relative"], "pick an assistant in the same space"),
+    ("distill.run", ["v3", "teacher.cache=empty"], "teacher.cache=empty is not a pseudo-label cache (no manifest.json)"),
+    ("distill.run", ["v3", "model.pretrained=no/such.safetensors"], "model.pretrained=no/such.safetensors: no such file"),
+    ("distill.run", ["v3", "data.val_dataset=nyu"], "data.val_dataset='nyu' needs a path"),
+    ("distill.run", ["v3", "data.val_dataset=folder:empty"], "an image folder has no ground truth to validate on"),
+    ("distill.run", ["v3", "resume=a-v3-run"], "resume=a-v3-run: no complete checkpoint under"),
     ("distill.run", ["v3", "name=v4"], "name=v4: the recipe's name is not a key; the recipe is the first argument"),
     ("distill.run", ["v3", "data.seed=-2"], "data.seed=-2 must be >= 0"),
     ("distill.run", ["v3", "train.lr_encoder=nan"], "train.lr_encoder='nan': expected a finite number"),

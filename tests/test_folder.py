@@ -132,6 +132,10 @@ def test_empty_folder_and_limit(images, tmp_path):
 def test_registry_needs_a_validation_dataset(images, labeled):
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="set data.val_dataset"):
         build_datasets(DataConfig(dataset=f"folder:{images}", height=32, width=64))
+    with pytest.raises(ValueError, match="data.val_dataset=folder:.*an image folder has no ground truth"):
+        build_datasets(DataConfig(dataset=f"nyu:{labeled}", val_dataset=f"folder:{images}", height=32, width=64))
+    with pytest.raises(ValueError, match="data.val_dataset='nyu' needs a path"):   # not data.dataset's
+        build_datasets(DataConfig(dataset=f"folder:{images}", val_dataset="nyu", height=32, width=64))
     with pytest.warns(UserWarning):
         train, val = build_datasets(DataConfig(dataset=f"folder:{images}", val_dataset=f"nyu:{labeled}",
                                                height=32, width=64, num_train=2))

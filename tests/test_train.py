@@ -63,6 +63,8 @@ def test_v3_trains_and_writes_the_run_directory(tmp_path, capsys):
                                                   / (summary["baseline_abs_rel"] - summary["teacher_abs_rel"]))
     report = (run / "report.md").read_text()
     assert "gap_closed" in report and "iBims-1" in report
+    # the images as loaded, not the recipe's sizes (None for a file dataset: its own)
+    assert (summary["train_set"], summary["val_set"]) == (48, 8) and "64x96, 48 training images (8 validating)" in report
     assert json.loads((run / "preflight.json").read_text())["passed"] is True
     assert list(tb for tb in (run / "tensorboard").iterdir() if tb.name.startswith("events"))
     assert sys.modules.get("tensorflow") is None  # TensorBoard never pulled TensorFlow into torch's process
@@ -297,12 +299,15 @@ def test_resume_refuses_a_corrupt_or_missing_checkpoint_with_one_line(tmp_path, 
     data[-5] ^= 0x40
     weights.write_bytes(bytes(data))
     capsys.readouterr()
+    files = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     assert main(["v3", f"resume={run}", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{weights} differs from the sha256 its checkpoint recorded" in err[0], err
     shutil.rmtree(weights.parent)
     assert main(["v3", f"resume={run}", "--quiet"]) == 2
     assert "no complete checkpoint under" in capsys.readouterr().err
+    # refused before the run's files change (config.json, preflight.json were rewritten first until 2026-12-07)
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
 
 
 def test_resume_settles_a_best_staged_when_the_run_was_killed(tmp_path, capsys):

@@ -19,6 +19,9 @@ from torch.utils.data import Dataset
 from core.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
+# the datasets read from a path ("name:path"), and those with no validation split of their own
+FROM_PATH = ("nyu", "nyu-labeled", "nyu-bts", "nyu-h5", "folder")
+UNLABELLED = ("folder",)
 
 
 def cache_root(root: str = "") -> Path:
@@ -98,8 +101,13 @@ def check_sources(cfg) -> None:
             continue
         name, _, path = spec.partition(":")
         DATASETS.get(name)   # UnknownNameError, with the closest name
+        if name in FROM_PATH and not path:
+            raise ValueError(f'data.{key}={spec!r} needs a path: "{name}:/path/to/data"')
         if path and not Path(path).exists():
             raise FileNotFoundError(f"data.{key}={spec}: {path} does not exist; give the path of the data")
+    if cfg.val_dataset.partition(":")[0] in UNLABELLED:
+        raise ValueError(f"data.val_dataset={cfg.val_dataset}: an image folder has no ground truth to validate on; "
+                         f"name a labelled set (e.g. data.val_dataset=synthrooms or nyu:/data/nyu)")
 
 
 def dataset_path(cfg) -> str:

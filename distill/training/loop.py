@@ -44,7 +44,7 @@ from distill.training.objective import (Objective, depth_target, labelled_tasks,
                                         weighting_for)
 from distill.training.optim import build_optimizer
 from distill.training.preflight import PreflightError, enforce, run_preflight
-from distill.training.supervision import check_options, supervision_for
+from distill.training.supervision import check_options, feature_teachers, supervision_for
 
 PREFLIGHT_BATCHES = 3
 AUX_LEVELS = 2   # loss.aux_weight > 0: deep supervision on the decoder's two coarsest outputs (stride 16 and 8)
@@ -81,10 +81,11 @@ def new_run_dir(recipe: Recipe) -> Path:
 
 
 def training_median_depth(ds: Dataset, fallback: Dataset | None = None, max_images: int = 256) -> float:
-    """Median ground-truth depth (m) of the training set, from up to `max_images` evenly spaced
-    images; of `fallback` (the validation set) when the training images have none (a folder)."""
-    step = max(1, len(ds) // max_images)
-    values = torch.cat([ds[i]["depth"][ds[i]["valid"]] for i in range(0, len(ds), step)])
+    """Median ground-truth depth (m) of the training set, from every (len // `max_images`)-th image
+    (up to 2 x `max_images` - 1 of them; the baselines of every recorded run were measured so); of
+    `fallback` (the validation set) when the training images have none (a folder)."""
+    samples = (ds[i] for i in range(0, len(ds), max(1, len(ds) // max_images)))   # each read once
+    values = torch.cat([s["depth"][s["valid"]] for s in samples])
     if values.numel() == 0 and fallback is not None:
         return training_median_depth(fallback, None, max_images)
     return values.median().item()
@@ -162,11 +163,15 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
             + "  (override any with key=value)")
     check_values(recipe, processes=rank.world)   # before any image is rendered
     check_options(recipe)                        # teacher options that cannot work together, too
+    check_pretrained(recipe.model.pretrained)
+    resumed = resume_point(Path(recipe.resume)) if recipe.resume else None
     amp = autocast_dtype(recipe.train.amp, device)
     tc, dc = recipe.train, recipe.data
     seed_everything(tc.seed)
 
     train_ds, val_ds = build_datasets(dc, progress=progress)
+    if resumed is not None:   # before the run's files change
+        check_same_training_set(Path(recipe.resume), resumed[1]["progress"], len(train_ds), dc.dataset)
     train_loader = make_loader(train_ds, tc.batch_size // rank.world, train=True, seed=tc.seed,
                                workers=dc.workers, rank=rank.rank, world=rank.world)
     val_loader = make_loader(val_ds, tc.batch_size, train=False, seed=tc.seed, workers=dc.workers)
@@ -203,8 +208,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     state = {"epoch": 0, "step": 0, "best": None, "train_time": 0.0, "train_images": 0,
              "data_wait_s": 0.0, "teacher_s": 0.0, "train_set": len(train_ds), "wall_s": 0.0}
     if recipe.resume:
-        state = restore(run_dir, model, weighting, optimizer, scheduler, log, write=rank.main, feature_kd=feature_kd,
-                        train_set=(len(train_ds), dc.dataset))
+        state = restore(run_dir, resumed, model, weighting, optimizer, scheduler, log, write=rank.main,
+                        feature_kd=feature_kd)
     # wall time of the processes before this one, each up to its last checkpoint (0 for checkpoints
     # before 2026-12-06, which did not record it): a resumed run's wall_s covers the whole run
     wall_before = state.get("wall_s", 0.0)
@@ -265,6 +270,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
             val = with_references(evaluate(model, val_loader, device, None, recipe), baseline, teacher_val)
         fit = fit_reference(model, train_ds, len(val_ds), recipe, device, val, log)
         summary = {**val, **fit, "baseline_depth": baseline_depth, "best": state["best"],
+                   "train_set": len(train_ds), "val_set": len(val_ds),
                    "train_images_per_s": state["train_images"] / max(state["train_time"], 1e-9),
                    **{share: state.get(key, 0.0) / max(state["train_time"], 1e-9) for key, share in TIME_SHARES},
                    "wall_s": wall_before + time.time() - t_start, "epochs": tc.epochs, "device": str(device),
@@ -379,7 +385,7 @@ def feature_distiller(model, teacher: Teacher, loader: DataLoader, device: torch
     teacher_maps = teacher.features(to_device(next(iter(loader)), device))
     if teacher_maps is None:
         raise ValueError(f"distill.feature_weight > 0 needs a teacher with feature maps; {teacher.name} has none "
-                         f"(the Depth Anything teachers have them); set distill.feature_weight=0")
+                         f"({', '.join(feature_teachers())} have them); set distill.feature_weight=0")
     student_channels = [model.encoder.feature_info.channels()[i] for i in model.levels]
     return FeatureDistiller(student_channels, [f.shape[1] for f in teacher_maps]).to(device)
 
@@ -528,18 +534,29 @@ def check_same_training_set(run_dir: Path, state: dict, images: int, dataset: st
                           f"or start a new run")
 
 
-def restore(run_dir: Path, model, weighting, optimizer, scheduler, log, write: bool = True,
-            feature_kd=None, train_set: tuple[int, str] | None = None) -> dict:
-    """The state of the run's latest checkpoint, loaded into the model, optimizer, scheduler and
-    weighting; refused before anything is changed when `train_set` (images, dataset) differs from
-    the count the run started with."""
+def resume_point(run_dir: Path) -> tuple[Path, dict]:
+    """(the run's latest complete checkpoint, its state, hash-checked): a resume is refused before
+    any image is rendered or a file of the run changes when there is none."""
     ckpt = latest_checkpoint(run_dir / "checkpoints")
     if ckpt is None:
         raise ConfigError(f"resume={run_dir}: no complete checkpoint under {run_dir / 'checkpoints'} (killed "
                           f"before its first epoch ended); start a new run instead")
-    full = check_checkpoint(ckpt)
-    if train_set is not None:
-        check_same_training_set(run_dir, full["progress"], *train_set)
+    return ckpt, check_checkpoint(ckpt)
+
+
+def check_pretrained(pretrained: str) -> None:
+    """model.pretrained names a file that exists ("" and "hub" name none): refused before any render."""
+    if pretrained not in ("", "hub") and not Path(pretrained).expanduser().is_file():
+        raise ConfigError(f"model.pretrained={pretrained}: no such file; pass a local weights file "
+                          f"(.safetensors/.pth), model.pretrained=hub to download, or leave it empty to train "
+                          f"from scratch")
+
+
+def restore(run_dir: Path, resumed: tuple[Path, dict], model, weighting, optimizer, scheduler, log,
+            write: bool = True, feature_kd=None) -> dict:
+    """The state of `resumed` (`resume_point`'s checkpoint and state, its training set checked by
+    then) loaded into the model, optimizer, scheduler and weighting."""
+    ckpt, full = resumed
     model.load_state_dict(load_weights(ckpt / "model.safetensors"))
     optimizer.load_state_dict(full["optimizer"])
     scheduler.load_state_dict(full["scheduler"])

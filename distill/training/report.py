@@ -98,13 +98,15 @@ def per_class_lines(iou: dict[str, float | None], per_line: int = 4) -> list[str
                                                  for i in range(0, len(cells), per_line)]
 
 
-def markdown_report(run_dir: Path, recipe, summary: dict) -> str:
+def markdown_report(run_dir: Path, recipe, summary: dict, size: tuple[int, int]) -> str:
+    """report.md; `size` (H, W) is the images' (a file dataset's None in the recipe means its own)."""
     preflight = json.loads((run_dir / "preflight.json").read_text())
     doc = (type(recipe).__doc__ or "").strip()
     lines = [f"# Run {run_dir.name}", "", f"Recipe **{recipe.name}**: {doc.splitlines()[0] if doc else ''}", "",
              f"Student `{recipe.model.student}` ({', '.join(recipe.model.tasks)}), teacher `{recipe.teacher.name}`, "
              f"depth loss `{recipe.loss.depth}`, weighting `{recipe.loss.weighting}`, "
-             f"{recipe.data.height}x{recipe.data.width}, {recipe.data.num_train} training images, "
+             f"{size[0]}x{size[1]}, {summary['train_set']} training images "
+             f"({summary['val_set']} validating), "
              f"{recipe.train.epochs} epochs on {summary['device']}.", "", "## Pre-flight", "",
              "| tensor | space | min | max | mean | median |", "|---|---|---|---|---|---|"]
     for name, s in preflight["stats"].items():   # null: the tensor had no finite value
@@ -141,6 +143,6 @@ def write_outputs(run_dir: Path, recipe, summary: dict, model, teacher, val_ds, 
         rows = preview_rows(model, shown, val_ds, device, recipe.eval.preview_images)
         with io.atomic_path(run_dir / "preview.png") as tmp:
             compose(rows, COLUMNS).save(tmp, format="PNG")
-    io.write_text(run_dir / "report.md", markdown_report(run_dir, recipe, summary))
+    io.write_text(run_dir / "report.md", markdown_report(run_dir, recipe, summary, tuple(val_ds[0]["image"].shape[-2:])))
     io.write_json(run_dir / "summary.json", summary)
     log(f"\n{recipe.name} finished: {run_dir}\n{terminal_table(summary)}")

@@ -14,8 +14,9 @@ from typing import Iterable
 import torch
 
 from distill.data.transforms import keyed_rng
-from distill.teachers import Teacher, teacher_for
-from distill.teachers.cache import CacheMismatchError
+from core.spaces import DepthSpace
+from distill.teachers import TEACHERS, Teacher, teacher_for
+from distill.teachers.cache import CacheMismatchError, CachedTeacher
 from distill.training import distributed
 from distill.training.cross_context import AssistantSchedule, crop_batch, sample_shared_crop
 
@@ -24,8 +25,26 @@ class SupervisionError(ValueError):
     """A teacher / distillation combination that cannot work; the message names the fix."""
 
 
+def feature_teachers() -> list[str]:
+    """The registered teachers that give feature maps (for D3epth's feature KD)."""
+    return [name for name in TEACHERS if TEACHERS.get(name).features is not Teacher.features]
+
+
+def teacher_traits(tc) -> tuple[DepthSpace, bool]:
+    """(space, gives feature maps) of the teacher a `TeacherConfig` names, from its cache's manifest
+    (checked to be this teacher's) or its class: no network is loaded, no image read."""
+    if tc.cache:
+        try:
+            return CachedTeacher.open(tc.cache, tc).space, False
+        except (CacheMismatchError, FileNotFoundError) as e:   # a cache that is not this run's
+            raise SupervisionError(str(e)) from e
+    kind = TEACHERS.get(tc.name)
+    return kind.space, kind.features is not Teacher.features
+
+
 def check_options(recipe) -> None:
-    """Refuse distillation options that cannot work together, before any teacher is loaded."""
+    """Refuse distillation options that cannot work together, before any teacher is loaded or any
+    image rendered: a teacher's space and features are known from its class or its cache's manifest."""
     tc, dc = recipe.teacher, recipe.distill
     online_only = {"distill.shared_crop": dc.shared_crop > 0, "distill.local_global_weight": dc.local_global_weight > 0,
                    "teacher.assistant": bool(tc.assistant)}
@@ -45,6 +64,19 @@ def check_options(recipe) -> None:
             f"distill.feature_weight={dc.feature_weight} distils the primary teacher's features, but "
             f"teacher.assistant={tc.assistant} labels some steps, whose features are another network's; "
             f"drop teacher.assistant or set distill.feature_weight=0")
+    space, has_features = teacher_traits(tc)
+    named = f"teacher.cache={tc.cache}" if tc.cache else f"teacher.name={tc.name}"
+    if dc.feature_weight > 0 and not has_features:
+        raise SupervisionError(
+            f"distill.feature_weight={dc.feature_weight} needs a teacher with feature maps; {named} has none "
+            f"({', '.join(feature_teachers())} have them, run online); set distill.feature_weight=0")
+    if tc.assistant and TEACHERS.get(tc.assistant).space != space:
+        raise SupervisionError(
+            f"teacher.assistant={tc.assistant} outputs {TEACHERS.get(tc.assistant).space.value} depth but {named} "
+            f"outputs {space.value}; pick an assistant in the same space (labels are drawn from either at random)")
+    if tc.align == "dataset" and space != DepthSpace.METRIC:
+        raise SupervisionError(f"teacher.align=dataset scales metric depth, but {named} outputs {space.value} "
+                               f"({space.describe()}); use a metric teacher or teacher.align=none")
 
 
 class Supervision:
@@ -63,12 +95,7 @@ class Supervision:
         self.assistant: Teacher | None = None
         if tc.assistant:
             self.assistant = teacher_for(replace(tc, name=tc.assistant, source=tc.assistant_source, cache="")).to(device)
-            self.schedule = AssistantSchedule(tc.assistant_ratio, self.seed)
-            if self.assistant.space != self.teacher.space:
-                raise SupervisionError(
-                    f"teacher.assistant={tc.assistant} outputs {self.assistant.space.value} depth but the primary "
-                    f"teacher {self.teacher.name} outputs {self.teacher.space.value}; pick an assistant in the "
-                    f"same space (labels are drawn from either teacher at random)")
+            self.schedule = AssistantSchedule(tc.assistant_ratio, self.seed)   # its space: check_options
 
     def teacher_at(self, step: int) -> Teacher:
         if self.assistant is not None and self.schedule.use_assistant(step):
