@@ -57,3 +57,17 @@ def test_every_world_size_takes_the_single_process_batches(images):
     assert len(single) == images // 8 and all(len(r) == len(single) for r in ranks)
     for k, batch in enumerate(single):
         assert sorted(batch) == sorted(ranks[0][k] + ranks[1][k])
+
+
+def test_a_gpu_index_past_the_machines_gpus_is_named(monkeypatch):
+    """On a one-GPU machine, train.device=cuda:3 is refused naming the GPUs there (torch's own
+    error came at the first tensor moved, after the data was rendered). No GPU here: its count is set."""
+    import torch
+
+    from distill.training.distributed import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda:0") and pick_device("cuda") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match=r"train.device=cuda:3 but this machine has 1 GPU\(s\), cuda:0 to cuda:0"):
+        pick_device("cuda:3")

@@ -40,6 +40,9 @@ def pick_device(spec: str, local_rank: int = 0, key: str = "train.device") -> to
         device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{key}={spec} but CUDA is not available here; use {key}=cpu or auto")
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{key}={spec} but this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                         f"cuda:{torch.cuda.device_count() - 1}; pick one of them, or {key}=auto")
     return device
 
 
