@@ -552,13 +552,17 @@ def resumed_rows(out: Path, recipe_name: str, grid: Grid, metrics: list[str], he
     if not path.is_file():
         raise ConfigError(f"--resume: {out} holds no ablation.json; drop --resume to start this grid there")
     saved = io.read_json(path, fix="it was not written by distill.ablate; give another --out")
+    rows = saved.get("runs") if isinstance(saved, dict) else None
+    if not isinstance(rows, list) or not all(isinstance(row, dict) and "overrides" in row for row in rows):
+        raise ConfigError(f"--resume: {path} has no rows of runs: it was not written by distill.ablate (or was "
+                          f"edited); give another --out")
     now = grid_identity(recipe_name, grid, metrics, heldout)
     differ = [key for key, value in now.items() if saved.get(key, [] if key == "heldout" else None) != value]
     overrides = [overrides_for(grid, c) for c in grid.combinations()]
-    if differ or [row["overrides"] for row in saved["runs"]] != overrides:
+    if differ or [row["overrides"] for row in rows] != overrides:
         raise ConfigError(f"--resume: {path} is another grid ({', '.join(differ) or 'its rows'} differ); give the "
                           f"command that started it, or another --out")
-    return saved["runs"]
+    return rows
 
 
 if __name__ == "__main__":

@@ -239,6 +239,10 @@ def test_resume_keeps_finished_rows_and_continues_a_stopped_run(tmp_path, capsys
     assert main(["v3", "train.lr_decoder=0.002,0.004", *TINY, f"data.root={tmp_path / 'data'}", "--out", str(out),
                  "--resume"]) == 2
     assert "is another grid (common differ)" in capsys.readouterr().err
+    (out / "ablation.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "runs"}))   # edited by hand
+    assert main([*args, "--resume"]) == 2
+    assert "has no rows of runs: it was not written by distill.ablate" in capsys.readouterr().err
+    (out / "ablation.json").write_text(json.dumps(saved))
     assert main([*args, "--resume"]) == 0
     assert "finished before, kept" in capsys.readouterr().out
     assert (first.parent / "train.log").read_text() == first_log                   # not trained again
