@@ -54,7 +54,8 @@ from core.lock import exclusive
 from core.registry import suggest
 from distill.recipes import RECIPES, Recipe, check_values, get_recipe, renders, resolve_for_device
 
-# How each summary.json metric ranks: -1 lower is better, +1 higher is better, 0 closest to 1.
+# How each summary.json metric ranks: -1 lower is better, +1 higher is better, 0 closest to 1 (a
+# scale: by |log|, so that x0.8 and x1.25, the same error in depth, tie).
 DIRECTION: dict[str, int] = {
     **{k: -1 for k in ("abs_rel", "abs_rel_aligned", "sq_rel", "rmse", "rmse_log", "log10", "silog",
                        "abs_rel_0_2", "abs_rel_2_5", "abs_rel_5_10", "dbe_acc", "dbe_comp", "wall_s",
@@ -285,7 +286,10 @@ def best_rows(rows: list[dict], metric: str) -> set[int]:
         value = row_value(row, metric)
         if row["status"] in ranked and isinstance(value, (int, float)) and math.isfinite(value):
             value, direction = round(value, 4), DIRECTION[metric]
-            scored[i] = -abs(value - 1) if direction == 0 else direction * value
+            if direction == 0:
+                scored[i] = round(-abs(math.log(value)), 9) if value > 0 else -math.inf   # 9: x0.8 ties x1.25
+            else:
+                scored[i] = direction * value
     if len(scored) < 2:   # a lone figure beats nothing
         return set()
     top = max(scored.values())

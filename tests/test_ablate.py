@@ -101,6 +101,8 @@ def test_best_value_per_metric_is_marked(tmp_path):
             row({"k": "d"}, "pending")]
     assert best_rows(rows, "abs_rel") == {1} and best_rows(rows, "d1") == {0}
     assert best_rows(rows, "s_star") == {1}                     # closest to 1
+    scales = [row({"k": "a"}, s_star=0.8), row({"k": "b"}, s_star=1.25), row({"k": "c"}, s_star=1.24)]
+    assert best_rows(scales, "s_star") == {2} and best_rows(scales[:2], "s_star") == {0, 1}   # by |log s|
     assert best_rows(rows, "miou") == {0, 1} and best_rows(rows, "wall_s") == {0, 1}
     md = markdown_table(rows, ["k"], ["abs_rel", "d1", "s_star"], tmp_path)
     lines = md.splitlines()
