@@ -142,14 +142,22 @@ def write_text(dest: str | Path, text: str) -> None:
     write_bytes(dest, text.encode())
 
 
+def json_default(value: Any) -> Any:
+    """What json cannot write itself: a numpy scalar or array as its Python number(s) (not the
+    string default=str made of it, which reads back as "0.5"), anything else as its str (a Path)."""
+    if hasattr(value, "tolist") and hasattr(value, "dtype"):   # numpy, without importing it here
+        return value.tolist()
+    return str(value)
+
+
 def write_json(dest: str | Path, data: Any) -> None:
-    write_text(dest, json.dumps(data, indent=2, default=str) + "\n")
+    write_text(dest, json.dumps(data, indent=2, default=json_default) + "\n")
 
 
 def append_jsonl(dest: str | Path, record: dict) -> None:
     """Append one line; a torn last line (killed mid-write) is skipped by `read_jsonl`."""
     with open(dest, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+        f.write(json.dumps(record, default=json_default) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -202,7 +210,7 @@ def matches_record(path: str | Path, recorded: str, digest: str | None = None) -
 def sha256(path: str | Path) -> str:
     """sha256 of a file (the plain `sha256sum`), or of a directory such as an .mlpackage: its files
     in sorted order, each as its relative path and its contents, both preceded by their length in
-    8 bytes, so that no two different trees hash alike."""
+    8 bytes, so that no two different sets of files hash alike (empty directories are not hashed)."""
     path = existing(path)
     if path.is_file():
         return file_digest(path, hashlib.sha256()).hexdigest()

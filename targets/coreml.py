@@ -105,7 +105,7 @@ IOS18_PRECISIONS = ("w4block", "palette4g", "sparse-palette4", "w8a8")
 PRECISIONS = FORMATS["coreml"].precisions   # the one table (core/formats.py)
 TARGETS = {p: "iOS18" if p in IOS18_PRECISIONS else "iOS16" for p in PRECISIONS}
 
-# coremltools' own default: tensors with fewer than 2048 elements stay float16. Measured on the
+# coremltools' own default: tensors of at most 2048 elements stay float16. Measured on the
 # default student (mobilenetv3_small_100, 64-channel decoder, 256x320): compressing every tensor
 # (threshold 0) made palette4's weights only 1.9% smaller (584 KB vs 595 KB) and w8's 0.5% smaller,
 # while the tensors it adds (119 of 169: biases, SE layers, small depthwise kernels and the depth /

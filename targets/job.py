@@ -14,8 +14,8 @@ Tensors in files are numpy `.npy`:
 - check/inputs.npy: (N, 3, H, W) float32 RGB in [0, 1] (normalisation is inside every artefact).
 - check/<source>_depth.npy (N, 1, H, W) depth in the run's space (metres for a metric student) and
   check/<source>_seg.npy (N, C, H, W) logits:
-  the PyTorch model's outputs on those inputs, one pair per source ("float", and "int8" when the
-  int8 artefacts come from a QAT model).
+  the PyTorch model's outputs on those inputs, one pair per source ("float", and "int8" whenever an
+  int8 precision is asked: the QAT model's outputs, or the float pair's files under PTQ).
 - calibration/nhwc.npy (N, H, W, 3) and calibration/nchw.npy (N, 3, H, W), float32 in [0, 1].
 """
 from __future__ import annotations

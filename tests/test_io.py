@@ -232,3 +232,14 @@ def test_a_nearly_full_disk_renames_write_errors_only(tmp_path, monkeypatch):
         with io.atomic_path(tmp_path / "b.bin"):
             raise ValueError("the digest differs")
     assert not any(tmp_path.iterdir())
+
+
+def test_numpy_numbers_are_written_as_numbers(tmp_path):
+    """A numpy scalar or array in a record reads back as numbers, not as the strings str() made."""
+    import numpy as np
+
+    record = {"f": np.float32(0.5), "i": np.int64(3), "b": np.bool_(True), "a": np.arange(2), "p": tmp_path}
+    io.write_json(tmp_path / "r.json", record)
+    io.append_jsonl(tmp_path / "r.jsonl", record)
+    want = {"f": 0.5, "i": 3, "b": True, "a": [0, 1], "p": str(tmp_path)}
+    assert io.read_json(tmp_path / "r.json", fix="") == want and io.read_jsonl(tmp_path / "r.jsonl") == [want]
