@@ -13,8 +13,8 @@ from typing import Iterable
 
 import torch
 
-from distill.data.transforms import keyed_rng
 from core.spaces import DepthSpace
+from distill.data.transforms import keyed_rng
 from distill.teachers import TEACHERS, Teacher, teacher_for
 from distill.teachers.cache import CacheMismatchError, CachedTeacher
 from distill.training import distributed
