@@ -94,10 +94,13 @@ class CachedTeacher(Teacher):
         """Open a finished cache; with a `TeacherConfig`, refuse one made by another teacher."""
         path = Path(path)
         if not (path / "manifest.json").is_file():
-            state = ("is incomplete (no manifest.json: the caching run stopped before the end)"
-                     if (path / "job.json").is_file() else "is not a pseudo-label cache (no manifest.json)")
-            raise FileNotFoundError(f"teacher.cache={path} {state}; run python -m distill.cache_teacher with "
-                                    f"out={path} and the same arguments to finish it")
+            if (path / "job.json").is_file():
+                raise FileNotFoundError(f"teacher.cache={path} is incomplete (no manifest.json: the caching run "
+                                        f"stopped before the end); run python -m distill.cache_teacher with "
+                                        f"out={path} and the same arguments to finish it")
+            raise FileNotFoundError(f"teacher.cache={path} is not a pseudo-label cache (no manifest.json); build "
+                                    f"one with python -m distill.cache_teacher <teacher> data=... out=DIR, or drop "
+                                    f"teacher.cache to label online")
         manifest = read_json(path / "manifest.json", "rebuild the cache with python -m distill.cache_teacher")
         if manifest.get("format") != FORMAT:
             raise CacheMismatchError(f"{path}/manifest.json has format {manifest.get('format')!r}; this code reads "
