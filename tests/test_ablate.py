@@ -139,10 +139,10 @@ def test_seeds_average_each_row_with_its_spread(tmp_path):
     assert "| b | 0.1200 ± 0.0283 | 10 | 2/3 seeds (0, 2); FAILED ValueError: boom |" in md
     assert "## Every run" in md and json.loads((tmp_path / "ablation.json").read_text())["best"]["abs_rel"] == []
     assert best_rows([b, {**b, "metrics": {"abs_rel": 0.3}}], "abs_rel") == {0}   # partial rows among themselves
-    for bad in ("x", "0,0", ""):
-        if bad:
-            with pytest.raises(ConfigError, match="--seeds"):
-                parse_seeds(bad)
+    for bad in ("x", "0,0", "0"):
+        with pytest.raises(ConfigError, match="--seeds"):
+            parse_seeds(bad)
+    assert parse_seeds("") == ()   # no --seeds: the grid's own seed
     with pytest.raises(ConfigError, match="not both"):
         parse_grid(["k=a,b", "train.seed=1,2"], get_recipe("v3"), ("0", "1"))
     assert parse_seeds("4,7") == ("4", "7")

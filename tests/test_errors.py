@@ -144,9 +144,9 @@ CASES = [
     ("edge.bench", ["a.tflite", "--threads", "2", "b.tflite"], "a.tflite: it does not exist"),  # flags anywhere
     ("edge.peak", ["--threads", "0"], "--threads 0: must be at least 1"),
     ("edge.peak", ["--json", "a_file/p.json"], "a_file is a file, not a directory"),
-    ("edge.op_profile", ["m.onnx"], "m.onnx"),
+    ("edge.op_profile", ["m.onnx"], "m.onnx: edge.op_profile takes an existing .tflite file"),
     ("edge.op_profile", ["m.tflite", "--runs", "0"], "--runs 0: must be at least 1"),
-    ("edge.section_profile", ["m.onnx"], "m.onnx"),
+    ("edge.section_profile", ["m.onnx"], "m.onnx: edge.section_profile takes existing .tflite files"),
     ("edge.section_profile", ["m.tflite", "--sections", "0"], "--sections 0: must be at least 1"),
 ]
 
@@ -234,7 +234,8 @@ A_JOB = {"precisions": ["fp32"], "sources": {"float": "f.onnx"}, "out_dir": "o",
 
 
 @pytest.mark.parametrize("content, says", [
-    (None, ""), ("{not json", ""), ('{"format": "onnx"}', ""),
+    (None, "(FileNotFoundError: "), ("{not json", "(JSONDecodeError: "),
+    ('{"format": "onnx"}', "(TypeError: Job.__init__() missing 6 required positional arguments"),
     (json.dumps({**A_JOB, "format": "onnx", "precisions": ["w8"]}), "onnx precisions must be a non-empty subset"),
     (json.dumps({**A_JOB, "format": "tensorrt"}), "format 'tensorrt' is not one of tflite, coreml, onnx"),
 ], ids=["missing", "not-json", "not-a-job", "unknown-precision", "unknown-format"])

@@ -431,7 +431,7 @@ def test_constexpr_affine_dequantize_and_cast():
     np.testing.assert_array_equal(scalar, (q.astype(np.uint8).astype(np.float32) - 128) * 0.5)
     np.testing.assert_array_equal(run_op("constexpr_cast", {"source_val": scale, "output_dtype": "fp32"}),
                                   scale.astype(np.float32))
-    assert run_op("const", {"val": scale}, dtype="fp16") is not None
+    np.testing.assert_array_equal(run_op("const", {"val": scale}, dtype="fp16"), scale)
 
 
 def test_unknown_op_type_is_named():
