@@ -244,6 +244,11 @@ def existing(path: str | Path) -> Path:
     return path
 
 
+def tree_bytes(path: Path) -> int:
+    """A file's size, or the summed sizes of a directory's files (an .mlpackage)."""
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def tree_files(directory: Path) -> list[Path]:
     # ordered by the path's parts, case-sensitive on every OS (Windows paths compare case-blind)
     return sorted((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.relative_to(directory).parts)

@@ -27,6 +27,7 @@ import numpy as np
 
 from core.contract import DEPTH, SEG
 from core.formats import FORMATS, SUFFIXES, format_for
+from core.io import tree_bytes
 
 EXECUTORS = tuple(dict.fromkeys(e for f in FORMATS.values() for e in f.executors))   # all but "auto": Core ML's
 
@@ -93,9 +94,8 @@ class UnreadableArtefact(ValueError):
 
     def __init__(self, path: Path, runtime: str, error: Exception):
         reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
         super().__init__(
-            f"{runtime} cannot load {path} ({size} bytes): {reason.rstrip('.')}. A damaged "
+            f"{runtime} cannot load {path} ({tree_bytes(path)} bytes): {reason.rstrip('.')}. A damaged "
             f"or truncated file (an interrupted copy), another file under this suffix, or one written for a newer "
             f"runtime fails this way. If it came from python -m quant.export, `python -m quant.verify <its export "
             f"directory>` checks it against the export's manifest.json; export again to replace it.")

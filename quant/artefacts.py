@@ -190,17 +190,13 @@ def run_converter(job: Job, job_dir: Path, log=print) -> dict:
     return json.loads(result.read_text())
 
 
-def tree_bytes(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def write_manifest(export_dir: Path, artefacts: list[dict], tools: dict, config: dict) -> dict:
     """manifest.json: every artefact with its size and hash, the tool versions, the export config."""
     entries = []
     for a in artefacts:
         path = export_dir / a["path"]
         entries.append({"path": a["path"], "format": a["format"], "precision": a["precision"],
-                        "bytes": tree_bytes(path), "sha256": io.sha256(path),
+                        "bytes": io.tree_bytes(path), "sha256": io.sha256(path),
                         **{k: v for k, v in a.items() if k not in ("path", "format", "precision")}})
     manifest = {"artefacts": entries, "tools": tools, "config": config}
     io.write_json(export_dir / MANIFEST, manifest)

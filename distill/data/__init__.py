@@ -19,8 +19,9 @@ from torch.utils.data import Dataset
 from core.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
+NYU_LAYOUTS = ("nyu-labeled", "nyu-bts", "nyu-h5")
 # the datasets read from a path ("name:path"), and those with no validation split of their own
-FROM_PATH = ("nyu", "nyu-labeled", "nyu-bts", "nyu-h5", "folder")
+FROM_PATH = ("nyu", *NYU_LAYOUTS, "folder")
 UNLABELLED = ("folder",)
 
 
@@ -62,7 +63,7 @@ def _nyu_layout(layout: str):
     return factory
 
 
-for _layout in ("nyu-labeled", "nyu-bts", "nyu-h5"):
+for _layout in NYU_LAYOUTS:
     DATASETS.register(_layout, _nyu_layout(_layout))
 
 

@@ -8,6 +8,7 @@ encoder's deepest stride) so that every skip connection lines up without padding
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import timm
 import torch
@@ -240,11 +241,16 @@ def create_encoder(name: str, pretrained: str | bool) -> nn.Module:
         return timm.create_model(name, features_only=True, pretrained=False)
     if pretrained in (True, "hub"):
         return timm.create_model(name, features_only=True, pretrained=True)
-    from pathlib import Path
+    return timm.create_model(name, features_only=True, pretrained=True,
+                             pretrained_cfg_overlay={"file": str(pretrained_file(pretrained))})
+
+
+def pretrained_file(pretrained: str) -> Path:
+    """The local weights file `model.pretrained` names; FileNotFoundError naming the key and the fix
+    when there is none (checked before training renders its data, and where the encoder loads it)."""
     path = Path(str(pretrained)).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights for {name} not found at {path}; pass a local "
-                                f"weights file (.safetensors/.pth), model.pretrained=hub to download, "
-                                f"or leave model.pretrained empty to train from scratch")
-    return timm.create_model(name, features_only=True, pretrained=True,
-                             pretrained_cfg_overlay={"file": str(path)})
+        raise FileNotFoundError(f"model.pretrained={pretrained}: no such file ({path}); pass a local weights "
+                                f"file (.safetensors/.pth), model.pretrained=hub to download, or leave "
+                                f"model.pretrained empty to train from scratch")
+    return path

@@ -33,7 +33,7 @@ from distill.data import build_datasets
 from distill.data.classes import NYU13_NAMES
 from distill.losses.feature_kd import FeatureDistiller
 from distill.recipes import Recipe, check_values, resolve_for_device
-from distill.students import build_student, count_macs, shipped_state
+from distill.students import build_student, count_macs, pretrained_file, shipped_state
 from distill.students.model import AUX_PREFIX
 from distill.teachers import Teacher
 from distill.training import distributed
@@ -163,7 +163,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
             + "  (override any with key=value)")
     check_values(recipe, processes=rank.world)   # before any image is rendered
     check_options(recipe)                        # teacher options that cannot work together, too
-    check_pretrained(recipe.model.pretrained)
+    if recipe.model.pretrained not in ("", "hub"):
+        pretrained_file(recipe.model.pretrained)   # a missing weights file, before any render
     resumed = resume_point(Path(recipe.resume)) if recipe.resume else None
     amp = autocast_dtype(recipe.train.amp, device)
     tc, dc = recipe.train, recipe.data
@@ -542,14 +543,6 @@ def resume_point(run_dir: Path) -> tuple[Path, dict]:
         raise ConfigError(f"resume={run_dir}: no complete checkpoint under {run_dir / 'checkpoints'} (killed "
                           f"before its first epoch ended); start a new run instead")
     return ckpt, check_checkpoint(ckpt)
-
-
-def check_pretrained(pretrained: str) -> None:
-    """model.pretrained names a file that exists ("" and "hub" name none): refused before any render."""
-    if pretrained not in ("", "hub") and not Path(pretrained).expanduser().is_file():
-        raise ConfigError(f"model.pretrained={pretrained}: no such file; pass a local weights file "
-                          f"(.safetensors/.pth), model.pretrained=hub to download, or leave it empty to train "
-                          f"from scratch")
 
 
 def restore(run_dir: Path, resumed: tuple[Path, dict], model, weighting, optimizer, scheduler, log,

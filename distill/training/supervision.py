@@ -25,9 +25,14 @@ class SupervisionError(ValueError):
     """A teacher / distillation combination that cannot work; the message names the fix."""
 
 
+def gives_features(kind: type[Teacher]) -> bool:
+    """Whether a teacher class has feature maps (for D3epth's feature KD): it overrides `features`."""
+    return kind.features is not Teacher.features
+
+
 def feature_teachers() -> list[str]:
-    """The registered teachers that give feature maps (for D3epth's feature KD)."""
-    return [name for name in TEACHERS if TEACHERS.get(name).features is not Teacher.features]
+    """The registered teachers that give feature maps."""
+    return [name for name in TEACHERS if gives_features(TEACHERS.get(name))]
 
 
 def teacher_traits(tc) -> tuple[DepthSpace, bool]:
@@ -39,7 +44,7 @@ def teacher_traits(tc) -> tuple[DepthSpace, bool]:
         except (CacheMismatchError, FileNotFoundError) as e:   # a cache that is not this run's
             raise SupervisionError(str(e)) from e
     kind = TEACHERS.get(tc.name)
-    return kind.space, kind.features is not Teacher.features
+    return kind.space, gives_features(kind)
 
 
 def check_options(recipe) -> None:
@@ -70,9 +75,10 @@ def check_options(recipe) -> None:
         raise SupervisionError(
             f"distill.feature_weight={dc.feature_weight} needs a teacher with feature maps; {named} has none "
             f"({', '.join(feature_teachers())} have them, run online); set distill.feature_weight=0")
-    if tc.assistant and TEACHERS.get(tc.assistant).space != space:
+    assistant_space = TEACHERS.get(tc.assistant).space if tc.assistant else space
+    if assistant_space != space:
         raise SupervisionError(
-            f"teacher.assistant={tc.assistant} outputs {TEACHERS.get(tc.assistant).space.value} depth but {named} "
+            f"teacher.assistant={tc.assistant} outputs {assistant_space.value} depth but {named} "
             f"outputs {space.value}; pick an assistant in the same space (labels are drawn from either at random)")
     if tc.align == "dataset" and space != DepthSpace.METRIC:
         raise SupervisionError(f"teacher.align=dataset scales metric depth, but {named} outputs {space.value} "
