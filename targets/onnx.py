@@ -144,8 +144,11 @@ def to_float16(source: Path, dest: Path) -> Path:
                 if attribute.name == "value":
                     half(attribute.t)
     image, outputs = graph.input[0].name, {o.name for o in graph.output}
-    for node in graph.node:   # inner tensors take the float16 names; the graph's ends keep theirs
-        node.input[:] = [f"{name}_fp16" if name == image else name for name in node.input]
+    ends = outputs | {image}
+    # inner tensors take the float16 names, the graph's ends keep theirs; a node that reads an output
+    # reads its float16 tensor (the float32 Cast comes last)
+    for node in graph.node:
+        node.input[:] = [f"{name}_fp16" if name in ends else name for name in node.input]
         node.output[:] = [f"{name}_fp16" if name in outputs else name for name in node.output]
     graph.node.insert(0, helper.make_node("Cast", [image], [f"{image}_fp16"], to=TensorProto.FLOAT16,
                                           name="densekit_input_to_fp16"))

@@ -526,6 +526,28 @@ def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
     assert run_card_snippet(export_dir, tmp_path).strip() == "(64, 96) (64, 96) True"
 
 
+def test_onnx_float16_keeps_a_graph_whose_output_another_node_reads(tmp_path):
+    """targets/onnx.py's to_float16 renames each output's producer; a node that also reads that output
+    read the float32 Cast appended at the end, and the checker refused the unsorted graph."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from targets.onnx import to_float16
+
+    values = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 2, 3, 3]) for name in ("image", "depth", "seg")]
+    nodes = [helper.make_node("Relu", ["image"], ["depth"]), helper.make_node("Neg", ["depth"], ["seg"])]
+    graph = helper.make_graph(nodes, "reads_an_output", values[:1], values[1:])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "a.onnx"))
+    to_float16(tmp_path / "a.onnx", tmp_path / "b.onnx")
+    image = np.random.default_rng(0).uniform(-1, 1, (1, 2, 3, 3)).astype(np.float32)
+    depth, seg = ort.InferenceSession(str(tmp_path / "b.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"image": image})
+    assert depth.dtype == seg.dtype == np.float32
+    np.testing.assert_allclose(depth, np.maximum(image, 0), atol=1e-3)
+    np.testing.assert_allclose(seg, -np.maximum(image, 0), atol=1e-3)
+
+
 def test_coreml_through_export(run_dir, tmp_path):
     """fp16 and w8 (iOS16), and w8a8 (iOS18), whose activation ranges the converter measures on
     the export's calibration set (taken without QAT: no int8 is asked for)."""
