@@ -235,6 +235,8 @@ def tighten_activation_ranges(model) -> int:
         low, high = (-128 - zero) * scale, (127 - zero) * scale
         bound_low, bound_high = ACTIVATION_BOUNDS[fused]
         new_low, new_high = max(low, bound_low), min(high, bound_high)
+        if new_high <= new_low:   # e.g. [-255 s, 0] under RELU: only 0 representable, no range to give
+            continue
         if new_high - new_low > 0.9 * (high - low):   # under a tenth finer: leave the converter's choice
             continue
         new_scale = (new_high - new_low) / 255

@@ -174,6 +174,14 @@ def test_int8_tensors_under_a_fused_relu6_keep_its_range(tflite_export, run_dir)
     assert len(ranges) > 10 and all(low > -1e-6 and high < 6 + 1e-4 for low, high in ranges), ranges
     assert arts["int8"]["activation_ranges_tightened"] > 10 and arts["fp32"]["activation_ranges_tightened"] == 0
 
+    from targets.tflite_file import rescalable_int8_outputs, tighten_activation_ranges
+    model = flatbuffer_utils.read_model(str(tflite_export / run_dir.name / "tflite" / arts["int8"]["path"]))
+    assert tighten_activation_ranges(model) == 0   # the exported file has none left
+    gate = next(model.subgraphs[0].tensors[index].quantization for op, _, index in rescalable_int8_outputs(model)
+                if getattr(op.builtinOptions, "fusedActivationFunction", None) == schema.ActivationFunctionType.RELU6)
+    gate.zeroPoint = np.array([127], np.int64)   # [-255 s, 0]: nothing of [0, 6] in it (a zero-width range crashed)
+    assert tighten_activation_ranges(model) == 0 and int(gate.zeroPoint[0]) == 127
+
 
 RUN_UNDER_XNNPACK = """
 import sys, numpy as np
