@@ -450,6 +450,34 @@ def test_an_ios18_package_needs_macos_15_to_predict(ios18, monkeypatch):
     assert coreml.resolve_executor("auto", package(job, "sparse-palette4")) == ("predict", "")
 
 
+def test_coreml_bench_says_why_a_mac_cannot_run_a_package(ios18, monkeypatch, tmp_path, capsys):
+    """edge/device/coreml_bench.py on a Mac: a package too new for the macOS, a damaged one, and one
+    Core ML refuses each end in one line and exit 2 before anything is timed (coremltools itself only
+    warns at load, then raises from predict). The macOS is faked; off macOS coremltools has no Core
+    ML, so the last case is a real refusal."""
+    import shutil
+
+    from edge import coreml
+    from edge.device import coreml_bench
+
+    assert coreml_bench.REQUIRED_MACOS == coreml.REQUIRED_MACOS   # the script imports nothing from densekit
+    monkeypatch.setattr(sys, "platform", "darwin")
+    monkeypatch.setitem(sys.modules, "tensorflow", None)   # as the script hides it; restored afterwards
+    monkeypatch.setattr(coreml_bench.platform, "mac_ver", lambda: ("14.6", ("", "", ""), "arm64"))
+    damaged = tmp_path / "tiny_fp16.mlpackage"
+    shutil.copytree(package(ios18["job"], "fp16"), damaged)
+    next(damaged.rglob("model.mlmodel")).write_bytes(b"\x08")   # a copy cut short
+    for path, message in ((package(ios18["job"], "w8a8"), "tiny_w8a8.mlpackage is an iOS18 package; Core ML "
+                           "loads it from macOS 15 on, and this is macOS 14.6"),
+                          (damaged, f"cannot read {damaged} as a Core ML model"),
+                          (package(ios18["job"], "fp16"), "Core ML cannot run ")):
+        with pytest.raises(SystemExit) as exited:
+            coreml_bench.main([str(path), "--runs", "2", "--no-verify"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.startswith("coreml_bench.py: ") and message in err, err
+        assert err.count("\n") == 1
+
+
 def test_bench_refuses_the_reference_fallback_and_run_refuses_predict_before_loading(ios18, monkeypatch):
     """On a Mac older than an iOS18 package needs, "auto" would run the reference executor: edge.bench
     refuses to report that as Core ML's latency, and edge.run's "predict" is a bad argument (exit 2),

@@ -38,6 +38,8 @@ import time
 from datetime import datetime, timezone
 
 SCHEMA = "densekit.bench/1"
+# Core ML specification version -> (deployment target, the oldest macOS that loads it)
+REQUIRED_MACOS = {6: ("iOS15", (12,)), 7: ("iOS16", (13,)), 8: ("iOS17", (14,)), 9: ("iOS18", (15,))}
 COMPUTE_UNITS = {"all": "ALL", "cpu": "CPU_ONLY", "cpu_gpu": "CPU_AND_GPU", "cpu_ne": "CPU_AND_NE"}
 NOT_MACOS = ("coreml_bench.py runs only on macOS: Core ML predicts only on Apple systems, and this is {system}.\n"
              "Copy {model} and this script to a Mac and run `python3 coreml_bench.py {model}` there "
@@ -45,6 +47,12 @@ NOT_MACOS = ("coreml_bench.py runs only on macOS: Core ML predicts only on Apple
              "On Linux, check the artefact's accuracy with `python -m edge.run {model} --inputs images.npy --out "
              "outputs.npz`, which runs densekit's "
              "reference executor (accuracy only: its speed says nothing about Core ML).")
+
+
+def fail(message: str):
+    """The script's one error line, exit status 2 (bad input or a model this Mac cannot run)."""
+    sys.stderr.write("coreml_bench.py: {}\n".format(message))
+    raise SystemExit(2)
 
 
 def load_coremltools():
@@ -86,10 +94,31 @@ def input_spec(model) -> tuple:
     """(name, shape) of the model's first input, which must be a multi-array (densekit's "image")."""
     described = model.get_spec().description.input[0]
     if described.type.WhichOneof("Type") != "multiArrayType":
-        raise SystemExit("coreml_bench.py: input '{}' is a {}, not a multi-array; this script feeds densekit "
-                         "artefacts' (1, 3, H, W) float32 'image'.".format(described.name,
-                                                                          described.type.WhichOneof("Type")))
+        fail("input '{}' is a {}, not a multi-array; this script feeds densekit artefacts' (1, 3, H, W) float32 "
+             "'image'.".format(described.name, described.type.WhichOneof("Type")))
     return described.name, [int(n) for n in described.type.multiArrayType.shape]
+
+
+def macos_version() -> tuple:
+    """This Mac's version, e.g. (15, 1)."""
+    return tuple(int(part) for part in platform.mac_ver()[0].split(".") if part.isdigit())
+
+
+def load_model(ct, path: str, units: str):
+    """The MLModel on `units`, or exit 2 saying why it cannot run here: a package coremltools cannot
+    read (a copy cut short), or one for a newer macOS (iOS18 packages need macOS 15), which
+    coremltools would load only to fail at the first prediction."""
+    try:
+        version = ct.utils.load_spec(path).specificationVersion
+    except Exception as error:   # coremltools raises several kinds for a damaged package
+        fail("cannot read {} as a Core ML model ({}: {}); copy the whole package again from the export".format(
+            path, type(error).__name__, error))
+    target, needs = REQUIRED_MACOS.get(version, ("specification {}".format(version), ()))
+    if macos_version() < needs:
+        fail("{} is an {} package; Core ML loads it from macOS {} on, and this is macOS {}: time it on a newer "
+             "Mac, or export a precision for iOS16 (fp16, w8, palette4, palette6)".format(
+                 os.path.basename(os.path.normpath(path)), target, ".".join(map(str, needs)), platform.mac_ver()[0]))
+    return ct.models.MLModel(path, compute_units=getattr(ct.ComputeUnit, units))
 
 
 def time_calls(call, runs: int, warmup: int) -> list:
@@ -121,9 +150,13 @@ def bench(args) -> dict:
     ct = load_coremltools()
     baseline = peak_rss_mb()
     units = COMPUTE_UNITS[args.compute_units]
-    model = ct.models.MLModel(args.model, compute_units=getattr(ct.ComputeUnit, units))
+    model = load_model(ct, args.model, units)
     name, shape = input_spec(model)
     feed = {name: np.random.default_rng(0).random(shape, dtype=np.float32)}
+    try:   # Core ML's own refusal (coremltools only warns when it loads) surfaces at the first call
+        model.predict(feed)
+    except Exception as error:
+        fail("Core ML cannot run {} on compute units {} ({}: {})".format(args.model, units, type(error).__name__, error))
     times = time_calls(lambda: model.predict(feed), args.runs, args.warmup)
     peak = peak_rss_mb()
     latency = latency_summary(times)
