@@ -141,13 +141,15 @@ class Splits(Dataset):
 
 def sample_source(dataset: Dataset, i: int) -> str:
     """The file of sample `i` where the dataset keeps one in a known form, else its class."""
-    entry = (getattr(dataset, "files", None) or getattr(dataset, "items", None) or [None] * (i + 1))[i]
+    if hasattr(dataset, "source"):                               # NYU's layouts name their own
+        return dataset.source(i)
+    entries = next((e for e in (getattr(dataset, "files", None), getattr(dataset, "items", None)) if e is not None),
+                   None)
+    entry = entries[i] if entries is not None else None
     if isinstance(entry, dict) and "rgb" in entry:                # SynthRooms
         return str(Path(getattr(dataset, "path", "")) / entry["rgb"])
-    if isinstance(entry, (str, Path)):                           # image folders, NYU .h5
+    if isinstance(entry, (str, Path)):                           # image folders
         return str(entry)
-    if isinstance(entry, tuple) and hasattr(dataset, "base"):    # NYU BTS lists
-        return str(dataset.base / entry[0])
     return f"{type(dataset).__name__}[{i}]" + (f" of {dataset.path}" if hasattr(dataset, "path") else "")
 
 

@@ -231,6 +231,28 @@ def test_fastdepth_h5_exact_and_unlabelled(tmp_path):
         del f["depth"]
     with pytest.raises(ValueError, match="lacks rgb or depth"):
         train[0]
+    cut = train.items[1]   # a download cut short: h5py's error does not name the file
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"^{cut} cannot be read \\(OSError: .*truncated or damaged file"):
+        train[1]
+
+
+def test_a_truncated_bts_image_and_the_labelled_samples_are_named(bts, labeled, tmp_path):
+    """PIL's error on a cut file names no file; hours into training or labelling a cache, the user must
+    know which of ~24,000 pairs to fetch again. cache_teacher's messages name a sample the same way."""
+    import shutil
+
+    from distill.cache_teacher import sample_source
+    root = Path(shutil.copytree(bts, tmp_path / "bts"))
+    train = NyuBTS(root, "train")
+    rgb = train.base / train.items[1][0]
+    rgb.write_bytes(rgb.read_bytes()[:200])
+    with pytest.raises(ValueError, match=f"^{rgb} or .*sync_depth_.*.png cannot be read \\(OSError: "):
+        train[1]
+    assert sample_source(train, 1).startswith(f"{rgb} or ")
+    # the labelled set's items are a numpy array: sample_source once asked it for a truth value
+    val = NyuLabeled(labeled, "val")
+    assert sample_source(val, 0) == f"{labeled} image {int(val.items[0]) + 1} (1-based)"
 
 
 # ----------------------------------------------------------------------------- layout detection

@@ -127,8 +127,8 @@ class NyuDataset(Dataset):
     """What the three layouts share: a split's samples at `size` (height, width), `set_epoch`,
     augmentation (training split only) from `augment_rng(seed, epoch, index)`.
     Subclasses fill `items` (one per sample) and implement `read(index) -> (rgb, depth, seg | None,
-    intrinsics)` at the source resolution and `content_hash(index)`; `crop` (top, left, bottom,
-    right) cuts first."""
+    intrinsics)` at the source resolution, `content_hash(index)` and `source(index)` (the file(s)
+    of a sample, for error messages); `crop` (top, left, bottom, right) cuts first."""
 
     crop: tuple[int, int, int, int] | None = None
 
@@ -152,7 +152,11 @@ class NyuDataset(Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} {type(self).__name__} {self.split} samples.")
         index = int(index) % n
-        rgb, depth, seg, intrinsics = self.read(index)
+        try:
+            rgb, depth, seg, intrinsics = self.read(index)
+        except (OSError, SyntaxError) as exc:   # h5py and PIL on a truncated file do not say which file
+            raise ValueError(f"{self.source(index)} cannot be read ({type(exc).__name__}: {exc}): a truncated or "
+                             f"damaged file (a download cut short?); download it again") from None
         rng = augment_rng(self.seed, self.epoch, index) if self.augment else None
         return make_sample(rgb, depth, seg, intrinsics, index=index, size=self.size, crop=self.crop, rng=rng)
 
@@ -227,6 +231,9 @@ class NyuLabeled(NyuDataset):
                              "0 (unlabelled) .. 894; is this the official labelled file?")
         return rgb, depth, raw894_to_train13(raw), scale_intrinsics(NYU_INTRINSICS, NYU_SIZE, self.source_hw)
 
+    def source(self, index: int) -> str:
+        return f"{self.path} image {int(self.items[index]) + 1} (1-based)"
+
     def content_hash(self, index: int) -> str:
         """sha256 of the image's uint8 array as stored (3, W, H), C order."""
         stored = np.ascontiguousarray(self.file["images"][int(self.items[index])], np.uint8)
@@ -284,6 +291,10 @@ class NyuBTS(NyuDataset):
         items, self.skipped = parse_list(listing)
         self.items = first_n(items, limit, f"{listing}")
         check_exist(self.base, self.items, listing)
+
+    def source(self, index: int) -> str:
+        rgb_name, depth_name, _ = self.items[index]
+        return f"{self.base / rgb_name} or {self.base / depth_name}"
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, None, Intrinsics]:
         """rgb uint8 (480, 640, 3), depth float32 (480, 640) metres (uint16 mm / 1000, 0 = hole)."""
@@ -348,6 +359,9 @@ class NyuH5(NyuDataset):
             raise FileNotFoundError(f"no .h5 files under {folder}: the FastDepth layout has train/<scene>/<n>.h5 "
                                     "and val/official/<n>.h5 with keys rgb (3, 480, 640) and depth (480, 640).")
         self.items = first_n(files, limit, str(folder))
+
+    def source(self, index: int) -> str:
+        return str(self.items[index])
 
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, None, Intrinsics]:
         """rgb uint8 (H, W, 3), depth float32 (H, W) metres."""
