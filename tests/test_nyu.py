@@ -285,3 +285,17 @@ def test_training_on_a_split_without_labels_weighs_depth_alone(tmp_path, monkeyp
     (run,) = (tmp_path / "runs").glob("v3-*")
     (record,) = io.read_jsonl(run / "metrics.jsonl")
     assert "weight_depth" in record["train"] and "weight_seg" not in record["train"]
+
+
+def test_validating_on_nyu_reuses_the_rendered_synthrooms_training_set(labeled, tmp_path):
+    """With data.val_dataset set, SynthRooms' own validation split goes unused; its size is part of
+    the set's directory name, so asking for one image rendered every training scene again."""
+    sized = {"height": 32, "width": 32, "num_train": 4}
+    own, _ = build_datasets(DataConfig(dataset="synthrooms", num_val=3, root=str(tmp_path / "a"), **sized))
+    train, val = build_datasets(DataConfig(dataset="synthrooms", val_dataset=f"nyu:{labeled}",
+                                           root=str(tmp_path / "a"), **sized))
+    assert train.path == own.path and isinstance(val, NyuLabeled)
+    assert [p.name for p in (tmp_path / "a" / "synthrooms").iterdir() if p.is_dir()] == [own.path.name]
+    fresh, _ = build_datasets(DataConfig(dataset="synthrooms", val_dataset=f"nyu:{labeled}",
+                                         root=str(tmp_path / "b"), **sized))
+    assert fresh.path.name.endswith("-4-1-v2")   # nothing rendered before: one validation scene

@@ -81,7 +81,7 @@ def build_datasets(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
     """(train, val) for a `DataConfig`: `cfg.dataset` is "name" or "name:path"; validation comes from
     `cfg.val_dataset` when set (unlabelled folders have no validation split of their own)."""
     check_sources(cfg)
-    own = cfg if not cfg.val_dataset or cfg.num_val else replace(cfg, num_val=1)   # its own split goes unused
+    own = cfg if not cfg.val_dataset or cfg.num_val else replace(cfg, num_val=unused_val_size(cfg))
     train, val = DATASETS.get(cfg.dataset.split(":", 1)[0])(own, progress=progress)
     if cfg.val_dataset:
         # num_train=1: only its validation split is used (SynthRooms would render 4000 scenes)
@@ -91,6 +91,19 @@ def build_datasets(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
         raise ValueError(f"data.dataset={cfg.dataset} has no ground truth to validate on; set "
                          f"data.val_dataset (e.g. data.val_dataset=synthrooms or nyu:/data/nyu).")
     return train, val
+
+
+def unused_val_size(cfg) -> int:
+    """data.num_val for a training set whose own validation split goes unused (data.val_dataset is
+    set): SynthRooms takes a set already rendered with this training split, whatever its validation
+    size (a new num_val would render all the training scenes again), else one validation image."""
+    if cfg.dataset.partition(":")[0] == "synthrooms":
+        from distill.data.synthrooms import rendered_val_sizes
+
+        rendered = rendered_val_sizes(cache_root(cfg.root) / "synthrooms", height=cfg.height, width=cfg.width,
+                                      seed=cfg.seed, num_train=cfg.num_train)
+        return rendered[0] if rendered else 1
+    return 1
 
 
 def check_sources(cfg) -> None:

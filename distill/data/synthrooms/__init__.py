@@ -9,7 +9,7 @@ from .dataset import SynthRoomsDataset, load_manifest
 from .raycast import render
 from .rooms import ROOM_TYPES, SPLITS, render_scene, sample_scene, scene_rng
 from .scene import NYU_INTRINSICS, Box, Camera, Light, Material, Room, Scene
-from .store import DEPTH_UNITS, VERSION, dataset_name, generate, read_manifest
+from .store import DEPTH_UNITS, VERSION, dataset_name, generate, read_manifest, rendered_val_sizes
 
 __all__ = [
     "Box", "Camera", "DEPTH_UNITS", "Light", "Material", "NYU_INTRINSICS", "ROOM_TYPES", "Room",

@@ -38,6 +38,16 @@ def dataset_name(*, height: int, width: int, seed: int, num_train: int, num_val:
     return f"{GENERATOR}-{height}x{width}-s{seed}-{num_train}-{num_val}-v{VERSION}"
 
 
+def rendered_val_sizes(root: str | os.PathLike, *, height: int, width: int, seed: int, num_train: int) -> list[int]:
+    """num_val of each complete set under `root` with this training split (a scene depends on its
+    split, index, seed and size only, so these sets hold the same training images)."""
+    root = Path(root).expanduser()
+    name = dataset_name(height=height, width=width, seed=seed, num_train=num_train, num_val=0)
+    prefix, suffix = name.rsplit("-0-", 1)[0] + "-", f"-v{VERSION}"
+    sizes = [path.name[len(prefix):-len(suffix)] for path in root.glob(f"{prefix}*{suffix}")]
+    return sorted(int(n) for n in sizes if n.isdigit() and read_manifest(root / f"{prefix}{n}{suffix}") is not None)
+
+
 def _params(height: int, width: int, seed: int, num_train: int, num_val: int) -> dict[str, int]:
     return {"height": height, "width": width, "seed": seed, "num_train": num_train,
             "num_val": num_val}
