@@ -243,7 +243,7 @@ def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None, h
             message = f"{type(e).__name__}: {e}"
             return {"status": "failed", "error": message, "run_dir": None, "wall_s": time.time() - start,
                     "metrics": {}}
-        error = None
+        error, measured = None, time.time()
         if heldout:
             try:
                 summary.update(measure_heldout(run_dir, heldout, log))
@@ -252,7 +252,10 @@ def run_one(recipe: Recipe, run_out: Path, echo: Callable[[str], None] | None, h
                 error = f"--heldout: {type(e).__name__}: {e}"
                 log(f"the run trained, but its held-out measurement failed: {error}")
     metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    return {"status": "ok", "error": error, "run_dir": str(run_dir), "wall_s": time.time() - start,
+    # the run's own wall_s spans every process that trained it (a resumed row's, or a row only
+    # re-measured here, would otherwise count only this process's share), plus the held-out measurement
+    trained_s = summary.get("wall_s", measured - start)
+    return {"status": "ok", "error": error, "run_dir": str(run_dir), "wall_s": trained_s + time.time() - measured,
             "metrics": metrics}
 
 

@@ -100,7 +100,7 @@ def check_options(options: dict) -> None:
         if options[key] < 1:
             raise ConfigError(f"{key}={options[key]}: must be at least 1")
     if options["max_shards"] < 0:
-        raise ConfigError(f"max_shards={options['max_shards']}: must be at least 1 (or left out: no limit)")
+        raise ConfigError(f"max_shards={options['max_shards']}: must be 0 or more (0, the default: no limit)")
 
 
 # ----------------------------------------------------------------------------- what is labelled

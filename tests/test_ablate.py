@@ -252,6 +252,9 @@ def test_resume_keeps_finished_rows_and_continues_a_stopped_run(tmp_path, capsys
     assert len(list(second.parent.glob("v3-*"))) == 1 and (second / "summary.json").is_file()
     rows = json.loads((out / "ablation.json").read_text())["runs"]
     assert [row["metrics"]["abs_rel"] for row in rows] == figures                  # the same runs, to the digit
+    # the row's time is the whole run's (its summary's wall_s), not only the resumed process's share
+    whole = json.loads((second / "summary.json").read_text())["wall_s"]
+    assert whole <= rows[1]["wall_s"] < whole + 2 and rows[1]["wall_s"] > 0.5 * saved["runs"][1]["wall_s"]
 
     (out / "ablation.json").rename(tmp_path / "moved-away.json")   # a new grid there: nothing left is reused
     assert main(args) == 0
