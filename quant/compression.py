@@ -134,6 +134,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def nothing_found(root: Path, fmt: str | None) -> str:
+    """Why `root` gave no table, and the directory to pass where the user named another level:
+    one export (exports/<run>/<target>) or the folder of every run's (exports/)."""
+    if (root / MANIFEST).is_file():
+        return f"{root} is one export; pass the run's folder that holds it: {root.parent}"
+    runs = sorted({m.parent.parent for m in root.glob(f"*/*/{MANIFEST}")}) if root.is_dir() else []
+    if runs:
+        shown = ", ".join(map(str, runs[:6])) + (f" (and {len(runs) - 6} more)" if len(runs) > 6 else "")
+        return f"{root} holds the exports of runs, not of one; pass one run's folder: {shown}"
+    where = f"{root}: no finished export there" + (f" of format {fmt}" if fmt else "")
+    return f"{where}; make one with python -m quant.export --target tflite [--prune macs=0.5x]"
+
+
 @command("python -m quant.compression")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
@@ -143,8 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {path} left out: its manifest cannot be read (python -m quant.verify {path})",
               file=sys.stderr)
     if not found:
-        where = f"{root}: no finished export there" + (f" of format {args.format}" if args.format else "")
-        raise ValueError(f"{where}; make one with python -m quant.export --target tflite [--prune macs=0.5x]")
+        raise ValueError(nothing_found(root, args.format))
     by_format: dict[str, dict[str, dict]] = {}
     for name, manifest in found.items():
         by_format.setdefault(manifest["config"]["format"], {})[name] = manifest

@@ -618,6 +618,13 @@ def test_pruned_float_only_tflite_export(tflite_export, run_dir, capsys):
     printed = capsys.readouterr()
     assert table.split("\n\n")[1] in printed.out and "onnx-damaged" not in printed.out
     assert f"warning: {damaged} left out: its manifest cannot be read" in printed.err
+    # one level too low (the export itself) or too high (every run's exports): the level to pass
+    assert compression_main([str(tflite_export / run_dir.name / "tflite")]) == 2
+    assert f"tflite is one export; pass the run's folder that holds it: {tflite_export / run_dir.name}\n" in \
+        capsys.readouterr().err
+    assert compression_main([str(tflite_export)]) == 2
+    assert f"holds the exports of runs, not of one; pass one run's folder: {tflite_export / run_dir.name}\n" in \
+        capsys.readouterr().err
 
 
 def test_options_an_export_never_uses_are_said():
