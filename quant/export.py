@@ -463,6 +463,7 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
     if opts.qat_steps is None:
         opts = replace(opts, qat_steps=run.recipe.int8_qat_steps)
     size = plan.input_size or run.input_size
+    check_cached_labels(run, plan, opts, size)
     log(f"run {run.path} ({run.recipe.name}, {run.recipe.model.student}, weights {run.weights.name} "
         f"sha256 {run.weights_sha256[:12]}); exporting {plan.format.name} {', '.join(plan.precisions)} "
         f"({plan.converter.name}, {plan.layout}) at "
@@ -492,6 +493,27 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
     if result.warning:
         log(result.warning)
     return result
+
+
+def check_cached_labels(run, plan: Plan, opts: ExportOptions, size: tuple[int, int]) -> None:
+    """A run that learnt from a pseudo-label cache fine-tunes (QAT, pruning) on that cache's labels,
+    which exist at the run's size only: another size is refused here, before any data is built (the
+    cache's own check would stop the fine-tune once calibration and equalisation had run)."""
+    cache, trained = run.recipe.teacher.cache, tuple(run.input_size)
+    if not cache or tuple(size) == trained:
+        return
+    prune_tunes = False
+    if opts.prune:
+        from quant.prune import NEEDS_GRADIENTS   # torch-pruning: imported only where pruning is asked for
+        prune_tunes = opts.prune_steps > 0 or opts.prune_importance in NEEDS_GRADIENTS
+    tunes = [what for what, on in (("QAT", "int8" in plan.precisions and opts.qat_steps > 0),
+                                   ("the pruning fine-tune", prune_tunes)) if on]
+    if tunes:
+        raise ExportError(
+            f"run {run.name} learnt from teacher.cache={cache}, labels at {trained[0]}x{trained[1]}; "
+            f"{' and '.join(tunes)} would train at {size[0]}x{size[1]} on them. Export at the run's size "
+            f"(--input-size {trained[0]}x{trained[1]}), or without fine-tuning (--qat-steps 0"
+            + (", --prune-steps 0 --prune-importance magnitude" if opts.prune else "") + ")")
 
 
 def export_name(plan: Plan, prune: str) -> str:

@@ -300,3 +300,25 @@ def test_the_printed_training_command_reads_the_cache_it_follows():
     assert how_to_train({"recipe": "v3"}, overrides, {"data.height": 128, "train.batch_size": 8}, Path("/c")) == (
         "python -m distill.run v3 teacher.name=da2-metric teacher.source=/w teacher.input_size=392 data.seed=2 "
         "data.height=128 teacher.cache=/c")
+
+
+def test_a_run_that_learnt_from_a_cache_is_not_fine_tuned_at_another_size(tmp_path, capsys):
+    """QAT and the pruning fine-tune read the cache's labels, which exist at the run's size only: an
+    export at another size (a device profile's) is refused before any data is built, saying the fix."""
+    from distill.run import main as train_main
+    from quant.export import main as export_main
+
+    assert main(command(tmp_path / "c")) == 0
+    assert train_main(["v3", *DATA, "model.student=mobilenetv3_small_050", "model.decoder_channels=16",
+                       "train.batch_size=8", "train.epochs=1", "eval.teacher=false", "eval.preview_images=0",
+                       f"teacher.cache={tmp_path / 'c'}", f"out_dir={tmp_path / 'runs'}"]) == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    capsys.readouterr()
+    base = ["--run", str(run), "--out", str(tmp_path / "exports"), "--target", "onnx", "--input-size", "64x64"]
+    assert export_main([*base, "--precision", "int8", "--qat-steps", "5"]) == 2
+    assert (f"error: run {run.name} learnt from teacher.cache={tmp_path / 'c'}, labels at 32x32; QAT would train "
+            f"at 64x64 on them. Export at the run's size (--input-size 32x32), or without fine-tuning (--qat-steps 0)"
+            in capsys.readouterr().err)
+    assert export_main([*base, "--precision", "fp32", "--prune", "0.5"]) == 2
+    assert "; the pruning fine-tune would train at 64x64 on them." in capsys.readouterr().err
+    assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").rglob("manifest.json"))
