@@ -162,7 +162,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--check", type=int, default=DEFAULT_CHECK,
                    help=f"validation images each artefact is run on (default {DEFAULT_CHECK})")
     p.add_argument("--tolerance", action="append", metavar="PRECISION.KEY=VALUE",
-                   help="override a drift gate, e.g. int8.abs_rel_change=0.03 (keys: abs_rel_change, miou_drop_pt)")
+                   help="override a drift gate, e.g. int8.abs_rel_change=0.03; keys: abs_rel_change and "
+                        "depth_rel_p99 (fractions), miou_drop_pt (points), seg_agreement_min (a share in [0, 1])")
     p.add_argument("--bench-runs", type=int, default=30, help="timed runs per artefact on this host (0 = no bench)")
     p.add_argument("--bench-warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16, help="fine-tune batch size (pruning and QAT)")

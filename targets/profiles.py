@@ -96,6 +96,12 @@ def check_gate(gate: dict, where: str) -> None:
     bad = {k: v for k, v in gate.items() if not isinstance(v, (int, float)) or not 0 <= v < math.inf}
     if bad:
         raise ValueError(f"{where}: gate tolerances must be finite non-negative numbers, got {bad}")
+    # a share and a number of points have an upper end: past it a gate can never pass
+    if gate.get("seg_agreement_min", 0) > 1:
+        raise ValueError(f"{where}: seg_agreement_min={gate['seg_agreement_min']:g} is a share of pixels in [0, 1] "
+                         f"(e.g. 0.999 for 99.9%), not a percentage")
+    if gate.get("miou_drop_pt", 0) > 100:
+        raise ValueError(f"{where}: miou_drop_pt={gate['miou_drop_pt']:g} is in mIoU points, at most 100")
 
 
 def device_names(path: Path = PROFILES_FILE) -> list[str]:

@@ -113,6 +113,10 @@ CASES = [
      "--tolerance int8: gate tolerances must be finite non-negative numbers"),
     ("quant.export", ["--target", "tflite", "--tolerance", "int8.miou_drop_pt=nan"],
      "--tolerance int8: gate tolerances must be finite non-negative numbers"),
+    ("quant.export", ["--target", "tflite", "--tolerance", "fp16.seg_agreement_min=99.9"],   # a gate no file passes
+     "--tolerance fp16: seg_agreement_min=99.9 is a share of pixels in [0, 1] (e.g. 0.999 for 99.9%)"),
+    ("quant.export", ["--target", "tflite", "--tolerance", "int8.miou_drop_pt=150"],
+     "--tolerance int8: miou_drop_pt=150 is in mIoU points, at most 100"),
     ("quant.export", ["--target", "tflite", "--input-size", "100x100"], "multiples of 32"),
     ("quant.export", ["--target", "tflite", "--float-ops", "DIV,RESIZE_BILINEA"],
      '--float-ops RESIZE_BILINEA: not a TFLite op type'),
