@@ -455,6 +455,7 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
 
     from distill.training import find_run, load_run
     from quant import artefacts
+    from targets.deploy import check_both_tasks
 
     t_start = time.time()
     if plan.threads > 0:
@@ -464,6 +465,10 @@ def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs
     if opts.qat_steps is None:
         opts = replace(opts, qat_steps=run.recipe.int8_qat_steps)
     size = plan.input_size or run.input_size
+    try:
+        check_both_tasks(run.model)
+    except ValueError as e:
+        raise ExportError(f"run {run.name}: {e}") from None
     check_cached_labels(run, plan, opts, size)
     log(f"run {run.path} ({run.recipe.name}, {run.recipe.model.student}, weights {run.weights.name} "
         f"sha256 {run.weights_sha256[:12]}); exporting {plan.format.name} {', '.join(plan.precisions)} "

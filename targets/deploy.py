@@ -99,6 +99,7 @@ class DeployModel(nn.Module):
 
     def __init__(self, student: nn.Module, rows_width: int = 0):
         super().__init__()
+        check_both_tasks(student)
         self.student = deploy_form(student)
         mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         self.rows = rows_width > 0
@@ -112,6 +113,15 @@ class DeployModel(nn.Module):
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.student(image * self.scale + self.shift if self.rows else (image - self.mean) / self.std)
         return out["depth"], out["seg"]
+
+
+def check_both_tasks(student: nn.Module) -> None:
+    """Every artefact has a depth and a segmentation output (core/contract.py); a student trained
+    without its segmentation head (model.tasks=depth, an ablation) cannot fill the contract."""
+    tasks = getattr(student, "tasks", ("depth", "seg"))
+    if set(tasks) != {"depth", "seg"}:
+        raise ValueError(f"the student predicts {', '.join(tasks)} only (model.tasks={','.join(tasks)}); artefacts "
+                         f"have a depth and a segmentation output: export a run trained with model.tasks=depth,seg")
 
 
 def example_input(height: int, width: int) -> torch.Tensor:

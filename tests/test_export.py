@@ -497,6 +497,23 @@ def test_a_mac_budget_that_prunes_nothing_or_cannot_be_reached_is_refused_before
     assert {p.suffix for p in tmp_path.glob(f"{run_dir.name}/*")} == {".lock"}   # no export, no staging left
 
 
+def test_a_depth_only_run_is_refused_before_any_work(tmp_path, capsys):
+    """model.tasks=depth trains (an ablation axis), but every artefact has a depth and a segmentation
+    output: the export said KeyError 'seg' (exit 1) after pruning or QAT; now exit 2 at once."""
+    from targets.deploy import reference_outputs
+
+    assert train_main(["v3", *TINY, "model.tasks=depth", f"out_dir={tmp_path / 'runs'}", "--quiet"]) == 0
+    (depth_only,) = (tmp_path / "runs").iterdir()
+    capsys.readouterr()
+    assert export(depth_only, tmp_path / "exports", "--target", "onnx", "--precision", "int8") == 2
+    assert (f"error: run {depth_only.name}: the student predicts depth only (model.tasks=depth); artefacts have a "
+            f"depth and a segmentation output: export a run trained with model.tasks=depth,seg\n") in capsys.readouterr().err
+    assert not (tmp_path / "exports").exists()
+    from distill.students import build_student   # the Python API's path to the same contract
+    with pytest.raises(ValueError, match=r"the student predicts depth only"):
+        reference_outputs(build_student("mobilenetv3_small_050", tasks=("depth",)), torch.rand(1, 3, 64, 96))
+
+
 def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
     assert export(run_dir, tmp_path, "--target", "onnx", "--qat-steps", "0", "--no-equalize") == 0
     manifest = manifest_of(tmp_path, run_dir, "onnx")
