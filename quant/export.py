@@ -444,8 +444,35 @@ def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Pa
     if unknown:
         raise ExportError(f"unknown export option(s) {unknown}; the options are the fields of ExportOptions: "
                           f"{', '.join(f.name for f in fields(ExportOptions))}")
-    options = replace(options or ExportOptions(), **option_values)
+    options = checked_options(replace(options or ExportOptions(), **option_values))
     return export(run, plan_for(target, options), options, runs_dir=runs_dir, recipe=recipe, log=log)
+
+
+def checked_options(options: ExportOptions) -> ExportOptions:
+    """The Python API's values in the types the command's parser gives, or an ExportError naming the
+    field: `precisions` and `float_ops` take a tuple or a comma-separated string, `input_size` "HxW"
+    or (H, W); numbers must be numbers (a string would fail deep inside, far from its cause)."""
+    default, changes = ExportOptions(), {}
+    for f in fields(ExportOptions):
+        value, kind = getattr(options, f.name), int if f.name == "qat_steps" else type(getattr(default, f.name))
+        if f.name in ("precisions", "float_ops"):
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
+                raise ExportError(f"{f.name}={value!r}: expected a tuple of names, e.g. ('fp32', 'int8'), or 'fp32,int8'")
+            value = tuple(v.strip().upper() if f.name == "float_ops" else v.strip() for v in items if v.strip())
+        elif f.name == "input_size" and isinstance(value, (list, tuple)):
+            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ExportError(f"input_size={value!r}: expected (height, width) in pixels or 'HxW', e.g. (256, 320)")
+            value = f"{value[0]}x{value[1]}"
+        elif not (f.name == "qat_steps" and value is None):
+            numeric = kind is float and isinstance(value, int)   # 1 where 1.0 is meant
+            if isinstance(value, bool) != (kind is bool) or not (isinstance(value, kind) or numeric):
+                like = getattr(default, f.name)
+                raise ExportError(f"{f.name}={value!r}: expected {kind.__name__}"
+                                  + (f", like its default {like!r}" if like is not None else ""))
+            value = float(value) if numeric else value
+        changes[f.name] = value
+    return replace(options, **changes)
 
 
 def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs_dir: str | Path = "runs",

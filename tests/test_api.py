@@ -46,3 +46,25 @@ def test_export_run_refuses_an_unknown_option_before_anything_runs(tmp_path):
 
     with pytest.raises(ValueError, match=r"unknown export option\(s\) \['qat_step'\].*qat_steps"):
         export_run(tmp_path / "no-run", target="tflite", qat_step=0)
+
+
+def test_export_run_takes_natural_python_values_and_names_a_wrong_type(tmp_path):
+    """The command's parser gives each option its type; from Python, a string where a tuple is meant
+    was iterated letter by letter ("tflite cannot produce i, n, t, 8") and a tuple size raised
+    AttributeError. Strings and tuples are now read as the command reads them, other types named."""
+    from quant.export import ExportOptions, checked_options
+
+    options = checked_options(ExportOptions(precisions="fp32,int8", float_ops="div, mean", input_size=(256, 320),
+                                            prune_lr=1, qat_steps=None))
+    assert (options.precisions, options.float_ops, options.input_size) == (("fp32", "int8"), ("DIV", "MEAN"), "256x320")
+    assert options.prune_lr == 1.0 and isinstance(options.prune_lr, float)
+    assert checked_options(ExportOptions(precisions=["int8"])).precisions == ("int8",)
+    assert checked_options(ExportOptions(qat_steps=0)).qat_steps == 0   # None: the recipe's; or a number
+    for values, message in (({"calib": "16"}, r"calib='16': expected int, like its default \d+"),
+                            ({"equalize": 0}, r"equalize=0: expected bool"),
+                            ({"check": True}, r"check=True: expected int"),
+                            ({"qat_steps": "300"}, r"qat_steps='300': expected int"),
+                            ({"input_size": (256,)}, r"input_size=\(256,\): expected \(height, width\)"),
+                            ({"precisions": 8}, r"precisions=8: expected a tuple of names")):
+        with pytest.raises(ValueError, match=message):
+            checked_options(ExportOptions(**values))
