@@ -169,8 +169,10 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
               "depth_space": metadata["depth_space"]}
     files = ["| file | precision | MB | sha256 |", "|---|---|---|---|"] + [
         f"| {a['path']} | {a['precision']} | {a['bytes'] / 1e6:.2f} | `{a['sha256'][:16]}` |" for a in manifest["artefacts"]]
-    shape = f"(1, {h}, {w}, 3)" if layout == "NHWC" else f"(1, 3, {h}, {w})"
-    out_layout = "(1, H, W, 1) and (1, H, W, C)" if layout == "NHWC" else "NCHW, as the input"
+    nhwc, c = layout == "NHWC", len(classes)
+    shape = f"(1, {h}, {w}, 3)" if nhwc else f"(1, 3, {h}, {w})"
+    depth_shape, seg_shape = ((f"(1, {h}, {w}, 1)", f"(1, {h}, {w}, {c})") if nhwc else
+                              (f"(1, 1, {h}, {w})", f"(1, {c}, {h}, {w})"))
     class_rows = ["| id | class |", "|---|---|"] + [f"| {i} | {name} |" for i, name in enumerate(classes)]
     trained = [f"| {k} | {summary[k]:.4f} |" for k in RUN_METRICS if isinstance(summary.get(k), (int, float))]
     tools = ", ".join(f"{k} {v}" for k, v in sorted(manifest["tools"].items()))
@@ -188,9 +190,10 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
         f"- Normalisation is inside the model ((x - {list(IMAGENET_MEAN)}) / {list(IMAGENET_STD)}): do not normalise again.",
         "- Every file, int8 included, takes and returns float32.\n",
         "## Outputs\n",
-        f"- `{DEPTH}`: (1, 1, H, W) depth, {metadata['depth_space']}: {metadata['depth_units']}.",
-        f"- `{SEG}`: (1, {len(classes)}, H, W) class logits; argmax over classes gives the ids below.",
-        f"- Layout: {out_layout}.\n", *class_rows, "",
+        f"- `{DEPTH}`: {depth_shape} depth ({layout}, as the input), {metadata['depth_space']}: "
+        f"{metadata['depth_units']}.",
+        f"- `{SEG}`: {seg_shape} class logits; argmax over the {'last' if nhwc else 'second'} axis gives the ids "
+        f"below.\n", *class_rows, "",
         "## Accuracy against the float model (drift.json)\n",
         "Each file executed by its runtime on the same validation images as the float PyTorch model.\n",
         *drift_rows(drift), "",

@@ -390,6 +390,9 @@ def test_model_card_matches_the_export(tflite_export, run_dir, tmp_path):
     assert (meta["student"], meta["teacher"], meta["run"]) == ("mobilenetv3_small_050", "synthetic-metric", run_dir.name)
     assert meta["input_layout"] == "NHWC" and meta["depth_space"] == "metric"
     assert "int8 by qat, weights in [-127, 127]" in body
+    # the outputs' shapes as the file returns them (the card said (1, 1, H, W) beside an NHWC layout)
+    assert "- `depth`: (1, 64, 96, 1) depth (NHWC, as the input), metric" in body
+    assert "- `seg`: (1, 64, 96, 13) class logits; argmax over the last axis" in body
     manifest = manifest_of(tflite_export, run_dir, "tflite")
     files = {row[0]: row for row in table_rows(body, "Files")}
     for a in manifest["artefacts"]:
@@ -548,6 +551,7 @@ def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
     export_dir = tmp_path / run_dir.name / "onnx"    # the card's onnxruntime snippet runs as written
     meta, body = card_parts(export_dir)
     assert meta["input_layout"] == "NCHW" and "int8 by ptq, weights in [-64, 64]" in body
+    assert "- `seg`: (1, 13, 64, 96) class logits; argmax over the second axis" in body
     assert run_card_snippet(export_dir, tmp_path).strip() == "(64, 96) (64, 96) True"
 
 
