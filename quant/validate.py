@@ -54,6 +54,8 @@ class ValidationData:
         """The first `count` samples (all when None) of a dataset in the project's sample schema."""
         from distill.data.transforms import unit_rgb
 
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+            raise ValueError(f"count={count!r}: validate on at least one image (None: every image of the dataset)")
         n = len(dataset) if count is None else min(count, len(dataset))
         if n == 0:
             raise ValueError("the validation dataset is empty; validation needs at least one image")
@@ -123,6 +125,9 @@ def validate_artefact(artefact: str | Path, *, reference: torch.nn.Module, data,
     from targets.profiles import gate_for
 
     artefact = Path(artefact)
+    if isinstance(data, ValidationData) and count is not None:   # it would be ignored without a word
+        raise ValueError("count applies to a dataset; ValidationData holds its images already: make it with "
+                         "ValidationData.from_dataset(dataset, count)")
     data = data if isinstance(data, ValidationData) else ValidationData.from_dataset(data, count)
     precision = precision or precision_from_name(artefact)
     gate = gate_for(precision) if gate is None else gate

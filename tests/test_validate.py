@@ -37,6 +37,17 @@ def test_fp32_tflite_matches_float_and_passes(tiny_artefacts, val_data):
     assert report.images == 6
 
 
+def test_a_count_that_selects_nothing_or_would_be_ignored_is_refused(tiny_artefacts, val_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path))
+    _, val = build_datasets(DataConfig(height=64, width=96, num_train=4, num_val=2), progress=False)
+    assert ValidationData.from_dataset(val, 1).inputs.shape[0] == 1
+    for count in (0, -1, 1.5):   # 0 said "the dataset is empty"; -1 ended in torch.stack's error
+        with pytest.raises(ValueError, match=rf"count={count}: validate on at least one image"):
+            ValidationData.from_dataset(val, count)
+    with pytest.raises(ValueError, match="count applies to a dataset; ValidationData holds its images already"):
+        validate_artefact(tiny_artefacts["tflite_fp32"], reference=tiny_artefacts["student"], data=val_data, count=3)
+
+
 def test_gate_failure_names_artefact_metric_value_and_tolerance(tiny_artefacts, val_data):
     strict = {"abs_rel_change": 0.0, "miou_drop_pt": 0.0}
     report = validate_artefact(tiny_artefacts["onnx_int8"], reference=tiny_artefacts["student"], data=val_data, gate=strict)
