@@ -47,6 +47,18 @@ def test_a_flipped_sample_gets_the_mirror_of_its_label_as_from_a_cache():
         assert torch.allclose(teacher(mirrored), label.flip(-1), rtol=1e-5, atol=1e-6), name
 
 
+def test_embedded_teachers_label_a_batch_where_it_lies():
+    """On CUDA the loader's `flipped` tensor is on the GPU while the noise was drawn on the CPU: every
+    CUDA run with an embedded teacher stopped at its first label. The `meta` device stands in for a
+    GPU here (CI has none); the indices stay on the CPU, as `int()` of a meta tensor has no value."""
+    batch = room_batch()
+    batch = {"depth": batch["depth"].to("meta"), "valid": batch["valid"].to("meta"), "index": batch["index"],
+             "flipped": torch.tensor([True, False], device="meta")}
+    for name in ("synthetic-metric", "synthetic-assistant", "synthetic-relative"):
+        label = build_teacher(name)(batch)
+        assert label.device.type == "meta" and label.shape == (2, 1, 32, 48), name
+
+
 def test_far_compression_shrinks_far_depth():
     errors = TeacherErrorModel(blur_sigma=1e-3, scale_sigma=0.0, noise_sigma=0.0)
     batch = room_batch(b=1)

@@ -72,11 +72,13 @@ class SyntheticMetricTeacher(Teacher):
         d = d * (1 - e.far_compression * (d / e.far_reference) ** 2).clamp_min(0.5)
         gen = [torch.Generator().manual_seed(e.seed * 1_000_003 + int(i)) for i in batch["index"]]
         scale = torch.stack([torch.randn(1, generator=g) for g in gen]).view(-1, 1, 1, 1)
-        noise = torch.stack([torch.randn(d.shape[1:], generator=g) for g in gen])
+        # drawn on the CPU (a generator per image: labels independent of the batch and the device),
+        # then moved to the batch's device, where `flipped` is
+        noise = torch.stack([torch.randn(d.shape[1:], generator=g) for g in gen]).to(d)
         # drawn for the stored image, then mirrored with a flipped sample, as a cache mirrors its label
-        flipped = torch.as_tensor(batch.get("flipped", False)).expand(len(gen)).view(-1, 1, 1, 1)
+        flipped = torch.as_tensor(batch.get("flipped", False), device=d.device).expand(len(gen)).view(-1, 1, 1, 1)
         noise = torch.where(flipped, noise.flip(-1), noise)
-        d = d * torch.exp(e.scale_sigma * scale.to(d)) * (1 + e.noise_sigma * noise.to(d))
+        d = d * torch.exp(e.scale_sigma * scale.to(d)) * (1 + e.noise_sigma * noise)
         return torch.where(valid, d.clamp_min(1e-3), torch.zeros_like(d))
 
 
