@@ -77,6 +77,13 @@ CASES = [
      "teacher.align=dataset scales metric depth, but teacher.name=synthetic-relative outputs relative"),
     ("distill.run", ["v3", "teacher.assistant=synthetic-relative"], "pick an assistant in the same space"),
     ("distill.run", ["v3", "teacher.cache=empty"], "teacher.cache=empty is not a pseudo-label cache (no manifest.json)"),
+    # a real teacher's source and package, before the datasets are built (the load came after them)
+    ("distill.run", ["v3", "teacher.name=da2-metric"], "da2-metric needs teacher.source=<a local directory or a hub id>"),
+    ("distill.run", ["v3", "teacher.name=da2-metric", "teacher.source=empty"],
+     "teacher.source=empty is a directory without config.json and weights (*.safetensors or *.bin), so not a "
+     "da2-metric checkpoint"),
+    ("distill.run", ["v3", "teacher.name=da3-metric", "teacher.source=depth-anything/DA3METRIC-LARGE"],
+     "teacher da3-metric needs the depth_anything_3 package"),
     ("distill.run", ["v3", "model.pretrained=no/such.safetensors"], "model.pretrained=no/such.safetensors: no such file"),
     ("distill.run", ["v3", "data.val_dataset=nyu"], "data.val_dataset='nyu' needs a path"),
     ("distill.run", ["v3", "data.val_dataset=folder:empty"], "an image folder has no ground truth to validate on"),

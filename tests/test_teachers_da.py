@@ -201,8 +201,17 @@ def test_a_source_that_is_no_checkpoint_is_refused_without_asking_the_hub(checkp
     for source in (str(tmp_path / "nope" / "da2"), "models/da2-metric", "./da2", "~/da2", "da2"):
         with pytest.raises(FileNotFoundError, match="is not a directory, and not a hub id"):
             teacher_for(cfg("da2-metric", source))
-    with pytest.raises(FileNotFoundError, match="empty is a directory but not a da2-metric checkpoint"):
+    with pytest.raises(FileNotFoundError, match="empty is a directory without config.json and weights"):
         teacher_for(cfg("da2-metric", "empty"))
+    # weights without config.json: transformers built its default config (DA2-Small, relative) and
+    # loaded a metric checkpoint as a relative model, or failed 70 lines later
+    import shutil
+    shutil.copytree(checkpoints["metric"], tmp_path / "no-config")
+    (tmp_path / "no-config" / "config.json").unlink()
+    for name in ("da2-metric", "da2-relative"):
+        with pytest.raises(FileNotFoundError, match=f"no-config is a directory without config.json, so not a {name} "
+                                                    f"checkpoint; it needs the files of `huggingface-cli download"):
+            teacher_for(cfg(name, "no-config"))
     assert not_a_hub_id("depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf") == ""
     assert "./models is a directory here" in not_a_hub_id("models/da2-metric")
     # a hub snapshot's identity carries its commit: a cache resumed after the hub changed is refused

@@ -54,23 +54,41 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def load_pretrained(cls, source: str, what: str):
-    """`cls.from_pretrained` from a local directory (no network) or a hub id (downloads)."""
+def check_source(source: str, what: str) -> Path | None:
+    """The local checkpoint folder `source` names (None: a hub id), or an error naming the fix; no
+    network, no weights read. transformers does not refuse a folder without config.json: it builds
+    its default config (DA2-Small, relative) and fails 70 lines later, or loads metric weights as a
+    relative model. Run before any data is built (supervision.check_options) and again at load."""
     if not source:
         raise ValueError(f"{what} needs teacher.source=<a local directory or a hub id>, e.g. "
                          f"{', '.join(REAL_CHECKPOINTS.values())}")
     local = Path(source).expanduser()
     if local.is_dir():
+        missing = [name for name, found in (("config.json", (local / "config.json").is_file()),
+                                            ("weights (*.safetensors or *.bin)",
+                                             any(local.glob("*.safetensors")) or any(local.glob("*.bin")))) if not found]
+        if missing:
+            raise FileNotFoundError(f"teacher.source={source} is a directory without {' and '.join(missing)}, so not "
+                                    f"a {what} checkpoint; it needs the files of `huggingface-cli download <hub id> "
+                                    f"--local-dir {source}`")
+        return local
+    why_not = not_a_hub_id(source)   # a mistyped path must not become a download
+    if why_not:
+        raise FileNotFoundError(f"teacher.source={source} is not a directory, and not a hub id either ({why_not}); "
+                                f"check the path, or pass a hub id such as {REAL_CHECKPOINTS['metric']}")
+    return None
+
+
+def load_pretrained(cls, source: str, what: str):
+    """`cls.from_pretrained` from a local directory (no network) or a hub id (downloads)."""
+    local = check_source(source, what)
+    if local is not None:
         try:
             return cls.from_pretrained(str(local), local_files_only=True), local
         except OSError as e:   # transformers' word for a folder without a config or weights
             raise FileNotFoundError(f"teacher.source={source} is a directory but not a {what} checkpoint ({e}); "
                                     f"it needs the files of `huggingface-cli download <hub id> --local-dir "
                                     f"{source}` (config.json and the weights)") from e
-    why_not = not_a_hub_id(source)   # a mistyped path must not become a download
-    if why_not:
-        raise FileNotFoundError(f"teacher.source={source} is not a directory, and not a hub id either ({why_not}); "
-                                f"check the path, or pass a hub id such as {REAL_CHECKPOINTS['metric']}")
     print(f"{what}: loading {source} from the Hugging Face hub (downloads on first use)")
     try:
         model = cls.from_pretrained(source)
@@ -118,6 +136,11 @@ class PretrainedTeacher(Teacher):
     @classmethod
     def from_config(cls, cfg) -> "PretrainedTeacher":
         return cls(cfg.source, cfg.input_size)
+
+    @classmethod
+    def check_ready(cls, source: str) -> None:
+        """What can be known before loading (the source's form, a package); raises naming the fix."""
+        check_source(source, cls.name)
 
     def to(self, device: torch.device) -> "PretrainedTeacher":
         self.model.to(device)
@@ -218,6 +241,13 @@ def network_focal(intrinsics: torch.Tensor, batch_hw: tuple[int, int], net_hw: t
     return (fx + fy) / 2
 
 
+DA3_MISSING = ("teacher da3-metric needs the depth_anything_3 package, which does not install beside densekit "
+               "(depth-anything-3 0.1.1 pins numpy<2 and needs xformers, open3d, pycolmap). Install it in its own "
+               "environment, run python -m distill.cache_teacher da3-metric teacher.source=<dir or "
+               "depth-anything/DA3METRIC-LARGE> data=... out=CACHE there, and train here with teacher.cache=CACHE; "
+               "or use teacher.name=da2-metric (teacher.align=dataset)")
+
+
 class DA3Metric(PretrainedTeacher):
     """Depth Anything 3 Metric (e.g. depth-anything/DA3METRIC-LARGE) via its package's
     `DepthAnything3.inference`, which returns `Prediction.depth` (N, h, w) at the processed size.
@@ -228,17 +258,19 @@ class DA3Metric(PretrainedTeacher):
 
     name, space, range = "da3-metric", DepthSpace.METRIC, ValueRange(0.0, float("inf"))
 
+    @classmethod
+    def check_ready(cls, source: str) -> None:
+        import importlib.util
+
+        if importlib.util.find_spec("depth_anything_3") is None:
+            raise ImportError(DA3_MISSING)
+        super().check_ready(source)
+
     def __init__(self, source: str, input_size: int = 504):
         try:
             from depth_anything_3.api import DepthAnything3
         except ImportError as e:
-            raise ImportError(
-                "teacher da3-metric needs the depth_anything_3 package, which does not install beside densekit "
-                "(depth-anything-3 0.1.1 pins numpy<2 and needs xformers, open3d, pycolmap). Install it in its own "
-                "environment, run python -m distill.cache_teacher da3-metric teacher.source=<dir or "
-                "depth-anything/DA3METRIC-LARGE> data=... out=CACHE there, and train here with teacher.cache=CACHE; "
-                "or use teacher.name=da2-metric (teacher.align=dataset)"
-            ) from e
+            raise ImportError(DA3_MISSING) from e
         self.load(DepthAnything3, source, input_size)
         found = getattr(self.model, "model_name", "")
         if not found.startswith("da3metric"):   # focal x output / 300 holds for DA3METRIC only

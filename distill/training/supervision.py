@@ -47,6 +47,19 @@ def teacher_traits(tc) -> tuple[DepthSpace, bool]:
     return kind.space, gives_features(kind)
 
 
+def check_sources(tc) -> None:
+    """A teacher that loads a checkpoint (and its assistant) must have one at its source, in the form
+    it reads, and its package installed: known without loading it, so said before any data is built."""
+    online = [] if tc.cache else [(tc.name, tc.source)]
+    for name, source in [*online, *([(tc.assistant, tc.assistant_source)] if tc.assistant else [])]:
+        check_ready = getattr(TEACHERS.get(name), "check_ready", None)
+        if check_ready is not None:
+            try:
+                check_ready(source)
+            except (ValueError, FileNotFoundError, ImportError) as e:
+                raise SupervisionError(str(e)) from e
+
+
 def check_options(recipe) -> None:
     """Refuse distillation options that cannot work together, before any teacher is loaded or any
     image rendered: a teacher's space and features are known from its class or its cache's manifest."""
@@ -69,6 +82,7 @@ def check_options(recipe) -> None:
             f"distill.feature_weight={dc.feature_weight} distils the primary teacher's features, but "
             f"teacher.assistant={tc.assistant} labels some steps, whose features are another network's; "
             f"drop teacher.assistant or set distill.feature_weight=0")
+    check_sources(tc)
     space, has_features = teacher_traits(tc)
     named = f"teacher.cache={tc.cache}" if tc.cache else f"teacher.name={tc.name}"
     if dc.feature_weight > 0 and not has_features:
