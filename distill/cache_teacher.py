@@ -338,7 +338,7 @@ def run(recipe, options: dict, overrides: list[str], log=print, progress: bool =
     manifest.json last. Returns 0 (complete) or PARTIAL (max_shards reached)."""
     rank = distributed.from_environment()
     try:
-        device = pick_device(options["device"], rank.local_rank, key="device")
+        device = pick_device(options["device"], rank.local_rank, key="device", world=rank.world)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     distributed.init(rank, device)

@@ -70,10 +70,17 @@ def resolve(recipe: Recipe | str, overrides: list[str]) -> Recipe:
     differing = [k for k in overrides if not k.startswith("resume=") and
                  flat_get(to_dict(saved_recipe), k.split("=")[0].strip())
                  != flat_get(to_dict(recipe), k.split("=")[0].strip())]
-    if differing:
+    where = [k for k in differing if k.split("=")[0].strip() in RESUME_ANYWHERE]
+    if len(where) < len(differing):
         raise ConfigError(f"resume continues the saved config of {recipe.resume}; these overrides differ from it: "
-                          f"{', '.join(differing)}. Drop them, or start a new run.")
-    return saved_recipe
+                          f"{', '.join(k for k in differing if k not in where)}. Drop them, or start a new run "
+                          f"(on resume only {', '.join(RESUME_ANYWHERE)} may change: where it runs, not what it trains)")
+    return apply_overrides(saved_recipe, where) if where else saved_recipe
+
+
+# Where and how fast a run computes, not what it trains: a resume on another machine may change them
+# (train.device saved as cuda:1 would otherwise have no way forward on a machine without it)
+RESUME_ANYWHERE = ("train.device", "data.workers", "data.root", "data.cache_mb")
 
 
 def flat_get(d: dict, key: str):

@@ -71,3 +71,9 @@ def test_a_gpu_index_past_the_machines_gpus_is_named(monkeypatch):
     assert pick_device("cuda:0") == torch.device("cuda:0") and pick_device("cuda") == torch.device("cuda:0")
     with pytest.raises(ValueError, match=r"train.device=cuda:3 but this machine has 1 GPU\(s\), cuda:0 to cuda:0"):
         pick_device("cuda:3")
+    # under torchrun an index would put every rank on one GPU (NCCL failed at the first collective)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda", local_rank=1, world=2) == torch.device("cuda:1")
+    with pytest.raises(ValueError, match=r"train.device=cuda:0 puts all 2 processes of this torchrun job on one GPU; "
+                                         r"use train.device=cuda \(or auto\)"):
+        pick_device("cuda:0", local_rank=1, world=2)

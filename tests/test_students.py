@@ -56,6 +56,16 @@ def test_local_pretrained_file_loads_and_missing_file_is_explained(tmp_path):
     assert torch.all(model.encoder.conv_stem.weight == 0.125)
     with pytest.raises(FileNotFoundError, match="leave model.pretrained empty to train from scratch"):
         build_student("mobilenetv3_small_050", pretrained=str(tmp_path / "missing.safetensors"))
+    # keys of another naming (a densekit student's "encoder.*"): timm loads non-strictly, so nothing loaded
+    save_file({f"encoder.{k}": v for k, v in src.state_dict().items()}, str(tmp_path / "student.safetensors"))
+    with pytest.raises(ValueError, match=r"student.safetensors left \d+ of the \d+ weight tensors of the "
+                                         r"mobilenetv3_small_050 encoder as initialised \(first: conv_stem.weight\)"):
+        build_student("mobilenetv3_small_050", pretrained=str(tmp_path / "student.safetensors"))
+    other = timm.create_model("mobilenetv3_small_100", pretrained=False)   # another encoder's shapes
+    save_file(other.state_dict(), str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match=r"other.safetensors does not hold weights of the mobilenetv3_small_050 "
+                                         r"encoder \(.*size mismatch"):
+        build_student("mobilenetv3_small_050", pretrained=str(tmp_path / "other.safetensors"))
 
 
 def test_separable_stride2_decoder_is_sharper_per_mac():

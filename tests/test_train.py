@@ -291,6 +291,29 @@ def test_best_metrics_are_metrics_that_evaluation_reports():
     assert set(BEST_METRICS) <= set(metrics.compute())
 
 
+def test_a_resume_elsewhere_may_change_where_it_runs_but_not_what_it_trains(tmp_path, capsys):
+    """A run saved with train.device=cuda:1, resumed on a machine without that GPU, was told to use
+    train.device=cpu and then refused for the override; a run started from model.pretrained=FILE
+    needed FILE again, though the checkpoint replaces those weights (and =hub would download)."""
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "encoder.safetensors"
+    save_file(timm.create_model("mobilenetv3_small_050", pretrained=False).state_dict(), str(weights))
+    assert main(["v3", *TINY, "train.epochs=1", f"model.pretrained={weights}", f"out_dir={tmp_path / 'runs'}",
+                 "--quiet"]) == 0
+    (run,) = run_dirs(tmp_path / "runs")
+    finished = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").unlink()
+    weights.unlink()
+    capsys.readouterr()
+    assert main(["v3", f"resume={run}", "train.epochs=3", "--quiet"]) == 2
+    assert ("these overrides differ from it: train.epochs=3. Drop them, or start a new run (on resume only "
+            "train.device, data.workers, data.root, data.cache_mb may change" in capsys.readouterr().err)
+    assert main(["v3", f"resume={run}", "train.device=cpu", "data.workers=0", "--quiet"]) == 0
+    assert json.loads((run / "summary.json").read_text())["abs_rel"] == finished["abs_rel"]
+
+
 def test_resume_refuses_a_corrupt_or_missing_checkpoint_with_one_line(tmp_path, capsys):
     assert main(["v3", *TINY, "train.epochs=1", f"out_dir={tmp_path}", "--quiet"]) == 0
     (run,) = run_dirs(tmp_path)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from core.registry import Registry
-from distill.students.model import INPUT_MULTIPLE, MultiTaskStudent, pretrained_file, shipped_state
+from distill.students.model import INPUT_MULTIPLE, MultiTaskStudent, check_pretrained, shipped_state
 
 STUDENTS: Registry = Registry("student")
 
@@ -45,4 +45,4 @@ def count_macs(model: nn.Module, height: int, width: int) -> int:
 
 
 __all__ = ["STUDENTS", "MultiTaskStudent", "build_student", "count_params", "count_macs", "shipped_state",
-           "INPUT_MULTIPLE", "pretrained_file"]
+           "INPUT_MULTIPLE", "check_pretrained"]

@@ -241,8 +241,45 @@ def create_encoder(name: str, pretrained: str | bool) -> nn.Module:
         return timm.create_model(name, features_only=True, pretrained=False)
     if pretrained in (True, "hub"):
         return timm.create_model(name, features_only=True, pretrained=True)
-    return timm.create_model(name, features_only=True, pretrained=True,
-                             pretrained_cfg_overlay={"file": str(pretrained_file(pretrained))})
+    return encoder_from_file(name, pretrained)
+
+
+def encoder_from_file(name: str, pretrained: str) -> nn.Module:
+    """The encoder with the weights of the local file `pretrained`; ValueError naming model.pretrained
+    unless every weight tensor came from it. timm loads a features_only encoder non-strictly, so a
+    file of other keys (a densekit run's whole student, "encoder.*"; torchvision's names) loaded
+    nothing and trained from scratch, with only timm's "this may be expected" note. A twin built from
+    the same random state shows which tensors the file left as initialised."""
+    path = pretrained_file(pretrained)
+    before = torch.get_rng_state()
+    try:
+        loaded = timm.create_model(name, features_only=True, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+    except (RuntimeError, KeyError, ValueError) as e:   # a size mismatch: another encoder's weights
+        lines = [line.strip() for line in str(e).strip().splitlines()] or [type(e).__name__]
+        detail = next((line for line in lines if "size mismatch" in line or "Missing key" in line), lines[0])
+        raise ValueError(f"model.pretrained={pretrained} does not hold weights of the {name} encoder "
+                         f"({detail[:300]}); pass timm's {name} weights, or leave model.pretrained empty to train "
+                         f"from scratch") from None
+    after = torch.get_rng_state()
+    torch.set_rng_state(before)
+    twin = timm.create_model(name, features_only=True, pretrained=False)
+    torch.set_rng_state(after)   # the rest of the student draws as if one encoder had been built
+    initial = twin.state_dict()
+    weights = {k: v for k, v in loaded.state_dict().items() if v.ndim > 1}   # conv / linear kernels
+    untouched = [k for k, v in weights.items() if torch.equal(v, initial[k])]
+    if untouched:
+        raise ValueError(f"model.pretrained={pretrained} left {len(untouched)} of the {len(weights)} weight tensors of "
+                         f"the {name} encoder as initialised (first: {untouched[0]}): its keys are not timm's "
+                         f"{name} ones (a densekit run's best.safetensors holds a whole student, keys 'encoder.*'). "
+                         f"Pass timm's {name} weights, or leave model.pretrained empty to train from scratch")
+    return loaded
+
+
+def check_pretrained(name: str, pretrained: str) -> None:
+    """model.pretrained as a local file: the encoder must load every weight from it (ValueError or
+    FileNotFoundError naming the key otherwise); run before training renders its data."""
+    if pretrained not in (False, "", None, True, "hub"):
+        encoder_from_file(name, pretrained)
 
 
 def pretrained_file(pretrained: str) -> Path:

@@ -30,12 +30,15 @@ class Dist:
         return self.world > 1
 
 
-def pick_device(spec: str, local_rank: int = 0, key: str = "train.device") -> torch.device:
+def pick_device(spec: str, local_rank: int = 0, key: str = "train.device", world: int = 1) -> torch.device:
     """`auto`: CUDA when present (under torchrun, the process's own GPU), else the CPU. `key` names
-    the setting in the error."""
+    the setting in the error; `world`: the processes of a torchrun job, each of which takes its own GPU."""
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
+    if device.type == "cuda" and device.index is not None and world > 1:   # NCCL fails on a shared GPU, later
+        raise ValueError(f"{key}={spec} puts all {world} processes of this torchrun job on one GPU; use {key}=cuda "
+                         f"(or auto): each process takes the GPU of its local rank")
     if device.type == "cuda" and device.index is None:
         device = torch.device(f"cuda:{local_rank}")
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -33,7 +33,7 @@ from distill.data import build_datasets
 from distill.data.classes import NYU13_NAMES
 from distill.losses.feature_kd import FeatureDistiller
 from distill.recipes import Recipe, check_values, resolve_for_device
-from distill.students import build_student, count_macs, pretrained_file, shipped_state
+from distill.students import build_student, check_pretrained, count_macs, shipped_state
 from distill.students.model import AUX_PREFIX
 from distill.teachers import Teacher
 from distill.training import distributed
@@ -141,7 +141,7 @@ def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
     batch (`train.batch_size` is the global batch), rank 0 alone writes files and logs.
     """
     rank = distributed.from_environment()
-    device = pick_device(recipe.train.device, rank.local_rank)
+    device = pick_device(recipe.train.device, rank.local_rank, world=rank.world)
     distributed.init(rank, device)
     if not rank.main:
         log, progress = (lambda *args, **kwargs: None), False
@@ -163,8 +163,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
             + "  (override any with key=value)")
     check_values(recipe, processes=rank.world)   # before any image is rendered
     check_options(recipe)                        # teacher options that cannot work together, too
-    if recipe.model.pretrained not in ("", "hub"):
-        pretrained_file(recipe.model.pretrained)   # a missing weights file, before any render
+    if not recipe.resume:   # a resume loads its checkpoint instead
+        check_pretrained(recipe.model.student, recipe.model.pretrained)   # a file of other weights, before any render
     resumed = resume_point(Path(recipe.resume)) if recipe.resume else None
     amp = autocast_dtype(recipe.train.amp, device)
     tc, dc = recipe.train, recipe.data
@@ -296,7 +296,8 @@ def student_for(recipe: Recipe, device: torch.device, rank: distributed.Dist, lo
     mc, dc, tc = recipe.model, recipe.data, recipe.train
     model = build_student(mc.student, tasks=mc.tasks, num_classes=len(NYU13_NAMES), decoder_channels=mc.decoder_channels,
                           output_stride=mc.output_stride, separable=mc.separable, fine_convs=mc.fine_convs,
-                          depth_activation=mc.depth_activation, pretrained=mc.pretrained,
+                          depth_activation=mc.depth_activation,
+                          pretrained="" if recipe.resume else mc.pretrained,   # a resume loads its checkpoint's
                           aux_heads=AUX_LEVELS if recipe.loss.aux_weight > 0 else 0,
                           aux_normals=recipe.loss.normal_weight > 0 and "depth" in mc.tasks).to(device)
     if tc.channels_last:   # oneDNN's and cuDNN's convolutions run NHWC natively
