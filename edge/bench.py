@@ -20,8 +20,9 @@ too, so host and device figures sit side by side:
      "source": "edge.bench", "created": UTC ISO 8601}
 
 Memory: peak_rss is the process's peak resident set (VmHWM on Linux, ru_maxrss on macOS),
-baseline_rss the resident set just before the runner is made, model_rss their difference (runtime + model +
-buffers). Peaks are per process, so run one artefact per process (quant/benchmark.py does).
+baseline_rss the resident set with the runtime imported, just before the model loads, model_rss their
+difference (the model, its buffers and what the runtime allocates for them), as edge/device/linux_bench.py
+measures it on a board: the two records compare. Peaks are per process, so run one artefact per process (quant/benchmark.py does).
 
 With several artefacts, `compare` loads them all in one process and interleaves their runs in
 turns (A x 20, B x 20, A x 20, ...), so that a noisy machine slows each of them alike: the ratios
@@ -54,7 +55,7 @@ from core.manifest import verify_artefact
 from edge.device.linux_bench import latency_summary, peak_rss_mb  # device and host measure alike
 from edge.host import describe_cpu, device_cpu, host_device
 from edge.run import write_json
-from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner, threads_text
+from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner, runner_class, threads_text
 
 SCHEMA = "densekit.bench/1"
 MIB = 2 ** 20
@@ -138,6 +139,7 @@ def bench_artefact(path: str | Path, *, threads: int | None = None, runs: int = 
     arguments and for Core ML off macOS.
     """
     fmt = check_bench(path, runs, warmup, executor, verify)
+    runner_class(path, executor).import_runtime()   # the baseline holds the runtime, as on the device
     baseline = current_rss_mb()
     runner = open_runner(path, threads=threads, executor=executor)
     image = np.random.default_rng(0).random((1, *image_shape(runner)), dtype=np.float32)

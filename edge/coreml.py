@@ -106,6 +106,7 @@ class CoreMLRunner:
     """
 
     format = "coreml"
+    import_runtime = staticmethod(import_coremltools)
 
     def __init__(self, path: str | Path, *, threads: int | None = None, executor: str = "auto"):
         self.path, self.threads = Path(path), threads

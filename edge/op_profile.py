@@ -20,7 +20,10 @@ the graph's own time by section, fp32 against int8, use `python -m edge.section_
 Imports ai-edge-litert (its flatbuffer schema and interpreter), never TensorFlow or torch.
 
 JSON ("densekit.op-profile/1"): {"schema", "model", "threads", "runs", "ops": [{"index", "op",
-"inputs" (shapes of the non-constant inputs), "output", "dtype", "us"}], "by_type": {op: {"count", "us"}}}
+"inputs" (shapes of the non-constant inputs), "output", "dtype", "us"}], "by_type": {op: {"count", "us"}},
+"weight_dequantizes"}. An fp16 file's DEQUANTIZE ops of its float16 weights are not listed: each is
+cut out with the op that reads it (XNNPACK folds it into that op's weights), and counted in
+"weight_dequantizes".
 """
 from __future__ import annotations
 
@@ -84,12 +87,26 @@ def cut_model(model, operators: list, inputs: list[int], outputs: list[int]) -> 
     return bytes(builder.Output())
 
 
-def one_op_model(model, index: int) -> tuple[bytes, list[int]]:
-    """The flatbuffer of a model made of operator `index` alone, and its input tensor indices."""
-    graph = model.subgraphs[0]
-    op = graph.operators[index]
-    inputs = [i for i in op.inputs if i >= 0 and model.buffers[graph.tensors[i].buffer].data is None]
-    return cut_model(model, [op], inputs, list(op.outputs)), inputs
+def is_constant(model, tensor: int) -> bool:
+    return tensor >= 0 and model.buffers[model.subgraphs[0].tensors[tensor].buffer].data is not None
+
+
+def constant_dequantizes(model) -> dict[int, object]:
+    """{tensor: the DEQUANTIZE op writing it} for each DEQUANTIZE of a constant: an fp16 file stores its
+    weights as float16 constants dequantized for the float kernels, and XNNPACK folds them into the
+    weights, so such an op is part of its reader, not an op of its own."""
+    return {int(op.outputs[0]): op for op in model.subgraphs[0].operators
+            if op_name(model, op) == "DEQUANTIZE" and is_constant(model, int(op.inputs[0]))}
+
+
+def one_op_model(model, index: int, folded: dict[int, object] | None = None) -> tuple[bytes, list[int]]:
+    """The flatbuffer of a model made of operator `index` alone (with the DEQUANTIZE ops that give it
+    constant weights, `constant_dequantizes`), and its input tensor indices."""
+    folded = constant_dequantizes(model) if folded is None else folded
+    op = model.subgraphs[0].operators[index]
+    weights = [folded[int(i)] for i in op.inputs if int(i) in folded]
+    inputs = [i for i in op.inputs if i >= 0 and int(i) not in folded and not is_constant(model, i)]
+    return cut_model(model, [*weights, op], inputs, list(op.outputs)), inputs
 
 
 def seeded_interpreter(model_content: bytes, threads: int | None):
@@ -128,9 +145,11 @@ def profile(path: str | Path, threads: int | None = None, runs: int = 100, progr
         raise ValueError(f"{path} has {len(model.subgraphs)} subgraphs; only single-graph models are profiled")
     from tqdm.auto import tqdm
 
-    ops = []
+    ops, folded = [], constant_dequantizes(model)
     for index, op in enumerate(tqdm(graph.operators, desc="ops", unit="op", disable=not progress)):
-        content, inputs = one_op_model(model, index)
+        if int(op.outputs[0]) in folded:   # timed with the op that reads it
+            continue
+        content, inputs = one_op_model(model, index, folded)
         output = graph.tensors[op.outputs[0]]
         ops.append({"index": index, "op": op_name(model, op),
                     "inputs": [[int(s) for s in graph.tensors[i].shape] for i in inputs],
@@ -142,7 +161,8 @@ def profile(path: str | Path, threads: int | None = None, runs: int = 100, progr
         entry["count"] += 1
         entry["us"] = round(entry["us"] + op["us"], 2)
     by_type = dict(sorted(by_type.items(), key=lambda kv: -kv[1]["us"]))
-    return {"schema": SCHEMA, "model": path.name, "threads": threads, "runs": runs, "ops": ops, "by_type": by_type}
+    return {"schema": SCHEMA, "model": path.name, "threads": threads, "runs": runs, "ops": ops, "by_type": by_type,
+            "weight_dequantizes": len(folded)}
 
 
 def tensor_type(code: int) -> str:
@@ -156,7 +176,9 @@ def summary(result: dict, top: int) -> str:
     total = sum(op["us"] for op in result["ops"]) or 1.0
     rows = [f"{result['model']}: {len(result['ops'])} ops as one-op models, median of {result['runs']} invokes, "
             f"threads {result['threads'] or 'default'} (not the whole graph's time: see the module doc; "
-            f"python -m edge.section_profile times the graph by sections)",
+            f"python -m edge.section_profile times the graph by sections)"
+            + (f"; {result['weight_dequantizes']} DEQUANTIZE ops of float16 weights timed with their readers"
+               if result.get("weight_dequantizes") else ""),
             f"  {'op type':<22} {'count':>5} {'us':>9} {'share':>6}"]
     for name, entry in result["by_type"].items():
         rows.append(f"  {name:<22} {entry['count']:>5} {entry['us']:>9.1f} {entry['us'] / total:>6.1%}")

@@ -120,6 +120,7 @@ class LiteRTRunner:
     """
 
     format = "tflite"
+    import_runtime = staticmethod(import_litert_interpreter)
 
     def __init__(self, path: str | Path, threads: int | None = None):
         Interpreter, package = import_litert_interpreter()
@@ -178,6 +179,11 @@ class OrtRunner:
     """
 
     format = "onnx"
+
+    @staticmethod
+    def import_runtime():
+        import onnxruntime
+        return onnxruntime
 
     def __init__(self, path: str | Path, threads: int | None = None):
         import onnxruntime as ort
@@ -249,6 +255,11 @@ def open_runner(path: str | Path, *, threads: int | None = None, executor: str =
     """
     fmt = FORMATS[artefact_format(path, executor)]
     options = {"executor": executor} if len(fmt.executors) > 1 else {}
-    module, _, name = fmt.runner.partition(":")
-    runner_class = getattr(importlib.import_module(module), name)
-    return runner_class(Path(path), threads=threads, **options)
+    return runner_class(path, executor)(Path(path), threads=threads, **options)
+
+
+def runner_class(path: str | Path, executor: str = "auto") -> type:
+    """The runner class of artefact `path` (its `import_runtime()` imports the runtime alone: edge.bench
+    takes its memory baseline after it, as the device scripts do)."""
+    module, _, name = FORMATS[artefact_format(path, executor)].runner.partition(":")
+    return getattr(importlib.import_module(module), name)

@@ -131,8 +131,11 @@ def test_linux_bench_refuses_bad_inputs_before_timing(tiny_artefacts, tmp_path):
                             ("last_bad.npy", "values outside [0, 1] (or non-finite ones)"),
                             ("scale255.npy", "values outside [0, 1]")):
         proc = run_script(tmp_path, "linux_bench.py", model, "--inputs", inputs, "--outputs", "out.npz")
-        assert proc.returncode != 0 and message in proc.stderr and "latency" not in proc.stdout, proc.stderr
+        assert proc.returncode == 2 and message in proc.stderr and "latency" not in proc.stdout, proc.stderr
     assert not (tmp_path / "out.npz").exists()
+    np.save(tmp_path / "good.npy", np.zeros((1, 3, 64, 96), np.float32))   # np.savez would write a zip under .npy
+    proc = run_script(tmp_path, "linux_bench.py", model, "--inputs", "good.npy", "--outputs", "out.npy")
+    assert proc.returncode == 2 and "--outputs out.npy: the outputs are written as one .npz archive" in proc.stderr
 
 
 def test_linux_bench_says_how_to_install_an_interpreter(tiny_artefacts, tmp_path):

@@ -183,6 +183,21 @@ def test_int8_tensors_under_a_fused_relu6_keep_its_range(tflite_export, run_dir)
     assert tighten_activation_ranges(model) == 0 and int(gate.zeroPoint[0]) == 127
 
 
+def test_op_profile_times_an_fp16_file_op_for_op_like_its_fp32_twin(tflite_export, run_dir):
+    """An fp16 file dequantizes its float16 weights with DEQUANTIZE ops of constants: cut out alone,
+    the first one had no input and XNNPACK refused it (the whole profile exited 1); its readers'
+    weights became random inputs. Each is now cut out with its reader and listed with none."""
+    from edge.op_profile import profile
+
+    files = {a["precision"]: tflite_export / run_dir.name / "tflite" / a["path"]
+             for a in manifest_of(tflite_export, run_dir, "tflite")["artefacts"]}
+    fp16, fp32 = (profile(files[p], threads=1, runs=2) for p in ("fp16", "fp32"))
+    assert fp16["weight_dequantizes"] > 50 and fp32["weight_dequantizes"] == 0
+    assert [op["op"] for op in fp16["ops"]] == [op["op"] for op in fp32["ops"]]
+    conv16, conv32 = ([op for op in result["ops"] if op["op"] == "CONV_2D"] for result in (fp16, fp32))
+    assert [op["inputs"] for op in conv16] == [op["inputs"] for op in conv32]   # the weights stay constant
+
+
 RUN_UNDER_XNNPACK = """
 import sys, numpy as np
 from ai_edge_litert.interpreter import Interpreter

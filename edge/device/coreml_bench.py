@@ -152,7 +152,7 @@ def bench(args) -> dict:
     units = COMPUTE_UNITS[args.compute_units]
     model = load_model(ct, args.model, units)
     name, shape = input_spec(model)
-    feed = {name: np.random.default_rng(0).random(shape, dtype=np.float32)}
+    feed = {name: np.random.RandomState(0).random_sample(shape).astype(np.float32)}   # numpy < 1.17 too
     try:   # Core ML's own refusal (coremltools only warns when it loads) surfaces at the first call
         model.predict(feed)
     except Exception as error:

@@ -43,6 +43,12 @@ INSTALL_HELP = (
     "then run this script again.")
 
 
+def fail(message: str):
+    """One error line and exit status 2: bad input, refused before anything is timed."""
+    sys.stderr.write(message + "\n")
+    raise SystemExit(2)
+
+
 def load_interpreter():
     """Return (Interpreter class, "<package> <version>", executor prefix), preferring ai-edge-litert.
 
@@ -156,9 +162,9 @@ def image_size(detail: dict) -> list:
 def check_size(shape: tuple, detail: dict) -> None:
     """`shape`: the images' (N, 3, H, W)."""
     if list(shape[2:]) != image_size(detail):
-        raise SystemExit("linux_bench.py: the images have shape {} but the model takes {}x{} images (input {}); "
-                         "export the images at the model's input size.".format(
-                             list(shape), *image_size(detail), [int(s) for s in detail["shape"]]))
+        fail("linux_bench.py: the images have shape {} but the model takes {}x{} images (input {}); "
+             "export the images at the model's input size.".format(
+                 list(shape), *image_size(detail), [int(s) for s in detail["shape"]]))
 
 
 def to_input_tensor(images: np.ndarray, detail: dict) -> np.ndarray:
@@ -211,33 +217,33 @@ def find_output(details: list, word: str) -> dict:
         if word in detail["name"].lower():
             return detail
     names = [d["name"] for d in details]
-    raise SystemExit("linux_bench.py: no output tensor named like '{}' among {}; --inputs needs the artefact's "
-                     "'depth' and 'seg' outputs (export it with densekit's quant.export).".format(word, names))
+    fail("linux_bench.py: no output tensor named like '{}' among {}; --inputs needs the artefact's "
+         "'depth' and 'seg' outputs (export it with densekit's quant.export).".format(word, names))
 
 
 def check_images(images_path: str) -> tuple:
     """The --inputs npy's (N, 3, H, W) shape, after checking it and every image's range one image at a
     time (plain reads of a few hundred KB: the memory measured next holds no pixel of it); refused
     before any timing otherwise."""
-    fail = "linux_bench.py: --inputs {} ".format(images_path)
+    prefix = "linux_bench.py: --inputs {} ".format(images_path)
     try:
         with open(images_path, "rb") as f:
             major, _ = np.lib.format.read_magic(f)
             read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
             shape, fortran_order, dtype = read_header(f)
             if len(shape) != 4 or shape[1] != 3 or dtype.kind != "f" or shape[0] == 0 or fortran_order:
-                raise SystemExit(fail + "is {} of shape {}{}; expected one non-empty (N, 3, H, W) float32 .npy of "
+                fail(prefix + "is {} of shape {}{}; expected one non-empty (N, 3, H, W) float32 .npy of "
                                  "RGB in [0, 1].".format(dtype, list(shape), " (Fortran order)" if fortran_order else ""))
             size = int(np.prod(shape[1:])) * dtype.itemsize
             for _ in range(shape[0]):
                 image = np.frombuffer(f.read(size), dtype)
                 if image.nbytes != size:
-                    raise SystemExit(fail + "is truncated: its header promises {} images".format(shape[0]))
+                    fail(prefix + "is truncated: its header promises {} images".format(shape[0]))
                 if not (np.isfinite(image).all() and image.min() >= 0 and image.max() <= 1):
-                    raise SystemExit(fail + "holds values outside [0, 1] (or non-finite ones); the artefacts take "
+                    fail(prefix + "holds values outside [0, 1] (or non-finite ones); the artefacts take "
                                      "RGB scaled to [0, 1] (divide 8-bit images by 255).")
     except (OSError, ValueError) as e:
-        raise SystemExit(fail + "cannot be read as a .npy array ({}); save the (N, 3, H, W) images as one array with "
+        fail(prefix + "cannot be read as a .npy array ({}); save the (N, 3, H, W) images as one array with "
                          "numpy.save.".format(e))
     return tuple(shape)
 
@@ -365,6 +371,9 @@ def parse_args(argv=None):
         parser.error(problem + "; or pass --no-verify to time it anyway")
     if args.inputs and not os.path.isfile(args.inputs):
         parser.error("--inputs file not found: {}".format(args.inputs))
+    if args.outputs and not args.outputs.lower().endswith(".npz"):   # np.savez writes a zip archive
+        parser.error("--outputs {}: the outputs are written as one .npz archive; name it <something>.npz".format(
+            args.outputs))
     for flag, path in (("--outputs", args.outputs), ("--json", args.json)):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
@@ -391,7 +400,8 @@ def main(argv=None) -> int:
     detail = interpreter.get_input_details()[0]
     if shape is not None:
         check_size(shape, detail)   # before the timed runs, which a wrong size would waste
-    image = np.random.default_rng(0).random([1, 3] + image_size(detail), dtype=np.float32)
+    # RandomState, not default_rng: boards' system numpy can predate 1.17
+    image = np.random.RandomState(0).random_sample([1, 3] + image_size(detail)).astype(np.float32)
     interpreter.set_tensor(detail["index"], to_input_tensor(image, detail))
     times = time_invokes(interpreter, args.runs, args.warmup)
     peak = peak_rss_mb()
