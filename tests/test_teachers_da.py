@@ -218,3 +218,13 @@ def test_a_source_that_is_no_checkpoint_is_refused_without_asking_the_hub(checkp
     teacher = teacher_for(cfg("da2-metric", checkpoints["metric"]))
     teacher.model.config._commit_hash = "0123abc"
     assert teacher.hub_revision() == f"hub:{checkpoints['metric']}@0123abc"
+    # transformers 5 records no commit: it is read from the local hub cache's snapshot folder
+    import huggingface_hub.constants
+    repo = tmp_path / "hub" / "models--depth-anything--Depth-Anything-V2-Metric-Indoor-Small-hf"
+    (repo / "snapshots" / "feedbeef").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("feedbeef")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    teacher.model.config._commit_hash = None
+    teacher.source = "depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf"
+    assert teacher.hub_revision() == "hub:depth-anything/Depth-Anything-V2-Metric-Indoor-Small-hf@feedbeef"

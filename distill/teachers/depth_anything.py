@@ -148,8 +148,16 @@ class PretrainedTeacher(Teacher):
 
     def hub_revision(self) -> str:
         """hub:<id>@<commit> of the snapshot loaded: a cache resumed after the hub's weights changed
-        is refused as one made with other local weights is (without a commit: the id alone)."""
+        is refused as one made with other local weights is (without a commit: the id alone). The
+        commit is the name of the snapshot folder in the local hub cache (read without the network):
+        transformers 5 no longer records it on the config, older versions did."""
         commit = getattr(getattr(self.model, "config", None), "_commit_hash", None)
+        try:
+            from huggingface_hub import snapshot_download
+
+            commit = Path(snapshot_download(self.source, local_files_only=True)).name
+        except Exception:   # noqa: BLE001 - not a hub id, not in the cache: the config's record, if any
+            pass
         return f"hub:{self.source}@{commit}" if isinstance(commit, str) and commit else f"hub:{self.source}"
 
     def identity(self) -> dict:
