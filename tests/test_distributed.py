@@ -77,3 +77,37 @@ def test_a_gpu_index_past_the_machines_gpus_is_named(monkeypatch):
     with pytest.raises(ValueError, match=r"train.device=cuda:0 puts all 2 processes of this torchrun job on one GPU; "
                                          r"use train.device=cuda \(or auto\)"):
         pick_device("cuda:0", local_rank=1, world=2)
+
+
+def test_sync_batchnorm_keeps_each_norms_activation():
+    """torch's convert_sync_batchnorm replaced timm's BatchNormAct2d (norm + ReLU / hardswish) by a bare
+    SyncBatchNorm: a multi-GPU run trained a network without 33 activations. SyncBatchNorm runs
+    without a process group in eval mode, so the converted student can be compared here."""
+    import torch
+
+    from distill.students import build_student
+    from distill.training.distributed import sync_batchnorm
+
+    torch.manual_seed(0)
+    student = build_student("mobilenetv3_small_050", decoder_channels=16).eval()
+    image = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        before = student(image)["depth"]
+        synced = sync_batchnorm(student).eval()
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synced.modules())
+        torch.testing.assert_close(synced(image)["depth"], before)
+
+
+def test_amp_auto_is_bf16_only_on_gpus_that_compute_it(monkeypatch):
+    """torch emulates bf16 on GPUs before Ampere (T4, V100), slower than float32: amp=auto keeps float32
+    there; an explicit amp=bf16 is the user's call. No GPU here: torch's answer is set."""
+    import torch
+
+    from distill.training.loop import autocast_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert autocast_dtype("auto", cuda) is None and autocast_dtype("bf16", cuda) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert autocast_dtype("auto", cuda) is torch.bfloat16
+    assert autocast_dtype("auto", cpu) is None and autocast_dtype("off", cuda) is None

@@ -104,7 +104,7 @@ class TrainConfig:
     grad_clip: float = 1.0               # max global gradient norm (0 = off)
     seed: int = 0
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
-    amp: Literal["auto", "bf16", "off"] = "auto"   # training steps: auto = bf16 autocast on CUDA, off on CPU (validation is float32)
+    amp: Literal["auto", "bf16", "off"] = "auto"   # training steps: auto = bf16 autocast on CUDA GPUs with native bf16 (Ampere+), else off (validation is float32)
     log_every: int = 20                  # steps between TensorBoard scalars
     channels_last: bool = True           # NHWC weights and images: measured 1.2-1.6x faster steps on a CPU
 

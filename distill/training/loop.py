@@ -57,7 +57,11 @@ TIME_SHARES = (("data_wait_s", "data_wait_share"), ("teacher_s", "teacher_share"
 # ----------------------------------------------------------------------------- setup
 
 def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast where `train.amp` asks for it; `auto`: on GPUs that compute bf16 natively (Ampere
+    and later). Before them torch emulates bf16, slower than float32: auto stays float32 there."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "auto" and not torch.cuda.is_bf16_supported(including_emulation=False):
         return None
     return torch.bfloat16
 
@@ -198,7 +202,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
                     assistant=supervision.assistant)
 
     if rank.active and device.type == "cuda":  # batch statistics over the global batch, as in one process
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = distributed.sync_batchnorm(model)
     probes = [train_ds[i] for i in sorted({0, len(train_ds) // 2, len(train_ds) - 1})]
     weighting = weighting_for(recipe, labelled_tasks(recipe, probes, log)).to(device)
     feature_kd = feature_distiller(model, teacher, train_loader, device) if recipe.distill.feature_weight > 0 else None
