@@ -70,7 +70,8 @@ class SyntheticMetricTeacher(Teacher):
         depth, valid = batch["depth"].float(), batch["valid"]
         d = masked_blur(depth, valid, e.blur_sigma * depth.shape[-1])
         d = d * (1 - e.far_compression * (d / e.far_reference) ** 2).clamp_min(0.5)
-        gen = [torch.Generator().manual_seed(e.seed * 1_000_003 + int(i)) for i in batch["index"]]
+        # the indices read once (on a GPU, int() of each element would wait for the device each time)
+        gen = [torch.Generator().manual_seed(e.seed * 1_000_003 + i) for i in torch.as_tensor(batch["index"]).tolist()]
         scale = torch.stack([torch.randn(1, generator=g) for g in gen]).view(-1, 1, 1, 1)
         # drawn on the CPU (a generator per image: labels independent of the batch and the device),
         # then moved to the batch's device, where `flipped` is
