@@ -124,8 +124,17 @@ class DepthHead(nn.Module):
         self.out.bias.fill_(bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.body(x)
+        if torch.is_autocast_enabled(x.device.type):   # training under bf16 autocast (CUDA's amp=auto)
+            # log-depth in float32: a bf16 step of it is 0.4% of depth at 2 m, 1.6% at 8 m (not taken
+            # when a graph is exported: exports trace without autocast)
+            with torch.autocast(x.device.type, enabled=False):
+                return self.depth(x.float())
+        return self.depth(x)
+
+    def depth(self, x: torch.Tensor) -> torch.Tensor:
         # Upsample before the activation: interpolating log-depth keeps depth positive and smooth.
-        x = self.up(self.out(self.body(x)))
+        x = self.up(self.out(x))
         return torch.exp(x) if self.activation == "exp" else F.softplus(x)
 
 
