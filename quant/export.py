@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -451,7 +452,8 @@ def export_run(run: str | Path | None = None, *, target: str, runs_dir: str | Pa
 def checked_options(options: ExportOptions) -> ExportOptions:
     """The Python API's values in the types the command's parser gives, or an ExportError naming the
     field: `precisions` and `float_ops` take a tuple or a comma-separated string, `input_size` "HxW"
-    or (H, W); numbers must be numbers (a string would fail deep inside, far from its cause)."""
+    or (H, W), `out` a path, `prune` a ratio as a number too; numbers must be numbers (a string
+    would fail deep inside, far from its cause)."""
     default, changes = ExportOptions(), {}
     for f in fields(ExportOptions):
         value, kind = getattr(options, f.name), int if f.name == "qat_steps" else type(getattr(default, f.name))
@@ -460,6 +462,10 @@ def checked_options(options: ExportOptions) -> ExportOptions:
             if not isinstance(items, (list, tuple)) or not all(isinstance(v, str) for v in items):
                 raise ExportError(f"{f.name}={value!r}: expected a tuple of names, e.g. ('fp32', 'int8'), or 'fp32,int8'")
             value = tuple(v.strip().upper() if f.name == "float_ops" else v.strip() for v in items if v.strip())
+        elif kind is str and isinstance(value, os.PathLike):   # out=Path("exports")
+            value = os.fspath(value)
+        elif f.name == "prune" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = repr(value)   # prune=0.3: the command's "0.3"
         elif f.name == "input_size" and isinstance(value, (list, tuple)):
             if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 raise ExportError(f"input_size={value!r}: expected (height, width) in pixels or 'HxW', e.g. (256, 320)")

@@ -60,6 +60,8 @@ def test_export_run_takes_natural_python_values_and_names_a_wrong_type(tmp_path)
     assert options.prune_lr == 1.0 and isinstance(options.prune_lr, float)
     assert checked_options(ExportOptions(precisions=["int8"])).precisions == ("int8",)
     assert checked_options(ExportOptions(qat_steps=0)).qat_steps == 0   # None: the recipe's; or a number
+    assert checked_options(ExportOptions(out=tmp_path / "exports", prune=0.3)).out == str(tmp_path / "exports")
+    assert checked_options(ExportOptions(prune=0.3)).prune == "0.3"
     for values, message in (({"calib": "16"}, r"calib='16': expected int, like its default \d+"),
                             ({"equalize": 0}, r"equalize=0: expected bool"),
                             ({"check": True}, r"check=True: expected int"),
