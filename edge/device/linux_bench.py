@@ -233,7 +233,7 @@ def check_images(images_path: str) -> tuple:
             shape, fortran_order, dtype = read_header(f)
             if len(shape) != 4 or shape[1] != 3 or dtype.kind != "f" or shape[0] == 0 or fortran_order:
                 fail(prefix + "is {} of shape {}{}; expected one non-empty (N, 3, H, W) float32 .npy of "
-                                 "RGB in [0, 1].".format(dtype, list(shape), " (Fortran order)" if fortran_order else ""))
+                     "RGB in [0, 1].".format(dtype, list(shape), " (Fortran order)" if fortran_order else ""))
             size = int(np.prod(shape[1:])) * dtype.itemsize
             for _ in range(shape[0]):
                 image = np.frombuffer(f.read(size), dtype)
@@ -241,10 +241,10 @@ def check_images(images_path: str) -> tuple:
                     fail(prefix + "is truncated: its header promises {} images".format(shape[0]))
                 if not (np.isfinite(image).all() and image.min() >= 0 and image.max() <= 1):
                     fail(prefix + "holds values outside [0, 1] (or non-finite ones); the artefacts take "
-                                     "RGB scaled to [0, 1] (divide 8-bit images by 255).")
+                         "RGB scaled to [0, 1] (divide 8-bit images by 255).")
     except (OSError, ValueError) as e:
         fail(prefix + "cannot be read as a .npy array ({}); save the (N, 3, H, W) images as one array with "
-                         "numpy.save.".format(e))
+             "numpy.save.".format(e))
     return tuple(shape)
 
 
