@@ -156,11 +156,12 @@ def sample_source(dataset: Dataset, i: int) -> str:
 def build_split(data_cfg, split: str, progress: bool) -> Splits:
     """The samples to label, augmentation off. For split=train only the training half is built
     (what build_datasets returns as train; an unlabelled folder needs no validation set for it)."""
-    from distill.data import DATASETS, build_datasets
+    from distill.data import DATASETS, build_datasets, training_config
 
     data_cfg = replace(data_cfg, augment=False)
     if split == "train":
-        return Splits({"train": DATASETS.get(data_cfg.dataset.split(":", 1)[0])(data_cfg, progress=progress)[0]})
+        loader = DATASETS.get(data_cfg.dataset.split(":", 1)[0])
+        return Splits({"train": loader(training_config(data_cfg), progress=progress)[0]})
     train, val = build_datasets(data_cfg, progress=progress)
     return Splits({"val": val} if split == "val" else {"train": train, "val": val})
 

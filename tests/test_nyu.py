@@ -299,3 +299,8 @@ def test_validating_on_nyu_reuses_the_rendered_synthrooms_training_set(labeled, 
     fresh, _ = build_datasets(DataConfig(dataset="synthrooms", val_dataset=f"nyu:{labeled}",
                                          root=str(tmp_path / "b"), **sized))
     assert fresh.path.name.endswith("-4-1-v2")   # nothing rendered before: one validation scene
+    # cache_teacher's training split is the same set (it called the loader with num_val=None: TypeError)
+    from distill.cache_teacher import build_split
+    labelled = build_split(DataConfig(dataset="synthrooms", val_dataset=f"nyu:{labeled}", root=str(tmp_path / "a"),
+                                      **sized), "train", progress=False)
+    assert len(labelled) == 4 and labelled.parts["train"].path == own.path

@@ -81,8 +81,7 @@ def build_datasets(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
     """(train, val) for a `DataConfig`: `cfg.dataset` is "name" or "name:path"; validation comes from
     `cfg.val_dataset` when set (unlabelled folders have no validation split of their own)."""
     check_sources(cfg)
-    own = cfg if not cfg.val_dataset or cfg.num_val else replace(cfg, num_val=unused_val_size(cfg))
-    train, val = DATASETS.get(cfg.dataset.split(":", 1)[0])(own, progress=progress)
+    train, val = DATASETS.get(cfg.dataset.split(":", 1)[0])(training_config(cfg), progress=progress)
     if cfg.val_dataset:
         # num_train=1: only its validation split is used (SynthRooms would render 4000 scenes)
         _, val = DATASETS.get(cfg.val_dataset.split(":", 1)[0])(replace(cfg, dataset=cfg.val_dataset, num_train=1),
@@ -91,6 +90,12 @@ def build_datasets(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
         raise ValueError(f"data.dataset={cfg.dataset} has no ground truth to validate on; set "
                          f"data.val_dataset (e.g. data.val_dataset=synthrooms or nyu:/data/nyu).")
     return train, val
+
+
+def training_config(cfg):
+    """`cfg` as the training dataset's own loader takes it: with data.val_dataset set and data.num_val
+    left empty, its own (unused) validation split gets `unused_val_size`."""
+    return cfg if not cfg.val_dataset or cfg.num_val else replace(cfg, num_val=unused_val_size(cfg))
 
 
 def unused_val_size(cfg) -> int:
