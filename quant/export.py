@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import numbers
 import os
 import shlex
 import shutil
@@ -464,19 +465,21 @@ def checked_options(options: ExportOptions) -> ExportOptions:
             value = tuple(v.strip().upper() if f.name == "float_ops" else v.strip() for v in items if v.strip())
         elif kind is str and isinstance(value, os.PathLike):   # out=Path("exports")
             value = os.fspath(value)
-        elif f.name == "prune" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = repr(value)   # prune=0.3: the command's "0.3"
+        elif f.name == "prune" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+            value = repr(float(value))   # prune=0.3 (or a numpy float): the command's "0.3"
         elif f.name == "input_size" and isinstance(value, (list, tuple)):
             if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
                 raise ExportError(f"input_size={value!r}: expected (height, width) in pixels or 'HxW', e.g. (256, 320)")
             value = f"{value[0]}x{value[1]}"
         elif not (f.name == "qat_steps" and value is None):
-            numeric = kind is float and isinstance(value, int)   # 1 where 1.0 is meant
-            if isinstance(value, bool) != (kind is bool) or not (isinstance(value, kind) or numeric):
+            # numpy's numbers too (calib=np.int64(16)); an int where a float is meant
+            number = {int: numbers.Integral, float: numbers.Real}.get(kind)
+            fits = isinstance(value, number) if number else isinstance(value, kind)
+            if isinstance(value, bool) != (kind is bool) or not fits:
                 like = getattr(default, f.name)
                 raise ExportError(f"{f.name}={value!r}: expected {kind.__name__}"
                                   + (f", like its default {like!r}" if like is not None else ""))
-            value = float(value) if numeric else value
+            value = kind(value) if number else value
         changes[f.name] = value
     return replace(options, **changes)
 

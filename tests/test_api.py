@@ -62,6 +62,9 @@ def test_export_run_takes_natural_python_values_and_names_a_wrong_type(tmp_path)
     assert checked_options(ExportOptions(qat_steps=0)).qat_steps == 0   # None: the recipe's; or a number
     assert checked_options(ExportOptions(out=tmp_path / "exports", prune=0.3)).out == str(tmp_path / "exports")
     assert checked_options(ExportOptions(prune=0.3)).prune == "0.3"
+    import numpy as np   # numpy's numbers, as a sweep yields them
+    numpy_values = checked_options(ExportOptions(prune=np.float64(0.3), calib=np.int64(16), qat_lr=np.float32(1e-4)))
+    assert (numpy_values.prune, numpy_values.calib) == ("0.3", 16) and type(numpy_values.calib) is int
     for values, message in (({"calib": "16"}, r"calib='16': expected int, like its default \d+"),
                             ({"equalize": 0}, r"equalize=0: expected bool"),
                             ({"check": True}, r"check=True: expected int"),
