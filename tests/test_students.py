@@ -52,6 +52,10 @@ def test_log_depth_stays_float32_under_bf16_autocast():
     assert depth.dtype == torch.float32
     with torch.no_grad():
         torch.testing.assert_close(head(x), head.depth(head.body(x)))   # without autocast: one path
+    student = build_student("mobilenetv3_small_050", decoder_channels=16, aux_heads=2).train()   # deep supervision
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = student(torch.rand(2, 3, 64, 96))
+    assert out["depth"].dtype == torch.float32 and all(a["depth"].dtype == torch.float32 for a in out["aux"])
 
 
 def test_params_and_macs_are_counted():
