@@ -84,6 +84,7 @@ CASES = [
      "da2-metric checkpoint"),
     ("distill.run", ["v3", "teacher.name=da3-metric", "teacher.source=depth-anything/DA3METRIC-LARGE"],
      "teacher da3-metric needs the depth_anything_3 package"),
+    ("distill.run", ["v3", "teacher.assistant=da2-metric"], "da2-metric needs teacher.assistant_source=<a local"),
     ("distill.run", ["v3", "model.pretrained=no/such.safetensors"], "model.pretrained=no/such.safetensors: no such file"),
     ("distill.run", ["v3", "data.val_dataset=nyu"], "data.val_dataset='nyu' needs a path"),
     ("distill.run", ["v3", "data.val_dataset=folder:empty"], "an image folder has no ground truth to validate on"),

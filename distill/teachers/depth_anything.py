@@ -54,13 +54,14 @@ def weights_digest(folder: Path) -> str:
     return digest.hexdigest()
 
 
-def check_source(source: str, what: str) -> Path | None:
+def check_source(source: str, what: str, key: str = "teacher.source") -> Path | None:
     """The local checkpoint folder `source` names (None: a hub id), or an error naming the fix; no
     network, no weights read. transformers does not refuse a folder without config.json: it builds
     its default config (DA2-Small, relative) and fails 70 lines later, or loads metric weights as a
-    relative model. Run before any data is built (supervision.check_options) and again at load."""
+    relative model. Run before any data is built (supervision.check_options) and again at load;
+    `key` names the setting in the messages (teacher.assistant_source for an assistant)."""
     if not source:
-        raise ValueError(f"{what} needs teacher.source=<a local directory or a hub id>, e.g. "
+        raise ValueError(f"{what} needs {key}=<a local directory or a hub id>, e.g. "
                          f"{', '.join(REAL_CHECKPOINTS.values())}")
     local = Path(source).expanduser()
     if local.is_dir():
@@ -68,13 +69,13 @@ def check_source(source: str, what: str) -> Path | None:
                                             ("weights (*.safetensors or *.bin)",
                                              any(local.glob("*.safetensors")) or any(local.glob("*.bin")))) if not found]
         if missing:
-            raise FileNotFoundError(f"teacher.source={source} is a directory without {' and '.join(missing)}, so not "
+            raise FileNotFoundError(f"{key}={source} is a directory without {' and '.join(missing)}, so not "
                                     f"a {what} checkpoint; it needs the files of `huggingface-cli download <hub id> "
                                     f"--local-dir {source}`")
         return local
     why_not = not_a_hub_id(source)   # a mistyped path must not become a download
     if why_not:
-        raise FileNotFoundError(f"teacher.source={source} is not a directory, and not a hub id either ({why_not}); "
+        raise FileNotFoundError(f"{key}={source} is not a directory, and not a hub id either ({why_not}); "
                                 f"check the path, or pass a hub id such as {REAL_CHECKPOINTS['metric']}")
     return None
 
@@ -138,9 +139,10 @@ class PretrainedTeacher(Teacher):
         return cls(cfg.source, cfg.input_size)
 
     @classmethod
-    def check_ready(cls, source: str) -> None:
-        """What can be known before loading (the source's form, a package); raises naming the fix."""
-        check_source(source, cls.name)
+    def check_ready(cls, source: str, key: str = "teacher.source") -> None:
+        """What can be known before loading (the source's form, a package); raises naming the fix and
+        `key`, the setting that gave `source`."""
+        check_source(source, cls.name, key)
 
     def to(self, device: torch.device) -> "PretrainedTeacher":
         self.model.to(device)
@@ -267,12 +269,12 @@ class DA3Metric(PretrainedTeacher):
     name, space, range = "da3-metric", DepthSpace.METRIC, ValueRange(0.0, float("inf"))
 
     @classmethod
-    def check_ready(cls, source: str) -> None:
+    def check_ready(cls, source: str, key: str = "teacher.source") -> None:
         import importlib.util
 
         if importlib.util.find_spec("depth_anything_3") is None:
             raise ImportError(DA3_MISSING)
-        super().check_ready(source)
+        super().check_ready(source, key)
 
     def __init__(self, source: str, input_size: int = 504):
         try:

@@ -50,12 +50,13 @@ def teacher_traits(tc) -> tuple[DepthSpace, bool]:
 def check_sources(tc) -> None:
     """A teacher that loads a checkpoint (and its assistant) must have one at its source, in the form
     it reads, and its package installed: known without loading it, so said before any data is built."""
-    online = [] if tc.cache else [(tc.name, tc.source)]
-    for name, source in [*online, *([(tc.assistant, tc.assistant_source)] if tc.assistant else [])]:
+    online = [] if tc.cache else [(tc.name, tc.source, "teacher.source")]
+    assistant = [(tc.assistant, tc.assistant_source, "teacher.assistant_source")] if tc.assistant else []
+    for name, source, key in [*online, *assistant]:
         check_ready = getattr(TEACHERS.get(name), "check_ready", None)
         if check_ready is not None:
             try:
-                check_ready(source)
+                check_ready(source, key)
             except (ValueError, FileNotFoundError, ImportError) as e:
                 raise SupervisionError(str(e)) from e
 
