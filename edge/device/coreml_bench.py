@@ -115,9 +115,10 @@ def load_model(ct, path: str, units: str):
             path, type(error).__name__, error))
     target, needs = REQUIRED_MACOS.get(version, ("specification {}".format(version), ()))
     if macos_version() < needs:
+        older = ", or export a precision for iOS16 (fp16, w8, palette4, palette6)" if target == "iOS18" else ""
         fail("{} is an {} package; Core ML loads it from macOS {} on, and this is macOS {}: time it on a newer "
-             "Mac, or export a precision for iOS16 (fp16, w8, palette4, palette6)".format(
-                 os.path.basename(os.path.normpath(path)), target, ".".join(map(str, needs)), platform.mac_ver()[0]))
+             "Mac{}".format(os.path.basename(os.path.normpath(path)), target, ".".join(map(str, needs)),
+                            platform.mac_ver()[0], older))
     return ct.models.MLModel(path, compute_units=getattr(ct.ComputeUnit, units))
 
 
