@@ -233,7 +233,8 @@ class MultiTaskStudent(nn.Module):
         x = self.decoder(levels if self.image_stem is None else [self.image_stem(image), *levels], supervised)
         out = {name: head(x) for name, head in self.heads.items()}
         if supervised is not None:
-            out["aux"] = [{"depth": in_float32(lambda g, h=head: torch.exp(h["depth"](g)), f), "seg": head["seg"](f)}
+            # exp runs in float32 under autocast (torch's float32 list) on a float32 input
+            out["aux"] = [{"depth": torch.exp(in_float32(head["depth"], f)), "seg": head["seg"](f)}
                           for head, f in zip(self.aux_heads, supervised)]
         if self.training and self.aux_normals is not None:
             out["normals"] = self.aux_normals(x)   # at the output level's resolution, unnormalised

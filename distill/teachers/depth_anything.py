@@ -46,12 +46,17 @@ def network_size(h: int, w: int, shorter: int) -> tuple[int, int]:
 def weights_digest(folder: Path) -> str:
     """sha256 over the checkpoint's weight files (streamed): a cache made with other weights is refused."""
     digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+    for path in weight_files(folder):
         digest.update(path.name.encode())
         with path.open("rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """A checkpoint folder's weight files, as transformers saves them (safetensors, or older .bin)."""
+    return sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
 
 
 def check_source(source: str, what: str, key: str = "teacher.source") -> Path | None:
@@ -66,8 +71,8 @@ def check_source(source: str, what: str, key: str = "teacher.source") -> Path | 
     local = Path(source).expanduser()
     if local.is_dir():
         missing = [name for name, found in (("config.json", (local / "config.json").is_file()),
-                                            ("weights (*.safetensors or *.bin)",
-                                             any(local.glob("*.safetensors")) or any(local.glob("*.bin")))) if not found]
+                                            ("weights (*.safetensors or *.bin)", bool(weight_files(local))))
+                   if not found]
         if missing:
             raise FileNotFoundError(f"{key}={source} is a directory without {' and '.join(missing)}, so not "
                                     f"a {what} checkpoint; it needs the files of `huggingface-cli download <hub id> "
