@@ -109,7 +109,7 @@ def stdout_gone() -> bool:
 
 def at_least(flag: str, value: int | float | None, low: int | float) -> None:
     """ValueError unless `value` (None: left to a default) is at least `low`."""
-    if value is not None and value < low:
+    if value is not None and not value >= low:   # `not >=`: NaN is refused too
         raise ValueError(f"{flag} {value}: must be at least {low}")
 
 

@@ -50,19 +50,32 @@ def compare(depth: np.ndarray, seg: np.ndarray, ref_depth: np.ndarray, ref_seg: 
     """Parity of one artefact's outputs against a reference's (the PyTorch model, or another executor).
 
     depth_rel_*: |d - d_ref| / d_ref per pixel; depth_max_abs in metres; seg_agreement: fraction
-    of pixels with the same argmax; seg_max_abs: largest logit difference.
+    of pixels with the same argmax; seg_max_abs: largest logit difference. The figures are over
+    the finite differences (None when there is none: JSON has no NaN), so one NaN pixel does not
+    hide the rest; `depth_non_finite` and `seg_non_finite` give the share left out, and `finite`
+    says whether both outputs are finite everywhere.
     """
     if depth.shape != ref_depth.shape or seg.shape != ref_seg.shape:
         raise ValueError(f"artefact output shapes depth {depth.shape}, seg {seg.shape} differ from the "
                          f"model's {ref_depth.shape}, {ref_seg.shape}")
-    rel = np.abs(depth.astype(np.float64) - ref_depth) / np.maximum(np.abs(ref_depth), 1e-6)
+    depth_abs = np.abs(depth.astype(np.float64) - ref_depth)
+    rel = depth_abs / np.maximum(np.abs(ref_depth), 1e-6)
+    seg_abs = np.abs(seg.astype(np.float64) - ref_seg)
+    finite_rel, finite_abs, finite_seg = (a[np.isfinite(a)] for a in (rel, depth_abs, seg_abs))
     return {
         "images": int(depth.shape[0]),
-        "depth_rel_median": float(np.median(rel)),
-        "depth_rel_p99": float(np.percentile(rel, 99)),
-        "depth_rel_max": float(rel.max()),
-        "depth_max_abs": float(np.abs(depth.astype(np.float64) - ref_depth).max()),
+        "depth_rel_median": statistic(np.median, finite_rel),
+        "depth_rel_p99": statistic(lambda a: np.percentile(a, 99), finite_rel),
+        "depth_rel_max": statistic(np.max, finite_rel),
+        "depth_max_abs": statistic(np.max, finite_abs),
+        "depth_non_finite": 1.0 - finite_rel.size / rel.size,
         "seg_agreement": float((seg.argmax(1) == ref_seg.argmax(1)).mean()),
-        "seg_max_abs": float(np.abs(seg.astype(np.float64) - ref_seg).max()),
+        "seg_max_abs": statistic(np.max, finite_seg),
+        "seg_non_finite": 1.0 - finite_seg.size / seg_abs.size,
         "finite": bool(np.isfinite(depth).all() and np.isfinite(seg).all()),
     }
+
+
+def statistic(reduce, values: np.ndarray) -> float | None:
+    """`reduce(values)` as a float, or None for no values."""
+    return float(reduce(values)) if values.size else None

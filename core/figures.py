@@ -17,13 +17,16 @@ SEG_PALETTE = np.array([[214, 39, 40], [255, 187, 120], [200, 200, 200], [148, 1
 RAMP = np.array([[48, 18, 59], [65, 105, 225], [32, 178, 120], [170, 220, 50], [253, 231, 37]], dtype=np.float32)
 
 
-def colorize(values: np.ndarray, lo: float, hi: float, ramp: np.ndarray = RAMP) -> np.ndarray:
-    """(H, W) floats -> (H, W, 3) uint8 along `ramp`; NaN or <= 0 (invalid depth) is black."""
+def colorize(values: np.ndarray, lo: float, hi: float, ramp: np.ndarray = RAMP, *,
+             zero_invalid: bool = True) -> np.ndarray:
+    """(H, W) floats -> (H, W, 3) uint8 along `ramp`; NaN, and with `zero_invalid` <= 0 (invalid
+    metric depth), is black. Error maps and relative or disparity labels, where 0 is a value, pass
+    zero_invalid=False."""
     t = np.nan_to_num(np.clip((values - lo) / max(hi - lo, 1e-9), 0, 1)) * (len(ramp) - 1)
     i = np.minimum(t.astype(int), len(ramp) - 2)
     frac = (t - i)[..., None]
     rgb = ramp[i] * (1 - frac) + ramp[i + 1] * frac
-    rgb[~np.isfinite(values) | (values <= 0)] = 0
+    rgb[~np.isfinite(values) | ((values <= 0) if zero_invalid else False)] = 0
     return rgb.astype(np.uint8)
 
 

@@ -43,12 +43,17 @@ class IntegrityError(ValueError):
     names the file and the fix."""
 
 
+# What a write to a full file system raises besides ENOSPC (None: an OSError without an errno).
+WRITE_ERRNOS = (None, errno.EIO, errno.EDQUOT, errno.EFBIG)
+
+
 @contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `dest`; on success fsync it and rename it to `dest`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    # the name cut to 100 characters: the temp name is 14 longer, and NAME_MAX (255) is for `dest`
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:100]}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -58,9 +63,10 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         replace(tmp, dest)
     except Exception as exc:
         # Writers report a full disk in their own words (torch.save: "unexpected pos ..."); say it plainly.
-        # Only their I/O errors: a refusal (ValueError) on a nearly full disk keeps its own words.
-        said = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
-        if isinstance(exc, (OSError, RuntimeError)) and not said and out_of_space(dest.parent):
+        # Only their I/O errors: a refusal (ValueError) or a missing source (ENOENT) on a nearly full
+        # disk keeps its own words.
+        own_io = isinstance(exc, RuntimeError) or (isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS)
+        if own_io and out_of_space(dest.parent):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest)) from exc
         raise
     finally:

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from safetensors.torch import load_file, save
@@ -66,6 +67,8 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, weights: dict[str, torch.Tensor]
     optimizer/scheduler state of the same epoch always travel together. state.pt also records the
     weights' sha256, which `check_checkpoint` verifies before a resume. Keeps the newest `keep`.
     """
+    if keep < 1:
+        raise ValueError(f"keep={keep}: a checkpoint directory keeps at least the newest epoch")
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in ckpt_dir.glob(".epoch-*"):   # a killed save's temp directory (the run's writer is locked)
         shutil.rmtree(stale, ignore_errors=True)
@@ -81,15 +84,24 @@ def save_checkpoint(ckpt_dir: Path, epoch: int, weights: dict[str, torch.Tensor]
         replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for old in sorted(p for p in ckpt_dir.glob("epoch-*") if p.is_dir())[:-keep]:
+    for old in by_epoch(p for p in ckpt_dir.glob("epoch-*") if p.is_dir())[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(ckpt_dir: Path) -> Path | None:
     """The newest complete `epoch-NNNN` directory, or None (hidden temp dirs are ignored)."""
-    done = sorted(p for p in ckpt_dir.glob("epoch-*") if (p / "state.pt").is_file() and (p / "model.safetensors").is_file())
+    done = by_epoch(p for p in ckpt_dir.glob("epoch-*") if (p / "state.pt").is_file() and (p / "model.safetensors").is_file())
     return done[-1] if done else None
+
+
+def by_epoch(dirs: Iterable[Path]) -> list[Path]:
+    """`epoch-N` directories in the order of N (by name, epoch-10000 would come before epoch-9999);
+    a name that is not epoch-<number> (made by hand) sorts first, so it is never taken as the newest."""
+    def number(p: Path) -> int:
+        tail = p.name.removeprefix("epoch-")
+        return int(tail) if tail.isdigit() else -1
+    return sorted(dirs, key=lambda p: (number(p), p.name))
 
 
 def load_state(path: str | Path) -> dict:

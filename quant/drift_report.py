@@ -77,7 +77,7 @@ def error_maps(report: DriftReport, data: ValidationData, float_model) -> Image.
         rgb = (np.clip(data.inputs[i].transpose(1, 2, 0), 0, 1) * 255).astype(np.uint8)
         changed = np.where(labels[i] != ref_labels[i], 255, 0).astype(np.uint8)
         rows.append([rgb, colorize(ref_depth[i, 0], lo, hi), colorize(depth[i, 0], lo, hi),
-                     colorize(np.minimum(rel[i, 0], 1.0) + 1e-12, 0.0, 0.05, RAMP[[0, 3, 4]]),
+                     colorize(np.minimum(rel[i, 0], 1.0), 0.0, 0.05, RAMP[[0, 3, 4]], zero_invalid=False),
                      np.repeat(changed[..., None], 3, axis=-1)])
     return compose(rows, ERROR_COLUMNS)
 

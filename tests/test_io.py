@@ -243,3 +243,31 @@ def test_numpy_numbers_are_written_as_numbers(tmp_path):
     io.append_jsonl(tmp_path / "r.jsonl", record)
     want = {"f": 0.5, "i": 3, "b": True, "a": [0, 1], "p": str(tmp_path)}
     assert io.read_json(tmp_path / "r.json", fix="") == want and io.read_jsonl(tmp_path / "r.jsonl") == [want]
+
+
+def test_checkpoints_are_ordered_by_epoch_number_not_by_name(tmp_path):
+    """By name, epoch-10000 sorts before epoch-9999: the newest would be pruned as it is saved."""
+    weights = {"w": torch.zeros(1)}
+    for epoch in (9999, 10000):
+        save_checkpoint(tmp_path, epoch, weights, {"epoch": epoch}, {})
+    assert [p.name for p in tmp_path.glob("epoch-*")] == ["epoch-10000"]
+    assert check_checkpoint(latest_checkpoint(tmp_path)) == {"epoch": 10000}
+    with pytest.raises(ValueError, match="keep=0"):
+        save_checkpoint(tmp_path, 10001, weights, {"epoch": 10001}, {}, keep=0)
+
+
+def test_a_nearly_full_disk_keeps_an_unrelated_error_in_its_own_words(tmp_path, monkeypatch):
+    """A missing source file copied on a full disk is still a missing file, not "no space left"."""
+    import shutil
+
+    monkeypatch.setattr(io, "out_of_space", lambda directory, margin=1 << 20: True)
+    with pytest.raises(FileNotFoundError):
+        with io.atomic_path(tmp_path / "out.tflite") as tmp:
+            shutil.copyfile(tmp_path / "missing.tflite", tmp)
+
+
+def test_a_long_file_name_is_written_as_a_plain_write_would_be(tmp_path):
+    """The temp name adds ~14 characters to the target's: a 245-character name must still work."""
+    name = "a" * 241 + ".png"
+    io.write_text(tmp_path / name, "x")
+    assert [p.name for p in tmp_path.iterdir()] == [name]

@@ -148,3 +148,33 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def test_the_lock_file_takes_the_mode_the_umask_allows_and_a_read_only_one_still_locks(tmp_path, monkeypatch):
+    """A group sharing a cache (umask 002) must be able to take its lock; a lock file only readable to
+    us (another user's, umask 022) still locks, since flock needs no write access."""
+    import os
+    import stat
+
+    previous = os.umask(0o002)
+    try:
+        with exclusive(tmp_path / ".lock", "x"):
+            pass
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / ".lock").stat().st_mode) == 0o664
+
+    real_open = os.open
+
+    def refuse_writing(path, flags, *args):   # what a non-root user meets on another user's 0644 file
+        if flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", refuse_writing)
+    with exclusive(tmp_path / ".lock", "x"):
+        code = ("from core.lock import LockHeld, exclusive\ntry:\n"
+                f"    with exclusive({str(tmp_path / '.lock')!r}, 'x'):\n        print('taken')\n"
+                "except LockHeld:\n    print('refused')\n")
+        other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert other.stdout.strip() == "refused", other.stderr

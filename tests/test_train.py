@@ -215,6 +215,7 @@ def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path):
     finished = json.loads((run / "summary.json").read_text())
     for name in ("summary.json", "report.md", "preview.png"):
         (run / name).unlink()
+    (run / ".summary.json.k1ll3d.tmp").write_text("{")   # io.atomic_path's temp file, left by a kill
     trained = torch.load(latest_checkpoint(run / "checkpoints") / "state.pt", weights_only=False)["progress"]["wall_s"]
     for _ in range(2):   # the killed run, then the finished one
         started = time.time()
@@ -222,6 +223,7 @@ def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path):
         summary = json.loads((run / "summary.json").read_text())
         assert summary["abs_rel"] == finished["abs_rel"] and summary["miou"] == finished["miou"]
         assert (run / "report.md").is_file() and (run / "preview.png").is_file()
+        assert not list(run.glob(".*.tmp")), "a killed write's temp file outlived the resume"
         # the whole run's wall time: the first process's up to its checkpoint, and this one's
         assert trained < summary["wall_s"] and summary["wall_s"] - trained <= time.time() - started
     assert len(io.read_jsonl(run / "metrics.jsonl")) == 1

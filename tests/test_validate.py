@@ -292,3 +292,29 @@ def test_a_converter_that_hangs_is_stopped_after_its_silence_limit(tmp_path, mon
     monkeypatch.setenv("DENSEKIT_CONVERTER_SILENCE_S", "soon")
     with pytest.raises(ValueError, match="DENSEKIT_CONVERTER_SILENCE_S='soon': give the seconds"):
         artefacts.run_converter(job, tmp_path, log=lambda line: None)
+
+
+def test_one_non_finite_pixel_leaves_the_parity_figures_of_the_rest_readable_as_strict_json():
+    """core.contract.compare: the converters' check against the float model, written into
+    manifest.json. A NaN pixel used to make every depth figure NaN (a bare NaN token in the file)."""
+    from core.contract import compare
+
+    ref = np.full((1, 1, 4, 4), 2.0)
+    depth = ref.copy()
+    depth[0, 0, 0, 0], depth[0, 0, 0, 1] = np.nan, 2.2   # one NaN, one pixel 10% off
+    seg = np.zeros((1, 3, 4, 4))
+    report = compare(depth.astype(np.float32), seg, ref, seg)
+    assert report["depth_rel_max"] == pytest.approx(0.1) and report["depth_max_abs"] == pytest.approx(0.2)
+    assert report["depth_rel_median"] == 0.0 and report["depth_non_finite"] == pytest.approx(1 / 16)
+    assert report["finite"] is False and report["seg_non_finite"] == 0.0
+    json.dumps(report, allow_nan=False)   # strict parsers (jq, JavaScript) read it
+    nothing = compare(np.full_like(ref, np.nan), seg, ref, seg)
+    assert nothing["depth_rel_median"] is None and nothing["depth_non_finite"] == 1.0
+
+
+def test_a_nan_option_is_not_at_least_anything():
+    from core.cli import at_least
+
+    with pytest.raises(ValueError, match="--x nan: must be at least 1"):
+        at_least("--x", float("nan"), 1)
+    at_least("--x", None, 1)

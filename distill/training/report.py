@@ -43,9 +43,9 @@ def preview_rows(model, teacher, dataset, device, count: int) -> list[list[np.nd
             finite = label[np.isfinite(label)]
             t_lo, t_hi = (lo, hi) if teacher.space.value == "metric" else (
                 tuple(np.percentile(finite, [2, 98])) if finite.size else (0.0, 1.0))
-            teacher_tile = colorize(label, t_lo, t_hi)
+            teacher_tile = colorize(label, t_lo, t_hi, zero_invalid=teacher.space.value == "metric")
         rows.append([denormalize(batch["image"][i].cpu()), colorize(gt, lo, hi), teacher_tile,
-                     colorize(pred, lo, hi), colorize(err, 0.0, 0.5, RAMP[[0, 3, 4]]),
+                     colorize(pred, lo, hi), colorize(err, 0.0, 0.5, RAMP[[0, 3, 4]], zero_invalid=False),
                      colorize_seg(batch["seg"][i].cpu().numpy()),
                      colorize_seg(out["seg"][i].argmax(0).cpu().numpy()) if "seg" in out else np.zeros_like(gt, np.uint8)[..., None].repeat(3, -1)])
     return rows
