@@ -159,7 +159,12 @@ def run_converter(job: Job, job_dir: Path, log=print) -> dict:
     log_path = job_dir / f"{job.format}.log"
     job.save(job_path)
     limit = silence_limit()
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
+    # The toolchains' own temp directories (coremltools' packages, onnxruntime's quantiser) inside the
+    # export's work directory: a converter killed by the watchdog or with its parent cannot clean
+    # /tmp, and the next export removes a killed one's work directory.
+    scratch = Path(job.work_dir) / "tmp"
+    scratch.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1", "TMPDIR": str(scratch)}
     tail: deque[str] = deque(maxlen=40)
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", FORMATS[job.format].converter(job.converter).module, str(job_path)],

@@ -727,17 +727,6 @@ def execution_check(job: Job, precision: str, path: Path) -> dict:
     return report
 
 
-def validate(job: Job) -> None:
-    """What a Core ML job needs beyond its precisions (Job.load checks those against core/formats.py)."""
-    if "float" not in job.sources:
-        raise ValueError(f'the coreml job needs sources["float"] (a .pt2 file), got {sorted(job.sources)}')
-    calibrated = [p for p in job.precisions if p in CALIBRATED]
-    if calibrated and not job.calibration.get("nchw"):
-        raise ValueError(f"calibration images are needed for {', '.join(calibrated)} (w8a8 measures its "
-                         "activation ranges on them, the palettes their bias correction): the coreml job needs "
-                         f'calibration["nchw"] ((N, 3, H, W) float32 images in [0, 1]), got {sorted(job.calibration)}')
-
-
 def produce(builder: ModelBuilder, job: Job, precision: str, staging: Path) -> dict:
     """Build, describe, save and inspect one package, then publish it; returns its result.json entry.
     The package is checked where it was staged, so a failing check leaves nothing in `job.out_dir`."""
@@ -774,7 +763,6 @@ def calibration_images(job: Job) -> np.ndarray | None:
 
 
 def convert(job: Job) -> None:
-    validate(job)
     torch.set_num_threads(max(1, job.threads))
     out = Path(job.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ Tensors in files are numpy `.npy`:
 - check/<source>_depth.npy (N, 1, H, W) depth in the run's space (metres for a metric student) and
   check/<source>_seg.npy (N, C, H, W) logits:
   the PyTorch model's outputs on those inputs, one pair per source ("float", and "int8" whenever an
-  int8 precision is asked: the QAT model's outputs, or the float pair's files under PTQ).
+  int8 precision is asked: the outputs of the int8 source model, QAT's or PTQ's equalised copy).
 - calibration/nhwc.npy (N, H, W, 3) and calibration/nchw.npy (N, 3, H, W), float32 in [0, 1].
 """
 from __future__ import annotations
@@ -26,14 +26,14 @@ import json
 import platform
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
 
 from core.contract import compare
-from core.formats import FORMATS, INTEGER_PRECISIONS
+from core.formats import CALIBRATED_PRECISIONS, FORMATS, INTEGER_PRECISIONS
 from core.io import atomic_path, write_json
 from targets.stem import DEFAULT_FLOAT_STEM
 
@@ -62,15 +62,38 @@ class Job:
 
     @classmethod
     def load(cls, path: str | Path) -> "Job":
-        """The job in `path`; ValueError when it asks for a format or precision that does not exist
-        (an unknown precision would otherwise become a file of another, named as asked)."""
+        """The job in `path`, its paths made absolute (a converter may change directory); ValueError
+        when it asks for what does not exist (an unknown precision would otherwise become a file of
+        another, named as asked) or lacks a file one of its precisions reads, before any conversion."""
         job = cls(**json.loads(Path(path).read_text()))
         if job.format not in FORMATS:
             raise ValueError(f"format {job.format!r} is not one of {', '.join(FORMATS)}")
-        known = FORMATS[job.format].precisions
-        if not job.precisions or any(p not in known for p in job.precisions):
-            raise ValueError(f"{job.format} precisions must be a non-empty subset of {list(known)}, got {job.precisions}")
-        return job
+        fmt = FORMATS[job.format]
+        if not job.precisions or any(p not in fmt.precisions for p in job.precisions):
+            raise ValueError(f"{job.format} precisions must be a non-empty subset of {list(fmt.precisions)}, "
+                             f"got {job.precisions}")
+        layouts = fmt.converter(job.converter).layouts or (fmt.input_layout,)
+        layout = job.metadata.get("input_layout", fmt.input_layout)
+        if layout not in layouts:
+            raise ValueError(f"input_layout {layout!r}: the {job.converter or 'default'} {fmt.title} converter "
+                             f"writes {' or '.join(layouts)}")
+        sources = sorted({source_for(p) for p in job.precisions} - set(job.sources))
+        if sources:
+            raise ValueError(f"the {job.format} job for {', '.join(job.precisions)} lacks "
+                             + ", ".join(f'sources["{s}"] (the model file)' for s in sources))
+        calibrated = [p for p in job.precisions if p in CALIBRATED_PRECISIONS]
+        if calibrated and not job.calibration.get(layout.lower()):
+            raise ValueError(f"calibration images are needed for {', '.join(calibrated)} (int8 and w8a8 measure "
+                             f"activation ranges on them, the palettes their bias correction): the {job.format} job "
+                             f'needs calibration["{layout.lower()}"] (float32 images in [0, 1], {layout}), '
+                             f"got {sorted(job.calibration)}")
+        return job.absolute()
+
+    def absolute(self) -> "Job":
+        """The same job with every file and directory path absolute."""
+        resolve = lambda files: {k: str(Path(v).resolve()) for k, v in files.items()}   # noqa: E731
+        return replace(self, out_dir=str(Path(self.out_dir).resolve()), work_dir=str(Path(self.work_dir).resolve()),
+                       sources=resolve(self.sources), calibration=resolve(self.calibration), check=resolve(self.check))
 
 
 def source_for(precision: str) -> str:
@@ -130,7 +153,8 @@ def main(convert, toolchain: tuple[str, ...] = ()) -> None:
     spec = getattr(sys.modules["__main__"], "__spec__", None)   # run as `-m`, convert.__module__ is __main__
     usage = f"python -m {spec.name if spec else convert.__module__} JOB.json (written by python -m quant.export)"
     if len(sys.argv) != 2:
-        sys.exit(f"usage: {usage}")
+        print(f"error: one job file expected; usage: {usage}", file=sys.stderr)
+        sys.exit(2)
     try:
         job = Job.load(sys.argv[1])
     except (OSError, ValueError, TypeError) as exc:   # missing, not JSON, or not a job's fields

@@ -76,9 +76,14 @@ def check_device(name: str, spec: dict, path: str) -> None:
         raise ValueError(f"{where}: format {spec['format']!r}; valid: {list(FORMATS)}")
     if spec["precision"] not in fmt.precisions:
         raise ValueError(f"{where}: precision {spec['precision']!r} is not one of {fmt.name}'s: {', '.join(fmt.precisions)}")
-    threads, size = spec["threads"], spec.get("input_size")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
+    threads, size, budget = spec["threads"], spec.get("input_size"), spec["latency_budget_ms"]
+    if threads is not None and (not number(threads, int) or threads < 1):
         raise ValueError(f"{where}: threads {threads!r} must be a positive integer or null (the host's default)")
+    if budget is not None and (not number(budget) or not 0 < budget < math.inf):
+        raise ValueError(f"{where}: latency_budget_ms {budget!r} must be a positive number of milliseconds or null")
+    texts = {k: spec[k] for k in ("description", "runtime", "bench") if not isinstance(spec[k], str)}
+    if texts:
+        raise ValueError(f"{where}: {', '.join(texts)} must be text, got {texts}")
     if size is not None and not (isinstance(size, list) and len(size) == 2 and
                                  all(isinstance(v, int) and v >= 32 and v % 32 == 0 for v in size)):
         raise ValueError(f"{where}: input_size {size!r} must be [H, W], each a positive multiple of 32 (the "
@@ -93,7 +98,7 @@ def check_gate(gate: dict, where: str) -> None:
     unknown = sorted(set(gate) - set(GATE_KEYS))
     if unknown:
         raise ValueError(f"{where}: unknown gate keys {unknown}; valid: {list(GATE_KEYS)}")
-    bad = {k: v for k, v in gate.items() if not isinstance(v, (int, float)) or not 0 <= v < math.inf}
+    bad = {k: v for k, v in gate.items() if not number(v) or not 0 <= v < math.inf}
     if bad:
         raise ValueError(f"{where}: gate tolerances must be finite non-negative numbers, got {bad}")
     # a share and a number of points have an upper end: past it a gate can never pass
@@ -102,6 +107,12 @@ def check_gate(gate: dict, where: str) -> None:
                          f"(e.g. 0.999 for 99.9%), not a percentage")
     if gate.get("miou_drop_pt", 0) > 100:
         raise ValueError(f"{where}: miou_drop_pt={gate['miou_drop_pt']:g} is in mIoU points, at most 100")
+
+
+def number(value, kinds: type | tuple[type, ...] = (int, float)) -> bool:
+    """Whether `value` is a number of `kinds`; JSON's true and false are not (bool is an int to Python,
+    so a gate of `true` would read as a tolerance of 1, i.e. 100%)."""
+    return isinstance(value, kinds) and not isinstance(value, bool)
 
 
 def device_names(path: Path = PROFILES_FILE) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -260,6 +261,36 @@ def test_a_converter_given_a_bad_job_file_says_so_in_one_line(tmp_path, content,
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert err[-1].startswith(f"error: cannot read the job file {path}") and says in err[-1], err[-3:]
     assert "usage: python -m targets.onnx JOB.json" in err[-1], err[-3:]
+
+
+@pytest.mark.parametrize("job, says", [
+    ({"format": "tflite", "precisions": ["fp32", "int8"]}, 'lacks sources["int8"] (the model file)'),
+    ({"format": "onnx", "precisions": ["int8"], "sources": {"int8": "i.onnx"}},
+     'calibration images are needed for int8 (int8 and w8a8 measure activation ranges on them, the palettes '
+     'their bias correction): the onnx job needs calibration["nchw"]'),
+    ({"format": "tflite", "precisions": ["fp32"], "metadata": {"input_layout": "NCHW"}},
+     "input_layout 'NCHW': the default TFLite converter writes NHWC"),
+    ({"format": "tflite", "precisions": ["fp32"], "converter": "tf2onnx"}, "TFLite has no converter 'tf2onnx'"),
+], ids=["source", "calibration", "layout", "converter"])
+def test_a_job_that_lacks_what_its_precisions_read_is_refused_before_converting(tmp_path, job, says):
+    """Checked when the job file is read, not as a KeyError after a whole conversion (onnx2tf's
+    calibration is read once the TensorFlow model exists)."""
+    from targets.job import Job
+
+    (tmp_path / "job.json").write_text(json.dumps({**A_JOB, **job}))
+    with pytest.raises(ValueError, match=re.escape(says)):
+        Job.load(tmp_path / "job.json")
+
+
+def test_a_job_with_relative_paths_is_read_with_absolute_ones(tmp_path, monkeypatch):
+    """targets.tflite changes directory to its work directory: a relative path would then miss."""
+    from targets.job import Job
+
+    monkeypatch.chdir(tmp_path)
+    Path("job.json").write_text(json.dumps({**A_JOB, "format": "onnx", "check": {"inputs": "w/inputs.npy"}}))
+    job = Job.load("job.json")
+    assert job.work_dir == str(tmp_path / "w") and job.check["inputs"] == str(tmp_path / "w" / "inputs.npy")
+    assert job.sources["float"] == str(tmp_path / "f.onnx") and job.out_dir == str(tmp_path / "o")
 
 
 def test_a_reader_that_goes_away_stops_a_command_quietly():

@@ -139,6 +139,11 @@ def test_device_profiles():
                                                 "multiple of 32"),
     (lambda d: d.update(gates={"int8": 1}), "devices.rpi5.gates: unknown gate keys ['int8']"),
     (lambda d: d.update(gates=None), "devices.rpi5.gates must be an object of tolerances"),
+    # JSON's true is an int to Python: a tolerance of 1 (100%) that would switch the gate off
+    (lambda d: d.update(gates={"abs_rel_change": True}), "devices.rpi5.gates: gate tolerances must be finite non-negative numbers"),
+    (lambda d: d.update(threads=True), "devices.rpi5: threads True must be a positive integer or null"),
+    (lambda d: d.update(latency_budget_ms="fast"), "devices.rpi5: latency_budget_ms 'fast' must be a positive number"),
+    (lambda d: d.update(bench=None), "devices.rpi5: bench must be text, got {'bench': None}"),
 ])
 def test_a_hand_edited_profile_is_refused_by_file_and_field(tmp_path, edit, message):
     data = json.loads(profiles.PROFILES_FILE.read_text())
