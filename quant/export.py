@@ -5,7 +5,7 @@
     python -m quant.export --target coreml --run runs/v4-20261121T101500Z
     python -m quant.export --target onnx --recipe v4                  # the newest v4 run
     python -m quant.export --target coreml --precision w4block palette4g sparse-palette4 w8a8   # iOS18 compression
-    python -m quant.export --target onnx --precision int8 --qat-steps 0     # int8 by PTQ only (enough for v3)
+    python -m quant.export --target onnx --precision int8 --qat-steps 0     # int8 by PTQ only (faster; v3's QAT keeps more miou)
     python -m quant.export --target tflite --converter litert-torch --layout NCHW   # TFLite through litert-torch
     python -m quant.export --target tflite --prune 0.3 --overwrite          # prune 30% of channels
     python -m quant.export --target tflite --prune macs=0.5x                # or to half the MACs
@@ -136,7 +136,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prune", help='channel ratio ("0.3") or MAC target ("macs=80M", "macs=0.5x")')
     p.add_argument("--prune-steps", type=int, default=DEFAULT_PRUNE_STEPS,
                    help=f"distillation fine-tune steps after pruning (default {DEFAULT_PRUNE_STEPS}: what recovers "
-                        f"v3 at 0.5x MACs; about 16 min of export on 2 cores)")
+                        f"v3 at 0.5x MACs; about 28 min of export on 2 cores)")
     p.add_argument("--prune-stages", type=int, default=1,
                    help="iterative pruning: reach a MAC target in N stages, each followed by its share of "
                         "--prune-steps (default 1: prune once, then fine-tune)")

@@ -1,8 +1,8 @@
 """The training stage: the loop (`train`), its objective, supervision, pre-flight, evaluation and report,
 and finished runs read back (`find_run`, `load_run`).
 
-Only the commands (`distill.run`, `distill.ablate`, `distill.cache_teacher`), the API
-(`distill.train_recipe`) and `quant/` (whose fine-tunes reuse the objective and supervision)
+Only the commands (`distill.run`, `distill.evaluate`, `distill.ablate`, `distill.cache_teacher`),
+the API (`distill.train_recipe`, `distill.evaluate_run`) and `quant/` (whose fine-tunes reuse the objective and supervision)
 import this package; `targets/`, `edge/` and `calibration/` never do (tests/test_layering.py).
 Names resolve on first use, so an error class does not import the whole loop (torch, timm).
 """
