@@ -1,5 +1,6 @@
 """torchrun with 2 CPU processes (gloo) trains like one process at the same global batch."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,16 @@ def test_a_gpu_index_past_the_machines_gpus_is_named(monkeypatch):
     with pytest.raises(ValueError, match=r"train.device=cuda:0 puts all 2 processes of this torchrun job on one GPU; "
                                          r"use train.device=cuda \(or auto\)"):
         pick_device("cuda:0", local_rank=1, world=2)
+
+
+@pytest.mark.parametrize("spec", ["tpu", "mps", "cpu:1", "cuda:x"])
+def test_a_device_this_project_does_not_run_on_is_refused_in_one_line(spec):
+    """`distill.evaluate --device tpu` and `cache_teacher device=tpu` ended with torch's RuntimeError
+    (exit 1, twenty device types listed); mps passed and failed after the images were rendered."""
+    from distill.training.distributed import pick_device
+
+    with pytest.raises(ValueError, match=rf"^--device={re.escape(spec)}: use auto, cpu, cuda or cuda:N$"):
+        pick_device(spec, key="--device")
 
 
 def test_sync_batchnorm_keeps_each_norms_activation():

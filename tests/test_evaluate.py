@@ -74,6 +74,8 @@ def test_replaced_weights_are_refused(run, tmp_path):
 
 
 def test_a_run_without_best_weights_names_its_checkpoints_checked_digest(run, tmp_path, monkeypatch):
+    """An unfinished run without kept weights is read from its last checkpoint, checked against its
+    record; a finished one whose best.safetensors went missing is refused."""
     import shutil
 
     from core import io
@@ -82,6 +84,11 @@ def test_a_run_without_best_weights_names_its_checkpoints_checked_digest(run, tm
     copy = tmp_path / run.name
     shutil.copytree(run, copy)
     (copy / "best.safetensors").unlink()
+    # finished: the summary measured the kept weights, which the last checkpoint need not hold
+    with pytest.raises(IntegrityError, match=r"best.safetensors is missing from this finished run \(summary.json "
+                                             r"records sha256 [0-9a-f]{12}\.\.\.\).*restore the file"):
+        load_run(copy)
+    (copy / "summary.json").unlink()   # a run stopped before it kept any weights
     hashed = []
     real_sha256 = io.sha256
     monkeypatch.setattr(io, "sha256", lambda path: hashed.append(path) or real_sha256(path))
@@ -92,6 +99,27 @@ def test_a_run_without_best_weights_names_its_checkpoints_checked_digest(run, tm
     loaded.weights.write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
     with pytest.raises(IntegrityError, match="differs from the sha256 its checkpoint recorded"):
         load_run(copy)
+
+
+def test_weights_that_do_not_fit_the_runs_config_are_refused_in_one_line(run, tmp_path):
+    """An edited config.json (or foreign weights without a record) used to end in torch's load_state_dict
+    message: exit 1 and several KB naming every tensor."""
+    import json
+    import shutil
+
+    from distill.training import load_run
+
+    copy = tmp_path / run.name
+    shutil.copytree(run, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["model"]["decoder_channels"] //= 2
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(IntegrityError) as caught:
+        load_run(copy)
+    message = str(caught.value)
+    assert message.startswith(f"{copy / 'best.safetensors'} does not hold the weights of the model its config describes: ")
+    assert "tensors of other shapes (e.g. decoder." in message and f"restore {copy / 'config.json'}" in message
+    assert len(message) < 600
 
 
 @pytest.mark.parametrize("teacher, cache, align, asked, skipped", [

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from core.registry import Registry
-from distill.students.model import INPUT_MULTIPLE, MultiTaskStudent, check_pretrained, shipped_state
+from distill.students.model import INPUT_MULTIPLE, MultiTaskStudent, check_pretrained, load_weights_into, shipped_state
 
 STUDENTS: Registry = Registry("student")
 
@@ -44,5 +44,5 @@ def count_macs(model: nn.Module, height: int, width: int) -> int:
     return counter.get_total_flops() // 2
 
 
-__all__ = ["STUDENTS", "MultiTaskStudent", "build_student", "count_params", "count_macs", "shipped_state",
+__all__ = ["STUDENTS", "MultiTaskStudent", "build_student", "count_params", "count_macs", "shipped_state", "load_weights_into",
            "INPUT_MULTIPLE", "check_pretrained"]

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.io import IntegrityError
+
 OUTPUT_STRIDES = (2, 4)   # where the decoder stops; the heads upsample the rest by a fixed factor
 INPUT_MULTIPLE = 32
 IMAGE_STEM_CHANNELS = 16  # the stride-2 level of an encoder that has none (output_stride=2)
@@ -246,6 +248,22 @@ class MultiTaskStudent(nn.Module):
 def shipped_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A student's weights without its training-only heads (deep supervision, surface normals)."""
     return {k: v for k, v in state.items() if not k.startswith(AUX_PREFIX)}
+
+
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path, fix: str) -> None:
+    """`model.load_state_dict(state)` (strict), with a mismatch said in one line naming `source`
+    and `fix` instead of torch's message (several KB: every tensor of another shape)."""
+    own = model.state_dict()
+    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    reshaped = [f"{k} {tuple(state[k].shape)} here, {tuple(own[k].shape)} in the model"
+                for k in own.keys() & state.keys() if state[k].shape != own[k].shape]
+    if missing or unexpected or reshaped:
+        found = ([f"{len(reshaped)} tensors of other shapes (e.g. {sorted(reshaped)[0]})"] if reshaped else []) + \
+                ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []) + \
+                ([f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else [])
+        raise IntegrityError(f"{source} does not hold the weights of the model its config describes: "
+                             f"{'; '.join(found)}; {fix}")
+    model.load_state_dict(state)
 
 
 def create_encoder(name: str, pretrained: str | bool) -> nn.Module:

@@ -35,7 +35,13 @@ def pick_device(spec: str, local_rank: int = 0, key: str = "train.device", world
     the setting in the error; `world`: the processes of a torchrun job, each of which takes its own GPU."""
     if spec == "auto":
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:   # torch's own message lists twenty device types this project never runs on
+        device = None
+    # the devices this project runs and measures on (MPS: never tried; its ops and AMP differ)
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
+        raise ValueError(f"{key}={spec}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and device.index is not None and world > 1:   # NCCL fails on a shared GPU, later
         raise ValueError(f"{key}={spec} puts all {world} processes of this torchrun job on one GPU; use {key}=cuda "
                          f"(or auto): each process takes the GPU of its local rank")

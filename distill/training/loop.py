@@ -33,7 +33,7 @@ from distill.data import build_datasets
 from distill.data.classes import NYU13_NAMES
 from distill.losses.feature_kd import FeatureDistiller
 from distill.recipes import Recipe, check_values, resolve_for_device
-from distill.students import build_student, check_pretrained, count_macs, shipped_state
+from distill.students import build_student, check_pretrained, count_macs, load_weights_into, shipped_state
 from distill.students.model import AUX_PREFIX
 from distill.teachers import Teacher
 from distill.training import distributed
@@ -557,7 +557,8 @@ def restore(run_dir: Path, resumed: tuple[Path, dict], model, weighting, optimiz
     """The state of `resumed` (`resume_point`'s checkpoint and state, its training set checked by
     then) loaded into the model, optimizer, scheduler and weighting."""
     ckpt, full = resumed
-    model.load_state_dict(load_weights(ckpt / "model.safetensors"))
+    load_weights_into(model, load_weights(ckpt / "model.safetensors"), ckpt / "model.safetensors",
+                      fix=f"restore {run_dir / 'config.json'} as the run wrote it, or start a new run")
     optimizer.load_state_dict(full["optimizer"])
     scheduler.load_state_dict(full["scheduler"])
     weighting.load_state_dict(full["weighting"])

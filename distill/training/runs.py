@@ -19,7 +19,7 @@ from core import io
 from core.weights import checked_checkpoint, latest_checkpoint, load_state, load_weights
 from distill.data.classes import NYU13_NAMES
 from distill.recipes import DEFAULT_RECIPE, RECIPES, Recipe, load_saved
-from distill.students import MultiTaskStudent, build_student, shipped_state
+from distill.students import MultiTaskStudent, build_student, load_weights_into, shipped_state
 
 RUN_NAME = re.compile(r"(?P<recipe>.+)-\d{8}T\d{6}Z(-\d+)?")   # distill.training.loop.new_run_dir's names
 
@@ -134,11 +134,16 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     if weights is None:
         raise RunNotFoundError(f"{run_dir} has no best.safetensors and no complete checkpoint; "
                                f"let the run finish one epoch, or pick another run")
+    finished = (run_dir / "summary.json").is_file()
+    recorded = best_sha256(run_dir) if finished or weights.name == "best.safetensors" else None
+    if weights.name != "best.safetensors" and finished and recorded:   # a finished run's kept weights are gone
+        raise io.IntegrityError(f"{run_dir / 'best.safetensors'} is missing from this finished run (summary.json "
+                                f"records sha256 {recorded[:12]}...); the last checkpoint may hold other weights "
+                                f"than the ones its summary measured: restore the file, or pick another run")
     recipe = load_saved(run_dir)
     if weights.name == "best.safetensors":
-        recorded = best_sha256(run_dir)
         fix = ("the weights are corrupt or were replaced; pick another run, or train this one again"
-               if (run_dir / "summary.json").is_file() else
+               if finished else
                f"the run did not finish: resume it (python -m distill.run {recipe.name} resume={run_dir}), which "
                f"writes the kept weights again where its checkpoint holds them, or pick another run")
         digest = io.sha256(weights) if recorded is None else io.check_sha256(
@@ -146,7 +151,9 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     else:   # no best kept: the last checkpoint's weights, checked against their own record
         digest = checked_checkpoint(weights.parent)[1] or io.sha256(weights)   # None: written before the record
     model = build_from_recipe(recipe)
-    model.load_state_dict(shipped_state(load_weights(weights)))   # a checkpoint keeps deep supervision's heads
+    load_weights_into(model, shipped_state(load_weights(weights)),   # a checkpoint keeps deep supervision's heads
+                      weights, fix=f"restore {run_dir / 'config.json'} and the weights as the run wrote them, "
+                                   f"or pick another run")
     return LoadedRun(run_dir, recipe, model.eval(), weights, digest)
 
 
