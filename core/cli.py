@@ -113,6 +113,18 @@ def at_least(flag: str, value: int | float | None, low: int | float) -> None:
         raise ValueError(f"{flag} {value}: must be at least {low}")
 
 
+# More threads than this is a typing slip (a runtime asked for 100,000 threads aborts allocating them);
+# never faster, even on a device profile's host.
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+
+
+def threads_option(flag: str, value: int | None, low: int = 1) -> None:
+    """ValueError unless `value` (None: the runtime's default) is in [low, MAX_THREADS]."""
+    at_least(flag, value, low)
+    if value is not None and value > MAX_THREADS:
+        raise ValueError(f"{flag} {value}: at most {MAX_THREADS} (64, or 4x this host's {os.cpu_count()} cores)")
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the convention: a bad flag is one `error:` line and exit 2 (not usage + message)."""
 

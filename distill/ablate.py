@@ -469,6 +469,8 @@ def main(argv: list[str]) -> int:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     out = Path(args.out or f"runs/ablate-{stamp}")
     check_writable(out, "--out")
+    if args.resume and not out.exists():   # (an existing --out may be another process's, just started: the lock says)
+        ablation_to_resume(out)
     # one writer per --out: two --resume of it would train the same rows and overwrite each other's table
     with nullcontext() if args.dry_run else exclusive(out / ".ablation.lock", f"ablation {out}"):
         if not args.dry_run and not args.resume and (out / "ablation.json").exists():   # tables would mix
@@ -552,12 +554,19 @@ def finished(row: dict) -> bool:
     return row["status"] == "ok" and not row["error"]
 
 
-def resumed_rows(out: Path, recipe_name: str, grid: Grid, metrics: list[str], heldout: tuple[str, ...]) -> list[dict]:
-    """The rows of the ablation in `out`, after checking that it is the one this command describes:
-    --resume continues a grid, it does not mix two."""
+def ablation_to_resume(out: Path) -> Path:
+    """`out`'s ablation.json, or ConfigError (also before the lock when `out` is not there: taking it
+    would create the folder)."""
     path = out / "ablation.json"
     if not path.is_file():
         raise ConfigError(f"--resume: {out} holds no ablation.json; drop --resume to start this grid there")
+    return path
+
+
+def resumed_rows(out: Path, recipe_name: str, grid: Grid, metrics: list[str], heldout: tuple[str, ...]) -> list[dict]:
+    """The rows of the ablation in `out`, after checking that it is the one this command describes:
+    --resume continues a grid, it does not mix two."""
+    path = ablation_to_resume(out)
     saved = io.read_json(path, fix="it was not written by distill.ablate; give another --out")
     rows = saved.get("runs") if isinstance(saved, dict) else None
     if not isinstance(rows, list) or not all(isinstance(row, dict) and "overrides" in row for row in rows):

@@ -26,6 +26,7 @@ Under torchrun every process exits with that code; torchrun reports any non-zero
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -346,10 +347,18 @@ def run(recipe, options: dict, overrides: list[str], log=print, progress: bool =
     if not rank.main:
         log, progress = (lambda *args, **kwargs: None), False
     out = Path(options["out"])
+    created = not out.exists()
+    lock = out / f".writer-rank{rank.rank}.lock"
     try:
         # one job per cache directory (each torchrun rank holds its own lock)
-        with exclusive(out / f".writer-rank{rank.rank}.lock", f"the cache {out}"):
+        with exclusive(lock, f"the cache {out}"):
             return label_missing(recipe, options, overrides, out, rank, device, log, progress)
+    except BaseException:
+        if created and not (out / "job.json").exists():   # refused before any work: leave no folder behind
+            lock.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):   # not empty: another rank's lock, or files of the user's
+                out.rmdir()
+        raise
     finally:
         distributed.shutdown(rank)
 

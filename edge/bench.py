@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.cli import ArgumentParser, at_least, command
+from core.cli import ArgumentParser, at_least, command, threads_option
 from core.formats import FORMATS
 from core.io import check_output_file
 from core.manifest import verify_artefact
@@ -237,7 +237,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 @command("python -m edge.bench")
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    at_least("--threads", args.threads, 1)
+    threads_option("--threads", args.threads)
     if args.json:
         check_output_file(args.json, "--json")
     if len(args.artefact) > 1:

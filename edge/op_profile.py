@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.cli import ArgumentParser, at_least, command
+from core.cli import ArgumentParser, at_least, command, threads_option
 from core.io import check_output_file
 from core.manifest import verify_artefact
 from edge.device.linux_bench import time_invokes  # the on-device script's timing loop (milliseconds)
@@ -200,8 +200,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--json", default=None, help=f"write the {SCHEMA} JSON here")
     parser.add_argument("--no-verify", action="store_true", help="skip the manifest's sha256 check")
     args = parser.parse_args(argv)
-    at_least("--threads", args.threads, 1)
+    threads_option("--threads", args.threads)
     at_least("--runs", args.runs, 1)
+    at_least("--top", args.top, 1)
     if args.json:
         check_output_file(args.json, "--json")
     result = profile(args.model, args.threads, args.runs, progress=True, verify=not args.no_verify)

@@ -24,11 +24,12 @@ import time
 
 import numpy as np
 
-from core.cli import ArgumentParser, at_least, command
+from core.cli import ArgumentParser, at_least, command, threads_option
 from core.io import check_output_file
 from edge.host import describe_cpu, host_cpu
 from edge.run import write_json
 
+MAX_SIZE = 8192
 OPSET, IR_VERSION = 17, 8   # pinned: onnx may write an IR version newer than onnxruntime reads
 
 
@@ -104,7 +105,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs, best counts (default 5)")
     parser.add_argument("--json", default=None, help="write the result here")
     args = parser.parse_args(argv)
-    at_least("--threads", args.threads, 1)
+    threads_option("--threads", args.threads)
+    if args.size > MAX_SIZE:   # memory grows as size^2 and time as size^3; the peak is reached long before
+        raise ValueError(f"--size {args.size}: at most {MAX_SIZE} (its matrices alone take "
+                         f"{5 * 4 * args.size ** 2 / 2 ** 30:.1f} GiB; 1024 already measures the peak)")
     if args.json:
         check_output_file(args.json, "--json")
     result = measure_peak(args.threads, size=args.size, repeats=args.repeats)

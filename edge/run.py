@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from core import io as core_io
-from core.cli import ArgumentParser, command
+from core.cli import ArgumentParser, command, threads_option
 from core.manifest import verify_artefact
 from edge.photos import IMAGE_SUFFIXES, check_photos, image_files, read_photos, write_maps
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner
@@ -143,8 +143,7 @@ CHUNK = 64   # images read, run and written at a time into an --out folder: memo
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = output_path(args.out)   # before the model runs
-    if args.threads is not None and args.threads < 1:
-        raise BadInput(f"--threads {args.threads}: must be at least 1 (or left out: the runtime's default)")
+    threads_option("--threads", args.threads)
     if args.logits and out.suffix.lower() != ".npz":
         raise BadInput(f"--logits stores the logits in an .npz, but --out {args.out} is a folder of PNG maps; "
                        f"give an --out ending in .npz, or drop --logits")

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.cli import ArgumentParser, at_least, command
+from core.cli import ArgumentParser, at_least, command, threads_option
 from core.graph import output_tails
 from core.io import check_output_file
 from core.manifest import verify_artefact
@@ -239,7 +239,7 @@ def main(argv: list[str]) -> int:
     if len(args.models) > 2:
         parser.error(f"takes one or two .tflite files, got {len(args.models)}")
     at_least("--sections", args.sections, 1)
-    at_least("--threads", args.threads, 1)
+    threads_option("--threads", args.threads)
     at_least("--runs", args.runs, 1)
     if args.json:
         check_output_file(args.json, "--json")

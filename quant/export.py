@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from core import io
-from core.cli import ArgumentParser, add_run_arguments, at_least, command
+from core.cli import ArgumentParser, add_run_arguments, at_least, command, threads_option
 from core.formats import CALIBRATED_PRECISIONS, FORMATS, INTEGER_PRECISIONS, PRECISIONS, Converter, Format
 from core.io import check_writable
 from core.lock import exclusive
@@ -318,9 +318,9 @@ def check_options(options: ExportOptions, fmt: Format) -> None:
                              ("--float-stem", options.float_stem, 0),
                              ("--prune-stages", options.prune_stages, 1),
                              ("--bench-runs", options.bench_runs, 0), ("--bench-warmup", options.bench_warmup, 0),
-                             ("--batch-size", options.batch_size, 1), ("--threads", options.threads, 0),
-                             ("--seed", options.seed, 0)):
+                             ("--batch-size", options.batch_size, 1), ("--seed", options.seed, 0)):
         at_least(flag, value, low)
+    threads_option("--threads", options.threads, 0)
     for flag, lr in (("--qat-lr", options.qat_lr), ("--prune-lr", options.prune_lr)):
         if not lr > 0:
             raise ExportError(f"{flag} {lr}: must be positive")
