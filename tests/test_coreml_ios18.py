@@ -474,7 +474,7 @@ def test_coreml_bench_says_why_a_mac_cannot_run_a_package(ios18, monkeypatch, tm
         with pytest.raises(SystemExit) as exited:
             coreml_bench.main([str(path), "--runs", "2", "--no-verify"])
         err = capsys.readouterr().err
-        assert exited.value.code == 2 and err.startswith("coreml_bench.py: ") and message in err, err
+        assert exited.value.code == 2 and err.startswith("error: coreml_bench.py: ") and message in err, err
         assert err.count("\n") == 1
 
 

@@ -370,9 +370,29 @@ def test_android_report_fills_the_schema(tiny_artefacts):
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="on macOS coreml_bench.py really predicts")
 def test_coreml_bench_off_macos_exits_2(tmp_path):
+    (tmp_path / "model.mlpackage").mkdir()
     proc = run_script(tmp_path, "coreml_bench.py", "model.mlpackage", "--runs", "3")
-    assert proc.returncode == 2
-    assert "runs only on macOS" in proc.stderr and "python -m edge.run model.mlpackage" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: coreml_bench.py runs only on macOS")
+    assert "python -m edge.run model.mlpackage" in proc.stderr
+
+
+@pytest.mark.parametrize("script, argv, says", [
+    ("linux_bench.py", ["{tflite}", "--threads", "0"], "--runs and --threads must be >= 1"),
+    ("linux_bench.py", ["{onnx}"], "is not a .tflite file; this script times TFLite artefacts (an ONNX file: "
+                                   "python -m edge.bench"),
+    ("linux_bench.py", ["{tflite}", "--runs", "x"], "argument --runs: invalid int value: 'x'"),
+    ("coreml_bench.py", ["nope.mlpackage"], "model not found: nope.mlpackage"),
+    ("coreml_bench.py", ["{tflite}"], "is not a Core ML model (.mlpackage or .mlmodel)"),
+    ("android_bench.py", ["{onnx}", "--benchmark-binary", "b"], "is not a .tflite file"),
+])
+def test_a_device_script_refuses_bad_input_in_one_error_line(tiny_artefacts, tmp_path, script, argv, says):
+    """The project's convention on a device too: one `error:` line naming the script, exit 2 (argparse
+    used to print its usage first; load failures had no `error:`)."""
+    argv = [a.format(tflite=tiny_artefacts["tflite_fp32"], onnx=tiny_artefacts["onnx_fp32"]) for a in argv]
+    proc = run_script(tmp_path, script, *argv)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {script}: "), proc.stderr
+    assert says in lines[0], lines
 
 
 def test_device_commands_keep_each_devices_record_and_say_what_a_gpu_profile_times():

@@ -38,6 +38,7 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 
+SCRIPT = "android_bench.py"
 SCHEMA = "densekit.bench/1"
 DEVICE_DIR = "/data/local/tmp"
 # --use_xnnpack=false is how benchmark_model turns off the XNNPACK delegate it otherwise applies by default.
@@ -320,8 +321,17 @@ def sha256_of(path: str) -> str:
     return digest.hexdigest()
 
 
+class Parser(argparse.ArgumentParser):
+    """densekit's convention on a device too: a bad flag is one `error:` line and exit 2 (argparse
+    prints its usage first)."""
+
+    def error(self, message):
+        sys.stderr.write("error: {}: {} (see {} --help)\n".format(SCRIPT, message, SCRIPT))
+        raise SystemExit(2)
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=SCRIPT, description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="the .tflite artefact (on this host)")
     parser.add_argument("--benchmark-binary", required=True, help="benchmark_model built for the phone's ABI")
     parser.add_argument("--serial", help="adb serial of the phone (needed when several are connected)")
@@ -341,6 +351,8 @@ def parse_args(argv=None):
         parser.error("--runs and --threads must be >= 1 and --warmup >= 0")
     if not os.path.isfile(args.model):
         parser.error("model file not found: {}".format(args.model))
+    if not args.model.lower().endswith(".tflite"):
+        parser.error("{} is not a .tflite file; benchmark_model times TFLite artefacts".format(args.model))
     problem = None if args.no_verify else manifest_problem(args.model)
     if problem:
         parser.error(problem + "; or pass --no-verify to time it anyway")
@@ -386,7 +398,7 @@ def main(argv=None) -> int:
     try:
         result = bench(args)
     except BenchError as error:
-        print("android_bench.py: {}".format(error), file=sys.stderr)
+        print("error: android_bench.py: {}".format(error), file=sys.stderr)
         return error.code
     print_summary(result)
     if args.json:

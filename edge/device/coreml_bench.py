@@ -37,6 +37,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 
+SCRIPT = "coreml_bench.py"
 SCHEMA = "densekit.bench/1"
 # Core ML specification version -> (deployment target, the oldest macOS that loads it)
 REQUIRED_MACOS = {6: ("iOS15", (12,)), 7: ("iOS16", (13,)), 8: ("iOS17", (14,)), 9: ("iOS18", (15,))}
@@ -51,8 +52,17 @@ NOT_MACOS = ("coreml_bench.py runs only on macOS: Core ML predicts only on Apple
 
 def fail(message: str):
     """The script's one error line, exit status 2 (bad input or a model this Mac cannot run)."""
-    sys.stderr.write("coreml_bench.py: {}\n".format(message))
+    sys.stderr.write("error: coreml_bench.py: {}\n".format(message))
     raise SystemExit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """densekit's convention on a device too: a bad flag is one `error:` line and exit 2 (argparse
+    prints its usage first)."""
+
+    def error(self, message):
+        sys.stderr.write("error: {}: {} (see {} --help)\n".format(SCRIPT, message, SCRIPT))
+        raise SystemExit(2)
 
 
 def load_coremltools():
@@ -62,9 +72,7 @@ def load_coremltools():
     try:
         import coremltools
     except ImportError as error:
-        sys.stderr.write("coreml_bench.py: coremltools is not installed ({}); run `pip install coremltools numpy` "
-                         "and try again.\n".format(error))
-        raise SystemExit(2)
+        fail("coremltools is not installed ({}); run `pip install coremltools numpy` and try again".format(error))
     return coremltools
 
 
@@ -262,7 +270,7 @@ def _digest_file(path: str, digest):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=SCRIPT, description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="the .mlpackage (or .mlmodel) artefact")
     parser.add_argument("--runs", type=int, default=50, help="timed predictions (default 50)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed predictions first (default 5)")
@@ -274,6 +282,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.runs < 1 or args.warmup < 0:
         parser.error("--runs must be >= 1 and --warmup >= 0")
+    if not os.path.exists(args.model):   # on any system: the advice below names the file
+        parser.error("model not found: {}".format(args.model))
+    if not args.model.rstrip("/").lower().endswith((".mlpackage", ".mlmodel")):
+        parser.error("{} is not a Core ML model (.mlpackage or .mlmodel); TFLite files: linux_bench.py or "
+                     "android_bench.py".format(args.model))
     problem = None if args.no_verify or not os.path.exists(args.model) else manifest_problem(args.model)
     if problem:
         parser.error(problem + "; or pass --no-verify to time it anyway")
@@ -287,10 +300,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if sys.platform != "darwin":
-        sys.stderr.write(NOT_MACOS.format(system=platform.system() or sys.platform, model=args.model) + "\n")
-        return 2
-    if not os.path.exists(args.model):
-        sys.stderr.write("coreml_bench.py: model not found: {}\n".format(args.model))
+        sys.stderr.write("error: " + NOT_MACOS.format(system=platform.system() or sys.platform, model=args.model)
+                         + "\n")
         return 2
     result = bench(args)
     print_summary(result)

@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+SCRIPT = "linux_bench.py"
 SCHEMA = "densekit.bench/1"
 INSTALL_HELP = (
     "no TFLite interpreter could be imported ({reasons}).\n"
@@ -45,8 +46,17 @@ INSTALL_HELP = (
 
 def fail(message: str):
     """One error line and exit status 2: bad input, refused before anything is timed."""
-    sys.stderr.write(message + "\n")
+    sys.stderr.write("error: {}\n".format(message))
     raise SystemExit(2)
+
+
+class Parser(argparse.ArgumentParser):
+    """densekit's convention on a device too: a bad flag is one `error:` line and exit 2 (argparse
+    prints its usage first)."""
+
+    def error(self, message):
+        sys.stderr.write("error: {}: {} (see {} --help)\n".format(SCRIPT, message, SCRIPT))
+        raise SystemExit(2)
 
 
 def load_interpreter():
@@ -67,7 +77,7 @@ def load_interpreter():
                 "tflite_runtime interpreter")
     except Exception as error:
         reasons.append("tflite_runtime: {}".format(error))
-    sys.stderr.write("linux_bench.py: " + INSTALL_HELP.format(reasons="; ".join(reasons),
+    sys.stderr.write("error: linux_bench.py: " + INSTALL_HELP.format(reasons="; ".join(reasons),
                                                              python=platform.python_version()) + "\n")
     raise SystemExit(2)
 
@@ -349,7 +359,7 @@ def sha256_of(path: str) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(prog=SCRIPT, description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="the .tflite artefact")
     parser.add_argument("--threads", type=int, default=4, help="interpreter threads (default 4)")
     parser.add_argument("--runs", type=int, default=50, help="timed invokes (default 50)")
@@ -366,6 +376,9 @@ def parse_args(argv=None):
         parser.error("--inputs and --outputs go together: give both (images in, npz out) or neither")
     if not os.path.isfile(args.model):
         parser.error("model file not found: {}".format(args.model))
+    if not args.model.lower().endswith(".tflite"):
+        parser.error("{} is not a .tflite file; this script times TFLite artefacts (an ONNX file: python -m "
+                     "edge.bench on a host with densekit; Core ML: coreml_bench.py on a Mac)".format(args.model))
     problem = None if args.no_verify else manifest_problem(args.model)
     if problem:
         parser.error(problem + "; or pass --no-verify to time it anyway")
@@ -393,10 +406,8 @@ def main(argv=None) -> int:
         interpreter = Interpreter(model_path=args.model, num_threads=args.threads)
         interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as error:   # not a TFLite flatbuffer, or ops this interpreter lacks
-        sys.stderr.write("linux_bench.py: {} cannot be loaded by {} ({}); copy it again from its export, or "
-                         "update the interpreter\n".format(args.model, runtime,
-                                                    (str(error).strip().splitlines() or [type(error).__name__])[0]))
-        return 2
+        fail("linux_bench.py: {} cannot be loaded by {} ({}); copy it again from its export, or update the "
+             "interpreter".format(args.model, runtime, (str(error).strip().splitlines() or [type(error).__name__])[0]))
     detail = interpreter.get_input_details()[0]
     if shape is not None:
         check_size(shape, detail)   # before the timed runs, which a wrong size would waste
