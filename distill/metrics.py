@@ -2,7 +2,7 @@
 
 Depth (`DepthMetrics`): the community's names (`abs_rel, sq_rel, rmse, rmse_log, log10, silog,
 d1, d2, d3`), computed per image and averaged over images as Depth-Anything-V2's metric-depth
-evaluation does, plus the diagnostics of seed 001 (median scale ratio s*, scale-aligned AbsRel,
+evaluation does (with BTS's clamping of the prediction to the range, which DA2 leaves out), plus the diagnostics of seed 001 (median scale ratio s*, scale-aligned AbsRel,
 AbsRel per GT depth range, prediction and GT ranges and spreads). Segmentation (`SegMetrics`):
 confusion-matrix mIoU, pixel accuracy and per-class IoU. Boundaries (`DepthBoundaryMetrics`,
 `SegBoundaryMetrics`): iBims-1's depth boundary errors and a boundary F1 of the label map, defined
@@ -98,7 +98,8 @@ class DepthMetrics:
 
     Pixels evaluated: `valid & (min_depth < gt < max_depth)`, and inside the Eigen crop when
     `eigen_crop=True` (480x640 inputs only). The prediction is clamped to [min_depth, max_depth]
-    before the accuracy metrics, as DA2 and BTS do.
+    before the accuracy metrics, as BTS does (DA2's evaluation does not clamp; its figures differ
+    where a prediction leaves the range).
 
     `compute()` keys:
       - `abs_rel, sq_rel, rmse, rmse_log, log10, silog, d1, d2, d3`: computed per image and averaged
@@ -315,14 +316,15 @@ def depth_edges(depth: Tensor, mask: Tensor, threshold: float = DEPTH_EDGE_THRES
     padded = F.pad(log_depth, (1, 1, 1, 1), mode="replicate")
     kx = _SOBEL_X.to(log_depth).view(1, 1, 3, 3)
     gx, gy = F.conv2d(padded, kx), F.conv2d(padded, kx.transpose(-1, -2))
-    magnitude = torch.hypot(gx, gy)
+    interior = -F.max_pool2d(-mask.double(), 3, stride=1, padding=1) > 0.5
+    # zero outside: a gradient into a hole (filled with 1 m) must not out-peak a real edge beside it
+    magnitude = torch.where(interior, torch.hypot(gx, gy), 0.0)
     angle = torch.rad2deg(torch.atan2(gy, gx)) % 180   # direction of the gradient, in [0, 180)
     sector = ((angle + 22.5) // 45).long() % 4        # 0: x, 1: diagonal, 2: y, 3: anti-diagonal
     keep = torch.zeros_like(magnitude, dtype=torch.bool)
     for k, (dy, dx) in enumerate(((0, 1), (1, 1), (1, 0), (1, -1))):
         peak = (magnitude >= _shift(magnitude, dy, dx)) & (magnitude >= _shift(magnitude, -dy, -dx))
         keep |= (sector == k) & peak
-    interior = -F.max_pool2d(-mask.double(), 3, stride=1, padding=1) > 0.5
     return keep & (magnitude > threshold) & interior
 
 

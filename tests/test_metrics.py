@@ -276,6 +276,18 @@ def test_depth_edges_are_the_two_columns_of_a_step():
     assert not depth_edges(small, all_valid(small)).any()
 
 
+def test_a_hole_beside_an_edge_does_not_thin_it_away():
+    """5 m left of column 10, 10 m from it, one invalid pixel at (5, 12). At (5, 10) |Sobel(ln)| =
+    ln 2 / 2 = 0.347; its neighbour (5, 11) reads the hole (filled with 1 m): 2 ln 10 / 8 = 0.576.
+    That neighbour is outside the eroded mask, so it must not suppress (5, 10) as a larger peak."""
+    gt = torch.full((1, 1, 11, 20), 5.0)
+    gt[..., 10:] = 10.0
+    valid = all_valid(gt)
+    valid[0, 0, 5, 12] = False
+    with_hole, without = depth_edges(gt, valid)[0, 0], depth_edges(gt, all_valid(gt))[0, 0]
+    assert with_hole[3:8, 10].tolist() == without[3:8, 10].tolist() == [True] * 5
+
+
 def test_depth_boundary_errors_hand_values():
     gt = step()
     assert boundary_errors(gt, gt) == {"dbe_acc": 0.0, "dbe_comp": 0.0, "dbe_images": 1}
