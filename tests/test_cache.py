@@ -1,6 +1,7 @@
 """The teacher pseudo-label cache: written once, resumed after a kill, refused when it does not match."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,23 +106,25 @@ def test_cache_holds_the_teachers_labels_and_training_reads_them(tmp_path, capsy
 
 @pytest.mark.slow
 def test_resume_after_a_real_kill_gives_the_same_shards(tmp_path):
-    assert cli(*command(tmp_path / "straight", "batch_size=1")).returncode == 0
+    many = ("batch_size=1", "data.num_train=96")   # 32 shards: the kill lands long before the last
+    assert cli(*command(tmp_path / "straight", *many)).returncode == 0
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "distill.cache_teacher", *command(killed, "batch_size=1")],
+    proc = subprocess.Popen([sys.executable, "-m", "distill.cache_teacher", *command(killed, *many)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (killed / shard_name(0)).exists():
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    landed = not (killed / "manifest.json").exists()
-    (killed / ".shard-00007.safetensors.x1y2.tmp").write_bytes(b"half a shard")   # what a kill mid-write leaves
-    resumed = cli(*command(killed, "batch_size=1"))
+    assert not (killed / "manifest.json").exists(), "the kill came after the last shard: nothing to resume"
+    (killed / ".shard-00031.safetensors.x1y2.tmp").write_bytes(b"half a shard")   # what a kill mid-write leaves
+    resumed = cli(*command(killed, *many))
     assert resumed.returncode == 0, resumed.stderr
-    assert shard_hashes(killed) == shard_hashes(tmp_path / "straight") and len(shard_hashes(killed)) == 8
+    labelled = int(re.search(r"labelled (\d+) images", resumed.stdout)[1])
+    assert 0 < labelled < 96, resumed.stdout   # the resume labelled only what the kill left
+    assert shard_hashes(killed) == shard_hashes(tmp_path / "straight") and len(shard_hashes(killed)) == 32
     assert (killed / "manifest.json").read_bytes() == (tmp_path / "straight" / "manifest.json").read_bytes()
     assert not list(killed.glob(".*.tmp"))
-    print(f"kill landed before the end: {landed}; resume: {resumed.stdout.splitlines()[0]}")
 
 
 def test_max_shards_leaves_a_partial_cache_that_completes_identically(tmp_path, capsys):

@@ -75,7 +75,8 @@ def test_invoke_fn_runs_one_inference_of_the_prepared_image(tiny_artefacts):
     run_once()
     run_once()                         # the closure only invokes: the input invoke_fn set stays
     np.testing.assert_array_equal(runner.output(DEPTH), expected)
-    open_runner(tiny_artefacts["onnx_fp32"], threads=1).invoke_fn(images[:1])()   # runs, no error
+    onnx = open_runner(tiny_artefacts["onnx_fp32"], threads=1)   # the session's own outputs of that image
+    np.testing.assert_array_equal(onnx.invoke_fn(images[1:2])()[0], onnx(images[1:2])[0])
 
 
 def test_open_runner_errors_name_the_path_and_the_known_suffixes(tiny_artefacts, tmp_path):

@@ -227,11 +227,15 @@ def test_a_full_disk_during_training_is_named_with_exit_2(tmp_path):
               f"data.height=32 data.width=32 data.num_train=8 data.num_val=2 train.batch_size=8 train.epochs=1 "
               f"out_dir={tmp_path / 'full'} --quiet")
     (tmp_path / "full").mkdir()
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {tmp_path / 'full'}"],
-                           capture_output=True)
-    if probe.returncode != 0:
+    # root: a mount namespace; anyone else: a user namespace too (-r), where the mount is allowed
+    for unshare in (["unshare", "-m"], ["unshare", "-rm"]):
+        probe = subprocess.run([*unshare, "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs {tmp_path / 'full'}"],
+                               capture_output=True)
+        if probe.returncode == 0:
+            break
+    else:
         pytest.skip(f"no private tmpfs mount here: {probe.stderr.decode().strip()}")
-    proc = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([*unshare, "sh", "-c", script], capture_output=True, text=True, timeout=300,
                           env={**__import__("os").environ, "DENSEKIT_CACHE": str(tmp_path / "cache")})
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]

@@ -469,7 +469,10 @@ def test_a_flipped_byte_is_refused_by_name_where_the_artefact_is_used(tflite_exp
         assert not (tmp_path / "o.npz").exists()
         err = capsys.readouterr().err
         assert err.count(f"{victim} differs from the sha256 recorded in") == 4 and "--no-verify" in err
+        capsys.readouterr()
+        # --no-verify runs it (its output may be nonsense: a flipped byte; or the runtime refuses it, exit 1)
         assert run_main([str(victim), "--inputs", str(inputs), "--out", str(tmp_path / "o.npz"), "--no-verify"]) in (0, 1)
+        assert "differs from the sha256" not in capsys.readouterr().err
     finally:
         victim.write_bytes(original)
     assert verify_main([str(tmp_path)]) == 2   # nothing was exported here
@@ -782,6 +785,8 @@ def test_device_target_runs_the_whole_chain(run_dir, tmp_path):
     manifest = manifest_of(tmp_path, run_dir, "rpi5")
     (art,) = manifest["artefacts"]
     assert art["path"].endswith("_int8.tflite") and art["validation"]["pass"]
+    # the tests' gates are loose (FAST): the file against the float model at the profile's size
+    assert art["check"]["depth_rel_median"] < 0.02 and art["check"]["seg_agreement"] > 0.9
     assert manifest["config"]["device"] == "rpi5" and manifest["config"]["input_size"] == [128, 160]
     assert "rpi5" in (tmp_path / run_dir.name / "rpi5" / "device" / "COMMANDS.md").read_text()
     report = (tmp_path / run_dir.name / "rpi5" / "report.md").read_text()   # the reference moved: said loudly

@@ -128,5 +128,9 @@ def test_v3_trains_with_muon_and_records_it(tmp_path, monkeypatch):
     (run,) = tmp_path.glob("v3-*")
     assert json.loads((run / "config.json").read_text())["train"]["optimizer"] == "muon"
     assert 0 < json.loads((run / "summary.json").read_text())["abs_rel"] < 1
+    # the loop built Muon, not AdamW under Muon's name: the checkpoint holds Muon's momentum buffers
+    from core.weights import latest_checkpoint, load_state
+    states = load_state(latest_checkpoint(run / "checkpoints") / "state.pt")["optimizer"]["state"].values()
+    assert 0 < sum("muon_momentum" in state for state in states) < len(states)   # and AdamW's for the rest
     assert main(["v3", "train.optimizer=lion"]) == 2   # a value outside the choices, refused before any work
     assert main(["v3", "train.muon_rms=0"]) == 2        # a step of no size

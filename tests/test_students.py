@@ -59,9 +59,22 @@ def test_log_depth_stays_float32_under_bf16_autocast():
 
 
 def test_params_and_macs_are_counted():
-    model = build_student("mobilenetv3_small_050")
+    """MACs, not FLOPs, of every layer: one 3x3 convolution by hand (8x8 outputs x 8 channels x 3 x 9),
+    and the student's total as the sum over its convolutions (its only multiply-accumulate layers)."""
+    from torch import nn
+
+    assert count_macs(nn.Conv2d(3, 8, 3, padding=1), 8, 8) == 8 * 8 * 8 * 3 * 9
+    model = build_student("mobilenetv3_small_050").eval()
+    summed = []
+    hooks = [m.register_forward_hook(lambda m, i, out: summed.append(
+        out.numel() * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]))
+        for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 64, 96))
+    for hook in hooks:
+        hook.remove()
     macs = count_macs(model, 64, 96)
-    assert count_params(model) > 1e5 and macs > 1e6
+    assert macs == sum(summed) and count_params(model) > 1e5
     assert math.isclose(count_macs(model, 128, 192) / macs, 4.0, rel_tol=0.05)  # MACs scale with pixels
 
 

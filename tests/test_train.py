@@ -250,7 +250,17 @@ def test_training_only_heads_train_and_stay_out_of_the_shipped_weights(tmp_path)
 
 def test_bf16_autocast_path_trains(tmp_path):
     # The GPU path (bf16 autocast, float32 losses) exercised on the CPU's autocast.
-    assert main(["v3", *TINY, "train.epochs=1", "train.amp=bf16", f"out_dir={tmp_path}", "--quiet"]) == 0
+    from torch import nn
+    from torch.nn.modules.module import register_module_forward_hook
+
+    trained_in = set()   # the dtypes training convolutions computed in: bf16 only if autocast is on
+    spy = register_module_forward_hook(lambda m, args, out: trained_in.add(out.dtype) if isinstance(
+        m, nn.Conv2d) and m.training else None)
+    try:
+        assert main(["v3", *TINY, "train.epochs=1", "train.amp=bf16", f"out_dir={tmp_path}", "--quiet"]) == 0
+    finally:
+        spy.remove()
+    assert torch.bfloat16 in trained_in
     (run,) = run_dirs(tmp_path)
     summary = json.loads((run / "summary.json").read_text())
     assert 0 < summary["abs_rel"] < 1 and json.loads((run / "config.json").read_text())["train"]["amp"] == "bf16"
@@ -411,10 +421,30 @@ def test_resume_refuses_a_training_split_of_another_size(tmp_path):
     assert older["train_set"] == 120
 
 
-def test_seg_balance_weights_the_classes_by_their_training_frequency(tmp_path, capsys):
-    assert main(["v3", *TINY, "train.epochs=1", "loss.seg_balance=0.5", f"out_dir={tmp_path}", "--quiet"]) == 0
-    log = capsys.readouterr().out
-    assert "loss.seg_balance=0.5: class weights bed" in log and "wall" in log
+def test_seg_balance_weights_the_classes_by_their_training_frequency_in_the_steps_loss():
+    """loss.seg_balance=0.5 (v3's default): weights ~ frequency^-0.5 from the training labels,
+    normalised so that the average labelled pixel weighs 1, and the step's cross-entropy uses them.
+    By hand: 75% class 0 and 25% class 11 give raw 0.75^-0.5 = 1.1547 and 2 (absent classes: the
+    largest, 2), divided by 0.75 * 1.1547 + 0.25 * 2 = 1.3660."""
+    import torch.nn.functional as F
+
+    from distill.recipes import get_recipe
+    from distill.training.objective import Objective, seg_weights_for
+
+    recipe = get_recipe("v3")
+    seg = torch.zeros(4, 4, dtype=torch.long)
+    seg[0] = 11
+    lines: list[str] = []
+    weights = seg_weights_for(recipe, [{"seg": seg}, {"seg": seg}], log=lines.append)
+    expected = torch.full((13,), 2 / 1.3660)
+    expected[0] = 1.1547 / 1.3660
+    assert torch.allclose(weights, expected, atol=1e-4) and lines[0].startswith("loss.seg_balance=0.5: class weights bed")
+
+    logits = torch.randn(2, 13, 4, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.stack([seg, seg.flip(0)])
+    weighted = Objective(recipe, seg_weights=weights)({"seg": logits}, {"seg": labels})["seg"]
+    assert torch.allclose(weighted, F.cross_entropy(logits, labels, weight=weights))
+    assert not torch.allclose(weighted, Objective(recipe)({"seg": logits}, {"seg": labels})["seg"])
 
 
 def test_the_summary_measures_the_kept_weights_when_an_earlier_epoch_was_kept(tmp_path):
