@@ -348,6 +348,46 @@ def test_training_with_every_distill_any_depth_option(tmp_path, monkeypatch):
     assert not (run / "preview.png").exists() and "## Preview" not in (run / "report.md").read_text()   # 0: none
 
 
+def test_the_options_reach_the_step_supervision_and_objective():
+    """What the training run above cannot show (all of it lands in loss_depth): the assistant labels
+    about 30% of the steps, a shared crop changes the batch (the rays with it), and the depth term is
+    the metric term + the normalised L1 + the local-global term on the same teacher."""
+    from torch.utils.data import default_collate
+
+    from core.config import apply_overrides
+    from distill.data import build_datasets
+    from distill.recipes import get_recipe
+    from distill.students import build_student
+    from distill.training.objective import Objective
+    from distill.training.supervision import Supervision
+
+    recipe = apply_overrides(get_recipe("v3"), [
+        "distill.normalization=hybrid", "distill.shared_crop=1", "distill.local_global_weight=0.5",
+        "teacher.assistant=synthetic-assistant", "loss.aux_weight=0", "loss.normal_weight=0", "loss.gradient_weight=0",
+        "data.height=32", "data.width=32", "data.num_train=4", "data.num_val=1", "data.augment=false"])
+    supervision = Supervision(recipe, torch.device("cpu"))
+    assistant_steps = sum(supervision.teacher_at(step) is supervision.assistant for step in range(200))
+    assert 40 <= assistant_steps <= 80   # teacher.assistant_ratio 0.3 of 200
+
+    train, _ = build_datasets(recipe.data, progress=False)
+    batch = default_collate([train[i] for i in range(4)])   # as the loader makes it
+    prepared, teacher = supervision.prepare(dict(batch), step=0)
+    assert prepared["image"].shape == batch["image"].shape and not torch.equal(prepared["intrinsics"], batch["intrinsics"])
+
+    torch.manual_seed(0)
+    pred = build_student("mobilenetv3_small_050", decoder_channels=16, tasks=("depth",)).eval()(prepared["image"])["depth"]
+    objective = Objective(recipe)
+    target, valid = prepared["teacher_depth"], (prepared["teacher_depth"] > 0) & torch.isfinite(prepared["teacher_depth"])
+
+    def by_hand(p, t, v):   # distill.metric_weight 1 x berHu + distill.normalized_weight 1 x hybrid L1
+        return objective.depth_loss(p, t, v) + normalized_l1(p, t, v, "hybrid")
+
+    expected = by_hand(pred, target, valid) + 0.5 * local_global_loss(
+        pred, prepared, teacher, overlapping_patches(32, 32, 2), by_hand)
+    got = objective({"depth": pred}, prepared, teacher)["depth"]
+    assert torch.allclose(got, expected) and got > by_hand(pred, target, valid)
+
+
 def test_the_preview_leaves_the_teachers_tile_blank_without_a_teacher():
     """A pseudo-label cache serves training labels only: the preview shows no teacher beside a
     validation image rather than another image's labels."""
