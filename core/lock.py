@@ -32,6 +32,8 @@ def exclusive(lock_file: str | Path, what: str, *, wait: bool = False) -> Iterat
     try:
         fd, writable = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666), True
     except PermissionError:   # a lock file another user made read-only to us: flock needs no write access
+        if not lock_file.is_file():   # (no lock file: the folder itself is not writable, as the error says)
+            raise
         fd, writable = os.open(lock_file, os.O_RDONLY), False
     try:
         try:

@@ -2,9 +2,9 @@
 
 Depth (`DepthMetrics`): the community's names (`abs_rel, sq_rel, rmse, rmse_log, log10, silog,
 d1, d2, d3`), computed per image and averaged over images as Depth-Anything-V2's metric-depth
-evaluation does (with BTS's clamping of the prediction to the range, which DA2 leaves out), plus the diagnostics of seed 001 (median scale ratio s*, scale-aligned AbsRel,
-AbsRel per GT depth range, prediction and GT ranges and spreads). Segmentation (`SegMetrics`):
-confusion-matrix mIoU, pixel accuracy and per-class IoU. Boundaries (`DepthBoundaryMetrics`,
+evaluation does (with BTS's clamping of the prediction to the range, which DA2 leaves out), plus
+the diagnostics of seed 001 (median scale ratio s*, scale-aligned AbsRel, AbsRel per GT depth
+range, prediction and GT ranges and spreads). Segmentation (`SegMetrics`): confusion-matrix mIoU, pixel accuracy and per-class IoU. Boundaries (`DepthBoundaryMetrics`,
 `SegBoundaryMetrics`): iBims-1's depth boundary errors and a boundary F1 of the label map, defined
 in `BOUNDARY_DEFINITION`. `compute()` dicts are JSON-serialisable
 (floats, ints, None for "no pixel to measure").

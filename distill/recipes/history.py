@@ -141,8 +141,8 @@ class V5(V3):
     What seed 004's techniques do for a *metric* multi-task student, measured on SynthRooms with
     `python -m distill.ablate` (README, "Distill Any Depth and D3epth options"):
     1. berHu stays, on log depth as in every recipe (the metric anchor: normalised losses are
-       scale-and-shift invariant and cannot teach metres), plus an L1 on hybrid-normalised depth (contexts at S = 1, 2, 4
-       depth segments), the best of the four normalisations on abs_rel_aligned and miou;
+       scale-and-shift invariant and cannot teach metres), plus an L1 on hybrid-normalised depth
+       (contexts at S = 1, 2, 4 depth segments), the best of the four normalisations on abs_rel_aligned and miou;
     2. an assistant teacher labels 30% of the steps (7:3): real, a second model (e.g. a diffusion
        depth model, or DA2 metric beside DA3 metric); embedded, `synthetic-assistant` (sharper
        edges, weaker global scale);

@@ -44,5 +44,5 @@ def count_macs(model: nn.Module, height: int, width: int) -> int:
     return counter.get_total_flops() // 2
 
 
-__all__ = ["STUDENTS", "MultiTaskStudent", "build_student", "count_params", "count_macs", "shipped_state", "load_weights_into",
-           "INPUT_MULTIPLE", "check_pretrained"]
+__all__ = ["STUDENTS", "MultiTaskStudent", "build_student", "count_params", "count_macs", "shipped_state",
+           "load_weights_into", "INPUT_MULTIPLE", "check_pretrained"]

@@ -2,8 +2,9 @@
 and finished runs read back (`find_run`, `load_run`).
 
 Only the commands (`distill.run`, `distill.evaluate`, `distill.ablate`, `distill.cache_teacher`),
-the API (`distill.train_recipe`, `distill.evaluate_run`) and `quant/` (whose fine-tunes reuse the objective and supervision)
-import this package; `targets/`, `edge/` and `calibration/` never do (tests/test_layering.py).
+the API (`distill.train_recipe`, `distill.evaluate_run`) and `quant/` (whose fine-tunes reuse the
+objective and supervision) import this package; `targets/`, `edge/` and `calibration/` never do
+(tests/test_layering.py).
 Names resolve on first use, so an error class does not import the whole loop (torch, timm).
 """
 from core.lazy import lazy_exports

@@ -287,7 +287,7 @@ def parse_args(argv=None):
     if not args.model.rstrip("/").lower().endswith((".mlpackage", ".mlmodel")):
         parser.error("{} is not a Core ML model (.mlpackage or .mlmodel); TFLite files: linux_bench.py or "
                      "android_bench.py".format(args.model))
-    problem = None if args.no_verify or not os.path.exists(args.model) else manifest_problem(args.model)
+    problem = None if args.no_verify else manifest_problem(args.model)
     if problem:
         parser.error(problem + "; or pass --no-verify to time it anyway")
     if args.json:   # checked before the model compiles and runs, so a bad place never costs the measurement
