@@ -207,7 +207,7 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     assert losses(reference) == losses(run)
 
 
-def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path):
+def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path, capsys):
     """Killed after its last checkpoint (no summary yet), or resumed once finished: the run
     evaluates its final weights and writes summary.json, report.md and preview.png."""
     assert main(["v3", *TINY, "train.epochs=1", f"out_dir={tmp_path}", "--quiet"]) == 0
@@ -220,6 +220,7 @@ def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path):
     for _ in range(2):   # the killed run, then the finished one
         started = time.time()
         assert main(["v3", f"resume={run}", "--quiet"]) == 0
+        assert "nothing left to train (1 of 1 epochs done): the kept weights are measured again" in capsys.readouterr().out
         summary = json.loads((run / "summary.json").read_text())
         assert summary["abs_rel"] == finished["abs_rel"] and summary["miou"] == finished["miou"]
         assert (run / "report.md").is_file() and (run / "preview.png").is_file()

@@ -217,6 +217,9 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if recipe.resume:
         state = restore(run_dir, resumed, model, weighting, optimizer, scheduler, log, write=rank.main,
                         feature_kd=feature_kd)
+        if state["epoch"] >= tc.epochs:   # killed after its last checkpoint, or finished: nothing to train
+            log(f"nothing left to train ({state['epoch']} of {tc.epochs} epochs done): the kept weights are measured "
+                f"again and summary.json, report.md and preview.png written anew")
     # wall time of the processes before this one, each up to its last checkpoint (0 for checkpoints
     # before 2026-12-06, which did not record it): a resumed run's wall_s covers the whole run
     wall_before = state.get("wall_s", 0.0)
