@@ -28,13 +28,9 @@ def exclusive(lock_file: str | Path, what: str, *, wait: bool = False) -> Iterat
     """
     lock_file = Path(lock_file)
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    # 0o666 under the umask, as every file core.io writes: a group sharing a cache can take its lock
-    try:
-        fd, writable = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666), True
-    except PermissionError:   # a lock file another user made read-only to us: flock needs no write access
-        if not lock_file.is_file():   # (no lock file: the folder itself is not writable, as the error says)
-            raise
-        fd, writable = os.open(lock_file, os.O_RDONLY), False
+    # 0o666 under the umask, as every file core.io writes: a group sharing a cache can take its lock.
+    # A lock file we may not write is refused (PermissionError): the place it guards is not ours to write.
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -42,9 +38,8 @@ def exclusive(lock_file: str | Path, what: str, *, wait: bool = False) -> Iterat
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
             raise LockHeld(f"{what} is being written by process {holder} (lock {lock_file}); wait for it to "
                            f"finish or stop it, then run this again") from None
-        if writable:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield lock_file
     finally:
         os.close(fd)   # closing the descriptor releases the flock

@@ -26,7 +26,6 @@ Under torchrun every process exits with that code; torchrun reports any non-zero
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -347,20 +346,29 @@ def run(recipe, options: dict, overrides: list[str], log=print, progress: bool =
     if not rank.main:
         log, progress = (lambda *args, **kwargs: None), False
     out = Path(options["out"])
-    created = not out.exists()
+    made = [p for p in (out, *out.parents) if not p.exists()]   # what taking the lock creates, innermost first
     lock = out / f".writer-rank{rank.rank}.lock"
     try:
         # one job per cache directory (each torchrun rank holds its own lock)
         with exclusive(lock, f"the cache {out}"):
-            return label_missing(recipe, options, overrides, out, rank, device, log, progress)
-    except BaseException:
-        if created and not (out / "job.json").exists():   # refused before any work: leave no folder behind
-            lock.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):   # not empty: another rank's lock, or files of the user's
-                out.rmdir()
-        raise
+            try:
+                return label_missing(recipe, options, overrides, out, rank, device, log, progress)
+            except BaseException:
+                if made and not (out / "job.json").exists():   # refused before any work: leave no folder behind
+                    lock.unlink(missing_ok=True)
+                    remove_empty(made)
+                raise
     finally:
         distributed.shutdown(rank)
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` in order while each is empty (another rank's lock or the user's files stop it)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def label_missing(recipe, options: dict, overrides: list[str], out: Path, rank, device: torch.device, log,

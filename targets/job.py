@@ -66,6 +66,9 @@ class Job:
         when it asks for what does not exist (an unknown precision would otherwise become a file of
         another, named as asked) or lacks a file one of its precisions reads, before any conversion."""
         job = cls(**json.loads(Path(path).read_text()))
+        for name in ("sources", "calibration", "check", "metadata"):
+            if not isinstance(getattr(job, name), dict):
+                raise ValueError(f"{name} must be an object, got {getattr(job, name)!r}")
         if job.format not in FORMATS:
             raise ValueError(f"format {job.format!r} is not one of {', '.join(FORMATS)}")
         fmt = FORMATS[job.format]

@@ -80,7 +80,7 @@ def test_a_gpu_index_past_the_machines_gpus_is_named(monkeypatch):
         pick_device("cuda:0", local_rank=1, world=2)
 
 
-@pytest.mark.parametrize("spec", ["tpu", "mps", "cpu:1", "cuda:x"])
+@pytest.mark.parametrize("spec", ["tpu", "mps", "cpu:1", "cuda:x"])   # (cpu:0 is torch's name for cpu: taken)
 def test_a_device_this_project_does_not_run_on_is_refused_in_one_line(spec):
     """`distill.evaluate --device tpu` and `cache_teacher device=tpu` ended with torch's RuntimeError
     (exit 1, twenty device types listed); mps passed and failed after the images were rendered."""
@@ -88,6 +88,7 @@ def test_a_device_this_project_does_not_run_on_is_refused_in_one_line(spec):
 
     with pytest.raises(ValueError, match=rf"^--device={re.escape(spec)}: use auto, cpu, cuda or cuda:N$"):
         pick_device(spec, key="--device")
+    assert pick_device("cpu:0").type == "cpu"
 
 
 def test_sync_batchnorm_keeps_each_norms_activation():

@@ -100,6 +100,7 @@ CASES = [
     ("distill.cache_teacher", ["synthetic-metric", "out=c", "data.height=80"], "data.height=80 must be a positive"),
     ("distill.cache_teacher", ["synthetic-metric", "out=c", "device=tpu"], "device=tpu: use auto, cpu, cuda or cuda:N"),
     ("distill.cache_teacher", ["da2-metric", "out=c"], "da2-metric needs teacher.source"),   # refused under the lock
+    ("distill.cache_teacher", ["da2-metric", "out=new/nested/c"], "da2-metric needs teacher.source"),   # every folder
     ("distill.ablate", ["v3", "train.epochs=1,2", "--resume", "--out", "elsewhere"],
      "--resume: elsewhere holds no ablation.json"),
     ("distill.cache_teacher", ["synthetic-metric", "out=a_file/c"], "a_file is a file, not a directory"),
@@ -288,7 +289,8 @@ def test_a_converter_given_a_bad_job_file_says_so_in_one_line(tmp_path, content,
     ({"format": "tflite", "precisions": ["fp32"], "metadata": {"input_layout": "NCHW"}},
      "input_layout 'NCHW': the default TFLite converter writes NHWC"),
     ({"format": "tflite", "precisions": ["fp32"], "converter": "tf2onnx"}, "TFLite has no converter 'tf2onnx'"),
-], ids=["source", "calibration", "layout", "converter"])
+    ({"format": "onnx", "check": None}, "check must be an object, got None"),   # was an AttributeError, exit 1
+], ids=["source", "calibration", "layout", "converter", "null"])
 def test_a_job_that_lacks_what_its_precisions_read_is_refused_before_converting(tmp_path, job, says):
     """Checked when the job file is read, not as a KeyError after a whole conversion (onnx2tf's
     calibration is read once the TensorFlow model exists)."""

@@ -40,7 +40,7 @@ def pick_device(spec: str, local_rank: int = 0, key: str = "train.device", world
     except RuntimeError:   # torch's own message lists twenty device types this project never runs on
         device = None
     # the devices this project runs and measures on (MPS: never tried; its ops and AMP differ)
-    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index is not None):
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
         raise ValueError(f"{key}={spec}: use auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and device.index is not None and world > 1:   # NCCL fails on a shared GPU, later
         raise ValueError(f"{key}={spec} puts all {world} processes of this torchrun job on one GPU; use {key}=cuda "
