@@ -43,6 +43,8 @@ class IntegrityError(ValueError):
     names the file and the fix."""
 
 
+TEMP_SUFFIX = ".tmp"   # atomic_path's temp files: ".<name>.<random>.tmp" beside their target
+
 # What a write to a full file system raises besides ENOSPC (None: an OSError without an errno).
 WRITE_ERRNOS = (None, errno.EIO, errno.EDQUOT, errno.EFBIG)
 
@@ -53,7 +55,7 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # the name cut to 100 characters: the temp name is 14 longer, and NAME_MAX (255) is for `dest`
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:100]}.", suffix=".tmp", dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:100]}.", suffix=TEMP_SUFFIX, dir=dest.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -71,6 +73,13 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(directory: Path) -> None:
+    """Remove the temp files `atomic_path` left in `directory` when its writer was killed. Only for
+    the holder of the directory's lock (core/lock.py): another writer's may be in progress."""
+    for stale in directory.glob(f".*{TEMP_SUFFIX}"):
+        stale.unlink(missing_ok=True)
 
 
 def fsync_file(path: Path) -> None:

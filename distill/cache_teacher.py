@@ -192,8 +192,7 @@ def claim(out: Path, job: dict) -> None:
                               + f"\nUse another out=, or delete {out} to start over.")
     else:
         io.write_json(path, job)
-    for stale in out.glob(".*.tmp"):   # io.atomic_path's temp files of a killed run
-        stale.unlink()
+    io.remove_stale_temp_files(out)   # a killed run's
 
 
 def bounds(k: int, job: dict) -> tuple[int, int]:

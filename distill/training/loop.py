@@ -161,8 +161,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     t_start = time.time()
     if recipe.resume and rank.main:   # one writer per run: a second resume of the same run is refused
         holds.enter_context(exclusive(Path(recipe.resume) / ".lock", f"the run {recipe.resume}"))
-        for stale in Path(recipe.resume).glob(".*.tmp"):   # io.atomic_path's temp files of the killed run
-            stale.unlink()
+        io.remove_stale_temp_files(Path(recipe.resume))   # the killed run's
     recipe, filled = resolve_for_device(recipe, device.type)
     if filled:
         log(f"{device.type.upper()} defaults: " + ", ".join(f"{k}={v}" for k, v in filled.items())
