@@ -250,11 +250,15 @@ def shipped_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if not k.startswith(AUX_PREFIX)}
 
 
-def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path, fix: str) -> None:
-    """`model.load_state_dict(state)` (strict), with a mismatch said in one line naming `source`
-    and `fix` instead of torch's message (several KB: every tensor of another shape)."""
+def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path, fix: str, *,
+                      training_only_may_miss: bool = False) -> None:
+    """`model.load_state_dict(state)`, with a mismatch said in one line naming `source` and `fix`
+    instead of torch's message (several KB: every tensor of another shape). With
+    `training_only_may_miss`, the training-only heads may be absent from `state` (shipped weights,
+    `shipped_state`) and keep their values."""
     own = model.state_dict()
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    missing = sorted(k for k in own.keys() - state.keys() if not (training_only_may_miss and k.startswith(AUX_PREFIX)))
+    unexpected = sorted(state.keys() - own.keys())
     reshaped = [f"{k} {tuple(state[k].shape)} here, {tuple(own[k].shape)} in the model"
                 for k in own.keys() & state.keys() if state[k].shape != own[k].shape]
     if missing or unexpected or reshaped:
@@ -263,7 +267,7 @@ def load_weights_into(model: nn.Module, state: dict[str, torch.Tensor], source: 
                 ([f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else [])
         raise IntegrityError(f"{source} does not hold the weights of the model its config describes: "
                              f"{'; '.join(found)}; {fix}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=not training_only_may_miss)
 
 
 def create_encoder(name: str, pretrained: str | bool) -> nn.Module:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from core import config as cfgio
 from core import io
 from core.config import ConfigError
-from core.io import IntegrityError, check_sha256, sha256
+from core.io import check_sha256, sha256
 from core.lock import exclusive
 from core.spaces import DepthSpace
 from core.weights import (check_checkpoint, latest_checkpoint, load_metadata, load_weights, save_checkpoint,
@@ -370,10 +370,8 @@ def use_kept_weights(model, run_dir: Path, state: dict, log) -> bool:
     path = run_dir / BEST
     check_sha256(path, best["sha256"], record=f"recorded when epoch {best['epoch']} kept it",
                  fix="the run directory was changed while training")
-    missing, unexpected = model.load_state_dict(load_weights(path), strict=False)
-    if unexpected or any(not k.startswith(AUX_PREFIX) for k in missing):   # only training-only heads stay out
-        raise IntegrityError(f"{path} does not hold this student's weights (missing {missing[:3]}, "
-                             f"unexpected {unexpected[:3]})")
+    load_weights_into(model, load_weights(path), path, fix="the run directory was changed while training",
+                      training_only_may_miss=True)   # best.safetensors leaves the training-only heads out
     log(f"kept: epoch {best['epoch']}'s weights ({best['metric']} {best['value']:.4f}); the summary measures them, "
         f"not the last epoch's")
     return True
