@@ -388,8 +388,11 @@ def label_missing(recipe, options: dict, overrides: list[str], out: Path, rank, 
         raise ConfigError(state["error"])
     job, todo = state["job"], state["todo"]
     if not todo:
-        log(f"complete: {out} already holds all {job['count']} labels of {teacher.name}; nothing to do")
-        return 0
+        if (out / "manifest.json").is_file():
+            log(f"complete: {out} already holds all {job['count']} labels of {teacher.name}; nothing to do")
+            return 0
+        # every shard is current, but a kill (or a full disk) came between the last shard and the manifest
+        return finish(out, job, teacher, options, overrides, filled, rank, log)
     now = todo[:options["max_shards"] or len(todo)]
     t0 = time.time()
     mine = label_shards(teacher, data, job, [k for k in now if k % rank.world == rank.rank], out, options,
@@ -401,6 +404,11 @@ def label_missing(recipe, options: dict, overrides: list[str], out: Path, rank, 
     if len(now) < len(todo):
         log(f"partial: {len(todo) - len(now)} shards left; run the same command again to continue")
         return PARTIAL
+    return finish(out, job, teacher, options, overrides, filled, rank, log)
+
+
+def finish(out: Path, job: dict, teacher, options: dict, overrides: list[str], filled, rank, log) -> int:
+    """Write the manifest that makes the cache complete, and say how to train from it."""
     if rank.main:
         write_manifest(out, job)
     log(f"complete: {job['count']} labels of {teacher.name} in {out}")

@@ -138,6 +138,14 @@ def test_max_shards_leaves_a_partial_cache_that_completes_identically(tmp_path, 
     assert main(command(tmp_path / "q")) == 0
     assert shard_hashes(tmp_path / "p") == shard_hashes(tmp_path / "q")
 
+    # killed after its last shard, before its manifest: the same command writes the manifest alone
+    manifest = (tmp_path / "q" / "manifest.json").read_bytes()
+    (tmp_path / "q" / "manifest.json").unlink()
+    capsys.readouterr()
+    assert main(command(tmp_path / "q")) == 0
+    assert "labelled" not in capsys.readouterr().out and (tmp_path / "q" / "manifest.json").read_bytes() == manifest
+    CachedTeacher.open(tmp_path / "q")
+
     # a shard whose metadata does not match (here: other content hashes) is labelled again
     shard = tmp_path / "p" / shard_name(2)
     save_weights(shard, load_weights(shard), {"shard": json.dumps({"start": 6, "stop": 9,
