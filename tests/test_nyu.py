@@ -156,6 +156,15 @@ def test_labeled_rejects_unreversed_axes_and_bad_splits(tmp_path):
     bad = write_labeled(tmp_path / "bad", n=2, train=(0, 1), test=(2,), h=24, w=32)   # 0 is not 1-based
     with pytest.raises(ValueError, match="1-based integers in 1..2"):
         NyuLabeled(bad, "train")
+    with pytest.raises(FileNotFoundError, match="is a folder; pass the official nyu_depth_v2_labeled.mat inside it"):
+        NyuLabeled(small.parent, "train")
+    splits = small.with_name("splits.mat")   # downloads cut short: scipy's and h5py's errors name neither file
+    splits.write_bytes(splits.read_bytes()[: splits.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"splits.mat cannot be read .*truncated or damaged; download the official"):
+        NyuLabeled(small, "train")
+    small.write_bytes(small.read_bytes()[: small.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"nyu_depth_v2_labeled.mat is truncated .*download"):
+        NyuLabeled(small, "train")
 
 
 def test_labeled_dataloader_workers_reopen_the_file(labeled):
@@ -196,7 +205,10 @@ def test_bts_test_split_is_exact_at_480x640(bts):
     jpg = bts / "official_splits/test/bathroom/rgb_00045.jpg"
     with Image.open(jpg) as im:
         assert np.array_equal(rgb_of(t), np.asarray(im.convert("RGB")))
-    assert val.content_hash(0) == hashlib.sha256(jpg.read_bytes()).hexdigest()
+    image_hash = hashlib.sha256(jpg.read_bytes()).hexdigest()
+    assert val.content_hash(0) == hashlib.sha256(f"{image_hash} focal 518.8579".encode()).hexdigest()
+    val.items[0] = (*val.items[0][:2], 600.0)   # a corrected list: the same image, other metres for da3-metric
+    assert val.content_hash(0) != hashlib.sha256(f"{image_hash} focal 518.8579".encode()).hexdigest()
 
 
 def test_bts_other_folders_and_missing_files(tmp_path):
@@ -229,6 +241,12 @@ def test_fastdepth_h5_exact_and_unlabelled(tmp_path):
         assert np.array_equal(rgb_of(s), rgb) and s["depth"][0, MARK[0], MARK[1]] == 7.25
         assert s["depth"][0, 0, 0] == 2.0 + j and (s["seg"] == IGNORE_INDEX).all()
     assert val.content_hash(0) == hashlib.sha256((root / "val/official/00001.h5").read_bytes()).hexdigest()
+    with h5py.File(root / "train/scene_0000/00000.h5", "a") as f:   # another conversion's millimetres
+        millimetres = (np.asarray(f["depth"]) * 1000).astype(np.uint16)
+        del f["depth"]
+        f["depth"] = millimetres
+    with pytest.raises(ValueError, match="depth is uint16, where the FastDepth archive stores float metres"):
+        train[0]
     with h5py.File(root / "train/scene_0000/00000.h5", "a") as f:
         del f["depth"]
     with pytest.raises(ValueError, match="lacks rgb or depth"):

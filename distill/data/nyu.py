@@ -177,6 +177,8 @@ class NyuLabeled(NyuDataset):
                  augment: bool = False, seed: int = 0, limit: int | None = None):
         super().__init__(split, size=size, augment=augment, seed=seed)
         self.path = Path(mat).expanduser()
+        if self.path.is_dir():
+            raise FileNotFoundError(f"{self.path} is a folder; pass the official nyu_depth_v2_labeled.mat inside it.")
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path} does not exist; pass the official nyu_depth_v2_labeled.mat.")
         kinds = {"filled": "depths", "raw": "rawDepths"}
@@ -213,6 +215,9 @@ class NyuLabeled(NyuDataset):
             try:
                 self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
             except OSError as e:
+                if "truncated" in str(e):   # an HDF5 file whose end is missing: a download cut short
+                    raise ValueError(f"{self.path} is truncated ({e}); download nyu_depth_v2_labeled.mat "
+                                     "again (2.8 GB).") from e
                 raise ValueError(f"{self.path} is not a MATLAB v7.3 (HDF5) file ({e}); the official "
                                  "nyu_depth_v2_labeled.mat is one.") from e
         return self._file
@@ -251,6 +256,9 @@ def read_split(path: Path, split: str, n: int) -> np.ndarray:
         table = scipy.io.loadmat(path)
     except (NotImplementedError, ValueError) as e:
         raise ValueError(f"{path} is not a MATLAB v5 splits.mat ({e}); use the official file.") from e
+    except Exception as e:   # scipy's OSError / MatReadError on a cut file name neither the file nor the fix
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}): truncated or damaged; download "
+                         "the official splits.mat again.") from e
     key = "trainNdxs" if split == "train" else "testNdxs"
     if key not in table:
         raise ValueError(f"{path} has no {key}: keys are {', '.join(k for k in table if not k.startswith('__'))}.")
@@ -311,8 +319,10 @@ class NyuBTS(NyuDataset):
         return rgb, depth, None, (focal, focal, NYU_INTRINSICS[2], NYU_INTRINSICS[3])
 
     def content_hash(self, index: int) -> str:
-        """sha256 of the RGB file's bytes."""
-        return sha256_file(self.base / self.items[index][0])
+        """sha256 of the RGB file's bytes and the list's focal length: da3-metric's metres scale with
+        the focal, so a cache labelled before a list was corrected must not pass for this one."""
+        rgb_name, _, focal = self.items[index]
+        return hashlib.sha256(f"{sha256_file(self.base / rgb_name)} focal {focal!r}".encode()).hexdigest()
 
 
 def parse_list(listing: Path) -> tuple[list[tuple[str, str, float]], int]:
@@ -371,7 +381,12 @@ class NyuH5(NyuDataset):
         with h5py.File(path, "r") as f:
             if "rgb" not in f or "depth" not in f:
                 raise ValueError(f"{path} lacks rgb or depth (has {', '.join(f)}); not a FastDepth NYU file.")
-            rgb, depth = np.asarray(f["rgb"]), np.asarray(f["depth"], np.float32)
+            rgb, depth = np.asarray(f["rgb"]), np.asarray(f["depth"])
+        if not np.issubdtype(depth.dtype, np.floating):   # integer depth is a millimetre variant, not metres
+            raise ValueError(f"{path}: depth is {depth.dtype}, where the FastDepth archive stores float metres; "
+                             "integer depth is most likely millimetres from another conversion. Use the "
+                             "archive's files, or convert depth to float32 metres (divide by 1000).")
+        depth = depth.astype(np.float32)
         if rgb.ndim != 3 or rgb.shape[0] != 3 or rgb.dtype != np.uint8 or depth.shape != rgb.shape[1:]:
             raise ValueError(f"{path}: expected rgb (3, H, W) uint8 and depth (H, W), got rgb {rgb.shape} "
                              f"{rgb.dtype} and depth {depth.shape}.")
