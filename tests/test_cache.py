@@ -333,3 +333,17 @@ def test_a_run_that_learnt_from_a_cache_is_not_fine_tuned_at_another_size(tmp_pa
     assert export_main([*base, "--precision", "fp32", "--prune", "0.5"]) == 2
     assert "; the pruning fine-tune would train at 64x64 on them." in capsys.readouterr().err
     assert not (tmp_path / "exports").exists() or not any((tmp_path / "exports").rglob("manifest.json"))
+
+
+def test_an_embedded_teacher_is_refused_on_an_unlabelled_folder(tmp_path, capsys):
+    """Embedded teachers label only where ground truth exists: a folder's cache would be zeros, written
+    as complete. Refused before any image is read, and nothing is left behind."""
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    for i in range(2):
+        Image.new("RGB", (48, 32), (40 * i, 90, 160)).save(tmp_path / "photos" / f"{i}.png")
+    out = tmp_path / "c"
+    assert main(["synthetic-metric", f"data.dataset=folder:{tmp_path / 'photos'}", "data.height=32",
+                 "data.width=32", f"out={out}"]) == 2
+    assert "labels only where the dataset has ground-truth depth" in capsys.readouterr().err and not out.exists()
