@@ -312,6 +312,18 @@ def test_decoded_cache_gives_the_same_items_within_its_budget(dataset_dir):
     assert len(SynthRoomsDataset(dataset_dir, "train")._cache) == 0   # cache_mb=0: off
 
 
+def test_the_decoded_cache_is_kept_only_where_it_outlives_an_epoch(tmp_path):
+    """Loader workers end with their epoch: a cache in them was filled again every epoch, memory spent
+    for nothing (at 1024 / workers MB each). The reading process keeps the whole budget."""
+    from distill.data import build_datasets
+    from distill.recipes import DataConfig
+
+    for workers, budget in ((0, 64 * 2 ** 20), (2, 0)):
+        train, val = build_datasets(DataConfig(root=str(tmp_path), num_train=2, num_val=1, height=H, width=W,
+                                               workers=workers, cache_mb=64), progress=False)
+        assert train._cache_left == val._cache_left == budget
+
+
 def test_dataset_keeps_ignore_index(dataset_dir, tmp_path):
     copy = tmp_path / dataset_dir.name
     shutil.copytree(dataset_dir, copy)

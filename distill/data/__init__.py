@@ -37,9 +37,11 @@ def synthrooms(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
 
     path = generate(cache_root(cfg.root) / "synthrooms", num_train=cfg.num_train, num_val=cfg.num_val,
                     height=cfg.height, width=cfg.width, seed=cfg.seed, progress=progress)
-    per_process = cfg.cache_mb / max(1, cfg.workers)   # each loader worker holds its own copy
-    return (SynthRoomsDataset(path, "train", augment=cfg.augment, seed=cfg.seed, cache_mb=per_process),
-            SynthRoomsDataset(path, "val", augment=False, seed=cfg.seed, cache_mb=per_process))
+    # the loader's workers end with each epoch (they must see set_epoch), and their caches with them:
+    # filled again every epoch, a cache in a worker is memory spent for nothing
+    cache_mb = cfg.cache_mb if cfg.workers == 0 else 0
+    return (SynthRoomsDataset(path, "train", augment=cfg.augment, seed=cfg.seed, cache_mb=cache_mb),
+            SynthRoomsDataset(path, "val", augment=False, seed=cfg.seed, cache_mb=cache_mb))
 
 
 @DATASETS.register("nyu")

@@ -28,7 +28,7 @@ class DataConfig:
     seed: int = 0                        # which scenes SynthRooms renders
     augment: bool = True                 # flip + photometric jitter on training images
     workers: int = 0                     # DataLoader worker processes (0 = in the main process)
-    cache_mb: int = 1024                 # SynthRooms: MB of decoded images kept in memory per split (all workers)
+    cache_mb: int = 1024                 # SynthRooms: MB of decoded images kept in memory per split (workers=0 only)
 
 
 @dataclass(frozen=True)

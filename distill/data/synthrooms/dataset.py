@@ -62,8 +62,9 @@ class SynthRoomsDataset(Dataset):
     (seed, epoch, index), never on DataLoader workers or resume points. Call `set_epoch(epoch)`
     before iterating each epoch (with persistent workers, recreate the DataLoader).
     `cache_mb` > 0 keeps the decoded files of the items read first in memory, up to that many MB
-    per process (each DataLoader worker holds its own): PNG decoding was 0.75 ms of each item's
-    2.2 ms on a laptop CPU, paid again every epoch.
+    in this process: PNG decoding was 0.75 ms of each item's 2.2 ms on a laptop CPU, paid again
+    every epoch. Only the reading process gains: a DataLoader's workers end with their epoch, and
+    their caches with them.
     """
 
     def __init__(self, path: str | os.PathLike, split: str, *, augment: bool = False,
