@@ -475,13 +475,14 @@ def train_one_epoch(model, loader, supervision, objective, weighting, optimizer,
         total.backward()
         extra = list(weighting.parameters()) + (list(objective.feature_kd.parameters()) if features else [])
         distributed.average_gradients(rank, extra)
-        if tc.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()) + extra, tc.grad_clip)
-            if not torch.isfinite(norm):   # a finite loss, an overflowing backward: the step would write NaN weights
-                raise FloatingPointError(
-                    f"non-finite gradient norm at epoch {epoch + 1}, step {state['step']} (loss {total.item():.4g}); "
-                    f"the weights were not updated. Lower train.lr_decoder / train.lr_encoder, or check the data "
-                    f"with the pre-flight table.")
+        trained = list(model.parameters()) + extra
+        norm = (torch.nn.utils.clip_grad_norm_(trained, tc.grad_clip) if tc.grad_clip > 0 else   # 0: measured only
+                torch.nn.utils.get_total_norm([p.grad for p in trained if p.grad is not None]))
+        if not torch.isfinite(norm):   # a finite loss, an overflowing backward: the step would write NaN weights
+            raise FloatingPointError(
+                f"non-finite gradient norm at epoch {epoch + 1}, step {state['step']} (loss {total.item():.4g}); "
+                f"the weights were not updated. Lower train.lr_decoder / train.lr_encoder, or check the data "
+                f"with the pre-flight table.")
         optimizer.step()
         scheduler.step()
         state["step"] += 1
