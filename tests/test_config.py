@@ -123,6 +123,7 @@ def test_a_run_saved_before_a_default_changed_keeps_the_value_it_trained_with(tm
     del saved["loss"]["aux_weight"], saved["loss"]["normal_weight"]   # its checkpoints have no training-only heads
     del saved["train"]["optimizer"]   # its optimizer state is AdamW's: a resume must build AdamW
     del saved["train"]["muon_rms"]    # the size of Muon's step it trained with
+    del saved["train"]["shuffle_stride"]   # its batch orders: a resume must continue them
     io.write_json(tmp_path / "config.json", {**saved, "device": "cpu"})
     recipe = load_saved(tmp_path)
     assert recipe.loss.seg_balance == 0.0 and recipe.train.channels_last is False   # not today's defaults
@@ -130,5 +131,6 @@ def test_a_run_saved_before_a_default_changed_keeps_the_value_it_trained_with(tm
     assert recipe.loss.normal_weight == 0.0 and get_recipe("v3").loss.normal_weight == 1.0
     assert recipe.train.optimizer == "adamw" and get_recipe("v3").train.optimizer == "muon"
     assert recipe.train.muon_rms == 0.2 and get_recipe("v3").train.muon_rms == 0.8
+    assert recipe.train.shuffle_stride == 1 and get_recipe("v3").train.shuffle_stride == 1_000_003
     assert recipe.loss.berhu_residual == "absolute" and get_recipe("v3").loss.berhu_residual == "log"
     assert get_recipe("v3").loss.seg_balance == 0.5

@@ -60,6 +60,27 @@ def test_every_world_size_takes_the_single_process_batches(images):
         assert sorted(batch) == sorted(ranks[0][k] + ranks[1][k])
 
 
+def test_two_seeds_never_share_a_batch_order_and_seed_0_shuffles_as_before():
+    """torch's sampler seeds epoch e with seed + e: seed 1's epoch 0 was seed 0's epoch 1, and so on
+    for every epoch. Seed 0 keeps its orders (its recorded runs reproduce); stride 1 is the old rule."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from distill.training.evaluation import make_loader
+
+    data = TensorDataset(torch.arange(64))
+
+    def order(seed: int, epoch: int, **stride) -> list[int]:
+        loader = make_loader(data, 8, train=True, seed=seed, workers=0, **stride)
+        loader.sampler.set_epoch(epoch)
+        return [i for (batch,) in loader for i in batch.tolist()]
+
+    assert order(0, 1) == torch.randperm(64, generator=torch.Generator().manual_seed(1)).tolist()
+    assert order(1, 0, shuffle_stride=1) == order(0, 1, shuffle_stride=1) == order(0, 1)   # the old rule
+    orders = {tuple(order(seed, epoch)) for seed in range(3) for epoch in range(4)}
+    assert len(orders) == 12
+
+
 def test_a_gpu_index_past_the_machines_gpus_is_named(monkeypatch):
     """On a one-GPU machine, train.device=cuda:3 is refused naming the GPUs there (torch's own
     error came at the first tensor moved, after the data was rendered). No GPU here: its count is set."""

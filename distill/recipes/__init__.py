@@ -39,7 +39,7 @@ def get_recipe(name: str) -> Recipe:
 LEGACY_DEFAULTS = (("loss", "seg_balance", 0.0), ("model", "output_stride", 4), ("model", "separable", False),
                    ("train", "channels_last", False), ("loss", "berhu_residual", "absolute"),
                    ("model", "fine_convs", "separable"), ("loss", "aux_weight", 0.0), ("loss", "normal_weight", 0.0),
-                   ("train", "optimizer", "adamw"), ("train", "muon_rms", 0.2))
+                   ("train", "optimizer", "adamw"), ("train", "muon_rms", 0.2), ("train", "shuffle_stride", 1))
 
 
 def load_saved(run_dir: str | Path, cls: type[Recipe] | None = None) -> Recipe:

@@ -103,6 +103,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.01           # cosine floor as a fraction of the peak learning rate
     grad_clip: float = 1.0               # max global gradient norm (0 = off)
     seed: int = 0
+    shuffle_stride: int = 1_000_003      # epoch e of seed s shuffles with s * this + e; 1 (before 2026-12-07) let seed s + 1 replay seed s's batch orders
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     amp: Literal["auto", "bf16", "off"] = "auto"   # training steps: auto = bf16 autocast on CUDA GPUs with native bf16 (Ampere+), else off (validation is float32)
     log_every: int = 20                  # steps between TensorBoard scalars
@@ -207,6 +208,8 @@ def check_values(recipe: Recipe, processes: int = 1) -> None:
     if recipe.model.output_stride not in (2, 4):
         problems.append(f"model.output_stride={recipe.model.output_stride} must be 2 or 4 (where the decoder "
                         f"stops; the heads upsample the rest)")
+    if t.shuffle_stride < 1:
+        problems.append(f"train.shuffle_stride={t.shuffle_stride} must be >= 1")
     for key, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
         if seed < 0:   # numpy's generators, which both seed, take non-negative integers only
             problems.append(f"{key}={seed} must be >= 0")

@@ -27,15 +27,20 @@ TEACHER_KEYS = ("abs_rel", "rmse", "d1", "silog", "abs_rel_aligned", "dbe_acc", 
 FIT_KEYS = ("abs_rel", "abs_rel_aligned", "d1", "miou")   # `train_<key>`: the student on images it trained on
 
 
+SHUFFLE_STRIDE = 1_000_003   # epoch e of seed s shuffles with torch seed s * stride + e (below)
+
+
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers: int,
-                rank: int = 0, world: int = 1) -> DataLoader:
+                rank: int = 0, world: int = 1, shuffle_stride: int = SHUFFLE_STRIDE) -> DataLoader:
     """Training: shuffled as a function of (seed, epoch) only, so a resumed run sees exactly the
-    batches it would have seen. Under torchrun each of `world` ranks takes every world-th index of
+    batches it would have seen. torch's sampler seeds epoch e with seed + e, so seed s + 1 replayed
+    seed s's batch orders one epoch earlier (what `shuffle_stride=1` still does, for runs saved
+    before 2026-12-07); seed s takes s * shuffle_stride instead, and seed 0 shuffles as it did. Under torchrun each of `world` ranks takes every world-th index of
     the same permutation with `batch_size` = global batch / world, so step k's batches of all ranks
     together are the single-process run's batch k. The sampler drops the permutation's tail rather
     than padding it with repeated images, so every world size takes floor(len / global batch) steps."""
-    sampler = (DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-               if train else None)
+    sampler = (DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, drop_last=True,
+                                  seed=seed * shuffle_stride % 2 ** 62) if train else None)
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=train,
                       num_workers=workers)  # not persistent: workers must see set_epoch
 

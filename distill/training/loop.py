@@ -179,7 +179,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if resumed is not None:   # before the run's files change
         check_same_training_set(Path(recipe.resume), resumed[1]["progress"], len(train_ds), dc.dataset)
     train_loader = make_loader(train_ds, tc.batch_size // rank.world, train=True, seed=tc.seed,
-                               workers=dc.workers, rank=rank.rank, world=rank.world)
+                               workers=dc.workers, rank=rank.rank, world=rank.world, shuffle_stride=tc.shuffle_stride)
     val_loader = make_loader(val_ds, tc.batch_size, train=False, seed=tc.seed, workers=dc.workers)
     if len(train_loader) == 0:
         raise ConfigError(f"{dc.dataset} has {len(train_ds)} usable training images, fewer than "
