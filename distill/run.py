@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from core.cli import ArgumentParser, command
-from core.config import ConfigError, apply_overrides, override_list, to_dict
+from core.config import ConfigError, apply_overrides, flat_keys, override_list, to_dict
 from core.io import check_writable
 from distill.recipes import RECIPES, Recipe, check_values, get_recipe, load_saved, recipe_summary
 
@@ -56,6 +56,7 @@ def resolve(recipe: Recipe | str, overrides: list[str]) -> Recipe:
     """The recipe (a name or a Recipe) with overrides applied; with `resume=DIR`, the saved config
     of that run, which must be a run of the same recipe."""
     overrides = check_override_list(overrides)
+    given = recipe
     recipe = apply_overrides(get_recipe(recipe) if isinstance(recipe, str) else recipe, overrides)
     check_values(recipe)
     if not recipe.resume:
@@ -67,10 +68,14 @@ def resolve(recipe: Recipe | str, overrides: list[str]) -> Recipe:
     if saved_recipe.name != recipe.name:
         raise ConfigError(f"resume={recipe.resume} is a {saved_recipe.name} run, not {recipe.name}; continue it with "
                           f"python -m distill.run {saved_recipe.name} resume={recipe.resume}")
-    differing = [k for k in overrides if not k.startswith("resume=") and
-                 flat_get(to_dict(saved_recipe), k.split("=")[0].strip())
-                 != flat_get(to_dict(recipe), k.split("=")[0].strip())]
-    where = [k for k in differing if k.split("=")[0].strip() in RESUME_ANYWHERE]
+    now, saved = to_dict(recipe), to_dict(saved_recipe)
+    asked = [k.split("=")[0].strip() for k in overrides if not k.startswith("resume=")]
+    if not isinstance(given, str):   # a Recipe object: what its caller set is where it leaves its class's defaults
+        defaults = to_dict(type(given)())
+        asked += [k for k in flat_keys(given) if k != "resume" and k not in asked
+                  and flat_get(now, k) != flat_get(defaults, k)]
+    differing = [f"{k}={flat_get(now, k)}" for k in asked if flat_get(saved, k) != flat_get(now, k)]
+    where = [k for k in differing if k.split("=")[0] in RESUME_ANYWHERE]
     if len(where) < len(differing):
         raise ConfigError(f"resume continues the saved config of {recipe.resume}; these overrides differ from it: "
                           f"{', '.join(k for k in differing if k not in where)}. Drop them, or start a new run "

@@ -323,6 +323,17 @@ def test_a_resume_elsewhere_may_change_where_it_runs_but_not_what_it_trains(tmp_
     assert main(["v3", f"resume={run}", "train.epochs=3", "--quiet"]) == 2
     assert ("these overrides differ from it: train.epochs=3. Drop them, or start a new run (on resume only "
             "train.device, data.workers, data.root, data.cache_mb may change" in capsys.readouterr().err)
+    # through the Python API a Recipe object carries the change: it was dropped without a word
+    from dataclasses import replace
+
+    from distill.recipes import get_recipe
+    from distill.run import resolve
+
+    v3 = get_recipe("v3")
+    with pytest.raises(ConfigError, match=r"these overrides differ from it: train.epochs=50\. Drop them"):
+        resolve(replace(v3, train=replace(v3.train, epochs=50)), [f"resume={run}"])
+    assert resolve(replace(v3, data=replace(v3.data, workers=1)), [f"resume={run}"]).data.workers == 1
+    assert resolve(v3, [f"resume={run}"]).train.epochs == 1   # the saved config, defaults changed or not
     assert main(["v3", f"resume={run}", "train.device=cpu", "data.workers=0", "--quiet"]) == 0
     assert json.loads((run / "summary.json").read_text())["abs_rel"] == finished["abs_rel"]
 
