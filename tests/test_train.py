@@ -205,6 +205,12 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     losses = lambda r: [rec["train"]["loss"] for rec in io.read_jsonl(r / "metrics.jsonl")]  # noqa: E731
     assert losses(reference) == losses(run)
+    # its files record what it trains, not how this process started: the config rebuilds, not resumes
+    from core.weights import load_metadata
+
+    assert json.loads((run / "config.json").read_text())["resume"] == ""
+    assert json.loads(load_metadata(run / "best.safetensors")["config"])["resume"] == ""
+    assert json.loads(load_metadata(latest_checkpoint(run / "checkpoints") / "model.safetensors")["config"])["resume"] == ""
 
 
 def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path, capsys):

@@ -193,7 +193,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if rank.main and not recipe.resume:
         holds.enter_context(exclusive(run_dir / ".lock", f"the run {run_dir}"))
     if rank.main:
-        io.write_json(run_dir / "config.json", {**cfgio.to_dict(recipe), "device": str(device), "processes": rank.world})
+        io.write_json(run_dir / "config.json", {**cfgio.to_dict(as_recorded(recipe)), "device": str(device),
+                                                "processes": rank.world})
     # the constant predictor at the training set's median depth: the number to beat
     baseline_depth = training_median_depth(train_ds, val_ds) if rank.main else None
     baseline = constant_baseline(baseline_depth, val_loader, recipe) if rank.main else None
@@ -516,8 +517,15 @@ def log_epoch(writer, record: dict, log, left_s: float = 0.0) -> None:
     log("  ".join(parts))
 
 
+def as_recorded(recipe: Recipe) -> Recipe:
+    """The recipe as the run's files record it: without `resume`, which says how this process
+    started, not what it trains (with it, the saved config would resume instead of rebuilding, and
+    a resumed run's weights would hash apart from the same weights trained straight through)."""
+    return dataclasses.replace(recipe, resume="")
+
+
 def weight_metadata(recipe: Recipe, epoch: int, val: dict) -> dict[str, str]:
-    return {"format": "densekit-student", "config": cfgio.dumps(recipe), "epoch": str(epoch),
+    return {"format": "densekit-student", "config": cfgio.dumps(as_recorded(recipe)), "epoch": str(epoch),
             "val": json.dumps({k: v for k, v in val.items() if not isinstance(v, dict)})}
 
 
