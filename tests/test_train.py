@@ -390,6 +390,26 @@ def test_resume_settles_a_best_staged_when_the_run_was_killed(tmp_path, capsys):
     assert io.sha256(best) == recorded
 
 
+def test_a_resume_whose_kept_weights_are_lost_keeps_its_checkpoints_epoch_and_says_so(tmp_path):
+    """Epoch 1 kept, the checkpoint is epoch 2's (only the newest is kept) and best.safetensors is gone:
+    the run trained every remaining epoch and then refused to finish, and so did every later resume.
+    Now the checkpoint's epoch is the kept one, with a warning naming what was lost."""
+    from core.weights import load_metadata, save_checkpoint
+    from distill.training.loop import BEST, settle_best
+
+    weights = {"w": torch.arange(6.0)}
+    ckpt = save_checkpoint(tmp_path / "checkpoints", 2, weights, {}, {"val": json.dumps({"abs_rel": 0.25})})
+    best = {"epoch": 1, "metric": "abs_rel", "value": 0.2, "sha256": "0" * 64}
+    lines: list[str] = []
+    settle_best(tmp_path, best, ckpt, 2, lines.append)
+    assert best == {"epoch": 2, "metric": "abs_rel", "value": 0.25, "sha256": io.sha256(tmp_path / BEST)}
+    assert torch.equal(load_weights(tmp_path / BEST)["w"], weights["w"])
+    assert json.loads(load_metadata(tmp_path / BEST)["val"]) == {"abs_rel": 0.25}
+    assert lines == [f"warning: {tmp_path / BEST} was missing: epoch 1's kept weights (abs_rel 0.2000) are lost. "
+                     "The kept weights are now epoch-0002's (epoch 2, abs_rel 0.2500), and the epochs trained now "
+                     "replace them if one scores better"]
+
+
 def test_a_new_best_waits_for_the_checkpoint_that_records_it(tmp_path, monkeypatch):
     """A run that fails while writing epoch 2's checkpoint leaves best.safetensors as epoch 1's checkpoint
     recorded it (a new best is only staged), and its resume finishes the run with a consistent record."""

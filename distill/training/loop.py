@@ -338,9 +338,11 @@ def settle_best(run_dir: Path, best: dict | None, ckpt: Path, epoch: int, log) -
     it. A kill between the checkpoint and the move leaves the recorded file staged (moved in now); a
     kill before the checkpoint leaves a staged file that no checkpoint names (removed: the epoch is
     trained again). A kept file that differs from its record is written again from the checkpoint
-    when the checkpoint's epoch is the kept one; otherwise (a run stopped during its checkpoint by a
-    densekit before 2026-12-05, which wrote the best first) the epochs trained now rewrite it if one
-    is best again, and the run's end refuses it if none is."""
+    when the checkpoint's epoch is the kept one. Otherwise the kept epoch's weights are gone (the file
+    deleted or changed, or a run stopped during its checkpoint by a densekit before 2026-12-05, which
+    wrote the best first; only the newest checkpoint is kept): the checkpoint's epoch becomes the kept
+    one, said in a warning, and the epochs trained now replace it if one scores better. Refusing at the
+    end instead left a run that no resume could finish."""
     staged, final = run_dir / STAGED_BEST, run_dir / BEST
     if staged.is_file():
         if best is not None and sha256(staged) == best["sha256"]:
@@ -350,16 +352,22 @@ def settle_best(run_dir: Path, best: dict | None, ckpt: Path, epoch: int, log) -
             staged.unlink()
     if best is None or (final.is_file() and sha256(final) == best["sha256"]):
         return
+    problem = "differed from its record" if final.is_file() else "was missing"
+    weights = ckpt / "model.safetensors"
+    metadata = load_metadata(weights)
+    save_weights(final, shipped_state(load_weights(weights)), metadata)
     if best["epoch"] == epoch:
-        weights = ckpt / "model.safetensors"
-        save_weights(final, shipped_state(load_weights(weights)), load_metadata(weights))
-        best["sha256"] = sha256(final)
-        log(f"best.safetensors differed from its record; written again from {ckpt.name}, which holds epoch "
-            f"{epoch}'s weights")
+        log(f"best.safetensors {problem}; written again from {ckpt.name}, which holds epoch {epoch}'s weights")
     else:
-        log(f"warning: {final} differs from the record of epoch {best['epoch']}, the kept one (a run stopped while "
-            f"writing its checkpoint by a densekit before 2026-12-05 leaves it so); the epochs trained now write it "
-            f"again if one of them scores better, otherwise the run's end refuses it")
+        lost, value = dict(best), json.loads(metadata["val"]).get(best["metric"])
+        if not isinstance(value, (int, float)):
+            raise ConfigError(f"resume={run_dir}: {final} {problem}, and {ckpt.name} does not record its "
+                              f"{best['metric']}; restore {final.name} from a copy of the run, or start a new run")
+        best.update(epoch=epoch, value=float(value))
+        log(f"warning: {final} {problem}: epoch {lost['epoch']}'s kept weights ({lost['metric']} {lost['value']:.4f}) "
+            f"are lost. The kept weights are now {ckpt.name}'s (epoch {epoch}, {best['metric']} {value:.4f}), and "
+            f"the epochs trained now replace them if one scores better")
+    best["sha256"] = sha256(final)
 
 
 def use_kept_weights(model, run_dir: Path, state: dict, log) -> bool:
