@@ -198,12 +198,18 @@ def test_another_recipes_newest_run_is_found_by_name_and_named_when_v3_has_none(
         os.utime(tmp_path / name / "summary.json", (finished, finished))
     (tmp_path / "v3-20261203T000000Z").mkdir()   # started, never finished
     (tmp_path / "v3-20261203T000000Z" / "config.json").write_text("{}")
+    for file in ("model.safetensors", "state.pt"):
+        (tmp_path / "v3-20261203T000000Z" / "checkpoints" / "epoch-0001").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "v3-20261203T000000Z" / "checkpoints" / "epoch-0001" / file).write_text("")
+    (tmp_path / "v3-20261203T000001Z").mkdir()   # refused by the pre-flight: no checkpoint, nothing to resume
+    (tmp_path / "v3-20261203T000001Z" / "config.json").write_text("{}")
     assert find_run(None, tmp_path, "v4") == tmp_path / "v4-20261201T000000Z"
     assert find_run(None, tmp_path, "v5") == tmp_path / "v5-20261202T000000Z-1"
     with pytest.raises(RunNotFoundError) as refused:
         find_run(None, tmp_path)
     message = str(refused.value)
-    assert "unfinished: v3-20261203T000000Z" in message and "finished runs of v5, v4 are there" in message
+    assert "unfinished: v3-20261203T000000Z: resume" in message and "finished runs of v5, v4 are there" in message
+    assert "(v3-20261203T000001Z stopped before their first checkpoint: nothing to resume or use)" in message
     assert "pick that recipe with --recipe v5" in message
 
 

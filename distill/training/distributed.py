@@ -1,7 +1,7 @@
 """Multi-process training under `torchrun`: who am I, and the few collective steps training needs.
 
 `torchrun --nproc_per_node N -m distill.run v3 ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without
-them everything here is a no-op for a single process, so `train.py` has one code path. Backend:
+them everything here is a no-op for a single process, so the training loop (`loop.py`) has one code path. Backend:
 NCCL on CUDA, gloo on CPU (the tests run two CPU processes). Also the process's device
 (`pick_device`) and moving a batch onto it (`to_device`), shared by training and the cache command.
 """

@@ -7,7 +7,7 @@ student's initial prediction, each with its declared space, and refuses to train
 
 - the training target's space differs from the evaluation space,
 - any value is non-finite, or a teacher's output leaves its declared range,
-- a batch has no valid depth pixel.
+- no pre-flight batch has a valid depth pixel (a batch without one, beside batches with them, passes).
 """
 from __future__ import annotations
 

@@ -51,13 +51,17 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
     runs = sorted(p for p in Path(runs_dir).glob(f"{recipe}-*") if run_recipe(p) == recipe)   # sort by start time
     finished = newest_last(p for p in runs if is_finished(p))
     if not finished:
-        unfinished = [p.name for p in runs if (p / "config.json").is_file()]
+        started = [p for p in runs if (p / "config.json").is_file()]
+        resumable = [p.name for p in started if latest_checkpoint(p / "checkpoints") is not None]
+        stopped = [p.name for p in started if p.name not in resumable]   # refused or killed in their first epoch
         name_one = f"{flag} <run dir>" if flag.startswith("-") else f"the run directory as {flag}"
         others = other_recipes_finished(Path(runs_dir), recipe)
         raise RunNotFoundError(
             f"no finished {recipe} run under {Path(runs_dir).resolve()}"
-            + (f" (unfinished: {', '.join(unfinished[-3:])}: resume one with python -m distill.run {recipe} "
-               f"resume=<run dir>, or use its best weights so far: pass {name_one})" if unfinished else "")
+            + (f" (unfinished: {', '.join(resumable[-3:])}: resume one with python -m distill.run {recipe} "
+               f"resume=<run dir>, or use its best weights so far: pass {name_one})" if resumable else "")
+            + (f" ({', '.join(stopped[-3:])} stopped before their first checkpoint: nothing to resume or use)"
+               if stopped else "")
             + (f"; finished runs of {', '.join(others)} are there: pick that recipe with --recipe "
                f"{others[0]} (recipe= in Python)" if others else "")
             + f"; train one with `python -m distill.run {recipe}` (about 20 minutes on a 2-core laptop CPU), "
