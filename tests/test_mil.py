@@ -419,6 +419,16 @@ def test_constexpr_lut_to_dense(nbits):
     assert mil.unpack_bits(np.array([0b11100100, 0b00000011], np.uint8), 2, 5).tolist() == [0, 1, 2, 3, 3]
 
 
+def test_quantize_of_an_fp16_tensor_rounds_its_quotient_in_fp16_as_mil_does():
+    """coremltools divides in the input's dtype: x / scale = 95.49 is 95.5 in fp16, which rounds half
+    to even to 96; the quotient kept in float32 rounded to 95, an int8 step off on 1.5% of w8a8's values."""
+    x, scale = np.array([35.33, 8.695, -31.28, 1.0], np.float16), np.float16(0.37)
+    assert float(np.float32(x[0]) / np.float32(scale)) < 95.5 and x[0] / scale == np.float16(95.5)
+    q = run_op("quantize", {"input": x, "scale": scale, "zero_point": np.int8(0), "output_dtype": "int8"}, dtype="int8")
+    np.testing.assert_array_equal(q, np.rint((x / scale).astype(np.float32)).astype(np.int8))
+    assert q.tolist()[:3] == [96, 24, -84]
+
+
 def test_constexpr_affine_dequantize_and_cast():
     q = RNG.integers(-128, 128, (4, 3, 2, 2)).astype(np.int8)
     scale, zero = rand(4, low=0.01, high=0.1).astype(np.float16), np.array([0, 1, -2, 3], np.int8)

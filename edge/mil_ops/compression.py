@@ -166,14 +166,18 @@ def _along_axis(value, rank: int, axis) -> np.ndarray:
 @handler("quantize")
 def quantize(a: Args):
     """clip(round(input / scale) + zero_point) to the range of output_dtype (int8 / uint8); round half to even."""
-    x = a.tensor("input").numpy()
+    stored = np.asarray(a.value("input"))   # its dtype: float16 in an fp16 program
+    x = stored.astype(np.float32)
     dtype = a.scalar("output_dtype")
     if dtype not in ("int8", "uint8"):
         raise UnsupportedOpError(f"quantize to {dtype!r} is not supported; supported: int8, uint8")
     axis = a.value("axis", None)
     zero_point = _along_axis(a.value("zero_point", 0), x.ndim, axis)
     info = np.iinfo(DTYPES[dtype])
-    q = np.rint(x / _along_axis(a.value("scale"), x.ndim, axis)) + zero_point
+    quotient = x / _along_axis(a.value("scale"), x.ndim, axis)
+    if stored.dtype == np.float16:   # MIL divides in the input's dtype: 95.49 rounds to fp16's 95.5, then to 96, not 95
+        quotient = quotient.astype(np.float16).astype(np.float32)
+    q = np.rint(quotient) + zero_point
     return np.clip(q, info.min, info.max).astype(DTYPES[dtype])
 
 
