@@ -37,7 +37,7 @@ import torch
 from core.contract import DEPTH, INPUT_NAME, SEG, compare
 from core.formats import FORMATS
 from edge.mil import MILProgram, import_coremltools
-from edge.mil_ops import UnsupportedOpError
+from edge.mil_ops import HandlerError, UnsupportedOpError
 from edge.runners import check_images, find_outputs, loading, threads_text
 
 EXECUTORS = FORMATS["coreml"].executors
@@ -124,7 +124,7 @@ class CoreMLRunner:
             self.runtime = f"Core ML (coremltools {import_coremltools().__version__})"
             self.executor = f"MLModel.predict (macOS {platform.mac_ver()[0]}, compute units ALL)"
         else:   # an op without a handler is the executor's gap, not a damaged package
-            with loading(self.path, "coreml-reference (edge/mil.py)", keep=(UnsupportedOpError,)):
+            with loading(self.path, "coreml-reference (edge/mil.py)", keep=(UnsupportedOpError, HandlerError)):
                 self._program = MILProgram(self.path)
             inputs = {name: kind.shape for name, kind in self._program.inputs.items()}
             outputs = self._program.output_names

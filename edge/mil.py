@@ -57,6 +57,7 @@ from edge.mil_ops import (  # noqa: F401 (re-exported)
     Op,
     SUB_BYTE_BITS,
     Args,
+    HandlerError,
     TensorType,
     UnsupportedOpError,
     as_f32,
@@ -208,6 +209,9 @@ def parse_op(proto, blobs) -> Op:
     except UnsupportedOpError as exc:   # a value or type the executor does not read: name the op
         first = proto.outputs[0].name if proto.outputs else "?"
         raise UnsupportedOpError(f"{proto.type} op (output {first!r}): {exc}") from None
+    except ValueError as exc:   # a weight blob that does not match its declaration: name the op reading it
+        first = proto.outputs[0].name if proto.outputs else "?"
+        raise ValueError(f"{proto.type} op (output {first!r}): {exc}") from None
     if proto.blocks:
         raise UnsupportedOpError(f"op {proto.type} has nested blocks (control flow), which is not supported")
     name = attributes.pop("name", outputs[0][0] if outputs else proto.type)
@@ -246,7 +250,7 @@ def run_handler(op: Op, env: dict, cache: dict | None = None) -> list[np.ndarray
     except UnsupportedOpError as exc:   # a form of the op the handler refuses: name which op
         raise UnsupportedOpError(f"{op.type} op {op.name!r}: {exc}") from None
     except Exception as exc:   # a handler's numpy / torch error, named with the op it ran
-        raise ValueError(f"{op.type} op {op.name!r} failed in the reference executor ({type(exc).__name__}: "
+        raise HandlerError(f"{op.type} op {op.name!r} failed in the reference executor ({type(exc).__name__}: "
                          f"{exc}); the program's values do not fit this handler's reading of the op") from exc
     results = list(result) if isinstance(result, (list, tuple)) else [result]
     if len(results) != len(op.outputs):
@@ -291,8 +295,10 @@ class MILProgram:
             raise ValueError(f"{self.path} holds a {spec.WhichOneof('Type')} model, not an ML program")
         self._model_dir = Path(model.weights_dir).parent
         self._blobs: dict[str, BlobFile] = {}
-        if "main" not in spec.mlProgram.functions:
-            raise ValueError(f"{self.path} has functions {sorted(spec.mlProgram.functions)} but no 'main'")
+        if "main" not in spec.mlProgram.functions:   # a valid multifunction package: not a damaged file
+            raise UnsupportedOpError(f"{self.path} has functions {sorted(spec.mlProgram.functions)} and no 'main': "
+                                     "the reference executor runs a package's main function; export one function "
+                                     "per package to measure it here")
         function = spec.mlProgram.functions["main"]
         self.opset = function.opset
         block = function.block_specializations[function.opset]

@@ -55,6 +55,7 @@ from edge import mil
 from edge.coreml import CoreMLRunner
 from edge.mil import (
     HANDLERS,
+    HandlerError,
     MILProgram,
     UnsupportedOpError,
     import_coremltools,
@@ -450,7 +451,7 @@ def test_unknown_op_type_is_named():
 
 
 def test_a_handlers_error_or_refusal_names_the_op():
-    with pytest.raises(ValueError, match=r"^conv op 'run_op:conv' failed in the reference executor \(RuntimeError"):
+    with pytest.raises(HandlerError, match=r"^conv op 'run_op:conv' failed in the reference executor \(RuntimeError"):
         run_op("conv", {"x": X4, "weight": rand(4, 5, 3, 3)})   # 6 input channels, the weight takes 5
     # Core ML pads reflect by at most D - 1 per side (11 columns: 10); numpy would reflect on and hide the bad program
     with pytest.raises(UnsupportedOpError, match=r"^pad op 'run_op:pad': pad reflect by \[11, 0\] .* at most D - 1"):
@@ -465,6 +466,15 @@ def test_l2_pool_sums_whole_windows_in_ceil_mode():
                              "strides": np.array([2, 2], np.int32), "ceil_mode": True})
     want = np.array([[np.sqrt((x[0, 0, r:r + 2, c:c + 2] ** 2).sum()) for c in (0, 2, 4)] for r in (0, 2, 4)])
     np.testing.assert_allclose(got[0, 0], want, rtol=1e-6)   # the last row and column: one pixel deep
+
+
+def test_a_ceil_mode_window_wholly_past_the_input_is_refused_by_name():
+    """kernel 1, stride 3 over 5 pixels, no padding: MIL keeps a third window that starts at 6, past the
+    end, whose value Core ML leaves unspecified; the executor gave 2 windows and a bare shape error."""
+    with pytest.raises(UnsupportedOpError, match=r"ceil_mode with a last window past the input's end \(length 5, "
+                                                 r"kernel 1, stride 3, no padding\).*use ceil_mode=False"):
+        run_op("max_pool", {"x": rand(1, 1, 5, 5), "kernel_sizes": np.array([1, 1], np.int32),
+                            "strides": np.array([3, 3], np.int32), "pad_type": "valid", "ceil_mode": True})
 
 
 def test_resize_over_the_last_axis_leaves_the_others_alone():
@@ -621,8 +631,28 @@ def test_corrupted_blob_record_is_refused(students, tmp_path):
     offset = first_conv_weight_blob(ct, broken)
     data[offset:offset + 4] = b"\0\0\0\0"
     weight_file(broken).write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=rf"weight.bin at offset {offset}: blob sentinel is 0x0, expected 0xdeadbeef"):
+    with pytest.raises(ValueError, match=rf"^const op \(output '[^']+'\): .*weight.bin at offset {offset}: blob "
+                                         r"sentinel is 0x0, expected 0xdeadbeef"):   # the op whose weights broke
         MILProgram(broken)
+
+
+def test_a_package_without_main_is_the_executors_gap_not_a_damaged_file(students, tmp_path):
+    """A multifunction package (ct.utils.save_multifunction) is valid; it was reported as damaged or
+    truncated, with the advice to export it again."""
+    with tensorflow_blocked():
+        import coremltools as ct
+    renamed = tmp_path / "multi.mlpackage"
+    shutil.copytree(students["mobilenetv3_small_050"]["packages"]["fp16"], renamed)
+    spec = ct.models.MLModel(str(renamed), skip_model_load=True).get_spec()
+    spec.mlProgram.functions["fast"].CopyFrom(spec.mlProgram.functions["main"])
+    del spec.mlProgram.functions["main"]
+    spec.description.defaultFunctionName = "fast"
+    described = spec.description.functions.add(name="fast")   # what save_multifunction writes
+    described.input.extend(spec.description.input)
+    described.output.extend(spec.description.output)
+    (renamed / "Data" / "com.apple.CoreML" / "model.mlmodel").write_bytes(spec.SerializeToString())
+    with pytest.raises(UnsupportedOpError, match=r"has functions \['fast'\] and no 'main': the reference executor"):
+        MILProgram(renamed)
 
 
 def test_missing_handler_names_op_and_package(students, monkeypatch):

@@ -17,11 +17,13 @@ Adding an op: a handler in the family's module, a case in tests/test_mil.py or a
 test in tests/test_mil_optests.py's SUBSET (test_every_handler_is_exercised checks).
 """
 from edge.mil_ops import compression, conv, elementwise, linear, normalization, reduction, resize, tensor  # noqa: F401
-from edge.mil_ops.base import DTYPES, HANDLERS, SUB_BYTE_BITS, Args, Op, TensorType, UnsupportedOpError, as_f32, handler
+from edge.mil_ops.base import (DTYPES, HANDLERS, SUB_BYTE_BITS, Args, HandlerError, Op, TensorType, UnsupportedOpError,
+                               as_f32, handler)
 from edge.mil_ops.compression import unpack_bits, unpack_sub_byte
 from edge.mil_ops.conv import pad_spatial, spatial_pads, window_geometry
 from edge.mil_ops.resize import source_coords
 
 # importing each family module registers its handlers
-__all__ = ["DTYPES", "HANDLERS", "SUB_BYTE_BITS", "Args", "Op", "TensorType", "UnsupportedOpError", "as_f32", "handler",
+__all__ = ["DTYPES", "HANDLERS", "SUB_BYTE_BITS", "Args", "HandlerError", "Op", "TensorType", "UnsupportedOpError",
+           "as_f32", "handler",
            "pad_spatial", "source_coords", "spatial_pads", "unpack_bits", "unpack_sub_byte", "window_geometry"]

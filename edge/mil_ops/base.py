@@ -44,6 +44,10 @@ class UnsupportedOpError(NotImplementedError):
     """The program uses an op type (or a form of one) that the reference executor does not implement."""
 
 
+class HandlerError(ValueError):
+    """A handler failed on the program's values: the executor's reading of the op, not a damaged file."""
+
+
 
 HANDLERS: dict[str, Callable] = {}
 _REQUIRED = object()

@@ -65,7 +65,13 @@ def pooled_size(size: int, kernel: int, stride: int, pads: tuple[int, int], ceil
     input's end (torch, given the padding already added, would keep one that starts in it)."""
     span = size + sum(pads) - kernel
     out = (-(-span // stride) if ceil else span // stride) + 1
-    return out - 1 if ceil and (out - 1) * stride >= size + pads[0] else out
+    if ceil and (out - 1) * stride >= size + pads[0]:
+        if not any(pads):   # MIL keeps such a window when unpadded: it covers no input, its value unspecified
+            raise UnsupportedOpError(f"ceil_mode with a last window past the input's end (length {size}, kernel "
+                                     f"{kernel}, stride {stride}, no padding): Core ML keeps it and its value is "
+                                     "unspecified; use ceil_mode=False")
+        return out - 1
+    return out
 
 
 def _pool(a: Args, pools: dict, x: torch.Tensor, pad_value: float, sum_windows: bool = False) -> torch.Tensor:
