@@ -223,7 +223,9 @@ def plan(out: Path, job: dict, hashes: list[str]) -> list[int]:
     todo = [k for k in range(total)
             if not shard_is_current(out / shard_name(k), *bounds(k, job), hashes, job["tensors"])
             or (shard_name(k) in recorded and io.sha256(out / shard_name(k)) != recorded[shard_name(k)])]
-    if todo:
+    if todo:   # the shards first: once the manifest is gone, a changed shard's intact header would vouch for it
+        for k in todo:
+            (out / shard_name(k)).unlink(missing_ok=True)
         (out / "manifest.json").unlink(missing_ok=True)
     return todo
 

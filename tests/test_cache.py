@@ -217,6 +217,11 @@ def test_a_shard_changed_after_caching_is_refused_before_training_uses_it(tmp_pa
     train, _ = datasets()
     with pytest.raises(CacheMismatchError, match=rf"1 shard\(s\) differ from the sha256 in manifest.json.*{shard_name(2)}"):
         CachedTeacher.open(tmp_path / "c").verify(train, height=32, width=32, split="train")
+    # a rerun stopped before it relabels that shard (here: after one other) must not lose what it found:
+    # the manifest goes, and with it the sha256 that told the changed shard from a good one
+    (tmp_path / "c" / shard_name(0)).write_bytes(b"damaged too")
+    assert main(command(tmp_path / "c", "max_shards=1")) == 75
+    assert not path.exists()   # removed with the manifest: the next run relabels it, as training refuses the cache
     # the fix the message names: the rerun finds the changed shard by its sha256 and labels it again
     assert main(command(tmp_path / "c")) == 0
     with safe_open(str(path), "pt") as f:
