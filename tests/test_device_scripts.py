@@ -455,7 +455,12 @@ def test_each_device_script_checks_the_manifest_beside_its_artefact(tiny_artefac
     assert coreml_bench.manifest_problem(str(package)) is None
     (export / "manifest.json").write_text(json.dumps({"artefacts": entries}))
     proc = run_script(tmp_path, "linux_bench.py", str(model), "--threads", "2", "--runs", "2", "--warmup", "0")
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0 and "note:" not in proc.stderr, proc.stderr
+    alone = tmp_path / "alone"   # copied without its manifest: timed, and said to be unchecked
+    alone.mkdir()
+    shutil.copy(model, alone / model.name)
+    proc = run_script(tmp_path, "linux_bench.py", str(alone / model.name), "--runs", "1", "--warmup", "0")
+    assert proc.returncode == 0 and "note: no manifest.json beside" in proc.stderr, proc.stderr
 
     model.write_bytes(model.read_bytes()[:-100])   # cut short
     (package / "Data" / "weights" / "weight.bin").write_bytes(b"\0" * 99)

@@ -368,6 +368,13 @@ def parse_args(argv=None):
     return args
 
 
+def say_if_unchecked(args) -> None:
+    """A file copied without the export's manifest is timed unchecked: say so, once the run goes ahead."""
+    if not args.no_verify and not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(args.model)), MANIFEST)):
+        print("note: no {} beside {}, so its sha256 is not checked (a copy cut short would be timed); copy the "
+              "export's {} beside it".format(MANIFEST, args.model, MANIFEST), file=sys.stderr)
+
+
 def bench(args) -> dict:
     """Push, run, parse: the record of one benchmark on the connected phone."""
     adb = find_adb()
@@ -395,6 +402,7 @@ def main(argv=None) -> int:
         for command in benchmark_commands(args) + list(info_commands("adb", args.serial).values()):
             print(" ".join(shlex.quote(part) for part in command))
         return 0
+    say_if_unchecked(args)
     try:
         result = bench(args)
     except BenchError as error:

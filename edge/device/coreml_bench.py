@@ -297,12 +297,20 @@ def parse_args(argv=None):
     return args
 
 
+def say_if_unchecked(args) -> None:
+    """A file copied without the export's manifest is timed unchecked: say so, once the run goes ahead."""
+    if not args.no_verify and not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(args.model)), MANIFEST)):
+        print("note: no {} beside {}, so its sha256 is not checked (a copy cut short would be timed); copy the "
+              "export's {} beside it".format(MANIFEST, args.model, MANIFEST), file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if sys.platform != "darwin":
         sys.stderr.write("error: " + NOT_MACOS.format(system=platform.system() or sys.platform, model=args.model)
                          + "\n")
         return 2
+    say_if_unchecked(args)
     result = bench(args)
     print_summary(result)
     if args.json:

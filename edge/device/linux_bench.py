@@ -396,10 +396,18 @@ def parse_args(argv=None):
     return args
 
 
+def say_if_unchecked(args) -> None:
+    """A file copied without the export's manifest is timed unchecked: say so, once the run goes ahead."""
+    if not args.no_verify and not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(args.model)), MANIFEST)):
+        print("note: no {} beside {}, so its sha256 is not checked (a copy cut short would be timed); copy the "
+              "export's {} beside it".format(MANIFEST, args.model, MANIFEST), file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     shape = check_images(args.inputs) if args.inputs else None   # refused before the timed runs
     Interpreter, runtime, executor = load_interpreter()
+    say_if_unchecked(args)
     baseline = current_rss_mb()
     baseline_peak = peak_rss_mb()
     try:
