@@ -94,7 +94,7 @@ def run_artefact(path: str | Path, images: np.ndarray, *, threads: int | None = 
     wrong; whatever the runtime raises while loading or running the artefact passes through.
     """
     check_artefact(path, executor, verify)
-    return run_images(open_runner(path, threads=threads, executor=executor), images, logits=logits)
+    return run_images(open_runner(path, threads=threads, executor=executor, verify=False), images, logits=logits)
 
 
 def run_images(runner, images: np.ndarray, *, logits: bool = False) -> dict:
@@ -150,7 +150,7 @@ def main(argv: list[str]) -> int:
     check_artefact(args.artefact, args.executor, not args.no_verify)
     files = input_files(args.inputs)   # none: one .npy, read before the runtime opens so that a bad one fails at once
     arrays = None if files else read_inputs(args.inputs[0])
-    runner = open_runner(args.artefact, threads=args.threads, executor=args.executor)
+    runner = open_runner(args.artefact, threads=args.threads, executor=args.executor, verify=False)   # checked above
     if arrays is not None:   # all of them before the first chunk's maps are written
         validate_images(arrays, runner)
     if out.suffix.lower() == ".npz":

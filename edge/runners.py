@@ -28,6 +28,7 @@ import numpy as np
 from core.contract import DEPTH, SEG
 from core.formats import FORMATS, SUFFIXES, format_for
 from core.io import tree_bytes
+from core.manifest import verify_artefact
 
 EXECUTORS = tuple(dict.fromkeys(e for f in FORMATS.values() for e in f.executors))   # all but "auto": Core ML's
 
@@ -246,14 +247,18 @@ def artefact_format(path: str | Path, executor: str = "auto") -> str:
     return fmt.name
 
 
-def open_runner(path: str | Path, *, threads: int | None = None, executor: str = "auto"):
+def open_runner(path: str | Path, *, threads: int | None = None, executor: str = "auto", verify: bool = True):
     """The runner for artefact `path`, chosen by its suffix through the format table.
 
     executor: Core ML only ("auto" | "predict" | "reference", see edge/coreml.py); the other
     runtimes have one executor, so anything but "auto" is an error there. Runtimes are imported
-    here, lazily: coremltools is heavy and absent on most devices.
+    here, lazily: coremltools is heavy and absent on most devices. verify: an artefact in an
+    export directory must match its manifest's sha256 (core/manifest.py; IntegrityError), as
+    edge.run and edge.bench check it; False for a caller that has checked it already.
     """
     fmt = FORMATS[artefact_format(path, executor)]
+    if verify:
+        verify_artefact(path)
     options = {"executor": executor} if len(fmt.executors) > 1 else {}
     return runner_class(path, executor)(Path(path), threads=threads, **options)
 

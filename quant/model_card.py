@@ -184,6 +184,9 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
         f"semantic segmentation from one RGB image, {config['model'].get('exported_macs', config['model']['macs']) / 1e6:.0f} M "
         f"MACs at {h}x{w}.\n",
         "## Files\n", *files, "",
+        "The sha256 column shows each digest's first 16 digits; manifest.json records them whole. Check the "
+        "files after copying them: `python -m quant.verify <this folder>` with densekit, or `sha256sum` against "
+        "manifest.json. The device scripts (`edge/device/`) check a file against a manifest.json beside it.\n",
         "## Input\n",
         f"- `{INPUT_NAME}`: float32 RGB in [0, 1] (pixels / 255), shape {shape} ({layout}), "
         f"resized to {h}x{w} without keeping the aspect ratio.",

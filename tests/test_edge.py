@@ -91,6 +91,25 @@ def test_open_runner_errors_name_the_path_and_the_known_suffixes(tiny_artefacts,
         open_runner(tiny_artefacts["onnx_fp32"])(np.zeros((1, 3, 32, 32), np.float32))
 
 
+def test_open_runner_checks_an_artefact_against_its_exports_manifest(tiny_artefacts, tmp_path):
+    """The Python API's runner opened an export's file unchecked, where edge.run and edge.bench refuse a
+    copy that differs from manifest.json."""
+    import json
+
+    from core import io
+    from core.manifest import IntegrityError
+    from edge import open_runner
+
+    copy = tmp_path / "student_fp32.tflite"
+    copy.write_bytes(Path(tiny_artefacts["tflite_fp32"]).read_bytes())
+    (tmp_path / "manifest.json").write_text(json.dumps({"artefacts": [{"path": copy.name, "sha256": io.sha256(copy)}]}))
+    assert open_runner(copy, threads=1).format == "tflite"
+    copy.write_bytes(copy.read_bytes() + b"\0")   # changed after export
+    with pytest.raises(IntegrityError, match="student_fp32.tflite"):
+        open_runner(copy)
+    assert open_runner(copy, verify=False).format == "tflite"   # a caller that checked it, or chose not to
+
+
 @pytest.mark.parametrize("name", ["tflite_fp32", "onnx_fp32"])
 def test_a_truncated_artefact_is_refused_naming_its_size_and_the_check(tiny_artefacts, tmp_path, name):
     """What an interrupted copy leaves: the runtime's terse refusal gains the file's size and the fix."""

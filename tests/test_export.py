@@ -412,6 +412,7 @@ def test_model_card_matches_the_export(tflite_export, run_dir, tmp_path):
     files = {row[0]: row for row in table_rows(body, "Files")}
     for a in manifest["artefacts"]:
         assert files[a["path"]][3].strip("`") == a["sha256"][:16]
+    assert "`python -m quant.verify <this folder>`" in body   # how to check the copies: the column is not the digest
     drift = json.loads((export_dir / "drift.json").read_text())["artefacts"]
     rows = table_rows(body, "Accuracy against the float model")
     assert [r[0] for r in rows] == [a["path"] for a in drift]
