@@ -23,6 +23,7 @@ class Converter:
     needs: tuple[str, ...] = ()                    # modules its process imports, checked before an export starts
     extra: str = "export"                          # the pip extra that installs them
     int8_weight_max: int = 127                     # int8 weights are integers in [-max, max], per channel
+    int8_requantized_outputs: bool = False         # its int8 resizes re-round the heads' upsampled outputs
 
     def missing(self) -> list[str]:
         """The modules of `needs` that are not installed (found without importing them)."""
@@ -89,7 +90,9 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            # 7-bit weights ([-64, 64], onnxruntime's reduce_range): its uint8 x int8 kernels on x86 without
            # VNNI add products in pairs in 16 bits, which saturate with 8-bit weights; with 7-bit ones
            # they cannot, so the file computes the same on every CPU (docs/EXPORT.md: "ONNX int8 files store 7-bit weights").
-           (Converter("onnxruntime", "targets.onnx", "onnx", int8_weight_max=64),), "NCHW",
+           # QDQ runs Resize in int8: the upsampled outputs are rounded again, on the Resize input's scale
+           (Converter("onnxruntime", "targets.onnx", "onnx", int8_weight_max=64, int8_requantized_outputs=True),),
+           "NCHW",
            "edge.runners:OrtRunner", ("auto",), ("any",), "", (
                "# any machine with densekit and onnxruntime installed (pip install -e .[export])",
                "python -m edge.bench {path} --threads {threads} --runs 50 --warmup 5 --json {path}.bench.json")),

@@ -486,16 +486,26 @@ def checked_options(options: ExportOptions) -> ExportOptions:
 
 def export(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs_dir: str | Path = "runs",
            recipe: str | None = None, log=print) -> ExportResult:
-    """`export_run` once the plan is made: holds the target's lock from staging to the rename."""
+    """`export_run` once the plan is made, on the plan's threads; the caller's thread count is restored."""
     import torch
 
+    before = torch.get_num_threads()
+    if plan.threads > 0:
+        torch.set_num_threads(plan.threads)
+    try:
+        return export_on_threads(run_path, plan, opts, runs_dir=runs_dir, recipe=recipe, log=log)
+    finally:
+        torch.set_num_threads(before)   # a notebook that called export_run keeps its own setting
+
+
+def export_on_threads(run_path: str | Path | None, plan: Plan, opts: ExportOptions, *, runs_dir: str | Path,
+                      recipe: str | None, log) -> ExportResult:
+    """`export`'s work: holds the target's lock from staging to the rename."""
     from distill.training import find_run, load_run
     from quant import artefacts
     from targets.deploy import check_both_tasks
 
     t_start = time.time()
-    if plan.threads > 0:
-        torch.set_num_threads(plan.threads)
     run = load_run(find_run(run_path, runs_dir, recipe))
     idle = idle_options(opts, plan, run.recipe.int8_qat_steps)   # the options as the user set them
     if opts.qat_steps is None:
@@ -598,7 +608,7 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     int8_model, calibration = float_model, {}
     if "int8" in plan.precisions:
         int8_model, calibration, config["int8"] = int8_stage(run, float_model, train_ds, plain_train, work, opts, log,
-                                                             plan.converter.int8_weight_max)
+                                                             plan.converter)
     elif set(plan.precisions) & set(CALIBRATED_PRECISIONS):   # Core ML w8a8 and palettes: measured by the converter
         calibration, config["calibration"] = calibration_stage(plain_train, work, opts, log)
     job = build_job(plan, opts, float_model, int8_model, calibration, run, size, val_ds, work, out, config)
@@ -727,15 +737,17 @@ def prune_stage(run, model, train_ds, val_ds, size: tuple[int, int], opts: Expor
     return pruned, report
 
 
-def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log, weight_max: int):
+def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log, converter: Converter):
     """Calibration set; then QAT (or PTQ only when --qat-steps 0), simulating int8 files that keep
-    the first `--float-stem` weighted layers from the input in float (TFLite's and ONNX's) and store
-    weights in [-weight_max, weight_max] (the converter's). Returns the int8 source model, the
+    the first `--float-stem` weighted layers from the input in float (TFLite's and ONNX's), store
+    weights in [-weight_max, weight_max] and round the upsampled outputs again or not, as the
+    converter's files do (core/formats.py `Converter`). Returns the int8 source model, the
     calibration files (targets.job forms) and a report."""
     from quant import ptq, qat
     from quant.equalize import equalize
     from quant.finetune import finetune
 
+    weight_max = converter.int8_weight_max
     calib = ptq.calibration_set(plain_train, opts.calib, work / "calibration", seed=opts.seed, progress=opts.progress)
     report = {"calibration": calib.selection.describe(), "method": "qat" if opts.qat_steps > 0 else "ptq",
               "float_stem": opts.float_stem, "weight_range": [-weight_max, weight_max]}
@@ -748,10 +760,13 @@ def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log
         log(f"int8 by post-training quantisation, no QAT ({run.recipe.name} defaults to "
             f"{run.recipe.int8_qat_steps} QAT steps; --qat-steps N chooses)")
         return model, calib.files, report
-    # Both int8 converters quantise depth before the heads' float tails (upsampling, EXP): log-depth.
-    fake = ptq.simulate(model, calib, log_depth=True, float_stem=opts.float_stem, weight_max=weight_max)
+    # The heads' last convolutions write int8 log-depth; the upsampling runs in float (TFLite) or
+    # re-rounds on its input's scale (onnxruntime), and EXP runs in float in both.
+    fake = ptq.simulate(model, calib, log_depth=True, float_stem=opts.float_stem, weight_max=weight_max,
+                        requantize_outputs=converter.int8_requantized_outputs)
     finetune(fake, model, run.recipe, train_ds, steps=opts.qat_steps, lr=opts.qat_lr, batch_size=opts.batch_size,
              seed=opts.seed, desc="QAT", progress=opts.progress, log=log, lr_flag="--qat-lr")
+    qat.calibrate(fake, calib.batches(), fresh=True)   # QAT's ranges moved by EMA; the converter measures these
     report.update({"qat_steps": opts.qat_steps, "qat_lr": opts.qat_lr, "activation_ranges": qat.activation_ranges(fake)})
     return qat.finalize(fake), calib.files, report
 

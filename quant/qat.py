@@ -14,16 +14,21 @@ always containing 0) calibrated by min/max. QAT here simulates that:
    fake-quantised output where no activation follows; each ReLU, ReLU6 and hardsigmoid for
    `QuantActivation` (the output of the fused convolution + activation); and each Hardswish for
    `QuantHardswish` (input, gate and product quantised, as the int8 file's ADD + RELU6 and MUL
-   compute it); and each residual block for `QuantResidual` (its int8 sum). The two outputs get
-   their own activation quantisers (depth and logits never share one scale). `float_stem=N`
+   compute it); and each residual block for `QuantResidual` (its int8 sum). The heads' last
+   convolutions write the int8 outputs; what follows them (upsampling, EXP) runs in float in the
+   TFLite files, while onnxruntime's QDQ Resize rounds the upsampled outputs again, on its input's
+   scale: `requantize_outputs=True` simulates that with a quantiser per output (depth and logits
+   never share one scale; bilinear upsampling keeps a range within its input's). `float_stem=N`
    leaves the layers within N weighted layers of the input float, as the int8 files keep their
    input stem (targets/stem.py), and EfficientViT's attention kernels stay float, as in the files'
-   float islands (`attention_kernels`). Not simulated: the re-rounding of int8 resizes (on their
-   input's scale).
+   float islands (`attention_kernels`). Inside the decoder, int8 resizes are simulated as float
+   (their re-rounding on the input's scale is not).
 3. `finalize` returns a plain float student whose weights sit exactly on their int8 grid. The
    converter's weight quantisation then reproduces QAT's integer weights bit for bit (max|w| is on
-   the grid, so the scale is unchanged); activation ranges are re-measured by the converter on the
-   calibration set with the same min/max rule the observers used. The export's converter checks
+   the grid, so the scale is unchanged). The activation ranges are not carried over: during QAT they
+   follow the weights by EMA, and the converter measures its own by min/max on the calibration set;
+   `calibrate(..., fresh=True)` measures them that way on the simulation after QAT, which is what
+   the export records. The export's converter checks
    the int8 file against the QAT model it came from (manifest `check`, `reference: int8`); the
    gain of QAT over PTQ alone was measured over seeds (README, "QAT or PTQ").
 """
@@ -224,16 +229,17 @@ def is_residual(module: nn.Module) -> bool:
 class QuantStudent(nn.Module):
     """The student with every conv quantised and each output on its own activation quantiser.
 
-    `log_depth=True` quantises the depth output as log-depth and exponentiates in float: what the
-    int8 files compute, whose output tails run in float (TFLite: targets/tflite_file.py `output_tails`;
-    onnxruntime's QDQ leaves the final Exp in float).
+    `requantize_outputs`: the outputs are rounded to int8 once more, as onnxruntime's int8 Resize
+    rounds the upsampled outputs (TFLite's output tails run in float: targets/tflite_file.py
+    `output_tails`), depth as log-depth with `log_depth=True`, exponentiated in float after (both
+    files run the final EXP in float).
     """
 
-    def __init__(self, student: nn.Module, log_depth: bool = False):
+    def __init__(self, student: nn.Module, log_depth: bool = False, requantize_outputs: bool = True):
         super().__init__()
         self.student = student
         self.log_depth = log_depth
-        self.output_quant = nn.ModuleDict({t: ActivationQuantizer() for t in student.tasks})
+        self.output_quant = nn.ModuleDict({t: ActivationQuantizer() for t in student.tasks} if requantize_outputs else {})
 
     @property
     def tasks(self):
@@ -245,6 +251,8 @@ class QuantStudent(nn.Module):
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         out = self.student(image)
+        if not self.output_quant:
+            return out
         if self.log_depth and "depth" in out:
             out["depth"] = self.output_quant["depth"](out["depth"].clamp_min(1e-6).log()).exp()
         return {t: v if t == "depth" and self.log_depth else self.output_quant[t](v) for t, v in out.items()}
@@ -299,7 +307,7 @@ def attention_kernels(model: nn.Module) -> set[str]:
 
 
 def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False, float_stem: int = 0,
-            weight_max: int = WMAX) -> QuantStudent:
+            weight_max: int = WMAX, requantize_outputs: bool = True) -> QuantStudent:
     """A fake-quantised copy of `student` (BN folded); `student` itself is left untouched.
 
     Every tensor the int8 file stores gets a quantiser: each convolution's input, its output
@@ -307,7 +315,8 @@ def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False, 
     branches that feed ADDs, the heads' last convolutions), and each residual block's sum.
     `float_stem`: the layers within N weighted layers of the input stay float, as the int8 files
     keep their input stem (`input_stem`); the output of the last layer is where the files quantise.
-    `weight_max`: the converter's largest integer weight (core/formats.py `Converter.int8_weight_max`)."""
+    `weight_max`: the converter's largest integer weight (core/formats.py `Converter.int8_weight_max`);
+    `requantize_outputs`: whether its file rounds the upsampled outputs again (`QuantStudent`)."""
     model = copy.deepcopy(student).eval()
     fold_batchnorm(model, example)
     pairs = producer_consumer_pairs(model, example, (nn.Conv2d,), (*FUSED_ACTIVATIONS, nn.Hardswish))
@@ -327,14 +336,18 @@ def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False, 
                 setattr(module, attr, QuantActivation(child))
             elif is_residual(child):   # its own children are swapped too: they are in the list above
                 setattr(module, attr, QuantResidual(child))
-    return QuantStudent(model, log_depth)
+    return QuantStudent(model, log_depth, requantize_outputs)
 
 
 @torch.no_grad()
-def calibrate(model: QuantStudent, images) -> None:
+def calibrate(model: QuantStudent, images, fresh: bool = False) -> None:
     """Initialise the activation ranges with the min/max over `images` batches (the converters'
-    rule) before QAT moves them by EMA. Observers on, no weight update."""
+    rule) before QAT moves them by EMA; `fresh`: forget the ranges first (after QAT, to measure
+    what the converter will). Observers on, no weight update."""
     quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    if fresh:
+        for q in quantizers:
+            q.seen.fill_(False)
     saved = [q.momentum for q in quantizers]
     model.train()
     for q in quantizers:
@@ -364,6 +377,6 @@ def finalize(model: QuantStudent) -> nn.Module:
 
 
 def activation_ranges(model: QuantStudent) -> dict[str, list[float]]:
-    """Learned (lo, hi) per quantiser, for reports."""
+    """(lo, hi) per quantiser as last observed, for reports."""
     return {n: [round(m.lo.item(), 5), round(m.hi.item(), 5)] for n, m in model.named_modules()
             if isinstance(m, ActivationQuantizer)}

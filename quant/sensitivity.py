@@ -150,9 +150,11 @@ def main(argv: list[str]) -> int:
                          f"validation images (data.num_val, or a val/ folder beside train/)")
     images = torch.stack([torch.as_tensor(val_ds[i]["image"]).float() for i in range(count)])
     calib = ptq.calibration_set(plain_train, args.calib, None, seed=args.seed, progress=False)
-    weight_max = FORMATS[args.format].converter().int8_weight_max
+    converter = FORMATS[args.format].converter()
+    weight_max = converter.int8_weight_max
     student = equalize(run.model, calib.images[:1], calib.batches())[0] if args.equalize else run.model
-    model = ptq.simulate(student, calib, log_depth=True, float_stem=args.float_stem, weight_max=weight_max)
+    model = ptq.simulate(student, calib, log_depth=True, float_stem=args.float_stem, weight_max=weight_max,
+                         requantize_outputs=converter.int8_requantized_outputs)   # TFLite's tails are float
     with torch.no_grad():
         reference = run.model.eval()(images)
     groups = tensor_groups(model, images)

@@ -73,3 +73,20 @@ def test_export_run_takes_natural_python_values_and_names_a_wrong_type(tmp_path)
                             ({"precisions": 8}, r"precisions=8: expected a tuple of names")):
         with pytest.raises(ValueError, match=message):
             checked_options(ExportOptions(**values))
+
+
+def test_export_run_gives_back_the_callers_thread_count_even_when_it_fails(tmp_path):
+    """export_run sets torch's threads to the plan's (2 by default) and left them so, a failure included:
+    a notebook's later work ran on another thread count than it had chosen."""
+    import torch
+
+    from quant import export_run
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(FileNotFoundError):
+            export_run(tmp_path / "no-run", target="tflite", threads=2)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -270,3 +270,41 @@ def test_sensitivity_groups_the_quantisers_of_one_tensor():
     everything = [[n for g in groups for n in g]]
     assert without(everything, fake, x, reference)[0]["depth_rel"] < 1e-6
     assert all(m.seen for m in fake.modules() if isinstance(m, qat.ActivationQuantizer))   # restored
+
+
+def test_the_outputs_are_rounded_again_only_where_the_converters_file_rounds_them():
+    """The heads' last convolutions write the int8 outputs. TFLite runs the upsampling and EXP after
+    them in float; onnxruntime's int8 Resize rounds the upsampled outputs again. The simulation
+    rounded them again for both, so quant.sensitivity ranked a tensor no TFLite file has."""
+    from core.formats import FORMATS
+    from quant import ptq
+    from quant.sensitivity import tensor_groups
+
+    assert FORMATS["onnx"].converter().int8_requantized_outputs
+    assert not any(c.int8_requantized_outputs for c in FORMATS["tflite"].converters)
+    model, x = randomized("mobilenetv3_small_050"), torch.rand(4, 3, 64, 96)
+    calib = ptq.CalibrationSet(None, {}, x)
+    tflite = ptq.simulate(model, calib, log_depth=True, requantize_outputs=False)
+    onnx = ptq.simulate(model, calib, log_depth=True, requantize_outputs=True)
+    with torch.no_grad():
+        inner, tflite_out, onnx_out = tflite.student(x), tflite(x), onnx(x)
+    assert all(torch.equal(tflite_out[t], inner[t]) for t in inner)   # nothing after the heads' int8 outputs
+    assert not torch.equal(onnx_out["seg"], inner["seg"])
+    names = {n for g in tensor_groups(tflite, x) for n in g}
+    assert names and not any(n.startswith("output_quant") for n in names)
+
+
+def test_the_ranges_recorded_after_qat_are_the_converters_min_max_not_the_ema():
+    """QAT moves the ranges by EMA; the converter measures min/max on the calibration images, and the
+    export records what it measures: a fresh calibration forgets the EMA's ranges."""
+    model, x = randomized("mobilenetv3_small_050"), torch.rand(4, 3, 64, 96)
+    fake = qat.prepare(model, x[:1])
+    qat.calibrate(fake, [x])
+    measured = qat.activation_ranges(fake)
+    for q in fake.modules():
+        if isinstance(q, qat.ActivationQuantizer):
+            q.lo.fill_(-100.0), q.hi.fill_(100.0)   # where 300 EMA steps might have left them
+    qat.calibrate(fake, [x])
+    assert qat.activation_ranges(fake) != measured   # min/max on top of a range only widens it
+    qat.calibrate(fake, [x], fresh=True)
+    assert qat.activation_ranges(fake) == measured
