@@ -170,7 +170,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bench-warmup", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16, help="fine-tune batch size (pruning and QAT)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seeds the calibration draw and the fine-tunes' batches (0: evenly spaced candidates)")
+                   help="seeds the calibration draw (0: evenly spaced candidates) and the order of the fine-tunes' "
+                        "batches; their augmentation follows the run's data.seed")
     p.add_argument("--threads", type=int, default=0,
                    help="CPU threads for conversion and bench (0 = the device profile's, else 2, capped at this "
                         "host's cores; a number given is used as given)")
