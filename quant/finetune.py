@@ -82,7 +82,9 @@ def finetune(student: torch.nn.Module, reference: torch.nn.Module, recipe: Recip
                              f"at learning rate {lr:g}; lower {lr_flag}, e.g. {lr_flag} {lr / 10:g}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, 1.0)):   # a NaN norm would write NaN weights
+            raise ValueError(f"{desc}: non-finite gradient norm at step {step} (loss {loss.item():.4g}) at learning "
+                             f"rate {lr:g}; the weights were not updated. Lower {lr_flag}, e.g. {lr_flag} {lr / 10:g}")
         optimizer.step()
         scheduler.step()
         if step >= steps - max(1, steps // 10):

@@ -87,3 +87,29 @@ def test_a_diverging_finetune_names_the_flag_of_its_learning_rate(tmp_path, monk
                                          r"e\.g\. --qat-lr 0\.0001$"):
         finetune(student, reference, recipe, train_ds, steps=2, lr=1e-3, batch_size=4, progress=False,
                  desc="QAT", log=lambda _: None, lr_flag="--qat-lr")
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_stops_the_finetune_before_its_step(tmp_path, monkeypatch):
+    """0 * sqrt(x - x) is 0 and its gradient NaN: clipping multiplied every gradient by that NaN norm and
+    the step wrote NaN weights, found only by the next step's loss."""
+    import quant.finetune as ft
+
+    monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path / "cache"))
+    recipe = replace(V3(), data=DataConfig(height=32, width=32, num_train=4, num_val=2))
+    train_ds, _ = build_datasets(recipe.data, progress=False)
+    student = build_student("mobilenetv3_small_050", decoder_channels=16)
+    real = ft.distillation_losses
+
+    def poisoned(out, ref, valid):
+        losses = real(out, ref, valid)
+        first = next(iter(losses))
+        return {**losses, first: losses[first] + 0 * torch.sqrt(losses[first] - losses[first])}
+
+    monkeypatch.setattr(ft, "distillation_losses", poisoned)
+    weights = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(ValueError, match=r"QAT: non-finite gradient norm at step 0 .* the weights were not updated\. "
+                                         r"Lower --qat-lr"):
+        finetune(student, copy.deepcopy(student), recipe, train_ds, steps=2, lr=1e-4, batch_size=4, progress=False,
+                 desc="QAT", log=lambda _: None, lr_flag="--qat-lr")
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in weights.items() if v.is_floating_point()
+               and not k.endswith(("running_mean", "running_var")))
