@@ -60,10 +60,11 @@ def listed_name(name: str, recorded: dict[str, str]) -> str | None:
     return next((listed for listed in recorded if listed.casefold() == name.casefold()), None)
 
 
-def verify_artefact(path: str | Path) -> bool:
+def verify_artefact(path: str | Path, skip: str = "--no-verify") -> bool:
     """Check `path` against the manifest.json beside it; True when it was checked, False when it sits
     outside an export directory (nothing recorded). IntegrityError when it differs, or when the
-    manifest does not list it (an unlisted file in an export directory would otherwise run unchecked)."""
+    manifest does not list it (an unlisted file in an export directory would otherwise run unchecked).
+    `skip`: how the caller's user turns the check off, for the message (a flag, or verify=False)."""
     path = Path(path)
     if not (path.parent / MANIFEST).is_file():
         return False
@@ -72,8 +73,8 @@ def verify_artefact(path: str | Path) -> bool:
     if name is None:
         raise IntegrityError(f"{path} is not listed in {path.parent / MANIFEST}, so nothing recorded vouches for it: "
                              f"run the export's own files ({', '.join(sorted(recorded))}), move it out of "
-                             f"{path.parent}, or pass --no-verify to run it anyway")
+                             f"{path.parent}, or pass {skip} to run it anyway")
     check_sha256(path, recorded[name], record=f"recorded in {path.parent / MANIFEST}",
                  fix="it changed after export (corrupted or edited). Re-export it (python -m quant.export ... "
-                     "--overwrite), or pass --no-verify to run it anyway")
+                     f"--overwrite), or pass {skip} to run it anyway")
     return True

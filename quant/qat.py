@@ -227,7 +227,8 @@ def is_residual(module: nn.Module) -> bool:
 
 
 class QuantStudent(nn.Module):
-    """The student with every conv quantised and each output on its own activation quantiser.
+    """The student with every conv quantised; with `requantize_outputs`, each output on its own
+    activation quantiser too.
 
     `requantize_outputs`: the outputs are rounded to int8 once more, as onnxruntime's int8 Resize
     rounds the upsampled outputs (TFLite's output tails run in float: targets/tflite_file.py

@@ -90,6 +90,9 @@ class LossConfig:
     dwa_temperature: float = 2.0
 
 
+SHUFFLE_STRIDE = 1_000_003   # train.shuffle_stride's default; make_loader's (distill/training/evaluation.py)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int | None = None            # None: sized for the device
@@ -103,7 +106,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.01           # cosine floor as a fraction of the peak learning rate
     grad_clip: float = 1.0               # max global gradient norm (0 = off)
     seed: int = 0
-    shuffle_stride: int = 1_000_003      # epoch e of seed s shuffles with s * this + e; 1 (before 2026-12-07) let seed s + 1 replay seed s's batch orders
+    shuffle_stride: int = SHUFFLE_STRIDE  # epoch e of seed s shuffles with s * this + e; 1 (before 2026-12-07) let seed s + 1 replay seed s's batch orders
     device: str = "auto"                 # auto | cpu | cuda | cuda:N
     amp: Literal["auto", "bf16", "off"] = "auto"   # training steps: auto = bf16 autocast on CUDA GPUs with native bf16 (Ampere+), else off (validation is float32)
     log_every: int = 20                  # steps between TensorBoard scalars

@@ -202,8 +202,9 @@ class CachedTeacher(Teacher):
         return [f"images: {len(wrong)} of {len(dataset)} differ from the cached ones (sha256 content hashes; "
                 f"{shown}): the cache was made from other images, or from photos that image folders turn "
                 f"upright by their EXIF orientation since 2026-12-05 (core/images.py), or from an image folder with "
-                f"an intrinsics.json, whose camera is part of each image's hash since 2026-12-06 (da3-metric's "
-                f"metres depend on it): label it again with python -m distill.cache_teacher"]
+                f"an intrinsics.json, whose camera is part of each image's hash since 2026-12-06, or from NYU's BTS "
+                f"lists, whose focal column is since 2026-12-07 (da3-metric's metres depend on both): label it "
+                f"again with python -m distill.cache_teacher"]
 
     def scan_finite(self) -> list[int]:
         """Indices (as in batch["index"]) of the served split's samples with any non-finite cached value."""

@@ -19,15 +19,13 @@ from distill.data.classes import IGNORE_INDEX, NYU13_NAMES
 from distill.metrics import (DepthBoundaryMetrics, DepthMetrics, SegBoundaryMetrics, SegMetrics, baseline_abs_rel,
                              gap_closed)
 from distill.recipes import Recipe, check_values, renders
+from distill.recipes.base import SHUFFLE_STRIDE
 from distill.teachers import TEACHERS, Teacher, teacher_for
 from distill.training.distributed import pick_device, to_device
 from distill.training.runs import load_run
 
 TEACHER_KEYS = ("abs_rel", "rmse", "d1", "silog", "abs_rel_aligned", "dbe_acc", "dbe_comp")
 FIT_KEYS = ("abs_rel", "abs_rel_aligned", "d1", "miou")   # `train_<key>`: the student on images it trained on
-
-
-SHUFFLE_STRIDE = 1_000_003   # epoch e of seed s shuffles with torch seed s * stride + e (below)
 
 
 def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers: int,

@@ -355,14 +355,15 @@ def settle_best(run_dir: Path, best: dict | None, ckpt: Path, epoch: int, log) -
     problem = "differed from its record" if final.is_file() else "was missing"
     weights = ckpt / "model.safetensors"
     metadata = load_metadata(weights)
+    value = json.loads(metadata.get("val", "{}")).get(best["metric"])
+    if best["epoch"] != epoch and not isinstance(value, (int, float)):   # refused before anything is written
+        raise ConfigError(f"resume={run_dir}: {final} {problem}, and {ckpt.name} does not record its "
+                          f"{best['metric']}; restore {final.name} from a copy of the run, or start a new run")
     save_weights(final, shipped_state(load_weights(weights)), metadata)
     if best["epoch"] == epoch:
         log(f"best.safetensors {problem}; written again from {ckpt.name}, which holds epoch {epoch}'s weights")
     else:
-        lost, value = dict(best), json.loads(metadata["val"]).get(best["metric"])
-        if not isinstance(value, (int, float)):
-            raise ConfigError(f"resume={run_dir}: {final} {problem}, and {ckpt.name} does not record its "
-                              f"{best['metric']}; restore {final.name} from a copy of the run, or start a new run")
+        lost = dict(best)
         best.update(epoch=epoch, value=float(value))
         log(f"warning: {final} {problem}: epoch {lost['epoch']}'s kept weights ({lost['metric']} {lost['value']:.4f}) "
             f"are lost. The kept weights are now {ckpt.name}'s (epoch {epoch}, {best['metric']} {value:.4f}), and "

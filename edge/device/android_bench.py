@@ -379,6 +379,7 @@ def bench(args) -> dict:
     """Push, run, parse: the record of one benchmark on the connected phone."""
     adb = find_adb()
     args.serial = check_device(adb, args.serial)
+    say_if_unchecked(args)   # the run goes ahead
     commands = benchmark_commands(args, adb)
     for command in commands[:-1]:
         run(command, timeout=300)
@@ -402,7 +403,6 @@ def main(argv=None) -> int:
         for command in benchmark_commands(args) + list(info_commands("adb", args.serial).values()):
             print(" ".join(shlex.quote(part) for part in command))
         return 0
-    say_if_unchecked(args)
     try:
         result = bench(args)
     except BenchError as error:

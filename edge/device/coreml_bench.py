@@ -166,6 +166,7 @@ def bench(args) -> dict:
         model.predict(feed)
     except Exception as error:
         fail("Core ML cannot run {} on compute units {} ({}: {})".format(args.model, units, type(error).__name__, error))
+    say_if_unchecked(args)   # the run goes ahead
     times = time_calls(lambda: model.predict(feed), args.runs, args.warmup)
     peak = peak_rss_mb()
     latency = latency_summary(times)
@@ -310,7 +311,6 @@ def main(argv=None) -> int:
         sys.stderr.write("error: " + NOT_MACOS.format(system=platform.system() or sys.platform, model=args.model)
                          + "\n")
         return 2
-    say_if_unchecked(args)
     result = bench(args)
     print_summary(result)
     if args.json:
