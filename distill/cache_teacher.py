@@ -306,17 +306,15 @@ def label_shards(teacher, data: Splits, job: dict, shards: list[int], out: Path,
 
 def prepare(recipe, options: dict, rank, device: torch.device, progress: bool):
     """(recipe resolved for the device, the samples, the teacher, the device kind's filled sizes)."""
-    from distill.data import UNLABELLED
+    from distill.data import unlabelled
     from distill.recipes import resolve_for_device
     from distill.teachers import teacher_for
+    from distill.teachers.base import needs_a_real_teacher
 
     recipe, filled = resolve_for_device(recipe, device.type)
     teacher = teacher_for(recipe.teacher).to(device)   # first: a bad name or source fails before any data work
-    if teacher.needs_ground_truth and options["split"] != "val" and \
-            recipe.data.dataset.partition(":")[0] in UNLABELLED:   # its labels would be zeros, every one
-        raise ConfigError(f"teacher {teacher.name} labels only where the dataset has ground-truth depth (embedded "
-                          f"teachers do) and {recipe.data.dataset} has none: use a real teacher "
-                          "(teacher.name=da2-metric teacher.source=...)")
+    if teacher.needs_ground_truth and options["split"] != "val" and unlabelled(recipe.data.dataset):
+        raise ConfigError(needs_a_real_teacher(teacher.name, recipe.data.dataset))   # its labels would all be zeros
     if not rank.main:   # rank 0 builds (generates) the data first; the others reuse it
         distributed.barrier(rank)
     data = build_split(recipe.data, options["split"], progress)

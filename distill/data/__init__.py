@@ -126,9 +126,14 @@ def check_sources(cfg) -> None:
             raise ValueError(f'data.{key}={spec!r} needs a path: "{name}:/path/to/data"')
         if path and not Path(path).exists():
             raise FileNotFoundError(f"data.{key}={spec}: {path} does not exist; give the path of the data")
-    if cfg.val_dataset.partition(":")[0] in UNLABELLED:
+    if unlabelled(cfg.val_dataset):
         raise ValueError(f"data.val_dataset={cfg.val_dataset}: an image folder has no ground truth to validate on; "
                          f"name a labelled set (e.g. data.val_dataset=synthrooms or nyu:/data/nyu)")
+
+
+def unlabelled(spec: str) -> bool:
+    """Whether a dataset spec ("name" or "name:path") names data without ground truth (an image folder)."""
+    return spec.partition(":")[0] in UNLABELLED
 
 
 def dataset_path(cfg) -> str:
@@ -139,4 +144,4 @@ def dataset_path(cfg) -> str:
     return path
 
 
-__all__ = ["DATASETS", "build_datasets", "cache_root", "check_sources", "dataset_path"]
+__all__ = ["DATASETS", "build_datasets", "cache_root", "check_sources", "dataset_path", "unlabelled"]

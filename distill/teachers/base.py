@@ -8,6 +8,12 @@ import torch
 from core.spaces import DepthSpace, ValueRange
 
 
+def needs_a_real_teacher(teacher_name: str, dataset: str) -> str:
+    """Why a teacher that labels only where ground truth exists cannot label `dataset`, and the fix."""
+    return (f"teacher {teacher_name} labels only where the dataset has ground-truth depth (embedded teachers do) "
+            f"and {dataset} has none: use a real teacher (teacher.name=da2-metric teacher.source=...)")
+
+
 class Teacher(ABC):
     """Produces pseudo-label depth for a batch of the project's sample schema.
 

@@ -36,6 +36,7 @@ from distill.recipes import Recipe, check_values, resolve_for_device
 from distill.students import build_student, check_pretrained, count_macs, load_weights_into, shipped_state
 from distill.students.model import AUX_PREFIX
 from distill.teachers import Teacher
+from distill.teachers.base import needs_a_real_teacher
 from distill.training import distributed
 from distill.training.distributed import pick_device, to_device
 from distill.training.evaluation import (constant_baseline, evaluate, evaluate_fit, make_loader, teacher_reference,
@@ -426,10 +427,8 @@ def preflight_stage(model, loader: DataLoader, teacher: Teacher, recipe: Recipe,
         targets = [depth_target(b, recipe) for b in probe]
         supervised = torch.cat([t[v] for t, v in targets])
         if supervised.numel() == 0:
-            raise PreflightError(f"pre-flight: no pixel of the first {len(probe)} batches has a training target. "
-                                 f"Teacher {teacher.name} labels only where the dataset has ground-truth depth "
-                                 f"(embedded teachers do) and {recipe.data.dataset} has none: use a real teacher "
-                                 f"(teacher.name=da2-metric teacher.source=...) or a dataset with depth")
+            raise PreflightError(f"pre-flight: no pixel of the first {len(probe)} batches has a training target: "
+                                 f"{needs_a_real_teacher(teacher.name, recipe.data.dataset)} or a dataset with depth")
         model.heads["depth"].init_depth(supervised.median().item())
         with torch.no_grad():
             model.eval()
