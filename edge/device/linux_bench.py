@@ -327,11 +327,16 @@ def print_summary(result: dict) -> None:
 MANIFEST = "manifest.json"   # quant.export writes it beside the artefacts, with each one's sha256
 
 
+def manifest_beside(path: str) -> str:
+    """The manifest.json an export wrote beside its artefact `path` (a file, or an .mlpackage folder)."""
+    return os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
+
+
 def manifest_problem(path: str):
     """Why `path` differs from the manifest.json of the export beside it, or None when it matches
     (or no manifest is there: a file copied alone). The same check as densekit's core/manifest.py,
     so a copy cut short on its way to the device is not timed."""
-    manifest = os.path.join(os.path.dirname(os.path.abspath(path)), MANIFEST)
+    manifest = manifest_beside(path)
     if not os.path.isfile(manifest):
         return None
     try:
@@ -398,7 +403,7 @@ def parse_args(argv=None):
 
 def say_if_unchecked(args) -> None:
     """A file copied without the export's manifest is timed unchecked: say so, once the run goes ahead."""
-    if not args.no_verify and not os.path.isfile(os.path.join(os.path.dirname(os.path.abspath(args.model)), MANIFEST)):
+    if not args.no_verify and not os.path.isfile(manifest_beside(args.model)):
         print("note: no {} beside {}, so its sha256 is not checked (a copy cut short would be timed); copy the "
               "export's {} beside it".format(MANIFEST, args.model, MANIFEST), file=sys.stderr)
 
