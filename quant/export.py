@@ -763,8 +763,7 @@ def int8_stage(run, model, train_ds, plain_train, work, opts: ExportOptions, log
         return model, calib.files, report
     # The heads' last convolutions write int8 log-depth; the upsampling runs in float (TFLite) or
     # re-rounds on its input's scale (onnxruntime), and EXP runs in float in both.
-    fake = ptq.simulate(model, calib, log_depth=True, float_stem=opts.float_stem, weight_max=weight_max,
-                        requantize_outputs=converter.int8_requantized_outputs)
+    fake = ptq.simulate(model, calib, converter, log_depth=True, float_stem=opts.float_stem)
     finetune(fake, model, run.recipe, train_ds, steps=opts.qat_steps, lr=opts.qat_lr, batch_size=opts.batch_size,
              seed=opts.seed, desc="QAT", progress=opts.progress, log=log, lr_flag="--qat-lr")
     qat.calibrate(fake, calib.batches(), fresh=True)   # QAT's ranges moved by EMA; the converter measures these

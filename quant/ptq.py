@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from calibration import Selection, select_calibration, write_calibration
+from core.formats import Converter
 from quant import qat
 
 
@@ -34,15 +35,16 @@ def calibration_set(dataset, size: int, out_dir: Path | None, *, seed: int = 0, 
     return CalibrationSet(selection, files, images)
 
 
-def simulate(student: torch.nn.Module, calib: CalibrationSet, log_depth: bool = False,
-             float_stem: int = 0, weight_max: int = qat.WMAX, *, requantize_outputs: bool) -> qat.QuantStudent:
+def simulate(student: torch.nn.Module, calib: CalibrationSet, converter: Converter, log_depth: bool = False,
+             float_stem: int = 0) -> qat.QuantStudent:
     """The int8 model PTQ produces, simulated in PyTorch: BN folded, ranges by min/max on `calib`.
-    `log_depth`: the int8 file quantises log-depth and runs its final EXP in float (qat.QuantStudent);
-    `float_stem`: it keeps the layers within N weighted layers of the input in float (qat.prepare);
-    `weight_max`: its largest integer weight (core/formats.py `Converter.int8_weight_max`);
-    `requantize_outputs`: whether it rounds the upsampled outputs again (`Converter.int8_requantized_outputs`:
-    onnxruntime's files do, TFLite's do not; asked, not defaulted, as the two files differ)."""
-    model = qat.prepare(student, calib.images[:1], log_depth, float_stem, weight_max, requantize_outputs)
+    `converter`: whose int8 file (core/formats.py: its weight grid, `int8_weight_max`, and whether
+    it rounds the upsampled outputs again, `int8_requantized_outputs`: onnxruntime's files do,
+    TFLite's do not); `log_depth`: the int8 file quantises log-depth and runs its final EXP in float
+    (qat.QuantStudent); `float_stem`: it keeps the layers within N weighted layers of the input in
+    float (qat.prepare)."""
+    model = qat.prepare(student, calib.images[:1], log_depth, float_stem, converter.int8_weight_max,
+                        converter.int8_requantized_outputs)
     qat.calibrate(model, calib.batches())
     return model
 

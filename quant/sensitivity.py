@@ -151,13 +151,12 @@ def main(argv: list[str]) -> int:
     images = torch.stack([torch.as_tensor(val_ds[i]["image"]).float() for i in range(count)])
     calib = ptq.calibration_set(plain_train, args.calib, None, seed=args.seed, progress=False)
     converter = FORMATS[args.format].converter()
-    weight_max = converter.int8_weight_max
     student = equalize(run.model, calib.images[:1], calib.batches())[0] if args.equalize else run.model
-    model = ptq.simulate(student, calib, log_depth=True, float_stem=args.float_stem, weight_max=weight_max,
-                         requantize_outputs=converter.int8_requantized_outputs)   # TFLite's tails are float
+    model = ptq.simulate(student, calib, converter, log_depth=True, float_stem=args.float_stem)
     with torch.no_grad():
         reference = run.model.eval()(images)
     groups = tensor_groups(model, images)
+    weight_max = converter.int8_weight_max
     print(f"{run.name}: {args.format} int8 (weights in [-{weight_max}, {weight_max}]), {sum(map(len, groups))} "
           f"quantisers on {len(groups)} tensors, {count} validation images, {len(calib.images)} calibration images",
           flush=True)

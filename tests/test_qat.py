@@ -284,8 +284,8 @@ def test_the_outputs_are_rounded_again_only_where_the_converters_file_rounds_the
     assert not any(c.int8_requantized_outputs for c in FORMATS["tflite"].converters)
     model, x = randomized("mobilenetv3_small_050"), torch.rand(4, 3, 64, 96)
     calib = ptq.CalibrationSet(None, {}, x)
-    tflite = ptq.simulate(model, calib, log_depth=True, requantize_outputs=False)
-    onnx = ptq.simulate(model, calib, log_depth=True, requantize_outputs=True)
+    tflite = ptq.simulate(model, calib, FORMATS["tflite"].converter(), log_depth=True)
+    onnx = ptq.simulate(model, calib, FORMATS["onnx"].converter(), log_depth=True)
     with torch.no_grad():
         inner, tflite_out, onnx_out = tflite.student(x), tflite(x), onnx(x)
     assert all(torch.equal(tflite_out[t], inner[t]) for t in inner)   # nothing after the heads' int8 outputs
