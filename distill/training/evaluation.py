@@ -33,8 +33,8 @@ def make_loader(ds: Dataset, batch_size: int, *, train: bool, seed: int, workers
     """Training: shuffled as a function of (seed, epoch) only, so a resumed run sees exactly the
     batches it would have seen. torch's sampler seeds epoch e with seed + e, so seed s + 1 replayed
     seed s's batch orders one epoch earlier (what `shuffle_stride=1` still does, for runs saved
-    before 2026-12-07); seed s takes s * shuffle_stride instead, and seed 0 shuffles as it did. Under torchrun each of `world` ranks takes every world-th index of
-    the same permutation with `batch_size` = global batch / world, so step k's batches of all ranks
+    before 2026-12-07); seed s takes s * shuffle_stride instead, and seed 0 shuffles as it did.
+    Under torchrun each of `world` ranks takes every world-th index of the same permutation with `batch_size` = global batch / world, so step k's batches of all ranks
     together are the single-process run's batch k. The sampler drops the permutation's tail rather
     than padding it with repeated images, so every world size takes floor(len / global batch) steps."""
     sampler = (DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True, drop_last=True,
