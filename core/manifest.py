@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Iterable
 
 from core.formats import SUFFIXES
 from core.io import IntegrityError, check_sha256, matches_record
@@ -60,11 +61,11 @@ def listed_name(name: str, recorded: dict[str, str]) -> str | None:
     return next((listed for listed in recorded if listed.casefold() == name.casefold()), None)
 
 
-def verify_artefact(path: str | Path, skip: str = "--no-verify") -> bool:
+def verify_artefact(path: str | Path, skip: str = "verify=False") -> bool:
     """Check `path` against the manifest.json beside it; True when it was checked, False when it sits
     outside an export directory (nothing recorded). IntegrityError when it differs, or when the
     manifest does not list it (an unlisted file in an export directory would otherwise run unchecked).
-    `skip`: how the caller's user turns the check off, for the message (a flag, or verify=False)."""
+    `skip`: how the caller's user turns the check off, for the message (the API's keyword, or a flag)."""
     path = Path(path)
     if not (path.parent / MANIFEST).is_file():
         return False
@@ -78,3 +79,12 @@ def verify_artefact(path: str | Path, skip: str = "--no-verify") -> bool:
                  fix="it changed after export (corrupted or edited). Re-export it (python -m quant.export ... "
                      f"--overwrite), or pass {skip} to run it anyway")
     return True
+
+
+def verify_command_arguments(paths: Iterable[str | Path]) -> None:
+    """`verify_artefact` for a command's artefact arguments, before it calls its Python API with
+    verify=False, so that a refusal names the command's flag (--no-verify) rather than the API's
+    keyword. A path that does not exist is left to the API's own check, which names it."""
+    for path in paths:
+        if Path(path).exists():
+            verify_artefact(path, skip="--no-verify")

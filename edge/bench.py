@@ -51,7 +51,7 @@ import numpy as np
 from core.cli import ArgumentParser, at_least, command, threads_option
 from core.formats import FORMATS
 from core.io import check_output_file
-from core.manifest import verify_artefact
+from core.manifest import verify_artefact, verify_command_arguments
 from edge.device.linux_bench import latency_summary, peak_rss_mb  # device and host measure alike
 from edge.host import describe_cpu, device_cpu, host_device
 from edge.run import write_json
@@ -240,12 +240,14 @@ def main(argv: list[str]) -> int:
     threads_option("--threads", args.threads)
     if args.json:
         check_output_file(args.json, "--json")
+    if not args.no_verify:
+        verify_command_arguments(args.artefact)
     if len(args.artefact) > 1:
         result = bench_side_by_side(args.artefact, threads=args.threads, runs=args.runs, warmup=args.warmup,
-                                    executor=args.executor, verify=not args.no_verify)
+                                    executor=args.executor, verify=False)
     else:
         result = bench_artefact(args.artefact[0], threads=args.threads, runs=args.runs, warmup=args.warmup,
-                                executor=args.executor, verify=not args.no_verify)
+                                executor=args.executor, verify=False)
     print(compare_summary(result) if len(args.artefact) > 1 else summary(result))
     if args.json:
         write_json(args.json, result)

@@ -36,7 +36,7 @@ import numpy as np
 
 from core.cli import ArgumentParser, at_least, command, threads_option
 from core.io import check_output_file
-from core.manifest import verify_artefact
+from core.manifest import verify_artefact, verify_command_arguments
 from edge.device.linux_bench import time_invokes  # the on-device script's timing loop (milliseconds)
 from edge.run import write_json
 
@@ -205,7 +205,9 @@ def main(argv: list[str]) -> int:
     at_least("--top", args.top, 1)
     if args.json:
         check_output_file(args.json, "--json")
-    result = profile(args.model, args.threads, args.runs, progress=True, verify=not args.no_verify)
+    if not args.no_verify:
+        verify_command_arguments([args.model])
+    result = profile(args.model, args.threads, args.runs, progress=True, verify=False)
     print(summary(result, args.top))
     if args.json:
         write_json(args.json, result)

@@ -33,7 +33,7 @@ import numpy as np
 
 from core import io as core_io
 from core.cli import ArgumentParser, command, threads_option
-from core.manifest import verify_artefact
+from core.manifest import verify_artefact, verify_command_arguments
 from edge.photos import IMAGE_SUFFIXES, check_photos, image_files, read_photos, write_maps
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner
 
@@ -147,7 +147,9 @@ def main(argv: list[str]) -> int:
     if args.logits and out.suffix.lower() != ".npz":
         raise BadInput(f"--logits stores the logits in an .npz, but --out {args.out} is a folder of PNG maps; "
                        f"give an --out ending in .npz, or drop --logits")
-    check_artefact(args.artefact, args.executor, not args.no_verify)
+    check_artefact(args.artefact, args.executor, verify=False)
+    if not args.no_verify:
+        verify_command_arguments([args.artefact])
     files = input_files(args.inputs)   # none: one .npy, read before the runtime opens so that a bad one fails at once
     arrays = None if files else read_inputs(args.inputs[0])
     runner = open_runner(args.artefact, threads=args.threads, executor=args.executor, verify=False)   # checked above

@@ -258,7 +258,7 @@ def open_runner(path: str | Path, *, threads: int | None = None, executor: str =
     """
     fmt = FORMATS[artefact_format(path, executor)]
     if verify:
-        verify_artefact(path, skip="verify=False")
+        verify_artefact(path)
     options = {"executor": executor} if len(fmt.executors) > 1 else {}
     return runner_class(path, executor)(Path(path), threads=threads, **options)
 

@@ -41,7 +41,7 @@ import numpy as np
 from core.cli import ArgumentParser, at_least, command, threads_option
 from core.graph import output_tails
 from core.io import check_output_file
-from core.manifest import verify_artefact
+from core.manifest import verify_artefact, verify_command_arguments
 from edge.op_profile import cut_model, load_model, op_name, seeded_interpreter
 from edge.run import write_json
 
@@ -243,7 +243,9 @@ def main(argv: list[str]) -> int:
     at_least("--runs", args.runs, 1)
     if args.json:
         check_output_file(args.json, "--json")
-    result = profile(args.models, args.sections, args.threads, args.runs, progress=True, verify=not args.no_verify)
+    if not args.no_verify:
+        verify_command_arguments(args.models)
+    result = profile(args.models, args.sections, args.threads, args.runs, progress=True, verify=False)
     print(summary(result))
     if args.json:
         write_json(args.json, result)

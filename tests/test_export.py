@@ -474,6 +474,13 @@ def test_a_flipped_byte_is_refused_by_name_where_the_artefact_is_used(tflite_exp
         # --no-verify runs it (its output may be nonsense: a flipped byte; or the runtime refuses it, exit 1)
         assert run_main([str(victim), "--inputs", str(inputs), "--out", str(tmp_path / "o.npz"), "--no-verify"]) in (0, 1)
         assert "differs from the sha256" not in capsys.readouterr().err
+        # the Python API names its own keyword, not the commands' flag
+        from edge import bench_artefact, run_artefact
+        from edge.op_profile import profile
+        for call in (lambda: run_artefact(victim, np.load(inputs)), lambda: bench_artefact(victim, runs=1),
+                     lambda: profile(victim, runs=1)):
+            with pytest.raises(ValueError, match="differs from the sha256 .*pass verify=False to run it anyway"):
+                call()
     finally:
         victim.write_bytes(original)
     assert verify_main([str(tmp_path)]) == 2   # nothing was exported here

@@ -173,7 +173,7 @@ def test_an_export_directory_vouches_only_for_the_files_its_manifest_lists(tmp_p
     """An unlisted file beside a manifest.json would otherwise run unchecked; a name in another case
     (MODEL.TFLITE opens model.tflite on macOS) is checked against its record; an entry without a
     64-digit sha256 is refused as a damaged manifest, not a crash."""
-    from core.manifest import IntegrityError, verify_artefact
+    from core.manifest import IntegrityError, verify_artefact, verify_command_arguments
 
     (tmp_path / "model.tflite").write_bytes(b"the artefact")
     entry = {"path": "model.tflite", "sha256": io.sha256(tmp_path / "model.tflite")}
@@ -186,8 +186,11 @@ def test_an_export_directory_vouches_only_for_the_files_its_manifest_lists(tmp_p
         verify_artefact(tmp_path / "MODEL.TFLITE")
     (tmp_path / "other.tflite").write_bytes(b"dropped in later")
     with pytest.raises(IntegrityError, match=r"other.tflite is not listed in .*run the export's own files "
-                                             r"\(model.tflite\).*--no-verify"):
-        verify_artefact(tmp_path / "other.tflite")
+                                             r"\(model.tflite\).*pass verify=False"):
+        verify_artefact(tmp_path / "other.tflite")   # the API's keyword; the commands name their flag
+    with pytest.raises(IntegrityError, match=r"other.tflite is not listed in .*pass --no-verify"):
+        verify_command_arguments([tmp_path / "other.tflite", tmp_path / "missing.tflite"])
+    verify_command_arguments([tmp_path / "missing.tflite"])   # left to the command's own check, which names it
     assert not verify_artefact(tmp_path.parent / "outside.tflite")   # no manifest: nothing recorded
     from core.manifest import verify_export   # python -m quant.verify names what edge.run would refuse
     assert verify_export(tmp_path) == ["MODEL.TFLITE: sha256 differs from the manifest's model.tflite",
