@@ -80,7 +80,8 @@ def rows(manifests: dict[str, dict]) -> list[dict]:
                 "abs_rel_change": _ratio(artefact.get("abs_rel"), float_.get("abs_rel")),
                 "miou_change_pt": _diff_pt(artefact.get("miou"), float_.get("miou")),
                 "passed": validation.get("pass"), "pruned": "exported_macs" in model,
-                "cpu": describe_cpu(device_cpu(bench["device"])) if "device" in (bench or {}) else None})
+                "cpu": describe_cpu(device_cpu(bench["device"])) if "device" in (bench or {}) else None,
+                "source_sha256": manifest["config"].get("source_checkpoint", {}).get("sha256")})
     order = {p: i for i, p in enumerate(PRECISION_ORDER)}
     return sorted(found, key=lambda r: (r["pruned"], -r["macs"], r["export"], order.get(r["precision"], len(order))))
 
@@ -107,10 +108,26 @@ def markdown(table_rows: list[dict]) -> str:
                      f"| {_cell(r['abs_rel'], '.4f')} "
                      f"| {_cell(r['miou'], '.3f')} | {_cell(r['abs_rel_change'], '+.2%')} "
                      f"| {_cell(r['miou_change_pt'], '+.2f')} | {gates} |")
-    return ("\n".join(lines) + "\n\nAccuracy: each artefact executed on the first `images` validation images "
-            "(quant.export --check; compare rows of equal counts). Latency: each export's own bench, taken at "
-            f"different times {latency_hosts(table_rows)}; for a speed ratio, interleave the files on one host: "
-            "python -m edge.bench A B --threads 2.\n")
+    return ("\n".join(lines) + f"\n\n{mixed_sources(table_rows)}Accuracy: each artefact executed on the first "
+            "`images` validation images (quant.export --check; compare rows of equal counts). Latency: each export's "
+            f"own bench, taken at different times {latency_hosts(table_rows)}; for a speed ratio, interleave the "
+            "files on one host: python -m edge.bench A B --threads 2.\n")
+
+
+def mixed_sources(table_rows: list[dict]) -> str:
+    """A warning when the exports side by side were made from different weights of the run (one
+    exported from a checkpoint while it trained, another after it finished or was resumed): their
+    accuracy differences are then not what compression cost. Empty when they share one source."""
+    sources: dict[str, list[str]] = {}
+    for r in table_rows:
+        if r["export"] not in sources.setdefault(r["source_sha256"] or "not recorded", []):
+            sources[r["source_sha256"] or "not recorded"].append(r["export"])
+    if len(sources) <= 1:
+        return ""
+    return ("**These exports were made from DIFFERENT weights of the run**, so their accuracy differences are not "
+            "what compression cost: " + "; ".join(f"sha256 {source[:12]} ({', '.join(exports)})"
+                                                   for source, exports in sources.items())
+            + ". Export them again from the run as it is now (python -m quant.export ... --overwrite).\n\n")
 
 
 def latency_hosts(table_rows: list[dict]) -> str:
@@ -161,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     for name, manifest in found.items():
         by_format.setdefault(manifest["config"]["format"], {})[name] = manifest
     for fmt, manifests in sorted(by_format.items()):
-        print(f"## {root.name}: {fmt}\n\n" + markdown(rows(manifests)))
+        table_rows = rows(manifests)
+        if mixed_sources(table_rows):
+            print(f"warning: the {fmt} exports of {root.name} were made from different weights of the run "
+                  f"(see the table's note); export them again from the run as it is now", file=sys.stderr)
+        print(f"## {root.name}: {fmt}\n\n" + markdown(table_rows))
     return 0
 
 

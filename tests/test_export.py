@@ -784,6 +784,31 @@ def test_compression_table_names_the_cpus_of_its_latencies():
     mixed = markdown(rows({"tflite": manifest("AMD EPYC", []), "tflite-pruned-0.5x": manifest("Xeon", ["amx_int8"])}))
     assert ("on DIFFERENT CPUs, whose latencies do not compare: AMD EPYC (avx2; no int8 dot-product instructions) "
             "(tflite); Xeon (avx2; int8 dot products: amx_int8) (tflite-pruned-0.5x);") in mixed
+    assert "DIFFERENT weights" not in mixed   # neither records its source: nothing to compare
+
+
+def test_compression_table_warns_when_exports_came_from_different_weights(tmp_path, capsys):
+    """An export made from a checkpoint while the run trained, another after it finished: the
+    accuracy columns differ by more than compression, and the table and the command say so."""
+    from quant.compression import main, markdown, rows
+
+    def manifest(sha: str) -> dict:
+        return {"config": {"format": "tflite", "model": {"macs": 112e6, "params": 1.1e6},
+                           "source_checkpoint": {"path": "best.safetensors", "sha256": sha}},
+                "artefacts": [{"path": "m_int8.tflite", "sha256": "c" * 64, "precision": "int8", "format": "tflite",
+                               "bytes": 1e6, "validation": {}, "bench": None}]}
+
+    same = markdown(rows({"tflite": manifest("a" * 64), "tflite-pruned-0.5x": manifest("a" * 64)}))
+    assert "DIFFERENT weights" not in same
+    mixed = markdown(rows({"tflite": manifest("a" * 64), "tflite-pruned-0.5x": manifest("b" * 64)}))
+    assert ("made from DIFFERENT weights of the run**, so their accuracy differences are not what compression cost: "
+            f"sha256 {'a' * 12} (tflite); sha256 {'b' * 12} (tflite-pruned-0.5x)") in mixed
+    for name, sha in (("tflite", "a" * 64), ("tflite-pruned-0.5x", "b" * 64)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest(sha)))
+    assert main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "DIFFERENT weights" in out and "warning: the tflite exports of" in err
 
 
 def test_device_target_runs_the_whole_chain(run_dir, tmp_path):
