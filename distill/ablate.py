@@ -27,7 +27,9 @@ CPU-default validation split move a student's abs_rel about as much as a seed do
 held-out measurement fails keeps its own figures, with the error beside them. An OUT that already
 holds an ablation is refused, unless `--resume` is given with the same command: the rows that
 finished are kept, a run stopped after a checkpoint continues from it (`resume=`), a finished run
-whose held-out measurement was cut short is measured, and the rest train. Exit status: 0 all runs
+whose held-out measurement was cut short is measured, and the rest train; a run that trained
+another recipe than the command builds now (a default changed since, or the device) is refused,
+since its row would not compare with the rest. Exit status: 0 all runs
 finished and measured, 1 some failed, 2 a bad command line.
 """
 from __future__ import annotations
@@ -477,6 +479,8 @@ def main(argv: list[str]) -> int:
             raise ConfigError(f"--out {out} already holds an ablation (ablation.json); continue it with --resume "
                               f"(the same command), choose another --out, or move that one away to start again")
         rows = resumed_rows(out, args.recipe, grid, metrics, heldout) if args.resume else None
+        if rows is not None:
+            check_rows_trained_as_built(out, grid, recipes, rows)
         combos = grid.combinations()
         print(f"ablation of {args.recipe}: {len(combos)} runs ({' x '.join(grid.axes)}) -> {out}"
               + (f"; common: {' '.join(grid.common)}" if grid.common else ""))
@@ -552,6 +556,39 @@ def run_grid(recipe_name: str, grid: Grid, recipes: list[Recipe], out: Path, met
 def finished(row: dict) -> bool:
     """Trained, and measured on the held-out split where one was asked for."""
     return row["status"] == "ok" and not row["error"]
+
+
+def check_rows_trained_as_built(out: Path, grid: Grid, recipes: list[Recipe], rows: list[dict]) -> None:
+    """ConfigError when a row's run (finished, or left with a checkpoint) trained another recipe than
+    this command builds for it now: a default changed in the code (or the device did) since the grid
+    started, so resuming would put rows trained under two rules in one table."""
+    from distill.recipes import load_saved
+
+    for i, (combination, recipe, row) in enumerate(zip(grid.combinations(), recipes, rows)):
+        run_dir = Path(row["run_dir"]) if row.get("run_dir") else left_behind(out / run_name(i, combination))
+        if run_dir is None or not (run_dir / "config.json").is_file():
+            continue
+        changed = recipe_changes(load_saved(run_dir), sized(recipe))
+        if changed:
+            shown = ", ".join(f"{key}={before!r} (now {after!r})" for key, before, after in changed[:4])
+            raise ConfigError(f"--resume: row {run_name(i, combination)} trained with {shown}"
+                              + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+                              + f", which this command no longer builds (the code's defaults or the device changed "
+                                f"since the grid started); its rows would not compare: start the grid again in "
+                                f"another --out (the runs in {out} are kept)")
+
+
+def recipe_changes(saved: Recipe, built: Recipe, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(dotted key, saved value, built value) of every field the two recipes set differently; where
+    the runs go and how a process started (`out_dir`, `resume`) are not what a run trains."""
+    changes = []
+    for f in fields(saved):
+        before, after = getattr(saved, f.name), getattr(built, f.name)
+        if is_dataclass(before) and is_dataclass(after):
+            changes += recipe_changes(before, after, f"{prefix}{f.name}.")
+        elif before != after and f"{prefix}{f.name}" not in ("out_dir", "resume"):
+            changes.append((f"{prefix}{f.name}", before, after))
+    return changes
 
 
 def ablation_to_resume(out: Path) -> Path:

@@ -256,6 +256,19 @@ def test_resume_keeps_finished_rows_and_continues_a_stopped_run(tmp_path, capsys
     whole = json.loads((second / "summary.json").read_text())["wall_s"]
     assert whole <= rows[1]["wall_s"] < whole + 2 and rows[1]["wall_s"] > 0.5 * saved["runs"][1]["wall_s"]
 
+    # the first row trained before a default changed (as runs before train.shuffle_stride existed):
+    # the rows left to train would follow another rule than it, so the resume is refused
+    config = first / "config.json"
+    recorded = json.loads(config.read_text())
+    config.write_text(json.dumps({**recorded, "train": {k: v for k, v in recorded["train"].items()
+                                                        if k != "shuffle_stride"}}))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert (f"--resume: row {first.parent.name} trained with train.shuffle_stride=1 (now 1000003), which this "
+            f"command no longer builds") in err and "start the grid again in another --out" in err, err
+    config.write_text(json.dumps(recorded))
+
     (out / "ablation.json").rename(tmp_path / "moved-away.json")   # a new grid there: nothing left is reused
     assert main(args) == 0
     assert all(len(list((out / Path(row["run_dir"]).parent.name).glob("v3-*"))) == 2 for row in rows)
