@@ -563,12 +563,13 @@ def check_rows_trained_as_built(out: Path, grid: Grid, recipes: list[Recipe], ro
     this command builds for it now: a default changed in the code (or the device did) since the grid
     started, so resuming would put rows trained under two rules in one table."""
     from distill.recipes import load_saved
+    from distill.training.loop import ADAPTED_TO_DATA
 
     for i, (combination, recipe, row) in enumerate(zip(grid.combinations(), recipes, rows)):
         run_dir = Path(row["run_dir"]) if row.get("run_dir") else left_behind(out / run_name(i, combination))
         if run_dir is None or not (run_dir / "config.json").is_file():
             continue
-        changed = recipe_changes(load_saved(run_dir), sized(recipe))
+        changed = [c for c in recipe_changes(load_saved(run_dir), sized(recipe)) if c[0] not in ADAPTED_TO_DATA]
         if changed:
             shown = ", ".join(f"{key}={before!r} (now {after!r})" for key, before, after in changed[:4])
             raise ConfigError(f"--resume: row {run_name(i, combination)} trained with {shown}"

@@ -103,6 +103,10 @@ def known_camera(sample: dict) -> bool:
     return k is not None and bool(torch.isfinite(torch.as_tensor(k)).all()) and bool((torch.as_tensor(k)[:2] > 0).all())
 
 
+# Keys a run may set from its data (below): its config.json can hold another value than was asked for.
+ADAPTED_TO_DATA = ("loss.normal_weight",)
+
+
 def without_unusable_normals(recipe: Recipe, sample: dict, teacher: Teacher, log) -> Recipe:
     """The recipe with `loss.normal_weight` 0 where surface normals cannot be had: images without a
     camera, or a target that is not metric depth (a relative teacher's normals are not the scene's).
