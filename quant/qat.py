@@ -26,7 +26,8 @@ always containing 0) calibrated by min/max. QAT here simulates that:
 3. `finalize` returns a plain float student whose weights sit exactly on their int8 grid. The
    converter's weight quantisation then reproduces QAT's integer weights bit for bit (max|w| is on
    the grid, so the scale is unchanged). The activation ranges are not carried over: during QAT they
-   follow the weights by EMA, and the converter measures its own by min/max on the calibration set;
+   follow the weights by EMA, and the converter measures its own by min/max on the calibration set
+   (on the float model);
    `calibrate(..., fresh=True)` measures them that way on the simulation after QAT, which is what
    the export records. The export's converter checks
    the int8 file against the QAT model it came from (manifest `check`, `reference: int8`); the
@@ -129,6 +130,7 @@ class ActivationQuantizer(nn.Module):
     def __init__(self, momentum: float = 0.01):
         super().__init__()
         self.momentum = momentum     # None: running min/max (calibration), else EMA (training)
+        self.quantize = True         # False: observe only (`calibrate` measures the float activations)
         self.register_buffer("lo", torch.tensor(0.0))
         self.register_buffer("hi", torch.tensor(0.0))
         self.register_buffer("seen", torch.tensor(False))
@@ -152,7 +154,7 @@ class ActivationQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             self.observe(x)
-        if not self.seen:   # no range observed yet
+        if not self.seen or not self.quantize:   # no range observed yet, or calibrating
             return x
         scale, zero = self.qparams()
         return torch.fake_quantize_per_tensor_affine(x, scale, zero, QMIN, QMAX)
@@ -169,10 +171,11 @@ class QuantConv2d(nn.Module):
         self.weight_max = weight_max
         self.input_quant = ActivationQuantizer()
         self.output_quant = ActivationQuantizer() if quantize_output else nn.Identity()
+        self.quantize = True   # False: float weights (`calibrate`)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
-        weight = fake_quant_weight(c.weight, self.weight_max)
+        weight = fake_quant_weight(c.weight, self.weight_max) if self.quantize else c.weight
         x = F.conv2d(self.input_quant(x), weight, c.bias, c.stride, c.padding, c.dilation, c.groups)
         return self.output_quant(x)
 
@@ -342,9 +345,11 @@ def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False, 
 
 @torch.no_grad()
 def calibrate(model: QuantStudent, images, fresh: bool = False) -> None:
-    """Initialise the activation ranges with the min/max over `images` batches (the converters'
-    rule) before QAT moves them by EMA; `fresh`: forget the ranges first (after QAT, to measure
-    what the converter will). Observers on, no weight update."""
+    """Initialise the activation ranges with the min/max over `images` batches before QAT moves
+    them by EMA; `fresh`: forget the ranges first (after QAT, to measure what the converter will).
+    Measured as the converters measure them: on the float model, every quantiser and weight grid
+    off, so that no range depends on the rounding upstream of it (with rounding on, 69% of a v3
+    student's ranges moved by more than one int8 step). Observers on, no weight update."""
     quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
     if fresh:
         for q in quantizers:
@@ -353,11 +358,22 @@ def calibrate(model: QuantStudent, images, fresh: bool = False) -> None:
     model.train()
     for q in quantizers:
         q.momentum = None
-    for batch in images:
-        model(batch)
-    for q, m in zip(quantizers, saved):
-        q.momentum = m
-    model.eval()
+    set_quantization(model, False)
+    try:
+        for batch in images:
+            model(batch)
+    finally:
+        set_quantization(model, True)
+        for q, m in zip(quantizers, saved):
+            q.momentum = m
+        model.eval()
+
+
+def set_quantization(model: nn.Module, enabled: bool) -> None:
+    """Turn the fake quantisation of every activation quantiser and weight grid on or off."""
+    for module in model.modules():
+        if isinstance(module, (ActivationQuantizer, QuantConv2d)):
+            module.quantize = enabled
 
 
 @torch.no_grad()

@@ -308,3 +308,19 @@ def test_the_ranges_recorded_after_qat_are_the_converters_min_max_not_the_ema():
     assert qat.activation_ranges(fake) != measured   # min/max on top of a range only widens it
     qat.calibrate(fake, [x], fresh=True)
     assert qat.activation_ranges(fake) == measured
+
+
+def test_calibration_measures_the_float_models_ranges_as_the_converters_do():
+    """The converters calibrate the float model: each range is the min/max of the float activation,
+    not of one computed through the int8 rounding upstream of it (with rounding on, the outputs'
+    ranges moved by about an int8 step)."""
+    model, x = randomized("mobilenetv3_small_050"), torch.rand(4, 3, 64, 96)
+    fake = qat.prepare(model, x[:1])
+    qat.calibrate(fake, [x[:2], x[2:]])
+    with torch.no_grad():
+        seg = model(x)["seg"]
+    quantizer = fake.output_quant["seg"]
+    assert quantizer.lo.item() == pytest.approx(seg.min().item(), rel=1e-4, abs=1e-5)
+    assert quantizer.hi.item() == pytest.approx(seg.max().item(), rel=1e-4, abs=1e-5)
+    with torch.no_grad():   # and the simulation quantises again once calibrated
+        assert not torch.equal(fake(x)["seg"], seg)
