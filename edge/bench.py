@@ -1,7 +1,7 @@
 """Latency and memory of one artefact on this host: `python -m edge.bench`.
 
     python -m edge.bench ARTEFACT [--threads N] [--runs K] [--warmup W] [--json OUT.json]
-                         [--executor auto|predict|reference]
+                         [--executor auto|predict]
     python -m edge.bench A.tflite B.tflite ...      # side by side: interleaved runs, speed-up vs A
 
 Feeds one seeded random image of the artefact's shape, runs `warmup` untimed inferences, then
@@ -228,7 +228,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed inferences first (default 5)")
     parser.add_argument("--json", default=None, help="write the result's JSON here (densekit.bench/1; "
                         "densekit.bench-compare/1 for several artefacts)")
-    parser.add_argument("--executor", default="auto", choices=EXECUTORS, help="Core ML only")
+    parser.add_argument("--executor", default="auto", choices=[e for e in EXECUTORS if e != "reference"],
+                        help="Core ML only (on macOS); the MIL reference executor is not timed: use edge.run for it")
     parser.add_argument("--no-verify", action="store_true",
                         help="bench an artefact even if it differs from its export's manifest.json")
     return parser.parse_intermixed_args(argv)

@@ -275,7 +275,11 @@ def idle_options(opts: ExportOptions, plan: Plan, recipe_qat_steps: int) -> list
     if not int8 and "w8a8" not in plan.precisions and changed("float_stem"):
         notes.append(f"--float-stem: for int8 files and Core ML's w8a8, and this export makes "
                      f"{', '.join(plan.precisions)}")
-    idle = [] if int8 else changed("qat_steps", "qat_lr", "float_ops", "equalize")
+    tflite = plan.format.name == "tflite"
+    if not tflite and changed("float_ops"):
+        notes.append(f"--float-ops: TFLite op types, and this export writes {plan.format.name} files (their int8 "
+                     f"files keep their first layers in float with --float-stem N)")
+    idle = [] if int8 else changed("qat_steps", "qat_lr", *(("float_ops",) if tflite else ()), "equalize")
     if idle:
         notes.append(f"{', '.join(idle)}: for int8 files, and this export makes {', '.join(plan.precisions)}")
     elif int8 and qat_steps == 0 and changed("qat_lr"):
@@ -341,11 +345,10 @@ def check_options(options: ExportOptions, fmt: Format) -> None:
 
 
 def check_float_ops(float_ops: tuple[str, ...], fmt: Format) -> None:
-    """--float-ops names TFLite op types: an unknown one would keep nothing in float without a word."""
+    """--float-ops names TFLite op types: an unknown one would keep nothing in float without a word.
+    Another format's export leaves them alone (`idle_options` says so: one set of flags may serve
+    several targets)."""
     if fmt.name != "tflite":
-        if float_ops != ExportOptions.float_ops:
-            raise ExportError(f"--float-ops {','.join(float_ops)}: TFLite op types, for TFLite files only; "
-                              f"{fmt.name}'s int8 file keeps its first layers in float with --float-stem N")
         return
     from edge.op_profile import builtin_op_names
 

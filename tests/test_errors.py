@@ -134,7 +134,6 @@ CASES = [
     ("quant.export", ["--target", "tflite", "--input-size", "100x100"], "multiples of 32"),
     ("quant.export", ["--target", "tflite", "--float-ops", "DIV,RESIZE_BILINEA"],
      '--float-ops RESIZE_BILINEA: not a TFLite op type'),
-    ("quant.export", ["--target", "onnx", "--float-ops", "MEAN"], "--float-ops MEAN: TFLite op types, for TFLite files only"),
     ("quant.export", ["--target", "tflite", "--prune-lr", "0"], "--prune-lr 0.0: must be positive"),
     ("quant.export", ["--target", "tflite", "--prune", "macs=1x"], '--prune: MAC fraction "macs=1x" must be in (0, 1): 1x or more prunes nothing'),
     ("quant.export", ["--target", "tflite", "--prune", "0.3", "--prune-stages", "2"],
@@ -211,6 +210,15 @@ def test_debug_shows_the_traceback(flag, place):
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT), **env}, timeout=120)
     assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
     assert "--check 0: must be at least 1" in proc.stderr
+
+
+def test_debug_shows_the_traceback_of_a_command_that_reports_its_own_errors(place):
+    """distill.cache_teacher prints its errors itself (rank 0 only under torchrun): --debug too."""
+    proc = subprocess.run([sys.executable, "-m", "distill.cache_teacher", "v3", "--debug", "not-a-key-value"],
+                          cwd=place, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
+    assert '"not-a-key-value" is not key=value' in proc.stderr
 
 
 def test_the_real_command_line_prints_one_line(place):

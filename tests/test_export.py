@@ -697,6 +697,14 @@ def test_options_an_export_never_uses_are_said():
     assert idle_options(used, plan_for("tflite", used), 300) == []
     w8a8 = ExportOptions(precisions=("w8a8",), float_stem=0)   # Core ML's int8 activations leave the stem float too
     assert idle_options(w8a8, plan_for("coreml", w8a8), 300) == []
+    onnx = ExportOptions(precisions=("fp32", "int8"), float_ops=("DIV", "MEAN"))   # a script's flags for every target
+    assert idle_options(onnx, plan_for("onnx", onnx), 300) == [
+        "--float-ops: TFLite op types, and this export writes onnx files (their int8 files keep their first layers "
+        "in float with --float-stem N)"]
+    float_only = ExportOptions(precisions=("fp32",), float_ops=("MEAN",))   # said once, not twice
+    assert [n for n in idle_options(float_only, plan_for("onnx", float_only), 300) if "--float-ops" in n] == [
+        "--float-ops: TFLite op types, and this export writes onnx files (their int8 files keep their first layers "
+        "in float with --float-stem N)"]
 
 
 def test_an_export_that_lost_its_manifest_is_reported_not_skipped(tmp_path):
