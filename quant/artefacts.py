@@ -168,15 +168,20 @@ def run_converter(job: Job, job_dir: Path, log=print) -> dict:
     tail: deque[str] = deque(maxlen=40)
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen([sys.executable, "-m", FORMATS[job.format].converter(job.converter).module, str(job_path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                preexec_fn=die_with_parent)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                                env=env, preexec_fn=die_with_parent)
         watchdog = SilenceWatchdog(proc, limit)
-        for line in proc.stdout:
-            watchdog.heard()
-            log_file.write(line)
-            tail.append(line.rstrip())
-            if line.startswith(f"{job.format} "):   # the converter's own progress lines
-                log("  " + line.rstrip())
+        try:
+            for line in proc.stdout:
+                watchdog.heard()
+                log_file.write(line)
+                tail.append(line.rstrip())
+                if line.startswith(f"{job.format} "):   # the converter's own progress lines
+                    log("  " + line.rstrip())
+        except BaseException:   # an interrupt, a full disk, a `log` that raised: the parent lives on (a
+            proc.kill()         # notebook), so no parent-death signal stops the converter writing on
+            proc.wait()
+            raise
         code = proc.wait()
         watchdog.thread.join()
     if watchdog.fired:

@@ -323,3 +323,31 @@ def test_a_nan_option_is_not_at_least_anything():
     with pytest.raises(ValueError, match="--x nan: must be at least 1"):
         at_least("--x", float("nan"), 1)
     at_least("--x", None, 1)
+
+
+def test_a_converter_is_stopped_when_the_export_gives_up_on_it(tmp_path, monkeypatch):
+    """An interrupt in a notebook, a full disk or a `log` that raises leaves run_converter while the
+    parent lives on: no parent-death signal stops the converter, so it is killed there and then
+    (it went on writing into the export's work directory, which the next export reuses)."""
+    import time
+    from types import SimpleNamespace
+
+    from quant import artefacts
+    from targets.job import Job
+
+    late = tmp_path / "late.txt"
+    (tmp_path / "slow_converter.py").write_text(
+        f'import time\nprint("tflite step", flush=True)\ntime.sleep(1)\nopen({str(late)!r}, "w").write("late")\n')
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    converter = SimpleNamespace(module="slow_converter")
+    monkeypatch.setattr(artefacts, "FORMATS", {"tflite": SimpleNamespace(converter=lambda name: converter)})
+    job = Job(format="tflite", precisions=["int8"], sources={}, out_dir=str(tmp_path), work_dir=str(tmp_path),
+              stem="tiny", input_shape=[1, 3, 64, 96])
+
+    def interrupted(line: str) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        artefacts.run_converter(job, tmp_path, log=interrupted)
+    time.sleep(2.5)
+    assert not late.exists()
