@@ -20,16 +20,19 @@ class Converter:
     source_graph: Literal["onnx", "torch.export"]  # what the parent exports (targets/deploy.py)
     deploy_form: str = ""                          # torch-side rewrites first ("xnnpack": targets/xnnpack_form.py)
     layouts: tuple[str, ...] = ()                  # input layouts it can write; () = the format's only
-    needs: tuple[str, ...] = ()                    # modules its process imports, checked before an export starts
+    needs: tuple[str, ...] = ()                    # modules its export imports (the parent's graph export, the
+                                                   # converter, the runtime that checks its files): checked first
     extra: str = "export"                          # the pip extra that installs them
     int8_weight_max: int = 127                     # int8 weights are integers in [-max, max], per channel
     int8_requantized_outputs: bool = False         # its int8 resizes re-round the heads' upsampled outputs
 
     def missing(self) -> list[str]:
-        """The modules of `needs` that are not installed (found without importing them)."""
-        from importlib.util import find_spec
+        """The modules of `needs` that are not installed: looked for on sys.path, without importing
+        them and whatever this process's sys.modules holds (the converters import them in their own
+        process; a test process bars TensorFlow from its own)."""
+        from importlib.machinery import PathFinder
 
-        return [m for m in self.needs if find_spec(m) is None]
+        return [m for m in self.needs if PathFinder.find_spec(m) is None]
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,8 @@ class Format:
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("tflite", "TFLite", ".tflite", ("fp32", "fp16", "int8"), ("fp32", "fp16", "int8"), (
-               Converter("onnx2tf", "targets.tflite", "onnx"),
+               Converter("onnx2tf", "targets.tflite", "onnx",
+                         needs=("onnx", "onnxscript", "onnxsim", "onnx2tf", "tensorflow", "ai_edge_litert")),
                Converter("litert-torch", "targets.litert", "torch.export", "xnnpack", ("NHWC", "NCHW"),
                          ("litert_torch", "ai_edge_quantizer"), "litert")), "NHWC",
            "edge.runners:LiteRTRunner", ("auto",), ("any",), "", (
@@ -79,7 +83,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("coreml", "Core ML", ".mlpackage", ("fp32", "fp16", "w8", "palette4", "palette6", "w4block",
                                                "palette4g", "sparse-palette4", "w8a8"),
            ("fp16", "w8", "palette6"),
-           (Converter("coremltools", "targets.coreml", "torch.export"),), "NCHW",
+           (Converter("coremltools", "targets.coreml", "torch.export", needs=("coremltools",)),), "NCHW",
            "edge.coreml:CoreMLRunner", ("auto", "predict", "reference"), ("darwin",),
            "off macOS Core ML runs through the reference executor, which measures accuracy, not device latency. "
            "Bench Core ML on a Mac: python3 coreml_bench.py {name} --runs {runs} (the script is device/coreml_bench.py "
@@ -91,7 +95,8 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
            # VNNI add products in pairs in 16 bits, which saturate with 8-bit weights; with 7-bit ones
            # they cannot, so the file computes the same on every CPU (docs/EXPORT.md: "ONNX int8 files store 7-bit weights").
            # QDQ runs Resize in int8: the upsampled outputs are rounded again, on the Resize input's scale
-           (Converter("onnxruntime", "targets.onnx", "onnx", int8_weight_max=64, int8_requantized_outputs=True),),
+           (Converter("onnxruntime", "targets.onnx", "onnx", needs=("onnx", "onnxscript", "onnxruntime"),
+                      int8_weight_max=64, int8_requantized_outputs=True),),
            "NCHW",
            "edge.runners:OrtRunner", ("auto",), ("any",), "", (
                "# any machine with densekit and onnxruntime installed (pip install -e .[export])",

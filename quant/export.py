@@ -354,7 +354,7 @@ def check_float_ops(float_ops: tuple[str, ...], fmt: Format) -> None:
 
     try:
         known = sorted(builtin_op_names().values())
-    except ImportError:   # no ai-edge-litert: the converter's own check names the missing package
+    except ImportError:   # no ai-edge-litert: converter_for names the missing package and the extra
         return
     for op in float_ops:
         if op not in known:

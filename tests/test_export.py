@@ -871,6 +871,9 @@ def test_bad_requests_name_the_fix(run_dir, tmp_path, capsys):
         mp.setattr(Converter, "missing", lambda self: list(self.needs[:1]))
         assert export(run_dir, tmp_path, "--target", "tflite", "--converter", "litert-torch") == 2
         assert "needs litert_torch, which is not installed: pip install -e '.[litert]'" in capsys.readouterr().err
+        for target in ("tflite", "onnx", "coreml"):   # the export extra's toolchains, too (they had no needs)
+            assert export(run_dir, tmp_path, "--target", target) == 2
+            assert "which is not installed: pip install -e '.[export]'" in capsys.readouterr().err, target
     assert not (tmp_path / run_dir.name).exists()
 
 
