@@ -622,7 +622,7 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     log(f"converting to {plan.format.name}: {', '.join(plan.precisions)}")
     result = artefacts.run_converter(job, work, log)
     shutil.copyfile(work / f"{plan.format.name}.log", out / f"{plan.format.name}.log")  # the converter's log
-    reports, drift_md = validation_stage(result["artefacts"], float_model, val_ds, run, plan, opts, out, log)
+    reports, drift_md = validation_stage(result["artefacts"], float_model, val_ds, run, plan, opts, out, work, log)
     bench = None
     if opts.bench_runs > 0:
         log(f"bench on this host: {opts.bench_runs} runs after {opts.bench_warmup} warm-up, {plan.threads} threads")
@@ -662,8 +662,10 @@ def size_warning(run, size: tuple[int, int], reports) -> str:
 
 
 def validation_stage(artefacts: list[dict], float_model, val_ds, run, plan: Plan, opts: ExportOptions,
-                     export_dir: Path, log):
-    """Execute every artefact on --check validation images and gate its drift against the float model."""
+                     export_dir: Path, work: Path, log):
+    """Execute every artefact on --check validation images and gate its drift against the float model.
+    The runs' inputs and outputs (50-200 MB) go to the export's `work` directory, which the next export
+    clears if this one is killed (the system's temp directory would keep them)."""
     from quant.drift_report import write_drift
     from quant.validate import ValidationData, validate_artefact
     from targets.profiles import gate_for
@@ -674,7 +676,7 @@ def validation_stage(artefacts: list[dict], float_model, val_ds, run, plan: Plan
     for a in artefacts:
         report = validate_artefact(export_dir / a["path"], reference=float_model, data=data, precision=a["precision"],
                                    gate=gate_for(a["precision"], plan.profile, opts.tolerances),
-                                   eval_config=run.recipe.eval, threads=plan.threads)
+                                   eval_config=run.recipe.eval, threads=plan.threads, scratch=work)
         rel = 100 * report.delta["abs_rel"] / report.float["abs_rel"]
         log(f"  {'pass' if report.passed else 'FAIL'} {a['path']}: abs_rel {report.artefact['abs_rel']:.4f} "
             f"({rel:+.2f}%), miou {report.artefact.get('miou', float('nan')):.3f} "

@@ -117,10 +117,12 @@ def describe_gate(name: str, gate: dict) -> str:
 
 def validate_artefact(artefact: str | Path, *, reference: torch.nn.Module, data, precision: str | None = None,
                       gate: dict[str, float] | None = None, eval_config: EvalConfig | None = None,
-                      count: int | None = None, threads: int | None = None, executor: str = "auto") -> DriftReport:
+                      count: int | None = None, threads: int | None = None, executor: str = "auto",
+                      scratch: str | Path | None = None) -> DriftReport:
     """Run `artefact` in its runtime on `data` (a dataset of the sample schema, or ValidationData) and
     score it against `reference`, the float PyTorch student, on the same images. `gate` defaults to the precision's default
-    gate (targets/devices.json); `precision` defaults to the one in the file name (`*_int8.tflite`)."""
+    gate (targets/devices.json); `precision` defaults to the one in the file name (`*_int8.tflite`).
+    `scratch`: the folder for the run's inputs and outputs while it runs (default: the system's temp)."""
     from edge.runners import artefact_format
     from targets.profiles import gate_for
 
@@ -132,7 +134,8 @@ def validate_artefact(artefact: str | Path, *, reference: torch.nn.Module, data,
     precision = precision or precision_from_name(artefact)
     gate = gate_for(precision) if gate is None else gate
     eval_config = eval_config or EvalConfig()
-    depth, labels, non_finite, executor_name = run_artefact(artefact, data.inputs, threads=threads, executor=executor)
+    depth, labels, non_finite, executor_name = run_artefact(artefact, data.inputs, threads=threads, executor=executor,
+                                                            scratch=scratch)
     ref_depth, ref_labels = data.float_outputs(reference)
     float_metrics = task_metrics(ref_depth, ref_labels, data, eval_config)
     finite = non_finite == 0   # NaN logits would argmax to some class: their labels alone look sound
@@ -155,15 +158,15 @@ def precision_from_name(path: Path) -> str:
                      f"of {', '.join(PRECISION_SUFFIXES)}); pass precision=")
 
 
-def run_artefact(path: Path, inputs: np.ndarray, *, threads: int | None = None,
-                 executor: str = "auto") -> tuple[np.ndarray, np.ndarray, int, str]:
+def run_artefact(path: Path, inputs: np.ndarray, *, threads: int | None = None, executor: str = "auto",
+                 scratch: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, int, str]:
     """(depth, labels, the count of NaN or infinite values among depth and the logits, executor
     name) from `python -m edge.run` in a child process: each runtime
     imports only its own toolchain (TensorFlow and torch must not share a process, docs/TOOLCHAIN.md)."""
     from quant.artefacts import run_module
 
     threads_args = ["--threads", str(threads)] if threads else []
-    with tempfile.TemporaryDirectory(prefix="densekit-validate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="densekit-validate-", dir=scratch) as tmp:
         np.save(Path(tmp) / "inputs.npy", inputs)
         run_module("edge.run", str(path), "--inputs", str(Path(tmp) / "inputs.npy"), "--out",
                    str(Path(tmp) / "outputs.npz"), "--executor", executor, *threads_args)

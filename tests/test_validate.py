@@ -27,8 +27,16 @@ def val_data(tmp_path_factory):
     return ValidationData.from_dataset(val)
 
 
-def test_fp32_tflite_matches_float_and_passes(tiny_artefacts, val_data):
-    report = validate_artefact(tiny_artefacts["tflite_fp32"], reference=tiny_artefacts["student"], data=val_data)
+def test_fp32_tflite_matches_float_and_passes(tiny_artefacts, val_data, tmp_path, monkeypatch):
+    from quant import artefacts
+
+    ran, run_module = [], artefacts.run_module
+    monkeypatch.setattr(artefacts, "run_module", lambda *args, **kw: (ran.append(args), run_module(*args, **kw))[1])
+    report = validate_artefact(tiny_artefacts["tflite_fp32"], reference=tiny_artefacts["student"], data=val_data,
+                               scratch=tmp_path)
+    # the inputs and outputs went to `scratch` (an export's work directory, cleared after a kill), and went
+    (inputs,) = [Path(args[args.index("--inputs") + 1]) for args in ran]
+    assert inputs.parent.parent == tmp_path and list(tmp_path.iterdir()) == []
     assert report.precision == "fp32" and report.format == "tflite" and "litert" in report.executor.lower()
     assert report.passed and set(report.gates) == {"finite", *profiles.GATE_KEYS}   # float: per-pixel gates too
     assert report.per_pixel["depth_rel_p99"] < 1e-4 and report.per_pixel["seg_agreement"] > 0.999
