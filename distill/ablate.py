@@ -563,7 +563,7 @@ def check_rows_trained_as_built(out: Path, grid: Grid, recipes: list[Recipe], ro
     this command builds for it now: a default changed in the code (or the device did) since the grid
     started, so resuming would put rows trained under two rules in one table."""
     from distill.recipes import load_saved
-    from distill.training.loop import ADAPTED_TO_DATA
+    from distill.training import ADAPTED_TO_DATA
 
     for i, (combination, recipe, row) in enumerate(zip(grid.combinations(), recipes, rows)):
         run_dir = Path(row["run_dir"]) if row.get("run_dir") else left_behind(out / run_name(i, combination))

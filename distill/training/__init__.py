@@ -9,7 +9,7 @@ Names resolve on first use, so an error class does not import the whole loop (to
 """
 from core.lazy import lazy_exports
 
-_HOMES = {"train": "loop", "Objective": "objective", "evaluate": "evaluation", "make_loader": "evaluation",
+_HOMES = {"train": "loop", "ADAPTED_TO_DATA": "loop", "Objective": "objective", "evaluate": "evaluation", "make_loader": "evaluation",
           "seg_weights_for": "objective", "PreflightError": "preflight", "Supervision": "supervision", "SupervisionError": "supervision",
           "supervision_for": "supervision", "find_run": "runs", "load_run": "runs", "LoadedRun": "runs",
           "RunNotFoundError": "runs", "evaluate_run": "evaluation"}
