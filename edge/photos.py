@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +32,9 @@ from core import io as core_io
 from core.images import refuse_float, upright_rgb
 from core.figures import SEG_PALETTE, colorize, colorize_seg, compose
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+MAPS = ("depth", "labels", "preview")   # <stem>_<map>.png per image
+NAME_MAX = 255 - len("..12345678.tmp")   # bytes of a map's name, so that its temp file's name fits too
 MM_PER_UNIT = 1000
 
 
@@ -40,14 +44,19 @@ class BadPhoto(ValueError):
 
 def image_files(inputs: list[str]) -> list[Path]:
     """The image files that `inputs` name, each once: files as given, a folder's images sorted by name
-    (hidden files, such as macOS's ._ sidecars, left out). Refused: two that would write the same maps."""
+    (hidden files, such as macOS's ._ sidecars, left out; other files named in a note on stderr).
+    Refused: two that would write the same maps."""
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir()
-                           if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+            visible = sorted(p for p in item.iterdir() if not p.name.startswith(".") and p.is_file())
+            found = [p for p in visible if p.suffix.lower() in IMAGE_SUFFIXES]
             if not found:
                 raise BadPhoto(f"--inputs {item}: the folder holds no image ({', '.join(IMAGE_SUFFIXES)})")
+            skipped = [p.name for p in visible if p.suffix.lower() not in IMAGE_SUFFIXES]
+            if skipped:
+                print(f"note: --inputs {item}: {len(skipped)} file{'s' * (len(skipped) > 1)} left out, not images by their suffix ("
+                      + ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "") + ")", file=sys.stderr)
             files += found
         elif item.is_file():
             files.append(item)
@@ -64,6 +73,25 @@ def image_files(inputs: list[str]) -> list[Path]:
             raise BadPhoto(f"--inputs {other} and {f} would write the same {f.stem}_*.png maps; "
                            f"rename one, or run them apart")
     return files
+
+
+def check_map_folder(out: Path, inputs: list[str], files: list[Path]) -> None:
+    """BadPhoto before anything runs when the maps would land on the inputs: --out is a folder that
+    --inputs names (the maps would join the photos, and the next run would read them as photos), a
+    map would replace an input file, or a map's name is too long for the file system."""
+    if any(Path(item).is_dir() and Path(item).resolve() == out.resolve() for item in inputs):
+        raise BadPhoto(f"--out {out} is a folder of the inputs: the maps would join its photos, and the next run would "
+                       f"read them as photos; give another --out folder")
+    taken = {f.resolve(): f for f in files}
+    for f in files:
+        for kind in MAPS:
+            name = f"{f.stem}_{kind}.png"
+            if len(os.fsencode(name)) > NAME_MAX:
+                raise BadPhoto(f"--inputs {f}: its {kind} map's name would be {len(os.fsencode(name))} bytes, longer "
+                               f"than the file system allows; rename the photo")
+            if (out / name).resolve() in taken:
+                raise BadPhoto(f"--out {out}: the map {name} would replace the input {taken[(out / name).resolve()]}; "
+                               f"give another --out folder")
 
 
 def check_photos(files: list[Path]) -> None:
@@ -138,8 +166,7 @@ def write_maps(out_dir: Path, names: list[str], images: np.ndarray, result: dict
     written = []
     for i, name in enumerate(names):
         depth, labels = result["depth"][i, 0], result["labels"][i]
-        for suffix, data in (("depth", depth_png(depth)), ("labels", labels_png(labels)),
-                             ("preview", preview_png(images[i], depth, labels))):
+        for suffix, data in zip(MAPS, (depth_png(depth), labels_png(labels), preview_png(images[i], depth, labels))):
             core_io.write_bytes(out_dir / f"{name}_{suffix}.png", data)
             written.append(out_dir / f"{name}_{suffix}.png")
     return written

@@ -11,8 +11,10 @@ W) float32 metres, `labels` (N, H, W) uint8 (argmax of the logits), `seg` (N, C,
 logits with --logits only, `executor` (0-d str array), `non_finite` (0-d int: NaN or infinite
 values among depth and the logits), and `names` (the image files' stems) for image inputs. An
 --out without the .npz suffix is a folder that gets, per image, a 16-bit depth PNG in
-millimetres, a label PNG and a preview (edge/photos.py), 64 images at a time; an .npy's images
-are named 000000, 000001, ...
+millimetres, a label PNG and a preview (edge/photos.py); an .npy's images are named 000000,
+000001, ... Images are decoded and run 64 at a time, so memory stays flat for any folder. The
+maps never land on the inputs: an --out that is a folder of the inputs, or where a map would
+replace an input, is refused.
 The last stdout line is JSON: {"artefact", "executor", "images", "seconds", "non_finite"} (NaN or
 infinite output values, also warned of on stderr: the outputs are saved as they came).
 Exit status: 0 done, 2 bad arguments or inputs, 1 the runtime failed.
@@ -27,6 +29,7 @@ import io
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +37,7 @@ import numpy as np
 from core import io as core_io
 from core.cli import ArgumentParser, command, threads_option
 from core.manifest import verify_artefact, verify_command_arguments
-from edge.photos import IMAGE_SUFFIXES, check_photos, image_files, read_photos, write_maps
+from edge.photos import IMAGE_SUFFIXES, check_map_folder, check_photos, image_files, read_photos, write_maps
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner
 
 
@@ -136,7 +139,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-CHUNK = 64   # images read, run and written at a time into an --out folder: memory stays flat for any folder
+CHUNK = 64   # images read and run at a time: memory stays flat for any folder (an .npz keeps depth and labels)
 
 
 @command("python -m edge.run")
@@ -156,11 +159,9 @@ def main(argv: list[str]) -> int:
     if arrays is not None:   # all of them before the first chunk's maps are written
         validate_images(arrays, runner)
     if out.suffix.lower() == ".npz":
-        images = read_photos(files, image_shape(runner)[1:]) if files else arrays
-        result = run_images(runner, images, logits=args.logits)
-        save_outputs(out, {**result, "names": [f.stem for f in files]} if files else result)
-        count, seconds, non_finite = len(images), result["seconds"], result["non_finite"]
+        count, seconds, non_finite = write_npz(out, runner, files, arrays, logits=args.logits)
     else:
+        check_map_folder(out, args.inputs, files)
         count, seconds, non_finite = write_map_folder(out, runner, files, arrays)
     if non_finite:   # saved as they came, but never silently: a broken file (an fp16 overflow) looks like this
         print(f"warning: {non_finite} output values of {args.artefact} are NaN or infinite; their depth maps "
@@ -170,24 +171,47 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def write_map_folder(out: Path, runner, files: list[Path], arrays: np.ndarray | None) -> tuple[int, float, int]:
-    """Depth, label and preview PNGs per image into `out`, CHUNK images at a time (each file written
-    atomically; a photo that fails to decode stops the run with the maps before it kept).
-    Returns (images, seconds spent running the artefact, non-finite output values)."""
+def run_chunks(runner, files: list[Path], arrays: np.ndarray | None,
+               logits: bool = False) -> Iterator[tuple[list[str], np.ndarray, dict]]:
+    """(names, images, `run_images` result) for CHUNK images at a time: photos are decoded as they
+    are run, so that memory holds one chunk of images and logits, whatever the folder's size."""
     total = len(files) if files else len(arrays)
-    size, seconds, non_finite = image_shape(runner)[1:], 0.0, 0
+    size = image_shape(runner)[1:]
     for start in range(0, total, CHUNK):
         stop = min(start + CHUNK, total)
         if files:
             names, images = [f.stem for f in files[start:stop]], read_photos(files[start:stop], size)
         else:
             names, images = [f"{i:06d}" for i in range(start, stop)], arrays[start:stop]
-        result = run_images(runner, images)
-        write_maps(out, names, images, result)
-        seconds += result["seconds"]
-        non_finite += result["non_finite"]
+        yield names, images, run_images(runner, images, logits=logits)
         if total > CHUNK:
             print(f"{stop}/{total} images", file=sys.stderr)
+
+
+def write_npz(out: Path, runner, files: list[Path], arrays: np.ndarray | None,
+              logits: bool = False) -> tuple[int, float, int]:
+    """OUT.npz of every image, run CHUNK at a time (the logits kept only with `logits`).
+    Returns (images, seconds spent running the artefact, non-finite output values)."""
+    parts: dict[str, list[np.ndarray]] = {"depth": [], "labels": [], **({"seg": []} if logits else {})}
+    seconds, non_finite, executor = 0.0, 0, runner.executor
+    for _, _, result in run_chunks(runner, files, arrays, logits):
+        for key, kept in parts.items():
+            kept.append(result[key])
+        seconds, non_finite, executor = seconds + result["seconds"], non_finite + result["non_finite"], result["executor"]
+    merged = {key: np.concatenate(kept) for key, kept in parts.items()}
+    names = {"names": [f.stem for f in files]} if files else {}
+    save_outputs(out, {**merged, **names, "executor": executor, "non_finite": non_finite})
+    return len(merged["depth"]), seconds, non_finite
+
+
+def write_map_folder(out: Path, runner, files: list[Path], arrays: np.ndarray | None) -> tuple[int, float, int]:
+    """Depth, label and preview PNGs per image into `out`, CHUNK images at a time (each file written
+    atomically; a photo that fails to decode stops the run with the maps before it kept).
+    Returns (images, seconds spent running the artefact, non-finite output values)."""
+    total, seconds, non_finite = 0, 0.0, 0
+    for names, images, result in run_chunks(runner, files, arrays):
+        write_maps(out, names, images, result)
+        total, seconds, non_finite = total + len(names), seconds + result["seconds"], non_finite + result["non_finite"]
     print(f"wrote {3 * total} PNGs to {out}/ (<name>_depth.png: the depth x 1000 as uint16, "
           f"<name>_labels.png: class ids, <name>_preview.png)")
     return total, seconds, non_finite

@@ -267,9 +267,10 @@ def test_run_cli_writes_depth_label_and_preview_pngs_for_image_files(tiny_artefa
     photos.mkdir()
     write_photo(photos / "kitchen.JPG", (640, 480))
     write_photo(photos / "hall.png", (300, 200))
-    (photos / "notes.txt").write_text("not an image")   # a folder's other files are not inputs
+    (photos / "notes.txt").write_text("not an image")   # a folder's other files are not inputs, and are named
     proc = edge_cli("edge.run", tiny_artefacts["tflite_int8"], "--inputs", photos, "--out", tmp_path / "maps")
     assert proc.returncode == 0, proc.stderr
+    assert "1 file left out, not images by their suffix (notes.txt)" in proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1])["images"] == 2
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == [
         f"{stem}_{kind}.png" for stem in ("hall", "kitchen") for kind in ("depth", "labels", "preview")]
@@ -297,10 +298,19 @@ def test_run_cli_writes_maps_of_an_npy_in_chunks(tiny_artefacts, tmp_path, monke
     assert edge.run.main([str(tiny_artefacts["onnx_fp32"]), "--inputs", str(tiny_artefacts["inputs"]),
                           "--out", str(tmp_path / "maps")]) == 0
     assert "3/4 images" in capsys.readouterr().err
-    direct = run_artefact(tiny_artefacts["onnx_fp32"], images)
+    direct = run_artefact(tiny_artefacts["onnx_fp32"], images, logits=True)
     for i in range(4):
         depth = np.asarray(Image.open(tmp_path / "maps" / f"{i:06d}_depth.png")).astype(np.float64)
         assert np.abs(depth - direct["depth"][i, 0] * 1000).max() <= 0.5 + 1e-3
+    # an .npz too is run a chunk at a time (a folder of 10,000 photos held every image and logit: 20 GB)
+    capsys.readouterr()
+    assert edge.run.main([str(tiny_artefacts["onnx_fp32"]), "--inputs", str(tiny_artefacts["inputs"]),
+                          "--out", str(tmp_path / "all.npz"), "--logits"]) == 0
+    assert "3/4 images" in capsys.readouterr().err
+    with np.load(tmp_path / "all.npz") as saved:
+        for key in ("depth", "labels", "seg"):
+            assert np.allclose(saved[key], direct[key], rtol=1e-5, atol=1e-6), key
+        assert int(saved["non_finite"]) == 0 and str(saved["executor"]) == direct["executor"]
 
 
 def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_path, monkeypatch):
@@ -314,6 +324,9 @@ def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_pat
     (tmp_path / "arrays.npz").mkdir()
     write_photo(tmp_path / "a" / "room.png", (64, 48))
     write_photo(tmp_path / "b" / "room.jpg", (64, 48))
+    write_photo(tmp_path / "b" / "room_depth.png", (64, 48))
+    (tmp_path / "long").mkdir()
+    write_photo(tmp_path / "long" / f"{'x' * 236}.png", (64, 48))
     (tmp_path / "broken.png").write_text("not an image")
     maps = tmp_path / "maps"
     cases = [
@@ -325,11 +338,17 @@ def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_pat
         ([tmp_path / "a"], tmp_path / "maps.png", "give a path ending in .npz"),
         ([tmp_path / "a"], tmp_path / "arrays.npz", "arrays.npz is a directory"),
         ([tmp_path / "a", tiny_artefacts["inputs"].with_suffix(".NPY")], maps, "an .npy comes alone"),
+        # the maps never land on the inputs: a folder of them, or a photo named like a map
+        ([tmp_path / "a"], tmp_path / "a", "is a folder of the inputs: the maps would join its photos"),
+        ([tmp_path / "a" / "room.png", tmp_path / "b" / "room_depth.png"], tmp_path / "b",
+         "the map room_depth.png would replace the input"),
+        ([tmp_path / "long"], maps, "longer than the file system allows; rename the photo"),
     ]
     for inputs, out, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)):
             main.__wrapped__([str(artefact), "--inputs", *map(str, inputs), "--out", str(out)])
     assert not (tmp_path / "maps").exists() and not (tmp_path / "maps.png").exists()
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["room.png"]
     # an .npy for a folder of maps is checked whole before the first chunk is written
     monkeypatch.setattr(edge.run, "CHUNK", 2)
     images, _, _ = reference(tiny_artefacts)
