@@ -58,8 +58,10 @@ def validate_images(images: np.ndarray, runner) -> None:
         raise BadInput(f"inputs have shape {tuple(images.shape)}; {runner.format} artefact expects {expected} "
                        f"float32 RGB in [0, 1], NCHW (N >= 1)")
     if images.dtype != np.float32:
-        raise BadInput(f"inputs have dtype {images.dtype}; expected float32 {expected} in [0, 1] "
-                       f"(convert with images.astype(np.float32) / 255 for uint8 images)")
+        how = ("images.astype(np.float32) / 255" if images.dtype.kind in "ui" else "images.astype(np.float32)")
+        shown = images.dtype.name if images.dtype.isnative else f"{images.dtype.name} of the other byte order"
+        raise BadInput(f"inputs have dtype {shown}; expected float32 {expected} in [0, 1] "
+                       f"(convert with {how})")
     if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
         raise BadInput(f"inputs range over [{np.nanmin(images):.4g}, {np.nanmax(images):.4g}] (or hold NaN/inf); "
                        f"expected RGB in [0, 1]: normalisation is inside the artefact, so feed raw / 255")
@@ -248,6 +250,8 @@ def read_inputs(path: str) -> np.ndarray:
         raise BadInput(f"cannot read --inputs {path}: {exc} (expected an (N, 3, H, W) float32 .npy)") from None
     if not isinstance(images, np.ndarray):   # an .npz archive, not one array
         raise BadInput(f"--inputs {path} holds several arrays; expected one (N, 3, H, W) float32 .npy")
+    if images.dtype.kind == "f" and images.dtype.itemsize == 4:   # float32 of either byte order
+        return images.astype(np.float32, copy=False)
     return images
 
 

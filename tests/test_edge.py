@@ -311,6 +311,11 @@ def test_run_cli_writes_maps_of_an_npy_in_chunks(tiny_artefacts, tmp_path, monke
         for key in ("depth", "labels", "seg"):
             assert np.allclose(saved[key], direct[key], rtol=1e-5, atol=1e-6), key
         assert int(saved["non_finite"]) == 0 and str(saved["executor"]) == direct["executor"]
+    np.save(tmp_path / "big_endian.npy", images.astype(">f4"))   # another machine's float32: the same images
+    assert edge.run.main([str(tiny_artefacts["onnx_fp32"]), "--inputs", str(tmp_path / "big_endian.npy"),
+                          "--out", str(tmp_path / "big_endian.npz")]) == 0
+    with np.load(tmp_path / "big_endian.npz") as saved:
+        assert np.allclose(saved["depth"], direct["depth"], rtol=1e-5, atol=1e-6)
 
 
 def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_path, monkeypatch):
@@ -367,8 +372,12 @@ def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_pat
 
 def test_run_artefact_rejects_dtype_and_range(tiny_artefacts):
     images, _, _ = reference(tiny_artefacts)
-    with pytest.raises(BadInput, match="dtype float64"):
+    with pytest.raises(BadInput, match=r"dtype float64; .*\(convert with images.astype\(np.float32\)\)"):
         run_artefact(tiny_artefacts["onnx_fp32"], images.astype(np.float64))
+    with pytest.raises(BadInput, match=r"dtype uint8; .*\(convert with images.astype\(np.float32\) / 255\)"):
+        run_artefact(tiny_artefacts["onnx_fp32"], (images * 255).astype(np.uint8))
+    with pytest.raises(BadInput, match=r"dtype float32 of the other byte order; "):
+        run_artefact(tiny_artefacts["onnx_fp32"], images.astype(">f4"))
     with pytest.raises(BadInput, match=r"expected RGB in \[0, 1\]"):
         run_artefact(tiny_artefacts["onnx_fp32"], images * 255)
     result = run_artefact(tiny_artefacts["onnx_fp32"], images[:2])
