@@ -46,6 +46,15 @@ def artefact_metadata(*, recipe: str, run: str, student: str, size: tuple[int, i
     }
 
 
+def precision_metadata(metadata: dict, precision: str) -> dict:
+    """`metadata` as one artefact of `precision` embeds it: its precision, and how its integer
+    activations were made (`int8_method`: the export's "qat" or "ptq" for an int8 file, "ptq" for
+    Core ML's w8a8, calibrated by the reference executor, "" for files without them: the export-wide
+    value said "ptq" in fp16 files)."""
+    method = metadata.get("int8_method", "") if precision == "int8" else "ptq" if precision == "w8a8" else ""
+    return {**metadata, "precision": precision, "int8_method": method}
+
+
 def compare(depth: np.ndarray, seg: np.ndarray, ref_depth: np.ndarray, ref_seg: np.ndarray) -> dict:
     """Parity of one artefact's outputs against a reference's (the PyTorch model, or another executor).
 

@@ -173,8 +173,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seeds the calibration draw (0: evenly spaced candidates) and the order of the fine-tunes' "
                         "batches; their augmentation follows the run's data.seed")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for conversion and bench (0 = the device profile's, else 2, capped at this "
-                        "host's cores; a number given is used as given)")
+                   help="CPU threads for the fine-tunes, the torch-based converters (litert-torch, Core ML), the "
+                        "checks and the bench (0 = the device profile's, else 2, capped at this host's cores; a "
+                        "number given is used as given); TensorFlow's and onnxruntime's quantisers choose their own")
     p.add_argument("--overwrite", action="store_true", help="replace an existing export of this run and target")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p.parse_args(argv)

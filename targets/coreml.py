@@ -85,7 +85,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from core.contract import DEPTH, INPUT_NAME, SEG  # noqa: E402
+from core.contract import DEPTH, INPUT_NAME, SEG, precision_metadata  # noqa: E402
 from core.formats import CALIBRATED_PRECISIONS, FORMATS  # noqa: E402
 from core.io import fsync_tree, replace  # noqa: E402
 from core.spaces import DepthSpace  # noqa: E402
@@ -619,7 +619,7 @@ def describe(model, job: Job, precision: str) -> None:
     """The package's metadata and the descriptions Xcode shows; the depth is described in the run's
     own space (a student of a relative teacher outputs no metres)."""
     meta = job.metadata or {}
-    model.user_defined_metadata["densekit"] = json.dumps({**meta, "precision": precision})   # as TFLite, ONNX
+    model.user_defined_metadata["densekit"] = json.dumps(precision_metadata(meta, precision))   # as TFLite, ONNX
     model.user_defined_metadata["precision"] = precision
     for key in FLAT_KEYS:
         if meta.get(key) is not None:

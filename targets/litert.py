@@ -111,6 +111,9 @@ def signature_inputs(path: Path) -> list[str]:
 
 
 def convert(job: Job) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, job.threads))   # --threads, as the Core ML converter; torch takes every core
     work = Path(job.work_dir)
     nhwc = job.metadata.get("input_layout", "NHWC") == "NHWC"
     sample = np.load(job.check["inputs"])[:1] if job.check else np.full(job.input_shape, 0.5, np.float32)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.contract import INPUT_NAME
+from core.contract import INPUT_NAME, precision_metadata
 from core.formats import FORMATS
 from edge.runners import OrtRunner
 from targets.job import Job, check_against_reference, main, publish, source_for, tool_versions, write_result
@@ -187,7 +187,7 @@ def convert(job: Job) -> None:
                           FORMATS["onnx"].converter(job.converter).int8_weight_max)
         elif precision == "fp16":
             produced = to_float16(produced, work / f"{source}.fp16.onnx")
-        set_metadata(produced, {**job.metadata, "precision": precision})
+        set_metadata(produced, precision_metadata(job.metadata, precision))
         entry = {"path": f"{job.stem}_{precision}.onnx", "format": "onnx", "precision": precision, "source": source,
                  "check": check_against_reference(job, precision, OrtRunner(produced, job.threads))}
         publish(job, produced, entry["path"])

@@ -52,8 +52,11 @@ def run_onnx2tf(onnx_path: Path, out_dir: Path) -> None:
 
     # Signature defs: without them onnx2tf cannot write the SavedModel of graphs whose ONNX op
     # names contain characters TensorFlow rejects (EfficientViT's), and int8 needs that SavedModel.
+    # not_use_onnxsim: the graph is simplified already (`simplified`); onnx2tf would run the `onnxsim`
+    # command on it again, in place, only where that command is on PATH (an activated venv), and
+    # say nothing where it is not: the same export made other files in another shell.
     onnx2tf.convert(input_onnx_file_path=str(onnx_path), output_folder_path=str(out_dir),
-                    output_signaturedefs=True, non_verbose=True)
+                    output_signaturedefs=True, non_verbose=True, not_use_onnxsim=True)
 
 
 def quantize_int8(saved_model: Path, calibration: str, dest: Path, float_ops: list[str], stem_layers: int) -> None:

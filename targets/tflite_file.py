@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from core.contract import DEPTH, INPUT_NAME, SEG
+from core.contract import DEPTH, INPUT_NAME, SEG, precision_metadata
 from core.graph import output_tails as walk_output_tails
 from edge.op_profile import op_name
 from edge.runners import LiteRTRunner
@@ -134,6 +134,7 @@ def finish(path: Path, metadata: dict) -> int:
     model.metadata = [*(model.metadata or []), entry]
     tightened = tighten_activation_ranges(model)
     widen_too_fine_output_scales(model)
+    refuse_too_fine_output_scales(model)
     path.write_bytes(serialize_sharing_zero_points(model))
     return tightened
 
@@ -263,27 +264,52 @@ def widen_too_fine_output_scales(model) -> int:
     readers take any input scale are changed (`rescalable_int8_outputs`).
     """
     graph = model.subgraphs[0]
+    changed = 0
+    for op, kind, index in rescalable_int8_outputs(model):
+        step = accumulator_step(graph, op) if kind in REQUANTIZING_OPS else None
+        q = graph.tensors[index].quantization
+        if step is None or step / float(q.scale[0]) < XNNPACK_MAX_REQUANTIZATION:
+            continue
+        low = (-128 - int(q.zeroPoint[0])) * float(q.scale[0])
+        new_scale = step / (XNNPACK_MAX_REQUANTIZATION - 1)
+        changed += rescale_int8_tensor(model, index, new_scale, int(np.clip(round(-128 - low / new_scale), -128, 127)))
+    return changed
 
+
+def accumulator_step(graph, op) -> float | None:
+    """Input scale x the largest weight scale of a convolution with quantised input and weights."""
     def scales(index: int) -> np.ndarray | None:
         q = graph.tensors[index].quantization if index >= 0 else None
         return None if q is None or q.scale is None or not len(q.scale) else np.asarray(q.scale, np.float64)
 
-    changed = 0
-    for op, kind, index in rescalable_int8_outputs(model):
-        if kind not in REQUANTIZING_OPS or len(op.inputs) < 2:
+    if len(op.inputs) < 2:
+        return None
+    input_scale, weight_scale = scales(int(op.inputs[0])), scales(int(op.inputs[1]))
+    return None if input_scale is None or weight_scale is None else float(input_scale[0] * weight_scale.max())
+
+
+def refuse_too_fine_output_scales(model) -> None:
+    """ValueError naming each int8 convolution output still too fine for XNNPACK after
+    `widen_too_fine_output_scales` (one read by an op that needs its input's scale, such as
+    RESIZE_BILINEAR, or whose rescaled bias would overflow): XNNPACK would abort on the file
+    (a double free), with nothing said of which tensor or why."""
+    graph = model.subgraphs[0]
+    found = []
+    for op in graph.operators:
+        if op_name(model, op) not in REQUANTIZING_OPS or len(op.outputs) != 1:
             continue
-        q = graph.tensors[index].quantization
-        input_scale, weight_scale = scales(int(op.inputs[0])), scales(int(op.inputs[1]))
-        if input_scale is None or weight_scale is None:
+        q = graph.tensors[int(op.outputs[0])].quantization
+        step = accumulator_step(graph, op)
+        if step is None or q is None or q.scale is None or len(q.scale) != 1:
             continue
-        accumulator_step = float(input_scale[0] * weight_scale.max())
-        output_scale = float(q.scale[0])
-        if accumulator_step / output_scale < XNNPACK_MAX_REQUANTIZATION:
-            continue
-        low = (-128 - int(q.zeroPoint[0])) * output_scale
-        new_scale = accumulator_step / (XNNPACK_MAX_REQUANTIZATION - 1)
-        changed += rescale_int8_tensor(model, index, new_scale, int(np.clip(round(-128 - low / new_scale), -128, 127)))
-    return changed
+        ratio = step / float(q.scale[0])
+        if ratio >= XNNPACK_MAX_REQUANTIZATION:
+            found.append(f"{graph.tensors[int(op.outputs[0])].name.decode(errors='replace')} ({ratio:.0f}x)")
+    if found:
+        raise ValueError(f"the int8 file would abort XNNPACK: {len(found)} convolution outputs have a scale finer than "
+                         f"a 256th of their accumulator step, and their readers need that scale: {', '.join(found[:5])}. "
+                         f"Those layers barely moved on the calibration images (a dead unit): calibrate on more images "
+                         f"(--calib N), or keep their readers in float (--float-ops)")
 
 
 def serialize_sharing_zero_points(model) -> bytes:
@@ -352,7 +378,7 @@ def op_precision(path: Path) -> dict:
 def deliver(job: Job, produced: Path, precision: str, source: str, started: float, **extra) -> dict:
     """Finish a converted file (names, metadata), check it against its PyTorch reference in
     LiteRT, publish it into the export and return its result entry (`extra` added to it)."""
-    tightened = finish(produced, {**job.metadata, "precision": precision})
+    tightened = finish(produced, precision_metadata(job.metadata, precision))
     entry = {"path": f"{job.stem}_{precision}.tflite", "format": "tflite", "precision": precision, "source": source,
              "check": check_against_reference(job, precision, LiteRTRunner(produced, job.threads)),
              "ops_by_dtype": op_precision(produced), "activation_ranges_tightened": tightened, **extra}

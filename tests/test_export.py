@@ -11,6 +11,7 @@ Bounds (relative depth difference |d - d_torch| / d_torch, logits absolute):
   (measured: median 0.1-0.2%, agreement 97-98% on this barely trained model).
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -217,7 +218,8 @@ def test_an_int8_output_too_fine_for_xnnpack_gets_the_finest_scale_it_takes(tfli
     to a 255th of the accumulator step (targets/tflite_file.py, `widen_too_fine_output_scales`)."""
     from ai_edge_litert.tools import flatbuffer_utils
 
-    from targets.tflite_file import rescalable_int8_outputs, serialize_sharing_zero_points, widen_too_fine_output_scales
+    from targets.tflite_file import (refuse_too_fine_output_scales, rescalable_int8_outputs, serialize_sharing_zero_points,
+                                     widen_too_fine_output_scales)
     arts = by_precision(manifest_of(tflite_export, run_dir, "tflite"))
     model = flatbuffer_utils.read_model(str(tflite_export / run_dir.name / "tflite" / arts["int8"]["path"]))
     assert widen_too_fine_output_scales(model) == 0   # the exported file has none left
@@ -234,6 +236,12 @@ def test_an_int8_output_too_fine_for_xnnpack_gets_the_finest_scale_it_takes(tfli
     ran = subprocess.run([sys.executable, "-c", RUN_UNDER_XNNPACK, str(widened)], capture_output=True, text=True)
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert int(ran.stdout.split()[-1]) >= 1   # XNNPACK took the graph
+    refuse_too_fine_output_scales(model)   # none left
+    # one that cannot be widened (its reader needs its scale: RESIZE_BILINEAR) is named, not left to abort XNNPACK
+    output.scale = np.array([step / 12800], np.float32)
+    name = graph.tensors[conv.outputs[0]].name.decode()
+    with pytest.raises(ValueError, match=rf"would abort XNNPACK: 1 convolution outputs .*{re.escape(name)} \(12800x\)"):
+        refuse_too_fine_output_scales(model)
 
 
 def biases_off_their_input_scale(path) -> list[int]:
@@ -575,6 +583,10 @@ def test_onnx_fp32_fp16_and_int8(run_dir, tmp_path):
     props = {p.key: p.value for p in model.metadata_props}
     assert json.loads(props["densekit"])["source_sha256"] == manifest["config"]["source_checkpoint"]["sha256"]
     export_dir = tmp_path / run_dir.name / "onnx"    # the card's onnxruntime snippet runs as written
+    assert json.loads(props["densekit"])["int8_method"] == manifest["config"]["int8"]["method"] == "ptq"
+    floats = [onnx.load(p) for p in export_dir.glob("*_fp*.onnx")]   # no integer activations: no int8 method
+    assert floats and all(json.loads({p.key: p.value for p in m.metadata_props}["densekit"])["int8_method"] == ""
+                          for m in floats)
     meta, body = card_parts(export_dir)
     assert meta["input_layout"] == "NCHW" and "int8 by ptq, weights in [-64, 64]" in body
     assert "- `seg`: (1, 13, 64, 96) class logits; argmax over the second axis" in body

@@ -179,7 +179,8 @@ def test_packages_load_with_io_and_metadata(converted, ct):
         assert all(o.dataType == float32 for o in outputs.values())
 
         meta = model.user_defined_metadata
-        assert json.loads(meta["densekit"]) == {**METADATA, "precision": precision}   # as TFLite and ONNX embed it
+        assert json.loads(meta["densekit"]) == {**METADATA, "precision": precision,   # as TFLite and ONNX embed it
+                                                "int8_method": "ptq" if precision == "w8a8" else ""}
         assert meta["classes"] == ",".join(NYU13_NAMES) and meta["depth_space"] == "relative"
         assert meta["recipe"] == "test" and meta["precision"] == precision
         assert "relative depth (affine-invariant, unitless) and 13-class" in model.short_description
