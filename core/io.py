@@ -55,7 +55,10 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # the name cut to 100 characters: the temp name is 14 longer, and NAME_MAX (255) is for `dest`
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:100]}.", suffix=TEMP_SUFFIX, dir=dest.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:100]}.", suffix=TEMP_SUFFIX, dir=dest.parent)
+    except OSError as exc:   # named by the path the caller gave, not by a temp name it never saw
+        raise OSError(exc.errno, exc.strerror, str(dest)) from None
     os.close(fd)
     tmp = Path(tmp)
     try:

@@ -36,6 +36,7 @@ import numpy as np
 
 from core import io as core_io
 from core.cli import ArgumentParser, command, threads_option
+from core.formats import SUFFIXES
 from core.manifest import verify_artefact, verify_command_arguments
 from edge.photos import IMAGE_SUFFIXES, check_map_folder, check_photos, image_files, read_photos, write_maps
 from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner
@@ -128,7 +129,7 @@ def save_outputs(dest: str | Path, result: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m edge.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("artefact", help=".tflite, .onnx or .mlpackage")
+    parser.add_argument("artefact", nargs="?", help=".tflite, .onnx or .mlpackage")
     parser.add_argument("--inputs", required=True, nargs="+",
                         help="an (N, 3, H, W) float32 .npy in [0, 1], or image files and folders of them")
     parser.add_argument("--out", required=True,
@@ -138,7 +139,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--logits", action="store_true", help="also store the segmentation logits")
     parser.add_argument("--no-verify", action="store_true",
                         help="run an artefact even if it differs from its export's manifest.json")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.artefact is None:   # --inputs takes every word after it: an artefact named last went there
+        taken = [item for item in args.inputs if Path(item).suffix.lower() in SUFFIXES]
+        parser.error(f"the artefact comes first: python -m edge.run {taken[-1]} --inputs ... (--inputs took it)"
+                     if taken else "the following arguments are required: artefact")
+    return args
 
 
 CHUNK = 64   # images read and run at a time: memory stays flat for any folder (an .npz keeps depth and labels)

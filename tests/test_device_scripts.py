@@ -126,7 +126,10 @@ def test_linux_bench_refuses_bad_inputs_before_timing(tiny_artefacts, tmp_path):
     last_bad = np.zeros((3, 3, 64, 96), np.float32)
     last_bad[2, 0, 5, 5] = np.nan   # checked image by image: the last one too
     np.save(tmp_path / "last_bad.npy", last_bad)
+    np.save(tmp_path / "fortran.npy", np.asfortranarray(np.zeros((1, 3, 64, 96), np.float32)))
     for inputs, message in (("missing.npy", "--inputs file not found: missing.npy"),
+                            ("fortran.npy", "in Fortran order; expected one non-empty (N, 3, H, W) float32 .npy of RGB "
+                                            "in [0, 1] (save it with np.save(path, np.ascontiguousarray(images)))"),
                             ("large.npy", "the model takes 64x96 images (input [1, 64, 96, 3])"),
                             ("uint8.npy", "is uint8 of shape [1, 3, 64, 96]; expected one non-empty (N, 3, H, W) float32"),
                             ("empty.npy", "is float32 of shape [0, 3, 64, 96]; expected one non-empty"),
@@ -377,6 +380,13 @@ def test_coreml_bench_off_macos_exits_2(tmp_path):
     proc = run_script(tmp_path, "coreml_bench.py", "model.mlpackage", "--runs", "3")
     assert proc.returncode == 2 and proc.stderr.startswith("error: coreml_bench.py runs only on macOS")
     assert "python -m edge.run model.mlpackage" in proc.stderr
+    assert "copy model.mlpackage and this script to a Mac" in proc.stderr.splitlines()[0]   # the fix on the error line
+    # Windows has no `resource` module: the same refusal, not an ImportError's traceback
+    windows = ("import runpy, sys; sys.modules['resource'] = None; "
+               "sys.argv = ['coreml_bench.py', 'model.mlpackage']; runpy.run_path('coreml_bench.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", windows], cwd=tmp_path, capture_output=True, text=True,
+                          env=clean_env(), timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: coreml_bench.py runs only on macOS"), proc.stderr
 
 
 @pytest.mark.parametrize("script, argv, says", [

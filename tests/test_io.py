@@ -20,6 +20,18 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert json.loads(dest.read_text()) == {"x": 1} and list(tmp_path.iterdir()) == [dest]
 
 
+def test_a_temp_file_that_cannot_be_made_is_named_by_its_destination(tmp_path, monkeypatch):
+    """A folder that takes no new file (/proc, a read-only mount): the error named the temp file
+    (".x.npz.nlt06kyu.tmp"), a name the user never gave."""
+    def refused(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", str(tmp_path / ".x.npz.abcdefgh.tmp"))
+
+    monkeypatch.setattr(io.tempfile, "mkstemp", refused)
+    with pytest.raises(FileNotFoundError) as error:
+        io.write_bytes(tmp_path / "x.npz", b"")
+    assert error.value.filename == str(tmp_path / "x.npz")
+
+
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names the synced files through /proc")
 def test_a_rename_is_made_durable_by_syncing_its_directory(tmp_path, monkeypatch):

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,8 +41,8 @@ SCHEMA = "densekit.bench/1"
 # Core ML specification version -> (deployment target, the oldest macOS that loads it)
 REQUIRED_MACOS = {6: ("iOS15", (12,)), 7: ("iOS16", (13,)), 8: ("iOS17", (14,)), 9: ("iOS18", (15,))}
 COMPUTE_UNITS = {"all": "ALL", "cpu": "CPU_ONLY", "cpu_gpu": "CPU_AND_GPU", "cpu_ne": "CPU_AND_NE"}
-NOT_MACOS = ("coreml_bench.py runs only on macOS: Core ML predicts only on Apple systems, and this is {system}.\n"
-             "Copy {model} and this script to a Mac and run `python3 coreml_bench.py {model}` there "
+NOT_MACOS = ("coreml_bench.py runs only on macOS: Core ML predicts only on Apple systems, and this is {system}; "
+             "copy {model} and this script to a Mac and run `python3 coreml_bench.py {model}` there "
              "(pip install coremltools numpy).\n"
              "On Linux, check the artefact's accuracy with `python -m edge.run {model} --inputs images.npy --out "
              "outputs.npz`, which runs densekit's "
@@ -78,6 +77,8 @@ def load_coremltools():
 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MB (ru_maxrss is bytes on macOS, KiB on Linux)."""
+    import resource   # here: Windows has none, and the script must reach its one-line refusal there
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
 

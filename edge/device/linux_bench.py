@@ -242,8 +242,9 @@ def check_images(images_path: str) -> tuple:
             read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
             shape, fortran_order, dtype = read_header(f)
             if len(shape) != 4 or shape[1] != 3 or dtype.kind != "f" or shape[0] == 0 or fortran_order:
+                fix = " (save it with np.save(path, np.ascontiguousarray(images)))" if fortran_order else ""
                 fail(prefix + "is {} of shape {}{}; expected one non-empty (N, 3, H, W) float32 .npy of "
-                     "RGB in [0, 1].".format(dtype, list(shape), " (Fortran order)" if fortran_order else ""))
+                     "RGB in [0, 1]{}.".format(dtype, list(shape), " in Fortran order" if fortran_order else "", fix))
             size = int(np.prod(shape[1:])) * dtype.itemsize
             for _ in range(shape[0]):
                 image = np.frombuffer(f.read(size), dtype)
