@@ -293,10 +293,10 @@ BOUNDARY_DEFINITION = (
     "from GT edges to the nearest predicted edge truncated at 10 px (one way; the authors' evaluation "
     "script averages both ways over both edge sets, so its dbe_comp is not this one), per image then "
     "averaged; edges "
-    "of GT and prediction alike are non-max-suppressed |Sobel(ln depth)| > 0.05 (iBims annotates GT "
-    "edges by hand and runs Canny on the prediction). seg: boundary F1 (Csurka et al., BMVC 2013; "
-    "class-agnostic), label-change pixels matched within 0.75% of the image diagonal, pooled over the "
-    "dataset")
+    "of GT and prediction alike are non-max-suppressed |Sobel(ln depth)| > 0.05, ties kept, so an "
+    "exact step's edge is two pixels wide (iBims annotates GT edges by hand and runs Canny on the "
+    "prediction). seg: boundary F1 (Csurka et al., BMVC 2013; class-agnostic), label-change pixels "
+    "(both sides of a change) matched within 0.75% of the image diagonal, pooled over the dataset")
 
 _SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]) / 8
 
@@ -415,7 +415,7 @@ class SegBoundaryMetrics:
 
     def __init__(self, ignore_index: int = IGNORE_INDEX, tolerance_px: int | None = None):
         if tolerance_px is not None and tolerance_px < 0:
-            raise ValueError(f"tolerance_px={tolerance_px} must be >= 0 (0 = exact boundary pixels; None = 0.75% "
+            raise ValueError(f"tolerance_px={tolerance_px} must be >= 0 (0 = the boundary pixels themselves; None = 0.75% "
                              f"of the image diagonal)")
         self.ignore_index, self.tolerance_px = ignore_index, tolerance_px
         self.reset()

@@ -126,7 +126,7 @@ def markdown_report(run_dir: Path, recipe, summary: dict, size: tuple[int, int])
               "measured against GT on the same validation images",
               "- train_*: the kept student on as many training images as there are validation images, "
               "without augmentation: what it fitted, beside what carries to new images",
-              "- abs_rel_A_B, ratio_A_B: over the pixels whose GT lies in [A, B) m, AbsRel and the prediction's "
+              "- abs_rel_A_B, ratio_A_B: over the pixels whose GT lies in [A, B) m ([5, 10] for the last), AbsRel and the prediction's "
               "geometric-mean ratio to GT (> 1: that range is predicted too far)",
               f"- boundaries: {BOUNDARY_DEFINITION}",
               f"- best checkpoint: {summary.get('best')}", ""]
