@@ -97,8 +97,14 @@ def flat_get(d: dict, key: str):
 def train_recipe(recipe: Recipe | str, *, overrides: Sequence[str] = (), progress: bool = True, log=print) -> Path:
     """Train `recipe` (a name such as "v3", or a Recipe) with dotted `key=value` overrides; returns
     the run directory. `resume=DIR` continues that run from its saved config. Raises ConfigError or
-    UnknownNameError for a bad recipe or override, SupervisionError for options that cannot work
-    together, and PreflightError when the pre-flight refuses the units or ranges, all before any step."""
+    UnknownNameError for a bad recipe or override, FileNotFoundError for a data set or weights file
+    that is not there, SupervisionError for options that cannot work together, and PreflightError
+    when the pre-flight refuses the units or ranges, all before any step.
+
+    The caller's random streams (Python, NumPy, torch) are as they were when it returns. TensorFlow
+    stays hidden from this process afterwards (TensorBoard would import it, and it must not share a
+    process with torch: docs/TOOLCHAIN.md). Under torchrun every process calls it and every process
+    returns once rank 0 has written the run; a process group the caller made is left to the caller."""
     recipe = resolve(recipe, overrides)
     if not recipe.resume:
         check_writable(recipe.out_dir, "out_dir")

@@ -42,6 +42,60 @@ def test_two_processes_match_one_process_loss_curve(tmp_path):
     assert ddp[-1]["train"]["loss"] < ddp[0]["train"]["loss"]
 
 
+DDP_API = """
+import os, random, sys
+from pathlib import Path
+import torch.distributed as dist
+from distill import train_recipe
+out, tiny = Path(sys.argv[1]), sys.argv[2:]
+dist.init_process_group("gloo")   # the caller's own group: train_recipe leaves it to the caller
+random.seed(7)
+draw = random.random()
+for call in range(2):   # a second run in the same processes once raced rank 0 still writing the first
+    run = train_recipe("v3", overrides=[*tiny, f"out_dir={out / str(call)}"], progress=False, log=lambda *a, **k: None)
+    assert (run / "summary.json").is_file(), (os.environ["RANK"], call)
+random.seed(7)
+assert random.random() == draw   # the caller's random stream was put back
+dist.barrier()
+print("ok", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_every_rank_returns_a_finished_run_and_the_callers_group(tmp_path):
+    """Ranks other than 0 returned (and tore the process group down) while rank 0 still measured and
+    wrote the run: their run had no summary.json, and a second call in the same processes hung."""
+    (tmp_path / "ddp_api.py").write_text(DDP_API)
+    env = {**os.environ, "DENSEKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    tiny = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=32", "data.width=32",
+            "data.num_train=16", "data.num_val=4", "train.batch_size=8", "eval.preview_images=1", "train.epochs=1"]
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(tmp_path / "ddp_api.py"), str(tmp_path / "runs"), *tiny],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("ok") == 2   # both ranks (their lines may interleave)
+
+
+@pytest.mark.slow
+def test_the_teacher_scale_is_fitted_on_the_same_images_for_any_number_of_processes(tmp_path):
+    """teacher.align=dataset fitted on rank 0's share of the batches: another scale under torchrun
+    than in one process, and another again after a resume with another number of processes."""
+    env = {**os.environ, "DENSEKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    tiny = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=32", "data.width=32",
+            "data.num_train=16", "data.num_val=4", "train.batch_size=8", "eval.preview_images=1", "train.epochs=1",
+            "teacher.align=dataset"]
+    scales = []
+    for nproc in (1, 2):
+        launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+        done = subprocess.run([sys.executable, *launcher, "-m", "distill.run", "v3", *tiny,
+                               f"out_dir={tmp_path / str(nproc)}", "--quiet"], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        scales += re.findall(r"teacher.align=dataset: synthetic-metric x ([0-9.]+)", done.stdout)
+    assert len(scales) == 2 and scales[0] == scales[1] and scales[0] != "1.0000", scales
+
+
 @pytest.mark.parametrize("images", [15, 16, 23, 30])
 def test_every_world_size_takes_the_single_process_batches(images):
     """Step k's batches of all ranks together are the one-process batch k, and a rank never pads its
@@ -91,8 +145,14 @@ def test_a_gpu_index_past_the_machines_gpus_is_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert pick_device("cuda:0") == torch.device("cuda:0") and pick_device("cuda") == torch.device("cuda:0")
-    with pytest.raises(ValueError, match=r"train.device=cuda:3 but this machine has 1 GPU\(s\), cuda:0 to cuda:0"):
+    with pytest.raises(ValueError, match=r"train.device=cuda:3 asks for cuda:3, but this machine has 1 GPU\(s\), "
+                                         r"cuda:0 to cuda:0"):
         pick_device("cuda:3")
+    # auto (the default) too: a torchrun job of more processes than GPUs (torch's 'invalid device ordinal' came later)
+    with pytest.raises(ValueError, match=r"train.device=auto asks for cuda:1, but this machine has 1 GPU\(s\).* "
+                                         r"run at most 1 torchrun processes \(--nproc_per_node\)"):
+        pick_device("auto", local_rank=1, world=2)
+    assert pick_device("auto") == torch.device("cuda:0")
     # under torchrun an index would put every rank on one GPU (NCCL failed at the first collective)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert pick_device("cuda", local_rank=1, world=2) == torch.device("cuda:1")

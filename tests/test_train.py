@@ -527,3 +527,6 @@ def test_a_finite_loss_with_a_non_finite_gradient_stops_before_the_step(tmp_path
     for clip in ("train.grad_clip=1", "train.grad_clip=0"):   # clipping off: the norm is still measured
         assert main(["v3", *TINY, "train.epochs=1", clip, f"out_dir={tmp_path / clip}", "--quiet"]) == 1
         assert "non-finite gradient norm at epoch 1, step 0 (loss " in capsys.readouterr().err
+    # the failed runs closed their TensorBoard writers (an ablation runs many in one process)
+    import threading
+    assert not [t for t in threading.enumerate() if "AsyncWriter" in type(t).__name__]

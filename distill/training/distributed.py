@@ -33,8 +33,11 @@ class Dist:
 def pick_device(spec: str, local_rank: int = 0, key: str = "train.device", world: int = 1) -> torch.device:
     """`auto`: CUDA when present (under torchrun, the process's own GPU), else the CPU. `key` names
     the setting in the error; `world`: the processes of a torchrun job, each of which takes its own GPU."""
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    given = spec
+    if spec == "auto" and not torch.cuda.is_available():
+        return torch.device("cpu")
+    if spec == "auto":   # the checks below: a torchrun job of more processes than GPUs
+        spec = "cuda"
     try:
         device = torch.device(spec)
     except RuntimeError:   # torch's own message lists twenty device types this project never runs on
@@ -50,8 +53,9 @@ def pick_device(spec: str, local_rank: int = 0, key: str = "train.device", world
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{key}={spec} but CUDA is not available here; use {key}=cpu or auto")
     if device.type == "cuda" and device.index >= torch.cuda.device_count():
-        raise ValueError(f"{key}={spec} but this machine has {torch.cuda.device_count()} GPU(s), cuda:0 to "
-                         f"cuda:{torch.cuda.device_count() - 1}; pick one of them, or {key}=auto")
+        raise ValueError(f"{key}={given} asks for cuda:{device.index}, but this machine has {torch.cuda.device_count()} "
+                         f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of them, or run at most "
+                         f"{torch.cuda.device_count()} torchrun processes (--nproc_per_node)")
     return device
 
 
@@ -78,15 +82,18 @@ def from_environment() -> Dist:
     return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init(d: Dist, device: torch.device) -> None:
+def init(d: Dist, device: torch.device) -> bool:
     """Join the process group (once); a no-op for a single process. On CUDA each rank first makes its
     own GPU current (NCCL works on the current device), and CPU tensors (the epoch means, the
-    broadcast objects) go through gloo beside NCCL: an NCCL-only group refuses a CPU all-reduce."""
+    broadcast objects) go through gloo beside NCCL: an NCCL-only group refuses a CPU all-reduce.
+    Returns whether it created the group (one the caller made is left to the caller)."""
     if d.active and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, rank=d.rank, world_size=d.world)
+        return True
+    return False
 
 
 def shutdown(d: Dist) -> None:

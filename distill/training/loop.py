@@ -151,14 +151,28 @@ def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
     """
     rank = distributed.from_environment()
     device = pick_device(recipe.train.device, rank.local_rank, world=rank.world)
-    distributed.init(rank, device)
+    created = distributed.init(rank, device)
     if not rank.main:
         log, progress = (lambda *args, **kwargs: None), False
     try:
-        with contextlib.ExitStack() as holds:
+        # the caller's random streams come back as they were: a run reseeds them (`seed_everything`)
+        with contextlib.ExitStack() as holds, caller_random_state(device):
             return _train(recipe, rank, device, progress, log, holds)
     finally:
-        distributed.shutdown(rank)
+        if created:   # a group the caller made is the caller's to end
+            distributed.shutdown(rank)
+
+
+@contextlib.contextmanager
+def caller_random_state(device: torch.device):
+    """Python's, NumPy's and torch's random states (the device's too) restored on leaving."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progress: bool, log,
@@ -189,7 +203,11 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if len(train_loader) == 0:
         raise ConfigError(f"{dc.dataset} has {len(train_ds)} usable training images, fewer than "
                           f"train.batch_size={tc.batch_size}; lower train.batch_size")
-    supervision = supervision_for(recipe, device, train_ds, train_loader, rank=rank, log=log)
+    # teacher.align=dataset fits its scale on the single-process batches (rank 0's share would make it
+    # depend on the number of processes, and change under a resume with another number)
+    whole_batches = make_loader(train_ds, tc.batch_size, train=True, seed=tc.seed, workers=dc.workers,
+                                shuffle_stride=tc.shuffle_stride) if rank.active else train_loader
+    supervision = supervision_for(recipe, device, train_ds, whole_batches, rank=rank, log=log)
     teacher = supervision.teacher
     recipe = without_unusable_normals(recipe, train_ds[0], teacher, log)
     model = student_for(recipe, device, rank, log)
@@ -238,6 +256,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     # a resume drops what was logged after its checkpoint's last step (steps count from 1), then logs it anew
     purge = state["step"] + 1 if recipe.resume else None
     writer = summary_writer(run_dir / "tensorboard", purge_step=purge) if rank.main else NullWriter()
+    holds.callback(writer.close)   # also when a step fails: its thread and unflushed events (an ablation runs many)
     val = None
     t_loop, first_epoch = time.time(), state["epoch"]
     for epoch in range(state["epoch"], tc.epochs):
@@ -291,6 +310,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
                    "wall_s": wall_before + time.time() - t_start, "epochs": tc.epochs, "device": str(device),
                    "processes": rank.world}
         write_outputs(run_dir, recipe, summary, model, teacher, val_ds, device, log)
+    distributed.barrier(rank)   # no rank returns a run that rank 0 is still measuring and writing
     return run_dir
 
 
