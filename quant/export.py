@@ -683,7 +683,10 @@ def validation_stage(artefacts: list[dict], float_model, val_ds, run, plan: Plan
             f"({rel:+.2f}%), miou {report.artefact.get('miou', float('nan')):.3f} "
             f"({100 * report.delta.get('miou', float('nan')):+.2f} pt) [{report.executor}]")
         reports.append(report)
-    return reports, write_drift(export_dir, reports, data, float_model)
+    drift_md = write_drift(export_dir, reports, data, float_model)
+    for report in reports:   # drawn into the report's figures; the ExportResult need not hold them (82 MB each at 256x320)
+        report.outputs = None
+    return reports, drift_md
 
 
 def report_markdown(run, plan: Plan, config: dict, drift_md: str, table: str, warning: str = "") -> str:

@@ -359,3 +359,16 @@ def test_a_converter_is_stopped_when_the_export_gives_up_on_it(tmp_path, monkeyp
         artefacts.run_converter(job, tmp_path, log=interrupted)
     time.sleep(2.5)
     assert not late.exists()
+
+
+def test_the_reference_model_is_left_in_the_mode_it_came_in():
+    """validate_artefact's float reference went through DeployModel(student).eval(), which switched
+    the caller's own model to eval mode."""
+    import torch
+
+    from distill.students import build_student
+    from targets.deploy import reference_outputs
+
+    student = build_student("mobilenetv3_small_050", decoder_channels=16).train()
+    reference_outputs(student, torch.rand(1, 3, 64, 96))
+    assert student.training
