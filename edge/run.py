@@ -163,13 +163,15 @@ def main(argv: list[str]) -> int:
         verify_command_arguments([args.artefact])
     files = input_files(args.inputs)   # none: one .npy, read before the runtime opens so that a bad one fails at once
     arrays = None if files else read_inputs(args.inputs[0])
+    to_npz = out.suffix.lower() == ".npz"
+    if not to_npz:   # before the runtime opens
+        check_map_folder(out, args.inputs, files)
     runner = open_runner(args.artefact, threads=args.threads, executor=args.executor, verify=False)   # checked above
     if arrays is not None:   # all of them before the first chunk's maps are written
         validate_images(arrays, runner)
-    if out.suffix.lower() == ".npz":
+    if to_npz:
         count, seconds, non_finite = write_npz(out, runner, files, arrays, logits=args.logits)
     else:
-        check_map_folder(out, args.inputs, files)
         count, seconds, non_finite = write_map_folder(out, runner, files, arrays)
     if non_finite:   # saved as they came, but never silently: a broken file (an fp16 overflow) looks like this
         print(f"warning: {non_finite} output values of {args.artefact} are NaN or infinite; their depth maps "

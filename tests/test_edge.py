@@ -349,9 +349,11 @@ def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_pat
          "the map room_depth.png would replace the input"),
         ([tmp_path / "long"], maps, "longer than the file system allows; rename the photo"),
     ]
-    for inputs, out, message in cases:
-        with pytest.raises(ValueError, match=re.escape(message)):
-            main.__wrapped__([str(artefact), "--inputs", *map(str, inputs), "--out", str(out)])
+    with monkeypatch.context() as patched:   # each refused before the runtime opens (seconds for TensorFlow)
+        patched.setattr(edge.run, "open_runner", lambda *args, **kwargs: pytest.fail("the runtime was opened"))
+        for inputs, out, message in cases:
+            with pytest.raises(ValueError, match=re.escape(message)):
+                main.__wrapped__([str(artefact), "--inputs", *map(str, inputs), "--out", str(out)])
     assert not (tmp_path / "maps").exists() and not (tmp_path / "maps.png").exists()
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["room.png"]
     # an .npy for a folder of maps is checked whole before the first chunk is written
