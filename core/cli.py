@@ -14,6 +14,7 @@ import functools
 import os
 import select
 import sys
+from contextvars import ContextVar
 from typing import Callable, NoReturn
 
 from core.registry import UnknownNameError
@@ -42,6 +43,15 @@ USER_ERRORS = (ValueError, UnknownNameError, FileNotFoundError, FileExistsError,
 
 def debugging(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("DENSEKIT_DEBUG", "") not in ("", "0")
+
+
+_DEBUG_ASKED = ContextVar("densekit_debug", default=False)
+
+
+def debug_asked() -> bool:
+    """Whether the running command was given --debug (or DENSEKIT_DEBUG): for a command that reports
+    some errors itself, after @command stripped the flag from its argv."""
+    return _DEBUG_ASKED.get() or debugging([])
 
 
 def one_line(text: str) -> str:
@@ -73,6 +83,7 @@ def command(prog: str) -> Callable[[Callable[[list[str]], int]], Callable[..., i
         def run(argv: list[str] | None = None) -> int:
             argv = list(sys.argv[1:] if argv is None else argv)
             debug = debugging(argv)
+            asked = _DEBUG_ASKED.set(debug)
             try:
                 return main([a for a in argv if a != "--debug"])
             except KeyboardInterrupt:
@@ -87,6 +98,8 @@ def command(prog: str) -> Callable[[Callable[[list[str]], int]], Callable[..., i
                     raise
                 print(f"error: {describe(exc, prog)}", file=sys.stderr)
                 return exit_code(exc)
+            finally:
+                _DEBUG_ASKED.reset(asked)
         return run
     return decorate
 

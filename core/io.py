@@ -54,9 +54,10 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `dest`; on success fsync it and rename it to `dest`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # the name cut to 100 characters: the temp name is 14 longer, and NAME_MAX (255) is for `dest`
+    # the name cut to 100 bytes: the temp name is 14 longer, and NAME_MAX (255 bytes) is for `dest`
+    short = os.fsencode(dest.name)[:100].decode(errors="ignore")   # bytes: a CJK name's characters are three
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name[:100]}.", suffix=TEMP_SUFFIX, dir=dest.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{short}.", suffix=TEMP_SUFFIX, dir=dest.parent)
     except OSError as exc:   # named by the path the caller gave, not by a temp name it never saw
         raise OSError(exc.errno, exc.strerror, str(dest)) from None
     os.close(fd)

@@ -84,7 +84,8 @@ def verify_artefact(path: str | Path, skip: str = "verify=False") -> bool:
 def verify_command_arguments(paths: Iterable[str | Path]) -> None:
     """`verify_artefact` for a command's artefact arguments, before it calls its Python API with
     verify=False, so that a refusal names the command's flag (--no-verify) rather than the API's
-    keyword. A path that does not exist is left to the API's own check, which names it."""
+    keyword. A path that does not exist, or is no artefact by its suffix, is left to the API's own
+    check, which names what is wrong with it."""
     for path in paths:
-        if Path(path).exists():
+        if Path(path).exists() and Path(path).suffix.lower() in SUFFIXES:
             verify_artefact(path, skip="--no-verify")

@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from core import io
-from core.cli import command, debugging, one_line
+from core.cli import command, debug_asked, one_line
 from core.config import ConfigError, apply_overrides
 from core.io import check_writable
 from core.lock import LockHeld, exclusive
@@ -433,13 +433,13 @@ def main(argv: list[str]) -> int:
         recipe, options, overrides = parse(argv)
         return run(recipe, options, overrides)
     except (ConfigError, UnknownNameError, CacheMismatchError, FileNotFoundError, LockHeld) as e:
-        if debugging(sys.argv):   # --debug (stripped from argv by @command) or DENSEKIT_DEBUG: the traceback
+        if debug_asked():   # --debug (stripped from argv by @command) or DENSEKIT_DEBUG: the traceback
             raise
         if rank.main:   # every rank has the same error (rank 0's, broadcast)
             print(f"error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except FloatingPointError as e:   # only the rank that labelled the sample knows
-        if debugging(sys.argv):
+        if debug_asked():
             raise
         print(f"error{f' (rank {rank.rank})' if rank.active else ''}: {e}", file=sys.stderr)
         return 1

@@ -34,7 +34,7 @@ from core.figures import SEG_PALETTE, colorize, colorize_seg, compose
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MAPS = ("depth", "labels", "preview")   # <stem>_<map>.png per image
-NAME_MAX = 255 - len("..12345678.tmp")   # bytes of a map's name, so that its temp file's name fits too
+NAME_MAX = 255   # bytes of a file name on Linux and macOS (atomic_path's temp name is cut to fit)
 MM_PER_UNIT = 1000
 
 

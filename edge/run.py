@@ -12,7 +12,8 @@ logits with --logits only, `executor` (0-d str array), `non_finite` (0-d int: Na
 values among depth and the logits), and `names` (the image files' stems) for image inputs. An
 --out without the .npz suffix is a folder that gets, per image, a 16-bit depth PNG in
 millimetres, a label PNG and a preview (edge/photos.py); an .npy's images are named 000000,
-000001, ... Images are decoded and run 64 at a time, so memory stays flat for any folder. The
+000001, ... Images are decoded and run 64 at a time (an .npz keeps every image's depth and labels,
+about 5 bytes a pixel; a folder of maps keeps nothing). The
 maps never land on the inputs: an --out that is a folder of the inputs, or where a map would
 replace an input, is refused.
 The last stdout line is JSON: {"artefact", "executor", "images", "seconds", "non_finite"} (NaN or
@@ -129,7 +130,7 @@ def save_outputs(dest: str | Path, result: dict) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m edge.run", description=__doc__.split("\n\n")[0])
-    parser.add_argument("artefact", nargs="?", help=".tflite, .onnx or .mlpackage")
+    parser.add_argument("artefact", nargs="?", help=".tflite, .onnx or .mlpackage (required; before --inputs)")
     parser.add_argument("--inputs", required=True, nargs="+",
                         help="an (N, 3, H, W) float32 .npy in [0, 1], or image files and folders of them")
     parser.add_argument("--out", required=True,
@@ -147,7 +148,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-CHUNK = 64   # images read and run at a time: memory stays flat for any folder (an .npz keeps depth and labels)
+CHUNK = 64   # images read and run at a time: the images and logits of one chunk in memory, whatever the folder
 
 
 @command("python -m edge.run")

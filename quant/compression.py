@@ -119,9 +119,9 @@ def mixed_sources(table_rows: list[dict]) -> str:
     exported from a checkpoint while it trained, another after it finished or was resumed): their
     accuracy differences are then not what compression cost. Empty when they share one source."""
     sources: dict[str, list[str]] = {}
-    for r in table_rows:
-        if r["export"] not in sources.setdefault(r["source_sha256"] or "not recorded", []):
-            sources[r["source_sha256"] or "not recorded"].append(r["export"])
+    for r in table_rows:   # an export that recorded no source (before the record) cannot be compared
+        if r["source_sha256"] and r["export"] not in sources.setdefault(r["source_sha256"], []):
+            sources[r["source_sha256"]].append(r["export"])
     if len(sources) <= 1:
         return ""
     return ("**These exports were made from DIFFERENT weights of the run**, so their accuracy differences are not "

@@ -347,9 +347,11 @@ def prepare(student: nn.Module, example: torch.Tensor, log_depth: bool = False, 
 def calibrate(model: QuantStudent, images, fresh: bool = False) -> None:
     """Initialise the activation ranges with the min/max over `images` batches before QAT moves
     them by EMA; `fresh`: forget the ranges first (after QAT, to measure what the converter will).
-    Measured as the converters measure them: on the float model, every quantiser and weight grid
-    off, so that no range depends on the rounding upstream of it (with rounding on, 69% of a v3
-    student's ranges moved by more than one int8 step). Observers on, no weight update."""
+    Measured as the converters measure them, on the model they are given, so that no range depends
+    on the activation rounding upstream of it (with rounding on, 69% of a v3 student's ranges moved
+    by more than one int8 step): activation quantisers off; weight grids off for the first
+    calibration (the converter of a PTQ file calibrates the float weights) and on after QAT (it is
+    given `finalize`'s weights, snapped onto the grid). Observers on, no weight update."""
     quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
     if fresh:
         for q in quantizers:
@@ -358,7 +360,7 @@ def calibrate(model: QuantStudent, images, fresh: bool = False) -> None:
     model.train()
     for q in quantizers:
         q.momentum = None
-    set_quantization(model, False)
+    set_quantization(model, False, weights=not fresh)
     try:
         for batch in images:
             model(batch)
@@ -369,10 +371,11 @@ def calibrate(model: QuantStudent, images, fresh: bool = False) -> None:
         model.eval()
 
 
-def set_quantization(model: nn.Module, enabled: bool) -> None:
-    """Turn the fake quantisation of every activation quantiser and weight grid on or off."""
+def set_quantization(model: nn.Module, enabled: bool, weights: bool = True) -> None:
+    """Turn the fake quantisation of every activation quantiser (and, with `weights`, every weight
+    grid) on or off."""
     for module in model.modules():
-        if isinstance(module, (ActivationQuantizer, QuantConv2d)):
+        if isinstance(module, ActivationQuantizer) or (weights and isinstance(module, QuantConv2d)):
             module.quantize = enabled
 
 

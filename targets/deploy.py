@@ -167,12 +167,13 @@ def export_program(student: nn.Module, path: Path, height: int, width: int, form
 def reference_outputs(student: nn.Module, images: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch model's (depth, seg) on (N, 3, H, W) images in [0, 1]: what artefacts must match.
     `student` is left in the mode it came in (DeployModel wraps it, and eval() reaches it)."""
-    was_training = student.training
+    modes = {module: module.training for module in student.modules()}   # a caller's frozen norms too
     try:
         model = DeployModel(student).eval()
         outs = [model(images[i:i + batch]) for i in range(0, len(images), batch)]
     finally:
-        student.train(was_training)
+        for module, training in modes.items():
+            module.training = training
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 

@@ -306,10 +306,11 @@ def refuse_too_fine_output_scales(model) -> None:
         if ratio >= XNNPACK_MAX_REQUANTIZATION:
             found.append(f"{graph.tensors[int(op.outputs[0])].name.decode(errors='replace')} ({ratio:.0f}x)")
     if found:
-        raise ValueError(f"the int8 file would abort XNNPACK: {len(found)} convolution outputs have a scale finer than "
-                         f"a 256th of their accumulator step, and their readers need that scale: {', '.join(found[:5])}. "
-                         f"Those layers barely moved on the calibration images (a dead unit): calibrate on more images "
-                         f"(--calib N), or keep their readers in float (--float-ops)")
+        # the fix first: the export shows 300 characters of the converter's last line
+        raise ValueError(f"the int8 file would abort XNNPACK: calibrate on more images (--calib N) or keep the readers "
+                         f"in float (--float-ops); {len(found)} convolution outputs barely moved on the calibration "
+                         f"images (a dead unit), so their scale is finer than a 256th of their accumulator step, and "
+                         f"their readers need it: {', '.join(found[:5])}")
 
 
 def serialize_sharing_zero_points(model) -> bytes:

@@ -146,7 +146,7 @@ def test_a_gpu_index_past_the_machines_gpus_is_named(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert pick_device("cuda:0") == torch.device("cuda:0") and pick_device("cuda") == torch.device("cuda:0")
     with pytest.raises(ValueError, match=r"train.device=cuda:3 asks for cuda:3, but this machine has 1 GPU\(s\), "
-                                         r"cuda:0 to cuda:0"):
+                                         r"cuda:0 to cuda:0; pick one of them, or train.device=auto$"):
         pick_device("cuda:3")
     # auto (the default) too: a torchrun job of more processes than GPUs (torch's 'invalid device ordinal' came later)
     with pytest.raises(ValueError, match=r"train.device=auto asks for cuda:1, but this machine has 1 GPU\(s\).* "

@@ -331,7 +331,7 @@ def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_pat
     write_photo(tmp_path / "b" / "room.jpg", (64, 48))
     write_photo(tmp_path / "b" / "room_depth.png", (64, 48))
     (tmp_path / "long").mkdir()
-    write_photo(tmp_path / "long" / f"{'x' * 236}.png", (64, 48))
+    write_photo(tmp_path / "long" / f"{'x' * 244}.png", (64, 48))   # its map x..x_preview.png: 256 bytes
     (tmp_path / "broken.png").write_text("not an image")
     maps = tmp_path / "maps"
     cases = [

@@ -222,6 +222,12 @@ def test_debug_shows_the_traceback_of_a_command_that_reports_its_own_errors(plac
                           env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 1 and "Traceback (most recent call last)" in proc.stderr
     assert '"not-a-key-value" is not key=value' in proc.stderr
+    from core.config import ConfigError
+    from distill.cache_teacher import main   # from Python too: --debug reaches it through @command
+
+    with pytest.raises(ConfigError, match="is not key=value"):
+        main(["v3", "--debug", "not-a-key-value"])
+    assert main(["v3", "not-a-key-value"]) == 2
 
 
 def test_the_real_command_line_prints_one_line(place):

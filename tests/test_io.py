@@ -203,6 +203,8 @@ def test_an_export_directory_vouches_only_for_the_files_its_manifest_lists(tmp_p
     with pytest.raises(IntegrityError, match=r"other.tflite is not listed in .*pass --no-verify"):
         verify_command_arguments([tmp_path / "other.tflite", tmp_path / "missing.tflite"])
     verify_command_arguments([tmp_path / "missing.tflite"])   # left to the command's own check, which names it
+    (tmp_path / "model.pt").write_bytes(b"no artefact")
+    verify_command_arguments([tmp_path / "model.pt"])         # so is a file that is no artefact
     assert not verify_artefact(tmp_path.parent / "outside.tflite")   # no manifest: nothing recorded
     from core.manifest import verify_export   # python -m quant.verify names what edge.run would refuse
     assert verify_export(tmp_path) == ["MODEL.TFLITE: sha256 differs from the manifest's model.tflite",

@@ -300,6 +300,7 @@ def test_the_ranges_recorded_after_qat_are_the_converters_min_max_not_the_ema():
     model, x = randomized("mobilenetv3_small_050"), torch.rand(4, 3, 64, 96)
     fake = qat.prepare(model, x[:1])
     qat.calibrate(fake, [x])
+    qat.calibrate(fake, [x], fresh=True)
     measured = qat.activation_ranges(fake)
     for q in fake.modules():
         if isinstance(q, qat.ActivationQuantizer):
@@ -308,6 +309,12 @@ def test_the_ranges_recorded_after_qat_are_the_converters_min_max_not_the_ema():
     assert qat.activation_ranges(fake) != measured   # min/max on top of a range only widens it
     qat.calibrate(fake, [x], fresh=True)
     assert qat.activation_ranges(fake) == measured
+    # what the converter measures on the model it is given: finalize's weights, snapped onto the grid
+    given = qat.prepare(qat.finalize(fake), x[:1])
+    qat.calibrate(given, [x])
+    converter = qat.activation_ranges(given)
+    assert converter.keys() == measured.keys()
+    assert all(converter[k] == pytest.approx(measured[k], abs=1e-4) for k in measured)
 
 
 def test_calibration_measures_the_float_models_ranges_as_the_converters_do():

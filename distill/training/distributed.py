@@ -53,9 +53,10 @@ def pick_device(spec: str, local_rank: int = 0, key: str = "train.device", world
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{key}={spec} but CUDA is not available here; use {key}=cpu or auto")
     if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        fix = (f"run at most {torch.cuda.device_count()} torchrun processes (--nproc_per_node)" if world > 1
+               else f"pick one of them, or {key}=auto")
         raise ValueError(f"{key}={given} asks for cuda:{device.index}, but this machine has {torch.cuda.device_count()} "
-                         f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; pick one of them, or run at most "
-                         f"{torch.cuda.device_count()} torchrun processes (--nproc_per_node)")
+                         f"GPU(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; {fix}")
     return device
 
 

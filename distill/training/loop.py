@@ -156,7 +156,7 @@ def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
         log, progress = (lambda *args, **kwargs: None), False
     try:
         # the caller's random streams come back as they were: a run reseeds them (`seed_everything`)
-        with contextlib.ExitStack() as holds, caller_random_state(device):
+        with contextlib.ExitStack() as holds, caller_random_state():
             return _train(recipe, rank, device, progress, log, holds)
     finally:
         if created:   # a group the caller made is the caller's to end
@@ -164,10 +164,11 @@ def train(recipe: Recipe, *, progress: bool = True, log=print) -> Path:
 
 
 @contextlib.contextmanager
-def caller_random_state(device: torch.device):
-    """Python's, NumPy's and torch's random states (the device's too) restored on leaving."""
+def caller_random_state():
+    """Python's, NumPy's and torch's random states (every GPU's too: torch.manual_seed reseeds
+    them all) restored on leaving."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
         try:
             yield
         finally:
@@ -205,8 +206,8 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
                           f"train.batch_size={tc.batch_size}; lower train.batch_size")
     # teacher.align=dataset fits its scale on the single-process batches (rank 0's share would make it
     # depend on the number of processes, and change under a resume with another number)
-    whole_batches = make_loader(train_ds, tc.batch_size, train=True, seed=tc.seed, workers=dc.workers,
-                                shuffle_stride=tc.shuffle_stride) if rank.active else train_loader
+    whole_batches = make_loader(train_ds, tc.batch_size // rank.world, train=True, seed=tc.seed, workers=dc.workers,
+                                shuffle_stride=tc.shuffle_stride) if rank.active else train_loader   # one GPU's batch
     supervision = supervision_for(recipe, device, train_ds, whole_batches, rank=rank, log=log)
     teacher = supervision.teacher
     recipe = without_unusable_normals(recipe, train_ds[0], teacher, log)
