@@ -345,7 +345,7 @@ def test_a_converter_is_stopped_when_the_export_gives_up_on_it(tmp_path, monkeyp
 
     late = tmp_path / "late.txt"
     (tmp_path / "slow_converter.py").write_text(
-        f'import time\nprint("tflite step", flush=True)\ntime.sleep(1)\nopen({str(late)!r}, "w").write("late")\n')
+        f'import time\nprint("tflite step", flush=True)\ntime.sleep(0.5)\nopen({str(late)!r}, "w").write("late")\n')
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     converter = SimpleNamespace(module="slow_converter")
     monkeypatch.setattr(artefacts, "FORMATS", {"tflite": SimpleNamespace(converter=lambda name: converter)})
@@ -357,7 +357,7 @@ def test_a_converter_is_stopped_when_the_export_gives_up_on_it(tmp_path, monkeyp
 
     with pytest.raises(KeyboardInterrupt):
         artefacts.run_converter(job, tmp_path, log=interrupted)
-    time.sleep(2.5)
+    time.sleep(1.5)
     assert not late.exists()
 
 
