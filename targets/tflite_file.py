@@ -266,26 +266,30 @@ def widen_too_fine_output_scales(model) -> int:
     graph = model.subgraphs[0]
     changed = 0
     for op, kind, index in rescalable_int8_outputs(model):
-        step = accumulator_step(graph, op) if kind in REQUANTIZING_OPS else None
-        q = graph.tensors[index].quantization
-        if step is None or step / float(q.scale[0]) < XNNPACK_MAX_REQUANTIZATION:
+        steps = requantization(graph, op) if kind in REQUANTIZING_OPS else None
+        if steps is None or steps[0] / steps[1] < XNNPACK_MAX_REQUANTIZATION:
             continue
-        low = (-128 - int(q.zeroPoint[0])) * float(q.scale[0])
+        step, output_scale = steps
+        low = (-128 - int(graph.tensors[index].quantization.zeroPoint[0])) * output_scale
         new_scale = step / (XNNPACK_MAX_REQUANTIZATION - 1)
         changed += rescale_int8_tensor(model, index, new_scale, int(np.clip(round(-128 - low / new_scale), -128, 127)))
     return changed
 
 
-def accumulator_step(graph, op) -> float | None:
-    """Input scale x the largest weight scale of a convolution with quantised input and weights."""
+def requantization(graph, op) -> tuple[float, float] | None:
+    """(accumulator step, output scale) of a convolution with quantised input and weights and one
+    output on one scale: the accumulator step is the input scale x the largest weight scale, and
+    XNNPACK refuses their ratio from XNNPACK_MAX_REQUANTIZATION. None for any other op."""
     def scales(index: int) -> np.ndarray | None:
         q = graph.tensors[index].quantization if index >= 0 else None
         return None if q is None or q.scale is None or not len(q.scale) else np.asarray(q.scale, np.float64)
 
-    if len(op.inputs) < 2:
+    if len(op.inputs) < 2 or len(op.outputs) != 1:
         return None
-    input_scale, weight_scale = scales(int(op.inputs[0])), scales(int(op.inputs[1]))
-    return None if input_scale is None or weight_scale is None else float(input_scale[0] * weight_scale.max())
+    input_scale, weight_scale, output_scale = (scales(int(t)) for t in (op.inputs[0], op.inputs[1], op.outputs[0]))
+    if input_scale is None or weight_scale is None or output_scale is None or len(output_scale) != 1:
+        return None
+    return float(input_scale[0] * weight_scale.max()), float(output_scale[0])
 
 
 def refuse_too_fine_output_scales(model) -> None:
@@ -296,13 +300,10 @@ def refuse_too_fine_output_scales(model) -> None:
     graph = model.subgraphs[0]
     found = []
     for op in graph.operators:
-        if op_name(model, op) not in REQUANTIZING_OPS or len(op.outputs) != 1:
+        steps = requantization(graph, op) if op_name(model, op) in REQUANTIZING_OPS else None
+        if steps is None:
             continue
-        q = graph.tensors[int(op.outputs[0])].quantization
-        step = accumulator_step(graph, op)
-        if step is None or q is None or q.scale is None or len(q.scale) != 1:
-            continue
-        ratio = step / float(q.scale[0])
+        ratio = steps[0] / steps[1]
         if ratio >= XNNPACK_MAX_REQUANTIZATION:
             found.append(f"{graph.tensors[int(op.outputs[0])].name.decode(errors='replace')} ({ratio:.0f}x)")
     if found:
