@@ -50,7 +50,7 @@ from typing import Callable, get_origin
 
 from core import io
 from core.cli import ArgumentParser, command
-from core.config import ConfigError, apply_overrides, field_types
+from core.config import ConfigError, apply_overrides, field_types, flat_keys, to_dict
 from core.io import check_writable
 from core.lock import exclusive
 from core.registry import suggest
@@ -579,17 +579,14 @@ def check_rows_trained_as_built(out: Path, grid: Grid, recipes: list[Recipe], ro
                                 f"another --out (the runs in {out} are kept)")
 
 
-def recipe_changes(saved: Recipe, built: Recipe, prefix: str = "") -> list[tuple[str, object, object]]:
+def recipe_changes(saved: Recipe, built: Recipe) -> list[tuple[str, object, object]]:
     """(dotted key, saved value, built value) of every field the two recipes set differently; where
     the runs go and how a process started (`out_dir`, `resume`) are not what a run trains."""
-    changes = []
-    for f in fields(saved):
-        before, after = getattr(saved, f.name), getattr(built, f.name)
-        if is_dataclass(before) and is_dataclass(after):
-            changes += recipe_changes(before, after, f"{prefix}{f.name}.")
-        elif before != after and f"{prefix}{f.name}" not in ("out_dir", "resume"):
-            changes.append((f"{prefix}{f.name}", before, after))
-    return changes
+    from distill.run import flat_get
+
+    before, after = to_dict(saved), to_dict(built)
+    return [(key, flat_get(before, key), flat_get(after, key)) for key in flat_keys(saved)
+            if key not in ("out_dir", "resume") and flat_get(before, key) != flat_get(after, key)]
 
 
 def ablation_to_resume(out: Path) -> Path:
