@@ -89,8 +89,9 @@ def check_map_folder(out: Path, inputs: list[str], files: list[Path]) -> None:
             if len(os.fsencode(name)) > NAME_MAX:
                 raise BadPhoto(f"--inputs {f}: its {kind} map's name would be {len(os.fsencode(name))} bytes, longer "
                                f"than the file system allows; rename the photo")
-            if (out / name).resolve() in taken:
-                raise BadPhoto(f"--out {out}: the map {name} would replace the input {taken[(out / name).resolve()]}; "
+            replaced = taken.get((out / name).resolve())
+            if replaced is not None:
+                raise BadPhoto(f"--out {out}: the map {name} would replace the input {replaced}; "
                                f"give another --out folder")
 
 

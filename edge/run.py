@@ -155,8 +155,9 @@ CHUNK = 64   # images read and run at a time: the images and logits of one chunk
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = output_path(args.out)   # before the model runs
+    to_npz = out.suffix.lower() == ".npz"   # else a folder of maps
     threads_option("--threads", args.threads)
-    if args.logits and out.suffix.lower() != ".npz":
+    if args.logits and not to_npz:
         raise BadInput(f"--logits stores the logits in an .npz, but --out {args.out} is a folder of PNG maps; "
                        f"give an --out ending in .npz, or drop --logits")
     check_artefact(args.artefact, args.executor, verify=False)
@@ -164,7 +165,6 @@ def main(argv: list[str]) -> int:
         verify_command_arguments([args.artefact])
     files = input_files(args.inputs)   # none: one .npy, read before the runtime opens so that a bad one fails at once
     arrays = None if files else read_inputs(args.inputs[0])
-    to_npz = out.suffix.lower() == ".npz"
     if not to_npz:   # before the runtime opens
         check_map_folder(out, args.inputs, files)
     runner = open_runner(args.artefact, threads=args.threads, executor=args.executor, verify=False)   # checked above
@@ -204,14 +204,14 @@ def write_npz(out: Path, runner, files: list[Path], arrays: np.ndarray | None,
     """OUT.npz of every image, run CHUNK at a time (the logits kept only with `logits`).
     Returns (images, seconds spent running the artefact, non-finite output values)."""
     parts: dict[str, list[np.ndarray]] = {"depth": [], "labels": [], **({"seg": []} if logits else {})}
-    seconds, non_finite, executor = 0.0, 0, runner.executor
+    seconds, non_finite = 0.0, 0
     for _, _, result in run_chunks(runner, files, arrays, logits):
         for key, kept in parts.items():
             kept.append(result[key])
-        seconds, non_finite, executor = seconds + result["seconds"], non_finite + result["non_finite"], result["executor"]
+        seconds, non_finite = seconds + result["seconds"], non_finite + result["non_finite"]
     merged = {key: np.concatenate(kept) for key, kept in parts.items()}
     names = {"names": [f.stem for f in files]} if files else {}
-    save_outputs(out, {**merged, **names, "executor": executor, "non_finite": non_finite})
+    save_outputs(out, {**merged, **names, "executor": runner.executor, "non_finite": non_finite})
     return len(merged["depth"]), seconds, non_finite
 
 
