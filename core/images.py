@@ -8,12 +8,17 @@ and photos given to an artefact (edge/photos.py) must see the same pixels.
   grey (mode I, which older Pillows give 16-bit PNGs) counts as 16-bit when a value exceeds 255,
   else as 8-bit;
 - floating-point images refused: they have no defined brightness range;
-- transparency ignored (the colour under it is used).
+- transparency ignored (the colour under it is used);
+- PIL's guard against decompression bombs judged on the pixels decoded (`open_image`): a
+  200-megapixel phone JPEG decodes at 1/8 scale and opens, though PIL refuses it by its header.
 numpy and PIL only, so any stage can read images without pulling torch.
 """
 from __future__ import annotations
 
 import hashlib
+import math
+import warnings
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -39,15 +44,61 @@ def orientation(image: Image.Image) -> int:
     return turn if turn in _TURNS else 1
 
 
+def open_image(path: str | Path, at_least: tuple[int, int] | None = None) -> Image.Image:
+    """Image.open, with PIL's guard against decompression bombs judged on the pixels that will be
+    decoded rather than on the header's size. A JPEG is decoded at down to 1/8 scale (`shrink`): a
+    200-megapixel phone photo, which PIL refuses by its header, opens and decodes at a few megapixels.
+    With `at_least` (upright height, width) the JPEG is shrunk here and judged at that scale; without,
+    at the 1/8 it can reach (a header read). Other formats decode whole, so PIL's limit stands for them.
+    Raises Image.DecompressionBombError over twice Image.MAX_IMAGE_PIXELS decoded, as PIL does (and
+    warns of nothing under it: the photo is the user's own)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(path)
+        except Image.DecompressionBombError:
+            image = _open_unguarded(path)   # judged below, on what will be decoded
+    width, height = image.size
+    if image.format == "JPEG":
+        if at_least is not None:
+            shrink(image, at_least)
+            width, height = image.size   # the draft's size: what load() decodes
+        else:
+            width, height = math.ceil(width / 8), math.ceil(height / 8)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > 2 * limit:
+        image.close()
+        raise Image.DecompressionBombError(
+            f"{image.size[0]}x{image.size[1]} decodes to {width * height} pixels, more than PIL's limit of "
+            f"{2 * limit} (Image.MAX_IMAGE_PIXELS x 2)")
+    return image
+
+
+def _open_unguarded(path: str | Path) -> Image.Image:
+    """Image.open without PIL's header check (a module global, restored at once)."""
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        return Image.open(path)
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def shrink(image: Image.Image, at_least: tuple[int, int]) -> None:
+    """Let an opened JPEG decode at 1/2, 1/4 or 1/8 scale, as long as the upright image stays at least
+    twice `at_least` (height, width); other formats, and a JPEG already shrunk, are left alone."""
+    if image.format == "JPEG":
+        h, w = at_least
+        image.draft("RGB", (2 * h, 2 * w) if _TURNS[orientation(image)][0] else (2 * w, 2 * h))   # stored axes
+
+
 def upright_rgb(image: Image.Image, at_least: tuple[int, int] | None = None) -> Image.Image:
     """An opened image file as upright 8-bit RGB (the module docstring). `at_least` (height, width)
     of the upright image: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale as long as it stays at
     least twice that size."""
     refuse_float(image)
     turn = orientation(image)
-    if at_least is not None and image.format == "JPEG":
-        h, w = at_least
-        image.draft("RGB", (2 * h, 2 * w) if _TURNS[turn][0] else (2 * w, 2 * h))   # in the stored axes
+    if at_least is not None:
+        shrink(image, at_least)
     if turn != 1:
         image = image.transpose(_TRANSPOSE[turn])
     if image.mode in SIXTEEN_BIT_MODES:

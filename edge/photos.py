@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from core import io as core_io
-from core.images import refuse_float, upright_rgb
+from core.images import open_image, refuse_float, upright_rgb
 from core.figures import SEG_PALETTE, colorize, colorize_seg, compose
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -99,7 +99,7 @@ def check_photos(files: list[Path]) -> None:
     """BadPhoto naming the first file that is not an image PIL reads (its header only: cheap), so
     that a stray file fails before the runtime opens and before any map is written."""
     for path in files:
-        with reading(path), Image.open(path) as image:
+        with reading(path), open_image(path) as image:
             refuse_float(image)
 
 
@@ -119,7 +119,7 @@ def reading(path: Path) -> Iterator[None]:
 def read_photo(path: Path, size: tuple[int, int]) -> np.ndarray:
     """(3, H, W) float32 RGB in [0, 1] of the image file, upright, resized per axis to `size` (H, W).
     16-bit images are brought to 8 bits; transparency is ignored (the colour under it is used)."""
-    with reading(path), Image.open(path) as image:
+    with reading(path), open_image(path, at_least=size) as image:
         upright = upright_rgb(image, at_least=size)   # as the training folders decode (distill/data/folder.py)
     resized = upright.resize((size[1], size[0]), Image.BILINEAR)
     return np.asarray(resized, np.float32).transpose(2, 0, 1) / 255.0

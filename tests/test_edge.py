@@ -228,6 +228,23 @@ def test_greys_16_bit_and_transparent_images_read_as_rgb_and_float_ones_are_refu
         read_photo(tmp_path / "float.tif", (12, 16))
 
 
+def test_a_photo_over_pils_pixel_limit_is_read_when_a_jpeg_and_refused_with_the_fix_otherwise(tmp_path, monkeypatch):
+    """A 200-megapixel phone photo (16320x12240) is over PIL's limit by its header; as a JPEG it decodes
+    at 1/8 scale, so edge.run reads it. Stood in for by a small photo under a lowered limit."""
+    from PIL import Image
+
+    from edge.photos import BadPhoto, check_photos, read_photo
+
+    write_photo(tmp_path / "phone.jpg", (640, 480))
+    write_photo(tmp_path / "scan.png", (640, 480))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 640 * 480 // 4)
+    check_photos([tmp_path / "phone.jpg"])
+    image = read_photo(tmp_path / "phone.jpg", (64, 96))
+    assert image.shape == (3, 64, 96) and image[0, :, :40].mean() > 0.95 and image[2, :, :40].mean() < 0.05
+    with pytest.raises(BadPhoto, match="scan.png: 640x480 decodes to 307200 pixels.*downscale the photo first"):
+        check_photos([tmp_path / "scan.png"])
+
+
 def test_depth_png_holds_millimetres_and_zero_where_depth_is_not_positive():
     from PIL import Image
 

@@ -157,12 +157,16 @@ def test_huge_images_are_skipped_with_the_reason_and_jpegs_decode_reduced(tmp_pa
     import distill.data.folder as folder
 
     Image.new("RGB", (800, 600), (90, 120, 150)).save(tmp_path / "a_big.jpg", quality=95)
+    Image.new("RGB", (800, 600), (90, 120, 150)).save(tmp_path / "a_big.png")
     Image.new("RGB", (64, 48)).save(tmp_path / "b_small.png")
-    monkeypatch.setattr(folder, "MAX_MEGAPIXELS", 0.4)   # the big one is 0.48 MP
+    monkeypatch.setattr(folder, "MAX_MEGAPIXELS", 0.4)   # the big ones are 0.48 MP
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):
         ds = ImageFolder(tmp_path, size=(32, 32))
-    assert [p.name for p in ds.files] == ["b_small.png"]
+    # the JPEG decodes at 1/8 scale (100x75), so only the PNG costs its whole size
+    assert [p.name for p in ds.files] == ["a_big.jpg", "b_small.png"]
+    assert Path(ds.skipped[0][0]).name == "a_big.png"
     assert "800x600 is 0 MP, above the 0 MP" in ds.skipped[0][1] and "downscale it once" in ds.skipped[0][1]
+    assert ds[0]["image"].shape[-2:] == (32, 32)
     monkeypatch.setattr(folder, "MAX_MEGAPIXELS", 200.0)
     with Image.open(tmp_path / "a_big.jpg") as im:
         assert upright_rgb(im, (32, 32)).size == (100, 75)   # 1/8 scale still covers 2 x 32

@@ -1,11 +1,12 @@
 """core/images.py: the one way image files become 8-bit RGB (training folders and edge.run)."""
 import hashlib
+import warnings
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from core.images import decoded_content_hash, orientation, upright_intrinsics, upright_rgb
+from core.images import decoded_content_hash, open_image, orientation, upright_intrinsics, upright_rgb
 
 
 def save_with_orientation(path, pixels: np.ndarray, turn: int) -> None:
@@ -75,3 +76,31 @@ def test_a_turned_photo_gets_another_content_hash(tmp_path):
         file_hash = hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()
         with Image.open(tmp_path / name) as image:
             assert (decoded_content_hash(file_hash, image) == file_hash) is same
+
+
+def test_pils_pixel_limit_is_judged_on_what_is_decoded(tmp_path, monkeypatch):
+    """A 200-megapixel phone JPEG is over PIL's limit by its header, yet decodes at 1/8 scale: it opens,
+    silently, and gives the pixels PIL gives without the limit. A PNG decodes whole and stays refused,
+    as does a JPEG that the wanted size keeps from shrinking enough."""
+    pixels = np.random.default_rng(0).integers(0, 256, (480, 640, 3), np.uint8)
+    for name in ("big.jpg", "big.png"):
+        Image.fromarray(pixels).save(tmp_path / name)
+    limit = 640 * 480 // 4   # PIL refuses over twice this: both files, by their header
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "big.jpg")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no DecompressionBombWarning either
+        with open_image(tmp_path / "big.jpg", at_least=(60, 80)) as image:
+            assert image.size == (160, 120)   # 1/4 scale: still twice 80x60
+            got = np.asarray(upright_rgb(image, (60, 80)))
+        with open_image(tmp_path / "big.jpg") as image:   # a header read: judged at the 1/8 a JPEG can reach
+            assert image.size == (640, 480)
+    assert Image.MAX_IMAGE_PIXELS == limit   # the guard is back for every other reader
+    with pytest.raises(Image.DecompressionBombError, match="640x480 decodes to 307200 pixels, more than PIL's limit of 153600"):
+        open_image(tmp_path / "big.png", at_least=(60, 80))
+    with pytest.raises(Image.DecompressionBombError, match="decodes to 307200 pixels"):
+        open_image(tmp_path / "big.jpg", at_least=(240, 320))   # twice 320x240 is the whole image
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with Image.open(tmp_path / "big.jpg") as image:
+        assert np.array_equal(got, np.asarray(upright_rgb(image, (60, 80))))

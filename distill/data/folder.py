@@ -29,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
-from core.images import decoded_content_hash, orientation, upright_intrinsics, upright_rgb
+from core.images import decoded_content_hash, open_image, orientation, upright_intrinsics, upright_rgb
 from core.io import sha256 as sha256_file
 from distill.data.nyu import check_size, make_sample
 from distill.data.transforms import augment_rng
@@ -45,14 +44,14 @@ INTRINSICS_KEYS = ("fx", "fy", "cx", "cy", "width", "height")
 def probe(path: Path, size: tuple[int, int]) -> tuple[tuple[int, int] | None, str]:
     """((height, width), "") when `path` decodes as an image, else (None, the reason it does not)."""
     try:
-        with Image.open(path) as im:
-            megapixels = im.width * im.height / 1e6   # from the header: nothing decoded yet
+        with open_image(path, size) as im:
+            megapixels = im.width * im.height / 1e6   # from the header (a JPEG's at its reduced scale): nothing decoded yet
             if megapixels > MAX_MEGAPIXELS:
                 return None, (f"{im.width}x{im.height} is {megapixels:.0f} MP, above the {MAX_MEGAPIXELS:.0f} MP "
                               f"decoded per sample; downscale it once (e.g. to 4096 px) outside training")
             im.verify()   # structure checks; leaves the object unusable, so open again to decode
-        with Image.open(path) as im:
-            hw = (im.height, im.width)
+        with open_image(path) as im:
+            hw = (im.height, im.width)   # as stored, before upright_rgb shrinks a JPEG
             upright_rgb(im, size)   # a real decode: catches truncated data verify() misses
             return hw, ""
     except Exception as e:  # noqa: BLE001 - any decoder error means "skip this file"
@@ -137,7 +136,7 @@ class ImageFolder(Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images in {self.root}.")
         index = int(index) % n
-        with Image.open(self.files[index]) as im:
+        with open_image(self.files[index], self.size) as im:
             turn = orientation(im)
             rgb = np.asarray(upright_rgb(im, self.size))
         h, w = rgb.shape[:2]   # upright; a JPEG may be decoded at 1/2, 1/4 or 1/8 scale
@@ -152,7 +151,7 @@ class ImageFolder(Dataset):
         """sha256 of the image file's bytes (with its EXIF orientation where it has one: core/images.py),
         and of intrinsics.json's camera where there is one: da3-metric's metres scale with the focal
         length, so a cache labelled before the file was corrected must not pass for this one."""
-        with Image.open(self.files[index]) as im:   # the header only
+        with open_image(self.files[index]) as im:   # the header only
             digest = decoded_content_hash(sha256_file(self.files[index]), im)
         if self.intrinsics is None:
             return digest
