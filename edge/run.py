@@ -252,11 +252,20 @@ def input_files(inputs: list[str]) -> list[Path]:
     return files
 
 
+NPY_MAGIC, ZIP_MAGIC = b"\x93NUMPY", b"PK\x03\x04"   # numpy.save's header; numpy.savez's (a zip)
+
+
 def read_inputs(path: str) -> np.ndarray:
     try:
-        images = np.load(path)
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+        npy = not head or head.startswith((NPY_MAGIC, ZIP_MAGIC))   # empty: numpy names it
+        images = np.load(path) if npy else None
     except (ValueError, OSError, EOFError) as exc:   # EOFError: an empty file
         raise BadInput(f"cannot read --inputs {path}: {exc} (expected an (N, 3, H, W) float32 .npy)") from None
+    if images is None:   # numpy would say "pickled data"
+        raise BadInput(f"--inputs {path} is not an .npy file (it lacks numpy's header: text, or an image renamed?); "
+                       f"write the (N, 3, H, W) float32 images with numpy.save, or give image files")
     if not isinstance(images, np.ndarray):   # an .npz archive, not one array
         raise BadInput(f"--inputs {path} holds several arrays; expected one (N, 3, H, W) float32 .npy")
     if images.dtype.kind == "f" and images.dtype.itemsize == 4:   # float32 of either byte order

@@ -381,8 +381,10 @@ def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_pat
     np.save(tmp_path / "late.npy", late)
     np.save(tmp_path / "none.npy", images[:0])
     (tmp_path / "empty.npy").write_bytes(b"")   # numpy raises EOFError on it
+    np.savetxt(tmp_path / "text.npy", images[0, 0])   # numpy's refusal of it speaks of pickled data
     for inputs, extra, message in [(tmp_path / "late.npy", [], "hold NaN/inf"), (tmp_path / "none.npy", [], "N >= 1"),
                                    (tmp_path / "empty.npy", [], "cannot read --inputs"),
+                                   (tmp_path / "text.npy", [], "text.npy is not an .npy file (it lacks numpy's header"),
                                    (tmp_path / "a", ["--logits"], "--logits stores the logits in an .npz")]:
         with pytest.raises(ValueError, match=re.escape(message)):
             main.__wrapped__([str(artefact), "--inputs", str(inputs), "--out", str(maps), *extra])
