@@ -267,12 +267,30 @@ def test_a_truncated_bts_image_and_the_labelled_samples_are_named(bts, labeled, 
     train = NyuBTS(root, "train")
     rgb = train.base / train.items[1][0]
     rgb.write_bytes(rgb.read_bytes()[:200])
-    with pytest.raises(ValueError, match=f"^{rgb} or .*sync_depth_.*.png cannot be read \\(OSError: "):
+    with pytest.raises(ValueError, match=f"^{rgb} cannot be read \\(OSError: "):   # the file itself, not the pair
         train[1]
     assert sample_source(train, 1).startswith(f"{rgb} or ")
+    depth = train.base / train.items[0][1]
+    depth.write_bytes(depth.read_bytes()[:200])
+    with pytest.raises(ValueError, match=f"^{depth} cannot be read \\(OSError: "):
+        train[0]
     # the labelled set's items are a numpy array: sample_source once asked it for a truth value
     val = NyuLabeled(labeled, "val")
     assert sample_source(val, 0) == f"{labeled} image {int(val.items[0]) + 1} (1-based)"
+
+
+def test_a_downscaled_bts_copy_is_refused_not_read_with_480x640_intrinsics(bts, tmp_path):
+    """BTS's focal lengths and crop are in 480x640 pixels: read from a 240x320 copy they gave a test
+    sample fx 518.9 instead of about 259 (da3-metric's metres scale with it), silently."""
+    import shutil
+    root = Path(shutil.copytree(bts, tmp_path / "small"))
+    for path in (root / "official_splits" / "test" / "bathroom").iterdir():
+        with Image.open(path) as im:
+            im.resize((320, 240), Image.NEAREST).save(path)
+    val = NyuBTS(root, "val", size=(240, 320))
+    with pytest.raises(ValueError, match=r"rgb_00045.jpg is 240x320; BTS's lists, focal lengths and crop are defined "
+                                         r"at 480x640: use the original files"):
+        val[0]
 
 
 # ----------------------------------------------------------------------------- layout detection

@@ -106,6 +106,20 @@ def make_sample(rgb: np.ndarray, depth: np.ndarray, seg: np.ndarray | None, intr
             "index": index, "flipped": flipped}   # a cached pseudo-label is flipped to match
 
 
+def damaged(source: str, exc: Exception) -> ValueError:
+    return ValueError(f"{source} cannot be read ({type(exc).__name__}: {exc}): a truncated or damaged file "
+                      f"(a download cut short?); download it again")
+
+
+def pixels(path: Path, mode: str | None = None) -> np.ndarray:
+    """An image file's pixels (converted to `mode` if given); a damaged file named by itself."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert(mode) if mode else im)
+    except (OSError, SyntaxError) as exc:
+        raise damaged(str(path), exc) from None
+
+
 def check_size(size: tuple[int, int] | None) -> tuple[int, int]:
     """(height, width) as positive ints; None -> NYU's 480x640."""
     h, w = size if size is not None else NYU_SIZE
@@ -155,8 +169,7 @@ class NyuDataset(Dataset):
         try:
             rgb, depth, seg, intrinsics = self.read(index)
         except (OSError, SyntaxError) as exc:   # h5py and PIL on a truncated file do not say which file
-            raise ValueError(f"{self.source(index)} cannot be read ({type(exc).__name__}: {exc}): a truncated or "
-                             f"damaged file (a download cut short?); download it again") from None
+            raise damaged(self.source(index), exc) from None
         rng = augment_rng(self.seed, self.epoch, index) if self.augment else None
         return make_sample(rgb, depth, seg, intrinsics, index=index, size=self.size, crop=self.crop, rng=rng)
 
@@ -251,7 +264,7 @@ def read_split(path: Path, split: str, n: int) -> np.ndarray:
 
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the labelled .mat needs the official splits.mat "
-                                "(trainNdxs / testNdxs, MATLAB v5) beside it, or pass splits=<path>.")
+                                "(trainNdxs / testNdxs, MATLAB v5) beside it: put it there, under that name.")
     try:
         table = scipy.io.loadmat(path)
     except (NotImplementedError, ValueError) as e:
@@ -307,10 +320,13 @@ class NyuBTS(NyuDataset):
     def read(self, index: int) -> tuple[np.ndarray, np.ndarray, None, Intrinsics]:
         """rgb uint8 (480, 640, 3), depth float32 (480, 640) metres (uint16 mm / 1000, 0 = hole)."""
         rgb_name, depth_name, focal = self.items[index]
-        with Image.open(self.base / rgb_name) as im:
-            rgb = np.asarray(im.convert("RGB"))
-        with Image.open(self.base / depth_name) as im:
-            mm = np.asarray(im)
+        rgb, mm = pixels(self.base / rgb_name, "RGB"), pixels(self.base / depth_name)
+        if rgb.shape[:2] != NYU_SIZE:
+            # the list's focal lengths, NYU's principal point and the training crop are in 480x640 pixels:
+            # on a downscaled copy they would give other metres (da3-metric's scale with the focal)
+            raise ValueError(f"{self.base / rgb_name} is {rgb.shape[0]}x{rgb.shape[1]}; BTS's lists, focal lengths "
+                             f"and crop are defined at {NYU_SIZE[0]}x{NYU_SIZE[1]}: use the original files "
+                             f"(data.height and data.width resize them for training)")
         if mm.ndim != 2 or mm.shape != rgb.shape[:2] or mm.dtype not in (np.uint16, np.int32):
             # an 8-bit map read as millimetres would be depths below 0.26 m, inside the evaluated range
             raise ValueError(f"{self.base / depth_name} should be a 16-bit single-channel PNG of "
