@@ -337,3 +337,24 @@ def test_a_reader_that_goes_away_stops_a_command_quietly():
     assert proc.stdout.readline() == b"| row 0 |\n"
     proc.stdout.close()   # what head does after its lines
     assert proc.wait(timeout=60) == 141 and proc.stderr.read() == b""
+
+
+def test_a_tilde_the_shell_left_in_a_path_means_home(tmp_path, monkeypatch):
+    """A shell expands "~" only where a word starts with it or in an assignment (out_dir=~/runs):
+    data.dataset=folder:~/pics, teacher.cache=~/c and --run=~/r reach the program as typed, and were
+    refused as paths that do not exist."""
+    from distill.data import check_sources
+    from distill.recipes.base import DataConfig
+    from distill.teachers.cache import CachedTeacher
+    from distill.training.runs import find_run
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "pics").mkdir()
+    check_sources(DataConfig(dataset="folder:~/pics", val_dataset="synthrooms"))
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "job.json").write_text("{}")   # a cache whose caching run stopped: found, so named as such
+    with pytest.raises(FileNotFoundError, match="teacher.cache=.*/c is incomplete"):
+        CachedTeacher.open("~/c")
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "config.json").write_text(json.dumps({"name": "v3"}))
+    assert find_run("~/r") == tmp_path / "r"

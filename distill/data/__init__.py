@@ -124,7 +124,7 @@ def check_sources(cfg) -> None:
         DATASETS.get(name)   # UnknownNameError, with the closest name
         if name in FROM_PATH and not path:
             raise ValueError(f'data.{key}={spec!r} needs a path: "{name}:/path/to/data"')
-        if path and not Path(path).exists():
+        if path and not Path(path).expanduser().exists():   # a shell leaves "nyu:~/..." unexpanded
             raise FileNotFoundError(f"data.{key}={spec}: {path} does not exist; give the path of the data")
     if unlabelled(cfg.val_dataset):
         raise ValueError(f"data.val_dataset={cfg.val_dataset}: an image folder has no ground truth to validate on; "

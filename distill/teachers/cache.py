@@ -92,7 +92,7 @@ class CachedTeacher(Teacher):
     @classmethod
     def open(cls, path: str | Path, cfg=None, *, split: str = "train") -> "CachedTeacher":
         """Open a finished cache; with a `TeacherConfig`, refuse one made by another teacher."""
-        path = Path(path)
+        path = Path(path).expanduser()   # a shell leaves "teacher.cache=~/..." unexpanded
         if not (path / "manifest.json").is_file():
             if (path / "job.json").is_file():
                 raise FileNotFoundError(f"teacher.cache={path} is incomplete (no manifest.json: the caching run "

@@ -38,7 +38,7 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
     if recipe is not None:
         RECIPES.get(recipe)   # a misspelt recipe names the valid ones, not "no run"
     if run:
-        path = Path(run)
+        path = Path(run).expanduser()   # a shell leaves "--run=~/..." unexpanded
         if not (path / "config.json").is_file():
             raise RunNotFoundError(f"{flag} {run}: no config.json there; pass a training run directory "
                                    f"(runs/<recipe>-<time>) made by python -m distill.run")
@@ -48,7 +48,7 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
                                    f"recipe= in Python): drop the recipe, or name {trained}")
         return path
     recipe = recipe or DEFAULT_RECIPE
-    runs = sorted(p for p in Path(runs_dir).glob(f"{recipe}-*") if run_recipe(p) == recipe)   # sort by start time
+    runs = sorted(p for p in Path(runs_dir).expanduser().glob(f"{recipe}-*") if run_recipe(p) == recipe)   # sort by start time
     finished = newest_last(p for p in runs if is_finished(p))
     if not finished:
         started = [p for p in runs if (p / "config.json").is_file()]
