@@ -12,6 +12,7 @@ import argparse
 import errno
 import functools
 import os
+import re
 import select
 import sys
 from contextvars import ContextVar
@@ -58,6 +59,19 @@ def one_line(text: str) -> str:
     return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
 
 
+# how torch's DataLoader re-raises a worker's exception: the worker's whole traceback as the message
+WORKER_TRACEBACK = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\s*Original Traceback")
+
+
+def message(exc: BaseException) -> str:
+    """The exception's message; for a DataLoader worker's, the original one (the traceback's last line)."""
+    text = str(exc)
+    if WORKER_TRACEBACK.match(text):
+        last = text.rstrip().splitlines()[-1]
+        return last.partition(": ")[2] or last
+    return text
+
+
 def exit_code(exc: BaseException) -> int:
     """The exception's own `exit_code`, else 2 for a problem the user fixes, else 1."""
     if hasattr(exc, "exit_code"):
@@ -72,8 +86,8 @@ def describe(exc: BaseException, prog: str) -> str:
         where = exc.filename or ""
         return one_line(f"{where}: {DISK_FIXES[exc.errno]}" if where else f"{exc}: {DISK_FIXES[exc.errno]}")
     if exit_code(exc) == EXIT_FAILED:
-        return one_line(f"{prog} failed: {type(exc).__name__}: {exc}") + " (rerun with --debug for the traceback)"
-    return one_line(str(exc))
+        return one_line(f"{prog} failed: {type(exc).__name__}: {message(exc)}") + " (rerun with --debug for the traceback)"
+    return one_line(message(exc))
 
 
 def command(prog: str) -> Callable[[Callable[[list[str]], int]], Callable[..., int]]:

@@ -358,3 +358,30 @@ def test_a_tilde_the_shell_left_in_a_path_means_home(tmp_path, monkeypatch):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text(json.dumps({"name": "v3"}))
     assert find_run("~/r") == tmp_path / "r"
+
+
+class DamagedImages:
+    """A dataset whose second sample is a file cut short, as folder datasets report it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int):
+        if index == 1:
+            raise ValueError("/data/pics/b.jpg cannot be read (OSError: image file is truncated): fix or remove it")
+        return index
+
+
+def test_a_dataloader_workers_error_is_its_own_one_line_message():
+    """torch re-raises a worker's exception with the worker's traceback as the message: the command's
+    one error line was a kilobyte of traceback (data.workers > 0, usual on a GPU)."""
+    from torch.utils.data import DataLoader
+
+    from core.cli import describe, exit_code
+
+    with pytest.raises(ValueError) as caught:
+        list(DataLoader(DamagedImages(), batch_size=None, num_workers=1))
+    assert "Original Traceback" in str(caught.value)
+    assert describe(caught.value, "distill.run") == ("/data/pics/b.jpg cannot be read (OSError: image file is truncated): "
+                                                     "fix or remove it")
+    assert exit_code(caught.value) == 2

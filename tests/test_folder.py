@@ -186,3 +186,14 @@ def test_a_portrait_photo_is_turned_upright_with_its_intrinsics(tmp_path):
     rgb = denormalize(s["image"])
     assert (rgb[:38] > 250).all() and (rgb[42:] < 5).all()
     assert torch.allclose(s["intrinsics"], torch.tensor([90.0, 100.0, 60 - 29.0, 41.0]))
+
+
+def test_an_image_cut_short_after_the_folder_was_read_is_named_with_the_fix(tmp_path):
+    """PIL's "image file is truncated" names no file, and ended a training run with exit 1."""
+    pixels = np.random.default_rng(0).integers(0, 256, (48, 64, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=95)
+    ds = ImageFolder(tmp_path, size=(32, 32))
+    data = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "a.jpg").write_bytes(data[: len(data) // 2])   # a sync still writing the folder
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'a.jpg'} cannot be read \\(OSError: .*fix or remove it"):
+        ds[0]

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import Dataset
 
 from core.images import decoded_content_hash, open_image, orientation, upright_intrinsics, upright_rgb
@@ -136,9 +137,13 @@ class ImageFolder(Dataset):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} images in {self.root}.")
         index = int(index) % n
-        with open_image(self.files[index], self.size) as im:
-            turn = orientation(im)
-            rgb = np.asarray(upright_rgb(im, self.size))
+        try:
+            with open_image(self.files[index], self.size) as im:
+                turn = orientation(im)
+                rgb = np.asarray(upright_rgb(im, self.size))
+        except (OSError, SyntaxError, Image.DecompressionBombError) as exc:   # PIL's messages name no file
+            raise ValueError(f"{self.files[index]} cannot be read ({type(exc).__name__}: {exc}): it changed after the "
+                             f"folder was read (a copy still being written?) or is damaged; fix or remove it") from None
         h, w = rgb.shape[:2]   # upright; a JPEG may be decoded at 1/2, 1/4 or 1/8 scale
         intr = (float("nan"),) * 4
         if self.intrinsics is not None:   # given for the stored layout: turned upright, then to this size
