@@ -78,6 +78,8 @@ CASES = [
      "teacher.align=dataset scales metric depth, but teacher.name=synthetic-relative outputs relative"),
     ("distill.run", ["v3", "teacher.assistant=synthetic-relative"], "pick an assistant in the same space"),
     ("distill.run", ["v3", "teacher.cache=empty"], "teacher.cache=empty is not a pseudo-label cache (no manifest.json)"),
+    ("distill.run", ["v3", "data.dataset=synthrooms:empty"],   # the path was ignored: a new render elsewhere
+     "data.dataset='synthrooms:empty': synthrooms is rendered, not read from a path; write data.dataset=synthrooms"),
     # a real teacher's source and package, before the datasets are built (the load came after them)
     ("distill.run", ["v3", "teacher.name=da2-metric"], "da2-metric needs teacher.source=<a local directory or a hub id>"),
     ("distill.run", ["v3", "teacher.name=da2-metric", "teacher.source=empty"],

@@ -124,6 +124,9 @@ def check_sources(cfg) -> None:
         DATASETS.get(name)   # UnknownNameError, with the closest name
         if name in FROM_PATH and not path:
             raise ValueError(f'data.{key}={spec!r} needs a path: "{name}:/path/to/data"')
+        if name not in FROM_PATH and path:   # it would be ignored: the sets render under data.root
+            raise ValueError(f"data.{key}={spec!r}: {name} is rendered, not read from a path; write data.{key}={name}, "
+                             f"and data.root={path} to keep its rendered sets there")
         if path and not Path(path).expanduser().exists():   # a shell leaves "nyu:~/..." unexpanded
             raise FileNotFoundError(f"data.{key}={spec}: {path} does not exist; give the path of the data")
     if unlabelled(cfg.val_dataset):
