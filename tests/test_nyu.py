@@ -247,6 +247,11 @@ def test_fastdepth_h5_exact_and_unlabelled(tmp_path):
         f["depth"] = millimetres
     with pytest.raises(ValueError, match="depth is uint16, where the FastDepth archive stores float metres"):
         train[0]
+    with h5py.File(root / "train/scene_0000/00000.h5", "a") as f:   # millimetres stored as floats
+        del f["depth"]
+        f["depth"] = millimetres.astype(np.float32)
+    with pytest.raises(ValueError, match="depth has a median of 2000, where NYU's rooms are 0.5-10 m; most likely float millimetres"):
+        train[0]
     with h5py.File(root / "train/scene_0000/00000.h5", "a") as f:
         del f["depth"]
     with pytest.raises(ValueError, match="lacks rgb or depth"):

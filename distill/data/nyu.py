@@ -41,6 +41,7 @@ from distill.data.transforms import augment_rng, hflip_intrinsics, normalize, ph
 NYU_SIZE = (480, 640)                                        # (height, width) of NYU's files
 NYU_INTRINSICS = (518.8579, 519.4696, 325.5824, 253.7362)   # fx, fy, cx, cy at 640x480
 BTS_TRAIN_CROP = (45, 43, 472, 608)                          # top, left, bottom, right
+ROOM_DEPTH_MAX_M = 20.0                                      # a median above: not metres (NYU's reach 10 m)
 BTS_TRAIN_LIST = "nyudepthv2_train_files_with_gt.txt"
 BTS_TEST_LIST = "nyudepthv2_test_files_with_gt.txt"
 BTS_TEST_DIRS = ("official_splits/test", "test")             # tried in this order under the root
@@ -403,6 +404,11 @@ class NyuH5(NyuDataset):
                              "integer depth is most likely millimetres from another conversion. Use the "
                              "archive's files, or convert depth to float32 metres (divide by 1000).")
         depth = depth.astype(np.float32)
+        measured = depth[np.isfinite(depth) & (depth > 0)]
+        if measured.size and np.median(measured) > ROOM_DEPTH_MAX_M:   # float millimetres from another conversion
+            raise ValueError(f"{path}: depth has a median of {np.median(measured):.0f}, where NYU's rooms are "
+                             f"0.5-10 m; most likely float millimetres from another conversion. Use the archive's "
+                             f"files, or convert depth to metres (divide by 1000).")
         if rgb.ndim != 3 or rgb.shape[0] != 3 or rgb.dtype != np.uint8 or depth.shape != rgb.shape[1:]:
             raise ValueError(f"{path}: expected rgb (3, H, W) uint8 and depth (H, W), got rgb {rgb.shape} "
                              f"{rgb.dtype} and depth {depth.shape}.")
