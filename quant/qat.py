@@ -40,6 +40,7 @@ import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from targets.stem import stem_ops
 
@@ -287,17 +288,74 @@ def leaf_ops(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, l
     return ops
 
 
+class _FunctionsOutsideModules(TorchFunctionMode):
+    """Records the torch functions called outside every leaf module (a squeeze-excite's mean and
+    product, a residual ADD, the decoder's resizes and concatenations): ops of the files' graphs too.
+    `inside[0]` counts the leaf modules running; what they call is their own op."""
+
+    def __init__(self, ops: list, alive: list, inside: list[int]):
+        super().__init__()
+        self.ops, self.alive, self.inside = ops, alive, inside
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not self.inside[0]:
+            inputs, outputs = tensors_in((args, kwargs)), tensors_in(out)
+            if inputs and outputs:
+                self.alive.extend([*inputs, *outputs])
+                self.ops.append((f"{getattr(func, '__name__', 'function')}#{len(self.ops)}", "other",
+                                 [id(t) for t in inputs], [id(t) for t in outputs]))
+        return out
+
+
+def tensors_in(value) -> list[torch.Tensor]:
+    """The tensors in a function's arguments or result (nested tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in tensors_in(item)]
+    return []
+
+
+def graph_ops(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str, list[int], list[int]]]:
+    """`model`'s ops on `example` in execution order, in targets/stem.py's form (name, kind, input ids,
+    output ids): its leaf modules (kind "conv" for a convolution, else "other") and the torch functions
+    called between them, by tensor identity. Every tensor is held until the run ends (no id reused)."""
+    names = {m: n for n, m in model.named_modules()}
+    ops: list = []
+    alive: list[torch.Tensor] = [example]
+    inside = [0]
+
+    def enter(module, inputs):
+        inside[0] += 1
+
+    def leave(module, inputs, output):
+        inside[0] -= 1
+        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
+        alive.extend([*tensors, output])
+        ops.append((names[module], "conv" if type(module) is nn.Conv2d else "other", [id(t) for t in tensors], [id(output)]))
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    hooks = [h for m in leaves for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with torch.no_grad(), _FunctionsOutsideModules(ops, alive, inside):
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return ops
+
+
 def input_stem(model: nn.Module, example: torch.Tensor, layers: int) -> set[str]:
     """Names of the convolutions within the first `layers` weighted layers from the input and of the
     activations between them: what the int8 files keep in float, by the files' own rule
-    (targets/stem.py `stem_ops`) over the leaf modules, traced once by tensor identity. The
-    activation after a convolution `layers` deep is not among them: the file quantises its output.
-    A tensor computed outside a module (an ADD) ends the stem, as it is no stem tensor in the files
-    either (there, it follows a layer that is)."""
-    names = {m: n for n, m in model.named_modules()}
-    ops = [(names[module], "conv" if type(module) is nn.Conv2d else "other", inputs, [output])   # the weighted layers
-           for module, inputs, output in leaf_ops(model, example)]
-    return set(stem_ops(ops, [id(example)], layers, weighted={"conv"}))
+    (targets/stem.py `stem_ops`) over the same graph: the leaf modules and the functions between them
+    (`graph_ops`). The activation after a convolution `layers` deep is not among them: the file
+    quantises its output. (Over the leaf modules alone, block 0's squeeze-excite ended the stem, so
+    `--float-stem` above 2 kept 2 convolutions float in QAT where the files kept 3 and more.)"""
+    return set(stem_ops(graph_ops(model, example), [id(example)], layers, weighted={"conv"}))
 
 
 def attention_kernels(model: nn.Module) -> set[str]:

@@ -242,6 +242,31 @@ def test_float_stem_leaves_the_first_convolutions_as_the_file_keeps_them():
     assert not torch.equal(final.encoder.blocks[1][0].conv_pw.weight, folded.encoder.blocks[1][0].conv_pw.weight)
 
 
+def test_float_stem_keeps_in_qat_the_convolutions_the_onnx_file_keeps_at_every_depth(tmp_path):
+    """One rule for both sides (targets/stem.py), over the same graph. Traced over the leaf modules
+    alone, block 0's squeeze-excite (a mean and a product between modules) ended the torch stem:
+    `--float-stem` 3 to 6 kept 2 convolutions float in QAT, where the ONNX file kept 3, 4, 5 and 7."""
+    import onnx
+
+    from targets import deploy
+    from targets.onnx import input_stem as onnx_stem
+
+    student = randomized("mobilenetv3_small_050").eval()
+    example = torch.rand(1, 3, 64, 96)
+    folded = copy.deepcopy(student)
+    qat.fold_batchnorm(folded, example)
+    convs = {n for n, m in folded.named_modules() if type(m) is torch.nn.Conv2d}
+    path, _ = deploy.export_onnx(student, tmp_path / "student.onnx", 64, 96)
+    graph = onnx.load(path)
+    kinds = {n.name: n.op_type for n in graph.graph.node}
+    for layers, expected in ((3, 3), (4, 4), (5, 5), (6, 7)):
+        in_file = [n for n in onnx_stem(graph, layers) if kinds[n] == "Conv"]
+        assert len(convs & qat.input_stem(folded, example, layers)) == len(in_file) == expected, layers
+    fake = qat.prepare(student, example, float_stem=3)
+    se = fake.student.encoder.blocks[0][0].se
+    assert type(se.conv_reduce) is torch.nn.Conv2d and isinstance(se.conv_expand, qat.QuantConv2d)
+
+
 def test_efficientvit_attention_kernels_stay_float_as_in_the_files():
     """LiteMLA's kernel ReLU acts on q and k inside the attention's float island (the TFLite and
     ONNX files keep it float): no quantiser there, and the convolutions around it keep theirs."""
