@@ -203,7 +203,9 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
         "## Latency on the export host (benchmark.json)\n",
         f"{host_line(bench)}, not a phone: time it on the device with the kit in `device/`.\n",
         *latency_rows(bench), "",
-        "## The float model on its validation split (the run's summary.json)\n",
+        f"## The float model on its validation split at {run.input_size[0]}x{run.input_size[1]}, its training size "
+        f"(the run's summary.json)\n",
+        *size_note(run, (h, w), drift),
         *(pruned_note(config.get("prune")) if "prune" in config else []),
         *(["| metric | value |", "|---|---|", *trained] if trained else ["No summary.json in the run."]), "",
         "## How to run\n", usage(fmt.name, example, h, w, layout, metadata["depth_units"]),
@@ -216,6 +218,17 @@ def model_card(export_dir: Path, run, metadata: dict) -> str:
         f"- rebuild: `{rebuild_command(config, fmt)}`", "",
     ]
     return "\n".join(sections)
+
+
+def size_note(run, size: tuple[int, int], drift: dict) -> list[str]:
+    """For an export at another size than the run trained at: the figures below are not this model's."""
+    if tuple(size) == tuple(run.input_size):
+        return []
+    measured = [a["float"]["abs_rel"] for a in drift["artefacts"] if (a.get("float") or {}).get("abs_rel")]
+    here = f": the float model measures abs_rel {measured[0]:.4f} there (the drift table's float column)" if measured else ""
+    return [f"This export runs at {size[0]}x{size[1]}, not at the size the model trained at{here}, so the figures "
+            f"below do not describe it. For this size, train at it: `python -m distill.run {run.recipe.name} "
+            f"data.height={size[0]} data.width={size[1]}`.\n"]
 
 
 def rebuild_command(config: dict, fmt) -> str:

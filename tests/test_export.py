@@ -437,6 +437,23 @@ def test_model_card_matches_the_export(tflite_export, run_dir, tmp_path):
     assert [r[1] for r in table_rows(body, "Outputs")][:2] == ["bed", "books"]   # ids and names, NYU13 order
     assert manifest["config"]["source_checkpoint"]["sha256"] in body
     assert run_card_snippet(export_dir, tmp_path).strip() == "(64, 96) (64, 96) True"
+    assert "## The float model on its validation split at 64x96, its training size" in body
+    assert "not at the size the model trained at" not in body
+
+
+def test_model_card_says_when_the_run_s_figures_are_not_the_exported_size_s():
+    """An export at 256x320 of a run trained at 128x160 showed the run's abs_rel (0.202) beside a
+    model that measures 0.367 at its size (README's measurement), with no word of the difference."""
+    from types import SimpleNamespace
+
+    from quant.model_card import size_note
+
+    run = SimpleNamespace(input_size=(128, 160), recipe=SimpleNamespace(name="v3"))
+    drift = {"artefacts": [{"float": {"abs_rel": 0.367}}]}
+    assert size_note(run, (128, 160), drift) == []
+    (note,) = size_note(run, (256, 320), drift)
+    assert "This export runs at 256x320, not at the size the model trained at: the float model measures abs_rel " \
+           "0.3670 there" in note and "python -m distill.run v3 data.height=256 data.width=320" in note
 
 
 def test_manifest_hashes_match_and_detect_tampering(tflite_export, run_dir, tmp_path):
