@@ -197,10 +197,11 @@ def options_from_args(args: argparse.Namespace) -> ExportOptions:
         threads=args.threads, out=args.out, overwrite=args.overwrite, progress=not args.quiet)
 
 
-def command_flags(opts: ExportOptions) -> list[str]:
-    """The flags that ask for `opts` again: every option that differs from its default, except where
-    the export is written and how its progress shows (the model card's rebuild command)."""
-    default, flags = ExportOptions(), []
+def command_flags(opts: ExportOptions, recipe_qat_steps: int | None = None) -> list[str]:
+    """The flags that ask for `opts` again: every option that differs from its default (`qat_steps`:
+    from the recipe's, `recipe_qat_steps`), except where the export is written and how its progress
+    shows (the model card's rebuild command)."""
+    default, flags = ExportOptions(qat_steps=recipe_qat_steps), []
     for f in fields(ExportOptions):
         value = getattr(opts, f.name)
         if f.name in ("out", "overwrite", "progress") or value == getattr(default, f.name):
@@ -328,8 +329,8 @@ def check_options(options: ExportOptions, fmt: Format) -> None:
         at_least(flag, value, low)
     threads_option("--threads", options.threads, 0)
     for flag, lr in (("--qat-lr", options.qat_lr), ("--prune-lr", options.prune_lr)):
-        if not lr > 0:
-            raise ExportError(f"{flag} {lr}: must be positive")
+        if not 0 < lr < float("inf"):   # inf reached the fine-tune, whose non-finite loss then suggested it again
+            raise ExportError(f"{flag} {lr}: must be positive and finite")
     unknown = sorted(set(options.tolerances) - set(PRECISIONS))
     if unknown:
         raise ExportError(f"--tolerance for {', '.join(unknown)}: no such precision; the precisions are "
@@ -605,7 +606,8 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
                                       "input_size": list(size), "device": plan.profile.name if plan.profile else None,
                                       "source_checkpoint": {"path": str(run.weights), "sha256": run.weights_sha256},
                                       "command": shlex.join(["python", "-m", "quant.export", "--target", plan.target,
-                                                             "--run", str(run.path), *command_flags(opts)])}
+                                                             "--run", str(run.path),
+                                                             *command_flags(opts, run.recipe.int8_qat_steps)])}
     config["model"] = {"params": count_params(float_model), "macs": count_macs(float_model, *size)}
     if opts.prune:
         float_model, config["prune"] = prune_stage(run, float_model, train_ds, val_ds, size, opts, log)

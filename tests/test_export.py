@@ -760,6 +760,10 @@ def test_the_rebuild_flags_parse_back_to_the_same_options():
                             bench_runs=5, bench_warmup=1, batch_size=8, seed=2, threads=1)
     assert options_from_args(parse_args(["--target", "tflite", *command_flags(options)])) == options
     assert command_flags(ExportOptions(out="elsewhere", overwrite=True, progress=False)) == []
+    # the recipe's QAT steps, filled in before the manifest is written, are not a flag the user gave
+    # (an fp32 rebuild command carried --qat-steps 300, and running it warned the flag idle)
+    assert command_flags(ExportOptions(precisions=("fp32",), qat_steps=300), recipe_qat_steps=300) == ["--precision", "fp32"]
+    assert command_flags(ExportOptions(qat_steps=0), recipe_qat_steps=300) == ["--qat-steps", "0"]
 
 
 def test_compression_table_takes_an_artefact_that_was_not_timed():
