@@ -27,37 +27,52 @@ HEADER = ("| export | artefact | MACs (M) | params (M) | MB | host p50 ms | imag
           "| Δabs_rel vs its float | Δmiou (pt) | gates |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def exports(run_exports: Path, fmt: str | None = None) -> tuple[dict[str, dict], list[Path]]:
+def exports(run_exports: Path, fmt: str | None = None) -> tuple[dict[str, dict], dict[Path, str]]:
     """The finished exports under exports/<run>/ (of `fmt` if given), as {directory name: manifest},
-    and the export directories whose manifest is missing or cannot be read. Staging and scratch directories
+    and the export directories left out, each with why and the fix. Staging and scratch directories
     (hidden) are skipped; unreadable ones are only reported: one damaged export must not stop a new
-    one's report (python -m quant.verify names what is wrong)."""
-    found, unreadable = {}, []
+    one's report."""
+    found, unreadable = {}, {}
     for directory in sorted(p for p in run_exports.iterdir() if p.is_dir() and not p.name.startswith(".")):
         path = directory / MANIFEST
         if not path.is_file():   # an export that lost its manifest (by its name: <format>[-...])
             if directory.name.split("-")[0] in FORMATS:
-                unreadable.append(directory)
+                unreadable[directory] = f"it has no {MANIFEST} (re-export it with --overwrite)"
             continue
         try:
             manifest = read_manifest(path.parent)
-            export_format = _checked_format(manifest)
-        except (IntegrityError, KeyError, TypeError):
-            unreadable.append(path.parent)
+        except IntegrityError:
+            unreadable[directory] = f"its manifest cannot be read (python -m quant.verify {directory})"
             continue
-        if fmt is None or export_format == fmt:
-            found[path.parent.name] = manifest
+        missing = _missing_key(manifest)
+        if missing:   # hand-edited, or from another tool: quant.verify (the files' hashes) would find it intact
+            unreadable[directory] = f"its manifest lacks {missing}, which the table needs (re-export it with --overwrite)"
+            continue
+        if fmt is None or manifest["config"]["format"] == fmt:
+            found[directory.name] = manifest
     return found, unreadable
 
 
-def _checked_format(manifest: dict) -> str:
-    """The export's format, after touching every key `rows` reads (KeyError / TypeError if one is
-    missing: a hand-edited manifest is reported as unreadable rather than failing the whole table)."""
-    model = manifest["config"]["model"]
-    model["macs"], model["params"]
-    for a in manifest["artefacts"]:
-        a["precision"], a["format"], a["bytes"]
-    return manifest["config"]["format"]
+TABLE_KEYS = (("config", "format"), ("config", "model", "macs"), ("config", "model", "params"))
+ARTEFACT_KEYS = ("precision", "format", "bytes")
+
+
+def _missing_key(manifest: dict) -> str:
+    """The first key `rows` reads that the manifest lacks, dotted ("config.model.macs"), or ""."""
+    for keys in TABLE_KEYS:
+        node = manifest
+        for depth, key in enumerate(keys):
+            if not isinstance(node, dict) or key not in node:
+                return ".".join(keys[:depth + 1])
+            node = node[key]
+    listed = manifest.get("artefacts")
+    if not isinstance(listed, list):
+        return "artefacts"
+    for i, a in enumerate(listed):
+        for key in ARTEFACT_KEYS:
+            if not isinstance(a, dict) or key not in a:
+                return f"artefacts[{i}].{key}"
+    return ""
 
 
 def rows(manifests: dict[str, dict]) -> list[dict]:
@@ -168,10 +183,9 @@ def nothing_found(root: Path, fmt: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     root = Path(args.run_exports)
-    found, unreadable = exports(root, args.format) if root.is_dir() else ({}, [])
-    for path in unreadable:
-        print(f"warning: {path} left out: its manifest cannot be read (python -m quant.verify {path})",
-              file=sys.stderr)
+    found, unreadable = exports(root, args.format) if root.is_dir() else ({}, {})
+    for path, why in unreadable.items():
+        print(f"warning: {path} left out: {why}", file=sys.stderr)
     if not found:
         raise ValueError(nothing_found(root, args.format))
     by_format: dict[str, dict[str, dict]] = {}

@@ -640,10 +640,14 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     table = benchmark.table(manifest["artefacts"], bench, plan.profile.latency_budget_ms if plan.profile else None)
     warning = size_warning(run, size, reports)
     # the run's other exports of this format, and this one, still in staging
-    compared = {**compression.exports(out.parent, plan.format.name)[0], dir_name: manifest}
+    others, left_out = compression.exports(out.parent, plan.format.name)
+    compared = {**others, dir_name: manifest}
+    notes = [f"{path.name} left out: {why}" for path, why in left_out.items() if path.name.split("-")[0] == plan.format.name]
+    for note in notes:
+        log(f"warning: the compression table's {note}")
     io.write_text(out / "report.md", report_markdown(run, plan, config, drift_md, table, warning)
                   + f"\n## Compression: every {plan.format.name} export of {run.name}\n\n"
-                  + compression.markdown(compression.rows(compared)))
+                  + compression.markdown(compression.rows(compared)) + "".join(f"\n- {n}" for n in notes))
     write_model_card(out, run, job.metadata)   # what the artefacts embed
     log(table)
     return ExportResult(out, reports, manifest, bench, warning)

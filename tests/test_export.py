@@ -748,6 +748,7 @@ def test_an_export_that_lost_its_manifest_is_reported_not_skipped(tmp_path):
     (tmp_path / "report.txt").write_text("not a directory")
     found, unreadable = exports(tmp_path, "tflite")
     assert found == {} and [p.name for p in unreadable] == ["onnx-pruned-0.5x", "tflite"]
+    assert unreadable[tmp_path / "tflite"] == "it has no manifest.json (re-export it with --overwrite)"
 
 
 def test_the_rebuild_flags_parse_back_to_the_same_options():
@@ -796,6 +797,9 @@ def _readable_rows(manifest: dict) -> list:
         (Path(tmp) / "coreml" / "manifest.json").write_text(json.dumps(manifest))
         found, unreadable = exports(Path(tmp))
         assert [p.name for p in unreadable] == ([] if found else ["coreml"])
+        # named by the key it lacks: quant.verify, which checks the files' hashes, finds such an export intact
+        assert list(unreadable.values()) == ([] if found else [
+            "its manifest lacks config.model, which the table needs (re-export it with --overwrite)"])
         return rows(found)
 
 
