@@ -582,7 +582,10 @@ def export_name(plan: Plan, prune: str) -> str:
         name += f"-{plan.converter.name}"
     if plan.layout != plan.format.input_layout:
         name += f"-{plan.layout.lower()}"
-    return f"{name}-pruned-{prune.strip().lower().removeprefix('macs=')}" if prune else name
+    if not prune:
+        return name
+    from quant.prune import prune_label
+    return f"{name}-pruned-{prune_label(prune)}"
 
 
 def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], work: Path, out: Path, dir_name: str,

@@ -57,6 +57,7 @@ NEEDS_GRADIENTS = {"taylor"}   # the parameters must carry .grad of the task los
 _FORMS = ('a channel ratio "0.3" (0 < r < 1), a MAC budget "macs=80M" or "80M" (suffix K/M/G), '
           'or a fraction of the current MACs "macs=0.5x" (0 < x < 1)')
 _SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+_TARGET = re.compile(r"(macs=)?(\d+(?:\.\d*)?(?:e[+-]?\d+)?|\.\d+)([kmgx]?)")   # lower case
 
 
 @dataclass
@@ -74,7 +75,7 @@ class PruneTarget:
 
     @classmethod
     def parse(cls, text: str) -> PruneTarget:
-        match = re.fullmatch(r"(macs=)?(\d+(?:\.\d*)?(?:e[+-]?\d+)?|\.\d+)([kmgx]?)", text.strip().lower())
+        match = _TARGET.fullmatch(text.strip().lower())
         if not match:
             raise ValueError(f'cannot parse prune target "{text}": use {_FORMS}')
         prefix, number, suffix = match.groups()
@@ -93,6 +94,16 @@ class PruneTarget:
             raise ValueError(f'MAC budget "{text}" is a count of MACs; for a fraction of the MACs write '
                              f'macs={number}x, for a channel ratio {number}; use {_FORMS}')
         return cls(macs=value * _SUFFIX[suffix])
+
+
+def prune_label(text: str) -> str:
+    """`--prune`'s value as the export directory names it: "0.3", "0.5x", "80m" (the number written
+    shortest, "macs=" dropped), so that "0.30" and "0.3" name one export, not two."""
+    match = _TARGET.fullmatch(str(text).strip().lower())
+    if not match:
+        raise ValueError(f'cannot parse prune target "{text}": use {_FORMS}')
+    _, number, suffix = match.groups()
+    return f"{float(number):g}{suffix}"
 
 
 def stage_targets(target: PruneTarget, macs_now: float, stages: int) -> list[PruneTarget]:

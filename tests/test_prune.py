@@ -200,3 +200,17 @@ def test_stage_targets_remove_the_same_fraction_each_stage():
         stage_targets(PruneTarget(ratio=0.3), 100e6, 2)
     with pytest.raises(ValueError, match="at least 1"):
         stage_targets(PruneTarget(macs=0.5), 100e6, 0)
+
+
+def test_one_pruning_target_names_one_export_directory():
+    """`--prune 0.3` and `--prune 0.30` (or prune=np.float32(0.3) from Python, "0.30000001192092896")
+    made two export directories for one pruning, neither refused as an existing export."""
+    import numpy as np
+
+    from quant.prune import prune_label
+
+    assert prune_label("0.3") == prune_label("0.30") == prune_label(np.float32(0.3)) == "0.3"
+    assert prune_label("macs=0.50x") == prune_label(" 0.5X") == "0.5x"
+    assert prune_label("80M") == prune_label("macs=80m") == "80m"
+    with pytest.raises(ValueError, match="cannot parse prune target"):
+        prune_label("half")
