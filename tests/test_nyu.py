@@ -298,6 +298,34 @@ def test_a_downscaled_bts_copy_is_refused_not_read_with_480x640_intrinsics(bts, 
         val[0]
 
 
+def test_either_split_may_be_on_disk_alone(bts, tmp_path):
+    """Evaluating on NYU's 654 test images (data.val_dataset=nyu:..., distill.evaluate) needed the
+    ~24,000 training pairs (or 47,000 .h5 files) on disk too, and a training-only download could not
+    train beside data.val_dataset=synthrooms. The missing split is named when, and only when, it is used."""
+    import shutil
+
+    from distill.data.nyu import build, detect_layout
+    from distill.recipes.base import DataConfig
+
+    cfg = DataConfig(height=H, width=W)
+    test_only = Path(shutil.copytree(bts, tmp_path / "bts-test"))
+    shutil.rmtree(test_only / "sync")
+    (test_only / "nyudepthv2_train_files_with_gt.txt").unlink()
+    train, val = build(test_only, cfg)
+    assert detect_layout(test_only) == "nyu-bts" and len(val) == 1 and val[0]["depth"].shape[-2:] == (H, W)
+    with pytest.raises(FileNotFoundError, match="expected the BTS file list"):
+        len(train)
+    h5 = write_h5(tmp_path / "h5")
+    shutil.rmtree(h5 / "val")
+    train, val = build(h5, cfg)   # the training set alone: its validation comes from data.val_dataset
+    assert detect_layout(h5) == "nyu-h5" and len(train) == 2
+    with pytest.raises(FileNotFoundError, match="no .h5 files under .*val"):
+        val[0]
+    shutil.rmtree(h5 / "train")
+    with pytest.raises(FileNotFoundError, match="is not a NYU Depth V2 layout"):
+        build(h5, cfg)
+
+
 # ----------------------------------------------------------------------------- layout detection
 
 def test_unknown_layout_lists_the_three(tmp_path):

@@ -432,14 +432,15 @@ LAYOUTS: dict[str, type[NyuDataset]] = {"nyu-labeled": NyuLabeled, "nyu-bts": Ny
 
 
 def detect_layout(path: Path) -> str:
-    """"nyu-labeled" for a .mat file, "nyu-bts" for a directory with the BTS train list (at the root
-    or in train_test_inputs/) or sync/, "nyu-h5" for one with train/ and val/; else raise."""
+    """"nyu-labeled" for a .mat file, "nyu-bts" for a directory with one of BTS's lists (at the root or
+    in train_test_inputs/) or sync/, "nyu-h5" for one with .h5 files under train/ or val/; else raise."""
     if path.is_file() and path.suffix.lower() == ".mat":
         return "nyu-labeled"
-    if path.is_dir():
-        if any((path / p).exists() for p in (BTS_TRAIN_LIST, f"train_test_inputs/{BTS_TRAIN_LIST}", "sync")):
+    if path.is_dir():   # either split may be on disk alone (`build`)
+        bts = (BTS_TRAIN_LIST, BTS_TEST_LIST, "sync", *(f"train_test_inputs/{n}" for n in (BTS_TRAIN_LIST, BTS_TEST_LIST)))
+        if any((path / p).exists() for p in bts):
             return "nyu-bts"
-        if (path / "train").is_dir() and (path / "val").is_dir():
+        if any(next((path / split).rglob("*.h5"), None) for split in ("train", "val") if (path / split).is_dir()):
             return "nyu-h5"
     state = "does not exist" if not path.exists() else "is not a NYU Depth V2 layout this project reads"
     raise FileNotFoundError(f"{path} {state}. The layouts are: {LAYOUT_HELP}. Pass nyu:<path> (or "
@@ -455,5 +456,30 @@ def build(path: str | os.PathLike, cfg, layout: str = "nyu") -> tuple[NyuDataset
     if layout not in LAYOUTS:
         raise ValueError(f"unknown NYU layout {layout!r}; valid: nyu (detect), {', '.join(LAYOUTS)}.")
     cls, size = LAYOUTS[layout], (cfg.height or NYU_SIZE[0], cfg.width or NYU_SIZE[1])
-    return (cls(path, "train", size=size, augment=cfg.augment, seed=cfg.seed, limit=cfg.num_train),
-            cls(path, "val", size=size, augment=False, seed=cfg.seed, limit=cfg.num_val))
+    train = split_or_absent(lambda: cls(path, "train", size=size, augment=cfg.augment, seed=cfg.seed, limit=cfg.num_train))
+    val = split_or_absent(lambda: cls(path, "val", size=size, augment=False, seed=cfg.seed, limit=cfg.num_val))
+    if isinstance(train, AbsentSplit) and isinstance(val, AbsentSplit):
+        raise train.error
+    return train, val
+
+
+class AbsentSplit(Dataset):
+    """A split whose files are not there (a download of the test pairs alone, or of the training set
+    alone): nothing until it is used, then the loader's own error, naming what is missing. Evaluating
+    on NYU's 654 test images must not need its training set on disk."""
+
+    def __init__(self, error: FileNotFoundError):
+        self.error = error
+
+    def __len__(self) -> int:
+        raise self.error
+
+    def __getitem__(self, index: int):
+        raise self.error
+
+
+def split_or_absent(make) -> Dataset:
+    try:
+        return make()
+    except FileNotFoundError as error:
+        return AbsentSplit(error)
