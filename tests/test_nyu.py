@@ -326,6 +326,17 @@ def test_either_split_may_be_on_disk_alone(bts, tmp_path):
         build(h5, cfg)
 
 
+def test_the_official_downloads_folder_is_read_as_the_labelled_set(labeled):
+    """nyu:/data/nyu, the folder holding nyu_depth_v2_labeled.mat and splits.mat, as the docs' examples
+    write it, was "not a NYU Depth V2 layout"."""
+    from distill.data.nyu import build
+    from distill.recipes.base import DataConfig
+
+    assert labeled.name == "nyu_depth_v2_labeled.mat"
+    train, val = build(labeled.parent, DataConfig(height=H, width=W))
+    assert isinstance(val, NyuLabeled) and val.path == labeled and len(train) + len(val) == 3
+
+
 # ----------------------------------------------------------------------------- layout detection
 
 def test_unknown_layout_lists_the_three(tmp_path):

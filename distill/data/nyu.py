@@ -42,6 +42,7 @@ NYU_SIZE = (480, 640)                                        # (height, width) o
 NYU_INTRINSICS = (518.8579, 519.4696, 325.5824, 253.7362)   # fx, fy, cx, cy at 640x480
 BTS_TRAIN_CROP = (45, 43, 472, 608)                          # top, left, bottom, right
 ROOM_DEPTH_MAX_M = 20.0                                      # a median above: not metres (NYU's reach 10 m)
+LABELED_MAT = "nyu_depth_v2_labeled.mat"                     # the official download's name
 BTS_TRAIN_LIST = "nyudepthv2_train_files_with_gt.txt"
 BTS_TEST_LIST = "nyudepthv2_test_files_with_gt.txt"
 BTS_TEST_DIRS = ("official_splits/test", "test")             # tried in this order under the root
@@ -433,7 +434,8 @@ LAYOUTS: dict[str, type[NyuDataset]] = {"nyu-labeled": NyuLabeled, "nyu-bts": Ny
 
 def detect_layout(path: Path) -> str:
     """"nyu-labeled" for a .mat file, "nyu-bts" for a directory with one of BTS's lists (at the root or
-    in train_test_inputs/) or sync/, "nyu-h5" for one with .h5 files under train/ or val/; else raise."""
+    in train_test_inputs/) or sync/, "nyu-h5" for one with .h5 files under train/ or val/,
+    "nyu-labeled" for one holding nyu_depth_v2_labeled.mat; else raise."""
     if path.is_file() and path.suffix.lower() == ".mat":
         return "nyu-labeled"
     if path.is_dir():   # either split may be on disk alone (`build`)
@@ -442,6 +444,8 @@ def detect_layout(path: Path) -> str:
             return "nyu-bts"
         if any(next((path / split).rglob("*.h5"), None) for split in ("train", "val") if (path / split).is_dir()):
             return "nyu-h5"
+        if (path / LABELED_MAT).is_file():
+            return "nyu-labeled"
     state = "does not exist" if not path.exists() else "is not a NYU Depth V2 layout this project reads"
     raise FileNotFoundError(f"{path} {state}. The layouts are: {LAYOUT_HELP}. Pass nyu:<path> (or "
                             "nyu-labeled:, nyu-bts:, nyu-h5: to name the layout).")
@@ -453,6 +457,8 @@ def build(path: str | os.PathLike, cfg, layout: str = "nyu") -> tuple[NyuDataset
     N samples of each split in file order (smoke runs). Augmentation (cfg.augment) on train only."""
     path = Path(path).expanduser()
     layout = detect_layout(path) if layout == "nyu" else layout
+    if layout == "nyu-labeled" and path.is_dir() and (path / LABELED_MAT).is_file():
+        path = path / LABELED_MAT   # the folder of the official download
     if layout not in LAYOUTS:
         raise ValueError(f"unknown NYU layout {layout!r}; valid: nyu (detect), {', '.join(LAYOUTS)}.")
     cls, size = LAYOUTS[layout], (cfg.height or NYU_SIZE[0], cfg.width or NYU_SIZE[1])
