@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, JpegImagePlugin
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")   # "I": 32-bit integers, 16-bit data in older Pillows
 EXIF_ORIENTATION = 0x0112
@@ -46,47 +45,45 @@ def orientation(image: Image.Image) -> int:
 
 def open_image(path: str | Path, at_least: tuple[int, int] | None = None) -> Image.Image:
     """Image.open, with PIL's guard against decompression bombs judged on the pixels that will be
-    decoded rather than on the header's size. A JPEG is decoded at down to 1/8 scale (`shrink`): a
-    200-megapixel phone photo, which PIL refuses by its header, opens and decodes at a few megapixels.
-    With `at_least` (upright height, width) the JPEG is shrunk here and judged at that scale; without,
-    at the 1/8 it can reach (a header read). Other formats decode whole, so PIL's limit stands for them.
-    Raises Image.DecompressionBombError over twice Image.MAX_IMAGE_PIXELS decoded, as PIL does (and
-    warns of nothing under it: the photo is the user's own)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(path)
-        except Image.DecompressionBombError:
-            image = _open_unguarded(path)   # judged below, on what will be decoded
-    width, height = image.size
-    if image.format == "JPEG":
-        if at_least is not None:
-            shrink(image, at_least)
-            width, height = image.size   # the draft's size: what load() decodes
-        else:
-            width, height = math.ceil(width / 8), math.ceil(height / 8)
+    decoded rather than on the header's size. A JPEG (an MPO too: a phone's photo with a second
+    picture) is decoded at down to 1/8 scale (`shrink`): a 200-megapixel phone photo, which PIL
+    refuses by its header, opens and decodes at a few megapixels. With `at_least` (upright height,
+    width) the JPEG is shrunk here and judged at that scale; without, at the 1/8 it can reach (a
+    header read). Other formats decode whole, and PIL's own guard stands for them. Raises
+    Image.DecompressionBombError over twice Image.MAX_IMAGE_PIXELS decoded, as PIL does."""
+    image = _open_jpeg(path) or Image.open(path)
+    if not isinstance(image, JpegImagePlugin.JpegImageFile):
+        return image
+    stored = image.size
+    if at_least is not None:
+        shrink(image, at_least)
+        decoded = image.size[0] * image.size[1]   # the draft's size: what load() decodes
+    else:
+        decoded = math.ceil(stored[0] / 8) * math.ceil(stored[1] / 8)
     limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and width * height > 2 * limit:
+    if limit is not None and decoded > 2 * limit:
         image.close()
-        raise Image.DecompressionBombError(
-            f"{image.size[0]}x{image.size[1]} decodes to {width * height} pixels, more than PIL's limit of "
-            f"{2 * limit} (Image.MAX_IMAGE_PIXELS x 2)")
+        raise Image.DecompressionBombError(f"{stored[0]}x{stored[1]} decodes to {decoded} pixels at the least, "
+                                           f"more than PIL's limit of {2 * limit} (Image.MAX_IMAGE_PIXELS x 2)")
     return image
 
 
-def _open_unguarded(path: str | Path) -> Image.Image:
-    """Image.open without PIL's header check (a module global, restored at once)."""
-    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+def _open_jpeg(path: str | Path) -> Image.Image | None:
+    """A JPEG file opened by PIL's JPEG plugin itself, which leaves the size check to `open_image`
+    (Image.open would refuse it by its header, or warn); None for any other file."""
+    with open(path, "rb") as f:
+        if f.read(3) != b"\xff\xd8\xff":
+            return None
     try:
-        return Image.open(path)
-    finally:
-        Image.MAX_IMAGE_PIXELS = saved
+        return JpegImagePlugin.jpeg_factory(str(path))
+    except SyntaxError:   # broken past its first bytes: Image.open gives PIL's usual error
+        return None
 
 
 def shrink(image: Image.Image, at_least: tuple[int, int]) -> None:
     """Let an opened JPEG decode at 1/2, 1/4 or 1/8 scale, as long as the upright image stays at least
     twice `at_least` (height, width); other formats, and a JPEG already shrunk, are left alone."""
-    if image.format == "JPEG":
+    if isinstance(image, JpegImagePlugin.JpegImageFile):
         h, w = at_least
         image.draft("RGB", (2 * h, 2 * w) if _TURNS[orientation(image)][0] else (2 * w, 2 * h))   # stored axes
 

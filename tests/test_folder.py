@@ -165,7 +165,7 @@ def test_huge_images_are_skipped_with_the_reason_and_jpegs_decode_reduced(tmp_pa
     # the JPEG decodes at 1/8 scale (100x75), so only the PNG costs its whole size
     assert [p.name for p in ds.files] == ["a_big.jpg", "b_small.png"]
     assert Path(ds.skipped[0][0]).name == "a_big.png"
-    assert "800x600 is 0 MP, above the 0 MP" in ds.skipped[0][1] and "downscale it once" in ds.skipped[0][1]
+    assert "800x600 (as decoded) is 0 MP, above the 0 MP" in ds.skipped[0][1] and "downscale it once" in ds.skipped[0][1]
     assert ds[0]["image"].shape[-2:] == (32, 32)
     monkeypatch.setattr(folder, "MAX_MEGAPIXELS", 200.0)
     with Image.open(tmp_path / "a_big.jpg") as im:

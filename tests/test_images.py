@@ -85,6 +85,9 @@ def test_pils_pixel_limit_is_judged_on_what_is_decoded(tmp_path, monkeypatch):
     pixels = np.random.default_rng(0).integers(0, 256, (480, 640, 3), np.uint8)
     for name in ("big.jpg", "big.png"):
         Image.fromarray(pixels).save(tmp_path / name)
+    # a multi-picture JPEG, as phones write photos with a second image (PIL calls it MPO)
+    Image.fromarray(pixels).save(tmp_path / "two.jpg", format="MPO", save_all=True,
+                                 append_images=[Image.fromarray(pixels[::2, ::2])])
     limit = 640 * 480 // 4   # PIL refuses over twice this: both files, by their header
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
     with pytest.raises(Image.DecompressionBombError):
@@ -96,10 +99,13 @@ def test_pils_pixel_limit_is_judged_on_what_is_decoded(tmp_path, monkeypatch):
             got = np.asarray(upright_rgb(image, (60, 80)))
         with open_image(tmp_path / "big.jpg") as image:   # a header read: judged at the 1/8 a JPEG can reach
             assert image.size == (640, 480)
-    assert Image.MAX_IMAGE_PIXELS == limit   # the guard is back for every other reader
-    with pytest.raises(Image.DecompressionBombError, match="640x480 decodes to 307200 pixels, more than PIL's limit of 153600"):
+        with open_image(tmp_path / "two.jpg", at_least=(60, 80)) as image:
+            assert image.format == "MPO" and image.size == (160, 120)
+    assert Image.MAX_IMAGE_PIXELS == limit
+    with pytest.raises(Image.DecompressionBombError, match="exceeds limit of 153600 pixels"):   # PIL's own guard
         open_image(tmp_path / "big.png", at_least=(60, 80))
-    with pytest.raises(Image.DecompressionBombError, match="decodes to 307200 pixels"):
+    with pytest.raises(Image.DecompressionBombError, match="640x480 decodes to 307200 pixels at the least, more than "
+                                                           "PIL's limit of 153600"):
         open_image(tmp_path / "big.jpg", at_least=(240, 320))   # twice 320x240 is the whole image
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
     with Image.open(tmp_path / "big.jpg") as image:

@@ -16,8 +16,9 @@ describes the stored layout (the sensor's), and each image's intrinsics are turn
 image is resized to `size` (bilinear), whatever its aspect ratio. 16-bit images keep their range
 (scaled to 8 bits, not clipped at 255). A JPEG is decoded at the
 smallest of its 1/1, 1/2, 1/4, 1/8 scales that still covers twice the output size, so a phone's
-48 MP photo costs a fraction of its full decode every epoch; images above MAX_MEGAPIXELS are
-skipped like unreadable ones, with the reason (downscale them once, outside training).
+48 MP photo costs a fraction of its full decode every epoch; images that would decode to more than
+MAX_MEGAPIXELS (a JPEG at that reduced scale, other formats whole) are skipped like unreadable
+ones, with the reason (downscale them once, outside training).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def probe(path: Path, size: tuple[int, int]) -> tuple[tuple[int, int] | None, st
         with open_image(path, size) as im:
             megapixels = im.width * im.height / 1e6   # from the header (a JPEG's at its reduced scale): nothing decoded yet
             if megapixels > MAX_MEGAPIXELS:
-                return None, (f"{im.width}x{im.height} is {megapixels:.0f} MP, above the {MAX_MEGAPIXELS:.0f} MP "
+                return None, (f"{im.width}x{im.height} (as decoded) is {megapixels:.0f} MP, above the {MAX_MEGAPIXELS:.0f} MP "
                               f"decoded per sample; downscale it once (e.g. to 4096 px) outside training")
             im.verify()   # structure checks; leaves the object unusable, so open again to decode
         with open_image(path) as im:
