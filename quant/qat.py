@@ -298,14 +298,21 @@ class _FunctionsOutsideModules(TorchFunctionMode):
         self.ops, self.alive, self.inside = ops, alive, inside
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
+        read = [] if self.inside[0] else [key(t) for t in tensors_in((args, kwargs))]   # before an in-place write
         out = func(*args, **(kwargs or {}))
-        if not self.inside[0]:
-            inputs, outputs = tensors_in((args, kwargs)), tensors_in(out)
-            if inputs and outputs:
-                self.alive.extend([*inputs, *outputs])
-                self.ops.append((f"{getattr(func, '__name__', 'function')}#{len(self.ops)}", "other",
-                                 [id(t) for t in inputs], [id(t) for t in outputs]))
+        if read:
+            outputs = tensors_in(out)
+            if outputs:
+                self.alive.extend([*tensors_in((args, kwargs)), *outputs])
+                self.ops.append((f"{getattr(func, '__name__', 'function')}#{len(self.ops)}", "other", read,
+                                 [key(t) for t in outputs]))
         return out
+
+
+def key(t: torch.Tensor) -> tuple[int, int]:
+    """A tensor's value as the graph sees it: its identity and version (an in-place op, `a += b`, makes
+    another value of the same tensor)."""
+    return id(t), t._version
 
 
 def tensors_in(value) -> list[torch.Tensor]:
@@ -321,21 +328,23 @@ def tensors_in(value) -> list[torch.Tensor]:
 
 def graph_ops(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str, list[int], list[int]]]:
     """`model`'s ops on `example` in execution order, in targets/stem.py's form (name, kind, input ids,
-    output ids): its leaf modules (kind "conv" for a convolution, else "other") and the torch functions
-    called between them, by tensor identity. Every tensor is held until the run ends (no id reused)."""
+    output keys): its leaf modules (kind "conv" for a convolution, else "other") and the torch functions
+    called between them, by tensor identity and version (`key`). Every tensor is held until the run ends
+    (no id reused)."""
     names = {m: n for n, m in model.named_modules()}
     ops: list = []
     alive: list[torch.Tensor] = [example]
     inside = [0]
+    reads: list[list[tuple[int, int]]] = []   # each running leaf module's inputs, keyed before it runs
 
     def enter(module, inputs):
         inside[0] += 1
+        reads.append([key(t) for t in inputs if isinstance(t, torch.Tensor)])
 
     def leave(module, inputs, output):
         inside[0] -= 1
-        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-        alive.extend([*tensors, output])
-        ops.append((names[module], "conv" if type(module) is nn.Conv2d else "other", [id(t) for t in tensors], [id(output)]))
+        alive.extend([*(t for t in inputs if isinstance(t, torch.Tensor)), output])
+        ops.append((names[module], "conv" if type(module) is nn.Conv2d else "other", reads.pop(), [key(output)]))
 
     leaves = [m for m in model.modules() if not list(m.children())]
     hooks = [h for m in leaves for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
@@ -355,7 +364,7 @@ def input_stem(model: nn.Module, example: torch.Tensor, layers: int) -> set[str]
     (`graph_ops`). The activation after a convolution `layers` deep is not among them: the file
     quantises its output. (Over the leaf modules alone, block 0's squeeze-excite ended the stem, so
     `--float-stem` above 2 kept 2 convolutions float in QAT where the files kept 3 and more.)"""
-    return set(stem_ops(graph_ops(model, example), [id(example)], layers, weighted={"conv"}))
+    return set(stem_ops(graph_ops(model, example), [key(example)], layers, weighted={"conv"}))
 
 
 def attention_kernels(model: nn.Module) -> set[str]:

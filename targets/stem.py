@@ -1,7 +1,8 @@
 """The regions an int8 file keeps in float, as rules over any graph's ops: the input stem
 (`quant.export --float-stem`), used by the TFLite files (targets/tflite_file.py), the ONNX files
 (targets/onnx.py) and Core ML's w8a8 (targets/coreml.py, float16 there), and by quant/qat.py on the
-torch modules QAT simulates (traced into the same op form); and the islands around ops that int8
+torch modules QAT simulates (traced into the same op form: the leaf modules and the torch functions
+called between them, `quant.qat.graph_ops`); and the islands around ops that int8
 kernels handle badly (`island_ops`, TFLite and ONNX).
 
 Why (MobileNetV3-Small, v3): the stem convolution's output, the hardswish input, spans a wide range

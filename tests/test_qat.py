@@ -267,6 +267,31 @@ def test_float_stem_keeps_in_qat_the_convolutions_the_onnx_file_keeps_at_every_d
     assert type(se.conv_reduce) is torch.nn.Conv2d and isinstance(se.conv_expand, qat.QuantConv2d)
 
 
+class InPlaceSum(torch.nn.Module):
+    """c1's output gets c4's (three layers deep) added in place, then c5 reads it."""
+
+    def __init__(self, in_place: bool):
+        super().__init__()
+        self.in_place = in_place
+        self.c1, self.c2, self.c3, self.c4, self.c5 = (torch.nn.Conv2d(3, 3, 1) for _ in range(5))
+
+    def forward(self, x):
+        a, e = self.c1(x), self.c4(self.c3(self.c2(x)))
+        if self.in_place:
+            a += e
+        else:
+            a = a + e
+        return self.c5(a)
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_an_in_place_sum_with_a_tensor_from_outside_the_stem_ends_it(in_place):
+    """By identity alone `a += e` left `a` a stem tensor one layer deep, so c5 stayed float in QAT where
+    a file (whose ADD makes a new tensor) quantises it."""
+    stem = qat.input_stem(InPlaceSum(in_place).eval(), torch.rand(1, 3, 4, 4), 2)
+    assert {n for n in stem if n.startswith("c")} == {"c1", "c2", "c3"}
+
+
 def test_efficientvit_attention_kernels_stay_float_as_in_the_files():
     """LiteMLA's kernel ReLU acts on q and k inside the attention's float island (the TFLite and
     ONNX files keep it float): no quantiser there, and the convolutions around it keep theirs."""
