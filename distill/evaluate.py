@@ -9,8 +9,8 @@
 The student is the run's `best.safetensors`, checked against the sha256 the run recorded. Overrides
 change `data.*` (which split: dataset, seed, num_val, size) and `eval.*` (the metric range, the
 teacher's reference); the run's own values stand for the rest, so NYU at a CPU run's num_val=200 reads
-its first 200 test images. SynthRooms renders only the validation split (NYU and image folders need
-their training files present, as in training). The metrics (summary.json's
+its first 200 test images. SynthRooms renders only the validation split; NYU's test pairs alone
+suffice (a BTS or FastDepth download of the test split). The metrics (summary.json's
 keys, with the teacher's and gap_closed where they can be measured) are printed and written to
 `<run>/evaluations/<the overrides, sorted by key>.json` (`validation.json` without them; `--out` a file or a
 directory elsewhere).
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from core import io
-from core.cli import ArgumentParser, add_run_arguments, command
+from core.cli import ArgumentParser, add_run_arguments, command, user_path
 from core.io import check_writable
 from distill.recipes import DEFAULT_RECIPE
 
@@ -58,11 +58,11 @@ def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m distill.evaluate", epilog=__doc__,
                             description="Measure a finished run on a validation split.",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", nargs="?", help="a run directory (default: the newest finished run of --recipe "
+    parser.add_argument("run", nargs="?", type=user_path, help="a run directory (default: the newest finished run of --recipe "
                                                 "under --runs-dir)")
     parser.add_argument("overrides", nargs="*", help="data.* and eval.* key=value overrides, e.g. data.seed=1")
     add_run_arguments(parser, DEFAULT_RECIPE, run_flag=False)
-    parser.add_argument("--out", help="the JSON file (or a directory for it) to write "
+    parser.add_argument("--out", type=user_path, help="the JSON file (or a directory for it) to write "
                                                  "(default: <run>/evaluations/<overrides>.json)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda[:N]")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

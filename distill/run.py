@@ -19,6 +19,7 @@ from typing import Sequence
 from core.cli import ArgumentParser, command
 from core.config import ConfigError, apply_overrides, flat_keys, override_list, to_dict
 from core.io import check_writable
+from distill.data import refuse_path_to_rendered
 from distill.recipes import RECIPES, Recipe, check_values, get_recipe, load_saved, recipe_summary
 
 
@@ -60,6 +61,7 @@ def resolve(recipe: Recipe | str, overrides: list[str]) -> Recipe:
     recipe = apply_overrides(get_recipe(recipe) if isinstance(recipe, str) else recipe, overrides)
     check_values(recipe)
     if not recipe.resume:
+        refuse_path_to_rendered(recipe.data)
         return recipe
     saved_path = Path(recipe.resume) / "config.json"
     if not saved_path.is_file():

@@ -80,6 +80,8 @@ CASES = [
     ("distill.run", ["v3", "teacher.cache=empty"], "teacher.cache=empty is not a pseudo-label cache (no manifest.json)"),
     ("distill.run", ["v3", "data.dataset=synthrooms:empty"],   # the path was ignored: a new render elsewhere
      "data.dataset='synthrooms:empty': synthrooms is rendered, not read from a path; write data.dataset=synthrooms"),
+    ("distill.run", ["v3", "data.dataset=folder:empty", "data.val_dataset=synthrooms:empty"],
+     "data.val_dataset='synthrooms:empty': synthrooms is rendered"),
     # a real teacher's source and package, before the datasets are built (the load came after them)
     ("distill.run", ["v3", "teacher.name=da2-metric"], "da2-metric needs teacher.source=<a local directory or a hub id>"),
     ("distill.run", ["v3", "teacher.name=da2-metric", "teacher.source=empty"],
@@ -361,6 +363,13 @@ def test_a_tilde_the_shell_left_in_a_path_means_home(tmp_path, monkeypatch):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text(json.dumps({"name": "v3"}))
     assert find_run("~/r") == tmp_path / "r"
+    # flags given as --flag=~/x: the outputs made a folder named "~" in the working directory
+    from edge.run import parse_args as run_args
+    from quant.export import parse_args as export_args
+
+    assert export_args(["--target", "tflite", "--out=~/exports", "--run=~/r"]).out == str(tmp_path / "exports")
+    edge = run_args(["m.tflite", "--inputs=~/pics", "--out=~/maps"])
+    assert (edge.inputs, edge.out) == ([str(tmp_path / "pics")], str(tmp_path / "maps"))
 
 
 class DamagedImages:
@@ -371,7 +380,7 @@ class DamagedImages:
 
     def __getitem__(self, index: int):
         if index == 1:
-            raise ValueError("/data/pics/b.jpg cannot be read (OSError: image file is truncated): fix or remove it")
+            raise ValueError("/data/pics/b.jpg cannot be read (OSError: image file is truncated):\nfix or remove it")
         return index
 
 

@@ -321,6 +321,8 @@ def test_either_split_may_be_on_disk_alone(bts, tmp_path):
     assert detect_layout(h5) == "nyu-h5" and len(train) == 2
     with pytest.raises(FileNotFoundError, match="no .h5 files under .*val"):
         val[0]
+    with pytest.raises(FileNotFoundError, match="no .h5 files under .*val"):   # at once when it would validate
+        build_datasets(DataConfig(dataset=f"nyu:{h5}", height=H, width=W))
     shutil.rmtree(h5 / "train")
     with pytest.raises(FileNotFoundError, match="is not a NYU Depth V2 layout"):
         build(h5, cfg)

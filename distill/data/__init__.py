@@ -91,6 +91,9 @@ def build_datasets(cfg, progress: bool = True) -> tuple[Dataset, Dataset]:
     if val is None:
         raise ValueError(f"data.dataset={cfg.dataset} has no ground truth to validate on; set "
                          f"data.val_dataset (e.g. data.val_dataset=synthrooms or nyu:/data/nyu).")
+    from distill.data.nyu import AbsentSplit
+    if isinstance(val, AbsentSplit):   # a download of the training set alone, and no data.val_dataset
+        raise val.error
     return train, val
 
 
@@ -124,14 +127,21 @@ def check_sources(cfg) -> None:
         DATASETS.get(name)   # UnknownNameError, with the closest name
         if name in FROM_PATH and not path:
             raise ValueError(f'data.{key}={spec!r} needs a path: "{name}:/path/to/data"')
-        if name not in FROM_PATH and path:   # it would be ignored: the sets render under data.root
-            raise ValueError(f"data.{key}={spec!r}: {name} is rendered, not read from a path; write data.{key}={name}, "
-                             f"and data.root={path} to keep its rendered sets there")
         if path and not Path(path).expanduser().exists():   # a shell leaves "nyu:~/..." unexpanded
             raise FileNotFoundError(f"data.{key}={spec}: {path} does not exist; give the path of the data")
     if unlabelled(cfg.val_dataset):
         raise ValueError(f"data.val_dataset={cfg.val_dataset}: an image folder has no ground truth to validate on; "
                          f"name a labelled set (e.g. data.val_dataset=synthrooms or nyu:/data/nyu)")
+
+
+def refuse_path_to_rendered(cfg) -> None:
+    """A new run's "synthrooms:/x": the path was ignored and a set rendered under data.root instead.
+    (Runs recorded with such a spec still evaluate and export: they trained on that render.)"""
+    for key in ("dataset", "val_dataset"):
+        name, _, path = getattr(cfg, key).partition(":")
+        if name == "synthrooms" and path:
+            raise ValueError(f"data.{key}={getattr(cfg, key)!r}: synthrooms is rendered, not read from a path; write "
+                             f"data.{key}=synthrooms, and data.root={path} to keep its rendered sets there")
 
 
 def unlabelled(spec: str) -> bool:

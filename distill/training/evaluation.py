@@ -189,8 +189,8 @@ def evaluate_run(run_dir: str | Path, *, overrides: Sequence[str] = (), device: 
     """A finished run's best weights (checked against their recorded sha256) on a validation split:
     the run's own, or the one `data.*` overrides describe (`data.seed=1 data.num_val=1000`: rooms the
     run never saw; `data.dataset=nyu:/data/nyu`), with `eval.*` overrides for the metric range.
-    SynthRooms renders only the validation split; NYU and image folders need their training files
-    present, as training did (their loaders list both splits). Returns the metrics under summary.json's keys, with
+    SynthRooms renders only the validation split; NYU's test pairs alone suffice (a download of the
+    test split: distill/data/nyu.py `AbsentSplit`). Returns the metrics under summary.json's keys, with
     the teacher's, and the constant baseline and `gap_closed` when the run recorded its training
     median depth (`baseline_depth`, runs since 2026-12-04), beside `run`, `weights_sha256`,
     `overrides` and `images`."""
