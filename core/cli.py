@@ -64,12 +64,15 @@ WORKER_TRACEBACK = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\s*
 
 
 def message(exc: BaseException) -> str:
-    """The exception's message; for a DataLoader worker's, the original one (the traceback's last line)."""
+    """The exception's message; for a DataLoader worker's, the original one (what follows the
+    traceback's last frame, without the exception's name)."""
     text = str(exc)
-    if WORKER_TRACEBACK.match(text):
-        last = text.rstrip().splitlines()[-1]
-        return last.partition(": ")[2] or last
-    return text
+    if not WORKER_TRACEBACK.match(text):
+        return text
+    lines = text.rstrip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  ")]   # a frame's location and code
+    first, *rest = lines[frames[-1] + 1:] if frames and frames[-1] + 1 < len(lines) else lines[-1:]
+    return "\n".join([first.partition(": ")[2] or first, *rest])
 
 
 def exit_code(exc: BaseException) -> int:
@@ -152,6 +155,12 @@ def threads_option(flag: str, value: int | None, low: int = 1) -> None:
         raise ValueError(f"{flag} {value}: at most {MAX_THREADS} (64, or 4x this host's {os.cpu_count()} cores)")
 
 
+def user_path(text: str) -> str:
+    """A path flag's value with "~" as the home folder: a shell expands it only at a word's start
+    (`--out ~/x`), not in `--out=~/x`, which made a folder named "~" here."""
+    return os.path.expanduser(text)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the convention: a bad flag is one `error:` line and exit 2 (not usage + message)."""
 
@@ -165,9 +174,9 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_recipe: str, *, r
     (unless the command takes the run as a positional), `--runs-dir`, `--recipe` (resolved by
     distill.training.find_run)."""
     if run_flag:
-        parser.add_argument("--run", help="training run directory (default: the newest finished run of --recipe "
+        parser.add_argument("--run", type=user_path, help="training run directory (default: the newest finished run of --recipe "
                                           "under --runs-dir)")
-    parser.add_argument("--runs-dir", default="runs", help="where to look for the newest run (default: runs)")
+    parser.add_argument("--runs-dir", default="runs", type=user_path, help="where to look for the newest run (default: runs)")
     parser.add_argument("--recipe", metavar="NAME",
                         help=f"whose newest run, when no run is named (default: {default_recipe}); "
                              "beside a run, that run's recipe")

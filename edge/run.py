@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from core import io as core_io
-from core.cli import ArgumentParser, command, threads_option
+from core.cli import ArgumentParser, command, threads_option, user_path
 from core.formats import SUFFIXES
 from core.manifest import verify_artefact, verify_command_arguments
 from edge.photos import IMAGE_SUFFIXES, check_map_folder, check_photos, image_files, read_photos, write_maps
@@ -131,9 +131,9 @@ def save_outputs(dest: str | Path, result: dict) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m edge.run", description=__doc__.split("\n\n")[0])
     parser.add_argument("artefact", nargs="?", help=".tflite, .onnx or .mlpackage (required; before --inputs)")
-    parser.add_argument("--inputs", required=True, nargs="+",
+    parser.add_argument("--inputs", required=True, nargs="+", type=user_path,
                         help="an (N, 3, H, W) float32 .npy in [0, 1], or image files and folders of them")
-    parser.add_argument("--out", required=True,
+    parser.add_argument("--out", required=True, type=user_path,
                         help="an .npz of the outputs, or a folder for depth, label and preview PNGs per image")
     parser.add_argument("--threads", type=int, default=None, help="runtime threads (default: the runtime's)")
     parser.add_argument("--executor", default="auto", choices=EXECUTORS, help="Core ML only")

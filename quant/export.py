@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from core import io
-from core.cli import ArgumentParser, add_run_arguments, at_least, command, threads_option
+from core.cli import ArgumentParser, add_run_arguments, at_least, command, threads_option, user_path
 from core.formats import CALIBRATED_PRECISIONS, FORMATS, INTEGER_PRECISIONS, PRECISIONS, Converter, Format
 from core.io import check_writable
 from core.lock import exclusive
@@ -126,7 +126,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--target", required=True,
                    help=f"a format ({', '.join(FORMATS)}) or a device profile ({', '.join(device_names())})")
     add_run_arguments(p, DEFAULT_RECIPE)
-    p.add_argument("--out", default="exports", help="exports root (default: exports/)")
+    p.add_argument("--out", default="exports", type=user_path, help="exports root (default: exports/)")
     p.add_argument("--precision", nargs="+",
                    help="precisions to produce (default: the target's defaults, core/formats.py)")
     p.add_argument("--converter", default="",

@@ -97,13 +97,14 @@ class PruneTarget:
 
 
 def prune_label(text: str) -> str:
-    """`--prune`'s value as the export directory names it: "0.3", "0.5x", "80m" (the number written
-    shortest, "macs=" dropped), so that "0.30" and "0.3" name one export, not two."""
+    """`--prune`'s value as the export directory names it: "0.3", "0.5x", "80m" (the number as the
+    shortest text of its value, "macs=" dropped), so that "0.30" and "0.3" name one export, not two,
+    and two different values never one."""
     match = _TARGET.fullmatch(str(text).strip().lower())
     if not match:
         raise ValueError(f'cannot parse prune target "{text}": use {_FORMS}')
     _, number, suffix = match.groups()
-    return f"{float(number):g}{suffix}"
+    return repr(float(number)).removesuffix(".0") + suffix
 
 
 def stage_targets(target: PruneTarget, macs_now: float, stages: int) -> list[PruneTarget]:
