@@ -680,12 +680,12 @@ def test_pruned_float_only_tflite_export(tflite_export, run_dir, capsys):
     card = card_parts(tflite_export / run_dir.name / "tflite-pruned-0.6x")[1]   # the run's figures, labelled
     assert f"The run's unpruned model. The files come from it pruned to {prune['macs_after'] / 1e6:.0f} M MACs" in card
     assert f"abs_rel {prune['val_after']['abs_rel']:.4f}" in card
-    # The card's rebuild command is the export's own, every option that made it included (the QAT
-    # steps resolved from the recipe)
+    # The card's rebuild command is the export's own, every option that made it included (not the
+    # recipe's QAT steps filled in for the user: idle in an fp32 export, whose rebuild then warned)
     rebuild = next(line for line in card_parts(tflite_export / run_dir.name / "tflite-pruned-0.6x")[1].splitlines()
                    if line.startswith("- rebuild: "))
     assert rebuild == (f"- rebuild: `python -m quant.export --target tflite --run {run_dir} --precision fp32 "
-                       f"--prune macs=0.6x --prune-steps 3 --prune-stages 2 --qat-steps 300 --calib 8 --check 4 "
+                       f"--prune macs=0.6x --prune-steps 3 --prune-stages 2 --calib 8 --check 4 "
                        f"--tolerance int8.abs_rel_change=0.5 --tolerance int8.miou_drop_pt=50 "
                        f"--tolerance w8a8.abs_rel_change=0.5 --tolerance w8a8.miou_drop_pt=50 --bench-runs 0 "
                        f"--batch-size 4`")
