@@ -89,7 +89,8 @@ def describe(exc: BaseException, prog: str) -> str:
         where = exc.filename or ""
         return one_line(f"{where}: {DISK_FIXES[exc.errno]}" if where else f"{exc}: {DISK_FIXES[exc.errno]}")
     if exit_code(exc) == EXIT_FAILED:
-        return one_line(f"{prog} failed: {type(exc).__name__}: {message(exc)}") + " (rerun with --debug for the traceback)"
+        return (one_line(f"{prog} failed: {type(exc).__name__}: {message(exc)}")
+                + " (rerun with --debug for the traceback)")
     return one_line(message(exc))
 
 
@@ -174,9 +175,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, default_recipe: str, *, r
     (unless the command takes the run as a positional), `--runs-dir`, `--recipe` (resolved by
     distill.training.find_run)."""
     if run_flag:
-        parser.add_argument("--run", type=user_path, help="training run directory (default: the newest finished run of --recipe "
-                                          "under --runs-dir)")
-    parser.add_argument("--runs-dir", default="runs", type=user_path, help="where to look for the newest run (default: runs)")
+        parser.add_argument("--run", type=user_path, help="training run directory (default: the newest finished "
+                                                           "run of --recipe under --runs-dir)")
+    parser.add_argument("--runs-dir", default="runs", type=user_path,
+                        help="where to look for the newest run (default: runs)")
     parser.add_argument("--recipe", metavar="NAME",
                         help=f"whose newest run, when no run is named (default: {default_recipe}); "
                              "beside a run, that run's recipe")

@@ -433,7 +433,8 @@ def make_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", nargs="?", help=f"one of {', '.join(RECIPES.names())}")
     parser.add_argument("items", nargs="*", help="grid axes key=v1,v2,... and common overrides key=value")
-    parser.add_argument("--out", default="", type=user_path, help="directory of the ablation (default runs/ablate-<UTC time>)")
+    parser.add_argument("--out", default="", type=user_path,
+                        help="directory of the ablation (default runs/ablate-<UTC time>)")
     parser.add_argument("--metrics", default=",".join(DEFAULT_METRICS),
                         help=f"summary.json metrics to tabulate (default {','.join(DEFAULT_METRICS)})")
     parser.add_argument("--seeds", default="", help='train each combination with these seeds ("3" = 0, 1, 2; '

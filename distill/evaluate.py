@@ -58,8 +58,8 @@ def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m distill.evaluate", epilog=__doc__,
                             description="Measure a finished run on a validation split.",
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", nargs="?", type=user_path, help="a run directory (default: the newest finished run of --recipe "
-                                                "under --runs-dir)")
+    parser.add_argument("run", nargs="?", type=user_path,
+                        help="a run directory (default: the newest finished run of --recipe under --runs-dir)")
     parser.add_argument("overrides", nargs="*", help="data.* and eval.* key=value overrides, e.g. data.seed=1")
     add_run_arguments(parser, DEFAULT_RECIPE, run_flag=False)
     parser.add_argument("--out", type=user_path, help="the JSON file (or a directory for it) to write "

@@ -47,10 +47,11 @@ def probe(path: Path, size: tuple[int, int]) -> tuple[tuple[int, int] | None, st
     """((height, width), "") when `path` decodes as an image, else (None, the reason it does not)."""
     try:
         with open_image(path, size) as im:
-            megapixels = im.width * im.height / 1e6   # from the header (a JPEG's at its reduced scale): nothing decoded yet
+            megapixels = im.width * im.height / 1e6   # the header's (a JPEG's at its reduced scale): nothing decoded
             if megapixels > MAX_MEGAPIXELS:
-                return None, (f"{im.width}x{im.height} (as decoded) is {megapixels:.0f} MP, above the {MAX_MEGAPIXELS:.0f} MP "
-                              f"decoded per sample; downscale it once (e.g. to 4096 px) outside training")
+                return None, (f"{im.width}x{im.height} (as decoded) is {megapixels:.0f} MP, above the "
+                              f"{MAX_MEGAPIXELS:.0f} MP decoded per sample; downscale it once (e.g. to 4096 px) "
+                              f"outside training")
             im.verify()   # structure checks; leaves the object unusable, so open again to decode
         with open_image(path) as im:
             hw = (im.height, im.width)   # as stored, before upright_rgb shrinks a JPEG

@@ -439,7 +439,8 @@ def detect_layout(path: Path) -> str:
     if path.is_file() and path.suffix.lower() == ".mat":
         return "nyu-labeled"
     if path.is_dir():   # either split may be on disk alone (`build`)
-        bts = (BTS_TRAIN_LIST, BTS_TEST_LIST, "sync", *(f"train_test_inputs/{n}" for n in (BTS_TRAIN_LIST, BTS_TEST_LIST)))
+        lists = (BTS_TRAIN_LIST, BTS_TEST_LIST)
+        bts = (*lists, "sync", *(f"train_test_inputs/{n}" for n in lists))
         if any((path / p).exists() for p in bts):
             return "nyu-bts"
         if any(next((path / split).rglob("*.h5"), None) for split in ("train", "val") if (path / split).is_dir()):
@@ -462,7 +463,8 @@ def build(path: str | os.PathLike, cfg, layout: str = "nyu") -> tuple[NyuDataset
     if layout not in LAYOUTS:
         raise ValueError(f"unknown NYU layout {layout!r}; valid: nyu (detect), {', '.join(LAYOUTS)}.")
     cls, size = LAYOUTS[layout], (cfg.height or NYU_SIZE[0], cfg.width or NYU_SIZE[1])
-    train = split_or_absent(lambda: cls(path, "train", size=size, augment=cfg.augment, seed=cfg.seed, limit=cfg.num_train))
+    train = split_or_absent(lambda: cls(path, "train", size=size, augment=cfg.augment, seed=cfg.seed,
+                                        limit=cfg.num_train))
     val = split_or_absent(lambda: cls(path, "val", size=size, augment=False, seed=cfg.seed, limit=cfg.num_val))
     if isinstance(train, AbsentSplit) and isinstance(val, AbsentSplit):
         raise train.error

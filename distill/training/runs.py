@@ -48,7 +48,8 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
                                    f"recipe= in Python): drop the recipe, or name {trained}")
         return path
     recipe = recipe or DEFAULT_RECIPE
-    runs = sorted(p for p in Path(runs_dir).expanduser().glob(f"{recipe}-*") if run_recipe(p) == recipe)   # sort by start time
+    found = Path(runs_dir).expanduser().glob(f"{recipe}-*")
+    runs = sorted(p for p in found if run_recipe(p) == recipe)   # sort by start time
     finished = newest_last(p for p in runs if is_finished(p))
     if not finished:
         started = [p for p in runs if (p / "config.json").is_file()]
