@@ -288,6 +288,9 @@ def leaf_ops(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, l
     return ops
 
 
+Key = tuple[int, int]   # a tensor's identity and version (`key`)
+
+
 class _FunctionsOutsideModules(TorchFunctionMode):
     """Records the torch functions called outside every leaf module (a squeeze-excite's mean and
     product, a residual ADD, the decoder's resizes and concatenations): ops of the files' graphs too.
@@ -309,7 +312,7 @@ class _FunctionsOutsideModules(TorchFunctionMode):
         return out
 
 
-def key(t: torch.Tensor) -> tuple[int, int]:
+def key(t: torch.Tensor) -> Key:
     """A tensor's value as the graph sees it: its identity and version (an in-place op, `a += b`, makes
     another value of the same tensor)."""
     return id(t), t._version
@@ -326,8 +329,8 @@ def tensors_in(value) -> list[torch.Tensor]:
     return []
 
 
-def graph_ops(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str, list[int], list[int]]]:
-    """`model`'s ops on `example` in execution order, in targets/stem.py's form (name, kind, input ids,
+def graph_ops(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str, list[Key], list[Key]]]:
+    """`model`'s ops on `example` in execution order, in targets/stem.py's form (name, kind, input keys,
     output keys): its leaf modules (kind "conv" for a convolution, else "other") and the torch functions
     called between them, by tensor identity and version (`key`). Every tensor is held until the run ends
     (no id reused)."""
@@ -335,16 +338,18 @@ def graph_ops(model: nn.Module, example: torch.Tensor) -> list[tuple[str, str, l
     ops: list = []
     alive: list[torch.Tensor] = [example]
     inside = [0]
-    reads: list[list[tuple[int, int]]] = []   # each running leaf module's inputs, keyed before it runs
+    reads: list[list[Key]] = []   # each running leaf module's inputs, keyed before it runs
 
     def enter(module, inputs):
         inside[0] += 1
-        reads.append([key(t) for t in inputs if isinstance(t, torch.Tensor)])
+        reads.append([key(t) for t in tensors_in(inputs)])
 
     def leave(module, inputs, output):
         inside[0] -= 1
-        alive.extend([*(t for t in inputs if isinstance(t, torch.Tensor)), output])
-        ops.append((names[module], "conv" if type(module) is nn.Conv2d else "other", reads.pop(), [key(output)]))
+        outputs = tensors_in(output)
+        alive.extend([*tensors_in(inputs), *outputs])
+        ops.append((names[module], "conv" if type(module) is nn.Conv2d else "other", reads.pop(),
+                    [key(t) for t in outputs]))
 
     leaves = [m for m in model.modules() if not list(m.children())]
     hooks = [h for m in leaves for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
