@@ -406,8 +406,9 @@ class NyuH5(NyuDataset):
                              "archive's files, or convert depth to float32 metres (divide by 1000).")
         depth = depth.astype(np.float32)
         measured = depth[np.isfinite(depth) & (depth > 0)]
-        if measured.size and np.median(measured) > ROOM_DEPTH_MAX_M:   # float millimetres from another conversion
-            raise ValueError(f"{path}: depth has a median of {np.median(measured):.0f}, where NYU's rooms are "
+        median = float(np.median(measured)) if measured.size else 0.0
+        if median > ROOM_DEPTH_MAX_M:   # float millimetres from another conversion
+            raise ValueError(f"{path}: depth has a median of {median:.0f}, where NYU's rooms are "
                              f"0.5-10 m; most likely float millimetres from another conversion. Use the archive's "
                              f"files, or convert depth to metres (divide by 1000).")
         if rgb.ndim != 3 or rgb.shape[0] != 3 or rgb.dtype != np.uint8 or depth.shape != rgb.shape[1:]:
