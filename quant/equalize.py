@@ -17,9 +17,10 @@ Through Weight Equalization and Bias Correction" (ICCV 2019), here with per-chan
   channels' grids: s_i = sqrt(R / r_i) shares the gain between the activation and those columns.
 
 r_i is channel i's maximum over the calibration images (the converters' min/max rule). The
-chains are found by running the model once with hooks (tensor identity); a chain whose ReLU
-output something outside a module also reads (a functional op) would change the function: each
-chain is checked on the example and left alone if the outputs move. docs/EXPORT.md, "Activation-range
+chains are found by running the model once (`quant.qat.graph_ops`: the modules and the functions
+between them, by tensor identity and version): a tensor that another op also reads (a residual
+ADD, a squeeze-excite's mean) would see the scaling. Each chain is still checked on the example
+and left alone if the outputs move. docs/EXPORT.md, "Activation-range
 equalisation", has the drift it removes.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from quant.qat import fold_batchnorm, leaf_ops
+from quant.qat import Key, fold_batchnorm, graph_ops
 
 MAX_SCALE = 1000.0      # a channel that barely fires is lifted at most this much: no float overflow
 PRESERVED = 1e-4        # largest output change, relative to the output's peak, of a function-preserving chain
@@ -44,24 +45,25 @@ class Chain:
 
 
 def relu_chains(model: nn.Module, example: torch.Tensor) -> list[Chain]:
-    """Every convolution -> ReLU -> convolution chain whose tensors have exactly one module reader
-    each (identities read through). ReLUs must not be in-place: tensors are told apart by identity."""
-    names = {m: n for n, m in model.named_modules()}
-    ops = leaf_ops(model, example)
-    readers: dict[int, list[nn.Module]] = {}
-    for module, inputs, _ in ops:
-        if not isinstance(module, nn.Identity):
+    """Every convolution -> ReLU -> convolution chain whose tensors have exactly one reader each:
+    one module, and no function between modules (`graph_ops`; identities read through)."""
+    modules = dict(model.named_modules())
+    ops = graph_ops(model, example)
+    readers: dict[Key, list[str]] = {}
+    for name, _, inputs, _ in ops:
+        if not isinstance(modules.get(name), nn.Identity):
             for tensor in inputs:
-                readers.setdefault(tensor, []).append(module)
-    output_of = {module: output for module, _, output in ops}
+                readers.setdefault(tensor, []).append(name)
+    only_reader = {name: found[0] for name, _, _, outputs in ops if outputs
+                   for found in [readers.get(outputs[0], [])] if len(found) == 1}
     chains = []
-    for module, _, output in ops:
-        first = readers.get(output, [])
-        if type(module) is not nn.Conv2d or len(first) != 1 or type(first[0]) is not nn.ReLU:
+    for name, kind, _, _ in ops:
+        act = only_reader.get(name)
+        if kind != "conv" or act is None or type(modules.get(act)) is not nn.ReLU:
             continue
-        second = readers.get(output_of[first[0]], [])
-        if len(second) == 1 and type(second[0]) is nn.Conv2d and equalizable_consumer(second[0]):
-            chains.append(Chain(names[module], names[first[0]], names[second[0]]))
+        second = only_reader.get(act)
+        if second is not None and type(modules.get(second)) is nn.Conv2d and equalizable_consumer(modules[second]):
+            chains.append(Chain(name, act, second))
     return chains
 
 

@@ -55,7 +55,9 @@ def producer_consumer_pairs(model: nn.Module, example: torch.Tensor, producer: t
     """(producer name, consumer name) where the consumer's input is exactly the producer's output.
 
     Found by running the model once with hooks (tensor identity), not by module order: module
-    registration order is not data flow. Producers match by exact type (a QuantConv2d is no Conv2d).
+    registration order is not data flow. Hooks on every module of the consumer types, not `graph_ops`'
+    leaf modules: timm's BatchNormAct2d is a BatchNorm2d with children. Producers match by exact
+    type (a QuantConv2d is no Conv2d).
     """
     names = {m: n for n, m in model.named_modules()}
     produced: dict[int, tuple[nn.Module, torch.Tensor]] = {}
@@ -264,28 +266,6 @@ class QuantStudent(nn.Module):
 
 
 FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Hardsigmoid)   # written into the convolution before them
-
-
-def leaf_ops(model: nn.Module, example: torch.Tensor) -> list[tuple[nn.Module, list[int], int]]:
-    """(leaf module, ids of its tensor inputs, id of its output) in execution order, from one run
-    of `model` on `example` with hooks: the data flow by tensor identity. Every tensor is held
-    until the run ends, so no id is reused."""
-    ops: list[tuple[nn.Module, list[int], int]] = []
-    alive: list[torch.Tensor] = [example]
-
-    def record(module, inputs, output):
-        tensors = [t for t in inputs if isinstance(t, torch.Tensor)]
-        alive.extend([*tensors, output])
-        ops.append((module, [id(t) for t in tensors], id(output)))
-
-    hooks = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return ops
 
 
 Key = tuple[int, int]   # a tensor's identity and version (`key`)

@@ -71,6 +71,7 @@ def test_a_chain_whose_tensor_another_op_reads_is_left_alone():
     model, batches = TwoChains(hidden_reader=True), images()
     equalized, records = eq.equalize(model, batches[0][:1], batches)
     assert [r["producer"] for r in records] == ["dw"]      # a.mean() reads the first ReLU's output too
+    assert [c.producer for c in eq.relu_chains(model, batches[0][:1])] == ["dw"]   # seen by the tracer itself
     assert torch.equal(equalized.expand.weight, model.expand.weight)
     x = torch.cat(batches)
     torch.testing.assert_close(equalized(x)["out"], model(x)["out"], rtol=1e-5, atol=1e-6)
