@@ -27,16 +27,26 @@ HEADER = ("| export | artefact | MACs (M) | params (M) | MB | host p50 ms | imag
           "| Δabs_rel vs its float | Δmiou (pt) | gates |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
+def format_of_directory(name: str) -> str:
+    """The format an export directory is named for: `<format>[-<profile>][-pruned-<X>]`."""
+    return name.split("-")[0]
+
+
 def exports(run_exports: Path, fmt: str | None = None) -> tuple[dict[str, dict], dict[Path, str]]:
     """The finished exports under exports/<run>/ (of `fmt` if given), as {directory name: manifest},
-    and the export directories left out, each with why and the fix. Staging and scratch directories
-    (hidden) are skipped; unreadable ones are only reported: one damaged export must not stop a new
-    one's report."""
+    and the export directories left out (of `fmt` by their name), each with why and the fix.
+    Staging and scratch directories (hidden) are skipped; unreadable ones are only reported: one
+    damaged export must not stop a new one's report."""
     found, unreadable = {}, {}
     for directory in sorted(p for p in run_exports.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        named_for = format_of_directory(directory.name)
+        if named_for not in FORMATS:   # no export's folder (notes, plots); its manifest, if any, is read below
+            named_for = None
         path = directory / MANIFEST
-        if not path.is_file():   # an export that lost its manifest (by its name: <format>[-...])
-            if directory.name.split("-")[0] in FORMATS:
+        if fmt is not None and named_for is not None and named_for != fmt:
+            continue
+        if not path.is_file():   # an export that lost its manifest
+            if named_for is not None:
                 unreadable[directory] = f"it has no {MANIFEST} (re-export it with --overwrite)"
             continue
         try:

@@ -645,7 +645,7 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     # the run's other exports of this format, and this one, still in staging
     others, left_out = compression.exports(out.parent, plan.format.name)
     compared = {**others, dir_name: manifest}
-    notes = [f"{path.name} left out: {why}" for path, why in left_out.items() if path.name.split("-")[0] == plan.format.name]
+    notes = [f"{path.name} left out: {why}" for path, why in left_out.items()]
     for note in notes:
         log(f"warning: the compression table's {note}")
     io.write_text(out / "report.md", report_markdown(run, plan, config, drift_md, table, warning)

@@ -673,6 +673,7 @@ def test_pruned_float_only_tflite_export(tflite_export, run_dir, capsys):
     # Its report's compression table holds the run's unpruned export too, unpruned rows first.
     report = (tflite_export / run_dir.name / "tflite-pruned-0.6x" / "report.md").read_text()
     table = report.split("## Compression")[1]
+    assert "onnx-damaged" not in table   # another format's export is not this table's
     rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| tflite")]
     assert [(r[0], r[1]) for r in rows] == [("| tflite", "fp32"), ("| tflite", "fp16"), ("| tflite", "int8"),
                                             ("| tflite-pruned-0.6x", "fp32")], table
@@ -746,9 +747,10 @@ def test_an_export_that_lost_its_manifest_is_reported_not_skipped(tmp_path):
     for name in ("tflite", "onnx-pruned-0.5x", "notes", ".tflite.staging-1"):
         (tmp_path / name).mkdir()
     (tmp_path / "report.txt").write_text("not a directory")
-    found, unreadable = exports(tmp_path, "tflite")
+    found, unreadable = exports(tmp_path)
     assert found == {} and [p.name for p in unreadable] == ["onnx-pruned-0.5x", "tflite"]
     assert unreadable[tmp_path / "tflite"] == "it has no manifest.json (re-export it with --overwrite)"
+    assert list(exports(tmp_path, "tflite")[1]) == [tmp_path / "tflite"]   # the other formats' are not its
 
 
 def test_the_rebuild_flags_parse_back_to_the_same_options():
