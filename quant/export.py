@@ -52,7 +52,7 @@ from core.registry import suggest
 from distill.recipes import DEFAULT_RECIPE
 from edge import kit
 from quant import benchmark, compression
-from quant.model_card import write_model_card
+from quant.model_card import train_at, write_model_card
 from targets.profiles import check_gate, device_names
 from targets.stem import DEFAULT_FLOAT_STEM
 
@@ -668,7 +668,7 @@ def size_warning(run, size: tuple[int, int], reports) -> str:
     return (f"warning: {run.name} was trained at {run.input_size[0]}x{run.input_size[1]}"
             + (f" (abs_rel {trained:.4f})" if trained is not None else "")
             + f"; at {size[0]}x{size[1]} the float model itself has abs_rel {here:.4f}. For this target, train at its "
-            f"size: python -m distill.run {run.recipe.name} data.height={size[0]} data.width={size[1]}")
+            f"size: {train_at(run, size)}")
 
 
 def validation_stage(artefacts: list[dict], float_model, val_ds, run, plan: Plan, opts: ExportOptions,

@@ -227,8 +227,12 @@ def size_note(run, size: tuple[int, int], drift: dict) -> list[str]:
     measured = [a["float"]["abs_rel"] for a in drift["artefacts"] if (a.get("float") or {}).get("abs_rel")]
     here = f": the float model measures abs_rel {measured[0]:.4f} there (the drift table's float column)" if measured else ""
     return [f"This export runs at {size[0]}x{size[1]}, not at the size the model trained at{here}, so the figures "
-            f"below do not describe it. For this size, train at it: `python -m distill.run {run.recipe.name} "
-            f"data.height={size[0]} data.width={size[1]}`.\n"]
+            f"below do not describe it. For this size, train at it: `{train_at(run, size)}`.\n"]
+
+
+def train_at(run, size: tuple[int, int]) -> str:
+    """The command that trains `run`'s recipe at `size` (an export at another size says it)."""
+    return f"python -m distill.run {run.recipe.name} data.height={size[0]} data.width={size[1]}"
 
 
 def rebuild_command(config: dict, fmt) -> str:

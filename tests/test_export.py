@@ -456,6 +456,21 @@ def test_model_card_says_when_the_run_s_figures_are_not_the_exported_size_s():
            "0.3670 there" in note and "python -m distill.run v3 data.height=256 data.width=320" in note
 
 
+
+def test_the_export_log_says_when_it_runs_at_another_size_than_the_run_trained_at(tmp_path):
+    from types import SimpleNamespace
+
+    from quant.export import size_warning
+
+    (tmp_path / "summary.json").write_text(json.dumps({"abs_rel": 0.202}))
+    run = SimpleNamespace(name="v3-x", path=tmp_path, input_size=(128, 160), recipe=SimpleNamespace(name="v3"))
+    reports = [SimpleNamespace(float={"abs_rel": 0.367})]
+    assert size_warning(run, (128, 160), reports) == "" and size_warning(run, (256, 320), []) == ""
+    assert size_warning(run, (256, 320), reports) == (
+        "warning: v3-x was trained at 128x160 (abs_rel 0.2020); at 256x320 the float model itself has abs_rel "
+        "0.3670. For this target, train at its size: python -m distill.run v3 data.height=256 data.width=320")
+
+
 def test_manifest_hashes_match_and_detect_tampering(tflite_export, run_dir, tmp_path):
     export_dir = tflite_export / run_dir.name / "tflite"
     assert verify_export(export_dir) == []
