@@ -16,7 +16,7 @@ from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
-from core.cli import ArgumentParser, command
+from core.cli import ArgumentParser, command, user_path
 from core.config import ConfigError, apply_overrides, flat_keys, override_list, to_dict
 from core.io import check_writable
 from distill.data import refuse_path_to_rendered
@@ -59,6 +59,8 @@ def resolve(recipe: Recipe | str, overrides: list[str]) -> Recipe:
     overrides = check_override_list(overrides)
     given = recipe
     recipe = apply_overrides(get_recipe(recipe) if isinstance(recipe, str) else recipe, overrides)
+    # "~" as the home folder where no shell expanded it: from Python, or `resume=~/x` in quotes
+    recipe = replace(recipe, out_dir=user_path(recipe.out_dir), resume=user_path(recipe.resume))
     check_values(recipe)
     if not recipe.resume:
         refuse_path_to_rendered(recipe.data)

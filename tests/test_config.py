@@ -134,3 +134,15 @@ def test_a_run_saved_before_a_default_changed_keeps_the_value_it_trained_with(tm
     assert recipe.train.shuffle_stride == 1 and get_recipe("v3").train.shuffle_stride == 1_000_003
     assert recipe.loss.berhu_residual == "absolute" and get_recipe("v3").loss.berhu_residual == "log"
     assert get_recipe("v3").loss.seg_balance == 0.5
+
+
+def test_out_dir_and_resume_take_the_home_folder_from_python_too(tmp_path, monkeypatch):
+    """A shell expands `out_dir=~/x` on the command line; from Python (or quoted) the "~" was a
+    folder named "~" in the working directory."""
+    from distill.run import resolve
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve("v3", ["out_dir=~/runs"]).out_dir == str(tmp_path / "runs")
+    assert resolve(dataclasses.replace(get_recipe("v3"), out_dir="~/r"), []).out_dir == str(tmp_path / "r")
+    with pytest.raises(ConfigError, match=f"resume={tmp_path}/gone: no config.json there"):
+        resolve("v3", ["resume=~/gone"])
