@@ -460,7 +460,7 @@ def checked_options(options: ExportOptions) -> ExportOptions:
     """The Python API's values in the types the command's parser gives, or an ExportError naming the
     field: `precisions` and `float_ops` take a tuple or a comma-separated string, `input_size` "HxW"
     or (H, W), `out` a path, `prune` a ratio as a number too; numbers must be numbers (a string
-    would fail deep inside, far from its cause)."""
+    would fail deep inside, far from its cause). `out` takes "~" as the home folder."""
     default, changes = ExportOptions(), {}
     for f in fields(ExportOptions):
         value, kind = getattr(options, f.name), int if f.name == "qat_steps" else type(getattr(default, f.name))
@@ -486,7 +486,7 @@ def checked_options(options: ExportOptions) -> ExportOptions:
                 raise ExportError(f"{f.name}={value!r}: expected {kind.__name__}"
                                   + (f", like its default {like!r}" if like is not None else ""))
             value = kind(value) if number else value
-        changes[f.name] = value
+        changes[f.name] = user_path(value) if f.name == "out" else value   # the shell's "~" from Python too
     return replace(options, **changes)
 
 

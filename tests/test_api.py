@@ -48,7 +48,7 @@ def test_export_run_refuses_an_unknown_option_before_anything_runs(tmp_path):
         export_run(tmp_path / "no-run", target="tflite", qat_step=0)
 
 
-def test_export_run_takes_natural_python_values_and_names_a_wrong_type(tmp_path):
+def test_export_run_takes_natural_python_values_and_names_a_wrong_type(tmp_path, monkeypatch):
     """The command's parser gives each option its type; from Python, a string where a tuple is meant
     was iterated letter by letter ("tflite cannot produce i, n, t, 8") and a tuple size raised
     AttributeError. Strings and tuples are now read as the command reads them, other types named."""
@@ -62,6 +62,8 @@ def test_export_run_takes_natural_python_values_and_names_a_wrong_type(tmp_path)
     assert checked_options(ExportOptions(qat_steps=0)).qat_steps == 0   # None: the recipe's; or a number
     assert checked_options(ExportOptions(out=tmp_path / "exports", prune=0.3)).out == str(tmp_path / "exports")
     assert checked_options(ExportOptions(prune=0.3)).prune == "0.3"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert checked_options(ExportOptions(out="~/exports")).out == str(tmp_path / "exports")   # not a folder "~"
     import numpy as np   # numpy's numbers, as a sweep yields them
     numpy_values = checked_options(ExportOptions(prune=np.float64(0.3), calib=np.int64(16), qat_lr=np.float32(1e-4)))
     assert (numpy_values.prune, numpy_values.calib) == ("0.3", 16) and type(numpy_values.calib) is int
