@@ -256,11 +256,12 @@ def open_runner(path: str | Path, *, threads: int | None = None, executor: str =
     export directory must match its manifest's sha256 (core/manifest.py; IntegrityError), as
     edge.run and edge.bench check it; False for a caller that has checked it already.
     """
+    path = Path(path).expanduser()   # "~" as the home folder, as the commands' path flags take it
     fmt = FORMATS[artefact_format(path, executor)]
     if verify:
         verify_artefact(path)
     options = {"executor": executor} if len(fmt.executors) > 1 else {}
-    return runner_class(path, executor)(Path(path), threads=threads, **options)
+    return runner_class(path, executor)(path, threads=threads, **options)
 
 
 def runner_class(path: str | Path, executor: str = "auto") -> type:

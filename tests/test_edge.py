@@ -79,6 +79,14 @@ def test_invoke_fn_runs_one_inference_of_the_prepared_image(tiny_artefacts):
     np.testing.assert_array_equal(onnx.invoke_fn(images[1:2])()[0], onnx(images[1:2])[0])
 
 
+
+def test_open_runner_takes_the_home_folder_as_the_commands_do(tiny_artefacts, tmp_path, monkeypatch):
+    shutil.copyfile(tiny_artefacts["onnx_fp32"], tmp_path / "model.onnx")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    depth, _ = open_runner("~/model.onnx", threads=1)(reference(tiny_artefacts)[0][:1])
+    assert depth.shape[0] == 1
+
+
 def test_open_runner_errors_name_the_path_and_the_known_suffixes(tiny_artefacts, tmp_path):
     with pytest.raises(ValueError, match=r"missing\.onnx.*does not exist"):
         open_runner(tmp_path / "missing.onnx")
