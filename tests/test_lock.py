@@ -2,6 +2,7 @@
 left by a killed process is free again; the commands turn a held lock into exit 2."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -36,6 +37,26 @@ def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pa
         holder.wait()
     with exclusive(lock, "the run"):   # the kernel dropped the killed holder's lock
         assert lock.read_text().strip() == str(__import__("os").getpid())
+
+
+def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
+    """DataLoader workers are forked inside the run's lock. When the run was killed they still held
+    it, and a resume was refused in the name of the dead process until they noticed."""
+    lock = tmp_path / ".lock"
+    code = ("import os, time\nfrom core.lock import exclusive\n"
+            f"with exclusive({str(lock)!r}, 'test'):\n    child = os.fork()\n"
+            "    if child == 0:\n        time.sleep(600)\n        os._exit(0)\n"
+            "    print(child, flush=True)\n    time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        os.kill(child, 0)                  # the worker still runs
+        with exclusive(lock, "the run"):   # and the lock is free
+            pass
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_the_lock_is_released_when_the_block_ends(tmp_path):
