@@ -34,29 +34,30 @@ def format_of_directory(name: str) -> str:
 
 def exports(run_exports: Path, fmt: str | None = None) -> tuple[dict[str, dict], dict[Path, str]]:
     """The finished exports under exports/<run>/ (of `fmt` if given), as {directory name: manifest},
-    and the export directories left out (of `fmt` by their name), each with why and the fix.
+    and the export directories left out (of `fmt` if given, by their name), each with why and the fix.
     Staging and scratch directories (hidden) are skipped; unreadable ones are only reported: one
     damaged export must not stop a new one's report."""
     found, unreadable = {}, {}
     for directory in sorted(p for p in run_exports.iterdir() if p.is_dir() and not p.name.startswith(".")):
         named_for = format_of_directory(directory.name)
-        if named_for not in FORMATS:   # no export's folder (notes, plots); its manifest, if any, is read below
-            named_for = None
-        path = directory / MANIFEST
-        if fmt is not None and named_for is not None and named_for != fmt:
+        if fmt is not None and named_for != fmt and named_for in FORMATS:   # another format's export
             continue
-        if not path.is_file():   # an export that lost its manifest
-            if named_for is not None:
+        reported = fmt is None or named_for == fmt   # a damaged folder named for no format may be any format's
+        path = directory / MANIFEST
+        if not path.is_file():   # an export that lost its manifest, or a folder that is no export's
+            if named_for in FORMATS:
                 unreadable[directory] = f"it has no {MANIFEST} (re-export it with --overwrite)"
             continue
         try:
             manifest = read_manifest(path.parent)
         except IntegrityError:
-            unreadable[directory] = f"its manifest cannot be read (python -m quant.verify {directory})"
+            if reported:
+                unreadable[directory] = f"its manifest cannot be read (python -m quant.verify {directory})"
             continue
         missing = _missing_key(manifest)
         if missing:   # hand-edited, or from another tool: quant.verify (the files' hashes) would find it intact
-            unreadable[directory] = f"its manifest lacks {missing}, which the table needs (re-export it with --overwrite)"
+            if reported:
+                unreadable[directory] = f"its manifest lacks {missing}, which the table needs (re-export it with --overwrite)"
             continue
         if fmt is None or manifest["config"]["format"] == fmt:
             found[directory.name] = manifest

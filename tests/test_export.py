@@ -759,11 +759,12 @@ def test_an_export_that_lost_its_manifest_is_reported_not_skipped(tmp_path):
     as unreadable; staging (hidden) and folders that are no export's are left alone."""
     from quant.compression import exports
 
-    for name in ("tflite", "onnx-pruned-0.5x", "notes", ".tflite.staging-1"):
+    for name in ("tflite", "onnx-pruned-0.5x", "notes", ".tflite.staging-1", "renamed"):
         (tmp_path / name).mkdir()
     (tmp_path / "report.txt").write_text("not a directory")
+    (tmp_path / "renamed" / "manifest.json").write_text("{")   # an export moved to a name of no format
     found, unreadable = exports(tmp_path)
-    assert found == {} and [p.name for p in unreadable] == ["onnx-pruned-0.5x", "tflite"]
+    assert found == {} and [p.name for p in unreadable] == ["onnx-pruned-0.5x", "renamed", "tflite"]
     assert unreadable[tmp_path / "tflite"] == "it has no manifest.json (re-export it with --overwrite)"
     assert list(exports(tmp_path, "tflite")[1]) == [tmp_path / "tflite"]   # the other formats' are not its
 
