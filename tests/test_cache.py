@@ -39,9 +39,12 @@ def command(out: Path, *extra: str, teacher: str = "synthetic-metric") -> list[s
     return [teacher, *DATA, "shard_size=3", f"out={out}", *extra]
 
 
-def cli(*args: str, module: tuple[str, ...] = ("-m", "distill.cache_teacher")) -> subprocess.CompletedProcess:
+def cli(*args: str, module: tuple[str, ...] = ("-m", "distill.cache_teacher"),
+        tmp: Path | None = None) -> subprocess.CompletedProcess:
+    """`tmp`: the temp folder of the command (torchrun's log folders go there, not to /tmp)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"TMPDIR": str(tmp)} if tmp else {})}
     return subprocess.run([sys.executable, *module, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env=env)
 
 
 def shard_hashes(folder: Path) -> dict[str, str]:
@@ -298,7 +301,7 @@ def test_split_all_segmentation_logits_and_a_cache_of_a_cache(tmp_path):
 def test_torchrun_two_processes_write_the_same_shards(tmp_path):
     assert main(command(tmp_path / "one")) == 0
     done = cli("--standalone", "--nproc_per_node=2", "-m", "distill.cache_teacher", *command(tmp_path / "two"),
-               module=("-m", "torch.distributed.run"))
+               module=("-m", "torch.distributed.run"), tmp=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert shard_hashes(tmp_path / "two") == shard_hashes(tmp_path / "one")
     assert (tmp_path / "two" / "manifest.json").read_bytes() == (tmp_path / "one" / "manifest.json").read_bytes()

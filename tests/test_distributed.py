@@ -17,7 +17,8 @@ TINY = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "dat
 
 
 def run(tmp: Path, out: str, nproc: int) -> list[dict]:
-    env = {**os.environ, "DENSEKIT_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
+    # TMPDIR: torchrun's log folders (/tmp/torchelastic_*) go with the test's own
+    env = {**os.environ, "DENSEKIT_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     done = subprocess.run([sys.executable, *launcher, "-m", "distill.run", "v3", *TINY, f"out_dir={tmp / out}",
                            "--quiet"], env=env, capture_output=True, text=True, timeout=600)
@@ -72,7 +73,7 @@ def test_every_rank_returns_a_finished_run_fitted_as_one_process_would(tmp_path)
     teacher.align=dataset fitted on rank 0's share of the batches: another scale under torchrun than
     in one process (and another again after a resume with another number of processes)."""
     (tmp_path / "ddp_api.py").write_text(DDP_API)
-    env = {**os.environ, "DENSEKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "DENSEKIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     single = subprocess.run([sys.executable, "-m", "distill.run", "v3", *TINY_ALIGNED, f"out_dir={tmp_path / 'one'}",
                              "--quiet"], env=env, capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
