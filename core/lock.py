@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 
 _held: set[int] = set()   # this process's lock descriptors
+_held_guard = threading.Lock()   # no fork between a descriptor's opening (or closing) and its record
 
 
 def _drop_inherited_locks() -> None:
@@ -26,9 +28,11 @@ def _drop_inherited_locks() -> None:
     for fd in _held:
         os.close(fd)
     _held.clear()
+    _held_guard.release()   # taken before the fork
 
 
-os.register_at_fork(after_in_child=_drop_inherited_locks)
+os.register_at_fork(before=_held_guard.acquire, after_in_parent=_held_guard.release,
+                    after_in_child=_drop_inherited_locks)
 
 
 class LockHeld(RuntimeError):
@@ -47,9 +51,10 @@ def exclusive(lock_file: str | Path, what: str, *, wait: bool = False) -> Iterat
     lock_file.parent.mkdir(parents=True, exist_ok=True)
     # 0o666 under the umask, as every file core.io writes: a group sharing a cache can take its lock.
     # A lock file we may not write is refused (PermissionError): the place it guards is not ours to write.
-    fd, owner = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666), os.getpid()
-    try:
+    with _held_guard:
+        fd, owner = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666), os.getpid()
         _held.add(fd)
+    try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
@@ -61,5 +66,6 @@ def exclusive(lock_file: str | Path, what: str, *, wait: bool = False) -> Iterat
         yield lock_file
     finally:
         if os.getpid() == owner:   # a forked child closed its copy at the fork (its number may be reused)
-            _held.discard(fd)
-            os.close(fd)   # closing the last descriptor of it releases the flock
+            with _held_guard:
+                _held.discard(fd)
+                os.close(fd)   # closing the last descriptor of it releases the flock

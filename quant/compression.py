@@ -27,9 +27,15 @@ HEADER = ("| export | artefact | MACs (M) | params (M) | MB | host p50 ms | imag
           "| Δabs_rel vs its float | Δmiou (pt) | gates |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def format_of_directory(name: str) -> str:
-    """The format an export directory is named for: `<format>[-<profile>][-pruned-<X>]`."""
-    return name.split("-")[0]
+def format_of_directory(name: str) -> str | None:
+    """The format of the export a directory is named for (`quant.export.export_name`:
+    `<target>[-<converter>][-<layout>][-pruned-<X>]`, the target a format or a device profile of
+    targets/devices.json, whose names may hold '-'), or None for a name no export has."""
+    from targets.profiles import device, device_names
+
+    targets = sorted([*FORMATS, *device_names()], key=len, reverse=True)   # jetson-orin before a shorter match
+    target = next((t for t in targets if name == t or name.startswith(f"{t}-")), None)
+    return None if target is None else target if target in FORMATS else device(target).format
 
 
 def exports(run_exports: Path, fmt: str | None = None) -> tuple[dict[str, dict], dict[Path, str]]:
@@ -40,12 +46,13 @@ def exports(run_exports: Path, fmt: str | None = None) -> tuple[dict[str, dict],
     found, unreadable = {}, {}
     for directory in sorted(p for p in run_exports.iterdir() if p.is_dir() and not p.name.startswith(".")):
         named_for = format_of_directory(directory.name)
-        if fmt is not None and named_for != fmt and named_for in FORMATS:   # another format's export
+        if fmt is not None and named_for not in (fmt, None):   # another format's export
             continue
-        reported = fmt is None or named_for == fmt   # a damaged folder named for no format may be any format's
+        # with a format given, a damaged folder named for no export could be any format's: not reported
+        reported = fmt is None or named_for == fmt
         path = directory / MANIFEST
         if not path.is_file():   # an export that lost its manifest, or a folder that is no export's
-            if named_for in FORMATS:
+            if named_for is not None:
                 unreadable[directory] = f"it has no {MANIFEST} (re-export it with --overwrite)"
             continue
         try:

@@ -80,11 +80,22 @@ def test_invoke_fn_runs_one_inference_of_the_prepared_image(tiny_artefacts):
 
 
 
-def test_open_runner_takes_the_home_folder_as_the_commands_do(tiny_artefacts, tmp_path, monkeypatch):
-    shutil.copyfile(tiny_artefacts["onnx_fp32"], tmp_path / "model.onnx")
+def test_the_python_api_takes_the_home_folder_as_the_commands_do(tiny_artefacts, tmp_path, monkeypatch):
+    """open_runner, run_artefact and the benches said "~/model.onnx: it does not exist"; a file named
+    "~draft.onnx" is still itself."""
+    from edge.bench import bench_artefact, bench_side_by_side
+    from edge.run import run_artefact
+
+    for name in ("model.onnx", "~draft.onnx"):
+        shutil.copyfile(tiny_artefacts["onnx_fp32"], tmp_path / name)
     monkeypatch.setenv("HOME", str(tmp_path))
-    depth, _ = open_runner("~/model.onnx", threads=1)(reference(tiny_artefacts)[0][:1])
-    assert depth.shape[0] == 1
+    monkeypatch.chdir(tmp_path)
+    image = reference(tiny_artefacts)[0][:1]
+    for path in ("~/model.onnx", "~draft.onnx"):
+        assert open_runner(path, threads=1)(image)[0].shape[0] == 1
+        assert run_artefact(path, image, threads=1)["depth"].shape[0] == 1
+    assert bench_artefact("~/model.onnx", threads=1, runs=1, warmup=0)["artefact"] == "model.onnx"
+    assert len(bench_side_by_side(["~/model.onnx", "~draft.onnx"], threads=1, runs=1, warmup=0)["artefacts"]) == 2
 
 
 def test_open_runner_errors_name_the_path_and_the_known_suffixes(tiny_artefacts, tmp_path):

@@ -759,14 +759,17 @@ def test_an_export_that_lost_its_manifest_is_reported_not_skipped(tmp_path):
     as unreadable; staging (hidden) and folders that are no export's are left alone."""
     from quant.compression import exports
 
-    for name in ("tflite", "onnx-pruned-0.5x", "notes", ".tflite.staging-1", "renamed"):
+    for name in ("tflite", "onnx-pruned-0.5x", "notes", ".tflite.staging-1", "renamed", "pixel8", "jetson-orin"):
         (tmp_path / name).mkdir()
     (tmp_path / "report.txt").write_text("not a directory")
-    (tmp_path / "renamed" / "manifest.json").write_text("{")   # an export moved to a name of no format
+    for damaged in ("renamed", "pixel8"):   # an export moved to a name of no target; a device's export (tflite)
+        (tmp_path / damaged / "manifest.json").write_text("{")
     found, unreadable = exports(tmp_path)
-    assert found == {} and [p.name for p in unreadable] == ["onnx-pruned-0.5x", "renamed", "tflite"]
+    assert found == {} and [p.name for p in unreadable] == [
+        "jetson-orin", "onnx-pruned-0.5x", "pixel8", "renamed", "tflite"]
     assert unreadable[tmp_path / "tflite"] == "it has no manifest.json (re-export it with --overwrite)"
-    assert list(exports(tmp_path, "tflite")[1]) == [tmp_path / "tflite"]   # the other formats' are not its
+    assert list(exports(tmp_path, "tflite")[1]) == [tmp_path / "pixel8", tmp_path / "tflite"]   # not other formats'
+    assert list(exports(tmp_path, "onnx")[1]) == [tmp_path / "jetson-orin", tmp_path / "onnx-pruned-0.5x"]
 
 
 def test_the_rebuild_flags_parse_back_to_the_same_options():

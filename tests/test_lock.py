@@ -48,10 +48,12 @@ def test_a_killed_holders_forked_children_do_not_keep_its_lock(tmp_path):
             "    if child == 0:\n        time.sleep(600)\n        os._exit(0)\n"
             "    print(child, flush=True)\n    time.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    child = int(holder.stdout.readline())
     try:
+        child = int(holder.stdout.readline())
+    finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    try:
         os.kill(child, 0)                  # the worker still runs
         with exclusive(lock, "the run"):   # and the lock is free
             pass
