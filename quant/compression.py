@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from core.cli import ArgumentParser, command
+from core.cli import ArgumentParser, command, user_path
 from core.formats import FORMATS
 from core.io import IntegrityError
 from core.manifest import MANIFEST, read_manifest
@@ -179,7 +179,7 @@ def latency_hosts(table_rows: list[dict]) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m quant.compression", description=__doc__.split("\n\n")[0],
                        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_exports", help="exports/<run>: the directory holding a run's export directories")
+    p.add_argument("run_exports", type=user_path, help="exports/<run>: the directory holding a run's export directories")
     p.add_argument("--format", choices=list(FORMATS), help="only this format's exports (default: one table per format)")
     return p.parse_args(argv)
 
@@ -194,7 +194,7 @@ def nothing_found(root: Path, fmt: str | None) -> str:
         shown = ", ".join(map(str, runs[:6])) + (f" (and {len(runs) - 6} more)" if len(runs) > 6 else "")
         return f"{root} holds the exports of runs, not of one; pass one run's folder: {shown}"
     where = f"{root}: no finished export there" + (f" of format {fmt}" if fmt else "")
-    return f"{where}; make one with python -m quant.export --target tflite [--prune macs=0.5x]"
+    return f"{where}; make one with python -m quant.export --target {fmt or 'tflite'} [--prune macs=0.5x]"
 
 
 @command("python -m quant.compression")

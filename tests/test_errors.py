@@ -152,6 +152,8 @@ CASES = [
     ("quant.export", ["--target", "tflite", "--run", "bad-json"], "bad-json has no best.safetensors"),
     ("quant.compression", ["empty"], "empty: no finished export there; make one with python -m quant.export"),
     ("quant.compression", ["empty", "--format", "tfilte"], "argument --format: invalid choice: 'tfilte'"),
+    ("quant.compression", ["empty", "--format", "onnx"],
+     "empty: no finished export there of format onnx; make one with python -m quant.export --target onnx"),
     ("quant.verify", ["empty"], "empty is not an export directory (no manifest.json in it or below)"),
     ("quant.verify", ["a_file"], "a_file is not a directory"),
     ("edge.run", ["m.tflite", "--inputs", "x.npy", "--out", "o.npz"], "m.tflite: it does not exist"),
@@ -370,6 +372,9 @@ def test_a_tilde_the_shell_left_in_a_path_means_home(tmp_path, monkeypatch):
     assert export_args(["--target", "tflite", "--out=~/exports", "--run=~/r"]).out == str(tmp_path / "exports")
     edge = run_args(["m.tflite", "--inputs=~/pics", "--out=~/maps"])
     assert (edge.inputs, edge.out) == ([str(tmp_path / "pics")], str(tmp_path / "maps"))
+    from quant.compression import parse_args as compression_args
+
+    assert compression_args(["~/exports/v3-x"]).run_exports == str(tmp_path / "exports" / "v3-x")   # quoted
 
 
 class DamagedImages:
