@@ -158,7 +158,8 @@ def threads_option(flag: str, value: int | None, low: int = 1) -> None:
 
 def user_path(text: str) -> str:
     """A path flag's value with "~" as the home folder: a shell expands it only at a word's start
-    (`--out ~/x`), not in `--out=~/x`, which made a folder named "~" here."""
+    (`--out ~/x`), not in `--out=~/x`, which made a folder named "~" here. The rule of
+    `core.io.home_path`, as text: argparse's type, and "" stays "" (a flag's empty default)."""
     return os.path.expanduser(text)
 
 

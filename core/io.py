@@ -129,6 +129,13 @@ def out_of_space(directory: Path, margin: int = 1 << 20) -> bool:
         return False
 
 
+def home_path(path: str | os.PathLike) -> Path:
+    """`path` with a leading "~" or "~/" as the home folder (a shell expands it only at a word's
+    start, so it reaches the program from `--out=~/x`, `key=~/x` or Python). os.path's rule:
+    "~draft.onnx", with no such user, stays itself, where Path.expanduser raises RuntimeError."""
+    return Path(os.path.expanduser(os.fspath(path)))
+
+
 def check_writable(directory: str | Path, what: str) -> None:
     """ValueError naming `what` unless `directory` exists as a writable directory or can be made
     one: checked before long work, so a bad output place never costs a training or a conversion."""

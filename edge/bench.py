@@ -50,13 +50,12 @@ import numpy as np
 
 from core.cli import ArgumentParser, at_least, command, threads_option
 from core.formats import FORMATS
-from core.io import check_output_file
+from core.io import check_output_file, home_path
 from core.manifest import verify_artefact, verify_command_arguments
 from edge.device.linux_bench import latency_summary, peak_rss_mb  # device and host measure alike
 from edge.host import describe_cpu, device_cpu, host_device
 from edge.run import write_json
-from edge.runners import (EXECUTORS, artefact_format, artefact_path, image_shape, open_runner, runner_class,
-                          threads_text)
+from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner, runner_class, threads_text
 
 SCHEMA = "densekit.bench/1"
 MIB = 2 ** 20
@@ -139,7 +138,7 @@ def bench_artefact(path: str | Path, *, threads: int | None = None, runs: int = 
     threads: the runtime's thread count (None: its default). Raises BenchRefused for bad
     arguments and for Core ML off macOS.
     """
-    path = artefact_path(path)
+    path = home_path(path)   # "~" from Python too, as the flags take it
     fmt = check_bench(path, runs, warmup, executor, verify)
     runner_class(path, executor).import_runtime()   # the baseline holds the runtime, as on the device
     baseline = current_rss_mb()
@@ -177,7 +176,7 @@ def bench_side_by_side(paths: list[str | Path], *, threads: int | None = None, r
     """Interleaved runs of several artefacts in one process; speed-up of each against the first.
     Each entry records its format and input shape: artefacts of other sizes are timed as asked, and
     the printed table says so."""
-    paths = [artefact_path(path) for path in paths]
+    paths = [home_path(path) for path in paths]
     formats = [check_bench(path, runs, warmup, executor, verify) for path in paths]
     runners = [open_runner(path, threads=threads, executor=executor, verify=False) for path in paths]   # checked above
     calls = [r.invoke_fn(np.random.default_rng(0).random((1, *image_shape(r)), dtype=np.float32)) for r in runners]

@@ -40,7 +40,7 @@ from core.cli import ArgumentParser, command, threads_option, user_path
 from core.formats import SUFFIXES
 from core.manifest import verify_artefact, verify_command_arguments
 from edge.photos import IMAGE_SUFFIXES, check_map_folder, check_photos, image_files, read_photos, write_maps
-from edge.runners import EXECUTORS, artefact_format, artefact_path, image_shape, open_runner
+from edge.runners import EXECUTORS, artefact_format, image_shape, open_runner
 
 
 class BadInput(ValueError):
@@ -100,7 +100,7 @@ def run_artefact(path: str | Path, images: np.ndarray, *, threads: int | None = 
     Raises BadInput (a ValueError) when the path, the executor, the file's hash or the images are
     wrong; whatever the runtime raises while loading or running the artefact passes through.
     """
-    path = artefact_path(path)
+    path = core_io.home_path(path)   # "~" from Python too, as the flags take it
     check_artefact(path, executor, verify)
     return run_images(open_runner(path, threads=threads, executor=executor, verify=False), images, logits=logits)
 

@@ -25,10 +25,9 @@ from typing import Callable
 
 import numpy as np
 
-from core.cli import user_path
 from core.contract import DEPTH, SEG
 from core.formats import FORMATS, SUFFIXES, format_for
-from core.io import tree_bytes
+from core.io import home_path, tree_bytes
 from core.manifest import verify_artefact
 
 EXECUTORS = tuple(dict.fromkeys(e for f in FORMATS.values() for e in f.executors))   # all but "auto": Core ML's
@@ -248,12 +247,6 @@ def artefact_format(path: str | Path, executor: str = "auto") -> str:
     return fmt.name
 
 
-def artefact_path(path: str | Path) -> Path:
-    """An artefact's path as the Python API is given it: "~/" as the home folder, as the commands'
-    path flags take it (os.path's rule: a file named "~draft.onnx" stays itself)."""
-    return Path(user_path(str(path)))
-
-
 def open_runner(path: str | Path, *, threads: int | None = None, executor: str = "auto", verify: bool = True):
     """The runner for artefact `path`, chosen by its suffix through the format table.
 
@@ -263,7 +256,7 @@ def open_runner(path: str | Path, *, threads: int | None = None, executor: str =
     export directory must match its manifest's sha256 (core/manifest.py; IntegrityError), as
     edge.run and edge.bench check it; False for a caller that has checked it already.
     """
-    path = artefact_path(path)
+    path = home_path(path)
     fmt = FORMATS[artefact_format(path, executor)]
     if verify:
         verify_artefact(path)

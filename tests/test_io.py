@@ -288,3 +288,18 @@ def test_a_long_file_name_is_written_as_a_plain_write_would_be(tmp_path):
     name = "a" * 241 + ".png"
     io.write_text(tmp_path / name, "x")
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_home_path_is_the_shells_rule_for_a_leading_tilde(tmp_path, monkeypatch):
+    """Path.expanduser raised RuntimeError for "~draft" (no such user): a file or run of that name
+    failed as an internal error wherever a path was read."""
+    from core.io import home_path
+    from distill.training.runs import find_run
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert home_path("~/runs") == tmp_path / "runs" and home_path(Path("~draft")) == Path("~draft")
+    assert home_path("a/~/b") == Path("a/~/b")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "~draft").mkdir()
+    (tmp_path / "~draft" / "config.json").write_text('{"name": "v3"}')
+    assert find_run("~draft") == Path("~draft")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
+from core.io import home_path
 from core.registry import Registry
 
 DATASETS: Registry = Registry("dataset")
@@ -27,7 +28,7 @@ UNLABELLED = ("folder",)
 
 def cache_root(root: str = "") -> Path:
     """Where generated and cached data live: `root`, else $DENSEKIT_CACHE, else ~/.cache/densekit."""
-    return Path(root or os.environ.get("DENSEKIT_CACHE", "~/.cache/densekit")).expanduser()
+    return home_path(root or os.environ.get("DENSEKIT_CACHE", "~/.cache/densekit"))
 
 
 @DATASETS.register("synthrooms")
@@ -127,7 +128,7 @@ def check_sources(cfg) -> None:
         DATASETS.get(name)   # UnknownNameError, with the closest name
         if name in FROM_PATH and not path:
             raise ValueError(f'data.{key}={spec!r} needs a path: "{name}:/path/to/data"')
-        if path and not Path(path).expanduser().exists():   # a shell leaves "nyu:~/..." unexpanded
+        if path and not home_path(path).exists():   # a shell leaves "nyu:~/..." unexpanded
             raise FileNotFoundError(f"data.{key}={spec}: {path} does not exist; give the path of the data")
     if unlabelled(cfg.val_dataset):
         raise ValueError(f"data.val_dataset={cfg.val_dataset}: an image folder has no ground truth to validate on; "

@@ -34,7 +34,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from core.images import decoded_content_hash, open_image, orientation, upright_intrinsics, upright_rgb
-from core.io import sha256 as sha256_file
+from core.io import home_path, sha256 as sha256_file
 from distill.data.nyu import check_size, make_sample
 from distill.data.transforms import augment_rng
 
@@ -91,7 +91,7 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: str | os.PathLike, *, size: tuple[int, int] | None = None, augment: bool = False,
                  seed: int = 0, limit: int | None = None):
-        self.root = Path(root).expanduser()
+        self.root = home_path(root)
         self.size, self.augment, self.seed, self.epoch = check_size(size), bool(augment), int(seed), 0
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist (folder:<directory of images>).")

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from core.io import sha256 as sha256_file
+from core.io import home_path, sha256 as sha256_file
 from distill.data.classes import IGNORE_INDEX, raw894_to_train13
 from distill.data.transforms import augment_rng, hflip_intrinsics, normalize, photometric_jitter
 
@@ -191,7 +191,7 @@ class NyuLabeled(NyuDataset):
                  splits: str | os.PathLike | None = None, size: tuple[int, int] | None = None,
                  augment: bool = False, seed: int = 0, limit: int | None = None):
         super().__init__(split, size=size, augment=augment, seed=seed)
-        self.path = Path(mat).expanduser()
+        self.path = home_path(mat)
         if self.path.is_dir():
             raise FileNotFoundError(f"{self.path} is a folder; pass the official nyu_depth_v2_labeled.mat inside it.")
         if not self.path.is_file():
@@ -204,7 +204,7 @@ class NyuLabeled(NyuDataset):
         self.depth, self.depth_key = depth, kinds[depth]
         self._file, self._pid = None, -1
         n, self.source_hw = self._check_file()
-        splits_path = Path(splits).expanduser() if splits else self.path.with_name("splits.mat")
+        splits_path = home_path(splits) if splits else self.path.with_name("splits.mat")
         self.items = first_n(read_split(splits_path, self.split, n), limit, f"{self.path} {self.split}")
 
     def _check_file(self) -> tuple[int, tuple[int, int]]:
@@ -299,7 +299,7 @@ class NyuBTS(NyuDataset):
                  size: tuple[int, int] | None = None, augment: bool = False, seed: int = 0,
                  limit: int | None = None):
         super().__init__(split, size=size, augment=augment, seed=seed)
-        self.root = Path(root).expanduser()
+        self.root = home_path(root)
         train = self.split == "train"
         self.crop = BTS_TRAIN_CROP if train else None
         listing = find_first([self.root / BTS_TRAIN_LIST if train else self.root / BTS_TEST_LIST,
@@ -308,7 +308,7 @@ class NyuBTS(NyuDataset):
         if train:
             self.base = find_first([self.root / "sync"], "BTS's training pairs sync/<scene>/...")
         else:
-            self.base = Path(test_dir).expanduser() if test_dir else find_first(
+            self.base = home_path(test_dir) if test_dir else find_first(
                 [self.root / d for d in BTS_TEST_DIRS], "the 654 official test pairs "
                 "<scene>/rgb_XXXXX.jpg + sync_depth_XXXXX.png (BTS keeps them in official_splits/test/)")
         items, self.skipped = parse_list(listing)
@@ -381,7 +381,7 @@ class NyuH5(NyuDataset):
     def __init__(self, root: str | os.PathLike, split: str, *, size: tuple[int, int] | None = None,
                  augment: bool = False, seed: int = 0, limit: int | None = None):
         super().__init__(split, size=size, augment=augment, seed=seed)
-        folder = Path(root).expanduser() / self.split
+        folder = home_path(root) / self.split
         files = sorted(folder.rglob("*.h5"))
         if not files:
             raise FileNotFoundError(f"no .h5 files under {folder}: the FastDepth layout has train/<scene>/<n>.h5 "
@@ -457,7 +457,7 @@ def build(path: str | os.PathLike, cfg, layout: str = "nyu") -> tuple[NyuDataset
     """(train, val) for a `DataConfig` at `path`; layout "nyu" detects it. Size: `cfg.height x
     cfg.width` (480x640 when None). `cfg.num_train` / `cfg.num_val`, when not None, keep the first
     N samples of each split in file order (smoke runs). Augmentation (cfg.augment) on train only."""
-    path = Path(path).expanduser()
+    path = home_path(path)
     layout = detect_layout(path) if layout == "nyu" else layout
     if layout == "nyu-labeled" and path.is_dir() and (path / LABELED_MAT).is_file():
         path = path / LABELED_MAT   # the folder of the official download

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.io import IntegrityError
+from core.io import IntegrityError, home_path
 
 OUTPUT_STRIDES = (2, 4)   # where the decoder stops; the heads upsample the rest by a fixed factor
 INPUT_MULTIPLE = 32
@@ -321,7 +321,7 @@ def check_pretrained(name: str, pretrained: str) -> None:
 def pretrained_file(pretrained: str) -> Path:
     """The local weights file `model.pretrained` names; FileNotFoundError naming the key and the fix
     when there is none (checked before training renders its data, and where the encoder loads it)."""
-    path = Path(str(pretrained)).expanduser()
+    path = home_path(str(pretrained))
     if not path.is_file():
         raise FileNotFoundError(f"model.pretrained={pretrained}: no such file ({path}); pass a local weights "
                                 f"file (.safetensors/.pth), model.pretrained=hub to download, or leave "

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from core.io import read_json, sha256
+from core.io import home_path, read_json, sha256
 from core.spaces import DepthSpace, ValueRange
 from core.weights import load_weights
 from distill.teachers.base import Teacher
@@ -63,7 +63,7 @@ def check_weights(path: Path, manifest: dict, source: str) -> None:
     about 0.9 s here (page cache, 2 cores); a hub id is compared by name only."""
     from distill.teachers.depth_anything import weights_digest
 
-    recorded, folder = manifest["teacher"].get("weights"), Path(source).expanduser() if source else None
+    recorded, folder = manifest["teacher"].get("weights"), home_path(source) if source else None
     if not recorded or folder is None or not folder.is_dir():
         return
     now = weights_digest(folder)
@@ -92,7 +92,7 @@ class CachedTeacher(Teacher):
     @classmethod
     def open(cls, path: str | Path, cfg=None, *, split: str = "train") -> "CachedTeacher":
         """Open a finished cache; with a `TeacherConfig`, refuse one made by another teacher."""
-        path = Path(path).expanduser()   # a shell leaves "teacher.cache=~/..." unexpanded
+        path = home_path(path)   # a shell leaves "teacher.cache=~/..." unexpanded
         if not (path / "manifest.json").is_file():
             if (path / "job.json").is_file():
                 raise FileNotFoundError(f"teacher.cache={path} is incomplete (no manifest.json: the caching run "

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from core.io import home_path
 from core.spaces import DepthSpace, ValueRange
 from distill.data.transforms import denormalize
 from distill.teachers.base import Teacher
@@ -68,7 +69,7 @@ def check_source(source: str, what: str, key: str = "teacher.source") -> Path | 
     if not source:
         raise ValueError(f"{what} needs {key}=<a local directory or a hub id>, e.g. "
                          f"{', '.join(REAL_CHECKPOINTS.values())}")
-    local = Path(source).expanduser()
+    local = home_path(source)
     if local.is_dir():
         missing = [name for name, found in (("config.json", (local / "config.json").is_file()),
                                             ("weights (*.safetensors or *.bin)", bool(weight_files(local))))

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from core import io
+from core.io import home_path
 from core.weights import checked_checkpoint, latest_checkpoint, load_state, load_weights
 from distill.data.classes import NYU13_NAMES
 from distill.recipes import DEFAULT_RECIPE, RECIPES, Recipe, load_saved
@@ -38,7 +39,7 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
     if recipe is not None:
         RECIPES.get(recipe)   # a misspelt recipe names the valid ones, not "no run"
     if run:
-        path = Path(run).expanduser()   # a shell leaves "--run=~/..." unexpanded
+        path = home_path(run)   # a shell leaves "--run=~/..." unexpanded
         if not (path / "config.json").is_file():
             raise RunNotFoundError(f"{flag} {run}: no config.json there; pass a training run directory "
                                    f"(runs/<recipe>-<time>) made by python -m distill.run")
@@ -48,7 +49,7 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
                                    f"recipe= in Python): drop the recipe, or name {trained}")
         return path
     recipe = recipe or DEFAULT_RECIPE
-    found = Path(runs_dir).expanduser().glob(f"{recipe}-*")
+    found = home_path(runs_dir).glob(f"{recipe}-*")
     runs = sorted(p for p in found if run_recipe(p) == recipe)   # sort by start time
     finished = newest_last(p for p in runs if is_finished(p))
     if not finished:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from core.io import as_umask_allows, replace, write_json
+from core.io import as_umask_allows, home_path, replace, write_json
 from core.lock import exclusive
 
 from ..classes import IGNORE_INDEX, NYU13_NAMES
@@ -41,7 +41,7 @@ def dataset_name(*, height: int, width: int, seed: int, num_train: int, num_val:
 def rendered_val_sizes(root: str | os.PathLike, *, height: int, width: int, seed: int, num_train: int) -> list[int]:
     """num_val of each complete set under `root` with this training split (a scene depends on its
     split, index, seed and size only, so these sets hold the same training images)."""
-    root = Path(root).expanduser()
+    root = home_path(root)
     name = dataset_name(height=height, width=width, seed=seed, num_train=num_train, num_val=0)
     prefix, suffix = name.rsplit("-0-", 1)[0] + "-", f"-v{VERSION}"
     sizes = [path.name[len(prefix):-len(suffix)] for path in root.glob(f"{prefix}*{suffix}")]
