@@ -68,7 +68,9 @@ def resolve(recipe: Recipe | str, overrides: list[str]) -> Recipe:
     saved_path = Path(recipe.resume) / "config.json"
     if not saved_path.is_file():
         raise ConfigError(f"resume={recipe.resume}: no config.json there; is it a run directory (runs/<recipe>-<time>)?")
-    saved_recipe = replace(load_saved(recipe.resume, type(recipe)), resume=recipe.resume)
+    saved_recipe = load_saved(recipe.resume, type(recipe))
+    # a run saved before "~" was expanded recorded it literally: the same folder as out_dir=~/x now
+    saved_recipe = replace(saved_recipe, out_dir=user_path(saved_recipe.out_dir), resume=recipe.resume)
     if saved_recipe.name != recipe.name:
         raise ConfigError(f"resume={recipe.resume} is a {saved_recipe.name} run, not {recipe.name}; continue it with "
                           f"python -m distill.run {saved_recipe.name} resume={recipe.resume}")

@@ -146,3 +146,13 @@ def test_out_dir_and_resume_take_the_home_folder_from_python_too(tmp_path, monke
     assert resolve(dataclasses.replace(get_recipe("v3"), out_dir="~/r"), []).out_dir == str(tmp_path / "r")
     with pytest.raises(ConfigError, match=f"resume={tmp_path}/gone: no config.json there"):
         resolve("v3", ["resume=~/gone"])
+    # a run saved before that recorded "~/runs"; out_dir=~/runs names the same folder on resume
+    from core import io
+    from core.config import to_dict
+
+    (tmp_path / "old").mkdir()
+    io.write_json(tmp_path / "old" / "config.json", {**to_dict(get_recipe("v3")), "out_dir": "~/runs"})
+    resumed = resolve("v3", ["resume=~/old", "out_dir=~/runs"])
+    assert resumed.resume == str(tmp_path / "old") and resumed.out_dir == str(tmp_path / "runs")
+    with pytest.raises(ConfigError, match="these overrides differ from it: out_dir="):
+        resolve("v3", ["resume=~/old", "out_dir=~/elsewhere"])
