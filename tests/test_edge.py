@@ -497,6 +497,8 @@ def test_compare_interleaves_and_reports_speedups(tiny_artefacts, tmp_path):
     first, second = result["artefacts"]
     assert first["artefact"] == "tiny_fp32.tflite" and first["speedup_vs_first"] == 1.0
     assert second["speedup_vs_first"] == pytest.approx(first["latency_ms"]["p50"] / second["latency_ms"]["p50"])
+    assert first["speedup_by_turn"] == {"p10": 1.0, "p50": 1.0, "p90": 1.0, "turns": 1}
+    assert second["speedup_by_turn"]["p50"] == pytest.approx(second["speedup_vs_first"])   # one round: the same ratio
     assert "speed-up" in proc.stdout and "note:" not in proc.stdout   # one size, one runtime
     assert f"cpu: {describe_cpu(host_cpu())}" in proc.stdout and result["device"]["int8_dot"] == host_cpu()["int8_dot"]
     assert [(a["format"], a["input_shape"], a["threads"]) for a in result["artefacts"]] == [("tflite", [1, 64, 96, 3], 1)] * 2
@@ -551,6 +553,18 @@ def test_compare_takes_turns_that_start_with_untimed_calls():
     seconds = interleave_turns(calls, runs=5, turn=2, settle=1)
     assert [len(s) for s in seconds] == [5, 5] and all(t >= 0 for s in seconds for t in s)
     assert "".join(log) == "aaa" "bbb" "aaa" "bbb" "aa" "bb"   # each turn: 1 untimed call, then 2 (the last 1) timed
+
+
+def test_the_speed_up_round_by_round_pairs_the_calls_made_together():
+    """A host that slows for a while slows both artefacts of a round: the per-round ratio stays,
+    where the whole-run medians mix the slow rounds of one with the fast rounds of the other."""
+    from edge.bench import turn_speedups
+
+    fp32 = [1.0, 1.0, 3.0, 3.0, 1.0]   # rounds of 2: the host slowed 3x in the second
+    int8 = [0.5, 0.5, 1.5, 1.5, 0.25]  # 2x, 2x, then a last round of one call at 4x
+    ratios = turn_speedups(fp32, int8, turn=2)
+    assert ratios["turns"] == 3 and ratios["p50"] == pytest.approx(2.0)
+    assert ratios["p10"] == pytest.approx(2.0) and ratios["p90"] == pytest.approx(3.6)   # 2 + 0.8 x (4 - 2)
 
 
 def test_op_profile_times_every_op_of_an_int8_file(tiny_artefacts, tmp_path):
