@@ -113,8 +113,9 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             section = [k for k in valid if k.startswith(key + ".")]
             if section:
                 raise ConfigError(f'"{key}" is a section; set one of its keys: {", ".join(section)}')
-            raise ConfigError(f'unknown key "{key}".{closest_key(key, valid)} '
-                              f"List every key with --help.")
+            # the recipe's own command lists its keys (distill.evaluate's and distill.ablate's --help do not)
+            raise ConfigError(f'unknown key "{key}".{closest_key(key, valid)} List every key with '
+                              f"python -m distill.run {getattr(cfg, 'name', '<recipe>')} --help.")
         cfg = set_key(cfg, key, text)
     return cfg
 

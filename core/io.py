@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 
 def _read_umask() -> int:
@@ -150,12 +150,22 @@ def check_writable(directory: str | Path, what: str) -> None:
                          f"permission); choose another place")
 
 
-def check_output_file(path: str | Path, what: str) -> None:
-    """ValueError naming `what` unless `path` can be written as a file: not a directory, in a
-    directory that is writable or can be made. Checked before the work whose result it holds."""
+def check_output_file(path: str | Path, what: str, *, reads: Iterable[str | Path] = (), suffix: str = ".json") -> None:
+    """ValueError naming `what` unless `path` can be written as a result file: named `*suffix`, not a
+    directory, none of the files the command reads (`reads`), in a directory that is writable or can
+    be made. Checked before the work whose result it holds.
+
+    Why the name and `reads`: a slip of the arguments (`--json model.tflite`, `--json manifest.json`,
+    `--out <run>/best.safetensors`) replaced an input with the result, and the command said "wrote"."""
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"{what} {path} is a directory; give a file name, e.g. {path / 'result.json'}")
+        raise ValueError(f"{what} {path} is a directory; give a file name, e.g. {path / ('result' + suffix)}")
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"{what} {path}: the result is {suffix[1:].upper()}; give a file name ending in {suffix}, "
+                         f"e.g. {path.with_name(path.stem + suffix)}")
+    if path.exists() and any(Path(r).exists() and os.path.samefile(path, r) for r in reads):
+        raise ValueError(f"{what} {path} is a file this command reads; give another file name, "
+                         f"e.g. {path.with_name(path.stem + '-result' + suffix)}")
     check_writable(path.parent, what)
 
 

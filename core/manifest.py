@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterable
 
 from core.formats import SUFFIXES
-from core.io import IntegrityError, check_sha256, matches_record
+from core.io import IntegrityError, check_sha256, home_path, matches_record
 
 MANIFEST = "manifest.json"
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -79,6 +79,12 @@ def verify_artefact(path: str | Path, skip: str = "verify=False") -> bool:
                  fix="it changed after export (corrupted or edited). Re-export it (python -m quant.export ... "
                      f"--overwrite), or pass {skip} to run it anyway")
     return True
+
+
+def files_read(artefacts: Iterable[str | Path]) -> list[Path]:
+    """What a command that runs `artefacts` reads: each of them and the manifest.json beside it (its
+    result file must be none of them: core.io.check_output_file)."""
+    return [path for artefact in artefacts for path in (home_path(artefact), home_path(artefact).parent / MANIFEST)]
 
 
 def verify_command_arguments(paths: Iterable[str | Path]) -> None:

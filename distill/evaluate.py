@@ -28,7 +28,6 @@ from pathlib import Path
 
 from core import io
 from core.cli import ArgumentParser, add_run_arguments, command, user_path
-from core.io import check_writable
 from distill.recipes import DEFAULT_RECIPE
 
 
@@ -70,6 +69,9 @@ def main(argv: list[str]) -> int:
     items = [a for a in (args.run, *args.overrides) if a]   # the run may come anywhere among the overrides
     runs = [a for a in items if not looks_like_override(a)]
     if len(runs) > 1:
+        bare = [a for a in runs if re.fullmatch(r"(data|eval)\.\w+", a) and not Path(a).exists()]
+        if bare:   # data.num_val without its value read as a second run
+            raise ValueError(f"{bare[0]}: an override needs a value, e.g. {bare[0]}=<value> (key=value)")
         raise ValueError(f"give one run directory; got {', '.join(runs)}")
     args.run, args.overrides = (runs[0] if runs else None), [a for a in items if looks_like_override(a)]
 
@@ -82,7 +84,9 @@ def main(argv: list[str]) -> int:
     out = Path(args.out) if args.out else default
     if args.out and (out.is_dir() or args.out.endswith(("/", os.sep))):   # --out results/: the run's file name, there
         out = out / default.name
-    check_writable(out.parent, "--out" if args.out else "the run's evaluations/")   # before any image renders
+    # before any image renders; never onto the run's own files (its weights, config, summary)
+    io.check_output_file(out, "--out" if args.out else "the run's evaluations/",
+                         reads=[path for path in run_dir.iterdir() if path.is_file()])
     result = evaluate_run(run_dir, overrides=args.overrides, device=args.device, progress=not args.quiet)
     io.write_json(out, result)
     print(evaluation_table(result))

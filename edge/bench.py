@@ -58,7 +58,7 @@ import numpy as np
 from core.cli import ArgumentParser, at_least, command, threads_option
 from core.formats import FORMATS
 from core.io import check_output_file, home_path
-from core.manifest import verify_artefact, verify_command_arguments
+from core.manifest import files_read, verify_artefact, verify_command_arguments
 from edge.device.linux_bench import latency_summary, peak_rss_mb  # device and host measure alike
 from edge.host import describe_cpu, device_cpu, host_device
 from edge.run import write_json
@@ -259,7 +259,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     threads_option("--threads", args.threads)
     if args.json:
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", reads=files_read(args.artefact))
     if not args.no_verify:
         verify_command_arguments(args.artefact)
     if len(args.artefact) > 1:

@@ -36,7 +36,7 @@ import numpy as np
 
 from core.cli import ArgumentParser, at_least, command, threads_option
 from core.io import check_output_file
-from core.manifest import verify_artefact, verify_command_arguments
+from core.manifest import files_read, verify_artefact, verify_command_arguments
 from edge.device.linux_bench import time_invokes  # the on-device script's timing loop (milliseconds)
 from edge.run import write_json
 
@@ -204,7 +204,7 @@ def main(argv: list[str]) -> int:
     at_least("--runs", args.runs, 1)
     at_least("--top", args.top, 1)
     if args.json:
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", reads=files_read([args.model]))
     if not args.no_verify:
         verify_command_arguments([args.model])
     result = profile(args.model, args.threads, args.runs, progress=True, verify=False)

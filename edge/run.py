@@ -64,9 +64,14 @@ def validate_images(images: np.ndarray, runner) -> None:
         shown = images.dtype.name if images.dtype.isnative else f"{images.dtype.name} of the other byte order"
         raise BadInput(f"inputs have dtype {shown}; expected float32 {expected} in [0, 1] "
                        f"(convert with {how})")
-    if not np.isfinite(images).all() or images.min() < 0 or images.max() > 1:
-        raise BadInput(f"inputs range over [{np.nanmin(images):.4g}, {np.nanmax(images):.4g}] (or hold NaN/inf); "
-                       f"expected RGB in [0, 1]: normalisation is inside the artefact, so feed raw / 255")
+    finite = np.isfinite(images)
+    if not finite.all():   # their range may look right: name the values and where, not a scale
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise BadInput(f"inputs hold {int((~finite).sum())} NaN or infinite values (the first at index {first}); "
+                       f"expected finite RGB in [0, 1]: fix the decoding or preprocessing that produced them")
+    if images.min() < 0 or images.max() > 1:
+        raise BadInput(f"inputs range over [{images.min():.4g}, {images.max():.4g}]; expected RGB in [0, 1]: "
+                       f"normalisation is inside the artefact, so feed raw / 255")
 
 
 def check_artefact(path: str | Path, executor: str = "auto", verify: bool = True) -> None:
@@ -221,9 +226,15 @@ def write_map_folder(out: Path, runner, files: list[Path], arrays: np.ndarray | 
     atomically; a photo that fails to decode stops the run with the maps before it kept).
     Returns (images, seconds spent running the artefact, non-finite output values)."""
     total, seconds, non_finite = 0, 0.0, 0
-    for names, images, result in run_chunks(runner, files, arrays):
-        write_maps(out, names, images, result)
-        total, seconds, non_finite = total + len(names), seconds + result["seconds"], non_finite + result["non_finite"]
+    try:
+        for names, images, result in run_chunks(runner, files, arrays):
+            write_maps(out, names, images, result)
+            total, seconds, non_finite = total + len(names), seconds + result["seconds"], non_finite + result["non_finite"]
+    except ValueError as exc:   # a photo of a later chunk that does not decode: say what is there
+        if not total:
+            raise
+        raise type(exc)(f"{exc}; the maps of the {total} images before its chunk are in {out}/ (3 PNGs each), "
+                        f"complete") from exc
     print(f"wrote {3 * total} PNGs to {out}/ (<name>_depth.png: the depth x 1000 as uint16, "
           f"<name>_labels.png: class ids, <name>_preview.png)")
     return total, seconds, non_finite

@@ -238,6 +238,9 @@ def artefact_format(path: str | Path, executor: str = "auto") -> str:
     if not path.exists():
         raise ValueError(f"cannot run {path}: it does not exist (artefacts have the suffixes {', '.join(SUFFIXES)}; "
                          f"python -m quant.export writes them under exports/)")
+    if path.is_dir() and fmt.suffix != ".mlpackage":   # the runtime read it as a damaged 0-byte file
+        raise ValueError(f"cannot run {path}: it is a directory, and a {fmt.title} artefact is a file; give the "
+                         f"{fmt.suffix} file inside the export (e.g. exports/<run>/{fmt.name}/<run>_int8{fmt.suffix})")
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     if executor not in fmt.executors:

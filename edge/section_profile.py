@@ -41,7 +41,7 @@ import numpy as np
 from core.cli import ArgumentParser, at_least, command, threads_option
 from core.graph import output_tails
 from core.io import check_output_file
-from core.manifest import verify_artefact, verify_command_arguments
+from core.manifest import files_read, verify_artefact, verify_command_arguments
 from edge.op_profile import cut_model, load_model, op_name, seeded_interpreter
 from edge.run import write_json
 
@@ -242,7 +242,7 @@ def main(argv: list[str]) -> int:
     threads_option("--threads", args.threads)
     at_least("--runs", args.runs, 1)
     if args.json:
-        check_output_file(args.json, "--json")
+        check_output_file(args.json, "--json", reads=files_read(args.models))
     if not args.no_verify:
         verify_command_arguments(args.models)
     result = profile(args.models, args.sections, args.threads, args.runs, progress=True, verify=False)

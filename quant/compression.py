@@ -66,6 +66,12 @@ def exports(run_exports: Path, fmt: str | None = None) -> tuple[dict[str, dict],
             if reported:
                 unreadable[directory] = f"its manifest lacks {missing}, which the table needs (re-export it with --overwrite)"
             continue
+        gone = [a["path"] for a in manifest["artefacts"] if not (directory / a["path"]).exists()]
+        if gone:   # a row for a file that is not there would read as a finished artefact
+            if reported:
+                unreadable[directory] = f"it lists {', '.join(gone)}, which {'is' if len(gone) == 1 else 'are'} " \
+                                        f"not there (restore it, or re-export with --overwrite)"
+            continue
         if fmt is None or manifest["config"]["format"] == fmt:
             found[directory.name] = manifest
     return found, unreadable
@@ -184,9 +190,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def nothing_found(root: Path, fmt: str | None) -> str:
+def nothing_found(root: Path, fmt: str | None, left_out: int = 0) -> str:
     """Why `root` gave no table, and the directory to pass where the user named another level:
     one export (exports/<run>/<target>) or the folder of every run's (exports/)."""
+    if not root.exists():
+        return f"{root} does not exist; give the folder quant.export wrote a run's exports to (exports/<run>)"
+    if not root.is_dir():
+        return f"{root} is a file; give the folder quant.export wrote a run's exports to (exports/<run>)"
     if (root / MANIFEST).is_file():
         return f"{root} is one export; pass the run's folder that holds it: {root.parent}"
     runs = sorted({m.parent.parent for m in root.glob(f"*/*/{MANIFEST}")}) if root.is_dir() else []
@@ -194,6 +204,8 @@ def nothing_found(root: Path, fmt: str | None) -> str:
         shown = ", ".join(map(str, runs[:6])) + (f" (and {len(runs) - 6} more)" if len(runs) > 6 else "")
         return f"{root} holds the exports of runs, not of one; pass one run's folder: {shown}"
     where = f"{root}: no finished export there" + (f" of format {fmt}" if fmt else "")
+    if left_out:
+        where += f" ({left_out} left out, see the warning{'s' if left_out > 1 else ''} above)"
     return f"{where}; make one with python -m quant.export --target {fmt or 'tflite'} [--prune macs=0.5x]"
 
 
@@ -205,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     for path, why in unreadable.items():
         print(f"warning: {path} left out: {why}", file=sys.stderr)
     if not found:
-        raise ValueError(nothing_found(root, args.format))
+        raise ValueError(nothing_found(root, args.format, len(unreadable)))
     by_format: dict[str, dict[str, dict]] = {}
     for name, manifest in found.items():
         by_format.setdefault(manifest["config"]["format"], {})[name] = manifest

@@ -15,7 +15,8 @@ def test_overrides_are_typed_and_nested():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("train.epoch=3", 'unknown key "train.epoch". Did you mean "train.epochs"?'),
+    ("train.epoch=3", 'unknown key "train.epoch". Did you mean "train.epochs"? List every key with python -m '
+                      'distill.run v3 --help.'),   # distill.evaluate's --help lists none
     ("trian.epochs=3", 'Did you mean "train.epochs"?'),
     ("amp=bf16", 'Did you mean "train.amp"?'),
     ("train.epochs=three", "train.epochs='three': expected int"),

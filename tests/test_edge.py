@@ -392,6 +392,16 @@ def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_pat
                 main.__wrapped__([str(artefact), "--inputs", *map(str, inputs), "--out", str(out)])
     assert not (tmp_path / "maps").exists() and not (tmp_path / "maps.png").exists()
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["room.png"]
+
+    # a photo that decodes only when its chunk comes: the maps before it stay, and the error says so
+    monkeypatch.setattr(edge.run, "CHUNK", 1)
+    (tmp_path / "late").mkdir()
+    write_photo(tmp_path / "late" / "a_room.png", (64, 48))
+    (tmp_path / "late" / "b_room.png").write_bytes((tmp_path / "a" / "room.png").read_bytes()[:100])
+    kept = tmp_path / "kept"
+    with pytest.raises(ValueError, match=re.escape(f"; the maps of the 1 images before its chunk are in {kept}/")):
+        main.__wrapped__([str(artefact), "--inputs", str(tmp_path / "late"), "--out", str(kept)])
+    assert sorted(p.name for p in kept.iterdir()) == ["a_room_depth.png", "a_room_labels.png", "a_room_preview.png"]
     # an .npy for a folder of maps is checked whole before the first chunk is written
     monkeypatch.setattr(edge.run, "CHUNK", 2)
     images, _, _ = reference(tiny_artefacts)
@@ -401,7 +411,7 @@ def test_run_cli_refuses_bad_image_inputs_before_writing(tiny_artefacts, tmp_pat
     np.save(tmp_path / "none.npy", images[:0])
     (tmp_path / "empty.npy").write_bytes(b"")   # numpy raises EOFError on it
     np.savetxt(tmp_path / "text.npy", images[0, 0])   # numpy's refusal of it speaks of pickled data
-    for inputs, extra, message in [(tmp_path / "late.npy", [], "hold NaN/inf"), (tmp_path / "none.npy", [], "N >= 1"),
+    for inputs, extra, message in [(tmp_path / "late.npy", [], "inputs hold 1 NaN or infinite values (the first at index (3, 0, 0, 0))"), (tmp_path / "none.npy", [], "N >= 1"),
                                    (tmp_path / "empty.npy", [], "cannot read --inputs"),
                                    (tmp_path / "text.npy", [], "text.npy is not an .npy file (it lacks numpy's header"),
                                    (tmp_path / "a", ["--logits"], "--logits stores the logits in an .npz")]:
@@ -418,6 +428,8 @@ def test_run_artefact_rejects_dtype_and_range(tiny_artefacts):
         run_artefact(tiny_artefacts["onnx_fp32"], (images * 255).astype(np.uint8))
     with pytest.raises(BadInput, match=r"dtype float32 of the other byte order; "):
         run_artefact(tiny_artefacts["onnx_fp32"], images.astype(">f4"))
+    with pytest.raises(BadInput, match=r"inputs range over \[0.003457, 255\]; expected RGB in \[0, 1\].* raw / 255"):
+        run_artefact(tiny_artefacts["onnx_fp32"], np.clip(images * 1000, 0, 255))
     with pytest.raises(BadInput, match=r"expected RGB in \[0, 1\]"):
         run_artefact(tiny_artefacts["onnx_fp32"], images * 255)
     result = run_artefact(tiny_artefacts["onnx_fp32"], images[:2])
@@ -553,6 +565,27 @@ def test_compare_takes_turns_that_start_with_untimed_calls():
     seconds = interleave_turns(calls, runs=5, turn=2, settle=1)
     assert [len(s) for s in seconds] == [5, 5] and all(t >= 0 for s in seconds for t in s)
     assert "".join(log) == "aaa" "bbb" "aaa" "bbb" "aa" "bb"   # each turn: 1 untimed call, then 2 (the last 1) timed
+
+
+@pytest.mark.parametrize("module", ["edge.bench", "edge.op_profile", "edge.section_profile"])
+def test_a_result_file_never_replaces_what_the_command_reads(module, tiny_artefacts, tmp_path, capsys):
+    """`--json model.tflite` replaced the model with 1 KB of JSON, and `--json <export>/manifest.json`
+    made every later check of that export fail; the command said "wrote" and exited 0."""
+    import importlib
+
+    model = tmp_path / "export" / "m_int8.tflite"
+    model.parent.mkdir()
+    shutil.copyfile(tiny_artefacts["tflite_int8"], model)
+    manifest = model.parent / "manifest.json"
+    manifest.write_text("{}")
+    main = importlib.import_module(module).main
+    for target, message in ((model, "the result is JSON; give a file name ending in .json, e.g. "),
+                            (manifest, "is a file this command reads; give another file name")):
+        before = target.read_bytes()
+        assert main([str(model), "--runs", "1", "--no-verify", "--json", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: --json {target}" in err and message in err, err
+        assert target.read_bytes() == before
 
 
 def test_the_speed_up_round_by_round_pairs_the_calls_made_together():

@@ -23,6 +23,7 @@ def place(tmp_path, monkeypatch):
     (tmp_path / "a_file").write_text("not a directory")
     (tmp_path / "empty").mkdir()
     (tmp_path / "m.mlpackage").mkdir()
+    (tmp_path / "dir.tflite").mkdir()   # a folder named like an artefact
     for name, config in (("bad-json", "{not json"), ("bad-type", json.dumps({"name": "v3", "train": {"epochs": "x"}})),
                          ("a-v3-run", json.dumps({"name": "v3"}))):
         (tmp_path / name).mkdir()
@@ -115,6 +116,10 @@ CASES = [
     ("distill.evaluate", ["bad-type", "--recipe", "v4"], "bad-type is a v3 run, but the recipe asked for is v4"),
     ("distill.evaluate", ["bad-json", "model.decoder_channels=8"], "an evaluation changes only data.* and eval.*"),
     ("distill.evaluate", ["bad-json", "--out", "a_file/x.json"], "a_file is a file, not a directory"),
+    ("distill.evaluate", ["bad-json", "data.num_val"], "data.num_val: an override needs a value, e.g. data.num_val=<value>"),
+    # the run's own files: `--out <run>/best.safetensors` replaced the weights with the JSON result
+    ("distill.evaluate", ["bad-json", "--out", "bad-json/config.json"], "--out bad-json/config.json is a file this command reads"),
+    ("distill.evaluate", ["bad-json", "--out", "bad-json/best.safetensors"], "the result is JSON; give a file name ending in .json"),
     ("distill.ablate", ["v3"], "nothing to ablate"),
     ("distill.ablate", ["v3", "train.epochs=1,2", "--out", "a_file/x"], "a_file is a file, not a directory"),
     ("distill.ablate", ["v3", "train.batch_size=8,64", "data.num_train=16"], "smaller than train.batch_size=64"),
@@ -151,6 +156,8 @@ CASES = [
     ("quant.export", ["--target", "tflite", "--run", "empty"], "--run empty: no config.json there"),
     ("quant.export", ["--target", "tflite", "--run", "bad-json"], "bad-json has no best.safetensors"),
     ("quant.compression", ["empty"], "empty: no finished export there; make one with python -m quant.export"),
+    ("quant.compression", ["nowhere"], "nowhere does not exist; give the folder quant.export wrote a run's exports to"),
+    ("quant.compression", ["a_file"], "a_file is a file; give the folder quant.export wrote"),
     ("quant.compression", ["empty", "--format", "tfilte"], "argument --format: invalid choice: 'tfilte'"),
     ("quant.compression", ["empty", "--format", "onnx"],
      "empty: no finished export there of format onnx; make one with python -m quant.export --target onnx"),
@@ -166,6 +173,8 @@ CASES = [
     *([("edge.run", ["m.mlpackage", "--inputs", "x.npy", "--out", "o.npz", "--executor", "predict"],
         "--executor predict (MLModel.predict) needs macOS")] if sys.platform != "darwin" else []),
     ("edge.bench", ["m.tflite"], "m.tflite: it does not exist"),
+    ("edge.bench", ["dir.tflite"], "cannot run dir.tflite: it is a directory, and a TFLite artefact is a file"),
+    ("edge.run", ["dir.tflite", "--inputs", "x.npy", "--out", "o.npz"], "dir.tflite: it is a directory"),
     ("edge.bench", ["m.tflite", "--runs", "0"], "runs=0, warmup=5: need runs >= 1"),
     ("edge.bench", ["m.tflite", "--threads", "-1"], "--threads -1: must be at least 1"),
     ("edge.bench", ["a.tflite", "--threads", "2", "b.tflite"], "a.tflite: it does not exist"),  # flags anywhere

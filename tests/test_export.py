@@ -816,6 +816,8 @@ def _readable_rows(manifest: dict) -> list:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "coreml").mkdir()
         (Path(tmp) / "coreml" / "manifest.json").write_text(json.dumps(manifest))
+        for listed in manifest["artefacts"]:
+            (Path(tmp) / "coreml" / listed["path"]).mkdir()   # a package is a folder
         found, unreadable = exports(Path(tmp))
         assert [p.name for p in unreadable] == ([] if found else ["coreml"])
         # named by the key it lacks: quant.verify, which checks the files' hashes, finds such an export intact
@@ -877,9 +879,19 @@ def test_compression_table_warns_when_exports_came_from_different_weights(tmp_pa
     for name, sha in (("tflite", "a" * 64), ("tflite-pruned-0.5x", "b" * 64)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "manifest.json").write_text(json.dumps(manifest(sha)))
+        (tmp_path / name / "m_int8.tflite").write_bytes(b"")
     assert main([str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert "DIFFERENT weights" in out and "warning: the tflite exports of" in err
+    # an artefact deleted after its export: its row would read as a finished file
+    (tmp_path / "tflite" / "m_int8.tflite").unlink()
+    assert main([str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert (f"warning: {tmp_path / 'tflite'} left out: it lists m_int8.tflite, which is not there (restore it, "
+            f"or re-export with --overwrite)") in err and "| tflite |" not in out and "| tflite-pruned-0.5x |" in out
+    (tmp_path / "tflite-pruned-0.5x" / "m_int8.tflite").unlink()
+    assert main([str(tmp_path)]) == 2
+    assert f"{tmp_path}: no finished export there (2 left out, see the warnings above)" in capsys.readouterr().err
 
 
 def test_device_target_runs_the_whole_chain(run_dir, tmp_path):
