@@ -258,6 +258,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     threads_option("--threads", args.threads)
+    at_least("--runs", args.runs, 1)   # in the flags' words, as the other edge commands say it
+    at_least("--warmup", args.warmup, 0)
     if args.json:
         check_output_file(args.json, "--json", reads=files_read(args.artefact))
     if not args.no_verify:

@@ -47,14 +47,16 @@ def load_model(path: Path):
     from ai_edge_litert import schema_py_generated as schema
 
     data = path.read_bytes()
+    fix = ("if it came from python -m quant.export, `python -m quant.verify <its export directory>` checks it; "
+           "export again to replace it")
     if data[4:8] != b"TFL3":
-        raise ValueError(f"{path} is not a TFLite flatbuffer (no TFL3 identifier)")
+        raise ValueError(f"{path} ({len(data)} bytes) is not a TFLite file (no TFL3 identifier: empty, cut short "
+                         f"or another kind of file); {fix}")
     try:
         return schema.ModelT.InitFromObj(schema.Model.GetRootAs(data, 0))
-    except Exception as exc:   # noqa: BLE001 - flatbuffers reads past the end: struct.error, IndexError, ...
-        raise ValueError(f"{path} ({len(data)} bytes) is a truncated or damaged TFLite file ({type(exc).__name__}: "
-                         f"{str(exc)[:200]}); if it came from python -m quant.export, `python -m quant.verify <its "
-                         "export directory>` checks it; export again to replace it") from None
+    except Exception:   # noqa: BLE001 - flatbuffers reads past the end: struct.error, IndexError, ...
+        raise ValueError(f"{path} ({len(data)} bytes) is a truncated or damaged TFLite file (its tables point past "
+                         f"its end); {fix}") from None
 
 
 @lru_cache(maxsize=None)

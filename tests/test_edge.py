@@ -527,6 +527,8 @@ def test_compare_says_when_runtimes_differ_and_takes_the_executor(tiny_artefacts
     assert "note: the input images differ in size (64x96, 128x160)" in compare_summary(result)
     with pytest.raises(BenchRefused, match="executor 'predict' applies to Core ML artefacts only"):
         bench_side_by_side([tiny_artefacts["tflite_fp32"], tiny_artefacts["tflite_int8"]], executor="predict")
+    with pytest.raises(BenchRefused, match=r"runs=0, warmup=5: need runs >= 1 and warmup >= 0"):   # the API's words
+        bench_side_by_side([tiny_artefacts["tflite_fp32"], tiny_artefacts["tflite_int8"]], runs=0)
 
 
 def test_bench_refuses_a_json_directory_before_timing(tiny_artefacts, tmp_path):
@@ -675,7 +677,8 @@ def test_op_profile_refuses_a_file_that_is_not_tflite(tiny_artefacts, tmp_path):
     fake = tmp_path / "fake.tflite"
     fake.write_bytes(b"\0" * 64)
     proc = edge_cli("edge.op_profile", fake)
-    assert proc.returncode == 2 and "not a TFLite flatbuffer" in proc.stderr
+    assert proc.returncode == 2 and "fake.tflite (64 bytes) is not a TFLite file (no TFL3 identifier" in proc.stderr
+    assert "python -m quant.verify" in proc.stderr   # the fix, as edge.bench names it
     from edge.op_profile import load_model
     cut = tmp_path / "cut.tflite"   # an interrupted copy: the identifier is there, the tables are not
     cut.write_bytes(Path(tiny_artefacts["tflite_int8"]).read_bytes()[:4000])

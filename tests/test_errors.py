@@ -175,7 +175,8 @@ CASES = [
     ("edge.bench", ["m.tflite"], "m.tflite: it does not exist"),
     ("edge.bench", ["dir.tflite"], "cannot run dir.tflite: it is a directory, and a TFLite artefact is a file"),
     ("edge.run", ["dir.tflite", "--inputs", "x.npy", "--out", "o.npz"], "dir.tflite: it is a directory"),
-    ("edge.bench", ["m.tflite", "--runs", "0"], "runs=0, warmup=5: need runs >= 1"),
+    ("edge.bench", ["m.tflite", "--runs", "0"], "--runs 0: must be at least 1"),
+    ("edge.bench", ["m.tflite", "--warmup", "-1"], "--warmup -1: must be at least 0"),
     ("edge.bench", ["m.tflite", "--threads", "-1"], "--threads -1: must be at least 1"),
     ("edge.bench", ["a.tflite", "--threads", "2", "b.tflite"], "a.tflite: it does not exist"),  # flags anywhere
     ("edge.peak", ["--threads", "0"], "--threads 0: must be at least 1"),
