@@ -37,9 +37,10 @@ as an app does.
 The speed-up is also read round by round ("speedup_by_turn": over the rounds in which each
 artefact takes one turn, p10, p50 and p90 of the first artefact's median time in the round over
 this one's): a round lasts a fraction of a second, so each ratio sees one load of the host, and
-the spread says how much the load moved it. On a shared 2-core host (v3 fp32 against int8, 2 threads, six runs of
-1,000, 2026-12-07) the whole-run p50 ratio read 1.25-1.75x, the per-turn median 1.60-1.84x and
-its p10-p90 1.16-2.19x: read a speed-up with its spread, and rerun when the spread is wide.
+the spread says how much the load moved it. On a shared 2-core host (v3 fp32 against int8, 2
+threads, six runs of 1,000, 2026-12-07) the whole-run p50 ratio read 1.25-1.75x, the per-round
+median 1.60-1.84x and its p10-p90 1.16-2.19x: read a speed-up with its spread, and rerun when the
+spread is wide.
 
 Core ML latency means something only under Core ML on Apple hardware: off macOS this refuses
 (exit 2); measure it with edge/device/coreml_bench.py on a Mac.
