@@ -83,6 +83,9 @@ def closest_key(key: str, valid: list[str]) -> str:
     leaf_matches = [k for k in valid if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
     if len(leaf_matches) == 1:
         return f' Did you mean "{leaf_matches[0]}"?'
+    longer = [k for k in valid if k.startswith(key + "_")]   # train.lr: train.lr_encoder and train.lr_decoder
+    if longer:
+        return " Did you mean " + " or ".join(f'"{k}"' for k in longer) + "?"
     return suggest(key, valid)
 
 

@@ -140,13 +140,14 @@ def check_writable(directory: str | Path, what: str) -> None:
     """ValueError naming `what` unless `directory` exists as a writable directory or can be made
     one: checked before long work, so a bad output place never costs a training or a conversion."""
     directory = Path(directory)
+    named = f"{what}{directory}" if what.endswith("=") else f"{what} {directory}"   # out=DIR, --out DIR
     existing = directory
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise ValueError(f"{what} {directory}: {existing} is a file, not a directory; choose another place")
+        raise ValueError(f"{named}: {existing} is a file, not a directory; choose another place")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {directory}: {existing} is not writable (a read-only file system or no "
+        raise ValueError(f"{named}: {existing} is not writable (a read-only file system or no "
                          f"permission); choose another place")
 
 

@@ -22,9 +22,15 @@ def read_manifest(export_dir: str | Path) -> dict:
     path = Path(export_dir) / MANIFEST
     try:
         manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("artefacts"), list):
+            raise ValueError("no list of artefacts")
         entries = manifest["artefacts"]   # the shape quant.export writes: every entry a path and a sha256
         if not entries or not all(isinstance(a["path"], str) and SHA256.fullmatch(a["sha256"]) for a in entries):
             raise ValueError("an artefact entry without a path or a 64-digit sha256")
+        # a file of the export itself: "../x" would check, run and list a file outside it
+        outside = [a["path"] for a in entries if a["path"] in ("", ".", "..") or Path(a["path"]).name != a["path"]]
+        if outside:
+            raise ValueError(f"the artefact path {outside[0]!r} is not a file name of the export")
         return manifest
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise IntegrityError(f"{path} is missing or unreadable ({type(exc).__name__}: {exc}); it is written by "

@@ -11,7 +11,7 @@ Keys:
   shard_size=N     samples per shard file (default 256)
   batch_size=N     images per teacher call (default 8)
   max_shards=N     write at most N new shards, then exit 75: run the same command again to continue
-                   (chunked jobs on preemptible machines)
+                   (chunked jobs on preemptible machines); 0, the default: no limit
   recipe=NAME      whose sizes (resolved for this device) the cache uses (default v3: the cache then
                    matches `python -m distill.run v3` on this machine)
   device=D         auto (default: cuda if available, under torchrun cuda:LOCAL_RANK), cpu, cuda, cuda:N

@@ -66,6 +66,9 @@ def resolve(recipe: Recipe | str, overrides: list[str]) -> Recipe:
         refuse_path_to_rendered(recipe.data)
         return recipe
     saved_path = Path(recipe.resume) / "config.json"
+    if not Path(recipe.resume).exists():
+        raise ConfigError(f"resume={recipe.resume}: it does not exist; give the run directory to continue "
+                          f"(runs/<recipe>-<time>)")
     if not saved_path.is_file():
         raise ConfigError(f"resume={recipe.resume}: no config.json there; is it a run directory (runs/<recipe>-<time>)?")
     saved_recipe = load_saved(recipe.resume, type(recipe))
@@ -113,7 +116,7 @@ def train_recipe(recipe: Recipe | str, *, overrides: Sequence[str] = (), progres
     returns once rank 0 has written the run; a process group the caller made is left to the caller."""
     recipe = resolve(recipe, overrides)
     if not recipe.resume:
-        check_writable(recipe.out_dir, "out_dir")
+        check_writable(recipe.out_dir, "out_dir=")
     from distill.training import train  # heavy imports only once the recipe is valid
     return train(recipe, progress=progress, log=log)
 
@@ -135,8 +138,11 @@ def main(argv: list[str]) -> int:
             print(f"{name:<4} {recipe_summary(name)}")
         return 0
     if args.recipe is None:
-        parser.print_help()
-        return 0 if args.help else 2
+        if args.help:
+            parser.print_help()
+            return 0
+        raise ConfigError(f"give a recipe to train, e.g. python -m distill.run v3 (the recipes: "
+                          f"{', '.join(RECIPES.names())}; --list says what each is, --help how to use this)")
     if args.help:
         recipe = get_recipe(args.recipe)
         print(f"{type(recipe).__doc__.strip()}\n\nKeys (set with key=value):\n{describe_keys(recipe)}")

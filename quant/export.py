@@ -521,6 +521,8 @@ def export_on_threads(run_path: str | Path | None, plan: Plan, opts: ExportOptio
         check_both_tasks(run.model)
     except ValueError as e:
         raise ExportError(f"run {run.name}: {e}") from None
+    if {"int8", "w8a8"} & set(plan.precisions):
+        check_float_stem(run.model, opts.float_stem, size)
     check_cached_labels(run, plan, opts, size)
     log(f"run {run.path} ({run.recipe.name}, {run.recipe.model.student}, weights {run.weights.name} "
         f"sha256 {run.weights_sha256[:12]}); exporting {plan.format.name} {', '.join(plan.precisions)} "
@@ -656,6 +658,21 @@ def build_export(run, plan: Plan, opts: ExportOptions, size: tuple[int, int], wo
     return ExportResult(out, reports, manifest, bench, warning)
 
 
+def check_float_stem(model, float_stem: int, size: tuple[int, int]) -> None:
+    """ExportError when `--float-stem` would keep every convolution of `model` in float: nothing is
+    left to quantise, and the converter failed only after calibration and QAT, with its own words."""
+    import torch
+
+    from quant.qat import input_stem
+
+    convs = {name for name, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)}
+    if float_stem and convs <= input_stem(model, torch.zeros(1, 3, *size), float_stem):
+        raise ExportError(f"--float-stem {float_stem}: every convolution of the student ({len(convs)}) lies within "
+                          f"{float_stem} weighted layers of the input, so none would be quantised; give a smaller "
+                          f"number (the default, {DEFAULT_FLOAT_STEM}, keeps the stem convolution and the first "
+                          f"depthwise one in float), or export --precision fp16 for a float file")
+
+
 def size_warning(run, size: tuple[int, int], reports) -> str:
     """When exporting at another size than the run trained at, how the float model itself fares
     there: the reference every gate compares with. QAT at the new size also fine-tunes the model to
@@ -681,7 +698,8 @@ def validation_stage(artefacts: list[dict], float_model, val_ds, run, plan: Plan
     from targets.profiles import gate_for
 
     data = ValidationData.from_dataset(val_ds, opts.check)
-    log(f"validating {len(artefacts)} artefacts on {len(data.inputs)} validation images")
+    fewer = f" (--check {opts.check}: the split holds {len(data.inputs)})" if opts.check > len(data.inputs) else ""
+    log(f"validating {len(artefacts)} artefacts on {len(data.inputs)} validation images{fewer}")
     reports = []
     for a in artefacts:
         report = validate_artefact(export_dir / a["path"], reference=float_model, data=data, precision=a["precision"],

@@ -81,12 +81,14 @@ class PruneTarget:
         prefix, number, suffix = match.groups()
         value = float(number)
         if not prefix and not suffix:
-            if not 0 < value < 1:
-                raise ValueError(f'prune ratio "{text}" must be in (0, 1); for a MAC budget use {_FORMS}')
+            if not 0 < value < 1:   # the fraction of channels removed: 0 removes none, 1 all
+                raise ValueError(f'prune ratio "{text}" (the share of channels removed) must be in (0, 1), e.g. 0.3; '
+                                 f'the other forms: {_FORMS}')
             return cls(ratio=value)
         if suffix == "x":
             if not 0 < value < 1:
-                raise ValueError(f'MAC fraction "{text}" must be in (0, 1): 1x or more prunes nothing; use {_FORMS}')
+                why = "1x or more prunes nothing" if value >= 1 else "0x leaves no MACs"
+                raise ValueError(f'MAC fraction "{text}" must be in (0, 1): {why}; use {_FORMS}')
             return cls(macs=value)
         if not value > 0:
             raise ValueError(f'MAC budget "{text}" must be > 0; use {_FORMS}')

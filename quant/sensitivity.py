@@ -148,6 +148,8 @@ def main(argv: list[str]) -> int:
     if count == 0:
         raise ValueError(f"{run.name}'s validation split is empty, and the drift is measured on it: train with "
                          f"validation images (data.num_val, or a val/ folder beside train/)")
+    if count < args.images:   # said, as the export says it: the figures are of fewer images than asked
+        print(f"--images {args.images}: {run.name}'s validation split holds {count}; measuring on all {count}")
     images = torch.stack([torch.as_tensor(val_ds[i]["image"]).float() for i in range(count)])
     calib = ptq.calibration_set(plain_train, args.calib, None, seed=args.seed, progress=False)
     converter = FORMATS[args.format].converter()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from core.cli import ArgumentParser, command
+from core.cli import ArgumentParser, command, user_path
 from core.formats import SUFFIXES
 from core.manifest import MANIFEST, IntegrityError, read_manifest, verify_export
 
@@ -19,7 +19,7 @@ from core.manifest import MANIFEST, IntegrityError, read_manifest, verify_export
 @command("python -m quant.verify")
 def main(argv: list[str]) -> int:
     parser = ArgumentParser(prog="python -m quant.verify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("export_dir", help="an export directory: exports/<run>/<target>")
+    parser.add_argument("export_dir", type=user_path, help="an export directory: exports/<run>/<target>")
     args = parser.parse_args(argv)
     export_dir = Path(args.export_dir)
     if not export_dir.is_dir():

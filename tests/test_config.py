@@ -19,6 +19,7 @@ def test_overrides_are_typed_and_nested():
                       'distill.run v3 --help.'),   # distill.evaluate's --help lists none
     ("trian.epochs=3", 'Did you mean "train.epochs"?'),
     ("amp=bf16", 'Did you mean "train.amp"?'),
+    ("train.lr=1e-3", 'unknown key "train.lr". Did you mean "train.lr_encoder" or "train.lr_decoder"?'),
     ("train.epochs=three", "train.epochs='three': expected int"),
     ("train.amp=bf17", "must be one of 'auto', 'bf16', 'off'. Did you mean \"bf16\"?"),
     ("data.augment=maybe", "expected a boolean"),
@@ -145,7 +146,7 @@ def test_out_dir_and_resume_take_the_home_folder_from_python_too(tmp_path, monke
     monkeypatch.setenv("HOME", str(tmp_path))
     assert resolve("v3", ["out_dir=~/runs"]).out_dir == str(tmp_path / "runs")
     assert resolve(dataclasses.replace(get_recipe("v3"), out_dir="~/r"), []).out_dir == str(tmp_path / "r")
-    with pytest.raises(ConfigError, match=f"resume={tmp_path}/gone: no config.json there"):
+    with pytest.raises(ConfigError, match=f"resume={tmp_path}/gone: it does not exist"):
         resolve("v3", ["resume=~/gone"])
     # a run saved before that recorded "~/runs"; out_dir=~/runs names the same folder on resume
     from core import io

@@ -108,10 +108,14 @@ CASES = [
     ("distill.cache_teacher", ["da2-metric", "out=new/nested/c"], "da2-metric needs teacher.source"),   # every folder
     ("distill.ablate", ["v3", "train.epochs=1,2", "--resume", "--out", "elsewhere"],
      "--resume: elsewhere holds no ablation.json"),
-    ("distill.cache_teacher", ["synthetic-metric", "out=a_file/c"], "a_file is a file, not a directory"),
+    ("distill.cache_teacher", ["synthetic-metric", "out=a_file/c"], "error: out=a_file/c: a_file is a file, not a directory"),
     ("distill.evaluate", ["--runs-dir", "empty"], "no finished v3 run under"),
     ("distill.evaluate", ["--recipe", "v33"], 'Unknown recipe "v33"'),
     ("distill.evaluate", ["empty"], "RUN empty: no config.json there"),
+    ("distill.evaluate", ["nowhere"], "RUN nowhere: it does not exist"),
+    ("distill.run", ["v3", "resume=nowhere"], "resume=nowhere: it does not exist"),
+    ("distill.run", [], "give a recipe to train, e.g. python -m distill.run v3 (the recipes: v1, "),   # help, no error line
+    ("distill.evaluate", ["--runs-dir", "a_file"], "--runs-dir a_file is a file; give the folder"),
     ("distill.evaluate", ["bad-json"], "bad-json has no best.safetensors"),
     ("distill.evaluate", ["bad-type", "--recipe", "v4"], "bad-type is a v3 run, but the recipe asked for is v4"),
     ("distill.evaluate", ["bad-json", "model.decoder_channels=8"], "an evaluation changes only data.* and eval.*"),
@@ -146,6 +150,8 @@ CASES = [
     ("quant.export", ["--target", "tflite", "--prune-lr", "0"], "--prune-lr 0.0: must be positive and finite"),
     ("quant.export", ["--target", "tflite", "--qat-lr", "inf"], "--qat-lr inf: must be positive and finite"),
     ("quant.export", ["--target", "tflite", "--prune", "macs=1x"], '--prune: MAC fraction "macs=1x" must be in (0, 1): 1x or more prunes nothing'),
+    ("quant.export", ["--target", "tflite", "--prune", "macs=0x"], '--prune: MAC fraction "macs=0x" must be in (0, 1): 0x leaves no MACs'),
+    ("quant.export", ["--target", "tflite", "--prune", "1.5"], '--prune: prune ratio "1.5" (the share of channels removed) must be in (0, 1)'),
     ("quant.export", ["--target", "tflite", "--prune", "0.3", "--prune-stages", "2"],
      '--prune-stages 2: iterative pruning needs a MAC target'),
     ("quant.export", ["--target", "tflite", "--prune", "0.3", "--prune-importance", "random"],
@@ -385,6 +391,10 @@ def test_a_tilde_the_shell_left_in_a_path_means_home(tmp_path, monkeypatch):
     from quant.compression import parse_args as compression_args
 
     assert compression_args(["~/exports/v3-x"]).run_exports == str(tmp_path / "exports" / "v3-x")   # quoted
+    from core.io import IntegrityError
+    from quant import verify
+    with pytest.raises(IntegrityError, match=f"{tmp_path}/exports/v3-x is not a directory"):   # quoted: not "~/..."
+        verify.main.__wrapped__(["~/exports/v3-x"])
 
 
 class DamagedImages:

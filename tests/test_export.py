@@ -362,6 +362,15 @@ def test_sensitivity_ranks_the_tensors_of_a_runs_int8_drift(run_dir, capsys):
     assert "error: --calib 100000: the calibration images are drawn from 48 candidates" in capsys.readouterr().err
 
 
+def test_a_float_stem_that_leaves_nothing_to_quantise_is_refused_before_the_work(run_dir, tmp_path, capsys):
+    """--float-stem 99 calibrated, ran QAT, then the converter failed (exit 1, in its own words)."""
+    assert export(run_dir, tmp_path, "--target", "tflite", "--precision", "int8", "--float-stem", "99") == 2
+    err = capsys.readouterr().err
+    assert "error: --float-stem 99: every convolution of the student (" in err and "give a smaller number" in err
+    assert not any(p.suffix in (".tflite", ".json") for p in tmp_path.rglob("*")), "wrote before refusing"
+    assert export(run_dir, tmp_path, "--target", "tflite", "--precision", "fp32", "--float-stem", "99") == 0   # idle there
+
+
 def test_export_directory_holds_the_proof(tflite_export, run_dir):
     export_dir = tflite_export / run_dir.name / "tflite"
     drift = json.loads((export_dir / "drift.json").read_text())

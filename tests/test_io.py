@@ -212,6 +212,13 @@ def test_an_export_directory_vouches_only_for_the_files_its_manifest_lists(tmp_p
     (tmp_path / "manifest.json").write_text(json.dumps({"artefacts": [entry, {"path": "x.onnx", "sha256": None}]}))
     with pytest.raises(IntegrityError, match="manifest.json is missing or unreadable .*re-export"):
         verify_artefact(tmp_path / "model.tflite")
+    # a hand-edited entry that points outside the export would be checked and run as one of its files
+    (tmp_path / "manifest.json").write_text(json.dumps({"artefacts": [entry, {**entry, "path": "../outside.tflite"}]}))
+    with pytest.raises(IntegrityError, match=r"\(ValueError: the artefact path '../outside.tflite' is not a file name"):
+        verify_export(tmp_path)
+    (tmp_path / "manifest.json").write_text("{}")   # said as such, not as KeyError: 'artefacts'
+    with pytest.raises(IntegrityError, match=r"\(ValueError: no list of artefacts\)"):
+        verify_export(tmp_path)
 
 
 def test_checkpoints_and_atomic_files_get_the_modes_the_umask_allows(tmp_path):

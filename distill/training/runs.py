@@ -40,6 +40,9 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
         RECIPES.get(recipe)   # a misspelt recipe names the valid ones, not "no run"
     if run:
         path = home_path(run)   # a shell leaves "--run=~/..." unexpanded
+        if not path.exists():
+            raise RunNotFoundError(f"{flag} {run}: it does not exist; pass a training run directory "
+                                   f"(runs/<recipe>-<time>) made by python -m distill.run")
         if not (path / "config.json").is_file():
             raise RunNotFoundError(f"{flag} {run}: no config.json there; pass a training run directory "
                                    f"(runs/<recipe>-<time>) made by python -m distill.run")
@@ -49,6 +52,9 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
                                    f"recipe= in Python): drop the recipe, or name {trained}")
         return path
     recipe = recipe or DEFAULT_RECIPE
+    if home_path(runs_dir).is_file():
+        raise RunNotFoundError(f"--runs-dir {runs_dir} is a file; give the folder python -m distill.run wrote its "
+                               f"runs to (runs/ by default, out_dir= when training)")
     found = home_path(runs_dir).glob(f"{recipe}-*")
     runs = sorted(p for p in found if run_recipe(p) == recipe)   # sort by start time
     finished = newest_last(p for p in runs if is_finished(p))
