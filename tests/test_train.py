@@ -214,8 +214,9 @@ def test_resume_after_kill_continues_exactly(tmp_path):
 
 
 def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path, capsys):
-    """Killed after its last checkpoint (no summary yet), or resumed once finished: the run
-    evaluates its final weights and writes summary.json, report.md and preview.png."""
+    """Killed after its last checkpoint (no summary yet): the run evaluates its final weights and
+    writes summary.json, report.md and preview.png. Resumed once finished, it says so and leaves
+    every file as it is (it rendered its data, measured and rewrote them all)."""
     assert main(["v3", *TINY, "train.epochs=1", f"out_dir={tmp_path}", "--quiet"]) == 0
     (run,) = run_dirs(tmp_path)
     finished = json.loads((run / "summary.json").read_text())
@@ -223,17 +224,25 @@ def test_resume_after_the_last_checkpoint_writes_the_summary(tmp_path, capsys):
         (run / name).unlink()
     (run / ".summary.json.k1ll3d.tmp").write_text("{")   # io.atomic_path's temp file, left by a kill
     trained = torch.load(latest_checkpoint(run / "checkpoints") / "state.pt", weights_only=False)["progress"]["wall_s"]
-    for _ in range(2):   # the killed run, then the finished one
-        started = time.time()
-        assert main(["v3", f"resume={run}", "--quiet"]) == 0
-        assert "nothing left to train (1 of 1 epochs done): the kept weights are measured again" in capsys.readouterr().out
-        summary = json.loads((run / "summary.json").read_text())
-        assert summary["abs_rel"] == finished["abs_rel"] and summary["miou"] == finished["miou"]
-        assert (run / "report.md").is_file() and (run / "preview.png").is_file()
-        assert not list(run.glob(".*.tmp")), "a killed write's temp file outlived the resume"
-        # the whole run's wall time: the first process's up to its checkpoint, and this one's
-        assert trained < summary["wall_s"] and summary["wall_s"] - trained <= time.time() - started
+    started = time.time()
+    assert main(["v3", f"resume={run}", "--quiet"]) == 0
+    assert "nothing left to train (1 of 1 epochs done): the kept weights are measured again" in capsys.readouterr().out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["abs_rel"] == finished["abs_rel"] and summary["miou"] == finished["miou"]
+    assert (run / "report.md").is_file() and (run / "preview.png").is_file()
+    assert not list(run.glob(".*.tmp")), "a killed write's temp file outlived the resume"
+    # the whole run's wall time: the first process's up to its checkpoint, and this one's
+    assert trained < summary["wall_s"] and summary["wall_s"] - trained <= time.time() - started
     assert len(io.read_jsonl(run / "metrics.jsonl")) == 1
+    files = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    assert main(["v3", f"resume={run}", "--quiet"]) == 0   # finished now
+    assert f"{run} is finished (1 of 1 epochs, summary.json written): nothing to train or write" in \
+        capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == files
+    import shutil
+    shutil.rmtree(run / "checkpoints")   # a finished run whose checkpoints were removed to save space
+    assert main(["v3", f"resume={run}", "--quiet"]) == 2
+    assert "the run finished (summary.json), and no complete checkpoint is left" in capsys.readouterr().err
 
 
 def test_training_only_heads_train_and_stay_out_of_the_shipped_weights(tmp_path):

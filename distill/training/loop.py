@@ -191,6 +191,12 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if not recipe.resume:   # a resume loads its checkpoint instead
         check_pretrained(recipe.model.student, recipe.model.pretrained)   # a file of other weights, before any render
     resumed = resume_point(Path(recipe.resume)) if recipe.resume else None
+    if resumed is not None and resumed[1]["progress"]["epoch"] >= recipe.train.epochs \
+            and (Path(recipe.resume) / "summary.json").is_file():   # written last: the run is finished
+        log(f"{recipe.resume} is finished ({resumed[1]['progress']['epoch']} of {recipe.train.epochs} epochs, "
+            f"summary.json written): nothing to train or write; python -m distill.evaluate {recipe.resume} "
+            f"measures it again")
+        return Path(recipe.resume)
     amp = autocast_dtype(recipe.train.amp, device)
     tc, dc = recipe.train, recipe.data
     seed_everything(tc.seed)
@@ -241,7 +247,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if recipe.resume:
         state = restore(run_dir, resumed, model, weighting, optimizer, scheduler, log, write=rank.main,
                         feature_kd=feature_kd)
-        if state["epoch"] >= tc.epochs:   # killed after its last checkpoint, or finished: nothing to train
+        if state["epoch"] >= tc.epochs:   # killed after its last checkpoint, before summary.json
             log(f"nothing left to train ({state['epoch']} of {tc.epochs} epochs done): the kept weights are measured "
                 f"again and summary.json, report.md and preview.png written anew")
     # wall time of the processes before this one, each up to its last checkpoint (0 for checkpoints
@@ -588,6 +594,10 @@ def resume_point(run_dir: Path) -> tuple[Path, dict]:
     """(the run's latest complete checkpoint, its state, hash-checked): a resume is refused before
     any image is rendered or a file of the run changes when there is none."""
     ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None and (run_dir / "summary.json").is_file():
+        raise ConfigError(f"resume={run_dir}: the run finished (summary.json), and no complete checkpoint is left "
+                          f"under {run_dir / 'checkpoints'} to continue from; python -m distill.evaluate {run_dir} "
+                          f"measures it again, and a new run trains further")
     if ckpt is None:
         raise ConfigError(f"resume={run_dir}: no complete checkpoint under {run_dir / 'checkpoints'} (killed "
                           f"before its first epoch ended); start a new run instead")
