@@ -169,30 +169,42 @@ def build_split(data_cfg, split: str, progress: bool) -> Splits:
 def job_for(recipe, teacher, data: Splits, hashes: list[str], split: str, shard_size: int) -> dict:
     """job.json: everything a resumed run must share with the first one (cache.py's docstring)."""
     height, width = data[0]["image"].shape[-2:]
+    return {**job_before_data(recipe, teacher, split, shard_size), "splits": data.ranges,
+            "height": int(height), "width": int(width), "count": len(data),
+            "images": hashlib.sha256("\n".join(hashes).encode()).hexdigest()}
+
+
+def job_before_data(recipe, teacher, split: str, shard_size: int) -> dict:
+    """The part of job.json known before any image is read or rendered."""
     return {"format": FORMAT, "teacher": teacher.identity(), "space": teacher.space.value,
             "range": [teacher.range.low, teacher.range.high],
             "recipe_teacher": {"name": recipe.teacher.name, "source": recipe.teacher.source},
             "dataset": recipe.data.dataset, "val_dataset": recipe.data.val_dataset if split != "train" else "",
-            "split": split, "splits": data.ranges, "height": int(height), "width": int(width), "count": len(data),
-            "shard_size": shard_size, "dtype": "float16", "tensors": list(teacher_tensors(teacher)),
-            "images": hashlib.sha256("\n".join(hashes).encode()).hexdigest()}
+            "split": split, "shard_size": shard_size, "dtype": "float16", "tensors": list(teacher_tensors(teacher))}
 
 
 # ----------------------------------------------------------------------------- the directory
 
 def claim(out: Path, job: dict) -> None:
     """Write job.json, or check that the one in `out` is this job (resume); clear a kill's temp files."""
-    path = out / "job.json"
-    if path.is_file():
-        old = io.read_json(path, f"delete {out} and label again")
-        differ = [f"{k}: {old.get(k)!r} in {out}, now {job.get(k)!r}" for k in sorted({*job, *old})
-                  if old.get(k) != job.get(k)]
-        if differ:
-            raise ConfigError(f"{out} holds a cache of another job:\n  - " + "\n  - ".join(differ)
-                              + f"\nUse another out=, or delete {out} to start over.")
+    if (out / "job.json").is_file():
+        refuse_another_job(out, job)
     else:
-        io.write_json(path, job)
+        io.write_json(out / "job.json", job)
     io.remove_stale_temp_files(out)   # a killed run's
+
+
+def refuse_another_job(out: Path, job: dict, keys: set[str] | None = None) -> None:
+    """ConfigError when the job.json in `out` differs from `job` (on `keys`; None: every key of either)."""
+    path = out / "job.json"
+    if not path.is_file():
+        return
+    old = io.read_json(path, f"delete {out} and label again")
+    keys = {*job, *old} if keys is None else keys
+    differ = [f"{k}: {old.get(k)!r} in {out}, now {job.get(k)!r}" for k in sorted(keys) if old.get(k) != job.get(k)]
+    if differ:
+        raise ConfigError(f"{out} holds a cache of another job:\n  - " + "\n  - ".join(differ)
+                          + f"\nUse another out=, or delete {out} to start over.")
 
 
 def bounds(k: int, job: dict) -> tuple[int, int]:
@@ -315,6 +327,11 @@ def prepare(recipe, options: dict, rank, device: torch.device, progress: bool):
     teacher = teacher_for(recipe.teacher).to(device)   # first: a bad name or source fails before any data work
     if teacher.needs_ground_truth and options["split"] != "val" and unlabelled(recipe.data.dataset):
         raise ConfigError(needs_a_real_teacher(teacher.name, recipe.data.dataset))   # its labels would all be zeros
+    # what job.json says without the images, checked before they are rendered (80 s at the CPU defaults)
+    known = job_before_data(recipe, teacher, options["split"], options["shard_size"])
+    if recipe.data.height and recipe.data.width:   # every dataset delivers its images at the recipe's size
+        known.update(height=recipe.data.height, width=recipe.data.width)
+    refuse_another_job(Path(options["out"]), known, set(known))
     if not rank.main:   # rank 0 builds (generates) the data first; the others reuse it
         distributed.barrier(rank)
     data = build_split(recipe.data, options["split"], progress)

@@ -166,6 +166,12 @@ def test_mismatches_are_refused_with_what_differs(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "holds a cache of another job" in err and f"height: 32 in {tmp_path / 'c'}, now 64" in err
     assert "'synthetic-relative'" in err and "delete" in err and "another out=" in err
+    # refused before the images are rendered (80 s at the CPU defaults): no new SynthRooms set in the cache
+    import os
+    renders = lambda: sorted(p.name for p in Path(os.environ["DENSEKIT_CACHE"]).glob("**/synthrooms-*"))   # noqa: E731
+    before = renders()
+    assert main([*command(tmp_path / "c", "shard_size=8"), "data.height=96", "data.width=96"]) == 2
+    assert f"height: 32 in {tmp_path / 'c'}, now 96" in capsys.readouterr().err and renders() == before
 
     cached = CachedTeacher.open(tmp_path / "c")
     other, _ = datasets(seed=1)          # other scenes, same size and count
