@@ -367,7 +367,11 @@ def test_resume_refuses_a_corrupt_or_missing_checkpoint_with_one_line(tmp_path, 
     assert len(err) == 1 and f"{weights} differs from the sha256 its checkpoint recorded" in err[0], err
     shutil.rmtree(weights.parent)
     assert main(["v3", f"resume={run}", "--quiet"]) == 2
+    assert "the run finished (summary.json), and no complete checkpoint is left under" in capsys.readouterr().err
+    (run / "summary.json").rename(run / "summary.kept")   # the same run killed before its summary
+    assert main(["v3", f"resume={run}", "--quiet"]) == 2
     assert "no complete checkpoint under" in capsys.readouterr().err
+    (run / "summary.kept").rename(run / "summary.json")
     # refused before the run's files change (config.json, preflight.json were rewritten first until 2026-12-07)
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == files
 

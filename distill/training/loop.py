@@ -191,8 +191,7 @@ def _train(recipe: Recipe, rank: distributed.Dist, device: torch.device, progres
     if not recipe.resume:   # a resume loads its checkpoint instead
         check_pretrained(recipe.model.student, recipe.model.pretrained)   # a file of other weights, before any render
     resumed = resume_point(Path(recipe.resume)) if recipe.resume else None
-    if resumed is not None and resumed[1]["progress"]["epoch"] >= recipe.train.epochs \
-            and (Path(recipe.resume) / "summary.json").is_file():   # written last: the run is finished
+    if resumed is not None and finished_intact(Path(recipe.resume), resumed[1]["progress"], recipe.train.epochs):
         log(f"{recipe.resume} is finished ({resumed[1]['progress']['epoch']} of {recipe.train.epochs} epochs, "
             f"summary.json written): nothing to train or write; python -m distill.evaluate {recipe.resume} "
             f"measures it again")
@@ -363,6 +362,14 @@ def keep_best(run_dir: Path, model, recipe: Recipe, state: dict, val: dict) -> P
     state["best"] = {"epoch": state["epoch"], "metric": recipe.eval.best_metric, "value": score,
                      "sha256": sha256(staged)}   # checked where it is exported
     return staged
+
+
+def finished_intact(run_dir: Path, progress: dict, epochs: int) -> bool:
+    """The run trained every epoch and wrote summary.json (its last file), and its kept weights are
+    the ones its checkpoint records: a resume has nothing to train, repair or write."""
+    best, staged, final = progress["best"], run_dir / STAGED_BEST, run_dir / BEST
+    return (progress["epoch"] >= epochs and (run_dir / "summary.json").is_file() and not staged.exists()
+            and (best is None or (final.is_file() and sha256(final) == best["sha256"])))
 
 
 def settle_best(run_dir: Path, best: dict | None, ckpt: Path, epoch: int, log) -> None:
