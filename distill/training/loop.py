@@ -367,9 +367,13 @@ def keep_best(run_dir: Path, model, recipe: Recipe, state: dict, val: dict) -> P
 def finished_intact(run_dir: Path, progress: dict, epochs: int) -> bool:
     """The run trained every epoch and wrote summary.json (its last file), and its kept weights are
     the ones its checkpoint records: a resume has nothing to train, repair or write."""
-    best, staged, final = progress["best"], run_dir / STAGED_BEST, run_dir / BEST
-    return (progress["epoch"] >= epochs and (run_dir / "summary.json").is_file() and not staged.exists()
-            and (best is None or (final.is_file() and sha256(final) == best["sha256"])))
+    return (progress["epoch"] >= epochs and (run_dir / "summary.json").is_file()
+            and not (run_dir / STAGED_BEST).exists() and kept_as_recorded(run_dir / BEST, progress["best"]))
+
+
+def kept_as_recorded(final: Path, best: dict | None) -> bool:
+    """best.safetensors is the file the checkpoint's record names (or no epoch was kept yet)."""
+    return best is None or (final.is_file() and sha256(final) == best["sha256"])
 
 
 def settle_best(run_dir: Path, best: dict | None, ckpt: Path, epoch: int, log) -> None:
@@ -389,7 +393,7 @@ def settle_best(run_dir: Path, best: dict | None, ckpt: Path, epoch: int, log) -
             log(f"best.safetensors: epoch {best['epoch']}'s weights, staged when the run was stopped, moved in")
         else:
             staged.unlink()
-    if best is None or (final.is_file() and sha256(final) == best["sha256"]):
+    if kept_as_recorded(final, best):
         return
     problem = "differed from its record" if final.is_file() else "was missing"
     weights = ckpt / "model.safetensors"
