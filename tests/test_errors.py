@@ -381,6 +381,8 @@ def test_a_tilde_the_shell_left_in_a_path_means_home(tmp_path, monkeypatch):
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "config.json").write_text(json.dumps({"name": "v3"}))
     assert find_run("~/r") == tmp_path / "r"
+    with pytest.raises(FileNotFoundError, match=f"no finished v3 run under {tmp_path}/nothing;"):   # not ./~/nothing
+        find_run(None, "~/nothing")
     # flags given as --flag=~/x: the outputs made a folder named "~" in the working directory
     from edge.run import parse_args as run_args
     from quant.export import parse_args as export_args

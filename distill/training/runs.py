@@ -51,11 +51,11 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
             raise RunNotFoundError(f"{run} is a {trained} run, but the recipe asked for is {recipe} (--recipe, or "
                                    f"recipe= in Python): drop the recipe, or name {trained}")
         return path
-    recipe = recipe or DEFAULT_RECIPE
-    if home_path(runs_dir).is_file():
+    recipe, folder = recipe or DEFAULT_RECIPE, home_path(runs_dir)
+    if folder.is_file():
         raise RunNotFoundError(f"--runs-dir {runs_dir} is a file; give the folder python -m distill.run wrote its "
                                f"runs to (runs/ by default, out_dir= when training)")
-    found = home_path(runs_dir).glob(f"{recipe}-*")
+    found = folder.glob(f"{recipe}-*")
     runs = sorted(p for p in found if run_recipe(p) == recipe)   # sort by start time
     finished = newest_last(p for p in runs if is_finished(p))
     if not finished:
@@ -63,9 +63,9 @@ def find_run(run: str | Path | None, runs_dir: str | Path = "runs", recipe: str 
         resumable = [p.name for p in started if latest_checkpoint(p / "checkpoints") is not None]
         stopped = [p.name for p in started if p.name not in resumable]   # refused or killed in their first epoch
         name_one = f"{flag} <run dir>" if flag.startswith("-") else f"the run directory as {flag}"
-        others = other_recipes_finished(Path(runs_dir), recipe)
+        others = other_recipes_finished(folder, recipe)
         raise RunNotFoundError(
-            f"no finished {recipe} run under {Path(runs_dir).resolve()}"
+            f"no finished {recipe} run under {folder.resolve()}"
             + (f" (unfinished: {', '.join(resumable[-3:])}: resume one with python -m distill.run {recipe} "
                f"resume=<run dir>, or use its best weights so far: pass {name_one})" if resumable else "")
             + (f" ({', '.join(stopped[-3:])} stopped before their first checkpoint: nothing to resume or use)"
