@@ -167,6 +167,10 @@ def check_output_file(path: str | Path, what: str, *, reads: Iterable[str | Path
     if path.exists() and any(Path(r).exists() and os.path.samefile(path, r) for r in reads):
         raise ValueError(f"{what} {path} is a file this command reads; give another file name, "
                          f"e.g. {path.with_name(path.stem + '-result' + suffix)}")
+    # by its mode bits, not os.access (always true for root): the atomic rename would replace it anyway
+    if path.is_file() and not path.stat().st_mode & 0o222:
+        raise ValueError(f"{what} {path} is read-only, kept from being replaced; make it writable "
+                         f"(chmod u+w {path}) or give another file name")
     check_writable(path.parent, what)
 
 

@@ -310,3 +310,23 @@ def test_home_path_is_the_shells_rule_for_a_leading_tilde(tmp_path, monkeypatch)
     (tmp_path / "~draft").mkdir()
     (tmp_path / "~draft" / "config.json").write_text('{"name": "v3"}')
     assert find_run("~draft") == Path("~draft")
+
+
+def test_a_result_file_is_refused_where_it_would_replace_an_input_or_a_read_only_file(tmp_path):
+    """The atomic rename replaces any file, read-only or read by the command, so both are refused
+    before the work; a writable result file of its own is replaced as asked."""
+    model, result = tmp_path / "model.tflite", tmp_path / "bench.json"
+    model.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"--json .*model.tflite: the result is JSON; give a file name ending in .json"):
+        io.check_output_file(model, "--json")
+    reads = tmp_path / "manifest.json"
+    reads.write_text("{}")
+    with pytest.raises(ValueError, match="is a file this command reads"):
+        io.check_output_file(reads, "--json", reads=[model, reads])
+    result.write_text("{}")
+    io.check_output_file(result, "--json", reads=[model])
+    result.chmod(0o444)
+    with pytest.raises(ValueError, match=rf"--json {result} is read-only, kept from being replaced; make it "
+                                         rf"writable \(chmod u\+w {result}\) or give another file name"):
+        io.check_output_file(result, "--json")
+    assert result.read_text() == "{}"
