@@ -11,6 +11,7 @@ From Python: `distill.train_recipe("v3", overrides=["train.epochs=3"])`; this co
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
@@ -145,7 +146,7 @@ def main(argv: list[str]) -> int:
                           f"{', '.join(RECIPES.names())}; --list says what each is, --help how to use this)")
     if args.help:
         recipe = get_recipe(args.recipe)
-        print(f"{type(recipe).__doc__.strip()}\n\nKeys (set with key=value):\n{describe_keys(recipe)}")
+        print(f"{inspect.cleandoc(type(recipe).__doc__)}\n\nKeys (set with key=value):\n{describe_keys(recipe)}")
         return 0
     train_recipe(args.recipe, overrides=args.overrides, progress=not args.quiet)   # errors: core/cli.py
     return 0

@@ -105,6 +105,17 @@ def test_help_shows_what_each_device_gives_a_size_left_to_it():
     assert "None" not in lines["train.lr_encoder"]            # a value set in the recipe shows as it is
 
 
+def test_a_recipes_help_shows_its_docstring_dedented_with_its_commands_as_written(capsys):
+    """The docstring's body kept its source indentation, and its shell continuations joined each
+    command into one line with a run of spaces."""
+    from distill.run import main
+    assert main(["v3", "--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("v3 - ") and lines[2] == "Three changes from v1, each necessary:"
+    command = next(i for i, line in enumerate(lines) if "distill.cache_teacher da3-metric" in line)
+    assert lines[command].endswith(" \\") and lines[command + 1].strip().startswith("data=nyu:")
+
+
 def test_registry_duplicates_and_suggestions():
     reg = Registry("widget")
     reg.register("alpha", 1)

@@ -53,7 +53,7 @@ class V2(V1):
 
 @dataclass(frozen=True)
 class V3(Recipe):
-    """v3 - the first working recipe: metric teacher, berHu at p80, depth + segmentation, Kendall.
+    r"""v3 - the first working recipe: metric teacher, berHu at p80, depth + segmentation, Kendall.
 
     Three changes from v1, each necessary:
     1. a metric teacher, so the training target is in metres, the evaluation's space (real:
