@@ -14,7 +14,8 @@ from distill.students import build_student
 from distill.training.optim import (ADAMW_RMS, NEWTON_SCHULZ, MuonAdamW, build_optimizer,
                                     muon_weights, orthogonalize)
 
-CFG = SimpleNamespace(lr_encoder=1e-2, lr_decoder=2e-2, weight_decay=0.0, optimizer="muon", muon_rms=0.8)
+CFG = SimpleNamespace(lr_encoder=1e-2, lr_decoder=2e-2, weight_decay=0.0, optimizer="muon", muon_rms=0.8,
+                      muon_depthwise=False)
 
 
 @pytest.mark.parametrize("shape", [(16, 144), (144, 16), (64, 64)])
@@ -73,12 +74,26 @@ def test_muon_takes_the_hidden_dense_convolutions_and_adamw_the_rest():
     assert rates == {"encoder": 1e-2, "encoder_muon": 1e-2, "decoder": 2e-2, "decoder_muon": 2e-2}
 
 
+def test_muon_depthwise_adds_each_depthwise_layer_and_leaves_the_rest_to_adamw():
+    model = build_student("mobilenetv3_small_100")
+    names = {id(p): name for name, p in model.named_parameters()}
+    dense = {names[id(p)] for p in muon_weights(model)}
+    chosen = {names[id(p)] for p in muon_weights(model, depthwise=True)}
+    depthwise = {f"{name}.weight" for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels}
+    assert len(depthwise) == 11 and chosen == dense | depthwise   # MobileNetV3-Small's 11 blocks
+    assert not chosen & {"encoder.conv_stem.weight", "encoder.blocks.2.0.se.conv_reduce.weight", "heads.seg.out.weight"}
+    optimizer = build_optimizer(model, torch.nn.Module(), SimpleNamespace(**{**vars(CFG), "muon_depthwise": True}))
+    muon = {names[id(p)] for g in optimizer.param_groups if g.get("muon") for p in g["params"]}
+    assert muon == chosen
+
+
 def test_a_muon_step_has_the_size_asked_whatever_the_gradients_scale():
     """A kernel's first step is lr x 0.2 in RMS (AdamW's typical step) by default, and lr x `rms`
     when given, for gradients a million times apart; weight decay shrinks the kernel first, as
     AdamW's decoupled decay does."""
-    for scale, size in ((1e-4, None), (1e2, None), (1e-4, 0.8), (1e2, 0.8)):
-        conv = torch.nn.Conv2d(32, 64, 3)
+    for scale, size, groups in ((1e-4, None, 1), (1e2, None, 1), (1e-4, 0.8, 1), (1e2, 0.8, 1), (1e-4, 0.8, 64)):
+        conv = torch.nn.Conv2d(64 if groups > 1 else 32, 64, 3, groups=groups)   # 64: a depthwise 64 x 9 matrix
         before = conv.weight.detach().clone()
         optimizer = MuonAdamW([{"params": [conv.weight], "muon": True}, {"params": [conv.bias]}], lr=1e-2,
                               weight_decay=0.0, **({} if size is None else {"rms": size}))
@@ -87,7 +102,7 @@ def test_a_muon_step_has_the_size_asked_whatever_the_gradients_scale():
         optimizer.step()
         rms = (conv.weight.detach() - before).pow(2).mean().sqrt().item()
         expected = (ADAMW_RMS if size is None else size) * 1e-2
-        assert 0.6 * expected < rms < 1.25 * expected, (scale, size, rms)
+        assert 0.6 * expected < rms < 1.25 * expected, (scale, size, groups, rms)
         assert "muon_momentum" in optimizer.state[conv.weight] and "exp_avg" in optimizer.state[conv.bias]
     decayed = torch.nn.Parameter(torch.ones(16, 16, 1, 1))
     optimizer = MuonAdamW([{"params": [decayed], "muon": True}], lr=0.1, weight_decay=0.5)
@@ -124,9 +139,10 @@ def test_v3_trains_with_muon_and_records_it(tmp_path, monkeypatch):
     monkeypatch.setenv("DENSEKIT_CACHE", str(tmp_path / "cache"))
     tiny = ["model.student=mobilenetv3_small_050", "model.decoder_channels=16", "data.height=64", "data.width=96",
             "data.num_train=16", "data.num_val=4", "train.batch_size=8", "eval.preview_images=0", "train.epochs=1"]
-    assert main(["v3", *tiny, "train.optimizer=muon", f"out_dir={tmp_path}", "--quiet"]) == 0
+    assert main(["v3", *tiny, "train.optimizer=muon", "train.muon_depthwise=true", f"out_dir={tmp_path}", "--quiet"]) == 0
     (run,) = tmp_path.glob("v3-*")
-    assert json.loads((run / "config.json").read_text())["train"]["optimizer"] == "muon"
+    train = json.loads((run / "config.json").read_text())["train"]
+    assert train["optimizer"] == "muon" and train["muon_depthwise"] is True
     assert 0 < json.loads((run / "summary.json").read_text())["abs_rel"] < 1
     # the loop built Muon, not AdamW under Muon's name: the checkpoint holds Muon's momentum buffers
     from core.weights import latest_checkpoint, load_state

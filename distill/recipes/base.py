@@ -102,6 +102,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     optimizer: Literal["adamw", "muon"] = "adamw"   # muon: Muon for the hidden dense convolutions, AdamW for the rest (docs/TRAINING.md)
     muon_rms: float = 0.8                # Muon's step in RMS per unit of learning rate: 4x AdamW's typical 0.2 (docs/TRAINING.md, "Muon's step size")
+    muon_depthwise: bool = False         # with muon: the depthwise kernels too, a layer's filters as one matrix; not confirmed at full length (docs/TRAINING.md, "Muon on the depthwise kernels")
     warmup_frac: float = 0.05            # linear warm-up over this fraction of all steps, then cosine
     min_lr_ratio: float = 0.01           # cosine floor as a fraction of the peak learning rate
     grad_clip: float = 1.0               # max global gradient norm (0 = off)

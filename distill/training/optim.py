@@ -6,12 +6,13 @@ Adam's per-weight scaling lets a few dominant directions take the step. Conv ker
 of (output channels) x (input channels x kernel area). The orthogonalisation is a quintic
 Newton-Schulz iteration: a few matrix products, on any device.
 
-Which tensors take Muon: the hidden dense convolutions (`muon_weights`). AdamW keeps the rest, as
+Which tensors take Muon (`muon_weights`): the hidden dense convolutions. AdamW keeps the rest, as
 Muon's authors do: the image stem (its rows are three colour channels), the heads' output layers
-(a depth or class map, not a hidden basis), depthwise kernels (one 3x3 or 5x5 filter per channel:
-no matrix to orthogonalise), the squeeze-excite gates (a prototype with them and five Newton-Schulz
-steps trained a little better depth structure at 0.67x AdamW's images/s, against 0.8x: docs/TRAINING.md,
-"Muon"), biases, norms and the loss weights.
+(a depth or class map, not a hidden basis), the depthwise kernels, the squeeze-excite gates,
+biases, norms and the loss weights. `train.muon_depthwise` gives the depthwise kernels to Muon too,
+a layer's C filters of k x k taps as one C x k^2 matrix: better at the reduced size, not confirmed
+at full length, so not a default (docs/TRAINING.md, "Muon on the depthwise kernels"); the gates
+with them changed nothing beyond the seeds' spread, at 0.9x the images per second.
 """
 from __future__ import annotations
 
@@ -54,12 +55,15 @@ def orthogonalize(matrix: torch.Tensor, steps: int = NEWTON_SCHULZ_STEPS) -> tor
     return x if wide else x.T
 
 
-def muon_weights(model: nn.Module) -> list[nn.Parameter]:
-    """The hidden dense convolutions' kernels (the module docstring says which stay with AdamW)."""
+def muon_weights(model: nn.Module, depthwise: bool = False) -> list[nn.Parameter]:
+    """The hidden dense convolutions' kernels, and the depthwise ones with `depthwise` (the module
+    docstring says which stay with AdamW)."""
     found = []
     for name, module in model.named_modules():
-        if (isinstance(module, nn.Conv2d) and module.groups == 1 and module.in_channels > 3
-                and module.out_channels >= 16 and ".se." not in f".{name}."):
+        if not (isinstance(module, nn.Conv2d) and module.in_channels > 3 and module.out_channels >= 16
+                and ".se." not in f".{name}."):
+            continue
+        if module.groups == 1 or (depthwise and module.groups == module.in_channels):
             found.append(module.weight)
     return found
 
@@ -112,7 +116,7 @@ def build_optimizer(model, weighting, cfg, feature_kd=None) -> torch.optim.AdamW
     # rule; on 2 CPU cores the step fell from 8.9 to 2.7 ms of ~230 ms per batch (cProfile, 62 steps)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, fused=True)
-    chosen = {id(p) for p in muon_weights(model)}
+    chosen = {id(p) for p in muon_weights(model, depthwise=cfg.muon_depthwise)}
     split = []
     for group in groups:
         split.append({**group, "params": [p for p in group["params"] if id(p) not in chosen]})
