@@ -56,6 +56,14 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def cmdline(pid: int) -> str:
+    """The command line of `pid`; "" once it has exited (it can between listing and reading)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
 def wait_for(condition, what: str, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while not condition():
@@ -77,8 +85,7 @@ def test_killed_exports_leave_nothing_that_looks_complete_and_the_rerun_is_ident
         stale = set(tmp_path.glob(f"{run_dir.name}/.tflite.staging-*"))   # the killed export's, not this one's
         proc = export(run_dir, tmp_path)
         if moment == "conversion":   # the converter process is running
-            wait_for(lambda: any("targets.tflite" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")
-                                 for c in children(proc.pid) if Path(f"/proc/{c}/cmdline").exists()), "the converter")
+            wait_for(lambda: any("targets.tflite" in cmdline(c) for c in children(proc.pid)), "the converter")
         else:                        # artefacts are in staging: edge.run executes them
             wait_for(lambda: [f for f in tmp_path.glob(f"{run_dir.name}/.tflite.staging-*/*_int8.tflite")
                               if f.parent not in stale], "the artefacts")
