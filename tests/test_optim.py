@@ -150,3 +150,10 @@ def test_v3_trains_with_muon_and_records_it(tmp_path, monkeypatch):
     assert 0 < sum("muon_momentum" in state for state in states) < len(states)   # and AdamW's for the rest
     assert main(["v3", "train.optimizer=lion"]) == 2   # a value outside the choices, refused before any work
     assert main(["v3", "train.muon_rms=0"]) == 2        # a step of no size
+    assert main(["v1", "train.muon_depthwise=true"]) == 2   # v1 trains with AdamW, which would ignore it
+    from core.config import apply_overrides
+    from distill.recipes import get_recipe
+    from distill.recipes.base import range_problems
+    assert range_problems(apply_overrides(get_recipe("v1"), ["train.muon_depthwise=true"])) == [
+        "train.muon_depthwise=true gives the depthwise kernels to Muon, and train.optimizer=adamw; add "
+        "train.optimizer=muon, or drop train.muon_depthwise"]

@@ -273,6 +273,9 @@ def range_problems(recipe: Recipe) -> list[str]:
                        ("train.muon_rms", t.muon_rms)):
         if not value > 0:
             problems.append(f"{key}={value} must be > 0")
+    if t.muon_depthwise and t.optimizer != "muon":   # AdamW would ignore it unseen
+        problems.append(f"train.muon_depthwise=true gives the depthwise kernels to Muon, and train.optimizer="
+                        f"{t.optimizer}; add train.optimizer=muon, or drop train.muon_depthwise")
     if not 0 <= lc.silog_lambda <= 1:
         problems.append(f"loss.silog_lambda={lc.silog_lambda} must be in [0, 1] (1 = fully scale-invariant)")
     if m.decoder_channels < 2:
